@@ -1,0 +1,121 @@
+"""Fused ops: one public function per op, one dispatch point.
+
+Each op validates its arguments here, then runs the implementation of the active backend:
+  torch  - plain PyTorch, the reference (cmfast/ops/_torch.py), any device
+  triton - Triton kernels (kernels/, wrapped in cmfast/ops/_triton.py), CUDA, or CPU under TRITON_INTERPRET=1
+  cuda   - CUDA C++ kernels (csrc/, wrapped in cmfast/ops/_cuda.py), CUDA tensors only
+  auto   - torch on CPU; on CUDA the fastest measured backend per op (cmfast/ops/auto_table.json)
+`use_backend(name)` (a context manager) or the environment variable CMFAST_BACKEND choose. A backend asked for
+by name that cannot run raises one line saying why; it never falls back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+OPS = ("skip_output", "skip_output_infer", "group_norm_act", "attention", "consistency_loss", "trig_tangent_loss")
+_MODULES = {"torch": "cmfast.ops._torch", "triton": "cmfast.ops._triton", "cuda": "cmfast.ops._cuda"}
+
+_state = threading.local()
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend asked for by name cannot run here (the message says why)."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost use_backend(), else $CMFAST_BACKEND, else 'auto'."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    return _check_name(os.environ.get("CMFAST_BACKEND", "auto") or "auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the block with backend `name` ('auto', 'torch', 'triton', 'cuda')."""
+    _check_name(name)
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    _state.stack.append(name)
+    try:
+        yield name
+    finally:
+        _state.stack.pop()
+
+
+_loaded: dict[str, object] = {}
+
+
+def _module(backend: str):
+    if backend not in _loaded:
+        try:
+            _loaded[backend] = importlib.import_module(_MODULES[backend])
+        except BackendUnavailable:
+            raise
+        except Exception as e:  # ImportError, missing toolchain, ...
+            raise BackendUnavailable(f"backend {backend!r} is unavailable: {type(e).__name__}: {e}") from None
+    return _loaded[backend]
+
+
+def _triton_can_run(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_auto_table: dict | None = None
+
+
+def _auto_choice(op: str, device: torch.device) -> str:
+    """'auto': the measured winner for this op on this device class (benchmarks write auto_table.json)."""
+    global _auto_table
+    if device.type != "cuda":
+        return "torch"
+    if _auto_table is None:
+        path = Path(__file__).with_name("auto_table.json")
+        _auto_table = json.loads(path.read_text()) if path.exists() else {}
+    choice = _auto_table.get(op, "torch")
+    if choice != "torch":
+        try:
+            mod = _module(choice)
+        except BackendUnavailable:
+            return "torch"
+        if not hasattr(mod, op):
+            return "torch"
+    return choice
+
+
+def implementation(op: str, device: torch.device) -> Callable:
+    """The function that runs `op` for tensors on `device` under the backend in force."""
+    backend = get_backend()
+    if backend == "auto":
+        backend = _auto_choice(op, device)
+    if backend == "triton" and not _triton_can_run(device):
+        raise BackendUnavailable(
+            f"backend 'triton' cannot run on {device.type}: needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")
+    if backend == "cuda" and device.type != "cuda":
+        raise BackendUnavailable(f"backend 'cuda' cannot run on {device.type}: needs a CUDA tensor")
+    mod = _module(backend)
+    fn = getattr(mod, op, None)
+    if fn is None:
+        raise BackendUnavailable(f"backend {backend!r} has no kernel for op {op!r}")
+    return fn
+
+
+from ._api import attention, consistency_loss, group_norm_act, skip_output, skip_output_infer  # noqa: E402
+
+__all__ = ["BACKENDS", "BackendUnavailable", "attention", "consistency_loss", "get_backend", "group_norm_act",
+           "implementation", "skip_output", "skip_output_infer", "use_backend"]

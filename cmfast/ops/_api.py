@@ -1,0 +1,123 @@
+"""Public functional entries of cmfast.ops: argument checks (one clear error each), then dispatch."""
+from __future__ import annotations
+
+import torch
+
+from . import implementation
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+LOSS_KINDS = ("pseudo_huber", "l2", "l1")
+ACTS = ("silu", "none")
+
+
+def _float(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected a floating dtype (float32/float16/bfloat16/float64), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _same_device(ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name}: expected device {ref.device}, got {t.device}")
+
+
+def _sigma_vector(sigma, x: torch.Tensor) -> torch.Tensor:
+    """sigma as a float32 (B,) vector on x's device: a number, a 0-d, (B,) or (B, 1, ..., 1) tensor."""
+    B = x.shape[0]
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if s.dim() > 1 and all(d == 1 for d in s.shape[1:]):
+        s = s.reshape(s.shape[0])
+    if s.dim() == 0:
+        s = s.expand(B)
+    if s.shape != (B,):
+        raise ValueError(f"sigma: expected a number or one value per sample ({B},), got shape {tuple(s.shape)}")
+    return s
+
+
+def skip_output(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    """c_skip(sigma) x + c_out(sigma) F (CM paper eq. 7), math in fp32, result in x's dtype; differentiable in x and F."""
+    _float("x", x)
+    _float("F", F)
+    if F.shape != x.shape:
+        raise ValueError(f"F: expected the shape of x {tuple(x.shape)}, got {tuple(F.shape)}")
+    _same_device(x, F=F)
+    s = _sigma_vector(sigma, x)
+    return implementation("skip_output", x.device)(x, F, s, float(sigma_data), float(sigma_min))
+
+
+def skip_output_infer(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002, uint8: bool = False):
+    """Sampler epilogue: clamp(c_skip x + c_out F, -1, 1); with uint8=True the image bytes round((y + 1) * 127.5)."""
+    _float("x", x)
+    _float("F", F)
+    if F.shape != x.shape:
+        raise ValueError(f"F: expected the shape of x {tuple(x.shape)}, got {tuple(F.shape)}")
+    _same_device(x, F=F)
+    s = _sigma_vector(sigma, x)
+    return implementation("skip_output_infer", x.device)(x, F, s, float(sigma_data), float(sigma_min), bool(uint8))
+
+
+def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6, scale=None, shift=None,
+                   act: str | None = "silu"):
+    """act(GroupNorm(x) * (1 + scale) + shift): fp32 statistics; scale/shift are (N, C); act 'silu' or None."""
+    _float("x", x)
+    if x.dim() < 3:
+        raise ValueError(f"x: expected (N, C, ...) with at least one spatial dimension, got shape {tuple(x.shape)}")
+    N, C = x.shape[:2]
+    if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
+        raise ValueError(f"num_groups: expected a positive divisor of the {C} channels, got {num_groups!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _float(name, t)
+            if t.shape != (C,):
+                raise ValueError(f"{name}: expected shape ({C},), got {tuple(t.shape)}")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None:
+            _float(name, t)
+            if t.shape != (N, C):
+                raise ValueError(f"{name}: expected shape ({N}, {C}), got {tuple(t.shape)}")
+    _same_device(x, weight=weight, bias=bias, scale=scale, shift=shift)
+    act = "none" if act is None else act
+    if act not in ACTS:
+        raise ValueError(f"act: expected 'silu' or None, got {act!r}")
+    return implementation("group_norm_act", x.device)(x, num_groups, weight, bias, float(eps), scale, shift, act)
+
+
+def attention(q, k, v, scale: float | None = None):
+    """softmax(q k^T * scale) v over (B, H, L, D) tensors; scale defaults to 1 / sqrt(D)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _float(name, t, ndim=4)
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: expected q (B, H, Lq, D) and k, v (B, H, Lk, D), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _same_device(q, k=k, v=v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return implementation("attention", q.device)(q, k, v, scale)
+
+
+def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None = None, weight=None):
+    """Per-sample distance (B,) in fp32: pseudo_huber sqrt(||pred - target||^2 + c^2) - c (iCT, c = 0.00054 sqrt(d)),
+    l2 = mean of squares, l1 = mean of absolute values; times weight (B,) when given. Differentiable in pred."""
+    _float("pred", pred)
+    _float("target", target)
+    if pred.shape != target.shape or pred.dim() < 1:
+        raise ValueError(f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}")
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(LOSS_KINDS)}, got {kind!r}")
+    B = pred.shape[0]
+    if weight is not None:
+        _float("weight", weight)
+        if weight.shape != (B,):
+            raise ValueError(f"weight: expected shape ({B},), got {tuple(weight.shape)}")
+    _same_device(pred, target=target, weight=weight)
+    d = pred[0].numel()
+    if c is None:
+        c = 0.00054 * d ** 0.5
+    if kind == "pseudo_huber" and not c > 0:
+        raise ValueError(f"c: expected a positive number for pseudo_huber, got {c!r}")
+    return implementation("consistency_loss", pred.device)(pred, target, kind, float(c), weight)

@@ -1,0 +1,60 @@
+"""The torch backend: plain-PyTorch compositions. The reference every kernel is tested against, and the CPU path."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F_
+
+from .. import precond
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def skip_output(x, F, sigma, sigma_data, sigma_min):
+    c_skip, c_out, _ = precond.scalings(sigma, sigma_data, sigma_min)
+    y = _per_sample(c_skip, x) * x.float() + _per_sample(c_out, x) * F.float()
+    return y.to(x.dtype)
+
+
+def skip_output_infer(x, F, sigma, sigma_data, sigma_min, uint8):
+    y = skip_output(x.float(), F, sigma, sigma_data, sigma_min).clamp(-1.0, 1.0)
+    if uint8:
+        return ((y + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return y.to(x.dtype)
+
+
+def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act):
+    y = F_.group_norm(x.float(), num_groups, None, None, eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.float().reshape(shape)
+    if bias is not None:
+        y = y + bias.float().reshape(shape)
+    pshape = x.shape[:2] + (1,) * (x.dim() - 2)
+    if scale is not None:
+        y = y * (1 + scale.float().reshape(pshape))
+    if shift is not None:
+        y = y + shift.float().reshape(pshape)
+    if act == "silu":
+        y = F_.silu(y)
+    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+    return y.to(x.dtype).contiguous(memory_format=fmt)
+
+
+def attention(q, k, v, scale):
+    return F_.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def consistency_loss(pred, target, kind, c, weight):
+    diff = (pred.float() - target.float()).flatten(1)
+    if kind == "pseudo_huber":
+        loss = torch.sqrt(diff.square().sum(1) + c * c) - c
+    elif kind == "l2":
+        loss = diff.square().mean(1)
+    else:
+        loss = diff.abs().mean(1)
+    if weight is not None:
+        loss = loss * weight.float()
+    return loss

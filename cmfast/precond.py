@@ -1,0 +1,97 @@
+"""Boundary-condition preconditioning (CM paper Sec. 3 and Appendix C; EDM Table 1).
+
+The backbone F runs in whatever precision the caller chose (autocast); the scalings and the skip connection run
+in fp32, so f(x, sigma_min) == x to the last bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _as_tensor(sigma) -> torch.Tensor:
+    if isinstance(sigma, torch.Tensor):
+        return sigma if sigma.dtype in (torch.float32, torch.float64) else sigma.float()
+    return torch.as_tensor(sigma, dtype=torch.float32)
+
+
+# ---- Scalings (CM paper Appendix C, eq. for c_skip, c_out; EDM Table 1 for c_in) -------------------------------
+def scalings(sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    """(c_skip, c_out, c_in) shaped like sigma, float32 (float64 if sigma is):
+    c_skip = sd^2 / ((s - smin)^2 + sd^2), c_out = sd (s - smin) / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2).
+    With sigma_min = 0 these are EDM's denoiser scalings."""
+    s = _as_tensor(sigma)
+    sd2 = sigma_data * sigma_data
+    rs = torch.rsqrt(s * s + sd2)
+    c_skip = sd2 / ((s - sigma_min) ** 2 + sd2)
+    c_out = sigma_data * (s - sigma_min) * rs
+    return c_skip, c_out, rs
+
+
+def noise_conditioning(sigma: torch.Tensor) -> torch.Tensor:
+    """c_noise = ln(sigma) / 4 (EDM Table 1), the backbone's time input."""
+    return torch.log(sigma) / 4
+
+
+def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what: str = "sigma") -> torch.Tensor:
+    """sigma as an fp32 (B,) vector on x's device; a clear error when it is non-finite or outside [lo, hi]."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x: expected a batch tensor (B, C, ...), got {getattr(x, 'shape', type(x).__name__)}")
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if s.dim() > 1 and all(d == 1 for d in s.shape[1:]):
+        s = s.reshape(s.shape[0])
+    if s.dim() == 0:
+        s = s.expand(x.shape[0])
+    if s.shape != (x.shape[0],):
+        raise ValueError(f"{what}: expected a number or one value per sample ({x.shape[0]},), got {tuple(s.shape)}")
+    if not torch.compiler.is_compiling() and not (s.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"{what}: expected finite noise levels, got {s.tolist()[:4]}")
+        low = float(s.min())
+        if low < lo * (1 - 1e-6):
+            raise ValueError(f"{what}: expected noise levels >= sigma_min = {lo}, got {low}")
+        if hi is not None and float(s.max()) > hi * (1 + 1e-6):
+            raise ValueError(f"{what}: expected noise levels <= sigma_max = {hi}, got {float(s.max())}")
+    return s
+
+
+class _Preconditioned(nn.Module):
+    def __init__(self, net: nn.Module, sigma_data: float, sigma_min: float, sigma_max: float, boundary: float):
+        super().__init__()
+        if not (sigma_data > 0 and 0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
+            raise ValueError(f"expected 0 < sigma_min < sigma_max and sigma_data > 0, got sigma_min={sigma_min}, "
+                             f"sigma_max={sigma_max}, sigma_data={sigma_data}")
+        self.net = net
+        self.sigma_data = float(sigma_data)   # Expected standard deviation of the training data.
+        self.sigma_min = float(sigma_min)     # Smallest noise level (the boundary of the consistency function).
+        self.sigma_max = float(sigma_max)     # Largest noise level (T).
+        self._boundary = float(boundary)      # sigma_min inside c_skip / c_out: sigma_min for CMs, 0 for EDM.
+
+    def backbone(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
+        """F(c_in x, c_noise): the raw network output (in the network's precision)."""
+        _, _, c_in = scalings(sigma, self.sigma_data, self._boundary)
+        x_in = c_in.reshape(-1, *([1] * (x.dim() - 1))) * x.float()
+        return self.net(x_in, noise_conditioning(sigma), class_labels)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        from . import ops
+        s = check_sigma(sigma, x, lo=self.sigma_min if self._boundary > 0 else 1e-12)
+        F = self.backbone(x, s, class_labels)
+        with torch.autocast(x.device.type, enabled=False):
+            return ops.skip_output(x.float(), F.float(), s, self.sigma_data, self._boundary)
+
+
+class ConsistencyModel(_Preconditioned):
+    """f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, ln(sigma) / 4), f(x, sigma_min) = x exactly."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__(net, sigma_data, sigma_min, sigma_max, boundary=sigma_min)
+
+
+class EDMDenoiser(_Preconditioned):
+    """EDM's denoiser D(x, sigma) (the diffusion teacher): the same wrapper with sigma_min = 0 in c_skip, c_out."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__(net, sigma_data, sigma_min, sigma_max, boundary=0.0)

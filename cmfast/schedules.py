@@ -1,0 +1,85 @@
+"""Noise levels, curricula and noise-level sampling: each formula written once, imported everywhere."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+# ---- Karras et al. (EDM eq. 5), CM paper Sec. 5 discretization ------------------------------------------------
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """t_i = (smin^(1/rho) + (i-1)/(N-1) (smax^(1/rho) - smin^(1/rho)))^rho, i = 1..N: float64, ASCENDING,
+    [0] == sigma_min and [-1] == sigma_max exactly."""
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"n: expected an integer >= 2, got {n!r}")
+    if not (0 < sigma_min < sigma_max) or rho <= 0:
+        raise ValueError(f"expected 0 < sigma_min < sigma_max and rho > 0, got {sigma_min}, {sigma_max}, {rho}")
+    i = torch.arange(n, dtype=torch.float64) / (n - 1)
+    a, b = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    s = (a + i * (b - a)) ** rho
+    s[0], s[-1] = sigma_min, sigma_max
+    return s
+
+
+# ---- CM paper Appendix C: adaptive N(k) and mu(k) for consistency training ------------------------------------
+def ct_schedule(step: int, total_steps: int, s0: int = 2, s1: int = 150, mu0: float = 0.9,
+                match_reference_code: bool = False) -> tuple[int, float]:
+    """(N, mu) at training step k of K: N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1,
+    mu(k) = exp(s0 log(mu0) / N(k)). openai/consistency_models divides by N(k) - 1 instead
+    (match_reference_code=True)."""
+    if total_steps <= 0 or step < 0:
+        raise ValueError(f"expected 0 <= step and total_steps > 0, got step={step}, total_steps={total_steps}")
+    k = min(step, total_steps)
+    n = math.ceil(math.sqrt(k / total_steps * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
+    n = max(n, 2)
+    mu = math.exp(s0 * math.log(mu0) / ((n - 1) if match_reference_code else n))
+    return n, mu
+
+
+# ---- iCT (Song & Dhariwal 2023, Sec. 3.4): doubling curriculum ------------------------------------------------
+def ict_schedule(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1))."""
+    if total_steps <= 0 or step < 0:
+        raise ValueError(f"expected 0 <= step and total_steps > 0, got step={step}, total_steps={total_steps}")
+    k_prime = math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1))
+    k_prime = max(k_prime, 1)
+    return min(s0 * 2 ** (step // k_prime), s1) + 1
+
+
+# ---- iCT Sec. 3.5: lognormal distribution over discrete levels ------------------------------------------------
+def lognormal_level_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
+    """p(n) for the pair (sigmas[n], sigmas[n+1]), n = 0..N-2 (ascending sigmas), proportional to
+    erf((ln s_{n+1} - P_mean) / (sqrt 2 P_std)) - erf((ln s_n - P_mean) / (sqrt 2 P_std)); float64, sums to 1."""
+    s = sigmas.double()
+    e = torch.erf((torch.log(s) - p_mean) / (math.sqrt(2) * p_std))
+    p = e[1:] - e[:-1]
+    return p / p.sum()
+
+
+def sample_level_indices(sigmas: torch.Tensor, batch: int, distribution: str = "uniform", generator=None,
+                         p_mean: float = -1.1, p_std: float = 2.0, device=None) -> torch.Tensor:
+    """Indices n (batch,) of adjacent pairs (sigmas[n], sigmas[n+1]): 'uniform' (CM paper, n ~ U{1..N-1}) or
+    'lognormal' (iCT)."""
+    n_pairs = sigmas.numel() - 1
+    if distribution == "uniform":
+        idx = torch.randint(0, n_pairs, (batch,), generator=generator)
+    elif distribution == "lognormal":
+        idx = torch.multinomial(lognormal_level_probs(sigmas, p_mean, p_std), batch, replacement=True,
+                                generator=generator)
+    else:
+        raise ValueError(f"distribution: expected 'uniform' or 'lognormal', got {distribution!r}")
+    return idx.to(device) if device is not None else idx
+
+
+def paper_step_sigmas(ts, n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> tuple:
+    """Paper-style sampling indices (openai/consistency_models 'ts', e.g. 0,22,39 with N = 40, index 0 = sigma_max)
+    into a Karras grid of n levels -> the decreasing sigmas for cmfast.sample."""
+    grid = karras_sigmas(n, sigma_min, sigma_max, rho).flip(0)
+    out = []
+    for t in ts:
+        if not (isinstance(t, int) and 0 <= t < n):
+            raise ValueError(f"ts: expected integers in [0, {n - 1}], got {t!r}")
+        out.append(float(grid[t]))
+    if any(b >= a for a, b in zip(out, out[1:])):
+        raise ValueError(f"ts: expected strictly increasing indices, got {list(ts)}")
+    return tuple(out)
