@@ -61,11 +61,12 @@ def sample_level_indices(sigmas: torch.Tensor, batch: int, distribution: str = "
     """Indices n (batch,) of adjacent pairs (sigmas[n], sigmas[n+1]): 'uniform' (CM paper, n ~ U{1..N-1}) or
     'lognormal' (iCT)."""
     n_pairs = sigmas.numel() - 1
+    dev = generator.device if generator is not None else (device or torch.device("cpu"))
     if distribution == "uniform":
-        idx = torch.randint(0, n_pairs, (batch,), generator=generator)
+        idx = torch.randint(0, n_pairs, (batch,), generator=generator, device=dev)
     elif distribution == "lognormal":
-        idx = torch.multinomial(lognormal_level_probs(sigmas, p_mean, p_std), batch, replacement=True,
-                                generator=generator)
+        probs = lognormal_level_probs(sigmas, p_mean, p_std).to(dev)
+        idx = torch.multinomial(probs, batch, replacement=True, generator=generator)
     else:
         raise ValueError(f"distribution: expected 'uniform' or 'lognormal', got {distribution!r}")
     return idx.to(device) if device is not None else idx

@@ -1,0 +1,105 @@
+"""UNet building blocks (EDM networks.py layout): EDM-initialized conv/linear, FIR resampling, noise embeddings,
+GroupNorm through cmfast.ops so the fused kernels plug in without touching the nets."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+
+def _xavier_uniform_(t: torch.Tensor, fan_in: int, fan_out: int, gain: float) -> torch.Tensor:
+    # EDM weight_init('xavier_uniform') times init_weight.
+    with torch.no_grad():
+        return t.uniform_(-1, 1).mul_(gain * math.sqrt(6 / (fan_in + fan_out)))
+
+
+class Linear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_weight: float = 1.0):
+        super().__init__(in_features, out_features, bias=bias)
+        _xavier_uniform_(self.weight, in_features, out_features, init_weight)
+        if bias:
+            nn.init.zeros_(self.bias)
+
+
+class Conv2d(nn.Module):
+    """Convolution with optional 2x up/down-sampling by a separable FIR filter (EDM Conv2d; [1,1] = box,
+    [1,3,3,1] = NCSN++'s FIR). kernel=0 means resampling only."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
+                 down: bool = False, resample_filter=(1, 1), fused_resample: bool = False, init_weight: float = 1.0):
+        super().__init__()
+        assert not (up and down)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.up, self.down, self.fused_resample = up, down, fused_resample
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel)) if kernel else None
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if kernel and bias else None
+        if self.weight is not None:
+            _xavier_uniform_(self.weight, in_channels * kernel * kernel, out_channels * kernel * kernel, init_weight)
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        f = torch.outer(f, f)[None, None] / f.sum().square()
+        self.register_buffer("resample_filter", f if (up or down) else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        if self.fused_resample and self.down and w is not None:
+            x = F.conv2d(x, w, padding=w_pad + f_pad)
+            x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+        else:
+            if self.up:
+                x = F.conv_transpose2d(x, f.mul(4).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2,
+                                       padding=f_pad)
+            if self.down:
+                x = F.conv2d(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        return x
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm (+ per-sample scale/shift, + SiLU) through cmfast.ops.group_norm_act; EDM's group count."""
+
+    def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-6):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x, scale=None, shift=None, act=None):
+        return ops.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, act)
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer sinusoidal embedding of the noise level (DDPM++)."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = True):
+        super().__init__()
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
+        freqs = (1 / self.max_positions) ** freqs
+        x = torch.outer(x.float(), freqs)
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of the noise level (NCSN++)."""
+
+    def __init__(self, num_channels: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.outer(x.float(), (2 * math.pi * self.freqs).float())
+        return torch.cat([x.cos(), x.sin()], dim=1)

@@ -1,0 +1,28 @@
+"""Named network configurations. DDPM++ / NCSN++ are EDM's CIFAR-10 networks (EDM Table 7 / train.py --arch)."""
+from __future__ import annotations
+
+PRESETS: dict[str, dict] = {
+    # EDM --arch=ddpmpp: 55.7M parameters, positional embedding, box resampling.
+    "ddpmpp-cifar10": dict(img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2),
+                           num_blocks=4, attn_resolutions=(16,), dropout=0.13, embedding_type="positional",
+                           channel_mult_noise=1, encoder_type="standard", resample_filter=(1, 1)),
+    # EDM --arch=ncsnpp: 56.4M parameters, Fourier embedding, residual encoder, FIR (1, 3, 3, 1) resampling.
+    "ncsnpp-cifar10": dict(img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2),
+                           num_blocks=4, attn_resolutions=(16,), dropout=0.13, embedding_type="fourier",
+                           channel_mult_noise=2, encoder_type="residual", resample_filter=(1, 3, 3, 1)),
+    # EDM's 64x64 DDPM++ (FFHQ/AFHQ config): the 64x64 network of the benchmarks.
+    "ddpmpp-64": dict(img_resolution=64, in_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2),
+                      num_blocks=4, attn_resolutions=(16,), dropout=0.05, embedding_type="positional"),
+    # The shipped Fashion-MNIST model: 1 channel, 32x32 (28 padded), under 6M parameters.
+    "fmnist-small": dict(img_resolution=32, in_channels=1, model_channels=56, channel_mult=(1, 2, 2),
+                         num_blocks=2, attn_resolutions=(8,), dropout=0.1, adaptive_scale=True),
+    # CPU tests and examples: a few hundred thousand parameters, every block type (attention, up/down).
+    "tiny": dict(img_resolution=32, in_channels=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                 attn_resolutions=(16,), dropout=0.0, channel_mult_emb=2, adaptive_scale=True),
+}
+
+
+def preset_config(name: str, **overrides) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return {**PRESETS[name], **overrides}

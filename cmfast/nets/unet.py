@@ -1,0 +1,165 @@
+"""The UNet of EDM's DDPM++ / NCSN++ (Song et al. 2021 architectures as re-implemented in EDM, networks.py
+SongUNet), used by the CM paper for CIFAR-10. Module names follow EDM so its layouts are recognisable."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding
+
+
+class UNetBlock(nn.Module):
+    """Residual block: GN-SiLU-conv, embedding modulation, GN-SiLU-dropout-conv, skip; optional self-attention.
+    adaptive_scale=False (DDPM++/NCSN++): the embedding is added before norm1; True (ADM): act(GN(x)(1+s)+b)."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False,
+                 down: bool = False, attention: bool = False, num_heads: int = 1, dropout: float = 0.0,
+                 skip_scale: float = math.sqrt(0.5), eps: float = 1e-6, resample_filter=(1, 1),
+                 resample_proj: bool = True, adaptive_scale: bool = False):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_heads = num_heads if attention else 0
+        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1))
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, 3, init_weight=1e-5)
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter)
+        if self.num_heads:
+            self.norm2 = GroupNorm(out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, 1, init_weight=math.sqrt(0.2))
+            self.proj = Conv2d(out_channels, out_channels, 1, init_weight=1e-5)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        orig = x
+        x = self.conv0(self.norm0(x, act="silu"))
+        params = self.affine(emb).to(x.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            x = self.norm1(x, scale=scale, shift=shift, act="silu")
+        else:
+            x = self.norm1(x + params[:, :, None, None], act="silu")
+        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
+        if self.num_heads:
+            N, C, H, W = x.shape
+            D = C // self.num_heads
+            # qkv channel layout (head, d, 3) as in EDM; attention over the H*W positions.
+            qkv = self.qkv(self.norm2(x)).reshape(N, self.num_heads, D, 3, H * W)
+            q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))          # (N, heads, L, D)
+            a = ops.attention(q, k, v)                                      # (N, heads, L, D)
+            a = a.transpose(-1, -2).reshape(N, C, H, W)
+            x = (self.proj(a) + x) * self.skip_scale
+        return x
+
+
+class UNet(nn.Module):
+    """EDM's SongUNet. F(x_in, c_noise, class_labels) -> F, the raw network of the preconditioned model."""
+
+    def __init__(self,
+                 img_resolution: int = 32,          # Image size (square).
+                 in_channels: int = 3,              # Channels of the image.
+                 out_channels: int | None = None,   # Output channels (default: in_channels).
+                 label_dim: int = 0,                # Number of class labels, 0 = unconditional.
+                 model_channels: int = 128,         # Base channel count.
+                 channel_mult=(2, 2, 2),            # Channel multiplier per resolution.
+                 channel_mult_emb: int = 4,         # Embedding width = model_channels * this.
+                 num_blocks: int = 4,               # Residual blocks per resolution.
+                 attn_resolutions=(16,),            # Resolutions with self-attention.
+                 dropout: float = 0.10,             # Dropout probability in the residual blocks.
+                 embedding_type: str = "positional",  # 'positional' (DDPM++) or 'fourier' (NCSN++).
+                 channel_mult_noise: int = 1,       # Noise-embedding width = model_channels * this.
+                 encoder_type: str = "standard",    # 'standard' (DDPM++) or 'residual' (NCSN++).
+                 resample_filter=(1, 1),            # (1, 1) box (DDPM++) or (1, 3, 3, 1) FIR (NCSN++).
+                 adaptive_scale: bool = False,      # Scale/shift modulation after GroupNorm (ADM style).
+                 num_heads: int = 1):               # Attention heads.
+        super().__init__()
+        if embedding_type not in ("positional", "fourier"):
+            raise ValueError(f"embedding_type: expected 'positional' or 'fourier', got {embedding_type!r}")
+        if encoder_type not in ("standard", "residual"):
+            raise ValueError(f"encoder_type: expected 'standard' or 'residual', got {encoder_type!r}")
+        out_channels = in_channels if out_channels is None else out_channels
+        self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
+        self.label_dim = label_dim
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        block = dict(emb_channels=emb_channels, num_heads=num_heads, dropout=dropout, resample_filter=resample_filter,
+                     adaptive_scale=adaptive_scale)
+
+        # Mapping: noise level (and label) -> embedding.
+        self.map_noise = (PositionalEmbedding(noise_channels) if embedding_type == "positional"
+                          else FourierEmbedding(noise_channels))
+        self.map_label = Linear(label_dim, noise_channels) if label_dim else None
+        self.map_layer0 = Linear(noise_channels, emb_channels)
+        self.map_layer1 = Linear(emb_channels, emb_channels)
+
+        # Encoder.
+        self.enc = nn.ModuleDict()
+        cout = caux = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3)
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
+                if encoder_type == "residual":
+                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, 3, down=True, fused_resample=True,
+                                                                   resample_filter=resample_filter)
+                    caux = cout
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+        skips = [b.out_channels for name, b in self.enc.items() if "aux" not in name]
+
+        # Decoder.
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attn = idx == num_blocks and res in attn_resolutions
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+        self.out_norm = GroupNorm(cout)
+        self.out_conv = Conv2d(cout, out_channels, 3, init_weight=1e-5)
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels=None) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.img_resolution, self.img_resolution):
+            raise ValueError(f"x: expected images (B, {self.in_channels}, {self.img_resolution}, "
+                             f"{self.img_resolution}) for this network, got {tuple(x.shape)}")
+        emb = self.map_noise(noise_labels.reshape(-1).expand(x.shape[0]))
+        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)   # sin/cos order as in EDM
+        if self.map_label is not None:
+            if class_labels is None:
+                raise ValueError(f"class_labels: this network is conditional on {self.label_dim} classes")
+            labels = class_labels
+            if labels.dim() == 1:
+                labels = F.one_hot(labels.long(), self.label_dim)
+            emb = emb + self.map_label(labels.to(emb.dtype) * math.sqrt(self.label_dim))
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+
+        skips, aux = [], x
+        for name, blk in self.enc.items():
+            if "aux_residual" in name:
+                x = skips[-1] = aux = (x + blk(aux)) / math.sqrt(2)
+            else:
+                x = blk(x, emb) if isinstance(blk, UNetBlock) else blk(x)
+                skips.append(x)
+        for blk in self.dec.values():
+            if x.shape[1] != blk.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = blk(x, emb)
+        return self.out_conv(self.out_norm(x, act="silu"))
