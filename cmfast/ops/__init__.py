@@ -110,6 +110,11 @@ def implementation(op: str, device: torch.device) -> Callable:
         raise BackendUnavailable(f"backend 'cuda' cannot run on {device.type}: needs a CUDA tensor")
     mod = _module(backend)
     fn = getattr(mod, op, None)
+    if fn is None:  # an op may live in its own module: cmfast.ops._<backend>_<op>
+        try:
+            fn = getattr(importlib.import_module(f"{_MODULES[backend]}_{op}"), op, None)
+        except ModuleNotFoundError:
+            fn = None
     if fn is None:
         raise BackendUnavailable(f"backend {backend!r} has no kernel for op {op!r}")
     return fn
