@@ -1,0 +1,54 @@
+"""Autotuning in one place.
+
+On a GPU, `autotune` is `triton.autotune` over a small config list, pruned by the shapes that matter before
+any config is timed. Under TRITON_INTERPRET=1 (CPU tests) there is no driver to time configs with
+(`triton.autotune` fails with "0 active drivers"), so the kernel runs with one fixed config instead.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (checked when a kernel module is imported, as
+    triton.jit itself does)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device: how many programs it takes to fill it (a fixed 132, an H100's
+    count, when interpreting so that split choices are exercised the same way in CPU tests)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+class _Fixed:
+    """Stand-in for an autotuned kernel: launches `fn` with one config (grid lambdas get its meta-parameters)."""
+
+    def __init__(self, fn, config: dict):
+        self.fn = fn
+        self.config = config
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            g = grid(self.config) if callable(grid) else grid
+            return self.fn[g](*args, **kwargs, **self.config)
+        return launch
+
+
+def autotune(configs: list[triton.Config], key: list[str], interpret_config: dict, prune=None):
+    """Decorator (under @triton.jit): autotune over `configs` keyed on `key` (the autotuner also keys on the
+    argument dtypes); `prune(configs, named_args)` drops configs that cannot fit or would waste work for the
+    shape; `interpret_config` (meta-parameters only) is used under TRITON_INTERPRET=1."""
+    def deco(fn):
+        if interpreting():
+            return _Fixed(fn, interpret_config)
+        # The autotuner passes positional arguments as `named` and keyword arguments separately: merge them.
+        kw = {"prune_configs_by": {"early_config_prune": lambda cs, named, **kws: prune(cs, {**named, **kws})}} \
+            if prune else {}
+        return triton.autotune(configs=configs, key=key, **kw)(fn)
+    return deco

@@ -1,0 +1,290 @@
+"""GroupNorm + per-(sample, channel) modulation + SiLU, fused: act(GN(x) * (1 + scale) + shift).
+
+GN(x) = (x - mean) * rstd * weight + bias (Wu & He 2018) with fp32 statistics; the scale/shift modulation is
+the adaptive GroupNorm of the DDPM++ / EDM UNet (Dhariwal & Nichol 2021, "AdaGN"). NCHW and channels_last:
+a group is a (HW rows) x (Cg columns) tile of element strides (s_hw, s_c) = (1, HW) or (C, 1).
+
+Statistics are numerically stable: every tile's mean and centred sum of squares are exact two-pass values in
+registers, merged per column and then across programs with Chan et al.'s parallel formula (no E[x^2] - E[x]^2).
+Each group's rows are split over S programs when batch x groups alone would not fill the GPU (batch 1):
+phase 1 writes per-program partials, phase 2 merges them in a fixed order (deterministic, no atomics).
+
+Backward recomputes xhat and the activation from the saved (mean, rstd). With dz = dL/d(pre-activation) and
+u_c = weight_c (1 + scale_nc): A_nc = sum_hw dz, B_nc = sum_hw dz xhat give
+  dx = rstd (dz u - mean_group(u A) - xhat mean_group(u B)), dshift = A, dscale = B weight + A bias,
+  dweight = sum_n (1 + scale) B, dbias = sum_n (1 + scale) A.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._autotune import num_sms
+
+TILE = 2048          # elements of x a program holds per loop step
+MIN_CHUNK = 1024     # elements per program below which splitting a group no longer pays
+
+
+@triton.jit
+def _silu_grad(z):
+    sig = tl.sigmoid(z)
+    return sig * (1.0 + z * (1.0 - sig))
+
+
+@triton.jit
+def _tile(n, g, h0, hw_end, C, HW, Cg, s_c, s_hw, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """int64 offsets and mask of rows [h0, h0 + BLOCK_HW) of group g of sample n."""
+    hw = h0 + tl.arange(0, BLOCK_HW)
+    ci = tl.arange(0, BLOCK_C)
+    base = n.to(tl.int64) * C * HW + (g * Cg).to(tl.int64) * s_c
+    offs = base + hw.to(tl.int64)[:, None] * s_hw + ci.to(tl.int64)[None, :] * s_c
+    mask = (hw < hw_end)[:, None] & (ci < Cg)[None, :]
+    return offs, mask
+
+
+@triton.jit
+def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """weight, bias, 1 + scale, shift of the group's channels as fp32 vectors."""
+    ci = tl.arange(0, BLOCK_C)
+    cmask = ci < Cg
+    c = g * Cg + ci
+    w = tl.full([BLOCK_C], 1.0, tl.float32)
+    b = tl.zeros([BLOCK_C], tl.float32)
+    s1 = tl.full([BLOCK_C], 1.0, tl.float32)
+    sh = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s1 = 1.0 + tl.load(scale_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        sh = tl.load(shift_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+    return w, b, s1, sh
+
+
+@triton.jit
+def _group_norm_stats_kernel(x_ptr, part_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S,
+                             BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    ng = tl.program_id(0)
+    s = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    hw_start = s * chunk
+    hw_end = tl.minimum(hw_start + chunk, HW)
+    cnt = tl.zeros([BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for h0 in range(hw_start, hw_end, BLOCK_HW):
+        offs, mask = _tile(n, g, h0, hw_end, C, HW, Cg, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        nb = tl.minimum(hw_end - h0, BLOCK_HW).to(tl.float32)
+        bmean = tl.sum(x, axis=0) / nb
+        d = tl.where(mask, x - bmean[None, :], 0.0)
+        bm2 = tl.sum(d * d, axis=0)
+        tot = cnt + nb                                   # Chan et al. (1979) pairwise update, per column
+        delta = bmean - mean
+        mean += delta * (nb / tot)
+        m2 += bm2 + delta * delta * (cnt * nb / tot)
+        cnt = tot
+    cmask = tl.arange(0, BLOCK_C) < Cg
+    cnt = tl.where(cmask, cnt, 0.0)
+    total = tl.sum(cnt, axis=0)
+    gmean = tl.sum(cnt * mean, axis=0) / total
+    dm = mean - gmean
+    gm2 = tl.sum(tl.where(cmask, m2 + cnt * dm * dm, 0.0), axis=0)
+    p = part_ptr + (ng * S + s) * 3
+    tl.store(p, total)
+    tl.store(p + 1, gmean)
+    tl.store(p + 2, gm2)
+
+
+@triton.jit
+def _merge_stats(part_ptr, ng, S, eps, BLOCK_S: tl.constexpr):
+    """(mean, rstd) of a group from its S partials (count, mean, M2): Chan's formula, fixed order."""
+    i = tl.arange(0, BLOCK_S)
+    m = i < S
+    p = part_ptr + (ng * S + i) * 3
+    cnt = tl.load(p, mask=m, other=0.0)
+    mu = tl.load(p + 1, mask=m, other=0.0)
+    m2 = tl.load(p + 2, mask=m, other=0.0)
+    total = tl.sum(cnt, axis=0)
+    mean = tl.sum(cnt * mu, axis=0) / total
+    d = mu - mean
+    var = tl.sum(m2 + cnt * d * d, axis=0) / total
+    return mean, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                               C, HW, G, Cg, s_c, s_hw, chunk, S, eps,
+                               HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                               HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    ng = tl.program_id(0)
+    s = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    mean, rstd = _merge_stats(part_ptr, ng, S, eps, BLOCK_S)
+    if s == 0:
+        tl.store(stats_ptr + ng * 2, mean)
+        tl.store(stats_ptr + ng * 2 + 1, rstd)
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
+                                   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    a = rstd * w * s1                    # z = (x - mean) a + c: one FMA per element
+    c = b * s1 + sh
+    hw_start = s * chunk
+    hw_end = tl.minimum(hw_start + chunk, HW)
+    for h0 in range(hw_start, hw_end, BLOCK_HW):
+        offs, mask = _tile(n, g, h0, hw_end, C, HW, Cg, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = (x - mean) * a[None, :] + c[None, :]
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_act_bwd_partial_kernel(x_ptr, dy_ptr, stats_ptr, part_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                       C, HW, G, Cg, s_c, s_hw, chunk, S,
+                                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                                       HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                                       BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    ng = tl.program_id(0)
+    s = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    mean = tl.load(stats_ptr + ng * 2)
+    rstd = tl.load(stats_ptr + ng * 2 + 1)
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
+                                   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    acc_a = tl.zeros([BLOCK_C], tl.float32)
+    acc_b = tl.zeros([BLOCK_C], tl.float32)
+    hw_start = s * chunk
+    hw_end = tl.minimum(hw_start + chunk, HW)
+    for h0 in range(hw_start, hw_end, BLOCK_HW):
+        offs, mask = _tile(n, g, h0, hw_end, C, HW, Cg, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean) * rstd
+        if SILU:
+            dz = dz * _silu_grad((xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :])
+        acc_a += tl.sum(dz, axis=0)
+        acc_b += tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0)
+    ci = tl.arange(0, BLOCK_C)
+    p = part_ptr + (ng * S + s) * 2 * Cg + ci
+    tl.store(p, acc_a, mask=ci < Cg)
+    tl.store(p + Cg, acc_b, mask=ci < Cg)
+
+
+@triton.jit
+def _group_norm_act_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, part_ptr, ab_ptr, w_ptr, b_ptr, scale_ptr,
+                                  shift_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S,
+                                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                                  BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    ng = tl.program_id(0)
+    s = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    mean = tl.load(stats_ptr + ng * 2)
+    rstd = tl.load(stats_ptr + ng * 2 + 1)
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
+                                   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    ci = tl.arange(0, BLOCK_C)
+    cmask = ci < Cg
+    A = tl.zeros([BLOCK_C], tl.float32)
+    B = tl.zeros([BLOCK_C], tl.float32)
+    for t in range(0, S):                        # fixed order: deterministic
+        p = part_ptr + (ng * S + t) * 2 * Cg + ci
+        A += tl.load(p, mask=cmask, other=0.0)
+        B += tl.load(p + Cg, mask=cmask, other=0.0)
+    if s == 0:
+        q = ab_ptr + (n * C + g * Cg + ci) * 2
+        tl.store(q, A, mask=cmask)
+        tl.store(q + 1, B, mask=cmask)
+    u = w * s1
+    m = Cg * HW * 1.0                     # (not .to(): Triton specializes an int argument equal to 1 to a constant)
+    c1 = tl.sum(u * A, axis=0) / m
+    c2 = tl.sum(u * B, axis=0) / m
+    hw_start = s * chunk
+    hw_end = tl.minimum(hw_start + chunk, HW)
+    for h0 in range(hw_start, hw_end, BLOCK_HW):
+        offs, mask = _tile(n, g, h0, hw_end, C, HW, Cg, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean) * rstd
+        if SILU:
+            dz = dz * _silu_grad((xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :])
+        dx = rstd * (dz * u[None, :] - c1 - xhat * c2)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+class Plan:
+    """Launch geometry of one (shape, layout): S programs per group, each over `chunk` rows."""
+
+    def __init__(self, x: torch.Tensor, num_groups: int):
+        from .skip_output import memory_format
+        N, C = x.shape[:2]
+        self.fmt = memory_format(x)
+        self.N, self.C, self.G, self.Cg, self.HW = N, C, num_groups, C // num_groups, x[0, 0].numel()
+        self.s_c, self.s_hw = (1, C) if self.fmt == torch.channels_last else (self.HW, 1)
+        self.BLOCK_C = max(2, triton.next_power_of_2(self.Cg))
+        if self.BLOCK_C > TILE // 2:
+            raise ValueError(f"group_norm_act (triton): expected at most {TILE // 2} channels per group, "
+                             f"got {self.Cg}")
+        want = max(1, min(triton.cdiv(self.Cg * self.HW, MIN_CHUNK), triton.cdiv(2 * num_sms(x.device), N * self.G),
+                          256))
+        self.chunk = triton.cdiv(self.HW, want)
+        self.S = triton.cdiv(self.HW, self.chunk)
+        self.BLOCK_HW = max(2, min(triton.next_power_of_2(self.chunk), TILE // self.BLOCK_C))
+        self.num_warps = 8 if self.BLOCK_HW * self.BLOCK_C >= 2048 else 4
+        self.grid = (N * self.G, self.S)
+
+    def geometry(self):
+        return self.C, self.HW, self.G, self.Cg, self.s_c, self.s_hw, self.chunk, self.S
+
+    def meta(self):
+        return dict(BLOCK_HW=self.BLOCK_HW, BLOCK_C=self.BLOCK_C, num_warps=self.num_warps)
+
+
+def _flags(weight, bias, scale, shift, act):
+    return dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
+                HAS_SHIFT=shift is not None, SILU=act == "silu")
+
+
+def _ptrs(x, weight, bias, scale, shift):
+    # An absent operand gets a dummy pointer; the kernel never reads it (its HAS_ flag is off).
+    return [t.contiguous() if t is not None else x for t in (weight, bias, scale, shift)]
+
+
+def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act):
+    """(y, stats (N*G, 2) fp32 [mean, rstd], plan); y in x's dtype and memory format."""
+    plan = Plan(x, num_groups)
+    x = x.contiguous(memory_format=plan.fmt)
+    y = torch.empty_like(x)
+    stats = torch.empty(plan.N * plan.G, 2, device=x.device, dtype=torch.float32)
+    part = torch.empty(plan.N * plan.G, plan.S, 3, device=x.device, dtype=torch.float32)
+    _group_norm_stats_kernel[plan.grid](x, part, *plan.geometry(), **plan.meta())
+    _group_norm_act_fwd_kernel[plan.grid](x, y, part, stats, *_ptrs(x, weight, bias, scale, shift),
+                                          *plan.geometry(), eps, **_flags(weight, bias, scale, shift, act),
+                                          BLOCK_S=max(2, triton.next_power_of_2(plan.S)), **plan.meta())
+    return y, stats, plan
+
+
+def group_norm_act_bwd(dy, x, stats, plan, weight, bias, scale, shift, act):
+    """dx (x's dtype and format) and (A, B) = (sum_hw dz, sum_hw dz xhat) per (sample, channel), fp32."""
+    x = x.contiguous(memory_format=plan.fmt)
+    dy = dy.contiguous(memory_format=plan.fmt)
+    dx = torch.empty_like(x)
+    part = torch.empty(plan.N * plan.G, plan.S, 2, plan.Cg, device=x.device, dtype=torch.float32)
+    ab = torch.empty(plan.N, plan.C, 2, device=x.device, dtype=torch.float32)
+    ptrs = _ptrs(x, weight, bias, scale, shift)
+    flags = _flags(weight, bias, scale, shift, act)
+    _group_norm_act_bwd_partial_kernel[plan.grid](x, dy, stats, part, *ptrs, *plan.geometry(), **flags,
+                                                  **plan.meta())
+    _group_norm_act_bwd_dx_kernel[plan.grid](x, dy, dx, stats, part, ab, *ptrs, *plan.geometry(), **flags,
+                                             **plan.meta())
+    return dx, ab[..., 0], ab[..., 1]
