@@ -1,0 +1,174 @@
+"""Build csrc/ into the extension module cmfast._C (nvcc + pybind11), at install time or on first use.
+
+Standard library only: setup.py loads this file by path, before torch or cmfast can be imported.
+
+  compile(out)   nvcc -O3 for CMFAST_CUDA_ARCH (default sm_90), one object per source in parallel, linked with the
+                 static CUDA runtime, so the module needs no libcudart on the loader path (and imports without a GPU)
+  load(arch)     cmfast._C if it was built from the current csrc/ for `arch` (the module carries a hash of both),
+                 else the JIT copy in ~/.cache/cmfast/ext/<hash>/ (CMFAST_CACHE overrides), compiling it once
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+DEFAULT_ARCH = "90"
+
+
+class ToolchainMissing(RuntimeError):
+    """No nvcc (or no pybind11) to compile csrc/ with; the message says what to install or set."""
+
+
+# ---- locating the toolkit ----------------------------------------------------------------------------------------
+def _is_toolkit(root: Path) -> bool:
+    return (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime.h").is_file()
+
+
+def cuda_home() -> Path | None:
+    """The CUDA toolkit: $CUDA_HOME / $CUDA_PATH, else the nvcc on PATH (following symlinks, and reading a shell
+    wrapper such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"` for the real path), else /usr/local/cuda*."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and _is_toolkit(Path(os.environ[var])):
+            return Path(os.environ[var])
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = Path(nvcc).resolve()
+        if _is_toolkit(real.parent.parent):
+            return real.parent.parent
+        try:
+            head = real.read_bytes()[:4096]
+        except OSError:
+            head = b""
+        if not head.startswith(b"\x7fELF"):  # a script: look for the nvcc it runs
+            for m in re.finditer(rb"(/[\w./+-]*)/bin/nvcc\b", head):
+                root = Path(m.group(1).decode())
+                if _is_toolkit(root):
+                    return root
+    candidates = [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
+    return next((c for c in candidates if _is_toolkit(c)), None)
+
+
+def cuda_arches(arch: str | None = None) -> list[str]:
+    """Compute capabilities as digits ('90', '100a'): from `arch`, else $CMFAST_CUDA_ARCH ('sm_90', '9.0',
+    '80;90' all work), else sm_90 (H100 / H200)."""
+    spec = arch or os.environ.get("CMFAST_CUDA_ARCH") or DEFAULT_ARCH
+    out = []
+    for tok in re.split(r"[,; ]+", str(spec).strip()):
+        tok = tok.lower().removeprefix("sm_").removeprefix("compute_").replace(".", "")
+        if not re.fullmatch(r"\d{2,3}[af]?", tok):
+            raise ValueError(f"CMFAST_CUDA_ARCH: expected compute capabilities like 'sm_90' or '9.0', got {spec!r}")
+        out.append(tok)
+    return out
+
+
+# ---- what gets built ----------------------------------------------------------------------------------------
+def sources() -> list[Path]:
+    return sorted(p for p in CSRC.glob("*") if p.suffix in (".cu", ".cpp", ".cuh", ".h"))
+
+
+def source_hash(arch: str | None = None) -> str:
+    """Hash of csrc/, the target arches and the Python ABI: a build answers only to the exact same inputs."""
+    h = hashlib.sha256()
+    for p in sources():
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    h.update(",".join(cuda_arches(arch)).encode())
+    h.update(str(sysconfig.get_config_var("EXT_SUFFIX")).encode())
+    return h.hexdigest()[:16]
+
+
+def ext_filename() -> str:
+    return "_C" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+
+
+def _run(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+
+
+def compile(out: str | os.PathLike, arch: str | None = None, jobs: int | None = None, verbose: bool = False) -> Path:
+    """Compile csrc/ into the shared object `out` (a file name ending in the Python extension suffix)."""
+    home = cuda_home()
+    if home is None:
+        raise ToolchainMissing("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    try:
+        import pybind11
+    except ImportError:
+        raise ToolchainMissing("pybind11 is not installed (pip install pybind11)") from None
+    nvcc = str(home / "bin" / "nvcc")
+    arches = cuda_arches(arch)
+    gencode = [f"-gencode=arch=compute_{a},code=[sm_{a},compute_{a}]" for a in arches]  # + PTX for newer GPUs
+    digest = source_hash(arch)
+    common = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", f"-I{CSRC}"]
+    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
+                f'-DCMFAST_SOURCE_HASH="{digest}"']
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cmfast-build-") as tmp:
+        cmds = []
+        for src in sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp")):
+            obj = Path(tmp) / (src.stem + ".o")
+            extra = gencode if src.suffix == ".cu" else includes
+            cmds.append(([nvcc, *common, *extra, "-c", str(src), "-o", str(obj)], obj))
+        # The pybind11 file dominates (~10 s of host C++), so it goes first.
+        cmds.sort(key=lambda c: not c[0][-3].endswith(".cpp"))
+        jobs = jobs or min(len(cmds), os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(lambda c: _run(c[0]), cmds))
+        linked = Path(tmp) / out.name
+        _run([nvcc, "-shared", *gencode, "--cudart=static", *[str(o) for _, o in cmds], "-o", str(linked)])
+        staged = out.with_name(f".{out.name}.{os.getpid()}")  # same folder, so the final rename is atomic
+        shutil.copyfile(linked, staged)
+        os.replace(staged, out)
+    if verbose:
+        print(f"cmfast: built {out} for sm_{',sm_'.join(arches)} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return out
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+def _import_path(path: Path):
+    spec = importlib.util.spec_from_file_location("cmfast._C", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["cmfast._C"] = mod
+    return mod
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CMFAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmfast")
+    return Path(root) / "ext"
+
+
+def load(arch: str | None = None):
+    """The extension module built from the current csrc/ for `arch`: the installed cmfast._C when it matches,
+    else the cached JIT build, compiled here (once, with a one-line note) when missing."""
+    mod = sys.modules.get("cmfast._C")
+    have_sources = CSRC.is_dir()
+    want = source_hash(arch) if have_sources else None
+    if mod is None:
+        try:
+            import cmfast._C as mod  # noqa: F811 - built by setup.py
+        except ImportError:
+            mod = None
+    if mod is not None and (want is None or getattr(mod, "SOURCE_HASH", None) == want):
+        return mod
+    if not have_sources:
+        raise ToolchainMissing("cmfast._C is not built and csrc/ is not there to compile it")
+    path = cache_dir() / want / ext_filename()
+    if not path.exists():
+        print(f"cmfast: compiling the CUDA kernels (csrc/) for sm_{',sm_'.join(cuda_arches(arch))} into {path.parent}"
+              " (once, ~30 s)", file=sys.stderr)
+        compile(path, arch)
+    return _import_path(path)

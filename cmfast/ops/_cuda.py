@@ -1,0 +1,299 @@
+"""The cuda backend: autograd wrappers around the CUDA C++ kernels of csrc/ (the extension module cmfast._C).
+
+The module takes device addresses, sizes, dtype codes and a stream as integers, so these wrappers check every
+tensor first (CUDA device, dtype, shape), make it dense in one layout (NCHW or channels-last: the batch stays
+outermost in both), allocate outputs and fp32 workspaces with torch, and launch on torch's current stream; nothing
+synchronizes the host. Signatures are those of the torch backend (cmfast/ops/_torch.py).
+The extension is loaded (built once if needed, cmfast/_build.py) on the first call, not at import.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_LOSS_KINDS = {"pseudo_huber": 0, "l2": 1, "l1": 2}
+
+
+# ---- argument checks (one line each) ----------------------------------------------------------------------------
+def _check(name: str, t, device: torch.device | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda":
+        raise ValueError(f"{name}: the cuda backend needs CUDA tensors, got a tensor on {t.device}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name}: the cuda backend supports float32, float16 and bfloat16, got {t.dtype}")
+    return t
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _param(name: str, t, shape: tuple, device: torch.device) -> torch.Tensor | None:
+    """An optional per-channel / per-sample parameter as a dense fp32 tensor (None stays None)."""
+    if t is None:
+        return None
+    _check(name, t, device)
+    _check_shape(name, t, shape)
+    return t.float().contiguous()
+
+
+def _sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(sigma, torch.Tensor) or sigma.device != x.device or sigma.dtype != torch.float32:
+        raise TypeError(f"sigma: expected a float32 tensor on {x.device}, got "
+                        f"{getattr(sigma, 'dtype', type(sigma).__name__)} on {getattr(sigma, 'device', '-')}")
+    _check_shape("sigma", sigma, (x.shape[0],))
+    return sigma.contiguous()
+
+
+# ---- layout, streams, the extension -----------------------------------------------------------------------------
+def _is_nhwc(x: torch.Tensor) -> bool:
+    """Channels-last storage (N, *spatial, C) that is not also plain NCHW-contiguous."""
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _dense(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if nhwc else t.contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _ext(device: torch.device):
+    """cmfast._C, built for this device's compute capability (or $CMFAST_CUDA_ARCH) when not installed."""
+    from .. import _build
+    from . import BackendUnavailable
+    arch = os.environ.get("CMFAST_CUDA_ARCH") or "".join(map(str, torch.cuda.get_device_capability(device)))
+    try:
+        return _build.load(arch)
+    except (_build.ToolchainMissing, RuntimeError, ImportError) as e:
+        raise BackendUnavailable(f"backend 'cuda' is unavailable: {str(e).splitlines()[0]}") from None
+
+
+class _on_device:
+    """Make `device` current only when it is not already (kernels launch on the current device)."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.cuda.device(device) if device.index != torch.cuda.current_device() else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+# ---- skip output (CM paper eq. 7) -------------------------------------------------------------------------------
+def _skip_prepare(x, F, sigma):
+    _check("x", x)
+    _check("F", F, x.device)
+    _check_shape("F", F, x.shape)
+    sigma = _sigma(sigma, x)
+    nhwc = _is_nhwc(x)
+    return _dense(x, nhwc), _dense(F, nhwc), sigma, nhwc
+
+
+class _SkipOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, F, sigma, sigma_data, sigma_min):
+        x, F, sigma, nhwc = _skip_prepare(x, F, sigma)
+        y = torch.empty_like(x)
+        B = x.shape[0]
+        with _on_device(x.device):
+            _ext(x.device).skip_output_fwd(x.data_ptr(), _DTYPES[x.dtype], F.data_ptr(), _DTYPES[F.dtype],
+                                           sigma.data_ptr(), sigma_data, sigma_min, B, x.numel() // max(B, 1), 0,
+                                           y.data_ptr(), _stream(x.device))
+        ctx.save_for_backward(sigma)
+        ctx.meta = (sigma_data, sigma_min, nhwc, F.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (sigma,) = ctx.saved_tensors
+        sigma_data, sigma_min, nhwc, F_dtype = ctx.meta
+        g = _dense(g, nhwc)
+        dx = torch.empty_like(g) if ctx.needs_input_grad[0] else None
+        dF = torch.empty_like(g, dtype=F_dtype) if ctx.needs_input_grad[1] else None
+        B = g.shape[0]
+        with _on_device(g.device):
+            _ext(g.device).skip_output_bwd(g.data_ptr(), _DTYPES[g.dtype], sigma.data_ptr(), sigma_data, sigma_min,
+                                           B, g.numel() // max(B, 1), _ptr(dx), _ptr(dF), _DTYPES[F_dtype],
+                                           _stream(g.device))
+        return dx, dF, None, None, None
+
+
+def skip_output(x, F, sigma, sigma_data, sigma_min):
+    """c_skip(sigma) x + c_out(sigma) F in x's dtype; differentiable in x and F (not sigma)."""
+    return _SkipOutput.apply(x, F, sigma, float(sigma_data), float(sigma_min))
+
+
+def skip_output_infer(x, F, sigma, sigma_data, sigma_min, uint8):
+    """Sampler epilogue: clamp(c_skip x + c_out F, -1, 1), or its uint8 bytes round((y + 1) * 127.5). No autograd."""
+    x, F, sigma, _ = _skip_prepare(x, F, sigma)
+    y = torch.empty_like(x, dtype=torch.uint8 if uint8 else x.dtype)
+    B = x.shape[0]
+    with _on_device(x.device):
+        _ext(x.device).skip_output_fwd(x.data_ptr(), _DTYPES[x.dtype], F.data_ptr(), _DTYPES[F.dtype],
+                                       sigma.data_ptr(), float(sigma_data), float(sigma_min), B,
+                                       x.numel() // max(B, 1), 2 if uint8 else 1, y.data_ptr(), _stream(x.device))
+    return y
+
+
+# ---- group_norm_act ---------------------------------------------------------------------------------------------
+def _num_splits(N: int, C: int, HW: int, nhwc: bool, sms: int) -> int:
+    """Chunks per (n, c) of the reduction over HW, so that small N x C still gives every SM work: about 32 warps
+    per SM (NCHW: a warp per chunk, >= 256 elements each) or 2 blocks per SM (NHWC: 32 channels x >= 32 rows)."""
+    if nhwc:
+        return max(1, min(math.ceil(2 * sms / (N * math.ceil(C / 32))), math.ceil(HW / 32)))
+    return max(1, min(math.ceil(32 * sms / (N * C)), math.ceil(HW / 256)))
+
+
+class _GroupNormAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps, scale, shift, silu):
+        nhwc = _is_nhwc(x)
+        x = _dense(x, nhwc)
+        N, C = x.shape[:2]
+        HW = x.numel() // max(N * C, 1)
+        dev = x.device
+        w, b = _param("weight", weight, (C,), dev), _param("bias", bias, (C,), dev)
+        sc, sh = _param("scale", scale, (N, C), dev), _param("shift", shift, (N, C), dev)
+        S = _num_splits(N, C, HW, nhwc, _sm_count(dev.index))
+        f32 = dict(device=dev, dtype=torch.float32)
+        y = torch.empty_like(x)
+        part, stats = torch.empty(N * S * C * 2, **f32), torch.empty(N * num_groups * 2, **f32)
+        A, B = torch.empty(N * C, **f32), torch.empty(N * C, **f32)
+        with _on_device(dev):
+            _ext(dev).group_norm_act_fwd(x.data_ptr(), _DTYPES[x.dtype], N, C, HW, num_groups, S, nhwc, silu, eps,
+                                         _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), y.data_ptr(), part.data_ptr(),
+                                         stats.data_ptr(), A.data_ptr(), B.data_ptr(), _stream(dev))
+        ctx.save_for_backward(x, w, b, sc, stats, A, B)
+        ctx.meta = (num_groups, S, nhwc, silu, [None if t is None else t.dtype for t in (weight, bias, scale, shift)])
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, w, b, sc, stats, A, B = ctx.saved_tensors
+        G, S, nhwc, silu, dtypes = ctx.meta
+        dy = _dense(dy.to(x.dtype), nhwc)
+        N, C = x.shape[:2]
+        HW = x.numel() // max(N * C, 1)
+        dev = x.device
+        f32 = dict(device=dev, dtype=torch.float32)
+        need = ctx.needs_input_grad
+        dx = torch.empty_like(x) if need[0] else None
+        dw = torch.empty(C, **f32) if need[2] else None
+        db = torch.empty(C, **f32) if need[3] else None
+        dscale = torch.empty(N, C, **f32) if need[5] else None
+        dshift = torch.empty(N, C, **f32) if need[6] else None
+        part, csum = torch.empty(N * S * C * 2, **f32), torch.empty(N * C * 2, **f32)
+        P, m12 = torch.empty(N * C, **f32), torch.empty(N * G * 2, **f32)
+        with _on_device(dev):
+            _ext(dev).group_norm_act_bwd(x.data_ptr(), dy.data_ptr(), _DTYPES[x.dtype], N, C, HW, G, S, nhwc, silu,
+                                         _ptr(w), _ptr(b), _ptr(sc), stats.data_ptr(), A.data_ptr(), B.data_ptr(),
+                                         part.data_ptr(), csum.data_ptr(), P.data_ptr(), m12.data_ptr(), _ptr(dx),
+                                         _ptr(dw), _ptr(db), _ptr(dscale), _ptr(dshift), _stream(dev))
+        cast = [None if g is None else g.to(dt) for g, dt in zip((dw, db, dscale, dshift), dtypes)]
+        return dx, None, cast[0], cast[1], None, cast[2], cast[3], None
+
+
+def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act):
+    """act(GroupNorm(x) * (1 + scale) + shift) with fp32 statistics; differentiable in x, weight, bias, scale,
+    shift. Output in x's dtype and layout (NCHW or channels-last)."""
+    _check("x", x)
+    if x.dim() < 3:
+        raise ValueError(f"x: expected (N, C, ...) with at least one spatial dimension, got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
+        raise ValueError(f"num_groups: expected a positive divisor of the {C} channels, got {num_groups!r}")
+    if act not in ("silu", "none"):
+        raise ValueError(f"act: expected 'silu' or 'none', got {act!r}")
+    for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)),
+                           ("scale", scale, tuple(x.shape[:2])), ("shift", shift, tuple(x.shape[:2]))):
+        if t is not None:
+            _check(name, t, x.device)
+            _check_shape(name, t, shape)
+    return _GroupNormAct.apply(x, num_groups, weight, bias, float(eps), scale, shift, act == "silu")
+
+
+# ---- consistency loss (CM paper eq. 10's distance d; iCT pseudo-Huber) -----------------------------------------
+class _ConsistencyLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, target, kind, c, weight):
+        nhwc = _is_nhwc(pred)  # the loss sums each sample: only pred and target must share a layout
+        pred, target = _dense(pred, nhwc), _dense(target, nhwc)
+        B = pred.shape[0]
+        d = pred.numel() // max(B, 1)
+        dev = pred.device
+        w = _param("weight", weight, (B,), dev)
+        loss = torch.empty(B, device=dev, dtype=torch.float32)
+        grad = torch.empty(B * d, device=dev, dtype=torch.float32) if any(ctx.needs_input_grad[:2]) else None
+        ext = _ext(dev)
+        args = (pred.data_ptr(), _DTYPES[pred.dtype], target.data_ptr(), _DTYPES[target.dtype])
+        with _on_device(dev):
+            ext.consistency_loss_fwd(*args, _ptr(w), _LOSS_KINDS[kind], c, B, d, loss.data_ptr(), _ptr(grad),
+                                     _stream(dev))
+            unweighted = None
+            if ctx.needs_input_grad[4]:  # d loss_b / d weight_b = the unweighted distance
+                unweighted = torch.empty(B, device=dev, dtype=torch.float32)
+                ext.consistency_loss_fwd(*args, 0, _LOSS_KINDS[kind], c, B, d, unweighted.data_ptr(), 0, _stream(dev))
+        ctx.save_for_backward(grad, unweighted)
+        ctx.meta = (pred.shape, pred.stride(), pred.dtype, target.dtype, weight.dtype if weight is not None else None)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gout):
+        grad, unweighted = ctx.saved_tensors
+        shape, stride, pred_dtype, target_dtype, weight_dtype = ctx.meta
+        gout = gout.float().contiguous()
+        B = gout.shape[0]
+        d = grad.numel() // max(B, 1) if grad is not None else 0
+        dpred = dtarget = dweight = None
+        if ctx.needs_input_grad[0]:
+            dev = grad.device
+            dpred = torch.empty_strided(shape, stride, dtype=pred_dtype, device=dev)  # pred's (dense) layout
+            with _on_device(dev):
+                _ext(dev).consistency_loss_bwd(grad.data_ptr(), gout.data_ptr(), B, d, dpred.data_ptr(),
+                                               _DTYPES[pred_dtype], _stream(dev))
+        if ctx.needs_input_grad[1]:  # rare (targets are usually stop-gradient): plain torch is enough
+            dtarget = (grad.view(B, d) * -gout[:, None]).as_strided(shape, stride).to(target_dtype)
+        if ctx.needs_input_grad[4]:
+            dweight = (unweighted * gout).to(weight_dtype)
+        return dpred, dtarget, None, None, dweight
+
+
+def consistency_loss(pred, target, kind, c, weight):
+    """Per-sample distance (B,) in fp32 with its gradient computed in the forward kernel."""
+    _check("pred", pred)
+    _check("target", target, pred.device)
+    if pred.dim() < 1 or target.shape != pred.shape:
+        raise ValueError(f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}")
+    if kind not in _LOSS_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(_LOSS_KINDS)}, got {kind!r}")
+    if weight is not None:
+        _check("weight", weight, pred.device)
+        _check_shape("weight", weight, (pred.shape[0],))
+    return _ConsistencyLoss.apply(pred, target, kind, float(c), weight)

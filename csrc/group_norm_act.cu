@@ -1,0 +1,337 @@
+// group_norm_act: act(GroupNorm(x) * (1 + scale) + shift) and its backward (EDM/DDPM++ UNet blocks: GroupNorm,
+// adaptive scale/shift from the noise embedding, SiLU). fp32 statistics; NCHW or NHWC; fp32/fp16/bf16 data.
+//
+// Forward:  reduce    per (n, c, chunk s): S1 = sum (x - K), S2 = sum (x - K)^2, K = the group's first element
+//                     (shifted sums: no cancellation when |mean| >> std)
+//           finalize  one warp per (n, g): adds the Cg*S partials in a fixed order (deterministic, no atomics);
+//                     mean, rstd; per channel A, B with act input y1 = A x + B
+//           apply     y = act(A x + B), 16-byte vectors where aligned
+// Backward: with dy1 = dy * act'(y1), xhat = (x - mean) rstd, per (n, c): Sdy = sum dy1, Sdyx = sum dy1 xhat
+//           dshift = Sdy, dscale = w Sdyx + b Sdy, dweight = sum_n (1 + scale) Sdyx, dbias = sum_n (1 + scale) Sdy,
+//           dx = rstd (ge dy1 - m1 - xhat m2), ge = w (1 + scale), m1, m2 = group means of ge dy1 and ge dy1 xhat.
+// The reduction over HW is split into S chunks per (n, c) so that small batch x groups still fills the GPU.
+#include "common.cuh"
+
+namespace cmfast {
+namespace {
+
+struct Shape {
+  int64_t N, C, HW, G, S, chunk;  // chunk: HW positions per split (a multiple of the vector width for NCHW)
+  bool nhwc, silu;
+};
+
+__device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
+__device__ __forceinline__ float act(float z, bool silu) { return silu ? z * sigmoid(z) : z; }
+__device__ __forceinline__ float act_grad(float z, bool silu) {
+  if (!silu) return 1.f;
+  const float s = sigmoid(z);
+  return s * (1.f + z * (1.f - s));
+}
+
+__device__ __forceinline__ int64_t offset(const Shape& s, int64_t n, int64_t c, int64_t hw) {
+  return s.nhwc ? (n * s.HW + hw) * s.C + c : (n * s.C + c) * s.HW + hw;
+}
+
+// Per-element terms of the two reductions: forward shifted sums, backward dy1 and dy1 * xhat.
+template <bool BWD> struct Terms {
+  float K, a, b, mean, rstd;
+  bool silu;
+  __device__ __forceinline__ void add(float xv, float dyv, float& s0, float& s1) const {
+    if (!BWD) {
+      const float d = xv - K;
+      s0 += d;
+      s1 += d * d;
+    } else {
+      const float dy1 = dyv * act_grad(a * xv + b, silu);
+      s0 += dy1;
+      s1 += dy1 * (xv - mean) * rstd;
+    }
+  }
+};
+
+template <typename T, bool BWD>
+__device__ __forceinline__ Terms<BWD> terms(const Shape& s, const T* x, int64_t n, int64_t c, const float* A,
+                                            const float* B, const float* stats) {
+  Terms<BWD> t{};
+  t.silu = s.silu;
+  const int64_t g = c / (s.C / s.G);
+  if (!BWD) {
+    t.K = to_f(x[offset(s, n, g * (s.C / s.G), 0)]);
+  } else {
+    t.a = A[n * s.C + c];
+    t.b = B[n * s.C + c];
+    t.mean = stats[(n * s.G + g) * 2];
+    t.rstd = stats[(n * s.G + g) * 2 + 1];
+  }
+  return t;
+}
+
+// NCHW: one warp per (n, c, s) over a contiguous run of HW; part[((n S + s) C + c) 2 + {0, 1}].
+template <typename T, bool BWD, int V>
+__global__ void gn_reduce_nchw_kernel(Shape s, const T* __restrict__ x, const T* __restrict__ dy,
+                                      const float* __restrict__ A, const float* __restrict__ B,
+                                      const float* __restrict__ stats, float* __restrict__ part) {
+  const int64_t unit = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (unit >= s.N * s.C * s.S) return;  // whole warps leave together
+  const int64_t split = unit % s.S, nc = unit / s.S, c = nc % s.C, n = nc / s.C;
+  const Terms<BWD> t = terms<T, BWD>(s, x, n, c, A, B, stats);
+  const int64_t begin = split * s.chunk, end = min(s.HW, begin + s.chunk), base = nc * s.HW;
+  float s0 = 0.f, s1 = 0.f;
+  for (int64_t i = begin + lane * V; i < end; i += 32 * V) {
+    float xv[V], dv[V];
+    load<T, V>(x + base + i, xv);
+    if (BWD) load<T, V>(dy + base + i, dv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) t.add(xv[j], BWD ? dv[j] : 0.f, s0, s1);
+  }
+  s0 = warp_sum(s0);
+  s1 = warp_sum(s1);
+  if (lane == 0) {
+    float* p = part + ((n * s.S + split) * s.C + c) * 2;
+    p[0] = s0;
+    p[1] = s1;
+  }
+}
+
+// NHWC: block (32, 8) = 32 adjacent channels x 8 rows, grid (C / 32, S, N); rows of a chunk strided by 8, then the
+// 8 row sums of each channel added in a fixed order.
+template <typename T, bool BWD>
+__global__ void gn_reduce_nhwc_kernel(Shape s, const T* __restrict__ x, const T* __restrict__ dy,
+                                      const float* __restrict__ A, const float* __restrict__ B,
+                                      const float* __restrict__ stats, float* __restrict__ part) {
+  __shared__ float sm[2][8][33];
+  const int64_t c = (int64_t)blockIdx.x * 32 + threadIdx.x, split = blockIdx.y, n = blockIdx.z;
+  float s0 = 0.f, s1 = 0.f;
+  if (c < s.C) {
+    const Terms<BWD> t = terms<T, BWD>(s, x, n, c, A, B, stats);
+    const int64_t begin = split * s.chunk, end = min(s.HW, begin + s.chunk);
+    for (int64_t r = begin + threadIdx.y; r < end; r += 8) {
+      const int64_t o = (n * s.HW + r) * s.C + c;
+      t.add(to_f(x[o]), BWD ? to_f(dy[o]) : 0.f, s0, s1);
+    }
+  }
+  sm[0][threadIdx.y][threadIdx.x] = s0;
+  sm[1][threadIdx.y][threadIdx.x] = s1;
+  __syncthreads();
+  if (threadIdx.y < 2 && c < s.C) {
+    float v = 0.f;
+#pragma unroll
+    for (int r = 0; r < 8; ++r) v += sm[threadIdx.y][r][threadIdx.x];
+    part[((n * s.S + split) * s.C + c) * 2 + threadIdx.y] = v;
+  }
+}
+
+// One warp per (n, g): group statistics from the partials, then A, B per channel of the group.
+template <typename T>
+__global__ void gn_fwd_finalize_kernel(Shape s, const T* __restrict__ x, const float* __restrict__ part,
+                                       float eps, const float* __restrict__ w, const float* __restrict__ bias,
+                                       const float* __restrict__ scale, const float* __restrict__ shift,
+                                       float* __restrict__ stats, float* __restrict__ A, float* __restrict__ B) {
+  const int64_t ng = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (ng >= s.N * s.G) return;
+  const int64_t n = ng / s.G, g = ng % s.G, Cg = s.C / s.G;
+  float s0 = 0.f, s1 = 0.f;
+  for (int64_t i = lane; i < Cg * s.S; i += 32) {
+    const int64_t c = g * Cg + i % Cg, split = i / Cg;
+    const float* p = part + ((n * s.S + split) * s.C + c) * 2;
+    s0 += p[0];
+    s1 += p[1];
+  }
+  s0 = warp_sum(s0);
+  s1 = warp_sum(s1);
+  const float M = (float)(Cg * s.HW), m = s0 / M;
+  const float mean = to_f(x[offset(s, n, g * Cg, 0)]) + m;
+  const float rstd = 1.f / sqrtf(fmaxf(s1 / M - m * m, 0.f) + eps);
+  if (lane == 0) {
+    stats[ng * 2] = mean;
+    stats[ng * 2 + 1] = rstd;
+  }
+  for (int64_t c = g * Cg + lane; c < (g + 1) * Cg; c += 32) {
+    const float k = scale ? 1.f + scale[n * s.C + c] : 1.f;
+    const float a = rstd * (w ? w[c] : 1.f) * k;
+    const float beta = (bias ? bias[c] : 0.f) * k + (shift ? shift[n * s.C + c] : 0.f);
+    A[n * s.C + c] = a;
+    B[n * s.C + c] = beta - mean * a;
+  }
+}
+
+// One warp per (n, g): per-channel sums, the parameter gradients that need no batch sum, P = rstd ge, and the
+// group means m1, m2 of dx's formula.
+__global__ void gn_bwd_finalize_kernel(Shape s, const float* __restrict__ part, const float* __restrict__ w,
+                                       const float* __restrict__ bias, const float* __restrict__ scale,
+                                       const float* __restrict__ stats, float* __restrict__ csum,
+                                       float* __restrict__ P, float* __restrict__ m12, float* __restrict__ dscale,
+                                       float* __restrict__ dshift) {
+  const int64_t ng = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (ng >= s.N * s.G) return;
+  const int64_t n = ng / s.G, g = ng % s.G, Cg = s.C / s.G;
+  const float rstd = stats[ng * 2 + 1];
+  float a1 = 0.f, a2 = 0.f;
+  for (int64_t c = g * Cg + lane; c < (g + 1) * Cg; c += 32) {
+    float sdy = 0.f, sdyx = 0.f;
+    for (int64_t split = 0; split < s.S; ++split) {
+      const float* p = part + ((n * s.S + split) * s.C + c) * 2;
+      sdy += p[0];
+      sdyx += p[1];
+    }
+    const int64_t nc = n * s.C + c;
+    const float wc = w ? w[c] : 1.f, ge = wc * (scale ? 1.f + scale[nc] : 1.f);
+    csum[nc * 2] = sdy;
+    csum[nc * 2 + 1] = sdyx;
+    P[nc] = rstd * ge;
+    if (dscale) dscale[nc] = wc * sdyx + (bias ? bias[c] : 0.f) * sdy;
+    if (dshift) dshift[nc] = sdy;
+    a1 += ge * sdy;
+    a2 += ge * sdyx;
+  }
+  a1 = warp_sum(a1);
+  a2 = warp_sum(a2);
+  if (lane == 0) {
+    const float M = (float)(Cg * s.HW);
+    m12[ng * 2] = a1 / M;
+    m12[ng * 2 + 1] = a2 / M;
+  }
+}
+
+// dweight, dbias: one thread per channel, batch summed in order.
+__global__ void gn_bwd_params_kernel(Shape s, const float* __restrict__ csum, const float* __restrict__ scale,
+                                     float* __restrict__ dw, float* __restrict__ db) {
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= s.C) return;
+  float sw = 0.f, sb = 0.f;
+  for (int64_t n = 0; n < s.N; ++n) {
+    const float k = scale ? 1.f + scale[n * s.C + c] : 1.f;
+    sb += k * csum[(n * s.C + c) * 2];
+    sw += k * csum[(n * s.C + c) * 2 + 1];
+  }
+  if (dw) dw[c] = sw;
+  if (db) db[c] = sb;
+}
+
+// Elementwise pass, forward (out = y) or backward (out = dx). V consecutive elements share (n, c) in NCHW (V | HW)
+// and n in NHWC (V | C).
+template <typename T, bool BWD, bool NHWC, int V>
+__global__ void gn_apply_kernel(Shape s, const T* __restrict__ x, const T* __restrict__ dy,
+                                const float* __restrict__ A, const float* __restrict__ B,
+                                const float* __restrict__ stats, const float* __restrict__ P,
+                                const float* __restrict__ m12, T* __restrict__ out) {
+  const int64_t total = s.N * s.C * s.HW, stride = (int64_t)gridDim.x * blockDim.x * V, Cg = s.C / s.G;
+  for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V; i < total; i += stride) {
+    const int64_t n = i / (s.C * s.HW), c0 = NHWC ? i % s.C : (i / s.HW) % s.C;
+    float xv[V], dv[V], o[V];
+    load<T, V>(x + i, xv);
+    if (BWD) load<T, V>(dy + i, dv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t nc = n * s.C + c0 + (NHWC ? j : 0);
+      const float z = A[nc] * xv[j] + B[nc];
+      if (!BWD) {
+        o[j] = act(z, s.silu);
+      } else {
+        const int64_t ng = n * s.G + (c0 + (NHWC ? j : 0)) / Cg;
+        const float rstd = stats[ng * 2 + 1], xhat = (xv[j] - stats[ng * 2]) * rstd;
+        const float dy1 = dv[j] * act_grad(z, s.silu);
+        o[j] = P[nc] * dy1 - rstd * (m12[ng * 2] + xhat * m12[ng * 2 + 1]);
+      }
+    }
+    store<T, V>(out + i, o);
+  }
+}
+
+constexpr int kThreads = 256;
+
+template <typename T, bool BWD>
+void launch_reduce(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr part, cudaStream_t st) {
+  constexpr int V = 16 / sizeof(T);
+  if (s.nhwc) {
+    dim3 grid((unsigned)((s.C + 31) / 32), (unsigned)s.S, (unsigned)s.N);
+    gn_reduce_nhwc_kernel<T, BWD><<<grid, dim3(32, 8), 0, st>>>(s, (const T*)x, (const T*)dy, (const float*)A,
+                                                                (const float*)B, (const float*)stats, (float*)part);
+    return;
+  }
+  const unsigned blocks = (unsigned)((s.N * s.C * s.S * 32 + kThreads - 1) / kThreads);
+  const bool vec = s.HW % V == 0 && s.chunk % V == 0 && x % 16 == 0 && dy % 16 == 0;
+  if (vec)
+    gn_reduce_nchw_kernel<T, BWD, V><<<blocks, kThreads, 0, st>>>(s, (const T*)x, (const T*)dy, (const float*)A,
+                                                                  (const float*)B, (const float*)stats, (float*)part);
+  else
+    gn_reduce_nchw_kernel<T, BWD, 1><<<blocks, kThreads, 0, st>>>(s, (const T*)x, (const T*)dy, (const float*)A,
+                                                                  (const float*)B, (const float*)stats, (float*)part);
+}
+
+template <typename T, bool BWD, bool NHWC>
+void launch_apply_layout(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr P, ptr m12, ptr out,
+                         cudaStream_t st) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t total = s.N * s.C * s.HW;
+  const bool vec = (NHWC ? s.C : s.HW) % V == 0 && x % 16 == 0 && dy % 16 == 0 && out % 16 == 0;
+  auto args = [&](auto kernel, int v) {
+    kernel<<<blocks_for(total / v, kThreads), kThreads, 0, st>>>(s, (const T*)x, (const T*)dy, (const float*)A,
+                                                               (const float*)B, (const float*)stats,
+                                                               (const float*)P, (const float*)m12, (T*)out);
+  };
+  if (vec) args(gn_apply_kernel<T, BWD, NHWC, V>, V);
+  else args(gn_apply_kernel<T, BWD, NHWC, 1>, 1);
+}
+
+template <typename T, bool BWD>
+void launch_apply(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr P, ptr m12, ptr out, cudaStream_t st) {
+  if (s.nhwc) launch_apply_layout<T, BWD, true>(s, x, dy, A, B, stats, P, m12, out, st);
+  else launch_apply_layout<T, BWD, false>(s, x, dy, A, B, stats, P, m12, out, st);
+}
+
+Shape make_shape(int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc, bool silu, int elem) {
+  const int64_t V = 16 / elem;
+  int64_t chunk = (HW + S - 1) / S;
+  if (!nhwc) chunk = (chunk + V - 1) / V * V;  // vector loads never straddle two chunks
+  return Shape{N, C, HW, G, S, chunk, nhwc, silu};
+}
+
+int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+unsigned warps_blocks(int64_t warps) { return (unsigned)((warps * 32 + kThreads - 1) / kThreads); }
+
+}  // namespace
+
+int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc,
+                       bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, ptr y, ptr part,
+                       ptr stats, ptr A, ptr B, ptr stream) {
+  if (N * C * HW == 0) return 0;
+  if (G <= 0 || C % G || S <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const Shape s = make_shape(N, C, HW, G, S, nhwc, silu, dtype_size(dtype));
+  CM_DISPATCH(dtype, T, {
+    launch_reduce<T, false>(s, x, 0, 0, 0, 0, part, st);
+    gn_fwd_finalize_kernel<T><<<warps_blocks(N * G), kThreads, 0, st>>>(
+        s, (const T*)x, (const float*)part, eps, (const float*)weight, (const float*)bias, (const float*)scale,
+        (const float*)shift, (float*)stats, (float*)A, (float*)B);
+    launch_apply<T, false>(s, x, 0, A, B, 0, 0, 0, y, st);
+  });
+  return static_cast<int>(cudaGetLastError());
+}
+
+int group_norm_act_bwd(ptr x, ptr dy, int dtype, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S,
+                       bool nhwc, bool silu, ptr weight, ptr bias, ptr scale, ptr stats, ptr A, ptr B, ptr part,
+                       ptr csum, ptr P, ptr m12, ptr dx, ptr dweight, ptr dbias, ptr dscale, ptr dshift,
+                       ptr stream) {
+  if (N * C * HW == 0) return 0;
+  if (G <= 0 || C % G || S <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const Shape s = make_shape(N, C, HW, G, S, nhwc, silu, dtype_size(dtype));
+  CM_DISPATCH(dtype, T, {
+    launch_reduce<T, true>(s, x, dy, A, B, stats, part, st);
+    gn_bwd_finalize_kernel<<<warps_blocks(N * G), kThreads, 0, st>>>(
+        s, (const float*)part, (const float*)weight, (const float*)bias, (const float*)scale,
+        (const float*)stats, (float*)csum, (float*)P, (float*)m12, (float*)dscale, (float*)dshift);
+    if (dweight || dbias)
+      gn_bwd_params_kernel<<<(unsigned)((C + kThreads - 1) / kThreads), kThreads, 0, st>>>(
+          s, (const float*)csum, (const float*)scale, (float*)dweight, (float*)dbias);
+    if (dx) launch_apply<T, true>(s, x, dy, A, B, stats, P, m12, dx, st);
+  });
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace cmfast
