@@ -1,0 +1,216 @@
+"""Zero-shot editing with a consistency model (CM paper Sec. 6.3, Algorithm 4), exposed as `cmfast.edit`.
+
+Every task is one call of `edit`: an orthonormal transform A given as two functions (A, A^-1), a binary mask
+`known` over A's coefficients (1 = known, i.e. 1 - Omega of the paper) and a reference image y. Each step denoises,
+clamps to [-1, 1] (as the reference code does) and puts y's known coefficients back, so they come out exact.
+The model is called through one callable, `model(x, sigma)`: a compiled or graphed model can be passed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .sampling import check_sigmas, sample
+
+LUMINANCE = (0.2989, 0.5870, 0.1140)   # Y = 0.2989 R + 0.5870 G + 0.1140 B, the weights of the CM reference code
+
+
+def _identity(x):
+    return x
+
+
+def _levels(model):
+    return float(getattr(model, "sigma_min", 0.002)), float(getattr(model, "sigma_max", 80.0))
+
+
+# ---- Algorithm 4 -------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None):
+    """Algorithm 4 over decreasing `sigmas`: x = start + sigmas[0] n (start defaults to A^-1[(A y) known], line 1),
+    then per level s: x = A^-1[(A y) known + (A clamp(f(x, s))) (1 - known)] and, before every later level,
+    x += sqrt(s^2 - sigma_min^2) n. n is drawn as torch.randn(y.shape, generator=generator, ...) on y's device."""
+    smin, smax = _levels(model)
+    s = check_sigmas(sigmas, smin, smax)
+    known = known.to(device=y.device, dtype=y.dtype)
+    kept = A(y) * known
+    x = A_inv(kept) if start is None else start
+    for i, sigma in enumerate(s):
+        std = sigma if i == 0 else math.sqrt(sigma ** 2 - smin ** 2)
+        x = x + std * torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        x = A_inv(kept + A(model(x, sigma).to(y.dtype).clamp(-1, 1)) * (1 - known))
+    return _fit_box(x, kept, A, A_inv, known)
+
+
+def _fit_box(x, kept, A, A_inv, known, iters: int = 60):
+    """Why: the last replacement may leave [-1, 1] (a kept luminance beside a clamped colour, a kept patch mean
+    beside clamped detail); the reference code leaves that to the uint8 cast, which breaks the kept content.
+    Each group that leaves the box moves to the nearest image in [-1, 1] with the same known coefficients:
+    clamp(x + A^-1(lam known)), lam per known coefficient found by bisection. Sound when every known basis vector
+    has positive entries and its own support (true for every task here): then coefficient j grows with lam_j only."""
+    outside = x.abs() > 1
+    if not bool(outside.any()):
+        return x
+    touched = A_inv(A(outside.to(x.dtype)) * known) != 0          # whole groups holding an out-of-range value
+    v = A_inv(torch.ones_like(kept) * known)
+    if not bool((v > 0).any()):
+        return x.clamp(-1, 1)
+    bound = (x.abs().max() + 1) / v[v > 0].min()                   # at +-bound every pixel of a group saturates
+    lo, hi = torch.full_like(kept, -float(bound)), torch.full_like(kept, float(bound))
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        below = A(torch.clamp(x + A_inv(mid * known), -1, 1)) * known < kept
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    fitted = torch.clamp(x + A_inv((lo + hi) / 2 * known), -1, 1)
+    return torch.where(touched, fitted, x.clamp(-1, 1))
+
+
+# ---- Orthonormal bases (Sec. 6.3): first vector = the content that is kept --------------------------------------
+def _basis_with_first(v: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Q (columns) with Q[:, 0] = v / |v|, by QR with the signs fixed so that R's diagonal is positive."""
+    m = torch.eye(v.numel(), dtype=torch.float64)
+    m[:, 0] = v.double() / v.double().norm()
+    q, r = torch.linalg.qr(m)
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def luminance_basis() -> torch.Tensor:
+    """(3, 3) orthonormal basis of RGB (columns); column 0 is the luminance weights normalised."""
+    return _basis_with_first(torch.tensor(LUMINANCE))
+
+
+def patch_basis(factor: int) -> torch.Tensor:
+    """(k^2, k^2) orthonormal basis of a k x k patch (columns, row-major pixels); column 0 is constant 1/k."""
+    return _basis_with_first(torch.ones(factor * factor))
+
+
+# ---- Input checks ------------------------------------------------------------------------------------------------
+def _model_chw(model):
+    net = getattr(model, "net", model)
+    c, r = getattr(net, "in_channels", None), getattr(net, "img_resolution", None)
+    return (int(c), int(r), int(r)) if isinstance(c, int) and isinstance(r, int) else None
+
+
+def _check_images(model, x, what="images", channels=None, in_range=True, size=None):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        raise ValueError(f"{what}: expected a float tensor (B, C, H, W), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+                         f"{' ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
+    chw = _model_chw(model)
+    want_c = channels or (chw[0] if chw else x.shape[1],)
+    want_hw = size or (chw[1:] if chw else tuple(x.shape[2:]))
+    if x.shape[1] not in want_c or tuple(x.shape[2:]) != tuple(want_hw):
+        raise ValueError(f"{what}: expected (B, {' or '.join(map(str, want_c))}, {want_hw[0]}, {want_hw[1]}) for "
+                         f"this model, got {tuple(x.shape)}")
+    if in_range and not bool(((x >= -1 - 1e-6) & (x <= 1 + 1e-6)).all()):
+        raise ValueError(f"{what}: expected values in [-1, 1], got [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+    return x.float().clamp(-1, 1) if in_range else x.float()
+
+
+# ---- Tasks ---------------------------------------------------------------------------------------------------------
+def inpaint(model, images, mask, sigmas, generator=None):
+    """Fill the pixels where mask == 0; pixels where mask == 1 are kept exactly. A = I.
+    images (B, C, H, W) in [-1, 1]; mask (B or 1, 1 or C, H, W) of 0 / 1."""
+    y = _check_images(model, images)
+    B, C, H, W = y.shape
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[0] not in (1, B) or \
+            mask.shape[1] not in (1, C) or tuple(mask.shape[2:]) != (H, W):
+        raise ValueError(f"mask: expected shape ({B} or 1, 1 or {C}, {H}, {W}) with 1 = known pixel, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"mask: expected binary values (1 = known, 0 = to generate), got {mask.unique()[:4].tolist()}")
+    return edit(model, y, _identity, _identity, mask.to(y.device, torch.float32), sigmas, generator)
+
+
+def colorize(model, images, sigmas, generator=None):
+    """Colour a grayscale image, keeping its luminance 0.2989 R + 0.5870 G + 0.1140 B (0.9999 g for a 1-channel
+    gray g, which is repeated to RGB). A 3-channel input keeps its luminance; its colour is discarded."""
+    chw = _model_chw(model)
+    if chw is not None and chw[0] != 3:
+        raise ValueError(f"colorize: expected a 3-channel (RGB) model, got a {chw[0]}-channel model")
+    y = _check_images(model, images, channels=(1, 3)).expand(-1, 3, -1, -1)
+    Q = luminance_basis().to(y.device)
+    known = torch.tensor([1.0, 0.0, 0.0], device=y.device).reshape(1, 3, 1, 1)
+    return edit(model, y, lambda x: torch.einsum("bchw,cd->bdhw", x, Q),
+                lambda c: torch.einsum("bdhw,cd->bchw", c, Q), known, sigmas, generator)
+
+
+def _to_patches(x, k):   # (B, C, H, W) -> (B, C, H/k, W/k, k*k), row-major within a patch
+    B, C, H, W = x.shape
+    return x.reshape(B, C, H // k, k, W // k, k).permute(0, 1, 2, 4, 3, 5).reshape(B, C, H // k, W // k, k * k)
+
+
+def _from_patches(p, k):
+    B, C, h, w, _ = p.shape
+    return p.reshape(B, C, h, w, k, k).permute(0, 1, 2, 4, 3, 5).reshape(B, C, h * k, w * k)
+
+
+def super_resolve(model, images, factor, sigmas, generator=None):
+    """Upsample by an integer `factor`, keeping every factor x factor patch mean. `images` is either the low-res
+    image (H / factor: each pixel is one patch mean) or a full-size image whose patch means are used (as in the
+    reference code); the model's resolution tells which (without one, full-size is assumed)."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor: expected an integer >= 1, got {factor!r}")
+    chw = _model_chw(model)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        _check_images(model, images)
+    if chw is not None and tuple(images.shape[2:]) == (chw[1] // factor, chw[2] // factor) and \
+            chw[1] % factor == 0 and chw[2] % factor == 0 and factor > 1:
+        low = _check_images(model, images, size=(chw[1] // factor, chw[2] // factor))
+        y = low.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+    else:
+        y = _check_images(model, images)
+    if y.shape[2] % factor or y.shape[3] % factor:
+        raise ValueError(f"factor: expected a divisor of the image size {tuple(y.shape[2:])}, got {factor}")
+    Q = patch_basis(factor).to(y.device)
+    known = torch.zeros(factor * factor, device=y.device)
+    known[0] = 1
+    return edit(model, y, lambda x: _to_patches(x, factor) @ Q, lambda c: _from_patches(c @ Q.T, factor),
+                known, sigmas, generator)
+
+
+def stroke_guided(model, strokes, sigma_start, sigmas=(), generator=None):
+    """SDEdit-style generation from a stroke painting: x = f(strokes + sigma_start n, sigma_start), then multistep
+    sampling (Algorithm 1, clamped) over `sigmas`, which must all lie below sigma_start."""
+    smin, smax = _levels(model)
+    if not smin < float(sigma_start) <= smax * (1 + 1e-6):
+        raise ValueError(f"sigma_start: expected a level in ({smin}, {smax}], got {sigma_start}")
+    rest = (sigmas,) if isinstance(sigmas, (int, float)) else tuple(float(v) for v in (
+        sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas))
+    if rest and max(rest) >= float(sigma_start):
+        raise ValueError(f"sigmas: expected levels below sigma_start = {sigma_start}, got {rest}")
+    y = _check_images(model, strokes, what="strokes")
+    return edit(model, y, _identity, _identity, torch.zeros(()), (float(sigma_start), *rest), generator, start=y)
+
+
+def slerp(z0, z1, alphas):
+    """Spherical interpolation per sample: (len(alphas), *z0.shape); alpha 0 gives z0 and 1 gives z1 exactly."""
+    a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1, 1)
+    u, v = z0.double().flatten(1), z1.double().flatten(1)
+    cos = ((u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1))).clamp(-1, 1)
+    theta = torch.acos(cos)                                         # (B,)
+    s = torch.sin(theta)
+    lerp = s < 1e-6                                                 # (anti)parallel noises: fall back to lerp
+    w0 = torch.where(lerp, 1 - a, torch.sin((1 - a) * theta) / torch.where(lerp, 1, s))
+    w1 = torch.where(lerp, a, torch.sin(a * theta) / torch.where(lerp, 1, s))
+    shape = (a.shape[0], z0.shape[0]) + (1,) * (z0.dim() - 1)
+    return (w0.reshape(shape) * z0.double() + w1.reshape(shape) * z1.double()).to(z0.dtype)
+
+
+@torch.no_grad()
+def interpolate(model, z0, z1, alphas, sigma=80.0, sigmas=None, generator=None):
+    """Sample from the slerp of two standard-normal noises z0, z1 (B, C, H, W): one step at `sigma`, or
+    Algorithm 1 over `sigmas` when given. Returns (len(alphas), B, C, H, W); alpha 0 is sample(model, z0, ...)."""
+    _check_images(model, z0, what="z0", in_range=False)
+    if not isinstance(z1, torch.Tensor) or z1.shape != z0.shape:
+        raise ValueError(f"z1: expected the shape of z0 {tuple(z0.shape)}, got "
+                         f"{tuple(z1.shape) if isinstance(z1, torch.Tensor) else type(z1).__name__}")
+    z = slerp(z0, z1, alphas)
+    x = sample(model, z.reshape(-1, *z0.shape[1:]), (sigma,) if sigmas is None else sigmas, generator)
+    return x.reshape(z.shape)
+
+
+@torch.no_grad()
+def denoise(model, noisy, sigma):
+    """One evaluation f(noisy, sigma): the consistency model's estimate of the clean image."""
+    return model(_check_images(model, noisy, what="noisy", in_range=False), sigma)
