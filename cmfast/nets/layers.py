@@ -87,9 +87,10 @@ class PositionalEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         half = self.num_channels // 2
-        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32   # fp64 stays fp64 (JVP references)
+        freqs = torch.arange(half, dtype=dt, device=x.device) / (half - (1 if self.endpoint else 0))
         freqs = (1 / self.max_positions) ** freqs
-        x = torch.outer(x.float(), freqs)
+        x = torch.outer(x.to(dt), freqs)
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
@@ -101,5 +102,6 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.outer(x.float(), (2 * math.pi * self.freqs).float())
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = torch.outer(x.to(dt), (2 * math.pi * self.freqs).to(dt))
         return torch.cat([x.cos(), x.sin()], dim=1)

@@ -25,17 +25,18 @@ def skip_output_infer(x, F, sigma, sigma_data, sigma_min, uint8):
 
 
 def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act):
-    y = F_.group_norm(x.float(), num_groups, None, None, eps)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32   # fp64 stays fp64 (fp64 JVP references)
+    y = F_.group_norm(x.to(dt), num_groups, None, None, eps)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if weight is not None:
-        y = y * weight.float().reshape(shape)
+        y = y * weight.to(dt).reshape(shape)
     if bias is not None:
-        y = y + bias.float().reshape(shape)
+        y = y + bias.to(dt).reshape(shape)
     pshape = x.shape[:2] + (1,) * (x.dim() - 2)
     if scale is not None:
-        y = y * (1 + scale.float().reshape(pshape))
+        y = y * (1 + scale.to(dt).reshape(pshape))
     if shift is not None:
-        y = y + shift.float().reshape(pshape)
+        y = y + shift.to(dt).reshape(pshape)
     if act == "silu":
         y = F_.silu(y)
     fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \

@@ -1,0 +1,223 @@
+"""Jacobian-vector products for continuous-time consistency training (sCM, Lu & Song 2024, Sec. 4).
+
+sCT/sCD need dF/dt = J_F(x_t, t) . (dx_t/dt, 1), the JVP of the network along the trajectory. Two ways:
+
+  method="fd"    central finite difference (F(p + h v) - F(p - h v)) / (2 h): both evaluations run as ONE
+                 no-grad forward of twice the batch, so it costs one forward, keeps no activations, and works
+                 with every forward kernel (the fused Triton attention, any cmfast.ops backend, CUDA graphs).
+  method="exact" torch.func.jvp (forward-mode AD): exact, but every op needs a forward-AD formula, so it runs
+                 the torch backend of cmfast.ops and the math SDPA kernel (the fused attention kernels have no
+                 JVP), and holds the tangent of every activation.
+
+Error of the finite difference: truncation O(h^2 |F'''|) plus rounding O(u |F| / h) with u the unit roundoff of
+the forward's precision. Hence fp64 (u = 1e-16) and fp32 with TF32 off (u = 6e-8) are accurate with h ~ 1e-3;
+TF32 (u ~ 5e-4 inside matmuls/convs) and bf16 (u = 4e-3) need a much larger h and then the truncation term
+dominates. benchmarks/fd_jvp_accuracy.py measures this table; DEFAULT_PRECISION comes from it.
+
+Dropout: the two halves of the doubled batch must see the same dropout masks, otherwise the difference is
+dropout noise divided by h. `dropout_masks` (a torch function mode) intercepts torch.nn.functional.dropout*
+inside the forward and applies ONE mask drawn for B samples, tiled over both halves, so the halves share it by
+construction (mask tensors are identical, not merely equally seeded). The same mode can record the masks of
+the online forward and replay them in the finite-difference forward, so F and dF/dt see one network.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F_
+from torch.overrides import TorchFunctionMode
+
+PRECISIONS = ("fp64", "fp32", "tf32", "bf16", "fp16")
+METHODS = ("fd", "exact")
+# Provisional: measured on CPU only (fp64 / fp32 / bf16, benchmarks/results/fd_jvp_accuracy_cpu.json): fp32 with
+# TF32 off and eps = 1e-3 |t| gives ~1e-5..1e-4 relative error, bf16 is noise at every eps. The GPU run of
+# benchmarks/fd_jvp_accuracy.py (DDPM++ CIFAR-10, H100) decides between fp32 and tf32 / a larger eps.
+DEFAULT_PRECISION = "fp32"
+DEFAULT_EPS = 1e-3     # step relative to |t| (PAPER.md: "eps about 1e-3 |t|")
+DEFAULT_FLOOR = 1e-3   # the relative step never goes below eps * floor in absolute terms (t -> 0)
+
+
+# ---- Shared dropout masks ---------------------------------------------------------------------------------------
+_DROPOUTS = (F_.dropout, F_.dropout1d, F_.dropout2d, F_.dropout3d, torch.dropout)
+_ALPHA = (F_.alpha_dropout, F_.feature_alpha_dropout)
+
+
+def _dropout_args(input, p=0.5, training=True, inplace=False, train=None):
+    return input, float(p), bool(training if train is None else train), bool(inplace)
+
+
+class dropout_masks(TorchFunctionMode):
+    """Inside this mode every dropout call multiplies by a mask drawn for batch B = x.shape[0] // repeat and tiled
+    `repeat` times along the batch, so the `repeat` blocks of the batch see identical masks. `record` (a list)
+    collects the masks drawn in call order; `replay` (such a list) applies recorded masks instead of drawing.
+    Alpha dropout (not a plain mask) raises. Masks are kept in fp32 and cast to the activation's dtype on use."""
+
+    def __init__(self, repeat: int = 1, record: list | None = None, replay: list | None = None):
+        super().__init__()
+        self.repeat, self.record, self.replay, self.calls = int(repeat), record, replay, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _DROPOUTS:
+            x, p, training, inplace = _dropout_args(*args, **kwargs)
+            if training and p > 0:
+                return self._apply(func, x, p, inplace)
+        elif func in _ALPHA and _dropout_args(*args, **kwargs)[2]:
+            raise NotImplementedError(f"dropout_masks: {func.__name__} is not a plain mask; it cannot be shared")
+        return func(*args, **kwargs)
+
+    def _apply(self, func, x: torch.Tensor, p: float, inplace: bool) -> torch.Tensor:
+        if x.shape[0] % self.repeat:
+            raise ValueError(f"dropout_masks: batch {x.shape[0]} is not a multiple of repeat={self.repeat}")
+        shape = (x.shape[0] // self.repeat, *x.shape[1:])
+        if self.replay is not None:
+            if self.calls >= len(self.replay) or tuple(self.replay[self.calls].shape) != shape:
+                got = tuple(self.replay[self.calls].shape) if self.calls < len(self.replay) else "none"
+                raise ValueError(f"dropout_masks: replayed mask {self.calls} has shape {got}, the call needs {shape}")
+            mask = self.replay[self.calls]
+        else:
+            fn = F_.dropout if func is torch.dropout else func
+            mask = fn(torch.ones(shape, device=x.device, dtype=torch.float32), p, True)
+            if self.record is not None:
+                self.record.append(mask)
+        self.calls += 1
+        m = mask.to(x.dtype)
+        if self.repeat > 1:
+            m = m.repeat(self.repeat, *([1] * (x.dim() - 1)))
+        return x.mul_(m) if inplace else x * m
+
+
+# ---- Precision of the forwards ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def precision_mode(precision: str, device: torch.device):
+    """fp64 / fp32 (TF32 off) / tf32: autocast off, TF32 of matmul and cuDNN set; bf16 / fp16: autocast."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dev = torch.device(device).type
+    with contextlib.ExitStack() as stack:
+        if precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            stack.enter_context(torch.autocast(dev, dtype=dtype))
+        else:
+            stack.enter_context(torch.autocast(dev, enabled=False))
+            stack.enter_context(_tf32(precision == "tf32"))
+        yield
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(mm, "fp32_precision"):   # torch >= 2.9; mixing with the legacy allow_tf32 flags is an error there
+        old = (mm.fp32_precision, conv.fp32_precision)
+        mm.fp32_precision = conv.fp32_precision = "tf32" if on else "ieee"
+        try:
+            yield
+        finally:
+            mm.fp32_precision, conv.fp32_precision = old
+    else:
+        old = (mm.allow_tf32, torch.backends.cudnn.allow_tf32)
+        mm.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+        try:
+            yield
+        finally:
+            mm.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def fp64_call(module: torch.nn.Module) -> Callable:
+    """A callable running `module` with float64 copies of its parameters and buffers (torch.func.functional_call):
+    the fn for precision='fp64' without converting the module itself."""
+    state = {k: (v.detach().double() if v.is_floating_point() else v)
+             for k, v in [*module.named_parameters(), *module.named_buffers()]}
+    return lambda *args, **kw: torch.func.functional_call(module, state, args, kw)
+
+
+# ---- Finite-difference JVP --------------------------------------------------------------------------------------
+def _per_sample(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return h.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _check(primals, tangents) -> tuple[tuple, tuple, int]:
+    primals = tuple(primals) if isinstance(primals, (tuple, list)) else (primals,)
+    tangents = tuple(tangents) if isinstance(tangents, (tuple, list)) else (tangents,)
+    if len(primals) != len(tangents) or not primals:
+        raise ValueError(f"fd_jvp: expected as many tangents as primals (>= 1), got {len(primals)} and {len(tangents)}")
+    B = None
+    for i, (p, t) in enumerate(zip(primals, tangents)):
+        if not isinstance(p, torch.Tensor) or not isinstance(t, torch.Tensor) or p.dim() == 0:
+            raise TypeError(f"fd_jvp: primal/tangent {i}: expected batch tensors (B, ...), got "
+                            f"{type(p).__name__} {getattr(p, 'shape', '')} and {type(t).__name__}")
+        if t.shape != p.shape:
+            raise ValueError(f"fd_jvp: tangent {i}: expected the primal's shape {tuple(p.shape)}, got {tuple(t.shape)}")
+        B = p.shape[0] if B is None else B
+        if p.shape[0] != B:
+            raise ValueError(f"fd_jvp: primal {i}: expected batch {B} like primal 0, got {p.shape[0]}")
+    return primals, tangents, B
+
+
+def fd_step(eps, relative_to: torch.Tensor | None, B: int, device, floor: float = DEFAULT_FLOOR) -> torch.Tensor:
+    """Per-sample step h (B,) fp64: eps * max(|relative_to|, floor) when relative_to (e.g. the time t) is given,
+    else eps itself (a number or a (B,) tensor)."""
+    h = torch.as_tensor(eps, dtype=torch.float64, device=device)
+    if relative_to is not None:
+        h = h * relative_to.detach().to(torch.float64).abs().clamp_min(floor)
+    h = h.expand(B) if h.dim() == 0 else h
+    if h.shape != (B,) or not bool((h > 0).all()):
+        raise ValueError(f"fd_jvp: expected a positive step (number or ({B},)), got shape {tuple(h.shape)}")
+    return h
+
+
+def fd_pair(fn: Callable, primals, tangents, h: torch.Tensor, precision: str = DEFAULT_PRECISION,
+            replay: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(p + h v), fn(p - h v)) from ONE no-grad forward of batch 2B, shared dropout masks (drawn once, or the
+    recorded `replay` masks); outputs in fp32 (fp64 for precision='fp64'). h: per-sample (B,) steps."""
+    primals, tangents, B = _check(primals, tangents)
+    dt = torch.float64 if precision == "fp64" else torch.float32
+    ins = []
+    for p, v in zip(primals, tangents):
+        p, v = p.detach().to(dt), v.detach().to(dt)
+        step = _per_sample(h.to(device=p.device, dtype=dt), p) * v
+        ins.append(torch.cat([p + step, p - step]))
+    with torch.no_grad(), precision_mode(precision, primals[0].device), dropout_masks(2, replay=replay):
+        out = fn(*ins)
+    out = out.to(dt)
+    return out[:B], out[B:]
+
+
+def exact_jvp(fn: Callable, primals, tangents, precision: str = "fp32", replay: list | None = None):
+    """torch.func.jvp under the torch backend of cmfast.ops and the math SDPA kernel (the only ones with forward-AD
+    formulas); dropout masks drawn like fd_jvp's (or replayed)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from . import ops
+    primals, tangents, _ = _check(primals, tangents)
+    dt = torch.float64 if precision == "fp64" else torch.float32
+    primals = tuple(p.detach().to(dt) for p in primals)
+    tangents = tuple(v.detach().to(dt) for v in tangents)
+    with torch.no_grad(), ops.use_backend("torch"), sdpa_kernel(SDPBackend.MATH), \
+            precision_mode(precision, primals[0].device), dropout_masks(1, replay=replay):
+        out, jvp = torch.func.jvp(fn, primals, tangents)
+    return out.to(dt), jvp.to(dt)
+
+
+def fd_jvp(fn: Callable, primals: Sequence[torch.Tensor] | torch.Tensor, tangents, eps=DEFAULT_EPS, *,
+           relative_to: torch.Tensor | None = None, floor: float = DEFAULT_FLOOR, method: str = "fd",
+           precision: str = DEFAULT_PRECISION, replay: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(primals), J_fn(primals) . tangents). Every primal is a batch tensor (B, ...) and fn must treat the
+    samples of a batch independently (no BatchNorm).
+
+    method="fd": central difference with per-sample step h = eps * max(|relative_to|, floor) (or h = eps):
+    (fn(p + h v) - fn(p - h v)) / (2 h), both in one forward of batch 2B under no_grad, the difference taken in
+    fp32 (fp64 for precision='fp64'). The first output is the MEAN of the two evaluations, fn(p) + O(h^2) (no
+    third forward). precision: 'fp64' (fn must compute in fp64, e.g. fp64_call(net)), 'fp32' (TF32 off), 'tf32',
+    'bf16', 'fp16' (autocast). method="exact": torch.func.jvp (see exact_jvp); eps is unused."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if method == "exact":
+        return exact_jvp(fn, primals, tangents, precision, replay)
+    primals, tangents, B = _check(primals, tangents)
+    h = fd_step(eps, relative_to, B, primals[0].device, floor)
+    plus, minus = fd_pair(fn, primals, tangents, h, precision, replay)
+    hh = _per_sample(h.to(device=plus.device, dtype=plus.dtype), plus)
+    return (plus + minus) * 0.5, (plus - minus) / (2 * hh)
