@@ -1,0 +1,211 @@
+"""The CUDA-graph sampler: all of Algorithm 1 (CM paper) -- noise, network, skip output, clamp, uint8 -- in one graph.
+
+One replay launches every kernel of a sample with a single host call, so batch-1 latency is the GPU's, not
+Python's. The noise is drawn inside the graph from a private CUDA generator registered with each graph
+(graph-safe Philox: every replay advances the generator's offset, so each call gives new samples; `seed=`
+re-seeds it, and replay k after manual_seed(s) draws what eager call k would).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from . import ops
+from .precond import noise_conditioning, scalings
+from .sampling import check_sigmas
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _cast_copy(net: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+    """An eval-mode copy whose matrices/kernels are stored in `dtype`, so no weight is cast inside the graph.
+    Vectors (biases, GroupNorm affine) and buffers (embedding frequencies, FIR filters) stay fp32."""
+    twin = copy.deepcopy(net).eval().requires_grad_(False)
+    if channels_last:
+        twin = twin.to(memory_format=torch.channels_last)
+    for p in twin.parameters():
+        if p.dim() >= 2 and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return twin
+
+
+def _cuda_device(net: nn.Module) -> torch.device:
+    """The CUDA device the network lives on, or one clear error."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("GraphedSampler needs a CUDA device (CUDA graphs); none is available here")
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        raise RuntimeError(f"GraphedSampler needs torch >= 2.5 (graph-safe generators), got {torch.__version__}")
+    p = next(net.parameters(), None)
+    if p is None or p.device.type != "cuda":
+        raise RuntimeError(f"GraphedSampler needs the model on a CUDA device, got parameters on "
+                           f"{p.device if p is not None else 'no device'}: move it with model.cuda()")
+    return p.device
+
+
+def _is_compiled(net: nn.Module) -> bool:
+    return hasattr(net, "_orig_mod")     # torch._dynamo's OptimizedModule
+
+
+class _Graph:
+    """Static buffers and the captured graph for one (batch size, output dtype, ops backend)."""
+
+    def __init__(self, batch_size: int, shape, n_steps: int, labels: bool, device):
+        B = batch_size
+        self.z = torch.zeros((B, *shape), device=device)                               # N(0, I), drawn in graph
+        self.noise = [torch.zeros_like(self.z) for _ in range(n_steps - 1)]            # Alg. 1 line 5 noise
+        self.labels = torch.zeros(B, dtype=torch.long, device=device) if labels else None
+        self.sig: list[torch.Tensor] = []                                              # (B,) fp32 per step
+        self.out = None
+        self.graph = None
+
+
+class GraphedSampler:
+    """cmfast.GraphedSampler(model, batch_size, shape, dtype=torch.bfloat16, sigmas=(80.0,)); CUDA only.
+
+    sampler(seed=None, class_labels=None, batch_size=None, uint8=False) -> fresh images (B, *shape): float32 in
+    [-1, 1], or uint8 bytes. Each (batch size, output dtype, ops backend) is captured once, on first use, after
+    a warm-up on a side stream (which also runs Triton autotuning and torch.compile outside the capture).
+    The backbone runs in `dtype` from a weight copy made here; call reload() after changing the model's weights.
+    A torch.compile'd backbone (a mode without CUDA graphs) is used live under autocast instead.
+    """
+
+    def __init__(self,
+                 model: nn.Module,               # A ConsistencyModel (sigma_min, sigma_max, sigma_data, net).
+                 batch_size: int,                # Default batch size (others are captured on demand).
+                 shape,                          # One sample's (C, H, W).
+                 dtype: torch.dtype = torch.bfloat16,  # Backbone precision; the skip output is always fp32.
+                 sigmas=(80.0,),                 # Algorithm 1 noise levels, strictly decreasing.
+                 seed: int | None = None,        # Generator seed (None: a non-deterministic one).
+                 channels_last: bool = True,     # Run the convolutions NHWC (faster tensor-core convs).
+                 warmup: int = 3):               # Eager runs on a side stream before each capture.
+        for name in ("sigma_min", "sigma_max", "sigma_data", "net"):
+            if not hasattr(model, name):
+                raise TypeError(f"model: expected a cmfast.ConsistencyModel (with .{name}), got {type(model).__name__}")
+        self.batch_size = self._check_batch(batch_size)
+        shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else shape
+        if not (isinstance(shape, tuple) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise ValueError(f"shape: expected one sample's (C, H, W) as three positive ints, got {shape!r}")
+        net = model.net
+        want = (getattr(net, "in_channels", shape[0]), getattr(net, "img_resolution", shape[1]),
+                getattr(net, "img_resolution", shape[2]))
+        if shape != want:
+            raise ValueError(f"shape: expected {want} for this network, got {shape}")
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+        self.sigmas = check_sigmas(sigmas, model.sigma_min, model.sigma_max)
+        self.model, self.shape, self.dtype, self.device = model, shape, dtype, _cuda_device(net)
+        self.sigma_data, self.sigma_min = float(model.sigma_data), float(model.sigma_min)
+        self._boundary = float(getattr(model, "_boundary", model.sigma_min))   # sigma_min in c_skip / c_out
+        self.channels_last, self.warmup = channels_last, int(warmup)
+        self.label_dim = int(getattr(getattr(net, "_orig_mod", net), "label_dim", 0) or 0)
+        if _is_compiled(net):
+            self.net = net.eval()       # live weights, cast by autocast inside the graph
+        else:
+            self.net = _cast_copy(net, dtype, channels_last)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
+        self._graphs: dict[tuple, _Graph] = {}
+
+    @staticmethod
+    def _check_batch(batch_size) -> int:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        return batch_size
+
+    @torch.no_grad()
+    def reload(self) -> None:
+        """Copy the model's current weights into the sampler's cast copy (in place: the graphs stay valid)."""
+        if self.net is self.model.net:
+            return
+        for mine, theirs in zip(self.net.parameters(), self.model.net.parameters()):
+            mine.copy_(theirs)
+
+    # ---- The captured computation: Algorithm 1 with the sampler epilogue fused in the last step -----------------
+    def _backbone(self, x: torch.Tensor, sigma: torch.Tensor, labels):
+        """F(c_in x, c_noise) in self.dtype (EDM Table 1 scalings, fp32)."""
+        _, _, c_in = scalings(sigma, self.sigma_data, self._boundary)
+        x_in = c_in.reshape(-1, 1, 1, 1) * x
+        if self.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False):
+            return self.net(x_in, noise_conditioning(sigma), labels)
+
+    def _run(self, g: _Graph, sig: list[torch.Tensor], uint8: bool) -> torch.Tensor:
+        g.z.normal_(generator=self.generator)
+        x = self.sigmas[0] * g.z                                       # x_T = T z
+        for k, s in enumerate(self.sigmas):
+            if k:   # Alg. 1: x_tau = x + sqrt(tau^2 - eps^2) z
+                g.noise[k - 1].normal_(generator=self.generator)
+                x = x + math.sqrt(s * s - self.sigma_min ** 2) * g.noise[k - 1]
+            F = self._backbone(x, sig[k], g.labels)
+            if k == len(self.sigmas) - 1:
+                return ops.skip_output_infer(x, F, sig[k], self.sigma_data, self._boundary, uint8)
+            x = ops.skip_output(x, F, sig[k], self.sigma_data, self._boundary)
+
+    def _buffers(self, batch_size, uint8: bool):
+        B = self.batch_size if batch_size is None else self._check_batch(batch_size)
+        key = (B, bool(uint8), ops.get_backend())
+        g = self._graphs.get(key)
+        if g is None:
+            g = _Graph(B, self.shape, len(self.sigmas), self.label_dim > 0, self.device)
+            g.sig = [torch.full((B,), s, dtype=torch.float32, device=self.device) for s in self.sigmas]
+        return key, g
+
+    @torch.no_grad()
+    def capture(self, batch_size: int | None = None, uint8: bool = False) -> _Graph:
+        """Warm up and capture the graph for this batch size (done by the first call that needs it)."""
+        key, g = self._buffers(batch_size, uint8)
+        if g.graph is not None:
+            return g
+        state = self.generator.get_state()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):      # warm-up: autotuning, compilation, cuDNN plans, allocator pools
+            for _ in range(max(self.warmup, 1)):
+                self._run(g, g.sig, uint8)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.generator)
+        with torch.cuda.graph(graph):
+            g.out = self._run(g, g.sig, uint8)
+        self.generator.set_state(state)    # the warm-up draws do not count
+        g.graph = graph
+        self._graphs[key] = g
+        return g
+
+    def _set_labels(self, g: _Graph, class_labels) -> None:
+        B = g.z.shape[0]
+        if g.labels is None:
+            if class_labels is not None:
+                raise ValueError("class_labels: this network is unconditional, got labels")
+            return
+        if class_labels is None:
+            raise ValueError(f"class_labels: this network is conditional on {self.label_dim} classes; "
+                             f"expected ({B},) integer labels")
+        labels = torch.as_tensor(class_labels, device=self.device)
+        if labels.shape != (B,) or labels.is_floating_point():
+            raise ValueError(f"class_labels: expected ({B},) integer labels, got {labels.dtype} {tuple(labels.shape)}")
+        g.labels.copy_(labels)
+
+    @torch.no_grad()
+    def __call__(self, seed: int | None = None, class_labels=None, batch_size: int | None = None,
+                 uint8: bool = False) -> torch.Tensor:
+        g = self.capture(batch_size, uint8)
+        self._set_labels(g, class_labels)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        g.graph.replay()
+        return g.out.clone()      # fresh: the next replay overwrites g.out
+
+    @torch.no_grad()
+    def _run_uncaptured(self, seed=None, class_labels=None, batch_size=None, uint8=False) -> torch.Tensor:
+        """The same computation without a graph (tests check the algorithm with it on CPU)."""
+        _, g = self._buffers(batch_size, uint8)
+        self._set_labels(g, class_labels)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        return self._run(g, g.sig, uint8)

@@ -1,0 +1,190 @@
+"""cmfast.GraphedSampler: argument checks here; on a GPU (-m gpu) equality with eager Algorithm 1 (same noise),
+fresh outputs, per-batch-size graphs, multistep, uint8 and a torch.compile'd backbone."""
+import math
+
+import pytest
+import torch
+
+import cmfast
+
+SHAPE = (3, 32, 32)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _model(device="cpu", label_dim=0):
+    """The 'tiny' UNet with weights re-drawn at unit gain: EDM's 1e-5 init of the last convs makes F ~ 0, and a
+    comparison of outputs that are ~ c_skip x alone could not catch a wrong network path."""
+    torch.manual_seed(0)
+    net = cmfast.UNet.from_preset("tiny", label_dim=label_dim)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p[0].numel() ** -0.5)
+    return cmfast.ConsistencyModel(net).to(device).eval()
+
+
+# ---- CPU: argument checks and the error off CUDA -------------------------------------------------------------
+def test_error_off_cuda():
+    model = _model()
+    with pytest.raises(RuntimeError, match="CUDA") as e:
+        cmfast.GraphedSampler(model, 2, SHAPE)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("sigmas", [(), (0.5, 2.0), (2.0, 2.0), (100.0,), (80.0, 0.001), (float("nan"),)])
+def test_bad_sigmas(sigmas):
+    with pytest.raises(ValueError, match="sigmas"):
+        cmfast.GraphedSampler(_model(), 2, SHAPE, sigmas=sigmas)
+
+
+@pytest.mark.parametrize("shape", [(3, 32), (1, 32, 32), (3, 16, 16), (3, 32, 0), "3x32x32"])
+def test_bad_shape(shape):
+    with pytest.raises(ValueError, match="shape"):
+        cmfast.GraphedSampler(_model(), 2, shape)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
+def test_bad_batch_size(batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        cmfast.GraphedSampler(_model(), batch_size, SHAPE)
+
+
+def test_bad_dtype_and_model():
+    with pytest.raises(TypeError, match="dtype"):
+        cmfast.GraphedSampler(_model(), 2, SHAPE, dtype=torch.int8)
+    with pytest.raises(TypeError, match="ConsistencyModel"):
+        cmfast.GraphedSampler(torch.nn.Linear(2, 2), 2, SHAPE)
+
+
+@pytest.mark.parametrize("sigmas", [(80.0,), (80.0, 2.0, 0.5)])
+def test_algorithm_uncaptured_cpu(monkeypatch, sigmas):
+    """The captured computation run eagerly on CPU in fp32 equals cmfast.sample (Algorithm 1) with the same
+    generator draws, then the clamp; uint8 is round((y + 1) 127.5); labels reach the network."""
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
+    model = _model(label_dim=3)
+    sampler = cmfast.GraphedSampler(model, 2, SHAPE, dtype=torch.float32, sigmas=sigmas)
+    labels = torch.tensor([2, 0])
+    out = sampler._run_uncaptured(seed=4, class_labels=labels)
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn((2, *SHAPE), generator=gen)
+    ref = cmfast.sample(model, z, sigmas, generator=gen, class_labels=labels).clamp(-1, 1)
+    assert ref.abs().mean() > 0.1 and (ref.abs() < 1).float().mean() > 0.5   # F matters, clamp not everywhere
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    u = sampler._run_uncaptured(seed=4, class_labels=labels, uint8=True)
+    assert u.dtype == torch.uint8 and torch.equal(u.float(), ((out + 1) * 127.5).round())
+    other = sampler._run_uncaptured(seed=4, class_labels=torch.tensor([1, 1]))
+    assert (other - out).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="class_labels"):
+        sampler._run_uncaptured(seed=4)
+
+
+# ---- GPU ----------------------------------------------------------------------------------------------------
+def _eager(model, z, noises, sigmas, dtype=torch.bfloat16, labels=None):
+    """Algorithm 1 in eager PyTorch (fp32 model under autocast), with the given noise, then the clamp."""
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        x = model(sigmas[0] * z, sigmas[0], labels)
+        for s, n in zip(sigmas[1:], noises):
+            x = model(x + math.sqrt(s * s - model.sigma_min ** 2) * n, s, labels)
+    return x.float().clamp(-1, 1)
+
+
+def _noise(sampler, B=2, uint8=False):
+    g = sampler._graphs[(B, uint8, cmfast.ops.get_backend())]
+    return g.z.clone(), [n.clone() for n in g.noise]
+
+
+# bf16 tolerance: outputs are O(0.5); bf16 rounding through the tiny UNet moves them by ~1e-2; a wrong noise,
+# step or scaling moves them by O(0.1-1).
+BF16 = dict(atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("sigmas", [(80.0,), (80.0, 2.0, 0.5)])
+def test_equals_eager_same_noise(sigmas):
+    model = _model("cuda")
+    sampler = cmfast.GraphedSampler(model, 2, SHAPE, sigmas=sigmas, seed=1)
+    out = sampler()
+    z, noises = _noise(sampler)
+    assert len(noises) == len(sigmas) - 1 and out.dtype == torch.float32 and out.shape == (2, *SHAPE)
+    ref = _eager(model, z, noises, sigmas)
+    torch.testing.assert_close(out, ref, **BF16)
+    assert (out - ref).abs().mean() < 1e-2
+    assert (out - _eager(model, z, noises, sigmas, dtype=torch.float32)).abs().max() < 0.1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_seed_replays_eager_generator():
+    """Replay after seed=s draws what torch.randn with a fresh generator seeded s draws (graph-safe Philox)."""
+    model = _model("cuda")
+    sigmas = (80.0, 1.0)
+    sampler = cmfast.GraphedSampler(model, 2, SHAPE, sigmas=sigmas)
+    out = sampler(seed=5)
+    gen = torch.Generator("cuda").manual_seed(5)
+    z = torch.randn((2, *SHAPE), generator=gen, device="cuda")
+    n = torch.randn((2, *SHAPE), generator=gen, device="cuda")
+    torch.testing.assert_close(out, _eager(model, z, [n], sigmas), **BF16)
+    torch.testing.assert_close(sampler(seed=5), out, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_calls_differ_and_outputs_are_fresh():
+    sampler = cmfast.GraphedSampler(_model("cuda"), 2, SHAPE)
+    a = sampler()
+    kept = a.clone()
+    b = sampler()
+    assert (a - b).abs().mean() > 0.05                 # new noise each replay
+    torch.testing.assert_close(a, kept, atol=0, rtol=0)  # the first result was not overwritten
+    assert a.data_ptr() != b.data_ptr()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_new_batch_size_captures_new_graph():
+    model = _model("cuda")
+    sampler = cmfast.GraphedSampler(model, 2, SHAPE, seed=0)
+    assert sampler().shape == (2, *SHAPE)
+    out = sampler(batch_size=3)
+    assert out.shape == (3, *SHAPE) and len(sampler._graphs) == 2
+    z, _ = _noise(sampler, B=3)
+    torch.testing.assert_close(out, _eager(model, z, [], (80.0,)), **BF16)
+    assert sampler().shape == (2, *SHAPE) and len(sampler._graphs) == 2   # cached
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_uint8_matches_float_path():
+    sampler = cmfast.GraphedSampler(_model("cuda"), 2, SHAPE)
+    f = sampler(seed=3)
+    u = sampler(seed=3, uint8=True)
+    assert u.dtype == torch.uint8 and u.shape == f.shape
+    expect = ((f + 1) * 127.5).round()
+    assert (u.float() - expect).abs().max() <= 1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_class_labels_buffer():
+    model = _model("cuda", label_dim=4)
+    sampler = cmfast.GraphedSampler(model, 2, SHAPE, seed=0)
+    with pytest.raises(ValueError, match="class_labels"):
+        sampler()
+    for labels in ([0, 3], [2, 1]):
+        out = sampler(class_labels=labels)
+        z, _ = _noise(sampler)
+        ref = _eager(model, z, [], (80.0,), labels=torch.tensor(labels, device="cuda"))
+        torch.testing.assert_close(out, ref, **BF16)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_backbone():
+    model = _model("cuda")
+    compiled = cmfast.ConsistencyModel(torch.compile(model.net)).cuda().eval()
+    sampler = cmfast.GraphedSampler(compiled, 2, SHAPE, sigmas=(80.0, 1.0), seed=2)
+    out = sampler()
+    z, noises = _noise(sampler)
+    torch.testing.assert_close(out, _eager(model, z, noises, (80.0, 1.0)), **BF16)
+    assert (sampler() - out).abs().mean() > 0.05
