@@ -121,6 +121,7 @@ def implementation(op: str, device: torch.device) -> Callable:
 
 
 from ._api import attention, consistency_loss, group_norm_act, skip_output, skip_output_infer  # noqa: E402
+from ._api import trig_tangent_loss  # noqa: E402
 
 __all__ = ["BACKENDS", "BackendUnavailable", "attention", "consistency_loss", "get_backend", "group_norm_act",
-           "implementation", "skip_output", "skip_output_infer", "use_backend"]
+           "implementation", "skip_output", "skip_output_infer", "trig_tangent_loss", "use_backend"]

@@ -121,3 +121,46 @@ def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None =
     if kind == "pseudo_huber" and not c > 0:
         raise ValueError(f"c: expected a positive number for pseudo_huber, got {c!r}")
     return implementation("consistency_loss", pred.device)(pred, target, kind, float(c), weight)
+
+
+def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFdt=None, logvar=None, weight=None,
+                      r: float = 1.0, sigma_data: float = 0.5, c: float = 0.1):
+    """Per-sample sCM loss (B,) fp32 (Lu & Song 2024, Alg. 1) with t the TrigFlow time (B,):
+    g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt), gn = g / (||g|| + c),
+    loss = ||F - F- - gn||^2 weight / (exp(logvar) D) + logvar, F- = F under stop-gradient (theta- = stopgrad theta).
+    dF-/dt comes either as dFdt or as the finite-difference pair F_plus, F_minus with per-sample steps h (B,):
+    (F_plus - F_minus) / (2 h). Differentiable in F and logvar (default 0, no adaptive weighting); the rest is
+    stop-gradient. weight (B,) defaults to 1."""
+    _float("F", F)
+    if F.dim() < 2:
+        raise ValueError(f"F: expected a batch (B, ...), got shape {tuple(F.shape)}")
+    for name, u in (("x_t", x_t), ("dxdt", dxdt)):
+        _float(name, u)
+        if u.shape != F.shape:
+            raise ValueError(f"{name}: expected the shape of F {tuple(F.shape)}, got {tuple(u.shape)}")
+    fd = (F_plus, F_minus, h)
+    if (dFdt is None and any(u is None for u in fd)) or (dFdt is not None and any(u is not None for u in fd)):
+        raise ValueError("trig_tangent_loss: expected either dFdt or all of F_plus, F_minus, h")
+    for name, u in (("F_plus", F_plus), ("F_minus", F_minus), ("dFdt", dFdt)):
+        if u is not None:
+            _float(name, u)
+            if u.shape != F.shape:
+                raise ValueError(f"{name}: expected the shape of F {tuple(F.shape)}, got {tuple(u.shape)}")
+    B = F.shape[0]
+    t = _sigma_vector(t, F)
+    h = _sigma_vector(h, F) if h is not None else None
+    if h is not None and not bool((h > 0).all()):
+        raise ValueError(f"h: expected positive finite-difference steps, got {h.tolist()[:4]}")
+    if logvar is None:
+        logvar = torch.zeros(B, device=F.device)
+    else:
+        _float("logvar", logvar)
+        logvar = logvar.reshape(-1)
+        if logvar.shape != (B,):
+            raise ValueError(f"logvar: expected one value per sample ({B},), got shape {tuple(logvar.shape)}")
+    weight = torch.ones(B, device=F.device) if weight is None else _sigma_vector(weight, F)
+    _same_device(F, x_t=x_t, dxdt=dxdt, F_plus=F_plus, F_minus=F_minus, dFdt=dFdt, logvar=logvar)
+    if not (sigma_data > 0 and c >= 0):
+        raise ValueError(f"expected sigma_data > 0 and c >= 0, got sigma_data={sigma_data}, c={c}")
+    return implementation("trig_tangent_loss", F.device)(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight,
+                                                         float(r), float(sigma_data), float(c))

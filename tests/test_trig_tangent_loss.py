@@ -1,0 +1,129 @@
+"""cmfast.ops.trig_tangent_loss: the fused sCM loss kernel (Triton, CPU interpreter here) against the torch
+reference and an fp64 re-derivation written out below; forward, dloss/dF, dloss/dlogvar; GPU variant."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():   # the Triton kernels run in the CPU interpreter here
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from cmfast import ops  # noqa: E402
+
+
+def _truth(F, x, v, t, Fp, Fm, h, dFdt, lv, w, r, sd, c):
+    """fp64, written independently of the backends: loss and its gradients by autograd through the formula."""
+    F = F.double().detach().requires_grad_(True)
+    lv = lv.double().detach().requires_grad_(True)
+    B = F.shape[0]
+    dF = dFdt.double() if dFdt is not None else (Fp.double() - Fm.double()) / (2 * h.double().view(B, 1, 1, 1))
+    tt = t.double().view(B, 1, 1, 1)
+    g = -torch.cos(tt) ** 2 * (sd * F.detach() - v.double()) - r * torch.cos(tt) * torch.sin(tt) * (x.double() + sd * dF)
+    norm = g.flatten(1).norm(dim=1).view(B, 1, 1, 1)
+    res = F - F.detach() - g / (norm + c)
+    loss = res.flatten(1).square().sum(1) * w.double() / (lv.exp() * F[0].numel()) + lv
+    dF_, dlv = torch.autograd.grad(loss, (F, lv), torch.arange(1.0, B + 1, dtype=torch.float64))
+    return loss.detach(), dF_, dlv
+
+
+def _inputs(B, C, H, W, dtype, fd=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda: torch.randn(B, C, H, W, generator=g)  # noqa: E731
+    F, x, v = rn().to(dtype), rn(), rn() * 0.5
+    t = torch.rand(B, generator=g) * 1.5 + 0.02
+    h = 1e-3 * t
+    dFdt = rn()
+    Fp, Fm = (F.float() + h.view(B, 1, 1, 1) * dFdt), (F.float() - h.view(B, 1, 1, 1) * dFdt)
+    lv = torch.randn(B, generator=g) * 0.3
+    w = torch.rand(B, generator=g) + 0.5
+    return dict(F=F, x_t=x, dxdt=v, t=t, F_plus=Fp if fd else None, F_minus=Fm if fd else None,
+                h=h if fd else None, dFdt=None if fd else dFdt, logvar=lv, weight=w)
+
+
+def _run(backend, kw, r, sd=0.5, c=0.1):
+    F = kw["F"].detach().clone().requires_grad_(True)
+    lv = kw["logvar"].detach().clone().requires_grad_(True)
+    with ops.use_backend(backend):
+        loss = ops.trig_tangent_loss(F, kw["x_t"], kw["dxdt"], kw["t"], F_plus=kw["F_plus"], F_minus=kw["F_minus"],
+                                     h=kw["h"], dFdt=kw["dFdt"], logvar=lv, weight=kw["weight"], r=r,
+                                     sigma_data=sd, c=c)
+    loss.backward(torch.arange(1.0, F.shape[0] + 1, device=F.device))
+    return loss.detach(), F.grad, lv.grad
+
+
+def _err(a, b):
+    return float((a.double().cpu() - b.double().cpu()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+# Odd shapes: batch 1, 3 channels, H*W not a multiple of the block, a sample larger than one block and chunk split.
+SHAPES = [(1, 3, 5, 7), (3, 3, 16, 16), (2, 5, 33, 31)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fd", [True, False])
+@pytest.mark.parametrize("r", [0.0, 0.7])
+def test_kernel_matches_reference_fp32(shape, fd, r):
+    pytest.importorskip("triton")
+    kw = _inputs(*shape, torch.float32, fd)
+    want = _truth(*(kw[k] for k in ("F", "x_t", "dxdt", "t", "F_plus", "F_minus", "h", "dFdt", "logvar", "weight")),
+                  r, 0.5, 0.1)
+    ref = _run("torch", kw, r)
+    got = _run("triton", kw, r)
+    for g, rf, w in zip(got, ref, want):
+        # fp32 math throughout: the kernel may be at most 2x the reference's error against fp64 (+ a floor);
+        # the finite difference divides an fp32 rounding of F +- h dF/dt by 2h, so both carry ~1e-4 of it.
+        assert _err(g, w) <= 2 * _err(rf, w) + 1e-5
+    assert torch.isfinite(got[0]).all() and got[1].shape == kw["F"].shape
+
+
+def test_kernel_bf16_online_output():
+    # F from a bf16 forward: read in bf16, upcast, gradient written back in bf16
+    pytest.importorskip("triton")
+    kw = _inputs(2, 3, 9, 9, torch.bfloat16, fd=True)
+    want = _truth(*(kw[k] for k in ("F", "x_t", "dxdt", "t", "F_plus", "F_minus", "h", "dFdt", "logvar", "weight")),
+                  1.0, 0.5, 0.1)
+    got = _run("triton", kw, 1.0)
+    assert got[1].dtype == torch.bfloat16
+    assert _err(got[0], want[0]) < 1e-4 and _err(got[2], want[2]) < 1e-4
+    assert _err(got[1], want[1]) < 1e-2    # bf16 rounding of the stored gradient (2^-8)
+
+
+def test_reference_matches_fp64_truth():
+    kw = _inputs(2, 3, 8, 8, torch.float64, fd=False)
+    want = _truth(*(kw[k] for k in ("F", "x_t", "dxdt", "t", "F_plus", "F_minus", "h", "dFdt", "logvar", "weight")),
+                  0.5, 0.5, 0.1)
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    got = _run("torch", kw, 0.5)
+    for g, w in zip(got, want):
+        assert _err(g, w) < 1e-12
+    # the value is ||gn||^2 q + logvar and F - F- = 0, so the gradient is -2 q gn: its norm is at most 2 q
+    # (times the upstream gradient 1, 2 that _run feeds the backward)
+    q = kw["weight"] / (kw["logvar"].exp() * kw["F"][0].numel()) * torch.arange(1.0, 3.0, dtype=torch.float64)
+    assert bool((got[1].flatten(1).norm(dim=1) <= 2 * q * (1 + 1e-12)).all())
+
+
+def test_errors():
+    kw = _inputs(2, 3, 4, 4, torch.float32)
+    with pytest.raises(ValueError, match="either dFdt"):
+        ops.trig_tangent_loss(kw["F"], kw["x_t"], kw["dxdt"], kw["t"], F_plus=kw["F_plus"], h=kw["h"])
+    with pytest.raises(ValueError, match="x_t"):
+        ops.trig_tangent_loss(kw["F"], kw["x_t"][:1], kw["dxdt"], kw["t"], dFdt=kw["F"])
+    with pytest.raises(ValueError, match="logvar"):
+        ops.trig_tangent_loss(kw["F"], kw["x_t"], kw["dxdt"], kw["t"], dFdt=kw["F"], logvar=torch.zeros(3))
+    with pytest.raises(ValueError, match="positive"):
+        ops.trig_tangent_loss(kw["F"], kw["x_t"], kw["dxdt"], kw["t"], F_plus=kw["F"], F_minus=kw["F"],
+                              h=torch.zeros(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (7, 3, 32, 32), (128, 3, 32, 32), (4, 3, 64, 64)])
+def test_kernel_gpu(shape, dtype):
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(*shape, dtype).items()}
+    want = _truth(*(kw[k] for k in ("F", "x_t", "dxdt", "t", "F_plus", "F_minus", "h", "dFdt", "logvar", "weight")),
+                  0.8, 0.5, 0.1)
+    ref, got = _run("torch", kw, 0.8), _run("triton", kw, 0.8)
+    for g, rf, w in zip(got, ref, want):
+        assert _err(g, w) <= 2 * _err(rf, w) + (1e-5 if dtype == torch.float32 else 1e-2)
