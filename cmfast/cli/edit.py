@@ -1,0 +1,200 @@
+"""cmfast-edit: zero-shot editing with a consistency model (CM paper Algorithm 4), PNG in, PNG out.
+
+    cmfast-edit inpaint --checkpoint run/ckpt.safetensors --input imgs/ --mask mask.png --out edited/
+    cmfast-edit super-resolve --pretrained fmnist --input img.png --factor 4 --steps 20 --out edited/
+    cmfast-edit interpolate --pretrained fmnist --pairs 4 --alphas 9 --out edited/
+
+Writes <stem>_<task>.png per input (pair<p>_<i>.png for interpolate) and <task>_grid.png (before | after).
+"""
+import argparse
+import os
+import sys
+
+PROG = "cmfast-edit"
+TASKS = ("inpaint", "colorize", "super-resolve", "stroke", "interpolate", "denoise")
+DEFAULT_STEPS = {"inpaint": 20, "colorize": 20, "super-resolve": 20, "stroke": 2, "interpolate": 1}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                   # one line, exit 2 (DESIGN.md 2)
+        _fail(message)
+
+
+def _fail(msg):
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _positive(s):
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return v
+
+
+def _sigmas(s):
+    try:
+        return tuple(float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 80,10,2, got {s!r}") from None
+
+
+def build_parser():
+    ap = _Parser(prog=PROG, description=__doc__.splitlines()[0],
+                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("task", choices=TASKS)
+    g = ap.add_argument_group("main")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint written by cmfast-train")
+    src.add_argument("--pretrained", help="a shipped model, e.g. fmnist (cmfast.load_pretrained)")
+    g.add_argument("--which", choices=("ema", "model"), default="ema", help="weights to load from the checkpoint")
+    g.add_argument("--input", help="a PNG or a directory of PNGs at the model's resolution (super-resolve: also "
+                   "1/factor of it); not used by interpolate")
+    g.add_argument("--mask", help="inpaint: PNG at the model's resolution, white (>= 128) = known pixel, black = "
+                   "to generate (default: the central half-size square is generated)")
+    g.add_argument("--factor", type=_positive, help="super-resolve: the upsampling factor (divides the resolution)")
+    g.add_argument("--steps", type=_positive, default=None, help="network evaluations on a Karras grid (default "
+                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
+    g.add_argument("--sigmas", type=_sigmas, default=None, help="decreasing noise levels, e.g. 80,10,2 (stroke: "
+                   "the first is the start level)")
+    g.add_argument("--sigma-start", type=float, default=2.0, help="stroke: the SDEdit start level with --steps")
+    g.add_argument("--sigma", type=float, default=0.5, help="denoise: the noise level added to the input")
+    g.add_argument("--pairs", type=_positive, default=4, help="interpolate: number of noise pairs (rows)")
+    g.add_argument("--alphas", type=_positive, default=9, help="interpolate: points from 0 to 1 (columns)")
+    g.add_argument("--seed", type=int, default=0)
+    p = ap.add_argument_group("performance")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    io = ap.add_argument_group("I/O")
+    io.add_argument("--out", required=True, help="output directory")
+    io.add_argument("--grid-scale", type=_positive, default=1, help="nearest upscaling of the grid PNG")
+    return ap
+
+
+def load(args, device):
+    """(model, meta) from --checkpoint (cmfast.training.checkpoint.load_model) or --pretrained."""
+    if args.pretrained:
+        import cmfast
+        if not hasattr(cmfast, "load_pretrained"):
+            raise ImportError("cmfast.load_pretrained is not available in this installation")
+        return cmfast.load_pretrained(args.pretrained).to(device).eval(), {}
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    from ..training.checkpoint import load_model
+    model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
+    return model.to(device).eval(), meta
+
+
+def karras_levels(steps, sigma_min, top):
+    """`steps` decreasing levels of the Karras grid from `top` down to (not including) sigma_min, whose step would
+    be the identity f(x, sigma_min) = x."""
+    from ..schedules import karras_sigmas
+    return tuple(karras_sigmas(steps + 1, sigma_min, top).flip(0)[:-1].tolist())
+
+
+def center_mask(h, w):
+    """(1, 1, h, w): 1 = known everywhere except the central half-size square."""
+    import torch
+    m = torch.ones(1, 1, h, w)
+    m[..., h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2] = 0
+    return m
+
+
+def run(model, task, images=None, *, sigmas, mask=None, factor=None, sigma=0.5, pairs=4, alphas=9,
+        generator=None):
+    """One task on a batch: (results (N, C, H, W), grid rows [[before..., after]]). images: (N, C, H, W) in
+    [-1, 1] (None for interpolate); sigmas: the levels (stroke: the first is the start)."""
+    import torch
+    from .. import editing as E
+    dev = images.device if images is not None else next(model.parameters()).device
+    if task == "inpaint":
+        m = center_mask(*images.shape[2:]).to(dev) if mask is None else mask.to(dev)
+        out = E.inpaint(model, images, m, sigmas, generator)
+        before = [images, images * m]             # unknown pixels shown as 0 (mid-gray)
+    elif task == "colorize":
+        out = E.colorize(model, images, sigmas, generator)
+        w = torch.tensor(E.LUMINANCE, device=dev).reshape(1, 3, 1, 1)
+        before = [(images.expand(-1, 3, -1, -1) * w).sum(1, keepdim=True)]
+    elif task == "super-resolve":
+        out = E.super_resolve(model, images, factor, sigmas, generator)
+        low = images.shape[-1] != out.shape[-1]     # a low-res input is its own patch means
+        means = images if low else torch.nn.functional.avg_pool2d(images, factor)
+        before = ([] if low else [images]) + [means.repeat_interleave(factor, 2).repeat_interleave(factor, 3)]
+    elif task == "stroke":
+        out = E.stroke_guided(model, images, sigmas[0], sigmas[1:], generator)
+        before = [images]
+    elif task == "denoise":
+        noisy = images + sigma * torch.randn(images.shape, generator=generator, device=dev, dtype=images.dtype)
+        out = E.denoise(model, noisy, sigma)
+        before = [images, noisy]
+    elif task == "interpolate":
+        C, H, W = E._model_chw(model)
+        z = torch.randn((2, pairs, C, H, W), generator=generator, device=dev)
+        a = torch.linspace(0, 1, alphas).tolist()
+        out = E.interpolate(model, z[0], z[1], a, sigmas=sigmas, generator=generator)   # (A, pairs, C, H, W)
+        return out.transpose(0, 1).reshape(-1, C, H, W), [list(r) for r in out.transpose(0, 1)]
+    else:
+        raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    return out, [[b[i] for b in before] + [out[i]] for i in range(out.shape[0])]
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.task != "interpolate" and not args.input:
+        _fail(f"{args.task} needs --input (a PNG or a directory of PNGs)")
+    if args.mask and args.task != "inpaint":
+        _fail("--mask is only used by inpaint")
+    if args.task == "super-resolve" and not args.factor:
+        _fail("super-resolve needs --factor")
+    if args.steps and args.sigmas and args.steps != len(args.sigmas):
+        _fail(f"--steps {args.steps} but --sigmas has {len(args.sigmas)} values")
+    import torch
+    from .. import editing as E
+    from ._png import grid, load_png, png_files, save_png
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, _ = load(args, device)
+        chw = E._model_chw(model)
+        if chw is None:
+            raise ValueError("the model does not say its image shape (expected .net.in_channels / img_resolution)")
+        C, H, W = chw
+        smin, smax = E._levels(model)
+        top = args.sigma_start if args.task == "stroke" else smax
+        sigmas = args.sigmas or karras_levels(args.steps or DEFAULT_STEPS.get(args.task, 1), smin, top)
+        files, images, mask = [], None, None
+        if args.task != "interpolate":
+            files = png_files(args.input)
+            ch = 3 if args.task == "colorize" else C
+            size = None if args.task == "super-resolve" else (H, W)
+            images = torch.stack([load_png(f, ch, size) for f in files]).to(device)
+            if args.task == "super-resolve" and tuple(images.shape[2:]) not in ((H, W), (H // args.factor,
+                                                                                         W // args.factor)):
+                raise ValueError(f"{args.input}: expected {W}x{H} or {W // args.factor}x{H // args.factor} pixels "
+                                 f"for factor {args.factor}, got {images.shape[3]}x{images.shape[2]}")
+        if args.mask:
+            mask = (load_png(args.mask, 1, (H, W)) > 0).float()[None]     # 128..255 -> known
+        gen = torch.Generator(device).manual_seed(args.seed)
+        os.makedirs(args.out, exist_ok=True)
+        rows, n = [], (args.pairs if args.task == "interpolate" else len(files))
+        for i in range(0, n, args.batch_size if args.task != "interpolate" else n):
+            batch = None if images is None else images[i:i + args.batch_size]
+            out, r = run(model, args.task, batch, sigmas=sigmas, mask=mask, factor=args.factor, sigma=args.sigma,
+                         pairs=args.pairs, alphas=args.alphas, generator=gen)
+            rows += r
+            for j, x in enumerate(out):
+                name = (f"pair{(j // args.alphas) + i}_{j % args.alphas}" if args.task == "interpolate"
+                        else f"{os.path.splitext(os.path.basename(files[i + j]))[0]}_{args.task}")
+                save_png(x, os.path.join(args.out, name + ".png"))
+        save_png(grid(rows), os.path.join(args.out, f"{args.task}_grid.png"), scale=args.grid_scale)
+    except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    print(f"{PROG}: wrote {len(rows) if args.task != 'interpolate' else args.pairs * args.alphas} images and "
+          f"{args.task}_grid.png to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

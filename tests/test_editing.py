@@ -1,0 +1,273 @@
+"""Zero-shot editing (CM paper Algorithm 4), cmfast-edit and the figure script, on a random-weight tiny UNet."""
+import importlib.util
+import math
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cmfast
+from cmfast import edit
+
+RES = 16
+SIGMAS = (80.0, 2.0)
+LUM = torch.tensor([0.2989, 0.5870, 0.1140]).reshape(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny", img_resolution=RES)).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(2, 3, RES, RES, generator=g) * 2 - 1
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- Tasks keep their known content -----------------------------------------------------------------------------
+def test_inpaint_keeps_every_known_pixel_exactly(model, images):
+    mask = (torch.rand(2, 1, RES, RES, generator=gen(2)) < 0.5).float()
+    out = edit.inpaint(model, images, mask, SIGMAS, gen())
+    known = mask.expand_as(images).bool()
+    assert torch.equal(out[known], images[known])
+    assert (out[~known] - images[~known]).abs().max() > 0.1          # the rest was generated
+    assert out.min() >= -1 and out.max() <= 1
+
+
+def test_colorize_keeps_luminance(model, images):
+    gray = images[:, :1]
+    out = edit.colorize(model, gray, SIGMAS, gen())
+    assert out.shape == (2, 3, RES, RES) and out.min() >= -1 and out.max() <= 1
+    # gray g repeated to RGB has luminance (0.2989 + 0.5870 + 0.1140) g = 0.9999 g
+    torch.testing.assert_close((out * LUM).sum(1, keepdim=True), 0.9999 * gray, rtol=0, atol=2e-6)
+    assert (out[:, 0] - out[:, 2]).abs().max() > 0.05                # coloured, not gray
+    rgb = edit.colorize(model, images, (80.0,), gen())                # an RGB input keeps its own luminance
+    torch.testing.assert_close((rgb * LUM).sum(1), (images * LUM).sum(1), rtol=0, atol=2e-6)
+    assert rgb.min() >= -1 and rgb.max() <= 1
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_super_resolve_keeps_patch_means(model, images, factor):
+    out = edit.super_resolve(model, images, factor, SIGMAS, gen())
+    assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
+    torch.testing.assert_close(F.avg_pool2d(out, factor), F.avg_pool2d(images, factor), rtol=0, atol=1e-6)
+    assert (out - F.avg_pool2d(images, factor).repeat_interleave(factor, 2).repeat_interleave(factor, 3)).abs().max() > 0.05
+
+
+def test_super_resolve_low_res_input_is_its_patch_means(model, images):
+    low = F.avg_pool2d(images, 4)
+    full = low.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    assert torch.equal(edit.super_resolve(model, low, 4, (80.0,), gen()),
+                       edit.super_resolve(model, full, 4, (80.0,), gen()))
+
+
+def test_fit_box_moves_only_out_of_range_groups():
+    # colour basis, a kept luminance beside a saturated colour: the fitted pixel keeps Y and lies in [-1, 1]
+    Q = edit.luminance_basis()
+    A = lambda x: torch.einsum("bchw,cd->bdhw", x, Q)
+    A_inv = lambda c: torch.einsum("bdhw,cd->bchw", c, Q)
+    known = torch.tensor([1.0, 0, 0]).reshape(1, 3, 1, 1)
+    x = torch.tensor([[1.6, 0.2, -0.3], [0.1, 0.2, 0.3]]).T.reshape(1, 3, 1, 2)
+    kept = A(x) * known
+    out = edit._fit_box(x, kept, A, A_inv, known)
+    assert out.abs().max() <= 1
+    torch.testing.assert_close((out * LUM).sum(1), (x * LUM).sum(1), rtol=0, atol=1e-6)
+    assert torch.equal(out[..., 1], x[..., 1])                       # an in-range pixel is untouched
+    # nearest point: out = clamp(x + lam w) for one lam >= 0 (KKT of the projection)
+    lam = (out[0, 1:, 0, 0] - x[0, 1:, 0, 0]) / torch.tensor(edit.LUMINANCE[1:])
+    torch.testing.assert_close(lam[0], lam[1], rtol=1e-4, atol=1e-6)
+
+
+# ---- Bases ------------------------------------------------------------------------------------------------------
+def test_luminance_basis_orthonormal():
+    Q = edit.luminance_basis().double()
+    torch.testing.assert_close(Q @ Q.T, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-6)
+    w = np.array([0.2989, 0.5870, 0.1140])
+    np.testing.assert_allclose(Q[:, 0].numpy(), w / np.linalg.norm(w), atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
+def test_patch_basis_orthonormal(k):
+    Q = edit.patch_basis(k).double()
+    torch.testing.assert_close(Q @ Q.T, torch.eye(k * k, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(Q[:, 0], torch.full((k * k,), 1 / k, dtype=torch.float64), rtol=0, atol=1e-7)
+
+
+# ---- Sampling-side tasks against plain references ---------------------------------------------------------------
+def test_same_generator_same_output(model, images):
+    mask = torch.ones(1, 1, RES, RES)
+    mask[..., 4:12, 4:12] = 0
+    a = edit.inpaint(model, images, mask, SIGMAS, gen(5))
+    assert torch.equal(a, edit.inpaint(model, images, mask, SIGMAS, gen(5)))
+    assert not torch.equal(a[:1], edit.inpaint(model, images[:1], mask, (80.0,), gen(6)))
+
+
+def test_denoise_is_one_evaluation(model, images):
+    noisy = images + 0.7 * torch.randn(images.shape, generator=gen(3))
+    with torch.no_grad():
+        assert torch.equal(edit.denoise(model, noisy, 0.7), model(noisy, 0.7))
+
+
+def test_stroke_guided_matches_sdedit_reference(model, images):
+    g = gen(4)
+    with torch.no_grad():   # SDEdit: noise the strokes to sigma_start, then Algorithm 1 with clamped outputs
+        x = model(images + 3.0 * torch.randn(images.shape, generator=g), 3.0).clamp(-1, 1)
+        n = torch.randn(images.shape, generator=g)
+        ref = model(x + math.sqrt(0.5 ** 2 - 0.002 ** 2) * n, 0.5).clamp(-1, 1)
+    torch.testing.assert_close(edit.stroke_guided(model, images, 3.0, (0.5,), gen(4)), ref, rtol=0, atol=0)
+
+
+def test_interpolate_endpoints_are_samples(model):
+    z0, z1 = torch.randn(2, 2, 3, RES, RES, generator=gen(7))
+    out = edit.interpolate(model, z0, z1, [0.0, 0.5, 1.0])
+    assert out.shape == (3, 2, 3, RES, RES)
+    torch.testing.assert_close(out[0], cmfast.sample(model, z0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[2], cmfast.sample(model, z1), rtol=0, atol=1e-5)
+    two = edit.interpolate(model, z0, z1, [1.0], sigmas=SIGMAS, generator=gen(8))[0]
+    torch.testing.assert_close(two, cmfast.sample(model, z1, SIGMAS, gen(8)), rtol=0, atol=1e-5)
+
+
+def test_slerp_against_formula():
+    u, v = torch.randn(2, 1, 48, generator=gen(9), dtype=torch.float64)
+    th = math.acos(float((u * v).sum() / (u.norm() * v.norm())))
+    ref = (math.sin(0.3 * th) * u + math.sin(0.7 * th) * v) / math.sin(th)
+    torch.testing.assert_close(edit.slerp(u, v, [0.7])[0], ref, rtol=1e-12, atol=1e-12)
+
+
+# ---- Bad inputs -------------------------------------------------------------------------------------------------
+def test_bad_inputs(model, images):
+    m1 = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny", img_resolution=RES, in_channels=1))
+    ok = torch.ones(1, 1, RES, RES)
+    cases = [
+        (lambda: edit.inpaint(model, images, torch.ones(1, 1, 8, 8), SIGMAS), "mask: expected shape"),
+        (lambda: edit.inpaint(model, images, torch.ones(3, 1, RES, RES), SIGMAS), "mask: expected shape"),
+        (lambda: edit.inpaint(model, images, ok * 0.5, SIGMAS), "mask: expected binary"),
+        (lambda: edit.super_resolve(model, images, 3, SIGMAS), "factor: expected a divisor"),
+        (lambda: edit.super_resolve(model, images, 0, SIGMAS), "factor: expected an integer"),
+        (lambda: edit.colorize(m1, images[:, :1], SIGMAS), "3-channel"),
+        (lambda: edit.stroke_guided(model, images, 100.0, ()), "sigma_start"),
+        (lambda: edit.stroke_guided(model, images, 2.0, (5.0,)), "below sigma_start"),
+        (lambda: edit.inpaint(model, images, ok, (2.0, 80.0)), "strictly decreasing"),
+        (lambda: edit.inpaint(model, images * 1.5, ok, SIGMAS), r"values in \[-1, 1\]"),
+        (lambda: edit.inpaint(model, images[..., :8, :8], ok, SIGMAS), "for this model"),
+        (lambda: edit.colorize(model, images[:, :2], SIGMAS), "for this model"),
+        (lambda: edit.denoise(model, images[0], 1.0), r"\(B, C, H, W\)"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            fn()
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+def _write_png(path, arr):
+    from PIL import Image
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture
+def cli_env(model, tmp_path, monkeypatch):
+    """Checkpoint loading through cmfast.training.checkpoint.load_model: the real one when it exists (a
+    checkpoint saved with its save_checkpoint), else a stand-in module with the same signature."""
+    ckpt = tmp_path / "ckpt.safetensors"
+    try:
+        from cmfast.training import checkpoint as real
+        real.save_checkpoint(str(ckpt), model=model, ema=model)
+    except (ImportError, AttributeError, TypeError):
+        calls = []
+        fake = types.ModuleType("cmfast.training.checkpoint")
+        fake.load_model = lambda path, which="ema", map_location="cpu": (calls.append((path, which)), (model, {}))[1]
+        monkeypatch.setitem(sys.modules, "cmfast.training.checkpoint", fake)
+        ckpt.write_bytes(b"")
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        _write_png(inp / f"img{i}.png", rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8))
+    return str(ckpt), inp, tmp_path
+
+
+def test_cli_inpaint_end_to_end(cli_env):
+    from PIL import Image
+    from cmfast.cli.edit import main
+    ckpt, inp, tmp = cli_env
+    mask = np.full((RES, RES), 255, np.uint8)
+    mask[:, RES // 2:] = 0
+    _write_png(tmp / "mask.png", mask)
+    assert main(["inpaint", "--checkpoint", ckpt, "--input", str(inp), "--mask", str(tmp / "mask.png"),
+                 "--steps", "2", "--seed", "1", "--out", str(tmp / "out")]) == 0
+    for i in range(2):
+        res = np.asarray(Image.open(tmp / "out" / f"img{i}_inpaint.png"))
+        src = np.asarray(Image.open(inp / f"img{i}.png"))
+        assert res.shape == (RES, RES, 3)
+        assert np.array_equal(res[:, :RES // 2], src[:, :RES // 2])   # known half survives the uint8 round trip
+    g = Image.open(tmp / "out" / "inpaint_grid.png")
+    assert g.size == (3 * (RES + 2) + 2, 2 * (RES + 2) + 2)              # original | masked | result, 2 rows
+
+
+def test_cli_super_resolve_and_interpolate(cli_env):
+    from PIL import Image
+    from cmfast.cli.edit import main
+    ckpt, inp, tmp = cli_env
+    _write_png(tmp / "low.png", np.zeros((RES // 2, RES // 2, 3), np.uint8) + 200)
+    assert main(["super-resolve", "--checkpoint", ckpt, "--input", str(tmp / "low.png"), "--factor", "2",
+                 "--steps", "1", "--out", str(tmp / "sr"), "--grid-scale", "2"]) == 0
+    res = np.asarray(Image.open(tmp / "sr" / "low_super-resolve.png")).astype(np.float64)
+    assert np.abs(res.reshape(RES // 2, 2, RES // 2, 2, 3).mean((1, 3)) - 200).max() <= 0.5   # patch means, 8-bit
+    # low-res (nearest) | result, one row, upscaled 2x
+    assert Image.open(tmp / "sr" / "super-resolve_grid.png").size == (2 * (2 * (RES + 2) + 2), 2 * (RES + 4))
+    assert main(["interpolate", "--checkpoint", ckpt, "--pairs", "2", "--alphas", "3", "--out", str(tmp / "it")]) == 0
+    assert len(os.listdir(tmp / "it")) == 2 * 3 + 1
+    assert Image.open(tmp / "it" / "interpolate_grid.png").size == (3 * (RES + 2) + 2, 2 * (RES + 2) + 2)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["inpaint", "--checkpoint", "MISSING", "--input", "IN"], "checkpoint not found"),
+    (["inpaint", "--input", "SMALL"], "expected 16x16 pixels"),
+    (["inpaint", "--input", "IN", "--mask", "SMALL"], "expected 16x16 pixels"),
+    (["super-resolve", "--input", "SMALL", "--factor", "3"], "expected 16x16 or 5x5"),
+    (["super-resolve", "--input", "IN", "--factor", "3"], "factor: expected a divisor"),
+    (["colorize"], "needs --input"),
+    (["stroke", "--input", "IN", "--sigmas", "2,5"], "below sigma_start"),
+    (["denoise", "--input", "IN", "--sigmas", "x"], "comma-separated"),
+    (["blur", "--input", "IN"], "invalid choice"),
+])
+def test_cli_bad_input_exits_2(cli_env, capsys, args, msg):
+    from cmfast.cli.edit import main
+    ckpt, inp, tmp = cli_env
+    _write_png(tmp / "small.png", np.zeros((8, 8), np.uint8))
+    if "--checkpoint" not in args:
+        args = args + ["--checkpoint", ckpt]
+    subst = {"IN": str(inp), "SMALL": str(tmp / "small.png"), "MISSING": str(tmp / "nope.pt")}
+    with pytest.raises(SystemExit) as e:
+        main([subst.get(a, a) for a in args] + ["--out", str(tmp / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cmfast-edit: error: ") and msg in err and "\n" not in err
+
+
+# ---- Figure script ----------------------------------------------------------------------------------------------
+def test_make_edit_figures_runs(model, tmp_path):
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_edit_figures.py")
+    spec = importlib.util.spec_from_file_location("make_edit_figures", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not os.path.exists(mod.FMNIST_TEST):
+        pytest.skip(f"Fashion-MNIST test images not installed at {mod.FMNIST_TEST}")
+    x = mod.fmnist_test_images(3)
+    assert x.shape == (3, 1, 32, 32) and x.min() == -1 and torch.all(x[..., :2, :] == -1)
+    written = mod.make_figures(model, str(tmp_path), num=2, steps=1, factor=2, scale=1)
+    assert [os.path.basename(p) for p in written] == [f"edit_{t}.png" for t in
+                                                      ("inpaint", "colorize", "super_resolve", "stroke",
+                                                       "interpolate", "denoise")]
+    from PIL import Image
+    assert Image.open(written[0]).size == (3 * (RES + 2) + 2, 2 * (RES + 2) + 2)
