@@ -55,8 +55,11 @@ def cuda_home() -> Path | None:
                 root = Path(m.group(1).decode())
                 if _is_toolkit(root):
                     return root
-    candidates = [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
-    return next((c for c in candidates if _is_toolkit(c)), None)
+    return next((c for c in _default_roots() if _is_toolkit(c)), None)
+
+
+def _default_roots() -> list[Path]:
+    return [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
 
 
 def cuda_arches(arch: str | None = None) -> list[str]:
