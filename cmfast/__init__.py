@@ -5,9 +5,10 @@ from .precond import ConsistencyModel, EDMDenoiser, scalings
 from .graphed import GraphedSampler
 from .jvp import fd_jvp
 from .nets import UNet
+from .pretrained import load_pretrained
 from .sampling import edm_sample, sample
 from .schedules import ct_schedule, ict_schedule, karras_sigmas, paper_step_sigmas
 
 __version__ = "0.1.0"
-__all__ = ["ConsistencyModel", "EDMDenoiser", "GraphedSampler", "UNet", "edit", "edm_sample", "fd_jvp", "sample", "ct_schedule", "ict_schedule", "karras_sigmas", "ops",
+__all__ = ["ConsistencyModel", "EDMDenoiser", "GraphedSampler", "UNet", "edit", "edm_sample", "fd_jvp", "sample", "ct_schedule", "ict_schedule", "karras_sigmas", "load_pretrained", "ops",
            "paper_step_sigmas", "scalings"]

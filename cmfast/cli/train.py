@@ -1,0 +1,162 @@
+"""cmfast-train: train a consistency model (CD, CT, iCT) or its EDM teacher. Rerun with --resume latest to continue.
+
+    cmfast-train --dataset fashion-mnist --preset tiny --method ict --steps 300 --batch-size 32 --output-dir runs/fm
+    cmfast-train --config ct-cifar10 --output-dir runs/ct           # the CM paper's CIFAR-10 CT run
+    torchrun --nproc_per_node 8 -m cmfast.cli.train --config cd-cifar10 --teacher runs/edm --output-dir runs/cd
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+PROG = "cmfast-train"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                       # one line, exit 2 (DESIGN.md 2)
+        fail(message)
+
+
+def fail(message: str, code: int = 2):
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _ranged(kind, lo=None, hi=None, lo_open=False):
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {s!r}") from None
+        if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
+            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"expected a value in {rng}, got {s}")
+        return v
+    return parse
+
+
+def _rates(s):
+    try:
+        rates = tuple(float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates like 0.9999,0.999, got {s!r}") from None
+    if not all(0 <= r < 1 for r in rates):
+        raise argparse.ArgumentTypeError(f"expected EMA rates in [0, 1), got {s}")
+    return rates
+
+
+def _key_value(s):
+    k, sep, v = s.partition("=")
+    if not sep or not k:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    try:
+        return k, json.loads(v)
+    except json.JSONDecodeError:
+        return k, v
+
+
+def build_parser():
+    from ..data import DATASETS
+    from ..nets.presets import PRESETS
+    from ..objectives import DISTANCES
+    from ..training.config import CONFIGS, DEFAULTS
+    from ..training.methods import METHODS
+    D = DEFAULTS
+
+    def d(key, text=""):
+        return f"{text} (default: {D[key]})".strip()
+
+    ap = _Parser(prog=PROG, description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("main")
+    g.add_argument("--config", choices=sorted(CONFIGS), help="a paper's run; explicit flags override its values")
+    g.add_argument("--dataset", choices=DATASETS, help=d("dataset"))
+    g.add_argument("--data-dir", help="dataset folder (folder: the image folder or zip) (default: $CMFAST_DATA or "
+                                      "~/.cache/cmfast)")
+    g.add_argument("--method", choices=sorted(METHODS), help=d("method"))
+    g.add_argument("--preset", choices=sorted(PRESETS), help=d("preset", "network"))
+    g.add_argument("--teacher", metavar="PATH", help="EDM teacher checkpoint or run dir (--method cd)")
+    g.add_argument("--cond", action="store_const", const=True, help="class-conditional on the dataset's labels")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+
+    h = ap.add_argument_group("hyperparameters")
+    h.add_argument("--loss", choices=DISTANCES, help="distance d (default: the method's: lpips for cd/ct, "
+                                                     "pseudo_huber for ict)")
+    h.add_argument("--batch-size", type=_ranged(int, 1), help=d("batch_size", "global batch"))
+    h.add_argument("--lr", type=_ranged(float, 0, lo_open=True), help=d("lr"))
+    h.add_argument("--lr-rampup-kimg", type=_ranged(float, 0), help=d("lr_rampup_kimg", "linear warm-up"))
+    h.add_argument("--optimizer", choices=("adam", "radam"), help=d("optimizer"))
+    length = h.add_mutually_exclusive_group()
+    length.add_argument("--steps", dest="total_steps", type=_ranged(int, 1), help="training steps K (default 1000)")
+    length.add_argument("--kimg", type=_ranged(float, 0, lo_open=True), help="training length in thousands of images")
+    h.add_argument("--ema", type=_rates, help=d("ema", "evaluation EMA rates, comma-separated"))
+    h.add_argument("--dropout", type=_ranged(float, 0, 1), help="override the preset's dropout")
+    h.add_argument("--num-scales", type=_ranged(int, 2), help="cd: N (default 18)")
+    h.add_argument("--mu", type=_ranged(float, 0, 1), help="cd: target EMA rate (default 0)")
+    h.add_argument("--s0", type=_ranged(int, 1), help="ct/ict: initial N (default 2 / 10)")
+    h.add_argument("--s1", type=_ranged(int, 1), help="ct/ict: final N (default 150 / 1280)")
+    h.add_argument("--mu0", type=_ranged(float, 0, 1), help="ct: initial target EMA rate (default 0.9)")
+    h.add_argument("--method-arg", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="any other method hyperparameter (see cmfast.training.methods)")
+    h.add_argument("--grad-clip", type=_ranged(float, 0), help=d("grad_clip", "max grad norm, 0 = off"))
+    h.add_argument("--seed", type=_ranged(int, 0), help=d("seed"))
+
+    p = ap.add_argument_group("performance")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help=d("precision", "backbone autocast; "
+                                                                            "fp16 uses loss scaling"))
+    p.add_argument("--batch-gpu", type=_ranged(int, 1), help="per-rank chunk (gradient accumulation) "
+                                                             "(default: the whole per-rank batch)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), help=d("backend", "cmfast.ops"))
+    p.add_argument("--device", help="default: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu")
+    p.add_argument("--nan-limit", type=_ranged(int, 1), help=d("nan_limit", "stop after this many consecutive "
+                                                                            "non-finite steps"))
+
+    io = ap.add_argument_group("I/O")
+    io.add_argument("--output-dir", help=d("output_dir"))
+    io.add_argument("--resume", metavar="latest|auto|PATH",
+                    help="continue from the newest checkpoint in --output-dir (auto: only if there is one) or a "
+                         "checkpoint file")
+    io.add_argument("--stop-at", type=_ranged(int, 1), help="stop (with a checkpoint) at this step, e.g. to "
+                                                            "split a run into jobs")
+    io.add_argument("--sample-every", type=_ranged(int, 1), help=d("sample_every", "steps between sample grids"))
+    io.add_argument("--sample-num", type=_ranged(int, 0), help=d("sample_num", "images per grid"))
+    io.add_argument("--ckpt-every", type=_ranged(int, 1), help=d("ckpt_every", "steps between checkpoints"))
+    io.add_argument("--keep", type=_ranged(int, 0), help=d("keep", "checkpoints kept, 0 = all"))
+    io.add_argument("--log-every", type=_ranged(int, 1), help=d("log_every", "steps per stats.jsonl row"))
+    return ap
+
+
+def main(argv=None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    dry = args.pop("dry_run")
+    margs = dict(args.pop("method_arg") or [])
+    for k in ("num_scales", "mu", "s0", "s1", "mu0"):
+        if args.get(k) is not None:
+            margs[k] = args[k]
+        args.pop(k)
+    args["method_args"] = margs
+    import os
+    from ..data import DataError
+    from ..training.checkpoint import CheckpointError
+    from ..training.config import resolve
+    try:
+        if dry:
+            print(json.dumps(resolve(args, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
+            return 0
+        resolve(args, int(os.environ.get("WORLD_SIZE", "1")))     # user mistakes before any process group
+        from ..training.loop import TrainingError, train
+        try:
+            train(args)
+        except TrainingError as e:
+            fail(str(e), code=1)
+    except (DataError, CheckpointError, ValueError, TypeError, FileNotFoundError, PermissionError,
+            NotADirectoryError, ImportError) as e:
+        if os.environ.get("CMFAST_DEBUG") == "1":
+            raise
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

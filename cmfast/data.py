@@ -1,0 +1,272 @@
+"""Datasets (DESIGN.md 5): CIFAR-10, Fashion-MNIST and image folders / zips, held in memory as one uint8 tensor.
+
+Small datasets fit in memory, so a batch is an index draw from a seeded generator (no DataLoader workers):
+`ImageDataset.batch(idx, flip)` gives float NCHW in [-1, 1]. Files are found locally first; a missing file is
+downloaded (with an md5 check) unless CMFAST_OFFLINE=1, and otherwise the error says which file to put where.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import torch
+
+DATASETS = ("cifar10", "fashion-mnist", "folder")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+FMNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"   # Debian package dataset-fashion-mnist
+FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FMNIST_FILES = {"train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe"}
+
+
+class DataError(ValueError):
+    """A dataset file is missing or corrupt; the message is one line naming the file and the fix."""
+
+
+def default_data_dir() -> str:
+    return os.environ.get("CMFAST_DATA") or os.path.expanduser("~/.cache/cmfast")
+
+
+class ImageDataset:
+    """uint8 images (N, C, H, W) and int64 labels (N,) in memory; `batch` converts to [-1, 1] float."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, name: str, xflip: bool = False):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise DataError(f"{name}: expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images, self.labels, self.name, self.xflip = images, labels, name, xflip
+        self.num_classes = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None, device="cpu"):
+        """(images float32 (B, C, H, W) in [-1, 1], labels (B,) or None); flip (B,) bool mirrors horizontally."""
+        x = self.images[idx].to(device).float().div_(127.5).sub_(1.0)
+        if flip is not None and self.xflip:
+            f = flip.to(device).reshape(-1, 1, 1, 1)
+            x = torch.where(f, x.flip(3), x)
+        y = self.labels[idx].to(device) if self.labels is not None else None
+        return x, y
+
+
+class Sampler:
+    """Global batches of indices: a seeded permutation per epoch (without replacement), plus flip bits.
+    Every rank holds the same sampler and takes its slice of the global batch. State: the generator's state at
+    the start of the epoch and the position in it, so a resumed run draws the same batches."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.gen = n, torch.Generator().manual_seed(seed)
+        self._new_epoch()
+
+    def _new_epoch(self):
+        self.epoch_state = self.gen.get_state()
+        self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+
+    def next(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts, need = [], batch
+        while need:
+            if self.pos == self.n:
+                self._new_epoch()
+            take = min(need, self.n - self.pos)
+            parts.append(self.perm[self.pos:self.pos + take])
+            self.pos, need = self.pos + take, need - take
+        flip = torch.randint(0, 2, (batch,), generator=self.gen).bool()
+        return torch.cat(parts), flip
+
+    def state_dict(self) -> dict:
+        return {"epoch_state": self.epoch_state, "pos": self.pos, "gen_state": self.gen.get_state()}
+
+    def load_state_dict(self, sd: dict):
+        self.gen.set_state(sd["epoch_state"])
+        self._new_epoch()
+        self.pos = int(sd["pos"])
+        self.gen.set_state(sd["gen_state"])
+
+
+# ---- Downloads: only when a file is missing, never silently wrong (md5) ----------------------------------------
+def _md5(path: str) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch(url: str, timeout: float = 30.0) -> bytes:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def _download(url: str, dest: str, md5: str, hint: str) -> str:
+    """Download url to dest (atomically, md5-checked); offline or failing: a DataError with `hint`."""
+    if os.environ.get("CMFAST_OFFLINE") == "1":
+        raise DataError(f"{hint} (CMFAST_OFFLINE=1: no download attempted)")
+    try:
+        data = _fetch(url)
+    except OSError as e:
+        raise DataError(f"{hint} (download from {url} failed: {e})") from None
+    if hashlib.md5(data).hexdigest() != md5:
+        raise DataError(f"{hint} (downloaded file from {url} has the wrong md5)")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = f"{dest}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    return dest
+
+
+# ---- CIFAR-10 (python pickles, Krizhevsky 2009) ---------------------------------------------------------------
+def _cifar_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        d = pickle.loads(raw, encoding="bytes")
+        data, labels = np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"labels"], dtype=np.int64)
+    except Exception as e:
+        raise DataError(f"{name}: corrupt CIFAR-10 batch ({type(e).__name__})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
+        raise DataError(f"{name}: corrupt CIFAR-10 batch (expected data (n, 3072) and n labels, got "
+                        f"{data.shape} and {labels.shape})")
+    return data, labels
+
+
+def load_cifar10(data_dir: str | None = None) -> ImageDataset:
+    """The 50,000 training images from cifar-10-batches-py/ or cifar-10-python.tar.gz in data_dir."""
+    data_dir = data_dir or default_data_dir()
+    folder, tar = os.path.join(data_dir, "cifar-10-batches-py"), os.path.join(data_dir, "cifar-10-python.tar.gz")
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    raws = {}
+    if os.path.isdir(folder):
+        for n in names:
+            p = os.path.join(folder, n)
+            if not os.path.isfile(p):
+                raise DataError(f"CIFAR-10: {p} is missing (remove {folder} or put the full extracted set there)")
+            with open(p, "rb") as f:
+                raws[p] = f.read()
+    else:
+        hint = f"CIFAR-10 not found: put cifar-10-python.tar.gz (md5 {CIFAR10_MD5}, {CIFAR10_URL}) in {data_dir}"
+        if not os.path.isfile(tar):
+            _download(CIFAR10_URL, tar, CIFAR10_MD5, hint)
+        if _md5(tar) != CIFAR10_MD5:
+            raise DataError(f"{tar}: corrupt (md5 differs from {CIFAR10_MD5}); delete it and download again")
+        try:
+            with tarfile.open(tar, "r:gz") as t:
+                for n in names:
+                    raws[f"{tar}:{n}"] = t.extractfile(f"cifar-10-batches-py/{n}").read()
+        except (tarfile.TarError, KeyError, OSError, EOFError) as e:
+            raise DataError(f"{tar}: corrupt archive ({e})") from None
+    parts = [_cifar_batch(raw, name) for name, raw in raws.items()]
+    data = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([p[1] for p in parts])
+    return ImageDataset(torch.from_numpy(data), torch.from_numpy(labels), "cifar10", xflip=True)
+
+
+# ---- Fashion-MNIST (idx files, LeCun's format) ----------------------------------------------------------------
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """A uint8 idx file (plain or .gz): checks magic, dtype, rank and that the size matches the header."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from None
+    if len(raw) < 4 + 4 * ndim or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
+        raise DataError(f"{path}: not a uint8 idx file of rank {ndim} (header {raw[:4].hex() or 'empty'})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    size = 4 + 4 * ndim + int(np.prod(shape))
+    if len(raw) != size:
+        raise DataError(f"{path}: truncated or padded (header says {shape} = {size} bytes, file has {len(raw)})")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_fmnist(data_dir: str) -> dict[str, str]:
+    for d in (FMNIST_SYSTEM_DIR, data_dir, os.path.join(data_dir, "fashion-mnist")):
+        found = {}
+        for n in FMNIST_FILES:
+            for cand in (os.path.join(d, n + ".gz"), os.path.join(d, n)):
+                if os.path.isfile(cand):
+                    found[n] = cand
+                    break
+        if len(found) == len(FMNIST_FILES):
+            return found
+    dest = os.path.join(data_dir, "fashion-mnist")
+    hint = (f"Fashion-MNIST not found: install the Debian package dataset-fashion-mnist or put "
+            f"{' and '.join(n + '.gz' for n in FMNIST_FILES)} in {dest}")
+    return {n: _download(FMNIST_URL + n + ".gz", os.path.join(dest, n + ".gz"), md5, hint)
+            for n, md5 in FMNIST_FILES.items()}
+
+
+def load_fashion_mnist(data_dir: str | None = None) -> ImageDataset:
+    """The 60,000 training images, 28x28 padded to 32x32 with -1 (uint8 0) as DESIGN.md 2 asks."""
+    files = _find_fmnist(data_dir or default_data_dir())
+    images = read_idx(files["train-images-idx3-ubyte"], 3)
+    labels = read_idx(files["train-labels-idx1-ubyte"], 1)
+    if images.shape[1:] != (28, 28) or labels.shape[0] != images.shape[0]:
+        raise DataError(f"{files['train-images-idx3-ubyte']}: expected (n, 28, 28) images with n labels, got "
+                        f"{images.shape} and {labels.shape}")
+    x = torch.nn.functional.pad(torch.from_numpy(images.copy())[:, None], (2, 2, 2, 2), value=0)
+    return ImageDataset(x, torch.from_numpy(labels.astype(np.int64)), "fashion-mnist", xflip=False)
+
+
+# ---- Image folders / zips (EDM dataset_tool layout: PNGs + optional dataset.json with labels) ------------------
+def load_folder(path: str, xflip: bool = False) -> ImageDataset:
+    """All PNG / JPEG images of a folder (recursively) or zip, same size; labels from dataset.json if present."""
+    import zipfile
+    if not path or not os.path.exists(path):
+        raise DataError(f"image folder or zip not found: {path!r} (pass --data-dir)")
+    if zipfile.is_zipfile(path):
+        z = zipfile.ZipFile(path)
+        names = sorted(z.namelist())
+        read = z.read
+    elif os.path.isdir(path):
+        names = sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
+        read = lambda n: open(os.path.join(path, n), "rb").read()  # noqa: E731
+    else:
+        raise DataError(f"{path}: expected a folder or a zip of images")
+    images = [n for n in names if n.lower().endswith((".png", ".jpg", ".jpeg"))]
+    if not images:
+        raise DataError(f"{path}: no PNG or JPEG images found")
+    from PIL import Image
+    arrs = []
+    for n in images:
+        try:
+            a = np.asarray(Image.open(io.BytesIO(read(n))))
+        except Exception as e:
+            raise DataError(f"{path}/{n}: unreadable image ({type(e).__name__})") from None
+        a = a[:, :, None] if a.ndim == 2 else a[:, :, :3]
+        if arrs and a.shape != arrs[0].shape:
+            raise DataError(f"{path}/{n}: expected all images {arrs[0].shape}, got {a.shape}")
+        arrs.append(a)
+    labels = None
+    if "dataset.json" in names:
+        table = dict(json.loads(read("dataset.json")).get("labels") or [])
+        if table:
+            labels = torch.tensor([int(table.get(n.replace(os.sep, "/"), 0)) for n in images], dtype=torch.int64)
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+    return ImageDataset(x, labels, "folder", xflip=xflip)
+
+
+def load_dataset(name: str, data_dir: str | None = None, xflip: bool | None = None) -> ImageDataset:
+    """'cifar10' | 'fashion-mnist' | 'folder' (data_dir is then the folder or zip)."""
+    if name == "cifar10":
+        ds = load_cifar10(data_dir)
+    elif name == "fashion-mnist":
+        ds = load_fashion_mnist(data_dir)
+    elif name == "folder":
+        ds = load_folder(data_dir)
+    else:
+        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if xflip is not None:
+        ds.xflip = xflip
+    return ds

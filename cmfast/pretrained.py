@@ -1,0 +1,35 @@
+"""Shipped models: cmfast/assets/<name>.safetensors (a cmfast checkpoint file, EMA weights) and <name>.json, its
+model card (dataset, method, steps, metric). Offline: nothing is downloaded."""
+from __future__ import annotations
+
+import json
+import os
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def available() -> list[str]:
+    if not os.path.isdir(ASSETS):
+        return []
+    return sorted(f[:-len(".safetensors")] for f in os.listdir(ASSETS) if f.endswith(".safetensors"))
+
+
+def model_card(name: str) -> dict:
+    path = os.path.join(ASSETS, f"{name}.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_pretrained(name: str, map_location="cpu"):
+    """A shipped model by name, e.g. cmfast.load_pretrained('fmnist') -> ConsistencyModel in eval mode; its model
+    card is attached as `model.card`."""
+    names = available()
+    if name not in names:
+        raise ValueError(f"no shipped model {name!r}; available: {', '.join(names) if names else 'none yet'}")
+    from .training.checkpoint import load_model
+    path = os.path.join(ASSETS, f"{name}.safetensors")
+    model, meta = load_model(path, which="ema", map_location=map_location)
+    model.card = {**model_card(name), "step": meta["step"]}
+    return model

@@ -1,0 +1,185 @@
+"""Checkpoints (DESIGN.md 5): weights in safetensors, training state in a torch.load(weights_only=True) file.
+
+A checkpoint of step k in a run directory is the pair
+    ckpt-<k:08d>.safetensors   tensors '<module>/<parameter or buffer name>' for module in model, target, ema,
+                               ema@<rate> (the first --ema rate is also stored as 'ema'); metadata: format,
+                               step, config (the resolved training config, JSON)
+    ckpt-<k:08d>.state.pt      {format, step, config, optimizer, scaler, sampler, rng: {torch, cuda, numpy,
+                               python}, counters} of plain tensors, numbers and strings
+Both are written atomically (temp file, fsync, os.replace, fsync of the folder), the state file last: a step
+whose state file is missing is incomplete and ignored.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+FORMAT = "cmfast-checkpoint-1"
+_NAME = re.compile(r"^ckpt-(\d{8})\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or unreadable; the message is one line."""
+
+
+# ---- Atomic files -----------------------------------------------------------------------------------------------
+def _write_chunks(f, data: bytes, chunk: int = 1 << 24) -> None:
+    for i in range(0, len(data), chunk):
+        f.write(data[i:i + chunk])
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write data to path so that a reader sees the old file or the whole new one, never a part."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            _write_chunks(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- RNG states as plain tensors (torch.load(weights_only=True) accepts no numpy objects) -----------------------
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "python": {"version": py_state[0], "state": list(py_state[1]),
+                       "gauss": py_state[2]}}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+# ---- Saving and finding ----------------------------------------------------------------------------------------
+def paths(run_dir: str, step: int) -> tuple[str, str]:
+    base = os.path.join(run_dir, f"ckpt-{step:08d}")
+    return base + ".safetensors", base + ".state.pt"
+
+
+def save_checkpoint(run_dir: str, step: int, modules: dict, cfg: dict, state: dict, keep: int = 3) -> str:
+    """Write the pair for `step` (weights first, state last) and delete all but the newest `keep` checkpoints."""
+    from safetensors.torch import save
+    tensors = {f"{name}/{k}": v.detach().to("cpu", copy=True).contiguous()
+               for name, sd in modules.items() for k, v in sd.items()}
+    meta = {"format": FORMAT, "step": str(step), "config": json.dumps(cfg)}
+    wpath, spath = paths(run_dir, step)
+    atomic_write(wpath, save(tensors, metadata=meta))
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "step": step, "config": json.dumps(cfg), **state}, buf)
+    atomic_write(spath, buf.getvalue())
+    if keep > 0:
+        for s, w, st in list_checkpoints(run_dir, complete=False)[:-keep]:
+            for p in (w, st):
+                if os.path.exists(p):
+                    os.remove(p)
+    return wpath
+
+
+def list_checkpoints(run_dir: str, complete: bool = True) -> list[tuple[int, str, str]]:
+    """(step, weights path, state path), oldest first; complete=True keeps those whose state file exists."""
+    if not os.path.isdir(run_dir):
+        return []
+    out = []
+    for f in os.listdir(run_dir):
+        m = _NAME.match(f)
+        if m:
+            w, s = paths(run_dir, int(m.group(1)))
+            if os.path.exists(s) or not complete:
+                out.append((int(m.group(1)), w, s))
+    return sorted(out)
+
+
+def load_weights(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """{module: state dict} and the metadata (config parsed) of a .safetensors checkpoint."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        with open(path, "rb") as f:
+            flat = load(f.read())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0] if str(e) else e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cmfast checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+    modules: dict[str, dict] = {}
+    for k, v in flat.items():
+        name, _, key = k.partition("/")
+        modules.setdefault(name, {})[key] = v
+    return modules, {"step": int(meta["step"]), "config": json.loads(meta["config"])}
+
+
+def load_state(path: str) -> dict:
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torch raises several types for truncated / foreign files
+        raise CheckpointError(f"{path}: unreadable training state ({type(e).__name__})") from None
+    if not isinstance(s, dict) or s.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cmfast training state")
+    return s
+
+
+def resolve(path: str) -> str:
+    """A run directory (its newest complete checkpoint), a .safetensors file, or a .state.pt file -> weights path."""
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"no checkpoint (ckpt-*.safetensors with its .state.pt) in {path}")
+        return found[-1][1]
+    if path.endswith(".state.pt"):
+        path = path[:-len(".state.pt")] + ".safetensors"
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+# ---- Models from checkpoints (used by cmfast-sample, cmfast-eval, cmfast-edit) ---------------------------------
+def build_model(cfg: dict) -> torch.nn.Module:
+    """The preconditioned model (untrained) described by a training config."""
+    from ..nets import UNet
+    from .methods import get_method
+    return get_method(cfg["method"]).wrap(UNet(**cfg["net"]), cfg)
+
+
+def load_model(path: str, which: str = "ema", map_location="cpu"):
+    """(model, meta) from a run directory (newest checkpoint) or a checkpoint file: the preconditioned model
+    (ConsistencyModel, or EDMDenoiser for --method edm) in eval mode with the `which` weights: 'ema' (the first
+    --ema rate), 'ema@<rate>', 'model' (online) or 'target'. meta: {'step', 'config', 'path', 'which'}."""
+    wpath = resolve(path)
+    modules, meta = load_weights(wpath)
+    if which not in modules:
+        raise CheckpointError(f"{wpath}: has no {which!r} weights; it has {', '.join(sorted(modules))}")
+    model = build_model(meta["config"])
+    try:
+        model.load_state_dict(modules[which])
+    except RuntimeError as e:
+        raise CheckpointError(f"{wpath}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+    model.requires_grad_(False).eval().to(map_location)
+    return model, {**meta, "path": wpath, "which": which}

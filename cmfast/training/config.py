@@ -1,0 +1,87 @@
+"""Training configuration: built-in defaults, the papers' runs as named presets (--config), and resolution
+(explicit flag > --config preset > default) into one JSON-able dict that the loop, the checkpoints and
+--dry-run share."""
+from __future__ import annotations
+
+import math
+
+from ..nets.presets import preset_config
+from .methods import get_method
+
+DEFAULTS = dict(
+    dataset="cifar10", data_dir=None, xflip=None, cond=False, method="ict", preset="tiny", dropout=None,
+    teacher=None, init_from_teacher=True, loss=None, method_args={},
+    batch_size=32, batch_gpu=None, lr=1e-4, lr_rampup_kimg=0.0, optimizer="radam", betas=(0.9, 0.999),
+    total_steps=None, kimg=None, ema=(0.9999,), precision="fp32", grad_clip=0.0, seed=0, nan_limit=20,
+    sigma_data=0.5, sigma_min=0.002, sigma_max=80.0,
+    output_dir="runs/cmfast", resume=None, stop_at=None, sample_every=1000, sample_num=64, ckpt_every=1000,
+    keep=3, log_every=50, backend="auto", device=None,
+)
+
+# The papers' CIFAR-10 runs (PAPER.md; CM paper Table 3 / Appendix C; iCT Sec. 5; EDM Table 7 for the teacher).
+CONFIGS = {
+    "cd-cifar10": dict(dataset="cifar10", method="cd", preset="ncsnpp-cifar10", loss="lpips", batch_size=512,
+                       lr=4e-4, optimizer="adam", total_steps=800_000, ema=(0.9999,),
+                       method_args=dict(num_scales=18, mu=0.0, solver="heun")),
+    "ct-cifar10": dict(dataset="cifar10", method="ct", preset="ncsnpp-cifar10", loss="lpips", batch_size=512,
+                       lr=2e-4, optimizer="radam", total_steps=800_000, ema=(0.9999,),
+                       method_args=dict(s0=2, s1=150, mu0=0.9)),
+    "ict-cifar10": dict(dataset="cifar10", method="ict", preset="ncsnpp-cifar10", dropout=0.3, loss="pseudo_huber",
+                        batch_size=1024, lr=1e-4, optimizer="radam", total_steps=400_000, ema=(0.99993,),
+                        method_args=dict(s0=10, s1=1280, p_mean=-1.1, p_std=2.0)),
+    "edm-cifar10": dict(dataset="cifar10", method="edm", preset="ddpmpp-cifar10", batch_size=512, lr=1e-3,
+                        lr_rampup_kimg=10_000, optimizer="adam", kimg=200_000, ema=(0.99929,),
+                        method_args=dict(p_mean=-1.2, p_std=1.2)),
+}
+
+DATASET_SHAPES = {"cifar10": (3, 32, 32), "fashion-mnist": (1, 32, 32), "folder": None}
+NUM_CLASSES = {"cifar10": 10, "fashion-mnist": 10}
+
+
+def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int = 0) -> dict:
+    """Merge explicit values (None = not given) over the --config preset over DEFAULTS; fill derived fields."""
+    preset = CONFIGS[args["config"]] if args.get("config") else {}
+    cfg = {}
+    for k, v in DEFAULTS.items():
+        given = args.get(k)
+        cfg[k] = given if given is not None else preset.get(k, v)
+    cfg["config"] = args.get("config")
+    method = get_method(cfg["method"])
+    cfg["method_args"] = {**method.defaults, **preset.get("method_args", {}), **(args.get("method_args") or {})}
+    unknown = set(cfg["method_args"]) - set(method.defaults)
+    if unknown:
+        raise ValueError(f"method {cfg['method']!r} has no hyperparameter {', '.join(sorted(unknown))}; "
+                         f"it has {', '.join(method.defaults) or 'none'}")
+    cfg["loss"] = cfg["loss"] or method.default_loss
+    cfg["ema"] = [float(r) for r in cfg["ema"]]
+    cfg["betas"] = [float(b) for b in cfg["betas"]]
+    if cfg["xflip"] is None:
+        cfg["xflip"] = cfg["dataset"] == "cifar10"
+    # Length: --steps, or --kimg (images) rounded up to whole steps.
+    if cfg["total_steps"] is None:
+        cfg["total_steps"] = math.ceil(cfg["kimg"] * 1000 / cfg["batch_size"]) if cfg["kimg"] else 1000
+    cfg["kimg"] = cfg["total_steps"] * cfg["batch_size"] / 1000
+    if cfg["batch_size"] % world_size:
+        raise ValueError(f"--batch-size {cfg['batch_size']} is not divisible by the {world_size} ranks")
+    local = cfg["batch_size"] // world_size
+    cfg["batch_gpu"] = cfg["batch_gpu"] or local
+    if local % cfg["batch_gpu"]:
+        raise ValueError(f"--batch-gpu {cfg['batch_gpu']} does not divide the per-rank batch {local}")
+    cfg["world_size"] = world_size
+    if method.needs_teacher and not cfg["teacher"]:
+        raise ValueError(f"--method {cfg['method']} needs --teacher PATH (a checkpoint trained with --method edm)")
+    shape = image_shape or DATASET_SHAPES.get(cfg["dataset"])
+    cfg["net"] = None
+    if shape is not None:
+        over = dict(in_channels=shape[0], img_resolution=shape[1])
+        if cfg["dropout"] is not None:
+            over["dropout"] = cfg["dropout"]
+        if cfg["cond"]:
+            over["label_dim"] = num_classes or NUM_CLASSES.get(cfg["dataset"], 0)
+        cfg["net"] = preset_config(cfg["preset"], **over)
+        cfg["net"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg["net"].items()}
+    return cfg
+
+
+# Keys that define the model and the data: a resumed run must agree with its checkpoint on these.
+IDENTITY = ("dataset", "method", "net", "sigma_data", "sigma_min", "sigma_max")

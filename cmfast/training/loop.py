@@ -1,0 +1,336 @@
+"""The training loop: read top to bottom. One process per device; torchrun + DDP for several (rank 0 writes).
+
+Determinism: the data sampler (indices, flips) is global and identical on every rank, each rank takes its slice;
+the noise of each batch chunk comes from a generator seeded by (seed, step, chunk index), so 2 ranks x 4 images
+draw what 1 process x 2 rounds of 4 draws, and a resumed run draws what an uninterrupted one did. Dropout uses
+the global torch RNG (seeded per rank, saved in checkpoints).
+"""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+import os
+import random
+import resource
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..data import Sampler, load_dataset
+from ..ema import ema_update_
+from . import checkpoint as ckpt
+from .config import IDENTITY, resolve
+from .images import grid, png_bytes, to_uint8
+from .methods import get_method
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite losses past the limit); one line."""
+
+
+def chunk_seed(seed: int, step: int, chunk: int) -> int:
+    return (seed * 1_000_003 + step) * 4099 + chunk & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class Log:
+    """Rank 0 prints and appends to log.txt; other ranks are silent."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        if self.path is None:
+            return
+        print(msg, flush=True)
+        with open(self.path, "a") as f:
+            f.write(msg + "\n")
+
+
+def setup_distributed(device: str | None):
+    """(rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world, dev
+
+
+def _check_writable(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"output dir {out} is not writable ({e.strerror or e})") from None
+
+
+def _load_teacher(cfg: dict, shape, device):
+    try:
+        teacher, meta = ckpt.load_model(cfg["teacher"], which="ema", map_location=device)
+    except ckpt.CheckpointError as e:
+        raise ValueError(f"--teacher: {e}") from None
+    tcfg = meta["config"]
+    tshape = (tcfg["net"]["in_channels"], tcfg["net"]["img_resolution"], tcfg["net"]["img_resolution"])
+    if get_method(tcfg["method"]).kind != "edm" or tshape != tuple(shape):
+        raise ValueError(f"--teacher {cfg['teacher']}: expected an EDM denoiser (--method edm) for {tuple(shape)} "
+                         f"images, got --method {tcfg['method']} for {tshape} images")
+    if bool(tcfg["net"].get("label_dim")) != bool(cfg["net"].get("label_dim")):
+        raise ValueError(f"--teacher {cfg['teacher']}: class conditioning differs from the student's (--cond)")
+    return teacher, tcfg
+
+
+def make_optimizer(params, cfg):
+    kinds = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
+    return kinds[cfg["optimizer"]](params, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=1e-8)
+
+
+@torch.no_grad()
+def write_samples(model, kind: str, cfg: dict, step: int, shape, device, out: str) -> list[str]:
+    """Sample grids from a fixed seed: 1 and 2 steps (CM Alg. 1, middle level 0.821 as ECT) or EDM's 18-step Heun."""
+    from ..sampling import edm_sample, sample
+    n = cfg["sample_num"]
+    z = torch.randn((n, *shape), generator=torch.Generator().manual_seed(cfg["seed"] + 12345)).to(device)
+    labels = torch.arange(n, device=device) % cfg["net"]["label_dim"] if cfg["net"].get("label_dim") else None
+    was_training = model.training
+    model.eval()
+    runs = ({"heun18": lambda: edm_sample(model, z, 18, class_labels=labels)} if kind == "edm" else
+            {f"{len(s)}step": (lambda s=s: sample(model, z, s, torch.Generator(device).manual_seed(cfg["seed"]),
+                                                  labels)) for s in ((cfg["sigma_max"],), (cfg["sigma_max"], 0.821))})
+    files = []
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    for tag, fn in runs.items():
+        path = os.path.join(out, "samples", f"{step:08d}-{tag}.png")
+        ckpt.atomic_write(path, png_bytes(grid(to_uint8(fn()))))
+        files.append(path)
+    model.train(was_training)
+    return files
+
+
+def train(args: dict) -> dict:
+    """Run (or resume) training from CLI arguments (a dict, None = not given). Returns the final stats row."""
+    rank, world, device = setup_distributed(args.get("device"))
+    cfg = resolve(args, world)
+    out = cfg["output_dir"]
+    method = get_method(cfg["method"])
+    torch.manual_seed(cfg["seed"] + rank)                  # dropout; the model init below is the same on all ranks
+    np.random.seed(cfg["seed"] + rank)
+    random.seed(cfg["seed"] + rank)
+
+    # ---- Data, teacher, output folder: every user mistake is found before anything is written --------------------
+    data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["xflip"])
+    cfg = resolve(args, world, data.shape, data.num_classes)
+    teacher, tcfg = _load_teacher(cfg, data.shape, device) if method.needs_teacher else (None, None)
+    found = ckpt.list_checkpoints(out)
+    if cfg["resume"] is None and found:
+        raise ValueError(f"{out} already holds checkpoints: pass --resume latest to continue, or another --output-dir")
+    if cfg["resume"] in ("latest", "auto") and not found and cfg["resume"] == "latest":
+        raise ValueError(f"--resume latest: no checkpoint (ckpt-*.safetensors with its .state.pt) in {out}")
+    if cfg["resume"] not in (None, "latest", "auto"):
+        ckpt.resolve(cfg["resume"])                        # a one-line error when the path is not a checkpoint
+    if rank == 0:
+        _check_writable(out)
+    log = Log(os.path.join(out, "log.txt") if rank == 0 else None)
+
+    # ---- Models: online (trained), target (CD/CT), EMAs for evaluation ----------------------------------------------
+    torch.manual_seed(cfg["seed"])
+    from ..nets import UNet
+    net = UNet(**cfg["net"])
+    if teacher is not None and cfg["init_from_teacher"] and tcfg["net"] == cfg["net"]:
+        net.load_state_dict(teacher.net.state_dict())      # CM paper: the student starts from the teacher
+    torch.manual_seed(cfg["seed"] + rank)
+    models = method.build(net, cfg, teacher)
+    for m in models.values():
+        m.to(device)
+    model = models["model"]
+    emas = {r: ckpt_copy(model) for r in cfg["ema"]}
+    opt = make_optimizer(model.parameters(), cfg)
+    scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
+    sampler = Sampler(len(data), cfg["seed"])
+    step, counters = 0, {"skipped": 0, "overflow": 0}
+
+    # ---- Resume: the newest readable checkpoint (an unreadable one is reported and the previous one used) -------
+    if cfg["resume"] and (found or cfg["resume"] not in ("latest", "auto")):
+        candidates = [c[1] for c in reversed(found)] if cfg["resume"] in ("latest", "auto") else \
+            [ckpt.resolve(cfg["resume"])]
+        for i, wpath in enumerate(candidates):
+            try:
+                weights, meta = ckpt.load_weights(wpath)
+                state = ckpt.load_state(wpath[:-len(".safetensors")] + ".state.pt")
+                break
+            except ckpt.CheckpointError as e:
+                log(f"warning: {e}" + ("; trying the previous checkpoint" if i + 1 < len(candidates) else ""))
+        else:
+            raise ValueError(f"--resume: no readable checkpoint in {out}")
+        diff = [k for k in IDENTITY if meta["config"].get(k) != cfg[k]]
+        if diff:
+            raise ValueError(f"--resume {wpath}: the checkpoint differs from this command in {', '.join(diff)}")
+        model.load_state_dict(weights["model"])
+        if "target" in models:
+            models["target"].load_state_dict(weights["target"])
+        for r, e in emas.items():
+            e.load_state_dict(weights[f"ema@{r}"])
+        opt.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        ckpt.set_rng_state(rngs[rank % len(rngs)])
+        step, counters = int(state["step"]), dict(state["counters"])
+        log(f"resumed from {wpath} at step {step}")
+
+    if world > 1:    # DDP wraps the backbone, so method code keeps model.sigma_min etc.; state dicts are unwrapped
+        model.net = torch.nn.parallel.DistributedDataParallel(
+            model.net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def state_dicts():
+        sds = {"model": _bare(model)}
+        if "target" in models:
+            sds["target"] = models["target"].state_dict()
+        for i, (r, e) in enumerate(emas.items()):
+            sds[f"ema@{r}"] = e.state_dict()
+            if i == 0:
+                sds["ema"] = sds[f"ema@{r}"]
+        return sds
+
+    def save(step):
+        rngs = [ckpt.rng_state()]
+        if world > 1:       # every rank's RNG (dropout), gathered to rank 0
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+        if rank == 0:
+            state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+                     "sampler": sampler.state_dict(), "rng": rngs if world > 1 else rngs[0], "counters": counters}
+            path = ckpt.save_checkpoint(out, step, state_dicts(), cfg, state, cfg["keep"])
+            log(f"checkpoint {path}")
+
+    # ---- Signals: finish the step, write a checkpoint, exit 0 -----------------------------------------------------
+    stop = {"signal": 0}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    if rank == 0:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        log(f"{method.name} on {cfg['dataset']} ({len(data)} images {data.shape}), {cfg['preset']} "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {world} rank(s) on {device}, "
+            f"steps {step} -> {cfg['total_steps']}")
+    bar = None
+    if rank == 0 and sys.stdout.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=cfg["total_steps"], initial=step, unit="step", dynamic_ncols=True)
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
+    local, rounds = cfg["batch_size"] // world, cfg["batch_size"] // world // cfg["batch_gpu"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    tick = {"loss": 0.0, "gnorm": 0.0, "n": 0, "t0": time.time(), "step0": step}
+    row, consecutive_bad = {}, 0
+
+    with ops.use_backend(cfg["backend"]):
+        while step < cfg["total_steps"]:
+            # Data: the global batch is drawn on every rank, each rank keeps its slice.
+            idx, flip = sampler.next(cfg["batch_size"])
+            x, y = data.batch(idx[rank * local:(rank + 1) * local], flip[rank * local:(rank + 1) * local], device)
+            y = y if cfg["net"].get("label_dim") else None
+            lr = cfg["lr"] * min(1.0, step * cfg["batch_size"] / max(cfg["lr_rampup_kimg"] * 1000, 1e-8))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss_sum, info = torch.zeros((), device=device), {}
+            for r in range(rounds):
+                sl = slice(r * cfg["batch_gpu"], (r + 1) * cfg["batch_gpu"])
+                gen = torch.Generator(device).manual_seed(chunk_seed(cfg["seed"], step, rank * rounds + r))
+                sync = world == 1 or r == rounds - 1
+                with (torch.autocast(device.type, autocast) if autocast else nullcontext()), \
+                        (model.net.no_sync() if not sync else nullcontext()):
+                    loss_vec, info = method.loss(models, x[sl], step, cfg, gen, None if y is None else y[sl])
+                    loss = loss_vec.float().mean() / rounds
+                (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum += loss.detach() * rounds * loss_vec.shape[0]
+            # One collective per step: the global loss sum and the stop request (every rank stops together).
+            red = torch.stack([loss_sum, torch.tensor(float(stop["signal"] > 0), device=device)])
+            if world > 1:
+                torch.distributed.all_reduce(red)
+            loss_mean = float(red[0]) / cfg["batch_size"]
+            if scaler:
+                scaler.unscale_(opt)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf")))
+            finite = np.isfinite(loss_mean) and np.isfinite(gnorm)
+            if finite:
+                (scaler.step(opt) if scaler else opt.step())
+            if scaler:
+                scaler.update()
+            if finite:
+                method.after_step(models, step, cfg)
+                for rate, e in emas.items():   # EMA with warm-up: min(rate, (1 + k) / (10 + k))
+                    ema_update_(e, model, min(rate, (1 + step) / (10 + step)))
+                consecutive_bad = 0
+                tick["loss"], tick["gnorm"], tick["n"] = tick["loss"] + loss_mean, tick["gnorm"] + gnorm, tick["n"] + 1
+            elif scaler and np.isfinite(loss_mean):
+                counters["overflow"] += 1          # fp16 loss scaling: the scaler skipped the step and lowers scale
+            else:
+                counters["skipped"] += 1
+                consecutive_bad += 1
+                log(f"step {step}: non-finite loss {loss_mean} or grad norm {gnorm}; step skipped")
+                if consecutive_bad >= cfg["nan_limit"]:
+                    raise TrainingError(f"{consecutive_bad} consecutive non-finite steps (last loss {loss_mean}, "
+                                        f"grad norm {gnorm}); lower --lr, set --grad-clip or use --precision fp32")
+            step += 1
+            if bar:
+                bar.update(1)
+            stopping = float(red[1]) > 0 or (cfg["stop_at"] is not None and step >= cfg["stop_at"])
+            last = step >= cfg["total_steps"] or stopping
+            if step % cfg["log_every"] == 0 or last:
+                row = _stats_row(step, cfg, tick, info, lr, counters, device)
+                if rank == 0:
+                    with open(os.path.join(out, "stats.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+                    (bar.write if bar else print)(msg)
+                    with open(os.path.join(out, "log.txt"), "a") as f:
+                        f.write(msg + "\n")
+                tick.update(loss=0.0, gnorm=0.0, n=0, t0=time.time(), step0=step)
+            if rank == 0 and (step % cfg["sample_every"] == 0 or last) and cfg["sample_num"] > 0:
+                src = next(iter(emas.values())) if emas else model
+                write_samples(src, method.kind, cfg, step, data.shape, device, out)
+            if step % cfg["ckpt_every"] == 0 or last:
+                save(step)
+            if stopping:
+                log(f"stopping at step {step}" + (" on a signal" if float(red[1]) > 0 else " (--stop-at)"))
+                break
+    if bar:
+        bar.close()
+    for s, h in old.items():
+        signal.signal(s, h)
+    return row
+
+
+def _stats_row(step, cfg, tick, info, lr, counters, device) -> dict:
+    dt = max(time.time() - tick["t0"], 1e-9)
+    n = max(tick["n"], 1)
+    mem = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"step": step, "kimg": step * cfg["batch_size"] / 1000, "loss": tick["loss"] / n,
+            "grad_norm": tick["gnorm"] / n, "N": info.get("N"), "mu": info.get("mu"), "lr": lr,
+            "img_per_s": (step - tick["step0"]) * cfg["batch_size"] / dt, "mem_mb": round(mem, 1),
+            "skipped": counters["skipped"], "overflow": counters["overflow"], "time": round(time.time(), 3)}
+
+
+def ckpt_copy(model):
+    import copy
+    return copy.deepcopy(model).requires_grad_(False)
+
+
+def _bare(model) -> dict:
+    """The online model's state dict without DDP's 'module.' level."""
+    return {k.replace("net.module.", "net.", 1): v for k, v in model.state_dict().items()}

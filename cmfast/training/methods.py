@@ -1,0 +1,147 @@
+"""Training methods: a registry mapping a name (--method) to an object that builds the model(s) and the per-step loss.
+
+Interface (register a new method by adding a module that calls `register(MyMethod())`, and importing that module
+from cmfast/training/__init__.py, or anywhere before cmfast-train parses its arguments):
+
+    class Method:
+        name: str                   # the --method value
+        kind: str                   # 'cm' (sampled with cmfast.sample, Alg. 1) or 'edm' (cmfast.edm_sample)
+        needs_teacher: bool         # --teacher PATH is required; models['teacher'] is an EDMDenoiser (eval, frozen)
+        default_loss: str | None    # distance used when --loss is not given (None: the method has its own loss)
+        defaults: dict              # method hyperparameters (cfg['method_args']) and their defaults; the CLI sets
+                                    # them with dedicated flags (--num-scales, --mu, --s0, ...) or --method-arg K=V
+        def wrap(self, net, cfg) -> nn.Module
+            # the preconditioned model around a backbone; also used by checkpoint.load_model to rebuild it
+        def build(self, net, cfg, teacher=None) -> dict[str, nn.Module]
+            # {'model': trained module, optional 'target': a frozen copy saved in checkpoints, other entries
+            # (e.g. 'teacher', 'lpips') are used by `loss` and not saved}
+        def loss(self, models, x, step, cfg, generator, class_labels=None) -> (loss (B,) fp32, info dict)
+            # per-sample loss of a local batch x (NCHW in [-1, 1]); draw every random number from `generator`
+            # (seeded per step and per batch chunk, so DDP matches one process); info: numbers for stats.jsonl
+            # (e.g. {'N': 18, 'mu': 0.0}). models['model'] may have a DDP-wrapped backbone (model.net).
+        def after_step(self, models, step, cfg) -> None
+            # after the optimizer step, e.g. the target EMA theta- <- mu theta- + (1 - mu) theta
+
+cfg is the resolved config (JSON, as --dry-run prints it); cfg['method_args'] holds this method's hyperparameters
+with the defaults filled in, cfg['loss'] the distance, cfg['total_steps'] the schedule length K.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from .. import objectives
+from ..ema import ema_update_
+from ..precond import ConsistencyModel, EDMDenoiser
+from ..schedules import ct_schedule, ict_schedule
+
+METHODS: dict[str, "Method"] = {}
+
+
+def register(method: "Method") -> "Method":
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> "Method":
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def _sigma_kwargs(cfg: dict) -> dict:
+    return dict(sigma_data=cfg["sigma_data"], sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"])
+
+
+def _frozen_copy(m: nn.Module) -> nn.Module:
+    return copy.deepcopy(m).requires_grad_(False)
+
+
+class Method:
+    name, kind, needs_teacher, default_loss, defaults = "", "cm", False, None, {}
+
+    def wrap(self, net: nn.Module, cfg: dict) -> nn.Module:
+        return (EDMDenoiser if self.kind == "edm" else ConsistencyModel)(net, **_sigma_kwargs(cfg))
+
+    def build(self, net: nn.Module, cfg: dict, teacher=None) -> dict:
+        models = {"model": self.wrap(net, cfg)}
+        if cfg.get("loss") == "lpips":
+            models["lpips"] = objectives.LPIPS()     # a clear one-line error when the VGG weights are missing
+        if teacher is not None:
+            models["teacher"] = teacher
+        return models
+
+    def loss(self, models, x, step, cfg, generator, class_labels=None):
+        raise NotImplementedError
+
+    def after_step(self, models, step, cfg) -> None:
+        pass
+
+
+class EDM(Method):
+    """The diffusion teacher: EDM's denoising loss (EDM eq. 8), sampled with EDM's Heun sampler."""
+    name, kind, default_loss, defaults = "edm", "edm", None, {"p_mean": -1.2, "p_std": 1.2}
+
+    def loss(self, models, x, step, cfg, generator, class_labels=None):
+        a = cfg["method_args"]
+        return objectives.edm_loss(models["model"], x, generator, a["p_mean"], a["p_std"], class_labels), {}
+
+
+class CD(Method):
+    """Consistency distillation (CM Alg. 2): fixed N, a Heun step of the teacher, target EMA rate mu."""
+    name, needs_teacher, default_loss = "cd", True, "lpips"
+    defaults = {"num_scales": 18, "mu": 0.0, "solver": "heun", "weighting": "uniform"}
+
+    def build(self, net, cfg, teacher=None):
+        models = super().build(net, cfg, teacher)
+        models["target"] = _frozen_copy(models["model"])
+        return models
+
+    def loss(self, models, x, step, cfg, generator, class_labels=None):
+        a = cfg["method_args"]
+        loss = objectives.cd_loss(models["model"], models["target"], models["teacher"], x, a["num_scales"],
+                                  a["solver"], cfg["loss"], generator, models.get("lpips"), class_labels,
+                                  a["weighting"])
+        return loss, {"N": a["num_scales"], "mu": a["mu"]}
+
+    def after_step(self, models, step, cfg):
+        ema_update_(models["target"], models["model"], cfg["method_args"]["mu"])
+
+
+class CT(Method):
+    """Consistency training (CM Alg. 3) with the adaptive N(k), mu(k) of Appendix C."""
+    name, default_loss = "ct", "lpips"
+    defaults = {"s0": 2, "s1": 150, "mu0": 0.9, "weighting": "uniform", "match_reference_code": False}
+
+    def _schedule(self, step, cfg):
+        a = cfg["method_args"]
+        return ct_schedule(step, cfg["total_steps"], a["s0"], a["s1"], a["mu0"], a["match_reference_code"])
+
+    build = CD.build
+
+    def loss(self, models, x, step, cfg, generator, class_labels=None):
+        n, mu = self._schedule(step, cfg)
+        loss = objectives.ct_loss(models["model"], models["target"], x, n, cfg["loss"], generator,
+                                  models.get("lpips"), class_labels, cfg["method_args"]["weighting"])
+        return loss, {"N": n, "mu": mu}
+
+    def after_step(self, models, step, cfg):
+        ema_update_(models["target"], models["model"], self._schedule(step, cfg)[1])
+
+
+class ICT(Method):
+    """Improved consistency training: no EMA target, pseudo-Huber, lognormal levels, doubling N(k) (iCT)."""
+    name, default_loss = "ict", "pseudo_huber"
+    defaults = {"s0": 10, "s1": 1280, "p_mean": -1.1, "p_std": 2.0, "c": None}
+
+    def loss(self, models, x, step, cfg, generator, class_labels=None):
+        a = cfg["method_args"]
+        n = ict_schedule(step, cfg["total_steps"], a["s0"], a["s1"])
+        loss = objectives.ict_loss(models["model"], x, n, cfg["loss"], a["c"], generator, a["p_mean"], a["p_std"],
+                                   models.get("lpips"), class_labels)
+        return loss, {"N": n, "mu": 0.0}
+
+
+for _m in (EDM(), CD(), CT(), ICT()):
+    register(_m)
