@@ -1,0 +1,155 @@
+"""cmfast.data on generated files: CIFAR-10 (folder and tarball), Fashion-MNIST idx, PNG folders, the sampler.
+No test downloads: cmfast.data._fetch is replaced by a stub in every test."""
+import gzip
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from cmfast import data
+from train_fixtures import cifar_tarball, idx_bytes, write_cifar_folder, write_fmnist, write_png_folder
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch, tmp_path):
+    def fetch(url, timeout=30.0):
+        raise AssertionError(f"a test tried to download {url}")
+    monkeypatch.setattr(data, "_fetch", fetch)
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "no-system-dir"))
+    monkeypatch.delenv("CMFAST_OFFLINE", raising=False)
+
+
+def test_cifar_folder_matches_pickles(tmp_path):
+    batches = write_cifar_folder(tmp_path, n_per_batch=4)
+    ds = data.load_cifar10(str(tmp_path))
+    train = [pickle.loads(batches[f"data_batch_{i}"]) for i in range(1, 6)]
+    want = np.concatenate([b[b"data"] for b in train]).reshape(-1, 3, 32, 32)
+    assert ds.images.shape == (20, 3, 32, 32) and ds.xflip          # the test batch is not used for training
+    assert np.array_equal(ds.images.numpy(), want)
+    assert ds.labels.tolist() == sum((b[b"labels"] for b in train), [])
+    x, y = ds.batch(torch.tensor([3, 0]), torch.tensor([True, False]))
+    # [-1, 1] float; the first image is mirrored (CIFAR-10 gets random horizontal flips).
+    assert torch.equal(x[0], torch.from_numpy(want[3]).float().flip(2) / 127.5 - 1)
+    assert torch.equal(x[1], torch.from_numpy(want[0]).float() / 127.5 - 1)
+    assert x.min() >= -1 and x.max() <= 1 and y.tolist() == [ds.labels[3].item(), ds.labels[0].item()]
+
+
+def test_cifar_tarball_md5(tmp_path, monkeypatch):
+    blob, md5 = cifar_tarball(n_per_batch=2)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(blob)
+    with pytest.raises(data.DataError, match="corrupt \\(md5 differs"):     # the real md5 does not match
+        data.load_cifar10(str(tmp_path))
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
+    assert data.load_cifar10(str(tmp_path)).images.shape == (10, 3, 32, 32)
+
+
+def test_cifar_download_path(tmp_path, monkeypatch):
+    blob, md5 = cifar_tarball(n_per_batch=2)
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
+    monkeypatch.setattr(data, "_fetch", lambda url, timeout=30.0: blob)
+    assert data.load_cifar10(str(tmp_path)).images.shape == (10, 3, 32, 32)
+    assert (tmp_path / "cifar-10-python.tar.gz").read_bytes() == blob        # kept for next time
+    # A download with the wrong md5 is refused and nothing is written.
+    monkeypatch.setattr(data, "_fetch", lambda url, timeout=30.0: blob + b"x")
+    with pytest.raises(data.DataError, match="wrong md5"):
+        data.load_cifar10(str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
+
+
+def test_cifar_missing_offline_says_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMFAST_OFFLINE", "1")
+    with pytest.raises(data.DataError) as e:
+        data.load_cifar10(str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and "cifar-10-python.tar.gz" in msg and str(tmp_path) in msg and data.CIFAR10_MD5 in msg
+
+
+def test_cifar_corrupt_batch(tmp_path):
+    write_cifar_folder(tmp_path, n_per_batch=2)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(data.DataError, match="data_batch_3: corrupt CIFAR-10 batch"):
+        data.load_cifar10(str(tmp_path))
+    bad = pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(bad)
+    with pytest.raises(data.DataError, match="expected data \\(n, 3072\\)"):
+        data.load_cifar10(str(tmp_path))
+
+
+def test_fmnist_idx_padding_and_search_order(tmp_path, monkeypatch):
+    images, labels = write_fmnist(tmp_path / "fashion-mnist", n=5)
+    ds = data.load_fashion_mnist(str(tmp_path))
+    assert ds.images.shape == (5, 1, 32, 32) and not ds.xflip
+    assert np.array_equal(ds.images[:, 0, 2:30, 2:30].numpy(), images)
+    x, _ = ds.batch(torch.arange(5))
+    assert torch.all(x[:, :, :2] == -1) and torch.all(x[:, :, :, -2:] == -1)     # padded with -1 (DESIGN.md 2)
+    assert ds.labels.tolist() == labels.tolist()
+    # The system (Debian) folder wins over the data dir.
+    sys_images, _ = write_fmnist(tmp_path / "system", n=3, seed=1)
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "system"))
+    assert np.array_equal(data.load_fashion_mnist(str(tmp_path)).images[:, 0, 2:30, 2:30].numpy(), sys_images)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda b: b"\x00\x00\x09\x03" + b[4:], "not a uint8 idx file"),        # wrong dtype byte
+    (lambda b: b"\x08\x03" + b[2:], "not a uint8 idx file"),                # wrong magic
+    (lambda b: b[:-7], "truncated or padded"),
+    (lambda b: b"", "not a uint8 idx file"),
+])
+def test_idx_corrupt_headers(tmp_path, mutate, match):
+    write_fmnist(tmp_path, n=4)
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(p.read_bytes())
+    with gzip.open(p, "wb") as f:
+        f.write(mutate(raw))
+    with pytest.raises(data.DataError, match=match) as e:
+        data.load_fashion_mnist(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_fmnist_wrong_dims_and_not_gzip(tmp_path):
+    write_fmnist(tmp_path, n=4)
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(idx_bytes(np.zeros((4, 27, 28), np.uint8)))
+    with pytest.raises(data.DataError, match="expected \\(n, 28, 28\\)"):
+        data.load_fashion_mnist(str(tmp_path))
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(data.DataError, match="unreadable"):
+        data.load_fashion_mnist(str(tmp_path))
+
+
+def test_fmnist_missing_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMFAST_OFFLINE", "1")
+    with pytest.raises(data.DataError, match="dataset-fashion-mnist or put train-images-idx3-ubyte.gz"):
+        data.load_fashion_mnist(str(tmp_path))
+
+
+def test_png_folder_and_zip(tmp_path):
+    arrs = write_png_folder(tmp_path / "imgs", n=5, size=8)
+    ds = data.load_dataset("folder", str(tmp_path / "imgs"))
+    assert np.array_equal(ds.images.permute(0, 2, 3, 1).numpy(), arrs) and ds.labels is None
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as z:
+        for f in sorted(os.listdir(tmp_path / "imgs")):
+            z.write(tmp_path / "imgs" / f, f)
+        z.writestr("dataset.json", '{"labels": [["img0001.png", 7]]}')
+    dz = data.load_dataset("folder", str(tmp_path / "imgs.zip"))
+    assert torch.equal(dz.images, ds.images) and dz.labels.tolist() == [0, 7, 0, 0, 0]
+    write_png_folder(tmp_path / "imgs", n=1, size=9, seed=3)        # overwrites img0000.png with another size
+    with pytest.raises(data.DataError, match="expected all images"):
+        data.load_dataset("folder", str(tmp_path / "imgs"))
+
+
+def test_sampler_epochs_and_state():
+    s = data.Sampler(10, seed=3)
+    first = torch.cat([s.next(4)[0] for _ in range(5)])            # 20 indices = two full epochs
+    assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:].tolist()) == list(range(10))
+    s = data.Sampler(10, seed=3)
+    s.next(7)
+    sd = s.state_dict()
+    want = [s.next(4) for _ in range(3)]
+    s2 = data.Sampler(10, seed=99)
+    s2.load_state_dict(sd)
+    got = [s2.next(4) for _ in range(3)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(want, got))
