@@ -97,7 +97,10 @@ def ext_filename() -> str:
 def _run(cmd: list[str]) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
-        raise RuntimeError(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+        log = r.stdout + r.stderr
+        first = next((ln.strip() for ln in log.splitlines() if "error" in ln.lower()), f"exit status {r.returncode}")
+        # First line: the first compiler error (what one-line reports show); then the command and the full log.
+        raise RuntimeError(f"compiling csrc/ failed: {first}\n{' '.join(cmd)}\n{log}")
 
 
 def compile(out: str | os.PathLike, arch: str | None = None, jobs: int | None = None, verbose: bool = False) -> Path:

@@ -77,15 +77,23 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+_loaded: dict = {}
+
+
 def _ext(device: torch.device):
-    """cmfast._C, built for this device's compute capability (or $CMFAST_CUDA_ARCH) when not installed."""
+    """cmfast._C, built for this device's compute capability (or $CMFAST_CUDA_ARCH) when not installed.
+    Looked up once per device: checking the build hashes csrc/, too slow for every call."""
+    mod = _loaded.get(device.index)
+    if mod is not None:
+        return mod
     from .. import _build
     from . import BackendUnavailable
     arch = os.environ.get("CMFAST_CUDA_ARCH") or "".join(map(str, torch.cuda.get_device_capability(device)))
     try:
-        return _build.load(arch)
-    except (_build.ToolchainMissing, RuntimeError, ImportError) as e:
+        mod = _loaded[device.index] = _build.load(arch)
+    except (_build.ToolchainMissing, RuntimeError, ImportError, ValueError) as e:
         raise BackendUnavailable(f"backend 'cuda' is unavailable: {str(e).splitlines()[0]}") from None
+    return mod
 
 
 class _on_device:
@@ -145,6 +153,9 @@ class _SkipOutput(torch.autograd.Function):
 
 def skip_output(x, F, sigma, sigma_data, sigma_min):
     """c_skip(sigma) x + c_out(sigma) F in x's dtype; differentiable in x and F (not sigma)."""
+    if isinstance(sigma, torch.Tensor) and sigma.requires_grad and torch.is_grad_enabled():
+        raise ValueError("skip_output (cuda): expected sigma without requires_grad (no gradient w.r.t. sigma); "
+                         "use backend 'torch' to differentiate through the scalings")
     return _SkipOutput.apply(x, F, sigma, float(sigma_data), float(sigma_min))
 
 

@@ -1,0 +1,291 @@
+"""CUDA C++ kernels (csrc/, backend 'cuda') against the float64 references of tests/reference.py: forward and every
+gradient, NCHW and channels-last, fp32/fp16/bf16, odd shapes (batch 1, C not a power of two, odd H*W), aligned
+(16-byte vector) and misaligned (scalar) paths, forced split counts, streams, graphs, determinism.
+
+Tolerance (flash-attention's rule, as in test_ops_triton.py): the kernel's max error vs the float64 truth is at most
+twice PyTorch's own (backend 'torch', same dtype) plus one ulp of the dtype at the output's scale. Every
+torch.empty* the wrappers call returns NaN-filled memory, so an element or workspace entry a kernel forgets to
+write fails the test. GPU only: the module is built (or JIT-compiled, ~30 s) by the first test.
+"""
+import contextlib
+
+import pytest
+import torch
+
+import reference as ref
+from cmfast import ops
+from cmfast.ops import _cuda
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+CL = torch.channels_last
+NCHW = torch.contiguous_format
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    return _cuda._ext(torch.device(DEV))  # a build failure shows here once, with nvcc's first line
+
+
+@contextlib.contextmanager
+def poisoned():
+    """torch.empty / empty_like / empty_strided come back filled with NaN (integers: 77)."""
+    saved = torch.empty, torch.empty_like, torch.empty_strided
+
+    def fill(t):
+        return t.fill_(float("nan") if t.is_floating_point() else 77)
+
+    torch.empty = lambda *a, **k: fill(saved[0](*a, **k))
+    torch.empty_like = lambda *a, **k: fill(saved[1](*a, **k))
+    torch.empty_strided = lambda *a, **k: fill(saved[2](*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.empty_strided = saved
+
+
+def run(backend, fn, inputs: dict, grad: tuple, dy=None):
+    # detach, not clone: a clone would re-align the deliberately misaligned inputs
+    leaves = {k: (v.detach().requires_grad_(k in grad) if isinstance(v, torch.Tensor) else v)
+              for k, v in inputs.items()}
+    with (poisoned() if backend == "cuda" else contextlib.nullcontext()), ops.use_backend(backend):
+        out = fn(**leaves)
+        if dy is not None:
+            out.backward(dy)
+    return [out.detach()] + [leaves[k].grad for k in grad]
+
+
+def check(fn, reffn, inputs: dict, grad=(), dtype=torch.float32, backward=True):
+    x64 = {k: (v.detach().double().requires_grad_(k in grad) if isinstance(v, torch.Tensor) and v.is_floating_point()
+               else v) for k, v in inputs.items()}
+    out64 = reffn(**x64)
+    dy = torch.randn(out64.shape, device=DEV, dtype=dtype) if backward and grad else None
+    if dy is not None:
+        out64.backward(dy.double())
+    truth = [out64.detach()] + [x64[k].grad for k in grad]
+    theirs = run("torch", fn, inputs, grad, dy)
+    ours = run("cuda", fn, inputs, grad, dy)
+    for name, t, a, b in zip(["out"] + [f"d{k}" for k in grad], truth, theirs, ours):
+        assert b.shape == t.shape and b.dtype == a.dtype, f"{name}: {b.shape} {b.dtype} vs {t.shape} {a.dtype}"
+        assert torch.isfinite(b).all(), f"{name}: non-finite (unwritten) elements"
+        err_torch = (a.double() - t).abs().max().item()
+        err_ours = (b.double() - t).abs().max().item()
+        floor = ULP[b.dtype if b.is_floating_point() else dtype] * max(t.abs().max().item(), 1e-3)
+        assert err_ours <= 2 * err_torch + floor, f"{name}: cuda err {err_ours:.3g} vs torch {err_torch:.3g}"
+    return ours
+
+
+def rand(*shape, dtype=torch.float32, fmt=NCHW, misaligned=False):
+    t = torch.randn(*shape, device=DEV).to(dtype).contiguous(memory_format=fmt)
+    if misaligned:  # same values one element into a fresh buffer: data_ptr is not 16-byte aligned (scalar path)
+        buf = torch.empty(t.numel() + 1, device=DEV, dtype=dtype)
+        t = buf[1:].as_strided(t.shape, t.stride()).copy_(t)
+    return t
+
+
+# ---- skip_output ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (3, 4, 8, 8), (2, 3, 32, 32)])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("misaligned", [False, True], ids=["vec", "scalar"])
+def test_skip_output(dtype, shape, fmt, misaligned):
+    sigma = torch.tensor([0.002, 0.5, 80.0], device=DEV)[: shape[0]]
+    out = check(ops.skip_output, ref.skip_output,
+                dict(x=rand(*shape, dtype=dtype, fmt=fmt, misaligned=misaligned), F=rand(*shape, dtype=dtype),
+                     sigma=sigma), grad=("x", "F"), dtype=dtype)
+    assert out[0].is_contiguous(memory_format=fmt)
+
+
+def test_skip_output_mixed_dtypes_and_boundary():
+    x, F = rand(2, 3, 8, 8, dtype=torch.bfloat16, fmt=CL), rand(2, 3, 8, 8)
+    out = check(ops.skip_output, ref.skip_output, dict(x=x, F=F, sigma=torch.tensor([0.1, 3.0], device=DEV)),
+                grad=("x", "F"), dtype=torch.bfloat16)
+    assert out[0].dtype == torch.bfloat16 and out[2].dtype == torch.float32
+    with ops.use_backend("cuda"):
+        assert torch.equal(ops.skip_output(x, F, 0.002), x)  # f(x, sigma_min) = x exactly (CM paper eq. 7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("misaligned", [False, True], ids=["vec", "scalar"])
+def test_skip_output_infer(dtype, misaligned):
+    x, F = 2 * rand(2, 3, 5, 8, dtype=dtype, misaligned=misaligned), rand(2, 3, 5, 8, dtype=dtype)
+    sigma = torch.tensor([0.3, 2.0], device=DEV)
+    check(lambda **a: ops.skip_output_infer(**a), ref.skip_output_infer, dict(x=x, F=F, sigma=sigma), dtype=dtype,
+          backward=False)
+    with ops.use_backend("cuda"), poisoned():
+        u = ops.skip_output_infer(x, F, sigma, uint8=True)
+    truth = ref.skip_output_infer(x.double(), F.double(), sigma, uint8=True)
+    assert u.dtype == torch.uint8 and (u.double() - truth).abs().max() <= 1
+    with ops.use_backend("torch"):
+        assert (u == ops.skip_output_infer(x, F, sigma, uint8=True)).float().mean() > 0.99
+
+
+def test_skip_output_infer_rounds_half_to_even():
+    cand = (torch.arange(0, 255, dtype=torch.float64) + 0.5) / 127.5 - 1
+    cand = (cand.float()[:, None] + torch.arange(-64, 65).float() * 2.0 ** -23).flatten()
+    v = (cand + 1.0) * 127.5
+    x = cand[v == v.floor() + 0.5][:64].to(DEV).reshape(1, 1, 1, -1)
+    assert x.numel() >= 8
+    with ops.use_backend("cuda"):
+        u = ops.skip_output_infer(x, torch.zeros_like(x), 0.002, uint8=True)
+    with ops.use_backend("torch"):
+        assert torch.equal(u, ops.skip_output_infer(x, torch.zeros_like(x), 0.002, uint8=True))
+
+
+# ---- group_norm_act ---------------------------------------------------------------------------------------------
+def _gn_inputs(shape, dtype, fmt, affine=True, mod=True, misaligned=False):
+    N, C = shape[:2]
+    return dict(x=3 * rand(*shape, dtype=dtype, fmt=fmt, misaligned=misaligned) + 1.5,
+                weight=(1 + 0.3 * rand(C, dtype=dtype)) if affine else None,
+                bias=0.3 * rand(C, dtype=dtype) if affine else None,
+                scale=0.5 * rand(N, C, dtype=dtype) if mod else None,
+                shift=0.5 * rand(N, C, dtype=dtype) if mod else None)
+
+
+def _gn(G, act="silu", eps=1e-6):
+    def fn(x, weight, bias, scale, shift):
+        return ops.group_norm_act(x, G, weight, bias, eps, scale, shift, act)
+
+    def reffn(x, weight, bias, scale, shift):
+        return ref.group_norm_act(x, G, weight, bias, eps, scale, shift, act)
+    return fn, reffn
+
+
+ALL = ("x", "weight", "bias", "scale", "shift")
+SPLITS = {"auto": None, "one": lambda N, C, HW, nhwc, sms: 1, "max": lambda N, C, HW, nhwc, sms: HW}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,G", [((1, 12, 5, 7), 4), ((2, 48, 3, 3), 8), ((2, 20, 8, 8), 5),
+                                     ((1, 128, 32, 32), 32), ((3, 96, 16, 16), 32)])
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_group_norm_act(dtype, fmt, shape, G, split, monkeypatch):
+    if SPLITS[split]:
+        monkeypatch.setattr(_cuda, "_num_splits", SPLITS[split])
+    fn, reffn = _gn(G)
+    out = check(fn, reffn, _gn_inputs(shape, dtype, fmt), grad=ALL, dtype=dtype)
+    assert out[0].is_contiguous(memory_format=fmt) and out[1].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("affine,mod,act", [(False, False, "none"), (True, False, "silu"), (False, True, "none"),
+                                            (True, True, "none")])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+def test_group_norm_act_optional_parts(affine, mod, act, fmt):
+    fn, reffn = _gn(3, act=act)
+    grad = ("x",) + (("weight", "bias") if affine else ()) + (("scale", "shift") if mod else ())
+    check(fn, reffn, _gn_inputs((2, 6, 4, 5), torch.float32, fmt, affine, mod), grad=grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+def test_group_norm_act_misaligned_scalar_path(dtype, fmt):
+    fn, reffn = _gn(8)
+    check(fn, reffn, _gn_inputs((2, 32, 8, 8), dtype, fmt, misaligned=True), grad=ALL, dtype=dtype)
+
+
+@pytest.mark.parametrize("layout", ["ncl", "nlc"])
+def test_group_norm_act_one_spatial_dim(layout):
+    fn, reffn = _gn(4)
+    inputs = _gn_inputs((2, 12, 9), torch.float32, NCHW)
+    if layout == "nlc":  # (N, L, C) storage seen as (N, C, L): the channels-last path with one spatial dim
+        inputs["x"] = inputs["x"].transpose(1, 2).contiguous().transpose(1, 2)
+    check(fn, reffn, inputs, grad=ALL)
+
+
+def test_group_norm_act_large_mean_is_stable():
+    fn, reffn = _gn(2, act="none")
+    inputs = _gn_inputs((1, 4, 9, 9), torch.float32, NCHW, affine=False, mod=False)
+    inputs["x"] = inputs["x"] + 1e4  # shifted sums keep the variance; E[x^2] - E[x]^2 in fp32 would not
+    check(fn, reffn, inputs, grad=("x",))
+
+
+def test_group_norm_act_random_shapes():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        N, G, Cg, H, W = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in
+                          ((1, 4), (1, 5), (1, 7), (1, 12), (1, 12)))
+        fmt, act = (CL, "silu") if torch.rand(1, generator=g) < 0.5 else (NCHW, "none")
+        fn, reffn = _gn(G, act=act)
+        check(fn, reffn, _gn_inputs((N, G * Cg, H, W), torch.float32, fmt), grad=ALL)
+
+
+def test_group_norm_act_backward_is_deterministic():
+    inputs = _gn_inputs((1, 64, 16, 16), torch.bfloat16, CL)
+    dy = torch.randn(1, 64, 16, 16, device=DEV, dtype=torch.bfloat16)
+    fn, _ = _gn(32)
+    a, b = run("cuda", fn, inputs, ALL, dy), run("cuda", fn, inputs, ALL, dy)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+# ---- consistency_loss -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["pseudo_huber", "l2", "l1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (4, 3, 32, 32), (3, 1, 28, 28)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_consistency_loss(kind, dtype, shape, weighted):
+    B = shape[0]
+    inputs = dict(pred=rand(*shape, dtype=dtype), target=rand(*shape, dtype=dtype), kind=kind,
+                  c=0.00054 * (shape[1] * shape[2] * shape[3]) ** 0.5,
+                  weight=torch.rand(B, device=DEV) + 0.5 if weighted else None)
+    check(ops.consistency_loss, ref.consistency_loss, inputs, grad=("pred",), dtype=dtype)
+
+
+def test_consistency_loss_layouts_mixed_dtypes_and_all_grads():
+    pred, target = rand(3, 3, 7, 9, fmt=CL, misaligned=True), rand(3, 3, 7, 9, dtype=torch.bfloat16)
+    inputs = dict(pred=pred, target=target, kind="pseudo_huber", c=0.03, weight=torch.rand(3, device=DEV) + 0.5)
+    out = check(ops.consistency_loss, ref.consistency_loss, inputs, grad=("pred", "target", "weight"))
+    assert out[1].is_contiguous(memory_format=CL)
+
+
+# ---- streams, graphs, no host synchronization --------------------------------------------------------------------
+def test_runs_on_the_current_stream_without_host_sync():
+    x = _gn_inputs((2, 64, 16, 16), torch.bfloat16, CL)["x"]
+    F = rand(2, 64, 16, 16, dtype=torch.bfloat16, fmt=CL)
+    sigma = torch.tensor([0.5, 2.0], device=DEV)
+    with ops.use_backend("torch"):
+        want_gn = ops.group_norm_act(x, 32, None, None, 1e-6, None, None, "silu")
+        want_skip = ops.skip_output_infer(x, F, sigma)
+        want_loss = ops.consistency_loss(x, F, "l2")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side), ops.use_backend("cuda"):
+            torch.cuda._sleep(50_000_000)  # the side stream is busy; kernels on another stream would run early
+            x2, F2 = x * 1, F * 1
+            gn = ops.group_norm_act(x2, 32, None, None, 1e-6, None, None, "silu")
+            skip = ops.skip_output_infer(x2, F2, sigma)
+            loss = ops.consistency_loss(x2, F2, "l2")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(gn, want_gn, atol=2 * ULP[torch.bfloat16], rtol=2 * ULP[torch.bfloat16])
+    torch.testing.assert_close(skip, want_skip, atol=2 * ULP[torch.bfloat16], rtol=2 * ULP[torch.bfloat16])
+    torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-5)
+
+
+def test_cuda_graph_capture_and_replay():
+    x = _gn_inputs((2, 32, 8, 8), torch.float16, CL)["x"]
+    F = rand(2, 32, 8, 8, dtype=torch.float16, fmt=CL)
+    sigma = torch.tensor([0.5, 2.0], device=DEV)
+
+    def step():
+        h = ops.group_norm_act(x, 8, None, None, 1e-6, None, None, "silu")
+        return ops.skip_output_infer(x, h, sigma, uint8=True)
+
+    with ops.use_backend("cuda"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up: module loaded, allocator primed
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(out, step(), atol=0, rtol=0)
