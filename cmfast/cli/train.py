@@ -150,7 +150,7 @@ def main(argv=None) -> int:
             train(args)
         except TrainingError as e:
             fail(str(e), code=1)
-    except (DataError, CheckpointError, ValueError, TypeError, FileNotFoundError, PermissionError,
+    except (DataError, CheckpointError, ValueError, FileNotFoundError, PermissionError,
             NotADirectoryError, ImportError) as e:
         if os.environ.get("CMFAST_DEBUG") == "1":
             raise

@@ -8,7 +8,7 @@ the global torch RNG (seeded per rank, saved in checkpoints).
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import os
 import random
 import resource
@@ -236,7 +236,7 @@ def train(args: dict) -> dict:
     tick = {"loss": 0.0, "gnorm": 0.0, "n": 0, "t0": time.time(), "step0": step}
     row, consecutive_bad = {}, 0
 
-    with ops.use_backend(cfg["backend"]):
+    with ops.use_backend(cfg["backend"]), _restore_signals(old, bar):
         while step < cfg["total_steps"]:
             # Data: the global batch is drawn on every rank, each rank keeps its slice.
             idx, flip = sampler.next(cfg["batch_size"])
@@ -308,11 +308,18 @@ def train(args: dict) -> dict:
             if stopping:
                 log(f"stopping at step {step}" + (" on a signal" if float(red[1]) > 0 else " (--stop-at)"))
                 break
-    if bar:
-        bar.close()
-    for s, h in old.items():
-        signal.signal(s, h)
     return row
+
+
+@contextmanager
+def _restore_signals(old: dict, bar):
+    try:
+        yield
+    finally:
+        if bar:
+            bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _stats_row(step, cfg, tick, info, lr, counters, device) -> dict:

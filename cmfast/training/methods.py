@@ -54,8 +54,10 @@ def _sigma_kwargs(cfg: dict) -> dict:
     return dict(sigma_data=cfg["sigma_data"], sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"])
 
 
-def _frozen_copy(m: nn.Module) -> nn.Module:
-    return copy.deepcopy(m).requires_grad_(False)
+def _with_target(models: dict) -> dict:
+    """Adds theta-, the target network (CM Alg. 2/3): a frozen copy of the model, updated by EMA."""
+    models["target"] = copy.deepcopy(models["model"]).requires_grad_(False)
+    return models
 
 
 class Method:
@@ -94,9 +96,7 @@ class CD(Method):
     defaults = {"num_scales": 18, "mu": 0.0, "solver": "heun", "weighting": "uniform"}
 
     def build(self, net, cfg, teacher=None):
-        models = super().build(net, cfg, teacher)
-        models["target"] = _frozen_copy(models["model"])
-        return models
+        return _with_target(Method.build(self, net, cfg, teacher))
 
     def loss(self, models, x, step, cfg, generator, class_labels=None):
         a = cfg["method_args"]
@@ -118,7 +118,8 @@ class CT(Method):
         a = cfg["method_args"]
         return ct_schedule(step, cfg["total_steps"], a["s0"], a["s1"], a["mu0"], a["match_reference_code"])
 
-    build = CD.build
+    def build(self, net, cfg, teacher=None):
+        return _with_target(Method.build(self, net, cfg, teacher))
 
     def loss(self, models, x, step, cfg, generator, class_labels=None):
         n, mu = self._schedule(step, cfg)

@@ -1,0 +1,195 @@
+"""cmfast-train / cmfast-sample end to end on generated data (tiny preset, CPU): every method, sample grids,
+checkpoints, exact resume, atomic writes, non-finite steps and signals."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cmfast import data
+from cmfast.cli.sample import main as sample_main
+from cmfast.cli.train import main as train_main
+from cmfast.training import checkpoint as ckpt
+from train_fixtures import write_cifar_folder, write_fmnist, write_png_folder
+
+FAST = ["--preset", "tiny", "--batch-size", "4", "--sample-num", "4", "--log-every", "1", "--lr", "1e-3"]
+
+
+@pytest.fixture(autouse=True)
+def env(monkeypatch, tmp_path):
+    monkeypatch.setenv("CMFAST_OFFLINE", "1")
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "no-system-dir"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # the CI machine is shared; one thread is faster than two contended ones
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar_folder(root, n_per_batch=4)
+    return str(root)
+
+
+def png_size(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()
+        return im.size, im.mode
+
+
+def rows(out):
+    with open(os.path.join(out, "stats.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_edm_then_cd_then_sample(tmp_path, cifar):
+    edm = str(tmp_path / "edm")
+    assert train_main(["--dataset", "cifar10", "--data-dir", cifar, "--method", "edm", "--steps", "3",
+                       "--output-dir", edm, *FAST]) == 0
+    assert png_size(os.path.join(edm, "samples", "00000003-heun18.png")) == ((64, 64), "RGB")   # 2x2 grid of 32
+    cd = str(tmp_path / "cd")
+    assert train_main(["--dataset", "cifar10", "--data-dir", cifar, "--method", "cd", "--teacher", edm,
+                       "--loss", "l2", "--steps", "3", "--output-dir", cd, "--num-scales", "6", *FAST]) == 0
+    r = rows(cd)
+    assert [x["step"] for x in r] == [1, 2, 3] and all(x["N"] == 6 and x["mu"] == 0.0 for x in r)
+    assert all(np.isfinite(x["loss"]) and x["loss"] > 0 for x in r)
+    for tag in ("1step", "2step"):
+        assert png_size(os.path.join(cd, "samples", f"00000003-{tag}.png")) == ((64, 64), "RGB")
+    # The student starts from the teacher (same preset): 3 Adam steps of lr 1e-3 move a weight by ~3e-3 at most,
+    # while two independent initialisations differ by O(0.1).
+    model, meta = ckpt.load_model(cd, which="model")
+    teacher, _ = ckpt.load_model(edm, which="ema")
+    assert meta["step"] == 3 and meta["config"]["method"] == "cd" and not model.training
+    gap = max((a - b).abs().max().item() for a, b in zip(model.parameters(), teacher.parameters()))
+    assert 0 < gap < 1e-2
+    # cmfast-sample: grid + npz, independent of --batch-size.
+    g, z1, z2 = (str(tmp_path / n) for n in ("g.png", "a.npz", "b.npz"))
+    assert sample_main(["--checkpoint", cd, "--num", "5", "--steps", "2", "--grid", g, "--npz", z1,
+                        "--batch-size", "5", "--device", "cpu"]) == 0
+    assert sample_main(["--checkpoint", cd, "--num", "5", "--steps", "2", "--npz", z2, "--batch-size", "5",
+                        "--device", "cpu"]) == 0
+    a, b = np.load(z1)["arr_0"], np.load(z2)["arr_0"]
+    assert a.shape == (5, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert png_size(g) == ((96, 64), "RGB")
+
+
+def test_ct_and_ict_fmnist(tmp_path):
+    write_fmnist(tmp_path / "fm", n=16)
+    for method in ("ct", "ict"):
+        out = str(tmp_path / method)
+        assert train_main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm"), "--method", method,
+                           "--loss", "pseudo_huber", "--steps", "3", "--output-dir", out, *FAST]) == 0
+        r = rows(out)
+        assert len(r) == 3 and all(np.isfinite(x["loss"]) for x in r)
+        assert png_size(os.path.join(out, "samples", "00000003-1step.png")) == ((64, 64), "L")
+        w = load_file(os.path.join(out, "ckpt-00000003.safetensors"))
+        assert ("target/net.out_conv.weight" in w) == (method == "ct")
+        assert {"model/net.out_conv.weight", "ema/net.out_conv.weight", "ema@0.9999/net.out_conv.weight"} <= set(w)
+    # ct's target follows mu(k) = exp(s0 log mu0 / N(k)) (CM paper Appendix C).
+    from cmfast import ct_schedule
+    assert [x["mu"] for x in rows(str(tmp_path / "ct"))] == [ct_schedule(k, 3)[1] for k in range(3)]
+
+
+def _run(out, folder, *extra):
+    return train_main(["--dataset", "folder", "--data-dir", folder, "--method", "ct", "--loss", "l2",
+                       "--steps", "4", "--dropout", "0.2", "--ema", "0.9,0.5", "--ckpt-every", "1", "--keep", "2",
+                       "--sample-num", "0", "--output-dir", out, "--batch-size", "4", "--preset", "tiny",
+                       "--lr", "1e-3", *extra])
+
+
+def test_resume_is_exact(tmp_path):
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert _run(a, folder) == 0
+    assert _run(b, folder, "--stop-at", "2") == 0
+    assert [s for s, _, _ in ckpt.list_checkpoints(b)] == [1, 2]          # --keep 2
+    assert _run(b, folder, "--resume", "latest") == 0
+    wa, wb = load_file(os.path.join(a, "ckpt-00000004.safetensors")), load_file(os.path.join(b, "ckpt-00000004.safetensors"))
+    assert set(wa) == set(wb) and {k.split("/")[0] for k in wa} == {"model", "target", "ema", "ema@0.9", "ema@0.5"}
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    sa = torch.load(os.path.join(a, "ckpt-00000004.state.pt"), weights_only=True)
+    sb = torch.load(os.path.join(b, "ckpt-00000004.state.pt"), weights_only=True)
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])                # dropout RNG restored too
+    assert [x["loss"] for x in rows(a)][2:] == [x["loss"] for x in rows(b)][2:]
+
+
+def test_atomic_save_and_fallback(tmp_path, monkeypatch, capsys):
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--stop-at", "2") == 0
+    before = load_file(os.path.join(out, "ckpt-00000002.safetensors"))
+
+    def broken(f, data, chunk=1 << 24):     # the disk fills up half-way through the state file
+        f.write(data[:len(data) // 2])
+        raise OSError(28, "No space left on device")
+    real = ckpt._write_chunks
+    calls = []
+
+    def fail_on_state(f, d, chunk=1 << 24):
+        calls.append(len(d))
+        return broken(f, d) if len(calls) == 2 else real(f, d)
+    monkeypatch.setattr(ckpt, "_write_chunks", fail_on_state)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(out, 3, {"model": {"w": torch.ones(3)}}, {"method": "ct"}, {}, keep=0)
+    monkeypatch.setattr(ckpt, "_write_chunks", real)
+    assert not [f for f in os.listdir(out) if ".tmp" in f]                       # no temp file left behind
+    assert [s for s, _, _ in ckpt.list_checkpoints(out)] == [1, 2]              # step 3 is incomplete: ignored
+    model, meta = ckpt.load_model(out)
+    assert meta["step"] == 2 and torch.equal(model.net.out_conv.weight, before["ema/net.out_conv.weight"])
+    # A corrupt newest checkpoint: --resume latest says so and continues from the previous one.
+    with open(os.path.join(out, "ckpt-00000002.safetensors"), "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    assert _run(out, folder, "--resume", "latest", "--steps", "3") == 0
+    log = capsys.readouterr().out
+    assert "unreadable checkpoint" in log and "trying the previous checkpoint" in log
+    assert "resumed from" in log and "ckpt-00000001.safetensors at step 1" in log
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
+    from cmfast.training import methods
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    real = methods.CT.loss
+
+    def nan_at_step_1(self, models, x, step, cfg, generator, class_labels=None):
+        loss, info = real(self, models, x, step, cfg, generator, class_labels)
+        return (loss * float("nan") if step == 1 else loss), info
+    monkeypatch.setattr(methods.CT, "loss", nan_at_step_1)
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--steps", "3") == 0
+    r = rows(out)
+    assert r[-1]["skipped"] == 1 and all(np.isfinite(x["loss"]) for x in r)
+    monkeypatch.setattr(methods.CT, "loss", lambda self, models, x, step, cfg, g, c=None:
+                        (real(self, models, x, step, cfg, g, c)[0] * float("inf"), {}))
+    with pytest.raises(SystemExit) as e:
+        _run(str(tmp_path / "bad"), folder, "--nan-limit", "2")
+    assert e.value.code == 1
+    assert "2 consecutive non-finite steps" in capsys.readouterr().err
+
+
+def test_sigterm_checkpoints_and_exits_0(tmp_path, monkeypatch):
+    from cmfast.training import methods
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    real = methods.CT.loss
+
+    def signal_at_step_1(self, models, x, step, cfg, generator, class_labels=None):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)     # arrives mid-step: the step finishes, then a checkpoint
+        return real(self, models, x, step, cfg, generator, class_labels)
+    monkeypatch.setattr(methods.CT, "loss", signal_at_step_1)
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--steps", "50", "--ckpt-every", "100") == 0
+    assert [s for s, _, _ in ckpt.list_checkpoints(out)] == [2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
