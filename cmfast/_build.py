@@ -10,6 +10,7 @@ Standard library only: setup.py loads this file by path, before torch or cmfast 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import importlib.util
 import os
@@ -144,6 +145,19 @@ def compile(out: str | os.PathLike, arch: str | None = None, jobs: int | None = 
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def unavailable_reason() -> str | None:
+    """None when the kernels can be had here (cmfast._C is installed, or nvcc and pybind11 can build it), else one
+    line saying what is missing. Cheap: nothing is compiled."""
+    if importlib.util.find_spec("cmfast._C") is not None:
+        return None
+    if cuda_home() is None:
+        return "cmfast._C is not built and no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)"
+    if importlib.util.find_spec("pybind11") is None:
+        return "cmfast._C is not built and pybind11 is missing to build it (pip install pybind11)"
+    return None
+
+
 def _import_path(path: Path):
     spec = importlib.util.spec_from_file_location("cmfast._C", path)
     mod = importlib.util.module_from_spec(spec)

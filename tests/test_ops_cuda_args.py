@@ -5,7 +5,10 @@ import torch
 
 import cmfast.ops as ops
 from cmfast import _build
-from cmfast.ops import _cuda
+
+if _build.unavailable_reason():
+    pytest.skip(_build.unavailable_reason(), allow_module_level=True)
+from cmfast.ops import _cuda  # noqa: E402
 
 x = torch.randn(2, 6, 5, 7)
 
@@ -28,6 +31,16 @@ def test_non_tensor_and_shape_errors():
         _cuda.group_norm_act([1.0], 1, None, None, 1e-6, None, None, "silu")
     with pytest.raises(TypeError, match="pred: expected a torch.Tensor"):
         _cuda.consistency_loss(None, x, "l2", 0.1, None)
+
+
+def test_unavailable_reason_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(_build, "cuda_home", lambda: None)
+    monkeypatch.setattr(_build.importlib.util, "find_spec", lambda name: None)
+    _build.unavailable_reason.cache_clear()
+    try:
+        assert _build.unavailable_reason().startswith("cmfast._C is not built and no CUDA toolkit was found")
+    finally:
+        _build.unavailable_reason.cache_clear()
 
 
 def test_named_backend_on_cpu_says_why():

@@ -15,6 +15,11 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
+from .. import _build
+
+if _build.unavailable_reason():  # the dispatcher reports it as BackendUnavailable; 'auto' then keeps to torch
+    raise ImportError(_build.unavailable_reason())
+
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _LOSS_KINDS = {"pseudo_huber": 0, "l2": 1, "l1": 2}
 
@@ -86,7 +91,6 @@ def _ext(device: torch.device):
     mod = _loaded.get(device.index)
     if mod is not None:
         return mod
-    from .. import _build
     from . import BackendUnavailable
     arch = os.environ.get("CMFAST_CUDA_ARCH") or "".join(map(str, torch.cuda.get_device_capability(device)))
     try:

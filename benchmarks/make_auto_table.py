@@ -1,0 +1,83 @@
+"""Turn measured per-op benchmark JSON (bench_cuda.py and any file with the same row format) into
+cmfast/ops/auto_table.json: for each op, the backend that backend 'auto' uses on CUDA.
+
+    python benchmarks/make_auto_table.py benchmarks/results/*-cuda-ops.json            # writes the table
+    python benchmarks/make_auto_table.py results.json --out /tmp/t.json --dry-run     # prints it only
+
+Rule: within each measured case (op, shape, layout, pass, dtype, device) every choosable backend (torch = eager,
+triton, cuda; torch.compile is not a backend) is timed relative to the fastest of them; an op's winner has the
+lowest geometric mean of those ratios over the cases where all candidates ran. Only CUDA results count, and only
+numbers that are in the files: nothing is filled in.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+CHOOSABLE = ("torch", "triton", "cuda")
+CASE_KEYS = ("op", "shape", "layout", "pass", "kind", "groups", "uint8")
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "cmfast" / "ops" / "auto_table.json"
+
+
+def choose(results: list[dict]) -> tuple[dict, dict]:
+    """(op -> backend, op -> {backend: geometric-mean ratio to the per-case best, "cases": n})."""
+    cases: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for res in results:
+        if res.get("device_type") != "cuda":
+            continue
+        for row in res.get("rows", []):
+            if row.get("backend") in CHOOSABLE and isinstance(row.get("median_ms"), (int, float)) \
+                    and row["median_ms"] > 0:
+                key = (res.get("device_slug"), res.get("dtype")) + tuple(json.dumps(row.get(k)) for k in CASE_KEYS)
+                cases[key][row["backend"]] = row["median_ms"]
+    per_op: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for key, times in cases.items():
+        per_op[json.loads(key[2])].append(times)
+    table, stats = {}, {}
+    for op, rows in sorted(per_op.items()):
+        cands = [b for b in CHOOSABLE if any(b in r for r in rows)]
+        full = [r for r in rows if all(b in r for b in cands)]
+        if not full:
+            continue
+        gm = {b: math.exp(sum(math.log(r[b] / min(r.values())) for r in full) / len(full)) for b in cands}
+        table[op] = min(cands, key=lambda b: (gm[b], CHOOSABLE.index(b)))  # ties: the simpler backend
+        stats[op] = dict(gm, cases=len(full))
+    return table, stats
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="make_auto_table", description=__doc__.split("\n")[0])
+    p.add_argument("results", nargs="+", type=Path, help="benchmark result JSON files")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
+    a = p.parse_args(argv)
+    results = []
+    for path in a.results:
+        try:
+            results.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"make_auto_table: error: cannot read {path}: {e}", file=sys.stderr)
+            return 2
+    table, stats = choose(results)
+    if not table:
+        print("make_auto_table: error: no CUDA rows with torch/triton/cuda timings in the given files", file=sys.stderr)
+        return 2
+    table["_meta"] = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "sources": [p.name for p in a.results],
+                      "devices": sorted({r.get("device", "?") for r in results if r.get("device_type") == "cuda"}),
+                      "rule": "lowest geometric mean of time / per-case fastest", "ratios": stats}
+    text = json.dumps(table, indent=1, sort_keys=True) + "\n"
+    print(text, end="")
+    if not a.dry_run:
+        a.out.write_text(text)
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""benchmarks/bench_cuda.py runs end to end (CPU smoke: torch rows only) and benchmarks/make_auto_table.py picks
+per-op winners from result rows by the documented rule (synthetic rows here, written to a temp dir only)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_cuda  # noqa: E402
+import make_auto_table  # noqa: E402
+
+
+def _result(device_type, rows, dtype="bfloat16"):
+    return {"device": "test", "device_slug": "test", "device_type": device_type, "dtype": dtype, "rows": rows}
+
+
+def _row(op, shape, backend, ms, **kw):
+    return dict(op=op, shape=shape, backend=backend, median_ms=ms, **{"pass": "fwd"}, **kw)
+
+
+def test_auto_table_rule(tmp_path):
+    rows = [
+        # group_norm_act: cuda 2x faster at one shape, triton 1.1x faster at the other -> cuda by geometric mean
+        _row("group_norm_act", [1, 128, 32, 32], "torch", 10.0), _row("group_norm_act", [1, 128, 32, 32], "cuda", 2.0),
+        _row("group_norm_act", [1, 128, 32, 32], "triton", 4.0),
+        _row("group_norm_act", [8, 256, 8, 8], "torch", 10.0), _row("group_norm_act", [8, 256, 8, 8], "cuda", 3.3),
+        _row("group_norm_act", [8, 256, 8, 8], "triton", 3.0),
+        _row("group_norm_act", [8, 256, 8, 8], "torch.compile", 0.1),  # not a backend: ignored
+        # consistency_loss: triton missing at one shape -> only the complete case counts
+        _row("consistency_loss", [8, 3, 32, 32], "torch", 1.0), _row("consistency_loss", [8, 3, 32, 32], "cuda", 2.0),
+        _row("consistency_loss", [8, 3, 32, 32], "triton", 1.5),
+        _row("consistency_loss", [64, 3, 32, 32], "torch", 9.0), _row("consistency_loss", [64, 3, 32, 32], "cuda", 1.0),
+        _row("skip_output_infer", [1, 3, 32, 32], "torch", 1.0, error="x"),  # no median: never a candidate
+    ]
+    rows[-1].pop("median_ms")
+    cpu = _result("cpu", [_row("attention", [1], "cuda", 0.001), _row("attention", [1], "torch", 1.0)])
+    files = []
+    for i, res in enumerate([_result("cuda", rows), cpu]):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(res))
+    out = tmp_path / "auto_table.json"
+    assert make_auto_table.main([*map(str, files), "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["group_norm_act"] == "cuda" and table["consistency_loss"] == "torch"
+    assert "attention" not in table and "skip_output_infer" not in table  # CPU rows and failed rows count for nothing
+    assert table["_meta"]["ratios"]["consistency_loss"]["cases"] == 1
+    assert table["_meta"]["ratios"]["group_norm_act"]["cuda"] == pytest.approx((1.0 * 1.1) ** 0.5)
+
+
+def test_auto_table_refuses_empty_input(tmp_path, capsys):
+    f = tmp_path / "cpu.json"
+    f.write_text(json.dumps(_result("cpu", [_row("group_norm_act", [1], "torch", 1.0)])))
+    assert make_auto_table.main([str(f), "--out", str(tmp_path / "t.json")]) == 2
+    assert "make_auto_table: error: no CUDA rows" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_bench_cuda_cpu_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench_cuda.main(["--device", "cpu", "--quick", "--no-compile", "--ops", "consistency_loss",
+                            "--dtype", "float32", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "bench_cuda" and res["device_type"] == "cpu" and "cuda" in res["skipped"]
+    assert {r["backend"] for r in res["rows"]} == {"torch"}
+    for r in res["rows"]:
+        assert r["median_ms"] > 0 and r["bytes"] == 3 * 4 * r["shape"][0] * 3 * 32 * 32
+        assert r["speedup_vs_eager"] == 1.0
