@@ -1,0 +1,1 @@
+"""Command-line tools: cmfast-train, cmfast-sample, cmfast-edit, cmfast-eval."""

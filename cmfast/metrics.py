@@ -1,0 +1,298 @@
+"""Frechet distances: FID (Heusel et al. 2017) and FD-FMNIST, cmfast's offline quality metric.
+
+FD = ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussians fitted to features. FID uses the
+standard Inception-V3 pool3 features (pytorch-fid weights, local file only). FD-FMNIST uses the penultimate
+features of a small Fashion-MNIST classifier shipped with cmfast: it runs offline in seconds on a CPU, but its
+numbers are NOT comparable with FID. Precision / recall: Kynkaanniemi et al. 2019 (k-NN manifolds, k = 3).
+Imports only torch and numpy here; scipy, torchvision, safetensors and tqdm load where used.
+"""
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+METRICS = ("fid", "fd-fmnist")
+
+
+# ---------------------------------------------------------------- streaming feature statistics (float64)
+
+class FeatureStats:
+    """Running mean and covariance of feature rows in float64; mergeable (Chan et al.'s parallel update).
+
+    cov is the unbiased estimate (ddof = 1), equal to np.cov(features, rowvar=False) of all rows seen.
+    """
+
+    def __init__(self, dim):
+        self.n = 0
+        self.mean = np.zeros(dim, np.float64)
+        self._m2 = np.zeros((dim, dim), np.float64)   # sum of outer products of centered rows
+
+    def update(self, feats):
+        f = feats.detach().cpu().double().numpy() if torch.is_tensor(feats) else np.asarray(feats, np.float64)
+        if f.ndim != 2 or f.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"features: expected (N, {self.mean.shape[0]}), got {f.shape}")
+        if len(f):
+            other = FeatureStats(f.shape[1])
+            other.n, other.mean = len(f), f.mean(0)
+            c = f - other.mean
+            other._m2 = c.T @ c
+            self.merge(other)
+        return self
+
+    def merge(self, other):
+        if other.mean.shape != self.mean.shape:
+            raise ValueError(f"merge: dims differ ({self.mean.shape[0]} vs {other.mean.shape[0]})")
+        n = self.n + other.n
+        if other.n:
+            delta = other.mean - self.mean
+            self._m2 = self._m2 + other._m2 + np.outer(delta, delta) * (self.n * other.n / n)
+            self.mean = self.mean + delta * (other.n / n)
+            self.n = n
+        return self
+
+    @property
+    def cov(self):
+        if self.n < 2:
+            raise ValueError(f"covariance needs at least 2 samples, got {self.n}")
+        return self._m2 / (self.n - 1)
+
+    def save(self, path, **meta):
+        """Atomic write of mu, sigma, n (and string metadata) to an npz file."""
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(tmp, mu=self.mean, sigma=self.cov, n=self.n, **{k: np.asarray(str(v)) for k, v in meta.items()})
+        os.replace(tmp, path)
+
+
+def load_stats(path):
+    """(mu, sigma, metadata dict) from an npz written by FeatureStats.save (or pytorch-fid's mu/sigma npz)."""
+    with np.load(path) as f:
+        meta = {k: f[k].item() for k in f.files if k not in ("mu", "sigma")}
+        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64), meta
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+def sqrtm_psd(a):
+    """Principal square root of a symmetric positive semi-definite matrix via eigh (negative round-off -> 0)."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """tr((S1 S2)^(1/2)) = tr((S1^(1/2) S2 S1^(1/2))^(1/2)): the latter is symmetric PSD, so eigh is stable even
+    when S1 S2 is singular (where scipy.linalg.sqrtm needs pytorch-fid's eps * I offset)."""
+    r = sqrtm_psd(sigma1)
+    w = np.linalg.eigvalsh(((r @ sigma2 @ r) + (r @ sigma2 @ r).T) / 2)
+    return float(np.sqrt(np.clip(w, 0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64 -> float."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"frechet_distance: expected mu ({d},) and sigma ({d}, {d}) twice, got "
+                         f"{mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}")
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2))
+
+
+# ---------------------------------------------------------------- precision / recall (Kynkaanniemi et al. 2019)
+
+def _knn_radii(feats, k, chunk):
+    radii = []
+    for i in range(0, len(feats), chunk):
+        d = torch.cdist(feats[i:i + chunk], feats)
+        radii.append(d.kthvalue(k + 1, dim=1).values)    # k + 1: the point itself is at distance 0
+    return torch.cat(radii)
+
+
+def _coverage(query, ref, radii, chunk):
+    inside = []
+    for i in range(0, len(query), chunk):
+        inside.append((torch.cdist(query[i:i + chunk], ref) <= radii[None]).any(1))
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real_feats, fake_feats, k=3, chunk=1024):
+    """(precision, recall): the share of fake samples inside the real k-NN manifold, and of real in the fake."""
+    real, fake = torch.as_tensor(real_feats).float(), torch.as_tensor(fake_feats).float()
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1] or min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision_recall: expected (N, D) features with N > k={k}, got {tuple(real.shape)} "
+                         f"and {tuple(fake.shape)}")
+    precision = _coverage(fake, real, _knn_radii(real, k, chunk), chunk)
+    recall = _coverage(real, fake, _knn_radii(fake, k, chunk), chunk)
+    return precision, recall
+
+
+# ---------------------------------------------------------------- feature extractors and reference statistics
+
+def _progress(it, total, desc, enabled):
+    import sys
+    if not enabled or not sys.stderr.isatty():
+        return it
+    from tqdm import tqdm
+    return tqdm(it, total=total, desc=desc, unit="batch")
+
+
+@torch.no_grad()
+def feature_stats(extractor, batches, dim, device="cpu"):
+    """FeatureStats of extractor(batch) over an iterable of [-1, 1] image batches."""
+    stats = FeatureStats(dim)
+    for x in batches:
+        stats.update(extractor(x.to(device)).double())
+    return stats
+
+
+def _chunks(images, batch_size):
+    return (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+
+
+def _file_hash(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, device="cpu", weights=None):
+    """(mu, sigma, meta) of a dataset's train split for a metric, computed once and cached as npz in the data dir.
+
+    The cache file name carries the feature network's hash, so new weights never reuse stale statistics.
+    """
+    from ._refdata import data_dir as default_dir, reference_images
+    extractor, dim, impl = _extractor(metric, device, weights)
+    net_hash = _file_hash(extractor.weights_path)
+    root = default_dir(data_dir)
+    path = os.path.join(root, f"{metric}_{dataset}_train_n{num}_{net_hash}.npz")
+    if os.path.isfile(path):
+        return load_stats(path)
+    images = reference_images(dataset, data_dir)
+    images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:num]] \
+        if num < len(images) else images
+    stats = feature_stats(extractor, _chunks(images, batch_size), dim, device)
+    os.makedirs(root, exist_ok=True)
+    meta = dict(metric=metric, dataset=dataset, split="train", implementation=impl, weights_sha256_16=net_hash)
+    stats.save(path, **meta)
+    return stats.mean, stats.cov, dict(meta, n=stats.n)
+
+
+def _extractor(metric, device, weights=None):
+    """(features fn with .weights_path, feature dim, implementation string) for "fid" or "fd-fmnist"."""
+    if metric == "fid":
+        from ._inception import IMPLEMENTATION, find_weights, load_fid_inception
+        net = load_fid_inception(weights, device)
+        fn, dim, impl, path = net, 2048, IMPLEMENTATION, find_weights(weights)
+    elif metric == "fd-fmnist":
+        from ._fd_classifier import ASSET, FEATURE_DIM, load_classifier
+        path = weights or ASSET
+        net, meta = load_classifier(path, device)
+        fn, dim = net.features, FEATURE_DIM
+        impl = (f"FD-FMNIST: cmfast offline metric, not comparable with FID (CNN penultimate {dim}-d features, "
+                f"classifier test acc {meta.get('test_accuracy', '?')})")
+    else:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return _Extractor(fn, path), dim, impl
+
+
+class _Extractor:
+    def __init__(self, fn, weights_path):
+        self.fn, self.weights_path = fn, weights_path
+
+    def __call__(self, x):
+        return self.fn(x)
+
+
+def fd_fmnist(images, batch_size=500, device="cpu", data_dir=None):
+    """FD-FMNIST of [-1, 1] images (N, 1, 32, 32) against Fashion-MNIST train (all 60k), float."""
+    _check_images(images, channels=1)
+    mu2, s2, _ = reference_stats("fd-fmnist", "fashion-mnist", data_dir, num=60000, batch_size=batch_size,
+                                 device=device)
+    extractor, dim, _ = _extractor("fd-fmnist", device)
+    stats = feature_stats(extractor, _chunks(images, batch_size), dim, device)
+    return frechet_distance(stats.mean, stats.cov, mu2, s2)
+
+
+def fid(images, dataset="cifar10", num_ref=50000, batch_size=100, device="cpu", data_dir=None, weights=None):
+    """FID of [-1, 1] images (N, C, H, W) against `dataset`'s train split (pytorch-fid's Inception weights)."""
+    _check_images(images)
+    mu2, s2, _ = reference_stats("fid", dataset, data_dir, num_ref, batch_size, device, weights)
+    extractor, dim, _ = _extractor("fid", device, weights)
+    stats = feature_stats(extractor, _chunks(images, batch_size), dim, device)
+    return frechet_distance(stats.mean, stats.cov, mu2, s2)
+
+
+def _check_images(images, channels=None):
+    if not torch.is_tensor(images) or images.ndim != 4 or (channels and images.shape[1] != channels):
+        want = f"(N, {channels}, H, W)" if channels else "(N, C, H, W)"
+        got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images: expected a {want} tensor in [-1, 1], got {got}")
+    if len(images) < 2:
+        raise ValueError(f"images: need at least 2 images for a covariance, got {len(images)}")
+
+
+# ---------------------------------------------------------------- evaluating a model
+
+def default_sigmas(steps):
+    """Sampling noise levels for `steps` evaluations: (80,) and ECT's two-step (80, 0.821); for more steps the
+    Karras grid with steps + 1 levels (sigma_min dropped), decreasing."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    if steps <= 2:
+        return (80.0, 0.821)[:steps]
+    from .schedules import karras_sigmas
+    return tuple(float(s) for s in karras_sigmas(steps + 1).flip(0)[:steps])
+
+
+def _image_shape(model, dataset):
+    from ._refdata import SHAPES
+    for m in (model, getattr(model, "net", None)):
+        res = getattr(m, "img_resolution", None)
+        ch = getattr(m, "img_channels", None) or getattr(m, "in_channels", None)
+        if isinstance(res, int) and isinstance(ch, int):
+            return (ch, res, res)
+    return SHAPES[dataset]
+
+
+@torch.no_grad()
+def evaluate(model, metric, steps=None, num=50000, batch_size=250, seed=0, sigmas=None, dataset=None,
+             device=None, data_dir=None, weights=None, progress=False):
+    """Sample `num` images with cmfast.sample (Algorithm 1) and score them -> a JSON-ready dict.
+
+    metric "fd-fmnist" (cmfast's offline metric; dataset fashion-mnist) or "fid" (Inception-V3, dataset
+    cifar10 unless given). The result records the implementation and mode beside the number.
+    """
+    import time
+    from .sampling import sample
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    dataset = dataset or ("fashion-mnist" if metric == "fd-fmnist" else "cifar10")
+    if metric == "fd-fmnist" and dataset != "fashion-mnist":
+        raise ValueError(f"fd-fmnist compares with Fashion-MNIST only, got dataset {dataset!r}")
+    sigmas = tuple(float(s) for s in sigmas) if sigmas else default_sigmas(steps or 1)
+    if steps is not None and steps != len(sigmas):
+        raise ValueError(f"steps={steps} but {len(sigmas)} sigmas given: {list(sigmas)}")
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"sigmas: expected strictly decreasing values, got {list(sigmas)}")
+    if num < 2 or batch_size < 1:
+        raise ValueError(f"num >= 2 and batch_size >= 1 expected, got num={num}, batch_size={batch_size}")
+    device = torch.device(device or next(model.parameters()).device)
+    model = model.eval().to(device)
+    shape = _image_shape(model, dataset)
+    t0 = time.time()
+    mu_ref, s_ref, ref_meta = reference_stats(metric, dataset, data_dir, num=60000 if metric == "fd-fmnist"
+                                              else 50000, device=device, weights=weights)
+    extractor, dim, impl = _extractor(metric, device, weights)
+    gen = torch.Generator(device).manual_seed(seed)
+    stats = FeatureStats(dim)
+    sizes = [min(batch_size, num - i) for i in range(0, num, batch_size)]
+    for b in _progress(sizes, len(sizes), f"{metric} {steps}-step", progress):
+        z = torch.randn((b, *shape), generator=gen, device=device)
+        x = sample(model, z, sigmas, generator=gen).float().clamp(-1, 1)
+        stats.update(extractor(x).double())
+    value = frechet_distance(stats.mean, stats.cov, mu_ref, s_ref)
+    name = "FD-FMNIST" if metric == "fd-fmnist" else "FID"
+    return {"metric": name, "value": value, "implementation": impl,
+            "mode": f"{num} samples vs {dataset} train ({ref_meta.get('n', '?')} images), {len(sigmas)}-step",
+            "steps": len(sigmas), "sigmas": list(sigmas), "num": num, "seed": seed, "batch_size": batch_size,
+            "dataset": dataset, "device": str(device), "seconds": round(time.time() - t0, 2)}
