@@ -152,12 +152,10 @@ def super_resolve(model, images, factor, sigmas, generator=None):
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor: expected an integer >= 1, got {factor!r}")
     chw = _model_chw(model)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        _check_images(model, images)
-    if chw is not None and tuple(images.shape[2:]) == (chw[1] // factor, chw[2] // factor) and \
-            chw[1] % factor == 0 and chw[2] % factor == 0 and factor > 1:
-        low = _check_images(model, images, size=(chw[1] // factor, chw[2] // factor))
-        y = low.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+    low_hw = None if chw is None or factor == 1 or chw[1] % factor or chw[2] % factor else \
+        (chw[1] // factor, chw[2] // factor)
+    if low_hw and isinstance(images, torch.Tensor) and images.dim() == 4 and tuple(images.shape[2:]) == low_hw:
+        y = _check_images(model, images, size=low_hw).repeat_interleave(factor, 2).repeat_interleave(factor, 3)
     else:
         y = _check_images(model, images)
     if y.shape[2] % factor or y.shape[3] % factor:

@@ -176,17 +176,21 @@ def _write_png(path, arr):
 
 @pytest.fixture
 def cli_env(model, tmp_path, monkeypatch):
-    """Checkpoint loading through cmfast.training.checkpoint.load_model: the real one when it exists (a
-    checkpoint saved with its save_checkpoint), else a stand-in module with the same signature."""
-    ckpt = tmp_path / "ckpt.safetensors"
+    """A checkpoint written with cmfast.training.checkpoint.save_checkpoint and read back by cmfast-edit through
+    load_model; while that module is missing, a stand-in with load_model's signature."""
     try:
-        from cmfast.training import checkpoint as real
-        real.save_checkpoint(str(ckpt), model=model, ema=model)
-    except (ImportError, AttributeError, TypeError):
-        calls = []
+        from cmfast.nets import preset_config
+        from cmfast.training.checkpoint import save_checkpoint
+        cfg = dict(method="ict", net=preset_config("tiny", img_resolution=RES), sigma_data=0.5, sigma_min=0.002,
+                   sigma_max=80.0)
+        (tmp_path / "run").mkdir()
+        ckpt = save_checkpoint(str(tmp_path / "run"), 1, {"ema": model.state_dict(), "model": model.state_dict()},
+                               cfg, {})
+    except ImportError:
         fake = types.ModuleType("cmfast.training.checkpoint")
-        fake.load_model = lambda path, which="ema", map_location="cpu": (calls.append((path, which)), (model, {}))[1]
+        fake.load_model = lambda path, which="ema", map_location="cpu": (model, {})
         monkeypatch.setitem(sys.modules, "cmfast.training.checkpoint", fake)
+        ckpt = tmp_path / "ckpt.safetensors"
         ckpt.write_bytes(b"")
     inp = tmp_path / "in"
     inp.mkdir()
@@ -228,6 +232,23 @@ def test_cli_super_resolve_and_interpolate(cli_env):
     assert main(["interpolate", "--checkpoint", ckpt, "--pairs", "2", "--alphas", "3", "--out", str(tmp / "it")]) == 0
     assert len(os.listdir(tmp / "it")) == 2 * 3 + 1
     assert Image.open(tmp / "it" / "interpolate_grid.png").size == (3 * (RES + 2) + 2, 2 * (RES + 2) + 2)
+
+
+def test_cli_pretrained_colorize_stroke_denoise(cli_env, model, monkeypatch):
+    from PIL import Image
+    from cmfast.cli.edit import main
+    _, inp, tmp = cli_env
+    monkeypatch.setattr(cmfast, "load_pretrained", lambda name: model, raising=False)
+    assert main(["colorize", "--pretrained", "x", "--input", str(inp / "img0.png"), "--steps", "1",
+                 "--out", str(tmp / "c")]) == 0
+    y = lambda a: a.astype(np.float64) @ np.array([0.2989, 0.5870, 0.1140])
+    src, res = (np.asarray(Image.open(p)) for p in (inp / "img0.png", tmp / "c" / "img0_colorize.png"))
+    assert np.abs(y(res) - y(src)).max() <= 0.5 + 1e-6              # 8-bit rounding of each channel only
+    assert Image.open(tmp / "c" / "colorize_grid.png").size == (2 * (RES + 2) + 2, RES + 4)
+    for task, cols in (("stroke", 2), ("denoise", 3)):
+        assert main([task, "--pretrained", "x", "--input", str(inp), "--steps", "1", "--out", str(tmp / task)]) == 0
+        assert sorted(os.listdir(tmp / task)) == sorted([f"img0_{task}.png", f"img1_{task}.png", f"{task}_grid.png"])
+        assert Image.open(tmp / task / f"{task}_grid.png").size == (cols * (RES + 2) + 2, 2 * (RES + 2) + 2)
 
 
 @pytest.mark.parametrize("args, msg", [

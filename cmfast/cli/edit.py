@@ -48,9 +48,9 @@ def build_parser():
     ap.add_argument("task", choices=TASKS)
     g = ap.add_argument_group("main")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint written by cmfast-train")
+    src.add_argument("--checkpoint", help="checkpoint written by cmfast-train, or its run directory (newest)")
     src.add_argument("--pretrained", help="a shipped model, e.g. fmnist (cmfast.load_pretrained)")
-    g.add_argument("--which", choices=("ema", "model"), default="ema", help="weights to load from the checkpoint")
+    g.add_argument("--which", default="ema", help="weights to load: ema, ema@<rate>, model or target")
     g.add_argument("--input", help="a PNG or a directory of PNGs at the model's resolution (super-resolve: also "
                    "1/factor of it); not used by interpolate")
     g.add_argument("--mask", help="inpaint: PNG at the model's resolution, white (>= 128) = known pixel, black = "
@@ -81,7 +81,7 @@ def load(args, device):
         if not hasattr(cmfast, "load_pretrained"):
             raise ImportError("cmfast.load_pretrained is not available in this installation")
         return cmfast.load_pretrained(args.pretrained).to(device).eval(), {}
-    if not os.path.isfile(args.checkpoint):
+    if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     from ..training.checkpoint import load_model
     model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
