@@ -137,9 +137,6 @@ def train(args: dict) -> dict:
         raise ValueError(f"--resume latest: no checkpoint (ckpt-*.safetensors with its .state.pt) in {out}")
     if cfg["resume"] not in (None, "latest", "auto"):
         ckpt.resolve(cfg["resume"])                        # a one-line error when the path is not a checkpoint
-    if rank == 0:
-        _check_writable(out)
-    log = Log(os.path.join(out, "log.txt") if rank == 0 else None)
 
     # ---- Models: online (trained), target (CD/CT), EMAs for evaluation ----------------------------------------------
     torch.manual_seed(cfg["seed"])
@@ -152,6 +149,9 @@ def train(args: dict) -> dict:
     for m in models.values():
         m.to(device)
     model = models["model"]
+    if rank == 0:                                           # the last check before the first file is written
+        _check_writable(out)
+    log = Log(os.path.join(out, "log.txt") if rank == 0 else None)
     emas = {r: ckpt_copy(model) for r in cfg["ema"]}
     opt = make_optimizer(model.parameters(), cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None

@@ -1,0 +1,160 @@
+"""cmfast-train's user mistakes: each is one line `cmfast-train: error: ...`, exit 2, nothing written or lost.
+And --dry-run with the paper configs."""
+import json
+import os
+
+import pytest
+import torch
+
+from cmfast import data
+from cmfast.cli.sample import main as sample_main
+from cmfast.cli.train import main as train_main
+from train_fixtures import write_cifar_folder, write_fmnist, write_png_folder
+
+TINY = ["--preset", "tiny", "--batch-size", "4", "--sample-num", "0", "--steps", "1", "--loss", "l2"]
+
+
+@pytest.fixture(autouse=True)
+def env(monkeypatch, tmp_path):
+    monkeypatch.setenv("CMFAST_OFFLINE", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "no-system-dir"))
+    monkeypatch.setattr(data, "_fetch", lambda *a, **k: pytest.fail("a test tried to download"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fails(capsys, argv, match, main=train_main, prog="cmfast-train"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert err.startswith(f"{prog}: error: ") and "\n" not in err and "Traceback" not in err, err
+    assert match in err, err
+    return err
+
+
+def tree(path):
+    return sorted((os.path.relpath(os.path.join(r, f), path), os.path.getsize(os.path.join(r, f)))
+                  for r, _, fs in os.walk(path) for f in fs) if os.path.exists(path) else None
+
+
+@pytest.fixture
+def fm(tmp_path):
+    write_fmnist(tmp_path / "fm", n=8)
+    return str(tmp_path / "fm")
+
+
+def test_argument_errors(capsys, tmp_path, fm):
+    out = str(tmp_path / "out")
+    fails(capsys, ["--dataset", "imagenet"], "invalid choice: 'imagenet'")
+    fails(capsys, ["--method", "gan"], "invalid choice: 'gan'")
+    fails(capsys, ["--batch-size", "0"], "expected a value in [1, inf], got 0")
+    fails(capsys, ["--lr", "-1"], "expected a value in (0, inf]")
+    fails(capsys, ["--ema", "1.5"], "expected EMA rates in [0, 1)")
+    fails(capsys, ["--steps", "3", "--kimg", "1"], "not allowed with argument")
+    fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ict", "--method-arg", "nope=1",
+                   "--output-dir", out], "has no hyperparameter nope")
+    fails(capsys, ["--dataset", "cifar10", "--method", "cd", "--output-dir", out], "needs --teacher PATH")
+    assert tree(out) is None
+
+
+def test_batch_not_divisible_by_ranks(capsys, monkeypatch, tmp_path, fm):
+    monkeypatch.setenv("WORLD_SIZE", "2")       # as torchrun sets it; checked before any process group starts
+    out = str(tmp_path / "out")
+    fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--batch-size", "3", "--output-dir", out],
+          "--batch-size 3 is not divisible by the 2 ranks")
+    fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--batch-size", "8", "--batch-gpu", "3",
+                   "--output-dir", out], "--batch-gpu 3 does not divide the per-rank batch 4")
+    assert tree(out) is None
+
+
+def test_dataset_errors(capsys, tmp_path):
+    out = str(tmp_path / "out")
+    fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "empty"), "--output-dir", out, *TINY],
+          "Fashion-MNIST not found: install the Debian package dataset-fashion-mnist or put")
+    fails(capsys, ["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty"), "--output-dir", out, *TINY],
+          "CIFAR-10 not found: put cifar-10-python.tar.gz")
+    write_cifar_folder(tmp_path / "c", n_per_batch=2)
+    os.remove(tmp_path / "c" / "cifar-10-batches-py" / "data_batch_5")
+    fails(capsys, ["--dataset", "cifar10", "--data-dir", str(tmp_path / "c"), "--output-dir", out, *TINY],
+          "data_batch_5 is missing")
+    write_fmnist(tmp_path / "bad", n=4)
+    (tmp_path / "bad" / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "bad"), "--output-dir", out, *TINY],
+          "train-labels-idx1-ubyte.gz: unreadable")
+    fails(capsys, ["--dataset", "folder", "--data-dir", str(tmp_path / "nothing"), "--output-dir", out, *TINY],
+          "image folder or zip not found")
+    assert tree(out) is None
+
+
+def test_checkpoint_errors(capsys, tmp_path, fm):
+    base = ["--dataset", "fashion-mnist", "--data-dir", fm, *TINY]
+    out = str(tmp_path / "run")
+    fails(capsys, [*base, "--method", "ict", "--output-dir", out, "--resume", "latest"],
+          f"--resume latest: no checkpoint (ckpt-*.safetensors with its .state.pt) in {out}")
+    fails(capsys, [*base, "--method", "ict", "--output-dir", out, "--resume", str(tmp_path / "x.safetensors")],
+          "checkpoint not found")
+    assert tree(out) is None
+    assert train_main([*base, "--method", "ict", "--output-dir", out]) == 0
+    before = tree(out)
+    fails(capsys, [*base, "--method", "ict", "--output-dir", out], "already holds checkpoints: pass --resume latest")
+    # A consistency model is not a teacher; nor is an EDM model of other images (1 vs 3 channels).
+    fails(capsys, [*base, "--method", "cd", "--teacher", out, "--output-dir", str(tmp_path / "cd")],
+          "expected an EDM denoiser (--method edm) for (1, 32, 32) images, got --method ict")
+    edm = str(tmp_path / "edm")
+    assert train_main([*base, "--method", "edm", "--output-dir", edm]) == 0
+    write_cifar_folder(tmp_path / "c", n_per_batch=2)
+    fails(capsys, ["--dataset", "cifar10", "--data-dir", str(tmp_path / "c"), *TINY, "--method", "cd",
+                   "--teacher", edm, "--output-dir", str(tmp_path / "cd")],
+          "for (3, 32, 32) images, got --method edm for (1, 32, 32) images")
+    fails(capsys, [*base, "--method", "cd", "--teacher", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "cd")],
+          "--teacher: checkpoint not found")
+    # Resuming with another architecture is refused.
+    fails(capsys, [*base, "--method", "ict", "--output-dir", out, "--resume", "latest", "--dropout", "0.5"],
+          "differs from this command in net")
+    assert tree(out) == before and tree(str(tmp_path / "cd")) is None
+    fails(capsys, ["--checkpoint", str(tmp_path / "empty"), "--grid", "x.png"], "checkpoint not found",
+          main=sample_main, prog="cmfast-sample")
+    fails(capsys, ["--pretrained", "nope", "--grid", "x.png"], "no shipped model 'nope'; available:",
+          main=sample_main, prog="cmfast-sample")
+
+
+def test_unwritable_output_dir(capsys, tmp_path, fm):
+    base = ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ict", *TINY]
+    (tmp_path / "file").write_text("x")
+    fails(capsys, [*base, "--output-dir", str(tmp_path / "file" / "run")], "is not writable")
+    if os.geteuid() != 0:               # root ignores permission bits; /proc refuses new folders even for root
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        fails(capsys, [*base, "--output-dir", str(ro)], "is not writable")
+    fails(capsys, [*base, "--output-dir", "/proc/cmfast-test-run"], "is not writable")
+
+
+def test_dry_run_paper_configs(capsys):
+    assert train_main(["--config", "ct-cifar10", "--dry-run"]) == 0
+    ct = json.loads(capsys.readouterr().out)
+    assert (ct["method"], ct["loss"], ct["batch_size"], ct["lr"], ct["optimizer"], ct["total_steps"]) == \
+        ("ct", "lpips", 512, 2e-4, "radam", 800_000)
+    assert ct["method_args"]["s0"] == 2 and ct["method_args"]["s1"] == 150 and ct["method_args"]["mu0"] == 0.9
+    assert ct["net"]["embedding_type"] == "fourier" and ct["net"]["in_channels"] == 3
+    assert train_main(["--config", "cd-cifar10", "--teacher", "t", "--dry-run", "--batch-size", "256"]) == 0
+    cd = json.loads(capsys.readouterr().out)
+    assert (cd["method_args"]["num_scales"], cd["method_args"]["mu"], cd["batch_size"], cd["lr"]) == (18, 0.0, 256, 4e-4)
+    assert train_main(["--config", "ict-cifar10", "--dry-run"]) == 0
+    ict = json.loads(capsys.readouterr().out)
+    assert (ict["loss"], ict["net"]["dropout"], ict["method_args"]["s1"], ict["ema"]) == ("pseudo_huber", 0.3, 1280,
+                                                                                           [0.99993])
+    assert train_main(["--dataset", "fashion-mnist", "--kimg", "10", "--batch-size", "32", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_steps"] == 313            # ceil(10000 / 32)
+
+
+def test_lpips_default_without_weights_is_one_line(capsys, tmp_path, fm, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ct", "--preset", "tiny",
+                   "--steps", "1", "--output-dir", str(tmp_path / "o")], "LPIPS needs the torchvision vgg weights")
+    assert tree(str(tmp_path / "o")) is None
