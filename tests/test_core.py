@@ -1,0 +1,142 @@
+"""Scalings, boundary condition, noise levels and curricula against independent float64 formulas (CM paper,
+iCT, EDM)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cmfast
+from cmfast import schedules
+
+
+def test_scalings_match_float64_formulas():
+    s = np.array([0.002, 0.01, 0.3, 1.0, 7.5, 80.0])
+    sd, smin = 0.5, 0.002
+    c_skip, c_out, c_in = cmfast.scalings(torch.tensor(s, dtype=torch.float64), sd, smin)
+    np.testing.assert_allclose(c_skip.numpy(), sd**2 / ((s - smin) ** 2 + sd**2), rtol=1e-14)
+    np.testing.assert_allclose(c_out.numpy(), sd * (s - smin) / np.sqrt(s**2 + sd**2), rtol=1e-14, atol=1e-300)
+    np.testing.assert_allclose(c_in.numpy(), 1 / np.sqrt(s**2 + sd**2), rtol=1e-14)
+    # float32 input keeps float32 and a shape like sigma
+    out = cmfast.scalings(torch.full((2, 3), 1.0))
+    assert all(t.shape == (2, 3) and t.dtype == torch.float32 for t in out)
+    # EDM denoiser: sigma_min = 0
+    c_skip0, c_out0, _ = cmfast.scalings(torch.tensor([2.0], dtype=torch.float64), sd, 0.0)
+    assert c_skip0.item() == pytest.approx(0.25 / 4.25, rel=1e-15)
+    assert c_out0.item() == pytest.approx(0.5 * 2 / math.sqrt(4.25), rel=1e-15)
+
+
+class _Wild(torch.nn.Module):
+    """A backbone with a large, nonzero output, so the boundary condition cannot hold by accident."""
+
+    def forward(self, x, c_noise, labels=None):
+        return 1e3 * torch.sin(x * 7 + c_noise.reshape(-1, 1, 1, 1)) + 5
+
+
+def test_boundary_condition_is_exact_in_fp32():
+    model = cmfast.ConsistencyModel(_Wild())
+    x = torch.randn(4, 3, 8, 8)
+    y = model(x, 0.002)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, x)  # bit for bit
+    assert not torch.allclose(model(x, 0.01), x, atol=1e-3)
+
+
+def test_consistency_model_equals_formula():
+    net = _Wild()
+    model = cmfast.ConsistencyModel(net)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    s = torch.tensor([0.5, 3.0, 80.0], dtype=torch.float64)
+    sd, smin = 0.5, 0.002
+    c_skip = sd**2 / ((s - smin) ** 2 + sd**2)
+    c_out = sd * (s - smin) / torch.sqrt(s**2 + sd**2)
+    c_in = 1 / torch.sqrt(s**2 + sd**2)
+    F = net(c_in.view(-1, 1, 1, 1) * x, torch.log(s) / 4)
+    want = c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * F
+    got = model(x.float(), s.float())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)  # F is ~1e3: fp32 of the backbone
+
+
+@pytest.mark.parametrize("bad", [0.001, float("nan"), float("inf"), -1.0])
+def test_sigma_errors(bad):
+    model = cmfast.ConsistencyModel(_Wild())
+    with pytest.raises(ValueError, match="sigma"):
+        model(torch.randn(2, 1, 4, 4), bad)
+    with pytest.raises(ValueError, match=r"one value per sample"):
+        model(torch.randn(2, 1, 4, 4), torch.ones(3))
+
+
+def test_karras_sigmas_formula_and_order():
+    n, smin, smax, rho = 18, 0.002, 80.0, 7.0
+    got = cmfast.karras_sigmas(n, smin, smax, rho)
+    i = np.arange(1, n + 1)
+    want = (smin ** (1 / rho) + (i - 1) / (n - 1) * (smax ** (1 / rho) - smin ** (1 / rho))) ** rho
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    assert got[0].item() == smin and got[-1].item() == smax
+    assert bool((got[1:] > got[:-1]).all())
+    with pytest.raises(ValueError):
+        cmfast.karras_sigmas(1)
+
+
+def test_ct_schedule_paper_values():
+    K = 800_000
+    # k = 0: N = ceil(sqrt(s0^2) - 1) + 1 = s0 = 2, mu = exp(s0 ln mu0 / 2) = mu0
+    assert cmfast.ct_schedule(0, K) == (2, pytest.approx(0.9))
+    # k = K: N = s1 + 1 = 151
+    n, mu = cmfast.ct_schedule(K, K)
+    assert n == 151 and mu == pytest.approx(math.exp(2 * math.log(0.9) / 151))
+    # k = K/2: sqrt(0.5 (151^2 - 4) + 4) = 106.79 -> ceil(105.79) + 1 = 107
+    n, mu = cmfast.ct_schedule(K // 2, K)
+    assert n == math.ceil(math.sqrt(0.5 * (151**2 - 4) + 4) - 1) + 1 == 107
+    assert mu == pytest.approx(0.9 ** (2 / 107))
+    # openai/consistency_models divides by N - 1
+    assert cmfast.ct_schedule(0, K, match_reference_code=True)[1] == pytest.approx(0.81)
+
+
+def test_ict_schedule_stage_boundaries():
+    K = 400_000
+    kp = math.floor(K / (math.log2(1280 // 10) + 1))  # 50000: 8 stages
+    assert kp == 50_000
+    assert cmfast.ict_schedule(0, K) == 11
+    assert cmfast.ict_schedule(kp - 1, K) == 11
+    assert cmfast.ict_schedule(kp, K) == 21
+    assert cmfast.ict_schedule(3 * kp, K) == 81
+    assert cmfast.ict_schedule(7 * kp, K) == 1281
+    assert cmfast.ict_schedule(K, K) == 1281  # capped at s1 + 1
+
+
+def test_lognormal_level_probabilities():
+    sig = cmfast.karras_sigmas(11)
+    p = schedules.lognormal_level_probs(sig)
+    assert p.shape == (10,) and p.sum().item() == pytest.approx(1.0, abs=1e-12)
+    e = [math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0)) for s in sig.tolist()]
+    w = np.diff(e)
+    np.testing.assert_allclose(p.numpy(), w / w.sum(), rtol=1e-12)
+    g = torch.Generator().manual_seed(0)
+    idx = schedules.sample_level_indices(sig, 20000, "lognormal", generator=g)
+    freq = torch.bincount(idx, minlength=10).double() / 20000
+    np.testing.assert_allclose(freq.numpy(), p.numpy(), atol=0.012)
+    with pytest.raises(ValueError, match="distribution"):
+        schedules.sample_level_indices(sig, 4, "beta")
+
+
+def test_paper_step_indices():
+    s = cmfast.paper_step_sigmas([0, 22, 39], 40)
+    grid = cmfast.karras_sigmas(40).flip(0)
+    assert s == (80.0, grid[22].item(), 0.002)
+    with pytest.raises(ValueError):
+        cmfast.paper_step_sigmas([22, 0], 40)
+
+
+def test_ema_update():
+    from cmfast.ema import EMA, ema_update_
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    want = 0.9 * a.weight.detach() + 0.1 * b.weight.detach()
+    ema_update_(a, b, 0.9)
+    torch.testing.assert_close(a.weight.detach(), want)
+    ema_update_(a, b, 0.0)
+    assert torch.equal(a.weight, b.weight)
+    e = EMA(b, rate=0.5)
+    assert not any(p.requires_grad for p in e.parameters())
+    with pytest.raises(ValueError):
+        ema_update_(a, b, 1.5)

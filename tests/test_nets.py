@@ -1,0 +1,84 @@
+"""The UNet presets: sizes of EDM's CIFAR-10 networks, FLOPs, shapes, conditioning, memory formats, errors."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import cmfast
+from cmfast.nets import PRESETS
+
+
+def _params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("name,want", [("ddpmpp-cifar10", 55.7e6), ("ncsnpp-cifar10", 56.4e6)])
+def test_cifar10_parameter_counts_match_edm(name, want):
+    # EDM reports 55.73M (DDPM++) and 56.38M (NCSN++) for its CIFAR-10 networks.
+    assert abs(_params(cmfast.UNet.from_preset(name)) - want) / want < 0.01
+
+
+def test_small_presets_sizes():
+    assert _params(cmfast.UNet.from_preset("fmnist-small")) <= 6e6
+    assert _params(cmfast.UNet.from_preset("tiny")) <= 0.5e6
+
+
+def test_ddpmpp_flops_per_image():
+    with torch.device("meta"):  # shapes only: FLOPs are counted without computing anything
+        net = cmfast.UNet.from_preset("ddpmpp-cifar10").eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            net(torch.randn(1, 3, 32, 32), torch.zeros(1))
+    assert fc.get_total_flops() / 1e9 == pytest.approx(42.4, rel=0.02)
+
+
+def test_forward_shapes_and_determinism():
+    torch.manual_seed(0)
+    net = cmfast.UNet.from_preset("tiny", img_resolution=16).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 3, 16, 16)
+    y = net(x, torch.tensor([0.1, -0.5]))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert torch.equal(y, net(x, torch.tensor([0.1, -0.5])))
+    # the noise level reaches the output
+    assert not torch.allclose(y, net(x, torch.tensor([1.0, 1.0])))
+
+
+def test_channels_last_gives_same_output():
+    torch.manual_seed(0)
+    net = cmfast.UNet.from_preset("tiny", img_resolution=16, adaptive_scale=False).eval()
+    # output convs start near zero (EDM init): randomize so the comparison means something
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 3, 16, 16)
+    y = net(x, torch.zeros(2))
+    net_cl = net.to(memory_format=torch.channels_last)
+    y_cl = net_cl(x.to(memory_format=torch.channels_last), torch.zeros(2))
+    torch.testing.assert_close(y_cl, y, rtol=1e-4, atol=1e-4)
+
+
+def test_class_conditioning():
+    torch.manual_seed(0)
+    net = cmfast.UNet.from_preset("tiny", img_resolution=16, label_dim=10).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 3, 16, 16)
+    a = net(x, torch.zeros(2), torch.tensor([1, 2]))
+    b = net(x, torch.zeros(2), torch.tensor([3, 4]))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="class_labels"):
+        net(x, torch.zeros(2))
+
+
+def test_ncsnpp_small_runs():
+    net = cmfast.UNet.from_preset("ncsnpp-cifar10", img_resolution=16, model_channels=16, num_blocks=1).eval()
+    y = net(torch.randn(1, 3, 16, 16), torch.zeros(1))
+    assert y.shape == (1, 3, 16, 16)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="unknown preset"):
+        cmfast.UNet.from_preset("resnet")
+    net = cmfast.UNet.from_preset("tiny", img_resolution=16)
+    with pytest.raises(ValueError, match=r"expected images \(B, 3, 16, 16\)"):
+        net(torch.randn(1, 1, 16, 16), torch.zeros(1))
+    assert set(PRESETS) >= {"ddpmpp-cifar10", "ncsnpp-cifar10", "fmnist-small", "tiny"}

@@ -1,0 +1,61 @@
+"""Algorithm 1 (one and many steps) and the EDM teacher sampler."""
+import math
+
+import pytest
+import torch
+
+import cmfast
+from test_objectives import SmallNet, d64, karras64
+
+
+@pytest.fixture
+def model():
+    return cmfast.ConsistencyModel(SmallNet(seed=0)).eval()
+
+
+def test_one_step_equals_model_at_sigma_max(model):
+    z = torch.randn(3, 2, 8, 8)
+    assert torch.equal(cmfast.sample(model, z), model(80.0 * z, 80.0))
+
+
+def test_multistep_follows_algorithm_1(model):
+    z = torch.randn(3, 2, 8, 8)
+    sigmas = (80.0, 2.5, 0.4)
+    got = cmfast.sample(model, z, sigmas, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    x = model(80.0 * z, 80.0)
+    for s in sigmas[1:]:
+        n = torch.randn(z.shape, generator=g)
+        x = model(x + math.sqrt(s**2 - 0.002**2) * n, s)
+    assert torch.equal(got, x)
+    again = cmfast.sample(model, z, sigmas, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(got, again)
+    other = cmfast.sample(model, z, sigmas, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(got, other)
+
+
+@pytest.mark.parametrize("bad", [(80.0, 80.0), (1.0, 2.0), (), (90.0,), (80.0, 0.001), (80.0, float("nan"))])
+def test_bad_sigmas(model, bad):
+    with pytest.raises(ValueError, match="sigmas"):
+        cmfast.sample(model, torch.randn(1, 2, 8, 8), bad)
+
+
+def test_edm_heun_sampler_matches_transcription():
+    net = SmallNet(seed=3)
+    den = cmfast.EDMDenoiser(net).eval()
+    z = torch.randn(2, 2, 8, 8)
+    got = cmfast.edm_sample(den, z, num_steps=4, solver="heun")
+    t = karras64(4).flip(0).tolist() + [0.0]
+    x = z.double() * t[0]
+    evals = 0
+    for tc, tn in zip(t[:-1], t[1:]):
+        d = (x - d64(net, x, torch.tensor([tc] * 2, dtype=torch.float64))) / tc
+        xn = x + (tn - tc) * d
+        evals += 1
+        if tn > 0:
+            d2 = (xn - d64(net, xn, torch.tensor([tn] * 2, dtype=torch.float64))) / tn
+            xn = x + (tn - tc) * (d + d2) / 2
+            evals += 1
+        x = xn
+    assert evals == 7  # 2 N - 1
+    torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
