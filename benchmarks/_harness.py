@@ -1,0 +1,109 @@
+"""Shared benchmark harness: timing (CUDA events via triton.testing.do_bench on GPU, perf_counter on CPU), the
+two hardware ceilings measured in the same run, FLOP counts, and the run's environment for the result JSON."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, budget_ms: float = 500.0, warmup: int = 3) -> dict:
+    """Median (and 20th / 80th percentiles) of fn's time in ms. GPU: do_bench (CUDA events, L2 flushed between
+    runs, `budget_ms` of repetitions after its own warm-up); CPU: perf_counter around each call."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+            p20, med, p80 = do_bench(fn, warmup=max(25, budget_ms / 10), rep=budget_ms, quantiles=[0.2, 0.5, 0.8])
+            return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "timer": "triton.testing.do_bench"}
+        except ImportError:
+            pass
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start) * 1e3 < budget_ms and len(times) < 1000:
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "n": len(times),
+            "timer": "cuda events" if device.type == "cuda" else "time.perf_counter"}
+
+
+def ceilings(device: torch.device, quick: bool) -> dict:
+    """Measured peak matmul rate (bf16 on GPU, fp32 on CPU) and copy bandwidth (read + write bytes)."""
+    if device.type == "cuda":
+        n, dtype, copy_bytes = 8192, torch.bfloat16, 1 << 30
+    else:
+        n, dtype, copy_bytes = 1024, torch.float32, 64 << 20
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t_mm = time_ms(lambda: a @ b, device, 200 if quick else 1000)["median_ms"]
+    src = torch.empty(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t_cp = time_ms(lambda: dst.copy_(src), device, 200 if quick else 1000)["median_ms"]
+    return {"matmul_tflops": 2 * n ** 3 / t_mm / 1e9, "matmul_dtype": str(dtype).removeprefix("torch."),
+            "matmul_n": n, "copy_gb_per_s": 2 * copy_bytes / t_cp / 1e6, "copy_bytes": copy_bytes}
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of fn, counted by torch.utils.flop_counter (matmuls, convolutions, SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def floor_ms(flops: float, nbytes: float, ceil: dict) -> float:
+    """The roofline floor: max(counted FLOPs / measured matmul rate, bytes / measured copy bandwidth)."""
+    return max(flops / (ceil["matmul_tflops"] * 1e9), nbytes / (ceil["copy_gb_per_s"] * 1e6))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"CPU: {model} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    """File-name key of a device class: 'cpu', or the GPU name ('nvidia-h100-80gb-hbm3')."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(device), "device_slug": device_slug(device), "device_type": device.type,
+            "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}

@@ -1,0 +1,308 @@
+"""One-step sampling latency / throughput and an iCT training step: eager, torch.compile and cmfast side by side.
+
+    python benchmarks/throughput.py            # GPU: ddpmpp-cifar10 and ddpmpp-64, batch 1..1024, every mode
+    python benchmarks/throughput.py --quick    # GPU: about 3 minutes (cifar net, batch 1 and 64, fewer modes)
+    python benchmarks/throughput.py --cpu      # CPU (auto without CUDA): tiny / fmnist-small, batch 1 and 8
+
+Every row: median ms, images/s, speedup over eager bf16 (CPU: eager fp32) and over the best torch.compile, and
+the roofline floor (counted FLOPs / measured bf16 matmul rate, bytes / measured copy bandwidth; both ceilings
+measured in this run). Prints a table and writes JSON to benchmarks/results/<device>-<date>.json (or --out).
+All modes run in one process on one device; compilation and graph capture happen before the timed region.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
+
+import cmfast  # noqa: E402
+from cmfast import ops  # noqa: E402
+from cmfast.objectives import ict_loss  # noqa: E402
+
+SIGMA = 80.0                       # one-step sampling from sigma_max (CM Alg. 1 with one level)
+COMPILE_COST_S = 60.0              # a compile row is skipped when less than this is left of the time budget
+
+
+def _model(preset: str, device: torch.device) -> cmfast.ConsistencyModel:
+    torch.manual_seed(0)
+    return cmfast.ConsistencyModel(cmfast.UNet.from_preset(preset)).to(device).eval()
+
+
+def one_step_fn(model, B: int, device, dtype=None, channels_last=False):
+    """The strongest plain sampler: z ~ N(0, I), F = backbone(80 z, 80), clamp(c_skip x + c_out F)."""
+    shape = (B, model.net.in_channels, model.net.img_resolution, model.net.img_resolution)
+    s = torch.full((B,), SIGMA, device=device)
+
+    def fn():
+        x = SIGMA * torch.randn(shape, device=device)
+        x_in = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            F = model.backbone(x_in, s)
+            return ops.skip_output_infer(x, F, s, model.sigma_data, model.sigma_min)
+    return fn
+
+
+def with_backend(backend: str, fn):
+    def run():
+        with ops.use_backend(backend):
+            return fn()
+    return run
+
+
+def ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
+    """One iCT training step: loss (two forwards, pseudo-Huber), backward, Adam update."""
+    res, C = model.net.img_resolution, model.net.in_channels
+    x = torch.rand(B, C, res, res, device=device) * 2 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = ict_loss(model, x, num_scales=80).mean()
+        loss.backward()
+        opt.step()
+    return step
+
+
+class Runner:
+    def __init__(self, args, device):
+        self.args, self.device, self.rows = args, device, []
+        self.t0 = time.perf_counter()
+        self.budget_ms = 100 if args.quick else (300 if device.type == "cpu" else 500)
+
+    def left_s(self) -> float:
+        return self.args.budget_s - (time.perf_counter() - self.t0) if self.args.budget_s else float("inf")
+
+    def row(self, task, preset, B, mode, backend, make, floor=None, compile_row=False):
+        """Time one configuration; errors (OOM, a backend that cannot run) become the row's 'error'."""
+        row = {"task": task, "preset": preset, "batch": B, "mode": mode, "backend": backend}
+        if compile_row and self.left_s() < COMPILE_COST_S:
+            row["skipped"] = f"time budget (--budget-s {self.args.budget_s})"
+        else:
+            try:
+                fn = make()
+                fn()                   # compile / capture / autotune here, outside the timed region
+                fn()
+                H.sync(self.device)
+                row.update(H.time_ms(fn, self.device, self.budget_ms))
+                row["images_per_s"] = B / row["median_ms"] * 1e3
+            except Exception as e:  # noqa: BLE001 - a failed row is reported, the run goes on
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if floor:
+            row.update(floor)
+            if "median_ms" in row:
+                row["x_floor"] = row["median_ms"] / row["floor_ms"]
+        self.rows.append(row)
+        print(_line(row), flush=True)
+        return row
+
+
+def _line(r: dict) -> str:
+    what = f"{r['task']:<7} {r['preset']:<15} B={r['batch']:<5} {r['mode']:<34}"
+    if "median_ms" in r:
+        return f"{what} {r['median_ms']:10.3f} ms {r['images_per_s']:12.1f} img/s"
+    return f"{what} {r.get('error') or 'skipped: ' + r.get('skipped', '')}"
+
+
+def sample_floor(model, B, ceil, count_fn) -> dict:
+    """FLOPs counted at batch 1 (every op is per-sample linear) times B; bytes = weights in bf16 + noise in +
+    image out (fp32), the traffic no implementation can avoid."""
+    flops = count_fn() * B
+    n_img = B * model.net.in_channels * model.net.img_resolution ** 2
+    nbytes = sum(p.numel() for p in model.parameters()) * 2 + n_img * 8
+    return {"flops": flops, "bytes": nbytes, "floor_ms": H.floor_ms(flops, nbytes, ceil)}
+
+
+def train_floor(model, B, ceil, step) -> dict:
+    """FLOPs of the whole step counted (two forwards, backward); bytes = Adam's fp32 traffic (read w, g, m, v;
+    write w, m, v)."""
+    flops = H.count_flops(step)
+    nbytes = sum(p.numel() for p in model.parameters()) * 4 * 7
+    return {"flops": flops, "bytes": nbytes, "floor_ms": H.floor_ms(flops, nbytes, ceil)}
+
+
+def plan(args, device):
+    """(presets, sampling batches, sampling modes, training batches, training modes) for this run."""
+    if device.type == "cpu":
+        return args.presets or ["tiny", "fmnist-small"], args.batches or [1, 8], ["eager-fp32", "cmfast"], [], []
+    presets = args.presets or (["ddpmpp-cifar10"] if args.quick else ["ddpmpp-cifar10", "ddpmpp-64"])
+    if args.quick:
+        return (presets, args.batches or [1, 64], ["eager-fp32", "eager-bf16", "cmfast", "compile-reduce-overhead"],
+                [128], ["eager-bf16", "cmfast"])
+    modes = ["eager-fp32", "eager-bf16", "cmfast", "cmfast-auto", "compile-max-autotune-no-cudagraphs",
+             "compile-reduce-overhead"]
+    return presets, args.batches or [1, 8, 64, 256, 1024], modes, [128, 256], ["eager-bf16", "cmfast", "compile"]
+
+
+def cmfast_backend(mode: str) -> str:
+    """'cmfast': the Triton kernels by name; 'cmfast-auto': the measured per-op choice (ops/auto_table.json)."""
+    return "auto" if mode == "cmfast-auto" else os.environ.get("CMFAST_BENCH_BACKEND", "triton")
+
+
+def run_sampling(r: Runner, preset: str, batches, modes, ceil) -> None:
+    dev = r.device
+    model = _model(preset, dev)
+    shape = (model.net.in_channels, model.net.img_resolution, model.net.img_resolution)
+    try:
+        with ops.use_backend("torch"):
+            flops1 = H.count_flops(one_step_fn(model, 1, dev))
+    except Exception as e:  # noqa: BLE001 - the rows below then report the error themselves
+        print(f"{preset}: flop count failed: {type(e).__name__}: {e}", file=sys.stderr)
+        flops1 = None
+    model_cl = _model(preset, dev).to(memory_format=torch.channels_last)
+    bf16 = torch.bfloat16 if dev.type == "cuda" else None
+    for B in batches:
+        floor = sample_floor(model, B, ceil, lambda: flops1) if flops1 is not None else None
+        for mode in modes:
+            if mode == "eager-fp32":
+                make = lambda: with_backend("torch", one_step_fn(model, B, dev))
+                r.row("sample", preset, B, mode, "torch", make, floor)
+            elif mode == "eager-bf16":
+                make = lambda: with_backend("torch", one_step_fn(model_cl, B, dev, bf16, channels_last=True))
+                r.row("sample", preset, B, mode, "torch", make, floor)
+            elif mode.startswith("cmfast") and dev.type == "cpu":
+                # No CUDA graph on CPU: the library path (cmfast.sample, auto backend = torch on CPU).
+                make = lambda: (lambda: cmfast.sample(model, torch.randn(B, *shape)).clamp_(-1, 1))
+                r.row("sample", preset, B, mode, "auto", make, floor)
+            elif mode.startswith("cmfast"):
+                backend = cmfast_backend(mode)
+
+                def make(backend=backend):
+                    with ops.use_backend(backend):
+                        sampler = cmfast.GraphedSampler(model, B, shape, torch.bfloat16)
+                        sampler.capture()
+                    return with_backend(backend, sampler)
+                r.row("sample", preset, B, mode, backend, make, floor)
+            elif mode.startswith("compile-"):
+                def make(cmode=mode.removeprefix("compile-")):
+                    torch._dynamo.reset()
+                    fn = with_backend("torch", one_step_fn(model_cl, B, dev, bf16, channels_last=True))
+                    fn()               # loads the backend module eagerly: no graph break at its import
+                    return with_backend("torch", torch.compile(
+                        one_step_fn(model_cl, B, dev, bf16, channels_last=True), mode=cmode, dynamic=False))
+                r.row("sample", preset, B, mode, "torch", make, floor, compile_row=True)
+    del model, model_cl
+    torch._dynamo.reset()
+
+
+def run_training(r: Runner, preset: str, batches, modes, ceil) -> None:
+    dev = r.device
+    for B in batches:
+        floor = None
+        for mode in modes:
+            model = _model(preset, dev).train().to(memory_format=torch.channels_last)
+            backend = "torch" if mode in ("eager-bf16", "compile") else cmfast_backend(mode)
+            if mode == "compile":
+                torch._dynamo.reset()
+                with_backend("torch", ict_step_fn(model, 2, dev, torch.bfloat16, True))()   # eager warm-up
+                model.net = torch.compile(model.net, dynamic=False)
+            step = with_backend(backend, ict_step_fn(model, B, dev, torch.bfloat16, channels_last=True))
+            if floor is None:
+                try:
+                    with ops.use_backend("torch"):
+                        floor = train_floor(model, B, ceil, step)
+                except Exception as e:  # noqa: BLE001
+                    print(f"flop count failed: {type(e).__name__}: {e}", file=sys.stderr)
+            r.row("ict", preset, B, mode, backend, lambda: step, floor, compile_row=mode == "compile")
+            del model, step
+            torch._dynamo.reset()
+
+
+def add_ratios(rows: list[dict], reference: str) -> None:
+    """speedup_vs[ref] = t(ref) / t(row) for the reference eager mode and the best torch.compile of the same
+    task, preset and batch (> 1: the row is faster)."""
+    for r in rows:
+        if "median_ms" not in r:
+            continue
+        peers = [p for p in rows if "median_ms" in p and (p["task"], p["preset"], p["batch"]) ==
+                 (r["task"], r["preset"], r["batch"])]
+        sp = {}
+        ref = [p for p in peers if p["mode"] == reference]
+        if ref:
+            sp[reference] = ref[0]["median_ms"] / r["median_ms"]
+        comp = [p["median_ms"] for p in peers if p["mode"].startswith("compile")]
+        if comp:
+            sp["best-compile"] = min(comp) / r["median_ms"]
+        r["speedup_vs"] = sp
+
+
+def print_table(rows: list[dict], reference: str) -> None:
+    print(f"\n{'task':<7} {'preset':<15} {'B':>5} {'mode':<34} {'median ms':>10} {'img/s':>11} "
+          f"{'vs ' + reference:>15} {'vs best compile':>15} {'x floor':>8}")
+    for r in rows:
+        head = f"{r['task']:<7} {r['preset']:<15} {r['batch']:>5} {r['mode']:<34}"
+        if "median_ms" not in r:
+            print(f"{head} {r.get('error') or 'skipped: ' + r.get('skipped', '')}")
+            continue
+        sp = r.get("speedup_vs", {})
+        f = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
+        print(f"{head} {r['median_ms']:10.3f} {r['images_per_s']:11.1f} {f(sp.get(reference)):>15} "
+              f"{f(sp.get('best-compile')):>15} {f(r.get('x_floor')):>8}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="throughput.py", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="about 3 minutes on an H100: fewer sizes and modes")
+    p.add_argument("--cpu", action="store_true", help="run on CPU (default when no CUDA device is present)")
+    p.add_argument("--presets", nargs="+", help="network presets (default: ddpmpp-cifar10 ddpmpp-64)")
+    p.add_argument("--batches", nargs="+", type=int, help="sampling batch sizes")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step rows")
+    p.add_argument("--budget-s", type=float, default=None, help="skip compile rows past this many seconds "
+                   "(default 120 with --quick)")
+    p.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1: on a shared "
+                   "machine more threads than free cores make every op wait on the slowest)")
+    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/<device>-<date>.json)")
+    args = p.parse_args(argv)
+    if args.budget_s is None and args.quick:
+        args.budget_s = 120.0
+    if args.batches and any(b <= 0 for b in args.batches):
+        print("throughput.py: error: --batches: expected positive ints", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    env = H.environment(device)
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']}", flush=True)
+    ceil = H.ceilings(device, args.quick)
+    print(f"ceilings: {ceil['matmul_tflops']:.3g} TFLOP/s {ceil['matmul_dtype']} matmul, "
+          f"{ceil['copy_gb_per_s']:.0f} GB/s copy", flush=True)
+    r = Runner(args, device)
+    presets, batches, modes, tbatches, tmodes = plan(args, device)
+    # Compile rows last, so a time budget (--quick) drops them rather than the cheap rows.
+    compiled = [m for m in modes if m.startswith("compile")]
+    for preset in presets:
+        run_sampling(r, preset, batches, [m for m in modes if m not in compiled], ceil)
+    if not args.no_train:
+        for preset in presets:
+            run_training(r, preset, tbatches, tmodes, ceil)
+    for preset in presets if compiled else []:
+        run_sampling(r, preset, batches, compiled, ceil)
+    reference = "eager-bf16" if device.type == "cuda" else "eager-fp32"
+    add_ratios(r.rows, reference)
+    print_table(r.rows, reference)
+    out = args.out or Path(__file__).resolve().parent / "results" / f"{env['device_slug']}-{env['date'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"schema": 1, **env, "quick": args.quick, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "reference_mode": reference, "ceilings": ceil,
+              "wall_s": round(time.perf_counter() - r.t0, 1), "rows": r.rows}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {out} ({result['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
