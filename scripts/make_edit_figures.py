@@ -68,7 +68,8 @@ def make_figures(model, out_dir, num=8, steps=None, seed=0, factor=4, scale=3, t
         path = os.path.join(out_dir, f"edit_{task.replace('-', '_')}.png")
         save_png(grid(rows), path, scale=scale)
         written.append(path)
-        print(f"{task}: {path} ({len(sigmas)} step{'s' if len(sigmas) > 1 else ''})")
+        print(f"{task}: {path} (" + ("sigma 0.5, one evaluation" if task == "denoise" else
+                                     "sigmas " + ", ".join(f"{v:.3g}" for v in sigmas)) + ")")
     return written
 
 

@@ -168,6 +168,23 @@ def test_bad_inputs(model, images):
             fn()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_editing_on_cuda(model, images):
+    import copy
+    m, x = copy.deepcopy(model).cuda(), images.cuda()
+    cg = lambda: torch.Generator("cuda").manual_seed(0)
+    mask = (torch.rand(2, 1, RES, RES, generator=gen(2)) < 0.5).float().cuda()
+    out = edit.inpaint(m, x, mask, SIGMAS, cg())
+    known = mask.expand_as(x).bool()
+    assert out.is_cuda and torch.equal(out[known], x[known]) and out.abs().max() <= 1
+    assert torch.equal(out, edit.inpaint(m, x, mask, SIGMAS, cg()))
+    col = edit.colorize(m, x[:, :1], SIGMAS, cg())
+    torch.testing.assert_close((col * LUM.cuda()).sum(1, keepdim=True), 0.9999 * x[:, :1], rtol=0, atol=2e-6)
+    sr = edit.super_resolve(m, x, 4, SIGMAS, cg())
+    torch.testing.assert_close(F.avg_pool2d(sr, 4), F.avg_pool2d(x, 4), rtol=0, atol=1e-6)
+
+
 # ---- CLI --------------------------------------------------------------------------------------------------------
 def _write_png(path, arr):
     from PIL import Image

@@ -54,10 +54,10 @@ def build_parser():
     g.add_argument("--input", help="a PNG or a directory of PNGs at the model's resolution (super-resolve: also "
                    "1/factor of it); not used by interpolate")
     g.add_argument("--mask", help="inpaint: PNG at the model's resolution, white (>= 128) = known pixel, black = "
-                   "to generate (default: the central half-size square is generated)")
+                   "to generate; unset: the central half-size square is generated")
     g.add_argument("--factor", type=_positive, help="super-resolve: the upsampling factor (divides the resolution)")
-    g.add_argument("--steps", type=_positive, default=None, help="network evaluations on a Karras grid (default "
-                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
+    g.add_argument("--steps", type=_positive, default=None, help="network evaluations on a Karras grid; unset: "
+                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()))
     g.add_argument("--sigmas", type=_sigmas, default=None, help="decreasing noise levels, e.g. 80,10,2 (stroke: "
                    "the first is the start level)")
     g.add_argument("--sigma-start", type=float, default=2.0, help="stroke: the SDEdit start level with --steps")
