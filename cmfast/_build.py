@@ -192,3 +192,25 @@ def load(arch: str | None = None):
               " (once, ~30 s)", file=sys.stderr)
         compile(path, arch)
     return _import_path(path)
+
+
+def main(argv=None) -> int:
+    """python -m cmfast._build [--arch 90] [--out FILE]: compile now (default: into the JIT cache) and time it."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m cmfast._build", description=main.__doc__)
+    p.add_argument("--arch", default=None, help="compute capabilities, e.g. 90 or '80;90' (default $CMFAST_CUDA_ARCH or 90)")
+    p.add_argument("--out", default=None, help="shared object to write (default: the JIT cache entry load() uses)")
+    a = p.parse_args(argv)
+    try:
+        out = a.out or cache_dir() / source_hash(a.arch) / ext_filename()
+        t0 = time.perf_counter()
+        compile(out, a.arch)
+    except (ToolchainMissing, RuntimeError, ValueError) as e:
+        print(f"cmfast-build: error: {e}", file=sys.stderr)
+        return 2
+    print(f"cmfast: built {out} for sm_{',sm_'.join(cuda_arches(a.arch))} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

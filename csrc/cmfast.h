@@ -29,7 +29,7 @@ int consistency_loss_bwd(ptr grad, ptr gout, int64_t batch, int64_t d, ptr dpred
 // ---- group_norm_act: act(GroupNorm(x) * (1 + scale) + shift) ----------------------------------------------
 // x is (N, C, HW) (nhwc = false) or (N, HW, C) (nhwc = true). weight/bias (C,), scale/shift (N, C): fp32 or null.
 // splits S: the reduction over HW is cut into S chunks per (n, c); part holds N*S*C*2 floats.
-// Saved for backward: stats (N*G*2: mean, rstd), A, B (N*C each: y1 = A x + B before the activation).
+// Saved for backward: stats (N*G*2: mean, rstd), A, B (N*C each: y1 = A (x - mean) + B before the activation).
 int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc,
                        bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, ptr y, ptr part,
                        ptr stats, ptr A, ptr B, ptr stream);

@@ -4,8 +4,9 @@
 // Forward:  reduce    per (n, c, chunk s): S1 = sum (x - K), S2 = sum (x - K)^2, K = the group's first element
 //                     (shifted sums: no cancellation when |mean| >> std)
 //           finalize  one warp per (n, g): adds the Cg*S partials in a fixed order (deterministic, no atomics);
-//                     mean, rstd; per channel A, B with act input y1 = A x + B
-//           apply     y = act(A x + B), 16-byte vectors where aligned
+//                     mean, rstd; per channel A, B with act input y1 = A (x - mean) + B
+//                     (not A x + B': with |mean| >> std that form cancels, this one does not)
+//           apply     y = act(A (x - mean) + B), 16-byte vectors where aligned
 // Backward: with dy1 = dy * act'(y1), xhat = (x - mean) rstd, per (n, c): Sdy = sum dy1, Sdyx = sum dy1 xhat
 //           dshift = Sdy, dscale = w Sdyx + b Sdy, dweight = sum_n (1 + scale) Sdyx, dbias = sum_n (1 + scale) Sdy,
 //           dx = rstd (ge dy1 - m1 - xhat m2), ge = w (1 + scale), m1, m2 = group means of ge dy1 and ge dy1 xhat.
@@ -42,7 +43,7 @@ template <bool BWD> struct Terms {
       s0 += d;
       s1 += d * d;
     } else {
-      const float dy1 = dyv * act_grad(a * xv + b, silu);
+      const float dy1 = dyv * act_grad(a * (xv - mean) + b, silu);
       s0 += dy1;
       s1 += dy1 * (xv - mean) * rstd;
     }
@@ -153,7 +154,7 @@ __global__ void gn_fwd_finalize_kernel(Shape s, const T* __restrict__ x, const f
     const float a = rstd * (w ? w[c] : 1.f) * k;
     const float beta = (bias ? bias[c] : 0.f) * k + (shift ? shift[n * s.C + c] : 0.f);
     A[n * s.C + c] = a;
-    B[n * s.C + c] = beta - mean * a;
+    B[n * s.C + c] = beta;
   }
 }
 
@@ -226,13 +227,12 @@ __global__ void gn_apply_kernel(Shape s, const T* __restrict__ x, const T* __res
     if (BWD) load<T, V>(dy + i, dv);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const int64_t nc = n * s.C + c0 + (NHWC ? j : 0);
-      const float z = A[nc] * xv[j] + B[nc];
+      const int64_t c = c0 + (NHWC ? j : 0), nc = n * s.C + c, ng = n * s.G + c / Cg;
+      const float xc = xv[j] - stats[ng * 2], z = A[nc] * xc + B[nc];
       if (!BWD) {
         o[j] = act(z, s.silu);
       } else {
-        const int64_t ng = n * s.G + (c0 + (NHWC ? j : 0)) / Cg;
-        const float rstd = stats[ng * 2 + 1], xhat = (xv[j] - stats[ng * 2]) * rstd;
+        const float rstd = stats[ng * 2 + 1], xhat = xc * rstd;
         const float dy1 = dv[j] * act_grad(z, s.silu);
         o[j] = P[nc] * dy1 - rstd * (m12[ng * 2] + xhat * m12[ng * 2 + 1]);
       }
@@ -308,7 +308,7 @@ int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64
     gn_fwd_finalize_kernel<T><<<warps_blocks(N * G), kThreads, 0, st>>>(
         s, (const T*)x, (const float*)part, eps, (const float*)weight, (const float*)bias, (const float*)scale,
         (const float*)shift, (float*)stats, (float*)A, (float*)B);
-    launch_apply<T, false>(s, x, 0, A, B, 0, 0, 0, y, st);
+    launch_apply<T, false>(s, x, 0, A, B, stats, 0, 0, y, st);
   });
   return static_cast<int>(cudaGetLastError());
 }
