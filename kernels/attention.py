@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import autotune
+from ._autotune import autotune, interpreting
 
 LOG2E = 1.4426950408889634
 SMEM_LIMIT = 200 * 1024      # under an H100's 227 KiB per block; configs above it are never timed
@@ -27,7 +27,7 @@ FWD_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 3
                         (64, 32, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)])
 BWD_CONFIGS = _configs([(64, 64, 8, 1), (32, 64, 4, 1), (64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 8, 1),
                         (16, 32, 4, 1), (16, 16, 4, 1)])
-INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16}
+INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 64}     # CPU tests set 16 x 16 to cover several blocks and tails
 
 
 def _prune(configs, named):
@@ -45,6 +45,13 @@ def _prune(configs, named):
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:   # interpreter only: its bf16 dot multiplies the raw bit patterns (triton 3.8); bf16 products are
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")   # exact in fp32 anyway
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _load_tile(base, offs_l, L, stride_l, offs_d, D):
     ptrs = base + offs_l.to(tl.int64)[:, None] * stride_l + offs_d[None, :]
     return tl.load(ptrs, mask=(offs_l < L)[:, None] & (offs_d < D)[None, :], other=0.0)
@@ -54,7 +61,7 @@ def _load_tile(base, offs_l, L, stride_l, offs_d, D):
 @triton.jit
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
                           sv_b, sv_h, sv_l, so_b, so_h, so_l, H, Lq, Lk, D, qk_scale,
-                          PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -69,14 +76,14 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, sq_b, sq_h, sq_l,
     for n0 in range(0, Lk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, Lk, sk_l, offs_d, D)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))     # every block has a valid key: m_new is finite
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_tile(v_base, offs_n, Lk, sv_l, offs_d, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     acc = acc / l_i[:, None]
     o_ptrs = o_ptr + b * so_b + h * so_h + offs_m.to(tl.int64)[:, None] * so_l + offs_d[None, :]
@@ -103,7 +110,7 @@ def _attention_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_l, sd_b
 def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                                sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sd_b, sd_h, sd_l,
                                H, Lq, Lk, D, scale, qk_scale,
-                               PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                               PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -123,13 +130,13 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
         do = _load_tile(do_base, offs_m, Lq, sd_l, offs_d, D)
         lse = tl.load(lse_ptr + row + offs_m, mask=offs_m < Lq, other=0.0)
         delta = tl.load(delta_ptr + row + offs_m, mask=offs_m < Lq, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         p = tl.exp2(s - lse[:, None])
         p = tl.where((offs_m < Lq)[:, None] & (offs_n < Lk)[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
     mask = (offs_n < Lk)[:, None] & (offs_d < D)[None, :]
     out = b * sk_b + h * sk_h + offs_n.to(tl.int64)[:, None] * sk_l + offs_d[None, :]   # dk, dv laid out like k
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
@@ -141,7 +148,7 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
 def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                              sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sd_b, sd_h, sd_l,
                              H, Lq, Lk, D, scale, qk_scale,
-                             PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                             PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -160,12 +167,12 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, Lk, sk_l, offs_d, D)
         v = _load_tile(v_base, offs_n, Lk, sv_l, offs_d, D)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         p = tl.exp2(s - lse[:, None])
         p = tl.where((offs_n < Lk)[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
     mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
     out = b * sq_b + h * sq_h + offs_m.to(tl.int64)[:, None] * sq_l + offs_d[None, :]    # dq laid out like q
     tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
@@ -180,7 +187,8 @@ def _prep(q, k, v):
     B, H, Lq, D = q.shape
     if D > 256:
         raise ValueError(f"attention (triton): expected head dim <= 256, got {D}")
-    meta = dict(PREC="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=max(16, triton.next_power_of_2(D)))
+    meta = dict(PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting() and q.dtype == torch.bfloat16,
+                BLOCK_D=max(16, triton.next_power_of_2(D)))
     return q, k, v, B, H, Lq, k.shape[2], D, meta
 
 

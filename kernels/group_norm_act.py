@@ -4,7 +4,7 @@ GN(x) = (x - mean) * rstd * weight + bias (Wu & He 2018) with fp32 statistics; t
 the adaptive GroupNorm of the DDPM++ / EDM UNet (Dhariwal & Nichol 2021, "AdaGN"). NCHW and channels_last:
 a group is a (HW rows) x (Cg columns) tile of element strides (s_hw, s_c) = (1, HW) or (C, 1).
 
-Statistics are numerically stable: every tile's mean and centred sum of squares are exact two-pass values in
+Statistics are numerically stable: they are taken of x - K (K the group's first element), every tile's mean and centred sum of squares are exact two-pass values in
 registers, merged per column and then across programs with Chan et al.'s parallel formula (no E[x^2] - E[x]^2).
 Each group's rows are split over S programs when batch x groups alone would not fill the GPU (batch 1):
 phase 1 writes per-program partials, phase 2 merges them in a fixed order (deterministic, no atomics).
@@ -27,20 +27,18 @@ MIN_CHUNK = 1024     # elements per program below which splitting a group no lon
 
 
 @triton.jit
-def _silu_grad(z):
-    sig = tl.sigmoid(z)
-    return sig * (1.0 + z * (1.0 - sig))
+def _pivot(x_ptr, n, g, C, HW, Cg, s_c):
+    """The group's first element: statistics are accumulated on x - pivot, so a large common offset (mean >> std)
+    cancels exactly instead of swamping the fp32 sums (the "shifted data" algorithm)."""
+    return tl.load(x_ptr + n.to(tl.int64) * C * HW + (g * Cg).to(tl.int64) * s_c).to(tl.float32)
 
 
 @triton.jit
-def _tile(n, g, h0, hw_end, C, HW, Cg, s_c, s_hw, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """int64 offsets and mask of rows [h0, h0 + BLOCK_HW) of group g of sample n."""
-    hw = h0 + tl.arange(0, BLOCK_HW)
+def _columns(n, g, C, HW, Cg, s_c, BLOCK_C: tl.constexpr):
+    """int64 offsets of row 0 of the group's channels, and the channel mask."""
     ci = tl.arange(0, BLOCK_C)
     base = n.to(tl.int64) * C * HW + (g * Cg).to(tl.int64) * s_c
-    offs = base + hw.to(tl.int64)[:, None] * s_hw + ci.to(tl.int64)[None, :] * s_c
-    mask = (hw < hw_end)[:, None] & (ci < Cg)[None, :]
-    return offs, mask
+    return base + ci.to(tl.int64) * s_c, ci < Cg
 
 
 @triton.jit
@@ -74,12 +72,17 @@ def _group_norm_stats_kernel(x_ptr, part_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S,
     g = ng % G
     hw_start = s * chunk
     hw_end = tl.minimum(hw_start + chunk, HW)
+    K = _pivot(x_ptr, n, g, C, HW, Cg, s_c)
     cnt = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
+    col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
+    rows = tl.arange(0, BLOCK_HW)
     for h0 in range(hw_start, hw_end, BLOCK_HW):
-        offs, mask = _tile(n, g, h0, hw_end, C, HW, Cg, s_c, s_hw, BLOCK_HW, BLOCK_C)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        hw = h0 + rows         # (the tile is inlined: a nested call per step costs ~ms in the interpreter)
+        offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
+        mask = (hw < hw_end)[:, None] & cmask[None, :]
+        x = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K, 0.0)
         nb = tl.minimum(hw_end - h0, BLOCK_HW).to(tl.float32)
         bmean = tl.sum(x, axis=0) / nb
         d = tl.where(mask, x - bmean[None, :], 0.0)
@@ -89,7 +92,6 @@ def _group_norm_stats_kernel(x_ptr, part_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S,
         mean += delta * (nb / tot)
         m2 += bm2 + delta * delta * (cnt * nb / tot)
         cnt = tot
-    cmask = tl.arange(0, BLOCK_C) < Cg
     cnt = tl.where(cmask, cnt, 0.0)
     total = tl.sum(cnt, axis=0)
     gmean = tl.sum(cnt * mean, axis=0) / total
@@ -127,20 +129,26 @@ def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, 
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    mean, rstd = _merge_stats(part_ptr, ng, S, eps, BLOCK_S)
+    mean, rstd = _merge_stats(part_ptr, ng, S, eps, BLOCK_S)     # mean of x - K
+    K = _pivot(x_ptr, n, g, C, HW, Cg, s_c)
     if s == 0:
-        tl.store(stats_ptr + ng * 2, mean)
-        tl.store(stats_ptr + ng * 2 + 1, rstd)
+        tl.store(stats_ptr + ng * 3, K)
+        tl.store(stats_ptr + ng * 3 + 1, mean)
+        tl.store(stats_ptr + ng * 3 + 2, rstd)
     w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
                                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     a = rstd * w * s1                    # z = (x - mean) a + c: one FMA per element
     c = b * s1 + sh
     hw_start = s * chunk
     hw_end = tl.minimum(hw_start + chunk, HW)
+    col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
+    rows = tl.arange(0, BLOCK_HW)
     for h0 in range(hw_start, hw_end, BLOCK_HW):
-        offs, mask = _tile(n, g, h0, hw_end, C, HW, Cg, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        hw = h0 + rows         # (the tile is inlined: a nested call per step costs ~ms in the interpreter)
+        offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
+        mask = (hw < hw_end)[:, None] & cmask[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = (x - mean) * a[None, :] + c[None, :]
+        z = ((x - K) - mean) * a[None, :] + c[None, :]
         if SILU:
             z = z * tl.sigmoid(z)
         tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
@@ -156,21 +164,28 @@ def _group_norm_act_bwd_partial_kernel(x_ptr, dy_ptr, stats_ptr, part_ptr, w_ptr
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    mean = tl.load(stats_ptr + ng * 2)
-    rstd = tl.load(stats_ptr + ng * 2 + 1)
+    K = tl.load(stats_ptr + ng * 3)
+    mean = tl.load(stats_ptr + ng * 3 + 1)
+    rstd = tl.load(stats_ptr + ng * 3 + 2)
     w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
                                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     acc_a = tl.zeros([BLOCK_C], tl.float32)
     acc_b = tl.zeros([BLOCK_C], tl.float32)
     hw_start = s * chunk
     hw_end = tl.minimum(hw_start + chunk, HW)
+    col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
+    rows = tl.arange(0, BLOCK_HW)
     for h0 in range(hw_start, hw_end, BLOCK_HW):
-        offs, mask = _tile(n, g, h0, hw_end, C, HW, Cg, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        hw = h0 + rows         # (the tile is inlined: a nested call per step costs ~ms in the interpreter)
+        offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
+        mask = (hw < hw_end)[:, None] & cmask[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - mean) * rstd
+        xhat = ((x - K) - mean) * rstd
         if SILU:
-            dz = dz * _silu_grad((xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :])
+            z = (xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
+            sig = tl.sigmoid(z)
+            dz = dz * sig * (1.0 + z * (1.0 - sig))        # silu'(z)
         acc_a += tl.sum(dz, axis=0)
         acc_b += tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0)
     ci = tl.arange(0, BLOCK_C)
@@ -189,8 +204,9 @@ def _group_norm_act_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, part_ptr, ab
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    mean = tl.load(stats_ptr + ng * 2)
-    rstd = tl.load(stats_ptr + ng * 2 + 1)
+    K = tl.load(stats_ptr + ng * 3)
+    mean = tl.load(stats_ptr + ng * 3 + 1)
+    rstd = tl.load(stats_ptr + ng * 3 + 2)
     w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
                                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     ci = tl.arange(0, BLOCK_C)
@@ -211,13 +227,19 @@ def _group_norm_act_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, part_ptr, ab
     c2 = tl.sum(u * B, axis=0) / m
     hw_start = s * chunk
     hw_end = tl.minimum(hw_start + chunk, HW)
+    col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
+    rows = tl.arange(0, BLOCK_HW)
     for h0 in range(hw_start, hw_end, BLOCK_HW):
-        offs, mask = _tile(n, g, h0, hw_end, C, HW, Cg, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        hw = h0 + rows         # (the tile is inlined: a nested call per step costs ~ms in the interpreter)
+        offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
+        mask = (hw < hw_end)[:, None] & cmask[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - mean) * rstd
+        xhat = ((x - K) - mean) * rstd
         if SILU:
-            dz = dz * _silu_grad((xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :])
+            z = (xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
+            sig = tl.sigmoid(z)
+            dz = dz * sig * (1.0 + z * (1.0 - sig))        # silu'(z)
         dx = rstd * (dz * u[None, :] - c1 - xhat * c2)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -261,11 +283,11 @@ def _ptrs(x, weight, bias, scale, shift):
 
 
 def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act):
-    """(y, stats (N*G, 2) fp32 [mean, rstd], plan); y in x's dtype and memory format."""
+    """(y, stats (N*G, 3) fp32 [pivot K, mean of x - K, rstd], plan); y in x's dtype and memory format."""
     plan = Plan(x, num_groups)
     x = x.contiguous(memory_format=plan.fmt)
     y = torch.empty_like(x)
-    stats = torch.empty(plan.N * plan.G, 2, device=x.device, dtype=torch.float32)
+    stats = torch.empty(plan.N * plan.G, 3, device=x.device, dtype=torch.float32)
     part = torch.empty(plan.N * plan.G, plan.S, 3, device=x.device, dtype=torch.float32)
     _group_norm_stats_kernel[plan.grid](x, part, *plan.geometry(), **plan.meta())
     _group_norm_act_fwd_kernel[plan.grid](x, y, part, stats, *_ptrs(x, weight, bias, scale, shift),

@@ -76,6 +76,7 @@ def skip_output_fwd(x, F, sigma, sigma_data, sigma_min, clamp=False, uint8=False
     """y = c_skip x + c_out F in x's dtype and memory format (uint8 image bytes when `uint8`)."""
     fmt = memory_format(x)
     x, F = x.contiguous(memory_format=fmt), F.contiguous(memory_format=fmt)
+    sigma = sigma.contiguous()        # a broadcast number arrives as an expanded (stride 0) vector
     if out is None:
         out = torch.empty_like(x, dtype=torch.uint8 if uint8 else x.dtype)
     if x.numel():
@@ -86,7 +87,7 @@ def skip_output_fwd(x, F, sigma, sigma_data, sigma_min, clamp=False, uint8=False
 
 def skip_output_bwd(dy, sigma, sigma_data, sigma_min, x_dtype, f_dtype, fmt):
     """(dx, dF) = (c_skip dy, c_out dy)."""
-    dy = dy.contiguous(memory_format=fmt)
+    dy, sigma = dy.contiguous(memory_format=fmt), sigma.contiguous()
     dx = torch.empty_like(dy, dtype=x_dtype)
     df = torch.empty_like(dy, dtype=f_dtype)
     if dy.numel():
