@@ -20,7 +20,8 @@ def _identity(x):
     return x
 
 
-def _levels(model):
+def noise_range(model):
+    """(sigma_min, sigma_max) of a model (a compiled one forwards them), else the paper's defaults."""
     return float(getattr(model, "sigma_min", 0.002)), float(getattr(model, "sigma_max", 80.0))
 
 
@@ -30,7 +31,7 @@ def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None):
     """Algorithm 4 over decreasing `sigmas`: x = start + sigmas[0] n (start defaults to A^-1[(A y) known], line 1),
     then per level s: x = A^-1[(A y) known + (A clamp(f(x, s))) (1 - known)] and, before every later level,
     x += sqrt(s^2 - sigma_min^2) n. n is drawn as torch.randn(y.shape, generator=generator, ...) on y's device."""
-    smin, smax = _levels(model)
+    smin, smax = noise_range(model)
     s = check_sigmas(sigmas, smin, smax)
     known = known.to(device=y.device, dtype=y.dtype)
     kept = A(y) * known
@@ -85,7 +86,8 @@ def patch_basis(factor: int) -> torch.Tensor:
 
 
 # ---- Input checks ------------------------------------------------------------------------------------------------
-def _model_chw(model):
+def image_shape(model):
+    """(C, H, W) that the model's network takes, or None when it does not say."""
     net = getattr(model, "net", model)
     c, r = getattr(net, "in_channels", None), getattr(net, "img_resolution", None)
     return (int(c), int(r), int(r)) if isinstance(c, int) and isinstance(r, int) else None
@@ -96,7 +98,7 @@ def _check_images(model, x, what="images", channels=None, in_range=True, size=No
         raise ValueError(f"{what}: expected a float tensor (B, C, H, W), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
                          f"{' ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
-    chw = _model_chw(model)
+    chw = image_shape(model)
     want_c = channels or (chw[0] if chw else x.shape[1],)
     want_hw = size or (chw[1:] if chw else tuple(x.shape[2:]))
     if x.shape[1] not in want_c or tuple(x.shape[2:]) != tuple(want_hw):
@@ -125,7 +127,7 @@ def inpaint(model, images, mask, sigmas, generator=None):
 def colorize(model, images, sigmas, generator=None):
     """Colour a grayscale image, keeping its luminance 0.2989 R + 0.5870 G + 0.1140 B (0.9999 g for a 1-channel
     gray g, which is repeated to RGB). A 3-channel input keeps its luminance; its colour is discarded."""
-    chw = _model_chw(model)
+    chw = image_shape(model)
     if chw is not None and chw[0] != 3:
         raise ValueError(f"colorize: expected a 3-channel (RGB) model, got a {chw[0]}-channel model")
     y = _check_images(model, images, channels=(1, 3)).expand(-1, 3, -1, -1)
@@ -151,7 +153,7 @@ def super_resolve(model, images, factor, sigmas, generator=None):
     reference code); the model's resolution tells which (without one, full-size is assumed)."""
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor: expected an integer >= 1, got {factor!r}")
-    chw = _model_chw(model)
+    chw = image_shape(model)
     low_hw = None if chw is None or factor == 1 or chw[1] % factor or chw[2] % factor else \
         (chw[1] // factor, chw[2] // factor)
     if low_hw and isinstance(images, torch.Tensor) and images.dim() == 4 and tuple(images.shape[2:]) == low_hw:
@@ -170,7 +172,7 @@ def super_resolve(model, images, factor, sigmas, generator=None):
 def stroke_guided(model, strokes, sigma_start, sigmas=(), generator=None):
     """SDEdit-style generation from a stroke painting: x = f(strokes + sigma_start n, sigma_start), then multistep
     sampling (Algorithm 1, clamped) over `sigmas`, which must all lie below sigma_start."""
-    smin, smax = _levels(model)
+    smin, smax = noise_range(model)
     if not smin < float(sigma_start) <= smax * (1 + 1e-6):
         raise ValueError(f"sigma_start: expected a level in ({smin}, {smax}], got {sigma_start}")
     rest = (sigmas,) if isinstance(sigmas, (int, float)) else tuple(float(v) for v in (

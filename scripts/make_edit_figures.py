@@ -43,13 +43,13 @@ def make_figures(model, out_dir, num=8, steps=None, seed=0, factor=4, scale=3, t
     from cmfast import editing as E
     from cmfast.cli.edit import DEFAULT_STEPS, karras_levels, run
     from cmfast.cli._png import grid, save_png
-    C, H, W = E._model_chw(model)
+    C, H, W = E.image_shape(model)
     dev = next(model.parameters()).device
     x = fmnist_test_images(num)
     if (H, W) != (32, 32):
         x = torch.nn.functional.interpolate(x, size=(H, W), mode="area")
     x = x.expand(-1, C, -1, -1).to(dev)
-    smin, smax = E._levels(model)
+    smin, smax = E.noise_range(model)
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for task in tasks:

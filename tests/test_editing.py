@@ -255,7 +255,7 @@ def test_cli_pretrained_colorize_stroke_denoise(cli_env, model, monkeypatch):
     from PIL import Image
     from cmfast.cli.edit import main
     _, inp, tmp = cli_env
-    monkeypatch.setattr(cmfast, "load_pretrained", lambda name: model, raising=False)
+    monkeypatch.setattr(cmfast, "load_pretrained", lambda name: model)
     assert main(["colorize", "--pretrained", "x", "--input", str(inp / "img0.png"), "--steps", "1",
                  "--out", str(tmp / "c")]) == 0
     y = lambda a: a.astype(np.float64) @ np.array([0.2989, 0.5870, 0.1140])
@@ -278,12 +278,13 @@ def test_cli_pretrained_colorize_stroke_denoise(cli_env, model, monkeypatch):
     (["stroke", "--input", "IN", "--sigmas", "2,5"], "below sigma_start"),
     (["denoise", "--input", "IN", "--sigmas", "x"], "comma-separated"),
     (["blur", "--input", "IN"], "invalid choice"),
+    (["denoise", "--pretrained", "no-such-model", "--input", "IN"], "no shipped model"),
 ])
 def test_cli_bad_input_exits_2(cli_env, capsys, args, msg):
     from cmfast.cli.edit import main
     ckpt, inp, tmp = cli_env
     _write_png(tmp / "small.png", np.zeros((8, 8), np.uint8))
-    if "--checkpoint" not in args:
+    if "--checkpoint" not in args and "--pretrained" not in args:
         args = args + ["--checkpoint", ckpt]
     subst = {"IN": str(inp), "SMALL": str(tmp / "small.png"), "MISSING": str(tmp / "nope.pt")}
     with pytest.raises(SystemExit) as e:

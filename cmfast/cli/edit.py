@@ -77,10 +77,8 @@ def build_parser():
 def load(args, device):
     """(model, meta) from --checkpoint (cmfast.training.checkpoint.load_model) or --pretrained."""
     if args.pretrained:
-        import cmfast
-        if not hasattr(cmfast, "load_pretrained"):
-            raise ImportError("cmfast.load_pretrained is not available in this installation")
-        return cmfast.load_pretrained(args.pretrained).to(device).eval(), {}
+        from .. import load_pretrained
+        return load_pretrained(args.pretrained).to(device).eval(), {}
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     from ..training.checkpoint import load_model
@@ -131,7 +129,7 @@ def run(model, task, images=None, *, sigmas, mask=None, factor=None, sigma=0.5, 
         out = E.denoise(model, noisy, sigma)
         before = [images, noisy]
     elif task == "interpolate":
-        C, H, W = E._model_chw(model)
+        C, H, W = E.image_shape(model)
         z = torch.randn((2, pairs, C, H, W), generator=generator, device=dev)
         a = torch.linspace(0, 1, alphas).tolist()
         out = E.interpolate(model, z[0], z[1], a, sigmas=sigmas, generator=generator)   # (A, pairs, C, H, W)
@@ -157,11 +155,11 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, _ = load(args, device)
-        chw = E._model_chw(model)
+        chw = E.image_shape(model)
         if chw is None:
             raise ValueError("the model does not say its image shape (expected .net.in_channels / img_resolution)")
         C, H, W = chw
-        smin, smax = E._levels(model)
+        smin, smax = E.noise_range(model)
         top = args.sigma_start if args.task == "stroke" else smax
         sigmas = args.sigmas or karras_levels(args.steps or DEFAULT_STEPS.get(args.task, 1), smin, top)
         files, images, mask = [], None, None
