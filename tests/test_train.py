@@ -193,3 +193,18 @@ def test_sigterm_checkpoints_and_exits_0(tmp_path, monkeypatch):
     assert _run(out, folder, "--steps", "50", "--ckpt-every", "100") == 0
     assert [s for s, _, _ in ckpt.list_checkpoints(out)] == [2]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(tmp_path, precision):
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--steps", "2", "--precision", precision) == 0
+    r = rows(out)
+    assert all(np.isfinite(x["loss"]) for x in r) and r[-1]["skipped"] == 0
+    st = torch.load(os.path.join(out, "ckpt-00000002.state.pt"), weights_only=True)
+    assert bool(st["scaler"]) == (precision == "fp16")       # fp16 trains with loss scaling, its state is saved
+    # The weights stay fp32 (only the backbone runs in low precision); load_model takes the state file too.
+    model, meta = ckpt.load_model(os.path.join(out, "ckpt-00000002.state.pt"))
+    assert meta["step"] == 2 and all(p.dtype == torch.float32 for p in model.parameters())

@@ -178,7 +178,11 @@ def train(args: dict) -> dict:
         if "target" in models:
             models["target"].load_state_dict(weights["target"])
         for r, e in emas.items():
-            e.load_state_dict(weights[f"ema@{r}"])
+            if f"ema@{r}" in weights:
+                e.load_state_dict(weights[f"ema@{r}"])
+            else:
+                log(f"EMA rate {r} is new: it starts from the online weights")
+                e.load_state_dict(weights["model"])
         opt.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -242,7 +246,8 @@ def train(args: dict) -> dict:
             idx, flip = sampler.next(cfg["batch_size"])
             x, y = data.batch(idx[rank * local:(rank + 1) * local], flip[rank * local:(rank + 1) * local], device)
             y = y if cfg["net"].get("label_dim") else None
-            lr = cfg["lr"] * min(1.0, step * cfg["batch_size"] / max(cfg["lr_rampup_kimg"] * 1000, 1e-8))
+            ramp = cfg["lr_rampup_kimg"] * 1000                 # EDM's linear warm-up, in images
+            lr = cfg["lr"] * (min(1.0, (step + 1) * cfg["batch_size"] / ramp) if ramp else 1.0)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
