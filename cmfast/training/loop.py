@@ -333,7 +333,8 @@ def _stats_row(step, cfg, tick, info, lr, counters, device) -> dict:
     mem = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"step": step, "kimg": step * cfg["batch_size"] / 1000, "loss": tick["loss"] / n,
-            "grad_norm": tick["gnorm"] / n, "N": info.get("N"), "mu": info.get("mu"), "lr": lr,
+            "grad_norm": tick["gnorm"] / n, "N": info.get("N"), "mu": info.get("mu"),
+            **{k: v for k, v in info.items() if k not in ("N", "mu")}, "lr": lr,
             "img_per_s": (step - tick["step0"]) * cfg["batch_size"] / dt, "mem_mb": round(mem, 1),
             "skipped": counters["skipped"], "overflow": counters["overflow"], "time": round(time.time(), 3)}
 
