@@ -1,0 +1,45 @@
+"""Continuous-time consistency models as training methods: --method sct | scd (sCM, Lu & Song 2024).
+
+Registered into cmfast.training.methods (imported from cmfast/training/__init__.py). The model is a
+cmfast.trigflow.TrigFlowModel, callable in the VE convention, so the loop's sampler (cmfast.sample, Alg. 1) and
+every checkpoint consumer work unchanged. theta- = stopgrad(theta): no target network, no EMA target.
+"""
+from __future__ import annotations
+
+from ..jvp import DEFAULT_EPS, DEFAULT_PRECISION
+from ..trigflow import TrigFlowModel, scm_loss, tangent_warmup
+from .methods import Method, register
+
+
+class SCT(Method):
+    """Continuous-time consistency training: TrigFlow, tangent warm-up, normalization, adaptive weighting."""
+    name, kind, default_loss = "sct", "cm", None
+    defaults = {"p_mean": -1.0, "p_std": 1.4,          # tan(t) = exp(tau) / sd, tau ~ N(p_mean, p_std^2)
+                "warmup_steps": 10_000,                # r: 0 -> 1 over this many steps
+                "c": 0.1,                              # tangent normalization g / (||g|| + c)
+                "jvp": "fd",                           # 'fd' (finite difference) or 'exact' (torch.func.jvp)
+                "fd_precision": DEFAULT_PRECISION,     # forwards of the finite difference: fp64/fp32/tf32/bf16/fp16
+                "fd_eps": DEFAULT_EPS,                 # step h = fd_eps * max(t, floor)
+                "time_input": "t"}                     # c_noise(t): 't', '1000t', or 'edm' (EDM weights as is)
+
+    def wrap(self, net, cfg):
+        return TrigFlowModel(net, cfg["sigma_data"], cfg["sigma_min"], cfg["sigma_max"],
+                             time_input=cfg["method_args"]["time_input"])
+
+    def loss(self, models, x, step, cfg, generator, class_labels=None):
+        a = cfg["method_args"]
+        loss = scm_loss(models["model"], x, models.get("teacher"), step, a["warmup_steps"], a["jvp"],
+                        a["fd_precision"], a["fd_eps"], p_mean=a["p_mean"], p_std=a["p_std"], c=a["c"],
+                        generator=generator, class_labels=class_labels)
+        return loss, {"r": tangent_warmup(step, a["warmup_steps"])}
+
+
+class SCD(SCT):
+    """Continuous-time consistency distillation from an EDM teacher (--teacher, a --method edm run). With
+    time_input 'edm' the student copies the teacher's weights and starts as the teacher's velocity."""
+    name, needs_teacher = "scd", True
+    defaults = {**SCT.defaults, "time_input": "edm"}
+
+
+for _m in (SCT(), SCD()):
+    register(_m)

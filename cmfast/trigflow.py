@@ -1,0 +1,176 @@
+"""TrigFlow and continuous-time consistency training / distillation (sCT, sCD; Lu & Song 2024, "sCM").
+
+TrigFlow (sCM Sec. 2.2): x_t = cos(t) x0 + sin(t) z, z ~ N(0, sd^2 I), t in [0, pi/2];
+consistency function f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t / sd, c_noise(t)), so f(x, 0) = x.
+It is the VE / EDM picture reparameterized: sigma = sd tan(t) and x_sigma = x0 + sigma n = x_t / cos(t). So
+TrigFlowModel is also callable as model(x_sigma, sigma) -> f and exposes sigma_min / sigma_max: cmfast.sample
+(CM Alg. 1) runs it unchanged (its output is a clean image in both pictures; nothing is rescaled).
+
+Time input (`time_input`): "t" (default), c_noise(t) = t (sCM Sec. 4.1, "identity time transformation": the
+usual 1000 t makes d/dt of the time embedding 1000x larger, destabilizing training and the finite-difference
+JVP); "1000t", the older choice; "edm", c_noise = ln(sd tan t) / 4 with F = -F_edm. The last one makes an EDM
+network a TrigFlow network with no change of weights: with sigma = sd tan t, EDM's c_in x_sigma = x_t / sd (the
+same input), c_skip = cos^2 t, c_out = sd sin t, so the PF-ODE velocity (cos t x_t - D) / sin t = -sd F_edm.
+sCD starts the student from the teacher this way (the loop copies the teacher's weights).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import ops
+from .jvp import DEFAULT_EPS, DEFAULT_FLOOR, DEFAULT_PRECISION, dropout_masks, exact_jvp, fd_pair, fd_step, fp64_call
+from .nets.layers import FourierEmbedding
+from .precond import check_sigma
+
+
+TIME_INPUTS = ("t", "1000t", "edm")
+
+
+def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+# ---- Adaptive weighting (sCM Sec. 4.2, Eq. 8: e^{-w(t)} / D ||...||^2 + w(t)) -----------------------------------
+class LogVarHead(nn.Module):
+    """logvar(t): a Linear on random Fourier features of t (frequencies ~ N(0, 1) cycles per unit of t, enough
+    resolution over [0, pi/2]), zero-initialized (as sCM / EDM2's uncertainty head): training starts uniform."""
+
+    def __init__(self, channels: int = 128):
+        super().__init__()
+        self.embed = FourierEmbedding(channels, scale=1.0)
+        self.linear = nn.Linear(channels, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.embed(t.float())).reshape(-1)
+
+
+# ---- The TrigFlow consistency model --------------------------------------------------------------------------
+class TrigFlowModel(nn.Module):
+    """f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t / sd, c_noise(t)) around a backbone F(x, c_noise, labels); also
+    model(x_sigma, sigma) in the VE convention (t = atan(sigma / sd), x_t = cos(t) x_sigma) for cmfast.sample."""
+
+    def __init__(self, net: nn.Module,
+                 sigma_data: float = 0.5,     # Expected standard deviation of the data (TrigFlow's sd).
+                 sigma_min: float = 0.002,    # Lowest VE noise level the sampler uses (t = atan(sigma_min / sd)).
+                 sigma_max: float = 80.0,     # Highest VE noise level: t = atan(160) = pi/2 - 0.006 for sd = 0.5.
+                 time_input: str = "t",       # c_noise(t): "t" (sCM), "1000t", or "edm" (an EDM network as is).
+                 logvar_channels: int = 128):  # Fourier features of the adaptive weighting head.
+        super().__init__()
+        if not (sigma_data > 0 and 0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
+            raise ValueError(f"expected sigma_data > 0 and 0 < sigma_min < sigma_max < inf, got "
+                             f"sigma_data={sigma_data}, sigma_min={sigma_min}, sigma_max={sigma_max}")
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input: expected one of {', '.join(TIME_INPUTS)}, got {time_input!r}")
+        self.net = net
+        self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
+        self.time_input = time_input
+        self.logvar = LogVarHead(logvar_channels)
+
+    def c_noise(self, t: torch.Tensor) -> torch.Tensor:
+        if self.time_input == "edm":
+            return torch.log(self.sigma_data * torch.tan(t)) / 4
+        return t * 1000 if self.time_input == "1000t" else t
+
+    def backbone(self, x_t: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
+        """F(x_t / sd, c_noise(t)): the raw network output (in the network's precision)."""
+        F = self.net(x_t / self.sigma_data, self.c_noise(t), class_labels)
+        return -F if self.time_input == "edm" else F
+
+    def consistency(self, x_t: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
+        """f(x_t, t) = cos(t) x_t - sin(t) sd F (sCM Eq. 6), in fp32."""
+        t = t.float()
+        F = self.backbone(x_t.float(), t, class_labels)
+        with torch.autocast(x_t.device.type, enabled=False):
+            return _b(torch.cos(t), x_t) * x_t.float() - _b(torch.sin(t), x_t) * self.sigma_data * F.float()
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        """VE convention: f at x_sigma = x0 + sigma n, i.e. t = atan(sigma / sd), x_t = cos(t) x_sigma."""
+        s = check_sigma(sigma, x, lo=0.0)
+        t = sigma_to_t(s, self.sigma_data)
+        return self.consistency(_b(torch.cos(t), x) * x.float(), t, class_labels)
+
+
+def sigma_to_t(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    return torch.atan(sigma / sigma_data)
+
+
+def sample_time(batch: int, sigma_data: float = 0.5, p_mean: float = -1.0, p_std: float = 1.4, generator=None,
+                device=None) -> torch.Tensor:
+    """tan(t) = exp(tau) / sd, tau ~ N(p_mean, p_std^2) (sCM Sec. 4.3: EDM's lognormal levels in TrigFlow time)."""
+    tau = torch.randn(batch, generator=generator, device=device) * p_std + p_mean
+    return torch.atan(tau.exp() / sigma_data)
+
+
+# ---- The teacher for sCD: an EDM denoiser as a TrigFlow velocity -----------------------------------------------
+@torch.no_grad()
+def teacher_velocity(denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor, sigma_data: float = 0.5,
+                     class_labels=None) -> torch.Tensor:
+    """dx_t/dt of the PF-ODE from an EDM denoiser D(x_sigma, sigma) ~ E[x0 | x_sigma]:
+    v = E[cos t z - sin t x0 | x_t] with E[z | x_t] = (x_t - cos t E[x0]) / sin t gives
+    v = (cos t x_t - D(x_t / cos t, sd tan t)) / sin t  (= sd F_teacher(x_t / sd, t) in TrigFlow's notation)."""
+    if abs(getattr(denoiser, "sigma_data", sigma_data) - sigma_data) > 1e-12:
+        raise ValueError(f"teacher: expected sigma_data {sigma_data} like the student, got {denoiser.sigma_data}")
+    t = t.float()
+    cos, sin = _b(torch.cos(t), x_t), _b(torch.sin(t), x_t)
+    D = denoiser((x_t / cos).float(), sigma_data * torch.tan(t), class_labels).float()
+    return (cos * x_t - D) / sin
+
+
+# ---- The sCM objective (sCM Alg. 1) ----------------------------------------------------------------------------
+def tangent_warmup(step: int, warmup_steps: int = 10_000) -> float:
+    """r of the tangent: 0 -> 1 linearly over warmup_steps (sCM Sec. 4.2, 'tangent warmup')."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, max(0.0, step / warmup_steps))
+
+
+def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None = None, step: int = 0,
+             warmup_steps: int = 10_000, jvp: str = "fd", precision: str = DEFAULT_PRECISION,
+             eps: float = DEFAULT_EPS, floor: float = DEFAULT_FLOOR, p_mean: float = -1.0, p_std: float = 1.4,
+             c: float = 0.1, generator=None, class_labels=None) -> torch.Tensor:
+    """Per-sample sCM loss (B,): sCT without a teacher (dx_t/dt = cos t z - sin t x0 with z of std sd), sCD with
+    an EDM denoiser as teacher. The online forward F (with grad, in the caller's autocast) records its dropout
+    masks; dF-/dt is the JVP of the same network (same masks, theta- = stopgrad theta) along (dx_t/dt, 1):
+    jvp='fd' by finite differences (one no-grad forward of 2B, step eps * max(t, floor), in `precision`),
+    jvp='exact' by torch.func.jvp. The fused op cmfast.ops.trig_tangent_loss forms g, normalizes and weights."""
+    if jvp not in ("fd", "exact"):
+        raise ValueError(f"jvp: expected 'fd' or 'exact', got {jvp!r}")
+    B, sd = x0.shape[0], model.sigma_data
+    x0 = x0.float()
+    t = sample_time(B, sd, p_mean, p_std, generator, x0.device)
+    z = torch.randn(x0.shape, generator=generator, device=x0.device) * sd
+    cos, sin = _b(torch.cos(t), x0), _b(torch.sin(t), x0)
+    x_t = cos * x0 + sin * z
+    dxdt = cos * z - sin * x0 if teacher is None else teacher_velocity(teacher, x_t, t, sd, class_labels)
+
+    masks: list = []
+    with dropout_masks(record=masks):
+        F = model.backbone(x_t, t, class_labels)
+    logvar = model.logvar(t)
+    common = dict(logvar=logvar, r=tangent_warmup(step, warmup_steps), sigma_data=sd, c=c)
+    net = model.backbone
+    if precision == "fp64":   # the backbone with fp64 copies of the weights (the model itself stays fp32)
+        net64, sign = fp64_call(model.net), -1.0 if model.time_input == "edm" else 1.0
+        net = lambda x, s, y: sign * net64(x / sd, model.c_noise(s), y)  # noqa: E731
+    tangents = (dxdt, torch.ones_like(t))
+    if jvp == "exact":
+        _, dFdt = exact_jvp(lambda x, s: net(x, s, class_labels), (x_t, t), tangents,
+                            "fp64" if precision == "fp64" else "fp32", replay=masks)
+        return ops.trig_tangent_loss(F, x_t, dxdt, t, dFdt=dFdt.float(), **common)
+    labels2 = None if class_labels is None else torch.cat([class_labels, class_labels])
+    h = fd_step(eps, t, B, x0.device, floor)
+    Fp, Fm = fd_pair(lambda x, s: net(x, s, labels2), (x_t, t), tangents, h, precision, replay=masks)
+    return ops.trig_tangent_loss(F, x_t, dxdt, t, F_plus=Fp.float(), F_minus=Fm.float(), h=h.float(), **common)
+
+
+def sct_loss(model: TrigFlowModel, x0: torch.Tensor, **kw) -> torch.Tensor:
+    """Continuous-time consistency training (sCT): scm_loss without a teacher."""
+    return scm_loss(model, x0, None, **kw)
+
+
+def scd_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module, **kw) -> torch.Tensor:
+    """Continuous-time consistency distillation (sCD) from an EDM denoiser (cmfast.EDMDenoiser, `--method edm`)."""
+    return scm_loss(model, x0, teacher, **kw)
