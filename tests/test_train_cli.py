@@ -158,3 +158,15 @@ def test_lpips_default_without_weights_is_one_line(capsys, tmp_path, fm, monkeyp
     fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ct", "--preset", "tiny",
                    "--steps", "1", "--output-dir", str(tmp_path / "o")], "LPIPS needs the torchvision vgg weights")
     assert tree(str(tmp_path / "o")) is None
+
+
+def test_resume_auto_reruns_the_same_command(tmp_path, fm):
+    argv = ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ict", "--preset", "tiny", "--batch-size",
+            "4", "--sample-num", "0", "--steps", "2", "--loss", "l2", "--output-dir", str(tmp_path / "run"),
+            "--resume", "auto"]
+    assert train_main(argv + ["--stop-at", "1"]) == 0          # nothing to resume: starts fresh, stops at 1
+    assert train_main(argv) == 0                                # the same command resumes
+    with open(tmp_path / "run" / "stats.jsonl") as f:
+        assert [json.loads(x)["step"] for x in f] == [1, 2]
+    with open(tmp_path / "run" / "log.txt") as f:
+        assert "at step 1" in f.read()

@@ -65,7 +65,8 @@ def build_parser():
     D = DEFAULTS
 
     def d(key, text=""):
-        return f"{text} (default: {D[key]})".strip()
+        v = ",".join(map(str, D[key])) if isinstance(D[key], tuple) else D[key]
+        return f"{text} (default: {v})".strip()
 
     ap = _Parser(prog=PROG, description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
                  formatter_class=argparse.RawDescriptionHelpFormatter)
