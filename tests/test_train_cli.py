@@ -59,6 +59,9 @@ def test_argument_errors(capsys, tmp_path, fm):
     fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ict", "--method-arg", "nope=1",
                    "--output-dir", out], "has no hyperparameter nope")
     fails(capsys, ["--dataset", "cifar10", "--method", "cd", "--output-dir", out], "needs --teacher PATH")
+    if not torch.cuda.is_available():
+        fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--backend", "cuda", "--output-dir", out],
+              "--backend cuda: backend 'cuda' cannot run on cpu")
     assert tree(out) is None
 
 

@@ -138,6 +138,13 @@ def train(args: dict) -> dict:
     if cfg["resume"] not in (None, "latest", "auto"):
         ckpt.resolve(cfg["resume"])                        # a one-line error when the path is not a checkpoint
 
+    with ops.use_backend(cfg["backend"]):                  # a backend asked for by name must run here
+        for op in ("skip_output", "group_norm_act", "attention", "consistency_loss"):
+            try:
+                ops.implementation(op, device)
+            except ops.BackendUnavailable as e:
+                raise ValueError(f"--backend {cfg['backend']}: {e}") from None
+
     # ---- Models: online (trained), target (CD/CT), EMAs for evaluation ----------------------------------------------
     torch.manual_seed(cfg["seed"])
     from ..nets import UNet
