@@ -115,9 +115,10 @@ def teacher_velocity(denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor, si
     v = (cos t x_t - D(x_t / cos t, sd tan t)) / sin t  (= sd F_teacher(x_t / sd, t) in TrigFlow's notation)."""
     if abs(getattr(denoiser, "sigma_data", sigma_data) - sigma_data) > 1e-12:
         raise ValueError(f"teacher: expected sigma_data {sigma_data} like the student, got {denoiser.sigma_data}")
-    t = t.float()
+    dt = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    t, x_t = t.to(dt), x_t.to(dt)
     cos, sin = _b(torch.cos(t), x_t), _b(torch.sin(t), x_t)
-    D = denoiser((x_t / cos).float(), sigma_data * torch.tan(t), class_labels).float()
+    D = denoiser(x_t / cos, sigma_data * torch.tan(t), class_labels).to(dt)
     return (cos * x_t - D) / sin
 
 

@@ -1,0 +1,218 @@
+"""TrigFlow / sCM: the VE convention (cmfast.sample unchanged), the EDM teacher as a TrigFlow velocity on known
+cases, time sampling, fd vs exact JVP inside the loss, a short CPU sCT run, the sct/scd training methods."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import cmfast
+from cmfast.trigflow import (TrigFlowModel, sample_time, scd_loss, scm_loss, sct_loss, sigma_to_t,
+                             teacher_velocity)
+
+SD = 0.5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the CI machine is shared: one thread is faster than two contended ones for these tiny shapes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _net(res=8, seed=0, **kw):
+    torch.manual_seed(seed)
+    net = cmfast.UNet.from_preset("tiny", img_resolution=res, attn_resolutions=(res // 2,), **kw)
+    for p in net.parameters():   # EDM init zeroes the output conv: randomize so F matters
+        nn.init.normal_(p, std=0.1)
+    return net
+
+
+def _b(v):
+    return v.reshape(-1, 1, 1, 1)
+
+
+def test_ve_call_is_the_trigflow_consistency_function():
+    model = TrigFlowModel(_net()).eval()
+    g = torch.Generator().manual_seed(0)
+    x0, n = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g)
+    sigma = torch.tensor([0.01, 0.7, 30.0])
+    t = torch.atan(sigma / SD)
+    # x_sigma = x0 + sigma n is x_t / cos t with z = sd n:  cos t (x0 + sigma n) = cos t x0 + sin t (sd n)
+    x_t = _b(torch.cos(t)) * x0 + _b(torch.sin(t)) * SD * n
+    torch.testing.assert_close(_b(torch.cos(t)) * (x0 + _b(sigma) * n), x_t, rtol=1e-5, atol=1e-5)  # fp32 at |x| ~ 30
+    with torch.no_grad():
+        F = model.net(x_t / SD, t)     # c_noise(t) = t
+        want = _b(torch.cos(t)) * x_t - _b(torch.sin(t)) * SD * F
+        got = model(x0 + _b(sigma) * n, sigma)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # boundary: f(x, 0) = x exactly
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model.consistency(x, torch.zeros(2)), x)
+
+
+def test_cmfast_sample_runs_trigflow_unchanged():
+    model = TrigFlowModel(_net()).eval()
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    t0 = math.atan(80.0 / SD)
+    with torch.no_grad():
+        one = cmfast.sample(model, z, (80.0,))
+        want = model.consistency(math.cos(t0) * 80.0 * z, torch.full((2,), t0))
+        torch.testing.assert_close(one, want, rtol=1e-5, atol=1e-5)
+        # x_t at sigma_max = 80 is 0.49999 z: the start of TrigFlow sampling (t = pi/2, x = sd z) to 2e-5
+        assert abs(math.cos(t0) * 80.0 - SD) < 2e-5
+        two = cmfast.sample(model, z, (80.0, 0.821), torch.Generator().manual_seed(5))
+        n = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+        x = one + math.sqrt(0.821 ** 2 - model.sigma_min ** 2) * n
+        t1 = math.atan(0.821 / SD)
+        want2 = model.consistency(math.cos(t1) * x, torch.full((2,), t1))
+        torch.testing.assert_close(two, want2, rtol=1e-5, atol=1e-5)
+
+
+class _Denoiser(nn.Module):
+    """Exact posterior means D(x_sigma, sigma) of two known data distributions."""
+
+    def __init__(self, kind, a=None, s=None):
+        super().__init__()
+        self.kind, self.a, self.s, self.sigma_data = kind, a, s, SD
+
+    def forward(self, x, sigma, class_labels=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        if self.kind == "point":               # data = the single image a
+            return self.a.expand_as(x)
+        return self.s ** 2 / (self.s ** 2 + sigma ** 2) * x   # data ~ N(0, s^2 I)
+
+
+def test_teacher_velocity_point_mass_and_gaussian():
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0.05, 0.6, 1.2, 1.5], dtype=torch.float64, requires_grad=True)
+    # point mass at a: every trajectory is x_t = cos t a + sin t z, so dx_t/dt = -sin t a + cos t z
+    a, z = torch.randn(1, 3, 4, 4, generator=g).double(), torch.randn(4, 3, 4, 4, generator=g).double() * SD
+    x_t = _b(torch.cos(t)) * a + _b(torch.sin(t)) * z
+    v = teacher_velocity(_Denoiser("point", a=a), x_t.detach(), t.detach(), SD)
+    torch.testing.assert_close(v, (-_b(torch.sin(t)) * a + _b(torch.cos(t)) * z).detach(), rtol=1e-10, atol=1e-10)
+    # Gaussian data N(0, s^2), s != sd: the EDM ODE scales x_sigma by sqrt(s^2 + sigma^2), so in TrigFlow
+    # x_t = cos t sqrt(s^2 + sd^2 tan^2 t) c for a fixed c; its time derivative by autograd
+    s, c = 1.3, torch.randn(1, 3, 4, 4, generator=g).double()
+    x_t = _b(torch.cos(t) * torch.sqrt(s ** 2 + SD ** 2 * torch.tan(t) ** 2)) * c
+    dx = torch.autograd.grad(x_t, t, torch.ones_like(x_t))[0]          # sum over the image of dx_t/dt
+    v = teacher_velocity(_Denoiser("gauss", s=s), x_t.detach(), t.detach(), SD)
+    torch.testing.assert_close(v.sum((1, 2, 3)), dx, rtol=1e-9, atol=1e-9)
+    # and per element: v = c d/dt[cos t sqrt(s^2 + sd^2 tan^2 t)]
+    assert float((v / c - (v / c)[:, :1, :1, :1]).abs().max()) < 1e-9
+
+
+def test_edm_time_input_makes_an_edm_net_the_teacher():
+    # F_trig = -F_edm with c_noise = ln(sd tan t) / 4: same weights, same function (sCD starts from the teacher)
+    net = _net()
+    teacher = cmfast.EDMDenoiser(net).eval()
+    model = TrigFlowModel(net, time_input="edm").eval()
+    x = torch.randn(3, 3, 8, 8)
+    sigma = torch.tensor([0.05, 1.0, 20.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, sigma), teacher(x, sigma), rtol=1e-4, atol=1e-5)
+        t = sigma_to_t(sigma)
+        x_t = _b(torch.cos(t)) * x
+        torch.testing.assert_close(SD * model.backbone(x_t, t), teacher_velocity(teacher, x_t, t, SD),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_time_sampling_is_lognormal_in_sigma():
+    t = sample_time(200_000, SD, -1.0, 1.4, torch.Generator().manual_seed(0))
+    assert float(t.min()) > 0 and float(t.max()) < math.pi / 2
+    ln_sigma = torch.log(SD * torch.tan(t.double()))
+    assert abs(float(ln_sigma.mean()) + 1.0) < 0.01 and abs(float(ln_sigma.std()) - 1.4) < 0.01
+
+
+def test_fd_and_exact_jvp_give_the_same_loss_and_gradient():
+    model = TrigFlowModel(_net())
+    x0 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
+    out = {}
+    for jvp in ("fd", "exact"):
+        model.zero_grad()
+        loss = sct_loss(model, x0, jvp=jvp, warmup_steps=0, generator=torch.Generator().manual_seed(3))
+        loss.sum().backward()
+        out[jvp] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.net.parameters()]))
+    (l_fd, g_fd), (l_ex, g_ex) = out["fd"], out["exact"]
+    assert torch.isfinite(l_fd).all()
+    torch.testing.assert_close(l_fd, l_ex, rtol=1e-4, atol=1e-5)
+    assert float((g_fd - g_ex).norm() / g_ex.norm()) < 1e-3
+    # fp64 forwards through fp64 copies of the weights agree as well
+    model.zero_grad()
+    l64 = sct_loss(model, x0, jvp="fd", precision="fp64", warmup_steps=0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(l64.detach(), l_ex, rtol=1e-4, atol=1e-5)
+
+
+def test_scd_starts_at_zero_tangent_when_the_student_is_the_teacher():
+    # student = teacher (time_input 'edm', same weights), r = 0: g = -cos^2 t (sd F - v_teacher) = 0 exactly in
+    # exact arithmetic, so the loss is ~0 (= logvar, 0 at init) and the gradient of F ~ 0
+    net = _net(dropout=0.0)
+    teacher = cmfast.EDMDenoiser(net).eval()
+    student = TrigFlowModel(_net(dropout=0.0), time_input="edm")
+    student.net.load_state_dict(net.state_dict())
+    x0 = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    loss = scd_loss(student, x0, teacher, step=0, warmup_steps=100, generator=torch.Generator().manual_seed(0))
+    assert float(loss.detach().abs().max()) < 1e-6
+    # a different student: a clearly nonzero loss, finite gradients
+    other = TrigFlowModel(_net(seed=1, dropout=0.0), time_input="edm")
+    loss = scd_loss(other, x0, teacher, step=50, warmup_steps=100, generator=torch.Generator().manual_seed(0))
+    loss.mean().backward()
+    assert float(loss.min()) > 1e-3
+    assert all(torch.isfinite(p.grad).all() for p in other.net.parameters() if p.grad is not None)
+
+
+def _images(K=2, H=8):
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, H), indexing="ij")
+    out = []
+    for k in range(K):
+        a = k * math.pi / K
+        base = torch.sin(2.5 * (math.cos(a) * xx + math.sin(a) * yy) + k)
+        out.append(torch.stack([base, torch.roll(base, k, 0), -base]) * 0.8)
+    return torch.stack(out)
+
+
+def _nn_distance(model, data, n=32):
+    """Mean RMS distance of 1-step samples (cmfast.sample from sigma_max) to their nearest training image."""
+    z = torch.randn(n, *data.shape[1:], generator=torch.Generator().manual_seed(123))
+    s = cmfast.sample(model.eval(), z, (80.0,))
+    model.train()
+    return float(((s[:, None] - data[None]) ** 2).flatten(2).mean(2).sqrt().min(1).values.mean())
+
+
+def test_sct_cpu_run_loss_falls_and_samples_move_toward_the_data():
+    data = _images()
+    torch.manual_seed(0)
+    model = TrigFlowModel(cmfast.UNet.from_preset("tiny", img_resolution=8, attn_resolutions=(4,)))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    before = _nn_distance(model, data)
+    g, losses = torch.Generator().manual_seed(0), []
+    for step in range(100):
+        idx = torch.randint(0, len(data), (16,), generator=g)
+        loss = sct_loss(model, data[idx], step=step, warmup_steps=50, generator=g).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    after = _nn_distance(model, data)
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 1.0
+    # untrained: samples ~ 0, at the data's RMS (~0.55) from every image; trained: measured 0.14 at 100 steps
+    assert before > 0.5 and after < 0.5 * before, (before, after)
+
+
+def test_sct_scd_training_methods():
+    from cmfast.training.methods import get_method
+    sct, scd = get_method("sct"), get_method("scd")
+    assert scd.needs_teacher and not sct.needs_teacher and sct.kind == "cm"
+    cfg = dict(sigma_data=SD, sigma_min=0.002, sigma_max=80.0, method_args=dict(sct.defaults, warmup_steps=10))
+    models = sct.build(_net(), cfg)
+    assert isinstance(models["model"], TrigFlowModel) and set(models) == {"model"}
+    loss, info = sct.loss(models, torch.randn(2, 3, 8, 8), 5, cfg, torch.Generator().manual_seed(0))
+    assert loss.shape == (2,) and torch.isfinite(loss).all() and info == {"r": 0.5}
+    # sCD defaults to the EDM time input, so the teacher's weights load into the student as is
+    assert scd.wrap(_net(), dict(cfg, method_args=scd.defaults)).time_input == "edm"
+    with pytest.raises(ValueError, match="jvp"):
+        scm_loss(models["model"], torch.randn(2, 3, 8, 8), jvp="forward")
