@@ -1,10 +1,11 @@
 // group_norm_act: act(GroupNorm(x) * (1 + scale) + shift) and its backward (EDM/DDPM++ UNet blocks: GroupNorm,
 // adaptive scale/shift from the noise embedding, SiLU). fp32 statistics; NCHW or NHWC; fp32/fp16/bf16 data.
 //
-// Forward:  reduce    per (n, c, chunk s): S1 = sum (x - K), S2 = sum (x - K)^2, K = the group's first element
-//                     (shifted sums: no cancellation when |mean| >> std)
-//           finalize  one warp per (n, g): adds the Cg*S partials in a fixed order (deterministic, no atomics);
-//                     mean, rstd; per channel A, B with act input y1 = A (x - mean) + B
+// Forward:  reduce    per (n, c, chunk s), two passes over the chunk (the second from L1/L2): its mean, then
+//                     M2 = sum (x - mean)^2 (no E[x^2] - E[x]^2 cancellation)
+//           finalize  one warp per (n, g): merges the Cg*S partials with Chan et al.'s pairwise formula in a
+//                     fixed order (deterministic, no atomics); mean, rstd; per channel A, B with act input
+//                     y1 = A (x - mean) + B
 //                     (not A x + B': with |mean| >> std that form cancels, this one does not)
 //           apply     y = act(A (x - mean) + B), 16-byte vectors where aligned
 // Backward: with dy1 = dy * act'(y1), xhat = (x - mean) rstd, per (n, c): Sdy = sum dy1, Sdyx = sum dy1 xhat
@@ -29,19 +30,16 @@ __device__ __forceinline__ float act_grad(float z, bool silu) {
   return s * (1.f + z * (1.f - s));
 }
 
-__device__ __forceinline__ int64_t offset(const Shape& s, int64_t n, int64_t c, int64_t hw) {
-  return s.nhwc ? (n * s.HW + hw) * s.C + c : (n * s.C + c) * s.HW + hw;
-}
-
-// Per-element terms of the two reductions: forward shifted sums, backward dy1 and dy1 * xhat.
+// Per-element terms of the reductions. Forward: pass 0 sums x - K (K = the chunk's first element: a shift that
+// keeps the sum small, so the mean is as exact as fp32 allows even when |mean| >> std), pass 1 sums
+// (x - chunk mean)^2. Backward (one pass): dy1 and dy1 * xhat.
 template <bool BWD> struct Terms {
-  float K, a, b, mean, rstd;
+  float a, b, mean, rstd;
   bool silu;
-  __device__ __forceinline__ void add(float xv, float dyv, float& s0, float& s1) const {
+  __device__ __forceinline__ void add(int pass, float xv, float dyv, float& s0, float& s1) const {
     if (!BWD) {
-      const float d = xv - K;
-      s0 += d;
-      s1 += d * d;
+      const float d = xv - mean;  // pass 0: mean = K
+      s0 += pass == 0 ? d : d * d;
     } else {
       const float dy1 = dyv * act_grad(a * (xv - mean) + b, silu);
       s0 += dy1;
@@ -50,15 +48,13 @@ template <bool BWD> struct Terms {
   }
 };
 
-template <typename T, bool BWD>
-__device__ __forceinline__ Terms<BWD> terms(const Shape& s, const T* x, int64_t n, int64_t c, const float* A,
-                                            const float* B, const float* stats) {
+template <bool BWD>
+__device__ __forceinline__ Terms<BWD> terms(const Shape& s, int64_t n, int64_t c, const float* A, const float* B,
+                                            const float* stats) {
   Terms<BWD> t{};
   t.silu = s.silu;
-  const int64_t g = c / (s.C / s.G);
-  if (!BWD) {
-    t.K = to_f(x[offset(s, n, g * (s.C / s.G), 0)]);
-  } else {
+  if (BWD) {
+    const int64_t g = c / (s.C / s.G);
     t.a = A[n * s.C + c];
     t.b = B[n * s.C + c];
     t.mean = stats[(n * s.G + g) * 2];
@@ -67,7 +63,14 @@ __device__ __forceinline__ Terms<BWD> terms(const Shape& s, const T* x, int64_t 
   return t;
 }
 
-// NCHW: one warp per (n, c, s) over a contiguous run of HW; part[((n S + s) C + c) 2 + {0, 1}].
+// Elements in chunk `split` of HW (the last chunks may be short or empty).
+__device__ __forceinline__ int64_t chunk_count(const Shape& s, int64_t split) {
+  const int64_t begin = split * s.chunk;
+  return begin >= s.HW ? 0 : min(s.HW, begin + s.chunk) - begin;
+}
+
+// NCHW: one warp per (n, c, s) over a contiguous run of HW; part[((n S + s) C + c) 2 + {0, 1}] holds
+// (chunk mean, M2) forward, (sum dy1, sum dy1 xhat) backward.
 template <typename T, bool BWD, int V>
 __global__ void gn_reduce_nchw_kernel(Shape s, const T* __restrict__ x, const T* __restrict__ dy,
                                       const float* __restrict__ A, const float* __restrict__ B,
@@ -76,22 +79,30 @@ __global__ void gn_reduce_nchw_kernel(Shape s, const T* __restrict__ x, const T*
   const int lane = threadIdx.x & 31;
   if (unit >= s.N * s.C * s.S) return;  // whole warps leave together
   const int64_t split = unit % s.S, nc = unit / s.S, c = nc % s.C, n = nc / s.C;
-  const Terms<BWD> t = terms<T, BWD>(s, x, n, c, A, B, stats);
+  Terms<BWD> t = terms<BWD>(s, n, c, A, B, stats);
   const int64_t begin = split * s.chunk, end = min(s.HW, begin + s.chunk), base = nc * s.HW;
-  float s0 = 0.f, s1 = 0.f;
-  for (int64_t i = begin + lane * V; i < end; i += 32 * V) {
-    float xv[V], dv[V];
-    load<T, V>(x + base + i, xv);
-    if (BWD) load<T, V>(dy + base + i, dv);
+  if (!BWD && begin < end) t.mean = to_f(x[base + begin]);
+  float s0 = 0.f, s1 = 0.f, r0 = 0.f;
+  for (int pass = 0; pass < (BWD ? 1 : 2); ++pass) {
+    for (int64_t i = begin + lane * V; i < end; i += 32 * V) {
+      float xv[V], dv[V];
+      load<T, V>(x + base + i, xv);
+      if (BWD) load<T, V>(dy + base + i, dv);
 #pragma unroll
-    for (int j = 0; j < V; ++j) t.add(xv[j], BWD ? dv[j] : 0.f, s0, s1);
+      for (int j = 0; j < V; ++j) t.add(pass, xv[j], BWD ? dv[j] : 0.f, s0, s1);
+    }
+    s0 = warp_sum(s0);
+    if (!BWD && pass == 0) {  // the chunk's mean, the centre of pass 1
+      const int64_t cnt = chunk_count(s, split);
+      r0 = t.mean = cnt ? t.mean + s0 / (float)cnt : 0.f;
+      s0 = 0.f;
+    }
   }
-  s0 = warp_sum(s0);
-  s1 = warp_sum(s1);
+  if (BWD) s1 = warp_sum(s1);
   if (lane == 0) {
     float* p = part + ((n * s.S + split) * s.C + c) * 2;
-    p[0] = s0;
-    p[1] = s1;
+    p[0] = BWD ? s0 : r0;
+    p[1] = BWD ? s1 : s0;
   }
 }
 
@@ -103,29 +114,51 @@ __global__ void gn_reduce_nhwc_kernel(Shape s, const T* __restrict__ x, const T*
                                       const float* __restrict__ stats, float* __restrict__ part) {
   __shared__ float sm[2][8][33];
   const int64_t c = (int64_t)blockIdx.x * 32 + threadIdx.x, split = blockIdx.y, n = blockIdx.z;
-  float s0 = 0.f, s1 = 0.f;
-  if (c < s.C) {
-    const Terms<BWD> t = terms<T, BWD>(s, x, n, c, A, B, stats);
-    const int64_t begin = split * s.chunk, end = min(s.HW, begin + s.chunk);
-    for (int64_t r = begin + threadIdx.y; r < end; r += 8) {
-      const int64_t o = (n * s.HW + r) * s.C + c;
-      t.add(to_f(x[o]), BWD ? to_f(dy[o]) : 0.f, s0, s1);
+  const bool live = c < s.C;
+  Terms<BWD> t = terms<BWD>(s, n, live ? c : 0, A, B, stats);
+  const int64_t begin = split * s.chunk, end = min(s.HW, begin + s.chunk);
+  if (!BWD && live && begin < end) t.mean = to_f(x[(n * s.HW + begin) * s.C + c]);
+  float tot[2] = {0.f, 0.f};
+  for (int pass = 0; pass < (BWD ? 1 : 2); ++pass) {
+    float s0 = 0.f, s1 = 0.f;
+    if (live)
+      for (int64_t r = begin + threadIdx.y; r < end; r += 8) {
+        const int64_t o = (n * s.HW + r) * s.C + c;
+        t.add(pass, to_f(x[o]), BWD ? to_f(dy[o]) : 0.f, s0, s1);
+      }
+    sm[0][threadIdx.y][threadIdx.x] = s0;
+    sm[1][threadIdx.y][threadIdx.x] = s1;
+    __syncthreads();
+    tot[0] = tot[1] = 0.f;
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {  // every thread adds its channel's 8 row sums, all in the same order
+      tot[0] += sm[0][r][threadIdx.x];
+      tot[1] += sm[1][r][threadIdx.x];
+    }
+    __syncthreads();  // sm is rewritten by the next pass
+    if (!BWD && pass == 0) {
+      const int64_t cnt = chunk_count(s, split);
+      t.mean = cnt ? t.mean + tot[0] / (float)cnt : 0.f;
     }
   }
-  sm[0][threadIdx.y][threadIdx.x] = s0;
-  sm[1][threadIdx.y][threadIdx.x] = s1;
-  __syncthreads();
-  if (threadIdx.y < 2 && c < s.C) {
-    float v = 0.f;
-#pragma unroll
-    for (int r = 0; r < 8; ++r) v += sm[threadIdx.y][r][threadIdx.x];
-    part[((n * s.S + split) * s.C + c) * 2 + threadIdx.y] = v;
+  if (threadIdx.y < 2 && live) {
+    float* p = part + ((n * s.S + split) * s.C + c) * 2;
+    p[threadIdx.y] = BWD ? tot[threadIdx.y] : (threadIdx.y == 0 ? t.mean : tot[0]);
   }
 }
 
+// Chan, Golub & LeVeque's pairwise update of (count, mean, M2): exact in exact arithmetic, stable in fp32.
+__device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
+  const float tot = n + nb;
+  if (nb == 0.f) return;
+  const float delta = meanb - mean, w = nb / tot;
+  mean += delta * w;
+  m2 += m2b + delta * delta * n * w;
+  n = tot;
+}
+
 // One warp per (n, g): group statistics from the partials, then A, B per channel of the group.
-template <typename T>
-__global__ void gn_fwd_finalize_kernel(Shape s, const T* __restrict__ x, const float* __restrict__ part,
+__global__ void gn_fwd_finalize_kernel(Shape s, const float* __restrict__ part,
                                        float eps, const float* __restrict__ w, const float* __restrict__ bias,
                                        const float* __restrict__ scale, const float* __restrict__ shift,
                                        float* __restrict__ stats, float* __restrict__ A, float* __restrict__ B) {
@@ -133,18 +166,21 @@ __global__ void gn_fwd_finalize_kernel(Shape s, const T* __restrict__ x, const f
   const int lane = threadIdx.x & 31;
   if (ng >= s.N * s.G) return;
   const int64_t n = ng / s.G, g = ng % s.G, Cg = s.C / s.G;
-  float s0 = 0.f, s1 = 0.f;
-  for (int64_t i = lane; i < Cg * s.S; i += 32) {
+  float cnt = 0.f, mean = 0.f, m2 = 0.f;
+  for (int64_t i = lane; i < Cg * s.S; i += 32) {  // each lane merges its partials in order...
     const int64_t c = g * Cg + i % Cg, split = i / Cg;
     const float* p = part + ((n * s.S + split) * s.C + c) * 2;
-    s0 += p[0];
-    s1 += p[1];
+    chan_merge(cnt, mean, m2, (float)chunk_count(s, split), p[0], p[1]);
   }
-  s0 = warp_sum(s0);
-  s1 = warp_sum(s1);
-  const float M = (float)(Cg * s.HW), m = s0 / M;
-  const float mean = to_f(x[offset(s, n, g * Cg, 0)]) + m;
-  const float rstd = 1.f / sqrtf(fmaxf(s1 / M - m * m, 0.f) + eps);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {  // ...then a fixed tree over the lanes; lane 0 holds the group
+    const float nb = __shfl_down_sync(0xffffffffu, cnt, o), mb = __shfl_down_sync(0xffffffffu, mean, o);
+    const float m2b = __shfl_down_sync(0xffffffffu, m2, o);
+    if (lane + o < 32) chan_merge(cnt, mean, m2, nb, mb, m2b);
+  }
+  mean = __shfl_sync(0xffffffffu, mean, 0);
+  m2 = __shfl_sync(0xffffffffu, m2, 0);
+  const float rstd = 1.f / sqrtf(m2 / (float)(Cg * s.HW) + eps);
   if (lane == 0) {
     stats[ng * 2] = mean;
     stats[ng * 2 + 1] = rstd;
@@ -305,8 +341,8 @@ int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64
   const Shape s = make_shape(N, C, HW, G, S, nhwc, silu, dtype_size(dtype));
   CM_DISPATCH(dtype, T, {
     launch_reduce<T, false>(s, x, 0, 0, 0, 0, part, st);
-    gn_fwd_finalize_kernel<T><<<warps_blocks(N * G), kThreads, 0, st>>>(
-        s, (const T*)x, (const float*)part, eps, (const float*)weight, (const float*)bias, (const float*)scale,
+    gn_fwd_finalize_kernel<<<warps_blocks(N * G), kThreads, 0, st>>>(
+        s, (const float*)part, eps, (const float*)weight, (const float*)bias, (const float*)scale,
         (const float*)shift, (float*)stats, (float*)A, (float*)B);
     launch_apply<T, false>(s, x, 0, A, B, stats, 0, 0, y, st);
   });

@@ -1,0 +1,261 @@
+"""The CUDA kernels of csrc/ run on CPU under tests/csrc_emu/emu.h (each CUDA thread a std::thread, real barriers
+for __syncthreads and warp shuffles), compiled by g++ from the same sources, launch code included, and driven
+through the real autograd wrappers of cmfast/ops/_cuda.py with CPU tensors. Forward and every gradient against
+the float64 references of tests/reference.py, with the GPU tests' rule: at most 2x the error of PyTorch itself in
+the same dtype plus one ulp at the output's scale; outputs and workspaces poisoned with NaN.
+
+This checks indexing, reductions, split counts, vector/scalar paths and the wrappers without a GPU; it cannot check
+timing, occupancy or the GPU memory model (tests/test_ops_cuda.py does, with -m gpu).
+"""
+import concurrent.futures
+import contextlib
+import importlib.util
+import re
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import reference as ref
+from cmfast import _build
+
+if _build.unavailable_reason():
+    pytest.skip(_build.unavailable_reason(), allow_module_level=True)
+from cmfast.ops import _cuda  # noqa: E402
+from cmfast.ops import _torch  # noqa: E402
+
+EMU = Path(__file__).resolve().parent / "csrc_emu" / "emu.h"
+LAUNCH = re.compile(r"^(\s*)(.*?)<<<(.*?)>>>\(", re.M)  # kernel<<<grid, block, smem, stream>>>(args
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+CL, NCHW = torch.channels_last, torch.contiguous_format
+
+
+def build_emulated(out: Path) -> Path:
+    """csrc/ with every launch rewritten to emu::launch(grid, block)(kernel, args...), compiled by g++."""
+    pybind11 = pytest.importorskip("pybind11")
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to compile the emulated kernels")
+    for p in _build.CSRC.glob("*"):
+        text = p.read_text()
+        if p.suffix == ".cu":
+            text = LAUNCH.sub(lambda m: f"{m[1]}emu::launch({m[3]})({m[2]}, ", text)
+        (out / p.name).write_text(text)
+    inc = [f"-I{out}", f"-I{_build.cuda_home()}/include"]
+    cmds = [["g++", "-x", "c++", "-std=c++20", "-O1", "-fPIC", "-pthread", "-w", *inc, "-include", str(EMU),
+             "-c", str(p), "-o", str(p.with_suffix(".o"))] for p in sorted(out.glob("*.cu"))]
+    cmds.insert(0, ["g++", "-std=c++17", "-O1", "-fPIC", "-w", *inc, f"-I{pybind11.get_include()}",
+                    f"-I{sysconfig.get_paths()['include']}", "-c", str(out / "bindings.cpp"),
+                    "-o", str(out / "bindings.o")])
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for r in pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), cmds):
+            assert r.returncode == 0, r.stderr[:4000]
+    so = out / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    r = subprocess.run(["g++", "-shared", "-pthread", *map(str, sorted(out.glob("*.o"))), "-o", str(so)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[:4000]
+    return so
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    so = build_emulated(tmp_path_factory.mktemp("csrc_emu"))
+    spec = importlib.util.spec_from_file_location("_C", so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def on_cpu(emulated, monkeypatch):
+    """The wrappers as they are, with the device-only pieces swapped: CPU tensors accepted, stream 0, 132 SMs."""
+    monkeypatch.setattr(_cuda, "_check", _cpu_check)
+    monkeypatch.setattr(_cuda, "_ext", lambda device: emulated)
+    monkeypatch.setattr(_cuda, "_stream", lambda device: 0)
+    monkeypatch.setattr(_cuda, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(_cuda, "_on_device", contextlib.nullcontext)
+
+
+def _cpu_check(name, t, device=None):
+    """_cuda._check without the CUDA-device requirement (type and dtype checks kept)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _cuda._DTYPES:
+        raise TypeError(f"{name}: the cuda backend supports float32, float16 and bfloat16, got {t.dtype}")
+    return t
+
+
+@contextlib.contextmanager
+def poisoned():
+    saved = torch.empty, torch.empty_like, torch.empty_strided
+
+    def fill(t):
+        return t.fill_(float("nan") if t.is_floating_point() else 77)
+
+    torch.empty = lambda *a, **k: fill(saved[0](*a, **k))
+    torch.empty_like = lambda *a, **k: fill(saved[1](*a, **k))
+    torch.empty_strided = lambda *a, **k: fill(saved[2](*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.empty_strided = saved
+
+
+def run(fn, inputs: dict, grad: tuple, dy=None, poison=False):
+    leaves = {k: (v.detach().requires_grad_(k in grad) if isinstance(v, torch.Tensor) else v)
+              for k, v in inputs.items()}
+    with poisoned() if poison else contextlib.nullcontext():
+        out = fn(**leaves)
+        if dy is not None:
+            out.backward(dy)
+    return [out.detach()] + [leaves[k].grad for k in grad]
+
+
+def check(op: str, reffn, inputs: dict, grad=(), dtype=torch.float32):
+    """The emulated kernel (through _cuda.<op>) vs float64 truth, within 2x _torch.<op>'s error + one ulp."""
+    x64 = {k: (v.detach().double().requires_grad_(k in grad) if isinstance(v, torch.Tensor) and v.is_floating_point()
+               else v) for k, v in inputs.items()}
+    out64 = reffn(**x64)
+    dy = torch.randn(out64.shape, dtype=dtype) if grad else None
+    if dy is not None:
+        out64.backward(dy.double())
+    truth = [out64.detach()] + [x64[k].grad for k in grad]
+    theirs = run(getattr(_torch, op), inputs, grad, dy)
+    ours = run(getattr(_cuda, op), inputs, grad, dy, poison=True)
+    for name, t, a, b in zip(["out"] + [f"d{k}" for k in grad], truth, theirs, ours):
+        assert b.shape == t.shape and b.dtype == a.dtype, f"{name}: {b.shape} {b.dtype} vs {t.shape} {a.dtype}"
+        assert torch.isfinite(b).all(), f"{name}: non-finite (unwritten) elements"
+        err_torch = (a.double() - t).abs().max().item()
+        err_ours = (b.double() - t).abs().max().item()
+        floor = ULP[b.dtype if b.is_floating_point() else dtype] * max(t.abs().max().item(), 1e-3)
+        assert err_ours <= 2 * err_torch + floor, f"{name}: kernel err {err_ours:.3g} vs torch {err_torch:.3g}"
+    return ours
+
+
+def rand(*shape, dtype=torch.float32, fmt=NCHW, misaligned=False):
+    t = torch.randn(*shape).to(dtype).contiguous(memory_format=fmt)
+    if misaligned:  # one element into a fresh buffer: not 16-byte aligned, so the scalar path runs
+        buf = torch.empty(t.numel() + 1, dtype=dtype)
+        t = buf[1:].as_strided(t.shape, t.stride()).copy_(t)
+    return t
+
+
+# ---- group_norm_act ---------------------------------------------------------------------------------------------
+def _gn_inputs(shape, dtype, fmt, affine=True, mod=True, misaligned=False, G=4, act="silu"):
+    N, C = shape[:2]
+    return dict(x=3 * rand(*shape, dtype=dtype, fmt=fmt, misaligned=misaligned) + 1.5, num_groups=G,
+                weight=(1 + 0.3 * rand(C, dtype=dtype)) if affine else None,
+                bias=0.3 * rand(C, dtype=dtype) if affine else None, eps=1e-6,
+                scale=0.5 * rand(N, C, dtype=dtype) if mod else None,
+                shift=0.5 * rand(N, C, dtype=dtype) if mod else None, act=act)
+
+
+def _grads(inputs):
+    return tuple(k for k in ("x", "weight", "bias", "scale", "shift") if inputs[k] is not None)
+
+
+SPLITS = {"auto": None, "one": lambda N, C, HW, nhwc, sms: 1, "max": lambda N, C, HW, nhwc, sms: HW}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,G", [((1, 12, 5, 7), 4), ((2, 40, 4, 4), 8)])
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_group_norm_act(dtype, fmt, shape, G, split, monkeypatch):
+    if split != "auto" and dtype != torch.float32:
+        pytest.skip("forced split counts run in fp32 only (each emulated block costs threads)")
+    if SPLITS[split]:
+        monkeypatch.setattr(_cuda, "_num_splits", SPLITS[split])
+    inputs = _gn_inputs(shape, dtype, fmt, G=G)
+    out = check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs), dtype=dtype)
+    assert out[0].is_contiguous(memory_format=fmt) and out[1].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("affine,mod,act", [(False, False, "none"), (True, False, "silu"), (False, True, "none")])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+def test_group_norm_act_optional_parts(affine, mod, act, fmt):
+    inputs = _gn_inputs((2, 6, 4, 5), torch.float32, fmt, affine, mod, G=3, act=act)
+    check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+def test_group_norm_act_misaligned_and_one_spatial_dim(dtype, fmt):
+    inputs = _gn_inputs((2, 16, 4, 8), dtype, fmt, misaligned=True)
+    check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs), dtype=dtype)
+    inputs = _gn_inputs((2, 12, 9), dtype, NCHW)
+    if fmt == CL:  # (N, L, C) storage seen as (N, C, L): the channels-last path with one spatial dimension
+        inputs["x"] = inputs["x"].transpose(1, 2).contiguous().transpose(1, 2)
+    check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs), dtype=dtype)
+
+
+def test_group_norm_act_large_mean_is_stable():
+    inputs = _gn_inputs((1, 4, 9, 9), torch.float32, NCHW, affine=False, mod=False, G=2, act="none")
+    inputs["x"] = inputs["x"] + 1e4
+    check("group_norm_act", ref.group_norm_act, inputs, grad=("x",))
+
+
+# ---- skip_output ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (3, 4, 4, 4)])
+@pytest.mark.parametrize("fmt,misaligned", [(NCHW, False), (CL, False), (CL, True)], ids=["nchw", "nhwc", "scalar"])
+def test_skip_output(dtype, shape, fmt, misaligned):
+    sigma = torch.tensor([0.002, 0.5, 80.0])[: shape[0]]
+    inputs = dict(x=rand(*shape, dtype=dtype, fmt=fmt, misaligned=misaligned), F=rand(*shape, dtype=dtype),
+                  sigma=sigma, sigma_data=0.5, sigma_min=0.002)
+    out = check("skip_output", ref.skip_output, inputs, grad=("x", "F"), dtype=dtype)
+    assert out[0].is_contiguous(memory_format=fmt)
+
+
+def test_skip_output_mixed_dtypes_and_boundary():
+    x, F = rand(2, 3, 4, 4, dtype=torch.bfloat16, fmt=CL), rand(2, 3, 4, 4)
+    inputs = dict(x=x, F=F, sigma=torch.tensor([0.1, 3.0]), sigma_data=0.5, sigma_min=0.002)
+    out = check("skip_output", ref.skip_output, inputs, grad=("x", "F"), dtype=torch.bfloat16)
+    assert out[0].dtype == torch.bfloat16 and out[2].dtype == torch.float32
+    assert torch.equal(_cuda.skip_output(x, F, torch.full((2,), 0.002), 0.5, 0.002), x)  # f(x, sigma_min) = x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("misaligned", [False, True], ids=["vec", "scalar"])
+def test_skip_output_infer(dtype, misaligned):
+    x, F = 2 * rand(2, 3, 4, 8, dtype=dtype, misaligned=misaligned), rand(2, 3, 4, 8, dtype=dtype)
+    sigma = torch.tensor([0.3, 2.0])
+    inputs = dict(x=x, F=F, sigma=sigma, sigma_data=0.5, sigma_min=0.002, uint8=False)
+    check("skip_output_infer", ref.skip_output_infer, inputs, dtype=dtype)
+    with poisoned():
+        u = _cuda.skip_output_infer(x, F, sigma, 0.5, 0.002, True)
+    assert u.dtype == torch.uint8
+    assert (u.double() - ref.skip_output_infer(x.double(), F.double(), sigma, uint8=True)).abs().max() <= 1
+    assert (u == _torch.skip_output_infer(x, F, sigma, 0.5, 0.002, True)).float().mean() > 0.99
+
+
+def test_skip_output_infer_rounds_half_to_even():
+    cand = (torch.arange(0, 255, dtype=torch.float64) + 0.5) / 127.5 - 1
+    cand = (cand.float()[:, None] + torch.arange(-64, 65).float() * 2.0 ** -23).flatten()
+    v = (cand + 1.0) * 127.5
+    x = cand[v == v.floor() + 0.5][:64].reshape(1, 1, 1, -1)
+    assert x.numel() >= 8
+    s = torch.full((1,), 0.002)
+    u = _cuda.skip_output_infer(x, torch.zeros_like(x), s, 0.5, 0.002, True)
+    assert torch.equal(u, _torch.skip_output_infer(x, torch.zeros_like(x), s, 0.5, 0.002, True))
+
+
+# ---- consistency_loss -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["pseudo_huber", "l2", "l1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (3, 2, 8, 8)])
+def test_consistency_loss(kind, dtype, shape):
+    weight = torch.rand(shape[0]) + 0.5 if shape[0] > 1 else None
+    inputs = dict(pred=rand(*shape, dtype=dtype), target=rand(*shape, dtype=dtype), kind=kind,
+                  c=0.00054 * (shape[1] * shape[2] * shape[3]) ** 0.5, weight=weight)
+    check("consistency_loss", ref.consistency_loss, inputs, grad=("pred",), dtype=dtype)
+
+
+def test_consistency_loss_layouts_mixed_dtypes_and_all_grads():
+    pred, target = rand(3, 3, 7, 9, fmt=CL, misaligned=True), rand(3, 3, 7, 9, dtype=torch.bfloat16)
+    inputs = dict(pred=pred, target=target, kind="pseudo_huber", c=0.03, weight=torch.rand(3) + 0.5)
+    out = check("consistency_loss", ref.consistency_loss, inputs, grad=("pred", "target", "weight"))
+    assert out[1].is_contiguous(memory_format=CL)
