@@ -1,0 +1,314 @@
+"""cmfast.metrics: Frechet distance math against scipy / numpy, FD-FMNIST ordering on real (or generated) data,
+the FID Inception port (random weights of the same architecture), the classifier asset, cmfast-eval errors."""
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmfast import metrics
+from cmfast._fd_classifier import ASSET, load_classifier
+
+scipy_linalg = pytest.importorskip("scipy.linalg")
+HAVE_FMNIST = all(os.path.isfile(f"/usr/share/datasets/fashion-mnist/{n}-idx{r}-ubyte.gz")
+                  for n, r in (("train-images", 3), ("train-labels", 1), ("t10k-images", 3), ("t10k-labels", 1)))
+
+
+def _random_spd(rng, d, rank=None):
+    a = rng.standard_normal((d, rank or d + 5))
+    return a @ a.T / a.shape[1]
+
+
+# ---------------------------------------------------------------- Frechet distance math
+
+def test_matrix_sqrt_matches_scipy():
+    rng = np.random.default_rng(0)
+    for d in (1, 7, 64):
+        a = _random_spd(rng, d) + 1e-3 * np.eye(d)
+        np.testing.assert_allclose(metrics.sqrtm_psd(a), scipy_linalg.sqrtm(a).real, rtol=1e-8, atol=1e-10)
+        b = _random_spd(rng, d)
+        ref = np.trace(scipy_linalg.sqrtm(a @ b)).real           # pytorch-fid's formula
+        assert metrics.trace_sqrt_product(a, b) == pytest.approx(ref, rel=1e-9)
+
+
+def _fd_pytorch_fid_style(mu1, s1, mu2, s2, eps=1e-6):
+    """The usual scipy formula, with pytorch-fid's eps * I offset when sqrtm of the product is not finite."""
+    covmean = scipy_linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        off = np.eye(len(s1)) * eps
+        covmean = scipy_linalg.sqrtm((s1 + off) @ (s2 + off))
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
+
+
+def test_frechet_distance_matches_scipy_formula_and_self_is_zero():
+    rng = np.random.default_rng(1)
+    d = 32
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = _random_spd(rng, d), _random_spd(rng, d)
+    fd = metrics.frechet_distance(mu1, s1, mu2, s2)
+    assert fd == pytest.approx(_fd_pytorch_fid_style(mu1, s1, mu2, s2), rel=1e-9)
+    assert fd > 1.0
+    assert abs(metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-6
+    # Rank-deficient covariances (fewer samples than dims): singular product, still finite and close to scipy's
+    s3, s4 = _random_spd(rng, d, rank=10), _random_spd(rng, d, rank=12)
+    assert metrics.frechet_distance(mu1, s3, mu2, s4) == pytest.approx(_fd_pytorch_fid_style(mu1, s3, mu2, s4),
+                                                                        rel=1e-4)
+    assert abs(metrics.frechet_distance(mu1, s3, mu1, s3)) < 1e-6
+    with pytest.raises(ValueError, match="expected mu"):
+        metrics.frechet_distance(mu1, s1, mu2[:-1], s2)
+
+
+def test_streaming_stats_equal_one_shot():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1000, 16)) * rng.uniform(0.1, 3, 16) + 1000.0   # large offset: tests stability
+    a, b = metrics.FeatureStats(16), metrics.FeatureStats(16)
+    for lo, hi in ((0, 1), (1, 1), (1, 300), (300, 301)):                    # size 1 and empty chunks too
+        a.update(torch.from_numpy(x[lo:hi]))                        # tensors and arrays
+    for lo, hi in ((301, 700), (700, 1000)):
+        b.update(x[lo:hi])
+    a.merge(b)
+    assert a.n == 1000
+    np.testing.assert_allclose(a.mean, x.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(a.cov, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-12)
+
+
+def test_stats_save_load_roundtrip(tmp_path):
+    rng = np.random.default_rng(3)
+    s = metrics.FeatureStats(5).update(rng.standard_normal((50, 5)))
+    s.save(tmp_path / "s.npz", metric="x")
+    mu, sigma, meta = metrics.load_stats(tmp_path / "s.npz")
+    np.testing.assert_array_equal(mu, s.mean)
+    np.testing.assert_array_equal(sigma, s.cov)
+    assert meta == {"n": 50, "metric": "x"}
+
+
+def test_precision_recall_knn():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 8, generator=g)
+    same = torch.randn(400, 8, generator=g)
+    shifted = same + 6.0                                           # disjoint support
+    p, r = metrics.precision_recall(real, same)
+    assert p > 0.8 and r > 0.8
+    p, r = metrics.precision_recall(real, shifted)
+    assert p == 0.0 and r == 0.0
+    # Hand-checkable, 1-D, k = 1: real radii are all 1, so only 0.5 is inside (precision 1/3); the fake point
+    # 0.5 has radius 9.5 (its nearest fake is 10), which covers every real point (recall 1).
+    p, r = metrics.precision_recall(torch.tensor([[0.], [1.], [2.]]), torch.tensor([[0.5], [10.], [11.]]), k=1)
+    assert p == pytest.approx(1 / 3) and r == 1.0
+    p, r = metrics.precision_recall(torch.tensor([[0.], [1.], [2.]]), torch.tensor([[5.], [6.], [7.]]), k=1)
+    assert p == 0.0 and r == 0.0                                   # all radii 1, the sets 3 apart
+
+
+
+# ---------------------------------------------------------------- FD-FMNIST
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A fresh data dir, so the train reference statistics are computed here (and cached) once."""
+    with pytest.MonkeyPatch.context() as mp:
+        d = tmp_path_factory.mktemp("cmfast_data")
+        mp.setenv("CMFAST_DATA", str(d))
+        yield d
+
+
+def _blur(x):
+    k = torch.tensor([1., 4., 6., 4., 1.]) / 16
+    k = (k[:, None] * k[None]).expand(1, 1, 5, 5)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k)
+
+
+def _generated_sets(n):
+    """Without the dataset: two draws of the same synthetic distribution (random rectangles)."""
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = -torch.ones(n, 1, 32, 32)
+        lo = torch.randint(2, 14, (n, 2), generator=g)
+        hi = lo + torch.randint(8, 16, (n, 2), generator=g)
+        val = torch.rand(n, generator=g) * 1.5 - 0.5
+        for i in range(n):
+            x[i, 0, lo[i, 0]:hi[i, 0], lo[i, 1]:hi[i, 1]] = val[i]
+        return x
+    return draw(0), draw(1)
+
+
+def test_fd_fmnist_orders_test_blurred_noise(data_dir):
+    g = torch.Generator().manual_seed(0)
+    if HAVE_FMNIST:
+        from cmfast._idx import load_fmnist, to_model_range
+        test = to_model_range(load_fmnist("test")[0][:5000])
+        train = to_model_range(load_fmnist("train")[0][:5000])
+        fd = metrics.fd_fmnist                                      # against all 60k train images (cached)
+    else:
+        train, test = _generated_sets(2000)
+        net, _ = load_classifier()
+        ref = metrics.FeatureStats(128).update(net.features(train))
+        def fd(x):
+            s = metrics.FeatureStats(128).update(net.features(x))
+            return metrics.frechet_distance(s.mean, s.cov, ref.mean, ref.cov)
+    noise = torch.rand(2000, 1, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        d_test, d_blur, d_noise = fd(test), fd(_blur(train)), fd(noise)
+    print(f"FD-FMNIST test {d_test:.3f}  blurred train {d_blur:.3f}  noise {d_noise:.3f}")
+    assert d_test < 0.05 * d_noise
+    assert 3 * d_test < d_blur < 0.7 * d_noise
+    if HAVE_FMNIST:
+        assert [f for f in os.listdir(data_dir) if f.startswith("fd-fmnist_fashion-mnist_train_n60000_")]
+        assert metrics.fd_fmnist(test[:1000]) > 0                   # second call reads the cache
+
+
+def test_fd_fmnist_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"expected a \(N, 1, H, W\)"):
+        metrics.fd_fmnist(torch.zeros(4, 3, 32, 32))
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed")
+def test_classifier_asset_accuracy():
+    from cmfast._idx import load_fmnist, to_model_range
+    assert os.path.getsize(ASSET) < 3_000_000
+    net, meta = load_classifier()
+    assert float(meta["test_accuracy"]) >= 0.90
+    x, y = load_fmnist("test")
+    x, y = to_model_range(x[:2000]), torch.from_numpy(y[:2000])
+    with torch.no_grad():
+        acc = (net(x).argmax(1) == y).float().mean().item()
+    assert acc >= 0.90
+
+
+# ---------------------------------------------------------------- FID Inception port (random weights)
+
+def _random_fid_inception(seed=0):
+    """The FID architecture with random weights (fan-in scaled so 94 layers keep finite activations)."""
+    from cmfast._inception import FIDInception
+    with torch.device("meta"):
+        net = FIDInception()
+    net = net.to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(seed)
+    for name, t in net.net.state_dict().items():
+        if t.dim() > 1:
+            t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
+        elif name.endswith(("running_var", "bn.weight")):
+            t.fill_(1.0)
+        else:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.1 if t.is_floating_point() else torch.zeros_like(t))
+    return net
+
+
+def test_fid_inception_architecture_and_strict_load(tmp_path):
+    pytest.importorskip("torchvision")
+    from cmfast._inception import WEIGHTS_NAME, FIDInception, load_fid_inception
+    net = _random_fid_inception()
+    state = net.net.state_dict()
+    assert len(state) == 566 and state["fc.weight"].shape == (1008, 2048)
+    assert "Mixed_7c.branch_pool.conv.weight" in state and "Conv2d_1a_3x3.bn.running_var" in state
+    assert not any(k.startswith("AuxLogits") for k in state)
+    path = tmp_path / WEIGHTS_NAME
+    torch.save(state, path)
+    loaded = load_fid_inception(str(path))                      # strict load through the weights-path loader
+    for k, v in loaded.net.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # Output shape through the whole net (resize to 299, pool3), on the meta device: shapes without the FLOPs
+    with torch.device("meta"):
+        f = FIDInception()(torch.empty(2, 1, 32, 32))
+    assert f.shape == (2, 2048) and f.dtype == torch.float32
+    torch.save(dict(state, extra=torch.zeros(1)), path)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        load_fid_inception(str(path))
+
+
+def test_fid_pooling_differs_from_torchvision_only_where_tensorflow_does():
+    tv = pytest.importorskip("torchvision.models.inception")
+    from cmfast._inception import _blocks
+    _, A, _, E = _blocks()
+    torch.manual_seed(0)
+    ref, fid = tv.InceptionA(16, pool_features=8).eval(), A(16, 8).eval()
+    fid.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 16, 7, 7)
+    with torch.no_grad():
+        a, b = ref(x), fid(x)
+    torch.testing.assert_close(a[:, :-8], b[:, :-8])                   # conv branches identical
+    torch.testing.assert_close(a[:, -8:, 1:-1, 1:-1], b[:, -8:, 1:-1, 1:-1])   # pool: interior identical
+    assert (a[:, -8:, 0] - b[:, -8:, 0]).abs().max() > 1e-3            # border: padding excluded from the mean
+    import cmfast._inception as inc
+    e = E(16, inc._max_pool).eval()
+    with torch.no_grad():
+        pooled = e.branch_pool(F.max_pool2d(x, 3, 1, 1))
+        torch.testing.assert_close(e(x)[:, -192:], pooled)              # Mixed_7c max-pools
+
+
+def test_missing_inception_weights_error(tmp_path, monkeypatch):
+    from cmfast._inception import WEIGHTS_NAME, find_weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("CMFAST_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError) as e:
+        find_weights()
+    msg = str(e.value)
+    assert "\n" not in msg and WEIGHTS_NAME in msg and str(tmp_path / "hub" / "checkpoints") in msg
+
+
+# ---------------------------------------------------------------- evaluate and cmfast-eval
+
+class _Replay(torch.nn.Module):
+    """A stand-in consistency model whose one-step samples are given images, in order."""
+    sigma_min, sigma_max = 0.002, 80.0
+
+    def __init__(self, images):
+        super().__init__()
+        self.images, self.pos = images, 0
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, sigma, class_labels=None):
+        out = self.images[self.pos:self.pos + len(x)]
+        self.pos += len(x)
+        return out
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed")
+def test_evaluate_equals_fd_fmnist_of_the_samples(data_dir):
+    from cmfast._idx import load_fmnist, to_model_range
+    imgs = to_model_range(load_fmnist("test")[0][:600])
+    res = metrics.evaluate(_Replay(imgs), "fd-fmnist", steps=1, num=600, batch_size=250)
+    assert res["metric"] == "FD-FMNIST" and "not comparable with FID" in res["implementation"]
+    assert res["sigmas"] == [80.0] and res["num"] == 600
+    assert res["value"] == pytest.approx(metrics.fd_fmnist(imgs), rel=1e-6)
+    assert metrics.default_sigmas(2) == (80.0, 0.821)
+
+
+def _run_cli(argv, capsys):
+    from cmfast.cli.eval import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    return e.value.code, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--checkpoint", "/nonexistent/ckpt.safetensors", "--metric", "fd-fmnist"], "checkpoint not found"),
+    (["--checkpoint", "x", "--metric", "is"], "invalid choice: 'is'"),
+    (["--checkpoint", "x", "--metric", "fid", "--steps", "0"], "expected an integer >= 1"),
+    (["--metric", "fid"], "--checkpoint"),
+])
+def test_cli_bad_input_one_line_exit_2(argv, needle, capsys):
+    code, err = _run_cli(argv, capsys)
+    assert code == 2
+    assert err.startswith("cmfast-eval: error: ") and err.count("\n") == 1 and needle in err
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed")
+def test_cli_writes_json(tmp_path, data_dir, monkeypatch, capsys):
+    from cmfast._idx import load_fmnist, to_model_range
+    imgs = to_model_range(load_fmnist("test")[0][:300])
+    fake = types.ModuleType("cmfast.training.checkpoint")
+    fake.load_model = lambda path, which="ema", map_location="cpu": (_Replay(imgs), {"config": {"dataset": "fmnist"}})
+    monkeypatch.setitem(sys.modules, "cmfast.training.checkpoint", fake)
+    ckpt, out = tmp_path / "ckpt.safetensors", tmp_path / "r.json"
+    ckpt.write_bytes(b"")
+    from cmfast.cli.eval import main
+    assert main(["--checkpoint", str(ckpt), "--metric", "fd-fmnist", "--num", "300", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    assert res["metric"] == "FD-FMNIST" and res["dataset"] == "fashion-mnist" and res["value"] > 0
+    assert json.loads(capsys.readouterr().out) == res
