@@ -23,13 +23,20 @@ template <> __device__ __forceinline__ uint8_t from_f<uint8_t>(float v) { return
 // V elements moved as one aligned access (16 bytes for V = 16 / sizeof(T)); callers check the alignment.
 template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T v[V]; };
 
+// A GPU faults on a misaligned vector access; the CPU emulation of the tests defines this to catch one there too.
+#ifndef CM_ASSERT_ALIGNED
+#define CM_ASSERT_ALIGNED(p, bytes)
+#endif
+
 template <typename T, int V> __device__ __forceinline__ void load(const T* p, float (&out)[V]) {
+  CM_ASSERT_ALIGNED(p, sizeof(T) * V);
   Vec<T, V> r = *reinterpret_cast<const Vec<T, V>*>(p);
 #pragma unroll
   for (int j = 0; j < V; ++j) out[j] = to_f(r.v[j]);
 }
 
 template <typename T, int V> __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
+  CM_ASSERT_ALIGNED(p, sizeof(T) * V);
   Vec<T, V> r;
 #pragma unroll
   for (int j = 0; j < V; ++j) r.v[j] = from_f<T>(in[j]);

@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <functional>
 #include <initializer_list>
@@ -92,6 +94,12 @@ inline Launch launch(dim3 grid, dim3 block, size_t = 0, cudaStream_t = nullptr) 
 }  // namespace emu
 
 template <typename T> inline T min(T a, T b) { return std::min(a, b); }
+// What a GPU would fault on ("misaligned address"): a vector access off its alignment.
+#define CM_ASSERT_ALIGNED(p, bytes)                                                                  \
+  if (reinterpret_cast<std::uintptr_t>(p) % (bytes)) {                                               \
+    std::fprintf(stderr, "emu: misaligned %zu-byte access at %p\n", (size_t)(bytes), (const void*)(p)); \
+    std::abort();                                                                                    \
+  }
 #define threadIdx emu::tIdx
 #define blockIdx emu::bIdx
 #define blockDim emu::bDim
