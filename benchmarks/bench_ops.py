@@ -69,10 +69,12 @@ class Bench:
                 H.sync(self.dev)
                 row.update(H.time_ms(fn, self.dev, budget_ms=self.budget_ms, warmup=0))
                 row["gb_per_s"] = nbytes / row["median_ms"] / 1e6
+                row["of_copy_bw"] = row["gb_per_s"] / self.ceil["copy_gb_per_s"]
                 row["floor_ms"] = H.floor_ms(flops, nbytes, self.ceil)
                 if flops:
                     row["flops"] = flops
                     row["tflops"] = flops / row["median_ms"] / 1e9
+                    row["of_matmul_peak"] = row["tflops"] / self.ceil["matmul_tflops"]
             except Exception as e:  # one failing variant must not lose the others' numbers
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             rows.append(row)
@@ -185,6 +187,8 @@ def main(argv=None) -> int:
            "attention": lambda: bench_attention(bn, c["attn"]),
            "skip_output": lambda: bench_skip_output(bn, c["batch"]),
            "consistency_loss": lambda: bench_consistency_loss(bn, c["batch"])}
+    print(f"ceilings: copy {ceil['copy_gb_per_s']:.0f} GB/s, {ceil['matmul_dtype']} matmul "
+          f"{ceil['matmul_tflops']:.1f} TFLOP/s ({H.device_name(dev)})")
     t0 = time.perf_counter()
     for op in a.ops.split(","):
         if op not in run:
@@ -192,8 +196,10 @@ def main(argv=None) -> int:
             return 2
         run[op]()
     for r in bn.rows:
-        t = f"{r['median_ms'] * 1e3:9.1f} us {r['gb_per_s']:7.1f} GB/s x{r.get('speedup_vs_eager', float('nan')):5.2f}" \
-            + (f" {r['tflops']:6.1f} TFLOP/s" if "tflops" in r else "") if "median_ms" in r else r.get("error", "")
+        t = f"{r['median_ms'] * 1e3:9.1f} us {r['gb_per_s']:7.1f} GB/s ({r['of_copy_bw']:4.0%} of copy) " \
+            f"x{r.get('speedup_vs_eager', float('nan')):5.2f} vs eager" \
+            + (f" {r['tflops']:6.1f} TFLOP/s ({r['of_matmul_peak']:4.0%})" if "tflops" in r else "") \
+            if "median_ms" in r else r.get("error", "")
         print(f"{r['op']:18s} {str(r['shape']):20s} {r.get('layout', r.get('kind', '')):12s} {r['pass']:8s} "
               f"{r['backend']:14s} {t}")
     result = dict(H.environment(dev), benchmark="bench_ops", dtype=a.dtype, mode=mode, ceilings=ceil,

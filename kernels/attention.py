@@ -46,8 +46,9 @@ def _prune(configs, named):
 
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:   # interpreter only: its bf16 dot multiplies the raw bit patterns (triton 3.8); bf16 products are
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")   # exact in fp32 anyway
+    if UPCAST:   # interpreter only: its bf16 dot multiplies the raw bit patterns (triton 3.8), so multiply in
+        a = a.to(tl.float32)    # fp32 (with PREC "ieee"): bf16 products are exact in fp32 anyway
+        b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PREC)
 
 
@@ -187,7 +188,8 @@ def _prep(q, k, v):
     B, H, Lq, D = q.shape
     if D > 256:
         raise ValueError(f"attention (triton): expected head dim <= 256, got {D}")
-    meta = dict(PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting() and q.dtype == torch.bfloat16,
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    meta = dict(PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
                 BLOCK_D=max(16, triton.next_power_of_2(D)))
     return q, k, v, B, H, Lq, k.shape[2], D, meta
 

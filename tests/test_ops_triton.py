@@ -394,4 +394,4 @@ def test_gpu_backend_agreement_ddpmpp_bf16():
     # bf16 end to end: the two backends round differently at every layer; compare relative to each tensor's scale.
     for a, b in zip(theirs, ours):
         scale = a.float().abs().max().item() + 1e-6
-        assert (a.float() - b.float()).abs().max().item() <= 0.05 * scale
+        assert (a.float() - b.float()).abs().max().item() <= 0.1 * scale

@@ -1,0 +1,141 @@
+"""Compile every Triton kernel of kernels/ for a GPU target without a GPU (ptxas ships with triton) and print
+each kernel's shared memory: catches what the CPU interpreter accepts but the compiler rejects.
+
+    python scripts/triton_compile_check.py                 # sm_90 (H100 / H200), all dtypes and attention configs
+    python scripts/triton_compile_check.py --arch 80 --quick
+
+Exit status 1 when a kernel fails to compile or a config the autotuner may pick needs more shared memory than
+the target has (the autotuner would skip such a config at run time; every shape must keep at least one).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)       # compile for real: the kernels must be imported as JIT functions
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from cmfast.kernels import attention as A  # noqa: E402
+from cmfast.kernels import consistency_loss as CL  # noqa: E402
+from cmfast.kernels import group_norm_act as GN  # noqa: E402
+from cmfast.kernels import skip_output as SK  # noqa: E402
+
+SMEM = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+TY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def jit_fn(k):
+    from triton.runtime.jit import JITFunction
+    while not isinstance(k, JITFunction):    # an Autotuner wraps the JITFunction
+        k = k.fn
+    return k
+
+
+def signature(fn, ptr_ty: dict, constexprs: dict, floats=()):
+    """Types by argument name: *<ty> for pointers (ptr_ty maps names, default fp32), fp32 for `floats`, i32 else."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptr_ty.get(name, ptr_ty.get("*", "fp32"))
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def build(kernel, ptr_ty, constexprs, floats, arch, num_warps=4, num_stages=2):
+    fn = jit_fn(kernel)
+    src = ASTSource(fn, signature(fn, ptr_ty, constexprs, floats), constexprs=constexprs)
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
+                                                                           "num_stages": num_stages})
+    return ck.metadata.shared
+
+
+def cases(quick: bool, attention: bool = True):
+    dts = ["bfloat16"] if quick else ["float32", "bfloat16", "float16"]
+    for dt in dts:
+        t = TY[dt]
+        yield "skip_output_fwd", SK._skip_output_fwd_kernel, {"*": t, "sigma_ptr": "fp32", "y_ptr": t}, \
+            dict(CLAMP=False, UINT8=False, BLOCK=SK.BLOCK), ("sigma_data", "sigma_min"), {}
+        yield "skip_output_infer_u8", SK._skip_output_fwd_kernel, {"*": t, "sigma_ptr": "fp32", "y_ptr": "u8"}, \
+            dict(CLAMP=True, UINT8=True, BLOCK=SK.BLOCK), ("sigma_data", "sigma_min"), {}
+        yield "skip_output_bwd", SK._skip_output_bwd_kernel, {"*": t, "sigma_ptr": "fp32"}, dict(BLOCK=SK.BLOCK), \
+            ("sigma_data", "sigma_min"), {}
+        for kind in (0, 1, 2):
+            yield f"loss_partial[{kind}]", CL._consistency_loss_partial_kernel, \
+                {"*": t, "g_ptr": "fp32", "part_ptr": "fp32"}, dict(KIND=kind, BLOCK=CL.BLOCK), (), {}
+            yield f"loss_finish[{kind}]", CL._consistency_loss_finish_kernel, {"*": "fp32"}, \
+                dict(KIND=kind, HAS_WEIGHT=True, BLOCK_S=16), ("c",), {}
+        yield "loss_bwd", CL._consistency_loss_bwd_kernel, {"*": "fp32", "dp_ptr": t}, dict(BLOCK=CL.BLOCK), (), {}
+        flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
+        for bhw, bc, nw in ((256, 8, 8), (64, 4, 4), (2, 1024, 8)):
+            meta = dict(BLOCK_HW=bhw, BLOCK_C=bc)
+            gp = {"*": t, "part_ptr": "fp32", "stats_ptr": "fp32", "ab_ptr": "fp32"}
+            yield f"gn_stats[{bhw}x{bc}]", GN._group_norm_stats_kernel, gp, meta, (), dict(num_warps=nw)
+            yield f"gn_fwd[{bhw}x{bc}]", GN._group_norm_act_fwd_kernel, gp, dict(meta, **flags, BLOCK_S=16), \
+                ("eps",), dict(num_warps=nw)
+            yield f"gn_bwd_partial[{bhw}x{bc}]", GN._group_norm_act_bwd_partial_kernel, gp, dict(meta, **flags), \
+                (), dict(num_warps=nw)
+            yield f"gn_bwd_dx[{bhw}x{bc}]", GN._group_norm_act_bwd_dx_kernel, gp, dict(meta, **flags), (), \
+                dict(num_warps=nw)
+        prec = "ieee" if dt == "float32" else "tf32"
+        for D in ((256,) if quick else (16, 64, 256)) if attention else ():
+            base = dict(PREC=prec, UPCAST=False, BLOCK_D=D)
+            ap = {"*": t, "lse_ptr": "fp32", "delta_ptr": "fp32"}
+            for name, k, configs, floats in (("attn_fwd", A._attention_fwd_kernel, A.FWD_CONFIGS, ("qk_scale",)),
+                                             ("attn_dkdv", A._attention_bwd_dkdv_kernel, A.BWD_CONFIGS,
+                                              ("scale", "qk_scale")),
+                                             ("attn_dq", A._attention_bwd_dq_kernel, A.BWD_CONFIGS,
+                                              ("scale", "qk_scale"))):
+                named = {"BLOCK_D": D, "Lq": 256, "Lk": 256, "q_ptr": _Elem(dt)}
+                for c in A._prune(configs, named):
+                    yield f"{name}[D={D},{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']},w{c.num_warps},s{c.num_stages}]", \
+                        k, ap, dict(base, **c.kwargs), floats, dict(num_warps=c.num_warps, num_stages=c.num_stages)
+            yield f"attn_delta[D={D}]", A._attention_bwd_delta_kernel, {"*": t, "delta_ptr": "fp32"}, \
+                dict(BLOCK_M=32, BLOCK_D=D), (), {}
+
+
+class _Elem:
+    def __init__(self, dt):
+        self.size = {"float32": 4, "bfloat16": 2, "float16": 2}[dt]
+
+    def element_size(self):
+        return self.size
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="triton_compile_check", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
+    p.add_argument("--quick", action="store_true", help="bf16 and D = 256 only")
+    p.add_argument("--no-attention", action="store_true", help="skip the attention kernels (the slow part)")
+    a = p.parse_args(argv)
+    limit, bad, t0 = SMEM.get(a.arch, 99 * 1024), 0, time.time()
+    seen_dtype = None
+    for name, k, ptr_ty, constexprs, floats, opts in cases(a.quick, not a.no_attention):
+        dt = ptr_ty.get("*")
+        if dt != seen_dtype:
+            print(f"-- {dt}")
+            seen_dtype = dt
+        try:
+            shared = build(k, ptr_ty, constexprs, floats, a.arch, **opts)
+            flag = "  OVER SHARED-MEMORY LIMIT" if shared > limit else ""
+            bad += bool(flag)
+            print(f"{name:52s} shared {shared / 1024:6.1f} KiB{flag}")
+        except Exception as e:
+            shared, flag = None, f"  FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            print(f"{name:52s}{flag}")
+            bad += 1
+    print(f"compiled for sm_{a.arch} in {time.time() - t0:.0f} s; {bad} failures")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
