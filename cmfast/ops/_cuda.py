@@ -184,6 +184,16 @@ def _num_splits(N: int, C: int, HW: int, nhwc: bool, sms: int) -> int:
     return max(1, min(math.ceil(32 * sms / (N * C)), math.ceil(HW / 256)))
 
 
+def _carve(ws: torch.Tensor, *sizes: int) -> list[int]:
+    """Addresses of consecutive fp32 arrays of the given lengths inside one workspace allocation (one torch.empty
+    instead of several: at batch 1 the host-side cost of each allocation is comparable to the kernels)."""
+    out, at = [], ws.data_ptr()
+    for n in sizes:
+        out.append(at)
+        at += 4 * n
+    return out
+
+
 class _GroupNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, scale, shift, silu):
@@ -195,22 +205,23 @@ class _GroupNormAct(torch.autograd.Function):
         w, b = _param("weight", weight, (C,), dev), _param("bias", bias, (C,), dev)
         sc, sh = _param("scale", scale, (N, C), dev), _param("shift", shift, (N, C), dev)
         S = _num_splits(N, C, HW, nhwc, _sm_count(dev.index))
-        f32 = dict(device=dev, dtype=torch.float32)
         y = torch.empty_like(x)
-        part, stats = torch.empty(N * S * C * 2, **f32), torch.empty(N * num_groups * 2, **f32)
-        A, B = torch.empty(N * C, **f32), torch.empty(N * C, **f32)
+        # saved: stats (N*G*2: mean, rstd), A, B (N*C each); scratch: the split partials (N*S*C*2)
+        saved = torch.empty(N * num_groups * 2 + 2 * N * C, device=dev, dtype=torch.float32)
+        part = torch.empty(N * S * C * 2, device=dev, dtype=torch.float32)
+        stats, A, B = _carve(saved, N * num_groups * 2, N * C, N * C)
         with _on_device(dev):
             _ext(dev).group_norm_act_fwd(x.data_ptr(), _DTYPES[x.dtype], N, C, HW, num_groups, S, nhwc, silu, eps,
                                          _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), y.data_ptr(), part.data_ptr(),
-                                         stats.data_ptr(), A.data_ptr(), B.data_ptr(), _stream(dev))
-        ctx.save_for_backward(x, w, b, sc, stats, A, B)
+                                         stats, A, B, _stream(dev))
+        ctx.save_for_backward(x, w, b, sc, saved)
         ctx.meta = (num_groups, S, nhwc, silu, [None if t is None else t.dtype for t in (weight, bias, scale, shift)])
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, w, b, sc, stats, A, B = ctx.saved_tensors
+        x, w, b, sc, saved = ctx.saved_tensors
         G, S, nhwc, silu, dtypes = ctx.meta
         dy = _dense(dy.to(x.dtype), nhwc)
         N, C = x.shape[:2]
@@ -223,12 +234,12 @@ class _GroupNormAct(torch.autograd.Function):
         db = torch.empty(C, **f32) if need[3] else None
         dscale = torch.empty(N, C, **f32) if need[5] else None
         dshift = torch.empty(N, C, **f32) if need[6] else None
-        part, csum = torch.empty(N * S * C * 2, **f32), torch.empty(N * C * 2, **f32)
-        P, m12 = torch.empty(N * C, **f32), torch.empty(N * G * 2, **f32)
+        stats, A, B = _carve(saved, N * G * 2, N * C, N * C)
+        ws = torch.empty(N * S * C * 2 + N * C * 2 + N * C + N * G * 2, **f32)
+        part, csum, P, m12 = _carve(ws, N * S * C * 2, N * C * 2, N * C, N * G * 2)
         with _on_device(dev):
             _ext(dev).group_norm_act_bwd(x.data_ptr(), dy.data_ptr(), _DTYPES[x.dtype], N, C, HW, G, S, nhwc, silu,
-                                         _ptr(w), _ptr(b), _ptr(sc), stats.data_ptr(), A.data_ptr(), B.data_ptr(),
-                                         part.data_ptr(), csum.data_ptr(), P.data_ptr(), m12.data_ptr(), _ptr(dx),
+                                         _ptr(w), _ptr(b), _ptr(sc), stats, A, B, part, csum, P, m12, _ptr(dx),
                                          _ptr(dw), _ptr(db), _ptr(dscale), _ptr(dshift), _stream(dev))
         cast = [None if g is None else g.to(dt) for g, dt in zip((dw, db, dscale, dshift), dtypes)]
         return dx, None, cast[0], cast[1], None, cast[2], cast[3], None
