@@ -173,3 +173,27 @@ def test_resume_auto_reruns_the_same_command(tmp_path, fm):
         assert [json.loads(x)["step"] for x in f] == [1, 2]
     with open(tmp_path / "run" / "log.txt") as f:
         assert "at step 1" in f.read()
+
+
+def test_conditional_run_and_pretrained_assets(tmp_path, fm, monkeypatch):
+    import shutil
+    import cmfast
+    from cmfast import pretrained
+    out = str(tmp_path / "cond")
+    assert train_main(["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ict", "--cond", *TINY,
+                       "--output-dir", out]) == 0
+    model, meta = cmfast.training.load_model(out)
+    assert meta["config"]["net"]["label_dim"] == 10 and model.net.label_dim == 10
+    assert sample_main(["--checkpoint", out, "--num", "3", "--class", "7", "--npz", str(tmp_path / "s.npz"),
+                        "--device", "cpu"]) == 0
+    # A shipped model is a checkpoint file in cmfast/assets/ plus its JSON model card.
+    monkeypatch.setattr(pretrained, "ASSETS", str(tmp_path / "assets"))
+    os.makedirs(pretrained.ASSETS)
+    shutil.copy(os.path.join(out, "ckpt-00000001.safetensors"), os.path.join(pretrained.ASSETS, "fm.safetensors"))
+    with open(os.path.join(pretrained.ASSETS, "fm.json"), "w") as f:
+        json.dump({"dataset": "fashion-mnist", "fd_fmnist": None}, f)
+    m = cmfast.load_pretrained("fm")
+    assert isinstance(m, cmfast.ConsistencyModel) and not m.training and m.card["dataset"] == "fashion-mnist"
+    assert torch.equal(m.net.out_conv.weight, model.net.out_conv.weight)
+    with pytest.raises(ValueError, match="no shipped model 'x'; available: fm"):
+        cmfast.load_pretrained("x")

@@ -77,7 +77,9 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
         if cfg["dropout"] is not None:
             over["dropout"] = cfg["dropout"]
         if cfg["cond"]:
-            over["label_dim"] = num_classes or NUM_CLASSES.get(cfg["dataset"], 0)
+            over["label_dim"] = NUM_CLASSES.get(cfg["dataset"]) or num_classes
+            if not over["label_dim"]:
+                raise ValueError("--cond: this dataset has no labels (an image folder needs dataset.json)")
         cfg["net"] = preset_config(cfg["preset"], **over)
         cfg["net"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg["net"].items()}
     return cfg
