@@ -7,7 +7,8 @@ a group is a (HW rows) x (Cg columns) tile of element strides (s_hw, s_c) = (1, 
 Statistics are numerically stable: they are taken of x - K (K the group's first element), every tile's mean and centred sum of squares are exact two-pass values in
 registers, merged per column and then across programs with Chan et al.'s parallel formula (no E[x^2] - E[x]^2).
 Each group's rows are split over S programs when batch x groups alone would not fill the GPU (batch 1):
-phase 1 writes per-program partials, phase 2 merges them in a fixed order (deterministic, no atomics).
+phase 1 writes per-program partials, phase 2 merges them in a fixed order (deterministic, no atomics). When one
+program owns a group (S = 1, large batches) the phases fuse into one kernel whose second read hits L2.
 
 Backward recomputes xhat and the activation from the saved (mean, rstd). With dz = dL/d(pre-activation) and
 u_c = weight_c (1 + scale_nc): A_nc = sum_hw dz, B_nc = sum_hw dz xhat give
@@ -64,19 +65,11 @@ def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg, HAS_W: tl.c
 
 
 @triton.jit
-def _group_norm_stats_kernel(x_ptr, part_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S,
-                             BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    ng = tl.program_id(0)
-    s = tl.program_id(1)
-    n = ng // G
-    g = ng % G
-    hw_start = s * chunk
-    hw_end = tl.minimum(hw_start + chunk, HW)
-    K = _pivot(x_ptr, n, g, C, HW, Cg, s_c)
+def _chunk_stats(x_ptr, col, cmask, K, hw_start, hw_end, s_hw, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(count, mean, M2) of x - K over rows [hw_start, hw_end) of the group's columns."""
     cnt = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
-    col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
     rows = tl.arange(0, BLOCK_HW)
     for h0 in range(hw_start, hw_end, BLOCK_HW):
         hw = h0 + rows         # (the tile is inlined: a nested call per step costs ~ms in the interpreter)
@@ -96,7 +89,20 @@ def _group_norm_stats_kernel(x_ptr, part_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S,
     total = tl.sum(cnt, axis=0)
     gmean = tl.sum(cnt * mean, axis=0) / total
     dm = mean - gmean
-    gm2 = tl.sum(tl.where(cmask, m2 + cnt * dm * dm, 0.0), axis=0)
+    return total, gmean, tl.sum(tl.where(cmask, m2 + cnt * dm * dm, 0.0), axis=0)
+
+
+@triton.jit
+def _group_norm_stats_kernel(x_ptr, part_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S,
+                             BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    ng = tl.program_id(0)
+    s = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    hw_start = s * chunk
+    col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
+    total, gmean, gm2 = _chunk_stats(x_ptr, col, cmask, _pivot(x_ptr, n, g, C, HW, Cg, s_c), hw_start,
+                                     tl.minimum(hw_start + chunk, HW), s_hw, BLOCK_HW, BLOCK_C)
     p = part_ptr + (ng * S + s) * 3
     tl.store(p, total)
     tl.store(p + 1, gmean)
@@ -123,14 +129,19 @@ def _merge_stats(part_ptr, ng, S, eps, BLOCK_S: tl.constexpr):
 def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
                                C, HW, G, Cg, s_c, s_hw, chunk, S, eps,
                                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                               HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                               HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, ONE_PASS: tl.constexpr,
                                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    mean, rstd = _merge_stats(part_ptr, ng, S, eps, BLOCK_S)     # mean of x - K
     K = _pivot(x_ptr, n, g, C, HW, Cg, s_c)
+    col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
+    if ONE_PASS:    # S == 1: this program owns the whole group; its second read below comes from L2
+        total, mean, m2 = _chunk_stats(x_ptr, col, cmask, K, 0, HW, s_hw, BLOCK_HW, BLOCK_C)
+        rstd = 1.0 / tl.sqrt(m2 / total + eps)
+    else:
+        mean, rstd = _merge_stats(part_ptr, ng, S, eps, BLOCK_S)     # mean of x - K
     if s == 0:
         tl.store(stats_ptr + ng * 3, K)
         tl.store(stats_ptr + ng * 3 + 1, mean)
@@ -141,10 +152,9 @@ def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, 
     c = b * s1 + sh
     hw_start = s * chunk
     hw_end = tl.minimum(hw_start + chunk, HW)
-    col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
     rows = tl.arange(0, BLOCK_HW)
     for h0 in range(hw_start, hw_end, BLOCK_HW):
-        hw = h0 + rows         # (the tile is inlined: a nested call per step costs ~ms in the interpreter)
+        hw = h0 + rows
         offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
         mask = (hw < hw_end)[:, None] & cmask[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -152,6 +162,29 @@ def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, 
         if SILU:
             z = z * tl.sigmoid(z)
         tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _chunk_ab(x_ptr, dy_ptr, col, cmask, K, mean, rstd, w, b, s1, sh, hw_start, hw_end, s_hw, SILU: tl.constexpr,
+              BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per column over rows [hw_start, hw_end): A = sum dz, B = sum dz xhat (dz = dL / d pre-activation)."""
+    acc_a = tl.zeros([BLOCK_C], tl.float32)
+    acc_b = tl.zeros([BLOCK_C], tl.float32)
+    rows = tl.arange(0, BLOCK_HW)
+    for h0 in range(hw_start, hw_end, BLOCK_HW):
+        hw = h0 + rows
+        offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
+        mask = (hw < hw_end)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = ((x - K) - mean) * rstd
+        if SILU:
+            z = (xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
+            sig = tl.sigmoid(z)
+            dz = dz * sig * (1.0 + z * (1.0 - sig))        # silu'(z)
+        acc_a += tl.sum(dz, axis=0)
+        acc_b += tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0)
+    return acc_a, acc_b
 
 
 @triton.jit
@@ -169,36 +202,21 @@ def _group_norm_act_bwd_partial_kernel(x_ptr, dy_ptr, stats_ptr, part_ptr, w_ptr
     rstd = tl.load(stats_ptr + ng * 3 + 2)
     w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
                                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-    acc_a = tl.zeros([BLOCK_C], tl.float32)
-    acc_b = tl.zeros([BLOCK_C], tl.float32)
-    hw_start = s * chunk
-    hw_end = tl.minimum(hw_start + chunk, HW)
     col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
-    rows = tl.arange(0, BLOCK_HW)
-    for h0 in range(hw_start, hw_end, BLOCK_HW):
-        hw = h0 + rows         # (the tile is inlined: a nested call per step costs ~ms in the interpreter)
-        offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
-        mask = (hw < hw_end)[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat = ((x - K) - mean) * rstd
-        if SILU:
-            z = (xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
-            sig = tl.sigmoid(z)
-            dz = dz * sig * (1.0 + z * (1.0 - sig))        # silu'(z)
-        acc_a += tl.sum(dz, axis=0)
-        acc_b += tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0)
+    hw_start = s * chunk
+    acc_a, acc_b = _chunk_ab(x_ptr, dy_ptr, col, cmask, K, mean, rstd, w, b, s1, sh, hw_start,
+                             tl.minimum(hw_start + chunk, HW), s_hw, SILU, BLOCK_HW, BLOCK_C)
     ci = tl.arange(0, BLOCK_C)
     p = part_ptr + (ng * S + s) * 2 * Cg + ci
-    tl.store(p, acc_a, mask=ci < Cg)
-    tl.store(p + Cg, acc_b, mask=ci < Cg)
+    tl.store(p, acc_a, mask=cmask)
+    tl.store(p + Cg, acc_b, mask=cmask)
 
 
 @triton.jit
 def _group_norm_act_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, part_ptr, ab_ptr, w_ptr, b_ptr, scale_ptr,
                                   shift_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S,
                                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, ONE_PASS: tl.constexpr,
                                   BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     ng = tl.program_id(0)
     s = tl.program_id(1)
@@ -210,13 +228,17 @@ def _group_norm_act_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, part_ptr, ab
     w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
                                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     ci = tl.arange(0, BLOCK_C)
-    cmask = ci < Cg
-    A = tl.zeros([BLOCK_C], tl.float32)
-    B = tl.zeros([BLOCK_C], tl.float32)
-    for t in range(0, S):                        # fixed order: deterministic
-        p = part_ptr + (ng * S + t) * 2 * Cg + ci
-        A += tl.load(p, mask=cmask, other=0.0)
-        B += tl.load(p + Cg, mask=cmask, other=0.0)
+    col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
+    if ONE_PASS:    # S == 1: the whole group here; the second read below comes from L2
+        A, B = _chunk_ab(x_ptr, dy_ptr, col, cmask, K, mean, rstd, w, b, s1, sh, 0, HW, s_hw, SILU,
+                         BLOCK_HW, BLOCK_C)
+    else:
+        A = tl.zeros([BLOCK_C], tl.float32)
+        B = tl.zeros([BLOCK_C], tl.float32)
+        for t in range(0, S):                    # fixed order: deterministic
+            p = part_ptr + (ng * S + t) * 2 * Cg + ci
+            A += tl.load(p, mask=cmask, other=0.0)
+            B += tl.load(p + Cg, mask=cmask, other=0.0)
     if s == 0:
         q = ab_ptr + (n * C + g * Cg + ci) * 2
         tl.store(q, A, mask=cmask)
@@ -227,7 +249,6 @@ def _group_norm_act_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, part_ptr, ab
     c2 = tl.sum(u * B, axis=0) / m
     hw_start = s * chunk
     hw_end = tl.minimum(hw_start + chunk, HW)
-    col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
     rows = tl.arange(0, BLOCK_HW)
     for h0 in range(hw_start, hw_end, BLOCK_HW):
         hw = h0 + rows         # (the tile is inlined: a nested call per step costs ~ms in the interpreter)
@@ -289,10 +310,13 @@ def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act):
     y = torch.empty_like(x)
     stats = torch.empty(plan.N * plan.G, 3, device=x.device, dtype=torch.float32)
     part = torch.empty(plan.N * plan.G, plan.S, 3, device=x.device, dtype=torch.float32)
-    _group_norm_stats_kernel[plan.grid](x, part, *plan.geometry(), **plan.meta())
+    one_pass = plan.S == 1
+    if not one_pass:
+        _group_norm_stats_kernel[plan.grid](x, part, *plan.geometry(), **plan.meta())
     _group_norm_act_fwd_kernel[plan.grid](x, y, part, stats, *_ptrs(x, weight, bias, scale, shift),
                                           *plan.geometry(), eps, **_flags(weight, bias, scale, shift, act),
-                                          BLOCK_S=max(2, triton.next_power_of_2(plan.S)), **plan.meta())
+                                          ONE_PASS=one_pass, BLOCK_S=max(2, triton.next_power_of_2(plan.S)),
+                                          **plan.meta())
     return y, stats, plan
 
 
@@ -305,8 +329,10 @@ def group_norm_act_bwd(dy, x, stats, plan, weight, bias, scale, shift, act):
     ab = torch.empty(plan.N, plan.C, 2, device=x.device, dtype=torch.float32)
     ptrs = _ptrs(x, weight, bias, scale, shift)
     flags = _flags(weight, bias, scale, shift, act)
-    _group_norm_act_bwd_partial_kernel[plan.grid](x, dy, stats, part, *ptrs, *plan.geometry(), **flags,
-                                                  **plan.meta())
+    one_pass = plan.S == 1
+    if not one_pass:
+        _group_norm_act_bwd_partial_kernel[plan.grid](x, dy, stats, part, *ptrs, *plan.geometry(), **flags,
+                                                      **plan.meta())
     _group_norm_act_bwd_dx_kernel[plan.grid](x, dy, dx, stats, part, ab, *ptrs, *plan.geometry(), **flags,
-                                             **plan.meta())
+                                             ONE_PASS=one_pass, **plan.meta())
     return dx, ab[..., 0], ab[..., 1]

@@ -80,12 +80,13 @@ def cases(quick: bool, attention: bool = True):
             meta = dict(BLOCK_HW=bhw, BLOCK_C=bc)
             gp = {"*": t, "part_ptr": "fp32", "stats_ptr": "fp32", "ab_ptr": "fp32"}
             yield f"gn_stats[{bhw}x{bc}]", GN._group_norm_stats_kernel, gp, meta, (), dict(num_warps=nw)
-            yield f"gn_fwd[{bhw}x{bc}]", GN._group_norm_act_fwd_kernel, gp, dict(meta, **flags, BLOCK_S=16), \
-                ("eps",), dict(num_warps=nw)
+            for one in (False, True):
+                yield f"gn_fwd[{bhw}x{bc},one_pass={one}]", GN._group_norm_act_fwd_kernel, gp, \
+                    dict(meta, **flags, ONE_PASS=one, BLOCK_S=16), ("eps",), dict(num_warps=nw)
+                yield f"gn_bwd_dx[{bhw}x{bc},one_pass={one}]", GN._group_norm_act_bwd_dx_kernel, gp, \
+                    dict(meta, **flags, ONE_PASS=one), (), dict(num_warps=nw)
             yield f"gn_bwd_partial[{bhw}x{bc}]", GN._group_norm_act_bwd_partial_kernel, gp, dict(meta, **flags), \
                 (), dict(num_warps=nw)
-            yield f"gn_bwd_dx[{bhw}x{bc}]", GN._group_norm_act_bwd_dx_kernel, gp, dict(meta, **flags), (), \
-                dict(num_warps=nw)
         prec = "ieee" if dt == "float32" else "tf32"
         for D in ((256,) if quick else (16, 64, 256)) if attention else ():
             base = dict(PREC=prec, UPCAST=False, BLOCK_D=D)
