@@ -10,9 +10,9 @@ sCT/sCD need dF/dt = J_F(x_t, t) . (dx_t/dt, 1), the JVP of the network along th
                  JVP), and holds the tangent of every activation.
 
 Error of the finite difference: truncation O(h^2 |F'''|) plus rounding O(u |F| / h) with u the unit roundoff of
-the forward's precision. Hence fp64 (u = 1e-16) and fp32 with TF32 off (u = 6e-8) are accurate with h ~ 1e-3;
-TF32 (u ~ 5e-4 inside matmuls/convs) and bf16 (u = 4e-3) need a much larger h and then the truncation term
-dominates. benchmarks/fd_jvp_accuracy.py measures this table; DEFAULT_PRECISION comes from it.
+the forward's precision, amplified by the network's conditioning. Hence fp64 (u = 1e-16) is exact for any small
+h, fp32 with TF32 off (u = 6e-8) reaches ~1e-3 relative error at h ~ 1e-2 |t|; TF32 (u ~ 5e-4 inside
+matmuls/convs) and bf16 (u = 4e-3) need a much larger h, and then the truncation term dominates. benchmarks/fd_jvp_accuracy.py measures this table; DEFAULT_PRECISION comes from it.
 
 Dropout: the two halves of the doubled batch must see the same dropout masks, otherwise the difference is
 dropout noise divided by h. `dropout_masks` (a torch function mode) intercepts torch.nn.functional.dropout*
@@ -31,12 +31,14 @@ from torch.overrides import TorchFunctionMode
 
 PRECISIONS = ("fp64", "fp32", "tf32", "bf16", "fp16")
 METHODS = ("fd", "exact")
-# Provisional: measured on CPU only (fp64 / fp32 / bf16, benchmarks/results/fd_jvp_accuracy_cpu.json): fp32 with
-# TF32 off and eps = 1e-3 |t| gives ~1e-5..1e-4 relative error, bf16 is noise at every eps. The GPU run of
-# benchmarks/fd_jvp_accuracy.py (DDPM++ CIFAR-10, H100) decides between fp32 and tf32 / a larger eps.
+# PROVISIONAL, measured on CPU only (benchmarks/results/fd_jvp_accuracy-cpu.json: tiny UNet, all branches active,
+# batch 4, 16x16, vs an fp64 torch.func.jvp): fp32 with TF32 off is rounding-limited below eps ~ 1e-2 (rel. error
+# 5.6e-3 at 1e-3, 2.0e-3 at 3e-3) and truncation-limited above (7.5e-3 at 3e-2); its best, 1.05e-3 at eps = 1e-2,
+# beats torch.func.jvp in bf16 (3.1e-2). bf16 forwards are noise at every eps (>= 0.7). The GPU run of
+# benchmarks/fd_jvp_accuracy.py (DDPM++ CIFAR-10: fp32 / tf32 / fp16 / bf16) decides the default.
 DEFAULT_PRECISION = "fp32"
-DEFAULT_EPS = 1e-3     # step relative to |t| (PAPER.md: "eps about 1e-3 |t|")
-DEFAULT_FLOOR = 1e-3   # the relative step never goes below eps * floor in absolute terms (t -> 0)
+DEFAULT_EPS = 1e-2     # step relative to |t|: h = eps * max(|t|, floor)
+DEFAULT_FLOOR = 1e-3   # h never goes below eps * floor (t -> 0)
 
 
 # ---- Shared dropout masks ---------------------------------------------------------------------------------------
@@ -108,21 +110,26 @@ def precision_mode(precision: str, device: torch.device):
 
 @contextlib.contextmanager
 def _tf32(on: bool):
-    mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    if hasattr(mm, "fp32_precision"):   # torch >= 2.9; mixing with the legacy allow_tf32 flags is an error there
-        old = (mm.fp32_precision, conv.fp32_precision)
-        mm.fp32_precision = conv.fp32_precision = "tf32" if on else "ieee"
+    # torch >= 2.9 keeps a legacy (allow_tf32) and a new (fp32_precision) TF32 state and makes CUDA matmuls raise
+    # when they disagree; the legacy setters update both, so they are used unless the process already mixed them.
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    try:
+        old = (mm.allow_tf32, cudnn.allow_tf32)
+    except RuntimeError:
+        old = None
+    if old is None:
+        prev = (mm.fp32_precision, cudnn.conv.fp32_precision)
+        mm.fp32_precision = cudnn.conv.fp32_precision = "tf32" if on else "ieee"
         try:
             yield
         finally:
-            mm.fp32_precision, conv.fp32_precision = old
-    else:
-        old = (mm.allow_tf32, torch.backends.cudnn.allow_tf32)
-        mm.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
-        try:
-            yield
-        finally:
-            mm.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+            mm.fp32_precision, cudnn.conv.fp32_precision = prev
+        return
+    mm.allow_tf32 = cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        mm.allow_tf32, cudnn.allow_tf32 = old
 
 
 def fp64_call(module: torch.nn.Module) -> Callable:

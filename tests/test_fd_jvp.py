@@ -177,3 +177,18 @@ def test_errors():
         fd_jvp(torch.sin, (x,), (x,), eps=0.0)
     with pytest.raises(NotImplementedError, match="alpha_dropout"):
         fd_jvp(lambda y: F.alpha_dropout(y, 0.5, True), (x,), (x,))
+
+
+def test_precision_mode_sets_and_restores_tf32_and_autocast():
+    from cmfast.jvp import precision_mode
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = (mm.allow_tf32, cudnn.allow_tf32)
+    with precision_mode("fp32", torch.device("cpu")):
+        assert (mm.allow_tf32, cudnn.allow_tf32) == (False, False) and not torch.is_autocast_enabled("cpu")
+    with precision_mode("tf32", torch.device("cpu")):
+        assert (mm.allow_tf32, cudnn.allow_tf32) == (True, True)
+    assert (mm.allow_tf32, cudnn.allow_tf32) == old
+    with torch.autocast("cpu", torch.bfloat16), precision_mode("fp32", torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")    # the fd forwards leave the training loop's autocast
+    with precision_mode("bf16", torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
