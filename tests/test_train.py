@@ -110,7 +110,7 @@ def test_resume_is_exact(tmp_path):
     assert _run(b, folder, "--stop-at", "2") == 0
     assert [s for s, _, _ in ckpt.list_checkpoints(b)] == [1, 2]          # --keep 2
     assert _run(b, folder, "--resume", "latest") == 0
-    wa, wb = load_file(os.path.join(a, "ckpt-00000004.safetensors")), load_file(os.path.join(b, "ckpt-00000004.safetensors"))
+    wa, wb = (load_file(os.path.join(d, "ckpt-00000004.safetensors")) for d in (a, b))
     assert set(wa) == set(wb) and {k.split("/")[0] for k in wa} == {"model", "target", "ema", "ema@0.9", "ema@0.5"}
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

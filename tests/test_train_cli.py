@@ -9,7 +9,7 @@ import torch
 from cmfast import data
 from cmfast.cli.sample import main as sample_main
 from cmfast.cli.train import main as train_main
-from train_fixtures import write_cifar_folder, write_fmnist, write_png_folder
+from train_fixtures import write_cifar_folder, write_fmnist
 
 TINY = ["--preset", "tiny", "--batch-size", "4", "--sample-num", "0", "--steps", "1", "--loss", "l2"]
 
@@ -147,7 +147,8 @@ def test_dry_run_paper_configs(capsys):
     assert ct["net"]["embedding_type"] == "fourier" and ct["net"]["in_channels"] == 3
     assert train_main(["--config", "cd-cifar10", "--teacher", "t", "--dry-run", "--batch-size", "256"]) == 0
     cd = json.loads(capsys.readouterr().out)
-    assert (cd["method_args"]["num_scales"], cd["method_args"]["mu"], cd["batch_size"], cd["lr"]) == (18, 0.0, 256, 4e-4)
+    a = cd["method_args"]
+    assert (a["num_scales"], a["mu"], cd["batch_size"], cd["lr"], cd["optimizer"]) == (18, 0.0, 256, 4e-4, "adam")
     assert train_main(["--config", "ict-cifar10", "--dry-run"]) == 0
     ict = json.loads(capsys.readouterr().out)
     assert (ict["loss"], ict["net"]["dropout"], ict["method_args"]["s1"], ict["ema"]) == ("pseudo_huber", 0.3, 1280,

@@ -169,35 +169,7 @@ def train(args: dict) -> dict:
     if cfg["resume"] and (found or cfg["resume"] not in ("latest", "auto")):
         candidates = [c[1] for c in reversed(found)] if cfg["resume"] in ("latest", "auto") else \
             [ckpt.resolve(cfg["resume"])]
-        for i, wpath in enumerate(candidates):
-            try:
-                weights, meta = ckpt.load_weights(wpath)
-                state = ckpt.load_state(wpath[:-len(".safetensors")] + ".state.pt")
-                break
-            except ckpt.CheckpointError as e:
-                log(f"warning: {e}" + ("; trying the previous checkpoint" if i + 1 < len(candidates) else ""))
-        else:
-            raise ValueError(f"--resume: no readable checkpoint in {out}")
-        diff = [k for k in IDENTITY if meta["config"].get(k) != cfg[k]]
-        if diff:
-            raise ValueError(f"--resume {wpath}: the checkpoint differs from this command in {', '.join(diff)}")
-        model.load_state_dict(weights["model"])
-        if "target" in models:
-            models["target"].load_state_dict(weights["target"])
-        for r, e in emas.items():
-            if f"ema@{r}" in weights:
-                e.load_state_dict(weights[f"ema@{r}"])
-            else:
-                log(f"EMA rate {r} is new: it starts from the online weights")
-                e.load_state_dict(weights["model"])
-        opt.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        ckpt.set_rng_state(rngs[rank % len(rngs)])
-        step, counters = int(state["step"]), dict(state["counters"])
-        log(f"resumed from {wpath} at step {step}")
+        step, counters = _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log)
 
     if world > 1:    # DDP wraps the backbone, so method code keeps model.sigma_min etc.; state dicts are unwrapped
         model.net = torch.nn.parallel.DistributedDataParallel(
@@ -321,6 +293,37 @@ def train(args: dict) -> dict:
                 log(f"stopping at step {step}" + (" on a signal" if float(red[1]) > 0 else " (--stop-at)"))
                 break
     return row
+
+
+def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
+    """Load the first readable checkpoint of `candidates` into everything that has state; -> (step, counters)."""
+    for i, wpath in enumerate(candidates):
+        try:
+            weights, meta = ckpt.load_weights(wpath)
+            state = ckpt.load_state(wpath[:-len(".safetensors")] + ".state.pt")
+            break
+        except ckpt.CheckpointError as e:
+            log(f"warning: {e}" + ("; trying the previous checkpoint" if i + 1 < len(candidates) else ""))
+    else:
+        raise ValueError(f"--resume: no readable checkpoint in {cfg['output_dir']}")
+    diff = [k for k in IDENTITY if meta["config"].get(k) != cfg[k]]
+    if diff:
+        raise ValueError(f"--resume {wpath}: the checkpoint differs from this command in {', '.join(diff)}")
+    models["model"].load_state_dict(weights["model"])
+    if "target" in models:
+        models["target"].load_state_dict(weights["target"])
+    for r, e in emas.items():
+        if f"ema@{r}" not in weights:
+            log(f"EMA rate {r} is new: it starts from the online weights")
+        e.load_state_dict(weights.get(f"ema@{r}", weights["model"]))
+    opt.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    sampler.load_state_dict(state["sampler"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    ckpt.set_rng_state(rngs[rank % len(rngs)])      # each rank's own dropout RNG
+    log(f"resumed from {wpath} at step {int(state['step'])}")
+    return int(state["step"]), dict(state["counters"])
 
 
 @contextmanager
