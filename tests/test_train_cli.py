@@ -145,10 +145,11 @@ def test_dry_run_paper_configs(capsys):
         ("ct", "lpips", 512, 2e-4, "radam", 800_000)
     assert ct["method_args"]["s0"] == 2 and ct["method_args"]["s1"] == 150 and ct["method_args"]["mu0"] == 0.9
     assert ct["net"]["embedding_type"] == "fourier" and ct["net"]["in_channels"] == 3
+    assert ct["net"]["dropout"] == 0.0 and ct["lr_rampup_kimg"] == 10_000     # reference configs: no dropout
     assert train_main(["--config", "cd-cifar10", "--teacher", "t", "--dry-run", "--batch-size", "256"]) == 0
     cd = json.loads(capsys.readouterr().out)
     a = cd["method_args"]
-    assert (a["num_scales"], a["mu"], cd["batch_size"], cd["lr"], cd["optimizer"]) == (18, 0.0, 256, 4e-4, "adam")
+    assert (a["num_scales"], a["mu"], cd["batch_size"], cd["lr"], cd["optimizer"]) == (18, 0.0, 256, 4e-4, "radam")
     assert train_main(["--config", "ict-cifar10", "--dry-run"]) == 0
     ict = json.loads(capsys.readouterr().out)
     assert (ict["loss"], ict["net"]["dropout"], ict["method_args"]["s1"], ict["ema"]) == ("pseudo_huber", 0.3, 1280,

@@ -18,14 +18,16 @@ DEFAULTS = dict(
     keep=3, log_every=50, backend="auto", device=None,
 )
 
-# The papers' CIFAR-10 runs (PAPER.md; CM paper Table 3 / Appendix C; iCT Sec. 5; EDM Table 7 for the teacher).
+# The papers' CIFAR-10 runs (PAPER.md; CM paper Table 3 / Appendix C, with the optimizer, warm-up and dropout of
+# openai/consistency_models_cifar10 configs/cifar10_ve_cd.py and cifar10_ve_ct_adaptive.py: RAdam, 10M-image
+# linear warm-up, dropout 0, no clipping; iCT Sec. 5; EDM Table 7 for the teacher).
 CONFIGS = {
-    "cd-cifar10": dict(dataset="cifar10", method="cd", preset="ncsnpp-cifar10", loss="lpips", batch_size=512,
-                       lr=4e-4, optimizer="adam", total_steps=800_000, ema=(0.9999,),
-                       method_args=dict(num_scales=18, mu=0.0, solver="heun")),
-    "ct-cifar10": dict(dataset="cifar10", method="ct", preset="ncsnpp-cifar10", loss="lpips", batch_size=512,
-                       lr=2e-4, optimizer="radam", total_steps=800_000, ema=(0.9999,),
-                       method_args=dict(s0=2, s1=150, mu0=0.9)),
+    "cd-cifar10": dict(dataset="cifar10", method="cd", preset="ncsnpp-cifar10", dropout=0.0, loss="lpips",
+                       batch_size=512, lr=4e-4, lr_rampup_kimg=10_000, optimizer="radam", total_steps=800_000,
+                       ema=(0.9999,), method_args=dict(num_scales=18, mu=0.0, solver="heun")),
+    "ct-cifar10": dict(dataset="cifar10", method="ct", preset="ncsnpp-cifar10", dropout=0.0, loss="lpips",
+                       batch_size=512, lr=2e-4, lr_rampup_kimg=10_000, optimizer="radam", total_steps=800_000,
+                       ema=(0.9999,), method_args=dict(s0=2, s1=150, mu0=0.9)),
     "ict-cifar10": dict(dataset="cifar10", method="ict", preset="ncsnpp-cifar10", dropout=0.3, loss="pseudo_huber",
                         batch_size=1024, lr=1e-4, optimizer="radam", total_steps=400_000, ema=(0.99993,),
                         method_args=dict(s0=10, s1=1280, p_mean=-1.1, p_std=2.0)),
