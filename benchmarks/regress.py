@@ -40,7 +40,8 @@ INJECT_ENV = "CMFAST_REGRESS_INJECT"   # run the measured path this many times p
 
 
 def _reference_workload():
-    """Fixed plain-PyTorch work of about the measured path's cost: 24 x (conv3x3, GroupNorm, SiLU), 24 channels at 32 x 32."""
+    """Fixed plain-PyTorch work of about the measured path's cost: 24 x (conv3x3, GroupNorm, SiLU),
+    24 channels at 32 x 32, batch 2."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 24, 32, 32, generator=g)
     ws = [torch.randn(24, 24, 3, 3, generator=g) * 0.07 for _ in range(24)]
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
             return 0
         if args.write_baseline:
             runs = [measure_cpu() for _ in range(5)]
-            base = {"device_slug": "cpu", "cpu": _cpu_model(), "metric": "cmfast.sample tiny B=2 / reference conv stack, 1 thread",
+            base = {"device_slug": "cpu", "cpu": _cpu_model(),
+                    "metric": "cmfast.sample tiny B=2 / reference conv stack, 1 thread",
                     "ratio": statistics.median(r["ratio"] for r in runs), "threshold": CPU_THRESHOLD,
                     "spread": SPREAD, "runs": runs, "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d", time.gmtime())}

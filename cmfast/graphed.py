@@ -130,7 +130,8 @@ class GraphedSampler:
         x_in = c_in.reshape(-1, 1, 1, 1) * x
         if self.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False):
+        cast = self.dtype != torch.float32       # no autocast cache: a cached cast would outlive the capture
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=cast, cache_enabled=False):
             return self.net(x_in, noise_conditioning(sigma), labels)
 
     def _run(self, g: _Graph, sig: list[torch.Tensor], uint8: bool) -> torch.Tensor:

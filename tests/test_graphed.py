@@ -11,6 +11,16 @@ SHAPE = (3, 32, 32)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CPU tests run small convs: one torch thread (two threads on two shared, busy cores wait on each other
+    and run ~50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(device="cpu", label_dim=0):
     """The 'tiny' UNet with weights re-drawn at unit gain: EDM's 1e-5 init of the last convs makes F ~ 0, and a
     comparison of outputs that are ~ c_skip x alone could not catch a wrong network path."""
@@ -76,6 +86,22 @@ def test_algorithm_uncaptured_cpu(monkeypatch, sigmas):
     assert (other - out).abs().max() > 1e-3
     with pytest.raises(ValueError, match="class_labels"):
         sampler._run_uncaptured(seed=4)
+
+
+def test_reload_copies_new_weights(monkeypatch):
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
+    model = _model()
+    sampler = cmfast.GraphedSampler(model, 2, SHAPE, dtype=torch.float32)
+    before = sampler._run_uncaptured(seed=1)
+    with torch.no_grad():
+        model.net.out_conv.weight.mul_(-1)
+    torch.testing.assert_close(sampler._run_uncaptured(seed=1), before)     # a snapshot until reload()
+    sampler.reload()
+    after = sampler._run_uncaptured(seed=1)
+    gen = torch.Generator().manual_seed(1)
+    ref = cmfast.sample(model, torch.randn((2, *SHAPE), generator=gen), generator=gen).clamp(-1, 1)
+    torch.testing.assert_close(after, ref, atol=1e-5, rtol=1e-5)
+    assert (after - before).abs().max() > 0.1
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------------
