@@ -254,45 +254,63 @@ def _image_shape(model, dataset):
     return SHAPES[dataset]
 
 
+def _quantize(x):
+    """[-1, 1] -> the nearest of the 256 levels an 8-bit image file would hold (references come from uint8)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
 @torch.no_grad()
 def evaluate(model, metric, steps=None, num=50000, batch_size=250, seed=0, sigmas=None, dataset=None,
              device=None, data_dir=None, weights=None, progress=False):
-    """Sample `num` images with cmfast.sample (Algorithm 1) and score them -> a JSON-ready dict.
+    """Sample `num` images and score them -> a JSON-ready dict that records implementation and mode.
 
-    metric "fd-fmnist" (cmfast's offline metric; dataset fashion-mnist) or "fid" (Inception-V3, dataset
-    cifar10 unless given). The result records the implementation and mode beside the number.
+    A ConsistencyModel samples with cmfast.sample (Algorithm 1; sigmas default to default_sigmas(steps)), an
+    EDMDenoiser with EDM's Heun sampler (steps default 18). Noise per batch and class labels (balanced) follow
+    cmfast-sample, so the same seed scores the same images. Samples are quantized to 8 bits before scoring.
+    metric "fd-fmnist" (cmfast's offline metric, against Fashion-MNIST train) or "fid" (Inception-V3,
+    against cifar10 train unless `dataset` says otherwise).
     """
     import time
-    from .sampling import sample
+    from .precond import EDMDenoiser
+    from .sampling import edm_sample, sample
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     dataset = dataset or ("fashion-mnist" if metric == "fd-fmnist" else "cifar10")
     if metric == "fd-fmnist" and dataset != "fashion-mnist":
         raise ValueError(f"fd-fmnist compares with Fashion-MNIST only, got dataset {dataset!r}")
-    sigmas = tuple(float(s) for s in sigmas) if sigmas else default_sigmas(steps or 1)
-    if steps is not None and steps != len(sigmas):
-        raise ValueError(f"steps={steps} but {len(sigmas)} sigmas given: {list(sigmas)}")
-    if any(b >= a for a, b in zip(sigmas, sigmas[1:])):
-        raise ValueError(f"sigmas: expected strictly decreasing values, got {list(sigmas)}")
+    edm = isinstance(model, EDMDenoiser)
+    if edm:
+        if sigmas:
+            raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
+        steps, sampler = steps or 18, f"EDM Heun, {steps or 18} steps"
+    else:
+        sigmas = tuple(float(s) for s in sigmas) if sigmas else default_sigmas(steps or 1)
+        if steps is not None and steps != len(sigmas):
+            raise ValueError(f"steps={steps} but {len(sigmas)} sigmas given: {list(sigmas)}")
+        steps, sampler = len(sigmas), f"consistency sampling (Algorithm 1), {len(sigmas)}-step"
     if num < 2 or batch_size < 1:
         raise ValueError(f"num >= 2 and batch_size >= 1 expected, got num={num}, batch_size={batch_size}")
     device = torch.device(device or next(model.parameters()).device)
     model = model.eval().to(device)
-    shape = _image_shape(model, dataset)
+    shape, label_dim = _image_shape(model, dataset), getattr(getattr(model, "net", None), "label_dim", 0)
     t0 = time.time()
     mu_ref, s_ref, ref_meta = reference_stats(metric, dataset, data_dir, num=60000 if metric == "fd-fmnist"
                                               else 50000, device=device, weights=weights)
     extractor, dim, impl = _extractor(metric, device, weights)
-    gen = torch.Generator(device).manual_seed(seed)
     stats = FeatureStats(dim)
-    sizes = [min(batch_size, num - i) for i in range(0, num, batch_size)]
-    for b in _progress(sizes, len(sizes), f"{metric} {steps}-step", progress):
-        z = torch.randn((b, *shape), generator=gen, device=device)
-        x = sample(model, z, sigmas, generator=gen).float().clamp(-1, 1)
-        stats.update(extractor(x).double())
+    starts = range(0, num, batch_size)
+    for b0 in _progress(starts, len(starts), f"{metric} {steps}-step", progress):
+        n = min(batch_size, num - b0)
+        z = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + b0)).to(device)
+        labels = (torch.arange(b0, b0 + n) % label_dim).to(device) if label_dim else None
+        if edm:
+            x = edm_sample(model, z, steps, class_labels=labels)
+        else:
+            x = sample(model, z, sigmas, torch.Generator(device).manual_seed(seed * 1_000_003 + b0 + 1), labels)
+        stats.update(extractor(_quantize(x)).double())
     value = frechet_distance(stats.mean, stats.cov, mu_ref, s_ref)
-    name = "FD-FMNIST" if metric == "fd-fmnist" else "FID"
-    return {"metric": name, "value": value, "implementation": impl,
-            "mode": f"{num} samples vs {dataset} train ({ref_meta.get('n', '?')} images), {len(sigmas)}-step",
-            "steps": len(sigmas), "sigmas": list(sigmas), "num": num, "seed": seed, "batch_size": batch_size,
-            "dataset": dataset, "device": str(device), "seconds": round(time.time() - t0, 2)}
+    return {"metric": "FD-FMNIST" if metric == "fd-fmnist" else "FID", "value": value, "implementation": impl,
+            "mode": f"{num} samples (8-bit) vs {dataset} train ({ref_meta.get('n', '?')} images); {sampler}",
+            "steps": steps, "sigmas": list(sigmas) if sigmas else None, "num": num, "seed": seed,
+            "batch_size": batch_size, "dataset": dataset, "device": str(device),
+            "seconds": round(time.time() - t0, 2)}

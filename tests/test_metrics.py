@@ -277,6 +277,29 @@ def test_evaluate_equals_fd_fmnist_of_the_samples(data_dir):
     assert metrics.default_sigmas(2) == (80.0, 0.821)
 
 
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed")
+def test_evaluate_real_tiny_models_seeded(data_dir):
+    from cmfast import ConsistencyModel, EDMDenoiser
+    from cmfast.nets import UNet
+    torch.manual_seed(0)
+    cm = ConsistencyModel(UNet.from_preset("tiny", in_channels=1, out_channels=1))
+    run = lambda seed: metrics.evaluate(cm, "fd-fmnist", steps=2, num=8, batch_size=4, seed=seed)
+    a, b, c = run(0), run(0), run(1)
+    assert a["value"] == b["value"] != c["value"] and a["sigmas"] == [80.0, 0.821] and a["value"] > 1.0
+    edm = EDMDenoiser(cm.net)
+    r = metrics.evaluate(edm, "fd-fmnist", steps=2, num=2, batch_size=2)
+    assert "EDM Heun, 2 steps" in r["mode"] and r["sigmas"] is None
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        metrics.evaluate(cm, "fd-fmnist", sigmas=(0.821, 80.0), num=4)
+    s3 = metrics.default_sigmas(3)
+    torch.testing.assert_close(torch.tensor(s3, dtype=torch.float64), karras_desc(4)[:3])
+
+
+def karras_desc(n):
+    from cmfast import karras_sigmas
+    return karras_sigmas(n).flip(0)
+
+
 def _run_cli(argv, capsys):
     from cmfast.cli.eval import main
     with pytest.raises(SystemExit) as e:

@@ -34,16 +34,17 @@ def build_parser():
     ap = _Parser(prog=PROG, description=__doc__.splitlines()[0],
                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = ap.add_argument_group("main")
-    g.add_argument("--checkpoint", required=True, help="checkpoint written by cmfast-train")
+    g.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its newest) of cmfast-train")
     g.add_argument("--metric", required=True, choices=("fid", "fd-fmnist"),
                    help="fid: Inception-V3 (needs pt_inception-2015-12-05-6726825d.pth locally); fd-fmnist: "
                         "cmfast's offline metric, not comparable with FID")
-    g.add_argument("--steps", type=_positive, default=None, help="network evaluations (default 1)")
+    g.add_argument("--steps", type=_positive, default=None,
+                   help="network evaluations (default 1; an EDM teacher: Heun steps, default 18)")
     g.add_argument("--sigmas", type=_sigmas, default=None,
                    help="decreasing noise levels, e.g. 80,0.821 (default: 80 for 1 step, 80,0.821 for 2)")
     g.add_argument("--num", type=_positive, default=50000, help="number of generated images")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--which", choices=("ema", "model"), default="ema", help="weights to load from the checkpoint")
+    g.add_argument("--which", default="ema", help="weights to load: ema, ema@<rate>, model or target")
     p = ap.add_argument_group("performance")
     p.add_argument("--batch-size", type=_positive, default=250)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -65,7 +66,7 @@ def _dataset_from_meta(meta):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
+    if not os.path.exists(args.checkpoint):
         _fail(f"checkpoint not found: {args.checkpoint}")
     if args.steps and args.sigmas and args.steps != len(args.sigmas):
         _fail(f"--steps {args.steps} but --sigmas has {len(args.sigmas)} values")
