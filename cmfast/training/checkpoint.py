@@ -1,9 +1,9 @@
 """Checkpoints (DESIGN.md 5): weights in safetensors, training state in a torch.load(weights_only=True) file.
 
 A checkpoint of step k in a run directory is the pair
-    ckpt-<k:08d>.safetensors   tensors '<module>/<parameter or buffer name>' for module in model, target, ema,
-                               ema@<rate> (the first --ema rate is also stored as 'ema'); metadata: format,
-                               step, config (the resolved training config, JSON)
+    ckpt-<k:08d>.safetensors   tensors '<module>/<parameter or buffer name>' for module in model (online),
+                               target (CD/CT), ema@<rate> (one per --ema rate; 'ema' means the first);
+                               metadata: format, step, config (the resolved training config, JSON)
     ckpt-<k:08d>.state.pt      {format, step, config, optimizer, scaler, sampler, rng: {torch, cuda, numpy,
                                python}, counters} of plain tensors, numbers and strings
 Both are written atomically (temp file, fsync, os.replace, fsync of the folder), the state file last: a step
@@ -171,9 +171,11 @@ def build_model(cfg: dict) -> torch.nn.Module:
 def load_model(path: str, which: str = "ema", map_location="cpu"):
     """(model, meta) from a run directory (newest checkpoint) or a checkpoint file: the preconditioned model
     (ConsistencyModel, or EDMDenoiser for --method edm) in eval mode with the `which` weights: 'ema' (the first
-    --ema rate), 'ema@<rate>', 'model' (online) or 'target'. meta: {'step', 'config', 'path', 'which'}."""
+    --ema rate), 'ema@<rate>', 'model' (online) or 'target'; with no EMA, 'ema' is an error naming what there is. meta: {'step', 'config', 'path', 'which'}."""
     wpath = resolve(path)
     modules, meta = load_weights(wpath)
+    if which == "ema" and "ema" not in modules and meta["config"].get("ema"):
+        which = f"ema@{float(meta['config']['ema'][0])}"
     if which not in modules:
         raise CheckpointError(f"{wpath}: has no {which!r} weights; it has {', '.join(sorted(modules))}")
     model = build_model(meta["config"])

@@ -179,10 +179,8 @@ def train(args: dict) -> dict:
         sds = {"model": _bare(model)}
         if "target" in models:
             sds["target"] = models["target"].state_dict()
-        for i, (r, e) in enumerate(emas.items()):
+        for r, e in emas.items():
             sds[f"ema@{r}"] = e.state_dict()
-            if i == 0:
-                sds["ema"] = sds[f"ema@{r}"]
         return sds
 
     def save(step):
