@@ -5,7 +5,9 @@ Standard library only: setup.py loads this file by path, before torch or cmfast 
   compile(out)   nvcc -O3 for CMFAST_CUDA_ARCH (default sm_90), one object per source in parallel, linked with the
                  static CUDA runtime, so the module needs no libcudart on the loader path (and imports without a GPU)
   load(arch)     cmfast._C if it was built from the current csrc/ for `arch` (the module carries a hash of both),
-                 else the JIT copy in ~/.cache/cmfast/ext/<hash>/ (CMFAST_CACHE overrides), compiling it once
+                 else the JIT copy _C_<hash> in ~/.cache/cmfast/ext/<hash>/ (CMFAST_CACHE overrides), compiling it
+                 once. Its own module name lets it load beside a stale cmfast._C: two extension modules of one name
+                 cannot both load in a process (the second import returns the first).
 """
 from __future__ import annotations
 
@@ -91,8 +93,8 @@ def source_hash(arch: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def ext_filename() -> str:
-    return "_C" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+def ext_filename(module: str = "_C") -> str:
+    return module + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
 
 
 def _run(cmd: list[str]) -> None:
@@ -105,7 +107,8 @@ def _run(cmd: list[str]) -> None:
 
 
 def compile(out: str | os.PathLike, arch: str | None = None, jobs: int | None = None, verbose: bool = False) -> Path:
-    """Compile csrc/ into the shared object `out` (a file name ending in the Python extension suffix)."""
+    """Compile csrc/ into the shared object `out`, a file name `<module>.<extension suffix>`: the module is named
+    after the file (PyInit_<module>)."""
     home = cuda_home()
     if home is None:
         raise ToolchainMissing("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
@@ -118,9 +121,9 @@ def compile(out: str | os.PathLike, arch: str | None = None, jobs: int | None = 
     gencode = [f"-gencode=arch=compute_{a},code=[sm_{a},compute_{a}]" for a in arches]  # + PTX for newer GPUs
     digest = source_hash(arch)
     common = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", f"-I{CSRC}"]
-    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-                f'-DCMFAST_SOURCE_HASH="{digest}"']
     out = Path(out)
+    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
+                f'-DCMFAST_SOURCE_HASH="{digest}"', f"-DCMFAST_MODULE={out.name.split('.')[0]}"]
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cmfast-build-") as tmp:
@@ -159,10 +162,9 @@ def unavailable_reason() -> str | None:
 
 
 def _import_path(path: Path):
-    spec = importlib.util.spec_from_file_location("cmfast._C", path)
+    spec = importlib.util.spec_from_file_location(path.name.split(".")[0], path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    sys.modules["cmfast._C"] = mod
     return mod
 
 
@@ -174,19 +176,17 @@ def cache_dir() -> Path:
 def load(arch: str | None = None):
     """The extension module built from the current csrc/ for `arch`: the installed cmfast._C when it matches,
     else the cached JIT build, compiled here (once, with a one-line note) when missing."""
-    mod = sys.modules.get("cmfast._C")
     have_sources = CSRC.is_dir()
     want = source_hash(arch) if have_sources else None
-    if mod is None:
-        try:
-            import cmfast._C as mod  # noqa: F811 - built by setup.py
-        except ImportError:
-            mod = None
+    try:
+        import cmfast._C as mod  # built by setup.py
+    except ImportError:
+        mod = None
     if mod is not None and (want is None or getattr(mod, "SOURCE_HASH", None) == want):
         return mod
     if not have_sources:
         raise ToolchainMissing("cmfast._C is not built and csrc/ is not there to compile it")
-    path = cache_dir() / want / ext_filename()
+    path = cache_dir() / want / ext_filename(f"_C_{want}")
     if not path.exists():
         print(f"cmfast: compiling the CUDA kernels (csrc/) for sm_{',sm_'.join(cuda_arches(arch))} into {path.parent}"
               " (once, ~30 s)", file=sys.stderr)
@@ -202,7 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="shared object to write (default: the JIT cache entry load() uses)")
     a = p.parse_args(argv)
     try:
-        out = a.out or cache_dir() / source_hash(a.arch) / ext_filename()
+        digest = source_hash(a.arch)
+        out = a.out or cache_dir() / digest / ext_filename(f"_C_{digest}")
         t0 = time.perf_counter()
         compile(out, a.arch)
     except (ToolchainMissing, RuntimeError, ValueError) as e:

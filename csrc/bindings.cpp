@@ -14,6 +14,10 @@ using cmfast::ptr;
 #ifndef CMFAST_SOURCE_HASH
 #define CMFAST_SOURCE_HASH "unknown"
 #endif
+// cmfast._C when installed; the JIT build names itself _C_<hash> so that it can load beside a stale installed one.
+#ifndef CMFAST_MODULE
+#define CMFAST_MODULE _C
+#endif
 
 static void check(int code, const char* op) {
   if (code) throw std::runtime_error(std::string("cmfast._C.") + op + ": CUDA error " + std::to_string(code) +
@@ -21,7 +25,7 @@ static void check(int code, const char* op) {
 }
 
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(CMFAST_MODULE, m) {
   m.doc() = "cmfast CUDA kernels (csrc/): group_norm_act, skip_output, consistency_loss";
   m.attr("SOURCE_HASH") = CMFAST_SOURCE_HASH;  // hash of csrc/ and the target arch: stale builds are rebuilt
   m.attr("DTYPES") = py::make_tuple("float32", "float16", "bfloat16");
