@@ -117,10 +117,14 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
     p.add_argument("--quick", action="store_true", help="bf16 and D = 256 only")
     p.add_argument("--no-attention", action="store_true", help="skip the attention kernels (the slow part)")
+    p.add_argument("--only", default="", help="name prefixes separated by ';': compile only those kernels")
     a = p.parse_args(argv)
     limit, bad, t0 = SMEM.get(a.arch, 99 * 1024), 0, time.time()
     seen_dtype = None
+    only = tuple(x for x in a.only.split(";") if x)
     for name, k, ptr_ty, constexprs, floats, opts in cases(a.quick, not a.no_attention):
+        if only and not name.startswith(only):
+            continue
         dt = ptr_ty.get("*")
         if dt != seen_dtype:
             print(f"-- {dt}")

@@ -337,6 +337,25 @@ def test_bench_ops_cpu_smoke(tmp_path):
     assert res["ceilings"]["copy_gb_per_s"] > 0 and res["torch"] == torch.__version__
 
 
+# ---- compiled for a GPU, without one ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_kernels_compile_for_h100():
+    """The interpreter accepts what the compiler may reject: compile a sample of the kernels for sm_90 (ptxas
+    ships with triton; no GPU needed), D = 256 attention in one of the tiles the autotuner would try."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("triton.backends.nvidia")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "triton_compile_check.py"
+    only = "skip_output_infer_u8;loss_partial[2];gn_fwd[256x8,one_pass=True];gn_bwd_dx[64x4,one_pass=False];" \
+           "attn_fwd[D=256,64x32,w4,s2];attn_dq[D=256,32x32,w4,s1]"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(script), "--quick", "--only", only], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("shared") == 6, r.stdout
+
+
 # ---- GPU: compiled kernels at CIFAR-10 shapes -------------------------------------------------------------------
 @pytest.mark.gpu
 @gpu
