@@ -41,15 +41,35 @@ class _Fixed:
         return launch
 
 
-def autotune(configs: list[triton.Config], key: list[str], interpret_config: dict, prune=None):
+class _Switch:
+    """An autotuned kernel that, when CMFAST_TRITON_AUTOTUNE=0 (checked per launch), runs one config chosen by
+    `default(named_args)` without timing: GPU tests then compile one variant per shape class, not one per config."""
+
+    def __init__(self, fn, tuned, default):
+        self.fn, self.tuned, self.default = fn, tuned, default
+
+    def __getitem__(self, grid):
+        if os.environ.get("CMFAST_TRITON_AUTOTUNE", "1") != "0":
+            return self.tuned[grid]
+
+        def launch(*args, **kwargs):
+            cfg = self.default({**dict(zip(self.fn.arg_names, args)), **kwargs})
+            g = grid(cfg.kwargs) if callable(grid) else grid
+            return self.fn[g](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return launch
+
+
+def autotune(configs: list[triton.Config], key: list[str], interpret_config: dict, prune=None, default=None):
     """Decorator (under @triton.jit): autotune over `configs` keyed on `key` (the autotuner also keys on the
     argument dtypes); `prune(configs, named_args)` drops configs that cannot fit or would waste work for the
-    shape; `interpret_config` (meta-parameters only) is used under TRITON_INTERPRET=1."""
+    shape; `interpret_config` (meta-parameters only) is used under TRITON_INTERPRET=1; `default(named_args)`
+    gives the config used without timing when CMFAST_TRITON_AUTOTUNE=0."""
     def deco(fn):
         if interpreting():
             return _Fixed(fn, interpret_config)
         # The autotuner passes positional arguments as `named` and keyword arguments separately: merge them.
         kw = {"prune_configs_by": {"early_config_prune": lambda cs, named, **kws: prune(cs, {**named, **kws})}} \
             if prune else {}
-        return triton.autotune(configs=configs, key=key, **kw)(fn)
+        tuned = triton.autotune(configs=configs, key=key, **kw)(fn)
+        return _Switch(fn, tuned, default) if default else tuned
     return deco

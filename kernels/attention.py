@@ -44,6 +44,15 @@ def _prune(configs, named):
     return keep or configs[-1:]
 
 
+def _default_fwd(named):
+    """Untimed choice (CMFAST_TRITON_AUTOTUNE=0): small key tiles for large head dims (shared memory)."""
+    return _configs([(64, 32, 4, 2) if named["BLOCK_D"] >= 128 else (64, 64, 4, 2)])[0]
+
+
+def _default_bwd(named):
+    return _configs([(32, 32, 4, 1) if named["BLOCK_D"] >= 128 else (32, 64, 4, 1)])[0]
+
+
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:   # interpreter only: its bf16 dot multiplies the raw bit patterns (triton 3.8), so multiply in
@@ -58,7 +67,7 @@ def _load_tile(base, offs_l, L, stride_l, offs_d, D):
     return tl.load(ptrs, mask=(offs_l < L)[:, None] & (offs_d < D)[None, :], other=0.0)
 
 
-@autotune(FWD_CONFIGS, key=["Lq", "Lk", "BLOCK_D"], interpret_config=INTERPRET, prune=_prune)
+@autotune(FWD_CONFIGS, key=["Lq", "Lk", "BLOCK_D"], interpret_config=INTERPRET, prune=_prune, default=_default_fwd)
 @triton.jit
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
                           sv_b, sv_h, sv_l, so_b, so_h, so_l, H, Lq, Lk, D, qk_scale,
@@ -106,7 +115,7 @@ def _attention_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_l, sd_b
     tl.store(delta_ptr + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Lq)
 
 
-@autotune(BWD_CONFIGS, key=["Lq", "Lk", "BLOCK_D"], interpret_config=INTERPRET, prune=_prune)
+@autotune(BWD_CONFIGS, key=["Lq", "Lk", "BLOCK_D"], interpret_config=INTERPRET, prune=_prune, default=_default_bwd)
 @triton.jit
 def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                                sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sd_b, sd_h, sd_l,
@@ -144,7 +153,7 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
-@autotune(BWD_CONFIGS, key=["Lq", "Lk", "BLOCK_D"], interpret_config=INTERPRET, prune=_prune)
+@autotune(BWD_CONFIGS, key=["Lq", "Lk", "BLOCK_D"], interpret_config=INTERPRET, prune=_prune, default=_default_bwd)
 @triton.jit
 def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                              sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sd_b, sd_h, sd_l,

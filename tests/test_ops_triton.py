@@ -28,6 +28,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
+@pytest.fixture(autouse=True)
+def _untimed_configs(monkeypatch):
+    """On a GPU, one config per shape class instead of autotuning every case (compile time); the CIFAR-shape
+    attention test turns autotuning back on."""
+    monkeypatch.setenv("CMFAST_TRITON_AUTOTUNE", "0")
+
+
 @contextlib.contextmanager
 def poisoned():
     """Every tensor torch.empty / empty_like allocates comes filled with NaN (ints: 77), for the kernels' outputs."""
@@ -357,10 +364,14 @@ def test_kernels_compile_for_h100():
 
 
 # ---- GPU: compiled kernels at CIFAR-10 shapes -------------------------------------------------------------------
+GN_GPU = [(torch.bfloat16, 1, 256, 32), (torch.bfloat16, 4, 128, 16), (torch.bfloat16, 256, 256, 8),
+          (torch.bfloat16, 2, 96, 7), (torch.float32, 1, 256, 32), (torch.float32, 8, 256, 8),
+          (torch.float16, 4, 128, 16)]
+
+
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,C,R", [(1, 256, 32), (4, 128, 16), (8, 256, 8), (2, 96, 7)])
+@pytest.mark.parametrize("dtype,N,C,R", GN_GPU)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_gpu_group_norm_act(dtype, N, C, R, fmt):
     fn, reffn = _gn(32)
@@ -378,14 +389,28 @@ def test_gpu_group_norm_act_backward_is_deterministic():
     assert all(torch.equal(u, w) for u, w in zip(a, b))
 
 
+ATTN_GPU = [(torch.bfloat16, 2, 1, 256, 256), (torch.bfloat16, 1, 2, 97, 64), (torch.bfloat16, 1, 1, 257, 128),
+            (torch.bfloat16, 2, 4, 64, 32), (torch.float16, 2, 1, 256, 256), (torch.float16, 1, 2, 97, 64),
+            (torch.float32, 2, 1, 256, 256), (torch.float32, 1, 1, 257, 128)]
+
+
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,H,L,D", [(2, 1, 256, 256), (1, 2, 97, 64), (1, 1, 257, 128), (2, 4, 64, 32)])
+@pytest.mark.parametrize("dtype,B,H,L,D", ATTN_GPU)
 def test_gpu_attention(dtype, B, H, L, D):
     q, k, v = (rand(B, H, L, D, dtype=dtype) for _ in range(3))
     check(lambda q, k, v: ops.attention(q, k, v), ref.attention, dict(q=q, k=k, v=v), grad=("q", "k", "v"),
           dtype=dtype)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_attention_autotuned_cifar_shape(monkeypatch):
+    # Every config the autotuner keeps for DDPM++'s attention (L = 256, D = 256) runs; the winner must be right.
+    monkeypatch.setenv("CMFAST_TRITON_AUTOTUNE", "1")
+    q, k, v = (rand(4, 1, 256, 256, dtype=torch.bfloat16) for _ in range(3))
+    check(lambda q, k, v: ops.attention(q, k, v), ref.attention, dict(q=q, k=k, v=v), grad=("q", "k", "v"),
+          dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu
