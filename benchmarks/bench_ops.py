@@ -158,7 +158,8 @@ def cases(mode: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench_ops", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/<device>-triton-ops.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="result JSON (default benchmarks/results/<device>-triton-ops.json)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--ops", default="group_norm_act,attention,skip_output,consistency_loss")
     p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")

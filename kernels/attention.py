@@ -71,7 +71,8 @@ def _load_tile(base, offs_l, L, stride_l, offs_d, D):
 @triton.jit
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
                           sv_b, sv_h, sv_l, so_b, so_h, so_l, H, Lq, Lk, D, qk_scale,
-                          PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)

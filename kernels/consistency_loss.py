@@ -99,7 +99,8 @@ def consistency_loss_fwd(pred, target, kind, c, weight):
     chunk, S = split(B, n, pred.device)
     part = torch.empty(B, S, device=pred.device, dtype=torch.float32)
     _consistency_loss_partial_kernel[(B, S)](pred, target, g, part, n, chunk, S, KIND=KINDS[kind], BLOCK=BLOCK)
-    _consistency_loss_finish_kernel[(B,)](part, weight.contiguous() if weight is not None else part, loss, raw, coef, n, S, c,
+    w = weight.contiguous() if weight is not None else part    # (a dummy pointer when unweighted: never read)
+    _consistency_loss_finish_kernel[(B,)](part, w, loss, raw, coef, n, S, c,
                                           KIND=KINDS[kind], HAS_WEIGHT=weight is not None,
                                           BLOCK_S=max(16, triton.next_power_of_2(S)))
     return loss, raw, g, coef

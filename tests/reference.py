@@ -11,7 +11,8 @@ def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def skip_output(x, F, sigma, sigma_data=0.5, sigma_min=0.002):
-    """c_skip x + c_out F, CM paper Appendix C: c_skip = sd^2 / ((s - smin)^2 + sd^2), c_out = sd (s - smin) / sqrt(s^2 + sd^2)."""
+    """c_skip x + c_out F (CM paper Appendix C):
+    c_skip = sd^2 / ((s - smin)^2 + sd^2), c_out = sd (s - smin) / sqrt(s^2 + sd^2)."""
     s = sigma.double()
     c_skip = sigma_data ** 2 / ((s - sigma_min) ** 2 + sigma_data ** 2)
     c_out = sigma_data * (s - sigma_min) / torch.sqrt(s ** 2 + sigma_data ** 2)
