@@ -7,8 +7,9 @@ a group is a (HW rows) x (Cg columns) tile of element strides (s_hw, s_c) = (1, 
 Statistics are numerically stable: they are taken of x - K (K the group's first element); every tile's mean
 and centred sum of squares are exact two-pass values in registers, merged per column and then across programs
 with Chan et al.'s parallel formula (no E[x^2] - E[x]^2). Each group's rows are split over S programs when
-batch x groups alone would not fill the GPU (batch 1): phase 1 writes per-program partials, phase 2 merges them in a fixed order (deterministic, no atomics). When one
-program owns a group (S = 1, large batches) the phases fuse into one kernel whose second read hits L2.
+batch x groups alone would not fill the GPU (batch 1): phase 1 writes per-program partials, phase 2 merges
+them in a fixed order (deterministic, no atomics). When one program owns a group (S = 1, large batches) the
+phases fuse into one kernel whose second read hits L2.
 
 Backward recomputes xhat and the activation from the saved (mean, rstd). With dz = dL/d(pre-activation) and
 u_c = weight_c (1 + scale_nc): A_nc = sum_hw dz, B_nc = sum_hw dz xhat give
