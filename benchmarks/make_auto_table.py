@@ -4,9 +4,9 @@ cmfast/ops/auto_table.json: for each op, the backend that backend 'auto' uses on
     python benchmarks/make_auto_table.py benchmarks/results/*-cuda-ops.json            # writes the table
     python benchmarks/make_auto_table.py results.json --out /tmp/t.json --dry-run     # prints it only
 
-Rule: within each measured case (op, shape, layout, pass, dtype, device) every choosable backend (torch = eager,
-triton, cuda; torch.compile is not a backend) is timed relative to the fastest of them; an op's winner has the
-lowest geometric mean of those ratios over the cases where all candidates ran. Only CUDA results count, and only
+Rule: within each measured case (op, shape, layout, pass, dtype, device; one file, i.e. one process) every
+choosable backend (torch = eager, triton, cuda; torch.compile is not a backend) is timed relative to the fastest of
+them; an op's winner has the lowest geometric mean of those ratios over the cases where all candidates ran. Only CUDA results count, and only
 numbers that are in the files: nothing is filled in.
 """
 from __future__ import annotations
@@ -27,13 +27,14 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "cmfast" / "ops" / "auto_
 def choose(results: list[dict]) -> tuple[dict, dict]:
     """(op -> backend, op -> {backend: geometric-mean ratio to the per-case best, "cases": n})."""
     cases: dict[tuple, dict[str, float]] = defaultdict(dict)
-    for res in results:
+    for i, res in enumerate(results):
         if res.get("device_type") != "cuda":
             continue
         for row in res.get("rows", []):
             if row.get("backend") in CHOOSABLE and isinstance(row.get("median_ms"), (int, float)) \
                     and row["median_ms"] > 0:
-                key = (res.get("device_slug"), res.get("dtype")) + tuple(json.dumps(row.get(k)) for k in CASE_KEYS)
+                # timings are compared only within one file: one process, one device (DESIGN.md, Benchmarks)
+                key = (i, res.get("dtype")) + tuple(json.dumps(row.get(k)) for k in CASE_KEYS)
                 cases[key][row["backend"]] = row["median_ms"]
     per_op: dict[str, list[dict[str, float]]] = defaultdict(list)
     for key, times in cases.items():
