@@ -35,8 +35,11 @@ def test_auto_table_rule(tmp_path):
     ]
     rows[-1].pop("median_ms")
     cpu = _result("cpu", [_row("attention", [1], "cuda", 0.001), _row("attention", [1], "torch", 1.0)])
+    # Another run (file) without cuda rows: its triton time must not meet the first file's cuda time.
+    other = _result("cuda", [_row("group_norm_act", [1, 128, 32, 32], "triton", 0.01),
+                             _row("group_norm_act", [1, 128, 32, 32], "torch", 10.0)])
     files = []
-    for i, res in enumerate([_result("cuda", rows), cpu]):
+    for i, res in enumerate([_result("cuda", rows), cpu, other]):
         files.append(tmp_path / f"r{i}.json")
         files[-1].write_text(json.dumps(res))
     out = tmp_path / "auto_table.json"
