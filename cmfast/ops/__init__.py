@@ -61,14 +61,20 @@ def use_backend(name: str):
 _loaded: dict[str, object] = {}
 
 
+_failed: dict[str, str] = {}
+
+
 def _module(backend: str):
+    if backend in _failed:  # a failed import is not retried on every call
+        raise BackendUnavailable(_failed[backend])
     if backend not in _loaded:
         try:
             _loaded[backend] = importlib.import_module(_MODULES[backend])
-        except BackendUnavailable:
-            raise
-        except Exception as e:  # ImportError, missing toolchain, ...
-            raise BackendUnavailable(f"backend {backend!r} is unavailable: {type(e).__name__}: {e}") from None
+        except Exception as e:  # ImportError, missing toolchain, failed build, ...
+            msg = str(e) if isinstance(e, BackendUnavailable) else \
+                f"backend {backend!r} is unavailable: {type(e).__name__}: {e}"
+            _failed[backend] = msg
+            raise BackendUnavailable(msg) from None
     return _loaded[backend]
 
 
@@ -79,10 +85,11 @@ def _triton_can_run(device: torch.device) -> bool:
 _auto_table: dict | None = None
 
 
-def _auto_choice(op: str, device: torch.device) -> str:
-    """'auto': the measured winner for this op on this device class (benchmarks write auto_table.json)."""
+def _auto_choice(op: str, device: torch.device, dtype: torch.dtype | None) -> str:
+    """'auto': the measured winner for this op on this device class (benchmarks write auto_table.json); torch for
+    float64, which the kernels do not take."""
     global _auto_table
-    if device.type != "cuda":
+    if device.type != "cuda" or dtype == torch.float64:
         return "torch"
     if _auto_table is None:
         path = Path(__file__).with_name("auto_table.json")
@@ -98,11 +105,11 @@ def _auto_choice(op: str, device: torch.device) -> str:
     return choice
 
 
-def implementation(op: str, device: torch.device) -> Callable:
-    """The function that runs `op` for tensors on `device` under the backend in force."""
+def implementation(op: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
+    """The function that runs `op` for tensors on `device` (of `dtype`) under the backend in force."""
     backend = get_backend()
     if backend == "auto":
-        backend = _auto_choice(op, device)
+        backend = _auto_choice(op, device, dtype)
     if backend == "triton" and not _triton_can_run(device):
         raise BackendUnavailable(
             f"backend 'triton' cannot run on {device.type}: needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")

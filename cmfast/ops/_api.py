@@ -46,7 +46,7 @@ def skip_output(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
         raise ValueError(f"F: expected the shape of x {tuple(x.shape)}, got {tuple(F.shape)}")
     _same_device(x, F=F)
     s = _sigma_vector(sigma, x)
-    return implementation("skip_output", x.device)(x, F, s, float(sigma_data), float(sigma_min))
+    return implementation("skip_output", x.device, x.dtype)(x, F, s, float(sigma_data), float(sigma_min))
 
 
 def skip_output_infer(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002, uint8: bool = False):
@@ -57,7 +57,7 @@ def skip_output_infer(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0
         raise ValueError(f"F: expected the shape of x {tuple(x.shape)}, got {tuple(F.shape)}")
     _same_device(x, F=F)
     s = _sigma_vector(sigma, x)
-    return implementation("skip_output_infer", x.device)(x, F, s, float(sigma_data), float(sigma_min), bool(uint8))
+    return implementation("skip_output_infer", x.device, x.dtype)(x, F, s, float(sigma_data), float(sigma_min), bool(uint8))
 
 
 def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6, scale=None, shift=None,
@@ -83,7 +83,7 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6
     act = "none" if act is None else act
     if act not in ACTS:
         raise ValueError(f"act: expected 'silu' or None, got {act!r}")
-    return implementation("group_norm_act", x.device)(x, num_groups, weight, bias, float(eps), scale, shift, act)
+    return implementation("group_norm_act", x.device, x.dtype)(x, num_groups, weight, bias, float(eps), scale, shift, act)
 
 
 def attention(q, k, v, scale: float | None = None):
@@ -97,7 +97,7 @@ def attention(q, k, v, scale: float | None = None):
         raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     _same_device(q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return implementation("attention", q.device)(q, k, v, scale)
+    return implementation("attention", q.device, q.dtype)(q, k, v, scale)
 
 
 def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None = None, weight=None):
@@ -120,7 +120,7 @@ def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None =
         c = 0.00054 * d ** 0.5
     if kind == "pseudo_huber" and not c > 0:
         raise ValueError(f"c: expected a positive number for pseudo_huber, got {c!r}")
-    return implementation("consistency_loss", pred.device)(pred, target, kind, float(c), weight)
+    return implementation("consistency_loss", pred.device, pred.dtype)(pred, target, kind, float(c), weight)
 
 
 def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFdt=None, logvar=None, weight=None,
@@ -162,5 +162,5 @@ def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFd
     _same_device(F, x_t=x_t, dxdt=dxdt, F_plus=F_plus, F_minus=F_minus, dFdt=dFdt, logvar=logvar)
     if not (sigma_data > 0 and c >= 0):
         raise ValueError(f"expected sigma_data > 0 and c >= 0, got sigma_data={sigma_data}, c={c}")
-    return implementation("trig_tangent_loss", F.device)(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight,
+    return implementation("trig_tangent_loss", F.device, F.dtype)(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight,
                                                          float(r), float(sigma_data), float(c))
