@@ -97,8 +97,9 @@ def find_weights(path=None):
     """The weights file: the given path, else the torch hub cache; a one-line error when missing (no download)."""
     path = path or os.environ.get("CMFAST_INCEPTION_WEIGHTS") or hub_weights_path()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID Inception weights not found: put {WEIGHTS_NAME} (from pytorch-fid's release "
-                                f"fid_weights) at {hub_weights_path()} or pass its path (got {path})")
+        got = "" if path == hub_weights_path() else f" ({path} does not exist)"
+        raise FileNotFoundError(f"FID Inception weights not found: put {WEIGHTS_NAME} (pytorch-fid's release "
+                                f"'fid_weights') at {hub_weights_path()} or pass its path{got}")
     return path
 
 
