@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     g.add_argument("bench_json", type=Path)
     g.add_argument("--baseline", type=Path, help="default benchmarks/results/baseline-<device>.json")
     g.add_argument("--threshold", type=float, default=GPU_THRESHOLD)
-    g.add_argument("--write-baseline", type=Path, help="write this run as a baseline file here")
+    g.add_argument("--write-baseline", type=Path, help="write this run as a baseline file here (a folder: "
+                   "<folder>/baseline-<device>.json)")
     args = p.parse_args(argv)
 
     if args.cmd == "cpu":
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
     slug = _slug_of(bench)
     if args.write_baseline:
         medians = {b["name"]: b["stats"]["median"] for b in bench.get("benchmarks", [])}
+        if args.write_baseline.is_dir():
+            args.write_baseline = args.write_baseline / f"baseline-{slug}.json"
         args.write_baseline.write_text(json.dumps({"device_slug": slug, "medians": medians,
                                                    "threshold": args.threshold,
                                                    "date": time.strftime("%Y-%m-%d", time.gmtime())}, indent=1) + "\n")

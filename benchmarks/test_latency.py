@@ -41,6 +41,9 @@ def test_cli_compare_exit_codes(tmp_path):
     assert regress.main(["compare", str(bench), "--baseline", str(base)]) == 1
     base.write_text(json.dumps({"medians": {"a": 1.9e-3}}))
     assert regress.main(["compare", str(bench), "--baseline", str(base)]) == 0
+    assert regress.main(["compare", str(bench), "--baseline", str(tmp_path / "none.json"),
+                         "--write-baseline", str(tmp_path)]) == 0                # no baseline yet: records one
+    assert json.loads((tmp_path / "baseline-cpu.json").read_text())["medians"] == {"a": 2e-3}
 
 
 # ---- the CPU gate (runs its own timing in CI) ---------------------------------------------------------------
