@@ -277,20 +277,32 @@ def test_evaluate_equals_fd_fmnist_of_the_samples(data_dir):
     assert metrics.default_sigmas(2) == (80.0, 0.821)
 
 
-@pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed")
-def test_evaluate_real_tiny_models_seeded(data_dir):
+def _fake_reference(root):
+    """A cached FD-FMNIST reference file (random statistics) so evaluate runs without the dataset."""
+    from cmfast._fd_classifier import FEATURE_DIM
+    stats = metrics.FeatureStats(FEATURE_DIM).update(np.random.default_rng(0).standard_normal((300, FEATURE_DIM)))
+    stats.save(os.path.join(root, f"fd-fmnist_fashion-mnist_train_n60000_{metrics._file_hash(ASSET)}.npz"))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_evaluate_real_tiny_models_seeded(device, tmp_path):
     from cmfast import ConsistencyModel, EDMDenoiser
     from cmfast.nets import UNet
+    _fake_reference(tmp_path)
     torch.manual_seed(0)
-    cm = ConsistencyModel(UNet.from_preset("tiny", in_channels=1, out_channels=1))
-    run = lambda seed: metrics.evaluate(cm, "fd-fmnist", steps=2, num=8, batch_size=4, seed=seed)
+    cm = ConsistencyModel(UNet.from_preset("tiny", in_channels=1, out_channels=1)).to(device)
+    run = lambda seed: metrics.evaluate(cm, "fd-fmnist", steps=2, num=8, batch_size=4, seed=seed,
+                                        data_dir=str(tmp_path))
     a, b, c = run(0), run(0), run(1)
-    assert a["value"] == b["value"] != c["value"] and a["sigmas"] == [80.0, 0.821] and a["value"] > 1.0
+    assert a["value"] == pytest.approx(b["value"], rel=1e-6) and a["value"] > 1.0   # same seed, same images
+    assert abs(a["value"] - c["value"]) > 1e-6 * a["value"] and a["sigmas"] == [80.0, 0.821]
+    assert a["device"].startswith(device)
     edm = EDMDenoiser(cm.net)
-    r = metrics.evaluate(edm, "fd-fmnist", steps=2, num=2, batch_size=2)
+    r = metrics.evaluate(edm, "fd-fmnist", steps=2, num=2, batch_size=2, data_dir=str(tmp_path))
     assert "EDM Heun, 2 steps" in r["mode"] and r["sigmas"] is None
     with pytest.raises(ValueError, match="strictly decreasing"):
-        metrics.evaluate(cm, "fd-fmnist", sigmas=(0.821, 80.0), num=4)
+        metrics.evaluate(cm, "fd-fmnist", sigmas=(0.821, 80.0), num=4, data_dir=str(tmp_path))
     s3 = metrics.default_sigmas(3)
     torch.testing.assert_close(torch.tensor(s3, dtype=torch.float64), karras_desc(4)[:3])
 
