@@ -183,24 +183,30 @@ def _nn_distance(model, data, n=32):
 
 
 def test_sct_cpu_run_loss_falls_and_samples_move_toward_the_data():
+    import copy
+
+    from cmfast.ema import ema_update_
     data = _images()
     torch.manual_seed(0)
     model = TrigFlowModel(cmfast.UNet.from_preset("tiny", img_resolution=8, attn_resolutions=(4,)))
+    ema = copy.deepcopy(model)          # sampled from, as the training loop does (one step is noisy)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     before = _nn_distance(model, data)
     g, losses = torch.Generator().manual_seed(0), []
-    for step in range(100):
+    for step in range(120):
         idx = torch.randint(0, len(data), (16,), generator=g)
         loss = sct_loss(model, data[idx], step=step, warmup_steps=50, generator=g).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        ema_update_(ema, model, 0.9)
         losses.append(loss.item())
-    after = _nn_distance(model, data)
+    after = _nn_distance(ema, data)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 1.0
-    # untrained: samples ~ 0, at the data's RMS (~0.55) from every image; trained: measured 0.14 at 100 steps
-    assert before > 0.5 and after < 0.5 * before, (before, after)
+    # untrained: samples ~ 0, at about the data's RMS from every image (0.553); after 120 steps: 0.123 here (EMA
+    # samples measured 0.12-0.25 over two seeds and 100-150 steps; the bar 0.6 x leaves room for other CPUs)
+    assert before > 0.5 and after < 0.6 * before, (before, after)
 
 
 def test_sct_scd_training_methods():
