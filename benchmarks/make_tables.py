@@ -24,8 +24,8 @@ def load_runs(folder: Path) -> list[dict]:
             run = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not isinstance(run, dict) or "rows" not in run or "device_slug" not in run:
-            continue
+        if not isinstance(run, dict) or run.get("benchmark") != "throughput":
+            continue          # per-op benchmarks, baselines and other result files
         run["_file"] = path.name
         key = (run["device_slug"], bool(run.get("quick")))
         if key not in newest or run["date"] > newest[key]["date"]:

@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     print_table(r.rows, reference)
     out = args.out or Path(__file__).resolve().parent / "results" / f"{env['device_slug']}-{env['date'][:10]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"schema": 1, **env, "quick": args.quick, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+    result = {"benchmark": "throughput", "schema": 1, **env, "quick": args.quick, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
               "threads": torch.get_num_threads(), "reference_mode": reference, "ceilings": ceil,
               "wall_s": round(time.perf_counter() - r.t0, 1), "rows": r.rows}
     out.write_text(json.dumps(result, indent=1) + "\n")
