@@ -14,7 +14,8 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"   # must precede the first import of the kernels (triton.jit reads it)
+    # Before triton is first imported: triton.jit (its standard library included) reads it at decoration time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
 import reference as ref  # noqa: E402
