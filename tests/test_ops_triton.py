@@ -181,6 +181,17 @@ def test_group_norm_act_split_reduction(dtype, fmt, shape, G, monkeypatch):
     check(fn, reffn, _gn_inputs(*shape, dtype, fmt), grad=("x", "weight", "bias", "scale", "shift"), dtype=dtype)
 
 
+def test_mixed_precision_as_under_autocast():
+    # ConsistencyModel: x fp32, F from a bf16 backbone; UNet: bf16 activations with fp32 GroupNorm parameters.
+    x, F = rand(2, 3, 5, 7), rand(2, 3, 5, 7, dtype=torch.bfloat16)
+    check(ops.skip_output, ref.skip_output, dict(x=x, F=F, sigma=torch.tensor([0.1, 9.0], device=DEV)),
+          grad=("x", "F"))
+    fn, reffn = _gn(4)
+    inputs = _gn_inputs(2, 12, 3, 5, torch.bfloat16, torch.contiguous_format)
+    inputs.update(weight=inputs["weight"].float(), bias=inputs["bias"].float())
+    check(fn, reffn, inputs, grad=("x", "weight", "bias", "scale", "shift"), dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("affine,mod,act", [(False, False, "none"), (True, False, "silu"), (False, True, "none")])
 def test_group_norm_act_optional_parts(affine, mod, act):
     fn, reffn = _gn(3, act=act)
