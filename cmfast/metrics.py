@@ -161,15 +161,15 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
     The cache file name carries the feature network's hash, so new weights never reuse stale statistics.
     """
     from ._refdata import data_dir as default_dir, reference_images
-    extractor, dim, impl = _extractor(metric, device, weights)
-    net_hash = _file_hash(extractor.weights_path)
+    net_hash = _file_hash(_weights_path(metric, weights))
     root = default_dir(data_dir)
     path = os.path.join(root, f"{metric}_{dataset}_train_n{num}_{net_hash}.npz")
     if os.path.isfile(path):
         return load_stats(path)
+    extractor, dim, impl = _extractor(metric, device, weights)
     images = reference_images(dataset, data_dir)
-    images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:num]] \
-        if num < len(images) else images
+    if num < len(images):
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:num]]
     stats = feature_stats(extractor, _chunks(images, batch_size), dim, device)
     os.makedirs(root, exist_ok=True)
     meta = dict(metric=metric, dataset=dataset, split="train", implementation=impl, weights_sha256_16=net_hash)
@@ -177,30 +177,27 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
     return stats.mean, stats.cov, dict(meta, n=stats.n)
 
 
-def _extractor(metric, device, weights=None):
-    """(features fn with .weights_path, feature dim, implementation string) for "fid" or "fd-fmnist"."""
+def _weights_path(metric, weights=None):
     if metric == "fid":
-        from ._inception import IMPLEMENTATION, find_weights, load_fid_inception
-        net = load_fid_inception(weights, device)
-        fn, dim, impl, path = net, 2048, IMPLEMENTATION, find_weights(weights)
-    elif metric == "fd-fmnist":
-        from ._fd_classifier import ASSET, FEATURE_DIM, load_classifier
-        path = weights or ASSET
-        net, meta = load_classifier(path, device)
-        fn, dim = net.features, FEATURE_DIM
-        impl = (f"FD-FMNIST: cmfast offline metric, not comparable with FID (CNN penultimate {dim}-d features, "
-                f"classifier test acc {meta.get('test_accuracy', '?')})")
-    else:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return _Extractor(fn, path), dim, impl
+        from ._inception import find_weights
+        return find_weights(weights)
+    if metric == "fd-fmnist":
+        from ._fd_classifier import ASSET
+        return weights or ASSET
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
 
-class _Extractor:
-    def __init__(self, fn, weights_path):
-        self.fn, self.weights_path = fn, weights_path
-
-    def __call__(self, x):
-        return self.fn(x)
+def _extractor(metric, device, weights=None):
+    """(features function, feature dim, implementation string) for "fid" or "fd-fmnist"."""
+    path = _weights_path(metric, weights)
+    if metric == "fid":
+        from ._inception import IMPLEMENTATION, load_fid_inception
+        return load_fid_inception(path, device), 2048, IMPLEMENTATION
+    from ._fd_classifier import FEATURE_DIM, load_classifier
+    net, meta = load_classifier(path, device)
+    return net.features, FEATURE_DIM, (f"FD-FMNIST: cmfast offline metric, not comparable with FID (CNN "
+                                       f"penultimate {FEATURE_DIM}-d features, classifier test acc "
+                                       f"{meta.get('test_accuracy', '?')})")
 
 
 def fd_fmnist(images, batch_size=500, device="cpu", data_dir=None):
