@@ -257,7 +257,7 @@ def _quantize(x):
 
 
 @torch.no_grad()
-def evaluate(model, metric, steps=None, num=50000, batch_size=250, seed=0, sigmas=None, dataset=None,
+def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigmas=None, dataset=None,
              device=None, data_dir=None, weights=None, progress=False):
     """Sample `num` images and score them -> a JSON-ready dict that records implementation and mode.
 

@@ -31,8 +31,7 @@ def _sigmas(s):
 
 
 def build_parser():
-    ap = _Parser(prog=PROG, description=__doc__.splitlines()[0],
-                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     g = ap.add_argument_group("main")
     g.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its newest) of cmfast-train")
     g.add_argument("--metric", required=True, choices=("fid", "fd-fmnist"),
@@ -42,11 +41,11 @@ def build_parser():
                    help="network evaluations (default 1; an EDM teacher: Heun steps, default 18)")
     g.add_argument("--sigmas", type=_sigmas, default=None,
                    help="decreasing noise levels, e.g. 80,0.821 (default: 80 for 1 step, 80,0.821 for 2)")
-    g.add_argument("--num", type=_positive, default=50000, help="number of generated images")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--which", default="ema", help="weights to load: ema, ema@<rate>, model or target")
+    g.add_argument("--num", type=_positive, default=50000, help="number of generated images (default 50000)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (default 0); with the same --batch-size, the images cmfast-sample makes")
+    g.add_argument("--which", default="ema", help="weights to load: ema (default), ema@<rate>, model or target")
     p = ap.add_argument_group("performance")
-    p.add_argument("--batch-size", type=_positive, default=250)
+    p.add_argument("--batch-size", type=_positive, default=256, help="(default 256, as cmfast-sample)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     io = ap.add_argument_group("I/O")
     io.add_argument("--dataset", choices=("fashion-mnist", "cifar10"), default=None,
