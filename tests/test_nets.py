@@ -17,6 +17,15 @@ def test_cifar10_parameter_counts_match_edm(name, want):
     assert abs(_params(cmfast.UNet.from_preset(name)) - want) / want < 0.01
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_and_runs(name):
+    with torch.device("meta"):  # shapes only
+        net = cmfast.UNet.from_preset(name).eval()
+        r = net.img_resolution
+        y = net(torch.randn(1, net.in_channels, r, r), torch.zeros(1))
+    assert y.shape == (1, net.out_channels, r, r)
+
+
 def test_small_presets_sizes():
     assert _params(cmfast.UNet.from_preset("fmnist-small")) <= 6e6
     assert _params(cmfast.UNet.from_preset("tiny")) <= 0.5e6

@@ -69,7 +69,11 @@ class GroupNorm(nn.Module):
 
     def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-6):
         super().__init__()
-        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        # EDM's count, min(32, C // 4), lowered to the nearest divisor of C where it does not divide (C = 168).
+        groups = max(1, min(num_groups, num_channels // min_channels_per_group))
+        while num_channels % groups:
+            groups -= 1
+        self.num_groups = groups
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))

@@ -127,6 +127,8 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype | None = No
     return fn
 
 
+_module("torch")  # loaded now, so torch.compile never traces an import inside an op
+
 from ._api import attention, consistency_loss, group_norm_act, skip_output, skip_output_infer  # noqa: E402
 from ._api import trig_tangent_loss  # noqa: E402
 
