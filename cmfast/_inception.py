@@ -79,7 +79,7 @@ class FIDInception(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         if x.shape[1] != 3:
             raise ValueError(f"FID Inception expects 1 or 3 channels, got shape {tuple(x.shape)}")
-        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1     # 8-bit quantization, back to [-1, 1]
+        x = (x.float() * 127.5 + 128).clamp(0, 255).floor() / 127.5 - 1    # 8-bit as written to files
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         n = self.net
         for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,

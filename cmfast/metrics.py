@@ -252,8 +252,9 @@ def _image_shape(model, dataset):
 
 
 def _quantize(x):
-    """[-1, 1] -> the nearest of the 256 levels an 8-bit image file would hold (references come from uint8)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    """[-1, 1] -> the 8-bit level cmfast-sample would write (EDM's rounding), back in [-1, 1]: the reference
+    statistics come from uint8 images."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).floor() / 127.5 - 1
 
 
 @torch.no_grad()
