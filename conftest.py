@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in the interpreter. Set once, before anything imports triton, so every test
+# module sees the same environment whatever the collection order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests skip, with the reason, where no CUDA device is present (run them with -m gpu on the GPU machine)."""

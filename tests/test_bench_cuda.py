@@ -65,7 +65,9 @@ def test_bench_cuda_cpu_smoke(tmp_path):
                             "--dtype", "float32", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["benchmark"] == "bench_cuda" and res["device_type"] == "cpu" and "cuda" in res["skipped"]
-    assert {r["backend"] for r in res["rows"]} == {"torch"}
-    for r in res["rows"]:
+    # triton rows appear on CPU only under TRITON_INTERPRET=1 (set for the whole suite by conftest.py)
+    backends = {r["backend"] for r in res["rows"]}
+    assert "torch" in backends and backends <= {"torch", "triton"}
+    for r in (r for r in res["rows"] if r["backend"] == "torch"):
         assert r["median_ms"] > 0 and r["bytes"] == 3 * 4 * r["shape"][0] * 3 * 32 * 32
         assert r["speedup_vs_eager"] == 1.0

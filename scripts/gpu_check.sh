@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU check (shared GPU.md): build, GPU tests, benchmarks in one run of under 8 minutes.
+#   bash scripts/gpu_check.sh OUT_DIR        (on the device machine: bash scripts/gpu_check.sh "$OUT")
+# Writes at most 8 files into OUT_DIR: gpu_check.log and the result JSON files; prints a summary table last.
+# Each step has its own time limit so that one slow step cannot eat the others' time; a failed step is reported
+# in the summary and the run goes on.
+set -uo pipefail
+OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+cd "$(dirname "$0")/.."
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+declare -a SUMMARY=()
+
+run() {  # run NAME LIMIT_S CMD...: timed, logged, summarized
+    local name="$1" limit="$2"; shift 2
+    echo "==== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    local dt=$((SECONDS - t0))
+    tail -n 25 "$LOG" | sed 's/^/    /'
+    SUMMARY+=("$(printf '%-22s rc=%-4s %4ss' "$name" "$rc" "$dt")")
+}
+
+# 1. Machine and versions.
+run env 30 bash -c 'nvidia-smi -L; python -c "import sys, torch, triton; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())"'
+
+# 2. Install (editable: maps kernels/ to cmfast.kernels) and build csrc/ into cmfast._C; the build time is printed.
+run install 120 python -m pip install -q --no-deps --no-build-isolation -e .
+run build-csrc 120 python -m cmfast._build
+
+# 3. Compiled Triton and CUDA kernels (and the GPU paths of the sampler, training, sCM) against float64 references.
+run pytest-gpu 200 python -m pytest -m gpu -q --maxfail=20 -p no:cacheprovider --ignore=benchmarks/test_latency.py \
+    -o addopts="" -rfE
+
+# 4. Benchmarks: the ceilings (copy bandwidth, bf16 matmul) are measured inside each script.
+run bench-triton-ops 75 python benchmarks/bench_ops.py --quick --no-compile --out "$OUT/triton-ops.json"
+run bench-cuda-ops 60 python benchmarks/bench_cuda.py --quick --no-compile --out "$OUT/cuda-ops.json"
+run throughput 170 python benchmarks/throughput.py --quick --out "$OUT/throughput-quick.json"
+run latency-gate 60 python -m pytest benchmarks/test_latency.py -m gpu -q -p no:cacheprovider -o addopts="" \
+    --benchmark-enable --benchmark-json="$OUT/latency.json"
+run regress 20 python benchmarks/regress.py compare "$OUT/latency.json" --write-baseline "$OUT"
+
+# 5. Summary.
+echo
+echo "==== summary (log: $LOG)"
+printf '%s\n' "${SUMMARY[@]}" | tee -a "$LOG"
+ls -l "$OUT"
