@@ -139,8 +139,8 @@ def test_fd_fmnist_orders_test_blurred_noise(data_dir):
     g = torch.Generator().manual_seed(0)
     if HAVE_FMNIST:
         from cmfast._idx import load_fmnist, to_model_range
-        test = to_model_range(load_fmnist("test")[0][:5000])
-        train = to_model_range(load_fmnist("train")[0][:5000])
+        test = to_model_range(load_fmnist("test")[0][:3000])
+        train = to_model_range(load_fmnist("train")[0][:3000])
         fd = metrics.fd_fmnist                                      # against all 60k train images (cached)
     else:
         train, test = _generated_sets(2000)
@@ -149,7 +149,7 @@ def test_fd_fmnist_orders_test_blurred_noise(data_dir):
         def fd(x):
             s = metrics.FeatureStats(128).update(net.features(x))
             return metrics.frechet_distance(s.mean, s.cov, ref.mean, ref.cov)
-    noise = torch.rand(2000, 1, 32, 32, generator=g) * 2 - 1
+    noise = torch.rand(1000, 1, 32, 32, generator=g) * 2 - 1
     with torch.no_grad():
         d_test, d_blur, d_noise = fd(test), fd(_blur(train)), fd(noise)
     print(f"FD-FMNIST test {d_test:.3f}  blurred train {d_blur:.3f}  noise {d_noise:.3f}")
@@ -157,7 +157,7 @@ def test_fd_fmnist_orders_test_blurred_noise(data_dir):
     assert 3 * d_test < d_blur < 0.7 * d_noise
     if HAVE_FMNIST:
         assert [f for f in os.listdir(data_dir) if f.startswith("fd-fmnist_fashion-mnist_train_n60000_")]
-        assert metrics.fd_fmnist(test[:1000]) > 0                   # second call reads the cache
+        assert metrics.fd_fmnist(test[:500]) > 0                    # second call reads the cache
 
 
 def test_fd_fmnist_rejects_bad_input():
@@ -292,7 +292,7 @@ def test_evaluate_real_tiny_models_seeded(device, tmp_path):
     _fake_reference(tmp_path)
     torch.manual_seed(0)
     cm = ConsistencyModel(UNet.from_preset("tiny", in_channels=1, out_channels=1)).to(device)
-    run = lambda seed: metrics.evaluate(cm, "fd-fmnist", steps=2, num=8, batch_size=4, seed=seed,
+    run = lambda seed: metrics.evaluate(cm, "fd-fmnist", steps=2, num=4, batch_size=2, seed=seed,
                                         data_dir=str(tmp_path))
     a, b, c = run(0), run(0), run(1)
     assert a["value"] == pytest.approx(b["value"], rel=1e-6) and a["value"] > 1.0   # same seed, same images
