@@ -38,25 +38,26 @@ def _sigma_vector(sigma, x: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def skip_output(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
-    """c_skip(sigma) x + c_out(sigma) F (CM paper eq. 7), math in fp32, result in x's dtype; differentiable in x and F."""
+def _skip_args(x, F, sigma) -> torch.Tensor:
+    """The checks skip_output and skip_output_infer share: x and F float tensors of one shape on one device; sigma
+    as a float32 (B,) vector."""
     _float("x", x)
     _float("F", F)
     if F.shape != x.shape:
         raise ValueError(f"F: expected the shape of x {tuple(x.shape)}, got {tuple(F.shape)}")
     _same_device(x, F=F)
-    s = _sigma_vector(sigma, x)
+    return _sigma_vector(sigma, x)
+
+
+def skip_output(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    """c_skip(sigma) x + c_out(sigma) F (CM paper eq. 7), math in fp32, result in x's dtype; differentiable in x and F."""
+    s = _skip_args(x, F, sigma)
     return implementation("skip_output", x.device, x.dtype)(x, F, s, float(sigma_data), float(sigma_min))
 
 
 def skip_output_infer(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002, uint8: bool = False):
     """Sampler epilogue: clamp(c_skip x + c_out F, -1, 1); with uint8=True the image bytes round((y + 1) * 127.5)."""
-    _float("x", x)
-    _float("F", F)
-    if F.shape != x.shape:
-        raise ValueError(f"F: expected the shape of x {tuple(x.shape)}, got {tuple(F.shape)}")
-    _same_device(x, F=F)
-    s = _sigma_vector(sigma, x)
+    s = _skip_args(x, F, sigma)
     return implementation("skip_output_infer", x.device, x.dtype)(x, F, s, float(sigma_data), float(sigma_min), bool(uint8))
 
 
