@@ -22,8 +22,14 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 FMNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"   # Debian package dataset-fashion-mnist
 FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# md5 of the upstream .gz files (for downloads only: Debian's package re-compresses them, so its md5s differ).
 FMNIST_FILES = {"train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe"}
+                "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+                "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+                "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310"}
+FMNIST_SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FMNIST_COUNTS = {"train": 60000, "test": 10000}
 
 
 class DataError(ValueError):
@@ -190,31 +196,40 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _find_fmnist(data_dir: str) -> dict[str, str]:
+def _find_fmnist(data_dir: str, split: str = "train") -> dict[str, str]:
+    """The split's two files (only those: the other split need not exist), first folder holding both wins."""
+    names = FMNIST_SPLITS[split]
     for d in (FMNIST_SYSTEM_DIR, data_dir, os.path.join(data_dir, "fashion-mnist")):
         found = {}
-        for n in FMNIST_FILES:
+        for n in names:
             for cand in (os.path.join(d, n + ".gz"), os.path.join(d, n)):
                 if os.path.isfile(cand):
                     found[n] = cand
                     break
-        if len(found) == len(FMNIST_FILES):
+        if len(found) == len(names):
             return found
     dest = os.path.join(data_dir, "fashion-mnist")
-    hint = (f"Fashion-MNIST not found: install the Debian package dataset-fashion-mnist or put "
-            f"{' and '.join(n + '.gz' for n in FMNIST_FILES)} in {dest}")
-    return {n: _download(FMNIST_URL + n + ".gz", os.path.join(dest, n + ".gz"), md5, hint)
-            for n, md5 in FMNIST_FILES.items()}
+    hint = (f"Fashion-MNIST {split} not found: install the Debian package dataset-fashion-mnist or put "
+            f"{' and '.join(n + '.gz' for n in names)} in {dest}")
+    return {n: _download(FMNIST_URL + n + ".gz", os.path.join(dest, n + ".gz"), FMNIST_FILES[n], hint)
+            for n in names}
 
 
-def load_fashion_mnist(data_dir: str | None = None) -> ImageDataset:
-    """The 60,000 training images, 28x28 padded to 32x32 with -1 (uint8 0) as DESIGN.md 2 asks."""
-    files = _find_fmnist(data_dir or default_data_dir())
-    images = read_idx(files["train-images-idx3-ubyte"], 3)
-    labels = read_idx(files["train-labels-idx1-ubyte"], 1)
+def load_fashion_mnist(data_dir: str | None = None, split: str = "train", full: bool = False) -> ImageDataset:
+    """The "train" (60,000) or "test" (10,000) images, 28x28 padded to 32x32 with -1 (uint8 0) as DESIGN.md 2
+    asks. full=True also requires the split's whole count (reference statistics, the FD-FMNIST classifier)."""
+    if split not in FMNIST_SPLITS:
+        raise DataError(f"Fashion-MNIST split: expected 'train' or 'test', got {split!r}")
+    image_name, label_name = FMNIST_SPLITS[split]
+    files = _find_fmnist(data_dir or default_data_dir(), split)
+    images = read_idx(files[image_name], 3)
+    labels = read_idx(files[label_name], 1)
     if images.shape[1:] != (28, 28) or labels.shape[0] != images.shape[0]:
-        raise DataError(f"{files['train-images-idx3-ubyte']}: expected (n, 28, 28) images with n labels, got "
+        raise DataError(f"{files[image_name]}: expected (n, 28, 28) images with n labels, got "
                         f"{images.shape} and {labels.shape}")
+    if full and images.shape[0] != FMNIST_COUNTS[split]:
+        raise DataError(f"{files[image_name]}: expected all {FMNIST_COUNTS[split]} Fashion-MNIST {split} images, "
+                        f"got {images.shape[0]}")
     x = torch.nn.functional.pad(torch.from_numpy(images.copy())[:, None], (2, 2, 2, 2), value=0)
     return ImageDataset(x, torch.from_numpy(labels.astype(np.int64)), "fashion-mnist", xflip=False)
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 METRICS = ("fid", "fd-fmnist")
+SHAPES = {"fashion-mnist": (1, 32, 32), "cifar10": (3, 32, 32)}   # reference datasets' image shapes
 
 
 # ---------------------------------------------------------------- streaming feature statistics (float64)
@@ -160,9 +161,9 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
 
     The cache file name carries the feature network's hash, so new weights never reuse stale statistics.
     """
-    from ._refdata import data_dir as default_dir, reference_images
+    from .data import default_data_dir
     net_hash = _file_hash(_weights_path(metric, weights))
-    root = default_dir(data_dir)
+    root = data_dir or default_data_dir()
     path = os.path.join(root, f"{metric}_{dataset}_train_n{num}_{net_hash}.npz")
     if os.path.isfile(path):
         return load_stats(path)
@@ -175,6 +176,18 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
     meta = dict(metric=metric, dataset=dataset, split="train", implementation=impl, weights_sha256_16=net_hash)
     stats.save(path, **meta)
     return stats.mean, stats.cov, dict(meta, n=stats.n)
+
+
+def reference_images(dataset, data_dir=None):
+    """All train images of a reference dataset (cmfast.data's readers) as float32 (N, C, 32, 32) in [-1, 1]."""
+    from .data import load_cifar10, load_fashion_mnist
+    if dataset == "fashion-mnist":
+        ds = load_fashion_mnist(data_dir, "train", full=True)      # statistics of the whole split
+    elif dataset == "cifar10":
+        ds = load_cifar10(data_dir)
+    else:
+        raise ValueError(f"dataset must be one of {tuple(SHAPES)}, got {dataset!r}")
+    return ds.batch(torch.arange(len(ds)))[0]
 
 
 def _weights_path(metric, weights=None):
@@ -242,7 +255,6 @@ def default_sigmas(steps):
 
 
 def _image_shape(model, dataset):
-    from ._refdata import SHAPES
     for m in (model, getattr(model, "net", None)):
         res = getattr(m, "img_resolution", None)
         ch = getattr(m, "img_channels", None) or getattr(m, "in_channels", None)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cmfast._fd_classifier import ASSET, FMNISTClassifier
-from cmfast._idx import load_fmnist, to_model_range
+from cmfast.data import load_fashion_mnist
 
 
 def evaluate(net, x, y, batch=1000):
@@ -34,10 +34,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    xtr, ytr = load_fmnist("train", args.data_dir)
-    xte, yte = load_fmnist("test", args.data_dir)
-    xtr, ytr = to_model_range(xtr), torch.from_numpy(ytr)
-    xte, yte = to_model_range(xte), torch.from_numpy(yte)
+    train = load_fashion_mnist(args.data_dir, "train", full=True)
+    test = load_fashion_mnist(args.data_dir, "test", full=True)
+    xtr, ytr = train.batch(torch.arange(len(train)))           # [-1, 1], padded to 32x32 with -1
+    xte, yte = test.batch(torch.arange(len(test)))
 
     net = FMNISTClassifier()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=5e-4)

@@ -125,6 +125,29 @@ def test_fmnist_missing_offline(tmp_path, monkeypatch):
         data.load_fashion_mnist(str(tmp_path))
 
 
+def test_fmnist_test_split_alone_and_full_counts(tmp_path, monkeypatch):
+    # Only the t10k files exist: the test split loads without the train files, and vice versa.
+    rng = np.random.default_rng(2)
+    images, labels = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8), np.arange(6, dtype=np.uint8)
+    for name, arr in (("t10k-images-idx3-ubyte.gz", images), ("t10k-labels-idx1-ubyte.gz", labels)):
+        with gzip.open(tmp_path / name, "wb") as f:
+            f.write(idx_bytes(arr))
+    ds = data.load_fashion_mnist(str(tmp_path), "test")
+    assert np.array_equal(ds.images[:, 0, 2:30, 2:30].numpy(), images) and ds.labels.tolist() == list(range(6))
+    assert torch.all(ds.images[:, :, :2] == 0) and ds.batch(torch.arange(6))[0].min() >= -1
+    monkeypatch.setenv("CMFAST_OFFLINE", "1")
+    with pytest.raises(data.DataError, match="Fashion-MNIST train not found.*train-images-idx3-ubyte.gz"):
+        data.load_fashion_mnist(str(tmp_path), "train")
+    write_fmnist(tmp_path / "fashion-mnist", n=4)
+    assert len(data.load_fashion_mnist(str(tmp_path), "train")) == 4
+    # full=True asks for the whole split (60,000 / 10,000 images), as reference statistics need.
+    with pytest.raises(data.DataError, match="expected all 10000 Fashion-MNIST test images, got 6") as e:
+        data.load_fashion_mnist(str(tmp_path), "test", full=True)
+    assert "\n" not in str(e.value)
+    with pytest.raises(data.DataError, match="split: expected 'train' or 'test', got 'val'"):
+        data.load_fashion_mnist(str(tmp_path), "val")
+
+
 def test_png_folder_and_zip(tmp_path):
     arrs = write_png_folder(tmp_path / "imgs", n=5, size=8)
     ds = data.load_dataset("folder", str(tmp_path / "imgs"))

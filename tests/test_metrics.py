@@ -121,6 +121,12 @@ def _blur(x):
     return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k)
 
 
+def _fmnist(split, n):
+    """The first n images of a Fashion-MNIST split as [-1, 1] float (N, 1, 32, 32), padded with -1, and labels."""
+    from cmfast.data import load_fashion_mnist
+    return load_fashion_mnist(split=split, full=True).batch(torch.arange(n))
+
+
 def _generated_sets(n):
     """Without the dataset: two draws of the same synthetic distribution (random rectangles)."""
     def draw(seed):
@@ -138,9 +144,7 @@ def _generated_sets(n):
 def test_fd_fmnist_orders_test_blurred_noise(data_dir):
     g = torch.Generator().manual_seed(0)
     if HAVE_FMNIST:
-        from cmfast._idx import load_fmnist, to_model_range
-        test = to_model_range(load_fmnist("test")[0][:3000])
-        train = to_model_range(load_fmnist("train")[0][:3000])
+        test, train = _fmnist("test", 3000)[0], _fmnist("train", 3000)[0]
         fd = metrics.fd_fmnist                                      # against all 60k train images (cached)
     else:
         train, test = _generated_sets(2000)
@@ -167,12 +171,10 @@ def test_fd_fmnist_rejects_bad_input():
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed")
 def test_classifier_asset_accuracy():
-    from cmfast._idx import load_fmnist, to_model_range
     assert os.path.getsize(ASSET) < 3_000_000
     net, meta = load_classifier()
     assert float(meta["test_accuracy"]) >= 0.90
-    x, y = load_fmnist("test")
-    x, y = to_model_range(x[:2000]), torch.from_numpy(y[:2000])
+    x, y = _fmnist("test", 2000)
     with torch.no_grad():
         acc = (net(x).argmax(1) == y).float().mean().item()
     assert acc >= 0.90
@@ -268,8 +270,7 @@ class _Replay(torch.nn.Module):
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed")
 def test_evaluate_equals_fd_fmnist_of_the_samples(data_dir):
-    from cmfast._idx import load_fmnist, to_model_range
-    imgs = to_model_range(load_fmnist("test")[0][:600])
+    imgs = _fmnist("test", 600)[0]
     res = metrics.evaluate(_Replay(imgs), "fd-fmnist", steps=1, num=600, batch_size=250)
     assert res["metric"] == "FD-FMNIST" and "not comparable with FID" in res["implementation"]
     assert res["sigmas"] == [80.0] and res["num"] == 600
@@ -334,8 +335,7 @@ def test_cli_bad_input_one_line_exit_2(argv, needle, capsys):
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed")
 def test_cli_writes_json(tmp_path, data_dir, monkeypatch, capsys):
-    from cmfast._idx import load_fmnist, to_model_range
-    imgs = to_model_range(load_fmnist("test")[0][:300])
+    imgs = _fmnist("test", 300)[0]
     fake = types.ModuleType("cmfast.training.checkpoint")
     fake.load_model = lambda path, which="ema", map_location="cpu": (_Replay(imgs), {"config": {"dataset": "fmnist"}})
     monkeypatch.setitem(sys.modules, "cmfast.training.checkpoint", fake)
