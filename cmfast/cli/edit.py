@@ -7,22 +7,17 @@
 Writes <stem>_<task>.png per input (pair<p>_<i>.png for interpolate) and <task>_grid.png (before | after).
 """
 import argparse
+import functools
 import os
-import sys
+
+from . import _common
 
 PROG = "cmfast-edit"
 TASKS = ("inpaint", "colorize", "super-resolve", "stroke", "interpolate", "denoise")
 DEFAULT_STEPS = {"inpaint": 20, "colorize": 20, "super-resolve": 20, "stroke": 2, "interpolate": 1}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                   # one line, exit 2 (DESIGN.md 2)
-        _fail(message)
-
-
-def _fail(msg):
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+_fail = functools.partial(_common.fail, PROG)
 
 
 def _positive(s):
@@ -35,22 +30,12 @@ def _positive(s):
     return v
 
 
-def _sigmas(s):
-    try:
-        return tuple(float(v) for v in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 80,10,2, got {s!r}") from None
-
-
 def build_parser():
-    ap = _Parser(prog=PROG, description=__doc__.splitlines()[0],
+    ap = _common.Parser(prog=PROG, description=__doc__.splitlines()[0],
                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("task", choices=TASKS)
     g = ap.add_argument_group("main")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint written by cmfast-train, or its run directory (newest)")
-    src.add_argument("--pretrained", help="a shipped model, e.g. fmnist (cmfast.load_pretrained)")
-    g.add_argument("--which", default="ema", help="weights to load: ema, ema@<rate>, model or target")
+    _common.add_model_options(g)
     g.add_argument("--input", help="a PNG or a directory of PNGs at the model's resolution (super-resolve: also "
                    "1/factor of it); not used by interpolate")
     g.add_argument("--mask", help="inpaint: PNG at the model's resolution, white (>= 128) = known pixel, black = "
@@ -58,7 +43,7 @@ def build_parser():
     g.add_argument("--factor", type=_positive, help="super-resolve: the upsampling factor (divides the resolution)")
     g.add_argument("--steps", type=_positive, default=None, help="network evaluations on a Karras grid; unset: "
                    + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()))
-    g.add_argument("--sigmas", type=_sigmas, default=None, help="decreasing noise levels, e.g. 80,10,2 (stroke: "
+    g.add_argument("--sigmas", type=_common.sigmas_type("80,10,2"), default=None, help="decreasing noise levels, e.g. 80,10,2 (stroke: "
                    "the first is the start level)")
     g.add_argument("--sigma-start", type=float, default=2.0, help="stroke: the SDEdit start level with --steps")
     g.add_argument("--sigma", type=float, default=0.5, help="denoise: the noise level added to the input")
@@ -67,7 +52,7 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0)
     p = ap.add_argument_group("performance")
     p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    _common.add_device(p)
     io = ap.add_argument_group("I/O")
     io.add_argument("--out", required=True, help="output directory")
     io.add_argument("--grid-scale", type=_positive, default=1, help="nearest upscaling of the grid PNG")
@@ -147,12 +132,11 @@ def main(argv=None):
         _fail("--mask is only used by inpaint")
     if args.task == "super-resolve" and not args.factor:
         _fail("super-resolve needs --factor")
-    if args.steps and args.sigmas and args.steps != len(args.sigmas):
-        _fail(f"--steps {args.steps} but --sigmas has {len(args.sigmas)} values")
+    _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
     import torch
     from .. import editing as E
     from ._png import grid, load_png, png_files, save_png
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _common.pick_device(args.device)
     try:
         model, _ = load(args, device)
         chw = E.image_shape(model)
@@ -188,7 +172,7 @@ def main(argv=None):
                 save_png(x, os.path.join(args.out, name + ".png"))
         save_png(grid(rows), os.path.join(args.out, f"{args.task}_grid.png"), scale=args.grid_scale)
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _fail(_common.first_line(e))
     print(f"{PROG}: wrote {len(rows) if args.task != 'interpolate' else args.pairs * args.alphas} images and "
           f"{args.task}_grid.png to {args.out}")
     return 0

@@ -6,49 +6,32 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
+from . import _common
 from .train import _ranged
 
 PROG = "cmfast-sample"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        fail(message)
-
-
-def fail(message: str):
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _sigmas(s):
-    try:
-        return tuple(float(v) for v in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 80,0.821, got {s!r}") from None
+fail = functools.partial(_common.fail, PROG)
 
 
 def build_parser():
-    ap = _Parser(prog=PROG, description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+    ap = _common.Parser(prog=PROG, description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("main")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="PATH", help="run directory (newest checkpoint) or checkpoint file")
-    src.add_argument("--pretrained", metavar="NAME", help="a shipped model (cmfast.load_pretrained)")
-    g.add_argument("--which", default="ema", help="weights: ema, ema@RATE, model or target (default: ema)")
+    _common.add_model_options(g)
     g.add_argument("--num", type=_ranged(int, 1), default=64, help="number of images (default: 64)")
     g.add_argument("--steps", type=_ranged(int, 1), default=None,
                    help="network evaluations: 1 -> sigma_max, 2 -> sigma_max,0.821; EDM teachers: Heun steps "
                         "(default: 1, EDM 18)")
-    g.add_argument("--sigmas", type=_sigmas, default=None, help="decreasing noise levels, e.g. 80,0.821")
+    g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None, help="decreasing noise levels, e.g. 80,0.821")
     g.add_argument("--seed", type=_ranged(int, 0), default=0, help="(default: 0)")
     g.add_argument("--class", dest="class_label", type=_ranged(int, 0), default=None,
                    help="class label for conditional models (default: cycle through classes)")
     p = ap.add_argument_group("performance")
     p.add_argument("--batch-size", type=_ranged(int, 1), default=256, help="(default: 256)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    _common.add_device(p)
     io = ap.add_argument_group("I/O")
     io.add_argument("--grid", metavar="PNG", help="write a PNG grid of all images")
     io.add_argument("--npz", metavar="PATH", help="write uint8 images (N, H, W, C) as arr_0 in an .npz")
@@ -84,10 +67,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.grid or args.npz):
         fail("nothing to write: pass --grid PNG and/or --npz PATH")
-    if args.steps and args.sigmas and args.steps != len(args.sigmas):
-        fail(f"--steps {args.steps} but --sigmas has {len(args.sigmas)} values")
-    import torch
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
+    device = _common.pick_device(args.device)
     try:
         if args.pretrained:
             from ..pretrained import load_pretrained
@@ -113,7 +94,7 @@ def main(argv=None) -> int:
             np.savez(buf, arr_0=imgs)
             atomic_write(args.npz, buf.getvalue())
     except (ValueError, TypeError, FileNotFoundError, PermissionError, NotADirectoryError, ImportError) as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(_common.first_line(e))
     print(f"{len(imgs)} images {imgs.shape[1:]} -> {', '.join(p for p in (args.grid, args.npz) if p)}")
     return 0
 

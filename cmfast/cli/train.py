@@ -7,20 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+
+from . import _common
 
 PROG = "cmfast-train"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                       # one line, exit 2 (DESIGN.md 2)
-        fail(message)
-
-
-def fail(message: str, code: int = 2):
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(code)
+fail = functools.partial(_common.fail, PROG)
 
 
 def _ranged(kind, lo=None, hi=None, lo_open=False):
@@ -68,7 +64,7 @@ def build_parser():
         v = ",".join(map(str, D[key])) if isinstance(D[key], tuple) else D[key]
         return f"{text} (default: {v})".strip()
 
-    ap = _Parser(prog=PROG, description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+    ap = _common.Parser(prog=PROG, description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("main")
     g.add_argument("--config", choices=sorted(CONFIGS), help="a paper's run; explicit flags override its values")
@@ -155,7 +151,7 @@ def main(argv=None) -> int:
             NotADirectoryError, ImportError) as e:
         if os.environ.get("CMFAST_DEBUG") == "1":
             raise
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(_common.first_line(e))
     return 0
 
 
