@@ -9,6 +9,7 @@ timing, occupancy or the GPU memory model (tests/test_ops_cuda.py does, with -m 
 """
 import concurrent.futures
 import contextlib
+import functools
 import importlib.util
 import re
 import shutil
@@ -19,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import _checks
 import reference as ref
+from _checks import DTYPES, poisoned, rand
 from cmfast import _build
 
 if _build.unavailable_reason():
@@ -29,8 +32,6 @@ from cmfast.ops import _torch  # noqa: E402
 
 EMU = Path(__file__).resolve().parent / "csrc_emu" / "emu.h"
 LAUNCH = re.compile(r"^(\s*)(.*?)<<<(.*?)>>>\(", re.M)  # kernel<<<grid, block, smem, stream>>>(args
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
 
@@ -90,73 +91,19 @@ def _cpu_check(name, t, device=None):
     return t
 
 
-@contextlib.contextmanager
-def poisoned():
-    saved = torch.empty, torch.empty_like, torch.empty_strided
-
-    def fill(t):
-        return t.fill_(float("nan") if t.is_floating_point() else 77)
-
-    torch.empty = lambda *a, **k: fill(saved[0](*a, **k))
-    torch.empty_like = lambda *a, **k: fill(saved[1](*a, **k))
-    torch.empty_strided = lambda *a, **k: fill(saved[2](*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like, torch.empty_strided = saved
-
-
-def run(fn, inputs: dict, grad: tuple, dy=None, poison=False):
-    leaves = {k: (v.detach().requires_grad_(k in grad) if isinstance(v, torch.Tensor) else v)
-              for k, v in inputs.items()}
-    with poisoned() if poison else contextlib.nullcontext():
-        out = fn(**leaves)
-        if dy is not None:
-            out.backward(dy)
-    return [out.detach()] + [leaves[k].grad for k in grad]
-
-
 def check(op: str, reffn, inputs: dict, grad=(), dtype=torch.float32):
     """The emulated kernel (through _cuda.<op>) vs float64 truth, within 2x _torch.<op>'s error + one ulp."""
-    x64 = {k: (v.detach().double().requires_grad_(k in grad) if isinstance(v, torch.Tensor) and v.is_floating_point()
-               else v) for k, v in inputs.items()}
-    out64 = reffn(**x64)
-    dy = torch.randn(out64.shape, dtype=dtype) if grad else None
-    if dy is not None:
-        out64.backward(dy.double())
-    truth = [out64.detach()] + [x64[k].grad for k in grad]
-    theirs = run(getattr(_torch, op), inputs, grad, dy)
-    ours = run(getattr(_cuda, op), inputs, grad, dy, poison=True)
-    for name, t, a, b in zip(["out"] + [f"d{k}" for k in grad], truth, theirs, ours):
-        assert b.shape == t.shape and b.dtype == a.dtype, f"{name}: {b.shape} {b.dtype} vs {t.shape} {a.dtype}"
-        assert torch.isfinite(b).all(), f"{name}: non-finite (unwritten) elements"
-        err_torch = (a.double() - t).abs().max().item()
-        err_ours = (b.double() - t).abs().max().item()
-        floor = ULP[b.dtype if b.is_floating_point() else dtype] * max(t.abs().max().item(), 1e-3)
-        assert err_ours <= 2 * err_torch + floor, f"{name}: kernel err {err_ours:.3g} vs torch {err_torch:.3g}"
-    return ours
-
-
-def rand(*shape, dtype=torch.float32, fmt=NCHW, misaligned=False):
-    t = torch.randn(*shape).to(dtype).contiguous(memory_format=fmt)
-    if misaligned:  # one element into a fresh buffer: not 16-byte aligned, so the scalar path runs
-        buf = torch.empty(t.numel() + 1, dtype=dtype)
-        t = buf[1:].as_strided(t.shape, t.stride()).copy_(t)
-    return t
+    ours = functools.partial(_checks.run, getattr(_cuda, op), poison=True)
+    return _checks.check(ours, functools.partial(_checks.run, getattr(_torch, op)), reffn, inputs, grad, dtype)
 
 
 # ---- group_norm_act ---------------------------------------------------------------------------------------------
 def _gn_inputs(shape, dtype, fmt, affine=True, mod=True, misaligned=False, G=4, act="silu"):
-    N, C = shape[:2]
-    return dict(x=3 * rand(*shape, dtype=dtype, fmt=fmt, misaligned=misaligned) + 1.5, num_groups=G,
-                weight=(1 + 0.3 * rand(C, dtype=dtype)) if affine else None,
-                bias=0.3 * rand(C, dtype=dtype) if affine else None, eps=1e-6,
-                scale=0.5 * rand(N, C, dtype=dtype) if mod else None,
-                shift=0.5 * rand(N, C, dtype=dtype) if mod else None, act=act)
+    return dict(_checks.gn_inputs(shape, dtype, fmt, affine, mod, misaligned), num_groups=G, eps=1e-6, act=act)
 
 
 def _grads(inputs):
-    return tuple(k for k in ("x", "weight", "bias", "scale", "shift") if inputs[k] is not None)
+    return tuple(k for k in _checks.GN_GRADS if inputs[k] is not None)
 
 
 SPLITS = {"auto": None, "one": lambda N, C, HW, nhwc, sms: 1, "max": lambda N, C, HW, nhwc, sms: HW}
@@ -236,11 +183,7 @@ def test_skip_output_infer(dtype, misaligned):
 
 
 def test_skip_output_infer_rounds_half_to_even():
-    cand = (torch.arange(0, 255, dtype=torch.float64) + 0.5) / 127.5 - 1
-    cand = (cand.float()[:, None] + torch.arange(-64, 65).float() * 2.0 ** -23).flatten()
-    v = (cand + 1.0) * 127.5
-    x = cand[v == v.floor() + 0.5][:64].reshape(1, 1, 1, -1)
-    assert x.numel() >= 8
+    x = _checks.half_way_inputs()
     s = torch.full((1,), 0.002)
     u = _cuda.skip_output_infer(x, torch.zeros_like(x), s, 0.5, 0.002, True)
     assert torch.equal(u, _torch.skip_output_infer(x, torch.zeros_like(x), s, 0.5, 0.002, True))

@@ -2,25 +2,24 @@
 gradient, NCHW and channels-last, fp32/fp16/bf16, odd shapes (batch 1, C not a power of two, odd H*W), aligned
 (16-byte vector) and misaligned (scalar) paths, forced split counts, streams, graphs, determinism.
 
-Tolerance (flash-attention's rule, as in test_ops_triton.py): the kernel's max error vs the float64 truth is at most
-twice PyTorch's own (backend 'torch', same dtype) plus one ulp of the dtype at the output's scale. Every
-torch.empty* the wrappers call returns NaN-filled memory, so an element or workspace entry a kernel forgets to
-write fails the test. GPU only: the module is built (or JIT-compiled, ~30 s) by the first test.
+Tolerance and poisoning: tests/_checks.py (2x PyTorch's own error + one ulp at the output's scale; every torch.empty*
+the wrappers call returns NaN-filled memory). GPU only: the module is built (or JIT-compiled, ~30 s) by the first
+test.
 """
-import contextlib
+import functools
 
 import pytest
 import torch
 
+import _checks
 import reference as ref
+from _checks import DTYPES, ULP
 from cmfast import ops
 from cmfast.ops import _cuda
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DEV = "cuda"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 CL = torch.channels_last
 NCHW = torch.contiguous_format
 
@@ -30,60 +29,18 @@ def extension():
     return _cuda._ext(torch.device(DEV))  # a build failure shows here once, with nvcc's first line
 
 
-@contextlib.contextmanager
-def poisoned():
-    """torch.empty / empty_like / empty_strided come back filled with NaN (integers: 77)."""
-    saved = torch.empty, torch.empty_like, torch.empty_strided
-
-    def fill(t):
-        return t.fill_(float("nan") if t.is_floating_point() else 77)
-
-    torch.empty = lambda *a, **k: fill(saved[0](*a, **k))
-    torch.empty_like = lambda *a, **k: fill(saved[1](*a, **k))
-    torch.empty_strided = lambda *a, **k: fill(saved[2](*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like, torch.empty_strided = saved
-
-
 def run(backend, fn, inputs: dict, grad: tuple, dy=None):
-    # detach, not clone: a clone would re-align the deliberately misaligned inputs
-    leaves = {k: (v.detach().requires_grad_(k in grad) if isinstance(v, torch.Tensor) else v)
-              for k, v in inputs.items()}
-    with (poisoned() if backend == "cuda" else contextlib.nullcontext()), ops.use_backend(backend):
-        out = fn(**leaves)
-        if dy is not None:
-            out.backward(dy)
-    return [out.detach()] + [leaves[k].grad for k in grad]
+    """Output and the gradients of the `grad` inputs under `backend`, poisoned for cuda; inputs not re-aligned."""
+    with ops.use_backend(backend):
+        return _checks.run(fn, inputs, grad, dy, poison=backend == "cuda")
 
 
 def check(fn, reffn, inputs: dict, grad=(), dtype=torch.float32, backward=True):
-    x64 = {k: (v.detach().double().requires_grad_(k in grad) if isinstance(v, torch.Tensor) and v.is_floating_point()
-               else v) for k, v in inputs.items()}
-    out64 = reffn(**x64)
-    dy = torch.randn(out64.shape, device=DEV, dtype=dtype) if backward and grad else None
-    if dy is not None:
-        out64.backward(dy.double())
-    truth = [out64.detach()] + [x64[k].grad for k in grad]
-    theirs = run("torch", fn, inputs, grad, dy)
-    ours = run("cuda", fn, inputs, grad, dy)
-    for name, t, a, b in zip(["out"] + [f"d{k}" for k in grad], truth, theirs, ours):
-        assert b.shape == t.shape and b.dtype == a.dtype, f"{name}: {b.shape} {b.dtype} vs {t.shape} {a.dtype}"
-        assert torch.isfinite(b).all(), f"{name}: non-finite (unwritten) elements"
-        err_torch = (a.double() - t).abs().max().item()
-        err_ours = (b.double() - t).abs().max().item()
-        floor = ULP[b.dtype if b.is_floating_point() else dtype] * max(t.abs().max().item(), 1e-3)
-        assert err_ours <= 2 * err_torch + floor, f"{name}: cuda err {err_ours:.3g} vs torch {err_torch:.3g}"
-    return ours
+    return _checks.check(functools.partial(run, "cuda", fn), functools.partial(run, "torch", fn), reffn, inputs,
+                         grad, dtype, backward, label="cuda")
 
 
-def rand(*shape, dtype=torch.float32, fmt=NCHW, misaligned=False):
-    t = torch.randn(*shape, device=DEV).to(dtype).contiguous(memory_format=fmt)
-    if misaligned:  # same values one element into a fresh buffer: data_ptr is not 16-byte aligned (scalar path)
-        buf = torch.empty(t.numel() + 1, device=DEV, dtype=dtype)
-        t = buf[1:].as_strided(t.shape, t.stride()).copy_(t)
-    return t
+rand = functools.partial(_checks.rand, device=DEV)
 
 
 # ---- skip_output ------------------------------------------------------------------------------------------------
@@ -112,49 +69,17 @@ def test_skip_output_mixed_dtypes_and_boundary():
 @pytest.mark.parametrize("misaligned", [False, True], ids=["vec", "scalar"])
 def test_skip_output_infer(dtype, misaligned):
     x, F = 2 * rand(2, 3, 5, 8, dtype=dtype, misaligned=misaligned), rand(2, 3, 5, 8, dtype=dtype)
-    sigma = torch.tensor([0.3, 2.0], device=DEV)
-    check(lambda **a: ops.skip_output_infer(**a), ref.skip_output_infer, dict(x=x, F=F, sigma=sigma), dtype=dtype,
-          backward=False)
-    with ops.use_backend("cuda"), poisoned():
-        u = ops.skip_output_infer(x, F, sigma, uint8=True)
-    truth = ref.skip_output_infer(x.double(), F.double(), sigma, uint8=True)
-    assert u.dtype == torch.uint8 and (u.double() - truth).abs().max() <= 1
-    with ops.use_backend("torch"):
-        assert (u == ops.skip_output_infer(x, F, sigma, uint8=True)).float().mean() > 0.99
+    _checks.check_skip_output_infer("cuda", check, x, F, torch.tensor([0.3, 2.0], device=DEV))
 
 
 def test_skip_output_infer_rounds_half_to_even():
-    cand = (torch.arange(0, 255, dtype=torch.float64) + 0.5) / 127.5 - 1
-    cand = (cand.float()[:, None] + torch.arange(-64, 65).float() * 2.0 ** -23).flatten()
-    v = (cand + 1.0) * 127.5
-    x = cand[v == v.floor() + 0.5][:64].to(DEV).reshape(1, 1, 1, -1)
-    assert x.numel() >= 8
-    with ops.use_backend("cuda"):
-        u = ops.skip_output_infer(x, torch.zeros_like(x), 0.002, uint8=True)
-    with ops.use_backend("torch"):
-        assert torch.equal(u, ops.skip_output_infer(x, torch.zeros_like(x), 0.002, uint8=True))
+    _checks.check_rounds_half_to_even("cuda", DEV)
 
 
 # ---- group_norm_act ---------------------------------------------------------------------------------------------
-def _gn_inputs(shape, dtype, fmt, affine=True, mod=True, misaligned=False):
-    N, C = shape[:2]
-    return dict(x=3 * rand(*shape, dtype=dtype, fmt=fmt, misaligned=misaligned) + 1.5,
-                weight=(1 + 0.3 * rand(C, dtype=dtype)) if affine else None,
-                bias=0.3 * rand(C, dtype=dtype) if affine else None,
-                scale=0.5 * rand(N, C, dtype=dtype) if mod else None,
-                shift=0.5 * rand(N, C, dtype=dtype) if mod else None)
-
-
-def _gn(G, act="silu", eps=1e-6):
-    def fn(x, weight, bias, scale, shift):
-        return ops.group_norm_act(x, G, weight, bias, eps, scale, shift, act)
-
-    def reffn(x, weight, bias, scale, shift):
-        return ref.group_norm_act(x, G, weight, bias, eps, scale, shift, act)
-    return fn, reffn
-
-
-ALL = ("x", "weight", "bias", "scale", "shift")
+_gn_inputs = functools.partial(_checks.gn_inputs, device=DEV)
+_gn = _checks.gn_pair
+ALL = _checks.GN_GRADS
 SPLITS = {"auto": None, "one": lambda N, C, HW, nhwc, sms: 1, "max": lambda N, C, HW, nhwc, sms: HW}
 
 

@@ -1,13 +1,11 @@
 """Triton kernels (kernels/, backend 'triton') against float64 references: forward and every gradient.
 
-Tolerance (flash-attention's rule): the kernel's max error vs the float64 truth may be at most twice the error of
-PyTorch itself (backend 'torch') in the same dtype, plus a floor of one unit in the last place of the dtype at
-the output's scale (a single extra rounding of a kernel that rounds in a different order). Outputs are poisoned
-(every torch.empty / empty_like filled with NaN) so an element a kernel forgets to write fails the test.
+Tolerance and poisoning: tests/_checks.py (at most twice the error of PyTorch itself in the same dtype plus one ulp
+of the dtype at the output's scale; outputs NaN-filled, so an element a kernel forgets to write fails the test).
 Without CUDA the kernels run in Triton's CPU interpreter on small shapes; with CUDA the same tests run compiled,
 and the @pytest.mark.gpu tests add CIFAR-10-sized shapes.
 """
-import contextlib
+import functools
 import os
 
 import pytest
@@ -18,15 +16,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
+import _checks  # noqa: E402
 import reference as ref  # noqa: E402
+from _checks import DTYPES  # noqa: E402
 
 import cmfast  # noqa: E402
 from cmfast import ops  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
 @pytest.fixture(autouse=True)
@@ -36,57 +34,20 @@ def _untimed_configs(monkeypatch):
     monkeypatch.setenv("CMFAST_TRITON_AUTOTUNE", "0")
 
 
-@contextlib.contextmanager
-def poisoned():
-    """Every tensor torch.empty / empty_like allocates comes filled with NaN (ints: 77), for the kernels' outputs."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan") if t.is_floating_point() else 77)
-
-    torch.empty = lambda *a, **k: fill(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
 def run(backend, fn, inputs: dict, grad: tuple, dy=None):
     """Output and the gradients of the `grad` inputs of fn(**inputs) under `backend` (poisoned for triton)."""
-    leaves = {k: (v.detach().clone().requires_grad_(k in grad) if isinstance(v, torch.Tensor) else v)
-              for k, v in inputs.items()}
-    with (poisoned() if backend == "triton" else contextlib.nullcontext()), ops.use_backend(backend):
-        out = fn(**leaves)
-        if dy is not None:
-            out.backward(dy)
-    return [out.detach()] + [leaves[k].grad for k in grad]
+    with ops.use_backend(backend):
+        return _checks.run(fn, inputs, grad, dy, poison=backend == "triton", clone=True)
 
 
 def check(fn, reffn, inputs: dict, grad=(), dtype=torch.float32, backward=True):
-    """Triton vs float64 truth, within 2x torch's own error (same dtype) plus one ulp at the output's scale."""
-    x64 = {k: (v.detach().double().requires_grad_(k in grad) if isinstance(v, torch.Tensor) and v.is_floating_point()
-               else v) for k, v in inputs.items()}
-    out64 = reffn(**x64)
-    dy = torch.randn(out64.shape, device=out64.device, dtype=dtype) if backward and grad else None
-    if dy is not None:
-        out64.backward(dy.double())
-    truth = [out64.detach()] + [x64[k].grad for k in grad]
-    theirs = run("torch", fn, inputs, grad, dy)
-    ours = run("triton", fn, inputs, grad, dy)
-    names = ["out"] + [f"d{k}" for k in grad]
-    for name, t, a, b in zip(names, truth, theirs, ours):
-        assert b.shape == t.shape and b.dtype == a.dtype, f"{name}: {b.shape} {b.dtype} vs {t.shape} {a.dtype}"
-        assert torch.isfinite(b).all(), f"{name}: non-finite (unwritten) elements"
-        err_torch = (a.double() - t).abs().max().item()
-        err_ours = (b.double() - t).abs().max().item()
-        floor = ULP[dtype] * max(t.abs().max().item(), 1e-3)
-        assert err_ours <= 2 * err_torch + floor, f"{name}: triton err {err_ours:.3g} vs torch {err_torch:.3g}"
-    return ours
+    """Triton vs float64 truth, within 2x torch's own error (same dtype) plus one ulp of `dtype` at the output's
+    scale."""
+    return _checks.check(functools.partial(run, "triton", fn), functools.partial(run, "torch", fn), reffn, inputs,
+                         grad, dtype, backward, label="triton", ulp_of_output=False)
 
 
-def rand(*shape, dtype=torch.float32, fmt=torch.contiguous_format):
-    return torch.randn(*shape, device=DEV).to(dtype).contiguous(memory_format=fmt)
+rand = functools.partial(_checks.rand, device=DEV)
 
 
 # ---- skip_output ------------------------------------------------------------------------------------------------
@@ -112,47 +73,19 @@ def test_skip_output_boundary_and_channels_last():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_skip_output_infer(dtype):
     x, F = 2 * rand(2, 3, 5, 7, dtype=dtype), rand(2, 3, 5, 7, dtype=dtype)
-    sigma = torch.tensor([0.3, 2.0], device=DEV)
-    check(lambda **a: ops.skip_output_infer(**a), ref.skip_output_infer, dict(x=x, F=F, sigma=sigma), dtype=dtype,
-          backward=False)
-    with ops.use_backend("triton"), poisoned():
-        u = ops.skip_output_infer(x, F, sigma, uint8=True)
-    truth = ref.skip_output_infer(x.double(), F.double(), sigma, uint8=True)
-    assert u.dtype == torch.uint8 and (u.double() - truth).abs().max() <= 1
-    with ops.use_backend("torch"):
-        assert (u == ops.skip_output_infer(x, F, sigma, uint8=True)).float().mean() > 0.99
+    _checks.check_skip_output_infer("triton", check, x, F, torch.tensor([0.3, 2.0], device=DEV))
 
 
 def test_skip_output_infer_rounds_half_to_even():
-    # x values whose fp32 (x + 1) * 127.5 is exactly k + 0.5: torch.round (half to even) decides them.
-    cand = (torch.arange(0, 255, dtype=torch.float64) + 0.5) / 127.5 - 1
-    cand = (cand.float()[:, None] + torch.arange(-64, 65).float() * 2.0 ** -23).flatten()
-    v = (cand + 1.0) * 127.5
-    x = cand[v == v.floor() + 0.5][:64].to(DEV)
-    assert x.numel() >= 8
-    x = x.reshape(1, 1, 1, -1)
-    with ops.use_backend("triton"):
-        u = ops.skip_output_infer(x, torch.zeros_like(x), 0.002, uint8=True)
-    with ops.use_backend("torch"):
-        assert torch.equal(u, ops.skip_output_infer(x, torch.zeros_like(x), 0.002, uint8=True))
+    _checks.check_rounds_half_to_even("triton", DEV)
 
 
 # ---- group_norm_act ---------------------------------------------------------------------------------------------
 def _gn_inputs(N, C, H, W, dtype, fmt, affine=True, mod=True):
-    return dict(x=3 * rand(N, C, H, W, dtype=dtype, fmt=fmt) + 1.5,
-                weight=(1 + 0.3 * rand(C, dtype=dtype)) if affine else None,
-                bias=0.3 * rand(C, dtype=dtype) if affine else None,
-                scale=0.5 * rand(N, C, dtype=dtype) if mod else None,
-                shift=0.5 * rand(N, C, dtype=dtype) if mod else None)
+    return _checks.gn_inputs((N, C, H, W), dtype, fmt, affine, mod, device=DEV)
 
 
-def _gn(G, act="silu", eps=1e-6):
-    def fn(x, weight, bias, scale, shift):
-        return ops.group_norm_act(x, G, weight, bias, eps, scale, shift, act)
-
-    def reffn(x, weight, bias, scale, shift):
-        return ref.group_norm_act(x, G, weight, bias, eps, scale, shift, act)
-    return fn, reffn
+_gn = _checks.gn_pair
 
 
 def _force_split(monkeypatch, min_chunk=8, tile=16):
