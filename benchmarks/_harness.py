@@ -3,12 +3,14 @@ two hardware ceilings measured in the same run, FLOP counts, and the run's envir
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -107,3 +109,12 @@ def environment(device: torch.device) -> dict:
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+
+
+def write_result(result: dict, out, name: str) -> Path:
+    """`result` as JSON at `out`, or at benchmarks/results/<name> when out is None; prints where."""
+    path = Path(out or Path(__file__).resolve().parent / "results" / name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path

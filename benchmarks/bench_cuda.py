@@ -13,7 +13,6 @@ bytes a fused kernel must move, the roofline floor (bytes / measured copy bandwi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -177,10 +176,7 @@ def main(argv=None) -> int:
         print(f"{r['op']:18s} {str(r['shape']):18s} {r.get('layout', ''):5s} {r['pass']:8s} {r['backend']:14s} {t}")
     result = dict(H.environment(dev), benchmark="bench_cuda", dtype=a.dtype, ceilings=ceil, skipped=skipped,
                   rows=rows)
-    out = a.out or Path(__file__).resolve().parent / "results" / f"{H.device_slug(dev)}-cuda-ops.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    H.write_result(result, a.out, f"{H.device_slug(dev)}-cuda-ops.json")
     return 0
 
 

@@ -17,7 +17,6 @@ benchmarks/bench_cuda.py, so benchmarks/make_auto_table.py reads these files too
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -206,10 +205,7 @@ def main(argv=None) -> int:
     result = dict(H.environment(dev), benchmark="bench_ops", dtype=a.dtype, mode=mode, ceilings=ceil,
                   wall_s=time.perf_counter() - t0,
                   skipped={} if compile_ else {"torch.compile": "--no-compile or --cpu-smoke"}, rows=bn.rows)
-    out = a.out or Path(__file__).resolve().parent / "results" / f"{H.device_slug(dev)}-triton-ops.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    H.write_result(result, a.out, f"{H.device_slug(dev)}-triton-ops.json")
     return 0
 
 

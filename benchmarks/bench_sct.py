@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -127,10 +126,7 @@ def main(argv=None) -> dict:
 
     out = {"env": H.environment(device), "preset": preset, "resolution": res, "smoke": smoke,
            "autocast": str(autocast).removeprefix("torch.") if autocast else "fp32", "rows": results}
-    path = Path(a.out or Path(__file__).resolve().parent / "results" / f"bench_sct-{H.device_slug(device)}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    H.write_result(out, a.out, f"bench_sct-{H.device_slug(device)}.json")
     return out
 
 

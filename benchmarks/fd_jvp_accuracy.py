@@ -15,7 +15,6 @@ candidate at most as wrong as torch.func.jvp in bf16 (what a bf16 sCM run with a
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -144,10 +143,7 @@ def main(argv=None) -> dict:
               "rows": rows}
     print(f"recommended: precision={best['precision']} eps={best['eps']} (rel.err {best['rel_error']:.2e}, "
           f"bar {bar:.1e})")
-    out = Path(a.out or Path(__file__).resolve().parent / "results" / f"fd_jvp_accuracy-{H.device_slug(device)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    H.write_result(result, a.out, f"fd_jvp_accuracy-{H.device_slug(device)}.json")
     return result
 
 
