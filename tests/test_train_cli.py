@@ -78,7 +78,7 @@ def test_batch_not_divisible_by_ranks(capsys, monkeypatch, tmp_path, fm):
 def test_dataset_errors(capsys, tmp_path):
     out = str(tmp_path / "out")
     fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "empty"), "--output-dir", out, *TINY],
-          "Fashion-MNIST not found: install the Debian package dataset-fashion-mnist or put")
+          "Fashion-MNIST train not found: install the Debian package dataset-fashion-mnist or put")
     fails(capsys, ["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty"), "--output-dir", out, *TINY],
           "CIFAR-10 not found: put cifar-10-python.tar.gz")
     write_cifar_folder(tmp_path / "c", n_per_batch=2)
