@@ -9,9 +9,12 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 
 def available() -> list[str]:
+    """Names of the shipped models: a .safetensors checkpoint with its .json model card (other assets, such as the
+    FD-FMNIST classifier, have no card)."""
     if not os.path.isdir(ASSETS):
         return []
-    return sorted(f[:-len(".safetensors")] for f in os.listdir(ASSETS) if f.endswith(".safetensors"))
+    return sorted(f[:-len(".safetensors")] for f in os.listdir(ASSETS)
+                  if f.endswith(".safetensors") and os.path.isfile(os.path.join(ASSETS, f[:-len(".safetensors")] + ".json")))
 
 
 def model_card(name: str) -> dict:
