@@ -35,25 +35,36 @@ def noise_conditioning(sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(sigma) / 4
 
 
-def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what: str = "sigma") -> torch.Tensor:
-    """sigma as an fp32 (B,) vector on x's device; a clear error when it is non-finite or outside [lo, hi]."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise ValueError(f"x: expected a batch tensor (B, C, ...), got {getattr(x, 'shape', type(x).__name__)}")
+def sigma_vector(sigma, x: torch.Tensor, what: str = "sigma") -> torch.Tensor:
+    """sigma as a float32 (B,) vector on x's device: a number, a 0-d, (B,) or (B, 1, ..., 1) tensor."""
+    B = x.shape[0]
     s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
     if s.dim() > 1 and all(d == 1 for d in s.shape[1:]):
         s = s.reshape(s.shape[0])
     if s.dim() == 0:
-        s = s.expand(x.shape[0])
-    if s.shape != (x.shape[0],):
-        raise ValueError(f"{what}: expected a number or one value per sample ({x.shape[0]},), got {tuple(s.shape)}")
-    if not torch.compiler.is_compiling() and not (s.is_cuda and torch.cuda.is_current_stream_capturing()):
+        s = s.expand(B)
+    if s.shape != (B,):
+        raise ValueError(f"{what}: expected a number or one value per sample ({B},), got shape {tuple(s.shape)}")
+    return s
+
+
+def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what: str = "sigma") -> torch.Tensor:
+    """sigma as an fp32 (B,) vector on x's device; a clear error when it is non-finite or outside [lo, hi].
+    One host sync for the check (none while compiling or capturing a CUDA graph)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x: expected a batch tensor (B, C, ...), got {getattr(x, 'shape', type(x).__name__)}")
+    s = sigma_vector(sigma, x, what)
+    if torch.compiler.is_compiling() or (s.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return s
+    bad = ~torch.isfinite(s) | (s < lo * (1 - 1e-6))
+    if hi is not None:
+        bad |= s > hi * (1 + 1e-6)
+    if bool(bad.any()):  # the only sync on the good path; the messages below run only on bad input
         if not bool(torch.isfinite(s).all()):
             raise ValueError(f"{what}: expected finite noise levels, got {s.tolist()[:4]}")
-        low = float(s.min())
-        if low < lo * (1 - 1e-6):
-            raise ValueError(f"{what}: expected noise levels >= sigma_min = {lo}, got {low}")
-        if hi is not None and float(s.max()) > hi * (1 + 1e-6):
-            raise ValueError(f"{what}: expected noise levels <= sigma_max = {hi}, got {float(s.max())}")
+        if float(s.min()) < lo * (1 - 1e-6):
+            raise ValueError(f"{what}: expected noise levels >= sigma_min = {lo}, got {float(s.min())}")
+        raise ValueError(f"{what}: expected noise levels <= sigma_max = {hi}, got {float(s.max())}")
     return s
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..precond import sigma_vector
 from . import implementation
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -25,19 +26,6 @@ def _same_device(ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name}: expected device {ref.device}, got {t.device}")
 
 
-def _sigma_vector(sigma, x: torch.Tensor) -> torch.Tensor:
-    """sigma as a float32 (B,) vector on x's device: a number, a 0-d, (B,) or (B, 1, ..., 1) tensor."""
-    B = x.shape[0]
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-    if s.dim() > 1 and all(d == 1 for d in s.shape[1:]):
-        s = s.reshape(s.shape[0])
-    if s.dim() == 0:
-        s = s.expand(B)
-    if s.shape != (B,):
-        raise ValueError(f"sigma: expected a number or one value per sample ({B},), got shape {tuple(s.shape)}")
-    return s
-
-
 def _skip_args(x, F, sigma) -> torch.Tensor:
     """The checks skip_output and skip_output_infer share: x and F float tensors of one shape on one device; sigma
     as a float32 (B,) vector."""
@@ -46,7 +34,7 @@ def _skip_args(x, F, sigma) -> torch.Tensor:
     if F.shape != x.shape:
         raise ValueError(f"F: expected the shape of x {tuple(x.shape)}, got {tuple(F.shape)}")
     _same_device(x, F=F)
-    return _sigma_vector(sigma, x)
+    return sigma_vector(sigma, x)
 
 
 def skip_output(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
@@ -148,8 +136,8 @@ def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFd
             if u.shape != F.shape:
                 raise ValueError(f"{name}: expected the shape of F {tuple(F.shape)}, got {tuple(u.shape)}")
     B = F.shape[0]
-    t = _sigma_vector(t, F)
-    h = _sigma_vector(h, F) if h is not None else None
+    t = sigma_vector(t, F, "t")
+    h = sigma_vector(h, F, "h") if h is not None else None
     if h is not None and not bool((h > 0).all()):
         raise ValueError(f"h: expected positive finite-difference steps, got {h.tolist()[:4]}")
     if logvar is None:
@@ -159,7 +147,7 @@ def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFd
         logvar = logvar.reshape(-1)
         if logvar.shape != (B,):
             raise ValueError(f"logvar: expected one value per sample ({B},), got shape {tuple(logvar.shape)}")
-    weight = torch.ones(B, device=F.device) if weight is None else _sigma_vector(weight, F)
+    weight = torch.ones(B, device=F.device) if weight is None else sigma_vector(weight, F, "weight")
     _same_device(F, x_t=x_t, dxdt=dxdt, F_plus=F_plus, F_minus=F_minus, dFdt=dFdt, logvar=logvar)
     if not (sigma_data > 0 and c >= 0):
         raise ValueError(f"expected sigma_data > 0 and c >= 0, got sigma_data={sigma_data}, c={c}")
