@@ -243,10 +243,12 @@ def train(args: dict) -> dict:
             red = torch.stack([loss_sum, torch.tensor(float(stop["signal"] > 0), device=device)])
             if world > 1:
                 torch.distributed.all_reduce(red)
-            loss_mean = float(red[0]) / cfg["batch_size"]
             if scaler:
                 scaler.unscale_(opt)
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf")))
+            gnorm_t = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
+            # The step's one host sync: loss, grad norm and the stop request come back together.
+            loss_sum_all, stop_req, gnorm = torch.stack([red[0], red[1], gnorm_t.float()]).tolist()
+            loss_mean = loss_sum_all / cfg["batch_size"]
             finite = np.isfinite(loss_mean) and np.isfinite(gnorm)
             if finite:
                 (scaler.step(opt) if scaler else opt.step())
@@ -270,7 +272,7 @@ def train(args: dict) -> dict:
             step += 1
             if bar:
                 bar.update(1)
-            stopping = float(red[1]) > 0 or (cfg["stop_at"] is not None and step >= cfg["stop_at"])
+            stopping = stop_req > 0 or (cfg["stop_at"] is not None and step >= cfg["stop_at"])
             last = step >= cfg["total_steps"] or stopping
             if step % cfg["log_every"] == 0 or last:
                 row = _stats_row(step, cfg, tick, info, lr, counters, device)
@@ -288,7 +290,7 @@ def train(args: dict) -> dict:
             if step % cfg["ckpt_every"] == 0 or last:
                 save(step)
             if stopping:
-                log(f"stopping at step {step}" + (" on a signal" if float(red[1]) > 0 else " (--stop-at)"))
+                log(f"stopping at step {step}" + (" on a signal" if stop_req > 0 else " (--stop-at)"))
                 break
     return row
 
