@@ -79,11 +79,13 @@ def _consistency_loss_bwd_kernel(g_ptr, coef_ptr, dl_ptr, dp_ptr, n, BLOCK: tl.c
     tl.store(dp_ptr + base + offs, (g * k).to(dp_ptr.dtype.element_ty), mask=mask)
 
 
-def split(B: int, n: int, device: torch.device) -> tuple[int, int]:
-    """(chunk, S): each sample's n elements in S chunks (multiples of BLOCK) so that B * S fills ~4 waves of
-    the SMs when n is large, and one chunk per sample when B already does."""
-    want = max(1, min(triton.cdiv(n, 4 * BLOCK), triton.cdiv(4 * num_sms(device), B), 1024))
-    chunk = triton.cdiv(triton.cdiv(n, want), BLOCK) * BLOCK
+def split(B: int, n: int, device: torch.device, block: int | None = None) -> tuple[int, int]:
+    """(chunk, S): each sample's n elements in S chunks (multiples of `block`, default BLOCK) so that B * S fills
+    ~4 waves of the SMs when n is large, and one chunk per sample when B already does. Shared with the fused
+    sCM tangent loss (kernels/trig_tangent_loss.py)."""
+    block = BLOCK if block is None else block
+    want = max(1, min(triton.cdiv(n, 4 * block), triton.cdiv(4 * num_sms(device), B), 1024))
+    chunk = triton.cdiv(triton.cdiv(n, want), block) * block
     return chunk, triton.cdiv(n, chunk)
 
 
@@ -107,6 +109,7 @@ def consistency_loss_fwd(pred, target, kind, c, weight):
 
 
 def consistency_loss_bwd(g, coef, dloss, dtype):
+    """dpred_b = coef_b dloss_b g_b: the saved per-sample gradient scaled (also the sCM tangent loss's backward)."""
     dp = torch.empty_like(g, dtype=dtype)
     n = g[0].numel()
     _consistency_loss_bwd_kernel[(triton.cdiv(n, BLOCK), g.shape[0])](g, coef, dloss.contiguous(), dp, n,

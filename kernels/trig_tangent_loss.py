@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import num_sms
+from .consistency_loss import consistency_loss_bwd, split
 
 BLOCK = 1024
 
@@ -68,24 +68,6 @@ def _trig_tangent_finish_kernel(part_ptr, lv_ptr, w_ptr, loss_ptr, coef_ptr, dlv
     tl.store(dlv_ptr + b, 1.0 - sq * q)
 
 
-@triton.jit
-def _trig_tangent_bwd_kernel(g_ptr, coef_ptr, dl_ptr, dF_ptr, n, BLOCK: tl.constexpr):
-    b = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    base = b.to(tl.int64) * n
-    k = tl.load(coef_ptr + b) * tl.load(dl_ptr + b).to(tl.float32)
-    g = tl.load(g_ptr + base + offs, mask=mask)
-    tl.store(dF_ptr + base + offs, (g * k).to(dF_ptr.dtype.element_ty), mask=mask)
-
-
-def _split(B: int, n: int, device: torch.device) -> tuple[int, int]:
-    """(chunk, S): each sample's n elements in S chunks (multiples of BLOCK) so that B * S fills ~4 waves."""
-    want = max(1, min(triton.cdiv(n, 4 * BLOCK), triton.cdiv(4 * num_sms(device), B), 1024))
-    chunk = triton.cdiv(triton.cdiv(n, want), BLOCK) * BLOCK
-    return chunk, triton.cdiv(n, chunk)
-
-
 def _layout(F: torch.Tensor) -> torch.memory_format:
     # The loss is a per-sample sum, so any layout works as long as every input shares F's.
     if F.dim() == 4 and F.is_contiguous(memory_format=torch.channels_last) and not F.is_contiguous():
@@ -105,7 +87,7 @@ def trig_tangent_loss_fwd(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, wei
     g = torch.empty_like(F, dtype=torch.float32)
     loss = torch.empty(B, device=F.device, dtype=torch.float32)
     coef, dlv = torch.empty_like(loss), torch.empty_like(loss)
-    chunk, S = _split(B, n, F.device)
+    chunk, S = split(B, n, F.device, BLOCK)
     part = torch.empty(B, S, device=F.device, dtype=torch.float32)
     _trig_tangent_partial_kernel[(B, S)](F, a, b if fd else a, x_t, dxdt, t, h.float().contiguous() if fd else t,
                                          g, part, n, chunk, S, float(r), float(sd), FD=fd, BLOCK=BLOCK)
@@ -115,8 +97,5 @@ def trig_tangent_loss_fwd(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, wei
 
 
 def trig_tangent_loss_bwd(g, coef, dloss, dtype):
-    dF = torch.empty_like(g, dtype=dtype)
-    n = g[0].numel()
-    _trig_tangent_bwd_kernel[(triton.cdiv(n, BLOCK), g.shape[0])](g, coef, dloss.float().contiguous(), dF, n,
-                                                                   BLOCK=BLOCK)
-    return dF
+    """dF_b = coef_b dloss_b g_b: the same scaling pass as the consistency loss's backward."""
+    return consistency_loss_bwd(g, coef, dloss, dtype)
