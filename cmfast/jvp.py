@@ -192,6 +192,17 @@ def fd_pair(fn: Callable, primals, tangents, h: torch.Tensor, precision: str = D
     return out[:B], out[B:]
 
 
+class _contiguous_group_norm(TorchFunctionMode):
+    """Feeds F.group_norm a contiguous (NCHW) input: the forward-AD formula of torch <= 2.11's group_norm views a
+    channels_last input and fails ("view size is not compatible ..."); 2.14 handles it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F_.group_norm and args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+            args = (args[0].contiguous(),) + tuple(args[1:])
+        return func(*args, **kwargs)
+
+
 def exact_jvp(fn: Callable, primals, tangents, precision: str = "fp32", replay: list | None = None):
     """torch.func.jvp under the torch backend of cmfast.ops and the math SDPA kernel (the only ones with forward-AD
     formulas); dropout masks drawn like fd_jvp's (or replayed)."""
@@ -203,7 +214,7 @@ def exact_jvp(fn: Callable, primals, tangents, precision: str = "fp32", replay: 
     primals = tuple(p.detach().to(dt) for p in primals)
     tangents = tuple(v.detach().to(dt) for v in tangents)
     with torch.no_grad(), ops.use_backend("torch"), sdpa_kernel(SDPBackend.MATH), \
-            precision_mode(precision, primals[0].device), dropout_masks(1, replay=replay):
+            precision_mode(precision, primals[0].device), dropout_masks(1, replay=replay), _contiguous_group_norm():
         out, jvp = torch.func.jvp(fn, primals, tangents)
     return out.to(dt), jvp.to(dt)
 
