@@ -177,6 +177,21 @@ def test_resume_auto_reruns_the_same_command(tmp_path, fm):
         assert "at step 1" in f.read()
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resumes(tmp_path, fm, capsys):
+    argv = ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ict", "--preset", "tiny", "--batch-size",
+            "4", "--sample-num", "0", "--steps", "50", "--loss", "l2", "--output-dir", str(tmp_path / "run")]
+    assert train_main(argv + ["--time-limit", "1e-6"]) == 0     # the limit is checked each step: stops at step 1
+    ckpts = sorted(p.name for p in (tmp_path / "run").glob("ckpt-*.safetensors"))
+    assert ckpts == ["ckpt-00000001.safetensors"]
+    with open(tmp_path / "run" / "log.txt") as f:
+        assert "stopping at step 1 (--time-limit)" in f.read()
+    assert train_main(argv + ["--resume", "latest", "--stop-at", "3"]) == 0
+    with open(tmp_path / "run" / "stats.jsonl") as f:
+        assert [json.loads(x)["step"] for x in f] == [1, 3]
+    capsys.readouterr()
+    fails(capsys, argv + ["--time-limit", "0"], "--time-limit")
+
+
 def test_conditional_run_and_pretrained_assets(tmp_path, fm, monkeypatch):
     import shutil
     import cmfast

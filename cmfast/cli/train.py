@@ -116,6 +116,9 @@ def build_parser():
                          "checkpoint file")
     io.add_argument("--stop-at", type=_ranged(int, 1), help="stop (with a checkpoint) at this step, e.g. to "
                                                             "split a run into jobs")
+    io.add_argument("--time-limit", type=_ranged(float, 0.0, lo_open=True), metavar="MINUTES",
+                    help="stop (with a checkpoint) after this many minutes of training, e.g. inside a job's "
+                         "wall-time limit; --resume latest continues")
     io.add_argument("--sample-every", type=_ranged(int, 1), help=d("sample_every", "steps between sample grids"))
     io.add_argument("--sample-num", type=_ranged(int, 0), help=d("sample_num", "images per grid"))
     io.add_argument("--ckpt-every", type=_ranged(int, 1), help=d("ckpt_every", "steps between checkpoints"))

@@ -216,6 +216,8 @@ def train(args: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     tick = {"loss": 0.0, "gnorm": 0.0, "n": 0, "t0": time.time(), "step0": step}
     row, consecutive_bad = {}, 0
+    limit_s = None if cfg.get("time_limit") is None else cfg["time_limit"] * 60.0
+    t_start = time.monotonic()
 
     with ops.use_backend(cfg["backend"]), _restore_signals(old, bar):
         while step < cfg["total_steps"]:
@@ -240,7 +242,8 @@ def train(args: dict) -> dict:
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach() * rounds * loss_vec.shape[0]
             # One collective per step: the global loss sum and the stop request (every rank stops together).
-            red = torch.stack([loss_sum, torch.tensor(float(stop["signal"] > 0), device=device)])
+            timed_out = limit_s is not None and time.monotonic() - t_start > limit_s
+            red = torch.stack([loss_sum, torch.tensor(float(stop["signal"] > 0 or timed_out), device=device)])
             if world > 1:
                 torch.distributed.all_reduce(red)
             if scaler:
@@ -290,7 +293,9 @@ def train(args: dict) -> dict:
             if step % cfg["ckpt_every"] == 0 or last:
                 save(step)
             if stopping:
-                log(f"stopping at step {step}" + (" on a signal" if stop_req > 0 else " (--stop-at)"))
+                why = (" on a signal" if stop["signal"] else " (--time-limit)" if timed_out
+                       else " (another rank's stop request)" if stop_req > 0 else " (--stop-at)")
+                log(f"stopping at step {step}{why}")
                 break
     return row
 
