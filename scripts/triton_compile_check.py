@@ -24,6 +24,7 @@ from cmfast.kernels import attention as A  # noqa: E402
 from cmfast.kernels import consistency_loss as CL  # noqa: E402
 from cmfast.kernels import group_norm_act as GN  # noqa: E402
 from cmfast.kernels import skip_output as SK  # noqa: E402
+from cmfast.kernels import trig_tangent_loss as TT  # noqa: E402
 
 SMEM = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 TY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -75,6 +76,11 @@ def cases(quick: bool, attention: bool = True):
             yield f"loss_finish[{kind}]", CL._consistency_loss_finish_kernel, {"*": "fp32"}, \
                 dict(KIND=kind, HAS_WEIGHT=True, BLOCK_S=16), ("c",), {}
         yield "loss_bwd", CL._consistency_loss_bwd_kernel, {"*": "fp32", "dp_ptr": t}, dict(BLOCK=CL.BLOCK), (), {}
+        for fd in (True, False):
+            yield f"trig_tangent_partial[fd={fd}]", TT._trig_tangent_partial_kernel, \
+                {"*": t, "t_ptr": "fp32", "h_ptr": "fp32", "g_ptr": "fp32", "part_ptr": "fp32"}, \
+                dict(FD=fd, BLOCK=TT.BLOCK), ("r", "sd"), {}
+        yield "trig_tangent_finish", TT._trig_tangent_finish_kernel, {"*": "fp32"}, dict(BLOCK_S=16), ("c",), {}
         flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
         for bhw, bc, nw in ((256, 8, 8), (64, 4, 4), (2, 1024, 8)):
             meta = dict(BLOCK_HW=bhw, BLOCK_C=bc)
