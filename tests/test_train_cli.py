@@ -192,6 +192,19 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes(tmp_path, fm, capsys):
     fails(capsys, argv + ["--time-limit", "0"], "--time-limit")
 
 
+@pytest.mark.parametrize("method", ["ct", "sct"])
+def test_fmnist_small_checkpoint_files_stay_under_16_mib(tmp_path, fm, method):
+    # The GPU reference runs bring their checkpoints back as files of at most 16 MiB (CT holds model, target, EMA).
+    argv = ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", method, "--preset", "fmnist-small",
+            "--batch-size", "2", "--sample-num", "0", "--steps", "1", "--ema", "0.999",
+            "--output-dir", str(tmp_path / "run")] + (["--loss", "l2"] if method == "ct" else [])
+    assert train_main(argv) == 0
+    files = sorted((tmp_path / "run").glob("ckpt-*"))
+    assert len(files) == 2
+    for f in files:
+        assert 4 * 2 ** 20 < f.stat().st_size < 16 * 2 ** 20, (f.name, f.stat().st_size)
+
+
 def test_conditional_run_and_pretrained_assets(tmp_path, fm, monkeypatch):
     import shutil
     import cmfast
