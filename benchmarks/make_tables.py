@@ -1,9 +1,10 @@
-"""The README's results tables, generated from the committed throughput JSON files (never typed by hand).
+"""The README's results tables, generated from the committed results JSON files (never typed by hand).
 
     python benchmarks/make_tables.py                    # markdown to stdout
-    python benchmarks/make_tables.py --readme README.md # replace the text between the results markers
+    python benchmarks/make_tables.py --readme README.md # replace the text between each pair of markers
 
-Takes the newest run per device (and per --quick / full) from benchmarks/results/*.json.
+Throughput: the newest run per device (and per --quick / full). Reference runs (scripts/reference_runs.py): the
+newest per device and profile, with the issue's goals checked from the numbers.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN, END = "<!-- results:begin (benchmarks/make_tables.py) -->", "<!-- results:end -->"
+REF_BEGIN, REF_END = "<!-- reference:begin (benchmarks/make_tables.py) -->", "<!-- reference:end -->"
 
 
 def load_runs(folder: Path) -> list[dict]:
@@ -71,21 +73,98 @@ def markdown(runs: list[dict]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def load_reference(folder: Path) -> list[dict]:
+    """The newest reference_runs JSON per (device, profile); GPU runs first."""
+    newest: dict[tuple, dict] = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            run = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(run, dict) and run.get("benchmark") == "reference_runs":
+            run["_file"] = path.name
+            key = (run["device_slug"], run["profile"])
+            if key not in newest or run["date"] > newest[key]["date"]:
+                newest[key] = run
+    return sorted(newest.values(), key=lambda r: (r["device_slug"] == "cpu", r["device_slug"], r["profile"]))
+
+
+def _fd(run: dict, method: str, nfe: int):
+    for e in run["runs"].get(method, {}).get("evals", []):
+        if e.get("nfe") == nfe:
+            return e
+    return None
+
+
+def reference_markdown(runs: list[dict]) -> str:
+    lines = []
+    for run in runs:
+        lines += [f"#### {run['device']}, {run['profile']} profile, {run['date']}", "",
+                  f"{run['preset']} net, batch {run['batch_size']}, {run['precision']}, torch {run['torch']}; "
+                  f"FD-FMNIST (cmfast's offline metric, not FID) of {run['eval_num']} samples against the 60,000 "
+                  f"training images. Commands in `benchmarks/results/{run['_file']}`.", "",
+                  "| method | steps (planned) | images seen | train wall s | train img/s | FD 1 step | FD 2 steps "
+                  "| FD teacher, 35 evals | sampling img/s (1 step; teacher 35 evals) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for m, r in run["runs"].items():
+            if "error" in r:
+                lines.append(f"| {m} | {r['error'][:80]} |||||||| ")
+                continue
+            one, two, teach = _fd(run, m, 1), _fd(run, m, 2), _fd(run, m, 35)
+            rate = (one or teach or {}).get("sample_img_per_s")
+            cell = (lambda e: f"{e['value']:.2f}" if e else "-")
+            lines.append(f"| {m} | {r['steps']} ({r['steps_planned']}) | {r['images_seen']} | {r['train_wall_s']:.0f} "
+                         f"| {r['train_img_per_s']:.0f} | {cell(one)} | {cell(two)} | {cell(teach)} | "
+                         f"{rate if rate is not None else '-'} |")
+        lines += ["", "Goals (from the numbers above): " + "; ".join(reference_goals(run)) + ".", ""]
+    return "\n".join(lines).rstrip() + "\n" if lines else "No reference run has been committed yet.\n"
+
+
+def reference_goals(run: dict) -> list[str]:
+    """The reference-runs issue's three goals, each 'met' or 'missed' with the numbers that decide it."""
+    out = []
+    cms = [m for m in run["runs"] if m != "edm" and _fd(run, m, 1) and _fd(run, m, 2)]
+    worse = [m for m in cms if _fd(run, m, 2)["value"] >= _fd(run, m, 1)["value"]]
+    if cms:
+        out.append("2 steps better than 1 for every method: " + ("met" if not worse else
+                                                                 f"missed ({', '.join(worse)})"))
+    cd, ct = _fd(run, "cd", 1), _fd(run, "ct", 1)
+    if cd and ct:
+        out.append(f"CD 1-step better than CT 1-step: {'met' if cd['value'] < ct['value'] else 'missed'} "
+                   f"({cd['value']:.2f} vs {ct['value']:.2f})")
+    teach = _fd(run, "edm", 35)
+    if teach and cms:
+        best = min(cms, key=lambda m: _fd(run, m, 2)["value"])
+        ratio = _fd(run, best, 2)["value"] / teach["value"]
+        out.append(f"best 2-step ({best}) within 1.5x of the teacher: {'met' if ratio <= 1.5 else 'missed'} "
+                   f"({ratio:.2f}x)")
+    return out or ["not enough finished runs to check"]
+
+
+def _replace(text: str, begin: str, end: str, md: str) -> str | None:
+    if begin not in text or end not in text or text.index(begin) > text.index(end):
+        return None
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + md + end + rest.split(end, 1)[1]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="make_tables.py", description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSON files")
     p.add_argument("--readme", type=Path, help=f"write into this file between {BEGIN} and {END}")
     args = p.parse_args(argv)
-    md = markdown(load_runs(args.results))
+    md, ref = markdown(load_runs(args.results)), reference_markdown(load_reference(args.results))
     if args.readme is None:
-        sys.stdout.write(md)
+        sys.stdout.write(md + "\n" + ref)
         return 0
     text = args.readme.read_text()
-    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
-        print(f"make_tables.py: error: {args.readme} lacks the markers {BEGIN} ... {END}", file=sys.stderr)
-        return 2
-    head, rest = text.split(BEGIN, 1)
-    args.readme.write_text(head + BEGIN + "\n" + md + END + rest.split(END, 1)[1])
+    for begin, end, part in ((BEGIN, END, md), (REF_BEGIN, REF_END, ref)):
+        new = _replace(text, begin, end, part)
+        if new is None:
+            print(f"make_tables.py: error: {args.readme} lacks the markers {begin} ... {end}", file=sys.stderr)
+            return 2
+        text = new
+    args.readme.write_text(text)
     return 0
 
 

@@ -26,6 +26,10 @@ def main(argv=None) -> int:
     ap.add_argument("--train-command", default="", help="the exact command that trained it")
     ap.add_argument("--device-note", default="", help="device and wall time of the training run")
     ap.add_argument("--note", default="", help="anything a user must know about this model")
+    ap.add_argument("--out-dir", default=ASSETS, help="where the .safetensors and the card go (default: the "
+                                                      "package's assets, where load_pretrained finds them)")
+    ap.add_argument("--device", default=None, help="device of the FD-FMNIST evaluation (default cuda if any)")
+    ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the usual search)")
     a = ap.parse_args(argv)
 
     from safetensors.torch import save_file
@@ -40,12 +44,15 @@ def main(argv=None) -> int:
     # Keep the checkpoint layout (module/key) so load_model reads it; only the chosen weights, in fp16.
     flat = {f"ema/{k}": (v.half() if v.is_floating_point() else v).contiguous() for k, v in modules[which].items()}
     cfg = dict(meta["config"], ema=[])
-    out = os.path.join(ASSETS, f"{a.name}.safetensors")
+    os.makedirs(a.out_dir, exist_ok=True)
+    out = os.path.join(a.out_dir, f"{a.name}.safetensors")
     save_file(flat, out, metadata={"format": FORMAT, "step": str(meta["step"]), "config": json.dumps(cfg)})
 
-    model, _ = load_model(out, which="ema")  # the exported file itself, as load_pretrained will read it
-    fd = {f"{s}-step": round(float(evaluate(model, "fd-fmnist", steps=s, num=a.num, seed=0)["value"]), 3)
-          for s in (1, 2)}
+    import torch
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_model(out, which="ema", map_location=device)  # the exported file, as load_pretrained reads it
+    fd = {f"{s}-step": round(float(evaluate(model, "fd-fmnist", steps=s, num=a.num, seed=0, device=device,
+                                            data_dir=a.data_dir)["value"]), 3) for s in (1, 2)}
     card = {
         "name": a.name, "dataset": cfg.get("dataset"), "method": cfg.get("method"), "preset": cfg.get("preset"),
         "parameters": sum(p.numel() for p in model.parameters()), "weights": f"{which} of step {meta['step']}, fp16",
@@ -55,7 +62,7 @@ def main(argv=None) -> int:
                       "note": "FD-FMNIST is cmfast's offline metric (classifier features), not comparable with FID"},
         "note": a.note,
     }
-    with open(os.path.join(ASSETS, f"{a.name}.json"), "w") as f:
+    with open(os.path.join(a.out_dir, f"{a.name}.json"), "w") as f:
         json.dump(card, f, indent=2)
     print(json.dumps(card, indent=2))
     return 0

@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check (shared GPU.md): build, GPU tests, benchmarks in one run of under 8 minutes.
-#   bash scripts/gpu_check.sh OUT_DIR        (on the device machine: bash scripts/gpu_check.sh "$OUT")
-# Writes at most 8 files into OUT_DIR: gpu_check.log and the result JSON files; prints a summary table last.
+#   bash scripts/gpu_check.sh OUT_DIR [STAGE]    (on the device machine: bash scripts/gpu_check.sh "$OUT")
+# STAGE (one per device session, each under 8 minutes):
+#   core       (default) build csrc, pytest -m gpu, throughput, per-op benchmarks, latency gate  (kernel, sampler issues)
+#   sct        the finite-difference JVP accuracy table and the continuous-time step benchmark (sCT issue)
+#   reference  the Fashion-MNIST reference runs (EDM, CD, CT, iCT, sCT) and the shipped model's export; needs the
+#              data carried along: here `mkdir -p data && cp -r /usr/share/datasets/fashion-mnist data/`, and the
+#              device call names `data` in carry
+# Writes at most 8 files into OUT_DIR: gpu_check.log and the result files; prints a summary table last.
 # Each step has its own time limit so that one slow step cannot eat the others' time; a failed step is reported
 # in the summary and the run goes on.
 set -uo pipefail
-OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
+OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR [core|sct|reference]}"
+STAGE="${2:-core}"
+case "$STAGE" in core|sct|reference) ;; *) echo "gpu_check: unknown stage '$STAGE' (core, sct, reference)" >&2; exit 2;; esac
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
@@ -40,6 +48,7 @@ run env 15 bash -c 'nvidia-smi -L; python -c "import sys, torch, triton; print(\
 # 2. Install (editable: maps kernels/ to cmfast.kernels; no build there), then build csrc/ into the JIT cache and
 #    print the build time.
 CMFAST_BUILD_CUDA=0 run install 40 python -m pip install -q --no-deps --no-build-isolation -e .
+if [ "$STAGE" = core ]; then
 run build-csrc 60 python -m cmfast._build
 
 # 3. Compiled Triton and CUDA kernels (and the GPU paths of the sampler, training, sCM) against float64 references.
@@ -53,6 +62,20 @@ run bench-cuda-ops 40 python benchmarks/bench_cuda.py --quick --no-compile --out
 run latency-gate 40 python -m pytest benchmarks/test_latency.py -m gpu -q -p no:cacheprovider -o addopts="" \
     --benchmark-enable --benchmark-json="$OUT/latency.json"
 run regress 10 python benchmarks/regress.py compare "$OUT/latency.json" --write-baseline "$OUT"
+fi
+
+if [ "$STAGE" = sct ]; then
+# 3. The tangent's error per (precision, eps) on DDPM++ CIFAR-10 against an fp64 JVP, then the step benchmark.
+run fd-jvp-accuracy 200 python benchmarks/fd_jvp_accuracy.py --out "$OUT/fd_jvp_accuracy.json"
+run bench-sct 200 python benchmarks/bench_sct.py --out "$OUT/bench_sct.json"
+fi
+
+if [ "$STAGE" = reference ]; then
+# 3. Five training runs (each capped by --time-limit) scored with FD-FMNIST, and the best 1-step model exported.
+run reference-runs 440 python scripts/reference_runs.py --profile "${GPU_CHECK_REFERENCE_PROFILE:-gpu}" \
+    --out /tmp/cmfast-ref --data-dir data \
+    --results "$OUT/reference_runs.json" --export fmnist --export-dir "$OUT"
+fi
 
 # 5. Summary.
 echo

@@ -1,0 +1,206 @@
+"""The reference runs (issue: reference runs and a shipped model): on Fashion-MNIST, train an EDM teacher, CD from
+it, CT, iCT and sCT, score each with FD-FMNIST (teacher: EDM Heun, 18 steps = 35 evaluations; the consistency
+models at 1 and 2 steps) and write one results JSON that benchmarks/make_tables.py turns into the README table.
+
+    python scripts/reference_runs.py --profile gpu   --out runs/ref          # one GPU job, about 7 minutes
+    python scripts/reference_runs.py --profile cpu   --out runs/ref-cpu      # the tiny net on a CPU, about 1.5 hours
+    python scripts/reference_runs.py --profile smoke --out /tmp/ref          # a minute: checks the pipeline only
+
+Everything runs in this one process (one import of torch; the training runs through cmfast-train's own main, so
+each run's exact command is recorded and can be rerun by hand). Each training run is capped by --time-limit, so a
+slower device ends a run early (with a checkpoint; the JSON records the steps reached) instead of overrunning.
+A run that fails is recorded with its error and the others go on; CD is skipped when the teacher failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+
+# Per profile: the network, the batch, the steps and the time cap (minutes) of each method, and the eval size.
+# CT and CD use the l2 distance (the paper's LPIPS needs ImageNet VGG weights, and Fashion-MNIST is 1-channel);
+# iCT its pseudo-Huber, sCT its own loss. EMA 0.999 suits runs of a few thousand steps.
+PROFILES = {
+    "gpu": dict(preset="fmnist-small", batch=256, precision="bf16", ema="0.999", num=10000, eval_batch=1000,
+                runs={"edm": (8000, 1.6), "cd": (4000, 1.1), "ct": (4000, 0.9), "ict": (4000, 0.9),
+                      "sct": (3000, 1.0)}),
+    "cpu": dict(preset="tiny", batch=32, precision="fp32", ema="0.999", num=5000, eval_batch=500,
+                runs={"edm": (1000, 20.0), "cd": (500, 15.0), "ct": (600, 12.0), "ict": (600, 12.0),
+                      "sct": (500, 12.0)}),
+    "smoke": dict(preset="tiny", batch=8, precision="fp32", ema="0.9", num=200, eval_batch=100,
+                  runs={"edm": (6, 1.0), "cd": (4, 1.0), "ct": (4, 1.0), "ict": (4, 1.0), "sct": (4, 1.0)}),
+}
+METHOD_ARGS = {"edm": [], "cd": ["--loss", "l2"], "ct": ["--loss", "l2"], "ict": [], "sct": []}
+ORDER = ("edm", "cd", "ct", "ict", "sct")
+
+
+def train_argv(method: str, prof: dict, out: str, data_dir: str | None, device: str | None, seed: int) -> list[str]:
+    steps, minutes = prof["runs"][method]
+    argv = ["--dataset", "fashion-mnist", "--method", method, "--preset", prof["preset"], "--batch-size",
+            str(prof["batch"]), "--steps", str(steps), "--time-limit", str(minutes), "--ema", prof["ema"],
+            "--precision", prof["precision"], "--seed", str(seed), "--output-dir", os.path.join(out, method),
+            "--ckpt-every", str(steps), "--keep", "1", "--sample-every", str(steps), "--sample-num", "64",
+            "--log-every", str(max(1, steps // 20))] + METHOD_ARGS[method]
+    if method == "cd":
+        argv += ["--teacher", os.path.join(out, "edm")]
+    if data_dir:
+        argv += ["--data-dir", data_dir]
+    if device:
+        argv += ["--device", device]
+    return argv
+
+
+def sampling_rate(model, device, batch: int, steps: int, repeats: int = 3) -> float:
+    """Images/s of `steps`-step sampling at `batch` (best of `repeats` after a warm-up), eager, synchronized."""
+    import torch
+
+    from cmfast.metrics import default_sigmas
+    from cmfast.precond import EDMDenoiser
+    from cmfast.sampling import edm_sample, sample
+    shape = (batch, model.net.in_channels, model.net.img_resolution, model.net.img_resolution)
+    z = torch.randn(shape, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def once():
+        with torch.no_grad():
+            if isinstance(model, EDMDenoiser):
+                edm_sample(model, z, num_steps=steps)
+            else:
+                sample(model, z, sigmas=default_sigmas(steps))
+        sync()
+    once()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - t0)
+    return batch / best
+
+
+def run_one(method: str, prof: dict, a, record: dict) -> None:
+    import torch
+
+    from cmfast.cli.train import main as train_main
+    from cmfast.metrics import evaluate
+    from cmfast.training.checkpoint import list_checkpoints, load_model
+    argv = train_argv(method, prof, a.out, a.data_dir, a.device, a.seed)
+    record["command"] = "cmfast-train " + shlex.join(argv)
+    t0 = time.time()
+    rc = train_main(argv)
+    record["train_wall_s"] = round(time.time() - t0, 1)
+    if rc != 0:
+        raise RuntimeError(f"cmfast-train exited with {rc}")
+    run_dir = os.path.join(a.out, method)
+    with open(os.path.join(run_dir, "stats.jsonl")) as f:
+        rows = [json.loads(x) for x in f if x.strip()]
+    step = list_checkpoints(run_dir)[-1][0]
+    rates = [r["img_per_s"] for r in rows[1:]] or [r["img_per_s"] for r in rows]   # the first tick holds warm-up
+    record.update(steps=step, steps_planned=prof["runs"][method][0], images_seen=step * prof["batch"],
+                  train_img_per_s=round(sorted(rates)[len(rates) // 2], 1), loss_first=rows[0]["loss"],
+                  loss_last=rows[-1]["loss"], mem_mb=rows[-1]["mem_mb"], run_dir=run_dir)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, _ = load_model(run_dir, which="ema", map_location=device)
+    record["evals"] = []
+    for steps in ((18,) if method == "edm" else (1, 2)):
+        ev = evaluate(model, "fd-fmnist", steps=steps, num=prof["num"], batch_size=prof["eval_batch"], seed=0,
+                      device=device, data_dir=a.data_dir)
+        nfe = 2 * steps - 1 if method == "edm" else steps
+        ev["nfe"] = nfe
+        ev["sample_img_per_s"] = round(sampling_rate(model, device, prof["eval_batch"], steps), 1)
+        record["evals"].append(ev)
+        print(f"reference_runs: {method} {nfe} evaluations: FD-FMNIST {ev['value']:.3f}", flush=True)
+
+
+def export_best(doc: dict, a, results: str) -> None:
+    """Export the consistency model (not the teacher) whose 1-step FD-FMNIST is lowest; recorded in the JSON."""
+    import export_pretrained
+    scored = [(r["evals"][0]["value"], m) for m, r in doc["runs"].items()
+              if m != "edm" and "error" not in r and r.get("evals")]
+    if not scored:
+        doc["export"] = {"error": "no consistency model finished"}
+    else:
+        fd, m = min(scored)
+        r = doc["runs"][m]
+        argv = ["--checkpoint", r["run_dir"], "--name", a.export, "--num", str(PROFILES[a.profile]["num"]),
+                "--train-command", r["command"], "--device-note",
+                f"{doc['device']}, {r['train_wall_s'] / 60:.1f} min, {r['images_seen']} images",
+                "--note", f"best 1-step FD-FMNIST of the reference runs ({a.profile} profile): {m}"]
+        argv += ["--out-dir", a.export_dir] if a.export_dir else []
+        argv += ["--device", a.device] if a.device else []
+        argv += ["--data-dir", a.data_dir] if a.data_dir else []
+        rc = export_pretrained.main(argv)
+        doc["export"] = {"name": a.export, "method": m, "fd_1step": fd, "rc": rc}
+    with open(results, "w") as f:
+        json.dump(doc, f, indent=2)
+
+
+def device_name(device: str | None) -> tuple[str, str]:
+    import torch
+    if (device or "").startswith("cuda") or (device is None and torch.cuda.is_available()):
+        name = torch.cuda.get_device_name()
+        return name, name.lower().replace("nvidia ", "").replace(" ", "-")
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+           f"{os.environ.get('OMP_NUM_THREADS', 'all')} torch threads)", "cpu"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", choices=sorted(PROFILES), required=True)
+    ap.add_argument("--out", required=True, help="folder for the runs (one subfolder per method)")
+    ap.add_argument("--results", default=None, help="JSON path (default benchmarks/results/reference_runs-"
+                                                    "<device>-<profile>.json; smoke: <out>/reference_runs.json)")
+    ap.add_argument("--only", default=",".join(ORDER), help="comma list of methods (cd needs edm's run in --out)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--export", metavar="NAME", default=None,
+                    help="export the consistency model with the best 1-step FD-FMNIST as a shipped model NAME "
+                         "(scripts/export_pretrained.py) into --export-dir")
+    ap.add_argument("--export-dir", default=None, help="default: the package's assets folder")
+    a = ap.parse_args(argv)
+    prof = PROFILES[a.profile]
+    only = [m.strip() for m in a.only.split(",") if m.strip()]
+    bad = sorted(set(only) - set(ORDER))
+    if bad:
+        ap.error(f"--only: unknown method(s) {', '.join(bad)}; expected some of {', '.join(ORDER)}")
+    import torch
+    name, slug = device_name(a.device)
+    results = a.results or (os.path.join(a.out, "reference_runs.json") if a.profile == "smoke" else os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+        f"reference_runs-{slug}-{a.profile}.json"))
+    doc = {"benchmark": "reference_runs", "profile": a.profile, "device": name, "device_slug": slug,
+           "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "preset": prof["preset"],
+           "batch_size": prof["batch"], "precision": prof["precision"], "eval_num": prof["num"],
+           "metric": "FD-FMNIST (cmfast's offline metric, not comparable with FID) vs Fashion-MNIST train",
+           "runs": {}}
+    os.makedirs(a.out, exist_ok=True)
+    t_all = time.time()
+    for method in ORDER:
+        if method not in only:
+            continue
+        record = doc["runs"][method] = {"method": method}
+        if method == "cd" and "error" in doc["runs"].get("edm", {}):
+            record["error"] = "skipped: the EDM teacher run failed"
+            continue
+        try:
+            run_one(method, prof, a, record)
+        except Exception as e:   # record it and go on: one broken method must not cost the other runs
+            record["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        doc["wall_s"] = round(time.time() - t_all, 1)
+        os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
+        with open(results, "w") as f:             # after every run: a cut-off job keeps what finished
+            json.dump(doc, f, indent=2)
+    if a.export:
+        export_best(doc, a, results)
+    print(f"reference_runs: wrote {results} ({doc.get('wall_s', 0):.0f} s)")
+    return 1 if any("error" in r for r in doc["runs"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
