@@ -52,7 +52,11 @@ if [ "$STAGE" = core ]; then
 run build-csrc 60 python -m cmfast._build
 
 # 3. Compiled Triton and CUDA kernels (and the GPU paths of the sampler, training, sCM) against float64 references.
-CMFAST_TRITON_AUTOTUNE=0 run pytest-gpu 140 python -m pytest -m gpu -q --maxfail=20 -p no:cacheprovider \
+#    With pytest-xdist (in the GPU image) 6 workers share the GPU: Triton compiles one kernel at a time per process,
+#    so the workers compile in parallel, and a test that kills its process (an illegal address) costs one worker.
+XDIST=""
+python -c "import xdist" 2>/dev/null && XDIST="-n 6"
+CMFAST_TRITON_AUTOTUNE=0 run pytest-gpu 140 python -m pytest -m gpu -q --maxfail=20 -p no:cacheprovider $XDIST \
     --ignore=benchmarks/test_latency.py -o addopts="" -rfE
 
 # 4. Benchmarks, the headline first: the ceilings (copy bandwidth, bf16 matmul) are measured inside each script.

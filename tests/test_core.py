@@ -140,3 +140,24 @@ def test_ema_update():
     assert not any(p.requires_grad for p in e.parameters())
     with pytest.raises(ValueError):
         ema_update_(a, b, 1.5)
+
+
+def test_triton_interpreter_problem_is_named(monkeypatch):
+    # triton < 3.7's interpreter breaks on numpy >= 2.4 (triton-lang/triton#9171): one clear line, not 86 tracebacks.
+    import numpy as np
+    import triton
+
+    from cmfast import ops
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(np, "__version__", "2.4.1")
+    msg = ops.interpreter_problem()
+    assert msg.startswith("the Triton 3.6.0 interpreter fails with numpy 2.4.1 (triton-lang/triton#9171)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, 4, 3, 3)
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailable, match=r"cannot run on cpu: the Triton 3\.6"):
+        ops.group_norm_act(x, 2, None, None)
+    monkeypatch.setattr(triton, "__version__", "3.7.0+git1234")
+    assert ops.interpreter_problem() is None
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(np, "__version__", "2.3.5")
+    assert ops.interpreter_problem() is None

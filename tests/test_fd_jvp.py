@@ -139,7 +139,7 @@ def test_recorded_masks_replay_in_fd_and_exact():
     assert _rel(jvp, truth) < 1e-3
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton_cpu)])
 def test_fd_runs_with_any_attention_backend(backend):
     # the finite difference needs forwards only, so the fused kernels (no forward-AD formula) serve it
     if backend == "triton":

@@ -25,6 +25,7 @@ from cmfast import ops  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.triton_cpu
 
 
 @pytest.fixture(autouse=True)

@@ -60,6 +60,7 @@ def _err(a, b):
 SHAPES = [(1, 3, 5, 7), (3, 3, 16, 16), (2, 5, 33, 31)]
 
 
+@pytest.mark.triton_cpu
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("fd", [True, False])
 @pytest.mark.parametrize("r", [0.0, 0.7])
@@ -77,6 +78,7 @@ def test_kernel_matches_reference_fp32(shape, fd, r):
     assert torch.isfinite(got[0]).all() and got[1].shape == kw["F"].shape
 
 
+@pytest.mark.triton_cpu
 def test_kernel_bf16_online_output():
     # F from a bf16 forward: read in bf16, upcast, gradient written back in bf16
     pytest.importorskip("triton")

@@ -82,6 +82,28 @@ def _triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _version(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def interpreter_problem() -> str | None:
+    """Why the Triton interpreter (CPU tests) cannot run here, or None: triton < 3.7's interpreter converts 1-element
+    arrays with int(), which numpy >= 2.4 refuses (triton-lang/triton#9171, fixed in #9172)."""
+    try:
+        import numpy as np
+        import triton
+    except ImportError:
+        return None
+    if _version(triton.__version__) < (3, 7) and _version(np.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter fails with numpy {np.__version__} "
+                f"(triton-lang/triton#9171): install 'numpy<2.4' or triton >= 3.7 to run the kernels on CPU")
+    return None
+
+
 _auto_table: dict | None = None
 
 
@@ -113,6 +135,8 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype | None = No
     if backend == "triton" and not _triton_can_run(device):
         raise BackendUnavailable(
             f"backend 'triton' cannot run on {device.type}: needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")
+    if backend == "triton" and device.type != "cuda" and interpreter_problem():
+        raise BackendUnavailable(f"backend 'triton' cannot run on {device.type}: {interpreter_problem()}")
     if backend == "cuda" and device.type != "cuda":
         raise BackendUnavailable(f"backend 'cuda' cannot run on {device.type}: needs a CUDA tensor")
     mod = _module(backend)
