@@ -10,7 +10,7 @@ import cmfast
 from cmfast.data import FMNIST_SYSTEM_DIR
 from cmfast.pretrained import ASSETS, available
 
-NAME = "fmnist-tiny-cpu"
+NAME = "fmnist"
 
 
 def test_shipped_models_have_cards():
@@ -19,7 +19,7 @@ def test_shipped_models_have_cards():
     card = json.load(open(os.path.join(ASSETS, f"{NAME}.json")))
     assert card["fd_fmnist"]["2-step"] < card["fd_fmnist"]["1-step"]
     assert os.path.getsize(os.path.join(ASSETS, f"{NAME}.safetensors")) < 12e6
-    with pytest.raises(ValueError, match="no shipped model 'nope'; available: .*fmnist-tiny-cpu"):
+    with pytest.raises(ValueError, match="no shipped model 'nope'; available: .*fmnist"):
         cmfast.load_pretrained("nope")
 
 
@@ -39,3 +39,16 @@ def test_fd_fmnist_of_2000_one_step_samples():
     # Measured: 8.49 with these 2,000 samples and seed (8.43 at 10,000, the card's number). Blurred training images
     # score 13.5 and noise 150, so a model that lost its weights or a broken sampler lands far above the bound.
     assert fd < 10.5, fd
+
+
+def test_sample_command_of_the_issue(tmp_path):
+    # `cmfast-sample --pretrained fmnist --num 64 --out grid.png`: offline, on CPU, a 8x8 grid of 32x32 images.
+    from PIL import Image
+
+    from cmfast.cli.sample import main as sample_main
+    out = tmp_path / "grid.png"
+    assert sample_main(["--pretrained", NAME, "--num", "64", "--out", str(out)]) == 0
+    img = Image.open(out)
+    assert img.size[0] >= 8 * 32 and img.size[1] >= 8 * 32
+    px = torch.tensor(list(img.convert("L").getdata()), dtype=torch.float32)
+    assert 10 < px.mean() < 200 and px.std() > 20     # not a blank grid (the FD test above checks the content)

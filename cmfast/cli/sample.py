@@ -33,7 +33,7 @@ def build_parser():
     p.add_argument("--batch-size", type=_ranged(int, 1), default=256, help="(default: 256)")
     _common.add_device(p)
     io = ap.add_argument_group("I/O")
-    io.add_argument("--grid", metavar="PNG", help="write a PNG grid of all images")
+    io.add_argument("--grid", "--out", dest="grid", metavar="PNG", help="write a PNG grid of all images")
     io.add_argument("--npz", metavar="PATH", help="write uint8 images (N, H, W, C) as arr_0 in an .npz")
     return ap
 
