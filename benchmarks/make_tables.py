@@ -18,21 +18,28 @@ BEGIN, END = "<!-- results:begin (benchmarks/make_tables.py) -->", "<!-- results
 REF_BEGIN, REF_END = "<!-- reference:begin (benchmarks/make_tables.py) -->", "<!-- reference:end -->"
 
 
-def load_runs(folder: Path) -> list[dict]:
-    """The newest throughput run per (device, quick), by date; baselines and other JSON are skipped."""
+def newest_per(folder: Path, benchmark: str, key) -> list[dict]:
+    """The newest result (by date) of `benchmark` per key(run) from folder/*.json; other and unreadable files are
+    skipped. Each run gets `_file`, its file name."""
     newest: dict[tuple, dict] = {}
     for path in sorted(folder.glob("*.json")):
         try:
             run = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not isinstance(run, dict) or run.get("benchmark") != "throughput":
+        if not isinstance(run, dict) or run.get("benchmark") != benchmark:
             continue          # per-op benchmarks, baselines and other result files
         run["_file"] = path.name
-        key = (run["device_slug"], bool(run.get("quick")))
-        if key not in newest or run["date"] > newest[key]["date"]:
-            newest[key] = run
-    return sorted(newest.values(), key=lambda r: (r["device_type"] != "cuda", r["device_slug"], r["date"]))
+        k = key(run)
+        if k not in newest or run["date"] > newest[k]["date"]:
+            newest[k] = run
+    return list(newest.values())
+
+
+def load_runs(folder: Path) -> list[dict]:
+    """The newest throughput run per (device, quick); GPU runs first."""
+    runs = newest_per(folder, "throughput", lambda r: (r["device_slug"], bool(r.get("quick"))))
+    return sorted(runs, key=lambda r: (r["device_type"] != "cuda", r["device_slug"], r["date"]))
 
 
 def _x(v) -> str:
@@ -75,18 +82,8 @@ def markdown(runs: list[dict]) -> str:
 
 def load_reference(folder: Path) -> list[dict]:
     """The newest reference_runs JSON per (device, profile); GPU runs first."""
-    newest: dict[tuple, dict] = {}
-    for path in sorted(folder.glob("*.json")):
-        try:
-            run = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(run, dict) and run.get("benchmark") == "reference_runs":
-            run["_file"] = path.name
-            key = (run["device_slug"], run["profile"])
-            if key not in newest or run["date"] > newest[key]["date"]:
-                newest[key] = run
-    return sorted(newest.values(), key=lambda r: (r["device_slug"] == "cpu", r["device_slug"], r["profile"]))
+    runs = newest_per(folder, "reference_runs", lambda r: (r["device_slug"], r["profile"]))
+    return sorted(runs, key=lambda r: (r["device_slug"] == "cpu", r["device_slug"], r["profile"]))
 
 
 def _fd(run: dict, method: str, nfe: int):
