@@ -100,7 +100,7 @@ def reference_markdown(runs: list[dict]) -> str:
                   f"{run['preset']} net, batch {run['batch_size']}, {run['precision']}, torch {run['torch']}; "
                   f"FD-FMNIST (cmfast's offline metric, not FID) of {run['eval_num']} samples against the 60,000 "
                   f"training images. Commands in `benchmarks/results/{run['_file']}`.", "",
-                  "| method | steps (planned) | images seen | train wall s | train img/s | FD 1 step | FD 2 steps "
+                  "| method | steps (planned) | images seen | train s | train img/s | FD 1 step | FD 2 steps "
                   "| FD teacher, 35 evals | sampling img/s (1 step; teacher 35 evals) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m, r in run["runs"].items():
@@ -110,7 +110,7 @@ def reference_markdown(runs: list[dict]) -> str:
             one, two, teach = _fd(run, m, 1), _fd(run, m, 2), _fd(run, m, 35)
             rate = (one or teach or {}).get("sample_img_per_s")
             cell = (lambda e: f"{e['value']:.2f}" if e else "-")
-            lines.append(f"| {m} | {r['steps']} ({r['steps_planned']}) | {r['images_seen']} | {r['train_wall_s']:.0f} "
+            lines.append(f"| {m} | {r['steps']} ({r['steps_planned']}) | {r['images_seen']} | {r.get('train_s', r['train_wall_s']):.0f} "
                          f"| {r['train_img_per_s']:.0f} | {cell(one)} | {cell(two)} | {cell(teach)} | "
                          f"{rate if rate is not None else '-'} |")
         lines += ["", "Goals (from the numbers above): " + "; ".join(reference_goals(run)) + ".", ""]

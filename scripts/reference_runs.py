@@ -7,7 +7,8 @@ models at 1 and 2 steps) and write one results JSON that benchmarks/make_tables.
     python scripts/reference_runs.py --profile smoke --out /tmp/ref          # a minute: checks the pipeline only
 
 Everything runs in this one process (one import of torch; the training runs through cmfast-train's own main, so
-each run's exact command is recorded and can be rerun by hand). Each training run is capped by --time-limit, so a
+each run's exact command is recorded and can be rerun by hand). The runs pass --resume auto: rerunning the script
+continues unfinished runs and rescores finished ones. Each training run is capped by --time-limit, so a
 slower device ends a run early (with a checkpoint; the JSON records the steps reached) instead of overrunning.
 A run that fails is recorded with its error and the others go on; CD is skipped when the teacher failed.
 """
@@ -29,7 +30,7 @@ PROFILES = {
     "gpu": dict(preset="fmnist-small", batch=256, precision="bf16", ema="0.999", num=10000, eval_batch=1000,
                 runs={"edm": (8000, 1.6), "cd": (4000, 1.1), "ct": (4000, 0.9), "ict": (4000, 0.9),
                       "sct": (3000, 1.0)}),
-    "cpu": dict(preset="tiny", batch=32, precision="fp32", ema="0.999", num=5000, eval_batch=500,
+    "cpu": dict(preset="tiny", batch=32, precision="fp32", ema="0.999", num=2000, eval_batch=250,
                 runs={"edm": (1000, 20.0), "cd": (500, 15.0), "ct": (600, 12.0), "ict": (600, 12.0),
                       "sct": (500, 12.0)}),
     "smoke": dict(preset="tiny", batch=8, precision="fp32", ema="0.9", num=200, eval_batch=100,
@@ -45,7 +46,7 @@ def train_argv(method: str, prof: dict, out: str, data_dir: str | None, device: 
             str(prof["batch"]), "--steps", str(steps), "--time-limit", str(minutes), "--ema", prof["ema"],
             "--precision", prof["precision"], "--seed", str(seed), "--output-dir", os.path.join(out, method),
             "--ckpt-every", str(steps), "--keep", "1", "--sample-every", str(steps), "--sample-num", "64",
-            "--log-every", str(max(1, steps // 20))] + METHOD_ARGS[method]
+            "--log-every", str(max(1, steps // 20)), "--resume", "auto"] + METHOD_ARGS[method]
     if method == "cd":
         argv += ["--teacher", os.path.join(out, "edm")]
     if data_dir:
@@ -102,7 +103,11 @@ def run_one(method: str, prof: dict, a, record: dict) -> None:
         rows = [json.loads(x) for x in f if x.strip()]
     step = list_checkpoints(run_dir)[-1][0]
     rates = [r["img_per_s"] for r in rows[1:]] or [r["img_per_s"] for r in rows]   # the first tick holds warm-up
+    # Training time from the logged rates (excludes start-up, grids and checkpoints; also right for a resumed run).
+    train_s = sum((r["step"] - p) * prof["batch"] / r["img_per_s"] for p, r in zip([0] + [x["step"] for x in rows],
+                                                                                   rows) if r["img_per_s"] > 0)
     record.update(steps=step, steps_planned=prof["runs"][method][0], images_seen=step * prof["batch"],
+                  train_s=round(train_s, 1),
                   train_img_per_s=round(sorted(rates)[len(rates) // 2], 1), loss_first=rows[0]["loss"],
                   loss_last=rows[-1]["loss"], mem_mb=rows[-1]["mem_mb"], run_dir=run_dir)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -130,7 +135,7 @@ def export_best(doc: dict, a, results: str) -> None:
         r = doc["runs"][m]
         argv = ["--checkpoint", r["run_dir"], "--name", a.export, "--num", str(PROFILES[a.profile]["num"]),
                 "--train-command", r["command"], "--device-note",
-                f"{doc['device']}, {r['train_wall_s'] / 60:.1f} min, {r['images_seen']} images",
+                f"{doc['device']}, {r['train_s'] / 60:.1f} min of training, {r['images_seen']} images",
                 "--note", f"best 1-step FD-FMNIST of the reference runs ({a.profile} profile): {m}"]
         argv += ["--out-dir", a.export_dir] if a.export_dir else []
         argv += ["--device", a.device] if a.device else []

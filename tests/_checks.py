@@ -49,11 +49,16 @@ def run(fn, inputs: dict, grad: tuple, dy=None, poison=False, clone=False):
     return [out.detach()] + [leaves[k].grad for k in grad]
 
 
+ULPS = 4
+
+
 def check(ours, theirs, reffn, inputs: dict, grad=(), dtype=torch.float32, backward=True, label="kernel",
           ulp_of_output=True):
     """ours(inputs, grad, dy) (the kernel) vs the float64 truth reffn(**inputs in float64), within twice the error of
-    theirs(inputs, grad, dy) (PyTorch) plus one ulp at the output's scale: of each output's own dtype, or of `dtype`
-    with ulp_of_output=False. Returns ours' [output, gradients]."""
+    theirs(inputs, grad, dy) (PyTorch) plus four ulps at the output's scale: of each output's own dtype, or of `dtype`
+    with ulp_of_output=False. The ulps cover a reduction whose result is smaller than its terms when PyTorch's own
+    rounding happens to be near exact (seen: dweight of a 1-channel GroupNorm, 1.1e-7 vs torch's 1.6e-8, with another
+    thread count). Returns ours' [output, gradients]."""
     x64 = {k: (v.detach().double().requires_grad_(k in grad) if isinstance(v, torch.Tensor) and v.is_floating_point()
                else v) for k, v in inputs.items()}
     out64 = reffn(**x64)
@@ -69,7 +74,7 @@ def check(ours, theirs, reffn, inputs: dict, grad=(), dtype=torch.float32, backw
         err_torch = (a.double() - t).abs().max().item()
         err_ours = (b.double() - t).abs().max().item()
         ulp = ULP[b.dtype if ulp_of_output and b.is_floating_point() else dtype]
-        floor = ulp * max(t.abs().max().item(), 1e-3)
+        floor = ULPS * ulp * max(t.abs().max().item(), 1e-3)
         assert err_ours <= 2 * err_torch + floor, f"{name}: {label} err {err_ours:.3g} vs torch {err_torch:.3g}"
     return b_all
 
