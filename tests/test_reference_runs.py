@@ -79,11 +79,16 @@ def test_smoke_profile_trains_scores_and_exports(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
     results = tmp_path / "ref.json"
+    # A partial rerun keeps the other methods' results of the same device and profile.
+    results.write_text(json.dumps({"benchmark": "reference_runs", "profile": "smoke", "device_slug": "cpu",
+                                   "runs": {"sct": {"method": "sct", "error": "kept"}, "ict": {"stale": 1}}}))
     rc = ref.main(["--profile", "smoke", "--out", str(tmp_path / "runs"), "--only", "ict", "--results",
                    str(results), "--export", "smoke-model", "--export-dir", str(tmp_path / "export")])
     assert rc == 0
     doc = json.loads(results.read_text())
+    assert list(doc["runs"]) == ["ict", "sct"] and doc["runs"]["sct"]["error"] == "kept"
     r = doc["runs"]["ict"]
+    assert "stale" not in r
     assert r["steps"] == r["steps_planned"] == 4 and r["images_seen"] == 32
     assert r["command"].startswith("cmfast-train --dataset fashion-mnist --method ict --preset tiny")
     assert [e["nfe"] for e in r["evals"]] == [1, 2]
