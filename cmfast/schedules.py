@@ -25,14 +25,16 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
 def ct_schedule(step: int, total_steps: int, s0: int = 2, s1: int = 150, mu0: float = 0.9,
                 match_reference_code: bool = False) -> tuple[int, float]:
     """(N, mu) at training step k of K: N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1,
-    mu(k) = exp(s0 log(mu0) / N(k)). openai/consistency_models divides by N(k) - 1 instead
-    (match_reference_code=True)."""
+    mu(k) = exp(s0 log(mu0) / N(k)), and mu = 0 for mu0 = 0 (its limit: the target is the online network, as in
+    iCT). openai/consistency_models divides by N(k) - 1 instead (match_reference_code=True)."""
     if total_steps <= 0 or step < 0:
         raise ValueError(f"expected 0 <= step and total_steps > 0, got step={step}, total_steps={total_steps}")
+    if not 0.0 <= mu0 <= 1.0:
+        raise ValueError(f"mu0: expected a rate in [0, 1], got {mu0}")
     k = min(step, total_steps)
     n = math.ceil(math.sqrt(k / total_steps * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
     n = max(n, 2)
-    mu = math.exp(s0 * math.log(mu0) / ((n - 1) if match_reference_code else n))
+    mu = 0.0 if mu0 == 0 else math.exp(s0 * math.log(mu0) / ((n - 1) if match_reference_code else n))
     return n, mu
 
 

@@ -91,6 +91,10 @@ def test_ct_schedule_paper_values():
     assert mu == pytest.approx(0.9 ** (2 / 107))
     # openai/consistency_models divides by N - 1
     assert cmfast.ct_schedule(0, K, match_reference_code=True)[1] == pytest.approx(0.81)
+    # mu0 = 0: the limit mu = 0 (target = online network), not a math domain error; out of range: one line
+    assert cmfast.ct_schedule(K // 2, K, mu0=0.0) == (107, 0.0)
+    with pytest.raises(ValueError, match=r"mu0: expected a rate in \[0, 1\], got 1.5"):
+        cmfast.ct_schedule(0, K, mu0=1.5)
 
 
 def test_ict_schedule_stage_boundaries():
