@@ -254,6 +254,53 @@ def default_sigmas(steps):
     return tuple(float(s) for s in karras_sigmas(steps + 1).flip(0)[:steps])
 
 
+def search_sigmas(score, steps: int = 2, sigma_min: float = 0.002, sigma_max: float = 80.0, iters: int = 6,
+                  start: tuple | None = None, log=None) -> dict:
+    """Algorithm 1's noise levels by search (the CM paper tunes them on FID): the first level is sigma_max; each
+    later one, greedily in turn, by ternary search over log sigma between sigma_min and the level before it,
+    minimizing score(sigmas) (lower is better; e.g. FD-FMNIST of a fixed noise seed). `start` (levels, e.g. the
+    defaults) is scored too, so the result is never worse than it. -> {"sigmas", "score", "trials": [[sigmas,
+    score], ...]} with every evaluation in order."""
+    import math
+    if not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps: expected an integer >= 2 (one step has nothing to search), got {steps!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if iters < 1:
+        raise ValueError(f"iters: expected >= 1, got {iters}")
+    seen: dict[tuple, float] = {}
+
+    def f(sig):
+        sig = tuple(round(float(v), 6) for v in sig)
+        if sig not in seen:
+            seen[sig] = float(score(sig))
+            if log:
+                log(f"sigmas {list(sig)}: {seen[sig]:.4f}")
+        return seen[sig]
+    if start is not None:
+        start = tuple(float(v) for v in start)
+        if len(start) != steps or any(b >= a for a, b in zip(start, start[1:])):
+            raise ValueError(f"start: expected {steps} decreasing levels, got {list(start)}")
+        f(start)
+    prefix = [float(sigma_max)]
+    for _ in range(steps - 1):
+        lo, hi = math.log(sigma_min) + 1e-3, math.log(prefix[-1]) - 1e-3
+        # later levels during this search: the Karras grid below the candidate (replaced when their turn comes)
+        def full(t, prefix=tuple(prefix)):
+            rest = steps - len(prefix) - 1
+            tail = [math.exp(t + (math.log(sigma_min) - t) * (i + 1) / (rest + 1)) for i in range(rest)]
+            return prefix + (math.exp(t),) + tuple(tail)
+        for _ in range(iters):
+            m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+            if f(full(m1)) <= f(full(m2)):
+                hi = m2
+            else:
+                lo = m1
+        prefix.append(math.exp(min(((t, f(full(t))) for t in (lo, (lo + hi) / 2, hi)), key=lambda p: p[1])[0]))
+    best = min(seen.items(), key=lambda kv: kv[1])
+    return {"sigmas": list(best[0]), "score": best[1], "trials": [[list(k), v] for k, v in seen.items()]}
+
+
 def _image_shape(model, dataset):
     for m in (model, getattr(model, "net", None)):
         res = getattr(m, "img_resolution", None)

@@ -347,3 +347,27 @@ def test_cli_writes_json(tmp_path, data_dir, monkeypatch, capsys):
     res = json.loads(out.read_text())
     assert res["metric"] == "FD-FMNIST" and res["dataset"] == "fashion-mnist" and res["value"] > 0
     assert json.loads(capsys.readouterr().out) == res
+
+
+def test_search_sigmas_finds_the_minimum_and_scores_the_start():
+    import math
+    calls = []
+
+    def score(s):      # a bowl in log sigma with its bottom at 1.3 (2 steps)
+        calls.append(s)
+        return (math.log(s[1]) - math.log(1.3)) ** 2
+
+    r = metrics.search_sigmas(score, steps=2, iters=10, start=(80.0, 0.821))
+    assert calls[0] == (80.0, 0.821)                                 # the start is scored first
+    assert r["sigmas"][0] == 80.0 and abs(math.log(r["sigmas"][1] / 1.3)) < 0.05
+    assert r["score"] == min(v for _, v in r["trials"]) and len(r["trials"]) == len(set(calls))
+    # the result is never worse than the start: a bowl outside the searched range keeps the start's level
+    r = metrics.search_sigmas(lambda s: abs(s[1] - 0.821), steps=2, iters=2, start=(80.0, 0.821))
+    assert r["sigmas"] == [80.0, 0.821] and r["score"] == 0.0
+    # 3 steps: levels stay strictly decreasing, inside (sigma_min, sigma_max)
+    r = metrics.search_sigmas(lambda s: sum(s), steps=3, iters=3)
+    assert 80.0 == r["sigmas"][0] > r["sigmas"][1] > r["sigmas"][2] > 0.002
+    for bad, match in (({"steps": 1}, "steps: expected an integer >= 2"), ({"iters": 0}, "iters: expected >= 1"),
+                       ({"start": (80.0, 90.0)}, "start: expected 2 decreasing levels")):
+        with pytest.raises(ValueError, match=match):
+            metrics.search_sigmas(lambda s: 0.0, **bad)

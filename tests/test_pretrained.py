@@ -52,3 +52,20 @@ def test_sample_command_of_the_issue(tmp_path):
     assert img.size[0] >= 8 * 32 and img.size[1] >= 8 * 32
     px = torch.tensor(list(img.convert("L").getdata()), dtype=torch.float32)
     assert 10 < px.mean() < 200 and px.std() > 20     # not a blank grid (the FD test above checks the content)
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST_SYSTEM_DIR), reason="needs the Debian package dataset-fashion-mnist")
+def test_eval_searches_two_step_sigmas(tmp_path, capsys):
+    from cmfast.cli.eval import main as eval_main
+    ckpt, out = os.path.join(ASSETS, f"{NAME}.safetensors"), tmp_path / "search.json"
+    assert eval_main(["--checkpoint", ckpt, "--metric", "fd-fmnist", "--steps", "2", "--num", "200",
+                      "--batch-size", "100", "--search-sigmas", "--search-iters", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    trials = r["search"]["trials"]
+    assert trials[0][0] == [80.0, 0.821] and len(trials) >= 3       # the default is scored, then the search
+    assert r["sigmas"][0] == 80.0 and 0.002 < r["sigmas"][1] < 80.0
+    assert r["value"] == pytest.approx(min(v for _, v in trials))   # same seed: the best trial, re-evaluated
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        eval_main(["--checkpoint", ckpt, "--metric", "fd-fmnist", "--steps", "1", "--search-sigmas"])
+    assert "cmfast-eval: error: --search-sigmas needs --steps 2 or more" in capsys.readouterr().err

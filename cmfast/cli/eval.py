@@ -31,6 +31,11 @@ def build_parser():
                    help="network evaluations (default 1; an EDM teacher: Heun steps, default 18)")
     g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None,
                    help="decreasing noise levels, e.g. 80,0.821 (default: 80 for 1 step, 80,0.821 for 2)")
+    g.add_argument("--search-sigmas", action="store_true",
+                   help="find the --steps (>= 2) noise levels that minimize the metric (greedy ternary search in "
+                        "log sigma, as the CM paper tunes them; the defaults are scored too) and report the best")
+    g.add_argument("--search-iters", type=_positive, default=6, help="ternary-search rounds per level (default 6; "
+                                                                     "two evaluations each)")
     g.add_argument("--num", type=_positive, default=50000, help="number of generated images (default 50000)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (default 0); with the same --batch-size, the images cmfast-sample makes")
     p = ap.add_argument_group("performance")
@@ -57,7 +62,9 @@ def main(argv=None):
     if not os.path.exists(args.checkpoint):
         _fail(f"checkpoint not found: {args.checkpoint}")
     _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
-    from ..metrics import evaluate
+    if args.search_sigmas and (args.steps or len(args.sigmas or ())) < 2:
+        _fail("--search-sigmas needs --steps 2 or more (one step samples at sigma_max only)")
+    from ..metrics import default_sigmas, evaluate, search_sigmas
     device = _common.pick_device(args.device)
     try:
         from ..training.checkpoint import load_model
@@ -65,9 +72,23 @@ def main(argv=None):
         dataset = args.dataset or _dataset_from_meta(meta)
         if dataset not in (None, "fashion-mnist", "cifar10"):
             dataset = None
-        result = evaluate(model, args.metric, steps=args.steps, num=args.num, batch_size=args.batch_size,
-                          seed=args.seed, sigmas=args.sigmas, dataset=dataset, device=device,
-                          data_dir=args.data_dir, weights=args.inception_weights, progress=True)
+        common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, dataset=dataset, device=device,
+                      data_dir=args.data_dir, weights=args.inception_weights)
+        search = None
+        if args.search_sigmas:
+            from ..precond import EDMDenoiser
+            if isinstance(model, EDMDenoiser):
+                _fail("--search-sigmas: an EDM teacher samples with its Heun schedule; give a consistency model")
+            steps = args.steps or len(args.sigmas)
+            start = tuple(args.sigmas) if args.sigmas else default_sigmas(steps)
+            search = search_sigmas(lambda sg: evaluate(model, args.metric, sigmas=sg, **common)["value"], steps,
+                                   model.sigma_min, model.sigma_max, args.search_iters, start=start,
+                                   log=lambda m: print(f"{PROG}: {m}", flush=True))
+            args.sigmas, args.steps = tuple(search["sigmas"]), None
+        result = evaluate(model, args.metric, steps=args.steps, sigmas=args.sigmas, progress=True, **common)
+        if search is not None:
+            result["search"] = {"method": "greedy ternary search in log sigma", "iters": args.search_iters,
+                                "trials": search["trials"]}
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as e:
         _fail(_common.first_line(e))
     result["checkpoint"] = os.path.abspath(args.checkpoint)
