@@ -117,7 +117,19 @@ def write_samples(model, kind: str, cfg: dict, step: int, shape, device, out: st
 
 
 def train(args: dict) -> dict:
-    """Run (or resume) training from CLI arguments (a dict, None = not given). Returns the final stats row."""
+    """Run (or resume) training from CLI arguments (a dict, None = not given). Returns the final stats row.
+    A process group this call creates (under torchrun) is destroyed when it returns or raises: left to the
+    interpreter's exit, gloo's threads can abort a rank ("terminate called without an active exception")."""
+    dist = torch.distributed
+    owns_group = dist.is_available() and not dist.is_initialized()
+    try:
+        return _train(args)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args: dict) -> dict:
     rank, world, device = setup_distributed(args.get("device"))
     cfg = resolve(args, world)
     out = cfg["output_dir"]
