@@ -7,6 +7,7 @@ numbers are NOT comparable with FID. Precision / recall: Kynkaanniemi et al. 201
 Imports only torch and numpy here; scipy, torchvision, safetensors and tqdm load where used.
 """
 import hashlib
+import math
 import os
 
 import numpy as np
@@ -261,7 +262,6 @@ def search_sigmas(score, steps: int = 2, sigma_min: float = 0.002, sigma_max: fl
     minimizing score(sigmas) (lower is better; e.g. FD-FMNIST of a fixed noise seed). `start` (levels, e.g. the
     defaults) is scored too, so the result is never worse than it. -> {"sigmas", "score", "trials": [[sigmas,
     score], ...]} with every evaluation in order."""
-    import math
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps: expected an integer >= 2 (one step has nothing to search), got {steps!r}")
     if not 0 < sigma_min < sigma_max:

@@ -91,3 +91,13 @@ def test_errors():
     with pytest.raises(ValueError, match=r"expected images \(B, 3, 16, 16\)"):
         net(torch.randn(1, 1, 16, 16), torch.zeros(1))
     assert set(PRESETS) >= {"ddpmpp-cifar10", "ncsnpp-cifar10", "fmnist-small", "tiny"}
+
+
+def test_group_count_lowered_to_a_divisor():
+    # EDM's min(32, C // 4) does not divide C = 168 (fmnist-small's old 56 channels x 3): 28 groups of 6 channels.
+    from cmfast.nets.layers import GroupNorm
+    assert [GroupNorm(c).num_groups for c in (168, 128, 24, 6, 3)] == [28, 32, 6, 1, 1]
+    with torch.device("meta"):  # a whole net with such widths builds and runs
+        net = cmfast.UNet.from_preset("fmnist-small", model_channels=56).eval()
+        assert net(torch.randn(1, 1, 32, 32), torch.zeros(1)).shape == (1, 1, 32, 32)
+    assert {m.num_groups for m in net.modules() if isinstance(m, GroupNorm) and m.weight.shape[0] == 168} == {28}

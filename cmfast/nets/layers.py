@@ -69,7 +69,7 @@ class GroupNorm(nn.Module):
 
     def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-6):
         super().__init__()
-        # EDM's count, min(32, C // 4), lowered to the nearest divisor of C where it does not divide (C = 168).
+        # EDM's count, min(32, C // 4), lowered to the nearest divisor of C where it does not divide (C = 168: 28).
         groups = max(1, min(num_groups, num_channels // min_channels_per_group))
         while num_channels % groups:
             groups -= 1

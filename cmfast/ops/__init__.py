@@ -135,8 +135,10 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype | None = No
     if backend == "triton" and not _triton_can_run(device):
         raise BackendUnavailable(
             f"backend 'triton' cannot run on {device.type}: needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")
-    if backend == "triton" and device.type != "cuda" and interpreter_problem():
-        raise BackendUnavailable(f"backend 'triton' cannot run on {device.type}: {interpreter_problem()}")
+    if backend == "triton" and device.type != "cuda":
+        problem = interpreter_problem()
+        if problem:
+            raise BackendUnavailable(f"backend 'triton' cannot run on {device.type}: {problem}")
     if backend == "cuda" and device.type != "cuda":
         raise BackendUnavailable(f"backend 'cuda' cannot run on {device.type}: needs a CUDA tensor")
     mod = _module(backend)
