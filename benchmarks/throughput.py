@@ -12,7 +12,6 @@ All modes run in one process on one device; compilation and graph capture happen
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -296,13 +295,12 @@ def main(argv=None) -> int:
     reference = "eager-bf16" if device.type == "cuda" else "eager-fp32"
     add_ratios(r.rows, reference)
     print_table(r.rows, reference)
-    out = args.out or Path(__file__).resolve().parent / "results" / f"{env['device_slug']}-{env['date'][:10]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "throughput", "schema": 1, **env, "quick": args.quick, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-              "threads": torch.get_num_threads(), "reference_mode": reference, "ceilings": ceil,
-              "wall_s": round(time.perf_counter() - r.t0, 1), "rows": r.rows}
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwrote {out} ({result['wall_s']} s)")
+    result = {"benchmark": "throughput", "schema": 1, **env, "quick": args.quick,
+              "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "threads": torch.get_num_threads(),
+              "reference_mode": reference, "ceilings": ceil, "wall_s": round(time.perf_counter() - r.t0, 1),
+              "rows": r.rows}
+    H.write_result(result, args.out, f"{env['device_slug']}-{env['date'][:10]}.json")
+    print(f"({result['wall_s']} s)")
     return 0
 
 

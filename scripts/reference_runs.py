@@ -22,6 +22,11 @@ import shlex
 import sys
 import time
 import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _harness as H  # noqa: E402  (the results' device naming, shared with the benchmarks)
 
 # Per profile: the network, the batch, the steps and the time cap (minutes) of each method, and the eval size.
 # CT and CD use the l2 distance (the paper's LPIPS needs ImageNet VGG weights, and Fashion-MNIST is 1-channel);
@@ -144,17 +149,23 @@ def export_best(doc: dict, a, results: str) -> None:
         argv += ["--data-dir", a.data_dir] if a.data_dir else []
         rc = export_pretrained.main(argv)
         doc["export"] = {"name": a.export, "method": m, "fd_1step": fd, "rc": rc}
-    with open(results, "w") as f:
-        json.dump(doc, f, indent=2)
+    write(doc, results)
 
 
 def device_name(device: str | None) -> tuple[str, str]:
+    """(description, file-name slug) of the device the runs use; the slug as the benchmarks name it."""
     import torch
-    if (device or "").startswith("cuda") or (device is None and torch.cuda.is_available()):
-        name = torch.cuda.get_device_name()
-        return name, name.lower().replace("nvidia ", "").replace(" ", "-")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev), H.device_slug(dev)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
-           f"{os.environ.get('OMP_NUM_THREADS', 'all')} torch threads)", "cpu"
+           f"{os.environ.get('OMP_NUM_THREADS', 'all')} torch threads)", H.device_slug(dev)
+
+
+def write(doc: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
 
 
 def main(argv=None) -> int:
@@ -179,9 +190,8 @@ def main(argv=None) -> int:
         ap.error(f"--only: unknown method(s) {', '.join(bad)}; expected some of {', '.join(ORDER)}")
     import torch
     name, slug = device_name(a.device)
-    results = a.results or (os.path.join(a.out, "reference_runs.json") if a.profile == "smoke" else os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
-        f"reference_runs-{slug}-{a.profile}.json"))
+    results = a.results or (os.path.join(a.out, "reference_runs.json") if a.profile == "smoke" else
+                            str(ROOT / "benchmarks" / "results" / f"reference_runs-{slug}-{a.profile}.json"))
     doc = {"benchmark": "reference_runs", "profile": a.profile, "device": name, "device_slug": slug,
            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "preset": prof["preset"],
            "batch_size": prof["batch"], "precision": prof["precision"], "eval_num": prof["num"],
@@ -209,9 +219,7 @@ def main(argv=None) -> int:
             record["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         doc["wall_s"] = round(time.time() - t_all, 1)
-        os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
-        with open(results, "w") as f:             # after every run: a cut-off job keeps what finished
-            json.dump(doc, f, indent=2)
+        write(doc, results)                       # after every run: a cut-off job keeps what finished
     if a.export:
         export_best(doc, a, results)
     print(f"reference_runs: wrote {results} ({doc.get('wall_s', 0):.0f} s)")
