@@ -11,7 +11,8 @@
 // Backward: with dy1 = dy * act'(y1), xhat = (x - mean) rstd, per (n, c): Sdy = sum dy1, Sdyx = sum dy1 xhat
 //           dshift = Sdy, dscale = w Sdyx + b Sdy, dweight = sum_n (1 + scale) Sdyx, dbias = sum_n (1 + scale) Sdy,
 //           dx = rstd (ge dy1 - m1 - xhat m2), ge = w (1 + scale), m1, m2 = group means of ge dy1 and ge dy1 xhat.
-// The reduction over HW is split into S chunks per (n, c) so that small batch x groups still fills the GPU.
+// The reduction over HW is split into S chunks per (n, c) so that small batch x groups still fills the GPU; the S
+// partials are added with Kahan compensation.
 #include "common.cuh"
 
 namespace cmfast {
@@ -208,12 +209,13 @@ __global__ void gn_bwd_finalize_kernel(Shape s, const float* __restrict__ part, 
   const float rstd = stats[ng * 2 + 1];
   float a1 = 0.f, a2 = 0.f;
   for (int64_t c = g * Cg + lane; c < (g + 1) * Cg; c += 32) {
-    float sdy = 0.f, sdyx = 0.f;
+    KahanSum ksdy, ksdyx;
     for (int64_t split = 0; split < s.S; ++split) {
       const float* p = part + ((n * s.S + split) * s.C + c) * 2;
-      sdy += p[0];
-      sdyx += p[1];
+      ksdy.add(p[0]);
+      ksdyx.add(p[1]);
     }
+    const float sdy = ksdy.sum, sdyx = ksdyx.sum;
     const int64_t nc = n * s.C + c;
     const float wc = w ? w[c] : 1.f, ge = wc * (scale ? 1.f + scale[nc] : 1.f);
     csum[nc * 2] = sdy;
@@ -233,19 +235,19 @@ __global__ void gn_bwd_finalize_kernel(Shape s, const float* __restrict__ part, 
   }
 }
 
-// dweight, dbias: one thread per channel, batch summed in order.
+// dweight, dbias: one thread per channel, batch summed in order (compensated).
 __global__ void gn_bwd_params_kernel(Shape s, const float* __restrict__ csum, const float* __restrict__ scale,
                                      float* __restrict__ dw, float* __restrict__ db) {
   const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= s.C) return;
-  float sw = 0.f, sb = 0.f;
+  KahanSum sw, sb;
   for (int64_t n = 0; n < s.N; ++n) {
     const float k = scale ? 1.f + scale[n * s.C + c] : 1.f;
-    sb += k * csum[(n * s.C + c) * 2];
-    sw += k * csum[(n * s.C + c) * 2 + 1];
+    sb.add(k * csum[(n * s.C + c) * 2]);
+    sw.add(k * csum[(n * s.C + c) * 2 + 1]);
   }
-  if (dw) dw[c] = sw;
-  if (db) db[c] = sb;
+  if (dw) dw[c] = sw.sum;
+  if (db) db[c] = sb.sum;
 }
 
 // Elementwise pass, forward (out = y) or backward (out = dx). V consecutive elements share (n, c) in NCHW (V | HW)

@@ -23,7 +23,7 @@ def _truth(F, x, v, t, Fp, Fm, h, dFdt, lv, w, r, sd, c):
     norm = g.flatten(1).norm(dim=1).view(B, 1, 1, 1)
     res = F - F.detach() - g / (norm + c)
     loss = res.flatten(1).square().sum(1) * w.double() / (lv.exp() * F[0].numel()) + lv
-    dF_, dlv = torch.autograd.grad(loss, (F, lv), torch.arange(1.0, B + 1, dtype=torch.float64))
+    dF_, dlv = torch.autograd.grad(loss, (F, lv), torch.arange(1.0, B + 1, dtype=torch.float64, device=F.device))
     return loss.detach(), dF_, dlv
 
 
