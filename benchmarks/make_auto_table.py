@@ -6,8 +6,10 @@ cmfast/ops/auto_table.json: for each op, the backend that backend 'auto' uses on
 
 Rule: within each measured case (op, shape, layout, pass, dtype, device; one file, i.e. one process) every
 choosable backend (torch = eager, triton, cuda; torch.compile is not a backend) is timed relative to the fastest of
-them; an op's winner has the lowest geometric mean of those ratios over the cases where all candidates ran. Only CUDA results count, and only
-numbers that are in the files: nothing is filled in.
+them; an op's winner has the lowest geometric mean of those ratios over the cases where all candidates ran. The
+same rule per shape class (pass fwd / fwd+bwd, layout nchw / nhwc): where a class's winner differs from the op's,
+the op's entry becomes {"default": op winner, class: winner, ...}. Only CUDA results count, and only numbers that
+are in the files: nothing is filled in.
 """
 from __future__ import annotations
 
@@ -37,18 +39,41 @@ def choose(results: list[dict]) -> tuple[dict, dict]:
                 key = (i, res.get("dtype")) + tuple(json.dumps(row.get(k)) for k in CASE_KEYS)
                 cases[key][row["backend"]] = row["median_ms"]
     per_op: dict[str, list[dict[str, float]]] = defaultdict(list)
+    per_class: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     for key, times in cases.items():
-        per_op[json.loads(key[2])].append(times)
+        op, pass_, layout = (json.loads(key[2 + CASE_KEYS.index(k)]) for k in ("op", "pass", "layout"))
+        per_op[op].append(times)
+        per_class[op][shape_class(pass_, layout)].append(times)
     table, stats = {}, {}
     for op, rows in sorted(per_op.items()):
-        cands = [b for b in CHOOSABLE if any(b in r for r in rows)]
-        full = [r for r in rows if all(b in r for b in cands)]
-        if not full:
+        won = _winner(rows)
+        if won is None:
             continue
-        gm = {b: math.exp(sum(math.log(r[b] / min(r.values())) for r in full) / len(full)) for b in cands}
-        table[op] = min(cands, key=lambda b: (gm[b], CHOOSABLE.index(b)))  # ties: the simpler backend
-        stats[op] = dict(gm, cases=len(full))
+        table[op], stats[op] = won
+        # Per shape class (pass, layout) where its winner differs: e.g. the sampler's no-grad NHWC forward and
+        # training's forward+backward can favour different backends (measured on an H200, group_norm_act).
+        classes = {c: _winner(r) for c, r in sorted(per_class[op].items())}
+        classes = {c: w for c, w in classes.items() if w is not None}
+        if any(w[0] != table[op] for w in classes.values()):
+            stats[op] = dict(stats[op], classes={c: w[1] for c, w in classes.items()})
+            table[op] = {"default": table[op], **{c: w[0] for c, w in classes.items()}}
     return table, stats
+
+
+def shape_class(pass_: str | None, layout: str | None) -> str:
+    """The auto table's key within an op: 'fwd' or 'fwd+bwd', with '/nchw' or '/nhwc' for ops that have a layout
+    (cmfast.ops' dispatcher builds the same key from the call)."""
+    return f"{pass_ or 'fwd'}/{layout}" if layout else (pass_ or "fwd")
+
+
+def _winner(rows: list[dict[str, float]]) -> tuple[str, dict] | None:
+    """(backend, {backend: geometric-mean ratio, "cases": n}) over the cases where every candidate ran."""
+    cands = [b for b in CHOOSABLE if any(b in r for r in rows)]
+    full = [r for r in rows if all(b in r for b in cands)]
+    if not full:
+        return None
+    gm = {b: math.exp(sum(math.log(r[b] / min(r.values())) for r in full) / len(full)) for b in cands}
+    return min(cands, key=lambda b: (gm[b], CHOOSABLE.index(b))), dict(gm, cases=len(full))  # ties: simpler backend
 
 
 def main(argv=None) -> int:

@@ -51,6 +51,26 @@ def test_auto_table_rule(tmp_path):
     assert table["_meta"]["ratios"]["group_norm_act"]["cuda"] == pytest.approx((1.0 * 1.1) ** 0.5)
 
 
+def test_auto_table_per_shape_class(tmp_path):
+    """Where a (pass, layout) class has another winner than the op overall, the entry lists the classes (the H200
+    data: group_norm_act's NHWC forward went to triton, everything else to cuda)."""
+    def case(shape, layout, pass_, times):
+        return [dict(op="group_norm_act", shape=shape, layout=layout, backend=b, median_ms=t, **{"pass": pass_})
+                for b, t in times.items()]
+    rows = (case([1, 128, 32, 32], "nhwc", "fwd", dict(torch=3.0, triton=1.0, cuda=2.0))
+            + case([1, 128, 32, 32], "nhwc", "fwd+bwd", dict(torch=3.0, triton=2.0, cuda=1.0))
+            + case([1, 128, 32, 32], "nchw", "fwd", dict(torch=3.0, triton=1.2, cuda=1.0))
+            + case([1, 128, 32, 32], "nchw", "fwd+bwd", dict(torch=3.0, triton=2.0, cuda=1.0)))
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(_result("cuda", rows)))
+    out = tmp_path / "t.json"
+    assert make_auto_table.main([str(f), "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["group_norm_act"] == {"default": "cuda", "fwd/nhwc": "triton", "fwd+bwd/nhwc": "cuda",
+                                       "fwd/nchw": "cuda", "fwd+bwd/nchw": "cuda"}
+    assert table["_meta"]["ratios"]["group_norm_act"]["classes"]["fwd/nhwc"]["cuda"] == 2.0
+
+
 def test_auto_table_refuses_empty_input(tmp_path, capsys):
     f = tmp_path / "cpu.json"
     f.write_text(json.dumps(_result("cpu", [_row("group_norm_act", [1], "torch", 1.0)])))

@@ -107,9 +107,10 @@ def interpreter_problem() -> str | None:
 _auto_table: dict | None = None
 
 
-def _auto_choice(op: str, device: torch.device, dtype: torch.dtype | None) -> str:
-    """'auto': the measured winner for this op on this device class (benchmarks write auto_table.json); torch for
-    float64, which the kernels do not take."""
+def _auto_choice(op: str, device: torch.device, dtype: torch.dtype | None, case: str | None = None) -> str:
+    """'auto': the measured winner for this op on this device class (benchmarks/make_auto_table.py writes
+    auto_table.json), per shape class `case` ('fwd' / 'fwd+bwd', with '/nchw' or '/nhwc') where the table has one;
+    torch for float64, which the kernels do not take."""
     global _auto_table
     if device.type != "cuda" or dtype == torch.float64:
         return "torch"
@@ -117,21 +118,41 @@ def _auto_choice(op: str, device: torch.device, dtype: torch.dtype | None) -> st
         path = Path(__file__).with_name("auto_table.json")
         _auto_table = json.loads(path.read_text()) if path.exists() else {}
     choice = _auto_table.get(op, "torch")
-    if choice != "torch":
+    ratios = _auto_table.get("_meta", {}).get("ratios", {}).get(op, {})
+    if isinstance(choice, dict):   # {"default": backend, "fwd/nhwc": backend, ...}
+        keys = [k for k in ([case, case.split("/")[0]] if case else []) if k in choice]
+        choice = choice[keys[0]] if keys else choice.get("default", "torch")
+        ratios = ratios.get("classes", {}).get(keys[0], ratios) if keys else ratios
+    # The winner, else the next-fastest measured backend that loads here (a machine without the CUDA toolchain has
+    # no 'cuda' backend), else torch.
+    ranked = sorted((b for b in ratios if b in ("triton", "cuda", "torch")), key=lambda b: ratios[b])
+    for backend in dict.fromkeys([choice, *ranked, "torch"]):
+        if backend == "torch":
+            return "torch"
         try:
-            mod = _module(choice)
+            mod = _module(backend)
         except BackendUnavailable:
-            return "torch"
-        if not hasattr(mod, op):
-            return "torch"
-    return choice
+            continue
+        if hasattr(mod, op):
+            return backend
+    return "torch"
 
 
-def implementation(op: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
-    """The function that runs `op` for tensors on `device` (of `dtype`) under the backend in force."""
+def shape_class(needs_grad: bool, x: torch.Tensor | None = None) -> str:
+    """The auto table's shape class of a call: 'fwd' or 'fwd+bwd', plus '/nhwc' or '/nchw' when x is given."""
+    case = "fwd+bwd" if needs_grad else "fwd"
+    if x is None:
+        return case
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return case + ("/nhwc" if nhwc else "/nchw")
+
+
+def implementation(op: str, device: torch.device, dtype: torch.dtype | None = None, case: str | None = None) -> Callable:
+    """The function that runs `op` for tensors on `device` (of `dtype`) under the backend in force; `case` (see
+    shape_class) refines backend 'auto'."""
     backend = get_backend()
     if backend == "auto":
-        backend = _auto_choice(op, device, dtype)
+        backend = _auto_choice(op, device, dtype, case)
     if backend == "triton" and not _triton_can_run(device):
         raise BackendUnavailable(
             f"backend 'triton' cannot run on {device.type}: needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..precond import sigma_vector
-from . import implementation
+from . import implementation, shape_class
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LOSS_KINDS = ("pseudo_huber", "l2", "l1")
@@ -72,7 +72,9 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6
     act = "none" if act is None else act
     if act not in ACTS:
         raise ValueError(f"act: expected 'silu' or None, got {act!r}")
-    return implementation("group_norm_act", x.device, x.dtype)(x, num_groups, weight, bias, float(eps), scale, shift, act)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale, shift))
+    return implementation("group_norm_act", x.device, x.dtype, shape_class(grad, x))(
+        x, num_groups, weight, bias, float(eps), scale, shift, act)
 
 
 def attention(q, k, v, scale: float | None = None):
@@ -86,7 +88,8 @@ def attention(q, k, v, scale: float | None = None):
         raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     _same_device(q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return implementation("attention", q.device, q.dtype)(q, k, v, scale)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return implementation("attention", q.device, q.dtype, shape_class(grad))(q, k, v, scale)
 
 
 def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None = None, weight=None):

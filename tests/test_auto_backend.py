@@ -1,0 +1,78 @@
+"""Backend 'auto' on CUDA: the committed table's per-op and per-shape-class winners, the fallback when a backend
+cannot load, and the shape class each public op reports (no GPU needed: the choice is made from the device type)."""
+import pytest
+import torch
+
+from cmfast import ops
+from cmfast.ops import _api
+
+CUDA = torch.device("cuda")
+TABLE = {"group_norm_act": {"default": "cuda", "fwd/nhwc": "triton", "fwd+bwd/nhwc": "cuda"},
+         "attention": "torch", "consistency_loss": "cuda",
+         "_meta": {"ratios": {"group_norm_act": {"cuda": 1.1, "triton": 1.3, "torch": 2.0,
+                                                 "classes": {"fwd/nhwc": {"triton": 1.0, "cuda": 1.5, "torch": 2.3},
+                                                             "fwd+bwd/nhwc": {"cuda": 1.0, "triton": 1.6,
+                                                                              "torch": 1.7}}},
+                              "consistency_loss": {"cuda": 1.0, "torch": 1.7, "triton": 1.9}}}}
+
+
+@pytest.fixture
+def table(monkeypatch):
+    monkeypatch.setattr(ops, "_auto_table", TABLE)
+    monkeypatch.setattr(ops, "_failed", dict(ops._failed))
+
+
+def test_per_class_winner(table):
+    assert ops._auto_choice("group_norm_act", CUDA, torch.bfloat16, "fwd/nhwc") == "triton"
+    assert ops._auto_choice("attention", CUDA, torch.bfloat16, "fwd") == "torch"
+    assert ops._auto_choice("group_norm_act", torch.device("cpu"), torch.bfloat16, "fwd/nhwc") == "torch"
+    assert ops._auto_choice("group_norm_act", CUDA, torch.float64, "fwd/nhwc") == "torch"    # kernels take no fp64
+
+
+def test_unavailable_backend_falls_to_the_next_measured(table, monkeypatch):
+    ops._failed["cuda"] = "backend 'cuda' is unavailable: no CUDA toolchain"
+    # fwd+bwd/nhwc ranks cuda 1.0, triton 1.6, torch 1.7: without cuda, triton
+    assert ops._auto_choice("group_norm_act", CUDA, torch.bfloat16, "fwd+bwd/nhwc") == "triton"
+    # consistency_loss ranks cuda 1.0, torch 1.7, triton 1.9: without cuda, torch (not the slower triton)
+    assert ops._auto_choice("consistency_loss", CUDA, torch.bfloat16, "fwd+bwd") == "torch"
+    # a class the table lacks takes the op's default and the op's ranking
+    assert ops._auto_choice("group_norm_act", CUDA, torch.bfloat16, "fwd/nchw") == "triton"
+
+
+def test_shape_class():
+    x = torch.zeros(2, 8, 4, 4)
+    assert ops.shape_class(False, x) == "fwd/nchw"
+    assert ops.shape_class(True, x.to(memory_format=torch.channels_last)) == "fwd+bwd/nhwc"
+    assert ops.shape_class(False, torch.zeros(2, 8, 1, 1).to(memory_format=torch.channels_last)) == "fwd/nchw"
+    assert ops.shape_class(True) == "fwd+bwd"
+
+
+def test_public_ops_report_their_class(monkeypatch):
+    seen = []
+
+    def fake(op, device, dtype, case=None):
+        seen.append((op, case))
+        return lambda *a: a[0]
+    monkeypatch.setattr(_api, "implementation", fake)
+    x = torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ops.group_norm_act(x, 4)
+    ops.group_norm_act(x, 4, weight=torch.ones(8, requires_grad=True))
+    ops.group_norm_act(x.contiguous(), 4)
+    q = torch.randn(2, 1, 16, 8, requires_grad=True)
+    ops.attention(q, q, q)
+    with torch.no_grad():
+        ops.attention(q, q, q)
+    assert seen == [("group_norm_act", "fwd/nhwc"), ("group_norm_act", "fwd+bwd/nhwc"),
+                    ("group_norm_act", "fwd/nchw"), ("attention", "fwd+bwd"), ("attention", "fwd")]
+
+
+def test_committed_table_is_well_formed():
+    import json
+    from pathlib import Path
+    table = json.loads((Path(ops.__file__).with_name("auto_table.json")).read_text())
+    for op in ("group_norm_act", "attention", "skip_output", "skip_output_infer", "consistency_loss"):
+        entry = table[op]
+        choices = entry.values() if isinstance(entry, dict) else [entry]
+        assert set(choices) <= {"torch", "triton", "cuda"}, (op, entry)
+    assert table["_meta"]["devices"] and table["_meta"]["sources"]
