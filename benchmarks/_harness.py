@@ -118,3 +118,22 @@ def write_result(result: dict, out, name: str) -> Path:
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
     return path
+
+
+class CompileBudget:
+    """torch.compile variants are allowed until `budget_s` seconds after creation (None: always); the rest are
+    counted and reported as skipped, so a time-boxed GPU check keeps its eager and kernel rows and its JSON."""
+
+    def __init__(self, budget_s: float | None):
+        self.budget_s, self.t0, self.skipped = budget_s, time.perf_counter(), 0
+
+    def allow(self) -> bool:
+        if self.budget_s is None or time.perf_counter() - self.t0 < self.budget_s:
+            return True
+        self.skipped += 1
+        return False
+
+    def note(self) -> dict:
+        """{'torch.compile': why} when cases were skipped, else {}."""
+        return {"torch.compile": f"time budget (--budget-s {self.budget_s}): {self.skipped} cases without it"} \
+            if self.skipped else {}

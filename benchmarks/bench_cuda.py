@@ -39,6 +39,9 @@ def available(backend: str, device: torch.device) -> str | None:
     return None
 
 
+COMPILE_BUDGET = H.CompileBudget(None)   # main() sets it from --budget-s
+
+
 def variants(op: str, make, backends, dev, compile_: bool):
     """(name, zero-argument fn): make(impl) for each backend's implementation of `op` (called directly with the
     normalized arguments, so no variant pays for the public API's checks), and for torch.compile of the torch one."""
@@ -46,7 +49,7 @@ def variants(op: str, make, backends, dev, compile_: bool):
     for b in backends:
         with ops.use_backend(b):
             out.append((b, make(ops.implementation(op, dev))))
-    if compile_:
+    if compile_ and COMPILE_BUDGET.allow():
         from cmfast.ops import _torch
         out.append(("torch.compile", make(torch.compile(getattr(_torch, op)))))
     return out
@@ -151,6 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default="group_norm_act,skip_output_infer,consistency_loss")
     p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="no new torch.compile rows after this many seconds (the other rows all run)")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to smoke-test this script")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
@@ -162,6 +167,8 @@ def main(argv=None) -> int:
     for knob in ("recompile_limit", "cache_size_limit"):  # one compiled graph per shape and layout, no eager fallback
         if hasattr(dynamo.config, knob):
             setattr(dynamo.config, knob, 256)
+    global COMPILE_BUDGET
+    COMPILE_BUDGET = H.CompileBudget(a.budget_s)
     skipped = {b: why for b in BACKENDS if (why := available(b, dev))}
     backends = [b for b in BACKENDS if b not in skipped]
     ceil = H.ceilings(dev, a.quick)
@@ -174,8 +181,8 @@ def main(argv=None) -> int:
         t = f"{r['median_ms'] * 1e3:8.1f} us  x{r.get('speedup_vs_eager', float('nan')):5.2f}" if "median_ms" in r \
             else r.get("error", "")
         print(f"{r['op']:18s} {str(r['shape']):18s} {r.get('layout', ''):5s} {r['pass']:8s} {r['backend']:14s} {t}")
-    result = dict(H.environment(dev), benchmark="bench_cuda", dtype=a.dtype, ceilings=ceil, skipped=skipped,
-                  rows=rows)
+    result = dict(H.environment(dev), benchmark="bench_cuda", dtype=a.dtype, ceilings=ceil,
+                  skipped={**skipped, **COMPILE_BUDGET.note()}, rows=rows)
     H.write_result(result, a.out, f"{H.device_slug(dev)}-cuda-ops.json")
     return 0
 

@@ -38,9 +38,10 @@ def _grad(impl, inputs, dy, *args):
 
 
 class Bench:
-    def __init__(self, dev, dtype, backends, compile_, budget_ms, ceil, warmup=2):
+    def __init__(self, dev, dtype, backends, compile_, budget_ms, ceil, warmup=2, compile_budget=None):
         self.dev, self.dtype, self.backends, self.compile_ = dev, dtype, backends, compile_
         self.budget_ms, self.ceil, self.warmup, self.rows = budget_ms, ceil, warmup, []
+        self.compile_budget = compile_budget or H.CompileBudget(None)
 
     def variants(self, op, make):
         """(name, fn) per backend: make(impl) with the backend's implementation called on normalized arguments."""
@@ -50,7 +51,7 @@ class Bench:
         for b in self.backends:
             with ops.use_backend(b):
                 out.append((b, make(ops.implementation(op, self.dev))))
-        if self.compile_:
+        if self.compile_ and self.compile_budget.allow():
             out.append(("torch.compile", make(torch.compile(getattr(_torch, op), dynamic=False))))
         return out
 
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default="group_norm_act,attention,skip_output,consistency_loss")
     p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="no new torch.compile rows after this many seconds (the eager and Triton rows all run)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="no GPU: tiny shapes on CPU, Triton in its interpreter, no torch.compile (checks the script)")
     a = p.parse_args(argv)
@@ -181,7 +184,8 @@ def main(argv=None) -> int:
         if hasattr(dynamo.config, knob):
             setattr(dynamo.config, knob, 256)
     ceil = H.ceilings(dev, quick=a.quick or a.cpu_smoke)
-    bn = Bench(dev, dtype, ("triton", "torch"), compile_, budget, ceil, warmup=0 if a.cpu_smoke else 2)
+    bn = Bench(dev, dtype, ("triton", "torch"), compile_, budget, ceil, warmup=0 if a.cpu_smoke else 2,
+               compile_budget=H.CompileBudget(a.budget_s))
     c = cases(mode)
     run = {"group_norm_act": lambda: bench_group_norm_act(bn, c["gn"]),
            "attention": lambda: bench_attention(bn, c["attn"]),
@@ -204,7 +208,8 @@ def main(argv=None) -> int:
               f"{r['backend']:14s} {t}")
     result = dict(H.environment(dev), benchmark="bench_ops", dtype=a.dtype, mode=mode, ceilings=ceil,
                   wall_s=time.perf_counter() - t0,
-                  skipped={} if compile_ else {"torch.compile": "--no-compile or --cpu-smoke"}, rows=bn.rows)
+                  skipped=bn.compile_budget.note() if compile_ else {"torch.compile": "--no-compile or --cpu-smoke"},
+                  rows=bn.rows)
     H.write_result(result, a.out, f"{H.device_slug(dev)}-triton-ops.json")
     return 0
 

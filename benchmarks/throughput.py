@@ -1,7 +1,7 @@
 """One-step sampling latency / throughput and an iCT training step: eager, torch.compile and cmfast side by side.
 
     python benchmarks/throughput.py            # GPU: ddpmpp-cifar10 and ddpmpp-64, batch 1..1024, every mode
-    python benchmarks/throughput.py --quick    # GPU: about 3 minutes (cifar net, batch 1 and 64, fewer modes)
+    python benchmarks/throughput.py --quick    # GPU: about 4 minutes (cifar net, batch 1 and 256, the CT step at 256)
     python benchmarks/throughput.py --cpu      # CPU (auto without CUDA): tiny / fmnist-small, batch 1 and 8
 
 Every row: median ms, images/s, speedup over eager bf16 (CPU: eager fp32) and over the best torch.compile, and
@@ -138,9 +138,10 @@ def plan(args, device):
     if device.type == "cpu":
         return args.presets or ["tiny", "fmnist-small"], args.batches or [1, 8], ["eager-fp32", "cmfast"], [], []
     presets = args.presets or (["ddpmpp-cifar10"] if args.quick else ["ddpmpp-cifar10", "ddpmpp-64"])
-    if args.quick:
-        return (presets, args.batches or [1, 64], ["eager-fp32", "eager-bf16", "cmfast", "compile-reduce-overhead"],
-                [128], ["eager-bf16", "cmfast"])
+    if args.quick:   # the sizes of the sampler issue's goals: batch 1 and 256, the CT step at 256
+        return (presets, args.batches or [1, 256],
+                ["eager-fp32", "eager-bf16", "cmfast", "cmfast-auto", "compile-reduce-overhead"],
+                [256], ["eager-bf16", "cmfast", "cmfast-auto", "compile"])
     modes = ["eager-fp32", "eager-bf16", "cmfast", "cmfast-auto", "compile-max-autotune-no-cudagraphs",
              "compile-reduce-overhead"]
     return presets, args.batches or [1, 8, 64, 256, 1024], modes, [128, 256], ["eager-bf16", "cmfast", "compile"]
@@ -261,13 +262,13 @@ def main(argv=None) -> int:
     p.add_argument("--batches", nargs="+", type=int, help="sampling batch sizes")
     p.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     p.add_argument("--budget-s", type=float, default=None, help="skip compile rows past this many seconds "
-                   "(default 120 with --quick)")
+                   "(default 240 with --quick)")
     p.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1: on a shared "
                    "machine more threads than free cores make every op wait on the slowest)")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/<device>-<date>.json)")
     args = p.parse_args(argv)
     if args.budget_s is None and args.quick:
-        args.budget_s = 120.0
+        args.budget_s = 240.0
     if args.batches and any(b <= 0 for b in args.batches):
         print("throughput.py: error: --batches: expected positive ints", file=sys.stderr)
         return 2
@@ -283,15 +284,18 @@ def main(argv=None) -> int:
           f"{ceil['copy_gb_per_s']:.0f} GB/s copy", flush=True)
     r = Runner(args, device)
     presets, batches, modes, tbatches, tmodes = plan(args, device)
-    # Compile rows last, so a time budget (--quick) drops them rather than the cheap rows.
+    # Compile rows last (sampling, then the training step), so a time budget (--quick) drops them rather than the
+    # cheap rows.
     compiled = [m for m in modes if m.startswith("compile")]
     for preset in presets:
         run_sampling(r, preset, batches, [m for m in modes if m not in compiled], ceil)
     if not args.no_train:
         for preset in presets:
-            run_training(r, preset, tbatches, tmodes, ceil)
+            run_training(r, preset, tbatches, [m for m in tmodes if m != "compile"], ceil)
     for preset in presets if compiled else []:
         run_sampling(r, preset, batches, compiled, ceil)
+    for preset in presets if "compile" in tmodes and not args.no_train else []:
+        run_training(r, preset, tbatches, ["compile"], ceil)
     reference = "eager-bf16" if device.type == "cuda" else "eager-fp32"
     add_ratios(r.rows, reference)
     print_table(r.rows, reference)

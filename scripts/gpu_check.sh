@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check (shared GPU.md): build, GPU tests, benchmarks in one run of under 8 minutes.
 #   bash scripts/gpu_check.sh OUT_DIR [STAGE]    (on the device machine: bash scripts/gpu_check.sh "$OUT")
-# STAGE (one per device session, each under 8 minutes):
-#   core       (default) build csrc, pytest -m gpu, throughput, per-op benchmarks, latency gate  (kernel, sampler issues)
+# STAGE (each under 8 minutes; a 15-minute device session fits two or three, in this order of need):
+#   core       (default) build csrc, pytest -m gpu, throughput --quick with its torch.compile rows, latency gate
+#   ops        per-op benchmarks of the Triton and CUDA kernels against eager and torch.compile (kernel issues)
 #   sct        the finite-difference JVP accuracy table and the continuous-time step benchmark (sCT issue)
 #   reference  the Fashion-MNIST reference runs (EDM, CD, CT, iCT, sCT) and the shipped model's export; needs the
 #              data carried along: here `mkdir -p data && cp -r /usr/share/datasets/fashion-mnist data/`, and the
@@ -11,9 +12,9 @@
 # Each step has its own time limit so that one slow step cannot eat the others' time; a failed step is reported
 # in the summary and the run goes on.
 set -uo pipefail
-OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR [core|sct|reference]}"
+OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR [core|ops|sct|reference]}"
 STAGE="${2:-core}"
-case "$STAGE" in core|sct|reference) ;; *) echo "gpu_check: unknown stage '$STAGE' (core, sct, reference)" >&2; exit 2;; esac
+case "$STAGE" in core|ops|sct|reference) ;; *) echo "gpu_check: unknown stage '$STAGE' (core, ops, sct, reference)" >&2; exit 2;; esac
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
@@ -48,9 +49,11 @@ run env 15 bash -c 'nvidia-smi -L; python -c "import sys, torch, triton; print(\
 # 2. Install (editable: maps kernels/ to cmfast.kernels; no build there); the core stage then builds csrc/ into
 #    the JIT cache and prints the build time.
 CMFAST_BUILD_CUDA=0 run install 40 python -m pip install -q --no-deps --no-build-isolation -e .
-if [ "$STAGE" = core ]; then
+if [ "$STAGE" = core ] || [ "$STAGE" = ops ]; then
 run build-csrc 60 python -m cmfast._build
+fi
 
+if [ "$STAGE" = core ]; then
 # 3. Compiled Triton and CUDA kernels (and the GPU paths of the sampler, training, sCM) against float64 references.
 #    With pytest-xdist (in the GPU image) 6 workers share the GPU: Triton compiles one kernel at a time per process,
 #    so the workers compile in parallel, and a test that kills its process (an illegal address) costs one worker.
@@ -59,13 +62,20 @@ python -c "import xdist" 2>/dev/null && XDIST="-n 6"
 CMFAST_TRITON_AUTOTUNE=0 run pytest-gpu 140 python -m pytest -m gpu -q --maxfail=20 -p no:cacheprovider $XDIST \
     --ignore=benchmarks/test_latency.py -o addopts="" -rfE
 
-# 4. Benchmarks, the headline first: the ceilings (copy bandwidth, bf16 matmul) are measured inside each script.
-run throughput 120 python benchmarks/throughput.py --quick --budget-s 90 --out "$OUT/throughput-quick.json"
-run bench-triton-ops 50 python benchmarks/bench_ops.py --quick --no-compile --out "$OUT/triton-ops.json"
-run bench-cuda-ops 40 python benchmarks/bench_cuda.py --quick --no-compile --out "$OUT/cuda-ops.json"
+# 4. The headline benchmark (the ceilings, copy bandwidth and bf16 matmul, are measured inside it): batch 1 and 256,
+#    the CT step at 256, eager / cmfast / cmfast-auto rows first, then the torch.compile rows while its budget lasts
+#    (the first H200 run without compile rows took 44 s), then the latency gate.
+run throughput 300 python benchmarks/throughput.py --quick --budget-s 240 --out "$OUT/throughput-quick.json"
 run latency-gate 40 python -m pytest benchmarks/test_latency.py -m gpu -q -p no:cacheprovider -o addopts="" \
     --benchmark-enable --benchmark-json="$OUT/latency.json"
 run regress 10 python benchmarks/regress.py compare "$OUT/latency.json" --write-baseline "$OUT"
+fi
+
+if [ "$STAGE" = ops ]; then
+# 3. Per-op: every kernel against eager and torch.compile of the same torch composition (without compile rows the
+#    first H200 run took 15 s and 18 s); compile rows stop at each script's --budget-s, the JSON says how many.
+run bench-triton-ops 210 python benchmarks/bench_ops.py --quick --budget-s 170 --out "$OUT/triton-ops.json"
+run bench-cuda-ops 210 python benchmarks/bench_cuda.py --quick --budget-s 170 --out "$OUT/cuda-ops.json"
 fi
 
 if [ "$STAGE" = sct ]; then

@@ -81,13 +81,17 @@ def test_auto_table_refuses_empty_input(tmp_path, capsys):
 
 def test_bench_cuda_cpu_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench_cuda.main(["--device", "cpu", "--quick", "--no-compile", "--ops", "consistency_loss",
+    # --budget-s 0: every torch.compile variant is past the time budget (no CPU compile here); the JSON says so
+    assert bench_cuda.main(["--device", "cpu", "--quick", "--budget-s", "0", "--ops", "consistency_loss",
                             "--dtype", "float32", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["benchmark"] == "bench_cuda" and res["device_type"] == "cpu" and "cuda" in res["skipped"]
+    assert res["skipped"]["torch.compile"].startswith("time budget (--budget-s 0.0): ")
+    assert int(res["skipped"]["torch.compile"].split(": ")[1].split()[0]) == 3     # the three quick shapes
     # triton rows appear on CPU only under TRITON_INTERPRET=1 (set for the whole suite by conftest.py)
     backends = {r["backend"] for r in res["rows"]}
     assert "torch" in backends and backends <= {"torch", "triton"}
     for r in (r for r in res["rows"] if r["backend"] == "torch"):
         assert r["median_ms"] > 0 and r["bytes"] == 3 * 4 * r["shape"][0] * 3 * 32 * 32
         assert r["speedup_vs_eager"] == 1.0
+
