@@ -39,6 +39,25 @@ def test_unavailable_backend_falls_to_the_next_measured(table, monkeypatch):
     assert ops._auto_choice("group_norm_act", CUDA, torch.bfloat16, "fwd/nchw") == "triton"
 
 
+def test_failed_cuda_build_falls_back_and_is_not_retried(table, monkeypatch):
+    """The cuda module imports (a toolchain is there) but building cmfast._C fails: auto takes the next backend at
+    dispatch time, instead of the error surfacing in the middle of a model, and does not try the build again."""
+    from cmfast import _build
+    if _build.unavailable_reason():
+        pytest.skip(_build.unavailable_reason())
+    from cmfast.ops import _cuda
+    calls = []
+
+    def broken(device):
+        calls.append(device)
+        raise ops.BackendUnavailable("backend 'cuda' is unavailable: nvcc failed")
+    monkeypatch.setattr(_cuda, "_ext", broken)
+    monkeypatch.setitem(ops._loaded, "cuda", _cuda)
+    assert ops._auto_choice("group_norm_act", CUDA, torch.bfloat16, "fwd+bwd/nhwc") == "triton"
+    assert ops._auto_choice("consistency_loss", CUDA, torch.bfloat16, "fwd+bwd") == "torch"
+    assert len(calls) == 1 and "nvcc failed" in ops._failed["cuda"]
+
+
 def test_shape_class():
     x = torch.zeros(2, 8, 4, 4)
     assert ops.shape_class(False, x) == "fwd/nchw"

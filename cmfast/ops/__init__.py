@@ -131,7 +131,10 @@ def _auto_choice(op: str, device: torch.device, dtype: torch.dtype | None, case:
             return "torch"
         try:
             mod = _module(backend)
-        except BackendUnavailable:
+            if backend == "cuda" and hasattr(mod, op):
+                mod._ext(device)   # built (once) or loaded now: a failed build falls back here, not mid-model
+        except BackendUnavailable as e:
+            _failed.setdefault(backend, str(e))
             continue
         if hasattr(mod, op):
             return backend
