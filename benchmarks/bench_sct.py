@@ -8,6 +8,9 @@ forward under bf16 autocast (cmfast-train --precision bf16), side by side in one
   sct-fd-triton  the same with every cmfast.ops op on the Triton backend (fused attention, GroupNorm, loss)
   sct-fd-tf32 / sct-fd-bf16   the finite difference's forwards in TF32 / bf16 (cheaper, less accurate: see
                  benchmarks/fd_jvp_accuracy.py)
+  sct-fd4-tf32 / sct-fd4-fp16  the 4-point stencil (fd_jvp order=4: one no-grad forward of 4B, truncation O(h^4))
+                 in TF32 / fp16 at eps --fd4-eps (default FD4_EPS). The step's time does not depend on eps (one
+                 forward of 4B whatever h is): pair these times with the eps that fd_jvp_accuracy.py picks.
   sct-exact      sCT with torch.func.jvp (forward-mode AD: torch backend, math attention)
 Times: median of triton.testing.do_bench (CUDA events) after warm-up; memory: torch.cuda.max_memory_allocated
 over one step. Ratios are to the ict row of the same batch. JSON: benchmarks/results/bench_sct-<device>.json.
@@ -29,8 +32,12 @@ import _harness as H  # noqa: E402
 
 import cmfast  # noqa: E402
 from cmfast import objectives, ops  # noqa: E402
-from cmfast.jvp import DEFAULT_PRECISION  # noqa: E402
+from cmfast.jvp import DEFAULT_EPS, DEFAULT_ORDER, DEFAULT_PRECISION  # noqa: E402
 from cmfast.trigflow import TrigFlowModel, sct_loss  # noqa: E402
+
+# eps of the sct-fd4-* rows: a guess from the H200 2-point table (tf32 rounding ~1.6e-3 / eps); the time is the same
+# at any eps, so --fd4-eps only makes the rows' loss match the setting that fd_jvp_accuracy.py recommends.
+FD4_EPS = 0.1
 
 # name -> (method, backend, sct_loss keyword arguments)
 ROWS = {
@@ -39,12 +46,23 @@ ROWS = {
     "sct-fd-triton": ("sct", "triton", dict(jvp="fd")),
     "sct-fd-tf32": ("sct", "auto", dict(jvp="fd", precision="tf32")),
     "sct-fd-bf16": ("sct", "auto", dict(jvp="fd", precision="bf16", eps=0.1)),
+    "sct-fd4-tf32": ("sct", "auto", dict(jvp="fd", precision="tf32", order=4, eps=FD4_EPS)),
+    "sct-fd4-fp16": ("sct", "auto", dict(jvp="fd", precision="fp16", order=4, eps=FD4_EPS)),
     "sct-exact": ("sct", "torch", dict(jvp="exact")),
 }
 
 
-def make_step(name: str, preset: str, res: int, B: int, device: torch.device, autocast):
-    method, backend, kw = ROWS[name]
+def row_kwargs(name: str, fd4_eps: float = FD4_EPS) -> dict:
+    """sct_loss's keyword arguments of a row, the sct-fd4-* rows at eps fd4_eps."""
+    kw = dict(ROWS[name][2])
+    if kw.get("order") == 4:
+        kw["eps"] = fd4_eps
+    return kw
+
+
+def make_step(name: str, preset: str, res: int, B: int, device: torch.device, autocast, fd4_eps: float = FD4_EPS):
+    method, backend, _ = ROWS[name]
+    kw = row_kwargs(name, fd4_eps)
     torch.manual_seed(0)
     over = {"img_resolution": res, "attn_resolutions": (res // 2,)} if preset == "tiny" else {}
     net = cmfast.UNet.from_preset(preset, **over).to(device).train()
@@ -74,6 +92,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batches", default=None, help="comma list (default 128,256; smoke 4)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     p.add_argument("--budget-ms", type=float, default=None, help="timing budget per row (default 2000; smoke 200)")
+    p.add_argument("--fd4-eps", type=float, default=FD4_EPS,
+                   help=f"relative step of the sct-fd4-* rows (default {FD4_EPS}; the time does not depend on it)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_sct-<device>.json)")
     a = p.parse_args(argv)
 
@@ -93,10 +113,13 @@ def main(argv=None) -> dict:
     for B in batches:
         base = None
         for name in rows:
-            row = {"row": name, "batch": B, "fd_precision": ROWS[name][2].get("precision", DEFAULT_PRECISION)
-                   if ROWS[name][0] == "sct" else None, "backend": ROWS[name][1]}
+            kw, sct = row_kwargs(name, a.fd4_eps), ROWS[name][0] == "sct"
+            fd = sct and kw.get("jvp") == "fd"
+            row = {"row": name, "batch": B, "fd_precision": kw.get("precision", DEFAULT_PRECISION) if sct else None,
+                   "fd_order": kw.get("order", DEFAULT_ORDER) if fd else None,
+                   "fd_eps": kw.get("eps", DEFAULT_EPS) if fd else None, "backend": ROWS[name][1]}
             try:
-                run = make_step(name, preset, res, B, device, autocast)
+                run = make_step(name, preset, res, B, device, autocast, a.fd4_eps)
                 run()                                   # compile / autotune / allocate outside the timing
                 H.sync(device)
                 if device.type == "cuda":

@@ -5,6 +5,8 @@ sCT/sCD need dF/dt = J_F(x_t, t) . (dx_t/dt, 1), the JVP of the network along th
   method="fd"    central finite difference (F(p + h v) - F(p - h v)) / (2 h): both evaluations run as ONE
                  no-grad forward of twice the batch, so it costs one forward, keeps no activations, and works
                  with every forward kernel (the fused Triton attention, any cmfast.ops backend, CUDA graphs).
+                 order=4: the 4-point stencil (-F(p+2hv) + 8 F(p+hv) - 8 F(p-hv) + F(p-2hv)) / (12 h), all four
+                 in ONE no-grad forward of 4x the batch (truncation O(h^4) instead of O(h^2)).
   method="exact" torch.func.jvp (forward-mode AD): exact, but every op needs a forward-AD formula, so it runs
                  the torch backend of cmfast.ops and the math SDPA kernel (the fused attention kernels have no
                  JVP), and holds the tangent of every activation.
@@ -12,13 +14,17 @@ sCT/sCD need dF/dt = J_F(x_t, t) . (dx_t/dt, 1), the JVP of the network along th
 Error of the finite difference: truncation O(h^2 |F'''|) plus rounding O(u |F| / h) with u the unit roundoff of
 the forward's precision, amplified by the network's conditioning. Hence fp64 (u = 1e-16) is exact for any small
 h, fp32 with TF32 off (u = 6e-8) reaches ~1e-3 relative error at h ~ 1e-2 |t|; TF32 (u ~ 5e-4 inside
-matmuls/convs) and bf16 (u = 4e-3) need a much larger h, and then the truncation term dominates. benchmarks/fd_jvp_accuracy.py measures this table; DEFAULT_PRECISION comes from it.
+matmuls/convs) and bf16 (u = 4e-3) need a much larger h, and then the truncation term dominates. order=4 pays a
+forward of 4B instead of 2B for truncation O(h^4 |F^(5)|) (rounding at most 1.5x the 2-point's at the same h:
+coefficients 8/12 and 1/12), so a larger h, hence a cheaper precision, may reach a given error.
+benchmarks/fd_jvp_accuracy.py measures this table; DEFAULT_PRECISION comes from it.
 
-Dropout: the two halves of the doubled batch must see the same dropout masks, otherwise the difference is
-dropout noise divided by h. `dropout_masks` (a torch function mode) intercepts torch.nn.functional.dropout*
-inside the forward and applies ONE mask drawn for B samples, tiled over both halves, so the halves share it by
-construction (mask tensors are identical, not merely equally seeded). The same mode can record the masks of
-the online forward and replay them in the finite-difference forward, so F and dF/dt see one network.
+Dropout: the two halves of the doubled batch (four quarters for order=4) must see the same dropout masks,
+otherwise the difference is dropout noise divided by h. `dropout_masks` (a torch function mode) intercepts
+torch.nn.functional.dropout* inside the forward and applies ONE mask drawn for B samples, tiled over all blocks,
+so the blocks share it by construction (mask tensors are identical, not merely equally seeded). The same mode
+can record the masks of the online forward and replay them in the finite-difference forward, so F and dF/dt see
+one network.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 PRECISIONS = ("fp64", "fp32", "tf32", "bf16", "fp16")
 METHODS = ("fd", "exact")
+ORDERS = (2, 4)        # points of the central difference: 2 (error O(h^2)) or 4 (O(h^4))
 # PROVISIONAL, measured on CPU only (benchmarks/results/fd_jvp_accuracy-cpu.json: tiny UNet, all branches active,
 # batch 4, 16x16, vs an fp64 torch.func.jvp): fp32 with TF32 off is rounding-limited below eps ~ 1e-2 (rel. error
 # 5.6e-3 at 1e-3, 2.0e-3 at 3e-3) and truncation-limited above (7.5e-3 at 3e-2); its best, 1.05e-3 at eps = 1e-2,
@@ -39,6 +46,7 @@ METHODS = ("fd", "exact")
 DEFAULT_PRECISION = "fp32"
 DEFAULT_EPS = 1e-2     # step relative to |t|: h = eps * max(|t|, floor)
 DEFAULT_FLOOR = 1e-3   # h never goes below eps * floor (t -> 0)
+DEFAULT_ORDER = 2
 
 
 # ---- Shared dropout masks ---------------------------------------------------------------------------------------
@@ -175,21 +183,55 @@ def fd_step(eps, relative_to: torch.Tensor | None, B: int, device, floor: float 
     return h
 
 
-def fd_pair(fn: Callable, primals, tangents, h: torch.Tensor, precision: str = DEFAULT_PRECISION,
-            replay: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fn(p + h v), fn(p - h v)) from ONE no-grad forward of batch 2B, shared dropout masks (drawn once, or the
-    recorded `replay` masks); outputs in fp32 (fp64 for precision='fp64'). h: per-sample (B,) steps."""
+def check_order(order) -> int:
+    """The stencil's order as an int: 2 or 4, else a one-line ValueError."""
+    if isinstance(order, bool) or order not in ORDERS:
+        raise ValueError(f"order: expected 2 or 4 (points of the central difference), got {order!r}")
+    return int(order)
+
+
+def fd_points(fn: Callable, primals, tangents, h: torch.Tensor, precision: str = DEFAULT_PRECISION,
+              replay: list | None = None, order: int = DEFAULT_ORDER) -> tuple[torch.Tensor, ...]:
+    """The stencil's evaluations from ONE no-grad forward of batch order * B with shared dropout masks (drawn once
+    for B and tiled over the `order` blocks, or the recorded `replay` masks): order 2 -> (fn(p + h v),
+    fn(p - h v)); order 4 -> (fn(p + 2h v), fn(p + h v), fn(p - h v), fn(p - 2h v)). Outputs in fp32 (fp64 for
+    precision='fp64'). h: per-sample (B,) steps."""
+    order = check_order(order)
     primals, tangents, B = _check(primals, tangents)
     dt = torch.float64 if precision == "fp64" else torch.float32
     ins = []
     for p, v in zip(primals, tangents):
         p, v = p.detach().to(dt), v.detach().to(dt)
         step = _per_sample(h.to(device=p.device, dtype=dt), p) * v
-        ins.append(torch.cat([p + step, p - step]))
-    with torch.no_grad(), precision_mode(precision, primals[0].device), dropout_masks(2, replay=replay):
+        ins.append(torch.cat([p + step, p - step] if order == 2 else [p + 2 * step, p + step, p - step, p - 2 * step]))
+    with torch.no_grad(), precision_mode(precision, primals[0].device), dropout_masks(order, replay=replay):
         out = fn(*ins)
-    out = out.to(dt)
-    return out[:B], out[B:]
+    return tuple(out.to(dt).split(B))
+
+
+def fd_pair(fn: Callable, primals, tangents, h: torch.Tensor, precision: str = DEFAULT_PRECISION,
+            replay: list | None = None, order: int = DEFAULT_ORDER) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F+, F-) such that (F+ - F-) / (2 h) is the central-difference derivative, from fd_points (ONE no-grad
+    forward). order 2: (fn(p + h v), fn(p - h v)). order 4: the 4-point stencil folded into a pair,
+    F+- = (8 fn(p +- h v) - fn(p +- 2h v)) / 6, so a consumer of a 2-point pair (cmfast.ops.trig_tangent_loss's
+    F_plus, F_minus, h) takes the O(h^4) derivative unchanged. (The folded pair's mean is 7/6 fn(p), not fn(p).)"""
+    pts = fd_points(fn, primals, tangents, h, precision, replay, order)
+    if len(pts) == 2:
+        return pts
+    f2, f1, m1, m2 = pts
+    return (8 * f1 - f2) / 6, (8 * m1 - m2) / 6
+
+
+def fd_estimates(points: Sequence[torch.Tensor], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(p), J v) from fd_points' evaluations and the steps h (B,). Two points: their mean (fn(p) + O(h^2)) and
+    (f(h) - f(-h)) / (2 h). Four: (-f(2h) + 4 f(h) + 4 f(-h) - f(-2h)) / 6 (fn(p) + O(h^4)) and
+    (-f(2h) + 8 f(h) - 8 f(-h) + f(-2h)) / (12 h)."""
+    hh = _per_sample(h.to(device=points[0].device, dtype=points[0].dtype), points[0])
+    if len(points) == 2:
+        plus, minus = points
+        return (plus + minus) * 0.5, (plus - minus) / (2 * hh)
+    f2, f1, m1, m2 = points
+    return (4 * (f1 + m1) - (f2 + m2)) / 6, (8 * (f1 - m1) - (f2 - m2)) / (12 * hh)
 
 
 class _contiguous_group_norm(TorchFunctionMode):
@@ -221,21 +263,23 @@ def exact_jvp(fn: Callable, primals, tangents, precision: str = "fp32", replay: 
 
 def fd_jvp(fn: Callable, primals: Sequence[torch.Tensor] | torch.Tensor, tangents, eps=DEFAULT_EPS, *,
            relative_to: torch.Tensor | None = None, floor: float = DEFAULT_FLOOR, method: str = "fd",
-           precision: str = DEFAULT_PRECISION, replay: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           precision: str = DEFAULT_PRECISION, replay: list | None = None,
+           order: int = DEFAULT_ORDER) -> tuple[torch.Tensor, torch.Tensor]:
     """(fn(primals), J_fn(primals) . tangents). Every primal is a batch tensor (B, ...) and fn must treat the
     samples of a batch independently (no BatchNorm).
 
-    method="fd": central difference with per-sample step h = eps * max(|relative_to|, floor) (or h = eps):
-    (fn(p + h v) - fn(p - h v)) / (2 h), both in one forward of batch 2B under no_grad, the difference taken in
-    fp32 (fp64 for precision='fp64'). The first output is the MEAN of the two evaluations, fn(p) + O(h^2) (no
-    third forward). precision: 'fp64' (fn must compute in fp64, e.g. fp64_call(net)), 'fp32' (TF32 off), 'tf32',
-    'bf16', 'fp16' (autocast). method="exact": torch.func.jvp (see exact_jvp); eps is unused."""
+    method="fd": central difference with per-sample step h = eps * max(|relative_to|, floor) (or h = eps), all
+    evaluations in one forward under no_grad, the differences taken in fp32 (fp64 for precision='fp64').
+    order=2: (fn(p + h v) - fn(p - h v)) / (2 h), a forward of batch 2B; the first output is the MEAN of the two
+    evaluations, fn(p) + O(h^2) (no extra forward). order=4: (-f(2h) + 8 f(h) - 8 f(-h) + f(-2h)) / (12 h) with
+    f(s) = fn(p + s v), a forward of batch 4B, error O(h^4); the first output is (-f(2h) + 4 f(h) + 4 f(-h) -
+    f(-2h)) / 6 = fn(p) + O(h^4). precision: 'fp64' (fn must compute in fp64, e.g. fp64_call(net)), 'fp32' (TF32
+    off), 'tf32', 'bf16', 'fp16' (autocast). method="exact": torch.func.jvp (see exact_jvp); eps, order unused."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    order = check_order(order)
     if method == "exact":
         return exact_jvp(fn, primals, tangents, precision, replay)
     primals, tangents, B = _check(primals, tangents)
     h = fd_step(eps, relative_to, B, primals[0].device, floor)
-    plus, minus = fd_pair(fn, primals, tangents, h, precision, replay)
-    hh = _per_sample(h.to(device=plus.device, dtype=plus.dtype), plus)
-    return (plus + minus) * 0.5, (plus - minus) / (2 * hh)
+    return fd_estimates(fd_points(fn, primals, tangents, h, precision, replay, order), h)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .jvp import DEFAULT_EPS, DEFAULT_FLOOR, DEFAULT_PRECISION, dropout_masks, exact_jvp, fd_pair, fd_step, fp64_call
+from .jvp import (DEFAULT_EPS, DEFAULT_FLOOR, DEFAULT_ORDER, DEFAULT_PRECISION, check_order, dropout_masks, exact_jvp,
+                  fd_pair, fd_step, fp64_call)
 from .nets.layers import FourierEmbedding
 from .precond import check_sigma
 
@@ -131,14 +132,16 @@ def tangent_warmup(step: int, warmup_steps: int = 10_000) -> float:
 def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None = None, step: int = 0,
              warmup_steps: int = 10_000, jvp: str = "fd", precision: str = DEFAULT_PRECISION,
              eps: float = DEFAULT_EPS, floor: float = DEFAULT_FLOOR, p_mean: float = -1.0, p_std: float = 1.4,
-             c: float = 0.1, generator=None, class_labels=None) -> torch.Tensor:
+             c: float = 0.1, generator=None, class_labels=None, order: int = DEFAULT_ORDER) -> torch.Tensor:
     """Per-sample sCM loss (B,): sCT without a teacher (dx_t/dt = cos t z - sin t x0 with z of std sd), sCD with
     an EDM denoiser as teacher. The online forward F (with grad, in the caller's autocast) records its dropout
     masks; dF-/dt is the JVP of the same network (same masks, theta- = stopgrad theta) along (dx_t/dt, 1):
-    jvp='fd' by finite differences (one no-grad forward of 2B, step eps * max(t, floor), in `precision`),
+    jvp='fd' by finite differences (one no-grad forward of 2B, step eps * max(t, floor), in `precision`; order=4:
+    the 4-point stencil, one forward of 4B, folded into the pair the loss takes, see cmfast.jvp.fd_pair),
     jvp='exact' by torch.func.jvp. The fused op cmfast.ops.trig_tangent_loss forms g, normalizes and weights."""
     if jvp not in ("fd", "exact"):
         raise ValueError(f"jvp: expected 'fd' or 'exact', got {jvp!r}")
+    order = check_order(order)
     B, sd = x0.shape[0], model.sigma_data
     x0 = x0.float()
     t = sample_time(B, sd, p_mean, p_std, generator, x0.device)
@@ -161,9 +164,9 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
         _, dFdt = exact_jvp(lambda x, s: net(x, s, class_labels), (x_t, t), tangents,
                             "fp64" if precision == "fp64" else "fp32", replay=masks)
         return ops.trig_tangent_loss(F, x_t, dxdt, t, dFdt=dFdt.float(), **common)
-    labels2 = None if class_labels is None else torch.cat([class_labels, class_labels])
+    labels_k = None if class_labels is None else torch.cat([class_labels] * order)
     h = fd_step(eps, t, B, x0.device, floor)
-    Fp, Fm = fd_pair(lambda x, s: net(x, s, labels2), (x_t, t), tangents, h, precision, replay=masks)
+    Fp, Fm = fd_pair(lambda x, s: net(x, s, labels_k), (x_t, t), tangents, h, precision, replay=masks, order=order)
     return ops.trig_tangent_loss(F, x_t, dxdt, t, F_plus=Fp.float(), F_minus=Fm.float(), h=h.float(), **common)
 
 

@@ -1,5 +1,6 @@
 """cmfast.fd_jvp: finite-difference JVP against torch.func.jvp (fp64 truth), shared dropout masks, attention
 backends, argument errors."""
+import functools
 import os
 
 import torch
@@ -68,8 +69,10 @@ def _inputs(B=3, H=8, seed=1):
     return (x, t), (v, torch.ones(B))
 
 
-@pytest.mark.parametrize("name", list(NETS))
-def test_fd_matches_exact_jvp_fp64_and_fp32(name):
+@functools.lru_cache(maxsize=None)
+def _case(name):
+    """(net, primals, tangents, fp64 torch.func.jvp, fp64 fn(primals)) of NETS[name], computed once per module:
+    the fp64 references of the tiny UNet take seconds on CPU."""
     torch.manual_seed(0)
     net = NETS[name]()
     if name != "tiny-unet":
@@ -77,13 +80,19 @@ def test_fd_matches_exact_jvp_fp64_and_fp32(name):
             nn.init.normal_(p, std=0.3)
     primals, tangents = _inputs()
     _, truth = exact_jvp(fp64_call(net), primals, tangents, precision="fp64")
+    f64 = fp64_call(net)(primals[0].double(), primals[1].double())
+    return net, primals, tangents, truth, f64
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_fd_matches_exact_jvp_fp64_and_fp32(name):
+    net, primals, tangents, truth, f64 = _case(name)
     out64, jvp64 = fd_jvp(fp64_call(net), primals, tangents, eps=1e-5, relative_to=primals[1], precision="fp64")
     out32, jvp32 = fd_jvp(net, primals, tangents, eps=1e-3, relative_to=primals[1], precision="fp32")
     assert _rel(jvp64, truth) < 1e-6
     assert _rel(jvp32, truth) < 1e-3
     assert jvp32.dtype == torch.float32 and jvp64.dtype == torch.float64
     # the first output is the mean of the two evaluations: fn(p) + O(h^2)
-    f64 = fp64_call(net)(primals[0].double(), primals[1].double())
     assert _rel(out64, f64) < 1e-9
     # bf16 differences are noise at the same step (the reason the precision is a setting)
     _, jvp_bf = fd_jvp(net, primals, tangents, eps=1e-3, relative_to=primals[1], precision="bf16")
@@ -177,6 +186,139 @@ def test_errors():
         fd_jvp(torch.sin, (x,), (x,), eps=0.0)
     with pytest.raises(NotImplementedError, match="alpha_dropout"):
         fd_jvp(lambda y: F.alpha_dropout(y, 0.5, True), (x,), (x,))
+
+
+# ---- order=4: the 4-point stencil ---------------------------------------------------------------------------------
+def test_fourth_order_error_falls_like_h4():
+    # f(x) = sin(3x) e^x in fp64 (no rounding at these steps): halving eps divides the 4-point error by 2^4 = 16
+    # (measured 15.9, 16.0, 16.0 over eps 0.1 -> 0.0125) and the 2-point one by 4; the 4-point primal estimate
+    # (-f(2h) + 4 f(h) + 4 f(-h) - f(-2h)) / 6 is O(h^4) as well
+    x = torch.linspace(0.2, 1.5, 7, dtype=torch.float64).reshape(7, 1)
+    fn = lambda y: torch.sin(3 * y) * torch.exp(y)  # noqa: E731
+    truth = (3 * torch.cos(3 * x) + torch.sin(3 * x)) * torch.exp(x)
+    err = {}
+    for order in (2, 4):
+        for eps in (0.1, 0.05, 0.025):
+            out, jvp = fd_jvp(fn, (x,), (torch.ones_like(x),), eps, precision="fp64", order=order)
+            err[order, eps] = (_rel(jvp, truth), _rel(out, fn(x)))
+    for e, e2 in ((0.1, 0.05), (0.05, 0.025)):
+        assert 14 < err[4, e][0] / err[4, e2][0] < 18, err
+        assert 14 < err[4, e][1] / err[4, e2][1] < 18, err
+        assert 3.5 < err[2, e][0] / err[2, e2][0] < 4.5, err
+        assert err[4, e][0] < err[2, e][0] / 50
+    # the folded pair of fd_pair (what the fused sCM loss takes) gives the same derivative
+    from cmfast.jvp import fd_pair, fd_step
+    h = fd_step(0.05, None, 7, "cpu")
+    Fp, Fm = fd_pair(fn, (x,), (torch.ones_like(x),), h, "fp64", order=4)
+    torch.testing.assert_close((Fp - Fm) / (2 * h[:, None]),
+                               fd_jvp(fn, (x,), (torch.ones_like(x),), 0.05, precision="fp64", order=4)[1])
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_fourth_order_matches_exact_jvp_fp64(name):
+    # measured (fp64, vs torch.func.jvp): eps 1e-3 -> 4e-12 / 2e-13 / 1e-12 (groupnorm / attention / tiny UNet);
+    # at eps 3e-2 the 4-point error is 4e-6 / 9e-8 / 9e-7 against 2-point 9e-4 / 9e-5 / 3e-4
+    net, primals, tangents, truth, f64 = _case(name)
+    fn64 = fp64_call(net)
+    out, jvp = fd_jvp(fn64, primals, tangents, eps=1e-3, relative_to=primals[1], precision="fp64", order=4)
+    assert _rel(jvp, truth) < 1e-6 and jvp.dtype == torch.float64
+    assert _rel(out, f64) < 1e-9
+    _, j2 = fd_jvp(fn64, primals, tangents, eps=3e-2, relative_to=primals[1], precision="fp64")
+    _, j4 = fd_jvp(fn64, primals, tangents, eps=3e-2, relative_to=primals[1], precision="fp64", order=4)
+    assert _rel(j4, truth) < _rel(j2, truth) / 20
+    # fp32 (TF32 off) at a 4-point step: as good as the 2-point default
+    _, j32 = fd_jvp(net, primals, tangents, eps=3e-2, relative_to=primals[1], precision="fp32", order=4)
+    assert _rel(j32, truth) < 1e-3 and j32.dtype == torch.float32
+
+
+def test_fourth_order_is_one_forward_of_four_times_the_batch():
+    net, calls = GNNet(), []
+    net.register_forward_pre_hook(lambda m, a: calls.append((a[0].shape[0], torch.is_grad_enabled())))
+    primals, tangents = _inputs(B=5)
+    fd_jvp(net, primals, tangents, order=4)
+    assert calls == [(20, False)]
+
+
+def test_dropout_masks_are_shared_by_all_four_evaluations():
+    # as for two points: a zero tangent gives exactly zero, the tangent x (fn linear in x with ONE mask m) gives
+    # exactly m x for both outputs: the stencils' weights sum to 1 (primal) and to 12 h / (12 h) (derivative)
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 5)
+    fn = lambda y: F.dropout(y, p=0.5, training=True)  # noqa: E731
+    out, jvp0 = fd_jvp(fn, (x,), (torch.zeros_like(x),), eps=1e-3, order=4)
+    assert torch.count_nonzero(out) < 0.7 * out.numel()     # dropout did act
+    assert torch.equal(jvp0, torch.zeros_like(x))
+    out, jvp = fd_jvp(fn, (x,), (x,), eps=0.25, order=4)
+    torch.testing.assert_close(jvp, out, rtol=1e-6, atol=1e-6)
+    kept = (out / x)[out != 0]             # out = m x with m in {0, 1 / (1 - p)}: the primal saw the same mask too
+    torch.testing.assert_close(kept, torch.full_like(kept, 2.0))
+    # inside the UNet (F.dropout per residual block): zero tangent -> exactly zero; the four quarters of a plain
+    # no-grad forward would differ
+    net = cmfast.UNet.from_preset("tiny", img_resolution=8, attn_resolutions=(4,), dropout=0.5).train()
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.1)
+    primals, tangents = _inputs(B=2)
+    _, jvp0 = fd_jvp(net, primals, (torch.zeros_like(tangents[0]), torch.zeros_like(tangents[1])), order=4)
+    assert torch.equal(jvp0, torch.zeros_like(jvp0))
+    # recorded masks of an online forward replay into all four quarters: F and dF/dt see one network
+    masks = []
+    with dropout_masks(record=masks):
+        online = net(*primals)
+    out, jvp = fd_jvp(net, primals, tangents, eps=3e-2, relative_to=primals[1], replay=masks, order=4)
+    torch.testing.assert_close(out, online.detach(), rtol=1e-4, atol=1e-5)
+    _, truth = exact_jvp(net, primals, tangents, replay=masks)
+    assert _rel(jvp, truth) < 1e-3
+
+
+def test_bad_order_is_a_one_line_value_error():
+    from cmfast.trigflow import TrigFlowModel, sct_loss
+    x = torch.randn(2, 3)
+    for bad in (3, 1, "4", True, None):
+        with pytest.raises(ValueError, match=r"^order: expected 2 or 4") as e:
+            fd_jvp(torch.sin, (x,), (x,), order=bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"^order: expected 2 or 4"):
+        fd_jvp(torch.sin, (x,), (x,), method="exact", order=3)
+    with pytest.raises(ValueError, match=r"^order: expected 2 or 4"):
+        sct_loss(TrigFlowModel(_tiny()), torch.randn(2, 3, 8, 8), order=3)
+
+
+def test_training_accepts_fd_order(capsys):
+    # cmfast-train --method sct --method-arg fd_order=4: resolved into method_args, a bad value is the CLI's one
+    # line error before any data or model; one tiny sCT step with order 4 gives a finite loss close to the exact
+    # JVP's, class-conditional included (labels tiled over the four quarters)
+    from cmfast.cli.train import main as train_main
+    from cmfast.training.config import resolve
+    from cmfast.training.methods import get_method
+    from cmfast.trigflow import sct_loss
+    base = dict(method="sct", dataset="fashion-mnist")
+    assert resolve(dict(base, method_args={"fd_order": 4}))["method_args"]["fd_order"] == 4
+    assert resolve(base)["method_args"]["fd_order"] == 2                     # the default is unchanged
+    with pytest.raises(ValueError, match=r"^fd_order: expected 2 or 4"):
+        resolve(dict(base, method_args={"fd_order": 3}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_main(["--method", "sct", "--dataset", "fashion-mnist", "--method-arg", "fd_order=8", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "fd_order: expected 2 or 4" in err, err
+
+    sct = get_method("sct")
+    cfg = dict(sigma_data=0.5, sigma_min=0.002, sigma_max=80.0,
+               method_args=dict(sct.defaults, warmup_steps=0, fd_order=4, fd_eps=3e-2))
+    torch.manual_seed(0)
+    net = cmfast.UNet.from_preset("tiny", img_resolution=8, attn_resolutions=(4,), label_dim=4)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.1)
+    models = sct.build(net, cfg)
+    x0 = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
+    y = torch.tensor([0, 3, 1])
+    loss, _ = sct.loss(models, x0, 5, cfg, torch.Generator().manual_seed(3), class_labels=y)
+    loss.mean().backward()
+    assert loss.shape == (3,) and torch.isfinite(loss).all()
+    assert all(torch.isfinite(p.grad).all() for p in models["model"].parameters() if p.grad is not None)
+    exact = sct_loss(models["model"], x0, jvp="exact", warmup_steps=0, generator=torch.Generator().manual_seed(3),
+                     class_labels=y)
+    torch.testing.assert_close(loss.detach(), exact.detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_precision_mode_sets_and_restores_tf32_and_autocast():

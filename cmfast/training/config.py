@@ -54,6 +54,8 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
     if unknown:
         raise ValueError(f"method {cfg['method']!r} has no hyperparameter {', '.join(sorted(unknown))}; "
                          f"it has {', '.join(method.defaults) or 'none'}")
+    if hasattr(method, "check_args"):      # the method's own checks of its hyperparameters' values
+        method.check_args(cfg["method_args"])
     cfg["loss"] = cfg["loss"] or method.default_loss
     cfg["ema"] = [float(r) for r in cfg["ema"]]
     cfg["betas"] = [float(b) for b in cfg["betas"]]

@@ -6,7 +6,7 @@ every checkpoint consumer work unchanged. theta- = stopgrad(theta): no target ne
 """
 from __future__ import annotations
 
-from ..jvp import DEFAULT_EPS, DEFAULT_PRECISION
+from ..jvp import DEFAULT_EPS, DEFAULT_ORDER, DEFAULT_PRECISION, PRECISIONS, check_order
 from ..trigflow import TrigFlowModel, scm_loss, tangent_warmup
 from .methods import Method, register
 
@@ -20,7 +20,20 @@ class SCT(Method):
                 "jvp": "fd",                           # 'fd' (finite difference) or 'exact' (torch.func.jvp)
                 "fd_precision": DEFAULT_PRECISION,     # forwards of the finite difference: fp64/fp32/tf32/bf16/fp16
                 "fd_eps": DEFAULT_EPS,                 # step h = fd_eps * max(t, floor)
+                "fd_order": DEFAULT_ORDER,             # points of the central difference: 2 (forward of 2B) or 4 (4B)
                 "time_input": "t"}                     # c_noise(t): 't', '1000t', or 'edm' (EDM weights as is)
+
+    def check_args(self, args: dict) -> None:
+        """One-line ValueErrors for bad JVP settings, raised when the config is resolved (before any data/model)."""
+        if args["jvp"] not in ("fd", "exact"):
+            raise ValueError(f"jvp: expected 'fd' or 'exact', got {args['jvp']!r}")
+        if args["fd_precision"] not in PRECISIONS:
+            raise ValueError(f"fd_precision: expected one of {', '.join(PRECISIONS)}, got {args['fd_precision']!r}")
+        try:
+            check_order(args["fd_order"])
+        except ValueError:
+            raise ValueError(f"fd_order: expected 2 or 4 (points of the central difference), "
+                             f"got {args['fd_order']!r}") from None
 
     def wrap(self, net, cfg):
         return TrigFlowModel(net, cfg["sigma_data"], cfg["sigma_min"], cfg["sigma_max"],
@@ -30,7 +43,7 @@ class SCT(Method):
         a = cfg["method_args"]
         loss = scm_loss(models["model"], x, models.get("teacher"), step, a["warmup_steps"], a["jvp"],
                         a["fd_precision"], a["fd_eps"], p_mean=a["p_mean"], p_std=a["p_std"], c=a["c"],
-                        generator=generator, class_labels=class_labels)
+                        generator=generator, class_labels=class_labels, order=a.get("fd_order", DEFAULT_ORDER))
         return loss, {"r": tangent_warmup(step, a["warmup_steps"])}
 
 
