@@ -79,9 +79,11 @@ run bench-cuda-ops 210 python benchmarks/bench_cuda.py --quick --budget-s 170 --
 fi
 
 if [ "$STAGE" = sct ]; then
-# 3. The tangent's error per (precision, eps) on DDPM++ CIFAR-10 against an fp64 JVP, then the step benchmark.
-run fd-jvp-accuracy 200 python benchmarks/fd_jvp_accuracy.py --out "$OUT/fd_jvp_accuracy.json"
-run bench-sct 200 python benchmarks/bench_sct.py --out "$OUT/bench_sct.json"
+# 3. The tangent's error per (precision, eps, order) on DDPM++ CIFAR-10 against an fp64 JVP, then the step benchmark.
+#    The first H200 run took 45 s and 145 s; the 4-point rows (15 accuracy rows, 4 step rows) add an estimated
+#    20 s and 25-50 s.
+run fd-jvp-accuracy 150 python benchmarks/fd_jvp_accuracy.py --out "$OUT/fd_jvp_accuracy.json"
+run bench-sct 280 python benchmarks/bench_sct.py --out "$OUT/bench_sct.json"
 fi
 
 if [ "$STAGE" = reference ]; then
