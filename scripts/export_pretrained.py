@@ -3,7 +3,7 @@ checkpoint's config metadata, so cmfast.load_pretrained rebuilds it) and a JSON 
 on the exported weights.
 
     python scripts/export_pretrained.py --checkpoint runs/fmnist --name fmnist --device-note "H100, 7 min" \
-        --train-command "cmfast-train ..." [--num 10000]
+        --train-command "cmfast-train ..." [--num 10000] [--searched-sigmas 80,0.02]
 """
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ from cmfast.pretrained import ASSETS
 from cmfast.training.checkpoint import FORMAT, load_model, load_weights, resolve
 
 
+def _sigmas(text: str) -> tuple[float, ...]:
+    """'80,0.02' -> (80.0, 0.02): at least two decreasing positive noise levels."""
+    try:
+        v = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if len(v) < 2 or any(x <= 0 for x in v) or any(b >= a for a, b in zip(v, v[1:])):
+        raise argparse.ArgumentTypeError(f"expected at least two decreasing positive levels, got {text!r}")
+    return v
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="run directory or ckpt-*.safetensors")
@@ -26,6 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train-command", default="", help="the exact command that trained it")
     ap.add_argument("--device-note", default="", help="device and wall time of the training run")
     ap.add_argument("--note", default="", help="anything a user must know about this model")
+    ap.add_argument("--searched-sigmas", type=_sigmas, default=None, metavar="S1,S2[,...]",
+                    help="levels a search found (e.g. scripts/reference_runs.py's cmfast.metrics.search_sigmas): the "
+                         "card then also holds FD-FMNIST at them, as '<steps>-step-searched'")
     ap.add_argument("--out-dir", default=ASSETS, help="where the .safetensors and the card go (default: the "
                                                       "package's assets, where load_pretrained finds them)")
     ap.add_argument("--device", default=None, help="device of the FD-FMNIST evaluation (default cuda if any)")
@@ -51,14 +65,21 @@ def main(argv=None) -> int:
     import torch
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(out, which="ema", map_location=device)  # the exported file, as load_pretrained reads it
-    fd = {f"{s}-step": round(float(evaluate(model, "fd-fmnist", steps=s, num=a.num, seed=0, device=device,
-                                            data_dir=a.data_dir)["value"]), 3) for s in (1, 2)}
+
+    def score(**kw):
+        return round(float(evaluate(model, "fd-fmnist", num=a.num, seed=0, device=device, data_dir=a.data_dir,
+                                    **kw)["value"]), 3)
+    fd = {f"{s}-step": score(steps=s) for s in (1, 2)}
+    sigmas = {"1-step": [80.0], "2-step": [80.0, 0.821]}
+    if a.searched_sigmas:
+        key = f"{len(a.searched_sigmas)}-step-searched"
+        fd[key], sigmas[key] = score(sigmas=a.searched_sigmas), list(a.searched_sigmas)
     card = {
         "name": a.name, "dataset": cfg.get("dataset"), "method": cfg.get("method"), "preset": cfg.get("preset"),
         "parameters": sum(p.numel() for p in model.parameters()), "weights": f"{which} of step {meta['step']}, fp16",
         "steps": meta["step"], "images_seen": meta["step"] * int(cfg.get("batch_size", 0)),
         "training": {"command": a.train_command, "device": a.device_note},
-        "fd_fmnist": {**fd, "num_samples": a.num, "sigmas": {"1-step": [80.0], "2-step": [80.0, 0.821]},
+        "fd_fmnist": {**fd, "num_samples": a.num, "sigmas": sigmas,
                       "note": "FD-FMNIST is cmfast's offline metric (classifier features), not comparable with FID"},
         "note": a.note,
     }

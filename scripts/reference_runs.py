@@ -1,8 +1,9 @@
 """The reference runs (issue: reference runs and a shipped model): on Fashion-MNIST, train an EDM teacher, CD from
 it, CT, iCT and sCT, score each with FD-FMNIST (teacher: EDM Heun, 18 steps = 35 evaluations; the consistency
-models at 1 and 2 steps) and write one results JSON that benchmarks/make_tables.py turns into the README table.
+models at 1 and 2 steps, 2 steps at the default levels (80, 0.821) and at the second level a search on other samples
+finds) and write one results JSON that benchmarks/make_tables.py turns into the README table.
 
-    python scripts/reference_runs.py --profile gpu   --out runs/ref          # one GPU job, about 7 minutes
+    python scripts/reference_runs.py --profile gpu   --out runs/ref          # one GPU job, at most ~7 minutes
     python scripts/reference_runs.py --profile cpu   --out runs/ref-cpu      # the tiny net on a CPU, about 1.5 hours
     python scripts/reference_runs.py --profile smoke --out /tmp/ref          # a minute: checks the pipeline only
 
@@ -28,22 +29,51 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _harness as H  # noqa: E402  (the results' device naming, shared with the benchmarks)
 
-# Per profile: the network, the batch, the steps and the time cap (minutes) of each method, and the eval size.
-# CT and CD use the l2 distance (the paper's LPIPS needs ImageNet VGG weights, and Fashion-MNIST is 1-channel);
-# iCT its pseudo-Huber, sCT its own loss. EMA 0.999 suits runs of a few thousand steps. CT's target is the online
+# Per profile: the network, the batch, the steps and the time cap (minutes) of each method, the eval size, and the
+# search of the 2-step level (see search_two_step). CT and CD use the l2 distance (the paper's LPIPS needs ImageNet
+# VGG weights, and Fashion-MNIST is 1-channel); iCT its pseudo-Huber, sCT its own loss. CT's target is the online
 # network (mu0 = 0, as iCT found best): with the paper's EMA target (mu0 = 0.9) 600 CPU steps collapse to one constant
 # image (FD-FMNIST 190), with mu0 = 0 they reach 10.4 (benchmarks/results/ct_target_ema-cpu.json).
+#
+# gpu: sized from the first GPU run, benchmarks/results/reference_runs-gpu-nvidia-h200.json (H200, batch 256, the same
+# time caps), whose runs all stopped on --time-limit, at steps edm 1618 (1.6 min), cd 520 (1.1), ct 654 (0.9), ict 703
+# (0.9) and sct 568 (1.0): cap / steps = 59-127 ms a step (edm 59, ict 77, ct 83, sct 106, cd 127 ms). That is host
+# time (kernel launches): fmnist-small (1.07M parameters in 272 tensors, eager; 0.47 GFLOP an image forward, ~0.36
+# TFLOP a batch-256 step with the backward) needs about 1 ms of bf16 compute a step there, and its peak memory was
+# 3.1-3.9 GiB (mem_mb 3145-4006). So batch 1024: 4x the images a minute for ~4x the GPU work (still well under a
+# step's host time) and at most 4x the memory (12.3-15.6 GiB, well inside an H100's 80 GB). Planned steps = 0.85 x the
+# steps reached above, rounded down to 10, so that each run ends on its planned step with its whole curriculum (CT's
+# and iCT's N(k), and sCT's tangent warm-up, see SCT_WARMUP, are functions of the planned steps) unless batch 1024
+# slows a step by more than 1 / 0.85 = 1.18x; then --time-limit still stops it inside its cap, short of the end of its
+# curriculum. The caps are unchanged (5.5 min of training in all). The stage's worst case, every run at its cap: 330 s
+# of training + 28 s of start-ups and scores (as measured there) + ~24 s of 2-step searches (search_two_step) + ~7 s
+# of interpreter and export = ~390 s of gpu_check.sh's 440 (tests/test_reference_runs.py checks it from the same
+# JSON); if batch 1024 costs no more a step, ~0.85 x 330 s of training and ~340 s in all. Learning rate 1e-3 (RAdam,
+# no warm-up) kept: batch 256 trained stably with it (no skipped steps) and no GPU run has measured another;
+# sqrt-batch scaling (2e-3) is the one-flag experiment to try next. EMA 0.999 kept: the loop's EMA warm-up min(rate,
+# (1 + k) / (10 + k)) stays below 0.999 until step 8990, so at these <= 1370 steps the rate has no effect (the EMA
+# spans about the last 1/9 of the steps).
 PROFILES = {
-    "gpu": dict(preset="fmnist-small", batch=256, precision="bf16", ema="0.999", num=10000, eval_batch=1000,
-                runs={"edm": (8000, 1.6), "cd": (4000, 1.1), "ct": (4000, 0.9), "ict": (4000, 0.9),
-                      "sct": (3000, 1.0)}),
+    "gpu": dict(preset="fmnist-small", batch=1024, precision="bf16", ema="0.999", num=10000, eval_batch=1000,
+                runs={"edm": (1370, 1.6), "cd": (440, 1.1), "ct": (550, 0.9), "ict": (590, 0.9),
+                      "sct": (480, 1.0)},
+                search=dict(num=5000, iters=5, seed=1)),
     "cpu": dict(preset="tiny", batch=32, precision="fp32", ema="0.999", num=2000, eval_batch=250,
                 runs={"edm": (1000, 20.0), "cd": (500, 15.0), "ct": (600, 12.0), "ict": (600, 12.0),
-                      "sct": (500, 12.0)}),
+                      "sct": (500, 12.0)},
+                search=dict(num=1000, iters=5, seed=1)),
     "smoke": dict(preset="tiny", batch=8, precision="fp32", ema="0.9", num=200, eval_batch=100,
-                  runs={"edm": (6, 1.0), "cd": (4, 1.0), "ct": (4, 1.0), "ict": (4, 1.0), "sct": (4, 1.0)}),
+                  runs={"edm": (6, 1.0), "cd": (4, 1.0), "ct": (4, 1.0), "ict": (4, 1.0), "sct": (4, 1.0)},
+                  search=dict(num=100, iters=1, seed=1)),
 }
+# The first GPU run (benchmarks/results), whose steps and rates size the gpu profile; the tests check it against them.
+GPU_MEASURED = "reference_runs-gpu-nvidia-h200.json"
 METHOD_ARGS = {"edm": [], "cd": ["--loss", "l2"], "ct": ["--loss", "l2", "--mu0", "0"], "ict": [], "sct": []}
+# sCT's tangent warm-up (r: 0 -> 1) over this fraction of the planned steps. The method's default is a fixed 10,000
+# steps (the sCM paper's, for long runs), which these runs never reach: r ended at 0.057 in the H200 run (568 steps)
+# and 0.05 in the CPU one. CPU, tiny net, batch 32, 500 steps, FD-FMNIST of 2000 samples (1 / 2 steps): warm-up over
+# 10,000 steps 26.80 / 11.28, over 100 (0.2) 12.17 / 11.63, over 250 (0.5) 12.35 / 11.70 (sct_warmup-cpu.json).
+SCT_WARMUP = 0.2
 ORDER = ("edm", "cd", "ct", "ict", "sct")
 
 
@@ -56,6 +86,8 @@ def train_argv(method: str, prof: dict, out: str, data_dir: str | None, device: 
             "--log-every", str(max(1, steps // 20)), "--resume", "auto"] + METHOD_ARGS[method]
     if method == "cd":
         argv += ["--teacher", os.path.join(out, "edm")]
+    if method == "sct":
+        argv += ["--method-arg", f"warmup_steps={max(1, round(SCT_WARMUP * steps))}"]
     if data_dir:
         argv += ["--data-dir", data_dir]
     if device:
@@ -128,6 +160,52 @@ def run_one(method: str, prof: dict, a, record: dict) -> None:
         ev["sample_img_per_s"] = round(sampling_rate(model, device, prof["eval_batch"], steps), 1)
         record["evals"].append(ev)
         print(f"reference_runs: {method} {nfe} evaluations: FD-FMNIST {ev['value']:.3f}", flush=True)
+    if method != "edm":
+        try:
+            s = record["sigma_search"] = search_two_step(model, prof, a.data_dir, device)
+            print(f"reference_runs: {method} 2 evaluations at the searched levels {s['sigmas']}: FD-FMNIST "
+                  f"{s['eval']['value']:.3f} ({len(s['trials'])} trials of {s['num']} images in {s['seconds']:.1f} s)",
+                  flush=True)
+        except Exception as e:    # the fixed-level scores above stand; the search's failure is recorded
+            record["sigma_search"] = {"error": f"{type(e).__name__}: {e}"}
+            traceback.print_exc()
+
+
+def search_evals(iters: int) -> int:
+    """Upper bound of the FD evaluations of one 2-step search_sigmas: the start (the default levels), two a ternary
+    round, and the best of the final bracket's three points (some of them usually evaluated before)."""
+    return 1 + 2 * iters + 3
+
+
+def search_two_step(model, prof: dict, data_dir: str | None, device) -> dict:
+    """The 2-step level as the CM paper tunes it (on the metric): cmfast.metrics.search_sigmas (greedy ternary search
+    of the second level in log sigma, the default (80, 0.821) scored first) on FD-FMNIST of a smaller sample set with
+    another noise seed (prof['search']), then FD-FMNIST at the level found on the same samples as the default's score
+    (prof['num'] images, seed 0), so the two 2-step numbers compare like for like.
+
+    Cost: at most search_evals(iters) evaluations of search num images at 2 steps, then one of num images.
+    gpu profile (5000 images, 5 rounds: <= 14 evaluations), from the H200 run: 1-step sampling at 29,500 img/s (eval
+    batch 1000) and 10k-image scores in 0.42 s (1 step) and 0.76 s (2 steps), i.e. 0.34 s of sampling per 10k images
+    and network evaluation, and <= 0.08 s for the features, the Frechet distance and loading. So 5000 images at 2
+    steps <= 0.34 + 0.04 = 0.38 s, x 14 = 5.3 s a search, + 0.76 s for the 10k score = ~6.1 s a model, ~24 s for the
+    four consistency models (and ~0.8 s for the export's third score). cpu profile (1000 images): 2000 images at 2
+    steps took 22-26 s there, so <= 14 x 13 s + 26 s = ~3.5 min a model, ~14 min in all."""
+    from cmfast.metrics import default_sigmas, evaluate, search_sigmas
+    sp = prof["search"]
+    t0 = time.time()
+    found = search_sigmas(lambda sg: evaluate(model, "fd-fmnist", sigmas=sg, num=sp["num"],
+                                              batch_size=prof["eval_batch"], seed=sp["seed"], device=device,
+                                              data_dir=data_dir)["value"],
+                          steps=2, sigma_min=model.sigma_min, sigma_max=model.sigma_max, iters=sp["iters"],
+                          start=default_sigmas(2))
+    search_s = time.time() - t0
+    ev = evaluate(model, "fd-fmnist", sigmas=found["sigmas"], num=prof["num"], batch_size=prof["eval_batch"],
+                  seed=0, device=device, data_dir=data_dir)
+    ev["nfe"] = 2
+    return {"method": "greedy ternary search of the 2nd level in log sigma (cmfast.metrics.search_sigmas), the "
+                      "default (80, 0.821) scored first", "num": sp["num"], "seed": sp["seed"], "iters": sp["iters"],
+            "sigmas": found["sigmas"], "search_fd": found["score"], "trials": found["trials"],
+            "seconds": round(search_s, 2), "eval": ev}
 
 
 def export_best(doc: dict, a, results: str) -> None:
@@ -144,6 +222,9 @@ def export_best(doc: dict, a, results: str) -> None:
                 "--train-command", r["command"], "--device-note",
                 f"{doc['device']}, {r['train_s'] / 60:.1f} min of training, {r['images_seen']} images",
                 "--note", f"best 1-step FD-FMNIST of the reference runs ({a.profile} profile): {m}"]
+        searched = r.get("sigma_search", {}).get("sigmas")
+        if searched:   # the card also scores the 2-step levels the reference run's search found for this model
+            argv += ["--searched-sigmas", ",".join(repr(float(v)) for v in searched)]
         argv += ["--out-dir", a.export_dir] if a.export_dir else []
         argv += ["--device", a.device] if a.device else []
         argv += ["--data-dir", a.data_dir] if a.data_dir else []

@@ -3,6 +3,7 @@ benchmarks/make_tables.py generates from the results JSON."""
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -34,32 +35,62 @@ def _doc(runs, slug="h100", date="2026-11-26"):
             "eval_num": 10000, "runs": runs}
 
 
+def _searched(fd, level=0.02):
+    return {"sigmas": [80.0, level], "num": 5000, "seed": 1, "iters": 5, "search_fd": fd + 0.1, "trials": [],
+            "eval": {"nfe": 2, "value": fd, "sigmas": [80.0, level], "num": 10000, "seed": 0}}
+
+
 def test_goals_are_computed_from_the_numbers():
     good = _doc({"edm": _run(4.0, None, nfe=(35,)), "cd": _run(5.0, 4.5), "ct": _run(7.0, 5.5)})
     assert make_tables.reference_goals(good) == [
-        "2 steps better than 1 for every method: met", "CD 1-step better than CT 1-step: met (5.00 vs 7.00)",
-        "best 2-step (cd) within 1.5x of the teacher: met (1.12x)"]
+        "2 steps (default level 0.821) better than 1 for every method: met",
+        "CD 1-step better than CT 1-step: met (5.00 vs 7.00)",
+        "best 2-step (cd, default level 0.821) within 1.5x of the teacher: met (1.12x)"]
     bad = _doc({"edm": _run(2.0, None, nfe=(35,)), "cd": _run(8.0, 9.0), "ct": _run(7.0, 5.5)})
     assert make_tables.reference_goals(bad) == [
-        "2 steps better than 1 for every method: missed (cd)", "CD 1-step better than CT 1-step: missed (8.00 vs 7.00)",
-        "best 2-step (ct) within 1.5x of the teacher: missed (2.75x)"]
+        "2 steps (default level 0.821) better than 1 for every method: missed (cd)",
+        "CD 1-step better than CT 1-step: missed (8.00 vs 7.00)",
+        "best 2-step (ct, default level 0.821) within 1.5x of the teacher: missed (2.75x)"]
+    assert make_tables.reference_goals(_doc({"edm": _run(2.0, None, nfe=(35,))})) == [
+        "not enough finished runs to check"]
 
 
-def test_readme_tables_are_replaced_between_markers(tmp_path):
-    (tmp_path / "old.json").write_text(json.dumps(_doc({"ict": _run(9.0, 8.0)}, date="2026-11-01")))
-    (tmp_path / "new.json").write_text(json.dumps(_doc({"ict": _run(6.0, 5.0), "sct": {"error": "boom"}})))
-    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "bench_ops"}))
-    (tmp_path / "broken.json").write_text("{")
-    readme = tmp_path / "README.md"
-    readme.write_text(f"a\n{make_tables.BEGIN}\nx\n{make_tables.END}\nb\n{make_tables.REF_BEGIN}\ny\n"
-                      f"{make_tables.REF_END}\nc\n")
-    assert make_tables.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
-    text = readme.read_text()
-    assert text.startswith("a\n") and text.endswith("c\n") and "\ny\n" not in text
-    assert "| ict | 10 (10) | 80 | 1 | 80 | 6.00 | 5.00 | - | 100.0 |" in text and "9.00" not in text
-    assert "| sct | boom |" in text and "2 steps better than 1 for every method: met" in text
-    readme.write_text("no markers\n")
-    assert make_tables.main(["--results", str(tmp_path), "--readme", str(readme)]) == 2
+def test_goals_are_checked_at_the_default_and_the_searched_level():
+    # cd's 2-step is worse than its 1-step at 0.821 and better at its searched level; ict was not searched.
+    run = _doc({"edm": _run(2.0, None, nfe=(35,)), "cd": _run(8.0, 9.0, sigma_search=_searched(2.9)),
+                "ct": _run(7.0, 5.5, sigma_search=_searched(6.0, 0.05)), "ict": _run(6.0, 7.0)})
+    assert make_tables.reference_goals(run) == [
+        "2 steps (default level 0.821) better than 1 for every method: missed (cd, ict)",
+        "2 steps (searched level; not searched: ict) better than 1 for every method: met",
+        "CD 1-step better than CT 1-step: missed (8.00 vs 7.00)",
+        "best 2-step (ct, default level 0.821) within 1.5x of the teacher: missed (2.75x)",
+        "best 2-step (cd, searched level) within 1.5x of the teacher: met (1.45x)"]
+    # A failed search (recorded as an error) leaves the method's default-level numbers and is not counted as searched.
+    run["runs"]["ct"]["sigma_search"] = {"error": "RuntimeError: boom"}
+    assert "2 steps (searched level; not searched: ct, ict) better than 1 for every method: met" in \
+        make_tables.reference_goals(run)
+    md = make_tables.reference_markdown([dict(run, _file="x.json")])
+    assert "| cd | 10 (10) | 80 | 1 | 80 | 8.00 | 9.00 | 2.90 (0.02) | - | 100.0 |" in md
+    assert "| ct | 10 (10) | 80 | 1 | 80 | 7.00 | 5.50 | - | - | 100.0 |" in md
+    assert "search on FD-FMNIST of 5000 other samples (noise seed 1, 5 ternary rounds)" in md
+
+
+def test_committed_results_render_with_and_without_the_search():
+    # Results written before the search existed (the first H200 and CPU runs) keep rendering: '-' in the searched
+    # column and the goals at the default level only.
+    files = sorted(make_tables.RESULTS.glob("reference_runs-*.json"))
+    assert files
+    for path in files:
+        run = dict(json.loads(path.read_text()), _file=path.name)
+        md = make_tables.reference_markdown([run])
+        rows = [x for x in md.splitlines() if x.startswith("| ") and not x.startswith("| method")]
+        assert len(rows) == len(run["runs"]) and all(x.count("|") == 11 for x in rows if "error" not in x)
+        has = {m for m, r in run["runs"].items() if (r.get("sigma_search") or {}).get("eval")}
+        for m in set(run["runs"]) - has - {"edm"}:
+            assert next(x for x in rows if x.startswith(f"| {m} |")).split("|")[8].strip() == "-"
+        goals = make_tables.reference_goals(run)
+        assert any(g.startswith("2 steps (searched level") for g in goals) == bool(has)
+        assert "Goals (from the numbers above): " + "; ".join(goals) in md
 
 
 def test_train_commands_record_the_method_settings():
@@ -70,8 +101,49 @@ def test_train_commands_record_the_method_settings():
     ict = ref.train_argv("ict", prof, "out", None, "cuda", 0)
     assert "--loss" not in ict and ict[ict.index("--preset") + 1] == "fmnist-small"
     assert float(ict[ict.index("--time-limit") + 1]) == prof["runs"]["ict"][1]
+    assert int(ict[ict.index("--batch-size") + 1]) == prof["batch"]
+    # sCT's tangent warm-up ends inside every profile's planned steps (its default, 10,000 steps, never would).
+    for name, p in ref.PROFILES.items():
+        sct = ref.train_argv("sct", p, "out", None, None, 0)
+        warmup = int(sct[sct.index("--method-arg") + 1].removeprefix("warmup_steps="))
+        assert 1 <= warmup < p["runs"]["sct"][0], name
+        assert "--method-arg" not in ref.train_argv("ict", p, "out", None, None, 0)
     # The GPU profile fits one device call: the five runs' time caps leave room for the evaluations.
     assert sum(m for _, m in prof["runs"].values()) * 60 <= 360
+
+
+def test_gpu_profile_is_sized_from_the_measured_gpu_run():
+    """The gpu profile against the committed H200 run it was sized from (batch 256, same time caps): each planned step
+    count is reachable at the step rate measured there and uses most of its cap; the memory, scaled to the new batch,
+    stays inside an 80 GB H100; and gpu_check.sh's reference stage (440 s) holds the caps, the measured overheads and the
+    2-step search as costed from that run's evaluation times."""
+    ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
+    prof = ref.PROFILES["gpu"]
+    measured = json.loads((make_tables.RESULTS / ref.GPU_MEASURED).read_text())
+    assert measured["profile"] == "gpu" and measured["preset"] == prof["preset"]
+    assert measured["precision"] == prof["precision"] and prof["batch"] >= 4 * measured["batch_size"]
+    for m, (planned, minutes) in prof["runs"].items():
+        r = measured["runs"][m]
+        cap = float(r["command"].split("--time-limit ")[1].split()[0])
+        assert r["steps"] < r["steps_planned"]          # it stopped on --time-limit: steps / cap is its step rate
+        reachable = r["steps"] * minutes / cap          # steps at that rate within this profile's cap
+        assert 0.8 * reachable <= planned <= reachable, (m, planned, reachable)
+        # Activation memory grows with the batch (the parameters and optimizer state do not): an upper bound.
+        assert r["mem_mb"] * prof["batch"] / measured["batch_size"] <= 40 * 1024, m
+    runs = measured["runs"].values()
+    caps_s = sum(minutes * 60 for _, minutes in prof["runs"].values())
+    startup_s = sum(r["train_wall_s"] - r["train_s"] for r in runs)           # data, model, checkpoint, grid
+    evals_s = measured["wall_s"] - sum(r["train_wall_s"] for r in runs)       # scores and sampling rates
+    two_step_s = max(e["seconds"] for r in runs for e in r["evals"] if e["nfe"] == 2)   # 10k images, 2 steps
+    assert two_step_s < 1.0 and measured["eval_num"] == prof["num"]
+    cms = len(prof["runs"]) - 1
+    search_s = cms * (ref.search_evals(prof["search"]["iters"]) * (two_step_s * prof["search"]["num"] / prof["num"]
+                                                                   + 0.1) + two_step_s)
+    assert search_s < 40, search_s
+    export_s = 3 * two_step_s + 10          # its three scores, loading and writing (the whole export took ~6 s)
+    stage_s = int(re.search(r"^run reference-runs (\d+) ", (ROOT / "scripts" / "gpu_check.sh").read_text(), re.M)[1])
+    assert caps_s + startup_s + evals_s + search_s + export_s <= stage_s - 30, \
+        (stage_s, caps_s, startup_s, evals_s, search_s, export_s)   # 30 s: interpreter, imports and the unexpected
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST_SYSTEM_DIR), reason="needs the Debian package dataset-fashion-mnist")
@@ -91,9 +163,34 @@ def test_smoke_profile_trains_scores_and_exports(tmp_path, monkeypatch):
     assert "stale" not in r
     assert r["steps"] == r["steps_planned"] == 4 and r["images_seen"] == 32
     assert r["command"].startswith("cmfast-train --dataset fashion-mnist --method ict --preset tiny")
-    assert [e["nfe"] for e in r["evals"]] == [1, 2]
+    assert [e["nfe"] for e in r["evals"]] == [1, 2] and r["evals"][1]["sigmas"] == [80.0, 0.821]
     assert all(0 < e["value"] < 400 and e["num"] == 200 for e in r["evals"])   # FD of noise is ~150-200
+    # The 2-step level searched on other samples (fewer, another seed), then scored on the evaluation's samples.
+    s, sp = r["sigma_search"], ref.PROFILES["smoke"]["search"]
+    assert (s["num"], s["seed"], s["iters"]) == (sp["num"], sp["seed"], sp["iters"]) and s["seed"] != 0
+    assert s["trials"][0][0] == [80.0, 0.821] and 3 <= len(s["trials"]) <= ref.search_evals(sp["iters"])
+    assert s["sigmas"][0] == 80.0 and 0.002 < s["sigmas"][1] < 80.0
+    assert s["search_fd"] == min(v for _, v in s["trials"])
+    e = s["eval"]
+    assert e["sigmas"] == s["sigmas"] and (e["num"], e["seed"], e["nfe"]) == (200, 0, 2) and 0 < e["value"] < 400
+    if s["sigmas"] == [80.0, 0.821]:          # the default won: the same samples give the same score
+        assert e["value"] == pytest.approx(r["evals"][1]["value"], rel=1e-6)
+    md = make_tables.reference_markdown([dict(doc, _file="ref.json", date="2026-11-27", torch="x", preset="tiny",
+                                              batch_size=8, precision="fp32", eval_num=200)])
+    assert f"| {e['value']:.2f} ({s['sigmas'][1]:.3g}) |" in md
+    assert "2 steps (searched level) better than 1 for every method:" in md
     assert doc["export"] == {"name": "smoke-model", "method": "ict", "fd_1step": r["evals"][0]["value"], "rc": 0}
     card = json.loads((tmp_path / "export" / "smoke-model.json").read_text())
     assert card["steps"] == 4 and card["method"] == "ict" and card["training"]["command"] == r["command"]
+    assert card["fd_fmnist"]["sigmas"]["2-step-searched"] == s["sigmas"]
+    assert 0 < card["fd_fmnist"]["2-step-searched"] < 400
     assert (tmp_path / "export" / "smoke-model.safetensors").stat().st_size < 1e6
+
+
+def test_export_checks_the_searched_levels(capsys):
+    exp = _load(ROOT / "scripts" / "export_pretrained.py", "export_pretrained")
+    assert exp._sigmas("80,0.0231") == (80.0, 0.0231)
+    for bad in ("80", "0.02,80", "80,x", "80,0"):
+        with pytest.raises(SystemExit):
+            exp.main(["--checkpoint", "nope", "--name", "n", "--searched-sigmas", bad])
+        assert "--searched-sigmas" in capsys.readouterr().err
