@@ -161,8 +161,10 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
         net = lambda x, s, y: sign * net64(x / sd, model.c_noise(s), y)  # noqa: E731
     tangents = (dxdt, torch.ones_like(t))
     if jvp == "exact":
-        _, dFdt = exact_jvp(lambda x, s: net(x, s, class_labels), (x_t, t), tangents,
-                            "fp64" if precision == "fp64" else "fp32", replay=masks)
+        # torch.func.jvp cannot trace a torch.compile'd backbone (cmfast-train --compile): that one pass runs eagerly
+        with torch.compiler.set_stance("force_eager"):
+            _, dFdt = exact_jvp(lambda x, s: net(x, s, class_labels), (x_t, t), tangents,
+                                "fp64" if precision == "fp64" else "fp32", replay=masks)
         return ops.trig_tangent_loss(F, x_t, dxdt, t, dFdt=dFdt.float(), **common)
     labels_k = None if class_labels is None else torch.cat([class_labels] * order)
     h = fd_step(eps, t, B, x0.device, floor)

@@ -227,3 +227,22 @@ def test_conditional_run_and_pretrained_assets(tmp_path, fm, monkeypatch):
     assert torch.equal(m.net.out_conv.weight, model.net.out_conv.weight)
     with pytest.raises(ValueError, match="no shipped model 'x'; available: fm"):
         cmfast.load_pretrained("x")
+
+
+def test_compile_option_dry_run_and_errors(capsys, tmp_path):
+    def dry(*argv):
+        assert train_main(["--dataset", "fashion-mnist", "--dry-run", *argv]) == 0
+        cfg = json.loads(capsys.readouterr().out)
+        return cfg["compile"], cfg["backend"]
+    assert dry() == ("none", "auto")
+    assert dry("--compile") == ("default", "torch")            # bare --compile; cmfast's kernels may not trace
+    assert dry("--compile", "--steps", "3") == ("default", "torch")
+    assert dry("--compile", "reduce-overhead") == ("reduce-overhead", "torch")
+    assert dry("--compile=max-autotune-no-cudagraphs") == ("max-autotune-no-cudagraphs", "torch")
+    assert dry("--compile", "max-autotune", "--backend", "auto") == ("max-autotune", "auto")    # named: kept
+    assert dry("--backend", "triton", "--compile") == ("default", "triton")
+    assert dry("--compile", "none") == ("none", "auto")
+    out = str(tmp_path / "out")
+    fails(capsys, ["--compile", "fast", "--output-dir", out], "argument --compile: invalid choice: 'fast'")
+    fails(capsys, ["--compile", "reduce_overhead", "--output-dir", out], "invalid choice: 'reduce_overhead'")
+    assert tree(out) is None

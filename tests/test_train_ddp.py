@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo, launched by torchrun): 2 ranks x 2 images == 1 process x 2 rounds of 2 images."""
+"""DDP on CPU (gloo, launched by torchrun): 2 ranks x 2 images == 1 process x 2 rounds of 2 images; also with
+--compile (traced by dynamo, CMFAST_COMPILE_BACKEND=eager: the compiled backbone inside DDP)."""
 import json
 import os
 import subprocess
@@ -10,13 +11,14 @@ from safetensors.torch import load_file
 from train_fixtures import write_png_folder
 
 
-def _train(tmp_path, out, nproc):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMFAST_OFFLINE": "1"}
+def _train(tmp_path, out, nproc, extra=()):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMFAST_OFFLINE": "1", "CMFAST_COMPILE_BACKEND": "eager"}
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
               if nproc > 1 else [sys.executable])
     args = ["-m", "cmfast.cli.train", "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--method", "ct",
             "--loss", "l2", "--preset", "tiny", "--batch-size", "4", "--steps", "3", "--sample-num", "0",
             "--lr", "1e-3", "--ema", "0.9", "--device", "cpu", "--output-dir", str(tmp_path / out)]
+    args += list(extra)
     if nproc == 1:
         args += ["--batch-gpu", "2"]
     r = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=240)
@@ -25,11 +27,14 @@ def _train(tmp_path, out, nproc):
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("compile_", [False, True])
+def test_two_ranks_match_one_process(tmp_path, compile_):
     write_png_folder(tmp_path / "imgs", n=8, size=16)
-    one, _ = _train(tmp_path, "one", 1)
-    two, log = _train(tmp_path, "two", 2)
+    extra = ["--compile"] if compile_ else []
+    one, _ = _train(tmp_path, "one", 1, extra)
+    two, log = _train(tmp_path, "two", 2, extra)
     assert "2 rank(s) on cpu" in log
+    assert ("torch.compile mode default (eager backend" in log) == compile_
     assert set(one) == set(two)
     # Same data, same noise per image; only the gradient reduction differs: (g1 + g2) / 2 (DDP all-reduce) vs.
     # g1 / 2 + g2 / 2 (two accumulated rounds). With 2 ranks both are exact in fp32 (measured difference 0.0);

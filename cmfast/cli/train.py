@@ -56,7 +56,7 @@ def build_parser():
     from ..data import DATASETS
     from ..nets.presets import PRESETS
     from ..objectives import DISTANCES
-    from ..training.config import CONFIGS, DEFAULTS
+    from ..training.config import COMPILE_MODES, CONFIGS, DEFAULTS
     from ..training.methods import METHODS
     D = DEFAULTS
 
@@ -106,6 +106,14 @@ def build_parser():
                                                              "(default: the whole per-rank batch)")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), help=d("backend", "cmfast.ops"))
     p.add_argument("--device", help="default: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the networks that run every step (the student's backbone; the target's and "
+                        "the teacher's where the method has them) in this mode: default, reduce-overhead (CUDA "
+                        "graphs), max-autotune-no-cudagraphs (autotuned kernels), max-autotune (both), or none; "
+                        "bare --compile = default. "
+                        "Compiled runs use --backend torch (cmfast's own kernels may not trace) unless --backend "
+                        "is given. Checkpoints are the same as without; the first logged interval includes the "
+                        "compile time (compile_warmup in stats.jsonl) (default: none)")
     p.add_argument("--nan-limit", type=_ranged(int, 1), help=d("nan_limit", "stop after this many consecutive "
                                                                             "non-finite steps"))
 

@@ -15,8 +15,11 @@ DEFAULTS = dict(
     total_steps=None, kimg=None, ema=(0.9999,), precision="fp32", grad_clip=0.0, seed=0, nan_limit=20,
     sigma_data=0.5, sigma_min=0.002, sigma_max=80.0,
     output_dir="runs/cmfast", resume=None, stop_at=None, time_limit=None, sample_every=1000, sample_num=64, ckpt_every=1000,
-    keep=3, log_every=50, backend="auto", device=None,
+    keep=3, log_every=50, backend="auto", device=None, compile="none",
 )
+
+# --compile: torch.compile modes of the per-step networks ('none': eager, nothing compiled).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 # The papers' CIFAR-10 runs (PAPER.md; CM paper Table 3 / Appendix C, with the optimizer, warm-up and dropout of
 # openai/consistency_models_cifar10 configs/cifar10_ve_cd.py and cifar10_ve_ct_adaptive.py: RAdam, 10M-image
@@ -48,6 +51,12 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
         given = args.get(k)
         cfg[k] = given if given is not None else preset.get(k, v)
     cfg["config"] = args.get("config")
+    if cfg["compile"] not in COMPILE_MODES:
+        raise ValueError(f"--compile: expected one of {', '.join(COMPILE_MODES)}, got {cfg['compile']!r}")
+    if cfg["compile"] != "none" and args.get("backend") is None:
+        # cmfast's own kernels (Triton / CUDA autograd.Functions) may not trace: compiled runs use the torch ops,
+        # which inductor fuses itself, unless --backend names a backend.
+        cfg["backend"] = "torch"
     method = get_method(cfg["method"])
     cfg["method_args"] = {**method.defaults, **preset.get("method_args", {}), **(args.get("method_args") or {})}
     unknown = set(cfg["method_args"]) - set(method.defaults)

@@ -183,6 +183,7 @@ def _train(args: dict) -> dict:
             [ckpt.resolve(cfg["resume"])]
         step, counters = _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log)
 
+    compiled = compile_nets(models, cfg["compile"])   # in place, before DDP wraps model.net (PyTorch's advice)
     if world > 1:    # DDP wraps the backbone, so method code keeps model.sigma_min etc.; state dicts are unwrapped
         model.net = torch.nn.parallel.DistributedDataParallel(
             model.net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -219,6 +220,10 @@ def _train(args: dict) -> dict:
         log(f"{method.name} on {cfg['dataset']} ({len(data)} images {data.shape}), {cfg['preset']} "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {world} rank(s) on {device}, "
             f"steps {step} -> {cfg['total_steps']}")
+        if compiled:
+            log(f"torch.compile mode {cfg['compile']} ({compiled['backend']} backend, cmfast.ops backend "
+                f"{cfg['backend']}) of {', '.join(compiled['nets'])}: the first steps compile, the first stats row "
+                f"(compile_warmup) includes that time")
     bar = None
     if rank == 0 and sys.stdout.isatty():
         from tqdm import tqdm
@@ -226,13 +231,15 @@ def _train(args: dict) -> dict:
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
     local, rounds = cfg["batch_size"] // world, cfg["batch_size"] // world // cfg["batch_gpu"]
     params = [p for p in model.parameters() if p.requires_grad]
-    tick = {"loss": 0.0, "gnorm": 0.0, "n": 0, "t0": time.time(), "step0": step}
+    tick = {"loss": 0.0, "gnorm": 0.0, "n": 0, "t0": time.time(), "step0": step, "warmup": bool(compiled)}
     row, consecutive_bad = {}, 0
     limit_s = None if cfg.get("time_limit") is None else cfg["time_limit"] * 60.0
     t_start = time.monotonic()
 
     with ops.use_backend(cfg["backend"]), _restore_signals(old, bar):
         while step < cfg["total_steps"]:
+            if compiled:    # a new iteration for CUDA-graph trees (reduce-overhead, max-autotune); a no-op otherwise
+                torch.compiler.cudagraph_mark_step_begin()
             # Data: the global batch is drawn on every rank, each rank keeps its slice.
             idx, flip = sampler.next(cfg["batch_size"])
             x, y = data.batch(idx[rank * local:(rank + 1) * local], flip[rank * local:(rank + 1) * local], device)
@@ -298,7 +305,7 @@ def _train(args: dict) -> dict:
                     (bar.write if bar else print)(msg)
                     with open(os.path.join(out, "log.txt"), "a") as f:
                         f.write(msg + "\n")
-                tick.update(loss=0.0, gnorm=0.0, n=0, t0=time.time(), step0=step)
+                tick.update(loss=0.0, gnorm=0.0, n=0, t0=time.time(), step0=step, warmup=False)
             if rank == 0 and (step % cfg["sample_every"] == 0 or last) and cfg["sample_num"] > 0:
                 src = next(iter(emas.values())) if emas else model
                 write_samples(src, method.kind, cfg, step, data.shape, device, out)
@@ -363,7 +370,34 @@ def _stats_row(step, cfg, tick, info, lr, counters, device) -> dict:
             "grad_norm": tick["gnorm"] / n, "N": info.get("N"), "mu": info.get("mu"),
             **{k: v for k, v in info.items() if k not in ("N", "mu")}, "lr": lr,
             "img_per_s": (step - tick["step0"]) * cfg["batch_size"] / dt, "mem_mb": round(mem, 1),
-            "skipped": counters["skipped"], "overflow": counters["overflow"], "time": round(time.time(), 3)}
+            "skipped": counters["skipped"], "overflow": counters["overflow"], "time": round(time.time(), 3),
+            **({"compile_warmup": True} if tick.get("warmup") else {})}
+
+
+def compile_nets(models: dict, mode: str) -> dict | None:
+    """--compile: torch.compile(mode=mode, dynamic=False) of the backbones that run every step, the student's
+    (model.net) and the target's and teacher's where the method has them (no-grad passes); None for mode 'none'.
+
+    nn.Module.compile() compiles each backbone in place, so parameters, state_dict keys (no '_orig_mod.' level),
+    EMA updates, resume with or without --compile and checkpoint readers are all as without it; DDP then wraps
+    the compiled module (PyTorch's order for DDP: compile the inner module, then wrap). The EMA copies (sampled
+    every --sample-every steps) stay eager.
+
+    CMFAST_COMPILE_BACKEND (testing hook): a torch.compile backend other than inductor, e.g. 'eager' (dynamo
+    tracing only: the tests check tracing, checkpoints and resume on CPU without inductor's minutes-long compiles);
+    the mode only applies to inductor."""
+    if mode == "none":
+        return None
+    backend = os.environ.get("CMFAST_COMPILE_BACKEND") or "inductor"
+    kw = dict(dynamic=False, backend=backend, **({"mode": mode} if backend == "inductor" else {}))
+    names, seen = [], set()
+    for name in ("model", "target", "teacher"):
+        net = getattr(models.get(name), "net", None)
+        if isinstance(net, torch.nn.Module) and id(net) not in seen:   # ict: the target is the model itself
+            net.compile(**kw)
+            seen.add(id(net))
+            names.append(f"{name}.net")
+    return {"backend": backend, "nets": names}
 
 
 def ckpt_copy(model):
