@@ -51,6 +51,19 @@ def time_ms(fn, device: torch.device, budget_ms: float = 500.0, warmup: int = 3)
             "timer": "cuda events" if device.type == "cuda" else "time.perf_counter"}
 
 
+def graph_time(fn, device: torch.device, budget_ms: float = 100.0) -> dict:
+    """GPU time alone: fn captured in a CUDA graph and replayed (triton's do_bench_cudagraph, median), i.e. without
+    the host's launch and Python cost that dominates do_bench at small sizes. This is what a kernel costs inside
+    the CUDA-graph sampler. {} off CUDA; {'graph_error': why} when fn cannot be captured."""
+    if device.type != "cuda":
+        return {}
+    try:
+        from triton.testing import do_bench_cudagraph
+        return {"graph_median_ms": do_bench_cudagraph(fn, rep=budget_ms, return_mode="median")}
+    except Exception as e:  # noqa: BLE001 - a host sync or allocation the capture refuses: the row keeps its eager time
+        return {"graph_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
 def ceilings(device: torch.device, quick: bool) -> dict:
     """Measured peak matmul rate (bf16 on GPU, fp32 on CPU) and copy bandwidth (read + write bytes)."""
     if device.type == "cuda":

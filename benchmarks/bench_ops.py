@@ -68,6 +68,8 @@ class Bench:
                     fn()
                 H.sync(self.dev)
                 row.update(H.time_ms(fn, self.dev, budget_ms=self.budget_ms, warmup=0))
+                if case.get("pass") == "fwd":   # the sampler's case: also the GPU time alone, from a graph replay
+                    row.update(H.graph_time(fn, self.dev, budget_ms=self.budget_ms))
                 row["gb_per_s"] = nbytes / row["median_ms"] / 1e6
                 row["of_copy_bw"] = row["gb_per_s"] / self.ceil["copy_gb_per_s"]
                 row["floor_ms"] = H.floor_ms(flops, nbytes, self.ceil)

@@ -71,6 +71,23 @@ def test_auto_table_per_shape_class(tmp_path):
     assert table["_meta"]["ratios"]["group_norm_act"]["classes"]["fwd/nhwc"]["cuda"] == 2.0
 
 
+def test_auto_table_prefers_graph_replay_times_when_every_backend_has_one(tmp_path):
+    def row(shape, backend, ms, graph=None):
+        r = dict(op="group_norm_act", shape=shape, layout="nhwc", backend=backend, median_ms=ms, **{"pass": "fwd"})
+        if graph is not None:
+            r["graph_median_ms"] = graph
+        return r
+    rows = [row([8, 256, 8, 8], "cuda", 0.12, 0.004), row([8, 256, 8, 8], "triton", 0.04, 0.006),   # graphed: cuda
+            row([1, 128, 32, 32], "cuda", 0.08, 0.005), row([1, 128, 32, 32], "triton", 0.05)]    # triton lacks one
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(_result("cuda", rows)))
+    out = tmp_path / "t.json"
+    assert make_auto_table.main([str(f), "--out", str(out)]) == 0
+    ratios = json.loads(out.read_text())["_meta"]["ratios"]["group_norm_act"]
+    # case 1 by graph times (cuda 1, triton 1.5), case 2 by eager times (cuda 1.6, triton 1)
+    assert ratios["cuda"] == pytest.approx(1.6 ** 0.5) and ratios["triton"] == pytest.approx(1.5 ** 0.5)
+
+
 def test_auto_table_refuses_empty_input(tmp_path, capsys):
     f = tmp_path / "cpu.json"
     f.write_text(json.dumps(_result("cpu", [_row("group_norm_act", [1], "torch", 1.0)])))
