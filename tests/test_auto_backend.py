@@ -19,6 +19,7 @@ TABLE = {"group_norm_act": {"default": "cuda", "fwd/nhwc": "triton", "fwd+bwd/nh
 @pytest.fixture
 def table(monkeypatch):
     monkeypatch.setattr(ops, "_auto_table", TABLE)
+    monkeypatch.setattr(ops, "_auto_resolved", {})
     monkeypatch.setattr(ops, "_failed", dict(ops._failed))
 
 
@@ -56,6 +57,9 @@ def test_failed_cuda_build_falls_back_and_is_not_retried(table, monkeypatch):
     assert ops._auto_choice("group_norm_act", CUDA, torch.bfloat16, "fwd+bwd/nhwc") == "triton"
     assert ops._auto_choice("consistency_loss", CUDA, torch.bfloat16, "fwd+bwd") == "torch"
     assert len(calls) == 1 and "nvcc failed" in ops._failed["cuda"]
+    # resolved once per (op, device, class): later calls are a dictionary lookup
+    assert ops._auto_resolved[("group_norm_act", CUDA, "fwd+bwd/nhwc")] == "triton"
+    assert ops._auto_choice("group_norm_act", CUDA, torch.bfloat16, "fwd+bwd/nhwc") == "triton" and len(calls) == 1
 
 
 def test_shape_class():

@@ -105,15 +105,24 @@ def interpreter_problem() -> str | None:
 
 
 _auto_table: dict | None = None
+_auto_resolved: dict[tuple, str] = {}   # (op, device, case) -> backend: resolved once, not on every op call
 
 
 def _auto_choice(op: str, device: torch.device, dtype: torch.dtype | None, case: str | None = None) -> str:
     """'auto': the measured winner for this op on this device class (benchmarks/make_auto_table.py writes
     auto_table.json), per shape class `case` ('fwd' / 'fwd+bwd', with '/nchw' or '/nhwc') where the table has one;
     torch for float64, which the kernels do not take."""
-    global _auto_table
     if device.type != "cuda" or dtype == torch.float64:
         return "torch"
+    key = (op, device, case)
+    choice = _auto_resolved.get(key)
+    if choice is None:
+        choice = _auto_resolved[key] = _auto_resolve(op, device, case)
+    return choice
+
+
+def _auto_resolve(op: str, device: torch.device, case: str | None) -> str:
+    global _auto_table
     if _auto_table is None:
         path = Path(__file__).with_name("auto_table.json")
         _auto_table = json.loads(path.read_text()) if path.exists() else {}
@@ -141,13 +150,16 @@ def _auto_choice(op: str, device: torch.device, dtype: torch.dtype | None, case:
     return "torch"
 
 
+def is_nhwc(x: torch.Tensor) -> bool:
+    """Channels-last storage (N, *spatial, C) that is not also plain NCHW-contiguous (the layout every backend
+    keeps for its output, and the auto table's 'nhwc' class)."""
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
 def shape_class(needs_grad: bool, x: torch.Tensor | None = None) -> str:
     """The auto table's shape class of a call: 'fwd' or 'fwd+bwd', plus '/nhwc' or '/nchw' when x is given."""
     case = "fwd+bwd" if needs_grad else "fwd"
-    if x is None:
-        return case
-    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return case + ("/nhwc" if nhwc else "/nchw")
+    return case if x is None else case + ("/nhwc" if is_nhwc(x) else "/nchw")
 
 
 def implementation(op: str, device: torch.device, dtype: torch.dtype | None = None, case: str | None = None) -> Callable:

@@ -16,6 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _build
+from . import is_nhwc as _is_nhwc
 
 if _build.unavailable_reason():  # the dispatcher reports it as BackendUnavailable; 'auto' then keeps to torch
     raise ImportError(_build.unavailable_reason())
@@ -60,11 +61,6 @@ def _sigma(sigma, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- layout, streams, the extension -----------------------------------------------------------------------------
-def _is_nhwc(x: torch.Tensor) -> bool:
-    """Channels-last storage (N, *spatial, C) that is not also plain NCHW-contiguous."""
-    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
-
-
 def _dense(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
     return t.movedim(1, -1).contiguous().movedim(-1, 1) if nhwc else t.contiguous()
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F_
 
 from .. import precond
+from . import is_nhwc
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -39,8 +40,7 @@ def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act):
         y = y + shift.to(dt).reshape(pshape)
     if act == "silu":
         y = F_.silu(y)
-    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
+    fmt = torch.channels_last if x.dim() == 4 and is_nhwc(x) else torch.contiguous_format
     return y.to(x.dtype).contiguous(memory_format=fmt)
 
 
