@@ -183,10 +183,10 @@ def fd_step(eps, relative_to: torch.Tensor | None, B: int, device, floor: float 
     return h
 
 
-def check_order(order) -> int:
-    """The stencil's order as an int: 2 or 4, else a one-line ValueError."""
+def check_order(order, name: str = "order") -> int:
+    """The stencil's order as an int: 2 or 4, else a one-line ValueError naming `name`."""
     if isinstance(order, bool) or order not in ORDERS:
-        raise ValueError(f"order: expected 2 or 4 (points of the central difference), got {order!r}")
+        raise ValueError(f"{name}: expected 2 or 4 (points of the central difference), got {order!r}")
     return int(order)
 
 

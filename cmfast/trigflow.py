@@ -15,6 +15,7 @@ sCD starts the student from the teacher this way (the loop copies the teacher's 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -162,7 +163,9 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
     tangents = (dxdt, torch.ones_like(t))
     if jvp == "exact":
         # torch.func.jvp cannot trace a torch.compile'd backbone (cmfast-train --compile): that one pass runs eagerly
-        with torch.compiler.set_stance("force_eager"):
+        # (set_stance is torch >= 2.6; older torch runs it as it is)
+        stance = getattr(torch.compiler, "set_stance", None)
+        with stance("force_eager") if stance else contextlib.nullcontext():
             _, dFdt = exact_jvp(lambda x, s: net(x, s, class_labels), (x_t, t), tangents,
                                 "fp64" if precision == "fp64" else "fp32", replay=masks)
         return ops.trig_tangent_loss(F, x_t, dxdt, t, dFdt=dFdt.float(), **common)

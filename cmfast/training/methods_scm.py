@@ -29,11 +29,7 @@ class SCT(Method):
             raise ValueError(f"jvp: expected 'fd' or 'exact', got {args['jvp']!r}")
         if args["fd_precision"] not in PRECISIONS:
             raise ValueError(f"fd_precision: expected one of {', '.join(PRECISIONS)}, got {args['fd_precision']!r}")
-        try:
-            check_order(args["fd_order"])
-        except ValueError:
-            raise ValueError(f"fd_order: expected 2 or 4 (points of the central difference), "
-                             f"got {args['fd_order']!r}") from None
+        check_order(args["fd_order"], "fd_order")
 
     def wrap(self, net, cfg):
         return TrigFlowModel(net, cfg["sigma_data"], cfg["sigma_min"], cfg["sigma_max"],
