@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from cmfast.cli._common import sigmas_type
 from cmfast.metrics import evaluate
 from cmfast.pretrained import ASSETS
 from cmfast.training.checkpoint import FORMAT, load_model, load_weights, resolve
@@ -19,10 +20,7 @@ from cmfast.training.checkpoint import FORMAT, load_model, load_weights, resolve
 
 def _sigmas(text: str) -> tuple[float, ...]:
     """'80,0.02' -> (80.0, 0.02): at least two decreasing positive noise levels."""
-    try:
-        v = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    v = sigmas_type("80,0.02")(text)    # the CLIs' --sigmas parser
     if len(v) < 2 or any(x <= 0 for x in v) or any(b >= a for a, b in zip(v, v[1:])):
         raise argparse.ArgumentTypeError(f"expected at least two decreasing positive levels, got {text!r}")
     return v
