@@ -124,12 +124,16 @@ def environment(device: torch.device) -> dict:
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
 
-def write_result(result: dict, out, name: str) -> Path:
-    """`result` as JSON at `out`, or at benchmarks/results/<name> when out is None; prints where."""
+def write_result(result: dict, out, name: str, quiet: bool = False) -> Path:
+    """`result` as JSON at `out`, or at benchmarks/results/<name> when out is None; prints where (unless quiet).
+    Written to a temporary file and renamed, so a run killed while writing leaves the previous version whole."""
     path = Path(out or Path(__file__).resolve().parent / "results" / name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    if not quiet:
+        print(f"wrote {path}")
     return path
 
 

@@ -109,6 +109,12 @@ def main(argv=None) -> dict:
     if smoke and "sct-fd-triton" in rows and not __import__("os").environ.get("TRITON_INTERPRET") == "1":
         rows.remove("sct-fd-triton")   # Triton on CPU only under the interpreter
 
+    env = H.environment(device)
+
+    def result(rows_done: list, complete: bool) -> dict:
+        return {"env": env, "preset": preset, "resolution": res, "smoke": smoke, "complete": complete,
+                "autocast": str(autocast).removeprefix("torch.") if autocast else "fp32", "rows": rows_done}
+
     results = []
     for B in batches:
         base = None
@@ -144,11 +150,12 @@ def main(argv=None) -> dict:
             msg = row.get("error") or (f"{row['time_ms']:9.2f} ms  {row['img_per_s']:8.1f} img/s  x{row.get('time_vs_ict', 1):.2f}"
                                        + (f"  {row['peak_mem_mb']:8.0f} MB" if "peak_mem_mb" in row else ""))
             print(f"B={B:<4d} {name:14s} {msg}", flush=True)
+            if a.out:           # a run stopped at a time limit keeps the rows measured so far
+                H.write_result(result(results, False), a.out, "", quiet=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    out = {"env": H.environment(device), "preset": preset, "resolution": res, "smoke": smoke,
-           "autocast": str(autocast).removeprefix("torch.") if autocast else "fp32", "rows": results}
+    out = result(results, True)
     H.write_result(out, a.out, f"bench_sct-{H.device_slug(device)}.json")
     return out
 

@@ -76,6 +76,7 @@ def ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
 class Runner:
     def __init__(self, args, device):
         self.args, self.device, self.rows = args, device, []
+        self.save = None                # set by main: writes the result JSON so far
         self.t0 = time.perf_counter()
         self.budget_ms = 100 if args.quick else (1000 if device.type == "cpu" else 500)
 
@@ -106,6 +107,8 @@ class Runner:
                 row["x_floor"] = row["median_ms"] / row["floor_ms"]
         self.rows.append(row)
         print(_line(row), flush=True)
+        if self.save:
+            self.save(complete=False)   # a run stopped at a time limit keeps every row measured so far
         return row
 
 
@@ -283,6 +286,19 @@ def main(argv=None) -> int:
     print(f"ceilings: {ceil['matmul_tflops']:.3g} TFLOP/s {ceil['matmul_dtype']} matmul, "
           f"{ceil['copy_gb_per_s']:.0f} GB/s copy", flush=True)
     r = Runner(args, device)
+    reference = "eager-bf16" if device.type == "cuda" else "eager-fp32"
+
+    def save(complete: bool) -> dict:
+        add_ratios(r.rows, reference)
+        result = {"benchmark": "throughput", "schema": 1, **env, "quick": args.quick, "complete": complete,
+                  "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "threads": torch.get_num_threads(),
+                  "reference_mode": reference, "ceilings": ceil, "wall_s": round(time.perf_counter() - r.t0, 1),
+                  "rows": r.rows}
+        if complete or args.out:     # partial results only where asked (--out): the default path is the final one
+            H.write_result(result, args.out, f"{env['device_slug']}-{env['date'][:10]}.json", quiet=not complete)
+        return result
+
+    r.save = save
     presets, batches, modes, tbatches, tmodes = plan(args, device)
     # Compile rows last (sampling, then the training step), so a time budget (--quick) drops them rather than the
     # cheap rows.
@@ -296,14 +312,9 @@ def main(argv=None) -> int:
         run_sampling(r, preset, batches, compiled, ceil)
     for preset in presets if "compile" in tmodes and not args.no_train else []:
         run_training(r, preset, tbatches, ["compile"], ceil)
-    reference = "eager-bf16" if device.type == "cuda" else "eager-fp32"
     add_ratios(r.rows, reference)
     print_table(r.rows, reference)
-    result = {"benchmark": "throughput", "schema": 1, **env, "quick": args.quick,
-              "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "threads": torch.get_num_threads(),
-              "reference_mode": reference, "ceilings": ceil, "wall_s": round(time.perf_counter() - r.t0, 1),
-              "rows": r.rows}
-    H.write_result(result, args.out, f"{env['device_slug']}-{env['date'][:10]}.json")
+    result = save(complete=True)
     print(f"({result['wall_s']} s)")
     return 0
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (shared GPU.md): build, GPU tests, benchmarks in one run of under 8 minutes.
 #   bash scripts/gpu_check.sh OUT_DIR [STAGE]    (on the device machine: bash scripts/gpu_check.sh "$OUT")
-# STAGE (each under 8 minutes; a 15-minute device session fits two or three, in this order of need):
+# STAGE (each under 8 minutes; a 15-minute device session fits two or three, in this order of need), or several
+# joined by commas (core,ops) run in that order in one call under one budget (GPU_CHECK_BUDGET_S, default 465 s):
 #   core       (default) build csrc, pytest -m gpu, throughput --quick with its torch.compile rows, latency gate
 #   ops        per-op benchmarks of the Triton and CUDA kernels against eager and torch.compile (kernel issues)
 #   sct        the finite-difference JVP accuracy table and the continuous-time step benchmark (sCT issue)
@@ -14,7 +15,15 @@
 set -uo pipefail
 OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR [core|ops|sct|reference]}"
 STAGE="${2:-core}"
-case "$STAGE" in core|ops|sct|reference) ;; *) echo "gpu_check: unknown stage '$STAGE' (core, ops, sct, reference)" >&2; exit 2;; esac
+IFS=, read -r -a STAGES <<< "$STAGE"
+[ "${#STAGES[@]}" -gt 0 ] || STAGES=("")
+for st in "${STAGES[@]}"; do
+    case "$st" in core|ops|sct|reference) ;; *) echo "gpu_check: unknown stage '$st' (core, ops, sct, reference)" >&2; exit 2;; esac
+done
+has_stage() { local st; for st in "${STAGES[@]}"; do [ "$st" = "$1" ] && return 0; done; return 1; }
+# Time budgets of the torch.compile rows inside the benchmarks (overridable so that joined stages fit one call).
+THROUGHPUT_COMPILE_S="${GPU_CHECK_THROUGHPUT_COMPILE_S:-240}"
+OPS_COMPILE_S="${GPU_CHECK_OPS_COMPILE_S:-170}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
@@ -53,7 +62,7 @@ CMFAST_BUILD_CUDA=0 run install 40 python -m pip install -q --no-deps --no-build
 # here (10 s on the H200) rather than inside the first timed or time-capped run.
 run build-csrc 60 python -m cmfast._build
 
-if [ "$STAGE" = core ]; then
+if has_stage core; then
 # 3. Compiled Triton and CUDA kernels (and the GPU paths of the sampler, training, sCM) against float64 references.
 #    With pytest-xdist (in the GPU image) 6 workers share the GPU: Triton compiles one kernel at a time per process,
 #    so the workers compile in parallel, and a test that kills its process (an illegal address) costs one worker.
@@ -66,28 +75,31 @@ CMFAST_TRITON_AUTOTUNE=0 run pytest-gpu 180 python -m pytest -m gpu -q --maxfail
 # 4. The headline benchmark (the ceilings, copy bandwidth and bf16 matmul, are measured inside it): batch 1 and 256,
 #    the CT step at 256, eager / cmfast / cmfast-auto rows first, then the torch.compile rows while its budget lasts
 #    (the first H200 run without compile rows took 44 s), then the latency gate.
-run throughput 300 python benchmarks/throughput.py --quick --budget-s 240 --out "$OUT/throughput-quick.json"
+run throughput $((THROUGHPUT_COMPILE_S + 60)) python benchmarks/throughput.py --quick --budget-s "$THROUGHPUT_COMPILE_S" \
+    --out "$OUT/throughput-quick.json"
 run latency-gate 40 python -m pytest benchmarks/test_latency.py -m gpu -q -p no:cacheprovider -o addopts="" \
     --benchmark-enable --benchmark-json="$OUT/latency.json"
 run regress 10 python benchmarks/regress.py compare "$OUT/latency.json" --write-baseline "$OUT"
 fi
 
-if [ "$STAGE" = ops ]; then
+if has_stage ops; then
 # 3. Per-op: every kernel against eager and torch.compile of the same torch composition (without compile rows the
 #    first H200 run took 15 s and 18 s); compile rows stop at each script's --budget-s, the JSON says how many.
-run bench-triton-ops 210 python benchmarks/bench_ops.py --quick --budget-s 170 --out "$OUT/triton-ops.json"
-run bench-cuda-ops 210 python benchmarks/bench_cuda.py --quick --budget-s 170 --out "$OUT/cuda-ops.json"
+run bench-triton-ops $((OPS_COMPILE_S + 40)) python benchmarks/bench_ops.py --quick --budget-s "$OPS_COMPILE_S" \
+    --out "$OUT/triton-ops.json"
+run bench-cuda-ops $((OPS_COMPILE_S + 40)) python benchmarks/bench_cuda.py --quick --budget-s "$OPS_COMPILE_S" \
+    --out "$OUT/cuda-ops.json"
 fi
 
-if [ "$STAGE" = sct ]; then
+if has_stage sct; then
 # 3. The tangent's error per (precision, eps, order) on DDPM++ CIFAR-10 against an fp64 JVP, then the step benchmark.
 #    The first H200 run took 45 s and 145 s; the 4-point rows (15 accuracy rows, 4 step rows) add an estimated
 #    20 s and 25-50 s.
 run fd-jvp-accuracy 150 python benchmarks/fd_jvp_accuracy.py --out "$OUT/fd_jvp_accuracy.json"
-run bench-sct 280 python benchmarks/bench_sct.py --out "$OUT/bench_sct.json"
+run bench-sct 280 python benchmarks/bench_sct.py --budget-ms "${GPU_CHECK_SCT_BUDGET_MS:-2000}" --out "$OUT/bench_sct.json"
 fi
 
-if [ "$STAGE" = reference ]; then
+if has_stage reference; then
 # 3. Five training runs (each capped by --time-limit) scored with FD-FMNIST, and the best 1-step model exported.
 run reference-runs 440 python scripts/reference_runs.py --profile "${GPU_CHECK_REFERENCE_PROFILE:-gpu}" \
     --out /tmp/cmfast-ref --data-dir data \
