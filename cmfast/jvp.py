@@ -109,7 +109,9 @@ def precision_mode(precision: str, device: torch.device):
     with contextlib.ExitStack() as stack:
         if precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            stack.enter_context(torch.autocast(dev, dtype=dtype))
+            # cache_enabled=False: inside a training step's autocast of another dtype (bf16 step, fp16 tangent),
+            # autocast's weight cache (keyed by the weight, not the dtype) would hand back the outer dtype's copies.
+            stack.enter_context(torch.autocast(dev, dtype=dtype, cache_enabled=False))
         else:
             stack.enter_context(torch.autocast(dev, enabled=False))
             stack.enter_context(_tf32(precision == "tf32"))

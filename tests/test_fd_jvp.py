@@ -334,3 +334,21 @@ def test_precision_mode_sets_and_restores_tf32_and_autocast():
         assert not torch.is_autocast_enabled("cpu")    # the fd forwards leave the training loop's autocast
     with precision_mode("bf16", torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize("order", [2, 4])
+def test_fp16_forwards_inside_a_bf16_step(order):
+    # The H100 run's sct-fd4-fp16 rows failed ('mat1 and mat2 must have the same dtype, Half and BFloat16'): the
+    # training step's bf16 autocast had cached bf16 copies of the weights, and the tangent's fp16 autocast, nested
+    # in it, was handed those. The fd forwards now run without autocast's cache: same numbers as outside the step.
+    net = _tiny()
+    x, t = torch.randn(3, 3, 8, 8), torch.rand(3) + 0.2
+    tangents = (torch.randn_like(x), torch.ones_like(t))
+    fn = lambda a, s: net(a, s, None)  # noqa: E731
+    alone = fd_jvp(fn, (x, t), tangents, eps=0.1, precision="fp16", order=order)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x, t, None)                                 # the step's own forward fills the bf16 weight cache
+        nested = fd_jvp(fn, (x, t), tangents, eps=0.1, precision="fp16", order=order)
+        assert net(x, t, None).dtype == torch.bfloat16  # and the step's autocast is unchanged after it
+    for a, b in zip(alone, nested):
+        assert torch.equal(a, b)
