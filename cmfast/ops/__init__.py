@@ -166,8 +166,11 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype | None = No
     """The function that runs `op` for tensors on `device` (of `dtype`) under the backend in force; `case` (see
     shape_class) refines backend 'auto'."""
     backend = get_backend()
+    compiling = _compiling()
     if backend == "auto":
-        backend = _auto_choice(op, device, dtype, case)
+        # Under torch.compile, auto is the torch composition: inductor fuses it itself, while a kernel of ours would
+        # be an opaque call between two graphs.
+        backend = "torch" if compiling else _auto_choice(op, device, dtype, case)
     if backend == "triton" and not _triton_can_run(device):
         raise BackendUnavailable(
             f"backend 'triton' cannot run on {device.type}: needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")
@@ -186,7 +189,28 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype | None = No
             fn = None
     if fn is None:
         raise BackendUnavailable(f"backend {backend!r} has no kernel for op {op!r}")
+    if compiling and backend != "torch":
+        # Asked for by name under torch.compile: the kernel runs eagerly between two graphs (a graph break), since
+        # dynamo can trace neither the pybind11 calls nor the stream handles they take.
+        fn = _eager_only(fn)
     return fn
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
+_EAGER: dict[Callable, Callable] = {}
+
+
+@torch.compiler.disable
+def _eager_only(fn: Callable) -> Callable:
+    """fn wrapped by torch.compiler.disable, made once per fn (outside any graph: this helper is itself disabled)."""
+    wrapped = _EAGER.get(fn)
+    if wrapped is None:
+        wrapped = _EAGER[fn] = torch.compiler.disable(fn)
+    return wrapped
 
 
 _module("torch")  # loaded now, so torch.compile never traces an import inside an op
