@@ -64,6 +64,57 @@ def graph_time(fn, device: torch.device, budget_ms: float = 100.0) -> dict:
         return {"graph_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
+# Kernel families by name (first match wins): where a row's device time goes.
+KERNEL_FAMILIES = (
+    ("conv", re.compile(r"conv|cudnn|implicit_gemm|fprop|dgrad|wgrad|winograd", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|_attn", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|matmul|nvjet|xmma", re.I)),
+    ("group_norm", re.compile(r"group_?norm|\bgn_|_gn_", re.I)),
+    ("inductor", re.compile(r"^triton_(poi|red|per|tem|for)_")),
+    ("copy/fill", re.compile(r"memcpy|memset|copy|fill", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|unrolled|reduce_kernel", re.I)),
+)
+
+
+def kernel_family(name: str) -> str:
+    return next((fam for fam, rx in KERNEL_FAMILIES if rx.search(name)), "other")
+
+
+def kernel_profile(fn, device: torch.device, iters: int = 5, top: int = 8) -> dict:
+    """Where one call of fn spends its time, from torch.profiler over `iters` calls: on CUDA the device kernels
+    (count per call, summed kernel time per call, per kernel family, the `top` kernels by time); on CPU the
+    top-level operators. Many short kernels whose sum is far below the call's time mean launch-bound; a few
+    long ones mean compute- or bandwidth-bound. {'profile_error': why} when the profiler cannot run."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        cuda = device.type == "cuda"
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                fn()
+            sync(device)
+        kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+        events = [e for e in prof.events() if e.device_type == kind and (cuda or e.cpu_parent is None)]
+        per_name: dict[str, list[float]] = {}
+        for e in events:
+            t = per_name.setdefault(e.name, [0, 0.0])
+            t[0] += 1
+            t[1] += e.time_range.elapsed_us()
+        families: dict[str, float] = {}
+        for name, (_, us) in per_name.items():
+            fam = kernel_family(name) if cuda else "op"
+            families[fam] = families.get(fam, 0.0) + us / iters / 1e3
+        ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
+        return {"what": "device kernels" if cuda else "top-level CPU operators",
+                "per_call": sum(c for c, _ in per_name.values()) / iters,
+                "summed_ms_per_call": sum(us for _, us in per_name.values()) / iters / 1e3,
+                "families_ms": {k: round(v, 4) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+                "top": [{"name": n[:120], "per_call": c / iters, "ms_per_call": us / iters / 1e3}
+                        for n, (c, us) in ranked]}
+    except Exception as e:  # noqa: BLE001 - a profile is a diagnostic: the row keeps its timing without it
+        return {"profile_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
 def ceilings(device: torch.device, quick: bool) -> dict:
     """Measured peak matmul rate (bf16 on GPU, fp32 on CPU) and copy bandwidth (read + write bytes)."""
     if device.type == "cuda":

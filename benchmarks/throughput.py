@@ -89,6 +89,8 @@ class Runner:
         if compile_row and self.left_s() < COMPILE_COST_S:
             row["skipped"] = f"time budget (--budget-s {self.args.budget_s})"
         else:
+            if compile_row:
+                torch._dynamo.utils.counters.clear()
             try:
                 fn = make()
                 fn()                   # compile / capture / autotune here, outside the timed region
@@ -96,6 +98,12 @@ class Runner:
                 H.sync(self.device)
                 row.update(H.time_ms(fn, self.device, self.budget_ms))
                 row["images_per_s"] = B / row["median_ms"] * 1e3
+                if compile_row:
+                    row["dynamo"] = dynamo_counts()
+                if self.args.profile:
+                    row["profile"] = H.kernel_profile(fn, self.device)
+                    if "summed_ms_per_call" in row["profile"]:
+                        row["profile"]["busy"] = row["profile"]["summed_ms_per_call"] / row["median_ms"]
             except Exception as e:  # noqa: BLE001 - a failed row is reported, the run goes on
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             finally:
@@ -112,10 +120,25 @@ class Runner:
         return row
 
 
+def dynamo_counts() -> dict:
+    """What torch.compile made of a compile row (since its counters were cleared): graphs compiled, graph breaks
+    and their reasons, so that a compile row no faster than eager says why."""
+    c = torch._dynamo.utils.counters
+    breaks = c.get("graph_break", {})
+    return {"unique_graphs": c.get("stats", {}).get("unique_graphs", 0), "frames_ok": c.get("frames", {}).get("ok", 0),
+            "graph_breaks": sum(breaks.values()),
+            "break_reasons": [str(k)[:160] for k, _ in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]]}
+
+
 def _line(r: dict) -> str:
     what = f"{r['task']:<7} {r['preset']:<15} B={r['batch']:<5} {r['mode']:<34}"
     if "median_ms" in r:
-        return f"{what} {r['median_ms']:10.3f} ms {r['images_per_s']:12.1f} img/s"
+        prof = r.get("profile", {})
+        extra = f"  {prof['per_call']:6.0f} {'kernels' if 'kernel' in prof['what'] else 'ops'}, " \
+                f"{prof['summed_ms_per_call']:.3f} ms summed" if "per_call" in prof else ""
+        dyn = r.get("dynamo")
+        extra += f"  dynamo: {dyn['unique_graphs']} graphs, {dyn['graph_breaks']} breaks" if dyn else ""
+        return f"{what} {r['median_ms']:10.3f} ms {r['images_per_s']:12.1f} img/s{extra}"
     return f"{what} {r.get('error') or 'skipped: ' + r.get('skipped', '')}"
 
 
@@ -269,6 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1: on a shared "
                    "machine more threads than free cores make every op wait on the slowest)")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/<device>-<date>.json)")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip each row's kernel profile (torch.profiler over 5 calls: kernel count, time per family)")
     args = p.parse_args(argv)
     if args.budget_s is None and args.quick:
         args.budget_s = 240.0

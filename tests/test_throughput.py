@@ -1,0 +1,73 @@
+"""benchmarks/throughput.py on CPU (the tiny preset, batch 1): rows with timings and kernel profiles, the JSON
+written after every row (a run stopped at a time limit keeps its rows), and the compile rows' dynamo counts."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import _harness  # noqa: E402
+import throughput  # noqa: E402
+
+
+def test_cpu_run_writes_rows_with_profiles(tmp_path):
+    out = tmp_path / "tp.json"
+    assert throughput.main(["--cpu", "--presets", "tiny", "--batches", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["complete"] is True and [r["mode"] for r in res["rows"]] == ["eager-fp32", "cmfast"]
+    for r in res["rows"]:
+        assert r["median_ms"] > 0 and r["images_per_s"] == pytest.approx(1e3 / r["median_ms"])
+        prof = r["profile"]
+        # the tiny UNet is some hundreds of operators (38 convolutions alone), each counted once per call
+        assert prof["what"] == "top-level CPU operators" and 100 < prof["per_call"] < 2000
+        assert 0 < prof["summed_ms_per_call"] and 0 < prof["busy"] < 5
+        assert prof["top"][0]["ms_per_call"] >= prof["top"][-1]["ms_per_call"]
+    assert res["rows"][0]["speedup_vs"]["eager-fp32"] == 1.0
+
+
+def test_a_stopped_run_keeps_the_rows_measured(tmp_path, monkeypatch):
+    out = tmp_path / "tp.json"
+    calls = []
+    real = _harness.time_ms
+
+    def time_ms(*a, **k):            # the second row is where the time limit strikes (SIGINT from `timeout`)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(_harness, "time_ms", time_ms)
+    monkeypatch.setattr(_harness, "ceilings", lambda *a: {"matmul_tflops": 0.1, "matmul_dtype": "float32",
+                                                         "copy_gb_per_s": 10.0})
+    with pytest.raises(KeyboardInterrupt):
+        throughput.main(["--cpu", "--presets", "tiny", "--batches", "1", "--no-profile", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and [r["mode"] for r in res["rows"]] == ["eager-fp32"]
+    assert res["rows"][0]["median_ms"] > 0 and "profile" not in res["rows"][0]
+
+
+def test_dynamo_counts_name_graph_breaks():
+    def f(x):
+        y = x.sin()
+        print("", end="")            # a graph break
+        return y.cos()
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.compile(f, backend="eager")(torch.randn(3))
+    counts = throughput.dynamo_counts()
+    assert counts["unique_graphs"] >= 2 and counts["graph_breaks"] >= 1 and counts["break_reasons"]
+
+
+def test_kernel_family_names():
+    fam = _harness.kernel_family
+    assert fam("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32") == "conv"
+    assert fam("triton_per_fused_native_group_norm_silu_3") == "group_norm"
+    assert fam("triton_poi_fused_add_mul_7") == "inductor"
+    assert fam("nvjet_tst_128x64_64x8_1x1_v_bz_TNT") == "gemm"
+    assert fam("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
+    assert fam("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "elementwise"
+    assert fam("Memcpy DtoD (Device -> Device)") == "copy/fill"
+    assert fam("gn_fwd_finalize_kernel") == "group_norm"
