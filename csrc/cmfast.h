@@ -27,8 +27,10 @@ int consistency_loss_fwd(ptr pred, int pred_dtype, ptr target, int target_dtype,
 int consistency_loss_bwd(ptr grad, ptr gout, int64_t batch, int64_t d, ptr dpred, int pred_dtype, ptr stream);
 
 // ---- group_norm_act: act(GroupNorm(x) * (1 + scale) + shift) ----------------------------------------------
+constexpr int64_t kFusedMaxGroup = 16384;
 // x is (N, C, HW) (nhwc = false) or (N, HW, C) (nhwc = true). weight/bias (C,), scale/shift (N, C): fp32 or null.
-// splits S: the reduction over HW is cut into S chunks per (n, c); part holds N*S*C*2 floats.
+// splits S: the reduction over HW is cut into S chunks per (n, c); part holds N*S*C*2 floats. S = 0: one block per
+// (n, g) does the whole forward in one launch (groups of at most kFusedMaxGroup = C/G*HW elements; part unused).
 // Saved for backward: stats (N*G*2: mean, rstd), A, B (N*C each: y1 = A (x - mean) + B before the activation).
 int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc,
                        bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, ptr y, ptr part,

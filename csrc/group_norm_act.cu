@@ -1,7 +1,12 @@
 // group_norm_act: act(GroupNorm(x) * (1 + scale) + shift) and its backward (EDM/DDPM++ UNet blocks: GroupNorm,
 // adaptive scale/shift from the noise embedding, SiLU). fp32 statistics; NCHW or NHWC; fp32/fp16/bf16 data.
 //
-// Forward:  reduce    per (n, c, chunk s), two passes over the chunk (the second from L1/L2): its mean, then
+// Forward, groups of at most a few thousand elements (the UNets' 32x32 and 64x64 levels; the wrapper decides, S = 0):
+//           fused     one block per (n, g), one launch: the shifted sum, then M2 about the mean, then the output,
+//                     three passes over the group (the second and third from L1/L2); A, B per channel written
+//                     for the backward
+// Forward, larger groups (S >= 1 chunks per (n, c)):
+//           reduce    per (n, c, chunk s), two passes over the chunk (the second from L1/L2): its mean, then
 //                     M2 = sum (x - mean)^2 (no E[x^2] - E[x]^2 cancellation)
 //           finalize  one warp per (n, g): merges the Cg*S partials with Chan et al.'s pairwise formula in a
 //                     fixed order (deterministic, no atomics); mean, rstd; per channel A, B with act input
@@ -195,6 +200,60 @@ __global__ void gn_fwd_finalize_kernel(Shape s, const float* __restrict__ part,
   }
 }
 
+// One block per (n, g) (grid N*G): the group's statistics by block reductions in a fixed order, then the output.
+// Element i of the group: NCHW (n, g Cg + i / HW, i % HW), a contiguous run; NHWC (n, i / Cg, g Cg + i % Cg).
+// NCHW with V | HW reads and writes V-element vectors (V consecutive elements share their channel).
+template <typename T, bool NHWC, int V>
+__global__ void gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps, const float* __restrict__ w,
+                                    const float* __restrict__ bias, const float* __restrict__ scale,
+                                    const float* __restrict__ shift, float* __restrict__ stats,
+                                    float* __restrict__ A, float* __restrict__ B, T* __restrict__ y) {
+  __shared__ float red[32];
+  const int64_t ng = blockIdx.x, n = ng / s.G, g = ng % s.G;
+  const int Cg = (int)(s.C / s.G), HW = (int)s.HW, M = Cg * HW;
+  const int64_t base = NHWC ? n * s.HW * s.C + g * Cg : (n * s.C + g * Cg) * s.HW;
+  auto at = [&](int i) -> int64_t { return NHWC ? base + (int64_t)(i / Cg) * s.C + i % Cg : base + i; };
+  auto chan = [&](int i) -> int64_t { return g * Cg + (NHWC ? i % Cg : i / HW); };
+  const float K = to_f(x[base]);  // a shift that keeps the first sum small (|mean| >> std loses nothing)
+  float s0 = 0.f;
+  for (int i = threadIdx.x * V; i < M; i += blockDim.x * V) {
+    float xv[V];
+    if (V > 1) load<T, V>(x + at(i), xv); else xv[0] = to_f(x[at(i)]);
+#pragma unroll
+    for (int j = 0; j < V; ++j) s0 += xv[j] - K;
+  }
+  const float mean = K + block_sum(s0, red) / (float)M;
+  float m2 = 0.f;
+  for (int i = threadIdx.x * V; i < M; i += blockDim.x * V) {
+    float xv[V];
+    if (V > 1) load<T, V>(x + at(i), xv); else xv[0] = to_f(x[at(i)]);
+#pragma unroll
+    for (int j = 0; j < V; ++j) m2 += (xv[j] - mean) * (xv[j] - mean);
+  }
+  m2 = block_sum(m2, red);
+  const float rstd = 1.f / sqrtf(m2 / (float)M + eps);
+  if (threadIdx.x == 0) {
+    stats[ng * 2] = mean;
+    stats[ng * 2 + 1] = rstd;
+  }
+  for (int k = threadIdx.x; k < Cg; k += blockDim.x) {  // the backward's A, B (same formula as the split path)
+    const int64_t c = g * Cg + k, nc = n * s.C + c;
+    const float kk = scale ? 1.f + scale[nc] : 1.f;
+    A[nc] = rstd * (w ? w[c] : 1.f) * kk;
+    B[nc] = (bias ? bias[c] : 0.f) * kk + (shift ? shift[nc] : 0.f);
+  }
+  for (int i = threadIdx.x * V; i < M; i += blockDim.x * V) {
+    const int64_t c = chan(i), nc = n * s.C + c;
+    const float kk = scale ? 1.f + scale[nc] : 1.f;
+    const float a = rstd * (w ? w[c] : 1.f) * kk, b = (bias ? bias[c] : 0.f) * kk + (shift ? shift[nc] : 0.f);
+    float xv[V], o[V];
+    if (V > 1) load<T, V>(x + at(i), xv); else xv[0] = to_f(x[at(i)]);
+#pragma unroll
+    for (int j = 0; j < V; ++j) o[j] = act(a * (xv[j] - mean) + b, s.silu);
+    if (V > 1) store<T, V>(y + at(i), o); else y[at(i)] = from_f<T>(o[0]);
+  }
+}
+
 // One warp per (n, g): per-channel sums, the parameter gradients that need no batch sum, P = rstd ge, and the
 // group means m1, m2 of dx's formula.
 __global__ void gn_bwd_finalize_kernel(Shape s, const float* __restrict__ part, const float* __restrict__ w,
@@ -321,6 +380,21 @@ void launch_apply(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr P, ptr m1
   else launch_apply_layout<T, BWD, false>(s, x, dy, A, B, stats, P, m12, out, st);
 }
 
+template <typename T>
+void launch_fused_fwd(Shape s, ptr x, float eps, ptr w, ptr b, ptr scale, ptr shift, ptr stats, ptr A, ptr B, ptr y,
+                      cudaStream_t st) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t M = (s.C / s.G) * s.HW;
+  const unsigned blocks = (unsigned)(s.N * s.G), threads = M >= 2048 ? 256 : 128;
+  auto go = [&](auto kernel) {
+    kernel<<<blocks, threads, 0, st>>>(s, (const T*)x, eps, (const float*)w, (const float*)b, (const float*)scale,
+                                       (const float*)shift, (float*)stats, (float*)A, (float*)B, (T*)y);
+  };
+  if (s.nhwc) go(gn_fwd_fused_kernel<T, true, 1>);
+  else if (s.HW % V == 0 && x % 16 == 0 && y % 16 == 0) go(gn_fwd_fused_kernel<T, false, V>);
+  else go(gn_fwd_fused_kernel<T, false, 1>);
+}
+
 Shape make_shape(int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc, bool silu, int elem) {
   const int64_t V = 16 / elem;
   int64_t chunk = (HW + S - 1) / S;
@@ -338,10 +412,15 @@ int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64
                        bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, ptr y, ptr part,
                        ptr stats, ptr A, ptr B, ptr stream) {
   if (N * C * HW == 0) return 0;
-  if (G <= 0 || C % G || S <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (G <= 0 || C % G || S < 0 || (S == 0 && (C / G) * HW > kFusedMaxGroup))
+    return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  const Shape s = make_shape(N, C, HW, G, S, nhwc, silu, dtype_size(dtype));
+  const Shape s = make_shape(N, C, HW, G, S > 0 ? S : 1, nhwc, silu, dtype_size(dtype));
   CM_DISPATCH(dtype, T, {
+    if (S == 0) {
+      launch_fused_fwd<T>(s, x, eps, weight, bias, scale, shift, stats, A, B, y, st);
+      return static_cast<int>(cudaGetLastError());
+    }
     launch_reduce<T, false>(s, x, 0, 0, 0, 0, part, st);
     gn_fwd_finalize_kernel<<<warps_blocks(N * G), kThreads, 0, st>>>(
         s, (const float*)part, eps, (const float*)weight, (const float*)bias, (const float*)scale,

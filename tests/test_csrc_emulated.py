@@ -109,16 +109,24 @@ def _grads(inputs):
 SPLITS = {"auto": None, "one": lambda N, C, HW, nhwc, sms: 1, "max": lambda N, C, HW, nhwc, sms: HW}
 
 
-# Every dtype with the automatic split count; forced counts in fp32 only (each emulated block costs 256 threads).
-GN_CASES = [(d, "auto") for d in DTYPES] + [(torch.float32, "one"), (torch.float32, "max")]
+def _force_split(monkeypatch, split="auto"):
+    """The forward's split path (as for groups over GN_FUSED_MAX_GROUP elements) with the given split count."""
+    monkeypatch.setattr(_cuda, "_fused_max_group", lambda ext: 0)
+    if SPLITS[split]:
+        monkeypatch.setattr(_cuda, "_num_splits", SPLITS[split])
+
+
+# Every dtype with the forward in one launch per group (these groups are small) and the automatic split count of
+# the backward; the split forward in fp32 with automatic and forced counts (each emulated block costs its threads).
+GN_CASES = [(d, "fused") for d in DTYPES] + [(torch.float32, s) for s in ("auto", "one", "max")]
 
 
 @pytest.mark.parametrize("dtype,split", GN_CASES, ids=[f"{str(d)[6:]}-{s}" for d, s in GN_CASES])
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape,G", [((1, 12, 5, 7), 4), ((2, 40, 4, 4), 8)])
 def test_group_norm_act(dtype, fmt, shape, G, split, monkeypatch):
-    if SPLITS[split]:
-        monkeypatch.setattr(_cuda, "_num_splits", SPLITS[split])
+    if split != "fused":
+        _force_split(monkeypatch, split)
     inputs = _gn_inputs(shape, dtype, fmt, G=G)
     out = check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs), dtype=dtype)
     assert out[0].is_contiguous(memory_format=fmt) and out[1].is_contiguous(memory_format=fmt)
@@ -127,7 +135,7 @@ def test_group_norm_act(dtype, fmt, shape, G, split, monkeypatch):
 def test_group_norm_act_many_splits(monkeypatch):
     """1024 HW splits of one (n, c), NHWC, added up in the finalize: a plain sequential fp32 sum of the partials put
     the dscale error at 7x PyTorch's on an H200 (1, 128, 32, 32); the compensated sum keeps it within the rule."""
-    monkeypatch.setattr(_cuda, "_num_splits", SPLITS["max"])
+    monkeypatch.setattr(_cuda, "_num_splits", SPLITS["max"])      # the backward's splits (the forward is fused)
     inputs = _gn_inputs((1, 32, 32, 32), torch.float32, CL, G=8)
     check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs))
 
@@ -150,10 +158,27 @@ def test_group_norm_act_misaligned_and_one_spatial_dim(dtype, fmt):
     check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs), dtype=dtype)
 
 
-def test_group_norm_act_large_mean_is_stable():
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_group_norm_act_large_mean_is_stable(path, monkeypatch):
+    if path == "split":
+        _force_split(monkeypatch)
     inputs = _gn_inputs((1, 4, 9, 9), torch.float32, NCHW, affine=False, mod=False, G=2, act="none")
     inputs["x"] = inputs["x"] + 1e4
     check("group_norm_act", ref.group_norm_act, inputs, grad=("x",))
+
+
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+def test_group_norm_act_fused_forward_at_its_size_limit(fmt):
+    """A group of exactly GN_FUSED_MAX_GROUP elements (16 x 32 x 32) still runs as one block, vectorized in NCHW
+    bf16; the extension refuses S = 0 for a larger one."""
+    ext = _cuda._ext(torch.device("cpu"))
+    assert ext.GN_FUSED_MAX_GROUP == 16 * 32 * 32
+    inputs = _gn_inputs((1, 32, 32, 32), torch.bfloat16, fmt, G=2)
+    check("group_norm_act", ref.group_norm_act, inputs, grad=(), dtype=torch.bfloat16)
+    x = torch.zeros(1, 34, 32, 16)
+    with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
+        ext.group_norm_act_fwd(x.data_ptr(), 0, 1, 34, 512, 1, 0, False, True, 1e-6, 0, 0, 0, 0, x.data_ptr(), 0,
+                               x.data_ptr(), x.data_ptr(), x.data_ptr(), 0)
 
 
 # ---- skip_output ------------------------------------------------------------------------------------------------

@@ -81,6 +81,9 @@ _gn_inputs = functools.partial(_checks.gn_inputs, device=DEV)
 _gn = _checks.gn_pair
 ALL = _checks.GN_GRADS
 SPLITS = {"auto": None, "one": lambda N, C, HW, nhwc, sms: 1, "max": lambda N, C, HW, nhwc, sms: HW}
+# "auto": the forward in one launch per group (these groups are small) and the backward's own split count; "split":
+# the forward's split path too (as for groups over GN_FUSED_MAX_GROUP), with the "one" and "max" counts forced.
+SPLITS["split"] = None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -89,6 +92,8 @@ SPLITS = {"auto": None, "one": lambda N, C, HW, nhwc, sms: 1, "max": lambda N, C
                                      ((1, 128, 32, 32), 32), ((3, 96, 16, 16), 32)])
 @pytest.mark.parametrize("split", list(SPLITS))
 def test_group_norm_act(dtype, fmt, shape, G, split, monkeypatch):
+    if split != "auto":
+        monkeypatch.setattr(_cuda, "_fused_max_group", lambda ext: 0)
     if SPLITS[split]:
         monkeypatch.setattr(_cuda, "_num_splits", SPLITS[split])
     fn, reffn = _gn(G)
@@ -121,7 +126,20 @@ def test_group_norm_act_one_spatial_dim(layout):
     check(fn, reffn, inputs, grad=ALL)
 
 
-def test_group_norm_act_large_mean_is_stable():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,G", [((2, 64, 32, 32), 4), ((1, 34, 32, 16), 1)], ids=["at-limit", "over-limit"])
+def test_group_norm_act_around_the_fused_size_limit(dtype, fmt, shape, G):
+    # 16 x 1024 = GN_FUSED_MAX_GROUP elements: one block per group; 34 x 512 is over it: the split forward
+    assert _cuda._ext(torch.device(DEV)).GN_FUSED_MAX_GROUP == 16384
+    fn, reffn = _gn(G)
+    check(fn, reffn, _gn_inputs(shape, dtype, fmt), grad=ALL, dtype=dtype)
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_group_norm_act_large_mean_is_stable(path, monkeypatch):
+    if path == "split":
+        monkeypatch.setattr(_cuda, "_fused_max_group", lambda ext: 0)
     fn, reffn = _gn(2, act="none")
     inputs = _gn_inputs((1, 4, 9, 9), torch.float32, NCHW, affine=False, mod=False)
     inputs["x"] = inputs["x"] + 1e4  # shifted sums keep the variance; E[x^2] - E[x]^2 in fp32 would not

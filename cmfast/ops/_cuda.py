@@ -180,6 +180,12 @@ def _num_splits(N: int, C: int, HW: int, nhwc: bool, sms: int) -> int:
     return max(1, min(math.ceil(32 * sms / (N * C)), math.ceil(HW / 256)))
 
 
+def _fused_max_group(ext) -> int:
+    """The largest group (C / G * HW elements) whose forward runs as one block per group (csrc/cmfast.h); an
+    extension built before that path existed has none (0)."""
+    return getattr(ext, "GN_FUSED_MAX_GROUP", 0)
+
+
 def _carve(ws: torch.Tensor, *sizes: int) -> list[int]:
     """Addresses of consecutive fp32 arrays of the given lengths inside one workspace allocation (one torch.empty
     instead of several: at batch 1 the host-side cost of each allocation is comparable to the kernels)."""
@@ -200,16 +206,21 @@ class _GroupNormAct(torch.autograd.Function):
         dev = x.device
         w, b = _param("weight", weight, (C,), dev), _param("bias", bias, (C,), dev)
         sc, sh = _param("scale", scale, (N, C), dev), _param("shift", shift, (N, C), dev)
-        S = _num_splits(N, C, HW, nhwc, _sm_count(dev.index))
+        ext = _ext(dev)
+        S = _num_splits(N, C, HW, nhwc, _sm_count(dev.index))     # the backward's split count
+        # The forward in one launch (one block per group) where the group is small enough, else split like the
+        # backward: at batch 1 and 8 the split path's three launches cost 3-6x the Triton kernel's one (H100 graph
+        # replay times, benchmarks/results/nvidia-h100-80gb-hbm3-cuda-ops.json).
+        S_fwd = 0 if (C // num_groups) * HW <= _fused_max_group(ext) else S
         y = torch.empty_like(x)
         # saved: stats (N*G*2: mean, rstd), A, B (N*C each); scratch: the split partials (N*S*C*2)
         saved = torch.empty(N * num_groups * 2 + 2 * N * C, device=dev, dtype=torch.float32)
-        part = torch.empty(N * S * C * 2, device=dev, dtype=torch.float32)
+        part = torch.empty(N * S_fwd * C * 2, device=dev, dtype=torch.float32) if S_fwd else None
         stats, A, B = _carve(saved, N * num_groups * 2, N * C, N * C)
         with _on_device(dev):
-            _ext(dev).group_norm_act_fwd(x.data_ptr(), _DTYPES[x.dtype], N, C, HW, num_groups, S, nhwc, silu, eps,
-                                         _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), y.data_ptr(), part.data_ptr(),
-                                         stats, A, B, _stream(dev))
+            ext.group_norm_act_fwd(x.data_ptr(), _DTYPES[x.dtype], N, C, HW, num_groups, S_fwd, nhwc, silu, eps,
+                                   _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), y.data_ptr(), _ptr(part),
+                                   stats, A, B, _stream(dev))
         ctx.save_for_backward(x, w, b, sc, saved)
         ctx.meta = (num_groups, S, nhwc, silu, [None if t is None else t.dtype for t in (weight, bias, scale, shift)])
         return y
