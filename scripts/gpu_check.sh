@@ -9,6 +9,10 @@
 #   reference  the Fashion-MNIST reference runs (EDM, CD, CT, iCT, sCT) and the shipped model's export; needs the
 #              data carried along: here `mkdir -p data && cp -r /usr/share/datasets/fashion-mnist data/`, and the
 #              device call names `data` in carry
+# Environment: GPU_CHECK_BUDGET_S (whole run), GPU_CHECK_THROUGHPUT_COMPILE_S (240), GPU_CHECK_OPS_COMPILE_S (170; 0 =
+# no per-op compile rows), GPU_CHECK_SCT_BUDGET_MS (2000 per bench_sct row).
+# The H100 session (two calls, 806 s of device time with the start and transfers): core with GPU_CHECK_BUDGET_S=445 and
+# GPU_CHECK_THROUGHPUT_COMPILE_S=230 (344 s), then ops,sct with 460 / 85 / 800 (426 s).
 # Writes at most 8 files into OUT_DIR: gpu_check.log and the result files; prints a summary table last.
 # Each step has its own time limit so that one slow step cannot eat the others' time; a failed step is reported
 # in the summary and the run goes on.
