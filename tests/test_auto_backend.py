@@ -143,3 +143,12 @@ def test_a_named_kernel_backend_runs_between_graphs_under_compile(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     for a, b in zip(g, gref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_import_does_not_load_the_compiler():
+    # The compile-aware dispatch must not cost every `import cmfast` (and each CLI start) torch._dynamo's ~1 s import.
+    import subprocess
+    import sys
+    code = "import sys, cmfast; print('torch._dynamo' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"

@@ -204,9 +204,9 @@ def _compiling() -> bool:
 _EAGER: dict[Callable, Callable] = {}
 
 
-@torch.compiler.disable
 def _eager_only(fn: Callable) -> Callable:
-    """fn wrapped by torch.compiler.disable, made once per fn (outside any graph: this helper is itself disabled)."""
+    """fn wrapped by torch.compiler.disable, made once per fn. Only called while compiling (dynamo is loaded then;
+    `import cmfast` does not load it)."""
     wrapped = _EAGER.get(fn)
     if wrapped is None:
         wrapped = _EAGER[fn] = torch.compiler.disable(fn)
