@@ -246,3 +246,52 @@ def test_compile_option_dry_run_and_errors(capsys, tmp_path):
     fails(capsys, ["--compile", "fast", "--output-dir", out], "argument --compile: invalid choice: 'fast'")
     fails(capsys, ["--compile", "reduce_overhead", "--output-dir", out], "invalid choice: 'reduce_overhead'")
     assert tree(out) is None
+
+
+def _budget_argv(tmp_path, fm, minutes="0.04"):
+    return ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ict", "--preset", "tiny", "--batch-size",
+            "4", "--sample-num", "0", "--loss", "l2", "--log-every", "1", "--ckpt-every", "1000",
+            "--time-budget", minutes, "--output-dir", str(tmp_path / "run")]
+
+
+def _lines(path, needle):
+    with open(path) as f:
+        return [x for x in f if needle in x]
+
+
+def test_time_budget_plans_the_length_and_runs_it_out(tmp_path, fm):
+    assert train_main(_budget_argv(tmp_path, fm)) == 0
+    with open(tmp_path / "run" / "config.json") as f:
+        cfg = json.load(f)
+    plan = cfg["planned"]
+    # planned at the end of the probe (2 untimed + 8 timed steps), then run to exactly that length
+    assert plan["at_step"] == 10 and plan["ms_per_step"] > 0 and plan["time_budget_min"] == 0.04
+    assert cfg["total_steps"] == plan["total_steps"] >= 10
+    assert cfg["kimg"] == pytest.approx(plan["total_steps"] * 4 / 1000)
+    with open(tmp_path / "run" / "stats.jsonl") as f:
+        steps = [json.loads(x)["step"] for x in f]
+    assert steps == list(range(1, plan["total_steps"] + 1))
+    assert len(_lines(tmp_path / "run" / "log.txt", "steps in all")) == 1
+    assert not _lines(tmp_path / "run" / "log.txt", "stopping at")          # it ended on its plan, not a limit
+    ckpts = sorted(p.name for p in (tmp_path / "run").glob("ckpt-*.safetensors"))
+    assert ckpts == [f"ckpt-{plan['total_steps']:08d}.safetensors"]
+
+
+def test_time_budget_resume_keeps_the_plan(tmp_path, fm):
+    argv = _budget_argv(tmp_path, fm, "0.05")
+    assert train_main(argv + ["--stop-at", "11"]) == 0
+    with open(tmp_path / "run" / "config.json") as f:
+        plan = json.load(f)["planned"]
+    assert train_main(argv + ["--resume", "latest"]) == 0       # no second probe: the checkpoint's plan stands
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["planned"] == plan
+    with open(tmp_path / "run" / "stats.jsonl") as f:
+        assert json.loads(f.readlines()[-1])["step"] == plan["total_steps"]
+    assert len(_lines(tmp_path / "run" / "log.txt", "steps in all")) == 1
+
+
+def test_time_budget_argument_errors(capsys, tmp_path, fm):
+    argv = _budget_argv(tmp_path, fm)
+    fails(capsys, argv + ["--steps", "5"], "--time-budget")
+    fails(capsys, [a if a != "0.04" else "0" for a in argv], "--time-budget")
+    assert not (tmp_path / "run").exists()

@@ -45,3 +45,21 @@ def test_two_ranks_match_one_process(tmp_path, compile_):
         l1 = [json.loads(x)["loss"] for x in f1]
         l2 = [json.loads(x)["loss"] for x in f2]
     assert l1 == pytest.approx(l2, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_a_time_budget_plan(tmp_path):
+    # Each rank times its own probe; they must plan the same K (the slowest rank's numbers), or the per-step
+    # collective would hang the rank that still has steps to run.
+    write_png_folder(tmp_path / "imgs", n=8, size=16)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMFAST_OFFLINE": "1"}
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+            "cmfast.cli.train", "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--method", "ct",
+            "--loss", "l2", "--preset", "tiny", "--batch-size", "4", "--time-budget", "0.05", "--sample-num", "0",
+            "--log-every", "1", "--ema", "0.9", "--device", "cpu", "--output-dir", str(tmp_path / "run")]
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    with open(tmp_path / "run" / "config.json") as f:
+        plan = json.load(f)["planned"]
+    with open(tmp_path / "run" / "stats.jsonl") as f:
+        assert json.loads(f.readlines()[-1])["step"] == plan["total_steps"] >= 10

@@ -222,6 +222,15 @@ def test_sct_scd_training_methods():
     assert scd.wrap(_net(), dict(cfg, method_args=scd.defaults)).time_input == "edm"
     with pytest.raises(ValueError, match="jvp"):
         scm_loss(models["model"], torch.randn(2, 3, 8, 8), jvp="forward")
+    # warmup_frac: the warm-up as a fraction of K (a --time-budget run learns K only after its probe)
+    frac = dict(cfg, total_steps=40, method_args=dict(cfg["method_args"], warmup_frac=0.25))
+    assert sct.warmup_steps(frac) == 10 and sct.warmup_steps(dict(cfg, total_steps=40)) == 10
+    assert sct.warmup_steps(dict(frac, total_steps=400)) == 100
+    _, info = sct.loss(models, torch.randn(2, 3, 8, 8), 50, dict(frac, total_steps=400),
+                       torch.Generator().manual_seed(0))
+    assert info == {"r": 0.5}
+    with pytest.raises(ValueError, match="warmup_frac"):
+        sct.check_args(dict(sct.defaults, warmup_frac=1.5))
 
 
 @pytest.mark.gpu

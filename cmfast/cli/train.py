@@ -87,6 +87,11 @@ def build_parser():
     length = h.add_mutually_exclusive_group()
     length.add_argument("--steps", dest="total_steps", type=_ranged(int, 1), help="training steps K (default 1000)")
     length.add_argument("--kimg", type=_ranged(float, 0, lo_open=True), help="training length in thousands of images")
+    length.add_argument("--time-budget", type=_ranged(float, 0.0, lo_open=True), metavar="MINUTES",
+                        help="training length K chosen to fill this many minutes on this machine: after a probe "
+                             "(2 untimed, then 8 timed steps) K = the steps that fit, so the schedules (CT/iCT N(k), "
+                             "sCT's warm-up with warmup_frac, the EMA warm-up) run to their end; the plan is logged, "
+                             "kept in config.json and checkpoints, and resume keeps it")
     h.add_argument("--ema", type=_rates, help=d("ema", "evaluation EMA rates, comma-separated"))
     h.add_argument("--dropout", type=_ranged(float, 0, 1), help="override the preset's dropout")
     h.add_argument("--num-scales", type=_ranged(int, 2), help="cd: N (default 18)")

@@ -12,7 +12,7 @@ DEFAULTS = dict(
     dataset="cifar10", data_dir=None, xflip=None, cond=False, method="ict", preset="tiny", dropout=None,
     teacher=None, init_from_teacher=True, loss=None, method_args={},
     batch_size=32, batch_gpu=None, lr=1e-3, lr_rampup_kimg=0.0, optimizer="radam", betas=(0.9, 0.999),
-    total_steps=None, kimg=None, ema=(0.9999,), precision="fp32", grad_clip=0.0, seed=0, nan_limit=20,
+    total_steps=None, kimg=None, time_budget=None, ema=(0.9999,), precision="fp32", grad_clip=0.0, seed=0, nan_limit=20,
     sigma_data=0.5, sigma_min=0.002, sigma_max=80.0,
     output_dir="runs/cmfast", resume=None, stop_at=None, time_limit=None, sample_every=1000, sample_num=64, ckpt_every=1000,
     keep=3, log_every=50, backend="auto", device=None, compile="none",
@@ -70,7 +70,13 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
     cfg["betas"] = [float(b) for b in cfg["betas"]]
     if cfg["xflip"] is None:
         cfg["xflip"] = cfg["dataset"] == "cifar10"
-    # Length: --steps, or --kimg (images) rounded up to whole steps.
+    # Length: --steps, or --kimg (images) rounded up to whole steps, or --time-budget (planned in the loop after a
+    # probe; until then the default K stands in, for the probe's few steps).
+    given = [k for k in ("total_steps", "kimg", "time_budget") if args.get(k) is not None]
+    if "time_budget" in given and len(given) > 1:
+        raise ValueError("--time-budget sets the length: it excludes --steps and --kimg")
+    if "time_budget" in given:
+        cfg["total_steps"] = cfg["kimg"] = None
     if cfg["total_steps"] is None:
         cfg["total_steps"] = math.ceil(cfg["kimg"] * 1000 / cfg["batch_size"]) if cfg["kimg"] else 1000
     cfg["kimg"] = cfg["total_steps"] * cfg["batch_size"] / 1000

@@ -219,7 +219,9 @@ def _train(args: dict) -> dict:
             json.dump(cfg, f, indent=2)
         log(f"{method.name} on {cfg['dataset']} ({len(data)} images {data.shape}), {cfg['preset']} "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {world} rank(s) on {device}, "
-            f"steps {step} -> {cfg['total_steps']}")
+            + (f"steps {step} -> {cfg['total_steps']}" if not cfg.get("time_budget") or cfg.get("planned") else
+               f"steps from {step}, as many as fit in --time-budget {cfg['time_budget']:g} min (planned after "
+               f"{PROBE_UNTIMED + PROBE_TIMED} steps)"))
         if compiled:
             log(f"torch.compile mode {cfg['compile']} ({compiled['backend']} backend, cmfast.ops backend "
                 f"{cfg['backend']}) of {', '.join(compiled['nets'])}: the first steps compile, the first stats row "
@@ -235,6 +237,8 @@ def _train(args: dict) -> dict:
     row, consecutive_bad = {}, 0
     limit_s = None if cfg.get("time_limit") is None else cfg["time_limit"] * 60.0
     t_start = time.monotonic()
+    # --time-budget: K is planned from the speed of this run's first steps (none when a resumed plan stands).
+    probe = {"from": step, "t": None} if cfg.get("time_budget") and not cfg.get("planned") else None
 
     with ops.use_backend(cfg["backend"]), _restore_signals(old, bar):
         while step < cfg["total_steps"]:
@@ -294,6 +298,18 @@ def _train(args: dict) -> dict:
             step += 1
             if bar:
                 bar.update(1)
+            if probe is not None and step - probe["from"] == PROBE_UNTIMED:
+                probe["t"] = time.monotonic()
+            elif probe is not None and step - probe["from"] == PROBE_UNTIMED + PROBE_TIMED:
+                _plan_length(cfg, step, (time.monotonic() - probe["t"]) / PROBE_TIMED, time.monotonic() - t_start,
+                             world, device, log)
+                probe = None
+                if rank == 0:
+                    with open(os.path.join(out, "config.json"), "w") as f:
+                        json.dump(cfg, f, indent=2)
+                if bar:
+                    bar.total = cfg["total_steps"]
+                    bar.refresh()
             stopping = stop_req > 0 or (cfg["stop_at"] is not None and step >= cfg["stop_at"])
             last = step >= cfg["total_steps"] or stopping
             if step % cfg["log_every"] == 0 or last:
@@ -319,6 +335,28 @@ def _train(args: dict) -> dict:
     return row
 
 
+# --time-budget's probe: steps not timed (compilation, cuDNN's algorithm search, the allocator's first growth),
+# then steps timed; K is planned at the end of the probe, for the fraction PLAN_FILL of the time left.
+PROBE_UNTIMED, PROBE_TIMED, PLAN_FILL = 2, 8, 0.95
+
+
+def _plan_length(cfg, step, s_per_step, elapsed_s, world, device, log) -> None:
+    """Set cfg['total_steps'] (and kimg) to the steps that fit in --time-budget at the probed speed; record the plan
+    in cfg['planned'] (saved with every checkpoint: a resumed run keeps it). Ranks agree on the slowest rank's
+    numbers."""
+    if world > 1:
+        t = torch.tensor([s_per_step, elapsed_s], device=device, dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        s_per_step, elapsed_s = t.tolist()
+    left = cfg["time_budget"] * 60.0 - elapsed_s
+    total = step + max(0, int(PLAN_FILL * left / max(s_per_step, 1e-9)))
+    cfg["total_steps"], cfg["kimg"] = total, total * cfg["batch_size"] / 1000
+    cfg["planned"] = {"total_steps": total, "at_step": step, "ms_per_step": round(s_per_step * 1e3, 3),
+                      "elapsed_s": round(elapsed_s, 2), "time_budget_min": cfg["time_budget"]}
+    log(f"--time-budget {cfg['time_budget']:g} min: {s_per_step * 1e3:.1f} ms a step over steps "
+        f"{step - PROBE_TIMED}-{step}, {elapsed_s:.1f} s spent -> {total} steps in all")
+
+
 def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
     """Load the first readable checkpoint of `candidates` into everything that has state; -> (step, counters)."""
     for i, wpath in enumerate(candidates):
@@ -333,6 +371,10 @@ def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
     diff = [k for k in IDENTITY if meta["config"].get(k) != cfg[k]]
     if diff:
         raise ValueError(f"--resume {wpath}: the checkpoint differs from this command in {', '.join(diff)}")
+    planned = meta["config"].get("planned")
+    if cfg.get("time_budget") and planned:        # the run's length was planned before: keep it
+        cfg["total_steps"], cfg["planned"] = planned["total_steps"], planned
+        cfg["kimg"] = planned["total_steps"] * cfg["batch_size"] / 1000
     models["model"].load_state_dict(weights["model"])
     if "target" in models:
         models["target"].load_state_dict(weights["target"])

@@ -16,6 +16,7 @@ class SCT(Method):
     name, kind, default_loss = "sct", "cm", None
     defaults = {"p_mean": -1.0, "p_std": 1.4,          # tan(t) = exp(tau) / sd, tau ~ N(p_mean, p_std^2)
                 "warmup_steps": 10_000,                # r: 0 -> 1 over this many steps
+                "warmup_frac": 0.0,                    # > 0: over this fraction of K instead (--time-budget runs)
                 "c": 0.1,                              # tangent normalization g / (||g|| + c)
                 "jvp": "fd",                           # 'fd' (finite difference) or 'exact' (torch.func.jvp)
                 "fd_precision": DEFAULT_PRECISION,     # forwards of the finite difference: fp64/fp32/tf32/bf16/fp16
@@ -30,17 +31,27 @@ class SCT(Method):
         if args["fd_precision"] not in PRECISIONS:
             raise ValueError(f"fd_precision: expected one of {', '.join(PRECISIONS)}, got {args['fd_precision']!r}")
         check_order(args["fd_order"], "fd_order")
+        if not 0.0 <= float(args["warmup_frac"]) <= 1.0:
+            raise ValueError(f"warmup_frac: expected a fraction of the steps in [0, 1], got {args['warmup_frac']!r}")
 
     def wrap(self, net, cfg):
         return TrigFlowModel(net, cfg["sigma_data"], cfg["sigma_min"], cfg["sigma_max"],
                              time_input=cfg["method_args"]["time_input"])
 
+    @staticmethod
+    def warmup_steps(cfg) -> int:
+        """The tangent warm-up's length: warmup_frac of K where given (> 0), else warmup_steps."""
+        a = cfg["method_args"]
+        frac = float(a.get("warmup_frac") or 0.0)
+        return max(1, round(frac * cfg["total_steps"])) if frac > 0 else a["warmup_steps"]
+
     def loss(self, models, x, step, cfg, generator, class_labels=None):
         a = cfg["method_args"]
-        loss = scm_loss(models["model"], x, models.get("teacher"), step, a["warmup_steps"], a["jvp"],
+        warmup = self.warmup_steps(cfg)
+        loss = scm_loss(models["model"], x, models.get("teacher"), step, warmup, a["jvp"],
                         a["fd_precision"], a["fd_eps"], p_mean=a["p_mean"], p_std=a["p_std"], c=a["c"],
                         generator=generator, class_labels=class_labels, order=a.get("fd_order", DEFAULT_ORDER))
-        return loss, {"r": tangent_warmup(step, a["warmup_steps"])}
+        return loss, {"r": tangent_warmup(step, warmup)}
 
 
 class SCD(SCT):
