@@ -10,7 +10,9 @@ finds) and write one results JSON that benchmarks/make_tables.py turns into the 
 Everything runs in this one process (one import of torch; the training runs through cmfast-train's own main, so
 each run's exact command is recorded and can be rerun by hand). The runs pass --resume auto: rerunning the script
 continues unfinished runs and rescores finished ones. Each training run is capped by --time-limit, so a
-slower device ends a run early (with a checkpoint; the JSON records the steps reached) instead of overrunning.
+slower device ends a run early (with a checkpoint; the JSON records the steps reached) instead of overrunning; in
+the gpu and smoke profiles each run plans its own length to fit inside the cap (--time-budget), so a slower device
+runs fewer steps of a complete curriculum instead.
 A run that fails is recorded with its error and the others go on; CD is skipped when the teacher failed.
 """
 from __future__ import annotations
@@ -41,30 +43,37 @@ import _harness as H  # noqa: E402  (the results' device naming, shared with the
 # time (kernel launches): fmnist-small (1.07M parameters in 272 tensors, eager; 0.47 GFLOP an image forward, ~0.36
 # TFLOP a batch-256 step with the backward) needs about 1 ms of bf16 compute a step there, and its peak memory was
 # 3.1-3.9 GiB (mem_mb 3145-4006). So batch 1024: 4x the images a minute for ~4x the GPU work (still well under a
-# step's host time) and at most 4x the memory (12.3-15.6 GiB, well inside an H100's 80 GB). Planned steps = 0.85 x the
-# steps reached above, rounded down to 10, so that each run ends on its planned step with its whole curriculum (CT's
-# and iCT's N(k), and sCT's tangent warm-up, see SCT_WARMUP, are functions of the planned steps) unless batch 1024
-# slows a step by more than 1 / 0.85 = 1.18x; then --time-limit still stops it inside its cap, short of the end of its
-# curriculum. The caps are unchanged (5.5 min of training in all). The stage's worst case, every run at its cap: 330 s
-# of training + 28 s of start-ups and scores (as measured there) + ~24 s of 2-step searches (search_two_step) + ~7 s
-# of interpreter and export = ~390 s of gpu_check.sh's 440 (tests/test_reference_runs.py checks it from the same
-# JSON); if batch 1024 costs no more a step, ~0.85 x 330 s of training and ~340 s in all. Learning rate 1e-3 (RAdam,
-# no warm-up) kept: batch 256 trained stably with it (no skipped steps) and no GPU run has measured another;
-# sqrt-batch scaling (2e-3) is the one-flag experiment to try next. EMA 0.999 kept: the loop's EMA warm-up min(rate,
-# (1 + k) / (10 + k)) stays below 0.999 until step 8990, so at these <= 1370 steps the rate has no effect (the EMA
-# spans about the last 1/9 of the steps).
+# step's host time) and at most 4x the memory (12.3-15.6 GiB, well inside an H100's 80 GB). Those runs also stopped
+# early in their curricula (CT's and iCT's N(k), sCT's tangent warm-up are functions of the planned steps), so the
+# steps are now planned by each run (budget mode, below). The caps are unchanged (5.5 min of training in all). The
+# stage's worst case, every run at its cap: 330 s of training + 28 s of start-ups and scores (as measured there) +
+# ~24 s of 2-step searches (search_two_step) + ~7 s of interpreter and export = ~390 s of gpu_check.sh's 440
+# (tests/test_reference_runs.py checks it from the same JSON); as planned, ~0.9 x 330 s of training and ~360 s in
+# all. Learning rate 1e-3 (RAdam, no warm-up) kept: batch 256 trained stably with it (no skipped steps) and no GPU run
+# has measured another; sqrt-batch scaling (2e-3) is the one-flag experiment to try next. EMA 0.999 kept: the loop's
+# EMA warm-up min(rate, (1 + k) / (10 + k)) stays below 0.999 until step 8990, so at these runs' lengths (about 1000
+# to 2000 steps at the H200's rates) the rate has no effect (the EMA spans about the last 1/9 of the steps).
+#
+# Budget mode (budget=True; gpu and smoke): the steps are not fixed here but planned by each run from its own speed
+# (cmfast-train --time-budget, 0.95 of the cap: the plan fills 0.95 of that, about 90% of the cap), so every
+# curriculum completes on a machine of any host speed; the H100 of the second GPU session timed the eager batch-1
+# sampler 1.6x slower than the H200 of the first (37.3 against 22.7 ms; the code changed in between too), and these
+# runs are host-bound, so a step
+# count sized on one would not fit the other. --time-limit stays the cap. The steps in `runs` are then None; the
+# results JSON records each run's plan.
+BUDGET_FILL = 0.95
 PROFILES = {
     "gpu": dict(preset="fmnist-small", batch=1024, precision="bf16", ema="0.999", num=10000, eval_batch=1000,
-                runs={"edm": (1370, 1.6), "cd": (440, 1.1), "ct": (550, 0.9), "ict": (590, 0.9),
-                      "sct": (480, 1.0)},
-                search=dict(num=5000, iters=5, seed=1)),
+                runs={"edm": (None, 1.6), "cd": (None, 1.1), "ct": (None, 0.9), "ict": (None, 0.9),
+                      "sct": (None, 1.0)},
+                budget=True, log_every=25, search=dict(num=5000, iters=5, seed=1)),
     "cpu": dict(preset="tiny", batch=32, precision="fp32", ema="0.999", num=2000, eval_batch=250,
                 runs={"edm": (1000, 20.0), "cd": (500, 15.0), "ct": (600, 12.0), "ict": (600, 12.0),
                       "sct": (500, 12.0)},
                 search=dict(num=1000, iters=5, seed=1)),
     "smoke": dict(preset="tiny", batch=8, precision="fp32", ema="0.9", num=200, eval_batch=100,
-                  runs={"edm": (6, 1.0), "cd": (4, 1.0), "ct": (4, 1.0), "ict": (4, 1.0), "sct": (4, 1.0)},
-                  search=dict(num=100, iters=1, seed=1)),
+                  runs={m: (None, 0.05) for m in ("edm", "cd", "ct", "ict", "sct")},
+                  budget=True, log_every=5, search=dict(num=100, iters=1, seed=1)),
 }
 # The first GPU run (benchmarks/results), whose steps and rates size the gpu profile; the tests check it against them.
 GPU_MEASURED = "reference_runs-gpu-nvidia-h200.json"
@@ -79,15 +88,22 @@ ORDER = ("edm", "cd", "ct", "ict", "sct")
 
 def train_argv(method: str, prof: dict, out: str, data_dir: str | None, device: str | None, seed: int) -> list[str]:
     steps, minutes = prof["runs"][method]
+    if prof.get("budget"):   # the length planned by the run (one checkpoint and grid, at its end)
+        length = ["--time-budget", f"{BUDGET_FILL * minutes:g}"]
+        every = ["--ckpt-every", str(10 ** 9), "--sample-every", str(10 ** 9), "--log-every", str(prof["log_every"])]
+        warmup = f"warmup_frac={SCT_WARMUP}"
+    else:
+        length = ["--steps", str(steps)]
+        every = ["--ckpt-every", str(steps), "--sample-every", str(steps), "--log-every", str(max(1, steps // 20))]
+        warmup = f"warmup_steps={max(1, round(SCT_WARMUP * steps))}"
     argv = ["--dataset", "fashion-mnist", "--method", method, "--preset", prof["preset"], "--batch-size",
-            str(prof["batch"]), "--steps", str(steps), "--time-limit", str(minutes), "--ema", prof["ema"],
+            str(prof["batch"]), *length, "--time-limit", f"{minutes:g}", "--ema", prof["ema"],
             "--precision", prof["precision"], "--seed", str(seed), "--output-dir", os.path.join(out, method),
-            "--ckpt-every", str(steps), "--keep", "1", "--sample-every", str(steps), "--sample-num", "64",
-            "--log-every", str(max(1, steps // 20)), "--resume", "auto"] + METHOD_ARGS[method]
+            *every, "--keep", "1", "--sample-num", "64", "--resume", "auto"] + METHOD_ARGS[method]
     if method == "cd":
         argv += ["--teacher", os.path.join(out, "edm")]
     if method == "sct":
-        argv += ["--method-arg", f"warmup_steps={max(1, round(SCT_WARMUP * steps))}"]
+        argv += ["--method-arg", warmup]
     if data_dir:
         argv += ["--data-dir", data_dir]
     if device:
@@ -145,7 +161,12 @@ def run_one(method: str, prof: dict, a, record: dict) -> None:
     # Training time from the logged rates (excludes start-up, grids and checkpoints; also right for a resumed run).
     train_s = sum((r["step"] - p) * prof["batch"] / r["img_per_s"] for p, r in zip([0] + [x["step"] for x in rows],
                                                                                    rows) if r["img_per_s"] > 0)
-    record.update(steps=step, steps_planned=prof["runs"][method][0], images_seen=step * prof["batch"],
+    with open(os.path.join(run_dir, "config.json")) as f:
+        plan = json.load(f).get("planned")
+    if plan:
+        record["plan"] = plan
+    record.update(steps=step, steps_planned=plan["total_steps"] if plan else prof["runs"][method][0],
+                  images_seen=step * prof["batch"],
                   train_s=round(train_s, 1),
                   train_img_per_s=round(sorted(rates)[len(rates) // 2], 1), loss_first=rows[0]["loss"],
                   loss_last=rows[-1]["loss"], mem_mb=rows[-1]["mem_mb"], run_dir=run_dir)

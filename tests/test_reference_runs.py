@@ -102,19 +102,27 @@ def test_train_commands_record_the_method_settings():
     assert "--loss" not in ict and ict[ict.index("--preset") + 1] == "fmnist-small"
     assert float(ict[ict.index("--time-limit") + 1]) == prof["runs"]["ict"][1]
     assert int(ict[ict.index("--batch-size") + 1]) == prof["batch"]
-    # sCT's tangent warm-up ends inside every profile's planned steps (its default, 10,000 steps, never would).
+    # sCT's tangent warm-up ends inside every profile's planned steps (its default, 10,000 steps, never would):
+    # a fraction of the planned length in budget mode, else a step count below the profile's steps.
     for name, p in ref.PROFILES.items():
         sct = ref.train_argv("sct", p, "out", None, None, 0)
-        warmup = int(sct[sct.index("--method-arg") + 1].removeprefix("warmup_steps="))
-        assert 1 <= warmup < p["runs"]["sct"][0], name
+        arg = sct[sct.index("--method-arg") + 1]
+        if p.get("budget"):
+            assert arg == f"warmup_frac={ref.SCT_WARMUP}" and "--steps" not in sct, name
+            budget = float(sct[sct.index("--time-budget") + 1])
+            assert budget == pytest.approx(ref.BUDGET_FILL * p["runs"]["sct"][1]), name
+            assert float(sct[sct.index("--time-limit") + 1]) == p["runs"]["sct"][1] > budget, name
+        else:
+            assert 1 <= int(arg.removeprefix("warmup_steps=")) < p["runs"]["sct"][0], name
+            assert "--time-budget" not in sct, name
         assert "--method-arg" not in ref.train_argv("ict", p, "out", None, None, 0)
     # The GPU profile fits one device call: the five runs' time caps leave room for the evaluations.
     assert sum(m for _, m in prof["runs"].values()) * 60 <= 360
 
 
 def test_gpu_profile_is_sized_from_the_measured_gpu_run():
-    """The gpu profile against the committed H200 run it was sized from (batch 256, same time caps): each planned step
-    count is reachable at the step rate measured there and uses most of its cap; the memory, scaled to the new batch,
+    """The gpu profile against the committed H200 run it was sized from (batch 256, same time caps): the same caps,
+    the steps planned by each run (that run stopped short of its curricula); the memory, scaled to the new batch,
     stays inside an 80 GB H100; and gpu_check.sh's reference stage (440 s) holds the caps, the measured overheads and the
     2-step search as costed from that run's evaluation times."""
     ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
@@ -122,12 +130,12 @@ def test_gpu_profile_is_sized_from_the_measured_gpu_run():
     measured = json.loads((make_tables.RESULTS / ref.GPU_MEASURED).read_text())
     assert measured["profile"] == "gpu" and measured["preset"] == prof["preset"]
     assert measured["precision"] == prof["precision"] and prof["batch"] >= 4 * measured["batch_size"]
+    assert prof["budget"]          # each run plans its steps from its own speed (cmfast-train --time-budget)
     for m, (planned, minutes) in prof["runs"].items():
         r = measured["runs"][m]
         cap = float(r["command"].split("--time-limit ")[1].split()[0])
-        assert r["steps"] < r["steps_planned"]          # it stopped on --time-limit: steps / cap is its step rate
-        reachable = r["steps"] * minutes / cap          # steps at that rate within this profile's cap
-        assert 0.8 * reachable <= planned <= reachable, (m, planned, reachable)
+        assert r["steps"] < r["steps_planned"]          # it stopped on --time-limit, short of its curriculum's end
+        assert planned is None and minutes == cap, m     # the same caps, no fixed step count
         # Activation memory grows with the batch (the parameters and optimizer state do not): an upper bound.
         assert r["mem_mb"] * prof["batch"] / measured["batch_size"] <= 40 * 1024, m
     runs = measured["runs"].values()
@@ -161,7 +169,8 @@ def test_smoke_profile_trains_scores_and_exports(tmp_path, monkeypatch):
     assert list(doc["runs"]) == ["ict", "sct"] and doc["runs"]["sct"]["error"] == "kept"
     r = doc["runs"]["ict"]
     assert "stale" not in r
-    assert r["steps"] == r["steps_planned"] == 4 and r["images_seen"] == 32
+    # budget mode: the run planned its length after its 10-step probe and ran to it
+    assert r["steps"] == r["steps_planned"] == r["plan"]["total_steps"] >= 10 and r["images_seen"] == 8 * r["steps"]
     assert r["command"].startswith("cmfast-train --dataset fashion-mnist --method ict --preset tiny")
     assert [e["nfe"] for e in r["evals"]] == [1, 2] and r["evals"][1]["sigmas"] == [80.0, 0.821]
     assert all(0 < e["value"] < 400 and e["num"] == 200 for e in r["evals"])   # FD of noise is ~150-200
@@ -181,7 +190,7 @@ def test_smoke_profile_trains_scores_and_exports(tmp_path, monkeypatch):
     assert "2 steps (searched level) better than 1 for every method:" in md
     assert doc["export"] == {"name": "smoke-model", "method": "ict", "fd_1step": r["evals"][0]["value"], "rc": 0}
     card = json.loads((tmp_path / "export" / "smoke-model.json").read_text())
-    assert card["steps"] == 4 and card["method"] == "ict" and card["training"]["command"] == r["command"]
+    assert card["steps"] == r["steps"] and card["method"] == "ict" and card["training"]["command"] == r["command"]
     assert card["fd_fmnist"]["sigmas"]["2-step-searched"] == s["sigmas"]
     assert 0 < card["fd_fmnist"]["2-step-searched"] < 400
     assert (tmp_path / "export" / "smoke-model.safetensors").stat().st_size < 1e6
