@@ -201,8 +201,9 @@ __global__ void gn_fwd_finalize_kernel(Shape s, const float* __restrict__ part,
 }
 
 // One block per (n, g) (grid N*G): the group's statistics by block reductions in a fixed order, then the output.
-// Element i of the group: NCHW (n, g Cg + i / HW, i % HW), a contiguous run; NHWC (n, i / Cg, g Cg + i % Cg).
-// NCHW with V | HW reads and writes V-element vectors (V consecutive elements share their channel).
+// Element i of the group: NCHW (n, g Cg + i / HW, i % HW), a contiguous run; NHWC (n, i / Cg, g Cg + i % Cg), rows
+// of Cg adjacent channels. V-element vectors: NCHW with V | HW (V elements of one channel), NHWC with V | Cg (V
+// adjacent channels of one row); the caller checks the alignment.
 template <typename T, bool NHWC, int V>
 __global__ void gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps, const float* __restrict__ w,
                                     const float* __restrict__ bias, const float* __restrict__ scale,
@@ -213,12 +214,21 @@ __global__ void gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps,
   const int Cg = (int)(s.C / s.G), HW = (int)s.HW, M = Cg * HW;
   const int64_t base = NHWC ? n * s.HW * s.C + g * Cg : (n * s.C + g * Cg) * s.HW;
   auto at = [&](int i) -> int64_t { return NHWC ? base + (int64_t)(i / Cg) * s.C + i % Cg : base + i; };
-  auto chan = [&](int i) -> int64_t { return g * Cg + (NHWC ? i % Cg : i / HW); };
+  auto get = [&](int i, float (&xv)[V]) {
+    if (V > 1) load<T, V>(x + at(i), xv); else xv[0] = to_f(x[at(i)]);
+  };
+  // y1 = a (x - mean) + b for channel c: a = rstd w (1 + scale), b = bias (1 + scale) + shift (the split path's A, B)
+  auto coef = [&](int64_t c, float rstd, float& a, float& b) {
+    const int64_t nc = n * s.C + c;
+    const float kk = scale ? 1.f + scale[nc] : 1.f;
+    a = rstd * (w ? w[c] : 1.f) * kk;
+    b = (bias ? bias[c] : 0.f) * kk + (shift ? shift[nc] : 0.f);
+  };
   const float K = to_f(x[base]);  // a shift that keeps the first sum small (|mean| >> std loses nothing)
   float s0 = 0.f;
   for (int i = threadIdx.x * V; i < M; i += blockDim.x * V) {
     float xv[V];
-    if (V > 1) load<T, V>(x + at(i), xv); else xv[0] = to_f(x[at(i)]);
+    get(i, xv);
 #pragma unroll
     for (int j = 0; j < V; ++j) s0 += xv[j] - K;
   }
@@ -226,7 +236,7 @@ __global__ void gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps,
   float m2 = 0.f;
   for (int i = threadIdx.x * V; i < M; i += blockDim.x * V) {
     float xv[V];
-    if (V > 1) load<T, V>(x + at(i), xv); else xv[0] = to_f(x[at(i)]);
+    get(i, xv);
 #pragma unroll
     for (int j = 0; j < V; ++j) m2 += (xv[j] - mean) * (xv[j] - mean);
   }
@@ -236,20 +246,25 @@ __global__ void gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps,
     stats[ng * 2] = mean;
     stats[ng * 2 + 1] = rstd;
   }
-  for (int k = threadIdx.x; k < Cg; k += blockDim.x) {  // the backward's A, B (same formula as the split path)
-    const int64_t c = g * Cg + k, nc = n * s.C + c;
-    const float kk = scale ? 1.f + scale[nc] : 1.f;
-    A[nc] = rstd * (w ? w[c] : 1.f) * kk;
-    B[nc] = (bias ? bias[c] : 0.f) * kk + (shift ? shift[nc] : 0.f);
+  for (int k = threadIdx.x; k < Cg; k += blockDim.x) {  // the backward's A, B
+    float a, b;
+    coef(g * Cg + k, rstd, a, b);
+    A[n * s.C + g * Cg + k] = a;
+    B[n * s.C + g * Cg + k] = b;
   }
   for (int i = threadIdx.x * V; i < M; i += blockDim.x * V) {
-    const int64_t c = chan(i), nc = n * s.C + c;
-    const float kk = scale ? 1.f + scale[nc] : 1.f;
-    const float a = rstd * (w ? w[c] : 1.f) * kk, b = (bias ? bias[c] : 0.f) * kk + (shift ? shift[nc] : 0.f);
-    float xv[V], o[V];
-    if (V > 1) load<T, V>(x + at(i), xv); else xv[0] = to_f(x[at(i)]);
+    float xv[V], o[V], a[V], b[V];
+    get(i, xv);
+    if (NHWC) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) o[j] = act(a * (xv[j] - mean) + b, s.silu);
+      for (int j = 0; j < V; ++j) coef(g * Cg + i % Cg + j, rstd, a[j], b[j]);
+    } else {
+      coef(g * Cg + i / HW, rstd, a[0], b[0]);
+#pragma unroll
+      for (int j = 1; j < V; ++j) a[j] = a[0], b[j] = b[0];
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) o[j] = act(a[j] * (xv[j] - mean) + b[j], s.silu);
     if (V > 1) store<T, V>(y + at(i), o); else y[at(i)] = from_f<T>(o[0]);
   }
 }
@@ -383,16 +398,27 @@ void launch_apply(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr P, ptr m1
 template <typename T>
 void launch_fused_fwd(Shape s, ptr x, float eps, ptr w, ptr b, ptr scale, ptr shift, ptr stats, ptr A, ptr B, ptr y,
                       cudaStream_t st) {
-  constexpr int V = 16 / sizeof(T);
-  const int64_t M = (s.C / s.G) * s.HW;
+  constexpr int VMAX = 16 / sizeof(T);
+  const int64_t Cg = s.C / s.G, M = Cg * s.HW;
   const unsigned blocks = (unsigned)(s.N * s.G), threads = M >= 2048 ? 256 : 128;
   auto go = [&](auto kernel) {
     kernel<<<blocks, threads, 0, st>>>(s, (const T*)x, eps, (const float*)w, (const float*)b, (const float*)scale,
                                        (const float*)shift, (float*)stats, (float*)A, (float*)B, (T*)y);
   };
-  if (s.nhwc) go(gn_fwd_fused_kernel<T, true, 1>);
-  else if (s.HW % V == 0 && x % 16 == 0 && y % 16 == 0) go(gn_fwd_fused_kernel<T, false, V>);
-  else go(gn_fwd_fused_kernel<T, false, 1>);
+  // The widest vector that divides the run (NCHW: HW; NHWC: Cg, and C so every row starts aligned) and the
+  // pointers' alignment allow.
+  const int64_t run = s.nhwc ? Cg : s.HW;
+  int v = VMAX;
+  while (v > 1 && (run % v || (s.nhwc && s.C % v) || x % (v * sizeof(T)) || y % (v * sizeof(T)))) v /= 2;
+  if (s.nhwc) {
+    if (v >= 8) go(gn_fwd_fused_kernel<T, true, VMAX >= 8 ? 8 : 1>);
+    else if (v == 4) go(gn_fwd_fused_kernel<T, true, 4>);
+    else if (v == 2) go(gn_fwd_fused_kernel<T, true, 2>);
+    else go(gn_fwd_fused_kernel<T, true, 1>);
+  } else {
+    if (v == VMAX) go(gn_fwd_fused_kernel<T, false, VMAX>);
+    else go(gn_fwd_fused_kernel<T, false, 1>);
+  }
 }
 
 Shape make_shape(int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc, bool silu, int elem) {

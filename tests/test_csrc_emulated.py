@@ -167,6 +167,17 @@ def test_group_norm_act_large_mean_is_stable(path, monkeypatch):
     check("group_norm_act", ref.group_norm_act, inputs, grad=("x",))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,G", [((2, 32, 4, 6), 8), ((1, 64, 4, 4), 8), ((2, 16, 3, 3), 8)],
+                         ids=["cg4", "cg8", "cg2"])
+def test_group_norm_act_fused_forward_vector_widths(dtype, fmt, shape, G):
+    """The one-launch forward's vector paths: NHWC rows of Cg = 2, 4, 8 adjacent channels loaded as one vector
+    (per-channel coefficients inside it), NCHW runs of HW = 24, 16, 9 (9: scalar)."""
+    inputs = _gn_inputs(shape, dtype, fmt, G=G)
+    check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs), dtype=dtype)
+
+
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
 def test_group_norm_act_fused_forward_at_its_size_limit(fmt):
     """A group of exactly GN_FUSED_MAX_GROUP elements (16 x 32 x 32) still runs as one block, vectorized in NCHW
