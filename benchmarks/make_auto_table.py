@@ -8,9 +8,11 @@ Rule: within each measured case (op, shape, layout, pass, dtype, device; one fil
 choosable backend (torch = eager, triton, cuda; torch.compile is not a backend) is timed relative to the fastest of
 them; an op's winner has the lowest geometric mean of those ratios over the cases where all candidates ran. The
 same rule per shape class (pass fwd / fwd+bwd, layout nchw / nhwc): where a class's winner differs from the op's,
-the op's entry becomes {"default": op winner, class: winner, ...}. A case where every backend also has a CUDA-graph
-replay time (graph_median_ms: forward rows, the sampler's path) is judged by those times. Only CUDA results count, and only numbers that
-are in the files: nothing is filled in.
+the op's entry becomes {"default": op winner, class: winner, ...}. Within each class, per batch size (small: batch <=
+cmfast.ops.SMALL_BATCH, the sampler's latency path; large): where that winner differs from its class's, the entry also
+gets "class/small" or "class/large" (the dispatcher looks up the most specific class first). A case where every
+backend also has a CUDA-graph replay time (graph_median_ms: forward rows, the sampler's path) is judged by those
+times. Only CUDA results count, and only numbers that are in the files: nothing is filled in.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+try:
+    from cmfast.ops import SMALL_BATCH
+except ImportError:      # the table can be made where cmfast is not installed; the value is cmfast.ops'
+    SMALL_BATCH = 8
 CHOOSABLE = ("torch", "triton", "cuda")
 CASE_KEYS = ("op", "shape", "layout", "pass", "kind", "groups", "uint8")
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "cmfast" / "ops" / "auto_table.json"
@@ -49,10 +55,12 @@ def choose(results: list[dict]) -> tuple[dict, dict]:
             cases[key] = graphed[key]
     per_op: dict[str, list[dict[str, float]]] = defaultdict(list)
     per_class: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+    per_size: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     for key, times in cases.items():
-        op, pass_, layout = (json.loads(key[2 + CASE_KEYS.index(k)]) for k in ("op", "pass", "layout"))
+        op, pass_, layout, shape = (json.loads(key[2 + CASE_KEYS.index(k)]) for k in ("op", "pass", "layout", "shape"))
         per_op[op].append(times)
         per_class[op][shape_class(pass_, layout)].append(times)
+        per_size[op][shape_class(pass_, layout) + "/" + size_class(shape)].append(times)
     table, stats = {}, {}
     for op, rows in sorted(per_op.items()):
         won = _winner(rows)
@@ -63,10 +71,23 @@ def choose(results: list[dict]) -> tuple[dict, dict]:
         # training's forward+backward can favour different backends (measured on an H200, group_norm_act).
         classes = {c: _winner(r) for c, r in sorted(per_class[op].items())}
         classes = {c: w for c, w in classes.items() if w is not None}
-        if any(w[0] != table[op] for w in classes.values()):
-            stats[op] = dict(stats[op], classes={c: w[1] for c, w in classes.items()})
-            table[op] = {"default": table[op], **{c: w[0] for c, w in classes.items()}}
+        entries = {c: w for c, w in classes.items()} if any(w[0] != table[op] for w in classes.values()) else {}
+        # Per batch size within a class, where the winner differs from the class's (e.g. a kernel that wins at
+        # batch 1 and loses at 256).
+        for c, r in sorted(per_size[op].items()):
+            w = _winner(r)
+            parent = c.rsplit("/", 1)[0]
+            if w is not None and w[0] != (classes[parent][0] if parent in classes else table[op]):
+                entries[c] = w
+        if entries:
+            stats[op] = dict(stats[op], classes={c: w[1] for c, w in entries.items()})
+            table[op] = {"default": table[op], **{c: w[0] for c, w in entries.items()}}
     return table, stats
+
+
+def size_class(shape) -> str:
+    """'small' (batch <= SMALL_BATCH) or 'large', from a benchmark row's shape (batch first)."""
+    return "small" if shape and int(shape[0]) <= SMALL_BATCH else "large"
 
 
 def shape_class(pass_: str | None, layout: str | None) -> str:

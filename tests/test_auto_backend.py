@@ -64,10 +64,24 @@ def test_failed_cuda_build_falls_back_and_is_not_retried(table, monkeypatch):
 
 def test_shape_class():
     x = torch.zeros(2, 8, 4, 4)
-    assert ops.shape_class(False, x) == "fwd/nchw"
-    assert ops.shape_class(True, x.to(memory_format=torch.channels_last)) == "fwd+bwd/nhwc"
-    assert ops.shape_class(False, torch.zeros(2, 8, 1, 1).to(memory_format=torch.channels_last)) == "fwd/nchw"
+    assert ops.shape_class(False, x) == "fwd/nchw/small"
+    assert ops.shape_class(True, x.to(memory_format=torch.channels_last)) == "fwd+bwd/nhwc/small"
+    assert ops.shape_class(False, torch.zeros(2, 8, 1, 1).to(memory_format=torch.channels_last)) == "fwd/nchw/small"
+    assert ops.shape_class(False, torch.zeros(ops.SMALL_BATCH + 1, 8, 2, 2)) == "fwd/nchw/large"
+    assert ops.shape_class(True, batch=ops.SMALL_BATCH) == "fwd+bwd/small"
     assert ops.shape_class(True) == "fwd+bwd"
+
+
+def test_most_specific_class_first(table, monkeypatch):
+    monkeypatch.setattr(ops, "_auto_table", {
+        "attention": {"default": "torch", "fwd/small": "triton"},
+        "group_norm_act": {"default": "triton", "fwd/nhwc": "torch", "fwd/nhwc/large": "triton"}})
+    assert ops._auto_choice("attention", CUDA, torch.bfloat16, "fwd/small") == "triton"
+    assert ops._auto_choice("attention", CUDA, torch.bfloat16, "fwd/large") == "torch"       # the op's default
+    assert ops._auto_choice("attention", CUDA, torch.bfloat16, "fwd+bwd/small") == "torch"
+    assert ops._auto_choice("group_norm_act", CUDA, torch.bfloat16, "fwd/nhwc/small") == "torch"   # the class's
+    assert ops._auto_choice("group_norm_act", CUDA, torch.bfloat16, "fwd/nhwc/large") == "triton"
+    assert ops._auto_choice("group_norm_act", CUDA, torch.bfloat16, "fwd/nchw/large") == "triton"  # the default
 
 
 def test_public_ops_report_their_class(monkeypatch):
@@ -86,8 +100,16 @@ def test_public_ops_report_their_class(monkeypatch):
     ops.attention(q, q, q)
     with torch.no_grad():
         ops.attention(q, q, q)
-    assert seen == [("group_norm_act", "fwd/nhwc"), ("group_norm_act", "fwd+bwd/nhwc"),
-                    ("group_norm_act", "fwd/nchw"), ("attention", "fwd+bwd"), ("attention", "fwd")]
+    big = torch.randn(16, 3, 4, 4, requires_grad=True)
+    ops.skip_output(big, big, 1.0)
+    ops.skip_output_infer(big, big, 1.0)
+    ops.consistency_loss(big, big.detach())
+    with torch.no_grad():
+        ops.consistency_loss(x, x)
+    assert seen == [("group_norm_act", "fwd/nhwc/small"), ("group_norm_act", "fwd+bwd/nhwc/small"),
+                    ("group_norm_act", "fwd/nchw/small"), ("attention", "fwd+bwd/small"), ("attention", "fwd/small"),
+                    ("skip_output", "fwd+bwd/large"), ("skip_output_infer", "fwd/large"),
+                    ("consistency_loss", "fwd+bwd/large"), ("consistency_loss", "fwd/small")]
 
 
 def test_committed_table_is_well_formed():

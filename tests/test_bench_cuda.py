@@ -45,7 +45,10 @@ def test_auto_table_rule(tmp_path):
     out = tmp_path / "auto_table.json"
     assert make_auto_table.main([*map(str, files), "--out", str(out)]) == 0
     table = json.loads(out.read_text())
-    assert table["group_norm_act"] == "cuda" and table["consistency_loss"] == "torch"
+    assert table["group_norm_act"] == "cuda"
+    # consistency_loss: torch over the complete case; at batch 64 ('large'), where triton has no row, the measured
+    # pair (torch 9, cuda 1) decides that size class
+    assert table["consistency_loss"] == {"default": "torch", "fwd/large": "cuda"}
     assert "attention" not in table and "skip_output_infer" not in table  # CPU rows and failed rows count for nothing
     assert table["_meta"]["ratios"]["consistency_loss"]["cases"] == 1
     assert table["_meta"]["ratios"]["group_norm_act"]["cuda"] == pytest.approx((1.0 * 1.1) ** 0.5)
@@ -69,6 +72,22 @@ def test_auto_table_per_shape_class(tmp_path):
     assert table["group_norm_act"] == {"default": "cuda", "fwd/nhwc": "triton", "fwd+bwd/nhwc": "cuda",
                                        "fwd/nchw": "cuda", "fwd+bwd/nchw": "cuda"}
     assert table["_meta"]["ratios"]["group_norm_act"]["classes"]["fwd/nhwc"]["cuda"] == 2.0
+
+
+def test_auto_table_per_batch_size(tmp_path):
+    """A backend that wins at batch 1 and loses at 256 within one class gets that class's '/small' entry (the H100
+    data: the Triton flash attention forward beat SDPA at batch 1 by graph time and lost at 256)."""
+    def case(shape, times):
+        return [dict(op="attention", shape=shape, backend=b, median_ms=t, **{"pass": "fwd"}) for b, t in times.items()]
+    rows = case([1, 1, 256, 256], dict(torch=1.2, triton=1.0)) + case([256, 1, 256, 256], dict(torch=1.0, triton=1.8))
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(_result("cuda", rows)))
+    out = tmp_path / "t.json"
+    assert make_auto_table.main([str(f), "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["attention"] == {"default": "torch", "fwd/small": "triton"}
+    assert table["_meta"]["ratios"]["attention"]["classes"]["fwd/small"]["torch"] == pytest.approx(1.2)
+    assert make_auto_table.SMALL_BATCH == __import__("cmfast").ops.SMALL_BATCH
 
 
 def test_auto_table_prefers_graph_replay_times_when_every_backend_has_one(tmp_path):

@@ -128,8 +128,9 @@ def _auto_resolve(op: str, device: torch.device, case: str | None) -> str:
         _auto_table = json.loads(path.read_text()) if path.exists() else {}
     choice = _auto_table.get(op, "torch")
     ratios = _auto_table.get("_meta", {}).get("ratios", {}).get(op, {})
-    if isinstance(choice, dict):   # {"default": backend, "fwd/nhwc": backend, ...}
-        keys = [k for k in ([case, case.split("/")[0]] if case else []) if k in choice]
+    if isinstance(choice, dict):   # {"default": backend, "fwd/nhwc": backend, "fwd/nhwc/small": backend, ...}
+        parts = case.split("/") if case else []
+        keys = [k for k in ("/".join(parts[:n]) for n in range(len(parts), 0, -1)) if k in choice]
         choice = choice[keys[0]] if keys else choice.get("default", "torch")
         ratios = ratios.get("classes", {}).get(keys[0], ratios) if keys else ratios
     # The winner, else the next-fastest measured backend that loads here (a machine without the CUDA toolchain has
@@ -156,10 +157,20 @@ def is_nhwc(x: torch.Tensor) -> bool:
     return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
-def shape_class(needs_grad: bool, x: torch.Tensor | None = None) -> str:
-    """The auto table's shape class of a call: 'fwd' or 'fwd+bwd', plus '/nhwc' or '/nchw' when x is given."""
+SMALL_BATCH = 8   # the auto table's size classes: batch <= this is 'small' (the sampler's latency path), else 'large'
+
+
+def shape_class(needs_grad: bool, x: torch.Tensor | None = None, batch: int | None = None) -> str:
+    """The auto table's shape class of a call: 'fwd' or 'fwd+bwd', then '/nhwc' or '/nchw' when x (an (N, C, ...)
+    tensor) is given, then '/small' or '/large' by the batch (x's, unless given). The table is looked up from the
+    most specific class to the least ('fwd/nhwc/small', 'fwd/nhwc', 'fwd', then the op's default)."""
     case = "fwd+bwd" if needs_grad else "fwd"
-    return case if x is None else case + ("/nhwc" if is_nhwc(x) else "/nchw")
+    if x is not None:
+        case += "/nhwc" if is_nhwc(x) else "/nchw"
+        batch = x.shape[0] if batch is None else batch
+    if batch is not None:
+        case += "/small" if batch <= SMALL_BATCH else "/large"
+    return case
 
 
 def implementation(op: str, device: torch.device, dtype: torch.dtype | None = None, case: str | None = None) -> Callable:

@@ -40,13 +40,16 @@ def _skip_args(x, F, sigma) -> torch.Tensor:
 def skip_output(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
     """c_skip(sigma) x + c_out(sigma) F (CM paper eq. 7), math in fp32, result in x's dtype; differentiable in x and F."""
     s = _skip_args(x, F, sigma)
-    return implementation("skip_output", x.device, x.dtype)(x, F, s, float(sigma_data), float(sigma_min))
+    grad = torch.is_grad_enabled() and (x.requires_grad or F.requires_grad)
+    return implementation("skip_output", x.device, x.dtype, shape_class(grad, batch=x.shape[0]))(
+        x, F, s, float(sigma_data), float(sigma_min))
 
 
 def skip_output_infer(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002, uint8: bool = False):
     """Sampler epilogue: clamp(c_skip x + c_out F, -1, 1); with uint8=True the image bytes round((y + 1) * 127.5)."""
     s = _skip_args(x, F, sigma)
-    return implementation("skip_output_infer", x.device, x.dtype)(x, F, s, float(sigma_data), float(sigma_min), bool(uint8))
+    return implementation("skip_output_infer", x.device, x.dtype, shape_class(False, batch=x.shape[0]))(
+        x, F, s, float(sigma_data), float(sigma_min), bool(uint8))
 
 
 def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6, scale=None, shift=None,
@@ -89,7 +92,7 @@ def attention(q, k, v, scale: float | None = None):
     _same_device(q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return implementation("attention", q.device, q.dtype, shape_class(grad))(q, k, v, scale)
+    return implementation("attention", q.device, q.dtype, shape_class(grad, batch=q.shape[0]))(q, k, v, scale)
 
 
 def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None = None, weight=None):
@@ -112,7 +115,9 @@ def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None =
         c = 0.00054 * d ** 0.5
     if kind == "pseudo_huber" and not c > 0:
         raise ValueError(f"c: expected a positive number for pseudo_huber, got {c!r}")
-    return implementation("consistency_loss", pred.device, pred.dtype)(pred, target, kind, float(c), weight)
+    grad = torch.is_grad_enabled() and pred.requires_grad
+    return implementation("consistency_loss", pred.device, pred.dtype, shape_class(grad, batch=B))(
+        pred, target, kind, float(c), weight)
 
 
 def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFdt=None, logvar=None, weight=None,
