@@ -72,7 +72,7 @@ PROFILES = {
                       "sct": (500, 12.0)},
                 search=dict(num=1000, iters=5, seed=1)),
     "smoke": dict(preset="tiny", batch=8, precision="fp32", ema="0.9", num=200, eval_batch=100,
-                  runs={m: (None, 0.05) for m in ("edm", "cd", "ct", "ict", "sct")},
+                  runs={m: (None, 0.2) for m in ("edm", "cd", "ct", "ict", "sct")},   # 12 s: room for the probe
                   budget=True, log_every=5, search=dict(num=100, iters=1, seed=1)),
 }
 # The first GPU run (benchmarks/results), whose steps and rates size the gpu profile; the tests check it against them.
@@ -165,7 +165,8 @@ def run_one(method: str, prof: dict, a, record: dict) -> None:
         plan = json.load(f).get("planned")
     if plan:
         record["plan"] = plan
-    record.update(steps=step, steps_planned=plan["total_steps"] if plan else prof["runs"][method][0],
+    # No plan: a fixed-steps profile, or a budget run whose --time-limit struck before its probe ended.
+    record.update(steps=step, steps_planned=plan["total_steps"] if plan else prof["runs"][method][0] or step,
                   images_seen=step * prof["batch"],
                   train_s=round(train_s, 1),
                   train_img_per_s=round(sorted(rates)[len(rates) // 2], 1), loss_first=rows[0]["loss"],
