@@ -110,7 +110,7 @@ def test_train_commands_record_the_method_settings():
         if p.get("budget"):
             assert arg == f"warmup_frac={ref.SCT_WARMUP}" and "--steps" not in sct, name
             budget = float(sct[sct.index("--time-budget") + 1])
-            assert budget == pytest.approx(ref.BUDGET_FILL * p["runs"]["sct"][1]), name
+            assert budget == pytest.approx(p.get("budget_fill", ref.BUDGET_FILL) * p["runs"]["sct"][1]), name
             assert float(sct[sct.index("--time-limit") + 1]) == p["runs"]["sct"][1] > budget, name
         else:
             assert 1 <= int(arg.removeprefix("warmup_steps=")) < p["runs"]["sct"][0], name
@@ -169,9 +169,8 @@ def test_smoke_profile_trains_scores_and_exports(tmp_path, monkeypatch):
     assert list(doc["runs"]) == ["ict", "sct"] and doc["runs"]["sct"]["error"] == "kept"
     r = doc["runs"]["ict"]
     assert "stale" not in r
-    # budget mode: the run planned its length after its 10-step probe and ran to it, or (a machine slowed down by
-    # other work after the probe) towards it until the cap
-    assert 10 <= r["steps"] <= r["steps_planned"] == r["plan"]["total_steps"] and r["images_seen"] == 8 * r["steps"]
+    # budget mode: the run planned its length after its 10-step probe and ran to it (3 s planned in a 12 s cap)
+    assert r["steps"] == r["steps_planned"] == r["plan"]["total_steps"] >= 10 and r["images_seen"] == 8 * r["steps"]
     assert r["command"].startswith("cmfast-train --dataset fashion-mnist --method ict --preset tiny")
     assert [e["nfe"] for e in r["evals"]] == [1, 2] and r["evals"][1]["sigmas"] == [80.0, 0.821]
     assert all(0 < e["value"] < 400 and e["num"] == 200 for e in r["evals"])   # FD of noise is ~150-200
