@@ -238,14 +238,14 @@ def test_compile_matches_eager_with_the_same_checkpoint_keys(tmp_path, dynamo):
     assert [x.get("compile_warmup") for x in rb] == [True, None, None]     # the interval that includes compiling
     assert "compile_warmup" not in ra[0]
     with open(os.path.join(b, "log.txt")) as f:
-        assert "torch.compile mode default (eager backend, cmfast.ops backend torch) of model.net, target.net" in f.read()
+        assert "torch.compile mode default (eager backend, cmfast.ops backend auto) of model.net, target.net" in f.read()
     wa, wb = (load_file(os.path.join(d, "ckpt-00000003.safetensors")) for d in (a, b))
     assert set(wa) == set(wb) and not any("_orig_mod" in k for k in wb)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
     # Checkpoint readers see a plain model; the EMA followed the trained weights.
     model, meta = ckpt.load_model(b, which="ema@0.5")
-    assert meta["config"]["compile"] == "default" and meta["config"]["backend"] == "torch"
+    assert meta["config"]["compile"] == "default" and meta["config"]["backend"] == "auto"
     assert torch.equal(model.net.out_conv.weight, wb["ema@0.5/net.out_conv.weight"])
     assert not torch.equal(wb["ema@0.5/net.out_conv.weight"], load_file(
         os.path.join(b, "ckpt-00000001.safetensors"))["ema@0.5/net.out_conv.weight"])
@@ -306,4 +306,4 @@ def test_compile_inductor_tiny_run(tmp_path, monkeypatch):
     wa, wb = (load_file(os.path.join(str(tmp_path / d), "ckpt-00000002.safetensors")) for d in "ab")
     assert set(wa) == set(wb)
     with open(os.path.join(str(tmp_path / "b"), "log.txt")) as f:
-        assert "(inductor backend, cmfast.ops backend torch) of model.net" in f.read()
+        assert "(inductor backend, cmfast.ops backend auto) of model.net" in f.read()

@@ -116,8 +116,8 @@ def build_parser():
                         "the teacher's where the method has them) in this mode: default, reduce-overhead (CUDA "
                         "graphs), max-autotune-no-cudagraphs (autotuned kernels), max-autotune (both), or none; "
                         "bare --compile = default. "
-                        "Compiled runs use --backend torch (cmfast's own kernels may not trace) unless --backend "
-                        "is given. Checkpoints are the same as without; the first logged interval includes the "
+                        "Inside the compiled networks --backend auto is the torch ops (inductor fuses them); a "
+                        "backend named by --backend runs its kernels between graphs. Checkpoints are the same as without; the first logged interval includes the "
                         "compile time (compile_warmup in stats.jsonl) (default: none)")
     p.add_argument("--nan-limit", type=_ranged(int, 1), help=d("nan_limit", "stop after this many consecutive "
                                                                             "non-finite steps"))

@@ -53,10 +53,6 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
     cfg["config"] = args.get("config")
     if cfg["compile"] not in COMPILE_MODES:
         raise ValueError(f"--compile: expected one of {', '.join(COMPILE_MODES)}, got {cfg['compile']!r}")
-    if cfg["compile"] != "none" and args.get("backend") is None:
-        # cmfast's own kernels (Triton / CUDA autograd.Functions) may not trace: compiled runs use the torch ops,
-        # which inductor fuses itself, unless --backend names a backend.
-        cfg["backend"] = "torch"
     method = get_method(cfg["method"])
     cfg["method_args"] = {**method.defaults, **preset.get("method_args", {}), **(args.get("method_args") or {})}
     unknown = set(cfg["method_args"]) - set(method.defaults)
