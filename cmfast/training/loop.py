@@ -214,9 +214,12 @@ def _train(args: dict) -> dict:
         stop["signal"] = signum
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    if rank == 0:
+    def write_config():     # at the start, and again when --time-budget has planned the length
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
+
+    if rank == 0:
+        write_config()
         log(f"{method.name} on {cfg['dataset']} ({len(data)} images {data.shape}), {cfg['preset']} "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {world} rank(s) on {device}, "
             + (f"steps {step} -> {cfg['total_steps']}" if not cfg.get("time_budget") or cfg.get("planned") else
@@ -305,8 +308,7 @@ def _train(args: dict) -> dict:
                              world, device, log)
                 probe = None
                 if rank == 0:
-                    with open(os.path.join(out, "config.json"), "w") as f:
-                        json.dump(cfg, f, indent=2)
+                    write_config()
                 if bar:
                     bar.total = cfg["total_steps"]
                     bar.refresh()

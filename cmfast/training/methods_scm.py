@@ -42,7 +42,7 @@ class SCT(Method):
     def warmup_steps(cfg) -> int:
         """The tangent warm-up's length: warmup_frac of K where given (> 0), else warmup_steps."""
         a = cfg["method_args"]
-        frac = float(a.get("warmup_frac") or 0.0)
+        frac = float(a["warmup_frac"])
         return max(1, round(frac * cfg["total_steps"])) if frac > 0 else a["warmup_steps"]
 
     def loss(self, models, x, step, cfg, generator, class_labels=None):
@@ -50,7 +50,7 @@ class SCT(Method):
         warmup = self.warmup_steps(cfg)
         loss = scm_loss(models["model"], x, models.get("teacher"), step, warmup, a["jvp"],
                         a["fd_precision"], a["fd_eps"], p_mean=a["p_mean"], p_std=a["p_std"], c=a["c"],
-                        generator=generator, class_labels=class_labels, order=a.get("fd_order", DEFAULT_ORDER))
+                        generator=generator, class_labels=class_labels, order=a["fd_order"])
         return loss, {"r": tangent_warmup(step, warmup)}
 
 
