@@ -51,6 +51,12 @@ def time_ms(fn, device: torch.device, budget_ms: float = 500.0, warmup: int = 3)
             "timer": "cuda events" if device.type == "cuda" else "time.perf_counter"}
 
 
+def error_line(e: BaseException, limit: int = 300) -> str:
+    """'Type: first line of the message' (at most `limit` characters): how a row records what stopped it."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg}"[:limit]
+
+
 def graph_time(fn, device: torch.device, budget_ms: float = 100.0) -> dict:
     """GPU time alone: fn captured in a CUDA graph and replayed (triton's do_bench_cudagraph, median), i.e. without
     the host's launch and Python cost that dominates do_bench at small sizes. This is what a kernel costs inside
@@ -61,7 +67,7 @@ def graph_time(fn, device: torch.device, budget_ms: float = 100.0) -> dict:
         from triton.testing import do_bench_cudagraph
         return {"graph_median_ms": do_bench_cudagraph(fn, rep=budget_ms, return_mode="median")}
     except Exception as e:  # noqa: BLE001 - a host sync or allocation the capture refuses: the row keeps its eager time
-        return {"graph_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        return {"graph_error": error_line(e)}
 
 
 # Kernel families by name (first match wins): where a row's device time goes.
@@ -112,7 +118,7 @@ def kernel_profile(fn, device: torch.device, iters: int = 5, top: int = 8) -> di
                 "top": [{"name": n[:120], "per_call": c / iters, "ms_per_call": us / iters / 1e3}
                         for n, (c, us) in ranked]}
     except Exception as e:  # noqa: BLE001 - a profile is a diagnostic: the row keeps its timing without it
-        return {"profile_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        return {"profile_error": error_line(e)}
 
 
 def ceilings(device: torch.device, quick: bool) -> dict:

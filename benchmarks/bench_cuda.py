@@ -140,7 +140,7 @@ def measure(case: dict, fns, nbytes: int, dev, ceil: dict, quick: bool) -> list[
             if row["pass"] == "fwd":   # the sampler's case: also the GPU time alone, from a graph replay
                 row.update(H.graph_time(fn, dev, budget_ms=50 if quick else 200))
         except Exception as e:  # one failing variant must not lose the others' numbers
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row["error"] = H.error_line(e)
         rows.append(row)
     eager = next((r["median_ms"] for r in rows if r["backend"] == "torch" and "median_ms" in r), None)
     for r in rows:

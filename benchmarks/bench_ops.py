@@ -78,7 +78,7 @@ class Bench:
                     row["tflops"] = flops / row["median_ms"] / 1e9
                     row["of_matmul_peak"] = row["tflops"] / self.ceil["matmul_tflops"]
             except Exception as e:  # one failing variant must not lose the others' numbers
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                row["error"] = H.error_line(e)
             rows.append(row)
         eager = next((r["median_ms"] for r in rows if r["backend"] == "torch" and "median_ms" in r), None)
         for r in rows:

@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as e:   # a row that cannot run here says why; the others still run
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                row["error"] = H.error_line(e)
             if name == "ict" and "time_ms" in row:
                 base = row
             if base and "time_ms" in row:

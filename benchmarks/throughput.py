@@ -105,7 +105,7 @@ class Runner:
                     if "summed_ms_per_call" in row["profile"]:
                         row["profile"]["busy"] = row["profile"]["summed_ms_per_call"] / row["median_ms"]
             except Exception as e:  # noqa: BLE001 - a failed row is reported, the run goes on
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                row["error"] = H.error_line(e)
             finally:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
