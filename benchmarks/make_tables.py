@@ -4,7 +4,7 @@
     python benchmarks/make_tables.py --readme README.md # replace the text between each pair of markers
 
 Throughput: the newest run per device (and per --quick / full). Reference runs (scripts/reference_runs.py): the
-newest per device and profile, with the issue's goals checked from the numbers.
+newest per device, profile and batch, with the issue's goals checked from the numbers.
 """
 from __future__ import annotations
 
@@ -81,9 +81,10 @@ def markdown(runs: list[dict]) -> str:
 
 
 def load_reference(folder: Path) -> list[dict]:
-    """The newest reference_runs JSON per (device, profile); GPU runs first."""
-    runs = newest_per(folder, "reference_runs", lambda r: (r["device_slug"], r["profile"]))
-    return sorted(runs, key=lambda r: (r["device_slug"] == "cpu", r["device_slug"], r["profile"]))
+    """The newest reference_runs JSON per (device, profile, batch); GPU runs first. The batch is part of the key: the
+    H200 runs at batch 256 (the shipped model's) and at batch 1024 are two settings, both shown."""
+    runs = newest_per(folder, "reference_runs", lambda r: (r["device_slug"], r["profile"], r["batch_size"]))
+    return sorted(runs, key=lambda r: (r["device_slug"] == "cpu", r["device_slug"], r["profile"], r["batch_size"]))
 
 
 def _fd(run: dict, method: str, nfe: int):
@@ -114,7 +115,7 @@ def _search_note(run: dict) -> str:
 def reference_markdown(runs: list[dict]) -> str:
     lines = []
     for run in runs:
-        lines += [f"#### {run['device']}, {run['profile']} profile, {run['date']}", "",
+        lines += [f"#### {run['device']}, {run['profile']} profile, batch {run['batch_size']}, {run['date']}", "",
                   f"{run['preset']} net, batch {run['batch_size']}, {run['precision']}, torch {run['torch']}; "
                   f"FD-FMNIST (cmfast's offline metric, not FID) of {run['eval_num']} samples against the 60,000 "
                   f"training images. Commands in `benchmarks/results/{run['_file']}`.{_search_note(run)}", "",

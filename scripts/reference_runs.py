@@ -37,33 +37,33 @@ import _harness as H  # noqa: E402  (the results' device naming, shared with the
 # network (mu0 = 0, as iCT found best): with the paper's EMA target (mu0 = 0.9) 600 CPU steps collapse to one constant
 # image (FD-FMNIST 190), with mu0 = 0 they reach 10.4 (benchmarks/results/ct_target_ema-cpu.json).
 #
-# gpu: sized from the first GPU run, benchmarks/results/reference_runs-gpu-nvidia-h200.json (H200, batch 256, the same
-# time caps), whose runs all stopped on --time-limit, at steps edm 1618 (1.6 min), cd 520 (1.1), ct 654 (0.9), ict 703
-# (0.9) and sct 568 (1.0): cap / steps = 59-127 ms a step (edm 59, ict 77, ct 83, sct 106, cd 127 ms). That is host
-# time (kernel launches): fmnist-small (1.07M parameters in 272 tensors, eager; 0.47 GFLOP an image forward, ~0.36
-# TFLOP a batch-256 step with the backward) needs about 1 ms of bf16 compute a step there, and its peak memory was
-# 3.1-3.9 GiB (mem_mb 3145-4006). So batch 1024: 4x the images a minute for ~4x the GPU work (still well under a
-# step's host time) and at most 4x the memory (12.3-15.6 GiB, well inside an H100's 80 GB). Those runs also stopped
-# early in their curricula (CT's and iCT's N(k), sCT's tangent warm-up are functions of the planned steps), so the
-# steps are now planned by each run (budget mode, below). The caps are unchanged (5.5 min of training in all). The
-# stage's worst case, every run at its cap: 330 s of training + 28 s of start-ups and scores (as measured there) +
-# ~24 s of 2-step searches (search_two_step) + ~7 s of interpreter and export = ~390 s of gpu_check.sh's 440
-# (tests/test_reference_runs.py checks it from the same JSON); as planned, ~0.9 x 330 s of training and ~360 s in
-# all. Learning rate 1e-3 (RAdam, no warm-up) kept: batch 256 trained stably with it (no skipped steps) and no GPU run
-# has measured another; sqrt-batch scaling (2e-3) is the one-flag experiment to try next. EMA 0.999 kept: the loop's
-# EMA warm-up min(rate, (1 + k) / (10 + k)) stays below 0.999 until step 8990, so at these runs' lengths (about 1000
-# to 2000 steps at the H200's rates) the rate has no effect (the EMA spans about the last 1/9 of the steps).
+# gpu: sized from the two GPU runs, both on an H200 with the same time caps (5.5 min of training in all):
+# - benchmarks/results/reference_runs-gpu-nvidia-h200.json (GPU_MEASURED): batch 256, fixed step counts, every run
+#   stopped by its cap early in its curriculum, at steps edm 1618, cd 520, ct 654, ict 703, sct 568 (59-127 ms a
+#   step). FD-FMNIST 1 / 2 steps: cd 7.69 / 8.61, ct 9.63 / 19.09, ict 7.02 / 4.21, sct 12.68 / 7.23; teacher 1.20.
+#   Peak memory 3.1-3.9 GiB. The shipped model (cmfast/assets/fmnist.*) is that run's iCT.
+# - reference_runs-gpu-b1024-nvidia-h200.json (GPU_MEASURED_B1024): batch 1024, each run's steps planned by
+#   --time-budget. The step was not host-bound at that batch, as the first run had suggested: 100-185 ms, 1.4-1.7x the
+#   batch-256 step, so every run made about half the steps (edm 819, cd 303, ct 424, ict 379, sct 333). FD-FMNIST
+#   1 / 2 steps: cd 10.05 / 8.86, ct 8.45 / 13.45, ict 7.92 / 10.26, sct 9.46 / 26.12; teacher 1.51. Better than the
+#   first run only for CT and sCT at 1 step (sCT's warm-up now ends inside the run).
+# So the profile is back at batch 256, with the steps still planned by each run (budget mode, below): the one
+# combination not measured yet, batch 256's step count with curricula that complete. The stage's worst case, every
+# run at its cap: 330 s of training + 28 s of start-ups and scores + ~24 s of 2-step searches (search_two_step) +
+# ~7 s of interpreter and export = ~390 s of gpu_check.sh's 440 (tests/test_reference_runs.py checks it from
+# GPU_MEASURED); the batch-1024 stage took 353 s. Learning rate 1e-3 (RAdam, no warm-up): batch 256 trained stably
+# with it. EMA 0.999: the loop's EMA warm-up min(rate, (1 + k) / (10 + k)) stays below 0.999 until step 8990, so at
+# these lengths the EMA spans about the last 1/9 of the steps.
 #
 # Budget mode (budget=True; gpu and smoke): the steps are not fixed here but planned by each run from its own speed
 # (cmfast-train --time-budget, 0.95 of the cap: the plan fills 0.95 of that, about 90% of the cap), so every
-# curriculum completes on a machine of any host speed; the H100 of the second GPU session timed the eager batch-1
-# sampler 1.6x slower than the H200 of the first (37.3 against 22.7 ms; the code changed in between too), and these
-# runs are host-bound, so a step
+# curriculum completes on a machine of any speed; the H100 of the second GPU session timed the eager batch-1
+# sampler 1.6x slower than the H200 of the first (37.3 against 22.7 ms; the code changed in between too), so a step
 # count sized on one would not fit the other. --time-limit stays the cap. The steps in `runs` are then None; the
 # results JSON records each run's plan.
 BUDGET_FILL = 0.95
 PROFILES = {
-    "gpu": dict(preset="fmnist-small", batch=1024, precision="bf16", ema="0.999", num=10000, eval_batch=1000,
+    "gpu": dict(preset="fmnist-small", batch=256, precision="bf16", ema="0.999", num=10000, eval_batch=1000,
                 runs={"edm": (None, 1.6), "cd": (None, 1.1), "ct": (None, 0.9), "ict": (None, 0.9),
                       "sct": (None, 1.0)},
                 budget=True, log_every=25, search=dict(num=5000, iters=5, seed=1)),
@@ -77,8 +77,9 @@ PROFILES = {
                   runs={m: (None, 0.2) for m in ("edm", "cd", "ct", "ict", "sct")}, budget_fill=0.25,
                   budget=True, log_every=5, search=dict(num=100, iters=1, seed=1)),
 }
-# The first GPU run (benchmarks/results), whose steps and rates size the gpu profile; the tests check it against them.
+# The GPU runs (benchmarks/results) that size the gpu profile; the tests check it against them.
 GPU_MEASURED = "reference_runs-gpu-nvidia-h200.json"
+GPU_MEASURED_B1024 = "reference_runs-gpu-b1024-nvidia-h200.json"
 METHOD_ARGS = {"edm": [], "cd": ["--loss", "l2"], "ct": ["--loss", "l2", "--mu0", "0"], "ict": [], "sct": []}
 # sCT's tangent warm-up (r: 0 -> 1) over this fraction of the planned steps. The method's default is a fixed 10,000
 # steps (the sCM paper's, for long runs), which these runs never reach: r ended at 0.057 in the H200 run (568 steps)
