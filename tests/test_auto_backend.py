@@ -174,3 +174,40 @@ def test_import_does_not_load_the_compiler():
     code = "import sys, cmfast; print('torch._dynamo' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+def test_torch_attention_gives_sdpa_dense_inputs(monkeypatch):
+    # The UNet's q, k, v are transposed views of the qkv convolution (stride(-1) = 3 L); SDPA's fused GPU kernels need
+    # stride(-1) == 1 and it runs its math kernel otherwise. The torch backend hands it dense copies: same values, same
+    # gradients, and already-dense tensors pass through uncopied.
+    from cmfast.nets import UNet
+    from cmfast.nets.presets import preset_config
+    from cmfast.ops import _torch
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append([(t.stride(-1), t.data_ptr()) for t in (q, k, v)])
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(_torch.F_, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    net = UNet(**preset_config("tiny", in_channels=1, img_resolution=16))
+    x, s = torch.randn(2, 1, 16, 16, requires_grad=True), torch.rand(2) + 0.1
+    with ops.use_backend("torch"):
+        net(x, s, None).square().sum().backward()
+    assert seen and all(st == 1 for call in seen for st, _ in call)
+    qkv = torch.randn(2, 1, 8, 3, 16, dtype=torch.float64, requires_grad=True)
+    q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))          # the UNet's views: stride(-1) = 3 * 16
+    assert q.stride(-1) == 48
+    ref = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5, -1) @ v
+    (g_ref,) = torch.autograd.grad(ref.sum(), qkv)
+    with ops.use_backend("torch"):
+        out = ops.attention(q, k, v)
+    (g,) = torch.autograd.grad(out.sum(), qkv)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, g_ref)
+    dense = torch.randn(2, 1, 16, 8)
+    seen.clear()
+    with ops.use_backend("torch"):
+        ops.attention(dense, dense, dense)
+    assert [p for _, p in seen[0]] == [dense.data_ptr()] * 3
