@@ -65,13 +65,17 @@ def test_cuda_compile_matches_eager(tmp_path, inductor, method, mode):
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_cuda_compiled_dropout_masks_follow_the_rng_state(inductor, mode):
+def test_cuda_compiled_dropout_masks_follow_the_rng_state(inductor, mode, monkeypatch):
     # ct / cd / ict share dropout masks between the online pass and the target pass by replaying the RNG state
     # (cmfast.objectives.consistency_pair_loss); compiled, the two passes are two graphs (grad and no_grad) whose
     # random numbers come from inductor's RNG: they must still draw the same masks, step after step.
     from cmfast.nets import UNet
     from cmfast.nets.presets import preset_config
     from cmfast.objectives import _same_rng
+    # TF32 off: the two graphs may pick different convolution algorithms, and with TF32 their outputs differed by
+    # 4e-3 with the same masks (H200, third GPU session); in fp32 they agree to rounding.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     dev = torch.device("cuda")
     torch.manual_seed(0)
     net = UNet(**preset_config("tiny", in_channels=1, img_resolution=16, dropout=0.3)).to(dev).train()
@@ -80,7 +84,7 @@ def test_cuda_compiled_dropout_masks_follow_the_rng_state(inductor, mode):
             p.add_(torch.randn_like(p) * 0.1)
     net.compile(mode=mode, dynamic=False)
     x, s = torch.randn(4, 1, 16, 16, device=dev), torch.rand(4, device=dev) + 0.1
-    seen = []
+    seen, errs = [], []
     for _ in range(4):                       # warm-up, CUDA-graph recording, replays
         torch.compiler.cudagraph_mark_step_begin()
         with _same_rng(dev) as replay:
@@ -88,7 +92,10 @@ def test_cuda_compiled_dropout_masks_follow_the_rng_state(inductor, mode):
             with torch.random.fork_rng(devices=[dev]), torch.no_grad():
                 replay()
                 b = net(x, s, None)
-        assert torch.allclose(a.detach(), b, rtol=1e-4, atol=1e-4), (a.detach() - b).abs().max().item()
+        errs.append((a.detach() - b).abs().max().item())
         seen.append(b.clone())
         a.square().mean().backward()
-    assert not torch.equal(seen[-1], seen[-2])      # new masks each step
+    # New masks each step (the weights do not change: no optimizer step) move the output by far more than the online
+    # and target passes differ with the same masks.
+    moved = min((seen[i] - seen[i - 1]).abs().max().item() for i in range(1, len(seen)))
+    assert max(errs) <= 1e-4 and max(errs) < 0.01 * moved, (errs, moved)
