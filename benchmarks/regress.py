@@ -15,7 +15,8 @@ Measured spread on the 2-core shared development machine (Xeon, load average 12 
 +26% / -15% around the median (relative standard deviation 8.6%); 40 measurements in one process: 1.807, 1.561 to
 2.061 (+14% / -14%). The threshold (+50%, with up to three tries, all of which must fail) is about twice the worst
 deviation seen, so the gate catches gross regressions (an extra network evaluation, a lost fast path, a host
-sync per op), not a few percent. On a GPU the absolute medians of the same device are compared (+15%).
+sync per op), not a few percent. On a GPU the absolute medians of the same device are compared (+15%), for the
+cmfast rows only (the eager PyTorch rows are recorded, not gated: compare_benchmarks).
 The ratio depends on the CPU model (the measured path is op-overhead bound, the reference compute bound): a CI
 runner of another model should record its own baseline (`regress.py cpu --write-baseline`); the gate says so.
 """
@@ -106,10 +107,16 @@ def cpu_gate(baseline: dict, threshold: float | None = None, tries: int = 3, **k
 
 
 def compare_benchmarks(current: dict, baseline: dict, threshold: float = GPU_THRESHOLD) -> list[str]:
-    """Failures (one line each) of a pytest-benchmark JSON against a baseline {name: median seconds}."""
+    """Failures (one line each) of a pytest-benchmark JSON against a baseline {name: median seconds}. A benchmark
+    marked extra_info {"gate": false} is a reference recorded beside ours, not gated: the eager PyTorch rows, whose
+    host-bound time moves with the machine's CPU (the H200 of the third GPU session ran eager bf16 at batch 1 in
+    30.6 ms against the first's 23.2, while the graphed sampler, the code under test, went from 3.76 to 2.31 ms)."""
     medians = {b["name"]: b["stats"]["median"] for b in current.get("benchmarks", [])}
+    ungated = {b["name"] for b in current.get("benchmarks", []) if b.get("extra_info", {}).get("gate") is False}
     fails = []
     for name, base in baseline["medians"].items():
+        if name in ungated:
+            continue
         if name not in medians:
             fails.append(f"{name}: in the baseline, missing from this run")
         elif medians[name] > base * (1 + threshold):

@@ -32,6 +32,11 @@ def test_compare_benchmarks_thresholds():
     fails = regress.compare_benchmarks(_bench(a=1.2e-3, b=2.0e-3), base, 0.15)
     assert len(fails) == 1 and fails[0].startswith("a:")
     assert "missing" in regress.compare_benchmarks(_bench(a=1.0e-3), base, 0.15)[0]
+    ref = _bench(a=1.0e-3, b=9.0e-3)                  # b: a reference row (eager PyTorch), recorded, not gated
+    ref["benchmarks"][1]["extra_info"] = {"gate": False}
+    assert regress.compare_benchmarks(ref, base, 0.15) == []
+    ref["benchmarks"][1]["extra_info"] = {"gate": True}
+    assert regress.compare_benchmarks(ref, base, 0.15)[0].startswith("b:")
 
 
 def test_cli_compare_exit_codes(tmp_path):
@@ -123,6 +128,6 @@ def test_eager_bf16_latency_gpu(benchmark, batch):
             out = cmfast.ops.skip_output_infer(x, F, sigma)
         torch.cuda.synchronize()
         return out
-    benchmark.extra_info.update(device_slug=_slug(), backend="torch")
+    benchmark.extra_info.update(device_slug=_slug(), backend="torch", gate=False)   # a reference, not our code
     out = benchmark.pedantic(run, rounds=50, warmup_rounds=5)
     assert out.shape == (batch, 3, 32, 32)
