@@ -5,14 +5,14 @@
     python benchmarks/bench_ops.py --cpu-smoke --out /tmp/ops.json                   # CPU: tiny shapes, interpreter
 
 DDPM++ CIFAR-10 shapes: group_norm_act on (B, 128 | 256, 32x32 | 16x16 | 8x8), 32 groups, weight / bias / the
-noise embedding's scale and shift, SiLU; attention at 16x16 (L = 256) with head dim 256; skip_output,
-skip_output_infer and consistency_loss on (B, 3, 32, 32); B = 1 and 256. Every case runs "triton", "torch"
-(eager: cmfast/ops/_torch.py, SDPA for attention) and "torch.compile" of the same torch composition in one
-process on one device. Rows: median ms (triton.testing.do_bench, L2 flushed), GB/s from the bytes a fused kernel
-moves (counted below, per op), TFLOP/s for attention (fwd 4 B H L^2 D; fwd+bwd adds 10 B H L^2 D: five L x L x D
-matmuls), the roofline floor from the ceilings measured in the same run (device-to-device copy, bf16 matmul),
-the first call's time (Triton JIT + autotuning, or torch.compile), and the speedup over eager. Row fields match
-benchmarks/bench_cuda.py, so benchmarks/make_auto_table.py reads these files too.
+noise embedding's scale and shift, SiLU; attention at 16x16 (L = 256) with head dim 256, q, k, v strided as the
+UNet passes them; skip_output, skip_output_infer and consistency_loss on (B, 3, 32, 32); B = 1 and 256. Every
+case runs "triton", "torch" (eager: cmfast/ops/_torch.py, SDPA for attention) and "torch.compile" of the same
+torch composition in one process on one device. Rows: median ms (triton.testing.do_bench, L2 flushed), GB/s from
+the bytes a fused kernel moves (counted below, per op), TFLOP/s for attention (fwd 4 B H L^2 D; fwd+bwd adds
+10 B H L^2 D: five L x L x D matmuls), the roofline floor from the ceilings measured in the same run
+(device-to-device copy, bf16 matmul), the first call's time (Triton JIT + autotuning, or torch.compile), and the
+speedup over eager. Row fields match benchmarks/bench_cuda.py, so benchmarks/make_auto_table.py reads these files.
 """
 from __future__ import annotations
 
@@ -109,9 +109,14 @@ def bench_group_norm_act(bn: Bench, cases):
 def bench_attention(bn: Bench, cases):
     dev, dtype, e = bn.dev, bn.dtype, _elem(bn.dtype)
     for B, H_, L, D in cases:
-        q, k, v = (torch.randn(B, H_, L, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
-        do = torch.randn_like(q)
-        case = dict(shape=[B, H_, L, D])
+        # q, k, v as the UNet passes them: transposed views of the qkv convolution's output, channels (head, d, 3) as
+        # in EDM, so stride(-1) = 3 L. SDPA's fused kernels need stride(-1) = 1 (the torch backend copies); the
+        # Triton kernel reads the strides as they are. Measured on contiguous inputs, SDPA looked 1.8x faster at
+        # batch 256 (H200) while the network's SDPA path was slower than the Triton kernel.
+        qkv = torch.randn(B, H_, D, 3, L, device=dev, dtype=dtype, requires_grad=True)
+        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))
+        do = torch.randn(B, H_, L, D, device=dev, dtype=dtype)
+        case = dict(shape=[B, H_, L, D], qkv="unet-views")
         n, mm = q.numel() * e, B * H_ * L * L * D
         # Forward reads q, k, v and writes o; backward reads q, k, v, o, dO and writes dq, dk, dv.
         bn.measure(dict(case, **{"pass": "fwd"}), "attention", lambda impl: lambda: impl(q, k, v, D ** -0.5),

@@ -10,7 +10,9 @@ them; an op's winner has the lowest geometric mean of those ratios over the case
 same rule per shape class (pass fwd / fwd+bwd, layout nchw / nhwc): where a class's winner differs from the op's,
 the op's entry becomes {"default": op winner, class: winner, ...}. Within each class, per batch size (small: batch <=
 cmfast.ops.SMALL_BATCH, the sampler's latency path; large): where that winner differs from its class's, the entry also
-gets "class/small" or "class/large" (the dispatcher looks up the most specific class first). A case where every
+gets "class/small" or "class/large" (the dispatcher looks up the most specific class first); a class measured at one
+size only gets, for the other size, the winner measured at that size and pass in the op's other layouts (marked
+"proxy" in the ratios) where it differs from the class's. A case where every
 backend also has a CUDA-graph replay time (graph_median_ms: forward rows, the sampler's path) is judged by those
 times. Only CUDA results count, and only numbers that are in the files: nothing is filled in.
 """
@@ -79,6 +81,21 @@ def choose(results: list[dict]) -> tuple[dict, dict]:
             parent = c.rsplit("/", 1)[0]
             if w is not None and w[0] != (classes[parent][0] if parent in classes else table[op]):
                 entries[c] = w
+        # A class measured at one batch size only: its other size takes the winner measured at that size and pass in
+        # the op's other layouts, where that differs from what the lookup would inherit. Without this, the batch-8
+        # winner of GroupNorm forward + backward NHWC (CUDA, measured at batch 1 and 8 only) ran at batch 256, where
+        # the H200 training step measured it slower than Triton (GroupNorm kernels 38.5 against 30.5 ms a step).
+        for c in sorted(classes):
+            for size in ("small", "large"):
+                if f"{c}/{size}" in per_size[op]:
+                    continue
+                pass_ = c.split("/")[0]
+                near = [t for k, rs in per_size[op].items() if k.split("/")[0] == pass_ and k.endswith("/" + size)
+                        for t in rs]
+                w = _winner(near) if near else None
+                inherited = entries.get(c, classes[c])[0]
+                if w is not None and w[0] != inherited:
+                    entries[f"{c}/{size}"] = (w[0], dict(w[1], proxy=f"{pass_} at batch size '{size}', other layouts"))
         if entries:
             stats[op] = dict(stats[op], classes={c: w[1] for c, w in entries.items()})
             table[op] = {"default": table[op], **{c: w[0] for c, w in entries.items()}}

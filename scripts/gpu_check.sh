@@ -91,7 +91,7 @@ if has_stage ops; then
 #    first H200 run took 15 s and 18 s); compile rows stop at each script's --budget-s, the JSON says how many.
 run bench-triton-ops $((OPS_COMPILE_S + 40)) python benchmarks/bench_ops.py --quick --budget-s "$OPS_COMPILE_S" \
     --out "$OUT/triton-ops.json"
-run bench-cuda-ops $((OPS_COMPILE_S + 40)) python benchmarks/bench_cuda.py --quick --budget-s "$OPS_COMPILE_S" \
+run bench-cuda-ops $((OPS_COMPILE_S + 60)) python benchmarks/bench_cuda.py --quick --budget-s "$OPS_COMPILE_S" \
     --out "$OUT/cuda-ops.json"
 fi
 

@@ -90,6 +90,32 @@ def test_auto_table_per_batch_size(tmp_path):
     assert make_auto_table.SMALL_BATCH == __import__("cmfast").ops.SMALL_BATCH
 
 
+def test_auto_table_fills_an_unmeasured_batch_size_from_the_other_layouts(tmp_path):
+    """A class measured at one batch size only (GroupNorm forward + backward NHWC, with the CUDA kernel, at batch 1
+    and 8 in the H100 and H200 files) does not carry that winner to the other size: it takes the winner measured at
+    that size and pass in another layout (NCHW at batch 256: Triton), marked as a proxy. A class measured at both sizes
+    and a proxy that agrees with the inherited winner add nothing."""
+    def case(shape, layout, times, pass_="fwd+bwd"):
+        return [dict(op="group_norm_act", shape=shape, layout=layout, backend=b, median_ms=t, **{"pass": pass_})
+                for b, t in times.items()]
+    rows = (case([8, 128, 32, 32], "nhwc", dict(torch=3.0, triton=2.0, cuda=1.0))
+            + case([8, 128, 32, 32], "nchw", dict(torch=3.0, triton=2.0, cuda=1.0))
+            + case([256, 128, 32, 32], "nchw", dict(torch=3.0, triton=1.0))
+            + case([8, 128, 32, 32], "nhwc", dict(torch=3.0, triton=1.0, cuda=2.0), "fwd")
+            + case([256, 128, 32, 32], "nchw", dict(torch=3.0, triton=1.0), "fwd"))
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(_result("cuda", rows)))
+    out = tmp_path / "t.json"
+    assert make_auto_table.main([str(f), "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    gn = table["group_norm_act"]
+    assert gn["fwd+bwd/nhwc"] == "cuda" and gn["fwd+bwd/nhwc/large"] == "triton"
+    assert gn["fwd+bwd/nchw/large"] == "triton"                     # measured there
+    assert "fwd/nhwc/large" not in gn and "fwd+bwd/nhwc/small" not in gn     # agrees with what it inherits; measured
+    classes = table["_meta"]["ratios"]["group_norm_act"]["classes"]
+    assert "proxy" in classes["fwd+bwd/nhwc/large"] and "proxy" not in classes["fwd+bwd/nchw/large"]
+
+
 def test_auto_table_prefers_graph_replay_times_when_every_backend_has_one(tmp_path):
     def row(shape, backend, ms, graph=None):
         r = dict(op="group_norm_act", shape=shape, layout="nhwc", backend=backend, median_ms=ms, **{"pass": "fwd"})
