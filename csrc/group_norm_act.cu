@@ -203,11 +203,14 @@ __global__ void gn_fwd_finalize_kernel(Shape s, const float* __restrict__ part,
 // One block per (n, g) (grid N*G): the group's statistics by block reductions in a fixed order, then the output.
 // Element i of the group: NCHW (n, g Cg + i / HW, i % HW), a contiguous run; NHWC (n, i / Cg, g Cg + i % Cg), rows
 // of Cg adjacent channels. V-element vectors: NCHW with V | HW (V elements of one channel), NHWC with V | Cg (V
-// adjacent channels of one row); the caller checks the alignment.
-template <typename T, bool NHWC, int V>
-__global__ void gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps, const float* __restrict__ w,
-                                    const float* __restrict__ bias, const float* __restrict__ scale,
-                                    const float* __restrict__ shift, float* __restrict__ stats,
+// adjacent channels of one row); the caller checks the alignment. The parameters are read in their own types, fp32
+// or x's: PA for weight and bias, PM for scale and shift (a bf16 sampler keeps the GroupNorm affine in fp32 while the
+// embedding's scale and shift come out of bf16 layers). Converting them to fp32 first cost up to four launches, more
+// than this kernel itself at batch 1 and 8 (H200 graph replay: 9.4-18.4 us against Triton's 2.2-11.3).
+template <typename T, typename PA, typename PM, bool NHWC, int V>
+__global__ void gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps, const PA* __restrict__ w,
+                                    const PA* __restrict__ bias, const PM* __restrict__ scale,
+                                    const PM* __restrict__ shift, float* __restrict__ stats,
                                     float* __restrict__ A, float* __restrict__ B, T* __restrict__ y) {
   __shared__ float red[32];
   const int64_t ng = blockIdx.x, n = ng / s.G, g = ng % s.G;
@@ -220,9 +223,9 @@ __global__ void gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps,
   // y1 = a (x - mean) + b for channel c: a = rstd w (1 + scale), b = bias (1 + scale) + shift (the split path's A, B)
   auto coef = [&](int64_t c, float rstd, float& a, float& b) {
     const int64_t nc = n * s.C + c;
-    const float kk = scale ? 1.f + scale[nc] : 1.f;
-    a = rstd * (w ? w[c] : 1.f) * kk;
-    b = (bias ? bias[c] : 0.f) * kk + (shift ? shift[nc] : 0.f);
+    const float kk = scale ? 1.f + to_f(scale[nc]) : 1.f;
+    a = rstd * (w ? to_f(w[c]) : 1.f) * kk;
+    b = (bias ? to_f(bias[c]) : 0.f) * kk + (shift ? to_f(shift[nc]) : 0.f);
   };
   const float K = to_f(x[base]);  // a shift that keeps the first sum small (|mean| >> std loses nothing)
   float s0 = 0.f;
@@ -395,15 +398,15 @@ void launch_apply(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr P, ptr m1
   else launch_apply_layout<T, BWD, false>(s, x, dy, A, B, stats, P, m12, out, st);
 }
 
-template <typename T>
+template <typename T, typename PA, typename PM>
 void launch_fused_fwd(Shape s, ptr x, float eps, ptr w, ptr b, ptr scale, ptr shift, ptr stats, ptr A, ptr B, ptr y,
                       cudaStream_t st) {
   constexpr int VMAX = 16 / sizeof(T);
   const int64_t Cg = s.C / s.G, M = Cg * s.HW;
   const unsigned blocks = (unsigned)(s.N * s.G), threads = M >= 2048 ? 256 : 128;
   auto go = [&](auto kernel) {
-    kernel<<<blocks, threads, 0, st>>>(s, (const T*)x, eps, (const float*)w, (const float*)b, (const float*)scale,
-                                       (const float*)shift, (float*)stats, (float*)A, (float*)B, (T*)y);
+    kernel<<<blocks, threads, 0, st>>>(s, (const T*)x, eps, (const PA*)w, (const PA*)b, (const PM*)scale,
+                                       (const PM*)shift, (float*)stats, (float*)A, (float*)B, (T*)y);
   };
   // The widest vector that divides the run (NCHW: HW; NHWC: Cg, and C so every row starts aligned) and the
   // pointers' alignment allow.
@@ -411,15 +414,17 @@ void launch_fused_fwd(Shape s, ptr x, float eps, ptr w, ptr b, ptr scale, ptr sh
   int v = VMAX;
   while (v > 1 && (run % v || (s.nhwc && s.C % v) || x % (v * sizeof(T)) || y % (v * sizeof(T)))) v /= 2;
   if (s.nhwc) {
-    if (v >= 8) go(gn_fwd_fused_kernel<T, true, VMAX >= 8 ? 8 : 1>);
-    else if (v == 4) go(gn_fwd_fused_kernel<T, true, 4>);
-    else if (v == 2) go(gn_fwd_fused_kernel<T, true, 2>);
-    else go(gn_fwd_fused_kernel<T, true, 1>);
+    if (v >= 8) go(gn_fwd_fused_kernel<T, PA, PM, true, VMAX >= 8 ? 8 : 1>);
+    else if (v == 4) go(gn_fwd_fused_kernel<T, PA, PM, true, 4>);
+    else if (v == 2) go(gn_fwd_fused_kernel<T, PA, PM, true, 2>);
+    else go(gn_fwd_fused_kernel<T, PA, PM, true, 1>);
   } else {
-    if (v == VMAX) go(gn_fwd_fused_kernel<T, false, VMAX>);
-    else go(gn_fwd_fused_kernel<T, false, 1>);
+    if (v == VMAX) go(gn_fwd_fused_kernel<T, PA, PM, false, VMAX>);
+    else go(gn_fwd_fused_kernel<T, PA, PM, false, 1>);
   }
 }
+
+template <typename U> struct Tag { using type = U; };
 
 Shape make_shape(int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc, bool silu, int elem) {
   const int64_t V = 16 / elem;
@@ -435,16 +440,27 @@ unsigned warps_blocks(int64_t warps) { return (unsigned)((warps * 32 + kThreads 
 }  // namespace
 
 int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc,
-                       bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, ptr y, ptr part,
-                       ptr stats, ptr A, ptr B, ptr stream) {
+                       bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, int affine_dtype,
+                       int mod_dtype, ptr y, ptr part, ptr stats, ptr A, ptr B, ptr stream) {
   if (N * C * HW == 0) return 0;
   if (G <= 0 || C % G || S < 0 || (S == 0 && (C / G) * HW > kFusedMaxGroup))
     return static_cast<int>(cudaErrorInvalidValue);
+  // Parameters in x's type are read as they are by the one-launch path only; the split path takes fp32.
+  for (int pd : {affine_dtype, mod_dtype})
+    if (pd != kFloat32 && (pd != dtype || S != 0)) return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const Shape s = make_shape(N, C, HW, G, S > 0 ? S : 1, nhwc, silu, dtype_size(dtype));
   CM_DISPATCH(dtype, T, {
     if (S == 0) {
-      launch_fused_fwd<T>(s, x, eps, weight, bias, scale, shift, stats, A, B, y, st);
+      auto go = [&](auto pa, auto pm) {   // type tags: the parameter types
+        launch_fused_fwd<T, typename decltype(pa)::type, typename decltype(pm)::type>(s, x, eps, weight, bias, scale,
+                                                                                      shift, stats, A, B, y, st);
+      };
+      const bool fa = affine_dtype == kFloat32, fm = mod_dtype == kFloat32;
+      if (fa && fm) go(Tag<float>{}, Tag<float>{});
+      else if (fa) go(Tag<float>{}, Tag<T>{});
+      else if (fm) go(Tag<T>{}, Tag<float>{});
+      else go(Tag<T>{}, Tag<T>{});
       return static_cast<int>(cudaGetLastError());
     }
     launch_reduce<T, false>(s, x, 0, 0, 0, 0, part, st);

@@ -188,8 +188,56 @@ def test_group_norm_act_fused_forward_at_its_size_limit(fmt):
     check("group_norm_act", ref.group_norm_act, inputs, grad=(), dtype=torch.bfloat16)
     x = torch.zeros(1, 34, 32, 16)
     with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
-        ext.group_norm_act_fwd(x.data_ptr(), 0, 1, 34, 512, 1, 0, False, True, 1e-6, 0, 0, 0, 0, x.data_ptr(), 0,
-                               x.data_ptr(), x.data_ptr(), x.data_ptr(), 0)
+        ext.group_norm_act_fwd(x.data_ptr(), 0, 1, 34, 512, 1, 0, False, True, 1e-6, 0, 0, 0, 0, 0, 0, x.data_ptr(),
+                               0, x.data_ptr(), x.data_ptr(), x.data_ptr(), 0)
+
+
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("affine,mod", [("bf16", "bf16"), ("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "fp32"),
+                                        ("mixed", "bf16")])
+def test_group_norm_act_fused_forward_reads_parameters_as_they_are(affine, mod, fmt, monkeypatch):
+    """bf16 x; weight and bias, and scale and shift, each pair in bf16 or fp32 (fp32 affine with bf16 modulation is
+    the bf16 sampler's case): the one-launch forward gets the tensors themselves, no fp32 copies (up to four launches
+    saved); a pair of mixed dtypes is converted to fp32 first. All against float64, gradients included (the backward
+    converts what it was given)."""
+    inputs = _gn_inputs((2, 32, 4, 6), torch.bfloat16, fmt, G=8)
+    want = {"weight": affine, "bias": "fp32" if affine == "mixed" else affine, "scale": mod, "shift": mod}
+    for k, how in want.items():
+        inputs[k] = inputs[k].float() if how == "fp32" else inputs[k]
+    seen = []
+    real = _cuda._ext(torch.device("cpu"))
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def group_norm_act_fwd(self, *a):
+            seen.append(a)
+            return real.group_norm_act_fwd(*a)
+    monkeypatch.setattr(_cuda, "_ext", lambda device: Spy())
+    check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs), dtype=torch.bfloat16)
+    ptr = {k: inputs[k].data_ptr() for k in want}
+    code = {"bf16": _cuda._DTYPES[torch.bfloat16], "fp32": _cuda._DTYPES[torch.float32]}
+    assert seen
+    for a in seen:
+        assert a[6] == 0                                                    # the one-launch path
+        passed = dict(zip(("weight", "bias", "scale", "shift"), a[10:14]))
+        assert a[15] == code[mod] and [passed[k] == ptr[k] for k in ("scale", "shift")] == [True, True]
+        if affine == "mixed":     # converted: the bf16 weight is a new fp32 tensor (the fp32 bias may be itself)
+            assert a[14] == code["fp32"] and passed["weight"] != ptr["weight"]
+        else:
+            assert a[14] == code[affine] and passed["weight"] == ptr["weight"] and passed["bias"] == ptr["bias"]
+
+
+def test_group_norm_act_refuses_parameter_dtypes_it_cannot_read():
+    """Each parameter dtype must be fp32 or x's dtype, and x's only on the one-launch path (S = 0)."""
+    ext = _cuda._ext(torch.device("cpu"))
+    x = torch.zeros(1, 8, 4, 4)
+    p = x.data_ptr()
+    for dtype, adt, mdt, S in ((0, 2, 0, 0), (0, 0, 2, 0), (2, 1, 2, 0), (2, 2, 0, 1), (2, 0, 2, 1)):
+        with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
+            ext.group_norm_act_fwd(p, dtype, 1, 8, 16, 2, S, False, True, 1e-6, p, p, p, p, adt, mdt, p, p, p, p, p,
+                                   0)
 
 
 # ---- skip_output ------------------------------------------------------------------------------------------------

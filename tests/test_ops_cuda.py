@@ -110,6 +110,22 @@ def test_group_norm_act_optional_parts(affine, mod, act, fmt):
     check(fn, reffn, _gn_inputs((2, 6, 4, 5), torch.float32, fmt, affine, mod), grad=grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("affine,mod", [(torch.float32, None), (None, torch.float32), ("mixed", None)],
+                         ids=["fp32-affine", "fp32-mod", "mixed-affine"])
+def test_group_norm_act_parameter_dtypes(dtype, fmt, affine, mod):
+    # The one-launch forward reads weight / bias and scale / shift each in fp32 or x's dtype (the bf16 sampler: fp32
+    # affine, bf16 modulation); a pair of mixed dtypes is converted first.
+    fn, reffn = _gn(32)
+    inputs = _gn_inputs((2, 128, 16, 16), dtype, fmt)
+    for k in ("weight", "bias", "scale", "shift"):
+        want = affine if k in ("weight", "bias") else mod
+        if want == torch.float32 or (want == "mixed" and k == "weight"):
+            inputs[k] = inputs[k].float()
+    check(fn, reffn, inputs, grad=ALL, dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
 def test_group_norm_act_misaligned_scalar_path(dtype, fmt):

@@ -52,6 +52,20 @@ def _param(name: str, t, shape: tuple, device: torch.device) -> torch.Tensor | N
     return t.float().contiguous()
 
 
+def _param_pair(names: tuple, ts: tuple, shape: tuple, x: torch.Tensor, as_is: bool) -> tuple:
+    """Two optional parameters of one shape (weight and bias, or scale and shift) and the dtype code the kernel reads
+    them in: their own dtype when `as_is` and both (those given) are fp32 or both x's dtype, else fp32 copies."""
+    given = [t for t in ts if t is not None]
+    for name, t in zip(names, ts):
+        if t is not None:
+            _check(name, t, x.device)
+            _check_shape(name, t, shape)
+    dt = given[0].dtype if given else torch.float32
+    if as_is and dt in (x.dtype, torch.float32) and all(t.dtype == dt for t in given):
+        return (*(None if t is None else t.contiguous() for t in ts), _DTYPES[dt])
+    return (*(None if t is None else t.float().contiguous() for t in ts), _DTYPES[torch.float32])
+
+
 def _sigma(sigma, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(sigma, torch.Tensor) or sigma.device != x.device or sigma.dtype != torch.float32:
         raise TypeError(f"sigma: expected a float32 tensor on {x.device}, got "
@@ -204,14 +218,17 @@ class _GroupNormAct(torch.autograd.Function):
         N, C = x.shape[:2]
         HW = x.numel() // max(N * C, 1)
         dev = x.device
-        w, b = _param("weight", weight, (C,), dev), _param("bias", bias, (C,), dev)
-        sc, sh = _param("scale", scale, (N, C), dev), _param("shift", shift, (N, C), dev)
         ext = _ext(dev)
         S = _num_splits(N, C, HW, nhwc, _sm_count(dev.index))     # the backward's split count
         # The forward in one launch (one block per group) where the group is small enough, else split like the
         # backward: at batch 1 and 8 the split path's three launches cost 3-6x the Triton kernel's one (H100 graph
         # replay times, benchmarks/results/nvidia-h100-80gb-hbm3-cuda-ops.json).
         S_fwd = 0 if (C // num_groups) * HW <= _fused_max_group(ext) else S
+        # The one-launch path reads the parameters in their own dtype where it is fp32 or x's, one dtype for weight and
+        # bias and one for scale and shift (the bf16 sampler: fp32 affine, bf16 modulation): converting them to fp32
+        # cost up to four launches, more than the kernel itself at batch 1 and 8 (H200 graph replays).
+        w, b, adt = _param_pair(("weight", "bias"), (weight, bias), (C,), x, S_fwd == 0)
+        sc, sh, mdt = _param_pair(("scale", "shift"), (scale, shift), (N, C), x, S_fwd == 0)
         y = torch.empty_like(x)
         # saved: stats (N*G*2: mean, rstd), A, B (N*C each); scratch: the split partials (N*S*C*2)
         saved = torch.empty(N * num_groups * 2 + 2 * N * C, device=dev, dtype=torch.float32)
@@ -219,7 +236,7 @@ class _GroupNormAct(torch.autograd.Function):
         stats, A, B = _carve(saved, N * num_groups * 2, N * C, N * C)
         with _on_device(dev):
             ext.group_norm_act_fwd(x.data_ptr(), _DTYPES[x.dtype], N, C, HW, num_groups, S_fwd, nhwc, silu, eps,
-                                   _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), y.data_ptr(), _ptr(part),
+                                   _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), adt, mdt, y.data_ptr(), _ptr(part),
                                    stats, A, B, _stream(dev))
         ctx.save_for_backward(x, w, b, sc, saved)
         ctx.meta = (num_groups, S, nhwc, silu, [None if t is None else t.dtype for t in (weight, bias, scale, shift)])
@@ -229,6 +246,7 @@ class _GroupNormAct(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, w, b, sc, saved = ctx.saved_tensors
+        w, b, sc = (None if t is None else t.float().contiguous() for t in (w, b, sc))   # fp32 here (no-op if so)
         G, S, nhwc, silu, dtypes = ctx.meta
         dy = _dense(dy.to(x.dtype), nhwc)
         N, C = x.shape[:2]
