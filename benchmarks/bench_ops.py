@@ -6,9 +6,9 @@
 
 DDPM++ CIFAR-10 shapes: group_norm_act on (B, 128 | 256, 32x32 | 16x16 | 8x8), 32 groups, weight / bias / the
 noise embedding's scale and shift, SiLU; attention at 16x16 (L = 256) with head dim 256, q, k, v strided as the
-UNet passes them; skip_output, skip_output_infer and consistency_loss on (B, 3, 32, 32); B = 1 and 256. Every
-case runs "triton", "torch" (eager: cmfast/ops/_torch.py, SDPA for attention) and "torch.compile" of the same
-torch composition in one process on one device. Rows: median ms (triton.testing.do_bench, L2 flushed), GB/s from
+UNet passes them; the residual join (channels-last, B = 1, 8, 256); skip_output, skip_output_infer and
+consistency_loss on (B, 3, 32, 32); B = 1 and 256. Every case runs "triton", "torch" (eager: cmfast/ops/_torch.py,
+SDPA for attention) and "torch.compile" of the same torch composition in one process on one device. Rows: median ms (triton.testing.do_bench, L2 flushed), GB/s from
 the bytes a fused kernel moves (counted below, per op), TFLOP/s for attention (fwd 4 B H L^2 D; fwd+bwd adds
 10 B H L^2 D: five L x L x D matmuls), the roofline floor from the ceilings measured in the same run
 (device-to-device copy, bf16 matmul), the first call's time (Triton JIT + autotuning, or torch.compile), and the
@@ -152,15 +152,32 @@ def bench_consistency_loss(bn: Bench, batches):
                        n * (3 * e + 8))
 
 
+def bench_residual(bn: Bench, cases):
+    dev, dtype, e = bn.dev, bn.dtype, _elem(bn.dtype)
+    for B, C, R in cases:       # channels-last, as the sampler and the training step run the UNet
+        x, skip = (torch.randn(B, C, R, R, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                   for _ in range(2))
+        bias = torch.randn(C, device=dev)                 # a parameter: fp32
+        leaves = [t.detach().requires_grad_() for t in (x, skip, bias)]
+        dy = torch.randn_like(x)
+        case = dict(shape=[B, C, R, R], layout="nhwc")
+        # Forward reads x and skip, writes y; backward reads dy, writes dx (= dskip, one tensor) and sums dbias.
+        bn.measure(dict(case, **{"pass": "fwd"}), "residual",
+                   lambda impl: lambda: impl(x, skip, bias, 0.5 ** 0.5), 3 * x.numel() * e)
+        bn.measure(dict(case, **{"pass": "fwd+bwd"}), "residual",
+                   lambda impl: _grad(impl, leaves, dy, *leaves, 0.5 ** 0.5), 6 * x.numel() * e)
+
+
 def cases(mode: str):
     if mode == "smoke":
-        return dict(gn=[(2, 8, 4, "nhwc", 2)], attn=[(1, 1, 17, 16)], batch=[2])
+        return dict(gn=[(2, 8, 4, "nhwc", 2)], attn=[(1, 1, 17, 16)], batch=[2], res=[(2, 8, 4)])
     gn = [(B, C, R, "nchw", 32) for B in (1, 256) for C, R in ((128, 32), (256, 16), (256, 8))]
     if mode == "full":
         gn += [(B, C, R, "nhwc", 32) for B in (1, 256) for C, R in ((128, 32), (256, 16))]
         gn += [(B, C, R, "nchw", 32) for B in (1, 256) for C, R in ((256, 32), (128, 16), (128, 8))]
     attn = [(1, 1, 256, 256), (64, 1, 256, 256), (256, 1, 256, 256)]
-    return dict(gn=gn, attn=attn if mode == "full" else attn[::2], batch=[1, 256])
+    res = [(B, C, R) for B in (1, 8, 256) for C, R in ((128, 32), (256, 16), (256, 8))]
+    return dict(gn=gn, attn=attn if mode == "full" else attn[::2], batch=[1, 256], res=res)
 
 
 def main(argv=None) -> int:
@@ -168,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="result JSON (default benchmarks/results/<device>-triton-ops.json)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--ops", default="group_norm_act,attention,skip_output,consistency_loss")
+    p.add_argument("--ops", default="group_norm_act,attention,residual,skip_output,consistency_loss")
     p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--budget-s", type=float, default=None,
@@ -196,6 +213,7 @@ def main(argv=None) -> int:
     c = cases(mode)
     run = {"group_norm_act": lambda: bench_group_norm_act(bn, c["gn"]),
            "attention": lambda: bench_attention(bn, c["attn"]),
+           "residual": lambda: bench_residual(bn, c["res"]),
            "skip_output": lambda: bench_skip_output(bn, c["batch"]),
            "consistency_loss": lambda: bench_consistency_loss(bn, c["batch"])}
     print(f"ceilings: copy {ceil['copy_gb_per_s']:.0f} GB/s, {ceil['matmul_dtype']} matmul "

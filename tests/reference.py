@@ -50,6 +50,13 @@ def attention(q, k, v, scale=None):
     return (p / p.sum(-1, keepdim=True)) @ v
 
 
+def residual(x, skip, bias=None, scale=1.0):
+    y = x + skip
+    if bias is not None:
+        y = y + bias.reshape((1, -1) + (1,) * (x.dim() - 2))
+    return y * scale
+
+
 def consistency_loss(pred, target, kind="pseudo_huber", c=None, weight=None):
     d = (pred - target).reshape(pred.shape[0], -1)
     if kind == "pseudo_huber":

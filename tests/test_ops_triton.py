@@ -81,6 +81,38 @@ def test_skip_output_infer_rounds_half_to_even():
     _checks.check_rounds_half_to_even("triton", DEV)
 
 
+# ---- residual ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("bias,block", [(True, None), (True, 64), (False, 64)], ids=["bias", "bias-blocks", "nobias"])
+def test_residual(dtype, fmt, bias, block, monkeypatch):
+    """(x + skip + bias[c]) * scale: every gradient, both layouts (the channel index differs), several programs with
+    a masked tail; C != H != W so a wrong channel index reads another channel's bias."""
+    from cmfast.kernels import residual as k
+    if block:
+        monkeypatch.setattr(k, "BLOCK", block)
+    inputs = dict(x=rand(2, 6, 5, 7, dtype=dtype, fmt=fmt), skip=rand(2, 6, 5, 7, dtype=dtype, fmt=fmt),
+                  bias=rand(6, dtype=dtype) if bias else None, scale=0.5 ** 0.5)
+    out = check(ops.residual, ref.residual, inputs, grad=("x", "skip", "bias") if bias else ("x", "skip"),
+                dtype=dtype)
+    assert out[0].is_contiguous(memory_format=fmt)
+
+
+def test_residual_mixed_layouts_and_dtypes():
+    # skip in the other layout and another dtype: promoted (torch's rule) and laid out like x.
+    x, skip = rand(2, 4, 3, 5, fmt=torch.channels_last, dtype=torch.bfloat16), rand(2, 4, 3, 5)
+    bias = rand(4)
+    with ops.use_backend("triton"):
+        y = ops.residual(x, skip, bias, 2.0)
+    want = ref.residual(x.double(), skip.double(), bias.double(), 2.0)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        ops.residual(x, x, rand(3), 1.0)
+    with pytest.raises(ValueError, match="skip: expected the shape"):
+        ops.residual(x, x[:1], None, 1.0)
+
+
 # ---- group_norm_act ---------------------------------------------------------------------------------------------
 def _gn_inputs(N, C, H, W, dtype, fmt, affine=True, mod=True):
     return _checks.gn_inputs((N, C, H, W), dtype, fmt, affine, mod, device=DEV)

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
-OPS = ("skip_output", "skip_output_infer", "group_norm_act", "attention", "consistency_loss", "trig_tangent_loss")
+OPS = ("skip_output", "skip_output_infer", "group_norm_act", "attention", "residual", "consistency_loss",
+       "trig_tangent_loss")
 _MODULES = {"torch": "cmfast.ops._torch", "triton": "cmfast.ops._triton", "cuda": "cmfast.ops._cuda"}
 
 _state = threading.local()
@@ -226,7 +227,7 @@ def _eager_only(fn: Callable) -> Callable:
 
 _module("torch")  # loaded now, so torch.compile never traces an import inside an op
 
-from ._api import attention, consistency_loss, group_norm_act, skip_output, skip_output_infer  # noqa: E402
+from ._api import attention, consistency_loss, group_norm_act, residual, skip_output, skip_output_infer  # noqa: E402
 from ._api import trig_tangent_loss  # noqa: E402
 
 __all__ = ["BACKENDS", "BackendUnavailable", "attention", "consistency_loss", "get_backend", "group_norm_act",

@@ -95,6 +95,24 @@ def attention(q, k, v, scale: float | None = None):
     return implementation("attention", q.device, q.dtype, shape_class(grad, batch=q.shape[0]))(q, k, v, scale)
 
 
+def residual(x, skip, bias=None, scale: float = 1.0):
+    """A UNet block's residual join (x + skip + bias[c]) * scale, in the promoted dtype of x and skip and x's layout;
+    bias (C,) is an optional per-channel add (the last convolution's, taken out of it). Differentiable in all three."""
+    _float("x", x)
+    _float("skip", skip)
+    if x.dim() < 2 or skip.shape != x.shape:
+        raise ValueError(f"skip: expected the shape of x {tuple(x.shape)} (N, C, ...), got {tuple(skip.shape)}")
+    if bias is not None:
+        _float("bias", bias)
+        if bias.shape != (x.shape[1],):
+            raise ValueError(f"bias: expected shape ({x.shape[1]},), got {tuple(bias.shape)}")
+    _same_device(x, skip=skip, bias=bias)
+    dt = torch.promote_types(x.dtype, skip.dtype)
+    x, skip = x.to(dt), skip.to(dt)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, skip, bias))
+    return implementation("residual", x.device, dt, shape_class(grad, x))(x, skip, bias, float(scale))
+
+
 def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None = None, weight=None):
     """Per-sample distance (B,) in fp32: pseudo_huber sqrt(||pred - target||^2 + c^2) - c (iCT, c = 0.00054 sqrt(d)),
     l2 = mean of squares, l1 = mean of absolute values; times weight (B,) when given. Differentiable in pred."""

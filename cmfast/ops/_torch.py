@@ -54,6 +54,15 @@ def attention(q, k, v, scale):
     return F_.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def residual(x, skip, bias, scale):
+    # What the UNet did before the op existed: the bias add (in x's dtype, as autocast's convolution does), the
+    # residual add, the scale.
+    y = x + skip
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
+    return y * scale
+
+
 def consistency_loss(pred, target, kind, c, weight):
     diff = (pred.float() - target.float()).flatten(1)
     if kind == "pseudo_huber":

@@ -11,6 +11,7 @@ import torch
 from cmfast.kernels import attention as _attn
 from cmfast.kernels import consistency_loss as _loss
 from cmfast.kernels import group_norm_act as _gn
+from cmfast.kernels import residual as _res
 from cmfast.kernels import skip_output as _skip
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -104,6 +105,29 @@ class _Attention(torch.autograd.Function):
 def attention(q, k, v, scale):
     _check("attention", q, k, v)
     return _Attention.apply(q, k, v, scale)
+
+
+# ---- Residual join ---------------------------------------------------------------------------------------------
+class _Residual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, skip, bias, scale):
+        ctx.scale, ctx.bias_dtype = scale, None if bias is None else bias.dtype
+        return _res.residual_fwd(x, skip, bias, scale)
+
+    @staticmethod
+    def backward(ctx, dy):
+        need = ctx.needs_input_grad
+        g = dy * ctx.scale if need[0] or need[1] else None     # d/dx = d/dskip: one tensor serves both
+        db = None
+        if need[2]:
+            dims = [0] + list(range(2, dy.dim()))
+            db = (dy.float().sum(dims) * ctx.scale).to(ctx.bias_dtype)
+        return g if need[0] else None, g if need[1] else None, db, None
+
+
+def residual(x, skip, bias, scale):
+    _check("residual", x, skip, bias)
+    return _Residual.apply(x, skip, bias, scale)
 
 
 # ---- Consistency loss ------------------------------------------------------------------------------------------
