@@ -101,3 +101,50 @@ def test_group_count_lowered_to_a_divisor():
         net = cmfast.UNet.from_preset("fmnist-small", model_channels=56).eval()
         assert net(torch.randn(1, 1, 32, 32), torch.zeros(1)).shape == (1, 1, 32, 32)
     assert {m.num_groups for m in net.modules() if isinstance(m, GroupNorm) and m.weight.shape[0] == 168} == {28}
+
+
+def _edm_block(blk, x, emb):
+    """EDM's UNetBlock.forward (networks.py), transcribed: every convolution adds its own bias."""
+    import torch.nn.functional as F
+    orig = x
+    x = blk.conv0(blk.norm0(x, act="silu"))
+    params = blk.affine(emb).to(x.dtype)
+    if blk.adaptive_scale:
+        scale, shift = params.chunk(2, dim=1)
+        x = blk.norm1(x, scale=scale, shift=shift, act="silu")
+    else:
+        x = blk.norm1(x + params[:, :, None, None], act="silu")
+    x = blk.conv1(F.dropout(x, p=blk.dropout, training=blk.training))
+    x = (x + (blk.skip(orig) if blk.skip is not None else orig)) * blk.skip_scale
+    if blk.num_heads:
+        N, C, H, W = x.shape
+        qkv = blk.qkv(blk.norm2(x)).reshape(N, blk.num_heads, C // blk.num_heads, 3, H * W)
+        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))
+        a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+        x = (blk.proj(a.transpose(-1, -2).reshape(N, C, H, W)) + x) * blk.skip_scale
+    return x
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(down=True), dict(up=True, attention=True),
+                                dict(adaptive_scale=True, attention=True, num_heads=2),
+                                dict(down=True, resample_filter=(1, 3, 3, 1), resample_proj=False),
+                                dict(up=True, resample_filter=(1, 3, 3, 1))],
+                         ids=["ddpmpp", "down", "up-attn", "adm-attn", "fir-down-noproj", "fir-up"])
+def test_block_equals_edm_with_its_biases_moved(kw):
+    """UNetBlock adds its convolutions' biases inside later adds (the embedding add, ops.residual); in float64 it
+    equals EDM's block, where each convolution adds its own, output and every gradient."""
+    from cmfast.nets.unet import UNetBlock
+    torch.manual_seed(0)
+    blk = UNetBlock(8, 16 if "attention" not in kw else 8, 12, **kw).double()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.normal_(0, 0.3)             # non-zero biases everywhere (EDM initializes them to 0)
+    x, emb = torch.randn(2, 8, 8, 8, dtype=torch.float64), torch.randn(2, 12, dtype=torch.float64)
+    with cmfast.ops.use_backend("torch"):
+        out = blk(x, emb)
+        g = torch.autograd.grad(out.square().sum(), list(blk.parameters()))
+        want = _edm_block(blk, x, emb)
+        g_want = torch.autograd.grad(want.square().sum(), list(blk.parameters()))
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -43,14 +43,16 @@ class Conv2d(nn.Module):
         f = torch.outer(f, f)[None, None] / f.sum().square()
         self.register_buffer("resample_filter", f if (up or down) else None, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        # add_bias=False: the caller adds self.bias itself, folded into a later add (UNetBlock: the embedding's
+        # per-channel add, the residual join).
         # Under autocast the convolution casts weight and bias itself, and autocast caches those casts for the whole
         # region (CT / CD run the net two or three times a step); outside autocast they follow x's dtype. The bias
         # goes into the last convolution (its gradient then comes from the convolution's backward): a separate
         # cast, add and bias-gradient sum per layer were 20% of a training step's ops (fmnist-small iCT, counted).
         auto = x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)   # not on 'meta'
         w = self.weight if auto or self.weight is None else self.weight.to(x.dtype)
-        b = self.bias if auto or self.bias is None else self.bias.to(x.dtype)
+        b = None if self.bias is None or not add_bias else self.bias if auto else self.bias.to(x.dtype)
         f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
