@@ -23,6 +23,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from cmfast.kernels import attention as A  # noqa: E402
 from cmfast.kernels import consistency_loss as CL  # noqa: E402
 from cmfast.kernels import group_norm_act as GN  # noqa: E402
+from cmfast.kernels import residual as RS  # noqa: E402
 from cmfast.kernels import skip_output as SK  # noqa: E402
 from cmfast.kernels import trig_tangent_loss as TT  # noqa: E402
 
@@ -70,6 +71,10 @@ def cases(quick: bool, attention: bool = True):
             dict(CLAMP=True, UINT8=True, BLOCK=SK.BLOCK), ("sigma_data", "sigma_min"), {}
         yield "skip_output_bwd", SK._skip_output_bwd_kernel, {"*": t, "sigma_ptr": "fp32"}, dict(BLOCK=SK.BLOCK), \
             ("sigma_data", "sigma_min"), {}
+        for nhwc in (False, True):     # the bias a parameter (fp32) or stored in the activations' dtype
+            for bias_ty in ("fp32", t):
+                yield f"residual[nhwc={nhwc},bias={bias_ty}]", RS._residual_fwd_kernel, {"*": t, "b_ptr": bias_ty}, \
+                    dict(HAS_BIAS=True, NHWC=nhwc, BLOCK=RS.BLOCK), ("scale",), {}
         for kind in (0, 1, 2):
             yield f"loss_partial[{kind}]", CL._consistency_loss_partial_kernel, \
                 {"*": t, "g_ptr": "fp32", "part_ptr": "fp32"}, dict(KIND=kind, BLOCK=CL.BLOCK), (), {}
