@@ -95,6 +95,24 @@ def test_ct_and_ict_fmnist(tmp_path):
     assert [x["mu"] for x in rows(str(tmp_path / "ct"))] == [ct_schedule(k, 3)[1] for k in range(3)]
 
 
+def test_schedule_steps_sets_the_curriculum_length(tmp_path):
+    """--method-arg schedule_steps=K: the CT / iCT curricula N(k) run over K steps instead of the run's own length,
+    so a short run covers only the start of a longer curriculum; a bad K is one line before any work."""
+    from cmfast import ct_schedule, ict_schedule
+    write_fmnist(tmp_path / "fm", n=16)
+    base = ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm"), "--steps", "3", *FAST]
+    for method, K, sched in (("ict", 40, ict_schedule), ("ct", 40, lambda k, K: ct_schedule(k, K)[0])):
+        out = str(tmp_path / method)
+        assert train_main([*base, "--method", method, "--loss", "l2", "--output-dir", out,
+                           "--method-arg", f"schedule_steps={K}"]) == 0
+        got = [x["N"] for x in rows(out)]
+        assert got == [sched(k, K) for k in range(3)] != [sched(k, 3) for k in range(3)], (method, got)
+    with pytest.raises(SystemExit) as e:
+        train_main([*base, "--method", "ict", "--output-dir", str(tmp_path / "bad"), "--method-arg",
+                    "schedule_steps=0"])
+    assert e.value.code == 2
+
+
 def _run(out, folder, *extra):
     return train_main(["--dataset", "folder", "--data-dir", folder, "--method", "ct", "--loss", "l2",
                        "--steps", "4", "--dropout", "0.2", "--ema", "0.9,0.5", "--ckpt-every", "1", "--keep", "2",

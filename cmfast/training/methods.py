@@ -54,6 +54,20 @@ def _sigma_kwargs(cfg: dict) -> dict:
     return dict(sigma_data=cfg["sigma_data"], sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"])
 
 
+def _schedule_steps(cfg: dict) -> int:
+    """K of the CT / iCT curricula N(k): the method arg schedule_steps where given, else the run's total steps. A
+    short run can then cover only the start of a longer curriculum (what the first H200 reference runs did by
+    stopping at their time cap)."""
+    k = cfg["method_args"].get("schedule_steps")
+    return int(k) if k is not None else cfg["total_steps"]
+
+
+def _check_schedule_steps(args: dict) -> None:
+    k = args.get("schedule_steps")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
+        raise ValueError(f"schedule_steps: expected a positive number of steps (or none), got {k!r}")
+
+
 def _with_target(models: dict) -> dict:
     """Adds theta-, the target network (CM Alg. 2/3): a frozen copy of the model, updated by EMA."""
     models["target"] = copy.deepcopy(models["model"]).requires_grad_(False)
@@ -112,11 +126,15 @@ class CD(Method):
 class CT(Method):
     """Consistency training (CM Alg. 3) with the adaptive N(k), mu(k) of Appendix C."""
     name, default_loss = "ct", "lpips"
-    defaults = {"s0": 2, "s1": 150, "mu0": 0.9, "weighting": "uniform", "match_reference_code": False}
+    defaults = {"s0": 2, "s1": 150, "mu0": 0.9, "weighting": "uniform", "match_reference_code": False,
+                "schedule_steps": None}
+
+    def check_args(self, args: dict) -> None:
+        _check_schedule_steps(args)
 
     def _schedule(self, step, cfg):
         a = cfg["method_args"]
-        return ct_schedule(step, cfg["total_steps"], a["s0"], a["s1"], a["mu0"], a["match_reference_code"])
+        return ct_schedule(step, _schedule_steps(cfg), a["s0"], a["s1"], a["mu0"], a["match_reference_code"])
 
     def build(self, net, cfg, teacher=None):
         return _with_target(Method.build(self, net, cfg, teacher))
@@ -134,11 +152,14 @@ class CT(Method):
 class ICT(Method):
     """Improved consistency training: no EMA target, pseudo-Huber, lognormal levels, doubling N(k) (iCT)."""
     name, default_loss = "ict", "pseudo_huber"
-    defaults = {"s0": 10, "s1": 1280, "p_mean": -1.1, "p_std": 2.0, "c": None}
+    defaults = {"s0": 10, "s1": 1280, "p_mean": -1.1, "p_std": 2.0, "c": None, "schedule_steps": None}
+
+    def check_args(self, args: dict) -> None:
+        _check_schedule_steps(args)
 
     def loss(self, models, x, step, cfg, generator, class_labels=None):
         a = cfg["method_args"]
-        n = ict_schedule(step, cfg["total_steps"], a["s0"], a["s1"])
+        n = ict_schedule(step, _schedule_steps(cfg), a["s0"], a["s1"])
         loss = objectives.ict_loss(models["model"], x, n, cfg["loss"], a["c"], generator, a["p_mean"], a["p_std"],
                                    models.get("lpips"), class_labels)
         return loss, {"N": n, "mu": 0.0}
