@@ -96,8 +96,9 @@ def test_ct_and_ict_fmnist(tmp_path):
 
 
 def test_schedule_steps_sets_the_curriculum_length(tmp_path):
-    """--method-arg schedule_steps=K: the CT / iCT curricula N(k) run over K steps instead of the run's own length,
-    so a short run covers only the start of a longer curriculum; a bad K is one line before any work."""
+    """--method-arg schedule_steps=K (or schedule_mult=M: K = M x the run's steps): the CT / iCT curricula N(k) run
+    over K steps instead of the run's own length, so a short run covers only the start of a longer curriculum; a bad
+    value is one line before any work."""
     from cmfast import ct_schedule, ict_schedule
     write_fmnist(tmp_path / "fm", n=16)
     base = ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm"), "--steps", "3", *FAST]
@@ -107,10 +108,14 @@ def test_schedule_steps_sets_the_curriculum_length(tmp_path):
                            "--method-arg", f"schedule_steps={K}"]) == 0
         got = [x["N"] for x in rows(out)]
         assert got == [sched(k, K) for k in range(3)] != [sched(k, 3) for k in range(3)], (method, got)
-    with pytest.raises(SystemExit) as e:
-        train_main([*base, "--method", "ict", "--output-dir", str(tmp_path / "bad"), "--method-arg",
-                    "schedule_steps=0"])
-    assert e.value.code == 2
+    out = str(tmp_path / "mult")                                  # schedule_mult: K = 20 x the run's 3 steps
+    assert train_main([*base, "--method", "ict", "--loss", "l2", "--output-dir", out,
+                       "--method-arg", "schedule_mult=20"]) == 0
+    assert [x["N"] for x in rows(out)] == [ict_schedule(k, 60) for k in range(3)]
+    for bad in ("schedule_steps=0", "schedule_mult=0", "schedule_mult=-2"):
+        with pytest.raises(SystemExit) as e:
+            train_main([*base, "--method", "ict", "--output-dir", str(tmp_path / "bad"), "--method-arg", bad])
+        assert e.value.code == 2, bad
 
 
 def _run(out, folder, *extra):
