@@ -115,7 +115,12 @@ def test_train_commands_record_the_method_settings():
         else:
             assert 1 <= int(arg.removeprefix("warmup_steps=")) < p["runs"]["sct"][0], name
             assert "--time-budget" not in sct, name
-        assert "--method-arg" not in ref.train_argv("ict", p, "out", None, None, 0)
+        ict = ref.train_argv("ict", p, "out", None, None, 0)
+        if p.get("ict_schedule_mult"):   # the gpu profile: iCT's curriculum spans a multiple of the run
+            assert ict[ict.index("--method-arg") + 1] == f"schedule_mult={p['ict_schedule_mult']:g}", name
+        else:
+            assert "--method-arg" not in ict, name
+        assert "--method-arg" not in ref.train_argv("ct", p, "out", None, None, 0)
     # The GPU profile fits one device call: the five runs' time caps leave room for the evaluations.
     assert sum(m for _, m in prof["runs"].values()) * 60 <= 360
 
