@@ -407,6 +407,19 @@ def test_gpu_skip_output_and_loss(dtype, kind, B):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("B,C,R", [(1, 128, 32), (256, 256, 16)])
+def test_gpu_residual(dtype, fmt, B, C, R):
+    # The residual join at DDPM++ CIFAR-10 sizes, compiled; the bias a parameter (fp32) as in the network.
+    inputs = dict(x=rand(B, C, R, R, dtype=dtype, fmt=fmt), skip=rand(B, C, R, R, dtype=dtype, fmt=fmt),
+                  bias=rand(C), scale=0.5 ** 0.5)
+    out = check(ops.residual, ref.residual, inputs, grad=("x", "skip", "bias"), dtype=dtype)
+    assert out[0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_backend_agreement_ddpmpp_bf16():
     torch.manual_seed(0)
     net = cmfast.UNet.from_preset("ddpmpp-cifar10", dropout=0.0).to(DEV)
