@@ -8,11 +8,11 @@ DDPM++ CIFAR-10 shapes: group_norm_act on (B, 128 | 256, 32x32 | 16x16 | 8x8), 3
 noise embedding's scale and shift, SiLU; attention at 16x16 (L = 256) with head dim 256, q, k, v strided as the
 UNet passes them; the residual join (channels-last, B = 1, 8, 256); skip_output, skip_output_infer and
 consistency_loss on (B, 3, 32, 32); B = 1 and 256. Every case runs "triton", "torch" (eager: cmfast/ops/_torch.py,
-SDPA for attention) and "torch.compile" of the same torch composition in one process on one device. Rows: median ms (triton.testing.do_bench, L2 flushed), GB/s from
-the bytes a fused kernel moves (counted below, per op), TFLOP/s for attention (fwd 4 B H L^2 D; fwd+bwd adds
-10 B H L^2 D: five L x L x D matmuls), the roofline floor from the ceilings measured in the same run
-(device-to-device copy, bf16 matmul), the first call's time (Triton JIT + autotuning, or torch.compile), and the
-speedup over eager. Row fields match benchmarks/bench_cuda.py, so benchmarks/make_auto_table.py reads these files.
+SDPA for attention) and "torch.compile" of the same torch composition in one process on one device. Rows:
+median ms (triton.testing.do_bench, L2 flushed), GB/s from the bytes a fused kernel moves (counted below, per op),
+TFLOP/s for attention (fwd 4 B H L^2 D; fwd+bwd adds 10 B H L^2 D: five L x L x D matmuls), the roofline floor from
+the ceilings measured in the same run (device-to-device copy, bf16 matmul), the first call's time (Triton JIT +
+autotuning, or torch.compile), and the speedup over eager. Row fields match benchmarks/bench_cuda.py, so benchmarks/make_auto_table.py reads these files.
 """
 from __future__ import annotations
 

@@ -117,8 +117,9 @@ def build_parser():
                         "graphs), max-autotune-no-cudagraphs (autotuned kernels), max-autotune (both), or none; "
                         "bare --compile = default. "
                         "Inside the compiled networks --backend auto is the torch ops (inductor fuses them); a "
-                        "backend named by --backend runs its kernels between graphs. Checkpoints are the same as without; the first logged interval includes the "
-                        "compile time (compile_warmup in stats.jsonl) (default: none)")
+                        "backend named by --backend runs its kernels between graphs. Checkpoints are the same as "
+                        "without; the first logged interval includes the compile time (compile_warmup in "
+                        "stats.jsonl) (default: none)")
     p.add_argument("--nan-limit", type=_ranged(int, 1), help=d("nan_limit", "stop after this many consecutive "
                                                                             "non-finite steps"))
 

@@ -195,9 +195,9 @@ def _num_splits(N: int, C: int, HW: int, nhwc: bool, sms: int) -> int:
 
 
 def _fused_max_group(ext) -> int:
-    """The largest group (C / G * HW elements) whose forward runs as one block per group (csrc/cmfast.h); an
-    extension built before that path existed has none (0)."""
-    return getattr(ext, "GN_FUSED_MAX_GROUP", 0)
+    """The largest group (C / G * HW elements) whose forward runs as one block per group (csrc/cmfast.h); a function
+    so that tests can force the split path."""
+    return ext.GN_FUSED_MAX_GROUP
 
 
 def _carve(ws: torch.Tensor, *sizes: int) -> list[int]:

@@ -121,7 +121,7 @@ class _Residual(torch.autograd.Function):
         db = None
         if need[2]:
             dims = [0] + list(range(2, dy.dim()))
-            db = (dy.float().sum(dims) * ctx.scale).to(ctx.bias_dtype)
+            db = (dy.sum(dims, dtype=torch.float32) * ctx.scale).to(ctx.bias_dtype)   # no fp32 copy of dy
         return g if need[0] else None, g if need[1] else None, db, None
 
 
