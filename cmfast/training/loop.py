@@ -122,10 +122,19 @@ def train(args: dict) -> dict:
     interpreter's exit, gloo's threads can abort a rank ("terminate called without an active exception")."""
     dist = torch.distributed
     owns_group = dist.is_available() and not dist.is_initialized()
+    finished = False
     try:
-        return _train(args)
+        row = _train(args)
+        finished = True
+        return row
     finally:
         if owns_group and dist.is_initialized():
+            # After a normal end the ranks tear the group down together: rank 0 may still be writing the last
+            # checkpoint, and a rank that destroyed its gloo group while its peer's connections were open once
+            # aborted the same way (a CI run of the compiled 2-rank test, rank 1, after its last step). Not after
+            # an error: the other rank may be gone, and a barrier would hang.
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
