@@ -44,6 +44,17 @@ def _columns(n, g, C, HW, Cg, s_c, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _pivots(x_ptr, pre_ptr, n, g, C, HW, Cg, s_c, s_pn, HAS_PRE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per column, the value subtracted from x before the statistics: the pivot K, less the column's pre-bias
+    (x + pre - K = x - (K - pre)), so a pre-bias costs one vector per program and nothing per element."""
+    K = tl.zeros([BLOCK_C], tl.float32) + _pivot(x_ptr, n, g, C, HW, Cg, s_c)
+    if HAS_PRE:
+        ci = tl.arange(0, BLOCK_C)
+        K -= tl.load(pre_ptr + n * s_pn + g * Cg + ci, mask=ci < Cg, other=0.0).to(tl.float32)
+    return K
+
+
+@triton.jit
 def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
     """weight, bias, 1 + scale, shift of the group's channels as fp32 vectors."""
@@ -67,7 +78,7 @@ def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg, HAS_W: tl.c
 
 @triton.jit
 def _chunk_stats(x_ptr, col, cmask, K, hw_start, hw_end, s_hw, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(count, mean, M2) of x - K over rows [hw_start, hw_end) of the group's columns."""
+    """(count, mean, M2) of x - K over rows [hw_start, hw_end) of the group's columns (K: one value per column)."""
     cnt = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
@@ -76,7 +87,7 @@ def _chunk_stats(x_ptr, col, cmask, K, hw_start, hw_end, s_hw, BLOCK_HW: tl.cons
         hw = h0 + rows         # (the tile is inlined: a nested call per step costs ~ms in the interpreter)
         offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
         mask = (hw < hw_end)[:, None] & cmask[None, :]
-        x = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K, 0.0)
+        x = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K[None, :], 0.0)
         nb = tl.minimum(hw_end - h0, BLOCK_HW).to(tl.float32)
         bmean = tl.sum(x, axis=0) / nb
         d = tl.where(mask, x - bmean[None, :], 0.0)
@@ -94,16 +105,17 @@ def _chunk_stats(x_ptr, col, cmask, K, hw_start, hw_end, s_hw, BLOCK_HW: tl.cons
 
 
 @triton.jit
-def _group_norm_stats_kernel(x_ptr, part_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S,
-                             BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+def _group_norm_stats_kernel(x_ptr, pre_ptr, part_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S, s_pn,
+                             HAS_PRE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
     hw_start = s * chunk
     col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
-    total, gmean, gm2 = _chunk_stats(x_ptr, col, cmask, _pivot(x_ptr, n, g, C, HW, Cg, s_c), hw_start,
-                                     tl.minimum(hw_start + chunk, HW), s_hw, BLOCK_HW, BLOCK_C)
+    K = _pivots(x_ptr, pre_ptr, n, g, C, HW, Cg, s_c, s_pn, HAS_PRE, BLOCK_C)
+    total, gmean, gm2 = _chunk_stats(x_ptr, col, cmask, K, hw_start, tl.minimum(hw_start + chunk, HW), s_hw,
+                                     BLOCK_HW, BLOCK_C)
     p = part_ptr + (ng * S + s) * 3
     tl.store(p, total)
     tl.store(p + 1, gmean)
@@ -127,24 +139,25 @@ def _merge_stats(part_ptr, ng, S, eps, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                               C, HW, G, Cg, s_c, s_hw, chunk, S, eps,
+def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
+                               C, HW, G, Cg, s_c, s_hw, chunk, S, eps, s_pn,
                                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
                                HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, ONE_PASS: tl.constexpr,
+                               HAS_PRE: tl.constexpr,
                                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     ng = tl.program_id(0)
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    K = _pivot(x_ptr, n, g, C, HW, Cg, s_c)
+    K = _pivots(x_ptr, pre_ptr, n, g, C, HW, Cg, s_c, s_pn, HAS_PRE, BLOCK_C)   # K - pre, per column
     col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
     if ONE_PASS:    # S == 1: this program owns the whole group; its second read below comes from L2
         total, mean, m2 = _chunk_stats(x_ptr, col, cmask, K, 0, HW, s_hw, BLOCK_HW, BLOCK_C)
         rstd = 1.0 / tl.sqrt(m2 / total + eps)
     else:
         mean, rstd = _merge_stats(part_ptr, ng, S, eps, BLOCK_S)     # mean of x - K
-    if s == 0:
-        tl.store(stats_ptr + ng * 3, K)
+    if s == 0:      # (the backward reads these; a pre-bias run has none, so column 0's value will do)
+        tl.store(stats_ptr + ng * 3, tl.sum(tl.where(tl.arange(0, BLOCK_C) == 0, K, 0.0), axis=0))
         tl.store(stats_ptr + ng * 3 + 1, mean)
         tl.store(stats_ptr + ng * 3 + 2, rstd)
     w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
@@ -159,7 +172,7 @@ def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, 
         offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
         mask = (hw < hw_end)[:, None] & cmask[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = ((x - K) - mean) * a[None, :] + c[None, :]
+        z = ((x - K[None, :]) - mean) * a[None, :] + c[None, :]
         if SILU:
             z = z * tl.sigmoid(z)
         tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
@@ -304,19 +317,25 @@ def _ptrs(x, weight, bias, scale, shift):
     return [t.contiguous() if t is not None else x for t in (weight, bias, scale, shift)]
 
 
-def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act):
-    """(y, stats (N*G, 3) fp32 [pivot K, mean of x - K, rstd], plan); y in x's dtype and memory format."""
+def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias=None):
+    """(y, stats (N*G, 3) fp32 [pivot K, mean of x - K, rstd], plan); y in x's dtype and memory format.
+    pre_bias ((N, C) or (1, C)): normalise x + pre_bias[n, c] instead, the sum in fp32 (forward only: the stats
+    are then not the backward's)."""
     plan = Plan(x, num_groups)
+    pre = x if pre_bias is None else pre_bias.contiguous()
+    s_pn = 0 if pre_bias is None or pre_bias.shape[0] == 1 else plan.C
     x = x.contiguous(memory_format=plan.fmt)
     y = torch.empty_like(x)
     stats = torch.empty(plan.N * plan.G, 3, device=x.device, dtype=torch.float32)
     part = torch.empty(plan.N * plan.G, plan.S, 3, device=x.device, dtype=torch.float32)
     one_pass = plan.S == 1
     if not one_pass:
-        _group_norm_stats_kernel[plan.grid](x, part, *plan.geometry(), **plan.meta())
-    _group_norm_act_fwd_kernel[plan.grid](x, y, part, stats, *_ptrs(x, weight, bias, scale, shift),
-                                          *plan.geometry(), eps, **_flags(weight, bias, scale, shift, act),
-                                          ONE_PASS=one_pass, BLOCK_S=max(2, triton.next_power_of_2(plan.S)),
+        _group_norm_stats_kernel[plan.grid](x, pre, part, *plan.geometry(), s_pn, HAS_PRE=pre_bias is not None,
+                                            **plan.meta())
+    _group_norm_act_fwd_kernel[plan.grid](x, y, part, stats, *_ptrs(x, weight, bias, scale, shift), pre,
+                                          *plan.geometry(), eps, s_pn, **_flags(weight, bias, scale, shift, act),
+                                          ONE_PASS=one_pass, HAS_PRE=pre_bias is not None,
+                                          BLOCK_S=max(2, triton.next_power_of_2(plan.S)),
                                           **plan.meta())
     return y, stats, plan
 

@@ -90,12 +90,15 @@ def cases(quick: bool, attention: bool = True):
         for bhw, bc, nw in ((256, 8, 8), (64, 4, 4), (2, 1024, 8)):
             meta = dict(BLOCK_HW=bhw, BLOCK_C=bc)
             gp = {"*": t, "part_ptr": "fp32", "stats_ptr": "fp32", "ab_ptr": "fp32"}
-            yield f"gn_stats[{bhw}x{bc}]", GN._group_norm_stats_kernel, gp, meta, (), dict(num_warps=nw)
-            for one in (False, True):
-                yield f"gn_fwd[{bhw}x{bc},one_pass={one}]", GN._group_norm_act_fwd_kernel, gp, \
-                    dict(meta, **flags, ONE_PASS=one, BLOCK_S=16), ("eps",), dict(num_warps=nw)
-                yield f"gn_bwd_dx[{bhw}x{bc},one_pass={one}]", GN._group_norm_act_bwd_dx_kernel, gp, \
-                    dict(meta, **flags, ONE_PASS=one), (), dict(num_warps=nw)
+            for pre in (False, True):      # the pre-bias (the sampler's per-channel add) in the activations' dtype
+                yield f"gn_stats[{bhw}x{bc},pre={pre}]", GN._group_norm_stats_kernel, gp, dict(meta, HAS_PRE=pre), \
+                    (), dict(num_warps=nw)
+            for one, pre in ((False, False), (True, False), (False, True), (True, True)):
+                yield f"gn_fwd[{bhw}x{bc},one_pass={one},pre={pre}]", GN._group_norm_act_fwd_kernel, gp, \
+                    dict(meta, **flags, ONE_PASS=one, HAS_PRE=pre, BLOCK_S=16), ("eps",), dict(num_warps=nw)
+                if not pre:
+                    yield f"gn_bwd_dx[{bhw}x{bc},one_pass={one}]", GN._group_norm_act_bwd_dx_kernel, gp, \
+                        dict(meta, **flags, ONE_PASS=one), (), dict(num_warps=nw)
             yield f"gn_bwd_partial[{bhw}x{bc}]", GN._group_norm_act_bwd_partial_kernel, gp, dict(meta, **flags), \
                 (), dict(num_warps=nw)
         prec = "ieee" if dt == "float32" else "tf32"

@@ -165,3 +165,22 @@ def test_triton_interpreter_problem_is_named(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     monkeypatch.setattr(np, "__version__", "2.3.5")
     assert ops.interpreter_problem() is None
+
+
+def test_group_norm_act_pre_bias_arguments():
+    """pre_bias is (N, C) or (1, C) on x's device; the torch backend adds it in x's dtype before the norm."""
+    from cmfast import ops
+    x, pre = torch.randn(2, 4, 3, 3), torch.randn(2, 4)
+    with ops.use_backend("torch"):
+        want = ops.group_norm_act(x + pre[:, :, None, None], 2)
+        assert torch.equal(ops.group_norm_act(x, 2, pre_bias=pre), want)
+        assert torch.equal(ops.group_norm_act(x, 2, pre_bias=pre[:1]),
+                           ops.group_norm_act(x + pre[:1, :, None, None], 2))
+        assert (want - ops.group_norm_act(x, 2)).abs().max() > 0.1
+    for bad, match in ((torch.randn(4), "pre_bias: expected shape"), (torch.randn(3, 4), "pre_bias: expected shape"),
+                       (torch.randn(2, 4, 1, 1), "pre_bias: expected shape"), (torch.ones(2, 4, dtype=torch.long),
+                                                                                "pre_bias")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            ops.group_norm_act(x, 2, pre_bias=bad)
+    with pytest.raises(ValueError, match="pre_bias: expected device"):
+        ops.group_norm_act(x, 2, pre_bias=torch.randn(2, 4, device="meta"))

@@ -166,6 +166,46 @@ def test_group_norm_act_optional_parts(affine, mod, act):
     check(fn, reffn, inputs, grad=grad)
 
 
+def _gn_pre(G):
+    """group_norm_act of x + pre_bias (a DDPM++ block's embedding add before norm1) and its float64 truth."""
+    def fn(x, weight, bias, scale, shift, pre_bias):
+        return ops.group_norm_act(x, G, weight, bias, 1e-6, scale, shift, "silu", pre_bias=pre_bias)
+
+    def reffn(x, weight, bias, scale, shift, pre_bias):
+        return ref.group_norm_act(x + pre_bias.reshape(*pre_bias.shape, 1, 1), G, weight, bias, 1e-6, scale, shift)
+    return fn, reffn
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("rows", [2, 1], ids=["per-sample", "broadcast"])
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split"])
+def test_group_norm_act_pre_bias_is_fused(dtype, fmt, rows, split, monkeypatch):
+    """Without a gradient the kernel normalises x + pre_bias itself (its loads add the column's value, the sum in
+    fp32): the float64 truth of GN(x + pre_bias) within the usual bound, and no separate add was run."""
+    if split:
+        _force_split(monkeypatch)
+    from cmfast.kernels import group_norm_act as k
+    seen = []
+    real = k.group_norm_act_fwd
+    monkeypatch.setattr(k, "group_norm_act_fwd", lambda *a: seen.append(a[-1]) or real(*a))
+    fn, reffn = _gn_pre(4)
+    inputs = _gn_inputs(2, 12, 3, 5, dtype, fmt)
+    inputs["pre_bias"] = 4 * rand(rows, 12, dtype=dtype) - 1      # per-channel offsets as large as x's spread
+    out = check(fn, reffn, inputs, dtype=dtype, backward=False)
+    assert len(seen) == 1 and seen[0] is not None and seen[0].shape == (rows, 12)
+    assert out[0].is_contiguous(memory_format=fmt)
+
+
+def test_group_norm_act_pre_bias_gradient():
+    """With a gradient the op adds pre_bias first (in x's dtype) and the fused backward does the rest: every
+    gradient, pre_bias's included, against float64."""
+    fn, reffn = _gn_pre(3)
+    inputs = _gn_inputs(2, 6, 4, 5, torch.float32, torch.channels_last)
+    inputs["pre_bias"] = rand(2, 6)
+    check(fn, reffn, inputs, grad=("x", "weight", "scale", "pre_bias"))
+
+
 def test_group_norm_act_large_mean_is_stable():
     # Mean 1e4, std 1: E[x^2] - E[x]^2 in fp32 would lose every digit; the merged two-pass statistics must not.
     fn, reffn = _gn(2, act="none")
@@ -332,13 +372,14 @@ def test_kernels_compile_for_h100():
     from pathlib import Path
     pytest.importorskip("triton.backends.nvidia")
     script = Path(__file__).resolve().parent.parent / "scripts" / "triton_compile_check.py"
-    only = "skip_output_infer_u8;loss_partial[2];gn_fwd[256x8,one_pass=True];gn_bwd_dx[64x4,one_pass=False];" \
+    only = "skip_output_infer_u8;loss_partial[2];gn_fwd[256x8,one_pass=True,pre=False];" \
+           "gn_fwd[64x4,one_pass=False,pre=True];gn_stats[64x4,pre=True];gn_bwd_dx[64x4,one_pass=False];" \
            "attn_fwd[D=256,64x32,w4,s2];attn_dq[D=256,32x32,w4,s1]"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(script), "--quick", "--only", only], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert r.stdout.count("shared") == 6, r.stdout
+    assert r.stdout.count("shared") == 8, r.stdout
 
 
 # ---- GPU: compiled kernels at CIFAR-10 shapes -------------------------------------------------------------------

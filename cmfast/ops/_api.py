@@ -53,8 +53,11 @@ def skip_output_infer(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0
 
 
 def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6, scale=None, shift=None,
-                   act: str | None = "silu"):
-    """act(GroupNorm(x) * (1 + scale) + shift): fp32 statistics; scale/shift are (N, C); act 'silu' or None."""
+                   act: str | None = "silu", pre_bias=None):
+    """act(GroupNorm(x + pre_bias) * (1 + scale) + shift): fp32 statistics; scale/shift are (N, C); act 'silu' or
+    None. pre_bias, (N, C) or (1, C), is a per-channel add before the norm (a DDPM++ block's embedding): the Triton
+    kernel folds it into its loads (the sum in fp32) when no gradient is needed; otherwise, and in the other
+    backends, it is an add in x's dtype first."""
     _float("x", x)
     if x.dim() < 3:
         raise ValueError(f"x: expected (N, C, ...) with at least one spatial dimension, got shape {tuple(x.shape)}")
@@ -71,13 +74,22 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6
             _float(name, t)
             if t.shape != (N, C):
                 raise ValueError(f"{name}: expected shape ({N}, {C}), got {tuple(t.shape)}")
-    _same_device(x, weight=weight, bias=bias, scale=scale, shift=shift)
+    if pre_bias is not None:
+        _float("pre_bias", pre_bias)
+        if pre_bias.shape not in ((N, C), (1, C)):
+            raise ValueError(f"pre_bias: expected shape ({N}, {C}) or (1, {C}), got {tuple(pre_bias.shape)}")
+    _same_device(x, weight=weight, bias=bias, scale=scale, shift=shift, pre_bias=pre_bias)
     act = "none" if act is None else act
     if act not in ACTS:
         raise ValueError(f"act: expected 'silu' or None, got {act!r}")
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale, shift))
-    return implementation("group_norm_act", x.device, x.dtype, shape_class(grad, x))(
-        x, num_groups, weight, bias, float(eps), scale, shift, act)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, bias, scale, shift, pre_bias))
+    fn = implementation("group_norm_act", x.device, x.dtype, shape_class(grad, x))
+    if pre_bias is not None:
+        if not grad and getattr(fn, "fuses_pre_bias", False):
+            return fn(x, num_groups, weight, bias, float(eps), scale, shift, act, pre_bias=pre_bias)
+        x = x + pre_bias.to(x.dtype).reshape(pre_bias.shape + (1,) * (x.dim() - 2))
+    return fn(x, num_groups, weight, bias, float(eps), scale, shift, act)
 
 
 def attention(q, k, v, scale: float | None = None):

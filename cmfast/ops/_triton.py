@@ -81,9 +81,16 @@ class _GroupNormAct(torch.autograd.Function):
         return dx if need[0] else None, None, dw, db, None, dscale, dshift, None
 
 
-def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act):
+def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias=None):
+    """pre_bias (forward only; cmfast.ops calls it so only without a gradient): GN of x + pre_bias, in the loads."""
     _check("group_norm_act", x, weight, bias, scale, shift)
+    if pre_bias is not None:
+        _check("group_norm_act", x, pre_bias)
+        return _gn.group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias)[0]
     return _GroupNormAct.apply(x, num_groups, weight, bias, eps, scale, shift, act)
+
+
+group_norm_act.fuses_pre_bias = True
 
 
 # ---- Attention --------------------------------------------------------------------------------------------------
