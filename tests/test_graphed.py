@@ -21,15 +21,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _model(device="cpu", label_dim=0):
+def _model(device="cpu", label_dim=0, adaptive=True):
     """The 'tiny' UNet with weights re-drawn at unit gain: EDM's 1e-5 init of the last convs makes F ~ 0, and a
-    comparison of outputs that are ~ c_skip x alone could not catch a wrong network path."""
+    comparison of outputs that are ~ c_skip x alone could not catch a wrong network path; biases non-zero, so a
+    lost or doubled one shows. adaptive=False: DDPM++'s embedding add before norm1 instead of scale / shift."""
     torch.manual_seed(0)
-    net = cmfast.UNet.from_preset("tiny", label_dim=label_dim)
+    net = cmfast.UNet.from_preset("tiny", label_dim=label_dim, adaptive_scale=adaptive)
     with torch.no_grad():
-        for p in net.parameters():
+        for name, p in net.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, p[0].numel() ** -0.5)
+            elif "norm" not in name:
+                p.normal_(0, 0.1)
     return cmfast.ConsistencyModel(net).to(device).eval()
 
 
@@ -104,6 +107,87 @@ def test_reload_copies_new_weights(monkeypatch):
     assert (after - before).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("adaptive", [True, False], ids=["scale-shift", "pre-add"])
+@pytest.mark.parametrize("sigmas", [(80.0,), (80.0, 0.5)])
+def test_constants_folded_per_graph(monkeypatch, adaptive, sigmas):
+    """An unconditional network's embedding path depends on sigma alone, so each graph computes the blocks'
+    constants once per step. The folded run equals Algorithm 1 (fp32), and under bf16 autocast it is bit for bit
+    the run that computes them inside (same ops on the same numbers); a wrong step's constants would not be."""
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
+    model = _model(adaptive=adaptive)
+    sampler = cmfast.GraphedSampler(model, 2, SHAPE, dtype=torch.float32, sigmas=sigmas)
+    _, g = sampler._buffers(None, False)
+    sampler._prepare(g)
+    assert g.consts is not None and len(g.consts) == len(sigmas) and len(g.consts[0]) == len(model.net.blocks())
+    sampler.generator.manual_seed(4)
+    out = sampler._run(g, g.sig, False)
+    gen = torch.Generator().manual_seed(4)
+    ref = cmfast.sample(model, torch.randn((2, *SHAPE), generator=gen), sigmas, generator=gen).clamp(-1, 1)
+    assert ref.abs().mean() > 0.1
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+    bf = cmfast.GraphedSampler(model, 2, SHAPE, dtype=torch.bfloat16, sigmas=sigmas, channels_last=False)
+    _, g = bf._buffers(None, False)
+    bf._prepare(g)
+    with cmfast.ops.use_backend("torch"):
+        bf.generator.manual_seed(4)
+        folded = bf._run(g, g.sig, False)
+        live, g.consts = g.consts, None
+        bf.generator.manual_seed(4)
+        unfolded = bf._run(g, g.sig, False)
+        if len(sigmas) > 1:
+            g.consts = live[::-1]                   # each step given the other step's constants
+            bf.generator.manual_seed(4)
+            assert (bf._run(g, g.sig, False) - unfolded).abs().max() > 1e-2
+    assert torch.equal(folded, unfolded)
+
+
+def test_conditional_and_compiled_networks_are_not_folded(monkeypatch):
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
+    sampler = cmfast.GraphedSampler(_model(label_dim=3), 2, SHAPE, dtype=torch.float32)
+    _, g = sampler._buffers(None, False)
+    sampler._prepare(g)
+    assert g.consts is None                         # the labels change per call
+
+
+def test_reload_refreshes_folded_constants(monkeypatch):
+    """reload() copies new weights into the sampler's copy and recomputes every captured graph's constants in
+    place (a graph keeps the addresses it was captured with)."""
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
+    model = _model(adaptive=False)
+    sampler = cmfast.GraphedSampler(model, 2, SHAPE, dtype=torch.float32)
+    key, g = sampler._buffers(None, False)
+    sampler._prepare(g)
+    sampler._graphs[key] = g                        # as capture() keeps it
+    ptrs = [t.data_ptr() for t in cmfast.graphed._flat(g.consts)]
+    with torch.no_grad():
+        model.net.map_layer1.bias.add_(0.5)         # reaches the output only through the folded constants
+    sampler.reload()
+    assert [t.data_ptr() for t in cmfast.graphed._flat(g.consts)] == ptrs
+    sampler.generator.manual_seed(1)
+    out = sampler._run(g, g.sig, False)
+    gen = torch.Generator().manual_seed(1)
+    ref = cmfast.sample(model, torch.randn((2, *SHAPE), generator=gen), generator=gen).clamp(-1, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ddpmpp_batch1_launch_count():
+    """The kernels a DDPM++ CIFAR-10 batch-1 replay launches, counted on CPU by benchmarks/launches.py (a model of
+    the GPU's launches; batch 1 is launch-bound). 633 for the code the third GPU session profiled (711 kernels
+    there), 412 before the embedding path was folded, 254 now: no GEMM of the mapping network or the blocks'
+    embedding layers, no resampling filter, no add before norm1. Fails when a change adds launches back."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import launches
+    torch.manual_seed(0)
+    model = cmfast.ConsistencyModel(cmfast.UNet.from_preset("ddpmpp-cifar10")).eval()
+    counts = launches.count_sample_launches(model, 1)
+    assert counts["addmm"] == 0 and counts["mm"] == 0 and counts["add"] == 0 and counts["repeat"] == 0, counts
+    assert counts["cmfast.group_norm_act"] == 73 and counts["cmfast.residual"] == 39, counts
+    assert sum(counts.values()) <= 256, counts
+
+
 def test_cast_copy_stores_what_autocast_would_cast():
     """The sampler's bf16 copy holds the conv / linear weights, biases and FIR filters in bf16, so autocast casts
     nothing of them per call (the H200 profile counted 145 copy kernels a batch-1 forward): under autocast the copy
@@ -161,8 +245,10 @@ BF16 = dict(atol=5e-2, rtol=5e-2)
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("sigmas", [(80.0,), (80.0, 2.0, 0.5)])
-def test_equals_eager_same_noise(sigmas):
-    model = _model("cuda")
+@pytest.mark.parametrize("adaptive", [True, False], ids=["scale-shift", "pre-add"])
+def test_equals_eager_same_noise(sigmas, adaptive):
+    """Also the folded constants and the pre-add GroupNorm of a DDPM++-style block (adaptive=False)."""
+    model = _model("cuda", adaptive=adaptive)
     sampler = cmfast.GraphedSampler(model, 2, SHAPE, sigmas=sigmas, seed=1)
     out = sampler()
     z, noises = _noise(sampler)

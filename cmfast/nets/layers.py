@@ -42,6 +42,9 @@ class Conv2d(nn.Module):
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         f = torch.outer(f, f)[None, None] / f.sum().square()
         self.register_buffer("resample_filter", f if (up or down) else None, persistent=False)
+        # The [1, 1] box filter (DDPM++) is a 2x2 mean down and a nearest-neighbour copy up: one pooling /
+        # upsampling kernel instead of the filter's tile (and scale) and a depthwise convolution on every call.
+        self.box = tuple(resample_filter) == (1, 1)
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         # add_bias=False: the caller adds self.bias itself, folded into a later add (UNetBlock: the embedding's
@@ -61,10 +64,11 @@ class Conv2d(nn.Module):
             x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
         else:
             if self.up:
-                x = F.conv_transpose2d(x, f.mul(4).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2,
-                                       padding=f_pad)
+                x = F.interpolate(x, scale_factor=2, mode="nearest") if self.box else F.conv_transpose2d(
+                    x, f.mul(4).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=f_pad)
             if self.down:
-                x = F.conv2d(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=f_pad)
+                x = F.avg_pool2d(x, 2) if self.box else F.conv2d(
+                    x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=f_pad)
             if w is not None:
                 return F.conv2d(x, w, b, padding=w_pad)
         if b is not None:   # after the fused down-sampling filter (EDM's order)
@@ -86,8 +90,9 @@ class GroupNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
-    def forward(self, x, scale=None, shift=None, act=None):
-        return ops.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, act)
+    def forward(self, x, scale=None, shift=None, act=None, pre_bias=None):
+        return ops.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, act,
+                                  pre_bias=pre_bias)
 
 
 class PositionalEmbedding(nn.Module):

@@ -38,28 +38,40 @@ class UNetBlock(nn.Module):
             self.qkv = Conv2d(out_channels, out_channels * 3, 1, init_weight=math.sqrt(0.2))
             self.proj = Conv2d(out_channels, out_channels, 1, init_weight=1e-5)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def constants(self, emb: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """What the block computes from the embedding alone, in the activations' dtype: (scale, shift) for
+        adaptive_scale, else the per-channel add before norm1 (the affine output plus conv0's bias, (N, C));
+        and the bias of the residual join (conv1's plus the skip convolution's, or None). A sampler whose noise
+        level is fixed computes these once (GraphedSampler) instead of on every call."""
         # The convolutions' biases are added where another add happens anyway: conv0's with the embedding (DDPM++),
         # conv1's and the skip convolution's in the residual join (ops.residual: one fused pass where eager PyTorch
         # ran three full-tensor kernels). The same sums as EDM's block, in another order. Each bias is first cast to
         # the activations' dtype, as autocast's convolution cast it, so a copy stored in that dtype (GraphedSampler)
         # computes the same numbers.
+        params = self.affine(emb).to(dtype)
+        if self.adaptive_scale:
+            mod = tuple(params.chunk(2, dim=1))
+        else:
+            if self.conv0.bias is not None:
+                params = params + self.conv0.bias.to(dtype)
+            mod = params
+        biases = [c.bias.to(dtype) for c in (self.conv1, self.skip) if c is not None and c.bias is not None]
+        return mod, (sum(biases[1:], biases[0]) if biases else None)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None, consts: tuple | None = None) -> torch.Tensor:
+        """consts: this block's constants(emb, dtype) computed ahead (then emb is not used)."""
         orig = x
-        params = self.affine(emb)
         if self.adaptive_scale:
             x = self.conv0(self.norm0(x, act="silu"))
-            scale, shift = params.to(x.dtype).chunk(2, dim=1)
-            x = self.norm1(x, scale=scale, shift=shift, act="silu")
+            mod, res_bias = self.constants(emb, x.dtype) if consts is None else consts
+            x = self.norm1(x, scale=mod[0], shift=mod[1], act="silu")
         else:
             x = self.conv0(self.norm0(x, act="silu"), add_bias=False)
-            params = params.to(x.dtype)
-            if self.conv0.bias is not None:
-                params = params + self.conv0.bias.to(x.dtype)
-            x = self.norm1(x + params[:, :, None, None], act="silu")
+            mod, res_bias = self.constants(emb, x.dtype) if consts is None else consts
+            x = self.norm1(x, pre_bias=mod, act="silu")     # GN(x + mod): one pass in the Triton kernel
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training), add_bias=False)
         skip = self.skip(orig, add_bias=False) if self.skip is not None else orig
-        biases = [c.bias.to(x.dtype) for c in (self.conv1, self.skip) if c is not None and c.bias is not None]
-        x = ops.residual(x, skip, sum(biases[1:], biases[0]) if biases else None, self.skip_scale)
+        x = ops.residual(x, skip, res_bias, self.skip_scale)
         if self.num_heads:
             N, C, H, W = x.shape
             D = C // self.num_heads
@@ -148,11 +160,10 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, init_weight=1e-5)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels=None) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.img_resolution, self.img_resolution):
-            raise ValueError(f"x: expected images (B, {self.in_channels}, {self.img_resolution}, "
-                             f"{self.img_resolution}) for this network, got {tuple(x.shape)}")
-        emb = self.map_noise(noise_labels.reshape(-1).expand(x.shape[0]))
+    def embedding(self, noise_labels: torch.Tensor, class_labels=None, batch: int | None = None) -> torch.Tensor:
+        """The mapping network: noise level (and class label) -> the blocks' embedding, (batch, emb_channels)."""
+        noise_labels = noise_labels.reshape(-1)
+        emb = self.map_noise(noise_labels if batch is None else noise_labels.expand(batch))
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)   # sin/cos order as in EDM
         if self.map_label is not None:
             if class_labels is None:
@@ -161,17 +172,42 @@ class UNet(nn.Module):
             if labels.dim() == 1:
                 labels = F.one_hot(labels.long(), self.label_dim)
             emb = emb + self.map_label(labels.to(emb.dtype) * math.sqrt(self.label_dim))
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+
+    def blocks(self) -> list[UNetBlock]:
+        """The residual blocks in the order forward runs them."""
+        return [b for b in (*self.enc.values(), *self.dec.values()) if isinstance(b, UNetBlock)]
+
+    def constants(self, noise_labels: torch.Tensor, class_labels=None, dtype: torch.dtype = torch.float32,
+                  batch: int | None = None) -> list[tuple]:
+        """Every block's constants (UNetBlock.constants) for these noise levels: what forward(..., constants=)
+        takes in place of the mapping network and the blocks' embedding layers. Call it under the autocast the
+        forward will run in, with dtype the activations' dtype there."""
+        emb = self.embedding(noise_labels, class_labels, batch)
+        return [blk.constants(emb, dtype) for blk in self.blocks()]
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor | None, class_labels=None,
+                constants: list[tuple] | None = None) -> torch.Tensor:
+        """constants: self.constants(...) computed ahead for these noise levels and labels (GraphedSampler, whose
+        noise levels are fixed); noise_labels and class_labels are then not read."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.img_resolution, self.img_resolution):
+            raise ValueError(f"x: expected images (B, {self.in_channels}, {self.img_resolution}, "
+                             f"{self.img_resolution}) for this network, got {tuple(x.shape)}")
+        emb = self.embedding(noise_labels, class_labels, x.shape[0]) if constants is None else None
+        consts = iter(constants) if constants is not None else None
+
+        def block(blk, x):
+            return blk(x, emb, None if consts is None else next(consts))
 
         skips, aux = [], x
         for name, blk in self.enc.items():
             if "aux_residual" in name:
                 x = skips[-1] = aux = (x + blk(aux)) / math.sqrt(2)
             else:
-                x = blk(x, emb) if isinstance(blk, UNetBlock) else blk(x)
+                x = block(blk, x) if isinstance(blk, UNetBlock) else blk(x)
                 skips.append(x)
         for blk in self.dec.values():
             if x.shape[1] != blk.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = blk(x, emb)
+            x = block(blk, x)
         return self.out_conv(self.out_norm(x, act="silu"))
