@@ -30,14 +30,17 @@ def num_sms(device: torch.device) -> int:
 class _Fixed:
     """Stand-in for an autotuned kernel: launches `fn` with one config (grid lambdas get its meta-parameters)."""
 
-    def __init__(self, fn, config: dict):
+    def __init__(self, fn, config: dict, fit=None):
         self.fn = fn
         self.config = config
+        self.fit = fit      # fit(config, named_args) -> the config to run (a shape may rule the fixed one out)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            g = grid(self.config) if callable(grid) else grid
-            return self.fn[g](*args, **kwargs, **self.config)
+            cfg = self.config if self.fit is None else \
+                self.fit(self.config, {**dict(zip(self.fn.arg_names, args)), **kwargs})
+            g = grid(cfg) if callable(grid) else grid
+            return self.fn[g](*args, **kwargs, **cfg)
         return launch
 
 
@@ -59,14 +62,18 @@ class _Switch:
         return launch
 
 
-def autotune(configs: list[triton.Config], key: list[str], interpret_config: dict, prune=None, default=None):
+def autotune(configs: list[triton.Config], key: list[str], interpret_config: dict, prune=None, default=None,
+             interpret_prune: bool = False):
     """Decorator (under @triton.jit): autotune over `configs` keyed on `key` (the autotuner also keys on the
     argument dtypes); `prune(configs, named_args)` drops configs that cannot fit or would waste work for the
-    shape; `interpret_config` (meta-parameters only) is used under TRITON_INTERPRET=1; `default(named_args)`
-    gives the config used without timing when CMFAST_TRITON_AUTOTUNE=0."""
+    shape; `interpret_config` (meta-parameters only) is used under TRITON_INTERPRET=1 (interpret_prune: unless
+    `prune` rules it out for the shape, then the first config `prune` keeps); `default(named_args)` gives the
+    config used without timing when CMFAST_TRITON_AUTOTUNE=0."""
     def deco(fn):
         if interpreting():
-            return _Fixed(fn, interpret_config)
+            def fit(cfg, named):
+                return prune([triton.Config(cfg)] + configs, named)[0].kwargs
+            return _Fixed(fn, interpret_config, fit if interpret_prune and prune else None)
         # The autotuner passes positional arguments as `named` and keyword arguments separately: merge them.
         kw = {"prune_configs_by": {"early_config_prune": lambda cs, named, **kws: prune(cs, {**named, **kws})}} \
             if prune else {}

@@ -101,6 +101,14 @@ def cases(quick: bool, attention: bool = True):
                         dict(meta, **flags, ONE_PASS=one), (), dict(num_warps=nw)
             yield f"gn_bwd_partial[{bhw}x{bc}]", GN._group_norm_act_bwd_partial_kernel, gp, dict(meta, **flags), \
                 (), dict(num_warps=nw)
+        # several groups a program; HW 1024 (DDPM++ 32x32): GPB x Cg = 8 in registers unless streamed, wider streamed
+        for cg, gpb, hw, st in ((8, 1, 1024, 0), (8, 1, 1024, 1), (8, 4, 1024, 0), (8, 8, 64, 0), (4, 8, 256, 0),
+                                (2, 2, 4096, 0)):
+            for pre in (False, True):
+                yield f"gn_fwd_groups[cg={cg},gpb={gpb},hw={hw},stream={st},pre={pre}]", \
+                    GN._group_norm_act_fwd_groups_kernel, {"*": t, "stats_ptr": "fp32"}, \
+                    dict(flags, HAS_PRE=pre, CG=cg, HW_P2=hw, TILE_ELEMS=GN.TILE, RESIDENT_ELEMS=GN.RESIDENT, GPB=gpb,
+                         STREAM=st), ("eps",), dict(num_warps=8)
         prec = "ieee" if dt == "float32" else "tf32"
         for D in ((256,) if quick else (16, 64, 256)) if attention else ():
             base = dict(PREC=prec, UPCAST=False, BLOCK_D=D)
