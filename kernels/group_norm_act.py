@@ -308,6 +308,104 @@ def _group_norm_act_fwd_groups_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, sca
             tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# The backward's counterpart: A = sum dz, B = sum dz xhat per channel, then dx, for GPB whole groups a program.
+# Resident, x and dy are read once (the streaming dx kernel reads both twice: five tensor passes become three).
+# Two fp32 tiles live in registers here, so the resident configs also try 16 warps.
+BWD_GROUPS_CONFIGS = ([triton.Config({"GPB": gpb, "STREAM": 0}, num_warps=w) for gpb in (1, 2, 4, 8) for w in (8, 16)]
+                      + [triton.Config({"GPB": gpb, "STREAM": 1}, num_warps=8) for gpb in (1, 2, 4, 8)])
+
+
+@autotune(BWD_GROUPS_CONFIGS, key=["N", "C", "HW", "G", "s_c"], interpret_config=GROUPS_INTERPRET,
+          prune=_groups_prune, default=_groups_default, interpret_prune=True)
+@triton.jit
+def _group_norm_act_bwd_groups_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, ab_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                      N, C, HW, G, s_c, s_hw,
+                                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                                      HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, CG: tl.constexpr,
+                                      HW_P2: tl.constexpr, TILE_ELEMS: tl.constexpr, RESIDENT_ELEMS: tl.constexpr,
+                                      GPB: tl.constexpr, STREAM: tl.constexpr):
+    BLOCK_C: tl.constexpr = GPB * CG
+    IN_REGS: tl.constexpr = (HW_P2 * BLOCK_C <= RESIDENT_ELEMS) and not STREAM
+    BLOCK_HW: tl.constexpr = HW_P2 if IN_REGS else max(2, TILE_ELEMS // BLOCK_C)
+    pid = tl.program_id(0)
+    n = pid // (G // GPB)
+    g0 = (pid % (G // GPB)) * GPB
+    ci = tl.arange(0, BLOCK_C)
+    c = g0 * CG + ci
+    col = n.to(tl.int64) * C * HW + c.to(tl.int64) * s_c
+    st = stats_ptr + (n * G + g0 + tl.arange(0, GPB)) * 3
+    K = tl.reshape(tl.broadcast_to(tl.load(st)[:, None], (GPB, CG)), (BLOCK_C,))
+    mean = tl.reshape(tl.broadcast_to(tl.load(st + 1)[:, None], (GPB, CG)), (BLOCK_C,))
+    rstd = tl.reshape(tl.broadcast_to(tl.load(st + 2)[:, None], (GPB, CG)), (BLOCK_C,))
+    w = tl.full([BLOCK_C], 1.0, tl.float32)
+    b = tl.zeros([BLOCK_C], tl.float32)
+    s1 = tl.full([BLOCK_C], 1.0, tl.float32)
+    sh = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + c).to(tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c).to(tl.float32)
+    if HAS_SCALE:
+        s1 = 1.0 + tl.load(scale_ptr + n * C + c).to(tl.float32)
+    if HAS_SHIFT:
+        sh = tl.load(shift_ptr + n * C + c).to(tl.float32)
+    rows = tl.arange(0, BLOCK_HW)
+    if IN_REGS:
+        offs = col[None, :] + rows.to(tl.int64)[:, None] * s_hw
+        mask = (rows < HW)[:, None]
+        xhat = ((tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K[None, :]) - mean[None, :]) \
+            * rstd[None, :]
+        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            z = (xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
+            sig = tl.sigmoid(z)
+            dz = dz * sig * (1.0 + z * (1.0 - sig))        # silu'(z)
+        A = tl.sum(dz, axis=0)
+        B = tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0)
+    else:
+        A = tl.zeros([BLOCK_C], tl.float32)
+        B = tl.zeros([BLOCK_C], tl.float32)
+        for h0 in range(0, HW, BLOCK_HW):
+            hw = h0 + rows
+            offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
+            mask = (hw < HW)[:, None]
+            xh = ((tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K[None, :]) - mean[None, :]) \
+                * rstd[None, :]
+            d = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if SILU:
+                z = (xh * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
+                sig = tl.sigmoid(z)
+                d = d * sig * (1.0 + z * (1.0 - sig))
+            A += tl.sum(d, axis=0)
+            B += tl.sum(tl.where(mask, d * xh, 0.0), axis=0)
+    q = ab_ptr + (n * C + c) * 2
+    tl.store(q, A)
+    tl.store(q + 1, B)
+    u = w * s1
+    m = CG * HW * 1.0
+    c1 = tl.reshape(tl.broadcast_to((tl.sum(tl.reshape(u * A, (GPB, CG)), axis=1) / m)[:, None], (GPB, CG)),
+                    (BLOCK_C,))
+    c2 = tl.reshape(tl.broadcast_to((tl.sum(tl.reshape(u * B, (GPB, CG)), axis=1) / m)[:, None], (GPB, CG)),
+                    (BLOCK_C,))
+    if IN_REGS:
+        dx = rstd[None, :] * (dz * u[None, :] - c1[None, :] - xhat * c2[None, :])
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        for h0 in range(0, HW, BLOCK_HW):
+            hw = h0 + rows
+            offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
+            mask = (hw < HW)[:, None]
+            xh = ((tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K[None, :]) - mean[None, :]) \
+                * rstd[None, :]
+            d = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if SILU:
+                z = (xh * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
+                sig = tl.sigmoid(z)
+                d = d * sig * (1.0 + z * (1.0 - sig))
+            dx = rstd[None, :] * (d * u[None, :] - c1[None, :] - xh * c2[None, :])
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _chunk_ab(x_ptr, dy_ptr, col, cmask, K, mean, rstd, w, b, s1, sh, hw_start, hw_end, s_hw, SILU: tl.constexpr,
               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -487,6 +585,12 @@ def group_norm_act_bwd(dy, x, stats, plan, weight, bias, scale, shift, act):
     ptrs = _ptrs(x, weight, bias, scale, shift)
     flags = _flags(weight, bias, scale, shift, act)
     one_pass = plan.S == 1
+    if one_pass and plan.Cg == plan.BLOCK_C:      # as the forward: whole groups, several a program
+        N, G = plan.N, plan.G
+        _group_norm_act_bwd_groups_kernel[lambda meta: (N * G // meta["GPB"],)](
+            x, dy, dx, stats, ab, *ptrs, N, plan.C, plan.HW, G, plan.s_c, plan.s_hw, **flags, CG=plan.Cg,
+            HW_P2=triton.next_power_of_2(plan.HW), TILE_ELEMS=TILE, RESIDENT_ELEMS=RESIDENT)
+        return dx, ab[..., 0], ab[..., 1]
     if not one_pass:
         _group_norm_act_bwd_partial_kernel[plan.grid](x, dy, stats, part, *ptrs, *plan.geometry(), **flags,
                                                       **plan.meta())

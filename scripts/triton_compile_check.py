@@ -109,6 +109,10 @@ def cases(quick: bool, attention: bool = True):
                     GN._group_norm_act_fwd_groups_kernel, {"*": t, "stats_ptr": "fp32"}, \
                     dict(flags, HAS_PRE=pre, CG=cg, HW_P2=hw, TILE_ELEMS=GN.TILE, RESIDENT_ELEMS=GN.RESIDENT, GPB=gpb,
                          STREAM=st), ("eps",), dict(num_warps=8)
+            yield f"gn_bwd_groups[cg={cg},gpb={gpb},hw={hw},stream={st}]", GN._group_norm_act_bwd_groups_kernel, \
+                {"*": t, "stats_ptr": "fp32", "ab_ptr": "fp32"}, \
+                dict(flags, CG=cg, HW_P2=hw, TILE_ELEMS=GN.TILE, RESIDENT_ELEMS=GN.RESIDENT, GPB=gpb, STREAM=st), \
+                (), dict(num_warps=16 if not st and gpb * cg * hw <= GN.RESIDENT else 8)
         prec = "ieee" if dt == "float32" else "tf32"
         for D in ((256,) if quick else (16, 64, 256)) if attention else ():
             base = dict(PREC=prec, UPCAST=False, BLOCK_D=D)

@@ -230,24 +230,25 @@ GROUP_CASES = ([(2, fmt, dt, True) for fmt in (NCHW, NHWC) for dt in DTYPES]    
 
 @pytest.mark.parametrize("gpb,fmt,dtype,resident", GROUP_CASES)
 def test_group_norm_act_several_groups_per_program(gpb, fmt, dtype, resident, monkeypatch):
-    """The one-pass forward with GPB groups a program (8 groups of 4 channels), the tile held in registers or
-    streamed in 16-element tiles: every gradient against float64 (the backward reads the statistics this kernel
-    stored per group), and the pre-bias path."""
+    """The one-pass forward and backward with GPB groups a program (8 groups of 4 channels), the tiles held in
+    registers or streamed in 16-element tiles: every gradient against float64 (the backward reads the statistics
+    the forward stored per group), and the pre-bias path."""
     from cmfast.kernels import group_norm_act as k
     if not resident:
         monkeypatch.setattr(k, "TILE", 16)           # several tiles a program
-    kern = k._group_norm_act_fwd_groups_kernel
-    monkeypatch.setattr(k, "_group_norm_act_fwd_groups_kernel",
-                        _Launches(kern, {"GPB": gpb, "STREAM": 0 if resident else 1}))
-    for name in ("fit", "config", "default"):
-        if hasattr(kern, name):
-            monkeypatch.setattr(kern, name, getattr(kern, name))     # restored after the test
+    for name in ("_group_norm_act_fwd_groups_kernel", "_group_norm_act_bwd_groups_kernel"):
+        kern = getattr(k, name)
+        monkeypatch.setattr(k, name, _Launches(kern, {"GPB": gpb, "STREAM": 0 if resident else 1}))
+        for attr in ("fit", "config", "default"):
+            if hasattr(kern, attr):
+                monkeypatch.setattr(kern, attr, getattr(kern, attr))     # restored after the test
     fn, reffn = _gn(8)
     check(fn, reffn, _gn_inputs(2, 32, 5, 7, dtype, fmt), grad=("x", "weight", "bias", "scale", "shift"), dtype=dtype)
     fn, reffn = _gn_pre(8)
     inputs = _gn_inputs(2, 32, 5, 7, dtype, fmt)
     inputs["pre_bias"] = 4 * rand(2, 32, dtype=dtype) - 1
     check(fn, reffn, inputs, dtype=dtype, backward=False)
+    assert k._group_norm_act_bwd_groups_kernel.n == 1      # the backward of the first check
     assert k._group_norm_act_fwd_groups_kernel.n == 2      # one forward per check ran this kernel
 
 def test_group_norm_act_large_mean_is_stable():
@@ -419,12 +420,13 @@ def test_kernels_compile_for_h100():
     only = "skip_output_infer_u8;loss_partial[2];gn_fwd[256x8,one_pass=True,pre=False];" \
            "gn_fwd[64x4,one_pass=False,pre=True];gn_stats[64x4,pre=True];gn_bwd_dx[64x4,one_pass=False];" \
            "gn_fwd_groups[cg=8,gpb=1,hw=1024,stream=0,pre=True];gn_fwd_groups[cg=8,gpb=4,hw=1024,stream=0,pre=False];" \
+           "gn_bwd_groups[cg=8,gpb=1,hw=1024,stream=0];gn_bwd_groups[cg=8,gpb=4,hw=1024,stream=0];" \
            "attn_fwd[D=256,64x32,w4,s2];attn_dq[D=256,32x32,w4,s1]"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(script), "--quick", "--only", only], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert r.stdout.count("shared") == 10, r.stdout
+    assert r.stdout.count("shared") == 12, r.stdout
 
 
 # ---- GPU: compiled kernels at CIFAR-10 shapes -------------------------------------------------------------------
