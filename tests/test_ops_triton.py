@@ -311,6 +311,29 @@ def test_attention_strided_inputs_and_scale(small_blocks):
           dict(q=q, k=k, v=v), grad=("q", "k", "v"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_reads_channels_last_qkv_in_place(dtype, small_blocks):
+    """A channels-last qkv convolution output, split as the UNet splits it: q, k, v have head-dim stride 3. The
+    forward reads them where they are (no copy op runs); forward and gradients against float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    N, heads, D, H, W = 2, 2, 16, 3, 5
+    qkv = rand(N, heads * D * 3, H, W, dtype=dtype, fmt=torch.channels_last).reshape(N, heads, D, 3, H * W)
+    q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))
+    assert q.stride(-1) == 3
+
+    class Copies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Copies.n += func.overloadpacket.__name__ in ("clone", "_to_copy")     # .contiguous() is a clone
+            return func(*args, **(kwargs or {}))
+    with ops.use_backend("triton"), torch.no_grad(), Copies():
+        ops.attention(q, k, v)
+    assert Copies.n == 0
+    check(lambda q, k, v: ops.attention(q, k, v), ref.attention, dict(q=q, k=k, v=v), grad=("q", "k", "v"),
+          dtype=dtype)
+
+
 # ---- consistency_loss -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["pseudo_huber", "l2", "l1"])
