@@ -148,3 +148,49 @@ def test_block_equals_edm_with_its_biases_moved(kw):
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(g, g_want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("up", [False, True], ids=["down", "up"])
+@pytest.mark.parametrize("kernel", [3, 1, 0])
+def test_box_resampling_equals_edm_filter(up, kernel):
+    """The [1, 1] box filter runs as a 2x2 mean / nearest copy; EDM convolves with the tiled filter (float64: output
+    and input gradient)."""
+    import torch.nn.functional as F
+    from cmfast.nets.layers import Conv2d
+    torch.manual_seed(0)
+    conv = Conv2d(4, 4 if kernel == 0 else 6, kernel, up=up, down=not up).double()
+    assert conv.box
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    f = conv.resample_filter.double()
+    if up:
+        y = F.conv_transpose2d(x, f.mul(4).tile([4, 1, 1, 1]), groups=4, stride=2)
+    else:
+        y = F.conv2d(x, f.tile([4, 1, 1, 1]), groups=4, stride=2)
+    if kernel:
+        y = F.conv2d(y, conv.weight, conv.bias, padding=kernel // 2)
+    out = conv(x)
+    torch.testing.assert_close(out, y, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    gx, = torch.autograd.grad(y, x, g)
+    gx2, = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(gx2, gx, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [dict(adaptive_scale=False), dict(adaptive_scale=True), dict(label_dim=3)],
+                         ids=["pre-add", "scale-shift", "conditional"])
+def test_constants_path_equals_live_path(kw):
+    """forward(constants=UNet.constants(...)) is the same computation as the live forward (fp32: bit for bit);
+    a wrong count of constants is one clear error."""
+    torch.manual_seed(0)
+    net = cmfast.UNet.from_preset("tiny", img_resolution=16, **kw).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, c = torch.randn(2, 3, 16, 16), torch.tensor([0.3, -0.7])
+    labels = torch.tensor([0, 2]) if kw.get("label_dim") else None
+    live = net(x, c, labels)
+    consts = net.constants(c, labels, torch.float32)
+    assert len(consts) == len(net.blocks())
+    assert torch.equal(net(x, None, None, constants=consts), live)
+    assert not torch.equal(net(x, None, None, constants=net.constants(c.flip(0), labels, torch.float32)), live)
+    with pytest.raises(ValueError, match="constants: expected one entry per residual block"):
+        net(x, None, None, constants=consts[:-1])

@@ -193,6 +193,9 @@ class UNet(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.img_resolution, self.img_resolution):
             raise ValueError(f"x: expected images (B, {self.in_channels}, {self.img_resolution}, "
                              f"{self.img_resolution}) for this network, got {tuple(x.shape)}")
+        if constants is not None and len(constants) != len(self.blocks()):
+            raise ValueError(f"constants: expected one entry per residual block ({len(self.blocks())}), got "
+                             f"{len(constants)}: pass what UNet.constants returns")
         emb = self.embedding(noise_labels, class_labels, x.shape[0]) if constants is None else None
         consts = iter(constants) if constants is not None else None
 
