@@ -213,6 +213,21 @@ def _groups_default(named):
     return triton.Config({"GPB": gpb, "STREAM": 0}, num_warps=8)
 
 
+@triton.jit
+def _groups_columns(pid, C, HW, G, s_c, GPB: tl.constexpr, CG: tl.constexpr):
+    """Program pid's sample n, first group g0, channels c (GPB whole groups) and their row-0 offsets."""
+    n = pid // (G // GPB)
+    g0 = (pid % (G // GPB)) * GPB
+    c = g0 * CG + tl.arange(0, GPB * CG)
+    return n, g0, c, n.to(tl.int64) * C * HW + c.to(tl.int64) * s_c
+
+
+@triton.jit
+def _spread(v, GPB: tl.constexpr, CG: tl.constexpr):
+    """A value per group (GPB,) as a value per column (GPB * CG,)."""
+    return tl.reshape(tl.broadcast_to(v[:, None], (GPB, CG)), (GPB * CG,))
+
+
 @autotune(GROUPS_CONFIGS, key=["N", "C", "HW", "G", "s_c"], interpret_config=GROUPS_INTERPRET, prune=_groups_prune,
           default=_groups_default, interpret_prune=True)
 @triton.jit
@@ -226,12 +241,8 @@ def _group_norm_act_fwd_groups_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, sca
     IN_REGS: tl.constexpr = (HW_P2 * BLOCK_C <= RESIDENT_ELEMS) and not STREAM
     BLOCK_HW: tl.constexpr = HW_P2 if IN_REGS else max(2, TILE_ELEMS // BLOCK_C)
     pid = tl.program_id(0)
-    n = pid // (G // GPB)
-    g0 = (pid % (G // GPB)) * GPB
-    ci = tl.arange(0, BLOCK_C)
-    c = g0 * CG + ci                                        # this program's channels: GPB whole groups
+    n, g0, c, col = _groups_columns(pid, C, HW, G, s_c, GPB, CG)
     base = n.to(tl.int64) * C * HW
-    col = base + c.to(tl.int64) * s_c
     Kg = tl.load(x_ptr + base + ((c // CG) * CG).to(tl.int64) * s_c).to(tl.float32)   # each group's pivot
     K = Kg
     if HAS_PRE:                                             # x + pre - K = x - (K - pre)
@@ -243,7 +254,7 @@ def _group_norm_act_fwd_groups_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, sca
         mask = (rows < HW)[:, None]
         xs = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K[None, :], 0.0)
         gmean = tl.sum(tl.reshape(tl.sum(xs, axis=0), (GPB, CG)), axis=1) / total
-        mean_c = tl.reshape(tl.broadcast_to(gmean[:, None], (GPB, CG)), (BLOCK_C,))
+        mean_c = _spread(gmean, GPB, CG)
         d = tl.where(mask, xs - mean_c[None, :], 0.0)
         gm2 = tl.sum(tl.reshape(tl.sum(d * d, axis=0), (GPB, CG)), axis=1)
     else:           # streamed: per-column two-pass tiles merged (Chan et al.), then per group
@@ -269,26 +280,16 @@ def _group_norm_act_fwd_groups_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, sca
         gmean = tl.sum(cnt2 * mean2, axis=1) / total
         dm = mean2 - gmean[:, None]
         gm2 = tl.sum(tl.reshape(m2, (GPB, CG)) + cnt2 * dm * dm, axis=1)
-        mean_c = tl.reshape(tl.broadcast_to(gmean[:, None], (GPB, CG)), (BLOCK_C,))
+        mean_c = _spread(gmean, GPB, CG)
     grstd = 1.0 / tl.sqrt(gm2 / total + eps)
     gi = tl.arange(0, GPB)
     st = stats_ptr + (n * G + g0 + gi) * 3                  # per group: pivot, mean of x - pivot, rstd
     tl.store(st, tl.max(tl.reshape(Kg, (GPB, CG)), axis=1))
     tl.store(st + 1, gmean)
     tl.store(st + 2, grstd)
-    rstd_c = tl.reshape(tl.broadcast_to(grstd[:, None], (GPB, CG)), (BLOCK_C,))
-    w = tl.full([BLOCK_C], 1.0, tl.float32)
-    b = tl.zeros([BLOCK_C], tl.float32)
-    s1 = tl.full([BLOCK_C], 1.0, tl.float32)
-    sh = tl.zeros([BLOCK_C], tl.float32)
-    if HAS_W:
-        w = tl.load(w_ptr + c).to(tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + c).to(tl.float32)
-    if HAS_SCALE:
-        s1 = 1.0 + tl.load(scale_ptr + n * C + c).to(tl.float32)
-    if HAS_SHIFT:
-        sh = tl.load(shift_ptr + n * C + c).to(tl.float32)
+    rstd_c = _spread(grstd, GPB, CG)
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, pid % (G // GPB), C, BLOCK_C,
+                                   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)       # GPB groups = one block
     a = rstd_c * w * s1
     cc = b * s1 + sh
     if IN_REGS:
@@ -315,6 +316,18 @@ BWD_GROUPS_CONFIGS = ([triton.Config({"GPB": gpb, "STREAM": 0}, num_warps=w) for
                       + [triton.Config({"GPB": gpb, "STREAM": 1}, num_warps=8) for gpb in (1, 2, 4, 8)])
 
 
+@triton.jit
+def _xhat_dz(x_ptr, dy_ptr, offs, mask, K, mean, rstd, w, b, s1, sh, SILU: tl.constexpr):
+    """A tile's xhat and dz = dL / d(pre-activation) (the per-column vectors broadcast over its rows)."""
+    xhat = ((tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K[None, :]) - mean[None, :]) * rstd[None, :]
+    dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        z = (xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
+        sig = tl.sigmoid(z)
+        dz = dz * sig * (1.0 + z * (1.0 - sig))        # silu'(z)
+    return xhat, dz
+
+
 @autotune(BWD_GROUPS_CONFIGS, key=["N", "C", "HW", "G", "s_c"], interpret_config=GROUPS_INTERPRET,
           prune=_groups_prune, default=_groups_default, interpret_prune=True)
 @triton.jit
@@ -328,38 +341,18 @@ def _group_norm_act_bwd_groups_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, ab_ptr, 
     IN_REGS: tl.constexpr = (HW_P2 * BLOCK_C <= RESIDENT_ELEMS) and not STREAM
     BLOCK_HW: tl.constexpr = HW_P2 if IN_REGS else max(2, TILE_ELEMS // BLOCK_C)
     pid = tl.program_id(0)
-    n = pid // (G // GPB)
-    g0 = (pid % (G // GPB)) * GPB
-    ci = tl.arange(0, BLOCK_C)
-    c = g0 * CG + ci
-    col = n.to(tl.int64) * C * HW + c.to(tl.int64) * s_c
+    n, g0, c, col = _groups_columns(pid, C, HW, G, s_c, GPB, CG)
     st = stats_ptr + (n * G + g0 + tl.arange(0, GPB)) * 3
-    K = tl.reshape(tl.broadcast_to(tl.load(st)[:, None], (GPB, CG)), (BLOCK_C,))
-    mean = tl.reshape(tl.broadcast_to(tl.load(st + 1)[:, None], (GPB, CG)), (BLOCK_C,))
-    rstd = tl.reshape(tl.broadcast_to(tl.load(st + 2)[:, None], (GPB, CG)), (BLOCK_C,))
-    w = tl.full([BLOCK_C], 1.0, tl.float32)
-    b = tl.zeros([BLOCK_C], tl.float32)
-    s1 = tl.full([BLOCK_C], 1.0, tl.float32)
-    sh = tl.zeros([BLOCK_C], tl.float32)
-    if HAS_W:
-        w = tl.load(w_ptr + c).to(tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + c).to(tl.float32)
-    if HAS_SCALE:
-        s1 = 1.0 + tl.load(scale_ptr + n * C + c).to(tl.float32)
-    if HAS_SHIFT:
-        sh = tl.load(shift_ptr + n * C + c).to(tl.float32)
+    K = _spread(tl.load(st), GPB, CG)
+    mean = _spread(tl.load(st + 1), GPB, CG)
+    rstd = _spread(tl.load(st + 2), GPB, CG)
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, pid % (G // GPB), C, BLOCK_C,
+                                   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)       # GPB groups = one block
     rows = tl.arange(0, BLOCK_HW)
     if IN_REGS:
         offs = col[None, :] + rows.to(tl.int64)[:, None] * s_hw
         mask = (rows < HW)[:, None]
-        xhat = ((tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K[None, :]) - mean[None, :]) \
-            * rstd[None, :]
-        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if SILU:
-            z = (xhat * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
-            sig = tl.sigmoid(z)
-            dz = dz * sig * (1.0 + z * (1.0 - sig))        # silu'(z)
+        xhat, dz = _xhat_dz(x_ptr, dy_ptr, offs, mask, K, mean, rstd, w, b, s1, sh, SILU)
         A = tl.sum(dz, axis=0)
         B = tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0)
     else:
@@ -369,13 +362,7 @@ def _group_norm_act_bwd_groups_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, ab_ptr, 
             hw = h0 + rows
             offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
             mask = (hw < HW)[:, None]
-            xh = ((tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K[None, :]) - mean[None, :]) \
-                * rstd[None, :]
-            d = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if SILU:
-                z = (xh * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
-                sig = tl.sigmoid(z)
-                d = d * sig * (1.0 + z * (1.0 - sig))
+            xh, d = _xhat_dz(x_ptr, dy_ptr, offs, mask, K, mean, rstd, w, b, s1, sh, SILU)
             A += tl.sum(d, axis=0)
             B += tl.sum(tl.where(mask, d * xh, 0.0), axis=0)
     q = ab_ptr + (n * C + c) * 2
@@ -383,10 +370,8 @@ def _group_norm_act_bwd_groups_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, ab_ptr, 
     tl.store(q + 1, B)
     u = w * s1
     m = CG * HW * 1.0
-    c1 = tl.reshape(tl.broadcast_to((tl.sum(tl.reshape(u * A, (GPB, CG)), axis=1) / m)[:, None], (GPB, CG)),
-                    (BLOCK_C,))
-    c2 = tl.reshape(tl.broadcast_to((tl.sum(tl.reshape(u * B, (GPB, CG)), axis=1) / m)[:, None], (GPB, CG)),
-                    (BLOCK_C,))
+    c1 = _spread(tl.sum(tl.reshape(u * A, (GPB, CG)), axis=1) / m, GPB, CG)
+    c2 = _spread(tl.sum(tl.reshape(u * B, (GPB, CG)), axis=1) / m, GPB, CG)
     if IN_REGS:
         dx = rstd[None, :] * (dz * u[None, :] - c1[None, :] - xhat * c2[None, :])
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -395,13 +380,7 @@ def _group_norm_act_bwd_groups_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, ab_ptr, 
             hw = h0 + rows
             offs = col[None, :] + hw.to(tl.int64)[:, None] * s_hw
             mask = (hw < HW)[:, None]
-            xh = ((tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K[None, :]) - mean[None, :]) \
-                * rstd[None, :]
-            d = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if SILU:
-                z = (xh * w[None, :] + b[None, :]) * s1[None, :] + sh[None, :]
-                sig = tl.sigmoid(z)
-                d = d * sig * (1.0 + z * (1.0 - sig))
+            xh, d = _xhat_dz(x_ptr, dy_ptr, offs, mask, K, mean, rstd, w, b, s1, sh, SILU)
             dx = rstd[None, :] * (d * u[None, :] - c1[None, :] - xh * c2[None, :])
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
