@@ -6,7 +6,7 @@
 
 DDPM++ CIFAR-10 shapes: group_norm_act on (B, 128 | 256, 32x32 | 16x16 | 8x8), 32 groups, weight / bias / the
 noise embedding's scale and shift, SiLU; attention at 16x16 (L = 256) with head dim 256, q, k, v strided as the
-UNet passes them; the residual join (channels-last, B = 1, 8, 256); skip_output, skip_output_infer and
+channels-last UNet passes them; the residual join (channels-last, B = 1, 8, 256); skip_output, skip_output_infer and
 consistency_loss on (B, 3, 32, 32); B = 1 and 256. Every case runs "triton", "torch" (eager: cmfast/ops/_torch.py,
 SDPA for attention) and "torch.compile" of the same torch composition in one process on one device. Rows:
 median ms (triton.testing.do_bench, L2 flushed), GB/s from the bytes a fused kernel moves (counted below, per op),
@@ -109,14 +109,17 @@ def bench_group_norm_act(bn: Bench, cases):
 def bench_attention(bn: Bench, cases):
     dev, dtype, e = bn.dev, bn.dtype, _elem(bn.dtype)
     for B, H_, L, D in cases:
-        # q, k, v as the UNet passes them: transposed views of the qkv convolution's output, channels (head, d, 3) as
-        # in EDM, so stride(-1) = 3 L. SDPA's fused kernels need stride(-1) = 1 (the torch backend copies); the
-        # Triton kernel reads the strides as they are. Measured on contiguous inputs, SDPA looked 1.8x faster at
-        # batch 256 (H200) while the network's SDPA path was slower than the Triton kernel.
-        qkv = torch.randn(B, H_, D, 3, L, device=dev, dtype=dtype, requires_grad=True)
-        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))
+        # q, k, v as the channels-last UNet passes them: views of the qkv convolution's NHWC output, channels
+        # (head, d, 3) as in EDM, so stride(-1) = 3 and the position stride 3 H D. SDPA's fused kernels need
+        # stride(-1) = 1 (the torch backend copies); the Triton forward reads the strides as they are. Measured on
+        # contiguous inputs, SDPA looked 1.8x faster at batch 256 (H200) while the network's SDPA path was slower
+        # than the Triton kernel.
+        side = next(d for d in range(int(L ** 0.5), 0, -1) if L % d == 0)     # an H x W with H W = L
+        qkv = torch.randn(B, H_ * D * 3, side, L // side, device=dev, dtype=dtype).contiguous(
+            memory_format=torch.channels_last).requires_grad_(True)
+        q, k, v = (t.transpose(-1, -2) for t in qkv.reshape(B, H_, D, 3, L).unbind(3))
         do = torch.randn(B, H_, L, D, device=dev, dtype=dtype)
-        case = dict(shape=[B, H_, L, D], qkv="unet-views")
+        case = dict(shape=[B, H_, L, D], qkv="unet-nhwc-views")
         n, mm = q.numel() * e, B * H_ * L * L * D
         # Forward reads q, k, v and writes o; backward reads q, k, v, o, dO and writes dq, dk, dv.
         bn.measure(dict(case, **{"pass": "fwd"}), "attention", lambda impl: lambda: impl(q, k, v, D ** -0.5),
