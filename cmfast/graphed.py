@@ -90,6 +90,8 @@ class GraphedSampler:
     a warm-up on a side stream (which also runs Triton autotuning and torch.compile outside the capture).
     The backbone runs in `dtype` from a weight copy made here; call reload() after changing the model's weights.
     A torch.compile'd backbone (a mode without CUDA graphs) is used live under autocast instead.
+    The noise levels are fixed, so for an unconditional UNet each graph computes what depends on sigma alone (the
+    mapping network and every block's embedding terms, UNet.constants) once, outside the replay.
     """
 
     def __init__(self,
