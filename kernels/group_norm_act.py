@@ -18,6 +18,8 @@ u_c = weight_c (1 + scale_nc): A_nc = sum_hw dz, B_nc = sum_hw dz xhat give
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -524,6 +526,43 @@ def _ptrs(x, weight, bias, scale, shift):
     return [t.contiguous() if t is not None else x for t in (weight, bias, scale, shift)]
 
 
+# At small batches the plan splits each group's statistics over several programs (phase 1, a kernel of its own) so
+# that batch x groups fills the GPU; where a group fits in registers, one resident program per group (the multi-group
+# kernel at GPB = 1) does it in one launch instead of two, with fewer programs. Which is faster is measured on the
+# device the first time a shape is seen outside a CUDA-graph capture (do_bench, both paths), never guessed, and kept
+# for the process; CMFAST_GN_SMALL=split or resident decides without measuring. (The H200 profile of the batch-1
+# sample counted 48 statistics kernels, 0.11 ms of its 2.05 ms of kernels.)
+_SMALL_CHOICE: dict[tuple, bool] = {}
+
+
+def _unwrapped(kernel):
+    """The JIT function under an autotuner or one of kernels/_autotune's wrappers (to launch one fixed config)."""
+    from triton.runtime.autotuner import Autotuner
+
+    from ._autotune import _Fixed, _Switch
+    while isinstance(kernel, (Autotuner, _Fixed, _Switch)):
+        kernel = kernel.fn
+    return kernel
+
+
+def _resident_wins(x, plan, split, resident) -> bool:
+    """Whether to run `resident` instead of `split` (closures launching the two forwards) for this shape."""
+    if plan.S == 1 or plan.Cg != plan.BLOCK_C or triton.next_power_of_2(plan.HW) * plan.Cg > RESIDENT:
+        return False
+    forced = os.environ.get("CMFAST_GN_SMALL", "")
+    if forced in ("split", "resident"):
+        return forced == "resident"
+    key = (x.device, x.dtype, plan.N, plan.C, plan.HW, plan.G, plan.fmt)
+    if key not in _SMALL_CHOICE:
+        if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return False                    # no timing here: the plan's split, until a call outside a capture
+        from triton.testing import do_bench
+        t_split = do_bench(split, warmup=5, rep=25)
+        t_resident = do_bench(resident, warmup=5, rep=25)
+        _SMALL_CHOICE[key] = t_resident < t_split
+    return _SMALL_CHOICE[key]
+
+
 def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias=None):
     """(y, stats (N*G, 3) fp32 [pivot K, mean of x - K, rstd], plan); y in x's dtype and memory format.
     pre_bias ((N, C) or (1, C)): normalise x + pre_bias[n, c] instead, the sum in fp32 (forward only: the stats
@@ -536,21 +575,28 @@ def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act, pre_
     stats = torch.empty(plan.N * plan.G, 3, device=x.device, dtype=torch.float32)
     part = torch.empty(plan.N * plan.G, plan.S, 3, device=x.device, dtype=torch.float32)
     one_pass = plan.S == 1
+    N, G = plan.N, plan.G
+    groups_args = (x, y, stats, *_ptrs(x, weight, bias, scale, shift), pre, N, plan.C, plan.HW, G, plan.s_c,
+                   plan.s_hw, eps, s_pn)
+    groups_meta = dict(**_flags(weight, bias, scale, shift, act), HAS_PRE=pre_bias is not None, CG=plan.Cg,
+                       HW_P2=triton.next_power_of_2(plan.HW), TILE_ELEMS=TILE, RESIDENT_ELEMS=RESIDENT)
     if one_pass and plan.Cg == plan.BLOCK_C:      # Cg a power of two: whole groups, several a program
-        N, G = plan.N, plan.G
-        _group_norm_act_fwd_groups_kernel[lambda meta: (N * G // meta["GPB"],)](
-            x, y, stats, *_ptrs(x, weight, bias, scale, shift), pre, N, plan.C, plan.HW, G, plan.s_c, plan.s_hw,
-            eps, s_pn, **_flags(weight, bias, scale, shift, act), HAS_PRE=pre_bias is not None, CG=plan.Cg,
-            HW_P2=triton.next_power_of_2(plan.HW), TILE_ELEMS=TILE, RESIDENT_ELEMS=RESIDENT)
+        _group_norm_act_fwd_groups_kernel[lambda meta: (N * G // meta["GPB"],)](*groups_args, **groups_meta)
         return y, stats, plan
-    if not one_pass:
-        _group_norm_stats_kernel[plan.grid](x, pre, part, *plan.geometry(), s_pn, HAS_PRE=pre_bias is not None,
-                                            **plan.meta())
-    _group_norm_act_fwd_kernel[plan.grid](x, y, part, stats, *_ptrs(x, weight, bias, scale, shift), pre,
-                                          *plan.geometry(), eps, s_pn, **_flags(weight, bias, scale, shift, act),
-                                          ONE_PASS=one_pass, HAS_PRE=pre_bias is not None,
-                                          BLOCK_S=max(2, triton.next_power_of_2(plan.S)),
-                                          **plan.meta())
+
+    def split():
+        if not one_pass:
+            _group_norm_stats_kernel[plan.grid](x, pre, part, *plan.geometry(), s_pn,
+                                                HAS_PRE=pre_bias is not None, **plan.meta())
+        _group_norm_act_fwd_kernel[plan.grid](x, y, part, stats, *_ptrs(x, weight, bias, scale, shift), pre,
+                                              *plan.geometry(), eps, s_pn, **_flags(weight, bias, scale, shift, act),
+                                              ONE_PASS=one_pass, HAS_PRE=pre_bias is not None,
+                                              BLOCK_S=max(2, triton.next_power_of_2(plan.S)), **plan.meta())
+
+    def resident():                               # one program per group, the group in registers
+        _unwrapped(_group_norm_act_fwd_groups_kernel)[(N * G,)](*groups_args, **groups_meta, GPB=1, STREAM=0,
+                                                                num_warps=8)
+    (resident if _resident_wins(x, plan, split, resident) else split)()
     return y, stats, plan
 
 

@@ -251,6 +251,40 @@ def test_group_norm_act_several_groups_per_program(gpb, fmt, dtype, resident, mo
     assert k._group_norm_act_bwd_groups_kernel.n == 1      # the backward of the first check
     assert k._group_norm_act_fwd_groups_kernel.n == 2      # one forward per check ran this kernel
 
+class _Count:
+    """Forwards kernel[grid](...) and counts the launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.n = kernel, 0
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("choice", ["split", "resident"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_group_norm_act_small_batch_resident_or_split(choice, fmt, monkeypatch):
+    """Where the plan splits the statistics (small batch on a large GPU), the forward runs either the split
+    (statistics kernel + apply) or one resident program per group; the GPU measures which, CMFAST_GN_SMALL names
+    one. Either way: the float64 truth, and the split backward reads the statistics the forward stored."""
+    from cmfast.kernels import group_norm_act as k
+    _force_split(monkeypatch)
+    monkeypatch.setenv("CMFAST_GN_SMALL", choice)
+    stats_kernel = _Count(k._group_norm_stats_kernel)
+    monkeypatch.setattr(k, "_group_norm_stats_kernel", stats_kernel)
+    resident = []
+    real = k._unwrapped
+    monkeypatch.setattr(k, "_unwrapped", lambda kern: resident.append(kern) or real(kern))
+    fn, reffn = _gn(4)
+    inputs = _gn_inputs(1, 16, 3, 4, torch.float32, fmt)
+    assert k.Plan(inputs["x"], 4).S > 1
+    check(fn, reffn, inputs, grad=("x", "weight", "bias", "scale", "shift"))
+    assert (len(resident), stats_kernel.n) == ((1, 0) if choice == "resident" else (0, 1))
+    monkeypatch.delenv("CMFAST_GN_SMALL")
+    assert not k._resident_wins(inputs["x"], k.Plan(inputs["x"], 4), None, None)    # off CUDA: no timing, split
+
+
 def test_group_norm_act_large_mean_is_stable():
     # Mean 1e4, std 1: E[x^2] - E[x]^2 in fp32 would lose every digit; the merged two-pass statistics must not.
     fn, reffn = _gn(2, act="none")
