@@ -152,7 +152,7 @@ class GraphedSampler:
     # ---- Constants: what the network computes from sigma alone ------------------------------------------------
     def _folds(self) -> bool:
         """Whether the blocks' constants are computed once per graph: the noise levels are fixed, so for an
-        unconditional UNet the mapping network and every block's embedding layer (35 GEMMs and about 80 small
+        unconditional UNet the mapping network and every block's embedding layer (35 GEMMs and about 65 small
         kernels of a DDPM++ batch-1 sample) give the same numbers on every replay."""
         return self.label_dim == 0 and not _is_compiled(self.net) and hasattr(self.net, "constants")
 
