@@ -192,19 +192,28 @@ def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, 
 # GPB (1, 2, 4, 8) and resident-or-streamed are autotuned on the GPU; Cg must be a power of two. Neither change is
 # timed on a GPU yet.
 RESIDENT = 8192      # fp32 elements a program keeps in registers (32 a thread at 8 warps)
-# STREAM=True streams even a tile that would fit in registers: with GPB = 1 that is the one-group kernel's work, so
-# the tuner always has the old program to fall back on.
-GROUPS_CONFIGS = [triton.Config({"GPB": gpb, "STREAM": st}, num_warps=8) for gpb in (1, 2, 4, 8) for st in (0, 1)]
+# STREAM=0: in registers when the tile fits (else streamed); STREAM=1 streams even a tile that would fit. GPB = 1
+# streamed is the one-group kernel's work, so the tuner always has the old program to fall back on. Few configs:
+# every one is compiled per shape variant on first use (about 0.2 s each), on a fresh GPU machine every session.
+GROUPS_CONFIGS = [triton.Config({"GPB": gpb, "STREAM": st}, num_warps=8)
+                  for gpb, st in ((1, 0), (1, 1), (4, 0), (8, 0))]
 GROUPS_INTERPRET = {"GPB": 2, "STREAM": 0}   # CPU tests: two groups a program (tests set others)
 
 
 def _groups_prune(configs, named):
-    """GPB must divide the groups; more than 256 columns a program leaves too few rows per tile; a tile too large
-    for registers streams whatever STREAM says (one config of the two)."""
+    """GPB must divide the groups; more than 256 columns a program leave too few rows per tile; a config that would
+    do a listed streamed config's work (its tile does not fit) goes, as do 16 warps for a streamed tile."""
     G, cg, hw = named["G"], named["CG"], named["HW_P2"]
-    keep = [c for c in configs if G % c.kwargs["GPB"] == 0 and c.kwargs["GPB"] * cg <= 256
-            and (c.kwargs["STREAM"] or c.kwargs["GPB"] * cg * hw <= RESIDENT)]
-    return keep or configs[:1]
+    keep = []
+    for c in configs:
+        gpb, stream = c.kwargs["GPB"], c.kwargs["STREAM"]
+        resident = not stream and gpb * cg * hw <= RESIDENT
+        if G % gpb or gpb * cg > 256 or (c.num_warps > 8 and not resident):
+            continue
+        if not stream and not resident and any(d.kwargs["GPB"] == gpb and d.kwargs["STREAM"] for d in configs):
+            continue
+        keep.append(c)
+    return keep or configs[1:2]
 
 
 def _groups_default(named):
@@ -314,8 +323,7 @@ def _group_norm_act_fwd_groups_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, sca
 # The backward's counterpart: A = sum dz, B = sum dz xhat per channel, then dx, for GPB whole groups a program.
 # Resident, x and dy are read once (the streaming dx kernel reads both twice: five tensor passes become three).
 # Two fp32 tiles live in registers here, so the resident configs also try 16 warps.
-BWD_GROUPS_CONFIGS = ([triton.Config({"GPB": gpb, "STREAM": 0}, num_warps=w) for gpb in (1, 2, 4, 8) for w in (8, 16)]
-                      + [triton.Config({"GPB": gpb, "STREAM": 1}, num_warps=8) for gpb in (1, 2, 4, 8)])
+BWD_GROUPS_CONFIGS = GROUPS_CONFIGS[:1] + [triton.Config({"GPB": 1, "STREAM": 0}, num_warps=16)] + GROUPS_CONFIGS[1:]
 
 
 @triton.jit

@@ -251,6 +251,21 @@ def test_group_norm_act_several_groups_per_program(gpb, fmt, dtype, resident, mo
     assert k._group_norm_act_bwd_groups_kernel.n == 1      # the backward of the first check
     assert k._group_norm_act_fwd_groups_kernel.n == 2      # one forward per check ran this kernel
 
+def test_group_norm_tuner_candidates():
+    """What the GPU tuner may pick: always the old one-group streamed program; GPB dividing the groups; 16 warps
+    only for a resident tile; no two configs doing the same work."""
+    from cmfast.kernels import group_norm_act as k
+
+    def cands(configs, G, cg, hw):
+        return {(c.kwargs["GPB"], c.kwargs["STREAM"], c.num_warps)
+                for c in k._groups_prune(configs, dict(G=G, CG=cg, HW_P2=hw))}
+    assert cands(k.GROUPS_CONFIGS, 32, 8, 1024) == {(1, 0, 8), (1, 1, 8), (4, 0, 8), (8, 0, 8)}
+    assert cands(k.BWD_GROUPS_CONFIGS, 32, 16, 1024) == {(1, 1, 8), (4, 0, 8), (8, 0, 8)}   # 16 x 1024 > RESIDENT
+    assert cands(k.BWD_GROUPS_CONFIGS, 6, 4, 256) == {(1, 0, 8), (1, 0, 16), (1, 1, 8)}
+    for G, cg, hw in ((32, 8, 64), (6, 4, 1024), (3, 2, 64), (32, 64, 1024)):
+        assert (1, 1, 8) in cands(k.GROUPS_CONFIGS, G, cg, hw) and (1, 1, 8) in cands(k.BWD_GROUPS_CONFIGS, G, cg, hw)
+
+
 class _Count:
     """Forwards kernel[grid](...) and counts the launches."""
 
