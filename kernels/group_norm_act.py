@@ -46,14 +46,14 @@ def _columns(n, g, C, HW, Cg, s_c, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _pivots(x_ptr, pre_ptr, n, g, C, HW, Cg, s_c, s_pn, HAS_PRE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per column, the value subtracted from x before the statistics: the pivot K, less the column's pre-bias
-    (x + pre - K = x - (K - pre)), so a pre-bias costs one vector per program and nothing per element."""
-    K = tl.zeros([BLOCK_C], tl.float32) + _pivot(x_ptr, n, g, C, HW, Cg, s_c)
+def _less_pre(K, pre_ptr, n, g, Cg, s_pn, HAS_PRE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per column, the value subtracted from x before the statistics: the group's pivot K, less the column's
+    pre-bias (x + pre - K = x - (K - pre)), so a pre-bias costs one vector per program and nothing per element."""
+    Kc = tl.zeros([BLOCK_C], tl.float32) + K
     if HAS_PRE:
         ci = tl.arange(0, BLOCK_C)
-        K -= tl.load(pre_ptr + n * s_pn + g * Cg + ci, mask=ci < Cg, other=0.0).to(tl.float32)
-    return K
+        Kc -= tl.load(pre_ptr + n * s_pn + g * Cg + ci, mask=ci < Cg, other=0.0).to(tl.float32)
+    return Kc
 
 
 @triton.jit
@@ -115,7 +115,7 @@ def _group_norm_stats_kernel(x_ptr, pre_ptr, part_ptr, C, HW, G, Cg, s_c, s_hw, 
     g = ng % G
     hw_start = s * chunk
     col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
-    K = _pivots(x_ptr, pre_ptr, n, g, C, HW, Cg, s_c, s_pn, HAS_PRE, BLOCK_C)
+    K = _less_pre(_pivot(x_ptr, n, g, C, HW, Cg, s_c), pre_ptr, n, g, Cg, s_pn, HAS_PRE, BLOCK_C)
     total, gmean, gm2 = _chunk_stats(x_ptr, col, cmask, K, hw_start, tl.minimum(hw_start + chunk, HW), s_hw,
                                      BLOCK_HW, BLOCK_C)
     p = part_ptr + (ng * S + s) * 3
@@ -151,15 +151,16 @@ def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, 
     s = tl.program_id(1)
     n = ng // G
     g = ng % G
-    K = _pivots(x_ptr, pre_ptr, n, g, C, HW, Cg, s_c, s_pn, HAS_PRE, BLOCK_C)   # K - pre, per column
+    K0 = _pivot(x_ptr, n, g, C, HW, Cg, s_c)
+    K = _less_pre(K0, pre_ptr, n, g, Cg, s_pn, HAS_PRE, BLOCK_C)               # K0 - pre, per column
     col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
     if ONE_PASS:    # S == 1: this program owns the whole group; its second read below comes from L2
         total, mean, m2 = _chunk_stats(x_ptr, col, cmask, K, 0, HW, s_hw, BLOCK_HW, BLOCK_C)
         rstd = 1.0 / tl.sqrt(m2 / total + eps)
     else:
         mean, rstd = _merge_stats(part_ptr, ng, S, eps, BLOCK_S)     # mean of x - K
-    if s == 0:      # (the backward reads these; a pre-bias run has none, so column 0's value will do)
-        tl.store(stats_ptr + ng * 3, tl.sum(tl.where(tl.arange(0, BLOCK_C) == 0, K, 0.0), axis=0))
+    if s == 0:
+        tl.store(stats_ptr + ng * 3, K0)
         tl.store(stats_ptr + ng * 3 + 1, mean)
         tl.store(stats_ptr + ng * 3 + 2, rstd)
     w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
@@ -499,7 +500,8 @@ def _group_norm_act_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, part_ptr, ab
 class Plan:
     """Launch geometry of one (shape, layout): S programs per group, each over `chunk` rows."""
 
-    def __init__(self, x: torch.Tensor, num_groups: int):
+    def __init__(self, x: torch.Tensor, num_groups: int, sms: int | None = None):
+        """sms: the multiprocessors to fill (default: x's device's; benchmarks/launches.py models a GPU's plan)."""
         from .skip_output import memory_format
         N, C = x.shape[:2]
         self.fmt = memory_format(x)
@@ -509,8 +511,8 @@ class Plan:
         if self.BLOCK_C > TILE // 2:
             raise ValueError(f"group_norm_act (triton): expected at most {TILE // 2} channels per group, "
                              f"got {self.Cg}")
-        want = max(1, min(triton.cdiv(self.Cg * self.HW, MIN_CHUNK), triton.cdiv(2 * num_sms(x.device), N * self.G),
-                          256))
+        sms = sms or num_sms(x.device)
+        want = max(1, min(triton.cdiv(self.Cg * self.HW, MIN_CHUNK), triton.cdiv(2 * sms, N * self.G), 256))
         self.chunk = triton.cdiv(self.HW, want)
         self.S = triton.cdiv(self.HW, self.chunk)
         self.BLOCK_HW = max(2, min(triton.next_power_of_2(self.chunk), TILE // self.BLOCK_C))
@@ -581,22 +583,22 @@ def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act, pre_
     x = x.contiguous(memory_format=plan.fmt)
     y = torch.empty_like(x)
     stats = torch.empty(plan.N * plan.G, 3, device=x.device, dtype=torch.float32)
-    part = torch.empty(plan.N * plan.G, plan.S, 3, device=x.device, dtype=torch.float32)
     one_pass = plan.S == 1
     N, G = plan.N, plan.G
-    groups_args = (x, y, stats, *_ptrs(x, weight, bias, scale, shift), pre, N, plan.C, plan.HW, G, plan.s_c,
-                   plan.s_hw, eps, s_pn)
+    ptrs = _ptrs(x, weight, bias, scale, shift)
+    groups_args = (x, y, stats, *ptrs, pre, N, plan.C, plan.HW, G, plan.s_c, plan.s_hw, eps, s_pn)
     groups_meta = dict(**_flags(weight, bias, scale, shift, act), HAS_PRE=pre_bias is not None, CG=plan.Cg,
                        HW_P2=triton.next_power_of_2(plan.HW), TILE_ELEMS=TILE, RESIDENT_ELEMS=RESIDENT)
     if one_pass and plan.Cg == plan.BLOCK_C:      # Cg a power of two: whole groups, several a program
         _group_norm_act_fwd_groups_kernel[lambda meta: (N * G // meta["GPB"],)](*groups_args, **groups_meta)
         return y, stats, plan
+    part = torch.empty(plan.N * plan.G, plan.S, 3, device=x.device, dtype=torch.float32)
 
     def split():
         if not one_pass:
             _group_norm_stats_kernel[plan.grid](x, pre, part, *plan.geometry(), s_pn,
                                                 HAS_PRE=pre_bias is not None, **plan.meta())
-        _group_norm_act_fwd_kernel[plan.grid](x, y, part, stats, *_ptrs(x, weight, bias, scale, shift), pre,
+        _group_norm_act_fwd_kernel[plan.grid](x, y, part, stats, *ptrs, pre,
                                               *plan.geometry(), eps, s_pn, **_flags(weight, bias, scale, shift, act),
                                               ONE_PASS=one_pass, HAS_PRE=pre_bias is not None,
                                               BLOCK_S=max(2, triton.next_power_of_2(plan.S)), **plan.meta())
@@ -613,7 +615,6 @@ def group_norm_act_bwd(dy, x, stats, plan, weight, bias, scale, shift, act):
     x = x.contiguous(memory_format=plan.fmt)
     dy = dy.contiguous(memory_format=plan.fmt)
     dx = torch.empty_like(x)
-    part = torch.empty(plan.N * plan.G, plan.S, 2, plan.Cg, device=x.device, dtype=torch.float32)
     ab = torch.empty(plan.N, plan.C, 2, device=x.device, dtype=torch.float32)
     ptrs = _ptrs(x, weight, bias, scale, shift)
     flags = _flags(weight, bias, scale, shift, act)
@@ -624,6 +625,7 @@ def group_norm_act_bwd(dy, x, stats, plan, weight, bias, scale, shift, act):
             x, dy, dx, stats, ab, *ptrs, N, plan.C, plan.HW, G, plan.s_c, plan.s_hw, **flags, CG=plan.Cg,
             HW_P2=triton.next_power_of_2(plan.HW), TILE_ELEMS=TILE, RESIDENT_ELEMS=RESIDENT)
         return dx, ab[..., 0], ab[..., 1]
+    part = torch.empty(plan.N * plan.G, plan.S, 2, plan.Cg, device=x.device, dtype=torch.float32)
     if not one_pass:
         _group_norm_act_bwd_partial_kernel[plan.grid](x, dy, stats, part, *ptrs, *plan.geometry(), **flags,
                                                       **plan.meta())
