@@ -54,13 +54,8 @@ class _Counter(TorchDispatchMode):
 def _gn_splits(x: torch.Tensor, groups: int, sms: int) -> bool:
     """Whether the Triton GroupNorm forward splits this call's statistics into a kernel of their own on a GPU with
     `sms` multiprocessors (batch x groups too few to fill it)."""
-    from cmfast.kernels import group_norm_act as k
-    real = k.num_sms
-    k.num_sms = lambda device: sms
-    try:
-        return k.Plan(x, groups).S > 1
-    finally:
-        k.num_sms = real
+    from cmfast.kernels.group_norm_act import Plan
+    return Plan(x, groups, sms).S > 1
 
 
 @contextlib.contextmanager
@@ -97,12 +92,11 @@ def count_sample_launches(model: cmfast.ConsistencyModel, batch: int, dtype=torc
     real = cmfast.graphed._cuda_device
     cmfast.graphed._cuda_device = lambda net: next(net.parameters()).device
     try:
-        sampler = cmfast.GraphedSampler(model, batch, (model.net.in_channels, model.net.img_resolution,
-                                              model.net.img_resolution),
-                                        dtype=dtype, sigmas=sigmas, seed=0, channels_last=channels_last)
+        shape = (model.net.in_channels, model.net.img_resolution, model.net.img_resolution)
+        sampler = cmfast.GraphedSampler(model, batch, shape, dtype=dtype, sigmas=sigmas, seed=0,
+                                        channels_last=channels_last)
         _, g = sampler._buffers(None, False)
-        if hasattr(sampler, "_prepare"):
-            sampler._prepare(g)
+        sampler._prepare(g)
         counter = _Counter(sms)
         with torch.no_grad(), cmfast.ops.use_backend("torch"), _fused_ops_count_once(counter), counter:
             sampler._run(g, g.sig, False)
