@@ -170,10 +170,9 @@ class GraphedSampler:
             g.consts = self._constants(g)
 
     # ---- The captured computation: Algorithm 1 with the sampler epilogue fused in the last step -----------------
-    def _backbone(self, x: torch.Tensor, sigma: torch.Tensor, labels, consts=None, c_in=None):
-        """F(c_in x, c_noise) in self.dtype (EDM Table 1 scalings, fp32); consts: the blocks' constants at sigma,
-        c_in: its input scaling, (B, 1, 1, 1) (both computed from sigma when None)."""
-        c_in = c_in if c_in is not None else scalings(sigma, self.sigma_data, self._boundary)[2].reshape(-1, 1, 1, 1)
+    def _backbone(self, x: torch.Tensor, sigma: torch.Tensor, c_in: torch.Tensor, labels, consts=None):
+        """F(c_in x, c_noise) in self.dtype (EDM Table 1 scalings, fp32); c_in: sigma's input scaling (B, 1, 1, 1),
+        computed once per graph; consts: the blocks' constants at sigma (None: the network computes them)."""
         if self.channels_last:      # the scaling writes the NHWC copy the convolutions want: one kernel, not two
             x_in = torch.mul(x, c_in, out=torch.empty_like(x, memory_format=torch.channels_last))
         else:
@@ -191,7 +190,7 @@ class GraphedSampler:
             if k:   # Alg. 1: x_tau = x + sqrt(tau^2 - eps^2) z
                 g.noise[k - 1].normal_(generator=self.generator)
                 x = x + math.sqrt(s * s - self.sigma_min ** 2) * g.noise[k - 1]
-            F = self._backbone(x, sig[k], g.labels, None if g.consts is None else g.consts[k], g.c_in[k])
+            F = self._backbone(x, sig[k], g.c_in[k], g.labels, None if g.consts is None else g.consts[k])
             if k == len(self.sigmas) - 1:
                 return ops.skip_output_infer(x, F, sig[k], self.sigma_data, self._boundary, uint8)
             x = ops.skip_output(x, F, sig[k], self.sigma_data, self._boundary)

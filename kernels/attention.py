@@ -194,11 +194,9 @@ def _bhl(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _prep(q, k, v, dense: bool):
-    """dense=False (the forward): any strides, the head dim's included (the kernel reads the UNet's channels-last
-    qkv in place, head dim stride 3, where three copies had run first); dense=True: the head dim contiguous."""
-    if dense:
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+def _prep(q, k, v):
+    """Shapes and meta-parameters. No copies: the forward reads any strides, the head dim's included (the UNet's
+    channels-last qkv, head dim stride 3, where three copies had run first); the backward makes its inputs dense."""
     B, H, Lq, D = q.shape
     if D > 256:
         raise ValueError(f"attention (triton): expected head dim <= 256, got {D}")
@@ -210,7 +208,7 @@ def _prep(q, k, v, dense: bool):
 
 def attention_fwd(q, k, v, scale):
     """(o, lse): o contiguous (B, H, Lq, D) in q's dtype, lse (B, H, Lq) fp32 in log2 units."""
-    q, k, v, B, H, Lq, Lk, D, meta = _prep(q, k, v, dense=False)
+    q, k, v, B, H, Lq, Lk, D, meta = _prep(q, k, v)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H)  # noqa: E731
@@ -221,7 +219,7 @@ def attention_fwd(q, k, v, scale):
 
 def attention_bwd(do, q, k, v, o, lse, scale):
     """(dq, dk, dv), each contiguous in its input's dtype."""
-    q, k, v, B, H, Lq, Lk, D, meta = _prep(q, k, v, dense=True)
+    q, k, v, B, H, Lq, Lk, D, meta = _prep(q, k, v)
     do = do.contiguous()
     delta = torch.empty_like(lse)
     block_d = meta["BLOCK_D"]
