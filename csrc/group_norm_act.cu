@@ -18,6 +18,9 @@
 //           dx = rstd (ge dy1 - m1 - xhat m2), ge = w (1 + scale), m1, m2 = group means of ge dy1 and ge dy1 xhat.
 // The reduction over HW is split into S chunks per (n, c) so that small batch x groups still fills the GPU; the S
 // partials are added with Kahan compensation.
+// pre (forward only): the norm of x + pre[n, c], DDPM++'s embedding add before norm1, without the separate add kernel
+// and its full-tensor round trip. The fused path adds it as it loads (the sum in fp32); the split path shifts each
+// chunk's mean by it (M2 does not change) and adds it in the output pass.
 #include "common.cuh"
 
 namespace cmfast {
@@ -27,6 +30,12 @@ struct Shape {
   int64_t N, C, HW, G, S, chunk;  // chunk: HW positions per split (a multiple of the vector width for NCHW)
   bool nhwc, silu;
 };
+
+// pre[n, c] as fp32 (0 where there is none); row n at pre + n * pre_stride.
+template <typename P>
+__device__ __forceinline__ float pre_at(const P* pre, int64_t pre_stride, int64_t n, int64_t c) {
+  return pre ? to_f(pre[n * pre_stride + c]) : 0.f;
+}
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
 __device__ __forceinline__ float act(float z, bool silu) { return silu ? z * sigmoid(z) : z; }
@@ -80,7 +89,8 @@ __device__ __forceinline__ int64_t chunk_count(const Shape& s, int64_t split) {
 template <typename T, bool BWD, int V>
 __global__ void gn_reduce_nchw_kernel(Shape s, const T* __restrict__ x, const T* __restrict__ dy,
                                       const float* __restrict__ A, const float* __restrict__ B,
-                                      const float* __restrict__ stats, float* __restrict__ part) {
+                                      const float* __restrict__ stats, const float* __restrict__ pre,
+                                      int64_t pre_stride, float* __restrict__ part) {
   const int64_t unit = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (unit >= s.N * s.C * s.S) return;  // whole warps leave together
@@ -107,7 +117,7 @@ __global__ void gn_reduce_nchw_kernel(Shape s, const T* __restrict__ x, const T*
   if (BWD) s1 = warp_sum(s1);
   if (lane == 0) {
     float* p = part + ((n * s.S + split) * s.C + c) * 2;
-    p[0] = BWD ? s0 : r0;
+    p[0] = BWD ? s0 : r0 + pre_at(pre, pre_stride, n, c);  // the chunk's mean of x + pre
     p[1] = BWD ? s1 : s0;
   }
 }
@@ -117,7 +127,8 @@ __global__ void gn_reduce_nchw_kernel(Shape s, const T* __restrict__ x, const T*
 template <typename T, bool BWD>
 __global__ void gn_reduce_nhwc_kernel(Shape s, const T* __restrict__ x, const T* __restrict__ dy,
                                       const float* __restrict__ A, const float* __restrict__ B,
-                                      const float* __restrict__ stats, float* __restrict__ part) {
+                                      const float* __restrict__ stats, const float* __restrict__ pre,
+                                      int64_t pre_stride, float* __restrict__ part) {
   __shared__ float sm[2][8][33];
   const int64_t c = (int64_t)blockIdx.x * 32 + threadIdx.x, split = blockIdx.y, n = blockIdx.z;
   const bool live = c < s.C;
@@ -149,7 +160,7 @@ __global__ void gn_reduce_nhwc_kernel(Shape s, const T* __restrict__ x, const T*
   }
   if (threadIdx.y < 2 && live) {
     float* p = part + ((n * s.S + split) * s.C + c) * 2;
-    p[threadIdx.y] = BWD ? tot[threadIdx.y] : (threadIdx.y == 0 ? t.mean : tot[0]);
+    p[threadIdx.y] = BWD ? tot[threadIdx.y] : (threadIdx.y == 0 ? t.mean + pre_at(pre, pre_stride, n, c) : tot[0]);
   }
 }
 
@@ -210,15 +221,21 @@ __global__ void gn_fwd_finalize_kernel(Shape s, const float* __restrict__ part,
 template <typename T, typename PA, typename PM, bool NHWC, int V>
 __global__ void gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps, const PA* __restrict__ w,
                                     const PA* __restrict__ bias, const PM* __restrict__ scale,
-                                    const PM* __restrict__ shift, float* __restrict__ stats,
-                                    float* __restrict__ A, float* __restrict__ B, T* __restrict__ y) {
+                                    const PM* __restrict__ shift, const PM* __restrict__ pre, int64_t pre_stride,
+                                    float* __restrict__ stats, float* __restrict__ A, float* __restrict__ B,
+                                    T* __restrict__ y) {
   __shared__ float red[32];
   const int64_t ng = blockIdx.x, n = ng / s.G, g = ng % s.G;
   const int Cg = (int)(s.C / s.G), HW = (int)s.HW, M = Cg * HW;
   const int64_t base = NHWC ? n * s.HW * s.C + g * Cg : (n * s.C + g * Cg) * s.HW;
   auto at = [&](int i) -> int64_t { return NHWC ? base + (int64_t)(i / Cg) * s.C + i % Cg : base + i; };
-  auto get = [&](int i, float (&xv)[V]) {
+  auto get = [&](int i, float (&xv)[V]) {  // x + pre: the V elements' channels are c0 + j (NHWC) or c0 (NCHW)
     if (V > 1) load<T, V>(x + at(i), xv); else xv[0] = to_f(x[at(i)]);
+    if (pre) {
+      const int64_t c0 = g * Cg + (NHWC ? i % Cg : i / HW);
+#pragma unroll
+      for (int j = 0; j < V; ++j) xv[j] += pre_at(pre, pre_stride, n, c0 + (NHWC ? j : 0));
+    }
   };
   // y1 = a (x - mean) + b for channel c: a = rstd w (1 + scale), b = bias (1 + scale) + shift (the split path's A, B)
   auto coef = [&](int64_t c, float rstd, float& a, float& b) {
@@ -227,7 +244,8 @@ __global__ void gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps,
     a = rstd * (w ? to_f(w[c]) : 1.f) * kk;
     b = (bias ? to_f(bias[c]) : 0.f) * kk + (shift ? to_f(shift[nc]) : 0.f);
   };
-  const float K = to_f(x[base]);  // a shift that keeps the first sum small (|mean| >> std loses nothing)
+  // a shift that keeps the first sum small (|mean| >> std loses nothing): the group's first element, channel g Cg
+  const float K = to_f(x[base]) + pre_at(pre, pre_stride, n, g * Cg);
   float s0 = 0.f;
   for (int i = threadIdx.x * V; i < M; i += blockDim.x * V) {
     float xv[V];
@@ -333,7 +351,8 @@ template <typename T, bool BWD, bool NHWC, int V>
 __global__ void gn_apply_kernel(Shape s, const T* __restrict__ x, const T* __restrict__ dy,
                                 const float* __restrict__ A, const float* __restrict__ B,
                                 const float* __restrict__ stats, const float* __restrict__ P,
-                                const float* __restrict__ m12, T* __restrict__ out) {
+                                const float* __restrict__ m12, const float* __restrict__ pre, int64_t pre_stride,
+                                T* __restrict__ out) {
   const int64_t total = s.N * s.C * s.HW, stride = (int64_t)gridDim.x * blockDim.x * V, Cg = s.C / s.G;
   for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V; i < total; i += stride) {
     const int64_t n = i / (s.C * s.HW), c0 = NHWC ? i % s.C : (i / s.HW) % s.C;
@@ -343,7 +362,8 @@ __global__ void gn_apply_kernel(Shape s, const T* __restrict__ x, const T* __res
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const int64_t c = c0 + (NHWC ? j : 0), nc = n * s.C + c, ng = n * s.G + c / Cg;
-      const float xc = xv[j] - stats[ng * 2], z = A[nc] * xc + B[nc];
+      const float xp = BWD ? xv[j] : xv[j] + pre_at(pre, pre_stride, n, c);  // x + pre (forward)
+      const float xc = xp - stats[ng * 2], z = A[nc] * xc + B[nc];
       if (!BWD) {
         o[j] = act(z, s.silu);
       } else {
@@ -359,54 +379,61 @@ __global__ void gn_apply_kernel(Shape s, const T* __restrict__ x, const T* __res
 constexpr int kThreads = 256;
 
 template <typename T, bool BWD>
-void launch_reduce(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr part, cudaStream_t st) {
+void launch_reduce(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr pre, int64_t pre_stride, ptr part,
+                   cudaStream_t st) {
   constexpr int V = 16 / sizeof(T);
   if (s.nhwc) {
     dim3 grid((unsigned)((s.C + 31) / 32), (unsigned)s.S, (unsigned)s.N);
     gn_reduce_nhwc_kernel<T, BWD><<<grid, dim3(32, 8), 0, st>>>(s, (const T*)x, (const T*)dy, (const float*)A,
-                                                                (const float*)B, (const float*)stats, (float*)part);
+                                                                (const float*)B, (const float*)stats,
+                                                                (const float*)pre, pre_stride, (float*)part);
     return;
   }
   const unsigned blocks = (unsigned)((s.N * s.C * s.S * 32 + kThreads - 1) / kThreads);
   const bool vec = s.HW % V == 0 && s.chunk % V == 0 && x % 16 == 0 && dy % 16 == 0;
   if (vec)
     gn_reduce_nchw_kernel<T, BWD, V><<<blocks, kThreads, 0, st>>>(s, (const T*)x, (const T*)dy, (const float*)A,
-                                                                  (const float*)B, (const float*)stats, (float*)part);
+                                                                  (const float*)B, (const float*)stats,
+                                                                  (const float*)pre, pre_stride, (float*)part);
   else
     gn_reduce_nchw_kernel<T, BWD, 1><<<blocks, kThreads, 0, st>>>(s, (const T*)x, (const T*)dy, (const float*)A,
-                                                                  (const float*)B, (const float*)stats, (float*)part);
+                                                                  (const float*)B, (const float*)stats,
+                                                                  (const float*)pre, pre_stride, (float*)part);
 }
 
 template <typename T, bool BWD, bool NHWC>
-void launch_apply_layout(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr P, ptr m12, ptr out,
-                         cudaStream_t st) {
+void launch_apply_layout(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr P, ptr m12, ptr pre,
+                         int64_t pre_stride, ptr out, cudaStream_t st) {
   constexpr int V = 16 / sizeof(T);
   const int64_t total = s.N * s.C * s.HW;
   const bool vec = (NHWC ? s.C : s.HW) % V == 0 && x % 16 == 0 && dy % 16 == 0 && out % 16 == 0;
   auto args = [&](auto kernel, int v) {
     kernel<<<blocks_for(total / v, kThreads), kThreads, 0, st>>>(s, (const T*)x, (const T*)dy, (const float*)A,
                                                                (const float*)B, (const float*)stats,
-                                                               (const float*)P, (const float*)m12, (T*)out);
+                                                               (const float*)P, (const float*)m12,
+                                                               (const float*)pre, pre_stride, (T*)out);
   };
   if (vec) args(gn_apply_kernel<T, BWD, NHWC, V>, V);
   else args(gn_apply_kernel<T, BWD, NHWC, 1>, 1);
 }
 
 template <typename T, bool BWD>
-void launch_apply(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr P, ptr m12, ptr out, cudaStream_t st) {
-  if (s.nhwc) launch_apply_layout<T, BWD, true>(s, x, dy, A, B, stats, P, m12, out, st);
-  else launch_apply_layout<T, BWD, false>(s, x, dy, A, B, stats, P, m12, out, st);
+void launch_apply(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr P, ptr m12, ptr pre, int64_t pre_stride,
+                  ptr out, cudaStream_t st) {
+  if (s.nhwc) launch_apply_layout<T, BWD, true>(s, x, dy, A, B, stats, P, m12, pre, pre_stride, out, st);
+  else launch_apply_layout<T, BWD, false>(s, x, dy, A, B, stats, P, m12, pre, pre_stride, out, st);
 }
 
 template <typename T, typename PA, typename PM>
-void launch_fused_fwd(Shape s, ptr x, float eps, ptr w, ptr b, ptr scale, ptr shift, ptr stats, ptr A, ptr B, ptr y,
-                      cudaStream_t st) {
+void launch_fused_fwd(Shape s, ptr x, float eps, ptr w, ptr b, ptr scale, ptr shift, ptr pre, int64_t pre_stride,
+                      ptr stats, ptr A, ptr B, ptr y, cudaStream_t st) {
   constexpr int VMAX = 16 / sizeof(T);
   const int64_t Cg = s.C / s.G, M = Cg * s.HW;
   const unsigned blocks = (unsigned)(s.N * s.G), threads = M >= 2048 ? 256 : 128;
   auto go = [&](auto kernel) {
     kernel<<<blocks, threads, 0, st>>>(s, (const T*)x, eps, (const PA*)w, (const PA*)b, (const PM*)scale,
-                                       (const PM*)shift, (float*)stats, (float*)A, (float*)B, (T*)y);
+                                       (const PM*)shift, (const PM*)pre, pre_stride, (float*)stats, (float*)A,
+                                       (float*)B, (T*)y);
   };
   // The widest vector that divides the run (NCHW: HW; NHWC: Cg, and C so every row starts aligned) and the
   // pointers' alignment allow.
@@ -440,10 +467,11 @@ unsigned warps_blocks(int64_t warps) { return (unsigned)((warps * 32 + kThreads 
 }  // namespace
 
 int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc,
-                       bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, int affine_dtype,
-                       int mod_dtype, ptr y, ptr part, ptr stats, ptr A, ptr B, ptr stream) {
+                       bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, ptr pre, int64_t pre_stride,
+                       int affine_dtype, int mod_dtype, ptr y, ptr part, ptr stats, ptr A, ptr B, ptr stream) {
   if (N * C * HW == 0) return 0;
-  if (G <= 0 || C % G || S < 0 || (S == 0 && (C / G) * HW > kFusedMaxGroup))
+  if (G <= 0 || C % G || S < 0 || (S == 0 && (C / G) * HW > kFusedMaxGroup) ||
+      (pre && pre_stride != 0 && pre_stride != C))
     return static_cast<int>(cudaErrorInvalidValue);
   // Parameters in x's type are read as they are by the one-launch path only; the split path takes fp32.
   for (int pd : {affine_dtype, mod_dtype})
@@ -453,8 +481,8 @@ int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64
   CM_DISPATCH(dtype, T, {
     if (S == 0) {
       auto go = [&](auto pa, auto pm) {   // type tags: the parameter types
-        launch_fused_fwd<T, typename decltype(pa)::type, typename decltype(pm)::type>(s, x, eps, weight, bias, scale,
-                                                                                      shift, stats, A, B, y, st);
+        launch_fused_fwd<T, typename decltype(pa)::type, typename decltype(pm)::type>(
+            s, x, eps, weight, bias, scale, shift, pre, pre_stride, stats, A, B, y, st);
       };
       const bool fa = affine_dtype == kFloat32, fm = mod_dtype == kFloat32;
       if (fa && fm) go(Tag<float>{}, Tag<float>{});
@@ -463,11 +491,11 @@ int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64
       else go(Tag<T>{}, Tag<T>{});
       return static_cast<int>(cudaGetLastError());
     }
-    launch_reduce<T, false>(s, x, 0, 0, 0, 0, part, st);
+    launch_reduce<T, false>(s, x, 0, 0, 0, 0, pre, pre_stride, part, st);
     gn_fwd_finalize_kernel<<<warps_blocks(N * G), kThreads, 0, st>>>(
         s, (const float*)part, eps, (const float*)weight, (const float*)bias, (const float*)scale,
         (const float*)shift, (float*)stats, (float*)A, (float*)B);
-    launch_apply<T, false>(s, x, 0, A, B, stats, 0, 0, y, st);
+    launch_apply<T, false>(s, x, 0, A, B, stats, 0, 0, pre, pre_stride, y, st);
   });
   return static_cast<int>(cudaGetLastError());
 }
@@ -481,14 +509,14 @@ int group_norm_act_bwd(ptr x, ptr dy, int dtype, int64_t N, int64_t C, int64_t H
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const Shape s = make_shape(N, C, HW, G, S, nhwc, silu, dtype_size(dtype));
   CM_DISPATCH(dtype, T, {
-    launch_reduce<T, true>(s, x, dy, A, B, stats, part, st);
+    launch_reduce<T, true>(s, x, dy, A, B, stats, 0, 0, part, st);
     gn_bwd_finalize_kernel<<<warps_blocks(N * G), kThreads, 0, st>>>(
         s, (const float*)part, (const float*)weight, (const float*)bias, (const float*)scale,
         (const float*)stats, (float*)csum, (float*)P, (float*)m12, (float*)dscale, (float*)dshift);
     if (dweight || dbias)
       gn_bwd_params_kernel<<<(unsigned)((C + kThreads - 1) / kThreads), kThreads, 0, st>>>(
           s, (const float*)csum, (const float*)scale, (float*)dweight, (float*)dbias);
-    if (dx) launch_apply<T, true>(s, x, dy, A, B, stats, P, m12, dx, st);
+    if (dx) launch_apply<T, true>(s, x, dy, A, B, stats, P, m12, 0, 0, dx, st);
   });
   return static_cast<int>(cudaGetLastError());
 }

@@ -188,8 +188,8 @@ def test_group_norm_act_fused_forward_at_its_size_limit(fmt):
     check("group_norm_act", ref.group_norm_act, inputs, grad=(), dtype=torch.bfloat16)
     x = torch.zeros(1, 34, 32, 16)
     with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
-        ext.group_norm_act_fwd(x.data_ptr(), 0, 1, 34, 512, 1, 0, False, True, 1e-6, 0, 0, 0, 0, 0, 0, x.data_ptr(),
-                               0, x.data_ptr(), x.data_ptr(), x.data_ptr(), 0)
+        ext.group_norm_act_fwd(x.data_ptr(), 0, 1, 34, 512, 1, 0, False, True, 1e-6, 0, 0, 0, 0, 0, 0, 0, 0,
+                               x.data_ptr(), 0, x.data_ptr(), x.data_ptr(), x.data_ptr(), 0)
 
 
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
@@ -222,11 +222,12 @@ def test_group_norm_act_fused_forward_reads_parameters_as_they_are(affine, mod, 
     for a in seen:
         assert a[6] == 0                                                    # the one-launch path
         passed = dict(zip(("weight", "bias", "scale", "shift"), a[10:14]))
-        assert a[15] == code[mod] and [passed[k] == ptr[k] for k in ("scale", "shift")] == [True, True]
+        assert a[14] == 0                                                   # no pre-norm add
+        assert a[17] == code[mod] and [passed[k] == ptr[k] for k in ("scale", "shift")] == [True, True]
         if affine == "mixed":     # converted: the bf16 weight is a new fp32 tensor (the fp32 bias may be itself)
-            assert a[14] == code["fp32"] and passed["weight"] != ptr["weight"]
+            assert a[16] == code["fp32"] and passed["weight"] != ptr["weight"]
         else:
-            assert a[14] == code[affine] and passed["weight"] == ptr["weight"] and passed["bias"] == ptr["bias"]
+            assert a[16] == code[affine] and passed["weight"] == ptr["weight"] and passed["bias"] == ptr["bias"]
 
 
 def test_group_norm_act_refuses_parameter_dtypes_it_cannot_read():
@@ -236,9 +237,106 @@ def test_group_norm_act_refuses_parameter_dtypes_it_cannot_read():
     p = x.data_ptr()
     for dtype, adt, mdt, S in ((0, 2, 0, 0), (0, 0, 2, 0), (2, 1, 2, 0), (2, 2, 0, 1), (2, 0, 2, 1)):
         with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
-            ext.group_norm_act_fwd(p, dtype, 1, 8, 16, 2, S, False, True, 1e-6, p, p, p, p, adt, mdt, p, p, p, p, p,
-                                   0)
+            ext.group_norm_act_fwd(p, dtype, 1, 8, 16, 2, S, False, True, 1e-6, p, p, p, p, 0, 0, adt, mdt, p, p, p,
+                                   p, p, 0)
 
+
+
+def _gn_pre_fns():
+    """(cuda with pre_bias, torch adding it first in x's dtype, float64 truth of GN(x + pre_bias))."""
+    def ours(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias):
+        return _cuda.group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias=pre_bias)
+
+    def theirs(x, pre_bias, **kw):
+        return _torch.group_norm_act(x + pre_bias.to(x.dtype).reshape(*pre_bias.shape, 1, 1), **kw)
+
+    def reffn(x, pre_bias, **kw):
+        return ref.group_norm_act(x + pre_bias.reshape(*pre_bias.shape, 1, 1), **kw)
+    return ours, theirs, reffn
+
+
+class _FwdSpy:
+    """The emulated extension, recording the arguments of each group_norm_act_fwd."""
+
+    def __init__(self, real):
+        self.real, self.seen = real, []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def group_norm_act_fwd(self, *a):
+        self.seen.append(a)
+        return self.real.group_norm_act_fwd(*a)
+
+
+PRE_CASES = [(d, "fused") for d in DTYPES] + [(torch.float32, "split"), (torch.bfloat16, "split")]
+
+
+@pytest.mark.parametrize("dtype,path", PRE_CASES, ids=[f"{str(d)[6:]}-{p}" for d, p in PRE_CASES])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("rows", [2, 1], ids=["per-sample", "broadcast"])
+def test_group_norm_act_pre_bias_in_the_kernel(dtype, path, fmt, rows, monkeypatch):
+    """DDPM++'s add before norm1 inside the forward: GN(x + pre_bias) against float64, within twice the error of
+    adding first in x's dtype (the computation it replaces); one extension call, given the tensor itself in the
+    one-launch path (its row stride C, or 0 for one row shared by the batch), an fp32 copy in the split path."""
+    if path == "split":
+        _force_split(monkeypatch)
+    spy = _FwdSpy(_cuda._ext(torch.device("cpu")))
+    monkeypatch.setattr(_cuda, "_ext", lambda device: spy)
+    ours, theirs, reffn = _gn_pre_fns()
+    inputs = _gn_inputs((2, 12, 3, 5), dtype, fmt, mod=False, G=4)
+    inputs["pre_bias"] = 4 * rand(rows, 12, dtype=dtype) - 1      # per-channel offsets as large as x's spread
+    out = _checks.check(functools.partial(_checks.run, ours, poison=True), functools.partial(_checks.run, theirs),
+                        reffn, inputs, dtype=dtype, backward=False)
+    assert out[0].is_contiguous(memory_format=fmt)
+    (a,) = spy.seen
+    assert (a[6] == 0) == (path == "fused")                              # S = 0: the one-launch path
+    assert a[15] == (12 if rows == 2 else 0)
+    if path == "fused":
+        assert a[14] == inputs["pre_bias"].data_ptr() and a[17] == _cuda._DTYPES[dtype]
+    else:                 # fp32 for the split path: a converted copy, unless it was fp32 already
+        assert (a[14] == inputs["pre_bias"].data_ptr()) == (dtype == torch.float32)
+        assert a[17] == _cuda._DTYPES[torch.float32]
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_group_norm_act_pre_bias_with_modulation_and_large_offsets(path, monkeypatch):
+    """pre_bias beside scale and shift (a bf16 pre_bias with fp32 modulation: all three read as fp32 copies), and
+    offsets of 1e4, far above x's spread: each chunk's mean is shifted by the offset, M2 is not."""
+    if path == "split":
+        _force_split(monkeypatch)
+    ours, theirs, reffn = _gn_pre_fns()
+    inputs = _gn_inputs((2, 8, 4, 4), torch.bfloat16, CL, G=2)
+    inputs["scale"], inputs["shift"] = inputs["scale"].float(), inputs["shift"].float()
+    inputs["pre_bias"] = (4 * rand(2, 8) - 1).bfloat16()
+    _checks.check(functools.partial(_checks.run, ours, poison=True), functools.partial(_checks.run, theirs), reffn,
+                  inputs, dtype=torch.bfloat16, backward=False)
+    inputs = _gn_inputs((1, 4, 9, 9), torch.float32, NCHW, affine=False, mod=False, G=2, act="none")
+    inputs["pre_bias"] = 1e4 + rand(1, 4)
+    _checks.check(functools.partial(_checks.run, ours, poison=True), functools.partial(_checks.run, theirs), reffn,
+                  inputs, backward=False)
+
+
+def test_group_norm_act_pre_bias_is_forward_only():
+    """The wrapper refuses a call that would need a gradient (cmfast.ops adds first then), and the extension a row
+    stride other than C or 0."""
+    x = torch.randn(2, 8, 4, 4)
+    pre = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="pre_bias: the fused add is forward only"):
+        _cuda.group_norm_act(x, 2, None, None, 1e-6, None, None, "silu", pre_bias=pre)
+    with pytest.raises(ValueError, match=r"pre_bias: expected shape \(2, 8\) or \(1, 8\)"):
+        _cuda.group_norm_act(x, 2, None, None, 1e-6, None, None, "silu", pre_bias=torch.randn(8))
+    ext = _cuda._ext(torch.device("cpu"))
+    p, y = x.data_ptr(), torch.empty_like(x)
+    saved = torch.empty(2 * 2 * 2 + 2 * 2 * 8)
+    for stride in (0, 8, 4):
+        args = (p, 0, 2, 8, 16, 2, 0, False, True, 1e-6, 0, 0, 0, 0, pre.data_ptr(), stride, 0, 0, y.data_ptr(), 0,
+                saved.data_ptr(), saved.data_ptr() + 32, saved.data_ptr() + 96, 0)
+        if stride == 4:
+            with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
+                ext.group_norm_act_fwd(*args)
+        else:
+            ext.group_norm_act_fwd(*args)
 
 # ---- skip_output ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -162,6 +162,32 @@ def test_group_norm_act_large_mean_is_stable(path, monkeypatch):
     check(fn, reffn, inputs, grad=("x",))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("rows", [2, 1], ids=["per-sample", "broadcast"])
+@pytest.mark.parametrize("shape,G,split", [((2, 128, 32, 32), 32, False), ((2, 128, 32, 32), 32, True),
+                                           ((2, 256, 8, 8), 32, False)], ids=["fused", "split", "8x8"])
+def test_group_norm_act_pre_bias_in_the_kernel(dtype, fmt, rows, shape, G, split, monkeypatch):
+    """cmfast.ops without a gradient hands pre_bias to the kernel (DDPM++'s add before norm1): GN(x + pre_bias)
+    against float64, and the add-first fallback was not run (no separate elementwise add)."""
+    if split:
+        monkeypatch.setattr(_cuda, "_fused_max_group", lambda ext: 0)
+    N, C = shape[:2]
+
+    def fn(x, weight, bias, scale, shift, pre_bias):
+        return ops.group_norm_act(x, G, weight, bias, 1e-6, scale, shift, "silu", pre_bias=pre_bias)
+
+    def reffn(x, weight, bias, scale, shift, pre_bias):
+        return ref.group_norm_act(x + pre_bias.reshape(*pre_bias.shape, 1, 1), G, weight, bias, 1e-6, scale, shift)
+    inputs = _gn_inputs(shape, dtype, fmt, mod=False)
+    inputs["pre_bias"] = 4 * rand(rows if rows == 1 else N, C, dtype=dtype) - 1
+    calls = []
+    real = _cuda._gn_forward
+    monkeypatch.setattr(_cuda, "_gn_forward", lambda *a: calls.append(a[-1]) or real(*a))
+    out = check(fn, reffn, inputs, dtype=dtype, backward=False)
+    assert out[0].is_contiguous(memory_format=fmt)
+    assert len(calls) == 1 and calls[0].data_ptr() == inputs["pre_bias"].data_ptr()
+
 def test_group_norm_act_random_shapes():
     g = torch.Generator().manual_seed(0)
     for _ in range(12):

@@ -204,6 +204,10 @@ def test_group_norm_act_pre_bias_gradient():
     inputs = _gn_inputs(2, 6, 4, 5, torch.float32, torch.channels_last)
     inputs["pre_bias"] = rand(2, 6)
     check(fn, reffn, inputs, grad=("x", "weight", "scale", "pre_bias"))
+    from cmfast.ops import _triton       # the kernel's own add is forward only: a direct call needing grad is refused
+    with pytest.raises(ValueError, match="pre_bias: the fused add is forward only"):
+        _triton.group_norm_act(inputs["x"], 3, None, None, 1e-6, None, None, "silu",
+                               pre_bias=inputs["pre_bias"].requires_grad_())
 
 
 class _Launches:

@@ -158,6 +158,14 @@ def is_nhwc(x: torch.Tensor) -> bool:
     return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
+def check_pre_bias_forward_only(*tensors) -> None:
+    """The Triton and CUDA kernels add group_norm_act's pre_bias in their forward only (cmfast.ops.group_norm_act
+    adds it first where a gradient is needed): a direct call that would need one is refused, not left without it."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError("pre_bias: the fused add is forward only; cmfast.ops.group_norm_act adds it first where a "
+                         "gradient is needed")
+
+
 SMALL_BATCH = 8   # the auto table's size classes: batch <= this is 'small' (the sampler's latency path), else 'large'
 
 

@@ -56,8 +56,8 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6
                    act: str | None = "silu", pre_bias=None):
     """act(GroupNorm(x + pre_bias) * (1 + scale) + shift): fp32 statistics; scale/shift are (N, C); act 'silu' or
     None. pre_bias, (N, C) or (1, C), is a per-channel add before the norm (a DDPM++ block's embedding): the Triton
-    kernel folds it into its loads (the sum in fp32) when no gradient is needed; otherwise, and in the other
-    backends, it is an add in x's dtype first."""
+    and CUDA kernels add it as they load x (the sum in fp32) when no gradient is needed; otherwise, and in the torch
+    backend, it is an add in x's dtype first."""
     _float("x", x)
     if x.dim() < 3:
         raise ValueError(f"x: expected (N, C, ...) with at least one spatial dimension, got shape {tuple(x.shape)}")

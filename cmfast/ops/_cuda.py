@@ -16,6 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _build
+from . import check_pre_bias_forward_only
 from . import is_nhwc as _is_nhwc
 
 if _build.unavailable_reason():  # the dispatcher reports it as BackendUnavailable; 'auto' then keeps to torch
@@ -52,11 +53,12 @@ def _param(name: str, t, shape: tuple, device: torch.device) -> torch.Tensor | N
     return t.float().contiguous()
 
 
-def _param_pair(names: tuple, ts: tuple, shape: tuple, x: torch.Tensor, as_is: bool) -> tuple:
-    """Two optional parameters of one shape (weight and bias, or scale and shift) and the dtype code the kernel reads
-    them in: their own dtype when `as_is` and both (those given) are fp32 or both x's dtype, else fp32 copies."""
+def _param_pair(names: tuple, ts: tuple, shapes: tuple, x: torch.Tensor, as_is: bool) -> tuple:
+    """Optional parameters read in one dtype (weight and bias; scale, shift and the pre-norm add), each of the shape
+    given for it, and the dtype code the kernel reads them in: their own dtype when `as_is` and all (those given) are
+    fp32 or all x's dtype, else fp32 copies."""
     given = [t for t in ts if t is not None]
-    for name, t in zip(names, ts):
+    for name, t, shape in zip(names, ts, shapes):
         if t is not None:
             _check(name, t, x.device)
             _check_shape(name, t, shape)
@@ -210,34 +212,43 @@ def _carve(ws: torch.Tensor, *sizes: int) -> list[int]:
     return out
 
 
+def _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu, pre=None):
+    """The forward launch: (y, what the backward needs). With pre, (N, C) or (1, C), the output is that of x + pre
+    (the add inside the kernel) and the saved statistics are those of x + pre: no backward then."""
+    nhwc = _is_nhwc(x)
+    x = _dense(x, nhwc)
+    N, C = x.shape[:2]
+    HW = x.numel() // max(N * C, 1)
+    dev = x.device
+    ext = _ext(dev)
+    S = _num_splits(N, C, HW, nhwc, _sm_count(dev.index))     # the backward's split count
+    # The forward in one launch (one block per group) where the group is small enough, else split like the
+    # backward: at batch 1 and 8 the split path's three launches cost 3-6x the Triton kernel's one (H100 graph
+    # replay times, benchmarks/results/nvidia-h100-80gb-hbm3-cuda-ops.json).
+    S_fwd = 0 if (C // num_groups) * HW <= _fused_max_group(ext) else S
+    # The one-launch path reads the parameters in their own dtype where it is fp32 or x's, one dtype for weight and
+    # bias and one for scale, shift and pre (the bf16 sampler: fp32 affine, bf16 modulation or pre-add): converting
+    # them to fp32 cost up to four launches, more than the kernel itself at batch 1 and 8 (H200 graph replays).
+    w, b, adt = _param_pair(("weight", "bias"), (weight, bias), ((C,),) * 2, x, S_fwd == 0)
+    pre_shape = (N, C) if pre is None or pre.shape[0] == N else (1, C)
+    sc, sh, pre, mdt = _param_pair(("scale", "shift", "pre_bias"), (scale, shift, pre), ((N, C), (N, C), pre_shape),
+                                   x, S_fwd == 0)
+    y = torch.empty_like(x)
+    # saved: stats (N*G*2: mean, rstd), A, B (N*C each); scratch: the split partials (N*S*C*2)
+    saved = torch.empty(N * num_groups * 2 + 2 * N * C, device=dev, dtype=torch.float32)
+    part = torch.empty(N * S_fwd * C * 2, device=dev, dtype=torch.float32) if S_fwd else None
+    stats, A, B = _carve(saved, N * num_groups * 2, N * C, N * C)
+    with _on_device(dev):
+        ext.group_norm_act_fwd(x.data_ptr(), _DTYPES[x.dtype], N, C, HW, num_groups, S_fwd, nhwc, silu, eps,
+                               _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), _ptr(pre), C if N > 1 and pre_shape[0] == N else 0,
+                               adt, mdt, y.data_ptr(), _ptr(part), stats, A, B, _stream(dev))
+    return y, (x, w, b, sc, saved, S, nhwc)
+
+
 class _GroupNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, scale, shift, silu):
-        nhwc = _is_nhwc(x)
-        x = _dense(x, nhwc)
-        N, C = x.shape[:2]
-        HW = x.numel() // max(N * C, 1)
-        dev = x.device
-        ext = _ext(dev)
-        S = _num_splits(N, C, HW, nhwc, _sm_count(dev.index))     # the backward's split count
-        # The forward in one launch (one block per group) where the group is small enough, else split like the
-        # backward: at batch 1 and 8 the split path's three launches cost 3-6x the Triton kernel's one (H100 graph
-        # replay times, benchmarks/results/nvidia-h100-80gb-hbm3-cuda-ops.json).
-        S_fwd = 0 if (C // num_groups) * HW <= _fused_max_group(ext) else S
-        # The one-launch path reads the parameters in their own dtype where it is fp32 or x's, one dtype for weight and
-        # bias and one for scale and shift (the bf16 sampler: fp32 affine, bf16 modulation): converting them to fp32
-        # cost up to four launches, more than the kernel itself at batch 1 and 8 (H200 graph replays).
-        w, b, adt = _param_pair(("weight", "bias"), (weight, bias), (C,), x, S_fwd == 0)
-        sc, sh, mdt = _param_pair(("scale", "shift"), (scale, shift), (N, C), x, S_fwd == 0)
-        y = torch.empty_like(x)
-        # saved: stats (N*G*2: mean, rstd), A, B (N*C each); scratch: the split partials (N*S*C*2)
-        saved = torch.empty(N * num_groups * 2 + 2 * N * C, device=dev, dtype=torch.float32)
-        part = torch.empty(N * S_fwd * C * 2, device=dev, dtype=torch.float32) if S_fwd else None
-        stats, A, B = _carve(saved, N * num_groups * 2, N * C, N * C)
-        with _on_device(dev):
-            ext.group_norm_act_fwd(x.data_ptr(), _DTYPES[x.dtype], N, C, HW, num_groups, S_fwd, nhwc, silu, eps,
-                                   _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), adt, mdt, y.data_ptr(), _ptr(part),
-                                   stats, A, B, _stream(dev))
+        y, (x, w, b, sc, saved, S, nhwc) = _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu)
         ctx.save_for_backward(x, w, b, sc, saved)
         ctx.meta = (num_groups, S, nhwc, silu, [None if t is None else t.dtype for t in (weight, bias, scale, shift)])
         return y
@@ -270,9 +281,10 @@ class _GroupNormAct(torch.autograd.Function):
         return dx, None, cast[0], cast[1], None, cast[2], cast[3], None
 
 
-def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act):
+def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias=None):
     """act(GroupNorm(x) * (1 + scale) + shift) with fp32 statistics; differentiable in x, weight, bias, scale,
-    shift. Output in x's dtype and layout (NCHW or channels-last)."""
+    shift. Output in x's dtype and layout (NCHW or channels-last). pre_bias, (N, C) or (1, C): the output is that of
+    x + pre_bias, added inside the kernel, forward only (cmfast.ops passes it only without a gradient)."""
     _check("x", x)
     if x.dim() < 3:
         raise ValueError(f"x: expected (N, C, ...) with at least one spatial dimension, got shape {tuple(x.shape)}")
@@ -286,7 +298,17 @@ def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act):
         if t is not None:
             _check(name, t, x.device)
             _check_shape(name, t, shape)
+    if pre_bias is not None:
+        _check("pre_bias", pre_bias, x.device)
+        if pre_bias.shape not in (tuple(x.shape[:2]), (1, C)):
+            raise ValueError(f"pre_bias: expected shape {tuple(x.shape[:2])} or (1, {C}), got {tuple(pre_bias.shape)}")
+        check_pre_bias_forward_only(x, weight, bias, scale, shift, pre_bias)
+        with torch.no_grad():
+            return _gn_forward(x, num_groups, weight, bias, float(eps), scale, shift, act == "silu", pre_bias)[0]
     return _GroupNormAct.apply(x, num_groups, weight, bias, float(eps), scale, shift, act == "silu")
+
+
+group_norm_act.fuses_pre_bias = True
 
 
 # ---- consistency loss (CM paper eq. 10's distance d; iCT pseudo-Huber) -----------------------------------------

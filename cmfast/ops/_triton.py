@@ -13,6 +13,7 @@ from cmfast.kernels import consistency_loss as _loss
 from cmfast.kernels import group_norm_act as _gn
 from cmfast.kernels import residual as _res
 from cmfast.kernels import skip_output as _skip
+from cmfast.ops import check_pre_bias_forward_only
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -86,6 +87,7 @@ def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias
     _check("group_norm_act", x, weight, bias, scale, shift)
     if pre_bias is not None:
         _check("group_norm_act", x, pre_bias)
+        check_pre_bias_forward_only(x, weight, bias, scale, shift, pre_bias)
         return _gn.group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias)[0]
     return _GroupNormAct.apply(x, num_groups, weight, bias, eps, scale, shift, act)
 
