@@ -1,11 +1,13 @@
 """Autotuning in one place.
 
 On a GPU, `autotune` is `triton.autotune` over a small config list, pruned by the shapes that matter before
-any config is timed. Under TRITON_INTERPRET=1 (CPU tests) there is no driver to time configs with
+any config is timed, with the timings kept on disk in Triton's cache (triton >= 3.2: `cache_results`), so that only
+the first process on a machine pays for them (`CMFAST_TRITON_AUTOTUNE_CACHE=0` times every process anew). Under TRITON_INTERPRET=1 (CPU tests) there is no driver to time configs with
 (`triton.autotune` fails with "0 active drivers"), so the kernel runs with one fixed config instead.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -62,6 +64,15 @@ class _Switch:
         return launch
 
 
+def disk_cache() -> dict:
+    """triton.autotune's keyword that keeps the timings on disk, where this triton has it and it is not turned off.
+    Triton keys the file on its version, the GPU target (architecture), the kernel's source, the tuning key and the
+    config list, so a changed kernel or config list is timed again."""
+    if os.environ.get("CMFAST_TRITON_AUTOTUNE_CACHE", "1") == "0":
+        return {}
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 def autotune(configs: list[triton.Config], key: list[str], interpret_config: dict, prune=None, default=None,
              interpret_prune: bool = False):
     """Decorator (under @triton.jit): autotune over `configs` keyed on `key` (the autotuner also keys on the
@@ -77,6 +88,6 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: dic
         # The autotuner passes positional arguments as `named` and keyword arguments separately: merge them.
         kw = {"prune_configs_by": {"early_config_prune": lambda cs, named, **kws: prune(cs, {**named, **kws})}} \
             if prune else {}
-        tuned = triton.autotune(configs=configs, key=key, **kw)(fn)
+        tuned = triton.autotune(configs=configs, key=key, **kw, **disk_cache())(fn)
         return _Switch(fn, tuned, default) if default else tuned
     return deco

@@ -255,6 +255,31 @@ def test_group_norm_act_several_groups_per_program(gpb, fmt, dtype, resident, mo
     assert k._group_norm_act_bwd_groups_kernel.n == 1      # the backward of the first check
     assert k._group_norm_act_fwd_groups_kernel.n == 2      # one forward per check ran this kernel
 
+@pytest.mark.parametrize("env", ["", "0"], ids=["cached", "off"])
+def test_autotune_keeps_timings_on_disk(env, monkeypatch):
+    """On a GPU the tuned kernels are triton.autotune with cache_results (the timings of a shape kept in Triton's
+    cache, so a second process skips them) unless CMFAST_TRITON_AUTOTUNE_CACHE=0."""
+    import inspect
+    from cmfast.kernels import _autotune
+    from cmfast.kernels import residual as r
+    real = triton.autotune
+    if "cache_results" not in inspect.signature(real).parameters:
+        pytest.skip(f"triton {triton.__version__} has no cache_results (added in 3.2)")
+    seen = []
+
+    @functools.wraps(real)
+    def spy(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(triton, "autotune", spy)
+    if env:
+        monkeypatch.setenv("CMFAST_TRITON_AUTOTUNE_CACHE", env)
+    monkeypatch.setattr(_autotune, "interpreting", lambda: False)
+    _autotune.autotune([triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 128})], key=["n"],
+                       interpret_config={"BLOCK": 64})(r._residual_fwd_kernel)
+    assert len(seen) == 1 and seen[0].get("cache_results", False) is (env != "0")
+
+
 def test_group_norm_tuner_candidates():
     """What the GPU tuner may pick: always the old one-group streamed program; GPB dividing the groups; 16 warps
     only for a resident tile; no two configs doing the same work."""
