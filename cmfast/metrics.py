@@ -318,18 +318,19 @@ def _quantize(x):
 
 @torch.no_grad()
 def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigmas=None, dataset=None,
-             device=None, data_dir=None, weights=None, progress=False):
+             device=None, data_dir=None, weights=None, progress=False, engine="eager", dtype=torch.float32):
     """Sample `num` images and score them -> a JSON-ready dict that records implementation and mode.
 
     A ConsistencyModel samples with cmfast.sample (Algorithm 1; sigmas default to default_sigmas(steps)), an
-    EDMDenoiser with EDM's Heun sampler (steps default 18). Noise per batch and class labels (balanced) follow
-    cmfast-sample, so the same seed scores the same images. Samples are quantized to 8 bits before scoring.
+    EDMDenoiser with EDM's Heun sampler (steps default 18); engine and dtype as cmfast.sampling.generate_batches
+    (default: eager, float32). Noise per batch and class labels (balanced) follow cmfast-sample, so the same seed,
+    engine and batch size score the same images. Samples are quantized to 8 bits before scoring.
     metric "fd-fmnist" (cmfast's offline metric, against Fashion-MNIST train) or "fid" (Inception-V3,
     against cifar10 train unless `dataset` says otherwise).
     """
     import time
     from .precond import EDMDenoiser
-    from .sampling import edm_sample, sample
+    from .sampling import generate_batches, resolve_engine
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     dataset = dataset or ("fashion-mnist" if metric == "fd-fmnist" else "cifar10")
@@ -349,25 +350,21 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
         raise ValueError(f"num >= 2 and batch_size >= 1 expected, got num={num}, batch_size={batch_size}")
     device = torch.device(device or next(model.parameters()).device)
     model = model.eval().to(device)
-    shape, label_dim = _image_shape(model, dataset), getattr(getattr(model, "net", None), "label_dim", 0)
+    engine = resolve_engine(engine, model, dtype)
     t0 = time.time()
     mu_ref, s_ref, ref_meta = reference_stats(metric, dataset, data_dir, num=60000 if metric == "fd-fmnist"
                                               else 50000, device=device, weights=weights)
     extractor, dim, impl = _extractor(metric, device, weights)
     stats = FeatureStats(dim)
-    starts = range(0, num, batch_size)
-    for b0 in _progress(starts, len(starts), f"{metric} {steps}-step", progress):
-        n = min(batch_size, num - b0)
-        z = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + b0)).to(device)
-        labels = (torch.arange(b0, b0 + n) % label_dim).to(device) if label_dim else None
-        if edm:
-            x = edm_sample(model, z, steps, class_labels=labels)
-        else:
-            x = sample(model, z, sigmas, torch.Generator(device).manual_seed(seed * 1_000_003 + b0 + 1), labels)
+    batches = generate_batches(model, num, sigmas=None if edm else sigmas, steps=steps if edm else None, seed=seed,
+                               batch_size=batch_size, engine=engine, dtype=dtype, shape=_image_shape(model, dataset))
+    n_batches = math.ceil(num / min(batch_size, num))
+    for _, x in _progress(batches, n_batches, f"{metric} {steps}-step", progress):
         stats.update(extractor(_quantize(x)).double())
     value = frechet_distance(stats.mean, stats.cov, mu_ref, s_ref)
     return {"metric": "FD-FMNIST" if metric == "fd-fmnist" else "FID", "value": value, "implementation": impl,
             "mode": f"{num} samples (8-bit) vs {dataset} train ({ref_meta.get('n', '?')} images); {sampler}",
             "steps": steps, "sigmas": list(sigmas) if sigmas else None, "num": num, "seed": seed,
-            "batch_size": batch_size, "dataset": dataset, "device": str(device),
+            "batch_size": batch_size, "dataset": dataset, "device": str(device), "engine": engine,
+            "dtype": str(dtype).removeprefix("torch."),
             "seconds": round(time.time() - t0, 2)}

@@ -55,3 +55,82 @@ def edm_sample(denoiser: nn.Module, z: torch.Tensor, num_steps: int = 18, solver
             x_next = x + (t_next - t_cur) * (d + d2) / 2
         x = x_next
     return x.to(z.dtype)
+
+
+ENGINES = ("auto", "graphed", "eager")
+
+
+def resolve_engine(engine: str, model: nn.Module, dtype: torch.dtype = torch.float32) -> str:
+    """'graphed' (the CUDA-graph sampler, cmfast.GraphedSampler) or 'eager' (sample / edm_sample). 'auto' is graphed
+    for a consistency model on a CUDA device, eager otherwise (CPU, and the EDM teacher's Heun sampler)."""
+    from .precond import EDMDenoiser
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
+    p = next(model.parameters(), None)
+    on_cuda = p is not None and p.device.type == "cuda"
+    edm = isinstance(model, EDMDenoiser)
+    if engine == "auto":
+        engine = "graphed" if on_cuda and not edm else "eager"
+    if engine == "graphed" and edm:
+        raise ValueError("engine 'graphed': the EDM teacher samples with its Heun solver; use engine 'eager'")
+    if engine == "graphed" and not on_cuda:
+        raise ValueError(f"engine 'graphed' needs the model on a CUDA device (CUDA graphs), got "
+                         f"{p.device if p is not None else 'no parameters'}; use engine 'eager'")
+    if engine == "eager" and dtype != torch.float32:
+        raise ValueError(f"dtype {str(dtype).removeprefix('torch.')}: the eager engine samples in float32; reduced "
+                         "precision is the graphed engine's (CUDA)")
+    return engine
+
+
+@torch.no_grad()
+def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | None = None, seed: int = 0,
+                     batch_size: int = 256, class_label: int | None = None, engine: str = "auto",
+                     dtype: torch.dtype = torch.float32, shape: tuple | None = None):
+    """Yield (start, images) for `num` images in batches: float32 (n, C, H, W) in about [-1, 1]; what cmfast-sample
+    writes and cmfast-eval scores. A consistency model samples at `sigmas` (Algorithm 1), an EDMDenoiser with EDM's
+    Heun solver in `steps` steps. Class labels cycle through the classes, or are all `class_label`.
+
+    engine 'eager': image i's noise comes from a CPU generator seeded with seed and its batch's start, so the
+    images do not depend on batch_size. engine 'graphed': cmfast.GraphedSampler in `dtype` (its noise drawn inside
+    the graph on the GPU, seeded per batch the same way, so the images depend on batch_size; a short last batch
+    runs as a full one, cut); its output is clamped to [-1, 1]. 'auto': graphed for a consistency model on CUDA.
+    shape: one image's (C, H, W), by default the network's."""
+    from .precond import EDMDenoiser
+    engine = resolve_engine(engine, model, dtype)
+    edm = isinstance(model, EDMDenoiser)
+    if edm and sigmas:
+        raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
+    if not edm and not sigmas:
+        raise ValueError("sigmas: a consistency model needs its noise levels (e.g. (80.0,) for one step)")
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"num and batch_size: expected positive ints, got {num} and {batch_size}")
+    net = getattr(model, "net", None)
+    shape = shape or (net.in_channels, net.img_resolution, net.img_resolution)
+    label_dim = int(getattr(getattr(net, "_orig_mod", net), "label_dim", 0) or 0)
+    device = next(model.parameters()).device
+
+    def labels(b0: int, n: int):
+        if not label_dim:
+            return None
+        ids = torch.full((n,), class_label) if class_label is not None else torch.arange(b0, b0 + n) % label_dim
+        return ids.to(device)
+
+    if engine == "graphed":
+        from .graphed import GraphedSampler
+        B = min(batch_size, num)
+        sampler = GraphedSampler(model, B, shape, dtype=dtype, sigmas=sigmas, seed=seed)
+        for b0 in range(0, num, B):
+            n = min(B, num - b0)
+            yield b0, sampler(seed=seed * 1_000_003 + b0, class_labels=labels(b0, B))[:n]
+        return
+    for b0 in range(0, num, batch_size):
+        n = min(batch_size, num - b0)
+        z = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + b0)).to(device)
+        if edm:
+            x = edm_sample(model, z, steps or 18, class_labels=labels(b0, n))
+        else:
+            x = sample(model, z, sigmas, torch.Generator(device).manual_seed(seed * 1_000_003 + b0 + 1),
+                       labels(b0, n))
+        yield b0, x

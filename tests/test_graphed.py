@@ -223,6 +223,58 @@ def test_cast_copy_stores_what_autocast_would_cast():
     assert n_ref - n_out >= biases, (n_ref, n_out, biases)
 
 
+# ---- generate_batches: the engines of cmfast-sample and cmfast-eval -------------------------------------------
+def test_engine_choice_and_its_errors():
+    model = _model()
+    assert cmfast.sampling.resolve_engine("auto", model) == "eager"                          # CPU
+    assert cmfast.sampling.resolve_engine("auto", cmfast.EDMDenoiser(model.net)) == "eager"
+    for engine, dtype, match in (("graphed", torch.float32, "needs the model on a CUDA device"),
+                                 ("eager", torch.bfloat16, "the eager engine samples in float32"),
+                                 ("fast", torch.float32, "engine: expected one of auto, graphed, eager"),
+                                 ("eager", torch.int8, "dtype: expected")):
+        with pytest.raises(ValueError, match=match) as e:
+            cmfast.sampling.resolve_engine(engine, model, dtype)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="Heun"):
+        cmfast.sampling.resolve_engine("graphed", cmfast.EDMDenoiser(model.net))
+
+
+def test_generate_batches_eager_is_batch_size_free():
+    """Eager: each batch's noise from a CPU generator seeded with seed and the batch start, Algorithm 1 after it:
+    the images equal cmfast.sample's with those draws, and a batch size that divides the starts the same way gives
+    the same images; labels cycle through the classes."""
+    model = _model(label_dim=3)
+    sigmas = (80.0, 0.821)
+    got = torch.cat([x for _, x in cmfast.sampling.generate_batches(model, 4, sigmas=sigmas, seed=2, batch_size=2)])
+    z = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(2 * 1_000_003 + 2))
+    ref = cmfast.sample(model, z, sigmas, torch.Generator().manual_seed(2 * 1_000_003 + 3), torch.tensor([2, 0]))
+    torch.testing.assert_close(got[2:], ref, atol=0, rtol=0)
+    one = torch.cat([x for _, x in cmfast.sampling.generate_batches(model, 4, sigmas=sigmas, seed=2, batch_size=2,
+                                                                    class_label=1)])
+    assert (one - got).abs().max() > 1e-3                               # the label reaches the network
+    with pytest.raises(ValueError, match="sigmas"):
+        next(cmfast.sampling.generate_batches(model, 4))
+
+
+def test_generate_batches_graphed_path(monkeypatch):
+    """The graphed engine's batching, run uncaptured on CPU (the graph itself is GPU-tested below): one sampler at
+    min(batch_size, num); each batch re-seeded with seed and its start; a short last batch runs as a full one with
+    full-length labels and is cut, so the first 5 of 8 images are the 5 images asked for."""
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
+    monkeypatch.setattr(cmfast.graphed.GraphedSampler, "__call__", cmfast.graphed.GraphedSampler._run_uncaptured)
+    monkeypatch.setattr(cmfast.sampling, "resolve_engine", lambda engine, model, dtype=None: "graphed")
+    model = _model(label_dim=3)
+    run = lambda num: torch.cat([x for _, x in cmfast.sampling.generate_batches(   # noqa: E731
+        model, num, sigmas=(80.0,), seed=1, batch_size=4, engine="graphed")])
+    five, eight = run(5), run(8)
+    assert five.shape == (5, *SHAPE) and five.abs().max() <= 1
+    torch.testing.assert_close(five, eight[:5], atol=0, rtol=0)
+    sampler = cmfast.GraphedSampler(model, 4, SHAPE, dtype=torch.float32, sigmas=(80.0,))
+    second = sampler._run_uncaptured(seed=1 * 1_000_003 + 4, class_labels=torch.tensor([1, 2, 0, 1]))
+    torch.testing.assert_close(eight[4:], second, atol=0, rtol=0)
+    assert (eight[:4] - eight[4:]).abs().mean() > 0.05                  # batches get their own noise
+
+
 # ---- GPU ----------------------------------------------------------------------------------------------------
 def _eager(model, z, noises, sigmas, dtype=torch.bfloat16, labels=None):
     """Algorithm 1 in eager PyTorch (fp32 model under autocast), with the given noise, then the clamp."""
@@ -335,3 +387,26 @@ def test_compiled_backbone():
     z, noises = _noise(sampler)
     torch.testing.assert_close(out, _eager(model, z, noises, (80.0, 1.0)), **BF16)
     assert (sampler() - out).abs().mean() > 0.05
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_batches_graphed_on_cuda(dtype):
+    """cmfast-sample's graphed engine on CUDA: 'auto' picks it; batches are the sampler's replays re-seeded per
+    batch (deterministic); a short last batch is a full replay cut; fp32 agrees with eager Algorithm 1 on the same
+    noise (both TF32 convolutions, different kernels: within 1e-2, where a wrong noise or step moves O(0.1))."""
+    model = _model("cuda")
+    assert cmfast.sampling.resolve_engine("auto", model) == "graphed"
+    run = lambda num: torch.cat([x for _, x in cmfast.sampling.generate_batches(   # noqa: E731
+        model, num, sigmas=(80.0, 0.821), seed=1, batch_size=4, dtype=dtype)])
+    five, eight = run(5), run(8)
+    torch.testing.assert_close(five, eight[:5], atol=0, rtol=0)
+    assert five.dtype == torch.float32 and (eight[:4] - eight[4:]).abs().mean() > 0.05
+    if dtype == torch.float32:
+        sampler = cmfast.GraphedSampler(model, 4, SHAPE, dtype=dtype, sigmas=(80.0, 0.821))
+        out = sampler(seed=1 * 1_000_003 + 4)
+        z, noises = _noise(sampler, B=4)
+        torch.testing.assert_close(out, eight[4:], atol=0, rtol=0)
+        torch.testing.assert_close(out, _eager(model, z, noises, (80.0, 0.821), dtype=torch.float32),
+                                   atol=1e-2, rtol=1e-2)

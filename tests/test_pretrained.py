@@ -66,7 +66,11 @@ def test_eval_searches_two_step_sigmas(tmp_path, capsys):
     assert trials[0][0] == [80.0, 0.821] and len(trials) >= 3       # the default is scored, then the search
     assert r["sigmas"][0] == 80.0 and 0.002 < r["sigmas"][1] < 80.0
     assert r["value"] == pytest.approx(min(v for _, v in trials))   # same seed: the best trial, re-evaluated
+    assert r["engine"] == "eager" and r["dtype"] == "float32"      # auto on a CPU
     capsys.readouterr()
     with pytest.raises(SystemExit):
         eval_main(["--checkpoint", ckpt, "--metric", "fd-fmnist", "--steps", "1", "--search-sigmas"])
     assert "cmfast-eval: error: --search-sigmas needs --steps 2 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--checkpoint", ckpt, "--metric", "fd-fmnist", "--engine", "graphed", "--device", "cpu"])
+    assert "cmfast-eval: error: engine 'graphed' needs the model on a CUDA device" in capsys.readouterr().err

@@ -124,6 +124,13 @@ def test_checkpoint_errors(capsys, tmp_path, fm):
           main=sample_main, prog="cmfast-sample")
     fails(capsys, ["--pretrained", "nope", "--grid", "x.png"], "no shipped model 'nope'; available:",
           main=sample_main, prog="cmfast-sample")
+    # Sampling engines: the graphed one needs CUDA, reduced precision the graphed one; an EDM teacher has no sigmas.
+    grid = str(tmp_path / "g.png")
+    for argv, msg in ((["--checkpoint", out, "--engine", "graphed"], "engine 'graphed' needs the model on a CUDA"),
+                      (["--checkpoint", out, "--dtype", "bf16"], "dtype bfloat16: the eager engine samples in float32"),
+                      (["--checkpoint", edm, "--sigmas", "80,0.821"], "--sigmas: an EDM teacher samples with its Heun")):
+        fails(capsys, [*argv, "--grid", grid, "--device", "cpu"], msg, main=sample_main, prog="cmfast-sample")
+    assert not os.path.exists(grid)
 
 
 def test_unwritable_output_dir(capsys, tmp_path, fm):

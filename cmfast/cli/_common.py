@@ -49,6 +49,24 @@ def add_device(group) -> None:
     group.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}   # --dtype's names of torch dtypes
+
+
+def torch_dtype(name: str):
+    import torch
+    return getattr(torch, DTYPES[name])
+
+
+def add_engine(group) -> None:
+    """--engine and --dtype of cmfast-sample and cmfast-eval (cmfast.sampling.generate_batches)."""
+    group.add_argument("--engine", choices=("auto", "graphed", "eager"), default="auto",
+                       help="graphed: the CUDA-graph sampler (GPU; noise drawn on the GPU, so images depend on "
+                            "--batch-size); eager: one network call at a time, any device (default auto: graphed "
+                            "for a consistency model on CUDA, else eager)")
+    group.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                       help="network precision of the graphed engine (default fp32; bf16 is fastest)")
+
+
 def check_steps_sigmas(prog: str, steps, sigmas) -> None:
     if steps and sigmas and steps != len(sigmas):
         fail(prog, f"--steps {steps} but --sigmas has {len(sigmas)} values")

@@ -37,10 +37,12 @@ def build_parser():
     g.add_argument("--search-iters", type=_positive, default=6, help="ternary-search rounds per level (default 6; "
                                                                      "two evaluations each)")
     g.add_argument("--num", type=_positive, default=50000, help="number of generated images (default 50000)")
-    g.add_argument("--seed", type=int, default=0, help="noise seed (default 0); with the same --batch-size, the images cmfast-sample makes")
+    g.add_argument("--seed", type=int, default=0,
+                   help="noise seed (default 0); with the same --batch-size and engine, the images cmfast-sample makes")
     p = ap.add_argument_group("performance")
     p.add_argument("--batch-size", type=_positive, default=256, help="(default 256, as cmfast-sample)")
     _common.add_device(p)
+    _common.add_engine(p)
     io = ap.add_argument_group("I/O")
     io.add_argument("--dataset", choices=("fashion-mnist", "cifar10"), default=None,
                     help="reference data (default: from the checkpoint, else by metric)")
@@ -73,7 +75,8 @@ def main(argv=None):
         if dataset not in (None, "fashion-mnist", "cifar10"):
             dataset = None
         common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, dataset=dataset, device=device,
-                      data_dir=args.data_dir, weights=args.inception_weights)
+                      data_dir=args.data_dir, weights=args.inception_weights, engine=args.engine,
+                      dtype=_common.torch_dtype(args.dtype))
         search = None
         if args.search_sigmas:
             from ..precond import EDMDenoiser

@@ -2,6 +2,7 @@
 
     cmfast-sample --checkpoint runs/fm --num 64 --steps 2 --grid samples.png
     cmfast-sample --pretrained fmnist --num 10000 --npz samples.npz --batch-size 500
+    cmfast-sample --checkpoint runs/cifar --num 50000 --npz cifar.npz --engine graphed --dtype bf16   # on a GPU
 """
 from __future__ import annotations
 
@@ -32,35 +33,21 @@ def build_parser():
     p = ap.add_argument_group("performance")
     p.add_argument("--batch-size", type=_ranged(int, 1), default=256, help="(default: 256)")
     _common.add_device(p)
+    _common.add_engine(p)
     io = ap.add_argument_group("I/O")
     io.add_argument("--grid", "--out", dest="grid", metavar="PNG", help="write a PNG grid of all images")
     io.add_argument("--npz", metavar="PATH", help="write uint8 images (N, H, W, C) as arr_0 in an .npz")
     return ap
 
 
-def generate(model, kind, num, steps, sigmas, seed, batch_size, device, class_label=None):
-    """uint8 (num, H, W, C). Image i uses noise from seed + its batch index, so --batch-size changes nothing."""
+def generate(model, num, steps, sigmas, seed, batch_size, class_label, engine, dtype):
+    """uint8 (num, H, W, C), batch by batch (cmfast.sampling.generate_batches: the engines and their noise)."""
     import numpy as np
-    import torch
-    from ..sampling import edm_sample, sample
+    from ..sampling import generate_batches
     from ..training.images import to_uint8
-    net = model.net
-    shape = (net.in_channels, net.img_resolution, net.img_resolution)
-    out = []
-    for b0 in range(0, num, batch_size):
-        n = min(batch_size, num - b0)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + b0)
-        z = torch.randn((n, *shape), generator=gen).to(device)
-        labels = None
-        if getattr(net, "label_dim", 0):
-            labels = (torch.full((n,), class_label) if class_label is not None
-                      else torch.arange(b0, b0 + n) % net.label_dim).to(device)
-        if kind == "edm":
-            x = edm_sample(model, z, steps or 18, class_labels=labels)
-        else:
-            x = sample(model, z, sigmas, torch.Generator(device).manual_seed(seed * 1_000_003 + b0 + 1), labels)
-        out.append(to_uint8(x))
-    return np.concatenate(out)
+    return np.concatenate([to_uint8(x) for _, x in generate_batches(
+        model, num, sigmas=sigmas, steps=steps, seed=seed, batch_size=batch_size, class_label=class_label,
+        engine=engine, dtype=dtype)])
 
 
 def main(argv=None) -> int:
@@ -81,8 +68,12 @@ def main(argv=None) -> int:
         sigmas = args.sigmas or {1: (model.sigma_max,)}.get(args.steps or 1, (model.sigma_max, 0.821))
         if kind == "cm" and args.steps and args.steps > 2 and not args.sigmas:
             raise ValueError(f"--steps {args.steps}: give the noise levels with --sigmas (1 and 2 steps have defaults)")
-        imgs = generate(model, kind, args.num, args.steps, sigmas, args.seed, args.batch_size, device,
-                        args.class_label)
+        if kind == "edm":
+            if args.sigmas:
+                raise ValueError("--sigmas: an EDM teacher samples with its Heun schedule; give --steps")
+            sigmas = None
+        imgs = generate(model, args.num, args.steps, sigmas, args.seed, args.batch_size, args.class_label,
+                        args.engine, _common.torch_dtype(args.dtype))
         from ..training.checkpoint import atomic_write
         if args.grid:
             from ..training.images import grid, png_bytes
