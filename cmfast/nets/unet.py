@@ -214,3 +214,15 @@ class UNet(nn.Module):
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(blk, x)
         return self.out_conv(self.out_norm(x, act="silu"))
+
+
+def architecture(cfg: dict) -> dict:
+    """A UNet config with every default filled in and dropout left out (it shapes no weight): two configs whose
+    architecture() is equal have interchangeable weights (a CD student starts from its teacher's)."""
+    import inspect
+    full = {k: p.default for k, p in inspect.signature(UNet.__init__).parameters.items() if k != "self"}
+    full.update(cfg)
+    full.pop("dropout", None)
+    if full.get("out_channels") is None:
+        full["out_channels"] = full["in_channels"]
+    return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in full.items()}

@@ -171,7 +171,17 @@ def build_model(cfg: dict) -> torch.nn.Module:
 def load_model(path: str, which: str = "ema", map_location="cpu"):
     """(model, meta) from a run directory (newest checkpoint) or a checkpoint file: the preconditioned model
     (ConsistencyModel, or EDMDenoiser for --method edm) in eval mode with the `which` weights: 'ema' (the first
-    --ema rate), 'ema@<rate>', 'model' (online) or 'target'; with no EMA, 'ema' is an error naming what there is. meta: {'step', 'config', 'path', 'which'}."""
+    --ema rate), 'ema@<rate>', 'model' (online) or 'target'; with no EMA, 'ema' is an error naming what there is. meta: {'step', 'config', 'path', 'which'}.
+    An EDM network pickle (*.pkl, NVlabs/edm) loads as its 'ema' EDM denoiser (cmfast.edm_import, no code run)."""
+    if str(path).endswith(".pkl"):
+        from ..edm_import import EDMPickleError, load_edm_pickle
+        if which != "ema":
+            raise CheckpointError(f"{path}: an EDM pickle holds 'ema' weights only, got which={which!r}")
+        try:
+            model, cfg = load_edm_pickle(path, map_location)
+        except EDMPickleError as e:
+            raise CheckpointError(str(e)) from None
+        return model, {"step": 0, "config": cfg, "path": str(path), "which": "ema"}
     wpath = resolve(path)
     modules, meta = load_weights(wpath)
     if which == "ema" and "ema" not in modules and meta["config"].get("ema"):

@@ -168,10 +168,13 @@ def _train(args: dict) -> dict:
 
     # ---- Models: online (trained), target (CD/CT), EMAs for evaluation ----------------------------------------------
     torch.manual_seed(cfg["seed"])
-    from ..nets import UNet
+    from ..nets import UNet, architecture
     net = UNet(**cfg["net"])
-    if teacher is not None and cfg["init_from_teacher"] and tcfg["net"] == cfg["net"]:
-        net.load_state_dict(teacher.net.state_dict())      # CM paper: the student starts from the teacher
+    # CM paper: the student starts from the teacher, where their networks differ in dropout at most.
+    init_from_teacher = (teacher is not None and cfg["init_from_teacher"]
+                         and architecture(tcfg["net"]) == architecture(cfg["net"]))
+    if init_from_teacher:
+        net.load_state_dict(teacher.net.state_dict())
     torch.manual_seed(cfg["seed"] + rank)
     models = method.build(net, cfg, teacher)
     for m in models.values():
@@ -234,6 +237,9 @@ def _train(args: dict) -> dict:
             + (f"steps {step} -> {cfg['total_steps']}" if not cfg.get("time_budget") or cfg.get("planned") else
                f"steps from {step}, as many as fit in --time-budget {cfg['time_budget']:g} min (planned after "
                f"{PROBE_UNTIMED + PROBE_TIMED} steps)"))
+        if teacher is not None and cfg["init_from_teacher"] and step == 0:
+            log("the student starts from the teacher's weights" if init_from_teacher else
+                "the student starts from random weights: its network differs from the teacher's")
         if compiled:
             log(f"torch.compile mode {cfg['compile']} ({compiled['backend']} backend, cmfast.ops backend "
                 f"{cfg['backend']}) of {', '.join(compiled['nets'])}: the first steps compile, the first stats row "

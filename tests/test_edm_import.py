@@ -1,0 +1,235 @@
+"""cmfast.edm_import: EDM network pickles (NVlabs/edm) read without running their code, mapped onto cmfast's UNet.
+
+The pickles here are written the way EDM's torch_utils.persistence writes its own (read from NVlabs/edm: each network
+module pickled as _reconstruct_persistent_obj(meta) with meta = class_name, module source and the module's __dict__;
+parameters as torch pickles them; plain torch.nn.ModuleDicts for enc / dec), from a cmfast UNet renamed to EDM's
+layout (dec.<res>_aux_norm / _aux_conv, resample_filter buffers, an augmentation embedding). A real EDM checkpoint
+cannot be fetched here."""
+import collections
+import json
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+
+import cmfast
+from cmfast import edm_import
+from cmfast.training.checkpoint import CheckpointError, load_model
+from cmfast.nets import UNet, architecture
+
+SRC = "raise SystemExit('EDM source was executed')"      # what a real pickle stores: EDM's module source
+
+
+@pytest.fixture(autouse=True)
+def persistence_module(monkeypatch):
+    """torch_utils.persistence as pickle must find it while writing (the reader never imports it)."""
+    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError("not called by the reader")
+    _reconstruct_persistent_obj.__module__ = mod.__name__
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    pkg.persistence = mod
+    monkeypatch.setitem(sys.modules, "torch_utils", pkg)
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", mod)
+    return mod
+
+
+class _Persistent:
+    def __init__(self, class_name, state):
+        self.class_name, self.state = class_name, state
+
+    def __reduce__(self):
+        meta = dict(type="class", version=6, module_src=SRC, class_name=self.class_name, state=self.state)
+        return sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj, (meta,)
+
+
+class _Evil:
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _state(params=(), buffers=(), modules=(), **attrs):
+    return {"training": False, "_parameters": collections.OrderedDict(params),
+            "_buffers": collections.OrderedDict(buffers), "_modules": collections.OrderedDict(modules), **attrs}
+
+
+def _edm_filter(taps):
+    f = torch.tensor(taps, dtype=torch.float32)
+    return f.ger(f).unsqueeze(0).unsqueeze(1) / f.sum().square()
+
+
+def _edm_tree(m, taps):
+    """A cmfast module as EDM pickles its counterpart (same class names and parameter names)."""
+    params = [(k, torch.nn.Parameter(v.detach().clone())) for k, v in m._parameters.items() if v is not None]
+    buffers = [(k, v.clone()) for k, v in m._buffers.items() if v is not None and k not in m._non_persistent_buffers_set]
+    if getattr(m, "resample_filter", None) is not None:
+        buffers.append(("resample_filter", _edm_filter(taps)))     # EDM keeps it as a (persistent) buffer
+    children = [(k, _edm_tree(c, taps)) for k, c in m._modules.items() if c is not None]
+    if isinstance(m, torch.nn.ModuleDict):
+        d = torch.nn.ModuleDict()
+        d._modules.update(children)                              # EDM's enc / dec: plain torch ModuleDicts
+        return d
+    return _Persistent(type(m).__name__, _state(params, buffers, children))
+
+
+def write_edm_pickle(path, net: UNet, song_kwargs: dict, precond="EDMPrecond", sigma_data=0.5, augment_dim=9,
+                     marker=None):
+    """An EDM training snapshot (network-snapshot-*.pkl) holding `net` as EDMPrecond(SongUNet)."""
+    cfg = net.config
+    taps = list(cfg["resample_filter"])
+    song = _edm_tree(net, taps)
+    res = cfg["img_resolution"]
+    mods = song.state["_modules"]
+    dec = mods["dec"]
+    dec._modules[f"{res}x{res}_aux_norm"] = mods.pop("out_norm")
+    dec._modules[f"{res}x{res}_aux_conv"] = mods.pop("out_conv")
+    if augment_dim:
+        w = torch.nn.Parameter(torch.randn(cfg["model_channels"] * cfg.get("channel_mult_noise", 1), augment_dim))
+        mods["map_augment"] = _Persistent("Linear", _state([("weight", w)]))
+    kwargs = dict(img_resolution=res, img_channels=cfg["in_channels"], label_dim=cfg.get("label_dim", 0),
+                  use_fp16=False, augment_dim=augment_dim, **song_kwargs)
+    ema = _Persistent(precond, _state(modules=[("model", song)], img_resolution=res, sigma_data=sigma_data,
+                                      sigma_min=0, sigma_max=float("inf"), _init_args=(), _init_kwargs=kwargs))
+    evil = _Evil()
+    evil.marker = marker or os.devnull
+    data = dict(ema=ema, loss_fn=_Persistent("EDMLoss", {"P_mean": -1.2, "hook": evil}), augment_pipe=None,
+                dataset_kwargs={"class_name": "training.dataset.ImageFolderDataset", "resolution": res})
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return path
+
+
+ARCHS = {   # small SongUNets of both kinds (EDM --arch ddpmpp / ncsnpp), and a conditional one
+    "ddpmpp": dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard", resample_filter=[1, 1]),
+    "ncsnpp": dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
+                   resample_filter=[1, 3, 3, 1]),
+    "ddpmpp-cond": dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+                        resample_filter=[1, 1], label_dim=3),
+}
+
+
+def _net(arch):
+    kw = dict(ARCHS[arch])
+    cfg = dict(img_resolution=16, in_channels=3, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+               attn_resolutions=[8], channel_mult_emb=2, dropout=0.13, **kw)
+    torch.manual_seed(0)
+    net = UNet(**cfg)
+    with torch.no_grad():
+        for p in net.parameters():      # EDM's zero-ish inits would hide a wrong mapping
+            p.normal_(0, 0.3)
+    net.config = cfg
+    song = {k: v for k, v in cfg.items() if k not in ("img_resolution", "in_channels", "label_dim")}
+    return net, {"model_type": "SongUNet", "decoder_type": "standard", **song}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_imports_edm_songunet_exactly(arch, tmp_path):
+    """The imported denoiser equals the network the pickle was written from, bit for bit, at several noise levels
+    (NCSN++: the Fourier frequencies buffer travels; conditional: the label embedding); the augmentation embedding
+    and the filter buffers are left out; sigma_data comes from the pickle."""
+    net, song = _net(arch)
+    path = write_edm_pickle(tmp_path / "net.pkl", net, song, sigma_data=0.5)
+    model, meta = load_model(str(path))
+    ref = cmfast.EDMDenoiser(net).eval()
+    assert isinstance(model, cmfast.EDMDenoiser) and not model.training and meta["config"]["method"] == "edm"
+    assert architecture(meta["config"]["net"]) == architecture(net.config)
+    x = torch.randn(3, 3, 16, 16)
+    labels = torch.tensor([0, 2, 1]) if "cond" in arch else None
+    for sigma in (0.002, 0.5, 80.0):
+        with torch.no_grad():
+            assert torch.equal(model(x, sigma, labels), ref(x, sigma, labels))
+    other = edm_import.load_edm_pickle(write_edm_pickle(tmp_path / "sd.pkl", net, song, sigma_data=0.25))[0]
+    assert other.sigma_data == 0.25
+
+
+def test_no_code_in_the_pickle_runs(tmp_path):
+    """EDM's stored module source would raise SystemExit and a reduce to os.system would write a file: the reader
+    runs neither (both are kept as inert data)."""
+    net, song = _net("ddpmpp")
+    marker = tmp_path / "pwned"
+    path = write_edm_pickle(tmp_path / "net.pkl", net, song, marker=marker)
+    data = edm_import.read_pickle(str(path))
+    assert not marker.exists()
+    assert isinstance(data["loss_fn"].state["hook"], edm_import._Inert)
+    assert data["loss_fn"].state["hook"]._key in ("posix.system", "nt.system")
+    with pytest.raises(pickle.PicklingError):
+        pickle.dumps(data["loss_fn"])
+    edm_import.load_edm_pickle(str(path))
+    assert not marker.exists()
+
+
+def test_errors_are_one_line(tmp_path):
+    net, song = _net("ddpmpp")
+    cases = [
+        (dict(precond="VPPrecond"), "VPPrecond networks are not supported"),
+        (dict(song_kwargs={**song, "model_type": "DhariwalUNet"}), "model_type 'DhariwalUNet' is not supported"),
+        (dict(song_kwargs={**song, "decoder_type": "skip"}), "decoder 'skip' is not supported"),
+        (dict(song_kwargs={**song, "channel_mult_emb": 4}), "has shape"),
+        (dict(song_kwargs={**song, "num_blocks": 2}), "do not match EDM's SongUNet"),
+        (dict(song_kwargs={**song, "resample_filter": [1, 3, 3, 1]}), "is not the filter of resample_filter"),
+    ]
+    for i, (kw, match) in enumerate(cases):
+        path = write_edm_pickle(tmp_path / f"{i}.pkl", net, **{"song_kwargs": song, **kw})
+        with pytest.raises(CheckpointError, match=match) as e:
+            load_model(str(path))
+        assert "\n" not in str(e.value)
+    good = write_edm_pickle(tmp_path / "good.pkl", net, song).read_bytes()
+    (tmp_path / "cut.pkl").write_bytes(good[:len(good) // 2])
+    (tmp_path / "list.pkl").write_bytes(pickle.dumps([1, 2]))
+    for name, match in (("cut.pkl", "unreadable EDM pickle"), ("list.pkl", "not an EDM network pickle"),
+                        ("missing.pkl", "not found")):
+        with pytest.raises(CheckpointError, match=match):
+            load_model(str(tmp_path / name))
+    with pytest.raises(CheckpointError, match="'ema' weights only"):
+        load_model(str(tmp_path / "good.pkl"), which="model")
+
+
+def test_sample_convert_and_teach(tmp_path, capsys):
+    """cmfast-sample takes the pickle as --checkpoint (EDM Heun); `python -m cmfast.edm_import` writes a cmfast
+    checkpoint with the same model; cmfast-train takes the pickle as --teacher and says whether the student starts
+    from its weights."""
+    from cmfast.cli.sample import main as sample_main
+    from cmfast.cli.train import main as train_main
+    net, song = _net("ddpmpp")
+    pkl = str(write_edm_pickle(tmp_path / "edm.pkl", net, song))
+    assert sample_main(["--checkpoint", pkl, "--steps", "2", "--num", "2", "--npz", str(tmp_path / "s.npz"),
+                        "--device", "cpu"]) == 0
+    out = tmp_path / "edm.safetensors"
+    assert edm_import.main([pkl, str(out)]) == 0
+    a, _ = load_model(pkl)
+    b, meta = load_model(str(out))
+    assert meta["config"]["imported_from"] == pkl
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+    assert edm_import.main([str(tmp_path / "nope.pkl"), str(tmp_path / "x.safetensors")]) == 2
+    assert "cmfast.edm_import: error:" in capsys.readouterr().err
+    # A folder of 16x16 RGB images; the student is another network (the tiny preset), so it starts from random weights.
+    from train_fixtures import write_png_folder
+    write_png_folder(tmp_path / "imgs", n=4, size=16)
+    run = tmp_path / "cd"
+    assert train_main(["--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--method", "cd", "--teacher", pkl,
+                       "--preset", "tiny", "--batch-size", "2", "--steps", "1", "--sample-num", "0", "--loss", "l2",
+                       "--output-dir", str(run)]) == 0
+    assert "the student starts from random weights" in (run / "log.txt").read_text()
+
+
+def test_student_starts_from_a_teacher_that_differs_in_dropout_only(tmp_path):
+    """CM paper: the CD student is initialized from the teacher. EDM's teachers train with dropout 0.13 and the
+    paper's students with 0: before, any config difference (dropout included) silently skipped the copy."""
+    from cmfast.cli.train import main as train_main
+    from train_fixtures import write_fmnist
+    write_fmnist(tmp_path / "fm", n=8)
+    base = ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm"), "--preset", "tiny", "--batch-size", "4",
+            "--sample-num", "0", "--steps", "1", "--loss", "l2"]
+    assert train_main([*base, "--method", "edm", "--dropout", "0.2", "--output-dir", str(tmp_path / "edm")]) == 0
+    assert train_main([*base, "--method", "cd", "--teacher", str(tmp_path / "edm"), "--dropout", "0.0",
+                       "--output-dir", str(tmp_path / "cd")]) == 0
+    assert "the student starts from the teacher's weights" in (tmp_path / "cd" / "log.txt").read_text()
+    cfg = json.loads((tmp_path / "cd" / "config.json").read_text())
+    assert cfg["net"]["dropout"] == 0.0
+    assert architecture({**cfg["net"], "dropout": 0.2}) == architecture(cfg["net"])
+    assert architecture({**cfg["net"], "num_blocks": 2}) != architecture(cfg["net"])
