@@ -7,8 +7,9 @@ Those pickles carry EDM's source code, and pickle.load runs it (EDM's torch_util
 source it stored). This reader runs none of it: an unpickler that calls only torch's tensor rebuild functions
 (storages through torch.load(weights_only=True)) and the container types, and keeps every other object as inert
 data, its class name and state. From EDMPrecond's recorded constructor arguments it builds the matching
-cmfast.UNet (EDM's SongUNet: DDPM++ 'vp' and NCSN++ 've' networks) and loads the weights by name: EDM's
-`model.dec.<res>_aux_norm` / `_aux_conv` are cmfast's `out_norm` / `out_conv`, the augmentation embedding
+cmfast.UNet (EDM's SongUNet: DDPM++ 'vp' and NCSN++ 've' networks; DhariwalUNet: the ADM ImageNet 64x64 network,
+arch='adm') and loads the weights by name: SongUNet's `model.dec.<res>_aux_norm` / `_aux_conv` are cmfast's
+`out_norm` / `out_conv`, the augmentation embedding
 (`map_augment`, used only with augmentation labels in training) and the resampling filter buffers (derived from
 resample_filter) are left out, and every other tensor must match one cmfast parameter by name and shape.
 
@@ -28,9 +29,15 @@ SONGUNET_DEFAULTS = dict(label_dim=0, augment_dim=0, model_channels=128, channel
                          num_blocks=4, attn_resolutions=[16], dropout=0.10, label_dropout=0,
                          embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
                          decoder_type="standard", resample_filter=[1, 1])
-# cmfast.UNet arguments taken from SongUNet's (the same names and meaning).
-_NET_KEYS = ("label_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions",
-             "dropout", "embedding_type", "channel_mult_noise", "encoder_type", "resample_filter")
+# ... and DhariwalUNet's (ADM: EDM's ImageNet 64x64 network).
+DHARIWAL_DEFAULTS = dict(label_dim=0, augment_dim=0, model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4,
+                         num_blocks=3, attn_resolutions=[32, 16, 8], dropout=0.10, label_dropout=0)
+# cmfast.UNet arguments taken from EDM's (the same names and meaning).
+_NET_KEYS = {"SongUNet": ("label_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
+                          "attn_resolutions", "dropout", "embedding_type", "channel_mult_noise", "encoder_type",
+                          "resample_filter"),
+             "DhariwalUNet": ("label_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
+                              "attn_resolutions", "dropout")}
 
 
 class EDMPickleError(ValueError):
@@ -158,11 +165,14 @@ def load_edm_pickle(path: str, map_location="cpu"):
     for i, name in enumerate(("img_resolution", "img_channels", "label_dim", "use_fp16")[:len(st.get("_init_args")
                                                                                                or ())]):
         kw.setdefault(name, st["_init_args"][i])
-    if kw.get("model_type", "DhariwalUNet") != "SongUNet":
-        raise EDMPickleError(f"{path}: model_type {kw.get('model_type', 'DhariwalUNet')!r} is not supported: cmfast's "
-                             f"UNet is EDM's SongUNet (DDPM++ / NCSN++)")
-    song = {**SONGUNET_DEFAULTS, **{k: v for k, v in kw.items() if k in SONGUNET_DEFAULTS}}
-    if song["decoder_type"] != "standard" or song["encoder_type"] not in ("standard", "residual"):
+    model_type = kw.get("model_type", "DhariwalUNet")        # EDMPrecond's default
+    if model_type not in _NET_KEYS:
+        raise EDMPickleError(f"{path}: model_type {model_type!r} is not supported: cmfast's UNet is EDM's SongUNet "
+                             f"(DDPM++ / NCSN++) or DhariwalUNet (ADM)")
+    defaults = SONGUNET_DEFAULTS if model_type == "SongUNet" else DHARIWAL_DEFAULTS
+    song = {**defaults, **{k: v for k, v in kw.items() if k in defaults}}
+    if model_type == "SongUNet" and (song["decoder_type"] != "standard"
+                                     or song["encoder_type"] not in ("standard", "residual")):
         raise EDMPickleError(f"{path}: encoder {song['encoder_type']!r} / decoder {song['decoder_type']!r} is not "
                              f"supported (cmfast: encoder 'standard' or 'residual', decoder 'standard')")
     try:
@@ -170,7 +180,8 @@ def load_edm_pickle(path: str, map_location="cpu"):
     except (KeyError, TypeError, ValueError):
         raise EDMPickleError(f"{path}: the network's img_resolution / img_channels are not recorded") from None
     net_cfg = {"img_resolution": res, "in_channels": chans,
-               **{k: (list(song[k]) if isinstance(song[k], (list, tuple)) else song[k]) for k in _NET_KEYS}}
+               **{k: (list(song[k]) if isinstance(song[k], (list, tuple)) else song[k]) for k in _NET_KEYS[model_type]},
+               **({"arch": "adm"} if model_type == "DhariwalUNet" else {})}
     cfg = {"method": "edm", "dataset": None, "net": net_cfg, "sigma_data": float(st.get("sigma_data", 0.5)),
            "sigma_min": 0.002, "sigma_max": 80.0, "imported_from": str(path)}
 
@@ -193,10 +204,11 @@ def load_edm_pickle(path: str, map_location="cpu"):
             filters[name] = t
             continue
         weights[name] = t
-    want = _edm_filter(song["resample_filter"])
+    want = _edm_filter(song.get("resample_filter", [1, 1]))
     for name, f in filters.items():
         if f.shape != want.shape or not torch.allclose(f.float(), want):
-            raise EDMPickleError(f"{path}: {name} is not the filter of resample_filter={song['resample_filter']}")
+            raise EDMPickleError(f"{path}: {name} is not the filter of resample_filter="
+                                 f"{song.get('resample_filter', [1, 1])}")
     try:
         net = UNet(**net_cfg)
     except (TypeError, ValueError) as e:
@@ -205,7 +217,7 @@ def load_edm_pickle(path: str, map_location="cpu"):
     missing = sorted(set(own) - set(weights))
     extra = sorted(set(weights) - set(own))
     if missing or extra:
-        raise EDMPickleError(f"{path}: the weights do not match EDM's SongUNet with the recorded arguments "
+        raise EDMPickleError(f"{path}: the weights do not match EDM's {model_type} with the recorded arguments "
                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
     bad = [k for k in own if own[k].shape != weights[k].shape]
     if bad:

@@ -79,17 +79,18 @@ def _edm_tree(m, taps):
 
 def write_edm_pickle(path, net: UNet, song_kwargs: dict, precond="EDMPrecond", sigma_data=0.5, augment_dim=9,
                      marker=None):
-    """An EDM training snapshot (network-snapshot-*.pkl) holding `net` as EDMPrecond(SongUNet)."""
+    """An EDM training snapshot (network-snapshot-*.pkl) holding `net` as EDMPrecond(SongUNet or DhariwalUNet)."""
     cfg = net.config
-    taps = list(cfg["resample_filter"])
+    taps = list(cfg.get("resample_filter", [1, 1]))
     song = _edm_tree(net, taps)
     res = cfg["img_resolution"]
     mods = song.state["_modules"]
-    dec = mods["dec"]
-    dec._modules[f"{res}x{res}_aux_norm"] = mods.pop("out_norm")
-    dec._modules[f"{res}x{res}_aux_conv"] = mods.pop("out_conv")
+    if net.arch == "song":      # SongUNet ends its decoder with aux_norm / aux_conv (DhariwalUNet: out_norm / out_conv)
+        dec = mods["dec"]
+        dec._modules[f"{res}x{res}_aux_norm"] = mods.pop("out_norm")
+        dec._modules[f"{res}x{res}_aux_conv"] = mods.pop("out_conv")
     if augment_dim:
-        w = torch.nn.Parameter(torch.randn(cfg["model_channels"] * cfg.get("channel_mult_noise", 1), augment_dim))
+        w = torch.nn.Parameter(torch.randn(net.map_layer0.in_features, augment_dim))
         mods["map_augment"] = _Persistent("Linear", _state([("weight", w)]))
     kwargs = dict(img_resolution=res, img_channels=cfg["in_channels"], label_dim=cfg.get("label_dim", 0),
                   use_fp16=False, augment_dim=augment_dim, **song_kwargs)
@@ -110,25 +111,28 @@ ARCHS = {   # small SongUNets of both kinds (EDM --arch ddpmpp / ncsnpp), and a 
                    resample_filter=[1, 3, 3, 1]),
     "ddpmpp-cond": dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
                         resample_filter=[1, 1], label_dim=3),
+    "adm-cond": dict(arch="adm", label_dim=3),   # DhariwalUNet (EDM's ImageNet 64x64 network), 64 channels a head
 }
 
 
 def _net(arch):
     kw = dict(ARCHS[arch])
-    cfg = dict(img_resolution=16, in_channels=3, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-               attn_resolutions=[8], channel_mult_emb=2, dropout=0.13, **kw)
+    cfg = dict(img_resolution=16, in_channels=3, model_channels=64 if "adm" in arch else 8, channel_mult=[1, 2],
+               num_blocks=1, attn_resolutions=[8], channel_mult_emb=2, dropout=0.13, **kw)
     torch.manual_seed(0)
     net = UNet(**cfg)
     with torch.no_grad():
         for p in net.parameters():      # EDM's zero-ish inits would hide a wrong mapping
             p.normal_(0, 0.3)
     net.config = cfg
-    song = {k: v for k, v in cfg.items() if k not in ("img_resolution", "in_channels", "label_dim")}
-    return net, {"model_type": "SongUNet", "decoder_type": "standard", **song}
+    edm = {k: v for k, v in cfg.items() if k not in ("img_resolution", "in_channels", "label_dim", "arch")}
+    if "adm" in arch:
+        return net, {"model_type": "DhariwalUNet", **edm}
+    return net, {"model_type": "SongUNet", "decoder_type": "standard", **edm}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_imports_edm_songunet_exactly(arch, tmp_path):
+def test_imports_edm_networks_exactly(arch, tmp_path):
     """The imported denoiser equals the network the pickle was written from, bit for bit, at several noise levels
     (NCSN++: the Fourier frequencies buffer travels; conditional: the label embedding); the augmentation embedding
     and the filter buffers are left out; sigma_data comes from the pickle."""
@@ -140,6 +144,8 @@ def test_imports_edm_songunet_exactly(arch, tmp_path):
     assert architecture(meta["config"]["net"]) == architecture(net.config)
     x = torch.randn(3, 3, 16, 16)
     labels = torch.tensor([0, 2, 1]) if "cond" in arch else None
+    if "adm" in arch:
+        assert model.net.arch == "adm" and sum(b.num_heads for b in model.net.blocks()) > 0
     for sigma in (0.002, 0.5, 80.0):
         with torch.no_grad():
             assert torch.equal(model(x, sigma, labels), ref(x, sigma, labels))
@@ -167,7 +173,8 @@ def test_errors_are_one_line(tmp_path):
     net, song = _net("ddpmpp")
     cases = [
         (dict(precond="VPPrecond"), "VPPrecond networks are not supported"),
-        (dict(song_kwargs={**song, "model_type": "DhariwalUNet"}), "model_type 'DhariwalUNet' is not supported"),
+        (dict(song_kwargs={**song, "model_type": "FooNet"}), "model_type 'FooNet' is not supported"),
+        (dict(song_kwargs={**song, "model_type": "DhariwalUNet"}), "do not match EDM's DhariwalUNet"),
         (dict(song_kwargs={**song, "decoder_type": "skip"}), "decoder 'skip' is not supported"),
         (dict(song_kwargs={**song, "channel_mult_emb": 4}), "has shape"),
         (dict(song_kwargs={**song, "num_blocks": 2}), "do not match EDM's SongUNet"),

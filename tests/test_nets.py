@@ -22,7 +22,8 @@ def test_every_preset_builds_and_runs(name):
     with torch.device("meta"):  # shapes only
         net = cmfast.UNet.from_preset(name).eval()
         r = net.img_resolution
-        y = net(torch.randn(1, net.in_channels, r, r), torch.zeros(1))
+        labels = torch.zeros(1, dtype=torch.long) if net.label_dim else None
+        y = net(torch.randn(1, net.in_channels, r, r), torch.zeros(1), labels)
     assert y.shape == (1, net.out_channels, r, r)
 
 
@@ -194,3 +195,86 @@ def test_constants_path_equals_live_path(kw):
     assert not torch.equal(net(x, None, None, constants=net.constants(c.flip(0), labels, torch.float32)), live)
     with pytest.raises(ValueError, match="constants: expected one entry per residual block"):
         net(x, None, None, constants=consts[:-1])
+
+
+# ---- arch="adm": EDM's DhariwalUNet (ADM), the CM paper's ImageNet 64x64 network -----------------------------
+def test_adm_imagenet64_parameter_count():
+    """EDM Table 7 lists ADM (ImageNet 64x64, conditional) at 296M parameters (augmentation embedding unused)."""
+    with torch.device("meta"):
+        net = cmfast.UNet.from_preset("adm-imagenet64", label_dim=1000)
+    assert abs(_params(net) - 295.9e6) < 0.05e6
+    heads = {b.out_channels: b.num_heads for b in net.blocks() if b.num_heads}
+    assert heads == {384: 6, 576: 9, 768: 12}            # 64 channels a head; none at 64x64 (192 channels)
+
+
+def _edm_adm(net, x, c_noise, labels):
+    """EDM's DhariwalUNet.forward (networks.py), transcribed; blocks as EDM's UNetBlock (_edm_block)."""
+    import math
+
+    import torch.nn.functional as F
+    half = net.map_noise.num_channels // 2
+    freqs = (1 / 10000) ** (torch.arange(half, dtype=x.dtype) / half)             # endpoint=False
+    emb = torch.outer(c_noise, freqs)
+    emb = torch.cat([emb.cos(), emb.sin()], dim=1)                                  # no sin/cos swap
+    emb = net.map_layer1(F.silu(net.map_layer0(emb)))
+    if labels is not None:
+        emb = emb + F.one_hot(labels, net.label_dim).to(x.dtype) @ net.map_label.weight.t()   # no sqrt(label_dim)
+    emb = F.silu(emb)
+    skips = []
+    for blk in net.enc.values():
+        x = _edm_block(blk, x, emb) if hasattr(blk, "affine") else F.conv2d(x, blk.weight, blk.bias, padding=1)
+        skips.append(x)
+    for blk in net.dec.values():
+        if x.shape[1] != blk.in_channels:
+            x = torch.cat([x, skips.pop()], dim=1)
+        x = _edm_block(blk, x, emb)
+    x = F.silu(F.group_norm(x, net.out_norm.num_groups, net.out_norm.weight, net.out_norm.bias, eps=1e-5))
+    assert math.isclose(net.out_norm.eps, 1e-5)
+    return F.conv2d(x, net.out_conv.weight, net.out_conv.bias, padding=1)
+
+
+def test_adm_equals_edm_dhariwalunet():
+    """A small arch='adm' net (64 and 128 channels: 1 and 2 heads) equals the transcription of EDM's forward in
+    float64, conditional, with every parameter non-zero: ADM's layout (attention in every block at 8x8, all encoder
+    outputs skipped, resampling-only skips), eps 1e-5 and its embedding."""
+    torch.manual_seed(0)
+    net = cmfast.UNet(img_resolution=16, in_channels=3, label_dim=4, arch="adm", model_channels=64,
+                      channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0).double().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    assert [k for k, b in net.dec.items() if getattr(b, "num_heads", 0)] == ["8x8_in0", "8x8_block0", "8x8_block1"]
+    assert all(b.skip is None or b.skip.weight is None for k, b in net.enc.items() if "down" in k)
+    from cmfast.nets.layers import GroupNorm
+    assert {m.eps for m in net.modules() if isinstance(m, GroupNorm)} == {1e-5}    # EDM's UNetBlock / out_norm default
+    x, c = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([-0.3, 1.2], dtype=torch.float64)
+    labels = torch.tensor([1, 3])
+    with cmfast.ops.use_backend("torch"), torch.no_grad():
+        out = net(x, c, labels)
+        want = _edm_adm(net, x, c, labels)
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+def test_adm_refuses_songunet_options():
+    for kw in (dict(embedding_type="fourier"), dict(encoder_type="residual"), dict(resample_filter=(1, 3, 3, 1)),
+               dict(adaptive_scale=True), dict(num_heads=2), dict(channel_mult_noise=2)):
+        with pytest.raises(ValueError, match="fixed in arch 'adm'"):
+            cmfast.UNet(arch="adm", **kw)
+    with pytest.raises(ValueError, match="arch: expected"):
+        cmfast.UNet(arch="unet3d")
+
+
+def test_adm_trains_and_samples():
+    """The rest of cmfast takes an ADM backbone as it takes a SongUNet: an iCT loss reaches every parameter, and
+    class-conditional Algorithm 1 samples."""
+    from cmfast import objectives
+    torch.manual_seed(0)
+    net = cmfast.UNet(img_resolution=16, in_channels=3, label_dim=4, arch="adm", model_channels=64,
+                      channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.1)
+    model = cmfast.ConsistencyModel(net)
+    labels = torch.tensor([0, 3])
+    objectives.ict_loss(model, torch.rand(2, 3, 16, 16) * 2 - 1, num_scales=10, class_labels=labels).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    out = cmfast.sample(model.eval(), torch.randn(2, 3, 16, 16), (80.0, 0.821), class_labels=labels)
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()

@@ -13,6 +13,10 @@ PRESETS: dict[str, dict] = {
     # EDM's 64x64 DDPM++ (FFHQ/AFHQ config): the 64x64 network of the benchmarks.
     "ddpmpp-64": dict(img_resolution=64, in_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2),
                       num_blocks=4, attn_resolutions=(16,), dropout=0.05, embedding_type="positional"),
+    # EDM's ImageNet 64x64 network (ADM, EDM Table 7; the CM paper's ImageNet 64 architecture): 295.9M parameters
+    # with label_dim=1000 (cmfast-train --cond sets it from the data).
+    "adm-imagenet64": dict(img_resolution=64, in_channels=3, arch="adm", model_channels=192,
+                           channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.10),
     # The shipped Fashion-MNIST model: 1 channel, 32x32 (28 padded), 1.07M parameters, so that every checkpoint file
     # of a CT run (model, target and EMA in fp32; Adam's two moments) stays under 16 MiB (reference-runs issue).
     "fmnist-small": dict(img_resolution=32, in_channels=1, model_channels=24, channel_mult=(1, 2, 2),

@@ -1,5 +1,6 @@
-"""The UNet of EDM's DDPM++ / NCSN++ (Song et al. 2021 architectures as re-implemented in EDM, networks.py
-SongUNet), used by the CM paper for CIFAR-10. Module names follow EDM so its layouts are recognisable."""
+"""The UNets of EDM (networks.py): SongUNet, the DDPM++ / NCSN++ architectures of Song et al. 2021 that the CM
+paper uses for CIFAR-10, and DhariwalUNet (arch="adm"), the ADM architecture of Dhariwal & Nichol 2021 that it uses
+for ImageNet 64x64 and LSUN. Module names follow EDM so its layouts (and checkpoints) are recognisable."""
 from __future__ import annotations
 
 import math
@@ -86,7 +87,15 @@ class UNetBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """EDM's SongUNet. F(x_in, c_noise, class_labels) -> F, the raw network of the preconditioned model."""
+    """EDM's SongUNet, or with arch="adm" its DhariwalUNet. F(x_in, c_noise, class_labels) -> F, the raw network of
+    the preconditioned model.
+
+    arch="adm" (ADM): scale/shift modulation, 64 channels per attention head, attention in every block at the
+    attention resolutions, no skip scaling, resampling-only skips, GroupNorm eps 1e-5, an embedding without the
+    sin/cos swap whose class label is added after the second layer; embedding_type, channel_mult_noise,
+    encoder_type, resample_filter, adaptive_scale and num_heads are SongUNet's and must stay at their defaults.
+    Initialization follows cmfast's (Xavier-uniform), not ADM's Kaiming-uniform: the same functions, not the same
+    random draws as an EDM run."""
 
     def __init__(self,
                  img_resolution: int = 32,          # Image size (square).
@@ -104,8 +113,19 @@ class UNet(nn.Module):
                  encoder_type: str = "standard",    # 'standard' (DDPM++) or 'residual' (NCSN++).
                  resample_filter=(1, 1),            # (1, 1) box (DDPM++) or (1, 3, 3, 1) FIR (NCSN++).
                  adaptive_scale: bool = False,      # Scale/shift modulation after GroupNorm (ADM style).
-                 num_heads: int = 1):               # Attention heads.
+                 num_heads: int = 1,                # Attention heads.
+                 arch: str = "song"):               # 'song' (SongUNet: DDPM++ / NCSN++) or 'adm' (DhariwalUNet).
         super().__init__()
+        if arch not in ("song", "adm"):
+            raise ValueError(f"arch: expected 'song' (DDPM++ / NCSN++) or 'adm', got {arch!r}")
+        if arch == "adm":
+            song_only = dict(embedding_type=(embedding_type, "positional"), channel_mult_noise=(channel_mult_noise, 1),
+                             encoder_type=(encoder_type, "standard"), resample_filter=(tuple(resample_filter), (1, 1)),
+                             adaptive_scale=(adaptive_scale, False), num_heads=(num_heads, 1))
+            for name, (got, default) in song_only.items():
+                if got != default:
+                    raise ValueError(f"{name}: SongUNet's option, fixed in arch 'adm' (got {got!r})")
+        self.arch = arch
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(f"embedding_type: expected 'positional' or 'fourier', got {embedding_type!r}")
         if encoder_type not in ("standard", "residual"):
@@ -114,6 +134,9 @@ class UNet(nn.Module):
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.label_dim = label_dim
         emb_channels = model_channels * channel_mult_emb
+        if arch == "adm":
+            self._build_adm(model_channels, channel_mult, emb_channels, num_blocks, attn_resolutions, dropout)
+            return
         noise_channels = model_channels * channel_mult_noise
         block = dict(emb_channels=emb_channels, num_heads=num_heads, dropout=dropout, resample_filter=resample_filter,
                      adaptive_scale=adaptive_scale)
@@ -160,18 +183,62 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, init_weight=1e-5)
 
+    def _build_adm(self, model_channels, channel_mult, emb_channels, num_blocks, attn_resolutions, dropout):
+        """EDM's DhariwalUNet layout and names (networks.py), from cmfast's layers."""
+        res0 = self.img_resolution
+        self.map_noise = PositionalEmbedding(model_channels, endpoint=False)
+        self.map_layer0 = Linear(model_channels, emb_channels)
+        self.map_layer1 = Linear(emb_channels, emb_channels)
+        self.map_label = Linear(self.label_dim, emb_channels, bias=False) if self.label_dim else None
+
+        def blk(cin, cout, attention=False, **kw):
+            return UNetBlock(cin, cout, emb_channels, attention=attention, num_heads=cout // 64,   # 0: none
+                             dropout=dropout, skip_scale=1.0, eps=1e-5, resample_proj=False, adaptive_scale=True, **kw)
+        self.enc = nn.ModuleDict()
+        cout = self.in_channels
+        for level, mult in enumerate(channel_mult):
+            res = res0 >> level
+            if level == 0:
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3)
+            else:
+                self.enc[f"{res}x{res}_down"] = blk(cout, cout, down=True)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = blk(cin, cout, attention=res in attn_resolutions)
+        skips = [b.out_channels for b in self.enc.values()]
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = res0 >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = blk(cout, cout, attention=True)
+                self.dec[f"{res}x{res}_in1"] = blk(cout, cout)
+            else:
+                self.dec[f"{res}x{res}_up"] = blk(cout, cout, up=True)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f"{res}x{res}_block{idx}"] = blk(cin, cout, attention=res in attn_resolutions)
+        self.out_norm = GroupNorm(cout, eps=1e-5)
+        self.out_conv = Conv2d(cout, self.out_channels, 3, init_weight=1e-5)
+
     def embedding(self, noise_labels: torch.Tensor, class_labels=None, batch: int | None = None) -> torch.Tensor:
         """The mapping network: noise level (and class label) -> the blocks' embedding, (batch, emb_channels)."""
         noise_labels = noise_labels.reshape(-1)
         emb = self.map_noise(noise_labels if batch is None else noise_labels.expand(batch))
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)   # sin/cos order as in EDM
+        labels = None
         if self.map_label is not None:
             if class_labels is None:
                 raise ValueError(f"class_labels: this network is conditional on {self.label_dim} classes")
             labels = class_labels
             if labels.dim() == 1:
                 labels = F.one_hot(labels.long(), self.label_dim)
-            emb = emb + self.map_label(labels.to(emb.dtype) * math.sqrt(self.label_dim))
+            labels = labels.to(emb.dtype)
+        if self.arch == "adm":     # DhariwalUNet: cos/sin as computed, the label after the second layer
+            emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+            return F.silu(emb if labels is None else emb + self.map_label(labels))
+        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)   # sin/cos order as in EDM
+        if labels is not None:
+            emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
     def blocks(self) -> list[UNetBlock]:
