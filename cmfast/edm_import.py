@@ -100,11 +100,20 @@ _SAFE = {
 }
 
 
+def _np_scalar(dtype, data=None):
+    """numpy.core.multiarray.scalar, for a hyperparameter saved as a numpy number: the value from its bytes."""
+    import numpy as np
+    return np.frombuffer(data, dtype=dtype)[0] if data is not None else np.zeros((), dtype=dtype)[()]
+
+
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
         key = f"{module}.{name}"
         if _SAFE.get(key) is not None:
             return _SAFE[key]
+        if key in ("numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"):
+            import numpy as np
+            return np.dtype if name == "dtype" else _np_scalar
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         return type(name, (_Inert,), {"_key": key})     # anything else: inert data, never the real thing
@@ -121,6 +130,17 @@ def read_pickle(path: str):
             RuntimeError, OSError) as e:
         raise EDMPickleError(f"{path}: unreadable EDM pickle ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else '-'})") from None
+
+
+def _plain(v):
+    """A recorded hyperparameter as JSON-able Python data (numpy numbers and tuples included)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(u) for u in v]
+    if hasattr(v, "item") and not isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, _Inert):
+        raise EDMPickleError(f"a recorded network argument is not plain data ({v._key})")
+    return v
 
 
 def _module_state(obj):
@@ -176,13 +196,17 @@ def load_edm_pickle(path: str, map_location="cpu"):
         raise EDMPickleError(f"{path}: encoder {song['encoder_type']!r} / decoder {song['decoder_type']!r} is not "
                              f"supported (cmfast: encoder 'standard' or 'residual', decoder 'standard')")
     try:
-        res, chans = int(kw["img_resolution"]), int(kw["img_channels"])
+        res, chans = int(_plain(kw["img_resolution"])), int(_plain(kw["img_channels"]))
     except (KeyError, TypeError, ValueError):
         raise EDMPickleError(f"{path}: the network's img_resolution / img_channels are not recorded") from None
-    net_cfg = {"img_resolution": res, "in_channels": chans,
-               **{k: (list(song[k]) if isinstance(song[k], (list, tuple)) else song[k]) for k in _NET_KEYS[model_type]},
-               **({"arch": "adm"} if model_type == "DhariwalUNet" else {})}
-    cfg = {"method": "edm", "dataset": None, "net": net_cfg, "sigma_data": float(st.get("sigma_data", 0.5)),
+    try:
+        net_cfg = {"img_resolution": res, "in_channels": chans,
+                   **{k: _plain(song[k]) for k in _NET_KEYS[model_type]},
+                   **({"arch": "adm"} if model_type == "DhariwalUNet" else {})}
+        sigma_data = float(_plain(st.get("sigma_data", 0.5)))
+    except EDMPickleError as e:
+        raise EDMPickleError(f"{path}: {e}") from None
+    cfg = {"method": "edm", "dataset": None, "net": net_cfg, "sigma_data": sigma_data,
            "sigma_min": 0.002, "sigma_max": 80.0, "imported_from": str(path)}
 
     tensors = _tensors(ema)

@@ -149,8 +149,11 @@ def test_imports_edm_networks_exactly(arch, tmp_path):
     for sigma in (0.002, 0.5, 80.0):
         with torch.no_grad():
             assert torch.equal(model(x, sigma, labels), ref(x, sigma, labels))
-    other = edm_import.load_edm_pickle(write_edm_pickle(tmp_path / "sd.pkl", net, song, sigma_data=0.25))[0]
-    assert other.sigma_data == 0.25
+    import numpy as np            # a hyperparameter saved as a numpy number (rebuilt as data, not code)
+    other, cfg = edm_import.load_edm_pickle(write_edm_pickle(tmp_path / "sd.pkl", net, {**song, "dropout": np.float64(
+        0.2)}, sigma_data=np.float32(0.25)))
+    assert other.sigma_data == 0.25 and cfg["net"]["dropout"] == 0.2 and type(cfg["net"]["dropout"]) is float
+    json.dumps(cfg)
 
 
 def test_no_code_in_the_pickle_runs(tmp_path):
