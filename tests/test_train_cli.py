@@ -161,6 +161,15 @@ def test_dry_run_paper_configs(capsys):
     ict = json.loads(capsys.readouterr().out)
     assert (ict["loss"], ict["net"]["dropout"], ict["method_args"]["s1"], ict["ema"]) == ("pseudo_huber", 0.3, 1280,
                                                                                            [0.99993])
+    assert train_main(["--config", "cd-imagenet64", "--teacher", "edm-imagenet-64x64-cond-adm.pkl", "--dry-run"]) == 0
+    cd = json.loads(capsys.readouterr().out)
+    assert (cd["dataset"], cd["cond"], cd["preset"], cd["loss"], cd["batch_size"], cd["lr"], cd["total_steps"],
+            cd["precision"], cd["method_args"]["num_scales"], cd["method_args"]["mu"]) == \
+        ("folder", True, "adm-imagenet64", "lpips", 2048, 8e-6, 600_000, "fp16", 40, 0.95)
+    assert train_main(["--config", "ct-imagenet64", "--dry-run"]) == 0
+    ct = json.loads(capsys.readouterr().out)
+    assert (ct["method_args"]["s1"], ct["method_args"]["mu0"], ct["lr"], ct["ema"][2]) == (200, 0.95, 1e-4,
+                                                                                          0.9999432189950708)
     assert train_main(["--dataset", "fashion-mnist", "--kimg", "10", "--batch-size", "32", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["total_steps"] == 313            # ceil(10000 / 32)
 

@@ -34,6 +34,18 @@ CONFIGS = {
     "ict-cifar10": dict(dataset="cifar10", method="ict", preset="ncsnpp-cifar10", dropout=0.3, loss="pseudo_huber",
                         batch_size=1024, lr=1e-4, optimizer="radam", total_steps=400_000, ema=(0.99993,),
                         method_args=dict(s0=10, s1=1280, p_mean=-1.1, p_std=2.0)),
+    # ImageNet 64x64, class-conditional (openai/consistency_models scripts/launch.sh: ADM, RAdam without warm-up,
+    # dropout 0, batch 2048, EMA rates 0.999 / 0.9999 / 0.9999432, fp16; CD: N = 40, target EMA 0.95, lr 8e-6,
+    # 600k steps, teacher EDM's ImageNet 64 ADM; CT: N 2 -> 200, mu0 0.95, lr 1e-4, 800k steps). --data-dir: an
+    # ImageNet 64x64 folder or zip with EDM's dataset.json labels.
+    "cd-imagenet64": dict(dataset="folder", cond=True, method="cd", preset="adm-imagenet64", dropout=0.0,
+                          loss="lpips", batch_size=2048, lr=8e-6, optimizer="radam", total_steps=600_000,
+                          ema=(0.999, 0.9999, 0.9999432189950708), precision="fp16",
+                          method_args=dict(num_scales=40, mu=0.95, solver="heun")),
+    "ct-imagenet64": dict(dataset="folder", cond=True, method="ct", preset="adm-imagenet64", dropout=0.0,
+                          loss="lpips", batch_size=2048, lr=1e-4, optimizer="radam", total_steps=800_000,
+                          ema=(0.999, 0.9999, 0.9999432189950708), precision="fp16",
+                          method_args=dict(s0=2, s1=200, mu0=0.95)),
     "edm-cifar10": dict(dataset="cifar10", method="edm", preset="ddpmpp-cifar10", batch_size=512, lr=1e-3,
                         lr_rampup_kimg=10_000, optimizer="adam", kimg=200_000, ema=(0.99929,),
                         method_args=dict(p_mean=-1.2, p_std=1.2)),
