@@ -114,7 +114,8 @@ class UNet(nn.Module):
                  resample_filter=(1, 1),            # (1, 1) box (DDPM++) or (1, 3, 3, 1) FIR (NCSN++).
                  adaptive_scale: bool = False,      # Scale/shift modulation after GroupNorm (ADM style).
                  num_heads: int = 1,                # Attention heads.
-                 arch: str = "song"):               # 'song' (SongUNet: DDPM++ / NCSN++) or 'adm' (DhariwalUNet).
+                 arch: str = "song",                # 'song' (SongUNet: DDPM++ / NCSN++) or 'adm' (DhariwalUNet).
+                 noise_scale: float = 1.0):         # c_noise multiplier (1000: openai/consistency_models' nets).
         super().__init__()
         if arch not in ("song", "adm"):
             raise ValueError(f"arch: expected 'song' (DDPM++ / NCSN++) or 'adm', got {arch!r}")
@@ -125,7 +126,7 @@ class UNet(nn.Module):
             for name, (got, default) in song_only.items():
                 if got != default:
                     raise ValueError(f"{name}: SongUNet's option, fixed in arch 'adm' (got {got!r})")
-        self.arch = arch
+        self.arch, self.noise_scale = arch, float(noise_scale)
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(f"embedding_type: expected 'positional' or 'fourier', got {embedding_type!r}")
         if encoder_type not in ("standard", "residual"):
@@ -224,6 +225,8 @@ class UNet(nn.Module):
     def embedding(self, noise_labels: torch.Tensor, class_labels=None, batch: int | None = None) -> torch.Tensor:
         """The mapping network: noise level (and class label) -> the blocks' embedding, (batch, emb_channels)."""
         noise_labels = noise_labels.reshape(-1)
+        if self.noise_scale != 1.0:     # openai/consistency_models' networks take 1000 ln(sigma) / 4
+            noise_labels = noise_labels * self.noise_scale
         emb = self.map_noise(noise_labels if batch is None else noise_labels.expand(batch))
         labels = None
         if self.map_label is not None:

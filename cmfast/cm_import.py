@@ -1,0 +1,235 @@
+"""The CM paper's released PyTorch checkpoints (openai/consistency_models: cd_imagenet64_lpips.pt, cd_imagenet64_l2.pt,
+ct_imagenet64.pt and their EDM teacher edm_imagenet64_ema.pt) as cmfast checkpoints, so cmfast's engine samples,
+edits, scores and distills from the paper's own ImageNet 64x64 models.
+
+Those files are state dicts of guided-diffusion's UNetModel (cm/unet.py): the ADM network, which EDM re-implements
+as DhariwalUNet and cmfast as UNet(arch="adm"). The weights map one to one, in order: time_embed.0 / .2 ->
+map_layer0 / map_layer1, label_emb (an embedding table) -> map_label (its transpose), input_blocks -> enc,
+middle_block -> dec.<res>_in0 (with its attention) and _in1, output_blocks -> the decoder's blocks, each level's
+upsampling ResBlock -> the next level's _up block, out -> out_norm / out_conv. A ResBlock's in_layers / emb_layers
+/ out_layers / skip_connection are norm0, conv0 / affine / norm1, conv1 / skip; an AttentionBlock's norm / qkv /
+proj_out are norm2 / qkv / proj, its qkv rows reordered from the flash-attention layout those models were trained
+with, (q|k|v, head, channel), to cmfast's (head, channel, q|k|v); 1-D convolutions become 1x1 ones. The networks
+take the time 1000 ln(sigma) / 4 (karras_diffusion.py), so the UNet gets noise_scale=1000; the consistency models'
+preconditioning (sigma_min 0.002, sigma_data 0.5) is cmfast's ConsistencyModel, the teacher's EDM's.
+
+    python -m cmfast.cm_import cd_imagenet64_lpips.pt cd-imagenet64.safetensors           # --kind cm (default)
+    python -m cmfast.cm_import edm_imagenet64_ema.pt edm-imagenet64.safetensors --kind edm
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+HEAD_CHANNELS = 64          # num_head_channels of every released model (scripts/launch.sh)
+
+
+class CMCheckpointError(ValueError):
+    """A file that is not a guided-diffusion UNetModel state dict cmfast can map (one line)."""
+
+
+def _load(path: str) -> dict:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CMCheckpointError(f"{path}: not found") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for foreign or truncated files
+        raise CMCheckpointError(f"{path}: unreadable ({type(e).__name__})") from None
+    if not isinstance(sd, dict) or "time_embed.0.weight" not in sd or "input_blocks.0.0.weight" not in sd:
+        raise CMCheckpointError(f"{path}: not a state dict of openai/consistency_models' UNetModel "
+                                f"(no time_embed / input_blocks weights)")
+    return sd
+
+
+def _blocks(sd: dict, prefix: str) -> list[list[str]]:
+    """The sub-module kinds of each TimestepEmbedSequential under `prefix` ('input_blocks', ...): 'conv', 'res',
+    'attn' in order."""
+    out = []
+    for i in range(10_000):
+        if not any(k.startswith(f"{prefix}.{i}.") for k in sd):
+            break
+        kinds = []
+        for j in range(8):
+            p = f"{prefix}.{i}.{j}."
+            if f"{p}in_layers.2.weight" in sd:
+                kinds.append("res")
+            elif f"{p}qkv.weight" in sd:
+                kinds.append("attn")
+            elif f"{p}weight" in sd:
+                kinds.append("conv")
+            elif not any(k.startswith(p) for k in sd):
+                break
+            else:
+                kinds.append("?")
+        out.append(kinds)
+    return out
+
+
+def infer_config(sd: dict, img_resolution: int) -> dict:
+    """cmfast UNet arguments of the UNetModel a state dict comes from (the resolution cannot be read off the
+    weights: it places the attention levels)."""
+    mc = sd["time_embed.0.weight"].shape[1]
+    emb = sd["time_embed.0.weight"].shape[0]
+    enc, dec = _blocks(sd, "input_blocks"), _blocks(sd, "output_blocks")
+    if not dec or any("?" in b for b in enc + dec):
+        raise CMCheckpointError("an unknown block layout (expected guided-diffusion's ResBlock / AttentionBlock)")
+    ups = [j for j, b in enumerate(dec) if b.count("res") == 2]       # a level's last block ends with its up block
+    n = ups[0] if ups else len(dec) - 1                                 # ResBlocks a level, num_res_blocks
+    levels = len(dec) // (n + 1)
+    if levels * (n + 1) != len(dec) or len(enc) != levels * (n + 1):
+        raise CMCheckpointError(f"{len(enc)} input and {len(dec)} output blocks do not make a UNet of equal levels")
+    mult, attn, i = [], set(), 1
+    for level in range(levels):
+        res = img_resolution >> level
+        mult.append(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0])     # the level's channels
+        for _ in range(n):
+            if "attn" in enc[i]:
+                attn.add(res)
+            i += 1
+        if level < levels - 1:
+            i += 1                                                      # the down block
+    if sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] != 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0]:
+        raise CMCheckpointError("use_scale_shift_norm=False networks (the LSUN models) are not supported")
+    if any(m % mc for m in mult):
+        raise CMCheckpointError(f"channel counts {mult} are not multiples of model_channels {mc}")
+    cfg = dict(img_resolution=int(img_resolution), in_channels=int(sd["input_blocks.0.0.weight"].shape[1]),
+               out_channels=int(sd["out.2.weight"].shape[0]), arch="adm", model_channels=int(mc),
+               channel_mult=[m // mc for m in mult], channel_mult_emb=emb // mc, num_blocks=n,
+               attn_resolutions=sorted(attn, reverse=True), dropout=0.0, noise_scale=1000.0)
+    if "label_emb.weight" in sd:
+        cfg["label_dim"] = int(sd["label_emb.weight"].shape[0])
+    return cfg
+
+
+def _qkv(w: torch.Tensor, order: str) -> torch.Tensor:
+    """qkv rows from (q|k|v, head, channel) ('flash') or (head, q|k|v, channel) ('legacy') to cmfast's
+    (head, channel, q|k|v); a 1-D convolution's weight becomes a 1x1 one."""
+    C3 = w.shape[0]
+    C = C3 // 3
+    H = C // HEAD_CHANNELS
+    rest = w.shape[1:]
+    if order == "flash":
+        w = w.reshape(3, H, HEAD_CHANNELS, *rest).permute(1, 2, 0, *range(3, 3 + len(rest)))
+    else:
+        w = w.reshape(H, 3, HEAD_CHANNELS, *rest).permute(0, 2, 1, *range(3, 3 + len(rest)))
+    return w.reshape(C3, *rest)
+
+
+def _res(src: str, dst: str) -> dict:
+    names = {"in_layers.0": "norm0", "in_layers.2": "conv0", "emb_layers.1": "affine", "out_layers.0": "norm1",
+             "out_layers.3": "conv1", "skip_connection": "skip"}
+    return {f"{src}.{a}.{p}": f"{dst}.{b}.{p}" for a, b in names.items() for p in ("weight", "bias")}
+
+
+def _attn(src: str, dst: str) -> dict:
+    names = {"norm": "norm2", "qkv": "qkv", "proj_out": "proj"}
+    return {f"{src}.{a}.{p}": f"{dst}.{b}.{p}" for a, b in names.items() for p in ("weight", "bias")}
+
+
+def convert(sd: dict, img_resolution: int = 64, qkv_order: str = "flash") -> tuple[dict, dict]:
+    """(cmfast UNet state dict, UNet config) of a UNetModel state dict."""
+    from .nets import UNet
+    if qkv_order not in ("flash", "legacy"):
+        raise ValueError(f"qkv_order: expected 'flash' or 'legacy', got {qkv_order!r}")
+    cfg = infer_config(sd, img_resolution)
+    net = UNet(**cfg)
+    from .nets.layers import GroupNorm
+    small = sorted({m.weight.shape[0] for m in net.modules() if isinstance(m, GroupNorm) and m.num_groups != 32})
+    if small:       # guided-diffusion normalizes in 32 groups always, EDM (and cmfast) in min(32, C / 4)
+        raise CMCheckpointError(f"GroupNorms of {small} channels: guided-diffusion uses 32 groups there, EDM's "
+                                f"DhariwalUNet {min(32, small[0] // 4)} (models of 128 channels and more agree)")
+    names = {"time_embed.0.weight": "map_layer0.weight", "time_embed.0.bias": "map_layer0.bias",
+             "time_embed.2.weight": "map_layer1.weight", "time_embed.2.bias": "map_layer1.bias",
+             "out.0.weight": "out_norm.weight", "out.0.bias": "out_norm.bias",
+             "out.2.weight": "out_conv.weight", "out.2.bias": "out_conv.bias"}
+    enc_keys, dec_keys = list(net.enc.keys()), list(net.dec.keys())
+    names["input_blocks.0.0.weight"], names["input_blocks.0.0.bias"] = (f"enc.{enc_keys[0]}.weight",
+                                                                        f"enc.{enc_keys[0]}.bias")
+    for i, key in enumerate(enc_keys[1:], start=1):
+        names.update(_res(f"input_blocks.{i}.0", f"enc.{key}"))
+        names.update(_attn(f"input_blocks.{i}.1", f"enc.{key}"))
+    names.update(_res("middle_block.0", f"dec.{dec_keys[0]}"))
+    names.update(_attn("middle_block.1", f"dec.{dec_keys[0]}"))
+    names.update(_res("middle_block.2", f"dec.{dec_keys[1]}"))
+    rest = iter(dec_keys[2:])
+    for j, kinds in enumerate(_blocks(sd, "output_blocks")):
+        key = next(rest)
+        names.update(_res(f"output_blocks.{j}.0", f"dec.{key}"))
+        if "attn" in kinds:
+            names.update(_attn(f"output_blocks.{j}.1", f"dec.{key}"))
+        if kinds.count("res") == 2:                                    # this level's up block: the next EDM key
+            names.update(_res(f"output_blocks.{j}.{len(kinds) - 1}", f"dec.{next(rest)}"))
+    own = net.state_dict()
+    out, used = {}, set()
+    for src, dst in names.items():
+        if src in sd and dst in own:
+            t = sd[src].float()
+            if dst.endswith((".qkv.weight", ".qkv.bias")):
+                t = _qkv(t, qkv_order)
+            if t.dim() == 3 and own[dst].dim() == 4:                  # conv1d (attention) -> 1x1 conv2d
+                t = t[..., None]
+            out[dst] = t
+            used.add(src)
+    if "label_emb.weight" in sd:
+        out["map_label.weight"] = sd["label_emb.weight"].float().t().contiguous()
+        used.add("label_emb.weight")
+    missing = sorted(set(own) - set(out))
+    unused = sorted(set(sd) - used)
+    if missing or unused:
+        raise CMCheckpointError(f"the weights do not map onto UNet(arch='adm') (unfilled {missing[:3]}, unused "
+                                f"{unused[:3]})")
+    bad = [k for k in own if own[k].shape != out[k].shape]
+    if bad:
+        raise CMCheckpointError(f"{bad[0]}: shape {tuple(out[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}")
+    return out, cfg
+
+
+def load_cm_checkpoint(path: str, kind: str = "cm", img_resolution: int = 64, qkv_order: str = "flash",
+                       map_location="cpu"):
+    """(ConsistencyModel for kind 'cm', EDMDenoiser for 'edm'; cmfast training config) of a released checkpoint."""
+    from .nets import UNet
+    from .precond import ConsistencyModel, EDMDenoiser
+    if kind not in ("cm", "edm"):
+        raise ValueError(f"kind: expected 'cm' (a consistency model) or 'edm' (the teacher), got {kind!r}")
+    try:
+        weights, net_cfg = convert(_load(path), img_resolution, qkv_order)
+    except CMCheckpointError as e:
+        raise CMCheckpointError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
+    cfg = {"method": "cd" if kind == "cm" else "edm", "dataset": None, "net": net_cfg, "sigma_data": 0.5,
+           "sigma_min": 0.002, "sigma_max": 80.0, "imported_from": str(path)}
+    net = UNet(**net_cfg)
+    net.load_state_dict(weights)
+    model = (ConsistencyModel if kind == "cm" else EDMDenoiser)(net, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
+    return model.requires_grad_(False).eval().to(map_location), cfg
+
+
+def main(argv=None) -> int:
+    """python -m cmfast.cm_import CKPT.pt OUT.safetensors [--kind cm|edm]: a cmfast checkpoint of a released model."""
+    import argparse
+    from safetensors.torch import save
+    from .training.checkpoint import FORMAT, atomic_write
+    ap = argparse.ArgumentParser(prog="python -m cmfast.cm_import", description=main.__doc__)
+    ap.add_argument("ckpt")
+    ap.add_argument("out")
+    ap.add_argument("--kind", choices=("cm", "edm"), default="cm",
+                    help="cm: a consistency model (cd_*, ct_*); edm: the EDM teacher (edm_*_ema.pt)")
+    ap.add_argument("--image-size", type=int, default=64, help="the model's resolution (default 64: ImageNet)")
+    ap.add_argument("--qkv-order", choices=("flash", "legacy"), default="flash",
+                    help="attention weight layout the model was trained with (default flash, the released models')")
+    a = ap.parse_args(argv)
+    try:
+        model, cfg = load_cm_checkpoint(a.ckpt, a.kind, a.image_size, a.qkv_order)
+    except (CMCheckpointError, ValueError) as e:
+        print(f"cmfast.cm_import: error: {e}", file=sys.stderr)
+        return 2
+    tensors = {f"ema/{k}": v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(a.out, save(tensors, metadata={"format": FORMAT, "step": "0", "config": json.dumps(cfg)}))
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{a.ckpt} -> {a.out} ({n / 1e6:.1f}M parameters, {cfg['method']}; {json.dumps(cfg['net'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""cmfast.cm_import: the CM paper's released checkpoints (openai/consistency_models, guided-diffusion's UNetModel
+state dicts) as cmfast models. No released file can be fetched here: the state dicts are generated with the layout
+UNetModel's constructor gives (cm/unet.py, read from openai/consistency_models), and the imported network is checked
+against a float64 transcription of UNetModel.forward written from that file, not against cmfast's own code."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cmfast
+from cmfast import cm_import
+from cmfast.training.checkpoint import load_model
+
+
+def _openai_state(mc=128, mult=(1, 2), n=1, attn_ds=(2,), classes=3, in_ch=3, seed=0):
+    """A random UNetModel state dict (resblock_updown, use_scale_shift_norm, 64 channels a head): names and shapes
+    as its constructor makes them."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def t(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    def res(p, cin, cout):
+        sd.update({f"{p}.in_layers.0.weight": 1 + t(cin), f"{p}.in_layers.0.bias": t(cin),
+                   f"{p}.in_layers.2.weight": t(cout, cin, 3, 3), f"{p}.in_layers.2.bias": t(cout),
+                   f"{p}.emb_layers.1.weight": t(2 * cout, 4 * mc), f"{p}.emb_layers.1.bias": t(2 * cout),
+                   f"{p}.out_layers.0.weight": 1 + t(cout), f"{p}.out_layers.0.bias": t(cout),
+                   f"{p}.out_layers.3.weight": t(cout, cout, 3, 3), f"{p}.out_layers.3.bias": t(cout)})
+        if cin != cout:
+            sd.update({f"{p}.skip_connection.weight": t(cout, cin, 1, 1), f"{p}.skip_connection.bias": t(cout)})
+
+    def att(p, c):
+        sd.update({f"{p}.norm.weight": 1 + t(c), f"{p}.norm.bias": t(c), f"{p}.qkv.weight": t(3 * c, c, 1),
+                   f"{p}.qkv.bias": t(3 * c), f"{p}.proj_out.weight": t(c, c, 1), f"{p}.proj_out.bias": t(c)})
+
+    sd.update({"time_embed.0.weight": t(4 * mc, mc), "time_embed.0.bias": t(4 * mc),
+               "time_embed.2.weight": t(4 * mc, 4 * mc), "time_embed.2.bias": t(4 * mc)})
+    if classes:
+        sd["label_emb.weight"] = t(classes, 4 * mc, scale=1.0)
+    ch = mult[0] * mc
+    sd.update({"input_blocks.0.0.weight": t(ch, in_ch, 3, 3), "input_blocks.0.0.bias": t(ch)})
+    chans, i, ds = [ch], 1, 1
+    for level, m in enumerate(mult):
+        for _ in range(n):
+            res(f"input_blocks.{i}.0", ch, m * mc)
+            ch = m * mc
+            if ds in attn_ds:
+                att(f"input_blocks.{i}.1", ch)
+            chans.append(ch)
+            i += 1
+        if level != len(mult) - 1:
+            res(f"input_blocks.{i}.0", ch, ch)
+            chans.append(ch)
+            i, ds = i + 1, ds * 2
+    res("middle_block.0", ch, ch)
+    att("middle_block.1", ch)
+    res("middle_block.2", ch, ch)
+    j = 0
+    for level, m in list(enumerate(mult))[::-1]:
+        for k in range(n + 1):
+            res(f"output_blocks.{j}.0", ch + chans.pop(), m * mc)
+            ch, idx = m * mc, 1
+            if ds in attn_ds:
+                att(f"output_blocks.{j}.1", ch)
+                idx = 2
+            if level and k == n:
+                res(f"output_blocks.{j}.{idx}", ch, ch)
+                ds //= 2
+            j += 1
+    sd.update({"out.0.weight": 1 + t(ch), "out.0.bias": t(ch), "out.2.weight": t(in_ch, mult[0] * mc, 3, 3),
+               "out.2.bias": t(in_ch)})
+    return sd
+
+
+def _downs(n, levels):
+    """input_blocks indices of UNetModel's down ResBlocks: after each level's n blocks, but the last level's."""
+    return {1 + (level + 1) * n + level for level in range(levels - 1)}
+
+
+def _reference(sd, x, t, y, downs, qkv_order="flash"):
+    """UNetModel.forward (cm/unet.py) in float64: timestep_embedding, time_embed, label_emb, the input / middle /
+    output TimestepEmbedSequentials (ResBlock with scale-shift norm and avg-pool / nearest resampling, AttentionBlock
+    with the flash (q|k|v, head, channel) or legacy (head, q|k|v, channel) qkv layout), out."""
+    def gn(h, p):
+        return F.group_norm(h, 32, sd[p + ".weight"], sd[p + ".bias"], eps=1e-5)
+
+    def resblock(h, p, emb, up=False, down=False):
+        x0 = h
+        h = F.silu(gn(h, p + ".in_layers.0"))
+        if up or down:
+            rs = (lambda v: F.interpolate(v, scale_factor=2, mode="nearest")) if up else (lambda v: F.avg_pool2d(v, 2))
+            h, x0 = rs(h), rs(x0)
+        h = F.conv2d(h, sd[p + ".in_layers.2.weight"], sd[p + ".in_layers.2.bias"], padding=1)
+        e = F.linear(F.silu(emb), sd[p + ".emb_layers.1.weight"], sd[p + ".emb_layers.1.bias"])[..., None, None]
+        scale, shift = e.chunk(2, dim=1)
+        h = F.silu(gn(h, p + ".out_layers.0") * (1 + scale) + shift)
+        h = F.conv2d(h, sd[p + ".out_layers.3.weight"], sd[p + ".out_layers.3.bias"], padding=1)
+        if p + ".skip_connection.weight" in sd:
+            x0 = F.conv2d(x0, sd[p + ".skip_connection.weight"], sd[p + ".skip_connection.bias"])
+        return x0 + h
+
+    def attention(h, p):
+        b, c, hh, ww = h.shape
+        T, H, D = hh * ww, c // 64, 64
+        qkv = F.conv1d(gn(h, p + ".norm").reshape(b, c, T), sd[p + ".qkv.weight"], sd[p + ".qkv.bias"])
+        if qkv_order == "flash":
+            q, k, v = qkv.reshape(b, 3, H, D, T).unbind(1)
+        else:
+            q, k, v = qkv.reshape(b, H, 3, D, T).unbind(2)
+        w = torch.softmax(torch.einsum("bhct,bhcs->bhts", q, k) / math.sqrt(D), dim=-1)
+        a = torch.einsum("bhts,bhcs->bhct", w, v).reshape(b, c, T)
+        return h + F.conv1d(a, sd[p + ".proj_out.weight"], sd[p + ".proj_out.bias"]).reshape(b, c, hh, ww)
+
+    def seq(h, kind_of_block, i, emb):     # a TimestepEmbedSequential: its modules in order
+        prefix = f"{kind_of_block}.{i}"
+        n_res = 0
+        for j in range(4):
+            p = f"{prefix}.{j}"
+            if p + ".qkv.weight" in sd:
+                h = attention(h, p)
+            elif p + ".in_layers.2.weight" in sd:
+                n_res += 1
+                h = resblock(h, p, emb, up=kind_of_block == "output_blocks" and n_res == 2,
+                             down=kind_of_block == "input_blocks" and i in downs)
+            elif p + ".weight" in sd:
+                h = F.conv2d(h, sd[p + ".weight"], sd[p + ".bias"], padding=1)
+        return h
+
+    mc = sd["time_embed.0.weight"].shape[1]
+    half = mc // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
+    args = t[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    emb = F.linear(F.silu(F.linear(emb, sd["time_embed.0.weight"], sd["time_embed.0.bias"])),
+                   sd["time_embed.2.weight"], sd["time_embed.2.bias"])
+    if y is not None:
+        emb = emb + sd["label_emb.weight"][y]
+    def count(kind):
+        return len({k.split(".")[1] for k in sd if k.startswith(kind + ".")})
+
+    hs, h = [], x
+    for i in range(count("input_blocks")):
+        h = seq(h, "input_blocks", i, emb)
+        hs.append(h)
+    h = resblock(h, "middle_block.0", emb)
+    h = attention(h, "middle_block.1")
+    h = resblock(h, "middle_block.2", emb)
+    for j in range(count("output_blocks")):
+        h = seq(torch.cat([h, hs.pop()], dim=1), "output_blocks", j, emb)
+    return F.conv2d(F.silu(gn(h, "out.0")), sd["out.2.weight"], sd["out.2.bias"], padding=1)
+
+
+@pytest.mark.parametrize("qkv_order", ["flash", "legacy"])
+@pytest.mark.parametrize("n,attn_ds,classes", [(1, (2,), 3), (2, (1, 2), 0)], ids=["cond", "uncond-2blocks"])
+def test_imported_network_equals_unetmodel(qkv_order, n, attn_ds, classes, tmp_path):
+    """The imported cmfast UNet(arch='adm', noise_scale=1000) at c_noise = ln(sigma) / 4 equals UNetModel at its
+    time 1000 ln(sigma) / 4, in float64, with every weight random: layout, qkv reordering, label table, time scale."""
+    sd = {k: v.float() for k, v in _openai_state(n=n, attn_ds=attn_ds, classes=classes).items()}   # as released
+    weights, cfg = cm_import.convert(sd, img_resolution=16, qkv_order=qkv_order)
+    assert (cfg["arch"], cfg["model_channels"], cfg["channel_mult"], cfg["num_blocks"], cfg["noise_scale"]) == \
+        ("adm", 128, [1, 2], n, 1000.0)
+    assert cfg["attn_resolutions"] == sorted((16 // d for d in attn_ds), reverse=True)
+    net = cmfast.UNet(**cfg).double().eval()
+    net.load_state_dict({k: v.double() for k, v in weights.items()})
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    sigma = torch.tensor([0.5, 20.0], dtype=torch.float64)
+    c_noise = sigma.log() / 4
+    y = torch.tensor([2, 0]) if classes else None
+    with cmfast.ops.use_backend("torch"), torch.no_grad():
+        out = net(x, c_noise, y)
+        want = _reference({k: v.double() for k, v in sd.items()}, x, 1000 * c_noise, y, _downs(n, 2), qkv_order)
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+    if qkv_order == "flash":     # the other layout on the same weights is a different network: the order matters
+        other = cm_import.convert(sd, img_resolution=16, qkv_order="legacy")[0]
+        net.load_state_dict({k: v.double() for k, v in other.items()})
+        with cmfast.ops.use_backend("torch"), torch.no_grad():
+            assert (net(x, c_noise, y) - want).abs().max() > 1e-3
+
+
+def test_checkpoint_files_and_errors(tmp_path, capsys):
+    """A released-style file converts (python -m cmfast.cm_import) to a cmfast checkpoint that cmfast-sample uses,
+    as a consistency model or as the EDM teacher; foreign and unsupported files are one-line errors."""
+    from cmfast.cli.sample import main as sample_main
+    sd = {k: v.float() for k, v in _openai_state().items()}
+    torch.save(sd, tmp_path / "cd.pt")
+    out = tmp_path / "cd.safetensors"
+    assert cm_import.main([str(tmp_path / "cd.pt"), str(out), "--image-size", "16"]) == 0
+    model, meta = load_model(str(out))
+    assert isinstance(model, cmfast.ConsistencyModel) and meta["config"]["method"] == "cd"
+    assert model.net.noise_scale == 1000.0 and model.net.label_dim == 3
+    assert sample_main(["--checkpoint", str(out), "--num", "3", "--npz", str(tmp_path / "s.npz"),
+                        "--device", "cpu"]) == 0
+    teacher, _ = cm_import.load_cm_checkpoint(str(tmp_path / "cd.pt"), kind="edm", img_resolution=16)
+    assert isinstance(teacher, cmfast.EDMDenoiser)
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    nss = dict(sd)
+    nss["input_blocks.1.0.emb_layers.1.weight"] = nss["input_blocks.1.0.emb_layers.1.weight"][:128]
+    nss["input_blocks.1.0.emb_layers.1.bias"] = nss["input_blocks.1.0.emb_layers.1.bias"][:128]
+    torch.save(nss, tmp_path / "lsun.pt")
+    extra = dict(sd, **{"input_blocks.1.0.extra.weight": torch.zeros(2)})
+    torch.save(extra, tmp_path / "extra.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    for name, match in (("other.pt", "not a state dict of openai/consistency_models"),
+                        ("lsun.pt", "use_scale_shift_norm=False"), ("extra.pt", "unused .*extra.weight"),
+                        ("junk.pt", "unreadable"), ("missing.pt", "not found")):
+        with pytest.raises(cm_import.CMCheckpointError, match=match) as e:
+            cm_import.load_cm_checkpoint(str(tmp_path / name), img_resolution=16)
+        assert "\n" not in str(e.value) and name in str(e.value)
+    with pytest.raises(cm_import.CMCheckpointError, match=r"GroupNorms of \[64\] channels: guided-diffusion uses 32"):
+        cm_import.convert({k: v.float() for k, v in _openai_state(mc=64).items()}, img_resolution=16)
+    assert cm_import.main([str(tmp_path / "junk.pt"), str(tmp_path / "x.safetensors")]) == 2
+    assert "cmfast.cm_import: error:" in capsys.readouterr().err
