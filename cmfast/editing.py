@@ -85,6 +85,27 @@ def patch_basis(factor: int) -> torch.Tensor:
     return _basis_with_first(torch.ones(factor * factor))
 
 
+class with_class:
+    """A class-conditional model as the one-callable model the tasks take: model(x, sigma, label for every
+    image). Its noise range, network and parameters stay visible (`noise_range`, `image_shape`)."""
+
+    def __init__(self, model, label: int):
+        label_dim = int(getattr(getattr(model, "net", None), "label_dim", 0) or 0)
+        if not label_dim:
+            raise ValueError("class label: this model is unconditional")
+        if not 0 <= int(label) < label_dim:
+            raise ValueError(f"class label: expected 0 <= label < {label_dim}, got {label}")
+        self.model, self.label = model, int(label)
+        self.sigma_min, self.sigma_max = noise_range(model)
+        self.net = model.net
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, x, sigma, class_labels=None):     # cmfast.sample passes class_labels=None
+        return self.model(x, sigma, torch.full((x.shape[0],), self.label, device=x.device))
+
+
 # ---- Input checks ------------------------------------------------------------------------------------------------
 def image_shape(model):
     """(C, H, W) that the model's network takes, or None when it does not say."""

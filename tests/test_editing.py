@@ -315,6 +315,44 @@ def test_cli_bad_input_exits_2(cli_env, capsys, args, msg):
     assert err.startswith("cmfast-edit: error: ") and msg in err and "\n" not in err
 
 
+# ---- Class-conditional models (the CM paper's ImageNet 64 ones) ------------------------------------------------
+def test_class_conditional_model_edits_with_a_label(images, tmp_path, capsys):
+    """with_class makes a conditional model the one-callable model the tasks take: the label reaches the network,
+    the known pixels stay exact; cmfast-edit asks for --class instead of failing inside the network."""
+    torch.manual_seed(0)
+    cond = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny", img_resolution=RES, label_dim=3)).eval()
+    with torch.no_grad():
+        for p in cond.net.parameters():
+            p.normal_(0, 0.3)
+    mask = torch.zeros(1, 1, RES, RES)
+    mask[..., :, : RES // 2] = 1
+    a = cmfast.edit.inpaint(cmfast.edit.with_class(cond, 0), images, mask, SIGMAS, gen())
+    b = cmfast.edit.inpaint(cmfast.edit.with_class(cond, 2), images, mask, SIGMAS, gen())
+    assert torch.equal(a[..., : RES // 2], images[..., : RES // 2]) and (a - b).abs().max() > 1e-2
+    z = torch.randn(1, 3, RES, RES)
+    ends = cmfast.edit.interpolate(cmfast.edit.with_class(cond, 1), z, z, [0.0], sigma=80.0)
+    torch.testing.assert_close(ends[0], cond(80.0 * z, 80.0, torch.tensor([1])))
+    for bad, match in ((lambda: cmfast.edit.with_class(cond, 3), "0 <= label < 3"),
+                       (lambda: cmfast.edit.with_class(cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny")), 0),
+                        "unconditional")):
+        with pytest.raises(ValueError, match=match):
+            bad()
+    from cmfast.cli.edit import main
+    from cmfast.nets import preset_config
+    from cmfast.training.checkpoint import save_checkpoint
+    cfg = dict(method="ict", net=preset_config("tiny", img_resolution=RES, label_dim=3), sigma_data=0.5,
+               sigma_min=0.002, sigma_max=80.0)
+    ckpt = save_checkpoint(str(tmp_path), 1, {"ema": cond.state_dict()}, cfg, {})
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _write_png(inp / "a.png", np.zeros((RES, RES, 3), np.uint8))
+    with pytest.raises(SystemExit):
+        main(["inpaint", "--checkpoint", ckpt, "--input", str(inp), "--out", str(tmp_path / "o")])
+    assert "class-conditional (3 classes): pass --class" in capsys.readouterr().err
+    assert main(["inpaint", "--checkpoint", ckpt, "--input", str(inp), "--class", "2", "--steps", "1",
+                 "--out", str(tmp_path / "o")]) == 0
+
+
 # ---- Figure script ----------------------------------------------------------------------------------------------
 def test_make_edit_figures_runs(model, tmp_path):
     path = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_edit_figures.py")

@@ -50,6 +50,8 @@ def build_parser():
     g.add_argument("--pairs", type=_positive, default=4, help="interpolate: number of noise pairs (rows)")
     g.add_argument("--alphas", type=_positive, default=9, help="interpolate: points from 0 to 1 (columns)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--class", dest="class_label", type=int, default=None,
+                   help="the class label of a class-conditional model (every image)")
     p = ap.add_argument_group("performance")
     p.add_argument("--batch-size", type=_positive, default=64)
     _common.add_device(p)
@@ -139,6 +141,10 @@ def main(argv=None):
     device = _common.pick_device(args.device)
     try:
         model, _ = load(args, device)
+        if getattr(model.net, "label_dim", 0) and args.class_label is None:
+            raise ValueError(f"this model is class-conditional ({model.net.label_dim} classes): pass --class")
+        if args.class_label is not None:
+            model = E.with_class(model, args.class_label)
         chw = E.image_shape(model)
         if chw is None:
             raise ValueError("the model does not say its image shape (expected .net.in_channels / img_resolution)")
