@@ -1,6 +1,6 @@
 """One-step sampling latency / throughput and an iCT training step: eager, torch.compile and cmfast side by side.
 
-    python benchmarks/throughput.py            # GPU: ddpmpp-cifar10 and ddpmpp-64, batch 1..1024, every mode
+    python benchmarks/throughput.py            # GPU: ddpmpp-cifar10, ddpmpp-64, adm-imagenet64; batch 1..1024
     python benchmarks/throughput.py --quick    # GPU: about 4 minutes (cifar net, batch 1 and 256, the CT step at 256)
     python benchmarks/throughput.py --cpu      # CPU (auto without CUDA): tiny / fmnist-small, batch 1 and 8
 
@@ -163,7 +163,7 @@ def plan(args, device):
     """(presets, sampling batches, sampling modes, training batches, training modes) for this run."""
     if device.type == "cpu":
         return args.presets or ["tiny", "fmnist-small"], args.batches or [1, 8], ["eager-fp32", "cmfast"], [], []
-    presets = args.presets or (["ddpmpp-cifar10"] if args.quick else ["ddpmpp-cifar10", "ddpmpp-64"])
+    presets = args.presets or (["ddpmpp-cifar10"] if args.quick else ["ddpmpp-cifar10", "ddpmpp-64", "adm-imagenet64"])
     if args.quick:   # the sizes of the sampler issue's goals: batch 1 and 256, the CT step at 256
         return (presets, args.batches or [1, 256],
                 ["eager-fp32", "eager-bf16", "cmfast", "cmfast-auto", "compile-reduce-overhead"],
@@ -284,7 +284,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="throughput.py", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="about 3 minutes on an H100: fewer sizes and modes")
     p.add_argument("--cpu", action="store_true", help="run on CPU (default when no CUDA device is present)")
-    p.add_argument("--presets", nargs="+", help="network presets (default: ddpmpp-cifar10 ddpmpp-64)")
+    p.add_argument("--presets", nargs="+", help="network presets (default: ddpmpp-cifar10 ddpmpp-64 adm-imagenet64, "
+                   "the last the CM paper's ImageNet 64 network, unconditional here)")
     p.add_argument("--batches", nargs="+", type=int, help="sampling batch sizes")
     p.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     p.add_argument("--budget-s", type=float, default=None, help="skip compile rows past this many seconds "
