@@ -193,6 +193,9 @@ def test_checkpoint_files_and_errors(tmp_path, capsys):
     assert model.net.noise_scale == 1000.0 and model.net.label_dim == 3
     assert sample_main(["--checkpoint", str(out), "--num", "3", "--npz", str(tmp_path / "s.npz"),
                         "--device", "cpu"]) == 0
+    with pytest.raises(SystemExit):                      # the .pt itself: a one-line hint to convert it
+        sample_main(["--checkpoint", str(tmp_path / "cd.pt"), "--num", "1", "--npz", str(tmp_path / "t.npz")])
+    assert "convert with python -m cmfast.cm_import" in capsys.readouterr().err
     teacher, _ = cm_import.load_cm_checkpoint(str(tmp_path / "cd.pt"), kind="edm", img_resolution=16)
     assert isinstance(teacher, cmfast.EDMDenoiser)
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")

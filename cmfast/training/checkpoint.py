@@ -182,6 +182,9 @@ def load_model(path: str, which: str = "ema", map_location="cpu"):
         except EDMPickleError as e:
             raise CheckpointError(str(e)) from None
         return model, {"step": 0, "config": cfg, "path": str(path), "which": "ema"}
+    if str(path).endswith(".pt") and not str(path).endswith(".state.pt"):
+        raise CheckpointError(f"{path}: a .pt file is not a cmfast checkpoint (the CM paper's released models "
+                              f"convert with python -m cmfast.cm_import)")
     wpath = resolve(path)
     modules, meta = load_weights(wpath)
     if which == "ema" and "ema" not in modules and meta["config"].get("ema"):
