@@ -177,13 +177,18 @@ def test_box_resampling_equals_edm_filter(up, kernel):
     torch.testing.assert_close(gx2, gx, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kw", [dict(adaptive_scale=False), dict(adaptive_scale=True), dict(label_dim=3)],
-                         ids=["pre-add", "scale-shift", "conditional"])
+@pytest.mark.parametrize("kw", [dict(adaptive_scale=False), dict(adaptive_scale=True), dict(label_dim=3),
+                                dict(arch="adm", label_dim=3, noise_scale=1000.0)],
+                         ids=["pre-add", "scale-shift", "conditional", "adm-time-scaled"])
 def test_constants_path_equals_live_path(kw):
     """forward(constants=UNet.constants(...)) is the same computation as the live forward (fp32: bit for bit);
-    a wrong count of constants is one clear error."""
+    a wrong count of constants is one clear error. Also for ADM with the released models' time scale."""
     torch.manual_seed(0)
-    net = cmfast.UNet.from_preset("tiny", img_resolution=16, **kw).eval()
+    if kw.get("arch") == "adm":
+        net = cmfast.UNet(img_resolution=16, model_channels=64, channel_mult=(1, 2), num_blocks=1,
+                          attn_resolutions=(8,), **kw).eval()
+    else:
+        net = cmfast.UNet.from_preset("tiny", img_resolution=16, **kw).eval()
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x, c = torch.randn(2, 3, 16, 16), torch.tensor([0.3, -0.7])
