@@ -1,6 +1,7 @@
 """The CM paper's released PyTorch checkpoints (openai/consistency_models: cd_imagenet64_lpips.pt, cd_imagenet64_l2.pt,
-ct_imagenet64.pt and their EDM teacher edm_imagenet64_ema.pt) as cmfast checkpoints, so cmfast's engine samples,
-edits, scores and distills from the paper's own ImageNet 64x64 models.
+ct_imagenet64.pt, the LSUN 256x256 ones such as cd_bedroom256_lpips.pt and ct_cat256.pt, and their EDM teachers
+edm_*_ema.pt) as cmfast checkpoints, so cmfast's engine samples, edits, scores and distills from the paper's own
+models.
 
 Those files are state dicts of guided-diffusion's UNetModel (cm/unet.py): the ADM network, which EDM re-implements
 as DhariwalUNet and cmfast as UNet(arch="adm"). The weights map one to one, in order: time_embed.0 / .2 ->
@@ -9,12 +10,14 @@ middle_block -> dec.<res>_in0 (with its attention) and _in1, output_blocks -> th
 upsampling ResBlock -> the next level's _up block, out -> out_norm / out_conv. A ResBlock's in_layers / emb_layers
 / out_layers / skip_connection are norm0, conv0 / affine / norm1, conv1 / skip; an AttentionBlock's norm / qkv /
 proj_out are norm2 / qkv / proj, its qkv rows reordered from the flash-attention layout those models were trained
-with, (q|k|v, head, channel), to cmfast's (head, channel, q|k|v); 1-D convolutions become 1x1 ones. The networks
+with, (q|k|v, head, channel), to cmfast's (head, channel, q|k|v); 1-D convolutions become 1x1 ones. The ImageNet
+models modulate with scale and shift, the LSUN ones add the embedding (adaptive_scale=False). The networks
 take the time 1000 ln(sigma) / 4 (karras_diffusion.py), so the UNet gets noise_scale=1000; the consistency models'
 preconditioning (sigma_min 0.002, sigma_data 0.5) is cmfast's ConsistencyModel, the teacher's EDM's.
 
     python -m cmfast.cm_import cd_imagenet64_lpips.pt cd-imagenet64.safetensors           # --kind cm (default)
     python -m cmfast.cm_import edm_imagenet64_ema.pt edm-imagenet64.safetensors --kind edm
+    python -m cmfast.cm_import ct_bedroom256.pt ct-bedroom256.safetensors --image-size 256
 """
 from __future__ import annotations
 
@@ -90,14 +93,15 @@ def infer_config(sd: dict, img_resolution: int) -> dict:
             i += 1
         if level < levels - 1:
             i += 1                                                      # the down block
-    if sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] != 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0]:
-        raise CMCheckpointError("use_scale_shift_norm=False networks (the LSUN models) are not supported")
+    scale_shift = (sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+                   == 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0])    # False: the LSUN models
     if any(m % mc for m in mult):
         raise CMCheckpointError(f"channel counts {mult} are not multiples of model_channels {mc}")
     cfg = dict(img_resolution=int(img_resolution), in_channels=int(sd["input_blocks.0.0.weight"].shape[1]),
                out_channels=int(sd["out.2.weight"].shape[0]), arch="adm", model_channels=int(mc),
                channel_mult=[m // mc for m in mult], channel_mult_emb=emb // mc, num_blocks=n,
-               attn_resolutions=sorted(attn, reverse=True), dropout=0.0, noise_scale=1000.0)
+               attn_resolutions=sorted(attn, reverse=True), dropout=0.0, noise_scale=1000.0,
+               adaptive_scale=bool(scale_shift))
     if "label_emb.weight" in sd:
         cfg["label_dim"] = int(sd["label_emb.weight"].shape[0])
     return cfg
@@ -215,7 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("out")
     ap.add_argument("--kind", choices=("cm", "edm"), default="cm",
                     help="cm: a consistency model (cd_*, ct_*); edm: the EDM teacher (edm_*_ema.pt)")
-    ap.add_argument("--image-size", type=int, default=64, help="the model's resolution (default 64: ImageNet)")
+    ap.add_argument("--image-size", type=int, default=64, help="the model's resolution (default 64: ImageNet; the "
+                    "LSUN models: 256)")
     ap.add_argument("--qkv-order", choices=("flash", "legacy"), default="flash",
                     help="attention weight layout the model was trained with (default flash, the released models')")
     a = ap.parse_args(argv)

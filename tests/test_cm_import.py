@@ -13,11 +13,11 @@ from cmfast import cm_import
 from cmfast.training.checkpoint import load_model
 
 
-def _openai_state(mc=128, mult=(1, 2), n=1, attn_ds=(2,), classes=3, in_ch=3, seed=0):
-    """A random UNetModel state dict (resblock_updown, use_scale_shift_norm, 64 channels a head): names and shapes
-    as its constructor makes them."""
+def _openai_state(mc=128, mult=(1, 2), n=1, attn_ds=(2,), classes=3, in_ch=3, seed=0, scale_shift=True):
+    """A random UNetModel state dict (resblock_updown, 64 channels a head; use_scale_shift_norm as given: the
+    ImageNet models have it, the LSUN ones not): names and shapes as its constructor makes them."""
     g = torch.Generator().manual_seed(seed)
-    sd = {}
+    sd, ss = {}, 2 if scale_shift else 1
 
     def t(*shape, scale=0.2):
         return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
@@ -25,7 +25,7 @@ def _openai_state(mc=128, mult=(1, 2), n=1, attn_ds=(2,), classes=3, in_ch=3, se
     def res(p, cin, cout):
         sd.update({f"{p}.in_layers.0.weight": 1 + t(cin), f"{p}.in_layers.0.bias": t(cin),
                    f"{p}.in_layers.2.weight": t(cout, cin, 3, 3), f"{p}.in_layers.2.bias": t(cout),
-                   f"{p}.emb_layers.1.weight": t(2 * cout, 4 * mc), f"{p}.emb_layers.1.bias": t(2 * cout),
+                   f"{p}.emb_layers.1.weight": t(ss * cout, 4 * mc), f"{p}.emb_layers.1.bias": t(ss * cout),
                    f"{p}.out_layers.0.weight": 1 + t(cout), f"{p}.out_layers.0.bias": t(cout),
                    f"{p}.out_layers.3.weight": t(cout, cout, 3, 3), f"{p}.out_layers.3.bias": t(cout)})
         if cin != cout:
@@ -94,8 +94,11 @@ def _reference(sd, x, t, y, downs, qkv_order="flash"):
             h, x0 = rs(h), rs(x0)
         h = F.conv2d(h, sd[p + ".in_layers.2.weight"], sd[p + ".in_layers.2.bias"], padding=1)
         e = F.linear(F.silu(emb), sd[p + ".emb_layers.1.weight"], sd[p + ".emb_layers.1.bias"])[..., None, None]
-        scale, shift = e.chunk(2, dim=1)
-        h = F.silu(gn(h, p + ".out_layers.0") * (1 + scale) + shift)
+        if e.shape[1] == 2 * h.shape[1]:                                  # use_scale_shift_norm
+            scale, shift = e.chunk(2, dim=1)
+            h = F.silu(gn(h, p + ".out_layers.0") * (1 + scale) + shift)
+        else:
+            h = F.silu(gn(h + e, p + ".out_layers.0"))
         h = F.conv2d(h, sd[p + ".out_layers.3.weight"], sd[p + ".out_layers.3.bias"], padding=1)
         if p + ".skip_connection.weight" in sd:
             x0 = F.conv2d(x0, sd[p + ".skip_connection.weight"], sd[p + ".skip_connection.bias"])
@@ -153,14 +156,15 @@ def _reference(sd, x, t, y, downs, qkv_order="flash"):
 
 
 @pytest.mark.parametrize("qkv_order", ["flash", "legacy"])
-@pytest.mark.parametrize("n,attn_ds,classes", [(1, (2,), 3), (2, (1, 2), 0)], ids=["cond", "uncond-2blocks"])
-def test_imported_network_equals_unetmodel(qkv_order, n, attn_ds, classes, tmp_path):
+@pytest.mark.parametrize("n,attn_ds,classes,ss", [(1, (2,), 3, True), (2, (1, 2), 0, True), (1, (2,), 0, False)],
+                         ids=["cond", "uncond-2blocks", "lsun-additive"])
+def test_imported_network_equals_unetmodel(qkv_order, n, attn_ds, classes, ss, tmp_path):
     """The imported cmfast UNet(arch='adm', noise_scale=1000) at c_noise = ln(sigma) / 4 equals UNetModel at its
     time 1000 ln(sigma) / 4, in float64, with every weight random: layout, qkv reordering, label table, time scale."""
-    sd = {k: v.float() for k, v in _openai_state(n=n, attn_ds=attn_ds, classes=classes).items()}   # as released
+    sd = {k: v.float() for k, v in _openai_state(n=n, attn_ds=attn_ds, classes=classes, scale_shift=ss).items()}
     weights, cfg = cm_import.convert(sd, img_resolution=16, qkv_order=qkv_order)
-    assert (cfg["arch"], cfg["model_channels"], cfg["channel_mult"], cfg["num_blocks"], cfg["noise_scale"]) == \
-        ("adm", 128, [1, 2], n, 1000.0)
+    assert (cfg["arch"], cfg["model_channels"], cfg["channel_mult"], cfg["num_blocks"], cfg["noise_scale"],
+            cfg["adaptive_scale"]) == ("adm", 128, [1, 2], n, 1000.0, ss)
     assert cfg["attn_resolutions"] == sorted((16 // d for d in attn_ds), reverse=True)
     net = cmfast.UNet(**cfg).double().eval()
     net.load_state_dict({k: v.double() for k, v in weights.items()})
@@ -199,15 +203,11 @@ def test_checkpoint_files_and_errors(tmp_path, capsys):
     teacher, _ = cm_import.load_cm_checkpoint(str(tmp_path / "cd.pt"), kind="edm", img_resolution=16)
     assert isinstance(teacher, cmfast.EDMDenoiser)
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
-    nss = dict(sd)
-    nss["input_blocks.1.0.emb_layers.1.weight"] = nss["input_blocks.1.0.emb_layers.1.weight"][:128]
-    nss["input_blocks.1.0.emb_layers.1.bias"] = nss["input_blocks.1.0.emb_layers.1.bias"][:128]
-    torch.save(nss, tmp_path / "lsun.pt")
     extra = dict(sd, **{"input_blocks.1.0.extra.weight": torch.zeros(2)})
     torch.save(extra, tmp_path / "extra.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     for name, match in (("other.pt", "not a state dict of openai/consistency_models"),
-                        ("lsun.pt", "use_scale_shift_norm=False"), ("extra.pt", "unused .*extra.weight"),
+                        ("extra.pt", "unused .*extra.weight"),
                         ("junk.pt", "unreadable"), ("missing.pt", "not found")):
         with pytest.raises(cm_import.CMCheckpointError, match=match) as e:
             cm_import.load_cm_checkpoint(str(tmp_path / name), img_resolution=16)

@@ -238,13 +238,16 @@ def _edm_adm(net, x, c_noise, labels):
     return F.conv2d(x, net.out_conv.weight, net.out_conv.bias, padding=1)
 
 
-def test_adm_equals_edm_dhariwalunet():
+@pytest.mark.parametrize("adaptive", [None, False], ids=["scale-shift", "additive"])
+def test_adm_equals_edm_dhariwalunet(adaptive):
     """A small arch='adm' net (64 and 128 channels: 1 and 2 heads) equals the transcription of EDM's forward in
     float64, conditional, with every parameter non-zero: ADM's layout (attention in every block at 8x8, all encoder
     outputs skipped, resampling-only skips), eps 1e-5 and its embedding."""
     torch.manual_seed(0)
     net = cmfast.UNet(img_resolution=16, in_channels=3, label_dim=4, arch="adm", model_channels=64,
-                      channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0).double().eval()
+                      channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0,
+                      adaptive_scale=adaptive).double().eval()
+    assert all(b.adaptive_scale is (adaptive is None) for b in net.blocks())
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.2)
@@ -263,7 +266,7 @@ def test_adm_equals_edm_dhariwalunet():
 
 def test_adm_refuses_songunet_options():
     for kw in (dict(embedding_type="fourier"), dict(encoder_type="residual"), dict(resample_filter=(1, 3, 3, 1)),
-               dict(adaptive_scale=True), dict(num_heads=2), dict(channel_mult_noise=2)):
+               dict(num_heads=2), dict(channel_mult_noise=2)):
         with pytest.raises(ValueError, match="fixed in arch 'adm'"):
             cmfast.UNet(arch="adm", **kw)
     with pytest.raises(ValueError, match="arch: expected"):

@@ -90,10 +90,11 @@ class UNet(nn.Module):
     """EDM's SongUNet, or with arch="adm" its DhariwalUNet. F(x_in, c_noise, class_labels) -> F, the raw network of
     the preconditioned model.
 
-    arch="adm" (ADM): scale/shift modulation, 64 channels per attention head, attention in every block at the
-    attention resolutions, no skip scaling, resampling-only skips, GroupNorm eps 1e-5, an embedding without the
-    sin/cos swap whose class label is added after the second layer; embedding_type, channel_mult_noise,
-    encoder_type, resample_filter, adaptive_scale and num_heads are SongUNet's and must stay at their defaults.
+    arch="adm" (ADM): scale/shift modulation (adaptive_scale=False: ADM without it, guided-diffusion's
+    use_scale_shift_norm=False, as in the CM paper's LSUN models), 64 channels per attention head, attention in every
+    block at the attention resolutions, no skip scaling, resampling-only skips, GroupNorm eps 1e-5, an embedding
+    without the sin/cos swap whose class label is added after the second layer; embedding_type, channel_mult_noise,
+    encoder_type, resample_filter and num_heads are SongUNet's and must stay at their defaults.
     Initialization follows cmfast's (Xavier-uniform), not ADM's Kaiming-uniform: the same functions, not the same
     random draws as an EDM run."""
 
@@ -112,7 +113,7 @@ class UNet(nn.Module):
                  channel_mult_noise: int = 1,       # Noise-embedding width = model_channels * this.
                  encoder_type: str = "standard",    # 'standard' (DDPM++) or 'residual' (NCSN++).
                  resample_filter=(1, 1),            # (1, 1) box (DDPM++) or (1, 3, 3, 1) FIR (NCSN++).
-                 adaptive_scale: bool = False,      # Scale/shift modulation after GroupNorm (ADM style).
+                 adaptive_scale: bool | None = None,  # Scale/shift after GroupNorm (None: SongUNet no, ADM yes).
                  num_heads: int = 1,                # Attention heads.
                  arch: str = "song",                # 'song' (SongUNet: DDPM++ / NCSN++) or 'adm' (DhariwalUNet).
                  noise_scale: float = 1.0):         # c_noise multiplier (1000: openai/consistency_models' nets).
@@ -122,7 +123,7 @@ class UNet(nn.Module):
         if arch == "adm":
             song_only = dict(embedding_type=(embedding_type, "positional"), channel_mult_noise=(channel_mult_noise, 1),
                              encoder_type=(encoder_type, "standard"), resample_filter=(tuple(resample_filter), (1, 1)),
-                             adaptive_scale=(adaptive_scale, False), num_heads=(num_heads, 1))
+                             num_heads=(num_heads, 1))
             for name, (got, default) in song_only.items():
                 if got != default:
                     raise ValueError(f"{name}: SongUNet's option, fixed in arch 'adm' (got {got!r})")
@@ -136,8 +137,10 @@ class UNet(nn.Module):
         self.label_dim = label_dim
         emb_channels = model_channels * channel_mult_emb
         if arch == "adm":
-            self._build_adm(model_channels, channel_mult, emb_channels, num_blocks, attn_resolutions, dropout)
+            self._build_adm(model_channels, channel_mult, emb_channels, num_blocks, attn_resolutions, dropout,
+                            adaptive_scale is not False)
             return
+        adaptive_scale = bool(adaptive_scale)
         noise_channels = model_channels * channel_mult_noise
         block = dict(emb_channels=emb_channels, num_heads=num_heads, dropout=dropout, resample_filter=resample_filter,
                      adaptive_scale=adaptive_scale)
@@ -184,7 +187,7 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, init_weight=1e-5)
 
-    def _build_adm(self, model_channels, channel_mult, emb_channels, num_blocks, attn_resolutions, dropout):
+    def _build_adm(self, model_channels, channel_mult, emb_channels, num_blocks, attn_resolutions, dropout, adaptive):
         """EDM's DhariwalUNet layout and names (networks.py), from cmfast's layers."""
         res0 = self.img_resolution
         self.map_noise = PositionalEmbedding(model_channels, endpoint=False)
@@ -194,7 +197,8 @@ class UNet(nn.Module):
 
         def blk(cin, cout, attention=False, **kw):
             return UNetBlock(cin, cout, emb_channels, attention=attention, num_heads=cout // 64,   # 0: none
-                             dropout=dropout, skip_scale=1.0, eps=1e-5, resample_proj=False, adaptive_scale=True, **kw)
+                             dropout=dropout, skip_scale=1.0, eps=1e-5, resample_proj=False, adaptive_scale=adaptive,
+                             **kw)
         self.enc = nn.ModuleDict()
         cout = self.in_channels
         for level, mult in enumerate(channel_mult):
@@ -293,6 +297,8 @@ def architecture(cfg: dict) -> dict:
     full = {k: p.default for k, p in inspect.signature(UNet.__init__).parameters.items() if k != "self"}
     full.update(cfg)
     full.pop("dropout", None)
+    if full.get("adaptive_scale") is None:
+        full["adaptive_scale"] = full.get("arch") == "adm"
     if full.get("out_channels") is None:
         full["out_channels"] = full["in_channels"]
     return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in full.items()}
