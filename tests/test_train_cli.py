@@ -170,6 +170,10 @@ def test_dry_run_paper_configs(capsys):
     ct = json.loads(capsys.readouterr().out)
     assert (ct["method_args"]["s1"], ct["method_args"]["mu0"], ct["lr"], ct["ema"][2]) == (200, 0.95, 1e-4,
                                                                                           0.9999432189950708)
+    assert train_main(["--config", "ct-lsun256", "--dry-run"]) == 0
+    ct = json.loads(capsys.readouterr().out)
+    assert (ct["preset"], ct["cond"], ct["batch_size"], ct["lr"], ct["total_steps"], ct["method_args"]["s1"]) == \
+        ("adm-lsun256", False, 256, 5e-5, 1_000_000, 150)
     assert train_main(["--dataset", "fashion-mnist", "--kimg", "10", "--batch-size", "32", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["total_steps"] == 313            # ceil(10000 / 32)
 

@@ -4,8 +4,8 @@ from .unet import UNet, UNetBlock, architecture
 
 
 def _from_preset(cls, name: str, **overrides) -> "UNet":
-    """UNet.from_preset('ddpmpp-cifar10' | 'ncsnpp-cifar10' | 'ddpmpp-64' | 'adm-imagenet64' | 'fmnist-small' | 'tiny',
-    **overrides)."""
+    """UNet.from_preset('ddpmpp-cifar10' | 'ncsnpp-cifar10' | 'ddpmpp-64' | 'adm-imagenet64' | 'adm-lsun256' |
+    'fmnist-small' | 'tiny', **overrides)."""
     net = cls(**preset_config(name, **overrides))
     net.preset = name
     net.config = preset_config(name, **overrides)

@@ -17,6 +17,10 @@ PRESETS: dict[str, dict] = {
     # with label_dim=1000 (cmfast-train --cond sets it from the data).
     "adm-imagenet64": dict(img_resolution=64, in_channels=3, arch="adm", model_channels=192,
                            channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.10),
+    # The CM paper's LSUN 256x256 network (openai/consistency_models scripts/launch.sh: guided-diffusion's ADM without
+    # scale-shift norm, 256 channels, 2 blocks a level, 64 channels a head), unconditional.
+    "adm-lsun256": dict(img_resolution=256, in_channels=3, arch="adm", adaptive_scale=False, model_channels=256,
+                        channel_mult=(1, 1, 2, 2, 4, 4), num_blocks=2, attn_resolutions=(32, 16, 8), dropout=0.10),
     # The shipped Fashion-MNIST model: 1 channel, 32x32 (28 padded), 1.07M parameters, so that every checkpoint file
     # of a CT run (model, target and EMA in fp32; Adam's two moments) stays under 16 MiB (reference-runs issue).
     "fmnist-small": dict(img_resolution=32, in_channels=1, model_channels=24, channel_mult=(1, 2, 2),

@@ -46,6 +46,14 @@ CONFIGS = {
                           loss="lpips", batch_size=2048, lr=1e-4, optimizer="radam", total_steps=800_000,
                           ema=(0.999, 0.9999, 0.9999432189950708), precision="fp16",
                           method_args=dict(s0=2, s1=200, mu0=0.95)),
+    # LSUN 256x256 (bedroom, cat), unconditional, from the same file: batch 256, EMA rates 0.9999 / 0.99994 /
+    # 0.9999432; CD lr 1e-5, 600k steps; CT N 2 -> 150, lr 5e-5, 1M steps. --data-dir: an LSUN folder or zip.
+    "cd-lsun256": dict(dataset="folder", method="cd", preset="adm-lsun256", dropout=0.0, loss="lpips", batch_size=256,
+                       lr=1e-5, optimizer="radam", total_steps=600_000, ema=(0.9999, 0.99994, 0.9999432189950708),
+                       precision="fp16", method_args=dict(num_scales=40, mu=0.95, solver="heun")),
+    "ct-lsun256": dict(dataset="folder", method="ct", preset="adm-lsun256", dropout=0.0, loss="lpips", batch_size=256,
+                       lr=5e-5, optimizer="radam", total_steps=1_000_000, ema=(0.9999, 0.99994, 0.9999432189950708),
+                       precision="fp16", method_args=dict(s0=2, s1=150, mu0=0.95)),
     "edm-cifar10": dict(dataset="cifar10", method="edm", preset="ddpmpp-cifar10", batch_size=512, lr=1e-3,
                         lr_rampup_kimg=10_000, optimizer="adam", kimg=200_000, ema=(0.99929,),
                         method_args=dict(p_mean=-1.2, p_std=1.2)),
