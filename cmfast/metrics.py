@@ -157,26 +157,57 @@ def _file_hash(path):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def _source_id(path: str) -> str:
+    """A short id of an image folder or zip (its absolute path, size or entry count, and modification time), so the
+    cached statistics of two folders never meet and a changed one is computed again."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        from .data import DataError
+        raise DataError(f"reference images not found: {path}")
+    size = os.path.getsize(path) if os.path.isfile(path) else sum(len(f) for _, _, f in os.walk(path))
+    return hashlib.sha256(f"{path}:{size}:{os.path.getmtime(path)}".encode()).hexdigest()[:12]
+
+
 def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, device="cpu", weights=None):
     """(mu, sigma, meta) of a dataset's train split for a metric, computed once and cached as npz in the data dir.
 
+    dataset 'folder': the images of the folder or zip data_dir (ImageNet 64x64, LSUN, ...: EDM's dataset_tool
+    layout), `num` of them drawn with a fixed seed, cached in cmfast's data dir under an id of that folder.
     The cache file name carries the feature network's hash, so new weights never reuse stale statistics.
     """
     from .data import default_data_dir
     net_hash = _file_hash(_weights_path(metric, weights))
-    root = data_dir or default_data_dir()
-    path = os.path.join(root, f"{metric}_{dataset}_train_n{num}_{net_hash}.npz")
+    root, name = data_dir or default_data_dir(), dataset
+    if dataset == "folder":
+        if not data_dir:
+            raise ValueError("dataset 'folder': give the folder or zip of reference images as data_dir (--data-dir)")
+        root, name = default_data_dir(), f"folder-{_source_id(data_dir)}"
+    path = os.path.join(root, f"{metric}_{name}_train_n{num}_{net_hash}.npz")
     if os.path.isfile(path):
         return load_stats(path)
     extractor, dim, impl = _extractor(metric, device, weights)
+    stats = feature_stats(extractor, reference_batches(dataset, data_dir, num, batch_size), dim, device)
+    os.makedirs(root, exist_ok=True)
+    meta = dict(metric=metric, dataset=dataset, split="train", implementation=impl, weights_sha256_16=net_hash,
+                **({"source": os.path.abspath(data_dir)} if dataset == "folder" else {}))
+    stats.save(path, **meta)
+    return stats.mean, stats.cov, dict(meta, n=stats.n)
+
+
+def reference_batches(dataset, data_dir=None, num=50000, batch_size=250):
+    """The reference images, `num` of them (a fixed-seed draw when the set is larger), as float32 [-1, 1] batches:
+    converted a batch at a time (an image folder is kept as uint8 until then)."""
+    if dataset == "folder":
+        from .data import load_folder
+        ds = load_folder(data_dir)
+        idx = torch.arange(len(ds))
+        if num < len(ds):
+            idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:num]
+        return (ds.batch(idx[i:i + batch_size])[0] for i in range(0, len(idx), batch_size))
     images = reference_images(dataset, data_dir)
     if num < len(images):
         images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:num]]
-    stats = feature_stats(extractor, _chunks(images, batch_size), dim, device)
-    os.makedirs(root, exist_ok=True)
-    meta = dict(metric=metric, dataset=dataset, split="train", implementation=impl, weights_sha256_16=net_hash)
-    stats.save(path, **meta)
-    return stats.mean, stats.cov, dict(meta, n=stats.n)
+    return _chunks(images, batch_size)
 
 
 def reference_images(dataset, data_dir=None):
@@ -187,7 +218,7 @@ def reference_images(dataset, data_dir=None):
     elif dataset == "cifar10":
         ds = load_cifar10(data_dir)
     else:
-        raise ValueError(f"dataset must be one of {tuple(SHAPES)}, got {dataset!r}")
+        raise ValueError(f"dataset must be one of {tuple(SHAPES) + ('folder',)}, got {dataset!r}")
     return ds.batch(torch.arange(len(ds)))[0]
 
 

@@ -371,3 +371,55 @@ def test_search_sigmas_finds_the_minimum_and_scores_the_start():
                        ({"start": (80.0, 90.0)}, "start: expected 2 decreasing levels")):
         with pytest.raises(ValueError, match=match):
             metrics.search_sigmas(lambda s: 0.0, **bad)
+
+
+# ---------------------------------------------------------------- FID against an image folder (ImageNet 64, LSUN)
+def test_reference_stats_of_an_image_folder(tmp_path, monkeypatch):
+    """dataset 'folder': the statistics of `num` of the folder's images (a seed-0 draw), converted a batch at a
+    time, cached under an id of that folder (two folders never share a file; the cache is read back); evaluate
+    and cmfast-eval score against it. The Inception weights are not here: a small stand-in feature function."""
+    from train_fixtures import write_png_folder
+    import cmfast
+    arrs = write_png_folder(tmp_path / "ref", n=10, size=16)
+    write_png_folder(tmp_path / "ref2", n=10, size=16, seed=1)
+    monkeypatch.setenv("CMFAST_DATA", str(tmp_path / "cache"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"stand-in weights")
+
+    def feats(x):
+        return torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :, :8].mean((2, 3))], dim=1)
+    monkeypatch.setattr(metrics, "_weights_path", lambda metric, weights_=None: str(weights))
+    monkeypatch.setattr(metrics, "_extractor", lambda metric, device, weights_=None: (feats, 9, "stand-in"))
+    mu, cov, meta = metrics.reference_stats("fid", "folder", str(tmp_path / "ref"), num=8, batch_size=3)
+    x = torch.from_numpy(arrs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    idx = torch.randperm(10, generator=torch.Generator().manual_seed(0))[:8]
+    want = metrics.FeatureStats(9).update(feats(x[idx]).double())
+    np.testing.assert_allclose(mu, want.mean, rtol=1e-5, atol=1e-7)      # fp32 features, batched differently
+    np.testing.assert_allclose(cov, want.cov, rtol=1e-5, atol=1e-7)
+    assert meta["source"] == str(tmp_path / "ref") and meta["n"] == 8
+    mu2 = metrics.reference_stats("fid", "folder", str(tmp_path / "ref2"), num=8, batch_size=3)[0]
+    assert np.abs(mu2 - mu).max() > 1e-3 and len(os.listdir(tmp_path / "cache")) == 2
+    monkeypatch.setattr(metrics, "_extractor", lambda *a, **k: pytest.fail("cached statistics were recomputed"))
+    np.testing.assert_array_equal(metrics.reference_stats("fid", "folder", str(tmp_path / "ref"), num=8)[0], mu)
+    monkeypatch.setattr(metrics, "_extractor", lambda metric, device, weights_=None: (feats, 9, "stand-in"))
+    torch.manual_seed(0)
+    cm = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny", img_resolution=16)).eval()
+    r = metrics.evaluate(cm, "fid", steps=1, num=4, batch_size=2, dataset="folder", data_dir=str(tmp_path / "ref"))
+    assert r["dataset"] == "folder" and np.isfinite(r["value"]) and r["value"] > 0
+    from cmfast.cli.eval import main as eval_main
+    from cmfast.nets import preset_config
+    from cmfast.training.checkpoint import save_checkpoint
+    cfg = dict(method="ict", net=preset_config("tiny", img_resolution=16), sigma_data=0.5, sigma_min=0.002,
+               sigma_max=80.0)
+    (tmp_path / "run").mkdir()
+    ckpt = save_checkpoint(str(tmp_path / "run"), 1, {"ema": cm.state_dict()}, cfg, {})
+    out = tmp_path / "fid.json"
+    assert eval_main(["--checkpoint", ckpt, "--metric", "fid", "--dataset", "folder", "--data-dir",
+                      str(tmp_path / "ref"), "--num", "4", "--batch-size", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["value"] == pytest.approx(r["value"], rel=1e-6)     # the same images
+    with pytest.raises(SystemExit):
+        eval_main(["--checkpoint", ckpt, "--metric", "fid", "--dataset", "folder"])
+    with pytest.raises(ValueError, match="give the folder or zip"):
+        metrics.reference_stats("fid", "folder", None)
+    with pytest.raises(ValueError, match="reference images not found"):
+        metrics.reference_stats("fid", "folder", str(tmp_path / "nowhere"))

@@ -44,9 +44,11 @@ def build_parser():
     _common.add_device(p)
     _common.add_engine(p)
     io = ap.add_argument_group("I/O")
-    io.add_argument("--dataset", choices=("fashion-mnist", "cifar10"), default=None,
-                    help="reference data (default: from the checkpoint, else by metric)")
-    io.add_argument("--data-dir", default=None, help="default $CMFAST_DATA or ~/.cache/cmfast")
+    io.add_argument("--dataset", choices=("fashion-mnist", "cifar10", "folder"), default=None,
+                    help="reference data (default: from the checkpoint, else by metric); folder: the images of "
+                         "--data-dir (an ImageNet 64x64 or LSUN folder or zip)")
+    io.add_argument("--data-dir", default=None, help="default $CMFAST_DATA or ~/.cache/cmfast; --dataset folder: the "
+                    "folder or zip of reference images")
     io.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth "
                     "(default: the torch hub cache)")
     io.add_argument("--out", default=None, help="write the result as JSON here (also printed)")
@@ -72,7 +74,11 @@ def main(argv=None):
         from ..training.checkpoint import load_model
         model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
         dataset = args.dataset or _dataset_from_meta(meta)
-        if dataset not in (None, "fashion-mnist", "cifar10"):
+        if dataset == "folder" and not (args.dataset and args.data_dir):
+            if args.dataset:
+                _fail("--dataset folder needs --data-dir: the folder or zip of reference images")
+            dataset = None          # a checkpoint trained on a folder: name it to score against it
+        if dataset not in (None, "fashion-mnist", "cifar10", "folder"):
             dataset = None
         common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, dataset=dataset, device=device,
                       data_dir=args.data_dir, weights=args.inception_weights, engine=args.engine,
