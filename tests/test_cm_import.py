@@ -216,3 +216,19 @@ def test_checkpoint_files_and_errors(tmp_path, capsys):
         cm_import.convert({k: v.float() for k, v in _openai_state(mc=64).items()}, img_resolution=16)
     assert cm_import.main([str(tmp_path / "junk.pt"), str(tmp_path / "x.safetensors")]) == 2
     assert "cmfast.cm_import: error:" in capsys.readouterr().err
+
+
+def test_student_adopts_the_teachers_time_scale():
+    """cmfast-train --config cd-imagenet64 --teacher <converted edm_imagenet64_ema.pt>: the teacher reads time 1000x,
+    the preset's student 1x; the student takes the teacher's scale (so it can start from its weights), and only
+    where nothing else but dropout differs."""
+    from cmfast.nets import adopt_time_scale, architecture
+    sd = {k: v.float() for k, v in _openai_state(n=2, attn_ds=(2,), classes=5).items()}
+    teacher = cm_import.infer_config(sd, img_resolution=16)       # what cm_import records for such a teacher
+    student = dict(img_resolution=16, in_channels=3, label_dim=5, arch="adm", model_channels=128,
+                   channel_mult=[1, 2], num_blocks=2, attn_resolutions=[8], dropout=0.1)
+    adopted = adopt_time_scale(student, teacher)
+    assert adopted["noise_scale"] == 1000.0 and architecture(adopted) == architecture(teacher)
+    assert "noise_scale" not in student                                      # the config given is not changed
+    other = dict(student, num_blocks=1)
+    assert adopt_time_scale(other, teacher) == other                         # another network: nothing adopted

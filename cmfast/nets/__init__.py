@@ -1,6 +1,6 @@
 """Backbones. Every GroupNorm, attention and skip output goes through cmfast.ops."""
 from .presets import PRESETS, preset_config
-from .unet import UNet, UNetBlock, architecture
+from .unet import UNet, UNetBlock, adopt_time_scale, architecture
 
 
 def _from_preset(cls, name: str, **overrides) -> "UNet":
@@ -14,4 +14,4 @@ def _from_preset(cls, name: str, **overrides) -> "UNet":
 
 UNet.from_preset = classmethod(_from_preset)
 
-__all__ = ["PRESETS", "UNet", "UNetBlock", "architecture", "preset_config"]
+__all__ = ["PRESETS", "UNet", "UNetBlock", "adopt_time_scale", "architecture", "preset_config"]

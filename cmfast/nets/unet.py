@@ -302,3 +302,14 @@ def architecture(cfg: dict) -> dict:
     if full.get("out_channels") is None:
         full["out_channels"] = full["in_channels"]
     return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in full.items()}
+
+
+def adopt_time_scale(student: dict, teacher: dict) -> dict:
+    """The student's UNet config with its teacher's noise_scale where that is all (besides dropout) that keeps the
+    two from sharing weights: a student initialized from openai/consistency_models' EDM teacher (time 1000 ln(sigma)
+    / 4) must read time on the same scale as the weights it starts from."""
+    t = architecture(teacher)["noise_scale"]
+    adopted = {**student, "noise_scale": t}
+    if t != architecture(student)["noise_scale"] and architecture(adopted) == architecture(teacher):
+        return adopted
+    return student

@@ -151,6 +151,9 @@ def _train(args: dict) -> dict:
     data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["xflip"])
     cfg = resolve(args, world, data.shape, data.num_classes)
     teacher, tcfg = _load_teacher(cfg, data.shape, device) if method.needs_teacher else (None, None)
+    if teacher is not None and cfg["init_from_teacher"]:     # openai's teacher reads time 1000x: so must its student
+        from ..nets import adopt_time_scale
+        cfg["net"] = adopt_time_scale(cfg["net"], tcfg["net"])
     found = ckpt.list_checkpoints(out)
     if cfg["resume"] is None and found:
         raise ValueError(f"{out} already holds checkpoints: pass --resume latest to continue, or another --output-dir")
