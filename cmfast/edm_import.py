@@ -182,18 +182,17 @@ def load_edm_pickle(path: str, map_location="cpu"):
                              f"preconditioning (EDMPrecond; EDM's edm-*.pkl checkpoints)")
     st = ema.state
     kw = dict(st.get("_init_kwargs") or {})
-    for i, name in enumerate(("img_resolution", "img_channels", "label_dim", "use_fp16")[:len(st.get("_init_args")
-                                                                                               or ())]):
-        kw.setdefault(name, st["_init_args"][i])
+    for name, value in zip(("img_resolution", "img_channels", "label_dim", "use_fp16"), st.get("_init_args") or ()):
+        kw.setdefault(name, value)                      # EDMPrecond's positional arguments, where given so
     model_type = kw.get("model_type", "DhariwalUNet")        # EDMPrecond's default
     if model_type not in _NET_KEYS:
         raise EDMPickleError(f"{path}: model_type {model_type!r} is not supported: cmfast's UNet is EDM's SongUNet "
                              f"(DDPM++ / NCSN++) or DhariwalUNet (ADM)")
     defaults = SONGUNET_DEFAULTS if model_type == "SongUNet" else DHARIWAL_DEFAULTS
-    song = {**defaults, **{k: v for k, v in kw.items() if k in defaults}}
-    if model_type == "SongUNet" and (song["decoder_type"] != "standard"
-                                     or song["encoder_type"] not in ("standard", "residual")):
-        raise EDMPickleError(f"{path}: encoder {song['encoder_type']!r} / decoder {song['decoder_type']!r} is not "
+    net_kw = {**defaults, **{k: v for k, v in kw.items() if k in defaults}}
+    if model_type == "SongUNet" and (net_kw["decoder_type"] != "standard"
+                                     or net_kw["encoder_type"] not in ("standard", "residual")):
+        raise EDMPickleError(f"{path}: encoder {net_kw['encoder_type']!r} / decoder {net_kw['decoder_type']!r} is not "
                              f"supported (cmfast: encoder 'standard' or 'residual', decoder 'standard')")
     try:
         res, chans = int(_plain(kw["img_resolution"])), int(_plain(kw["img_channels"]))
@@ -201,7 +200,7 @@ def load_edm_pickle(path: str, map_location="cpu"):
         raise EDMPickleError(f"{path}: the network's img_resolution / img_channels are not recorded") from None
     try:
         net_cfg = {"img_resolution": res, "in_channels": chans,
-                   **{k: _plain(song[k]) for k in _NET_KEYS[model_type]},
+                   **{k: _plain(net_kw[k]) for k in _NET_KEYS[model_type]},
                    **({"arch": "adm"} if model_type == "DhariwalUNet" else {})}
         sigma_data = float(_plain(st.get("sigma_data", 0.5)))
     except EDMPickleError as e:
@@ -228,11 +227,11 @@ def load_edm_pickle(path: str, map_location="cpu"):
             filters[name] = t
             continue
         weights[name] = t
-    want = _edm_filter(song.get("resample_filter", [1, 1]))
+    want = _edm_filter(net_kw.get("resample_filter", [1, 1]))
     for name, f in filters.items():
         if f.shape != want.shape or not torch.allclose(f.float(), want):
             raise EDMPickleError(f"{path}: {name} is not the filter of resample_filter="
-                                 f"{song.get('resample_filter', [1, 1])}")
+                                 f"{net_kw.get('resample_filter', [1, 1])}")
     try:
         net = UNet(**net_cfg)
     except (TypeError, ValueError) as e:
