@@ -195,31 +195,22 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
 
 
 def reference_batches(dataset, data_dir=None, num=50000, batch_size=250):
-    """The reference images, `num` of them (a fixed-seed draw when the set is larger), as float32 [-1, 1] batches:
-    converted a batch at a time (an image folder is kept as uint8 until then)."""
-    if dataset == "folder":
-        from .data import load_folder
-        ds = load_folder(data_dir)
-        idx = torch.arange(len(ds))
-        if num < len(ds):
-            idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:num]
-        return (ds.batch(idx[i:i + batch_size])[0] for i in range(0, len(idx), batch_size))
-    images = reference_images(dataset, data_dir)
-    if num < len(images):
-        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:num]]
-    return _chunks(images, batch_size)
-
-
-def reference_images(dataset, data_dir=None):
-    """All train images of a reference dataset (cmfast.data's readers) as float32 (N, C, 32, 32) in [-1, 1]."""
-    from .data import load_cifar10, load_fashion_mnist
+    """The reference images, `num` of them (a fixed-seed draw when the set is larger), as float32 [-1, 1] batches
+    converted one at a time (the set stays uint8 until then: an LSUN reference would be 39 GB as one float tensor).
+    dataset: 'fashion-mnist' (the whole train split), 'cifar10' (train), 'folder' (the images of data_dir)."""
+    from .data import load_cifar10, load_fashion_mnist, load_folder
     if dataset == "fashion-mnist":
-        ds = load_fashion_mnist(data_dir, "train", full=True)      # statistics of the whole split
+        ds = load_fashion_mnist(data_dir, "train", full=True)
     elif dataset == "cifar10":
         ds = load_cifar10(data_dir)
+    elif dataset == "folder":
+        ds = load_folder(data_dir)
     else:
         raise ValueError(f"dataset must be one of {tuple(SHAPES) + ('folder',)}, got {dataset!r}")
-    return ds.batch(torch.arange(len(ds)))[0]
+    idx = torch.arange(len(ds))
+    if num < len(ds):
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:num]
+    return (ds.batch(idx[i:i + batch_size])[0] for i in range(0, len(idx), batch_size))
 
 
 def _weights_path(metric, weights=None):
