@@ -68,18 +68,16 @@ def main(argv=None):
     _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
     if args.search_sigmas and (args.steps or len(args.sigmas or ())) < 2:
         _fail("--search-sigmas needs --steps 2 or more (one step samples at sigma_max only)")
+    if args.dataset == "folder" and not args.data_dir:
+        _fail("--dataset folder needs --data-dir: the folder or zip of reference images")
     from ..metrics import default_sigmas, evaluate, search_sigmas
     device = _common.pick_device(args.device)
     try:
         from ..training.checkpoint import load_model
         model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
         dataset = args.dataset or _dataset_from_meta(meta)
-        if dataset == "folder" and not (args.dataset and args.data_dir):
-            if args.dataset:
-                _fail("--dataset folder needs --data-dir: the folder or zip of reference images")
-            dataset = None          # a checkpoint trained on a folder: name it to score against it
-        if dataset not in (None, "fashion-mnist", "cifar10", "folder"):
-            dataset = None
+        if not args.dataset and dataset not in ("fashion-mnist", "cifar10"):
+            dataset = None          # e.g. a checkpoint trained on a folder: --dataset folder names the reference
         common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, dataset=dataset, device=device,
                       data_dir=args.data_dir, weights=args.inception_weights, engine=args.engine,
                       dtype=_common.torch_dtype(args.dtype))

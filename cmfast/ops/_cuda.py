@@ -53,7 +53,7 @@ def _param(name: str, t, shape: tuple, device: torch.device) -> torch.Tensor | N
     return t.float().contiguous()
 
 
-def _param_pair(names: tuple, ts: tuple, shapes: tuple, x: torch.Tensor, as_is: bool) -> tuple:
+def _params_one_dtype(names: tuple, ts: tuple, shapes: tuple, x: torch.Tensor, as_is: bool) -> tuple:
     """Optional parameters read in one dtype (weight and bias; scale, shift and the pre-norm add), each of the shape
     given for it, and the dtype code the kernel reads them in: their own dtype when `as_is` and all (those given) are
     fp32 or all x's dtype, else fp32 copies."""
@@ -229,10 +229,10 @@ def _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu, pre=None):
     # The one-launch path reads the parameters in their own dtype where it is fp32 or x's, one dtype for weight and
     # bias and one for scale, shift and pre (the bf16 sampler: fp32 affine, bf16 modulation or pre-add): converting
     # them to fp32 cost up to four launches, more than the kernel itself at batch 1 and 8 (H200 graph replays).
-    w, b, adt = _param_pair(("weight", "bias"), (weight, bias), ((C,),) * 2, x, S_fwd == 0)
+    w, b, adt = _params_one_dtype(("weight", "bias"), (weight, bias), ((C,),) * 2, x, S_fwd == 0)
     pre_shape = (N, C) if pre is None or pre.shape[0] == N else (1, C)
-    sc, sh, pre, mdt = _param_pair(("scale", "shift", "pre_bias"), (scale, shift, pre), ((N, C), (N, C), pre_shape),
-                                   x, S_fwd == 0)
+    sc, sh, pre, mdt = _params_one_dtype(("scale", "shift", "pre_bias"), (scale, shift, pre),
+                                         ((N, C), (N, C), pre_shape), x, S_fwd == 0)
     y = torch.empty_like(x)
     # saved: stats (N*G*2: mean, rstd), A, B (N*C each); scratch: the split partials (N*S*C*2)
     saved = torch.empty(N * num_groups * 2 + 2 * N * C, device=dev, dtype=torch.float32)
