@@ -140,8 +140,9 @@ def measure(case: dict, fns, nbytes: int, dev, ceil: dict, quick: bool) -> list[
             row.update(H.time_ms(fn, dev, budget_ms=50 if quick else 200))
             row["gb_per_s"] = nbytes / row["median_ms"] / 1e6
             row["floor_ms"] = H.floor_ms(0, nbytes, ceil)
-            if row["pass"] == "fwd":   # the sampler's case: also the GPU time alone, from a graph replay
-                row.update(H.graph_time(fn, dev, budget_ms=50 if quick else 200))
+            # The GPU time alone, from a graph replay (forward: the sampler's case; fwd+bwd: a GPU-bound training
+            # step's, whose eager time at batch 256 is mostly host launch cost)
+            row.update(H.graph_time(fn, dev, budget_ms=50 if quick else 200))
         except Exception as e:  # one failing variant must not lose the others' numbers
             row["error"] = H.error_line(e)
         rows.append(row)

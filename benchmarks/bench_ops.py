@@ -5,8 +5,8 @@
     python benchmarks/bench_ops.py --cpu-smoke --out /tmp/ops.json                   # CPU: tiny shapes, interpreter
 
 DDPM++ CIFAR-10 shapes: group_norm_act on (B, 128 | 256, 32x32 | 16x16 | 8x8), 32 groups, weight / bias / the
-noise embedding's scale and shift, SiLU; attention at 16x16 (L = 256) with head dim 256, q, k, v strided as the
-channels-last UNet passes them; the residual join (channels-last, B = 1, 8, 256); skip_output, skip_output_infer and
+noise embedding's scale and shift, SiLU; attention at 16x16 (L = 256) with head dim 256, q, k, v dense as the UNet
+passes them; the residual join (channels-last, B = 1, 8, 256); skip_output, skip_output_infer and
 consistency_loss on (B, 3, 32, 32); B = 1 and 256. Every case runs "triton", "torch" (eager: cmfast/ops/_torch.py,
 SDPA for attention) and "torch.compile" of the same torch composition in one process on one device. Rows:
 median ms (triton.testing.do_bench, L2 flushed), GB/s from the bytes a fused kernel moves (counted below, per op),
@@ -68,8 +68,9 @@ class Bench:
                     fn()
                 H.sync(self.dev)
                 row.update(H.time_ms(fn, self.dev, budget_ms=self.budget_ms, warmup=0))
-                if case.get("pass") == "fwd":   # the sampler's case: also the GPU time alone, from a graph replay
-                    row.update(H.graph_time(fn, self.dev, budget_ms=self.budget_ms))
+                # The GPU time alone, from a graph replay: the sampler's case (fwd), and training's (fwd+bwd), whose
+                # eager time at batch 256 is mostly host launch cost that a GPU-bound step hides.
+                row.update(H.graph_time(fn, self.dev, budget_ms=self.budget_ms))
                 row["gb_per_s"] = nbytes / row["median_ms"] / 1e6
                 row["of_copy_bw"] = row["gb_per_s"] / self.ceil["copy_gb_per_s"]
                 row["floor_ms"] = H.floor_ms(flops, nbytes, self.ceil)
@@ -109,17 +110,15 @@ def bench_group_norm_act(bn: Bench, cases):
 def bench_attention(bn: Bench, cases):
     dev, dtype, e = bn.dev, bn.dtype, _elem(bn.dtype)
     for B, H_, L, D in cases:
-        # q, k, v as the channels-last UNet passes them: views of the qkv convolution's NHWC output, channels
-        # (head, d, 3) as in EDM, so stride(-1) = 3 and the position stride 3 H D. SDPA's fused kernels need
-        # stride(-1) = 1 (the torch backend copies); the Triton forward reads the strides as they are. Measured on
-        # contiguous inputs, SDPA looked 1.8x faster at batch 256 (H200) while the network's SDPA path was slower
-        # than the Triton kernel.
+        # q, k, v as the UNet passes them: the qkv convolution's NHWC output, channels (head, d, 3) as in EDM, copied
+        # once into dense (3, B, H, L, D). (The strided views themselves, stride(-1) = 3, made the Triton forward 12x
+        # slower on the H200: 1129 against 93 us at batch 256, graph replay.)
         side = next(d for d in range(int(L ** 0.5), 0, -1) if L % d == 0)     # an H x W with H W = L
         qkv = torch.randn(B, H_ * D * 3, side, L // side, device=dev, dtype=dtype).contiguous(
-            memory_format=torch.channels_last).requires_grad_(True)
-        q, k, v = (t.transpose(-1, -2) for t in qkv.reshape(B, H_, D, 3, L).unbind(3))
+            memory_format=torch.channels_last)
+        q, k, v = (t.requires_grad_(True) for t in qkv.reshape(B, H_, D, 3, L).permute(3, 0, 1, 4, 2).contiguous())
         do = torch.randn(B, H_, L, D, device=dev, dtype=dtype)
-        case = dict(shape=[B, H_, L, D], qkv="unet-nhwc-views")
+        case = dict(shape=[B, H_, L, D], qkv="unet-dense")
         n, mm = q.numel() * e, B * H_ * L * L * D
         # Forward reads q, k, v and writes o; backward reads q, k, v, o, dO and writes dq, dk, dv.
         bn.measure(dict(case, **{"pass": "fwd"}), "attention", lambda impl: lambda: impl(q, k, v, D ** -0.5),

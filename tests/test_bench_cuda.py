@@ -133,6 +133,20 @@ def test_auto_table_prefers_graph_replay_times_when_every_backend_has_one(tmp_pa
     assert ratios["cuda"] == pytest.approx(1.6 ** 0.5) and ratios["triton"] == pytest.approx(1.5 ** 0.5)
 
 
+def test_auto_table_skips_rows_of_inputs_the_network_no_longer_passes(tmp_path):
+    # Attention timed on the strided q, k, v views (the UNet now copies them dense): those rows do not vote.
+    rows = [_row("attention", [1, 1, 256, 256], "torch", 0.02, qkv="unet-nhwc-views"),
+            _row("attention", [1, 1, 256, 256], "triton", 0.12, qkv="unet-nhwc-views"),
+            _row("attention", [1, 1, 256, 256], "torch", 0.012, qkv="unet-dense"),
+            _row("attention", [1, 1, 256, 256], "triton", 0.009, qkv="unet-dense")]
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(_result("cuda", rows)))
+    out = tmp_path / "t.json"
+    assert make_auto_table.main([str(f), "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["attention"] == "triton" and table["_meta"]["ratios"]["attention"]["cases"] == 1
+
+
 def test_auto_table_refuses_empty_input(tmp_path, capsys):
     f = tmp_path / "cpu.json"
     f.write_text(json.dumps(_result("cpu", [_row("group_norm_act", [1], "torch", 1.0)])))

@@ -78,7 +78,10 @@ class UNetBlock(nn.Module):
             D = C // self.num_heads
             # qkv channel layout (head, d, 3) as in EDM; attention over the H*W positions.
             qkv = self.qkv(self.norm2(x)).reshape(N, self.num_heads, D, 3, H * W)
-            q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))          # (N, heads, L, D)
+            # q, k, v dense (N, heads, L, D), made in one copy: as views of the qkv output their head dim has stride 3
+            # (channels interleaved), and the H200 profile of the batch-256 sample put the Triton forward on such
+            # views at 5.9 ms against 0.45 ms on dense copies (SDPA's fused kernels need stride(-1) = 1 as well).
+            q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
             a = ops.attention(q, k, v)                                      # (N, heads, L, D)
             a = a.transpose(-1, -2).reshape(N, C, H, W)
             a = self.proj(a, add_bias=False)
