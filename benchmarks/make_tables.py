@@ -15,12 +15,13 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN, END = "<!-- results:begin (benchmarks/make_tables.py) -->", "<!-- results:end -->"
+REFERENCE_METHODS = ("edm", "cd", "ct", "ict", "sct")     # a reference set: scripts/reference_runs.py's ORDER
 REF_BEGIN, REF_END = "<!-- reference:begin (benchmarks/make_tables.py) -->", "<!-- reference:end -->"
 
 
-def newest_per(folder: Path, benchmark: str, key) -> list[dict]:
-    """The newest result (by date) of `benchmark` per key(run) from folder/*.json; other and unreadable files are
-    skipped. Each run gets `_file`, its file name."""
+def newest_per(folder: Path, benchmark: str, key, keep=None) -> list[dict]:
+    """The newest result (by date) of `benchmark` per key(run) from folder/*.json, among the runs keep(run) accepts;
+    other and unreadable files are skipped. Each run gets `_file`, its file name."""
     newest: dict[tuple, dict] = {}
     for path in sorted(folder.glob("*.json")):
         try:
@@ -29,6 +30,8 @@ def newest_per(folder: Path, benchmark: str, key) -> list[dict]:
             continue
         if not isinstance(run, dict) or run.get("benchmark") != benchmark:
             continue          # per-op benchmarks, baselines and other result files
+        if keep is not None and not keep(run):
+            continue
         run["_file"] = path.name
         k = key(run)
         if k not in newest or run["date"] > newest[k]["date"]:
@@ -82,8 +85,10 @@ def markdown(runs: list[dict]) -> str:
 
 def load_reference(folder: Path) -> list[dict]:
     """The newest reference_runs JSON per (device, profile, batch); GPU runs first. The batch is part of the key: the
-    H200 runs at batch 256 (the shipped model's) and at batch 1024 are two settings, both shown."""
-    runs = newest_per(folder, "reference_runs", lambda r: (r["device_slug"], r["profile"], r["batch_size"]))
+    H200 runs at batch 256 (the shipped model's) and at batch 1024 are two settings, both shown. A partial run (some
+    methods only, scripts/reference_runs.py --only) is kept in its file but is no reference set: it is not shown."""
+    runs = newest_per(folder, "reference_runs", lambda r: (r["device_slug"], r["profile"], r["batch_size"]),
+                      keep=lambda r: set(REFERENCE_METHODS) <= set(r.get("runs", {})))
     return sorted(runs, key=lambda r: (r["device_slug"] == "cpu", r["device_slug"], r["profile"], r["batch_size"]))
 
 

@@ -93,6 +93,17 @@ def test_committed_results_render_with_and_without_the_search():
         assert "Goals (from the numbers above): " + "; ".join(goals) in md
 
 
+def test_a_partial_run_does_not_replace_the_reference_set(tmp_path):
+    # An iCT-only probe (reference_runs.py --only ict), newer than the full set of the same device, profile and batch,
+    # is kept in its file but the table shows the full set.
+    full = _doc({m: _run(5.0, 4.0) for m in make_tables.REFERENCE_METHODS}, date="2026-11-26T10:00:00")
+    probe = _doc({"ict": _run(19.0, 31.0)}, date="2026-11-26T21:00:00")
+    for name, doc in (("reference_runs-full.json", full), ("reference_runs-probe.json", probe)):
+        (tmp_path / name).write_text(json.dumps(doc))
+    runs = make_tables.load_reference(tmp_path)
+    assert [r["_file"] for r in runs] == ["reference_runs-full.json"]
+
+
 def test_train_commands_record_the_method_settings():
     ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
     prof = ref.PROFILES["gpu"]
