@@ -95,9 +95,9 @@ def test_auto_table_fills_an_unmeasured_batch_size_from_the_other_layouts(tmp_pa
     and 8 in the H100 and H200 files) does not carry that winner to the other size: it takes the winner measured at
     that size and pass in another layout (NCHW at batch 256: Triton), marked as a proxy. A class measured at both sizes
     and a proxy that agrees with the inherited winner add nothing."""
-    def case(shape, layout, times, pass_="fwd+bwd"):
-        return [dict(op="group_norm_act", shape=shape, layout=layout, backend=b, median_ms=t, **{"pass": pass_})
-                for b, t in times.items()]
+    def case(shape, layout, times, pass_="fwd+bwd"):   # replay times too: at batch 256 fwd+bwd votes only with them
+        return [dict(op="group_norm_act", shape=shape, layout=layout, backend=b, median_ms=t, graph_median_ms=t,
+                     **{"pass": pass_}) for b, t in times.items()]
     rows = (case([8, 128, 32, 32], "nhwc", dict(torch=3.0, triton=2.0, cuda=1.0))
             + case([8, 128, 32, 32], "nchw", dict(torch=3.0, triton=2.0, cuda=1.0))
             + case([256, 128, 32, 32], "nchw", dict(torch=3.0, triton=1.0))
@@ -114,6 +114,33 @@ def test_auto_table_fills_an_unmeasured_batch_size_from_the_other_layouts(tmp_pa
     assert "fwd/nhwc/large" not in gn and "fwd+bwd/nhwc/small" not in gn     # agrees with what it inherits; measured
     classes = table["_meta"]["ratios"]["group_norm_act"]["classes"]
     assert "proxy" in classes["fwd+bwd/nhwc/large"] and "proxy" not in classes["fwd+bwd/nchw/large"]
+
+
+def test_auto_table_eager_training_times_at_batch_256_do_not_vote(tmp_path):
+    """Forward + backward at batch 256 with eager times only (host launch cost: the H200's 0.6-1.3 ms for ~0.1 ms of
+    kernels ranked CUDA's GroupNorm first, its step profile Triton's) does not vote; the class takes the op's winner
+    at that size. With replay times for every backend the same case votes."""
+    def case(shape, times, graph=None, pass_="fwd+bwd"):
+        return [dict(op="group_norm_act", shape=shape, layout="nhwc", backend=b, median_ms=t, **{"pass": pass_},
+                     **({"graph_median_ms": graph[b]} if graph else {})) for b, t in times.items()]
+    small = case([8, 128, 32, 32], dict(torch=3.0, triton=2.0, cuda=1.0))
+    fwd = case([256, 128, 32, 32], dict(torch=4.0, triton=1.0, cuda=3.0), pass_="fwd")
+    eager_large = case([256, 128, 32, 32], dict(torch=3.0, triton=2.0, cuda=1.0))
+    graphed_large = case([256, 128, 32, 32], dict(torch=3.0, triton=2.0, cuda=1.0), dict(torch=3.0, triton=1.0,
+                                                                                        cuda=1.5))
+    tables = []
+    for rows in (small + fwd + eager_large, small + fwd + graphed_large):
+        f = tmp_path / "r.json"
+        f.write_text(json.dumps(_result("cuda", rows)))
+        out = tmp_path / "t.json"
+        assert make_auto_table.main([str(f), "--out", str(out)]) == 0
+        tables.append(json.loads(out.read_text()))
+    eager, graphed = (t["group_norm_act"] for t in tables)
+    assert eager == {"default": "triton", "fwd+bwd/nhwc": "cuda", "fwd+bwd/nhwc/large": "triton", "fwd/nhwc": "triton"}
+    assert "proxy" in tables[0]["_meta"]["ratios"]["group_norm_act"]["classes"]["fwd+bwd/nhwc/large"]
+    assert tables[0]["_meta"]["ratios"]["group_norm_act"]["cases"] == 2        # the eager batch-256 case left out
+    assert graphed["fwd+bwd/nhwc/large"] == "triton"                             # measured: replay times
+    assert "proxy" not in tables[1]["_meta"]["ratios"]["group_norm_act"]["classes"]["fwd+bwd/nhwc/large"]
 
 
 def test_auto_table_prefers_graph_replay_times_when_every_backend_has_one(tmp_path):
