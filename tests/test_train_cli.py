@@ -269,6 +269,28 @@ def test_compile_option_dry_run_and_errors(capsys, tmp_path):
     assert tree(out) is None
 
 
+@pytest.mark.parametrize("method", ["ict", "ct", "cd"])
+def test_cuda_graph_compile_modes_refuse_dropout_in_pair_steps(method, monkeypatch):
+    # CD / CT / iCT steps replay the online pass's dropout masks in the target pass; under CUDA-graph trees that
+    # overwrote the online pass's saved activations on the H200 (tests/test_train_gpu.py). Refused in one line there,
+    # and only there: other modes, no dropout, sCT / EDM, CPU and non-inductor backends run.
+    from cmfast.training.loop import check_compile
+    monkeypatch.delenv("CMFAST_COMPILE_BACKEND", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match=rf"^--compile {mode} with dropout 0.3: .*use --compile default"):
+            check_compile(mode, method, {"dropout": 0.3}, cuda)
+    with pytest.raises(ValueError, match="with dropout 0.1:"):           # the UNet's default where the config has none
+        check_compile("reduce-overhead", method, {}, cuda)
+    for args in (("default", method, {"dropout": 0.3}, cuda), ("max-autotune-no-cudagraphs", method, {"dropout": 0.3},
+                 cuda), ("reduce-overhead", method, {"dropout": 0.0}, cuda), ("reduce-overhead", "sct",
+                 {"dropout": 0.3}, cuda), ("reduce-overhead", "edm", {"dropout": 0.3}, cuda),
+                 ("reduce-overhead", method, {"dropout": 0.3}, cpu)):
+        check_compile(*args)
+    monkeypatch.setenv("CMFAST_COMPILE_BACKEND", "eager")
+    check_compile("reduce-overhead", method, {"dropout": 0.3}, cuda)
+
+
 def _budget_argv(tmp_path, fm, minutes="0.04"):
     return ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ict", "--preset", "tiny", "--batch-size",
             "4", "--sample-num", "0", "--loss", "l2", "--log-every", "1", "--ckpt-every", "1000",

@@ -64,7 +64,11 @@ def test_cuda_compile_matches_eager(tmp_path, inductor, method, mode):
     assert {m: set(sd) for m, sd in wa.items()} == {m: set(sd) for m, sd in wb.items()}
 
 
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+# reduce-overhead: the backward failed on the H200 (torch 2.11) with "accessing tensor output of CUDAGraphs that has
+# been overwritten by a subsequent run", so cmfast-train refuses CUDA-graph modes with dropout in these steps
+# (training.loop.check_compile). Strict: when a torch version runs it, this test fails and the refusal can go.
+@pytest.mark.parametrize("mode", ["default", pytest.param("reduce-overhead", marks=pytest.mark.xfail(
+    strict=True, raises=RuntimeError, reason="CUDA-graph trees overwrite the online pass's saved activations"))])
 def test_cuda_compiled_dropout_masks_follow_the_rng_state(inductor, mode, monkeypatch):
     # ct / cd / ict share dropout masks between the online pass and the target pass by replaying the RNG state
     # (cmfast.objectives.consistency_pair_loss); compiled, the two passes are two graphs (grad and no_grad) whose

@@ -7,6 +7,7 @@ the global torch RNG (seeded per rank, saved in checkpoints).
 """
 from __future__ import annotations
 
+import inspect
 import json
 from contextlib import contextmanager, nullcontext
 import os
@@ -168,6 +169,8 @@ def _train(args: dict) -> dict:
                 ops.implementation(op, device)
             except ops.BackendUnavailable as e:
                 raise ValueError(f"--backend {cfg['backend']}: {e}") from None
+
+    check_compile(cfg["compile"], cfg["method"], cfg["net"], device)
 
     # ---- Models: online (trained), target (CD/CT), EMAs for evaluation ----------------------------------------------
     torch.manual_seed(cfg["seed"])
@@ -434,6 +437,27 @@ def _stats_row(step, cfg, tick, info, lr, counters, device) -> dict:
             "img_per_s": (step - tick["step0"]) * cfg["batch_size"] / dt, "mem_mb": round(mem, 1),
             "skipped": counters["skipped"], "overflow": counters["overflow"], "time": round(time.time(), 3),
             **({"compile_warmup": True} if tick.get("warmup") else {})}
+
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the --compile modes that run inductor's CUDA-graph trees
+
+
+def check_compile(mode: str, method: str, net_cfg: dict, device: torch.device) -> None:
+    """One line, before anything is built: CUDA-graph compile modes refuse a CD / CT / iCT step with dropout. Those
+    steps run the online pass (with grad), then the target pass (no grad) with the online pass's dropout masks (the
+    RNG state replayed), then the backward; with dropout > 0 the target graph's replay overwrote activations the
+    online graph had saved for the backward ('accessing tensor output of CUDAGraphs that has been overwritten', H200,
+    torch 2.11: tests/test_train_gpu.py's masks test). Without dropout the same step runs (GPU test of iCT)."""
+    if mode not in CUDA_GRAPH_MODES or device.type != "cuda" or method not in ("cd", "ct", "ict"):
+        return
+    if (os.environ.get("CMFAST_COMPILE_BACKEND") or "inductor") != "inductor":
+        return
+    from ..nets import UNet
+    p = float((net_cfg or {}).get("dropout", inspect.signature(UNet).parameters["dropout"].default))
+    if p > 0:
+        raise ValueError(f"--compile {mode} with dropout {p:g}: CUDA-graph trees overwrite the online pass's saved "
+                         f"activations when the {method} target pass replays its dropout masks; use --compile default "
+                         f"or max-autotune-no-cudagraphs, or --dropout 0")
 
 
 def compile_nets(models: dict, mode: str) -> dict | None:
