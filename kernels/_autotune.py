@@ -73,6 +73,22 @@ def disk_cache() -> dict:
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
+# The tuner's time per config and shape (ms): triton's default benchmark (25 ms of warm-up, 100 ms of repetitions)
+# made ~0.13 s per candidate, and a cold GPU machine tunes every candidate of every shape a run meets (H200 session 4:
+# the first 10 steps of a Fashion-MNIST iCT run took 33.6 s, 1.3 s before the GroupNorm kernels were tuned). 20 ms
+# still repeats a 0.1 ms kernel ~200 times and a 2 ms one ~10.
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 20
+
+
+def _tune_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+
+
+def bench_kwargs() -> dict:
+    """triton.autotune's keyword for the shorter per-config benchmark, where this triton has it (>= 3.2)."""
+    return {"do_bench": _tune_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
+
+
 def autotune(configs: list[triton.Config], key: list[str], interpret_config: dict, prune=None, default=None,
              interpret_prune: bool = False):
     """Decorator (under @triton.jit): autotune over `configs` keyed on `key` (the autotuner also keys on the
@@ -88,6 +104,6 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: dic
         # The autotuner passes positional arguments as `named` and keyword arguments separately: merge them.
         kw = {"prune_configs_by": {"early_config_prune": lambda cs, named, **kws: prune(cs, {**named, **kws})}} \
             if prune else {}
-        tuned = triton.autotune(configs=configs, key=key, **kw, **disk_cache())(fn)
+        tuned = triton.autotune(configs=configs, key=key, **kw, **disk_cache(), **bench_kwargs())(fn)
         return _Switch(fn, tuned, default) if default else tuned
     return deco

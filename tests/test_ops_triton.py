@@ -278,6 +278,11 @@ def test_autotune_keeps_timings_on_disk(env, monkeypatch):
     _autotune.autotune([triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 128})], key=["n"],
                        interpret_config={"BLOCK": 64})(r._residual_fwd_kernel)
     assert len(seen) == 1 and seen[0].get("cache_results", False) is (env != "0")
+    # and the shorter per-config benchmark (5 ms warm-up, 20 ms of repetitions instead of triton's 25 / 100)
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: timed.append(kw) or [1.0, 0.9, 1.1])
+    assert seen[0]["do_bench"](lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
+    assert timed == [dict(warmup=5, rep=20, quantiles=(0.5, 0.2, 0.8))]
 
 
 def test_group_norm_tuner_candidates():
