@@ -28,6 +28,7 @@ from cmfast.objectives import ict_loss  # noqa: E402
 
 SIGMA = 80.0                       # one-step sampling from sigma_max (CM Alg. 1 with one level)
 COMPILE_COST_S = 60.0              # a compile row is skipped when less than this is left of the time budget
+TRAIN_BUDGET_MS = 1500             # the timer's budget of a training-step row, at least (5 repetitions of ~300 ms)
 
 
 def _model(preset: str, device: torch.device) -> cmfast.ConsistencyModel:
@@ -78,13 +79,23 @@ class Runner:
         self.args, self.device, self.rows = args, device, []
         self.save = None                # set by main: writes the result JSON so far
         self.t0 = time.perf_counter()
+        self.t_compile = None           # when the first compile row started: --budget-s counts from there
         self.budget_ms = 100 if args.quick else (1000 if device.type == "cpu" else 500)
 
     def left_s(self) -> float:
-        return self.args.budget_s - (time.perf_counter() - self.t0) if self.args.budget_s else float("inf")
+        """What is left of --budget-s, the time for the compile rows (they come last). Counted from the first compile
+        row, so the eager rows before it, whose first calls tune kernels on a cold machine (133 s of them in the
+        H200's session 4), cannot use it up."""
+        if not self.args.budget_s:
+            return float("inf")
+        if self.t_compile is None:
+            self.t_compile = time.perf_counter()
+        return self.args.budget_s - (time.perf_counter() - self.t_compile)
 
-    def row(self, task, preset, B, mode, backend, make, floor=None, compile_row=False):
-        """Time one configuration; errors (OOM, a backend that cannot run) become the row's 'error'."""
+    def row(self, task, preset, B, mode, backend, make, floor=None, compile_row=False, min_budget_ms=0):
+        """Time one configuration; errors (OOM, a backend that cannot run) become the row's 'error'. min_budget_ms:
+        the timer's budget at least this (a training step of ~300 ms needs ~1.5 s for 5 repetitions; with --quick's
+        100 ms the H200's session-4 step rows were single timings)."""
         row = {"task": task, "preset": preset, "batch": B, "mode": mode, "backend": backend}
         if compile_row and self.left_s() < COMPILE_COST_S:
             row["skipped"] = f"time budget (--budget-s {self.args.budget_s})"
@@ -96,7 +107,7 @@ class Runner:
                 fn()                   # compile / capture / autotune here, outside the timed region
                 fn()
                 H.sync(self.device)
-                row.update(H.time_ms(fn, self.device, self.budget_ms))
+                row.update(H.time_ms(fn, self.device, max(self.budget_ms, min_budget_ms)))
                 row["images_per_s"] = B / row["median_ms"] * 1e3
                 if compile_row:
                     row["dynamo"] = dynamo_counts()
@@ -243,7 +254,8 @@ def run_training(r: Runner, preset: str, batches, modes, ceil) -> None:
                         floor = train_floor(model, B, ceil, step)
                 except Exception as e:  # noqa: BLE001
                     print(f"flop count failed: {type(e).__name__}: {e}", file=sys.stderr)
-            r.row("ict", preset, B, mode, backend, lambda: step, floor, compile_row=mode == "compile")
+            r.row("ict", preset, B, mode, backend, lambda: step, floor, compile_row=mode == "compile",
+                  min_budget_ms=TRAIN_BUDGET_MS)
             del model, step
             torch._dynamo.reset()
 
@@ -288,7 +300,8 @@ def main(argv=None) -> int:
                    "the last the CM paper's ImageNet 64 network, unconditional here)")
     p.add_argument("--batches", nargs="+", type=int, help="sampling batch sizes")
     p.add_argument("--no-train", action="store_true", help="skip the training-step rows")
-    p.add_argument("--budget-s", type=float, default=None, help="skip compile rows past this many seconds "
+    p.add_argument("--budget-s", type=float, default=None, help="seconds for the compile rows (they run last), "
+                   "counted from the first: a row that would start with under 60 s left is skipped "
                    "(default 240 with --quick)")
     p.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1: on a shared "
                    "machine more threads than free cores make every op wait on the slowest)")

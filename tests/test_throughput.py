@@ -71,3 +71,18 @@ def test_kernel_family_names():
     assert fam("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "elementwise"
     assert fam("Memcpy DtoD (Device -> Device)") == "copy/fill"
     assert fam("gn_fwd_finalize_kernel") == "group_norm"
+
+
+def test_compile_budget_counts_from_the_first_compile_row(monkeypatch):
+    # --budget-s is the compile rows' time: eager rows before them (kernel tuning on a cold GPU machine took 133 s
+    # of the H200's session-4 run) do not use it up; past the first compile row it runs down.
+    import argparse
+    clock = [100.0]
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
+    r = throughput.Runner(argparse.Namespace(budget_s=200.0, quick=True), torch.device("cpu"))
+    clock[0] += 500.0                       # eager rows
+    assert r.left_s() == 200.0              # the first compile row starts the clock
+    clock[0] += 150.0
+    assert r.left_s() == 50.0 < throughput.COMPILE_COST_S
+    unlimited = throughput.Runner(argparse.Namespace(budget_s=None, quick=True), torch.device("cpu"))
+    assert unlimited.left_s() == float("inf")
