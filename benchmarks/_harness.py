@@ -121,6 +121,33 @@ def kernel_profile(fn, device: torch.device, iters: int = 5, top: int = 8) -> di
         return {"profile_error": error_line(e)}
 
 
+def host_profile(fn, device: torch.device, iters: int = 3, top: int = 12) -> dict:
+    """Where the host spends one call of fn: cProfile over `iters` calls, the `top` functions by their own time per
+    call (Python and the C calls it makes: launches, allocations, dispatch). For a step whose GPU is idle part of the
+    time (a kernel profile's summed kernel time well under the call's), this names what keeps it waiting. cProfile
+    slows Python down, so the times rank the causes; they are not the call's time. {'host_profile_error': why} when
+    it cannot run."""
+    try:
+        import cProfile
+        import pstats
+        sync(device)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(iters):
+            fn()
+        sync(device)
+        prof.disable()
+        st = pstats.Stats(prof)
+        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]   # (file, line, name) -> (cc, nc, tt, ct, ..)
+        return {"what": "host (cProfile, inflated)", "iters": iters,
+                "ms_per_call": st.total_tt / iters * 1e3,
+                "top": [{"name": f"{Path(f).name}:{line}({name})"[:120], "calls_per_call": nc / iters,
+                         "own_ms_per_call": tt / iters * 1e3, "cum_ms_per_call": ct / iters * 1e3}
+                        for (f, line, name), (cc, nc, tt, ct, _) in rows]}
+    except Exception as e:  # noqa: BLE001 - a diagnostic: the row keeps its timing without it
+        return {"host_profile_error": error_line(e)}
+
+
 def ceilings(device: torch.device, quick: bool) -> dict:
     """Measured peak matmul rate (bf16 on GPU, fp32 on CPU) and copy bandwidth (read + write bytes)."""
     if device.type == "cuda":

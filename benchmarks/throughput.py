@@ -29,6 +29,9 @@ from cmfast.objectives import ict_loss  # noqa: E402
 SIGMA = 80.0                       # one-step sampling from sigma_max (CM Alg. 1 with one level)
 COMPILE_COST_S = 60.0              # a compile row is skipped when less than this is left of the time budget
 TRAIN_BUDGET_MS = 1500             # the timer's budget of a training-step row, at least (5 repetitions of ~300 ms)
+# --quick on a GPU also times the reference runs' step (fmnist-small, batch 256), eager rows only: a small net whose
+# step is host-bound. The H200 of session 4 ran it at 126 ms in an iCT run, against 77 ms in session 1.
+HOST_BOUND = ("fmnist-small", 256, ["eager-bf16", "cmfast", "cmfast-auto"])
 
 
 def _model(preset: str, device: torch.device) -> cmfast.ConsistencyModel:
@@ -92,10 +95,12 @@ class Runner:
             self.t_compile = time.perf_counter()
         return self.args.budget_s - (time.perf_counter() - self.t_compile)
 
-    def row(self, task, preset, B, mode, backend, make, floor=None, compile_row=False, min_budget_ms=0):
+    def row(self, task, preset, B, mode, backend, make, floor=None, compile_row=False, min_budget_ms=0,
+            host=False):
         """Time one configuration; errors (OOM, a backend that cannot run) become the row's 'error'. min_budget_ms:
         the timer's budget at least this (a training step of ~300 ms needs ~1.5 s for 5 repetitions; with --quick's
-        100 ms the H200's session-4 step rows were single timings)."""
+        100 ms the H200's session-4 step rows were single timings). host: with --profile, also the host's profile
+        (_harness.host_profile), for the training steps whose GPU waited on the host."""
         row = {"task": task, "preset": preset, "batch": B, "mode": mode, "backend": backend}
         if compile_row and self.left_s() < COMPILE_COST_S:
             row["skipped"] = f"time budget (--budget-s {self.args.budget_s})"
@@ -115,6 +120,8 @@ class Runner:
                     row["profile"] = H.kernel_profile(fn, self.device)
                     if "summed_ms_per_call" in row["profile"]:
                         row["profile"]["busy"] = row["profile"]["summed_ms_per_call"] / row["median_ms"]
+                    if host:
+                        row["host_profile"] = H.host_profile(fn, self.device)
             except Exception as e:  # noqa: BLE001 - a failed row is reported, the run goes on
                 row["error"] = H.error_line(e)
             finally:
@@ -175,7 +182,7 @@ def plan(args, device):
     if device.type == "cpu":
         return args.presets or ["tiny", "fmnist-small"], args.batches or [1, 8], ["eager-fp32", "cmfast"], [], []
     presets = args.presets or (["ddpmpp-cifar10"] if args.quick else ["ddpmpp-cifar10", "ddpmpp-64", "adm-imagenet64"])
-    if args.quick:   # the sizes of the sampler issue's goals: batch 1 and 256, the CT step at 256
+    if args.quick:   # the sizes of the sampler issue's goals: batch 1 and 256, the CT step at 256 (and HOST_BOUND)
         return (presets, args.batches or [1, 256],
                 ["eager-fp32", "eager-bf16", "cmfast", "cmfast-auto", "compile-reduce-overhead"],
                 [256], ["eager-bf16", "cmfast", "cmfast-auto", "compile"])
@@ -255,7 +262,7 @@ def run_training(r: Runner, preset: str, batches, modes, ceil) -> None:
                 except Exception as e:  # noqa: BLE001
                     print(f"flop count failed: {type(e).__name__}: {e}", file=sys.stderr)
             r.row("ict", preset, B, mode, backend, lambda: step, floor, compile_row=mode == "compile",
-                  min_budget_ms=TRAIN_BUDGET_MS)
+                  min_budget_ms=TRAIN_BUDGET_MS, host=True)
             del model, step
             torch._dynamo.reset()
 
@@ -347,6 +354,8 @@ def main(argv=None) -> int:
     if not args.no_train:
         for preset in presets:
             run_training(r, preset, tbatches, [m for m in tmodes if m != "compile"], ceil)
+        if args.quick and device.type == "cuda" and not args.presets:
+            run_training(r, HOST_BOUND[0], [HOST_BOUND[1]], HOST_BOUND[2], ceil)
     for preset in presets if compiled else []:
         run_sampling(r, preset, batches, compiled, ceil)
     for preset in presets if "compile" in tmodes and not args.no_train else []:

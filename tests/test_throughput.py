@@ -86,3 +86,21 @@ def test_compile_budget_counts_from_the_first_compile_row(monkeypatch):
     assert r.left_s() == 50.0 < throughput.COMPILE_COST_S
     unlimited = throughput.Runner(argparse.Namespace(budget_s=None, quick=True), torch.device("cpu"))
     assert unlimited.left_s() == float("inf")
+
+
+def _busy_helper(n):
+    return sum(i * i for i in range(n))
+
+
+def test_host_profile_names_where_the_host_time_goes():
+    def step():
+        for _ in range(4):
+            _busy_helper(20000)
+    prof = _harness.host_profile(step, torch.device("cpu"), iters=3)
+    assert prof["what"].startswith("host") and prof["iters"] == 3 and prof["ms_per_call"] > 0
+    top = prof["top"]
+    assert all(a["own_ms_per_call"] >= b["own_ms_per_call"] for a, b in zip(top, top[1:]))   # ranked by own time
+    helper = next(t for t in top if t["name"].endswith("(_busy_helper)"))
+    assert helper["calls_per_call"] == 4 and helper["cum_ms_per_call"] >= helper["own_ms_per_call"]
+    assert _harness.host_profile(lambda: 1 / 0, torch.device("cpu"))["host_profile_error"].startswith(
+        "ZeroDivisionError")
