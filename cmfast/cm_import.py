@@ -18,6 +18,10 @@ preconditioning (sigma_min 0.002, sigma_data 0.5) is cmfast's ConsistencyModel, 
     python -m cmfast.cm_import cd_imagenet64_lpips.pt cd-imagenet64.safetensors           # --kind cm (default)
     python -m cmfast.cm_import edm_imagenet64_ema.pt edm-imagenet64.safetensors --kind edm
     python -m cmfast.cm_import ct_bedroom256.pt ct-bedroom256.safetensors --image-size 256
+
+A consistency model's checkpoint also records the paper's two-step levels for that model (`sampling_sigmas` in its
+config; `--two-step-sigma` sets or overrides them), which cmfast-sample and cmfast-eval use for --steps 2 where no
+--sigmas is given.
 """
 from __future__ import annotations
 
@@ -27,6 +31,23 @@ import sys
 import torch
 
 HEAD_CHANNELS = 64          # num_head_channels of every released model (scripts/launch.sh)
+# The CM paper's two-step sampling of each released consistency model (scripts/launch.sh, "Multistep sampling":
+# --sampler multistep --ts T --steps N): evaluations at the levels of ts[:-1] in the N-level Karras grid counted from
+# sigma_max down (the last index is sigma_min, where cm/karras_diffusion.py's stochastic_iterative_sampler adds no
+# more noise). Keyed by the released file's name.
+PAPER_TWO_STEP = {"cd_imagenet64_lpips": ((0, 22, 39), 40), "cd_imagenet64_l2": ((0, 22, 39), 40),
+                  "ct_imagenet64": ((0, 106, 200), 201), "cd_bedroom256_lpips": ((0, 17, 39), 40),
+                  "cd_bedroom256_l2": ((0, 18, 39), 40), "ct_bedroom256": ((0, 67, 150), 151),
+                  "ct_cat256": ((0, 62, 150), 151)}
+
+
+def paper_two_step(path: str) -> tuple[float, float] | None:
+    """(sigma_max, second level) of the paper's two-step sampling for a released file name, or None."""
+    from pathlib import Path
+
+    from .schedules import paper_step_sigmas
+    found = PAPER_TWO_STEP.get(Path(path).stem)
+    return None if found is None else paper_step_sigmas(found[0][:-1], found[1])
 
 
 class CMCheckpointError(ValueError):
@@ -191,8 +212,10 @@ def convert(sd: dict, img_resolution: int = 64, qkv_order: str = "flash") -> tup
 
 
 def load_cm_checkpoint(path: str, kind: str = "cm", img_resolution: int = 64, qkv_order: str = "flash",
-                       map_location="cpu"):
-    """(ConsistencyModel for kind 'cm', EDMDenoiser for 'edm'; cmfast training config) of a released checkpoint."""
+                       map_location="cpu", two_step_sigma: float | None = None):
+    """(ConsistencyModel for kind 'cm', EDMDenoiser for 'edm'; cmfast training config) of a released checkpoint.
+    A consistency model's config records its two-step levels (sampling_sigmas): (80, two_step_sigma) where given,
+    else the paper's for a released file name (PAPER_TWO_STEP)."""
     from .nets import UNet
     from .precond import ConsistencyModel, EDMDenoiser
     if kind not in ("cm", "edm"):
@@ -203,6 +226,13 @@ def load_cm_checkpoint(path: str, kind: str = "cm", img_resolution: int = 64, qk
         raise CMCheckpointError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
     cfg = {"method": "cd" if kind == "cm" else "edm", "dataset": None, "net": net_cfg, "sigma_data": 0.5,
            "sigma_min": 0.002, "sigma_max": 80.0, "imported_from": str(path)}
+    if two_step_sigma is not None:
+        if kind != "cm" or not 0.002 < two_step_sigma < 80.0:
+            raise ValueError(f"two_step_sigma: a consistency model's second level, between sigma_min 0.002 and "
+                             f"sigma_max 80, got {two_step_sigma!r}" + (" for an EDM teacher" if kind != "cm" else ""))
+        cfg["sampling_sigmas"] = {"2": [80.0, float(two_step_sigma)]}
+    elif kind == "cm" and paper_two_step(path):
+        cfg["sampling_sigmas"] = {"2": list(paper_two_step(path))}
     net = UNet(**net_cfg)
     net.load_state_dict(weights)
     model = (ConsistencyModel if kind == "cm" else EDMDenoiser)(net, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
@@ -223,16 +253,21 @@ def main(argv=None) -> int:
                     "LSUN models: 256)")
     ap.add_argument("--qkv-order", choices=("flash", "legacy"), default="flash",
                     help="attention weight layout the model was trained with (default flash, the released models')")
+    ap.add_argument("--two-step-sigma", type=float, default=None, metavar="SIGMA",
+                    help="the second noise level of two-step sampling, recorded in the checkpoint (default: the "
+                         "paper's for a released file name, e.g. 1.38 for cd_imagenet64_*)")
     a = ap.parse_args(argv)
     try:
-        model, cfg = load_cm_checkpoint(a.ckpt, a.kind, a.image_size, a.qkv_order)
+        model, cfg = load_cm_checkpoint(a.ckpt, a.kind, a.image_size, a.qkv_order, two_step_sigma=a.two_step_sigma)
     except (CMCheckpointError, ValueError) as e:
         print(f"cmfast.cm_import: error: {e}", file=sys.stderr)
         return 2
     tensors = {f"ema/{k}": v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(a.out, save(tensors, metadata={"format": FORMAT, "step": "0", "config": json.dumps(cfg)}))
     n = sum(p.numel() for p in model.parameters())
-    print(f"{a.ckpt} -> {a.out} ({n / 1e6:.1f}M parameters, {cfg['method']}; {json.dumps(cfg['net'])})")
+    two = cfg.get("sampling_sigmas", {}).get("2")
+    print(f"{a.ckpt} -> {a.out} ({n / 1e6:.1f}M parameters, {cfg['method']}; {json.dumps(cfg['net'])})"
+          + (f"; two-step levels {two[0]:g}, {two[1]:.4g}" if two else ""))
     return 0
 
 

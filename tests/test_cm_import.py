@@ -2,6 +2,7 @@
 state dicts) as cmfast models. No released file can be fetched here: the state dicts are generated with the layout
 UNetModel's constructor gives (cm/unet.py, read from openai/consistency_models), and the imported network is checked
 against a float64 transcription of UNetModel.forward written from that file, not against cmfast's own code."""
+import json
 import math
 
 import pytest
@@ -216,6 +217,51 @@ def test_checkpoint_files_and_errors(tmp_path, capsys):
         cm_import.convert({k: v.float() for k, v in _openai_state(mc=64).items()}, img_resolution=16)
     assert cm_import.main([str(tmp_path / "junk.pt"), str(tmp_path / "x.safetensors")]) == 2
     assert "cmfast.cm_import: error:" in capsys.readouterr().err
+
+
+def test_paper_two_step_levels_are_recorded_and_used(tmp_path, monkeypatch, capsys):
+    """A released consistency model's checkpoint records the paper's two-step levels (launch.sh: --ts 0,22,39 --steps
+    40 for cd_imagenet64_*: the second at index 22 of the 40-level Karras grid from 80 down); cmfast-sample and
+    cmfast-eval use them for --steps 2 without --sigmas, and --sigmas still wins."""
+    import cmfast.cli.sample as sample_cli
+    from cmfast.cli.eval import main as eval_main
+    a, b = 80.0 ** (1 / 7), 0.002 ** (1 / 7)
+    assert cm_import.paper_two_step("/x/cd_imagenet64_lpips.pt") == (80.0, pytest.approx((a + 22 / 39 * (b - a)) ** 7))
+    assert cm_import.paper_two_step("/x/cd_imagenet64_lpips.pt")[1] == pytest.approx(1.3823679566)
+    assert cm_import.paper_two_step("/x/ct_imagenet64.pt")[1] == pytest.approx((a + 106 / 200 * (b - a)) ** 7)
+    assert cm_import.paper_two_step("/x/my_model.pt") is None and cm_import.paper_two_step("edm_imagenet64_ema") is None
+    sd = {k: v.float() for k, v in _openai_state().items()}
+    for name in ("cd_imagenet64_l2.pt", "mine.pt"):
+        torch.save(sd, tmp_path / name)
+    paper, mine, teacher = (tmp_path / f"{n}.safetensors" for n in ("paper", "mine", "teacher"))
+    assert cm_import.main([str(tmp_path / "cd_imagenet64_l2.pt"), str(paper), "--image-size", "16"]) == 0
+    assert "two-step levels 80, 1.382" in capsys.readouterr().out
+    assert cm_import.main([str(tmp_path / "mine.pt"), str(mine), "--image-size", "16", "--two-step-sigma", "2.5"]) == 0
+    assert cm_import.main([str(tmp_path / "cd_imagenet64_l2.pt"), str(teacher), "--image-size", "16",
+                           "--kind", "edm"]) == 0
+    assert load_model(str(paper))[1]["config"]["sampling_sigmas"] == {"2": [80.0, pytest.approx(1.3823679566)]}
+    assert load_model(str(mine))[1]["config"]["sampling_sigmas"] == {"2": [80.0, 2.5]}
+    assert "sampling_sigmas" not in load_model(str(teacher))[1]["config"]        # a teacher samples with Heun
+    for bad in ("0.001", "80"):
+        assert cm_import.main([str(tmp_path / "mine.pt"), str(tmp_path / "x.safetensors"), "--image-size", "16",
+                               "--two-step-sigma", bad]) == 2
+        assert "between sigma_min 0.002 and sigma_max 80" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(sample_cli, "generate", lambda model, num, steps, sigmas, *a: seen.append(sigmas) or
+                        __import__("numpy").zeros((num, 16, 16, 3), "uint8"))
+    for ckpt, extra in ((paper, []), (paper, ["--sigmas", "80,0.5"]), (mine, []), (paper, ["--steps", "1"])):
+        argv = ["--checkpoint", str(ckpt), "--num", "2", "--npz", str(tmp_path / "s.npz"), "--device", "cpu"]
+        assert sample_cli.main(argv + (extra if extra else ["--steps", "2"])) == 0
+    out = capsys.readouterr().out
+    assert seen == [(80.0, pytest.approx(1.3823679566)), (80.0, 0.5), (80.0, 2.5), (80.0,)]
+    assert out.count("from the checkpoint") == 2
+    monkeypatch.setattr("cmfast.metrics.evaluate", lambda model, metric, steps=None, sigmas=None, **k:
+                        {"value": 1.0, "steps": steps, "sigmas": sigmas})
+    for extra, want, source in ((["--steps", "2"], [80.0, pytest.approx(1.3823679566)], "checkpoint (sampling_sigmas)"),
+                                (["--sigmas", "80,0.3"], [80.0, 0.3], None)):
+        assert eval_main(["--checkpoint", str(paper), "--metric", "fd-fmnist", "--device", "cpu", *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert list(result["sigmas"]) == want and result.get("sigmas_from") == source
 
 
 def test_student_adopts_the_teachers_time_scale():

@@ -76,3 +76,11 @@ def pick_device(name: str | None) -> str:
     """--device as given, else cuda where a CUDA device is present, else cpu."""
     import torch
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def recorded_sigmas(meta: dict | None, steps: int | None) -> tuple | None:
+    """The checkpoint's own noise levels for `steps` evaluations (its config's sampling_sigmas: e.g. the CM paper's
+    two-step levels that cmfast.cm_import records for a released model), or None."""
+    cfg = (meta or {}).get("config") or {}
+    levels = (cfg.get("sampling_sigmas") or {}).get(str(steps or 1)) if isinstance(cfg, dict) else None
+    return tuple(float(s) for s in levels) if levels else None

@@ -81,9 +81,13 @@ def main(argv=None):
         common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, dataset=dataset, device=device,
                       data_dir=args.data_dir, weights=args.inception_weights, engine=args.engine,
                       dtype=_common.torch_dtype(args.dtype))
+        from ..precond import EDMDenoiser
+        recorded = None if args.sigmas or isinstance(model, EDMDenoiser) else \
+            _common.recorded_sigmas(meta, args.steps)
+        if recorded:    # the checkpoint's own levels for this step count (e.g. the paper's, cmfast.cm_import)
+            args.sigmas, args.steps = recorded, None
         search = None
         if args.search_sigmas:
-            from ..precond import EDMDenoiser
             if isinstance(model, EDMDenoiser):
                 _fail("--search-sigmas: an EDM teacher samples with its Heun schedule; give a consistency model")
             steps = args.steps or len(args.sigmas)
@@ -96,6 +100,8 @@ def main(argv=None):
         if search is not None:
             result["search"] = {"method": "greedy ternary search in log sigma", "iters": args.search_iters,
                                 "trials": search["trials"]}
+        if recorded:    # where the levels (or the search's start) came from
+            (result if search is None else result["search"])["sigmas_from"] = "checkpoint (sampling_sigmas)"
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as e:
         _fail(_common.first_line(e))
     result["checkpoint"] = os.path.abspath(args.checkpoint)

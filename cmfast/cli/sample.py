@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
     device = _common.pick_device(args.device)
     try:
+        meta = None
         if args.pretrained:
             from ..pretrained import load_pretrained
             model, kind = load_pretrained(args.pretrained, map_location=device), "cm"
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
             from ..training.methods import get_method
             model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
             kind = get_method(meta["config"]["method"]).kind
-        sigmas = args.sigmas or {1: (model.sigma_max,)}.get(args.steps or 1, (model.sigma_max, 0.821))
+        recorded = None if args.sigmas or kind != "cm" else _common.recorded_sigmas(meta, args.steps)
+        sigmas = args.sigmas or recorded or {1: (model.sigma_max,)}.get(args.steps or 1, (model.sigma_max, 0.821))
         if kind == "cm" and args.steps and args.steps > 2 and not args.sigmas:
             raise ValueError(f"--steps {args.steps}: give the noise levels with --sigmas (1 and 2 steps have defaults)")
         if kind == "edm":
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
             atomic_write(args.npz, buf.getvalue())
     except (ValueError, TypeError, FileNotFoundError, PermissionError, NotADirectoryError, ImportError) as e:
         fail(_common.first_line(e))
-    print(f"{len(imgs)} images {imgs.shape[1:]} -> {', '.join(p for p in (args.grid, args.npz) if p)}")
+    print(f"{len(imgs)} images {imgs.shape[1:]} -> {', '.join(p for p in (args.grid, args.npz) if p)}"
+          + (f" (noise levels {', '.join(f'{s:.4g}' for s in recorded)}, from the checkpoint)" if recorded else ""))
     return 0
 
 
