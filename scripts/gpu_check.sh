@@ -76,7 +76,7 @@ if has_stage core; then
 XDIST=""
 python -c "import xdist" 2>/dev/null && XDIST="-n 6"
 CMFAST_TRITON_AUTOTUNE=0 run pytest-gpu 180 python -m pytest -m gpu -q --maxfail=20 -p no:cacheprovider $XDIST \
-    --ignore=benchmarks/test_latency.py -o addopts="" -rfE
+    --ignore=benchmarks/test_latency.py -o addopts="" -rfE --durations=15
 
 # 4. The headline benchmark (the ceilings, copy bandwidth and bf16 matmul, are measured inside it): batch 1 and 256,
 #    the CT step at 256, eager / cmfast / cmfast-auto rows first, then the torch.compile rows for their budget
