@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import autotune, interpreting
+from ._autotune import autotune, cdiv, interpreting, next_power_of_2
 
 LOG2E = 1.4426950408889634
 SMEM_LIMIT = 200 * 1024      # under an H100's 227 KiB per block; configs above it are never timed
@@ -38,7 +38,7 @@ def _prune(configs, named):
     for c in configs:
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         smem = (m * D + 2 * max(c.num_stages, 1) * n * D) * size + m * n * 4
-        if m <= max(16, triton.next_power_of_2(lq)) and n <= max(16, triton.next_power_of_2(lk)) \
+        if m <= max(16, next_power_of_2(lq)) and n <= max(16, next_power_of_2(lk)) \
                 and smem <= SMEM_LIMIT:
             keep.append(c)
     return keep or configs[-1:]
@@ -202,7 +202,7 @@ def _prep(q, k, v):
         raise ValueError(f"attention (triton): expected head dim <= 256, got {D}")
     upcast = interpreting() and q.dtype == torch.bfloat16
     meta = dict(PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
-                BLOCK_D=max(16, triton.next_power_of_2(D)))
+                BLOCK_D=max(16, next_power_of_2(D)))
     return q, k, v, B, H, Lq, k.shape[2], D, meta
 
 
@@ -211,7 +211,7 @@ def attention_fwd(q, k, v, scale):
     q, k, v, B, H, Lq, Lk, D, meta = _prep(q, k, v)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
-    grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda META: (cdiv(Lq, META["BLOCK_M"]), B * H)  # noqa: E731
     _attention_fwd_kernel[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *_bhl(o), H, Lq, Lk, D,
                                 scale * LOG2E, **meta)
     return o, lse
@@ -223,14 +223,14 @@ def attention_bwd(do, q, k, v, o, lse, scale):
     do = do.contiguous()
     delta = torch.empty_like(lse)
     block_d = meta["BLOCK_D"]
-    _attention_bwd_delta_kernel[(triton.cdiv(Lq, 32), B * H)](o, do, delta, *_bhl(o), *_bhl(do), H, Lq, D,
+    _attention_bwd_delta_kernel[(cdiv(Lq, 32), B * H)](o, do, delta, *_bhl(o), *_bhl(do), H, Lq, D,
                                                                BLOCK_M=32, BLOCK_D=block_d)
     k, v = k.contiguous(), v.contiguous()       # dk and dv reuse k's strides
     q = q.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     args = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), H, Lq, Lk, D, scale, scale * LOG2E)
-    _attention_bwd_dkdv_kernel[lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * H)](
+    _attention_bwd_dkdv_kernel[lambda META: (cdiv(Lk, META["BLOCK_N"]), B * H)](
         q, k, v, do, lse, delta, dk, dv, *args, **meta)
-    _attention_bwd_dq_kernel[lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H)](
+    _attention_bwd_dq_kernel[lambda META: (cdiv(Lq, META["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, *args, **meta)
     return dq, dk, dv

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import num_sms
+from ._autotune import cdiv, next_power_of_2, num_sms
 
 BLOCK = 1024
 KINDS = {"l2": 0, "l1": 1, "pseudo_huber": 2}
@@ -84,9 +84,9 @@ def split(B: int, n: int, device: torch.device, block: int | None = None) -> tup
     ~4 waves of the SMs when n is large, and one chunk per sample when B already does. Shared with the fused
     sCM tangent loss (kernels/trig_tangent_loss.py)."""
     block = BLOCK if block is None else block
-    want = max(1, min(triton.cdiv(n, 4 * block), triton.cdiv(4 * num_sms(device), B), 1024))
-    chunk = triton.cdiv(triton.cdiv(n, want), block) * block
-    return chunk, triton.cdiv(n, chunk)
+    want = max(1, min(cdiv(n, 4 * block), cdiv(4 * num_sms(device), B), 1024))
+    chunk = cdiv(cdiv(n, want), block) * block
+    return chunk, cdiv(n, chunk)
 
 
 def consistency_loss_fwd(pred, target, kind, c, weight):
@@ -104,7 +104,7 @@ def consistency_loss_fwd(pred, target, kind, c, weight):
     w = weight.contiguous() if weight is not None else part    # (a dummy pointer when unweighted: never read)
     _consistency_loss_finish_kernel[(B,)](part, w, loss, raw, coef, n, S, c,
                                           KIND=KINDS[kind], HAS_WEIGHT=weight is not None,
-                                          BLOCK_S=max(16, triton.next_power_of_2(S)))
+                                          BLOCK_S=max(16, next_power_of_2(S)))
     return loss, raw, g, coef
 
 
@@ -112,6 +112,6 @@ def consistency_loss_bwd(g, coef, dloss, dtype):
     """dpred_b = coef_b dloss_b g_b: the saved per-sample gradient scaled (also the sCM tangent loss's backward)."""
     dp = torch.empty_like(g, dtype=dtype)
     n = g[0].numel()
-    _consistency_loss_bwd_kernel[(triton.cdiv(n, BLOCK), g.shape[0])](g, coef, dloss.contiguous(), dp, n,
+    _consistency_loss_bwd_kernel[(cdiv(n, BLOCK), g.shape[0])](g, coef, dloss.contiguous(), dp, n,
                                                                        BLOCK=BLOCK)
     return dp

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import autotune, num_sms
+from ._autotune import autotune, cdiv, next_power_of_2, num_sms
 
 TILE = 2048          # elements of x a program holds per loop step
 MIN_CHUNK = 1024     # elements per program below which splitting a group no longer pays
@@ -507,15 +507,15 @@ class Plan:
         self.fmt = memory_format(x)
         self.N, self.C, self.G, self.Cg, self.HW = N, C, num_groups, C // num_groups, x[0, 0].numel()
         self.s_c, self.s_hw = (1, C) if self.fmt == torch.channels_last else (self.HW, 1)
-        self.BLOCK_C = max(2, triton.next_power_of_2(self.Cg))
+        self.BLOCK_C = max(2, next_power_of_2(self.Cg))
         if self.BLOCK_C > TILE // 2:
             raise ValueError(f"group_norm_act (triton): expected at most {TILE // 2} channels per group, "
                              f"got {self.Cg}")
         sms = sms or num_sms(x.device)
-        want = max(1, min(triton.cdiv(self.Cg * self.HW, MIN_CHUNK), triton.cdiv(2 * sms, N * self.G), 256))
-        self.chunk = triton.cdiv(self.HW, want)
-        self.S = triton.cdiv(self.HW, self.chunk)
-        self.BLOCK_HW = max(2, min(triton.next_power_of_2(self.chunk), TILE // self.BLOCK_C))
+        want = max(1, min(cdiv(self.Cg * self.HW, MIN_CHUNK), cdiv(2 * sms, N * self.G), 256))
+        self.chunk = cdiv(self.HW, want)
+        self.S = cdiv(self.HW, self.chunk)
+        self.BLOCK_HW = max(2, min(next_power_of_2(self.chunk), TILE // self.BLOCK_C))
         self.num_warps = 8 if self.BLOCK_HW * self.BLOCK_C >= 2048 else 4
         self.grid = (N * self.G, self.S)
 
@@ -557,7 +557,7 @@ def _unwrapped(kernel):
 
 def _resident_wins(x, plan, split, resident) -> bool:
     """Whether to run `resident` instead of `split` (closures launching the two forwards) for this shape."""
-    if plan.S == 1 or plan.Cg != plan.BLOCK_C or triton.next_power_of_2(plan.HW) * plan.Cg > RESIDENT:
+    if plan.S == 1 or plan.Cg != plan.BLOCK_C or next_power_of_2(plan.HW) * plan.Cg > RESIDENT:
         return False
     forced = os.environ.get("CMFAST_GN_SMALL", "")
     if forced in ("split", "resident"):
@@ -588,7 +588,7 @@ def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act, pre_
     ptrs = _ptrs(x, weight, bias, scale, shift)
     groups_args = (x, y, stats, *ptrs, pre, N, plan.C, plan.HW, G, plan.s_c, plan.s_hw, eps, s_pn)
     groups_meta = dict(**_flags(weight, bias, scale, shift, act), HAS_PRE=pre_bias is not None, CG=plan.Cg,
-                       HW_P2=triton.next_power_of_2(plan.HW), TILE_ELEMS=TILE, RESIDENT_ELEMS=RESIDENT)
+                       HW_P2=next_power_of_2(plan.HW), TILE_ELEMS=TILE, RESIDENT_ELEMS=RESIDENT)
     if one_pass and plan.Cg == plan.BLOCK_C:      # Cg a power of two: whole groups, several a program
         _group_norm_act_fwd_groups_kernel[lambda meta: (N * G // meta["GPB"],)](*groups_args, **groups_meta)
         return y, stats, plan
@@ -601,7 +601,7 @@ def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act, pre_
         _group_norm_act_fwd_kernel[plan.grid](x, y, part, stats, *ptrs, pre,
                                               *plan.geometry(), eps, s_pn, **_flags(weight, bias, scale, shift, act),
                                               ONE_PASS=one_pass, HAS_PRE=pre_bias is not None,
-                                              BLOCK_S=max(2, triton.next_power_of_2(plan.S)), **plan.meta())
+                                              BLOCK_S=max(2, next_power_of_2(plan.S)), **plan.meta())
 
     def resident():                               # one program per group, the group in registers
         _unwrapped(_group_norm_act_fwd_groups_kernel)[(N * G,)](*groups_args, **groups_meta, GPB=1, STREAM=0,
@@ -623,7 +623,7 @@ def group_norm_act_bwd(dy, x, stats, plan, weight, bias, scale, shift, act):
         N, G = plan.N, plan.G
         _group_norm_act_bwd_groups_kernel[lambda meta: (N * G // meta["GPB"],)](
             x, dy, dx, stats, ab, *ptrs, N, plan.C, plan.HW, G, plan.s_c, plan.s_hw, **flags, CG=plan.Cg,
-            HW_P2=triton.next_power_of_2(plan.HW), TILE_ELEMS=TILE, RESIDENT_ELEMS=RESIDENT)
+            HW_P2=next_power_of_2(plan.HW), TILE_ELEMS=TILE, RESIDENT_ELEMS=RESIDENT)
         return dx, ab[..., 0], ab[..., 1]
     part = torch.empty(plan.N * plan.G, plan.S, 2, plan.Cg, device=x.device, dtype=torch.float32)
     if not one_pass:

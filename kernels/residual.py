@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import cdiv
 from .skip_output import memory_format
 
 BLOCK = 1024
@@ -39,6 +40,6 @@ def residual_fwd(x: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor | None,
     C = x.shape[1] if x.dim() > 1 else 1
     HW = n // max(x.shape[0] * C, 1)
     b = bias.contiguous() if bias is not None else x    # any pointer when there is no bias (never read)
-    _residual_fwd_kernel[(triton.cdiv(n, BLOCK),)](x, skip, b, y, n, C, HW, float(scale), HAS_BIAS=bias is not None,
+    _residual_fwd_kernel[(cdiv(n, BLOCK),)](x, skip, b, y, n, C, HW, float(scale), HAS_BIAS=bias is not None,
                                                     NHWC=fmt == torch.channels_last, BLOCK=BLOCK)
     return y

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import cdiv
+
 BLOCK = 1024
 
 
@@ -69,7 +71,7 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _grid(x: torch.Tensor):
-    return (triton.cdiv(x[0].numel(), BLOCK), x.shape[0])
+    return (cdiv(x[0].numel(), BLOCK), x.shape[0])
 
 
 def skip_output_fwd(x, F, sigma, sigma_data, sigma_min, clamp=False, uint8=False, out=None):

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import next_power_of_2
 from .consistency_loss import consistency_loss_bwd, split
 
 BLOCK = 1024
@@ -92,7 +93,7 @@ def trig_tangent_loss_fwd(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, wei
     _trig_tangent_partial_kernel[(B, S)](F, a, b if fd else a, x_t, dxdt, t, h.float().contiguous() if fd else t,
                                          g, part, n, chunk, S, float(r), float(sd), FD=fd, BLOCK=BLOCK)
     _trig_tangent_finish_kernel[(B,)](part, logvar.float().contiguous(), weight.float().contiguous(), loss, coef,
-                                      dlv, n, S, float(c), BLOCK_S=max(16, triton.next_power_of_2(S)))
+                                      dlv, n, S, float(c), BLOCK_S=max(16, next_power_of_2(S)))
     return loss, g, coef, dlv
 
 

@@ -255,6 +255,17 @@ def test_group_norm_act_several_groups_per_program(gpb, fmt, dtype, resident, mo
     assert k._group_norm_act_bwd_groups_kernel.n == 1      # the backward of the first check
     assert k._group_norm_act_fwd_groups_kernel.n == 2      # one forward per check ran this kernel
 
+def test_host_geometry_helpers_equal_triton_s():
+    """The kernels' launch geometry uses plain-int cdiv / next_power_of_2 (triton's are constexpr-function objects,
+    ~1.5 us a call through their wrapper); they must give triton's numbers."""
+    from cmfast.kernels._autotune import cdiv, next_power_of_2
+    for n in range(1, 3000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 3, 16, 1024):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+    assert cdiv(0, 16) == 0
+
+
 @pytest.mark.parametrize("env", ["", "0"], ids=["cached", "off"])
 def test_autotune_keeps_timings_on_disk(env, monkeypatch):
     """On a GPU the tuned kernels are triton.autotune with cache_results (the timings of a shape kept in Triton's
