@@ -274,7 +274,12 @@ def test_cuda_graph_compile_modes_refuse_dropout_in_pair_steps(method, monkeypat
     # CD / CT / iCT steps replay the online pass's dropout masks in the target pass; under CUDA-graph trees that
     # overwrote the online pass's saved activations on the H200 (tests/test_train_gpu.py). Refused in one line there,
     # and only there: other modes, no dropout, sCT / EDM, CPU and non-inductor backends run.
-    from cmfast.training.loop import check_compile
+    from cmfast.training.loop import check_compile as check
+    from cmfast.training.methods import get_method
+
+    def check_compile(mode, name, net_cfg, device):
+        return check(mode, get_method(name), net_cfg, device)
+    assert [m for m in ("edm", "cd", "ct", "ict", "sct") if get_method(m).replays_dropout] == ["cd", "ct", "ict"]
     monkeypatch.delenv("CMFAST_COMPILE_BACKEND", raising=False)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for mode in ("reduce-overhead", "max-autotune"):

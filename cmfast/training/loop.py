@@ -170,7 +170,7 @@ def _train(args: dict) -> dict:
             except ops.BackendUnavailable as e:
                 raise ValueError(f"--backend {cfg['backend']}: {e}") from None
 
-    check_compile(cfg["compile"], cfg["method"], cfg["net"], device)
+    check_compile(cfg["compile"], method, cfg["net"], device)
 
     # ---- Models: online (trained), target (CD/CT), EMAs for evaluation ----------------------------------------------
     torch.manual_seed(cfg["seed"])
@@ -442,21 +442,27 @@ def _stats_row(step, cfg, tick, info, lr, counters, device) -> dict:
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the --compile modes that run inductor's CUDA-graph trees
 
 
-def check_compile(mode: str, method: str, net_cfg: dict, device: torch.device) -> None:
-    """One line, before anything is built: CUDA-graph compile modes refuse a CD / CT / iCT step with dropout. Those
-    steps run the online pass (with grad), then the target pass (no grad) with the online pass's dropout masks (the
-    RNG state replayed), then the backward; with dropout > 0 the target graph's replay overwrote activations the
-    online graph had saved for the backward ('accessing tensor output of CUDAGraphs that has been overwritten', H200,
-    torch 2.11: tests/test_train_gpu.py's masks test). Without dropout the same step runs (GPU test of iCT)."""
-    if mode not in CUDA_GRAPH_MODES or device.type != "cuda" or method not in ("cd", "ct", "ict"):
+def _compile_backend() -> str:
+    """torch.compile's backend for --compile: inductor, or CMFAST_COMPILE_BACKEND (a testing hook, compile_nets)."""
+    return os.environ.get("CMFAST_COMPILE_BACKEND") or "inductor"
+
+
+def check_compile(mode: str, method, net_cfg: dict, device: torch.device) -> None:
+    """One line, before anything is built: CUDA-graph compile modes refuse a step whose method replays dropout
+    masks (Method.replays_dropout: CD, CT, iCT) with dropout. Those steps run the online pass (with grad), then the
+    target pass (no grad) with the online pass's dropout masks (the RNG state replayed), then the backward; with
+    dropout > 0 the target graph's replay overwrote activations the online graph had saved for the backward
+    ('accessing tensor output of CUDAGraphs that has been overwritten', H200, torch 2.11: tests/test_train_gpu.py's
+    masks test). Without dropout the same step runs (GPU test of iCT)."""
+    if mode not in CUDA_GRAPH_MODES or device.type != "cuda" or not method.replays_dropout:
         return
-    if (os.environ.get("CMFAST_COMPILE_BACKEND") or "inductor") != "inductor":
+    if _compile_backend() != "inductor":
         return
     from ..nets import UNet
     p = float((net_cfg or {}).get("dropout", inspect.signature(UNet).parameters["dropout"].default))
     if p > 0:
         raise ValueError(f"--compile {mode} with dropout {p:g}: CUDA-graph trees overwrite the online pass's saved "
-                         f"activations when the {method} target pass replays its dropout masks; use --compile default "
+                         f"activations when the {method.name} target pass replays its dropout masks; use --compile default "
                          f"or max-autotune-no-cudagraphs, or --dropout 0")
 
 
@@ -474,7 +480,7 @@ def compile_nets(models: dict, mode: str) -> dict | None:
     the mode only applies to inductor."""
     if mode == "none":
         return None
-    backend = os.environ.get("CMFAST_COMPILE_BACKEND") or "inductor"
+    backend = _compile_backend()
     kw = dict(dynamic=False, backend=backend, **({"mode": mode} if backend == "inductor" else {}))
     names, seen = [], set()
     for name in ("model", "target", "teacher"):

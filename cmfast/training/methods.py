@@ -82,6 +82,9 @@ def _with_target(models: dict) -> dict:
 
 class Method:
     name, kind, needs_teacher, default_loss, defaults = "", "cm", False, None, {}
+    # The step runs objectives.consistency_pair_loss: a target pass that replays the online pass's dropout masks
+    # (the RNG state), which CUDA-graph compile modes cannot run with dropout (loop.check_compile).
+    replays_dropout = False
 
     def wrap(self, net: nn.Module, cfg: dict) -> nn.Module:
         return (EDMDenoiser if self.kind == "edm" else ConsistencyModel)(net, **_sigma_kwargs(cfg))
@@ -113,6 +116,7 @@ class EDM(Method):
 class CD(Method):
     """Consistency distillation (CM Alg. 2): fixed N, a Heun step of the teacher, target EMA rate mu."""
     name, needs_teacher, default_loss = "cd", True, "lpips"
+    replays_dropout = True
     defaults = {"num_scales": 18, "mu": 0.0, "solver": "heun", "weighting": "uniform"}
 
     def build(self, net, cfg, teacher=None):
@@ -132,6 +136,7 @@ class CD(Method):
 class CT(Method):
     """Consistency training (CM Alg. 3) with the adaptive N(k), mu(k) of Appendix C."""
     name, default_loss = "ct", "lpips"
+    replays_dropout = True
     defaults = {"s0": 2, "s1": 150, "mu0": 0.9, "weighting": "uniform", "match_reference_code": False,
                 "schedule_steps": None, "schedule_mult": 1.0}
 
@@ -158,6 +163,7 @@ class CT(Method):
 class ICT(Method):
     """Improved consistency training: no EMA target, pseudo-Huber, lognormal levels, doubling N(k) (iCT)."""
     name, default_loss = "ict", "pseudo_huber"
+    replays_dropout = True
     defaults = {"s0": 10, "s1": 1280, "p_mean": -1.1, "p_std": 2.0, "c": None, "schedule_steps": None,
                 "schedule_mult": 1.0}
 
