@@ -70,7 +70,7 @@ def choose(results: list[dict]) -> tuple[dict, dict]:
         if set(graphed.get(key, {})) == set(times):
             cases[key] = graphed[key]
             continue
-        op, pass_, layout, shape = (json.loads(key[2 + CASE_KEYS.index(k)]) for k in ("op", "pass", "layout", "shape"))
+        op, pass_, layout, shape = _case(key)
         if pass_ == "fwd+bwd" and size_class(shape) == "large":
             unvoted.add((op, shape_class(pass_, layout) + "/large"))
             del cases[key]
@@ -78,7 +78,7 @@ def choose(results: list[dict]) -> tuple[dict, dict]:
     per_class: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     per_size: dict[str, dict[str, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     for key, times in cases.items():
-        op, pass_, layout, shape = (json.loads(key[2 + CASE_KEYS.index(k)]) for k in ("op", "pass", "layout", "shape"))
+        op, pass_, layout, shape = _case(key)
         per_op[op].append(times)
         per_class[op][shape_class(pass_, layout)].append(times)
         per_size[op][shape_class(pass_, layout) + "/" + size_class(shape)].append(times)
@@ -122,6 +122,11 @@ def choose(results: list[dict]) -> tuple[dict, dict]:
             stats[op] = dict(stats[op], classes={c: w[1] for c, w in entries.items()})
             table[op] = {"default": table[op], **{c: w[0] for c, w in entries.items()}}
     return table, stats
+
+
+def _case(key: tuple) -> tuple:
+    """(op, pass, layout, shape) of a case key: (file index, dtype, *CASE_KEYS values as JSON)."""
+    return tuple(json.loads(key[2 + CASE_KEYS.index(k)]) for k in ("op", "pass", "layout", "shape"))
 
 
 def size_class(shape) -> str:
