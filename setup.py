@@ -47,6 +47,9 @@ def _ext_modules():
     return [Extension("cmfast._C", sources=[], optional=True)]
 
 
-packages = find_packages(include=["cmfast", "cmfast.*"]) + ["cmfast.kernels"]
-setup(packages=packages, package_dir={"cmfast.kernels": "kernels"}, ext_modules=_ext_modules(),
-      cmdclass={"build_ext": BuildCuda})
+# kernels/ is the package cmfast.kernels. csrc/ travels inside it as cmfast/_csrc (data, never imported; its files are
+# listed in pyproject.toml's package-data), so that a wheel installed without a prebuilt cmfast._C can still compile
+# the kernels on first use. cmfast/assets holds data only; it is listed so that setuptools does not warn about it.
+packages = find_packages(include=["cmfast", "cmfast.*"]) + ["cmfast.kernels", "cmfast._csrc", "cmfast.assets"]
+setup(packages=packages, package_dir={"cmfast.kernels": "kernels", "cmfast._csrc": "csrc"},
+      ext_modules=_ext_modules(), cmdclass={"build_ext": BuildCuda})

@@ -25,7 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+def _csrc() -> Path:
+    """The CUDA sources: cmfast/_csrc in an installed wheel (setup.py ships csrc/ there), else csrc/ beside the
+    package (a source checkout, an editable install)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "_csrc"
+    return packaged if (packaged / "bindings.cpp").is_file() else here.parent / "csrc"
+
+
+CSRC = _csrc()
 DEFAULT_ARCH = "90"
 
 
@@ -154,6 +163,8 @@ def unavailable_reason() -> str | None:
     line saying what is missing. Cheap: nothing is compiled."""
     if importlib.util.find_spec("cmfast._C") is not None:
         return None
+    if not CSRC.is_dir():
+        return f"cmfast._C is not built and its sources are not installed to compile it (looked in {CSRC})"
     if cuda_home() is None:
         return "cmfast._C is not built and no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)"
     if importlib.util.find_spec("pybind11") is None:
@@ -185,7 +196,8 @@ def load(arch: str | None = None):
     if mod is not None and (want is None or getattr(mod, "SOURCE_HASH", None) == want):
         return mod
     if not have_sources:
-        raise ToolchainMissing("cmfast._C is not built and csrc/ is not there to compile it")
+        raise ToolchainMissing(f"cmfast._C is not built and its sources are not installed to compile it "
+                               f"(looked in {CSRC})")
     path = cache_dir() / want / ext_filename(f"_C_{want}")
     if not path.exists():
         print(f"cmfast: compiling the CUDA kernels (csrc/) for sm_{',sm_'.join(cuda_arches(arch))} into {path.parent}"
