@@ -10,7 +10,8 @@
 #              data carried along: here `mkdir -p data && cp -r /usr/share/datasets/fashion-mnist data/`, and the
 #              device call names `data` in carry
 # Environment: GPU_CHECK_BUDGET_S (whole run), GPU_CHECK_THROUGHPUT_COMPILE_S (240), GPU_CHECK_OPS_COMPILE_S (170; 0 =
-# no per-op compile rows), GPU_CHECK_SCT_BUDGET_MS (2000 per bench_sct row).
+# no per-op compile rows), GPU_CHECK_SCT_BUDGET_MS (2000 per bench_sct row), GPU_CHECK_PYTEST_SELECT (core's GPU tests:
+# files / pytest arguments; default all).
 # The H100 session (two calls, 806 s of device time with the start and transfers): core with GPU_CHECK_BUDGET_S=445 and
 # GPU_CHECK_THROUGHPUT_COMPILE_S=230 (344 s), then ops,sct with 460 / 85 / 800 (426 s). The fourth H200 session (893
 # s with the start): core,ops with 450 / 170 / 0 (pytest-gpu 160 s, throughput 133 s whose compile rows the old
@@ -75,8 +76,12 @@ if has_stage core; then
 #    The first H200 run took 45 s; the cmfast-train --compile GPU tests (inductor compiles) are new since.
 XDIST=""
 python -c "import xdist" 2>/dev/null && XDIST="-n 6"
+# GPU_CHECK_PYTEST_SELECT (space-separated test files or pytest arguments, no quoting) narrows the GPU tests to
+# those of the code changed since the last full run, so that core and reference fit one 15-minute session (two calls
+# of under 10 minutes); empty: all of them.
+read -r -a SELECT <<< "${GPU_CHECK_PYTEST_SELECT:-}"
 CMFAST_TRITON_AUTOTUNE=0 run pytest-gpu 180 python -m pytest -m gpu -q --maxfail=20 -p no:cacheprovider $XDIST \
-    --ignore=benchmarks/test_latency.py -o addopts="" -rfE --durations=15
+    --ignore=benchmarks/test_latency.py -o addopts="" -rfE --durations=15 "${SELECT[@]}"
 
 # 4. The headline benchmark (the ceilings, copy bandwidth and bf16 matmul, are measured inside it): batch 1 and 256,
 #    the CT step at 256, eager / cmfast / cmfast-auto rows first, then the torch.compile rows for their budget

@@ -19,7 +19,8 @@ from .. import _build
 from . import check_pre_bias_forward_only
 from . import is_nhwc as _is_nhwc
 
-if _build.unavailable_reason():  # the dispatcher reports it as BackendUnavailable; 'auto' takes the next-fastest backend
+# The dispatcher reports this as BackendUnavailable; 'auto' then takes the next-fastest backend.
+if _build.unavailable_reason():
     raise ImportError(_build.unavailable_reason())
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
