@@ -179,6 +179,28 @@ def test_atomic_save_and_fallback(tmp_path, monkeypatch, capsys):
     assert "resumed from" in log and "ckpt-00000001.safetensors at step 1" in log
 
 
+def test_keep_never_prunes_the_checkpoint_just_written(tmp_path, capsys):
+    """Resumed from before a corrupt newest checkpoint, --keep 1 kept the corrupt later one and deleted both the
+    checkpoint resumed from and the one just written: everything was lost. Only checkpoints up to the step written
+    are pruned now."""
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--ckpt-every", "2", "--keep", "0") == 0
+    assert [s for s, _, _ in ckpt.list_checkpoints(out)] == [2, 4]
+    with open(os.path.join(out, "ckpt-00000004.safetensors"), "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    assert _run(out, folder, "--ckpt-every", "2", "--keep", "1", "--resume", "latest", "--stop-at", "3") == 0
+    log = capsys.readouterr().out
+    assert "ckpt-00000002.safetensors at step 2" in log and "later steps (4)" in log
+    assert [s for s, _, _ in ckpt.list_checkpoints(out)] == [3, 4]          # 2 pruned (keep 1), 3 kept, 4 left
+    assert _run(out, folder, "--ckpt-every", "2", "--keep", "1", "--resume", "latest") == 0
+    log = capsys.readouterr().out
+    assert "ckpt-00000003.safetensors at step 3" in log                     # 4 unreadable: back to 3
+    assert [s for s, _, _ in ckpt.list_checkpoints(out)] == [4]             # the run overwrote 4 and went on
+
+
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     from cmfast.training import methods
     folder = str(tmp_path / "imgs")

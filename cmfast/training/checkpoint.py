@@ -84,7 +84,10 @@ def paths(run_dir: str, step: int) -> tuple[str, str]:
 
 
 def save_checkpoint(run_dir: str, step: int, modules: dict, cfg: dict, state: dict, keep: int = 3) -> str:
-    """Write the pair for `step` (weights first, state last) and delete all but the newest `keep` checkpoints."""
+    """Write the pair for `step` (weights first, state last) and delete all but the newest `keep` checkpoints up to
+    `step`. Later ones (a run resumed from before them: the newest was corrupt, or --resume named an older one) are
+    another line of the run: never pruned here, so the one just written is never the one deleted; this run
+    overwrites them as it reaches their steps."""
     from safetensors.torch import save
     tensors = {f"{name}/{k}": v.detach().to("cpu", copy=True).contiguous()
                for name, sd in modules.items() for k, v in sd.items()}
@@ -95,7 +98,7 @@ def save_checkpoint(run_dir: str, step: int, modules: dict, cfg: dict, state: di
     torch.save({"format": FORMAT, "step": step, "config": json.dumps(cfg), **state}, buf)
     atomic_write(spath, buf.getvalue())
     if keep > 0:
-        for s, w, st in list_checkpoints(run_dir, complete=False)[:-keep]:
+        for s, w, st in [c for c in list_checkpoints(run_dir, complete=False) if c[0] <= step][:-keep]:
             for p in (w, st):
                 if os.path.exists(p):
                     os.remove(p)

@@ -412,6 +412,10 @@ def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     ckpt.set_rng_state(rngs[rank % len(rngs)])      # each rank's own dropout RNG
     log(f"resumed from {wpath} at step {int(state['step'])}")
+    later = [s for s, _, _ in ckpt.list_checkpoints(cfg["output_dir"], complete=False) if s > int(state["step"])]
+    if later:
+        log(f"note: checkpoints of later steps ({', '.join(map(str, later))}) stay in {cfg['output_dir']} until this "
+            "run overwrites them; --keep does not prune them")
     return int(state["step"]), dict(state["counters"])
 
 
