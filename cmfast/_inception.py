@@ -109,6 +109,11 @@ def load_fid_inception(path=None, device="cpu"):
     path = find_weights(path)
     with torch.device("meta"):
         net = FIDInception()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    net.net.load_state_dict(state, strict=True, assign=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.net.load_state_dict(state, strict=True, assign=True)
+    except Exception as e:      # not a torch file, a pickle weights_only refuses, other weights: one line
+        why = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        why = why if len(why) <= 160 else why[:157] + "..."
+        raise ValueError(f"{path}: not the FID Inception weights {WEIGHTS_NAME} ({why})") from None
     return net.eval().to(device)

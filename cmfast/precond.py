@@ -51,8 +51,10 @@ def sigma_vector(sigma, x: torch.Tensor, what: str = "sigma") -> torch.Tensor:
 def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what: str = "sigma") -> torch.Tensor:
     """sigma as an fp32 (B,) vector on x's device; a clear error when it is non-finite or outside [lo, hi].
     One host sync for the check (none while compiling or capturing a CUDA graph)."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise ValueError(f"x: expected a batch tensor (B, C, ...), got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x: expected a torch.Tensor (B, C, ...), got {type(x).__module__}.{type(x).__name__}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x: expected a non-empty batch tensor (B, C, ...), got shape {tuple(x.shape)}")
     s = sigma_vector(sigma, x, what)
     if torch.compiler.is_compiling() or (s.is_cuda and torch.cuda.is_current_stream_capturing()):
         return s

@@ -109,6 +109,10 @@ def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | No
     net = getattr(model, "net", None)
     shape = shape or (net.in_channels, net.img_resolution, net.img_resolution)
     label_dim = int(getattr(getattr(net, "_orig_mod", net), "label_dim", 0) or 0)
+    if class_label is not None and not label_dim:
+        raise ValueError("class label: this model is unconditional")
+    if class_label is not None and not 0 <= class_label < label_dim:
+        raise ValueError(f"class label: expected 0 <= label < {label_dim}, got {class_label}")
     device = next(model.parameters()).device
 
     def labels(b0: int, n: int):

@@ -217,7 +217,7 @@ def test_fid_inception_architecture_and_strict_load(tmp_path):
         f = FIDInception()(torch.empty(2, 1, 32, 32))
     assert f.shape == (2, 2048) and f.dtype == torch.float32
     torch.save(dict(state, extra=torch.zeros(1)), path)
-    with pytest.raises(RuntimeError, match="Unexpected key"):
+    with pytest.raises(ValueError, match="not the FID Inception weights .*Unexpected key"):
         load_fid_inception(str(path))
 
 
@@ -338,6 +338,8 @@ def test_cli_writes_json(tmp_path, data_dir, monkeypatch, capsys):
     imgs = _fmnist("test", 300)[0]
     fake = types.ModuleType("cmfast.training.checkpoint")
     fake.load_model = lambda path, which="ema", map_location="cpu": (_Replay(imgs), {"config": {"dataset": "fmnist"}})
+    from cmfast.training.checkpoint import atomic_write
+    fake.atomic_write = atomic_write                # the CLI writes its --out with it
     monkeypatch.setitem(sys.modules, "cmfast.training.checkpoint", fake)
     ckpt, out = tmp_path / "ckpt.safetensors", tmp_path / "r.json"
     ckpt.write_bytes(b"")

@@ -73,9 +73,97 @@ def check_steps_sigmas(prog: str, steps, sigmas) -> None:
 
 
 def pick_device(name: str | None) -> str:
-    """--device as given, else cuda where a CUDA device is present, else cpu."""
+    """--device as given (checked: check_device), else cuda where a CUDA device is present, else cpu."""
     import torch
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    return check_device(name) if name else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(name: str) -> str:
+    """A --device that this machine has: cpu, cuda, cuda:N (N below the device count) or mps; ValueError in one
+    line otherwise (torch's own errors for a bad string or a missing driver are tracebacks deep in the first op)."""
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__}, "
+                             f"torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name}: no MPS device here")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name}: expected cpu, cuda, cuda:N or mps")
+    return name
+
+
+def check_output(path: str, flag: str, exts: tuple[str, ...] | None = None) -> None:
+    """An output file, checked before any work is done (a typo must not cost a long run its result): a known
+    extension, not a directory, and a writable folder (or one that can be made: write_output makes it)."""
+    import os
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    if exts and os.path.splitext(path)[1].lower() not in exts:
+        raise ValueError(f"{flag} {path}: expected a file name ending in {' or '.join(exts)}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):          # the nearest folder that exists must let us make the rest
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: folder {parent} is not writable")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """An output folder, checked before any work: not a file, and it exists writable or can be made."""
+    import os
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a file; give a folder")
+    check_output(os.path.join(path, "x"), flag)
+
+
+def write_output(path: str, data: bytes) -> None:
+    """Write an output file atomically, making its folder; an OS error names the file, not the temporary one."""
+    import os
+    from ..training.checkpoint import atomic_write
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(path, data)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+
+
+def interruptible(prog: str, note: str = ""):
+    """Decorator for a command's main: Ctrl-C (or SIGTERM) where the command has no handler of its own, as during
+    start-up, ends it with one line and exit status 130 instead of a traceback."""
+    import functools
+    import signal
+
+    class _Terminated(Exception):
+        pass
+
+    def deco(main):
+        @functools.wraps(main)
+        def run(argv=None):
+            def on_term(signum, frame):
+                raise _Terminated()
+            try:
+                old = signal.signal(signal.SIGTERM, on_term)
+            except ValueError:          # not the main thread: leave SIGTERM alone
+                old = None
+            try:
+                return main(argv)
+            except (KeyboardInterrupt, _Terminated):
+                print(f"{prog}: interrupted{note}", file=sys.stderr)
+                return 130
+            finally:
+                if old is not None:
+                    signal.signal(signal.SIGTERM, old)
+        return run
+    return deco
 
 
 def recorded_sigmas(meta: dict | None, steps: int | None) -> tuple | None:

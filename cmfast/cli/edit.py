@@ -11,6 +11,7 @@ import functools
 import os
 
 from . import _common
+from .train import _ranged
 
 PROG = "cmfast-edit"
 TASKS = ("inpaint", "colorize", "super-resolve", "stroke", "interpolate", "denoise")
@@ -49,7 +50,7 @@ def build_parser():
     g.add_argument("--sigma", type=float, default=0.5, help="denoise: the noise level added to the input")
     g.add_argument("--pairs", type=_positive, default=4, help="interpolate: number of noise pairs (rows)")
     g.add_argument("--alphas", type=_positive, default=9, help="interpolate: points from 0 to 1 (columns)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_ranged(int, 0), default=0)
     g.add_argument("--class", dest="class_label", type=int, default=None,
                    help="the class label of a class-conditional model (every image)")
     p = ap.add_argument_group("performance")
@@ -126,6 +127,7 @@ def run(model, task, images=None, *, sigmas, mask=None, factor=None, sigma=0.5, 
     return out, [[b[i] for b in before] + [out[i]] for i in range(out.shape[0])]
 
 
+@_common.interruptible(PROG)
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.task != "interpolate" and not args.input:
@@ -138,8 +140,9 @@ def main(argv=None):
     import torch
     from .. import editing as E
     from ._png import grid, load_png, png_files, save_png
-    device = _common.pick_device(args.device)
     try:
+        _common.check_output_dir(args.out, "--out")
+        device = _common.pick_device(args.device)
         model, _ = load(args, device)
         if getattr(model.net, "label_dim", 0) and args.class_label is None:
             raise ValueError(f"this model is class-conditional ({model.net.label_dim} classes): pass --class")
@@ -150,6 +153,10 @@ def main(argv=None):
             raise ValueError("the model does not say its image shape (expected .net.in_channels / img_resolution)")
         C, H, W = chw
         smin, smax = E.noise_range(model)
+        if args.task == "stroke" and not smin < args.sigma_start <= smax:
+            raise ValueError(f"--sigma-start {args.sigma_start}: expected a level in ({smin:g}, {smax:g}]")
+        if args.task == "denoise" and not smin <= args.sigma <= smax:
+            raise ValueError(f"--sigma {args.sigma}: expected a level in [{smin:g}, {smax:g}]")
         top = args.sigma_start if args.task == "stroke" else smax
         sigmas = args.sigmas or karras_levels(args.steps or DEFAULT_STEPS.get(args.task, 1), smin, top)
         files, images, mask = [], None, None
@@ -177,7 +184,7 @@ def main(argv=None):
                         else f"{os.path.splitext(os.path.basename(files[i + j]))[0]}_{args.task}")
                 save_png(x, os.path.join(args.out, name + ".png"))
         save_png(grid(rows), os.path.join(args.out, f"{args.task}_grid.png"), scale=args.grid_scale)
-    except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as e:
+    except (ValueError, TypeError, OSError, KeyError, ImportError) as e:
         _fail(_common.first_line(e))
     print(f"{PROG}: wrote {len(rows) if args.task != 'interpolate' else args.pairs * args.alphas} images and "
           f"{args.task}_grid.png to {args.out}")

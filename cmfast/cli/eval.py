@@ -61,6 +61,7 @@ def _dataset_from_meta(meta):
     return {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist"}.get(name, name)
 
 
+@_common.interruptible(PROG)
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if not os.path.exists(args.checkpoint):
@@ -71,8 +72,10 @@ def main(argv=None):
     if args.dataset == "folder" and not args.data_dir:
         _fail("--dataset folder needs --data-dir: the folder or zip of reference images")
     from ..metrics import default_sigmas, evaluate, search_sigmas
-    device = _common.pick_device(args.device)
     try:
+        if args.out:        # before the evaluation: a typo must not cost its result
+            _common.check_output(args.out, "--out")
+        device = _common.pick_device(args.device)
         from ..training.checkpoint import load_model
         model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
         dataset = args.dataset or _dataset_from_meta(meta)
@@ -102,14 +105,16 @@ def main(argv=None):
                                 "trials": search["trials"]}
         if recorded:    # where the levels (or the search's start) came from
             (result if search is None else result["search"])["sigmas_from"] = "checkpoint (sampling_sigmas)"
-    except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as e:
+    except (ValueError, TypeError, OSError, KeyError, ImportError) as e:
         _fail(_common.first_line(e))
     result["checkpoint"] = os.path.abspath(args.checkpoint)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        try:
+            _common.write_output(args.out, (text + "\n").encode())
+        except OSError as e:
+            _fail(_common.first_line(e))
     return 0
 
 

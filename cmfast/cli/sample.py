@@ -50,15 +50,21 @@ def generate(model, num, steps, sigmas, seed, batch_size, class_label, engine, d
         engine=engine, dtype=dtype)])
 
 
+@_common.interruptible(PROG)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.grid or args.npz):
         fail("nothing to write: pass --grid PNG and/or --npz PATH")
     _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
-    device = _common.pick_device(args.device)
     try:
+        # Everything the user typed is checked before the first image is sampled.
+        if args.grid:
+            _common.check_output(args.grid, "--grid", (".png",))
+        if args.npz:
+            _common.check_output(args.npz, "--npz", (".npz",))
+        device = _common.pick_device(args.device)
         meta = None
-        if args.pretrained:
+        if args.pretrained is not None:
             from ..pretrained import load_pretrained
             model, kind = load_pretrained(args.pretrained, map_location=device), "cm"
         else:
@@ -76,17 +82,16 @@ def main(argv=None) -> int:
             sigmas = None
         imgs = generate(model, args.num, args.steps, sigmas, args.seed, args.batch_size, args.class_label,
                         args.engine, _common.torch_dtype(args.dtype))
-        from ..training.checkpoint import atomic_write
         if args.grid:
             from ..training.images import grid, png_bytes
-            atomic_write(args.grid, png_bytes(grid(imgs)))
+            _common.write_output(args.grid, png_bytes(grid(imgs)))
         if args.npz:
             import io
             import numpy as np
             buf = io.BytesIO()
             np.savez(buf, arr_0=imgs)
-            atomic_write(args.npz, buf.getvalue())
-    except (ValueError, TypeError, FileNotFoundError, PermissionError, NotADirectoryError, ImportError) as e:
+            _common.write_output(args.npz, buf.getvalue())
+    except (ValueError, TypeError, OSError, ImportError) as e:
         fail(_common.first_line(e))
     print(f"{len(imgs)} images {imgs.shape[1:]} -> {', '.join(p for p in (args.grid, args.npz) if p)}"
           + (f" (noise levels {', '.join(f'{s:.4g}' for s in recorded)}, from the checkpoint)" if recorded else ""))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 
 from . import _common
@@ -25,6 +26,8 @@ def _ranged(kind, lo=None, hi=None, lo_open=False):
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {s!r}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {s}")
         if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
             rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
             raise argparse.ArgumentTypeError(f"expected a value in {rng}, got {s}")
@@ -141,6 +144,7 @@ def build_parser():
     return ap
 
 
+@_common.interruptible(PROG, " (checkpoints written so far are kept: --resume latest continues from them)")
 def main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
     dry = args.pop("dry_run")
@@ -159,6 +163,8 @@ def main(argv=None) -> int:
             print(json.dumps(resolve(args, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
             return 0
         resolve(args, int(os.environ.get("WORLD_SIZE", "1")))     # user mistakes before any process group
+        if args.get("device"):
+            _common.check_device(args["device"])
         from ..training.loop import TrainingError, train
         try:
             train(args)

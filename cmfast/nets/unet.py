@@ -239,9 +239,12 @@ class UNet(nn.Module):
         if self.map_label is not None:
             if class_labels is None:
                 raise ValueError(f"class_labels: this network is conditional on {self.label_dim} classes")
-            labels = class_labels
+            labels = class_labels if isinstance(class_labels, torch.Tensor) else torch.as_tensor(class_labels)
             if labels.dim() == 1:
-                labels = F.one_hot(labels.long(), self.label_dim)
+                labels = F.one_hot(self._checked_indices(labels), self.label_dim)
+            elif labels.dim() != 2 or labels.shape[1] != self.label_dim:
+                raise ValueError(f"class_labels: expected class indices (B,) or one-hot rows (B, {self.label_dim}), "
+                                 f"got shape {tuple(labels.shape)}")
             labels = labels.to(emb.dtype)
         if self.arch == "adm":     # DhariwalUNet: cos/sin as computed, the label after the second layer
             emb = self.map_layer1(F.silu(self.map_layer0(emb)))
@@ -250,6 +253,17 @@ class UNet(nn.Module):
         if labels is not None:
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+
+    def _checked_indices(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class indices as int64, refused when not integers (1.5 would become class 1) or, where a check costs no
+        device sync (CPU tensors), outside [0, label_dim)."""
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels: expected integer class indices, got {labels.dtype}")
+        if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= self.label_dim:
+                raise ValueError(f"class_labels: expected 0 <= label < {self.label_dim}, got {lo if lo < 0 else hi}")
+        return labels.long()
 
     def blocks(self) -> list[UNetBlock]:
         """The residual blocks in the order forward runs them."""

@@ -64,6 +64,8 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6
     N, C = x.shape[:2]
     if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
         raise ValueError(f"num_groups: expected a positive divisor of the {C} channels, got {num_groups!r}")
+    if not eps > 0:          # also nan; 1 / sqrt(var + eps) needs a positive eps for constant groups
+        raise ValueError(f"eps: expected a positive number, got {eps!r}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             _float(name, t)

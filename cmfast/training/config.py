@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ..nets.presets import preset_config
-from .methods import get_method
+from .methods import check_arg_types, get_method
 
 DEFAULTS = dict(
     dataset="cifar10", data_dir=None, xflip=None, cond=False, method="ict", preset="tiny", dropout=None,
@@ -79,6 +79,7 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
     if unknown:
         raise ValueError(f"method {cfg['method']!r} has no hyperparameter {', '.join(sorted(unknown))}; "
                          f"it has {', '.join(method.defaults) or 'none'}")
+    check_arg_types(cfg["method_args"], method.defaults)
     if hasattr(method, "check_args"):      # the method's own checks of its hyperparameters' values
         method.check_args(cfg["method_args"])
     cfg["loss"] = cfg["loss"] or method.default_loss

@@ -66,6 +66,50 @@ def _schedule_steps(cfg: dict) -> int:
     return max(1, round(float(a.get("schedule_mult", 1.0)) * cfg["total_steps"]))
 
 
+# Hyperparameters whose values have a range, checked when the config is resolved (before data, model or any file):
+# name -> (test, what the message says is expected). Types are checked against each method's defaults.
+RANGES = {
+    "p_std": (lambda v: v > 0, "a positive standard deviation"),
+    "s0": (lambda v: v >= 1, "an initial number of discretization steps >= 1"),
+    "s1": (lambda v: v >= 1, "a final number of discretization steps >= 1"),
+    "num_scales": (lambda v: v >= 2, "a number of noise levels >= 2"),
+    "mu": (lambda v: 0 <= v < 1, "a target EMA rate in [0, 1)"),
+    "mu0": (lambda v: 0 <= v < 1, "an initial target EMA rate in [0, 1)"),
+    "c": (lambda v: v is None or v >= 0, "a constant >= 0 (or none for the default)"),
+    "warmup_steps": (lambda v: v >= 1, "a number of steps >= 1"),
+    "warmup_frac": (lambda v: 0 <= v <= 1, "a fraction of the run in [0, 1]"),
+    "fd_eps": (lambda v: v > 0, "a positive relative step"),
+}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_arg_types(args: dict, defaults: dict) -> None:
+    """One-line ValueErrors for --method-arg values of the wrong kind or out of range (RANGES): a string where a
+    number goes would otherwise fail inside the first training step, and s1 < s0 deep in the schedule."""
+    import math
+    for k, v in args.items():
+        d = defaults.get(k)
+        if d is None or v is None:
+            pass
+        elif isinstance(d, bool):
+            if not isinstance(v, bool):
+                raise ValueError(f"--method-arg {k}: expected true or false, got {v!r}")
+        elif _number(d):
+            if not _number(v) or not math.isfinite(v):
+                raise ValueError(f"--method-arg {k}: expected a number, got {v!r}")
+            if isinstance(d, int) and v != int(v):
+                raise ValueError(f"--method-arg {k}: expected a whole number, got {v!r}")
+        elif isinstance(d, str) and not isinstance(v, str):
+            raise ValueError(f"--method-arg {k}: expected a name, got {v!r}")
+        if k in RANGES and (v is not None or k == "c") and not RANGES[k][0](v):
+            raise ValueError(f"--method-arg {k}: expected {RANGES[k][1]}, got {v!r}")
+    if _number(args.get("s0")) and _number(args.get("s1")) and args["s1"] < args["s0"]:
+        raise ValueError(f"--s1 {args['s1']} is below --s0 {args['s0']}: the discretization grows from s0 to s1")
+
+
 def _check_schedule_steps(args: dict) -> None:
     k, m = args.get("schedule_steps"), args.get("schedule_mult", 1.0)
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):

@@ -1,0 +1,202 @@
+"""User mistakes across the command lines and the library, each one line and nothing lost (found by an audit of
+careless use): bad devices, output paths checked before the work, class labels, hyperparameter values, interrupts
+during start-up, a run resumed from before its newest checkpoint."""
+import os
+import signal
+
+import pytest
+import torch
+
+import cmfast
+from cmfast import data
+from cmfast.cli import _common
+from cmfast.cli.edit import main as edit_main
+from cmfast.cli.eval import main as eval_main
+from cmfast.cli.sample import main as sample_main
+from cmfast.cli.train import main as train_main
+from train_fixtures import write_fmnist
+
+
+@pytest.fixture(autouse=True)
+def env(monkeypatch, tmp_path):
+    monkeypatch.setenv("CMFAST_OFFLINE", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "no-system-dir"))
+    monkeypatch.setattr(data, "_fetch", lambda *a, **k: pytest.fail("a test tried to download"))
+
+
+def fails(capsys, main, argv, match, prog):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert err.startswith(f"{prog}: error: ") and "\n" not in err and "Traceback" not in err, err
+    assert match in err, err
+    return err
+
+
+def test_device_names_are_checked():
+    assert _common.check_device("cpu") == "cpu"
+    for bad, msg in (("foo", "expected cpu, cuda, cuda:N or mps"), ("meta", "expected cpu, cuda, cuda:N or mps")):
+        with pytest.raises(ValueError, match=msg):
+            _common.check_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device here"):
+            _common.check_device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            _common.check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_bad_device_is_one_line_in_every_command(capsys, tmp_path):
+    fm = tmp_path / "fm"
+    write_fmnist(fm, n=8)
+    out = tmp_path / "run"
+    fails(capsys, train_main, ["--dataset", "fashion-mnist", "--data-dir", str(fm), "--preset", "tiny", "--steps",
+                               "1", "--output-dir", str(out), "--device", "foo"], "--device 'foo'", "cmfast-train")
+    assert not out.exists()
+    fails(capsys, sample_main, ["--pretrained", "fmnist", "--num", "2", "--out", str(tmp_path / "g.png"),
+                                "--device", "meta"], "--device meta", "cmfast-sample")
+    fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(tmp_path), "--out",
+                              str(tmp_path / "e"), "--device", "bogus:1"], "--device 'bogus:1'", "cmfast-edit")
+
+
+def test_sample_outputs_are_checked_before_sampling(capsys, tmp_path, monkeypatch):
+    import cmfast.cli.sample as S
+    monkeypatch.setattr(S, "generate", lambda *a, **k: pytest.fail("sampled before the output was checked"))
+    fails(capsys, sample_main, ["--pretrained", "fmnist", "--out", str(tmp_path)], "is a directory", "cmfast-sample")
+    fails(capsys, sample_main, ["--pretrained", "fmnist", "--out", str(tmp_path / "g.jpg")], "ending in .png",
+          "cmfast-sample")
+    fails(capsys, sample_main, ["--pretrained", "fmnist", "--out", str(tmp_path / "g.png"), "--npz",
+                                str(tmp_path / "x.npy")], "ending in .npz", "cmfast-sample")
+    (tmp_path / "file").write_text("")
+    fails(capsys, sample_main, ["--pretrained", "fmnist", "--out", str(tmp_path / "file" / "g.png")],
+          "is a file, not a folder", "cmfast-sample")
+    if os.geteuid() != 0:           # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        fails(capsys, sample_main, ["--pretrained", "fmnist", "--out", str(ro / "g.png")], "not writable",
+              "cmfast-sample")
+
+
+def test_sample_makes_the_output_folder_and_names_the_file_on_error(tmp_path, capsys):
+    out = tmp_path / "new" / "sub" / "g.png"
+    assert sample_main(["--pretrained", "fmnist", "--num", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'file'}/x: "):
+        (tmp_path / "file").write_text("")
+        _common.write_output(str(tmp_path / "file" / "x"), b"data")
+
+
+def test_class_labels(capsys, tmp_path):
+    fails(capsys, sample_main, ["--pretrained", "fmnist", "--num", "2", "--out", str(tmp_path / "g.png"),
+                                "--class", "3", "--device", "cpu"], "this model is unconditional", "cmfast-sample")
+    net = cmfast.UNet.from_preset("tiny", img_resolution=8, in_channels=1, label_dim=10, attn_resolutions=[])
+    model = cmfast.ConsistencyModel(net).eval()
+    z = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        ok = cmfast.sample(model, z, class_labels=torch.tensor([9, 0]))
+        onehot = cmfast.sample(model, z, class_labels=torch.eye(10)[[9, 0]])
+        torch.testing.assert_close(ok, onehot)
+        for labels, msg in ((torch.tensor([10, 1]), "expected 0 <= label < 10, got 10"),
+                            (torch.tensor([-1, 1]), "got -1"),
+                            (torch.tensor([1.5, 2.0]), "expected integer class indices, got torch.float32"),
+                            (torch.zeros(2, 9), r"one-hot rows \(B, 10\), got shape \(2, 9\)")):
+            with pytest.raises(ValueError, match=msg):
+                cmfast.sample(model, z, class_labels=labels)
+    from cmfast.sampling import generate_batches
+    with pytest.raises(ValueError, match="expected 0 <= label < 10, got 10"):
+        next(generate_batches(model, 2, sigmas=(80.0,), class_label=10))
+
+
+def test_library_inputs():
+    model = cmfast.load_pretrained("fmnist")
+    with pytest.raises(ValueError, match="expected a torch.Tensor .* got numpy.ndarray"):
+        cmfast.sample(model, torch.randn(2, 1, 32, 32).numpy())
+    with pytest.raises(ValueError, match=r"non-empty batch .* got shape \(0, 1, 32, 32\)"):
+        cmfast.sample(model, torch.randn(0, 1, 32, 32))
+    for eps in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="eps: expected a positive number"):
+            cmfast.ops.group_norm_act(torch.randn(2, 4, 3, 3), 2, eps=eps)
+
+
+def test_edit_checks_its_folder_and_levels(capsys, tmp_path):
+    from cmfast.training.images import png_bytes
+    img = tmp_path / "img.png"
+    img.write_bytes(png_bytes(torch.zeros(32, 32, 1, dtype=torch.uint8).numpy()))
+    fails(capsys, edit_main, ["inpaint", "--pretrained", "fmnist", "--input", str(img), "--out", str(img)],
+          "is a file; give a folder", "cmfast-edit")
+    fails(capsys, edit_main, ["stroke", "--pretrained", "fmnist", "--input", str(img), "--out", str(tmp_path / "o"),
+                              "--sigma-start", "-1", "--device", "cpu"], "--sigma-start -1.0: expected a level in",
+          "cmfast-edit")
+    fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(img), "--out", str(tmp_path / "o"),
+                              "--sigma", "1e9", "--device", "cpu"], "--sigma 1000000000.0: expected a level in",
+          "cmfast-edit")
+    fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(img), "--out", str(tmp_path / "o"),
+                              "--seed", "-5"], "expected a value in [0, inf]", "cmfast-edit")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_checks_out_before_evaluating_and_bad_inception_weights(capsys, tmp_path, monkeypatch):
+    import cmfast.metrics as M
+    ck = tmp_path / "ck.safetensors"
+    ck.write_bytes(b"")
+    monkeypatch.setattr(M, "evaluate", lambda *a, **k: pytest.fail("evaluated before --out was checked"))
+    fails(capsys, eval_main, ["--checkpoint", str(ck), "--metric", "fd-fmnist", "--out", str(tmp_path)],
+          "is a directory", "cmfast-eval")
+    from cmfast._inception import load_fid_inception
+    fake = tmp_path / "fake.pth"
+    fake.write_bytes(b"\x89PNG not weights")
+    with pytest.raises(ValueError, match="fake.pth: not the FID Inception weights"):
+        load_fid_inception(str(fake))
+    torch.save({"conv.weight": torch.zeros(1)}, fake)
+    with pytest.raises(ValueError, match="not the FID Inception weights .*"):
+        load_fid_inception(str(fake))
+
+
+def test_method_arguments_are_checked_before_anything_is_written(capsys, tmp_path):
+    fm = tmp_path / "fm"
+    write_fmnist(fm, n=8)
+    out = tmp_path / "run"
+    base = ["--dataset", "fashion-mnist", "--data-dir", str(fm), "--preset", "tiny", "--steps", "1",
+            "--output-dir", str(out)]
+    for extra, msg in ((["--method-arg", "s0=abc"], "--method-arg s0: expected a number, got 'abc'"),
+                       (["--method-arg", "s0=2.5"], "--method-arg s0: expected a whole number"),
+                       (["--method-arg", "p_std=-1"], "--method-arg p_std: expected a positive standard deviation"),
+                       (["--method-arg", "c=-1"], "--method-arg c: expected a constant >= 0"),
+                       (["--method-arg", "schedule_mult=\"x\""], "--method-arg schedule_mult: expected a number"),
+                       (["--method", "ct", "--s0", "10", "--s1", "2"], "--s1 2 is below --s0 10"),
+                       (["--method", "ct", "--method-arg", "match_reference_code=1"], "expected true or false"),
+                       (["--method", "sct", "--method-arg", "jvp=1"], "--method-arg jvp: expected a name"),
+                       (["--lr", "nan"], "expected a finite number, got nan")):
+        fails(capsys, train_main, base + extra, msg, "cmfast-train")
+    assert not out.exists()
+    # Values a run may give stay accepted (the paper configs, c = none for iCT's default).
+    from cmfast.training.config import CONFIGS, resolve
+    for name in CONFIGS:
+        resolve({"config": name, "teacher": "t"})
+    resolve({"method": "ict", "method_args": {"c": None, "schedule_mult": 5.7}})
+
+
+@pytest.mark.parametrize("how", ["keyboard", "sigterm"])
+def test_interrupt_during_start_up_is_one_line(capsys, tmp_path, monkeypatch, how):
+    """Ctrl-C or SIGTERM while the data loads (before the loop's own handlers): one line, status 130, nothing lost."""
+    import cmfast.training.loop as L
+    fm = tmp_path / "fm"
+    write_fmnist(fm, n=8)
+
+    def interrupted(*a, **k):
+        if how == "keyboard":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("SIGTERM did not interrupt")
+    monkeypatch.setattr(L, "load_dataset", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    assert train_main(["--dataset", "fashion-mnist", "--data-dir", str(fm), "--preset", "tiny", "--steps", "1",
+                       "--output-dir", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == ("cmfast-train: interrupted (checkpoints written so far are kept: --resume latest continues "
+                   "from them)")
+    assert signal.getsignal(signal.SIGTERM) is before      # the handler is the caller's again
