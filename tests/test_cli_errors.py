@@ -200,3 +200,15 @@ def test_interrupt_during_start_up_is_one_line(capsys, tmp_path, monkeypatch, ho
     assert err == ("cmfast-train: interrupted (checkpoints written so far are kept: --resume latest continues "
                    "from them)")
     assert signal.getsignal(signal.SIGTERM) is before      # the handler is the caller's again
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(capsys, tmp_path):
+    fm = tmp_path / "fm"
+    write_fmnist(fm, n=8)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    fails(capsys, train_main, ["--dataset", "fashion-mnist", "--data-dir", str(fm), "--preset", "tiny", "--steps", "1",
+                               "--output-dir", str(tmp_path / "new"), "--resume", str(run / "config.json")],
+          "config.json: not a checkpoint; give a ckpt-*.safetensors file", "cmfast-train")
+    assert not (tmp_path / "new").exists()

@@ -161,6 +161,9 @@ def _train(args: dict) -> dict:
     if cfg["resume"] in ("latest", "auto") and not found and cfg["resume"] == "latest":
         raise ValueError(f"--resume latest: no checkpoint (ckpt-*.safetensors with its .state.pt) in {out}")
     if cfg["resume"] not in (None, "latest", "auto"):
+        if os.path.isfile(cfg["resume"]) and not cfg["resume"].endswith((".safetensors", ".state.pt")):
+            raise ValueError(f"--resume {cfg['resume']}: not a checkpoint; give a ckpt-*.safetensors file (or its "
+                             ".state.pt), a run folder, or latest")
         ckpt.resolve(cfg["resume"])                        # a one-line error when the path is not a checkpoint
 
     with ops.use_backend(cfg["backend"]):                  # a backend asked for by name must run here
@@ -197,8 +200,8 @@ def _train(args: dict) -> dict:
 
     # ---- Resume: the newest readable checkpoint (an unreadable one is reported and the previous one used) -------
     if cfg["resume"] and (found or cfg["resume"] not in ("latest", "auto")):
-        candidates = [c[1] for c in reversed(found)] if cfg["resume"] in ("latest", "auto") else \
-            [ckpt.resolve(cfg["resume"])]
+        given = cfg["resume"] not in ("latest", "auto")
+        candidates = [ckpt.resolve(cfg["resume"])] if given else [c[1] for c in reversed(found)]
         step, counters = _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log)
 
     compiled = compile_nets(models, cfg["compile"])   # in place, before DDP wraps model.net (PyTorch's advice)
@@ -390,7 +393,8 @@ def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
         except ckpt.CheckpointError as e:
             log(f"warning: {e}" + ("; trying the previous checkpoint" if i + 1 < len(candidates) else ""))
     else:
-        raise ValueError(f"--resume: no readable checkpoint in {cfg['output_dir']}")
+        where = cfg["output_dir"] if cfg["resume"] in ("latest", "auto") else cfg["resume"]
+        raise ValueError(f"--resume: no readable checkpoint in {where}")
     diff = [k for k in IDENTITY if meta["config"].get(k) != cfg[k]]
     if diff:
         raise ValueError(f"--resume {wpath}: the checkpoint differs from this command in {', '.join(diff)}")
