@@ -27,15 +27,32 @@ def check_sigmas(sigmas, sigma_min: float, sigma_max: float) -> tuple[float, ...
 
 
 @torch.no_grad()
-def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, class_labels=None) -> torch.Tensor:
+def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, class_labels=None,
+           noise=None) -> torch.Tensor:
     """Algorithm 1: x = f(sigmas[0] z, sigmas[0]); for each later s: x = f(x + sqrt(s^2 - sigma_min^2) n, s),
-    n ~ N(0, I) drawn with `generator` on z's device and dtype."""
+    n ~ N(0, I) drawn with `generator` on z's device and dtype, or, given `noise` (one tensor shaped like z per later
+    level), taken from it."""
     s = check_sigmas(sigmas, model.sigma_min, model.sigma_max)
+    if noise is not None and (len(noise) != len(s) - 1 or any(tuple(n.shape) != tuple(z.shape) for n in noise)):
+        raise ValueError(f"noise: expected {len(s) - 1} tensor(s) shaped {tuple(z.shape)}, one per level after the "
+                         f"first, got {[tuple(n.shape) for n in noise]}")
     x = model(s[0] * z, s[0], class_labels)
-    for sigma in s[1:]:
-        n = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    for k, sigma in enumerate(s[1:]):
+        n = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) if noise is None else \
+            noise[k].to(device=z.device, dtype=z.dtype)
         x = model(x + math.sqrt(sigma ** 2 - model.sigma_min ** 2) * n, sigma, class_labels)
     return x
+
+
+def image_noise(seed: int, start: int, num: int, shape, draw: int = 0) -> torch.Tensor:
+    """(num, *shape) N(0, I) noise for images start .. start + num - 1 of a seeded set, each image's from a CPU
+    generator of its own (seed, index, draw): an image gets the same noise whatever batch it falls in. draw 0 is z,
+    draw k the noise added before the k-th later level of Algorithm 1."""
+    out = torch.empty((num, *shape))
+    for i in range(num):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + start + i) * 64 + draw)
+        out[i] = torch.randn(shape, generator=g)
+    return out
 
 
 @torch.no_grad()
@@ -92,8 +109,8 @@ def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | No
     writes and cmfast-eval scores. A consistency model samples at `sigmas` (Algorithm 1), an EDMDenoiser with EDM's
     Heun solver in `steps` steps. Class labels cycle through the classes, or are all `class_label`.
 
-    engine 'eager': image i's noise comes from a CPU generator seeded with seed and its batch's start, so the
-    images do not depend on batch_size. engine 'graphed': cmfast.GraphedSampler in `dtype` (its noise drawn inside
+    engine 'eager': image i's noise comes from CPU generators of its own (image_noise: seed, i and the draw), so
+    the images do not depend on batch_size. engine 'graphed': cmfast.GraphedSampler in `dtype` (its noise drawn inside
     the graph on the GPU, seeded per batch the same way, so the images depend on batch_size; a short last batch
     runs as a full one, cut); its output is clamped to [-1, 1]. 'auto': graphed for a consistency model on CUDA.
     shape: one image's (C, H, W), by default the network's."""
@@ -131,10 +148,10 @@ def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | No
         return
     for b0 in range(0, num, batch_size):
         n = min(batch_size, num - b0)
-        z = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + b0)).to(device)
+        z = image_noise(seed, b0, n, shape).to(device)
         if edm:
             x = edm_sample(model, z, steps or 18, class_labels=labels(b0, n))
         else:
-            x = sample(model, z, sigmas, torch.Generator(device).manual_seed(seed * 1_000_003 + b0 + 1),
-                       labels(b0, n))
+            later = [image_noise(seed, b0, n, shape, draw=k) for k in range(1, len(sigmas))]
+            x = sample(model, z, sigmas, class_labels=labels(b0, n), noise=later)
         yield b0, x

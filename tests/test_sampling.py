@@ -34,6 +34,36 @@ def test_multistep_follows_algorithm_1(model):
     assert not torch.equal(got, other)
 
 
+def test_given_noise_replaces_the_draws(model):
+    z = torch.randn(3, 2, 8, 8)
+    sigmas = (80.0, 2.5, 0.4)
+    g = torch.Generator().manual_seed(7)
+    noise = [torch.randn(z.shape, generator=g) for _ in sigmas[1:]]
+    got = cmfast.sample(model, z, sigmas, noise=noise)
+    assert torch.equal(got, cmfast.sample(model, z, sigmas, generator=torch.Generator().manual_seed(7)))
+    for bad in (noise[:1], [noise[0], noise[1][:2]]):
+        with pytest.raises(ValueError, match=r"noise: expected 2 tensor\(s\) shaped \(3, 2, 8, 8\)"):
+            cmfast.sample(model, z, sigmas, noise=bad)
+
+
+def test_eager_images_do_not_depend_on_the_batch_size(model):
+    """Each image's noise (z and every later level's) is its own: 2-step images drawn in batches of 5 or 2 agree,
+    and image 3 of a set is image 3 whatever comes before it in its batch."""
+    from cmfast.sampling import generate_batches, image_noise
+    model.net.in_channels, model.net.img_resolution = 2, 8
+
+    def images(batch):
+        return torch.cat([x for _, x in generate_batches(model, 5, sigmas=(80.0, 0.821), seed=3,
+                                                         batch_size=batch, engine="eager")])
+    a, b = images(5), images(2)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert not torch.allclose(a[0], a[1])
+    z = image_noise(3, 0, 5, (2, 8, 8))
+    torch.testing.assert_close(image_noise(3, 3, 1, (2, 8, 8))[0], z[3], rtol=0, atol=0)
+    assert not torch.equal(image_noise(3, 0, 5, (2, 8, 8), draw=1), z)
+    assert not torch.equal(image_noise(4, 0, 5, (2, 8, 8)), z)
+
+
 @pytest.mark.parametrize("bad", [(80.0, 80.0), (1.0, 2.0), (), (90.0,), (80.0, 0.001), (80.0, float("nan"))])
 def test_bad_sigmas(model, bad):
     with pytest.raises(ValueError, match="sigmas"):
