@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import cmfast
-
-ROOT = Path(__file__).resolve().parents[1]
+from _repo import ROOT, copy_checkout
 
 
 def test_hub_entry_points_from_the_checkout(tmp_path):
@@ -37,13 +36,7 @@ def test_hub_entry_points_from_the_checkout(tmp_path):
 @pytest.mark.slow
 def test_hub_from_a_bare_copy_maps_its_kernels(tmp_path):
     """A copy of the repository's files (no install) serves the model, and cmfast.kernels is the copy's kernels/."""
-    bare = tmp_path / "cmfast-main"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (bare / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, bare / f)
+    bare = copy_checkout(tmp_path / "cmfast-main")
     code = ("import torch, sys; m = torch.hub.load(sys.argv[1], 'fmnist', source='local'); import cmfast, "
             "cmfast.kernels; print(cmfast.__file__); print(cmfast.kernels.__file__); "
             "x = cmfast.sample(m, torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))); "

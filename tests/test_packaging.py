@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from _repo import copy_checkout
 from cmfast import _build
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +21,10 @@ def wheel_dir(tmp_path_factory):
     """A wheel of this checkout (no CUDA build: the pure-Python wheel a machine without nvcc makes), unpacked."""
     pytest.importorskip("setuptools")
     out = tmp_path_factory.mktemp("wheel")
+    src = copy_checkout(out / "src")          # setuptools builds in the source tree: not in this checkout
     env = {**os.environ, "CMFAST_BUILD_CUDA": "0"}
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "--no-cache-dir", str(ROOT), "-w", str(out)], env=env, capture_output=True, text=True,
+                        "--no-cache-dir", str(src), "-w", str(out)], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     (whl,) = out.glob("cmfast-*.whl")
