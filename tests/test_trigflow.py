@@ -146,6 +146,31 @@ def test_fd_and_exact_jvp_give_the_same_loss_and_gradient():
     torch.testing.assert_close(l64.detach(), l_ex, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("order", [2, 4])
+def test_fd_stencil_stays_inside_the_time_range(monkeypatch, order):
+    """sCD (time_input 'edm': c_noise = ln(sd tan t) / 4) at times whose stencil t +- h crossed pi/2 (h = 1e-2 t)
+    or 0 (the floor): the loss was NaN there. The step is shortened to half-way to the end; fp64 forwards then agree
+    with the exact JVP, and the step of every other sample is unchanged."""
+    import cmfast.trigflow as T
+    from cmfast.jvp import fd_step
+    t = torch.tensor([0.5, 1.555, 1.5605, 1.5705, 1e-5])
+    monkeypatch.setattr(T, "sample_time", lambda B, sd, pm, ps, g, dev: t)
+    teacher = cmfast.EDMDenoiser(_net(seed=1))
+    model = TrigFlowModel(_net(), time_input="edm")
+    x0 = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
+    kw = dict(step=10 ** 6, order=order, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fd = scd_loss(model, x0, teacher, jvp="fd", precision="fp64", **kw)
+        kw["generator"] = torch.Generator().manual_seed(3)
+        ex = scd_loss(model, x0, teacher, jvp="exact", precision="fp64", **kw)
+    assert torch.isfinite(fd).all()
+    torch.testing.assert_close(fd, ex, rtol=1e-3, atol=1e-6)
+    h = T.stencil_inside(fd_step(1e-2, t, 5, "cpu"), t, order)
+    reach = h * (2 if order == 4 else 1)
+    assert bool(((t - reach > 0) & (t + reach < math.pi / 2)).all())
+    assert h[0] == fd_step(1e-2, t, 5, "cpu")[0]                  # t = 0.5: as before
+
+
 def test_scd_starts_at_zero_tangent_when_the_student_is_the_teacher():
     # student = teacher (time_input 'edm', same weights), r = 0: g = -cos^2 t (sd F - v_teacher) = 0 exactly in
     # exact arithmetic, so the loss is ~0 (= logvar, 0 at init) and the gradient of F ~ 0
