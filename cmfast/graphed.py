@@ -82,6 +82,13 @@ class _Graph:
         self.graph = None
 
 
+def is_skip_parameterized(model: nn.Module) -> bool:
+    """Whether `model` computes c_skip x + c_out F(c_in x, ln(sigma) / 4), as the graphed sampler does: a
+    ConsistencyModel or an EDMDenoiser (not a TrigFlow model)."""
+    from .precond import _Preconditioned
+    return isinstance(model, _Preconditioned)
+
+
 class GraphedSampler:
     """cmfast.GraphedSampler(model, batch_size, shape, dtype=torch.bfloat16, sigmas=(80.0,)); CUDA only.
 
@@ -106,6 +113,11 @@ class GraphedSampler:
         for name in ("sigma_min", "sigma_max", "sigma_data", "net"):
             if not hasattr(model, name):
                 raise TypeError(f"model: expected a cmfast.ConsistencyModel (with .{name}), got {type(model).__name__}")
+        if not is_skip_parameterized(model):
+            # The graph computes c_skip x + c_out F(c_in x, ln(sigma) / 4); a TrigFlow model (sCT / sCD) is
+            # cos t x - sin t sd F(x / sd, t): it would sample wrong images here.
+            raise TypeError(f"model: {type(model).__name__} is not skip-parameterized (c_skip x + c_out F) as the "
+                            "graphed sampler computes it; sample it with cmfast.sample (engine 'eager')")
         self.batch_size = self._check_batch(batch_size)
         shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else shape
         if not (isinstance(shape, tuple) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):

@@ -79,7 +79,8 @@ ENGINES = ("auto", "graphed", "eager")
 
 def resolve_engine(engine: str, model: nn.Module, dtype: torch.dtype = torch.float32) -> str:
     """'graphed' (the CUDA-graph sampler, cmfast.GraphedSampler) or 'eager' (sample / edm_sample). 'auto' is graphed
-    for a consistency model on a CUDA device, eager otherwise (CPU, and the EDM teacher's Heun sampler)."""
+    for a consistency model on a CUDA device, eager otherwise (CPU, the EDM teacher's Heun sampler, and TrigFlow
+    models (sCT / sCD), whose parameterization the graphed sampler does not compute)."""
     from .precond import EDMDenoiser
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
@@ -87,11 +88,16 @@ def resolve_engine(engine: str, model: nn.Module, dtype: torch.dtype = torch.flo
         raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
     p = next(model.parameters(), None)
     on_cuda = p is not None and p.device.type == "cuda"
+    from .graphed import is_skip_parameterized
     edm = isinstance(model, EDMDenoiser)
+    skip = is_skip_parameterized(model)
     if engine == "auto":
-        engine = "graphed" if on_cuda and not edm else "eager"
+        engine = "graphed" if on_cuda and not edm and skip else "eager"
     if engine == "graphed" and edm:
         raise ValueError("engine 'graphed': the EDM teacher samples with its Heun solver; use engine 'eager'")
+    if engine == "graphed" and not skip:
+        raise ValueError(f"engine 'graphed': a {type(model).__name__} (sCT / sCD) is not the skip-parameterized model "
+                         "the graphed sampler computes; use engine 'eager'")
     if engine == "graphed" and not on_cuda:
         raise ValueError(f"engine 'graphed' needs the model on a CUDA device (CUDA graphs), got "
                          f"{p.device if p is not None else 'no parameters'}; use engine 'eager'")

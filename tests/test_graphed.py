@@ -1,6 +1,7 @@
 """cmfast.GraphedSampler: argument checks here; on a GPU (-m gpu) equality with eager Algorithm 1 (same noise),
 fresh outputs, per-batch-size graphs, multistep, uint8 and a torch.compile'd backbone."""
 import math
+import types
 
 import pytest
 import torch
@@ -242,16 +243,35 @@ def test_engine_choice_and_its_errors():
         cmfast.sampling.resolve_engine("graphed", cmfast.EDMDenoiser(model.net))
 
 
+def test_trigflow_models_are_not_graphed(monkeypatch):
+    """The graph computes the skip parameterization; a TrigFlow (sCT / sCD) model computes cos t x - sin t sd F: it
+    sampled wrong images there (max error 2.0 against cmfast.sample). auto picks eager for it, graphed refuses it."""
+    from cmfast.trigflow import TrigFlowModel
+    tf = TrigFlowModel(_model().net)
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: torch.device("cpu"))
+    with pytest.raises(TypeError, match="TrigFlowModel is not skip-parameterized"):
+        cmfast.GraphedSampler(tf, 2, SHAPE, dtype=torch.float32)
+    on_cuda = lambda self, recurse=True: iter([types.SimpleNamespace(device=torch.device("cuda"))])  # noqa: E731
+    monkeypatch.setattr(TrigFlowModel, "parameters", on_cuda)
+    monkeypatch.setattr(cmfast.ConsistencyModel, "parameters", on_cuda)
+    assert cmfast.sampling.resolve_engine("auto", _model()) == "graphed"       # as if on a GPU
+    assert cmfast.sampling.resolve_engine("auto", tf) == "eager"
+    with pytest.raises(ValueError, match="TrigFlowModel .* use engine 'eager'"):
+        cmfast.sampling.resolve_engine("graphed", tf)
+
+
 def test_generate_batches_eager_is_batch_size_free():
-    """Eager: each batch's noise from a CPU generator seeded with seed and the batch start, Algorithm 1 after it:
-    the images equal cmfast.sample's with those draws, and a batch size that divides the starts the same way gives
-    the same images; labels cycle through the classes."""
+    """Eager: each image's noise from CPU generators of its own (sampling.image_noise), Algorithm 1 after it: the
+    images equal cmfast.sample's with those draws whatever the batch size; labels cycle through the classes."""
+    from cmfast.sampling import image_noise
     model = _model(label_dim=3)
     sigmas = (80.0, 0.821)
     got = torch.cat([x for _, x in cmfast.sampling.generate_batches(model, 4, sigmas=sigmas, seed=2, batch_size=2)])
-    z = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(2 * 1_000_003 + 2))
-    ref = cmfast.sample(model, z, sigmas, torch.Generator().manual_seed(2 * 1_000_003 + 3), torch.tensor([2, 0]))
+    ref = cmfast.sample(model, image_noise(2, 2, 2, SHAPE), sigmas, class_labels=torch.tensor([2, 0]),
+                        noise=[image_noise(2, 2, 2, SHAPE, draw=1)])
     torch.testing.assert_close(got[2:], ref, atol=0, rtol=0)
+    three = torch.cat([x for _, x in cmfast.sampling.generate_batches(model, 4, sigmas=sigmas, seed=2, batch_size=3)])
+    torch.testing.assert_close(three, got, atol=1e-5, rtol=0)
     one = torch.cat([x for _, x in cmfast.sampling.generate_batches(model, 4, sigmas=sigmas, seed=2, batch_size=2,
                                                                     class_label=1)])
     assert (one - got).abs().max() > 1e-3                               # the label reaches the network
