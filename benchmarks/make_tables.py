@@ -117,13 +117,26 @@ def _search_note(run: dict) -> str:
             f"scored on the same {run['eval_num']} samples as the other columns.")
 
 
+def _parallel_note(run: dict) -> str:
+    """The table's sentence on runs trained side by side (reference_runs.py --parallel; '' for sequential runs)."""
+    par = run.get("parallel")
+    if not par:
+        return ""
+    caps = ", ".join(f"{m} {c:g}" for m, c in par["caps_min"].items())
+    return (f" Trained side by side on the one device: {', '.join(par['first'])} at once"
+            + (f", then {', '.join(par['then'])} after edm" if par["then"] else "")
+            + f" (caps in minutes: {caps}); train img/s is each run's rate beside the others, sampling img/s was "
+              "measured after the runs, one model at a time.")
+
+
 def reference_markdown(runs: list[dict]) -> str:
     lines = []
     for run in runs:
         lines += [f"#### {run['device']}, {run['profile']} profile, batch {run['batch_size']}, {run['date']}", "",
                   f"{run['preset']} net, batch {run['batch_size']}, {run['precision']}, torch {run['torch']}; "
                   f"FD-FMNIST (cmfast's offline metric, not FID) of {run['eval_num']} samples against the 60,000 "
-                  f"training images. Commands in `benchmarks/results/{run['_file']}`.{_search_note(run)}", "",
+                  f"training images. Commands in `benchmarks/results/{run['_file']}`.{_parallel_note(run)}"
+                  f"{_search_note(run)}", "",
                   "| method | steps (planned) | images seen | train s | train img/s | FD 1 step | FD 2 steps "
                   "| FD 2 steps (searched level) | FD teacher, 35 evals | sampling img/s (1 step; teacher 35 evals) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

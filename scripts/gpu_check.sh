@@ -113,8 +113,12 @@ fi
 
 if has_stage reference; then
 # 3. Five training runs (each capped by --time-limit) scored with FD-FMNIST, and the best 1-step model exported.
+#    Side by side (--parallel: edm, ct, ict, sct at once, cd after edm; the step is host-bound, so one run leaves
+#    the GPU idle half the time or more) unless GPU_CHECK_REFERENCE_PARALLEL=0 (one after another, as run so far).
+PARALLEL=(--parallel)
+[ "${GPU_CHECK_REFERENCE_PARALLEL:-1}" = "0" ] && PARALLEL=()
 run reference-runs 440 python scripts/reference_runs.py --profile "${GPU_CHECK_REFERENCE_PROFILE:-gpu}" \
-    --out /tmp/cmfast-ref --data-dir data \
+    --out /tmp/cmfast-ref --data-dir data "${PARALLEL[@]}" \
     --results "$OUT/reference_runs.json" --export fmnist --export-dir "$OUT"
 fi
 

@@ -14,6 +14,9 @@ slower device ends a run early (with a checkpoint; the JSON records the steps re
 the gpu and smoke profiles each run plans its own length to fit inside the cap (--time-budget), so a slower device
 runs fewer steps of a complete curriculum instead.
 A run that fails is recorded with its error and the others go on; CD is skipped when the teacher failed.
+
+--parallel (gpu_check.sh's reference stage) trains the runs that need nothing from each other side by side, one
+process each (this script again, with --only), and CD when the teacher is done; see PARALLEL_CAPS.
 """
 from __future__ import annotations
 
@@ -95,6 +98,19 @@ METHOD_ARGS = {"edm": [], "cd": ["--loss", "l2"], "ct": ["--loss", "l2", "--mu0"
 # 10,000 steps 26.80 / 11.28, over 100 (0.2) 12.17 / 11.63, over 250 (0.5) 12.35 / 11.70 (sct_warmup-cpu.json).
 SCT_WARMUP = 0.2
 ORDER = ("edm", "cd", "ct", "ict", "sct")
+
+# --parallel: the time caps (minutes) when edm, ct, ict and sct train side by side and cd follows edm. The
+# fmnist-small step at batch 256 is mostly host time on an H200: 59-127 ms a step in the first run, and only 1.4-1.7x
+# that at 4x the batch (the b1024 run). With step = host + GPU work, (H + 4G) / (H + G) = 1.4-1.7 puts the GPU work
+# at 13-23% of a batch-256 step: one process leaves the GPU idle most of the time, and four (16 CPU cores) fit beside
+# each other with little slowing. The teacher keeps about its sequential time, CD gets 2x, CT / iCT / sCT about 5x,
+# and the stage its ~6.5 minutes.
+# Critical path: edm's cap, its scores (the 35-evaluation Heun score: ~12 s alone, more beside the other runs), cd's
+# cap and scores; the other three end inside it. An estimate: not yet run on a GPU.
+PARALLEL_CAPS = {"gpu": {"edm": 2.6, "cd": 2.3, "ct": 5.2, "ict": 5.2, "sct": 5.2},
+                 "cpu": {"edm": 20.0, "cd": 15.0, "ct": 35.0, "ict": 35.0, "sct": 35.0},
+                 "smoke": {m: 0.2 for m in ORDER}}
+FIRST = ("edm", "ct", "ict", "sct")     # started together; cd starts when edm's process ends
 
 
 def train_argv(method: str, prof: dict, out: str, data_dir: str | None, device: str | None, seed: int) -> list[str]:
@@ -268,6 +284,109 @@ def export_best(doc: dict, a, results: str) -> None:
     write(doc, results)
 
 
+def child_argv(method: str, a, results: str) -> list[str]:
+    """This script for one method with its --parallel cap, writing its own results file."""
+    argv = [sys.executable, os.path.abspath(__file__), "--profile", a.profile, "--out", a.out, "--only", method,
+            "--results", results, "--seed", str(a.seed), "--cap-minutes", f"{PARALLEL_CAPS[a.profile][method]:g}"]
+    argv += ["--data-dir", a.data_dir] if a.data_dir else []
+    argv += ["--device", a.device] if a.device else []
+    return argv
+
+
+def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> None:
+    """--parallel: FIRST's methods as processes at once, cd when edm's has ended (and succeeded); each writes
+    <out>/<method>.json and <out>/<method>.log, merged into `doc` as they end. A signal to this process (a time
+    limit) stops the children (cmfast-train checkpoints on SIGTERM) and keeps what finished. Then the sampling rates
+    again, one model at a time: measured beside other runs, they would say little."""
+    import signal
+    import subprocess
+    doc["parallel"] = {"caps_min": {m: PARALLEL_CAPS[a.profile][m] for m in only},
+                       "first": [m for m in FIRST if m in only], "then": ["cd"] if "cd" in only else []}
+    waiting = [m for m in ORDER if m in only]
+    running: dict[str, tuple] = {}
+    t_all = time.time()
+
+    def start(m):
+        res = os.path.join(a.out, f"{m}.json")
+        if os.path.exists(res):
+            os.remove(res)
+        log = open(os.path.join(a.out, f"{m}.log"), "w")
+        running[m] = (subprocess.Popen(child_argv(m, a, res), stdout=log, stderr=subprocess.STDOUT), log, res,
+                      time.time())
+        waiting.remove(m)
+        print(f"reference_runs: started {m} (cap {PARALLEL_CAPS[a.profile][m]:g} min)", flush=True)
+
+    def stop_all(signum, frame):
+        for proc, *_ in running.values():
+            proc.terminate()                      # cmfast-train: finish the step, checkpoint, exit
+        raise KeyboardInterrupt
+    old = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for m in [m for m in FIRST if m in waiting]:
+            start(m)
+        while running or waiting:
+            if "cd" in waiting and "edm" not in running:
+                if "edm" in only and "error" in doc["runs"].get("edm", {"error": 1}):
+                    waiting.remove("cd")
+                    doc["runs"]["cd"] = {"method": "cd", "error": "skipped: the EDM teacher run failed"}
+                else:
+                    start("cd")
+            for m, (proc, log, res, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[m]
+                try:
+                    with open(res) as f:
+                        doc["runs"][m] = json.load(f)["runs"][m]
+                except (OSError, ValueError, KeyError):
+                    doc["runs"][m] = {"method": m}
+                if proc.returncode and "error" not in doc["runs"][m]:
+                    doc["runs"][m]["error"] = f"process exited with {proc.returncode} (log {log.name})"
+                doc["runs"][m]["process_wall_s"] = round(time.time() - t0, 1)
+                print(f"reference_runs: {m} ended ({doc['runs'][m].get('error', 'ok')}) after "
+                      f"{time.time() - t0:.0f} s; last lines of {log.name}:", flush=True)
+                with open(log.name) as f:
+                    print("".join("    " + line for line in f.readlines()[-6:]), end="", flush=True)
+                doc["runs"] = {k: doc["runs"][k] for k in ORDER if k in doc["runs"]}
+                doc["wall_s"] = round(time.time() - t_all, 1)
+                write(doc, results)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        for proc, log, *_ in running.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+        doc["wall_s"] = round(time.time() - t_all, 1)
+        write(doc, results)
+        raise
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    doc["runs"] = {k: doc["runs"][k] for k in ORDER if k in doc["runs"]}
+    remeasure_rates(doc, prof, a)
+    doc["wall_s"] = round(time.time() - t_all, 1)
+    write(doc, results)
+
+
+def remeasure_rates(doc: dict, prof: dict, a) -> None:
+    """Each finished model's sampling rate again, alone on the device (what the table reports)."""
+    import torch
+
+    from cmfast.training.checkpoint import load_model
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for m, r in doc["runs"].items():
+        if "error" in r or not r.get("evals"):
+            continue
+        model, _ = load_model(r["run_dir"], which="ema", map_location=device)
+        for ev in r["evals"]:
+            ev["sample_img_per_s_beside_runs"] = ev.get("sample_img_per_s")
+            ev["sample_img_per_s"] = round(sampling_rate(model, device, prof["eval_batch"],
+                                                         (ev["nfe"] + 1) // 2 if m == "edm" else ev["nfe"]), 1)
+
+
 def device_name(device: str | None) -> tuple[str, str]:
     """(description, file-name slug) of the device the runs use; the slug as the benchmarks name it."""
     import torch
@@ -298,8 +417,14 @@ def main(argv=None) -> int:
                     help="export the consistency model with the best 1-step FD-FMNIST as a shipped model NAME "
                          "(scripts/export_pretrained.py) into --export-dir")
     ap.add_argument("--export-dir", default=None, help="default: the package's assets folder")
+    ap.add_argument("--parallel", action="store_true",
+                    help="train edm, ct, ict and sct side by side (one process each) and cd after edm, with the caps "
+                         "of PARALLEL_CAPS; sampling rates are measured after the runs, one model at a time")
+    ap.add_argument("--cap-minutes", type=float, default=None, help=argparse.SUPPRESS)   # a --parallel child's cap
     a = ap.parse_args(argv)
     prof = PROFILES[a.profile]
+    if a.cap_minutes is not None:
+        prof = {**prof, "runs": {m: (steps, a.cap_minutes) for m, (steps, _) in prof["runs"].items()}}
     only = [m.strip() for m in a.only.split(",") if m.strip()]
     bad = sorted(set(only) - set(ORDER))
     if bad:
@@ -321,7 +446,9 @@ def main(argv=None) -> int:
             doc["runs"] = {m: r for m, r in old.get("runs", {}).items() if m not in only}
     os.makedirs(a.out, exist_ok=True)
     t_all = time.time()
-    for method in ORDER:
+    if a.parallel:
+        run_parallel(only, prof, a, doc, results)
+    for method in ORDER if not a.parallel else ():
         if method not in only:
             continue
         record = doc["runs"][method] = {"method": method}

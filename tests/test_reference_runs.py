@@ -224,3 +224,70 @@ def test_export_checks_the_searched_levels(capsys):
         with pytest.raises(SystemExit):
             exp.main(["--checkpoint", "nope", "--name", "n", "--searched-sigmas", bad])
         assert "--searched-sigmas" in capsys.readouterr().err
+
+
+FAKE_CHILD = r"""
+import json, sys, time
+method, results, out = sys.argv[1], sys.argv[2], sys.argv[3]
+t0 = time.time()
+time.sleep({"edm": 1.5}.get(method, 0.3))
+if method == "edm" and "fail-edm" in out:
+    sys.exit(3)
+ev = [{"nfe": 35 if method == "edm" else 1, "value": 5.0, "sample_img_per_s": 1.0}]
+json.dump({"runs": {method: {"method": method, "t0": t0, "t1": time.time(), "evals": ev, "run_dir": out}}},
+          open(results, "w"))
+print(method, "done")
+"""
+
+
+@pytest.mark.parametrize("edm_fails", [False, True])
+def test_parallel_mode_schedules_cd_after_the_teacher(tmp_path, monkeypatch, capsys, edm_fails):
+    """--parallel: edm, ct, ict and sct start together, cd when edm's process has ended (skipped when it failed); each
+    child's results merge in table order; the caps and the schedule are recorded; the sampling rates are measured
+    again afterwards. The children here are stand-ins that sleep and write a record (the real child is this script
+    with --only, which the smoke test runs)."""
+    import sys
+    ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
+    out = tmp_path / ("runs-fail-edm" if edm_fails else "runs")
+    monkeypatch.setattr(ref, "child_argv", lambda m, a, res: [sys.executable, "-c", FAKE_CHILD, m, res, str(out)])
+    measured = []
+    monkeypatch.setattr(ref, "remeasure_rates", lambda doc, prof, a: measured.append(sorted(doc["runs"])))
+    results = tmp_path / "ref.json"
+    rc = ref.main(["--profile", "smoke", "--out", str(out), "--results", str(results), "--parallel"])
+    doc = json.loads(results.read_text())
+    assert list(doc["runs"]) == list(ref.ORDER) and rc == (1 if edm_fails else 0)
+    assert doc["parallel"] == {"caps_min": ref.PARALLEL_CAPS["smoke"], "first": ["edm", "ct", "ict", "sct"],
+                               "then": ["cd"]}
+    runs = doc["runs"]
+    firsts = [runs[m]["t0"] for m in ("ct", "ict", "sct")]
+    assert max(firsts) < min(runs[m]["t1"] for m in ("ct", "ict", "sct"))          # side by side
+    if edm_fails:
+        assert runs["edm"]["error"].startswith("process exited with 3")
+        assert runs["cd"] == {"method": "cd", "error": "skipped: the EDM teacher run failed"}
+    else:
+        assert max(firsts) < runs["edm"]["t1"] <= runs["cd"]["t0"]                 # beside, then cd after it
+        assert all("error" not in r for r in runs.values())
+    assert measured == [sorted(ref.ORDER)]
+    assert "reference_runs: edm ended" in capsys.readouterr().out
+    assert "Trained side by side on the one device: edm, ct, ict, sct at once, then cd after edm" in \
+        make_tables._parallel_note(doc)
+
+
+def test_parallel_caps_fit_the_stage():
+    """The parallel gpu caps: the critical path (edm, then cd, each with its start-up and scores at twice their
+    sequential cost beside the other runs) and the export fit gpu_check.sh's reference stage with 30 s to spare;
+    the other three runs end inside it; each child gets its method's cap."""
+    ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
+    caps = ref.PARALLEL_CAPS["gpu"]
+    measured = json.loads((make_tables.RESULTS / ref.GPU_MEASURED).read_text())["runs"]
+    overhead = {m: 2 * (r["train_wall_s"] - r["train_s"]) + 2 * sum(e["seconds"] for e in r["evals"]) + 2 * 6.1
+                for m, r in measured.items()}                   # start-up, scores, search (search_two_step's cost)
+    path = caps["edm"] * 60 + overhead["edm"] + caps["cd"] * 60 + overhead["cd"]
+    stage_s = int(re.search(r"^run reference-runs (\d+) ", (ROOT / "scripts" / "gpu_check.sh").read_text(), re.M)[1])
+    assert path + 15 + 10 <= stage_s - 30, (path, stage_s)       # 15 s: the rates again; 10 s: the export
+    for m in ("ct", "ict", "sct"):
+        assert caps[m] * 60 + overhead[m] <= path, m
+        assert caps[m] > 4 * measured[m]["train_s"] / 60, m      # the point: several times the sequential time
+    a = type("A", (), dict(profile="gpu", out="o", seed=0, data_dir="d", device=None))
+    argv = ref.child_argv("ict", a, "r.json")
+    assert argv[argv.index("--cap-minutes") + 1] == "5.2" and argv[argv.index("--only") + 1] == "ict"
