@@ -1,6 +1,6 @@
 """User mistakes across the command lines and the library, each one line and nothing lost (found by an audit of
 careless use): bad devices, output paths checked before the work, class labels, hyperparameter values, interrupts
-during start-up, a run resumed from before its newest checkpoint."""
+during start-up, --resume given a file that is not a checkpoint."""
 import os
 import signal
 
@@ -8,32 +8,18 @@ import pytest
 import torch
 
 import cmfast
-from cmfast import data
 from cmfast.cli import _common
 from cmfast.cli.edit import main as edit_main
 from cmfast.cli.eval import main as eval_main
 from cmfast.cli.sample import main as sample_main
 from cmfast.cli.train import main as train_main
+from test_train_cli import env  # noqa: F401  (autouse: offline, no system Fashion-MNIST, one thread)
+from test_train_cli import fails as train_cli_fails
 from train_fixtures import write_fmnist
 
 
-@pytest.fixture(autouse=True)
-def env(monkeypatch, tmp_path):
-    monkeypatch.setenv("CMFAST_OFFLINE", "1")
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "no-system-dir"))
-    monkeypatch.setattr(data, "_fetch", lambda *a, **k: pytest.fail("a test tried to download"))
-
-
 def fails(capsys, main, argv, match, prog):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2, err
-    assert err.startswith(f"{prog}: error: ") and "\n" not in err and "Traceback" not in err, err
-    assert match in err, err
-    return err
+    return train_cli_fails(capsys, argv, match, main=main, prog=prog)
 
 
 def test_device_names_are_checked():
