@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     try:
         # Everything the user typed is checked before the first image is sampled.
         if args.grid:
-            _common.check_output(args.grid, "--grid", (".png",))
+            _common.check_output(args.grid, "--out", (".png",))
         if args.npz:
             _common.check_output(args.npz, "--npz", (".npz",))
         device = _common.pick_device(args.device)
