@@ -151,6 +151,7 @@ def test_method_arguments_are_checked_before_anything_is_written(capsys, tmp_pat
                        (["--method-arg", "s0=2.5"], "--method-arg s0: expected a whole number"),
                        (["--method-arg", "p_std=-1"], "--method-arg p_std: expected a positive standard deviation"),
                        (["--method-arg", "c=-1"], "--method-arg c: expected a constant >= 0"),
+                       (["--method-arg", "c=abc"], "--method-arg c: expected a number, got 'abc'"),
                        (["--method-arg", "schedule_mult=\"x\""], "--method-arg schedule_mult: expected a number"),
                        (["--method", "ct", "--s0", "10", "--s1", "2"], "--s1 2 is below --s0 10"),
                        (["--method", "ct", "--method-arg", "match_reference_code=1"], "expected true or false"),
@@ -163,6 +164,7 @@ def test_method_arguments_are_checked_before_anything_is_written(capsys, tmp_pat
     for name in CONFIGS:
         resolve({"config": name, "teacher": "t"})
     resolve({"method": "ict", "method_args": {"c": None, "schedule_mult": 5.7}})
+    assert resolve({"method": "ict", "method_args": {"s0": 10.0}})["method_args"]["s0"] == 10     # as an int
 
 
 @pytest.mark.parametrize("how", ["keyboard", "sigterm"])

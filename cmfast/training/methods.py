@@ -75,7 +75,7 @@ RANGES = {
     "num_scales": (lambda v: v >= 2, "a number of noise levels >= 2"),
     "mu": (lambda v: 0 <= v < 1, "a target EMA rate in [0, 1)"),
     "mu0": (lambda v: 0 <= v < 1, "an initial target EMA rate in [0, 1)"),
-    "c": (lambda v: v is None or v >= 0, "a constant >= 0 (or none for the default)"),
+    "c": (lambda v: v >= 0, "a constant >= 0 (or none for the default)"),
     "warmup_steps": (lambda v: v >= 1, "a number of steps >= 1"),
     "warmup_frac": (lambda v: 0 <= v <= 1, "a fraction of the run in [0, 1]"),
     "fd_eps": (lambda v: v > 0, "a positive relative step"),
@@ -102,10 +102,15 @@ def check_arg_types(args: dict, defaults: dict) -> None:
                 raise ValueError(f"--method-arg {k}: expected a number, got {v!r}")
             if isinstance(d, int) and v != int(v):
                 raise ValueError(f"--method-arg {k}: expected a whole number, got {v!r}")
+            if isinstance(d, int):
+                args[k] = v = int(v)             # 10.0 -> 10: the schedules count with it
         elif isinstance(d, str) and not isinstance(v, str):
             raise ValueError(f"--method-arg {k}: expected a name, got {v!r}")
-        if k in RANGES and (v is not None or k == "c") and not RANGES[k][0](v):
-            raise ValueError(f"--method-arg {k}: expected {RANGES[k][1]}, got {v!r}")
+        if k in RANGES and v is not None:
+            if not _number(v):                   # a ranged value whose default is None (iCT's c)
+                raise ValueError(f"--method-arg {k}: expected a number, got {v!r}")
+            if not RANGES[k][0](v):
+                raise ValueError(f"--method-arg {k}: expected {RANGES[k][1]}, got {v!r}")
     if _number(args.get("s0")) and _number(args.get("s1")) and args["s1"] < args["s0"]:
         raise ValueError(f"--s1 {args['s1']} is below --s0 {args['s0']}: the discretization grows from s0 to s1")
 
