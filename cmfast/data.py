@@ -256,10 +256,18 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
     arrs = []
     for n in images:
         try:
-            a = np.asarray(Image.open(io.BytesIO(read(n))))
+            im = Image.open(io.BytesIO(read(n)))
+            im.load()
         except Exception as e:
             raise DataError(f"{path}/{n}: unreadable image ({type(e).__name__})") from None
-        a = a[:, :, None] if a.ndim == 2 else a[:, :, :3]
+        if im.mode.startswith("I") or im.mode == "F":
+            raise DataError(f"{path}/{n}: {im.mode} pixels (16-bit or float) are not read; save 8 bits a channel")
+        # Gray stays one channel, everything else becomes RGB: a palette image as its colours (its raw indices would
+        # read as gray levels), gray + alpha and RGBA without the alpha, CMYK / YCbCr converted.
+        if im.mode not in ("L", "RGB"):
+            im = im.convert("L" if im.mode in ("1", "LA", "La") else "RGB")
+        a = np.asarray(im)
+        a = a[:, :, None] if a.ndim == 2 else a
         if arrs and a.shape != arrs[0].shape:
             raise DataError(f"{path}/{n}: expected all images {arrs[0].shape}, got {a.shape}")
         arrs.append(a)
@@ -267,7 +275,11 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
     if "dataset.json" in names:
         table = dict(json.loads(read("dataset.json")).get("labels") or [])
         if table:
-            labels = torch.tensor([int(table.get(n.replace(os.sep, "/"), 0)) for n in images], dtype=torch.int64)
+            missing = [n for n in images if n.replace(os.sep, "/") not in table]
+            if missing:     # a silent 0 would train a conditional model on wrong labels (EDM's loader fails too)
+                raise DataError(f"{path}/dataset.json: no label for {missing[0]}"
+                                + (f" and {len(missing) - 1} other image(s)" if len(missing) > 1 else ""))
+            labels = torch.tensor([int(table[n.replace(os.sep, "/")]) for n in images], dtype=torch.int64)
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
     return ImageDataset(x, labels, "folder", xflip=xflip)
 

@@ -158,14 +158,25 @@ def _file_hash(path):
 
 
 def _source_id(path: str) -> str:
-    """A short id of an image folder or zip (its absolute path, size or entry count, and modification time), so the
-    cached statistics of two folders never meet and a changed one is computed again."""
+    """A short id of an image folder or zip, so the cached statistics of two folders never meet and a changed one is
+    computed again: its absolute path and, for a zip, its size and modification time; for a folder, every file's
+    relative path, size and modification time (a replaced image in a subfolder changes neither the folder's file
+    count nor its own time)."""
     path = os.path.abspath(path)
     if not os.path.exists(path):
         from .data import DataError
         raise DataError(f"reference images not found: {path}")
-    size = os.path.getsize(path) if os.path.isfile(path) else sum(len(f) for _, _, f in os.walk(path))
-    return hashlib.sha256(f"{path}:{size}:{os.path.getmtime(path)}".encode()).hexdigest()[:12]
+    h = hashlib.sha256(path.encode())
+    if os.path.isfile(path):
+        st = os.stat(path)
+        h.update(f":{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for f in sorted(files):
+                st = os.stat(os.path.join(root, f))
+                h.update(f"\0{os.path.relpath(os.path.join(root, f), path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
 
 
 def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, device="cpu", weights=None):
@@ -194,6 +205,9 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
     return stats.mean, stats.cov, dict(meta, n=stats.n)
 
 
+CIFAR10_TRAIN = 50_000
+
+
 def reference_batches(dataset, data_dir=None, num=50000, batch_size=250):
     """The reference images, `num` of them (a fixed-seed draw when the set is larger), as float32 [-1, 1] batches
     converted one at a time (the set stays uint8 until then: an LSUN reference would be 39 GB as one float tensor).
@@ -203,6 +217,9 @@ def reference_batches(dataset, data_dir=None, num=50000, batch_size=250):
         ds = load_fashion_mnist(data_dir, "train", full=True)
     elif dataset == "cifar10":
         ds = load_cifar10(data_dir)
+        if len(ds) != CIFAR10_TRAIN:   # statistics of a partial set would be cached under the full set's name
+            from .data import DataError
+            raise DataError(f"CIFAR-10 reference: expected the {CIFAR10_TRAIN} training images, found {len(ds)}")
     elif dataset == "folder":
         ds = load_folder(data_dir)
     else:

@@ -157,11 +157,44 @@ def test_png_folder_and_zip(tmp_path):
         for f in sorted(os.listdir(tmp_path / "imgs")):
             z.write(tmp_path / "imgs" / f, f)
         z.writestr("dataset.json", '{"labels": [["img0001.png", 7]]}')
+    # A label missing from dataset.json is an error (it read as class 0, silently), as in EDM's loader.
+    with pytest.raises(data.DataError, match=r"dataset.json: no label for img0000.png and 3 other image\(s\)"):
+        data.load_dataset("folder", str(tmp_path / "imgs.zip"))
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as z:
+        for i, f in enumerate(sorted(os.listdir(tmp_path / "imgs"))):
+            z.write(tmp_path / "imgs" / f, f)
+        z.writestr("dataset.json", '{"labels": [' + ", ".join(f'["img{i:04d}.png", {9 - i}]' for i in range(5)) + "]}")
     dz = data.load_dataset("folder", str(tmp_path / "imgs.zip"))
-    assert torch.equal(dz.images, ds.images) and dz.labels.tolist() == [0, 7, 0, 0, 0]
+    assert torch.equal(dz.images, ds.images) and dz.labels.tolist() == [9, 8, 7, 6, 5]
     write_png_folder(tmp_path / "imgs", n=1, size=9, seed=3)        # overwrites img0000.png with another size
     with pytest.raises(data.DataError, match="expected all images"):
         data.load_dataset("folder", str(tmp_path / "imgs"))
+
+
+def test_png_modes_are_converted(tmp_path):
+    """Palette images load as their colours (their indices read as gray levels before), gray + alpha as gray, RGBA
+    as RGB; 16-bit pixels are refused in one line."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    pal = Image.fromarray(rgb).quantize(16)
+    folder = tmp_path / "p"
+    folder.mkdir()
+    pal.save(folder / "a.png")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "b.png")
+    ds = data.load_dataset("folder", str(folder))
+    assert ds.images.shape == (2, 3, 8, 8)
+    np.testing.assert_array_equal(ds.images[0].permute(1, 2, 0).numpy(), np.asarray(pal.convert("RGB")))
+    np.testing.assert_array_equal(ds.images[1].permute(1, 2, 0).numpy(), rgb)
+    gray = tmp_path / "g"
+    gray.mkdir()
+    Image.fromarray(rgb[:, :, 0]).convert("LA").save(gray / "a.png")
+    Image.fromarray(rgb[:, :, 0]).save(gray / "b.png")
+    g = data.load_dataset("folder", str(gray))
+    assert g.images.shape == (2, 1, 8, 8) and torch.equal(g.images[0], g.images[1])
+    Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 200).save(gray / "c.png")
+    with pytest.raises(data.DataError, match="c.png: I;16 pixels .* not read"):
+        data.load_dataset("folder", str(gray))
 
 
 def test_sampler_epochs_and_state():

@@ -425,3 +425,26 @@ def test_reference_stats_of_an_image_folder(tmp_path, monkeypatch):
         metrics.reference_stats("fid", "folder", None)
     with pytest.raises(ValueError, match="reference images not found"):
         metrics.reference_stats("fid", "folder", str(tmp_path / "nowhere"))
+
+
+def test_reference_cache_id_sees_a_replaced_image_in_a_subfolder(tmp_path):
+    """EDM's layout keeps images in subfolders: replacing one changes neither the folder's file count nor its own
+    time, and the cached statistics were reused. Every file's path, size and time now make the id."""
+    from train_fixtures import write_png_folder
+    write_png_folder(tmp_path / "ref" / "00000", n=3, size=8)
+    first = metrics._source_id(str(tmp_path / "ref"))
+    assert metrics._source_id(str(tmp_path / "ref")) == first
+    top = os.stat(tmp_path / "ref").st_mtime_ns
+    img = tmp_path / "ref" / "00000" / "img0001.png"
+    data_ = img.read_bytes()
+    img.write_bytes(data_ + b"\0")                       # another image, same name
+    assert os.stat(tmp_path / "ref").st_mtime_ns == top and metrics._source_id(str(tmp_path / "ref")) != first
+
+
+def test_cifar10_reference_needs_the_whole_training_set(tmp_path):
+    """FID's CIFAR-10 statistics are those of the 50,000 training images: a partial folder is refused (its statistics
+    would be cached under the full set's name)."""
+    from train_fixtures import write_cifar_folder
+    write_cifar_folder(tmp_path, n_per_batch=4)
+    with pytest.raises(ValueError, match="expected the 50000 training images, found 20"):
+        next(metrics.reference_batches("cifar10", str(tmp_path)))
