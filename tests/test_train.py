@@ -201,6 +201,38 @@ def test_keep_never_prunes_the_checkpoint_just_written(tmp_path, capsys):
     assert [s for s, _, _ in ckpt.list_checkpoints(out)] == [4]             # the run overwrote 4 and went on
 
 
+def test_stop_at_already_reached_trains_nothing(tmp_path, capsys):
+    """A rerun of a job that stopped at --stop-at (a requeue) trained one more step and checkpointed it each time."""
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--stop-at", "3") == 0
+    before = [s for s, _, _ in ckpt.list_checkpoints(out)]
+    capsys.readouterr()
+    for stop in ("3", "2"):
+        assert _run(out, folder, "--resume", "latest", "--stop-at", stop) == 0
+        assert f"at step 3 already (--stop-at {stop}): nothing to train" in capsys.readouterr().out
+        assert [s for s, _, _ in ckpt.list_checkpoints(out)] == before == [2, 3]
+
+
+def test_stats_row_of_only_skipped_steps_has_no_loss(tmp_path, monkeypatch):
+    """A logging interval whose steps were all skipped (non-finite) reported loss 0 and grad norm 0: now null."""
+    from cmfast.training import methods
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    real = methods.CT.loss
+
+    def nan_from_step_2(self, models, x, step, cfg, generator, class_labels=None):
+        loss, info = real(self, models, x, step, cfg, generator, class_labels)
+        return (loss * float("nan") if step >= 2 else loss), info
+    monkeypatch.setattr(methods.CT, "loss", nan_from_step_2)
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--log-every", "1", "--nan-limit", "5") == 0
+    r = rows(out)
+    assert [x["loss"] is None for x in r] == [False, False, True, True]
+    assert r[1]["loss"] > 0 and r[1]["grad_norm"] > 0 and r[3]["grad_norm"] is None and r[3]["skipped"] == 2
+
+
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     from cmfast.training import methods
     folder = str(tmp_path / "imgs")

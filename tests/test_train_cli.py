@@ -176,6 +176,10 @@ def test_dry_run_paper_configs(capsys):
         ("adm-lsun256", False, 256, 5e-5, 1_000_000, 150)
     assert train_main(["--dataset", "fashion-mnist", "--kimg", "10", "--batch-size", "32", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["total_steps"] == 313            # ceil(10000 / 32)
+    # An explicit --kimg beats a preset's step count (it was ignored: 400,000 steps, 409,600 kimg).
+    assert train_main(["--config", "ict-cifar10", "--kimg", "100", "--dry-run"]) == 0
+    ict = json.loads(capsys.readouterr().out)
+    assert (ict["total_steps"], ict["kimg"]) == (98, 100.352)                  # ceil(100000 / 1024)
 
 
 def test_lpips_default_without_weights_is_one_line(capsys, tmp_path, fm, monkeypatch):

@@ -90,6 +90,8 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
     # Length: --steps, or --kimg (images) rounded up to whole steps, or --time-budget (planned in the loop after a
     # probe; until then the default K stands in, for the probe's few steps).
     given = [k for k in ("total_steps", "kimg", "time_budget") if args.get(k) is not None]
+    if given == ["kimg"]:       # an explicit --kimg beats a --config preset's step count
+        cfg["total_steps"] = None
     if "time_budget" in given and len(given) > 1:
         raise ValueError("--time-budget sets the length: it excludes --steps and --kimg")
     if "time_budget" in given:

@@ -267,6 +267,11 @@ def _train(args: dict) -> dict:
     # --time-budget: K is planned from the speed of this run's first steps (none when a resumed plan stands).
     probe = {"from": step, "t": None} if cfg.get("time_budget") and not cfg.get("planned") else None
 
+    if cfg["stop_at"] is not None and step >= cfg["stop_at"]:
+        # A rerun of a job that stopped there (a requeue) must not train one more step and checkpoint it.
+        log(f"at step {step} already (--stop-at {cfg['stop_at']}): nothing to train")
+        with _restore_signals(old, bar):
+            return row
     with ops.use_backend(cfg["backend"]), _restore_signals(old, bar):
         while step < cfg["total_steps"]:
             if compiled:    # a new iteration for CUDA-graph trees (reduce-overhead, max-autotune); a no-op otherwise
@@ -436,11 +441,11 @@ def _restore_signals(old: dict, bar):
 
 def _stats_row(step, cfg, tick, info, lr, counters, device) -> dict:
     dt = max(time.time() - tick["t0"], 1e-9)
-    n = max(tick["n"], 1)
+    n = tick["n"]       # finite steps in the interval; none (all skipped or fp16 overflows): loss and norm are null
     mem = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"step": step, "kimg": step * cfg["batch_size"] / 1000, "loss": tick["loss"] / n,
-            "grad_norm": tick["gnorm"] / n, "N": info.get("N"), "mu": info.get("mu"),
+    return {"step": step, "kimg": step * cfg["batch_size"] / 1000, "loss": tick["loss"] / n if n else None,
+            "grad_norm": tick["gnorm"] / n if n else None, "N": info.get("N"), "mu": info.get("mu"),
             **{k: v for k, v in info.items() if k not in ("N", "mu")}, "lr": lr,
             "img_per_s": (step - tick["step0"]) * cfg["batch_size"] / dt, "mem_mb": round(mem, 1),
             "skipped": counters["skipped"], "overflow": counters["overflow"], "time": round(time.time(), 3),
