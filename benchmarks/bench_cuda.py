@@ -51,7 +51,9 @@ def variants(op: str, make, backends, dev, compile_: bool):
             out.append((b, make(ops.implementation(op, dev))))
     if compile_ and COMPILE_BUDGET.allow():
         from cmfast.ops import _torch
-        out.append(("torch.compile", make(torch.compile(getattr(_torch, op)))))
+        # dynamic=False as bench_ops: each case its own static graph (a second shape recompiled as a dynamic-shape
+        # graph that every later case then reused)
+        out.append(("torch.compile", make(torch.compile(getattr(_torch, op), dynamic=False))))
     return out
 
 

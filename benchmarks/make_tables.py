@@ -40,8 +40,10 @@ def newest_per(folder: Path, benchmark: str, key, keep=None) -> list[dict]:
 
 
 def load_runs(folder: Path) -> list[dict]:
-    """The newest throughput run per (device, quick); GPU runs first."""
-    runs = newest_per(folder, "throughput", lambda r: (r["device_slug"], bool(r.get("quick"))))
+    """The newest complete throughput run per (device, quick); GPU runs first. A run cut short (complete: false,
+    saved row by row until a time limit stopped it) does not replace a whole one."""
+    runs = newest_per(folder, "throughput", lambda r: (r["device_slug"], bool(r.get("quick"))),
+                      keep=lambda r: r.get("complete") is not False)
     return sorted(runs, key=lambda r: (r["device_type"] != "cuda", r["device_slug"], r["date"]))
 
 

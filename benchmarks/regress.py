@@ -39,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # sized by the earlier study under load, in the docstring.
 SPREAD = {"processes": 40, "median": 1.362, "min": 1.300, "max": 1.465, "max_dev": 0.075, "rel_stdev": 0.026}
 CPU_THRESHOLD = 0.5         # fail above 1.5x the baseline ratio
-GPU_THRESHOLD = 0.15        # same-device absolute medians (CUDA-event timed graph replays)
+GPU_THRESHOLD = 0.15        # same-device absolute medians (pytest-benchmark, CUDA-synchronized replays)
 INJECT_ENV = "CMFAST_REGRESS_INJECT"   # run the measured path this many times per call (proves the gate fails)
 
 

@@ -172,7 +172,7 @@ def sample_floor(model, B, ceil, count_fn) -> dict:
 def train_floor(model, B, ceil, step) -> dict:
     """FLOPs of the whole step counted (two forwards, backward); bytes = Adam's fp32 traffic (read w, g, m, v;
     write w, m, v)."""
-    flops = H.count_flops(step)
+    flops = H.count_flops(step, next(model.parameters()).device)
     nbytes = sum(p.numel() for p in model.parameters()) * 4 * 7
     return {"flops": flops, "bytes": nbytes, "floor_ms": H.floor_ms(flops, nbytes, ceil)}
 
@@ -202,7 +202,7 @@ def run_sampling(r: Runner, preset: str, batches, modes, ceil) -> None:
     shape = (model.net.in_channels, model.net.img_resolution, model.net.img_resolution)
     try:
         with ops.use_backend("torch"):
-            flops1 = H.count_flops(one_step_fn(model, 1, dev))
+            flops1 = H.count_flops(one_step_fn(model, 1, dev), dev)
     except Exception as e:  # noqa: BLE001 - the rows below then report the error themselves
         print(f"{preset}: flop count failed: {type(e).__name__}: {e}", file=sys.stderr)
         flops1 = None

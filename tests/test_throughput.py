@@ -104,3 +104,50 @@ def test_host_profile_names_where_the_host_time_goes():
     assert helper["calls_per_call"] == 4 and helper["cum_ms_per_call"] >= helper["own_ms_per_call"]
     assert _harness.host_profile(lambda: 1 / 0, torch.device("cpu"))["host_profile_error"].startswith(
         "ZeroDivisionError")
+
+
+def test_gpu_timer_repeats_at_least_ten_calls():
+    """do_bench repeats int(rep / its estimate) times: with the quick budget (100 ms) a 96 ms eager row was timed
+    once, its median one run. The repetition time now covers MIN_RUNS calls of the call's measured time."""
+    assert _harness.rep_ms(100.0, 2.0) == 100.0                       # a 2 ms call: the budget holds 50 of them
+    assert _harness.rep_ms(100.0, 96.0) == pytest.approx(1200.0)      # 12.5 calls' worth: >= 10 after do_bench's floor
+    assert int(_harness.rep_ms(100.0, 40.0) / 40.0) >= _harness.MIN_RUNS
+
+
+def test_flop_count_includes_attention_on_cpu():
+    """The CPU's fused SDPA kernel has no FLOP formula in torch's counter (0 counted): the count runs SDPA's math
+    backend off CUDA. It then equals the count of the same network on the meta device, where the counter applies its
+    SDPA formula (as it does on CUDA)."""
+    import copy
+
+    import cmfast
+    from cmfast import ops
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    meta, xm = copy.deepcopy(model).to("meta"), x.to("meta")
+    with torch.no_grad(), ops.use_backend("torch"):
+        counted = _harness.count_flops(lambda: model(x, 80.0), torch.device("cpu"))
+        with FlopCounterMode(display=False) as ref:
+            meta.net(xm, torch.zeros(1, device="meta"))
+        with FlopCounterMode(display=False) as fused:
+            model.net(x, torch.zeros(1))
+    attention = ref.get_total_flops() - fused.get_total_flops()          # what the fused CPU kernel left out
+    assert attention > 0.1 * ref.get_total_flops()
+    assert counted == ref.get_total_flops(), (counted, ref.get_total_flops())
+
+
+def test_readme_table_keeps_the_newest_complete_run(tmp_path):
+    """A run cut short (complete: false; saved row by row until a time limit) does not replace a whole one."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_tables", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "make_tables.py")
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    base = {"benchmark": "throughput", "device_slug": "h200", "device_type": "cuda", "quick": True, "rows": []}
+    (tmp_path / "a.json").write_text(json.dumps({**base, "date": "2026-11-26T10:00", "complete": True}))
+    (tmp_path / "b.json").write_text(json.dumps({**base, "date": "2026-11-27T10:00", "complete": False}))
+    assert [r["_file"] for r in mt.load_runs(tmp_path)] == ["a.json"]
+    (tmp_path / "c.json").write_text(json.dumps({**base, "date": "2026-11-27T11:00", "complete": True}))
+    assert [r["_file"] for r in mt.load_runs(tmp_path)] == ["c.json"]
