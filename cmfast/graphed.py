@@ -110,14 +110,11 @@ class GraphedSampler:
                  seed: int | None = None,        # Generator seed (None: a non-deterministic one).
                  channels_last: bool = True,     # Run the convolutions NHWC (faster tensor-core convs).
                  warmup: int = 3):               # Eager runs on a side stream before each capture.
-        for name in ("sigma_min", "sigma_max", "sigma_data", "net"):
-            if not hasattr(model, name):
-                raise TypeError(f"model: expected a cmfast.ConsistencyModel (with .{name}), got {type(model).__name__}")
         if not is_skip_parameterized(model):
             # The graph computes c_skip x + c_out F(c_in x, ln(sigma) / 4); a TrigFlow model (sCT / sCD) is
             # cos t x - sin t sd F(x / sd, t): it would sample wrong images here.
-            raise TypeError(f"model: {type(model).__name__} is not skip-parameterized (c_skip x + c_out F) as the "
-                            "graphed sampler computes it; sample it with cmfast.sample (engine 'eager')")
+            raise TypeError(f"model: expected a cmfast.ConsistencyModel (c_skip x + c_out F, as the graph computes), "
+                            f"got {type(model).__name__}; sample other models with cmfast.sample (engine 'eager')")
         self.batch_size = self._check_batch(batch_size)
         shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else shape
         if not (isinstance(shape, tuple) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
