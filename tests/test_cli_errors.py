@@ -200,3 +200,5 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(capsys, tmp_path):
                                "--output-dir", str(tmp_path / "new"), "--resume", str(run / "config.json")],
           "config.json: not a checkpoint; give a ckpt-*.safetensors file", "cmfast-train")
     assert not (tmp_path / "new").exists()
+    fails(capsys, sample_main, ["--checkpoint", str(run / "config.json"), "--out", str(tmp_path / "g.png")],
+          "config.json: not a checkpoint", "cmfast-sample")          # the same check, in checkpoint.resolve

@@ -160,6 +160,9 @@ def resolve(path: str) -> str:
         path = path[:-len(".state.pt")] + ".safetensors"
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.endswith(".safetensors"):       # config.json, a log: named as what it is, not as a corrupt checkpoint
+        raise CheckpointError(f"{path}: not a checkpoint; give a ckpt-*.safetensors file (or its .state.pt) or a run "
+                              "folder")
     return path
 
 

@@ -161,9 +161,6 @@ def _train(args: dict) -> dict:
     if cfg["resume"] in ("latest", "auto") and not found and cfg["resume"] == "latest":
         raise ValueError(f"--resume latest: no checkpoint (ckpt-*.safetensors with its .state.pt) in {out}")
     if cfg["resume"] not in (None, "latest", "auto"):
-        if os.path.isfile(cfg["resume"]) and not cfg["resume"].endswith((".safetensors", ".state.pt")):
-            raise ValueError(f"--resume {cfg['resume']}: not a checkpoint; give a ckpt-*.safetensors file (or its "
-                             ".state.pt), a run folder, or latest")
         ckpt.resolve(cfg["resume"])                        # a one-line error when the path is not a checkpoint
 
     with ops.use_backend(cfg["backend"]):                  # a backend asked for by name must run here
