@@ -264,13 +264,14 @@ def _train(args: dict) -> dict:
     # --time-budget: K is planned from the speed of this run's first steps (none when a resumed plan stands).
     probe = {"from": step, "t": None} if cfg.get("time_budget") and not cfg.get("planned") else None
 
-    if cfg["stop_at"] is not None and step >= cfg["stop_at"]:
-        # A rerun of a job that stopped there (a requeue) must not train one more step and checkpoint it.
+    # --stop-at is checked after each step, and in the loop's condition before the first: a rerun of a job that
+    # stopped there (a requeue) must not train one more step and checkpoint it. (total_steps is read every step:
+    # --time-budget plans it after its probe.)
+    stop_at = cfg["stop_at"] if cfg["stop_at"] is not None else float("inf")
+    if stop_at <= step < cfg["total_steps"]:
         log(f"at step {step} already (--stop-at {cfg['stop_at']}): nothing to train")
-        with _restore_signals(old, bar):
-            return row
     with ops.use_backend(cfg["backend"]), _restore_signals(old, bar):
-        while step < cfg["total_steps"]:
+        while step < cfg["total_steps"] and step < stop_at:
             if compiled:    # a new iteration for CUDA-graph trees (reduce-overhead, max-autotune); a no-op otherwise
                 torch.compiler.cudagraph_mark_step_begin()
             # Data: the global batch is drawn on every rank, each rank keeps its slice.
