@@ -207,7 +207,7 @@ def run_one(method: str, prof: dict, a, record: dict) -> None:
         ev = evaluate(model, "fd-fmnist", steps=steps, num=prof["num"], batch_size=prof["eval_batch"], seed=0,
                       device=device, data_dir=a.data_dir)
         nfe = 2 * steps - 1 if method == "edm" else steps
-        ev["nfe"] = nfe
+        ev["nfe"], ev["steps"] = nfe, steps
         ev["sample_img_per_s"] = round(sampling_rate(model, device, prof["eval_batch"], steps), 1)
         record["evals"].append(ev)
         print(f"reference_runs: {method} {nfe} evaluations: FD-FMNIST {ev['value']:.3f}", flush=True)
@@ -348,7 +348,6 @@ def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> Non
                       f"{time.time() - t0:.0f} s; last lines of {log.name}:", flush=True)
                 with open(log.name) as f:
                     print("".join("    " + line for line in f.readlines()[-6:]), end="", flush=True)
-                doc["runs"] = {k: doc["runs"][k] for k in ORDER if k in doc["runs"]}
                 doc["wall_s"] = round(time.time() - t_all, 1)
                 write(doc, results)
             time.sleep(0.5)
@@ -365,7 +364,6 @@ def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> Non
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    doc["runs"] = {k: doc["runs"][k] for k in ORDER if k in doc["runs"]}
     remeasure_rates(doc, prof, a)
     doc["wall_s"] = round(time.time() - t_all, 1)
     write(doc, results)
@@ -383,8 +381,7 @@ def remeasure_rates(doc: dict, prof: dict, a) -> None:
         model, _ = load_model(r["run_dir"], which="ema", map_location=device)
         for ev in r["evals"]:
             ev["sample_img_per_s_beside_runs"] = ev.get("sample_img_per_s")
-            ev["sample_img_per_s"] = round(sampling_rate(model, device, prof["eval_batch"],
-                                                         (ev["nfe"] + 1) // 2 if m == "edm" else ev["nfe"]), 1)
+            ev["sample_img_per_s"] = round(sampling_rate(model, device, prof["eval_batch"], ev["steps"]), 1)
 
 
 def device_name(device: str | None) -> tuple[str, str]:
@@ -398,6 +395,8 @@ def device_name(device: str | None) -> tuple[str, str]:
 
 
 def write(doc: dict, path: str) -> None:
+    """The results JSON, its runs in table order (ORDER), whatever order they ended in."""
+    doc["runs"] = {m: doc["runs"][m] for m in ORDER if m in doc["runs"]}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)
@@ -452,7 +451,6 @@ def main(argv=None) -> int:
         if method not in only:
             continue
         record = doc["runs"][method] = {"method": method}
-        doc["runs"] = {m: doc["runs"][m] for m in ORDER if m in doc["runs"]}     # table order
         if method == "cd" and "error" in doc["runs"].get("edm", {}):
             record["error"] = "skipped: the EDM teacher run failed"
             continue

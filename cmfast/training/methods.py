@@ -28,6 +28,7 @@ with the defaults filled in, cfg['loss'] the distance, cfg['total_steps'] the sc
 from __future__ import annotations
 
 import copy
+import math
 
 from torch import nn
 
@@ -89,7 +90,6 @@ def _number(v) -> bool:
 def check_arg_types(args: dict, defaults: dict) -> None:
     """One-line ValueErrors for --method-arg values of the wrong kind or out of range (RANGES): a string where a
     number goes would otherwise fail inside the first training step, and s1 < s0 deep in the schedule."""
-    import math
     for k, v in args.items():
         d = defaults.get(k)
         if d is None or v is None:
