@@ -3,6 +3,7 @@ a model (checkpoint or shipped model, which weights, device) and the --sigmas pa
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -21,6 +22,22 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(self.prog, message)
+
+
+def ranged(kind, lo=None, hi=None, lo_open=False):
+    """An argparse type: `kind` (int or float; floats finite) within [lo, hi] (lo_open: (lo, hi])."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {s!r}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {s}")
+        if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
+            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"expected a value in {rng}, got {s}")
+        return v
+    return parse
 
 
 def sigmas_type(example: str):

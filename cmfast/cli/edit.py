@@ -11,7 +11,6 @@ import functools
 import os
 
 from . import _common
-from .train import _ranged
 
 PROG = "cmfast-edit"
 TASKS = ("inpaint", "colorize", "super-resolve", "stroke", "interpolate", "denoise")
@@ -50,7 +49,7 @@ def build_parser():
     g.add_argument("--sigma", type=float, default=0.5, help="denoise: the noise level added to the input")
     g.add_argument("--pairs", type=_positive, default=4, help="interpolate: number of noise pairs (rows)")
     g.add_argument("--alphas", type=_positive, default=9, help="interpolate: points from 0 to 1 (columns)")
-    g.add_argument("--seed", type=_ranged(int, 0), default=0)
+    g.add_argument("--seed", type=_common.ranged(int, 0), default=0)
     g.add_argument("--class", dest="class_label", type=int, default=None,
                    help="the class label of a class-conditional model (every image)")
     p = ap.add_argument_group("performance")

@@ -11,7 +11,6 @@ import functools
 import sys
 
 from . import _common
-from .train import _ranged
 
 PROG = "cmfast-sample"
 fail = functools.partial(_common.fail, PROG)
@@ -22,16 +21,16 @@ def build_parser():
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("main")
     _common.add_model_options(g)
-    g.add_argument("--num", type=_ranged(int, 1), default=64, help="number of images (default: 64)")
-    g.add_argument("--steps", type=_ranged(int, 1), default=None,
+    g.add_argument("--num", type=_common.ranged(int, 1), default=64, help="number of images (default: 64)")
+    g.add_argument("--steps", type=_common.ranged(int, 1), default=None,
                    help="network evaluations: 1 -> sigma_max, 2 -> sigma_max,0.821; EDM teachers: Heun steps "
                         "(default: 1, EDM 18)")
     g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None, help="decreasing noise levels, e.g. 80,0.821")
-    g.add_argument("--seed", type=_ranged(int, 0), default=0, help="(default: 0)")
-    g.add_argument("--class", dest="class_label", type=_ranged(int, 0), default=None,
+    g.add_argument("--seed", type=_common.ranged(int, 0), default=0, help="(default: 0)")
+    g.add_argument("--class", dest="class_label", type=_common.ranged(int, 0), default=None,
                    help="class label for conditional models (default: cycle through classes)")
     p = ap.add_argument_group("performance")
-    p.add_argument("--batch-size", type=_ranged(int, 1), default=256, help="(default: 256)")
+    p.add_argument("--batch-size", type=_common.ranged(int, 1), default=256, help="(default: 256)")
     _common.add_device(p)
     _common.add_engine(p)
     io = ap.add_argument_group("I/O")

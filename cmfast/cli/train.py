@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import sys
 
 from . import _common
@@ -18,21 +17,6 @@ PROG = "cmfast-train"
 
 
 fail = functools.partial(_common.fail, PROG)
-
-
-def _ranged(kind, lo=None, hi=None, lo_open=False):
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {s!r}") from None
-        if kind is float and not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {s}")
-        if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
-            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
-            raise argparse.ArgumentTypeError(f"expected a value in {rng}, got {s}")
-        return v
-    return parse
 
 
 def _rates(s):
@@ -83,34 +67,36 @@ def build_parser():
     h = ap.add_argument_group("hyperparameters")
     h.add_argument("--loss", choices=DISTANCES, help="distance d (default: the method's: lpips for cd/ct, "
                                                      "pseudo_huber for ict)")
-    h.add_argument("--batch-size", type=_ranged(int, 1), help=d("batch_size", "global batch"))
-    h.add_argument("--lr", type=_ranged(float, 0, lo_open=True), help=d("lr"))
-    h.add_argument("--lr-rampup-kimg", type=_ranged(float, 0), help=d("lr_rampup_kimg", "linear warm-up"))
+    h.add_argument("--batch-size", type=_common.ranged(int, 1), help=d("batch_size", "global batch"))
+    h.add_argument("--lr", type=_common.ranged(float, 0, lo_open=True), help=d("lr"))
+    h.add_argument("--lr-rampup-kimg", type=_common.ranged(float, 0), help=d("lr_rampup_kimg", "linear warm-up"))
     h.add_argument("--optimizer", choices=("adam", "radam"), help=d("optimizer"))
     length = h.add_mutually_exclusive_group()
-    length.add_argument("--steps", dest="total_steps", type=_ranged(int, 1), help="training steps K (default 1000)")
-    length.add_argument("--kimg", type=_ranged(float, 0, lo_open=True), help="training length in thousands of images")
-    length.add_argument("--time-budget", type=_ranged(float, 0.0, lo_open=True), metavar="MINUTES",
+    length.add_argument("--steps", dest="total_steps", type=_common.ranged(int, 1),
+                        help="training steps K (default 1000)")
+    length.add_argument("--kimg", type=_common.ranged(float, 0, lo_open=True),
+                        help="training length in thousands of images")
+    length.add_argument("--time-budget", type=_common.ranged(float, 0.0, lo_open=True), metavar="MINUTES",
                         help="training length K chosen to fill this many minutes on this machine: after a probe "
                              "(2 untimed, then 8 timed steps) K = the steps that fit, so the schedules (CT/iCT N(k), "
                              "sCT's warm-up with warmup_frac, the EMA warm-up) run to their end; the plan is logged, "
                              "kept in config.json and checkpoints, and resume keeps it")
     h.add_argument("--ema", type=_rates, help=d("ema", "evaluation EMA rates, comma-separated"))
-    h.add_argument("--dropout", type=_ranged(float, 0, 1), help="override the preset's dropout")
-    h.add_argument("--num-scales", type=_ranged(int, 2), help="cd: N (default 18)")
-    h.add_argument("--mu", type=_ranged(float, 0, 1), help="cd: target EMA rate (default 0)")
-    h.add_argument("--s0", type=_ranged(int, 1), help="ct/ict: initial N (default 2 / 10)")
-    h.add_argument("--s1", type=_ranged(int, 1), help="ct/ict: final N (default 150 / 1280)")
-    h.add_argument("--mu0", type=_ranged(float, 0, 1), help="ct: initial target EMA rate (default 0.9)")
+    h.add_argument("--dropout", type=_common.ranged(float, 0, 1), help="override the preset's dropout")
+    h.add_argument("--num-scales", type=_common.ranged(int, 2), help="cd: N (default 18)")
+    h.add_argument("--mu", type=_common.ranged(float, 0, 1), help="cd: target EMA rate (default 0)")
+    h.add_argument("--s0", type=_common.ranged(int, 1), help="ct/ict: initial N (default 2 / 10)")
+    h.add_argument("--s1", type=_common.ranged(int, 1), help="ct/ict: final N (default 150 / 1280)")
+    h.add_argument("--mu0", type=_common.ranged(float, 0, 1), help="ct: initial target EMA rate (default 0.9)")
     h.add_argument("--method-arg", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="any other method hyperparameter (see cmfast.training.methods)")
-    h.add_argument("--grad-clip", type=_ranged(float, 0), help=d("grad_clip", "max grad norm, 0 = off"))
-    h.add_argument("--seed", type=_ranged(int, 0), help=d("seed"))
+    h.add_argument("--grad-clip", type=_common.ranged(float, 0), help=d("grad_clip", "max grad norm, 0 = off"))
+    h.add_argument("--seed", type=_common.ranged(int, 0), help=d("seed"))
 
     p = ap.add_argument_group("performance")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help=d("precision", "backbone autocast; "
                                                                             "fp16 uses loss scaling"))
-    p.add_argument("--batch-gpu", type=_ranged(int, 1), help="per-rank chunk (gradient accumulation) "
+    p.add_argument("--batch-gpu", type=_common.ranged(int, 1), help="per-rank chunk (gradient accumulation) "
                                                              "(default: the whole per-rank batch)")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), help=d("backend", "cmfast.ops"))
     p.add_argument("--device", help="default: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu")
@@ -123,7 +109,7 @@ def build_parser():
                         "backend named by --backend runs its kernels between graphs. Checkpoints are the same as "
                         "without; the first logged interval includes the compile time (compile_warmup in "
                         "stats.jsonl) (default: none)")
-    p.add_argument("--nan-limit", type=_ranged(int, 1), help=d("nan_limit", "stop after this many consecutive "
+    p.add_argument("--nan-limit", type=_common.ranged(int, 1), help=d("nan_limit", "stop after this many consecutive "
                                                                             "non-finite steps"))
 
     io = ap.add_argument_group("I/O")
@@ -131,16 +117,16 @@ def build_parser():
     io.add_argument("--resume", metavar="latest|auto|PATH",
                     help="continue from the newest checkpoint in --output-dir (auto: only if there is one) or a "
                          "checkpoint file")
-    io.add_argument("--stop-at", type=_ranged(int, 1), help="stop (with a checkpoint) at this step, e.g. to "
+    io.add_argument("--stop-at", type=_common.ranged(int, 1), help="stop (with a checkpoint) at this step, e.g. to "
                                                             "split a run into jobs")
-    io.add_argument("--time-limit", type=_ranged(float, 0.0, lo_open=True), metavar="MINUTES",
+    io.add_argument("--time-limit", type=_common.ranged(float, 0.0, lo_open=True), metavar="MINUTES",
                     help="stop (with a checkpoint) after this many minutes of training, e.g. inside a job's "
                          "wall-time limit; --resume latest continues")
-    io.add_argument("--sample-every", type=_ranged(int, 1), help=d("sample_every", "steps between sample grids"))
-    io.add_argument("--sample-num", type=_ranged(int, 0), help=d("sample_num", "images per grid"))
-    io.add_argument("--ckpt-every", type=_ranged(int, 1), help=d("ckpt_every", "steps between checkpoints"))
-    io.add_argument("--keep", type=_ranged(int, 0), help=d("keep", "checkpoints kept, 0 = all"))
-    io.add_argument("--log-every", type=_ranged(int, 1), help=d("log_every", "steps per stats.jsonl row"))
+    io.add_argument("--sample-every", type=_common.ranged(int, 1), help=d("sample_every", "steps between sample grids"))
+    io.add_argument("--sample-num", type=_common.ranged(int, 0), help=d("sample_num", "images per grid"))
+    io.add_argument("--ckpt-every", type=_common.ranged(int, 1), help=d("ckpt_every", "steps between checkpoints"))
+    io.add_argument("--keep", type=_common.ranged(int, 0), help=d("keep", "checkpoints kept, 0 = all"))
+    io.add_argument("--log-every", type=_common.ranged(int, 1), help=d("log_every", "steps per stats.jsonl row"))
     return ap
 
 
