@@ -180,6 +180,8 @@ def run_one(method: str, prof: dict, a, record: dict) -> None:
     t0 = time.time()
     rc = train_main(argv)
     record["train_wall_s"] = round(time.time() - t0, 1)
+    if rc == 130:           # cmfast-train was interrupted before its loop (it says so): stop here too, not go on
+        raise KeyboardInterrupt
     if rc != 0:
         raise RuntimeError(f"cmfast-train exited with {rc}")
     run_dir = os.path.join(a.out, method)
