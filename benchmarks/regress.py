@@ -3,6 +3,7 @@
     python benchmarks/regress.py cpu                     # CI: measure the CPU ratio, compare with baseline-cpu.json
     python benchmarks/regress.py cpu --write-baseline    # record a new CPU baseline (commit it)
     python benchmarks/regress.py compare latency.json    # GPU: pytest-benchmark JSON vs baseline-<gpu>.json
+                                                         # (exit 1: slower; 3: no baseline for this device)
 
 CPU metric (machine speed cancels): the time of the cmfast sampling path (cmfast.sample, 'tiny' UNet, batch 2)
 divided by the time of a fixed plain-PyTorch reference workload (a conv / GroupNorm / SiLU stack of similar
@@ -18,7 +19,8 @@ same study at load average 1 to 6: median 1.362, min 1.300, max 1.465 (+8% / -5%
 2.6%); that median is the baseline. The threshold (+50%, with up to three tries, all of which must fail) is about
 twice the worst deviation seen under load, so the gate catches gross regressions (an extra network evaluation, a lost fast path, a host
 sync per op), not a few percent. On a GPU the absolute medians of the same device are compared (+15%), for the
-cmfast rows only (the eager PyTorch rows are recorded, not gated: compare_benchmarks).
+cmfast rows only (the eager PyTorch rows are recorded, not gated: compare_benchmarks), with the threshold stored
+in that baseline.
 The ratio depends on the CPU model (the measured path is op-overhead bound, the reference compute bound): a CI
 runner of another model should record its own baseline (`regress.py cpu --write-baseline`); the gate says so.
 """
@@ -40,6 +42,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SPREAD = {"processes": 40, "median": 1.362, "min": 1.300, "max": 1.465, "max_dev": 0.075, "rel_stdev": 0.026}
 CPU_THRESHOLD = 0.5         # fail above 1.5x the baseline ratio
 GPU_THRESHOLD = 0.15        # same-device absolute medians (pytest-benchmark, CUDA-synchronized replays)
+NO_BASELINE = 3             # compare's exit status when the device has no baseline: not gated, not a pass
 INJECT_ENV = "CMFAST_REGRESS_INJECT"   # run the measured path this many times per call (proves the gate fails)
 
 
@@ -151,7 +154,8 @@ def main(argv=None) -> int:
     g = sub.add_parser("compare", help="compare a pytest-benchmark JSON with baseline-<device>.json")
     g.add_argument("bench_json", type=Path)
     g.add_argument("--baseline", type=Path, help="default benchmarks/results/baseline-<device>.json")
-    g.add_argument("--threshold", type=float, default=GPU_THRESHOLD)
+    g.add_argument("--threshold", type=float, default=None,
+                   help=f"allowed median slowdown (default: the baseline's own, else {GPU_THRESHOLD})")
     g.add_argument("--write-baseline", type=Path, help="write this run as a baseline file here (a folder: "
                    "<folder>/baseline-<device>.json)")
     args = p.parse_args(argv)
@@ -191,15 +195,19 @@ def main(argv=None) -> int:
         if args.write_baseline.is_dir():
             args.write_baseline = args.write_baseline / f"baseline-{slug}.json"
         args.write_baseline.write_text(json.dumps({"device_slug": slug, "medians": medians,
-                                                   "threshold": args.threshold,
+                                                   "threshold": GPU_THRESHOLD if args.threshold is None
+                                                   else args.threshold,
                                                    "date": time.strftime("%Y-%m-%d", time.gmtime())}, indent=1) + "\n")
         print(f"wrote {args.write_baseline} ({len(medians)} medians, device {slug})")
     path = args.baseline or RESULTS / f"baseline-{slug}.json"
     if not path.exists():
-        print(f"no baseline {path} for device {slug}: nothing to compare (commit one made with --write-baseline)")
-        return 0
-    fails = compare_benchmarks(bench, json.loads(path.read_text()), args.threshold)
-    print("\n".join(fails) if fails else f"PASS: every median within x{1 + args.threshold:.2f} of {path.name}")
+        # Not a pass: nothing was gated. A device's first run records the baseline to commit (--write-baseline).
+        print(f"NOT GATED: no baseline {path} for device {slug} (commit one made with --write-baseline)")
+        return NO_BASELINE
+    base = json.loads(path.read_text())
+    threshold = args.threshold if args.threshold is not None else base.get("threshold", GPU_THRESHOLD)
+    fails = compare_benchmarks(bench, base, threshold)
+    print("\n".join(fails) if fails else f"PASS: every median within x{1 + threshold:.2f} of {path.name}")
     return 1 if fails else 0
 
 

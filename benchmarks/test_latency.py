@@ -46,9 +46,23 @@ def test_cli_compare_exit_codes(tmp_path):
     assert regress.main(["compare", str(bench), "--baseline", str(base)]) == 1
     base.write_text(json.dumps({"medians": {"a": 1.9e-3}}))
     assert regress.main(["compare", str(bench), "--baseline", str(base)]) == 0
+    # No baseline for the device: records one, and says the run was not gated (not a pass)
     assert regress.main(["compare", str(bench), "--baseline", str(tmp_path / "none.json"),
-                         "--write-baseline", str(tmp_path)]) == 0                # no baseline yet: records one
-    assert json.loads((tmp_path / "baseline-cpu.json").read_text())["medians"] == {"a": 2e-3}
+                         "--write-baseline", str(tmp_path)]) == regress.NO_BASELINE == 3
+    written = json.loads((tmp_path / "baseline-cpu.json").read_text())
+    assert written["medians"] == {"a": 2e-3} and written["threshold"] == regress.GPU_THRESHOLD
+
+
+def test_cli_compare_reads_the_baselines_threshold(tmp_path):
+    bench, base = tmp_path / "latency.json", tmp_path / "base.json"
+    bench.write_text(json.dumps(_bench(a=1.3e-3)))                       # 30% slower than the baseline
+    base.write_text(json.dumps({"medians": {"a": 1e-3}, "threshold": 0.5}))
+    assert regress.main(["compare", str(bench), "--baseline", str(base)]) == 0
+    base.write_text(json.dumps({"medians": {"a": 1e-3}, "threshold": 0.1}))
+    assert regress.main(["compare", str(bench), "--baseline", str(base)]) == 1
+    assert regress.main(["compare", str(bench), "--baseline", str(base), "--threshold", "0.4"]) == 0
+    base.write_text(json.dumps({"medians": {"a": 1e-3}}))               # none stored: GPU_THRESHOLD (0.15)
+    assert regress.main(["compare", str(bench), "--baseline", str(base)]) == 1
 
 
 # ---- the CPU gate (runs its own timing in CI) ---------------------------------------------------------------

@@ -91,6 +91,7 @@ run throughput $((THROUGHPUT_COMPILE_S + 140)) python benchmarks/throughput.py -
     --out "$OUT/throughput-quick.json"
 run latency-gate 40 python -m pytest benchmarks/test_latency.py -m gpu -q -p no:cacheprovider -o addopts="" \
     --benchmark-enable --benchmark-json="$OUT/latency.json"
+# rc 1: slower than the committed baseline of this device; rc 3: no baseline for it (not gated: commit the one in OUT)
 run regress 10 python benchmarks/regress.py compare "$OUT/latency.json" --write-baseline "$OUT"
 fi
 
