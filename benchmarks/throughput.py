@@ -12,6 +12,7 @@ All modes run in one process on one device; compilation and graph capture happen
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ import _harness as H  # noqa: E402
 
 import cmfast  # noqa: E402
 from cmfast import ops  # noqa: E402
+from cmfast.ema import ema_update_  # noqa: E402
 from cmfast.objectives import ict_loss  # noqa: E402
 
 SIGMA = 80.0                       # one-step sampling from sigma_max (CM Alg. 1 with one level)
@@ -61,19 +63,26 @@ def with_backend(backend: str, fn):
 
 
 def ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
-    """One iCT training step: loss (two forwards, pseudo-Huber), backward, Adam update."""
+    """One iCT training step as cmfast-train runs it: loss (two forwards, pseudo-Huber), backward, the gradient norm
+    (clip_grad_norm_), the step's one host sync (loss and norm), Adam, the evaluation EMA update."""
     res, C = model.net.img_resolution, model.net.in_channels
     x = torch.rand(B, C, res, res, device=device) * 2 - 1
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
+    net = getattr(model.net, "_orig_mod", model.net)             # the EMA copies the module, not its compiled form
+    ema = copy.deepcopy(net).requires_grad_(False)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = ict_loss(model, x, num_scales=80).mean()
         loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        torch.stack([loss.detach().float(), gnorm.float()]).tolist()
         opt.step()
+        ema_update_(ema, net, 0.9999)
     return step
 
 

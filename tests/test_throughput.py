@@ -151,3 +151,28 @@ def test_readme_table_keeps_the_newest_complete_run(tmp_path):
     assert [r["_file"] for r in mt.load_runs(tmp_path)] == ["a.json"]
     (tmp_path / "c.json").write_text(json.dumps({**base, "date": "2026-11-27T11:00", "complete": True}))
     assert [r["_file"] for r in mt.load_runs(tmp_path)] == ["c.json"]
+
+
+def test_training_step_row_runs_the_whole_step(monkeypatch):
+    """The timed step is cmfast-train's: Adam moves the weights, the gradient norm and the host sync run, and the
+    evaluation EMA (a frozen copy of the net) is updated once a step."""
+    calls = {"ema": [], "norm": 0}
+    real_norm = torch.nn.utils.clip_grad_norm_
+
+    def norm(*a, **k):
+        calls["norm"] += 1
+        return real_norm(*a, **k)
+    monkeypatch.setattr(throughput, "ema_update_", lambda t, s, mu: calls["ema"].append((t, s, mu)))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", norm)
+    torch.manual_seed(0)
+    model = throughput._model("tiny", torch.device("cpu")).train()
+    step = throughput.ict_step_fn(model, 2, torch.device("cpu"))
+    before = [q.detach().clone() for q in model.parameters()]
+    step()
+    step()
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), before)) > 1e-7    # Adam, lr 1e-5
+    assert calls["norm"] == 2 and len(calls["ema"]) == 2
+    target, source, mu = calls["ema"][0]
+    assert source is model.net and target is not model.net and mu == 0.9999
+    assert not any(q.requires_grad for q in target.parameters())
+    assert [q.shape for q in target.parameters()] == [q.shape for q in model.net.parameters()]
