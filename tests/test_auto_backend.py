@@ -112,6 +112,49 @@ def test_public_ops_report_their_class(monkeypatch):
                     ("consistency_loss", "fwd+bwd/large"), ("consistency_loss", "fwd/small")]
 
 
+def test_a_float64_companion_or_an_empty_batch_is_dispatched_to_torch(monkeypatch):
+    """Backend 'auto' chooses by the dtype of every tensor of a call, not x's alone: an fp32 x with an fp64 weight
+    goes where fp64 goes (torch; the kernels compute in fp32 and the cuda one refused it). An empty batch runs the
+    torch composition whatever the backend (the kernels launch no empty grids)."""
+    seen = []
+
+    def fake(op, device, dtype, case=None):
+        seen.append((op, dtype))
+        return lambda *a, **k: a[0]
+    monkeypatch.setattr(_api, "implementation", fake)
+    x, w64 = torch.randn(2, 8, 4, 4), torch.ones(8, dtype=torch.float64)
+    ops.group_norm_act(x, 4, weight=w64)
+    ops.group_norm_act(x, 4, scale=torch.zeros(2, 8, dtype=torch.float64))
+    ops.group_norm_act(x, 4, weight=torch.ones(8))
+    ops.consistency_loss(x, x.double())
+    ops.consistency_loss(x, x, weight=torch.ones(2, dtype=torch.float64))
+    ops.skip_output(x, x.double(), 1.0)
+    ops.skip_output_infer(x.half(), x, 1.0)
+    assert seen == [("group_norm_act", torch.float64), ("group_norm_act", torch.float64),
+                    ("group_norm_act", torch.float32), ("consistency_loss", torch.float64),
+                    ("consistency_loss", torch.float64), ("skip_output", torch.float64),
+                    ("skip_output_infer", torch.float16)]
+    monkeypatch.undo()
+    empty = torch.randn(0, 8, 4, 4, requires_grad=True)
+    for backend in ("cuda", "triton"):      # neither could run here: the empty batch never reaches them
+        with ops.use_backend(backend):
+            y = ops.group_norm_act(empty, 4, torch.ones(8), torch.zeros(8))
+            y.sum().backward()
+            assert y.shape == empty.shape and empty.grad.shape == empty.shape
+            assert ops.consistency_loss(empty, empty.detach()).shape == (0,)
+            assert ops.skip_output(empty, empty, torch.ones(0)).shape == empty.shape
+
+
+def test_empty_channels_or_pixels_are_refused_in_one_line():
+    for shape in ((2, 8, 0, 4), (2, 0, 4, 4)):
+        with pytest.raises(ValueError, match="channels and spatial dimensions of at least 1"):
+            ops.group_norm_act(torch.randn(shape), 2)
+    with pytest.raises(ValueError, match="at least one element per sample"):
+        ops.consistency_loss(torch.randn(2, 0), torch.randn(2, 0))
+    with pytest.raises(ValueError, match="num_groups"):
+        ops.group_norm_act(torch.randn(2, 8, 4, 4), True)
+
+
 def test_committed_table_is_well_formed():
     import json
     from pathlib import Path

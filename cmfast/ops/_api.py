@@ -1,10 +1,13 @@
 """Public functional entries of cmfast.ops: argument checks (one clear error each), then dispatch."""
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
 from ..precond import sigma_vector
-from . import implementation, shape_class
+from . import implementation, shape_class, use_backend
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LOSS_KINDS = ("pseudo_huber", "l2", "l1")
@@ -26,6 +29,18 @@ def _same_device(ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name}: expected device {ref.device}, got {t.device}")
 
 
+def _dispatch(op: str, ref: torch.Tensor, case: str | None, *others) -> Callable:
+    """The implementation of this call: the torch composition for an empty batch (the kernels launch no empty
+    grids), and under backend 'auto' for a call with any float64 tensor (the kernels compute in fp32 and refuse
+    float64: auto had sent an fp32 x with an fp64 weight to the cuda backend, which raised); else the backend in
+    force, by ref's device and dtype and the shape class `case`."""
+    if ref.numel() == 0:
+        with use_backend("torch"):
+            return implementation(op, ref.device, ref.dtype, case)
+    f64 = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in others)
+    return implementation(op, ref.device, torch.float64 if f64 else ref.dtype, case)
+
+
 def _skip_args(x, F, sigma) -> torch.Tensor:
     """The checks skip_output and skip_output_infer share: x and F float tensors of one shape on one device; sigma
     as a float32 (B,) vector."""
@@ -41,14 +56,14 @@ def skip_output(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
     """c_skip(sigma) x + c_out(sigma) F (CM paper eq. 7), math in fp32, result in x's dtype; differentiable in x and F."""
     s = _skip_args(x, F, sigma)
     grad = torch.is_grad_enabled() and (x.requires_grad or F.requires_grad)
-    return implementation("skip_output", x.device, x.dtype, shape_class(grad, batch=x.shape[0]))(
+    return _dispatch("skip_output", x, shape_class(grad, batch=x.shape[0]), F)(
         x, F, s, float(sigma_data), float(sigma_min))
 
 
 def skip_output_infer(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002, uint8: bool = False):
     """Sampler epilogue: clamp(c_skip x + c_out F, -1, 1); with uint8=True the image bytes round((y + 1) * 127.5)."""
     s = _skip_args(x, F, sigma)
-    return implementation("skip_output_infer", x.device, x.dtype, shape_class(False, batch=x.shape[0]))(
+    return _dispatch("skip_output_infer", x, shape_class(False, batch=x.shape[0]), F)(
         x, F, s, float(sigma_data), float(sigma_min), bool(uint8))
 
 
@@ -62,7 +77,9 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6
     if x.dim() < 3:
         raise ValueError(f"x: expected (N, C, ...) with at least one spatial dimension, got shape {tuple(x.shape)}")
     N, C = x.shape[:2]
-    if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
+    if C == 0 or any(n == 0 for n in x.shape[2:]):
+        raise ValueError(f"x: expected channels and spatial dimensions of at least 1, got shape {tuple(x.shape)}")
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0 or C % num_groups:
         raise ValueError(f"num_groups: expected a positive divisor of the {C} channels, got {num_groups!r}")
     if not eps > 0:          # also nan; 1 / sqrt(var + eps) needs a positive eps for constant groups
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
@@ -86,7 +103,7 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6
         raise ValueError(f"act: expected 'silu' or None, got {act!r}")
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, weight, bias, scale, shift, pre_bias))
-    fn = implementation("group_norm_act", x.device, x.dtype, shape_class(grad, x))
+    fn = _dispatch("group_norm_act", x, shape_class(grad, x), weight, bias, scale, shift, pre_bias)
     if pre_bias is not None:
         if not grad and getattr(fn, "fuses_pre_bias", False):
             return fn(x, num_groups, weight, bias, float(eps), scale, shift, act, pre_bias=pre_bias)
@@ -106,7 +123,7 @@ def attention(q, k, v, scale: float | None = None):
     _same_device(q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return implementation("attention", q.device, q.dtype, shape_class(grad, batch=q.shape[0]))(q, k, v, scale)
+    return _dispatch("attention", q, shape_class(grad, batch=q.shape[0]))(q, k, v, scale)
 
 
 def residual(x, skip, bias=None, scale: float = 1.0):
@@ -124,7 +141,7 @@ def residual(x, skip, bias=None, scale: float = 1.0):
     dt = torch.promote_types(x.dtype, skip.dtype)
     x, skip = x.to(dt), skip.to(dt)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, skip, bias))
-    return implementation("residual", x.device, dt, shape_class(grad, x))(x, skip, bias, float(scale))
+    return _dispatch("residual", x, shape_class(grad, x), bias)(x, skip, bias, float(scale))
 
 
 def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None = None, weight=None):
@@ -142,13 +159,15 @@ def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None =
         if weight.shape != (B,):
             raise ValueError(f"weight: expected shape ({B},), got {tuple(weight.shape)}")
     _same_device(pred, target=target, weight=weight)
-    d = pred[0].numel()
+    d = math.prod(pred.shape[1:])
+    if d == 0:
+        raise ValueError(f"pred: expected at least one element per sample, got shape {tuple(pred.shape)}")
     if c is None:
         c = 0.00054 * d ** 0.5
     if kind == "pseudo_huber" and not c > 0:
         raise ValueError(f"c: expected a positive number for pseudo_huber, got {c!r}")
     grad = torch.is_grad_enabled() and pred.requires_grad
-    return implementation("consistency_loss", pred.device, pred.dtype, shape_class(grad, batch=B))(
+    return _dispatch("consistency_loss", pred, shape_class(grad, batch=B), target, weight)(
         pred, target, kind, float(c), weight)
 
 
@@ -191,5 +210,5 @@ def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFd
     _same_device(F, x_t=x_t, dxdt=dxdt, F_plus=F_plus, F_minus=F_minus, dFdt=dFdt, logvar=logvar)
     if not (sigma_data > 0 and c >= 0):
         raise ValueError(f"expected sigma_data > 0 and c >= 0, got sigma_data={sigma_data}, c={c}")
-    return implementation("trig_tangent_loss", F.device, F.dtype)(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight,
-                                                         float(r), float(sigma_data), float(c))
+    return _dispatch("trig_tangent_loss", F, None, x_t, dxdt, F_plus, F_minus, dFdt, logvar)(
+        F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight, float(r), float(sigma_data), float(c))
