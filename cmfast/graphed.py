@@ -7,6 +7,7 @@ re-seeds it, and replay k after manual_seed(s) draws what eager call k would).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -61,6 +62,17 @@ def _flat(tree) -> list[torch.Tensor]:
     if isinstance(tree, (list, tuple)):
         return [t for item in tree for t in _flat(item)]
     return []
+
+
+@contextlib.contextmanager
+def _eval_mode(net: nn.Module):
+    """net in eval mode inside, its own mode restored after."""
+    was = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was)
 
 
 def _is_compiled(net: nn.Module) -> bool:
@@ -133,7 +145,7 @@ class GraphedSampler:
         self.channels_last, self.warmup = channels_last, int(warmup)
         self.label_dim = int(getattr(getattr(net, "_orig_mod", net), "label_dim", 0) or 0)
         if _is_compiled(net):
-            self.net = net.eval()       # live weights, cast by autocast inside the graph
+            self.net = net              # live weights, cast by autocast inside the graph; eval mode while captured
         else:
             self.net = _cast_copy(net, dtype, channels_last)
         self.generator = torch.Generator(device=self.device)
@@ -222,18 +234,24 @@ class GraphedSampler:
             return g
         self._prepare(g)
         state = self.generator.get_state()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):      # warm-up: autotuning, compilation, cuDNN plans, allocator pools
-            for _ in range(max(self.warmup, 1)):
-                self._run(g, g.sig, uint8)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)
-        with torch.cuda.graph(graph):
-            g.out = self._run(g, g.sig, uint8)
-        self.generator.set_state(state)    # the warm-up draws do not count
+        # On the network's device (a model on cuda:1 is captured on cuda:1's streams), in eval mode (a compiled
+        # network is the caller's own module: its mode is restored after), and the warm-up draws do not count, even
+        # when the capture fails.
+        with torch.cuda.device(self.device), _eval_mode(self.net):
+            try:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):      # warm-up: autotuning, compilation, cuDNN plans, allocator pools
+                    for _ in range(max(self.warmup, 1)):
+                        self._run(g, g.sig, uint8)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                graph.register_generator_state(self.generator)
+                with torch.cuda.graph(graph):
+                    g.out = self._run(g, g.sig, uint8)
+            finally:
+                self.generator.set_state(state)
         g.graph = graph
         self._graphs[key] = g
         return g
@@ -247,9 +265,14 @@ class GraphedSampler:
         if class_labels is None:
             raise ValueError(f"class_labels: this network is conditional on {self.label_dim} classes; "
                              f"expected ({B},) integer labels")
-        labels = torch.as_tensor(class_labels, device=self.device)
-        if labels.shape != (B,) or labels.is_floating_point():
+        labels = torch.as_tensor(class_labels)
+        if labels.shape != (B,) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"class_labels: expected ({B},) integer labels, got {labels.dtype} {tuple(labels.shape)}")
+        # Checked here, on the host (one sync for CUDA labels): inside the replay, one_hot's device-side assert
+        # would end the process's CUDA context.
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= self.label_dim:
+            raise ValueError(f"class_labels: expected 0 <= label < {self.label_dim}, got {lo if lo < 0 else hi}")
         g.labels.copy_(labels)
 
     @torch.no_grad()
@@ -270,4 +293,5 @@ class GraphedSampler:
         self._set_labels(g, class_labels)
         if seed is not None:
             self.generator.manual_seed(seed)
-        return self._run(g, g.sig, uint8)
+        with _eval_mode(self.net):
+            return self._run(g, g.sig, uint8)

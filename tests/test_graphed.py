@@ -3,6 +3,8 @@ fresh outputs, per-batch-size graphs, multistep, uint8 and a torch.compile'd bac
 import math
 import types
 
+import re
+
 import pytest
 import torch
 
@@ -149,6 +151,40 @@ def test_conditional_and_compiled_networks_are_not_folded(monkeypatch):
     _, g = sampler._buffers(None, False)
     sampler._prepare(g)
     assert g.consts is None                         # the labels change per call
+
+
+def test_class_labels_are_checked_on_the_host(monkeypatch):
+    """Out-of-range labels are refused before a replay: inside one, one_hot's device-side assert ends the CUDA
+    context (the UNet's own range check runs for CPU tensors only). Bools and floats are not labels."""
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
+    sampler = cmfast.GraphedSampler(_model(label_dim=4), 2, SHAPE, dtype=torch.float32)
+    for bad, what in (([0, 4], "0 <= label < 4, got 4"), ([-1, 2], "got -1"), ([True, False], "integer labels"),
+                      ([0.0, 1.0], "integer labels"), ([0, 1, 2], "integer labels")):
+        with pytest.raises(ValueError, match=re.escape(what)):
+            sampler._run_uncaptured(class_labels=bad)
+    assert sampler._run_uncaptured(class_labels=torch.tensor([3, 0])).shape == (2, *SHAPE)
+
+
+def test_a_compiled_network_keeps_its_mode(monkeypatch):
+    """A compiled network is the caller's own module (not a cast copy): the sampler runs it in eval mode and
+    leaves its mode as it was (it had switched the caller's module to eval for good)."""
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
+    model = _model()
+    seen = []
+
+    class Compiled(torch.nn.Module):                 # stands in for dynamo's OptimizedModule (_orig_mod)
+        def __init__(self, net):
+            super().__init__()
+            self._orig_mod = net
+
+        def forward(self, *a, **k):
+            seen.append(self._orig_mod.training)
+            return self._orig_mod(*a, **k)
+    compiled = cmfast.ConsistencyModel(Compiled(model.net)).train()
+    sampler = cmfast.GraphedSampler(compiled, 2, SHAPE, dtype=torch.float32)
+    assert compiled.net.training
+    sampler._run_uncaptured(seed=0)
+    assert seen == [False] and compiled.net.training and compiled.net._orig_mod.training
 
 
 def test_reload_refreshes_folded_constants(monkeypatch):
