@@ -207,15 +207,20 @@ def load(arch: str | None = None):
 
 
 def main(argv=None) -> int:
-    """python -m cmfast._build [--arch 90] [--out FILE]: compile now (default: into the JIT cache) and time it."""
+    """python -m cmfast._build [--arch 90] [--out FILE] [--force]: compile now (default: into the JIT cache, unless
+    the entry for these sources is there already) and time it."""
     import argparse
     p = argparse.ArgumentParser(prog="python -m cmfast._build", description=main.__doc__)
     p.add_argument("--arch", default=None, help="compute capabilities, e.g. 90 or '80;90' (default $CMFAST_CUDA_ARCH or 90)")
     p.add_argument("--out", default=None, help="shared object to write (default: the JIT cache entry load() uses)")
+    p.add_argument("--force", action="store_true", help="compile even when the cache entry exists")
     a = p.parse_args(argv)
     try:
         digest = source_hash(a.arch)
         out = a.out or cache_dir() / digest / ext_filename(f"_C_{digest}")
+        if a.out is None and not a.force and out.exists():   # entries are written whole (a rename) and keyed by sources
+            print(f"cmfast: up to date: {out}")
+            return 0
         t0 = time.perf_counter()
         compile(out, a.arch)
     except (ToolchainMissing, RuntimeError, ValueError) as e:

@@ -100,3 +100,17 @@ def test_missing_toolchain_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(_build.ToolchainMissing, match="no CUDA toolkit found") as e:
         _build.compile(tmp_path / _build.ext_filename())
     assert "\n" not in str(e.value)
+
+
+def test_build_command_skips_an_existing_cache_entry(tmp_path, monkeypatch, capsys):
+    """`python -m cmfast._build` (gpu_check's build step) compiles once per source hash: a second call on the same
+    machine finds the entry and returns at once (it recompiled, 12-23 s of device time); --force rebuilds."""
+    monkeypatch.setenv("CMFAST_CACHE", str(tmp_path))
+    built = []
+    monkeypatch.setattr(_build, "compile", lambda out, arch: (built.append(out), out.parent.mkdir(parents=True),
+                                                              out.write_bytes(b"so")))
+    assert _build.main([]) == 0 and len(built) == 1
+    assert _build.main([]) == 0 and len(built) == 1
+    assert "up to date" in capsys.readouterr().out
+    monkeypatch.setattr(_build, "compile", lambda out, arch: built.append(out))
+    assert _build.main(["--force"]) == 0 and len(built) == 2 and built[1] == built[0]
