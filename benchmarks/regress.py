@@ -3,7 +3,7 @@
     python benchmarks/regress.py cpu                     # CI: measure the CPU ratio, compare with baseline-cpu.json
     python benchmarks/regress.py cpu --write-baseline    # record a new CPU baseline (commit it)
     python benchmarks/regress.py compare latency.json    # GPU: pytest-benchmark JSON vs baseline-<gpu>.json
-                                                         # (exit 1: slower; 3: no baseline for this device)
+                                                         # (exit 1: slower; 2: no run to read; 3: no baseline)
 
 CPU metric (machine speed cancels): the time of the cmfast sampling path (cmfast.sample, 'tiny' UNet, batch 2)
 divided by the time of a fixed plain-PyTorch reference workload (a conv / GroupNorm / SiLU stack of similar
@@ -137,11 +137,11 @@ def _cpu_model() -> str:
     return _harness.device_name(torch.device("cpu")).split(" (")[0]
 
 
-def _slug_of(bench: dict) -> str:
+def _slug_of(bench: dict) -> str | None:
     for b in bench.get("benchmarks", []):
         if "device_slug" in b.get("extra_info", {}):
             return b["extra_info"]["device_slug"]
-    return "cpu"
+    return None
 
 
 def main(argv=None) -> int:
@@ -188,8 +188,16 @@ def main(argv=None) -> int:
         print("PASS" if ok else "FAIL: the cmfast sampling path slowed down against the reference workload")
         return 0 if ok else 1
 
-    bench = json.loads(args.bench_json.read_text())
+    try:
+        bench = json.loads(args.bench_json.read_text())
+    except (OSError, ValueError) as e:     # the latency tests did not run (skipped, killed): nothing to compare
+        print(f"regress.py: error: cannot read {args.bench_json}: {e}", file=sys.stderr)
+        return 2
     slug = _slug_of(bench)
+    if slug is None:
+        print(f"regress.py: error: {args.bench_json} has no benchmark that names its device (did every latency test "
+              f"fail?)", file=sys.stderr)
+        return 2
     if args.write_baseline:
         medians = {b["name"]: b["stats"]["median"] for b in bench.get("benchmarks", [])}
         if args.write_baseline.is_dir():

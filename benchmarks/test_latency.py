@@ -23,7 +23,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # ---- the compare step --------------------------------------------------------------------------------------
 def _bench(**medians):
-    return {"benchmarks": [{"name": k, "stats": {"median": v}} for k, v in medians.items()]}
+    return {"benchmarks": [{"name": k, "stats": {"median": v}, "extra_info": {"device_slug": "cpu"}}
+                           for k, v in medians.items()]}
 
 
 def test_compare_benchmarks_thresholds():
@@ -51,6 +52,16 @@ def test_cli_compare_exit_codes(tmp_path):
                          "--write-baseline", str(tmp_path)]) == regress.NO_BASELINE == 3
     written = json.loads((tmp_path / "baseline-cpu.json").read_text())
     assert written["medians"] == {"a": 2e-3} and written["threshold"] == regress.GPU_THRESHOLD
+
+
+def test_cli_compare_without_a_run_to_read(tmp_path, capsys):
+    """The latency tests skipped or killed (no JSON), or all failed (no row names its device): exit 2 with one line,
+    not a traceback (exit 1, which reads as 'slower than the baseline') or a comparison with the CPU baseline."""
+    assert regress.main(["compare", str(tmp_path / "latency.json")]) == 2
+    (tmp_path / "latency.json").write_text(json.dumps({"benchmarks": []}))
+    assert regress.main(["compare", str(tmp_path / "latency.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("regress.py: error:") for e in err)
 
 
 def test_cli_compare_reads_the_baselines_threshold(tmp_path):
