@@ -1,0 +1,71 @@
+"""The torch backend's own accuracy. Every kernel test allows twice the torch backend's error against float64
+(tests/_checks.py), so a less accurate torch composition would loosen all of them: here its error in bf16 / fp16 is
+held to a fixed multiple of the ideal, one fp32 computation of the float64 reference rounded once to the dtype.
+
+Measured ratios (CPU, torch 2.14): group_norm_act, skip_output, consistency_loss 1.00 for the output and every
+gradient; attention up to 2.6 (softmax and the products round separately); residual up to 2.8 (the sum and the scale
+round separately). A group_norm_act with statistics in the input dtype instead of fp32 measured 2.6.
+"""
+import pytest
+import torch
+
+import _checks
+import reference as ref
+from cmfast import ops
+
+# Bound on (torch backend's max error) / (ideal's max error), per op, for the output and each gradient.
+BOUND = {"group_norm_act": 1.25, "skip_output": 1.25, "consistency_loss": 1.25, "attention": 4.0, "residual": 4.0}
+
+
+def _ratios(op: str, reffn, inputs: dict, grad: tuple, dtype) -> dict:
+    def cast(dt):
+        return {k: (v.detach().to(dt).requires_grad_(k in grad) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                    else v) for k, v in inputs.items()}
+    x64, x32 = cast(torch.float64), cast(torch.float32)
+    out64 = reffn(**x64)
+    dy = torch.randn(out64.shape, dtype=dtype)
+    out64.backward(dy.double())
+    out32 = reffn(**x32)
+    out32.backward(dy.float())
+    with ops.use_backend("torch"):
+        got = _checks.run(getattr(ops, op), inputs, grad, dy, clone=True)
+    truth = [out64.detach()] + [x64[k].grad for k in grad]
+    ideal = [out32.detach().to(got[0].dtype)] + [x32[k].grad.to(inputs[k].dtype) for k in grad]
+    out = {}
+    for name, t, i, g in zip(["out", *grad], truth, ideal, got):
+        e_ideal, e_got = (i.double() - t).abs().max().item(), (g.double() - t).abs().max().item()
+        floor = 1e-7 * max(t.abs().max().item(), 1e-3)          # an fp32 output (the loss) can be exact
+        out[name] = (e_got, BOUND[op] * e_ideal + floor)
+    return out
+
+
+def _assert_within(ratios: dict, what: str):
+    for name, (err, limit) in ratios.items():
+        assert err <= limit, f"{what} {name}: error {err:.3g} > {limit:.3g} (the fixed multiple of the ideal)"
+
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,G", [((2, 32, 8, 8), 8), ((1, 64, 16, 16), 32), ((4, 12, 5, 7), 4)])
+def test_group_norm_act(dtype, fmt, shape, G):
+    inputs = dict(_checks.gn_inputs(shape, dtype, fmt), num_groups=G, eps=1e-6, act="silu")
+    _assert_within(_ratios("group_norm_act", ref.group_norm_act, inputs, _checks.GN_GRADS, dtype), "group_norm_act")
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_skip_output_loss_attention_residual(dtype):
+    for B in (2, 8):
+        r = _checks.rand
+        _assert_within(_ratios("skip_output", ref.skip_output, dict(x=r(B, 3, 8, 8, dtype=dtype), F=r(B, 3, 8, 8, dtype=dtype),
+                                                              sigma=torch.rand(B) * 5 + 0.01), ("x", "F"), dtype), "skip")
+        _assert_within(_ratios("consistency_loss", ref.consistency_loss,
+                               dict(pred=r(B, 3, 8, 8, dtype=dtype), target=r(B, 3, 8, 8, dtype=dtype),
+                                    kind="pseudo_huber", c=0.03, weight=None), ("pred",), dtype), "loss")
+        q, k, v = (r(B, 2, 64, 32, dtype=dtype) for _ in range(3))
+        _assert_within(_ratios("attention", ref.attention, dict(q=q, k=k, v=v), ("q", "k", "v"), dtype), "attention")
+        _assert_within(_ratios("residual", ref.residual, dict(x=r(B, 8, 4, 4, dtype=dtype), skip=r(B, 8, 4, 4, dtype=dtype),
+                                                           bias=r(8, dtype=dtype), scale=0.7), ("x", "skip", "bias"),
+                               dtype), "residual")
