@@ -179,13 +179,28 @@ def _source_id(path: str) -> str:
     return h.hexdigest()[:12]
 
 
-def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, device="cpu", weights=None):
-    """(mu, sigma, meta) of a dataset's train split for a metric, computed once and cached as npz in the data dir.
+def _pipeline_id(metric: str) -> str:
+    """A short hash of the code that turns reference files into features: the loaders (cmfast/data.py),
+    reference_batches, and the feature network's module. Cached statistics of an older pipeline (another padding,
+    resize or feature layer) are computed again, not reused."""
+    import inspect
 
-    dataset 'folder': the images of the folder or zip data_dir (ImageNet 64x64, LSUN, ...: EDM's dataset_tool
-    layout), `num` of them drawn with a fixed seed, cached in cmfast's data dir under an id of that folder.
-    The cache file name carries the feature network's hash, so new weights never reuse stale statistics.
-    """
+    from . import data
+    from . import _fd_classifier, _inception
+    h = hashlib.sha256()
+    for obj in (data, reference_batches, _inception if metric == "fid" else _fd_classifier):
+        try:
+            h.update(inspect.getsource(obj).encode())
+        except (OSError, TypeError):      # no source files (a frozen install): the package version stands in
+            from . import __version__
+            h.update(f"{obj.__name__}:{__version__}".encode())
+    return h.hexdigest()[:8]
+
+
+def reference_cache_path(metric, dataset, data_dir=None, num=50000, weights=None) -> str:
+    """Where reference_stats caches a dataset's statistics: in data_dir (named datasets) or cmfast's data dir
+    (folders, under an id of the folder), named by metric, dataset, count, the feature network's weights and the
+    pipeline's code."""
     from .data import default_data_dir
     net_hash = _file_hash(_weights_path(metric, weights))
     root, name = data_dir or default_data_dir(), dataset
@@ -193,13 +208,26 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
         if not data_dir:
             raise ValueError("dataset 'folder': give the folder or zip of reference images as data_dir (--data-dir)")
         root, name = default_data_dir(), f"folder-{_source_id(data_dir)}"
-    path = os.path.join(root, f"{metric}_{name}_train_n{num}_{net_hash}.npz")
+    return os.path.join(root, f"{metric}_{name}_train_n{num}_{net_hash}_{_pipeline_id(metric)}.npz")
+
+
+def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, device="cpu", weights=None):
+    """(mu, sigma, meta) of a dataset's train split for a metric, computed once and cached as npz in the data dir.
+
+    dataset 'folder': the images of the folder or zip data_dir (ImageNet 64x64, LSUN, ...: EDM's dataset_tool
+    layout), `num` of them drawn with a fixed seed, cached in cmfast's data dir under an id of that folder.
+    The cache file name (reference_cache_path) carries the feature network's hash and the pipeline's code hash, so
+    new weights or a changed preprocessing never reuse stale statistics.
+    """
+    path = reference_cache_path(metric, dataset, data_dir, num, weights)
+    root = os.path.dirname(path)
     if os.path.isfile(path):
         return load_stats(path)
     extractor, dim, impl = _extractor(metric, device, weights)
     stats = feature_stats(extractor, reference_batches(dataset, data_dir, num, batch_size), dim, device)
     os.makedirs(root, exist_ok=True)
-    meta = dict(metric=metric, dataset=dataset, split="train", implementation=impl, weights_sha256_16=net_hash,
+    meta = dict(metric=metric, dataset=dataset, split="train", implementation=impl,
+                weights_sha256_16=_file_hash(_weights_path(metric, weights)),
                 **({"source": os.path.abspath(data_dir)} if dataset == "folder" else {}))
     stats.save(path, **meta)
     return stats.mean, stats.cov, dict(meta, n=stats.n)

@@ -282,7 +282,7 @@ def _fake_reference(root):
     """A cached FD-FMNIST reference file (random statistics) so evaluate runs without the dataset."""
     from cmfast._fd_classifier import FEATURE_DIM
     stats = metrics.FeatureStats(FEATURE_DIM).update(np.random.default_rng(0).standard_normal((300, FEATURE_DIM)))
-    stats.save(os.path.join(root, f"fd-fmnist_fashion-mnist_train_n60000_{metrics._file_hash(ASSET)}.npz"))
+    stats.save(metrics.reference_cache_path("fd-fmnist", "fashion-mnist", root, 60000))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -448,3 +448,18 @@ def test_cifar10_reference_needs_the_whole_training_set(tmp_path):
     write_cifar_folder(tmp_path, n_per_batch=4)
     with pytest.raises(ValueError, match="expected the 50000 training images, found 20"):
         next(metrics.reference_batches("cifar10", str(tmp_path)))
+
+
+def test_cached_reference_statistics_follow_the_pipelines_code(tmp_path, monkeypatch):
+    """The cache file of a dataset's statistics is named by the code that made them (loaders, reference_batches, the
+    feature network's module) beside the weights: statistics cached before a preprocessing change (the audit's
+    padding 0 -> 128) were read as current, and the shipped model's FD-FMNIST test passed on them."""
+    a = metrics.reference_cache_path("fd-fmnist", "fashion-mnist", str(tmp_path), 60000)
+    assert a == metrics.reference_cache_path("fd-fmnist", "fashion-mnist", str(tmp_path), 60000)
+    assert os.path.dirname(a) == str(tmp_path) and "_n60000_" in a
+    real = metrics.reference_batches
+
+    def reference_batches(dataset, data_dir=None, num=50000, batch_size=250):   # another preprocessing
+        return (b + 1 / 255 for b in real(dataset, data_dir, num, batch_size))
+    monkeypatch.setattr(metrics, "reference_batches", reference_batches)
+    assert metrics.reference_cache_path("fd-fmnist", "fashion-mnist", str(tmp_path), 60000) != a
