@@ -2,8 +2,6 @@
 import importlib.util
 import math
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -213,23 +211,15 @@ def _write_png(path, arr):
 
 
 @pytest.fixture
-def cli_env(model, tmp_path, monkeypatch):
+def cli_env(model, tmp_path):
     """A checkpoint written with cmfast.training.checkpoint.save_checkpoint and read back by cmfast-edit through
-    load_model; while that module is missing, a stand-in with load_model's signature."""
-    try:
-        from cmfast.nets import preset_config
-        from cmfast.training.checkpoint import save_checkpoint
-        cfg = dict(method="ict", net=preset_config("tiny", img_resolution=RES), sigma_data=0.5, sigma_min=0.002,
-                   sigma_max=80.0)
-        (tmp_path / "run").mkdir()
-        ckpt = save_checkpoint(str(tmp_path / "run"), 1, {"ema": model.state_dict(), "model": model.state_dict()},
-                               cfg, {})
-    except ImportError:
-        fake = types.ModuleType("cmfast.training.checkpoint")
-        fake.load_model = lambda path, which="ema", map_location="cpu": (model, {})
-        monkeypatch.setitem(sys.modules, "cmfast.training.checkpoint", fake)
-        ckpt = tmp_path / "ckpt.safetensors"
-        ckpt.write_bytes(b"")
+    load_model."""
+    from cmfast.nets import preset_config
+    from cmfast.training.checkpoint import save_checkpoint
+    cfg = dict(method="ict", net=preset_config("tiny", img_resolution=RES), sigma_data=0.5, sigma_min=0.002,
+               sigma_max=80.0)
+    (tmp_path / "run").mkdir()
+    ckpt = save_checkpoint(str(tmp_path / "run"), 1, {"ema": model.state_dict(), "model": model.state_dict()}, cfg, {})
     inp = tmp_path / "in"
     inp.mkdir()
     rng = np.random.default_rng(0)

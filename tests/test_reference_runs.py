@@ -227,10 +227,16 @@ def test_export_checks_the_searched_levels(capsys):
 
 
 FAKE_CHILD = r"""
-import json, sys, time
+import json, os, pathlib, sys, time
 method, results, out = sys.argv[1], sys.argv[2], sys.argv[3]
 t0 = time.time()
-time.sleep({"edm": 1.5}.get(method, 0.3))
+if method != "cd":   # a barrier, not a sleep margin: the first four each wait until all four have started
+    flags = pathlib.Path(out + "-started")
+    flags.mkdir(parents=True, exist_ok=True)
+    (flags / method).touch()
+    while len(os.listdir(flags)) < 4 and time.time() - t0 < 60:
+        time.sleep(0.01)
+time.sleep({"edm": 0.5}.get(method, 0.1))
 if method == "edm" and "fail-edm" in out:
     sys.exit(3)
 ev = [{"nfe": 35 if method == "edm" else 1, "value": 5.0, "sample_img_per_s": 1.0}]

@@ -71,9 +71,10 @@ def test_edm_then_cd_then_sample(tmp_path, cifar):
     g, z1, z2 = (str(tmp_path / n) for n in ("g.png", "a.npz", "b.npz"))
     assert sample_main(["--checkpoint", cd, "--num", "5", "--steps", "2", "--grid", g, "--npz", z1,
                         "--batch-size", "5", "--device", "cpu"]) == 0
-    assert sample_main(["--checkpoint", cd, "--num", "5", "--steps", "2", "--npz", z2, "--batch-size", "5",
+    assert sample_main(["--checkpoint", cd, "--num", "5", "--steps", "2", "--npz", z2, "--batch-size", "2",
                         "--device", "cpu"]) == 0
     a, b = np.load(z1)["arr_0"], np.load(z2)["arr_0"]
+    # batches of 2 (2 + 2 + 1) give the images of one batch of 5: each image draws its own noise
     assert a.shape == (5, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
     assert png_size(g) == ((96, 64), "RGB")
 
