@@ -122,15 +122,16 @@ __global__ void gn_reduce_nchw_kernel(Shape s, const T* __restrict__ x, const T*
   }
 }
 
-// NHWC: block (32, 8) = 32 adjacent channels x 8 rows, grid (C / 32, S, N); rows of a chunk strided by 8, then the
-// 8 row sums of each channel added in a fixed order.
+// NHWC: block (32, 8) = 32 adjacent channels x 8 rows, grid (N x C / 32, S) (the batch folded into x: gridDim.z
+// would cap it at 65,535); rows of a chunk strided by 8, then the 8 row sums of each channel added in a fixed order.
 template <typename T, bool BWD>
 __global__ void gn_reduce_nhwc_kernel(Shape s, const T* __restrict__ x, const T* __restrict__ dy,
                                       const float* __restrict__ A, const float* __restrict__ B,
                                       const float* __restrict__ stats, const float* __restrict__ pre,
                                       int64_t pre_stride, float* __restrict__ part) {
   __shared__ float sm[2][8][33];
-  const int64_t c = (int64_t)blockIdx.x * 32 + threadIdx.x, split = blockIdx.y, n = blockIdx.z;
+  const int64_t cblocks = (s.C + 31) / 32, n = blockIdx.x / cblocks;
+  const int64_t c = (blockIdx.x % cblocks) * 32 + threadIdx.x, split = blockIdx.y;
   const bool live = c < s.C;
   Terms<BWD> t = terms<BWD>(s, n, live ? c : 0, A, B, stats);
   const int64_t begin = split * s.chunk, end = min(s.HW, begin + s.chunk);
@@ -377,13 +378,14 @@ __global__ void gn_apply_kernel(Shape s, const T* __restrict__ x, const T* __res
 }
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxSplits = 65535;   // the NHWC reduction's gridDim.y
 
 template <typename T, bool BWD>
 void launch_reduce(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr pre, int64_t pre_stride, ptr part,
                    cudaStream_t st) {
   constexpr int V = 16 / sizeof(T);
   if (s.nhwc) {
-    dim3 grid((unsigned)((s.C + 31) / 32), (unsigned)s.S, (unsigned)s.N);
+    dim3 grid((unsigned)((s.C + 31) / 32 * s.N), (unsigned)s.S);
     gn_reduce_nhwc_kernel<T, BWD><<<grid, dim3(32, 8), 0, st>>>(s, (const T*)x, (const T*)dy, (const float*)A,
                                                                 (const float*)B, (const float*)stats,
                                                                 (const float*)pre, pre_stride, (float*)part);
@@ -470,7 +472,7 @@ int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64
                        bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, ptr pre, int64_t pre_stride,
                        int affine_dtype, int mod_dtype, ptr y, ptr part, ptr stats, ptr A, ptr B, ptr stream) {
   if (N * C * HW == 0) return 0;
-  if (G <= 0 || C % G || S < 0 || (S == 0 && (C / G) * HW > kFusedMaxGroup) ||
+  if (G <= 0 || C % G || S < 0 || S > kMaxSplits || (S == 0 && (C / G) * HW > kFusedMaxGroup) ||
       (pre && pre_stride != 0 && pre_stride != C))
     return static_cast<int>(cudaErrorInvalidValue);
   // Parameters in x's type are read as they are by the one-launch path only; the split path takes fp32.
@@ -505,7 +507,7 @@ int group_norm_act_bwd(ptr x, ptr dy, int dtype, int64_t N, int64_t C, int64_t H
                        ptr csum, ptr P, ptr m12, ptr dx, ptr dweight, ptr dbias, ptr dscale, ptr dshift,
                        ptr stream) {
   if (N * C * HW == 0) return 0;
-  if (G <= 0 || C % G || S <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (G <= 0 || C % G || S <= 0 || S > kMaxSplits) return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const Shape s = make_shape(N, C, HW, G, S, nhwc, silu, dtype_size(dtype));
   CM_DISPATCH(dtype, T, {

@@ -71,6 +71,9 @@ struct Launch {
     bDim = block;
     const int n = block.x * block.y * block.z;
     if (n % 32) throw std::runtime_error("emu: block size must be a multiple of 32");
+    // CUDA's launch limits (a GPU refuses the launch: "invalid configuration argument")
+    if (n > 1024 || grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u || !grid.x || !grid.y || !grid.z)
+      throw std::runtime_error("emu: grid or block outside CUDA's launch limits");
     for (unsigned bz = 0; bz < grid.z; ++bz)
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
