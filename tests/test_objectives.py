@@ -73,12 +73,13 @@ def test_ct_loss_equals_algorithm_3(data):
     assert got.requires_grad
 
 
-def test_cd_loss_equals_algorithm_2_heun(data):
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_cd_loss_equals_algorithm_2(data, solver):
     online, target, teacher = SmallNet(seed=0), SmallNet(seed=1), SmallNet(seed=2)
     model, tmodel = cmfast.ConsistencyModel(online), cmfast.ConsistencyModel(target)
     tea = cmfast.EDMDenoiser(teacher)
     N = 5
-    got = O.cd_loss(model, tmodel, tea, data, N, solver="heun", loss="l1", generator=torch.Generator().manual_seed(3))
+    got = O.cd_loss(model, tmodel, tea, data, N, solver=solver, loss="l1", generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
     n = torch.randint(0, N - 1, (6,), generator=g)
     z = torch.randn(data.shape, generator=g).double()
@@ -87,9 +88,9 @@ def test_cd_loss_equals_algorithm_2_heun(data):
     hi, lo = t[n + 1].view(-1, 1, 1, 1), t[n].view(-1, 1, 1, 1)
     x_hi = x + hi * z
     d = (x_hi - d64(teacher, x_hi, t[n + 1])) / hi                 # EDM ODE: dx/dt = (x - D(x, t)) / t
-    x_e = x_hi + (lo - hi) * d
+    x_e = x_hi + (lo - hi) * d                                     # Euler (CM paper: the CD-Euler ablation)
     d2 = (x_e - d64(teacher, x_e, t[n])) / lo
-    x_lo = x_hi + (lo - hi) * (d + d2) / 2                         # Heun
+    x_lo = x_hi + (lo - hi) * (d + d2) / 2 if solver == "heun" else x_e
     want = (f64(online, x_hi, t[n + 1]) - f64(target, x_lo, t[n])).abs().flatten(1).mean(1)
     torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=1e-6)
 
