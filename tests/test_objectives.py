@@ -169,3 +169,33 @@ def test_lpips_distance_random_backbone(data):
     d = O.distance(x, x, "lpips", lpips_model=lp)
     assert d.shape == (6,) and torch.allclose(d, torch.zeros(6), atol=1e-6)
     assert (O.distance(x, -x, "lpips", lpips_model=lp) > 0).all()
+
+
+def test_lpips_inputs_are_gray_repeated_and_upsampled_to_224():
+    """What the network sees (CM paper Appendix C): 1-channel images as 3 equal channels, images under 256 pixels
+    bilinearly resized to 224 (align_corners=False); 256 and up as they are. Checked by recording the lpips network's
+    inputs against the same images prepared by hand."""
+    pytest.importorskip("lpips")
+    lp = O.LPIPS("alex", pretrained_backbone=False)
+    seen = []
+    real = lp.model.forward
+    lp.model.forward = lambda a, b, **k: (seen.append((a, b)), real(a, b, **k))[1]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 1, 32, 32, generator=g) * 2 - 1, torch.rand(2, 1, 32, 32, generator=g) * 2 - 1
+    d = lp(x, y)
+    a, b = seen[-1]
+    assert a.shape == (2, 3, 224, 224) and torch.equal(a[:, 0], a[:, 2])
+    # A 32 -> 224 bilinear resize (scale 7, half-pixel centres) by hand: output pixel i samples (i + 0.5) / 7 - 0.5
+    pos = ((torch.arange(224) + 0.5) / 7 - 0.5).clamp(min=0)
+    i0 = pos.floor().long().clamp(max=31)
+    i1, w = (i0 + 1).clamp(max=31), (pos - pos.floor())
+
+    def resize(img):
+        rows = img[..., i0, :] * (1 - w)[:, None] + img[..., i1, :] * w[:, None]
+        return rows[..., i0] * (1 - w) + rows[..., i1] * w
+    torch.testing.assert_close(a[:, 1], resize(x[:, 0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b[:, 1], resize(y[:, 0]), atol=1e-5, rtol=0)
+    assert d.shape == (2,) and (d > 0).all()
+    big = torch.rand(1, 3, 256, 256, generator=g)
+    lp(big, big.flip(-1))
+    assert torch.equal(seen[-1][0], big)                 # 256 and up: no resize, no copy of the values
