@@ -286,6 +286,13 @@ def test_mixed_precision_runs(tmp_path, precision):
     # The weights stay fp32 (only the backbone runs in low precision); load_model takes the state file too.
     model, meta = ckpt.load_model(os.path.join(out, "ckpt-00000002.state.pt"))
     assert meta["step"] == 2 and all(p.dtype == torch.float32 for p in model.parameters())
+    # The same steps in fp32: the loss and the logged gradient norm agree to low-precision rounding. fp16's norm is
+    # that of the unscaled gradients (a missing unscale_ before clipping and the norm would show 65536x; Adam,
+    # invariant to the gradient's scale, would not show it in the weights).
+    out32 = str(tmp_path / "run32")
+    assert _run(out32, folder, "--steps", "2", "--precision", "fp32") == 0
+    for a, b in zip(r, rows(out32)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=0.05) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=0.1)
 
 
 # ---- --compile ------------------------------------------------------------------------------------------------------
