@@ -35,8 +35,10 @@ __global__ void consistency_loss_fwd_kernel(const TP* __restrict__ pred, const T
     float l, f;  // loss and the factor of dloss/dpred (times diff, or sign(diff) for l1)
     if (kind == kPseudoHuber) {
       const float r = sqrtf(acc + c * c);
-      l = acc / (r + c);  // = r - c without the cancellation when ||diff|| << c
-      f = 1.f / r;
+      // = r - c without the cancellation when ||diff|| << c; r = 0 only where pred == target and c * c underflows
+      // (c < ~4e-23), where the gradient is 0 (not 0 * inf)
+      l = r > 0.f ? acc / (r + c) : 0.f;
+      f = r > 0.f ? 1.f / r : 0.f;
     } else {
       l = acc / (float)d;
       f = (kind == kL2 ? 2.f : 1.f) / (float)d;

@@ -395,3 +395,12 @@ def test_consistency_loss_layouts_mixed_dtypes_and_all_grads():
     inputs = dict(pred=pred, target=target, kind="pseudo_huber", c=0.03, weight=torch.rand(3) + 0.5)
     out = check("consistency_loss", ref.consistency_loss, inputs, grad=("pred", "target", "weight"))
     assert out[1].is_contiguous(memory_format=CL)
+
+
+def test_consistency_loss_underflowing_c_at_zero_difference():
+    """pred == target with a pseudo-Huber c whose square underflows fp32: loss 0 and gradient 0 (it was 0 * inf)."""
+    p = torch.randn(2, 3, 4, 4)
+    q = p.clone().requires_grad_()
+    loss = _cuda.consistency_loss(q, p, "pseudo_huber", 1e-30, None)
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros(2)) and torch.equal(q.grad, torch.zeros_like(p))

@@ -69,3 +69,20 @@ def test_skip_output_loss_attention_residual(dtype):
         _assert_within(_ratios("residual", ref.residual, dict(x=r(B, 8, 4, 4, dtype=dtype), skip=r(B, 8, 4, 4, dtype=dtype),
                                                            bias=r(8, dtype=dtype), scale=0.7), ("x", "skip", "bias"),
                                dtype), "residual")
+
+
+def test_consistency_loss_edge_cases():
+    """(B,) inputs (one element a sample: the public op takes them; .flatten(1) raised) against float64, and a
+    pseudo-Huber c so small that c * c underflows fp32 with pred == target: loss ~0 and gradient 0, not nan."""
+    pred, target = torch.randn(5, requires_grad=True), torch.randn(5)
+    for kind in ("pseudo_huber", "l2", "l1"):
+        with ops.use_backend("torch"):
+            got = ops.consistency_loss(pred, target, kind, 0.1)
+        want = ref.consistency_loss(pred.double()[:, None], target.double()[:, None], kind, 0.1)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+    p = torch.randn(2, 3, 4, 4)
+    q = p.clone().requires_grad_()
+    with ops.use_backend("torch"):
+        loss = ops.consistency_loss(q, p, "pseudo_huber", 1e-30)
+    loss.sum().backward()
+    assert loss.abs().max() <= 1e-30 and torch.equal(q.grad, torch.zeros_like(p))

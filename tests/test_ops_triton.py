@@ -81,6 +81,17 @@ def test_skip_output_infer_rounds_half_to_even():
     _checks.check_rounds_half_to_even("triton", DEV)
 
 
+def test_bf16_stores_round_to_nearest():
+    """A kernel's fp32 -> bf16 store rounds to nearest, as on a GPU (on CPU the test conftest makes the interpreter do
+    so; it truncated): 1 + 2^-8 + 2^-10 is 1.0078125 in bf16, not 1.0."""
+    x = torch.ones(1, 8, 2, 2, device=DEV, dtype=torch.bfloat16)
+    skip = torch.full_like(x, 2 ** -8 + 2 ** -10)
+    with ops.use_backend("triton"):
+        y = ops.residual(x, skip)
+    assert y.dtype == torch.bfloat16 and (y.float() == 1.0078125).all()
+    assert torch.equal(y, (x.float() + skip.float()).to(torch.bfloat16))
+
+
 # ---- residual ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
@@ -449,6 +460,16 @@ def test_consistency_loss(dtype, kind, weighted, block, monkeypatch):
     check(lambda pred, target, weight: ops.consistency_loss(pred, target, kind, c, weight),
           lambda pred, target, weight: ref.consistency_loss(pred, target, kind, c, weight),
           inputs, grad=("pred", "weight") if weighted else ("pred",), dtype=dtype)
+
+
+def test_consistency_loss_underflowing_c_at_zero_difference():
+    """pred == target with a pseudo-Huber c whose square underflows fp32: the gradient is 0 (it was 0 * inf = nan)."""
+    p = rand(2, 3, 4, 4)
+    q = p.clone().requires_grad_()
+    with ops.use_backend("triton"):
+        loss = ops.consistency_loss(q, p, "pseudo_huber", 1e-30)
+    loss.sum().backward()
+    assert loss.abs().max() <= 1e-30 and torch.equal(q.grad, torch.zeros_like(p))
 
 
 def test_consistency_loss_target_is_stop_gradient():

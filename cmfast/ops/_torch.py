@@ -64,9 +64,12 @@ def residual(x, skip, bias, scale):
 
 
 def consistency_loss(pred, target, kind, c, weight):
-    diff = (pred.float() - target.float()).flatten(1)
+    diff = (pred.float() - target.float()).reshape(pred.shape[0], -1)      # (B,) too: one element a sample
     if kind == "pseudo_huber":
-        loss = torch.sqrt(diff.square().sum(1) + c * c) - c
+        s = diff.square().sum(1) + c * c
+        # s = 0 only where pred == target and c * c underflows fp32 (c < ~4e-23): sqrt's gradient there is inf and
+        # inf * 0 = nan; the sqrt is taken of 1 instead and masked, so the gradient is 0 (its true value)
+        loss = torch.where(s > 0, torch.where(s > 0, s, 1.0).sqrt(), 0.0) - c
     elif kind == "l2":
         loss = diff.square().mean(1)
     else:
