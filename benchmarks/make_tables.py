@@ -3,7 +3,9 @@
     python benchmarks/make_tables.py                    # markdown to stdout
     python benchmarks/make_tables.py --readme README.md # replace the text between each pair of markers
 
-Throughput: the newest run per device (and per --quick / full). Reference runs (scripts/reference_runs.py): the
+Summary: the headline rows of the quick runs named in SUMMARY_RUNS side by side; the continuous-time step: the runs
+named in SCT_RUNS. Throughput: the newest run per
+device (and per --quick / full). Reference runs (scripts/reference_runs.py): the
 newest per device, profile and batch, with the issue's goals checked from the numbers.
 """
 from __future__ import annotations
@@ -17,6 +19,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN, END = "<!-- results:begin (benchmarks/make_tables.py) -->", "<!-- results:end -->"
 REFERENCE_METHODS = ("edm", "cd", "ct", "ict", "sct")     # a reference set: scripts/reference_runs.py's ORDER
 REF_BEGIN, REF_END = "<!-- reference:begin (benchmarks/make_tables.py) -->", "<!-- reference:end -->"
+SUM_BEGIN, SUM_END = "<!-- summary:begin (benchmarks/make_tables.py) -->", "<!-- summary:end -->"
+# The summary: the headline rows of named quick runs side by side (the per-run tables show each device's newest).
+SUMMARY_RUNS = (("H100", "nvidia-h100-80gb-hbm3-2026-11-26-quick.json"), ("H200 s3", "nvidia-h200-2026-11-26-quick.json"),
+                ("H200 s4", "nvidia-h200-2026-11-26-s18-quick.json"))
+SUMMARY_ROWS = (("one-step sampling (CUDA graph, Triton kernels)", "sample", 1), ("one-step sampling", "sample", 256),
+                ("iCT training step", "ict", 256))
 
 
 def newest_per(folder: Path, benchmark: str, key, keep=None) -> list[dict]:
@@ -188,6 +196,67 @@ def reference_goals(run: dict) -> list[str]:
     return out or ["not enough finished runs to check"]
 
 
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:#.3g}".rstrip(".")     # 2.00, 53.0, 124
+
+
+def summary_markdown(folder: Path, runs=SUMMARY_RUNS, rows=SUMMARY_ROWS) -> str:
+    """The summary table: per headline row, cmfast's median, eager bf16's and the best torch.compile's of the same
+    run, and cmfast's ratios to both, for each named run (a missing file or row: '-')."""
+    docs = []
+    for _, name in runs:
+        try:
+            docs.append(json.loads((folder / name).read_text()))
+        except (OSError, json.JSONDecodeError):
+            docs.append({"rows": []})
+    labels = " / ".join(label for label, _ in runs)
+    out = [f"| | batch | cmfast {labels} | eager bf16 | torch.compile (same run) | vs eager | vs compile |",
+           "|---|---|---|---|---|---|---|"]
+    for title, task, batch in rows:
+        cells = {"cmfast": [], "eager": [], "compile": [], "ve": [], "vc": []}
+        modes = set()
+        for doc in docs:
+            mine = [r for r in doc["rows"] if r.get("task") == task and r.get("batch") == batch and "median_ms" in r]
+            ours = next((r["median_ms"] for r in mine if r["mode"] == "cmfast"), None)
+            eager = next((r["median_ms"] for r in mine if r["mode"] == "eager-bf16"), None)
+            comp = min((r for r in mine if r["mode"].startswith("compile")), key=lambda r: r["median_ms"], default=None)
+            if comp is not None:
+                modes.add(comp["mode"].removeprefix("compile-").removeprefix("compile"))
+            cells["cmfast"].append(_ms(ours))
+            cells["eager"].append(_ms(eager))
+            cells["compile"].append(_ms(comp and comp["median_ms"]))
+            cells["ve"].append(_x(eager / ours) if ours and eager else "-")
+            cells["vc"].append(_x(comp["median_ms"] / ours) if ours and comp else "-")
+        note = "".join(f" ({m})" for m in sorted(modes) if m)
+        out.append(f"| {title} | {batch} | {' / '.join(cells['cmfast'])} ms | {' / '.join(cells['eager'])} ms | "
+                   f"{' / '.join(cells['compile'])} ms{note} | {' / '.join(cells['ve'])} | {' / '.join(cells['vc'])} |")
+    return "\n".join(out) + "\n"
+
+
+SCT_BEGIN, SCT_END = "<!-- sct:begin (benchmarks/make_tables.py) -->", "<!-- sct:end -->"
+# The continuous-time step table: (label, bench_sct file, the row of the default finite-difference step).
+SCT_RUNS = (("H200 (Triton kernels)", "bench_sct-nvidia-h200.json", "sct-fd-triton"),
+            ("H100 (auto)", "bench_sct-nvidia-h100-80gb-hbm3.json", "sct-fd"))
+
+
+def sct_markdown(folder: Path, runs=SCT_RUNS) -> str:
+    """benchmarks/bench_sct.py's rows: the FD step's time and peak memory against the iCT step of the same batch,
+    and the torch.func.jvp step's time (sct-exact) over the FD step's."""
+    out = ["| device | batch | time vs the iCT step | speedup vs the `torch.func.jvp` step | peak memory vs the iCT step |",
+           "|---|---|---|---|---|"]
+    for label, name, row in runs:
+        try:
+            rows = json.loads((folder / name).read_text())["rows"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            continue
+        for r in (r for r in rows if r.get("row") == row and "time_ms" in r):
+            exact = next((e["time_ms"] for e in rows if e.get("row") == "sct-exact" and e.get("batch") == r["batch"]
+                          and "time_ms" in e), None)
+            out.append(f"| {label} | {r['batch']} | {_x(r['time_vs_ict'])} | {_x(exact and exact / r['time_ms'])} | "
+                       f"{_x(r['mem_vs_ict'])} |")
+    return "\n".join(out) + "\n"
+
+
 def _replace(text: str, begin: str, end: str, md: str) -> str | None:
     if begin not in text or end not in text or text.index(begin) > text.index(end):
         return None
@@ -201,11 +270,13 @@ def main(argv=None) -> int:
     p.add_argument("--readme", type=Path, help=f"write into this file between {BEGIN} and {END}")
     args = p.parse_args(argv)
     md, ref = markdown(load_runs(args.results)), reference_markdown(load_reference(args.results))
+    summary, sct = summary_markdown(args.results), sct_markdown(args.results)
     if args.readme is None:
-        sys.stdout.write(md + "\n" + ref)
+        sys.stdout.write(summary + "\n" + md + "\n" + ref + "\n" + sct)
         return 0
     text = args.readme.read_text()
-    for begin, end, part in ((BEGIN, END, md), (REF_BEGIN, REF_END, ref)):
+    for begin, end, part in ((SUM_BEGIN, SUM_END, summary), (BEGIN, END, md), (REF_BEGIN, REF_END, ref),
+                             (SCT_BEGIN, SCT_END, sct)):
         new = _replace(text, begin, end, part)
         if new is None:
             print(f"make_tables.py: error: {args.readme} lacks the markers {begin} ... {end}", file=sys.stderr)

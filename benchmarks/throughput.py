@@ -96,8 +96,8 @@ class Runner:
 
     def left_s(self) -> float:
         """What is left of --budget-s, the time for the compile rows (they come last). Counted from the first compile
-        row, so the eager rows before it, whose first calls tune kernels on a cold machine (133 s of them in the
-        H200's session 4), cannot use it up."""
+        row, so the eager rows before it, whose first calls tune kernels on a cold machine (most of the first 126.6 s
+        of the H200's session 4), cannot use it up."""
         if not self.args.budget_s:
             return float("inf")
         if self.t_compile is None:

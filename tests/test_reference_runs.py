@@ -297,3 +297,28 @@ def test_parallel_caps_fit_the_stage():
     a = type("A", (), dict(profile="gpu", out="o", seed=0, data_dir="d", device=None))
     argv = ref.child_argv("ict", a, "r.json")
     assert argv[argv.index("--cap-minutes") + 1] == "5.2" and argv[argv.index("--only") + 1] == "ict"
+
+
+def test_readme_tables_are_the_generated_ones(tmp_path):
+    """Every generated block of the committed README (summary, throughput, reference runs, sCT step) is what make_tables.py
+    writes from the committed results: a hand edit or a results file added without regenerating fails here."""
+    copy = tmp_path / "README.md"
+    copy.write_text((ROOT / "README.md").read_text())
+    assert make_tables.main(["--readme", str(copy)]) == 0
+    assert copy.read_text() == (ROOT / "README.md").read_text()
+    for begin in (make_tables.SUM_BEGIN, make_tables.BEGIN, make_tables.REF_BEGIN, make_tables.SCT_BEGIN):
+        assert begin in copy.read_text()
+
+
+def test_summary_table_from_named_runs(tmp_path):
+    row = lambda task, batch, mode, ms: {"task": task, "batch": batch, "mode": mode, "median_ms": ms}
+    (tmp_path / "a.json").write_text(json.dumps({"rows": [
+        row("sample", 1, "cmfast", 2.0), row("sample", 1, "eager-bf16", 40.0),
+        row("sample", 1, "compile-reduce-overhead", 2.5), row("sample", 1, "compile-max-autotune-no-cudagraphs", 3.0)]}))
+    md = make_tables.summary_markdown(tmp_path, runs=(("A", "a.json"), ("B", "missing.json")),
+                                      rows=(("sampling", "sample", 1), ("training", "ict", 256)))
+    lines = md.splitlines()
+    assert lines[0].startswith("| | batch | cmfast A / B |")
+    assert lines[2] == ("| sampling | 1 | 2.00 / - ms | 40.0 / - ms | 2.50 / - ms (reduce-overhead) | 20.00x / - | "
+                        "1.25x / - |")
+    assert lines[3] == "| training | 256 | - / - ms | - / - ms | - / - ms | - / - | - / - |"
