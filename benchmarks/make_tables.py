@@ -21,7 +21,8 @@ REFERENCE_METHODS = ("edm", "cd", "ct", "ict", "sct")     # a reference set: scr
 REF_BEGIN, REF_END = "<!-- reference:begin (benchmarks/make_tables.py) -->", "<!-- reference:end -->"
 SUM_BEGIN, SUM_END = "<!-- summary:begin (benchmarks/make_tables.py) -->", "<!-- summary:end -->"
 # The summary: the headline rows of named quick runs side by side (the per-run tables show each device's newest).
-SUMMARY_RUNS = (("H100", "nvidia-h100-80gb-hbm3-2026-11-26-quick.json"), ("H200 s3", "nvidia-h200-2026-11-26-quick.json"),
+SUMMARY_RUNS = (("H100", "nvidia-h100-80gb-hbm3-2026-11-26-quick.json"),
+                ("H200 s3", "nvidia-h200-2026-11-26-quick.json"),
                 ("H200 s4", "nvidia-h200-2026-11-26-s18-quick.json"))
 SUMMARY_ROWS = (("one-step sampling (CUDA graph, Triton kernels)", "sample", 1), ("one-step sampling", "sample", 256),
                 ("iCT training step", "ict", 256))
@@ -242,8 +243,8 @@ SCT_RUNS = (("H200 (Triton kernels)", "bench_sct-nvidia-h200.json", "sct-fd-trit
 def sct_markdown(folder: Path, runs=SCT_RUNS) -> str:
     """benchmarks/bench_sct.py's rows: the FD step's time and peak memory against the iCT step of the same batch,
     and the torch.func.jvp step's time (sct-exact) over the FD step's."""
-    out = ["| device | batch | time vs the iCT step | speedup vs the `torch.func.jvp` step | peak memory vs the iCT step |",
-           "|---|---|---|---|---|"]
+    out = ["| device | batch | time vs the iCT step | speedup vs the `torch.func.jvp` step | "
+           "peak memory vs the iCT step |", "|---|---|---|---|---|"]
     for label, name, row in runs:
         try:
             rows = json.loads((folder / name).read_text())["rows"]

@@ -202,3 +202,30 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(capsys, tmp_path):
     assert not (tmp_path / "new").exists()
     fails(capsys, sample_main, ["--checkpoint", str(run / "config.json"), "--out", str(tmp_path / "g.png")],
           "config.json: not a checkpoint", "cmfast-sample")          # the same check, in checkpoint.resolve
+
+
+def test_flags_are_not_abbreviated_and_edit_out_is_a_folder(capsys, tmp_path):
+    """cmfast-edit took sample's --grid as an abbreviation of its --grid-scale ('expected an integer >= 1, got
+    g.png'); --out result.png made a folder named result.png. Both are one-line errors now."""
+    fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(tmp_path), "--out",
+                              str(tmp_path / "o"), "--grid", "g.png"], "unrecognized arguments: --grid", "cmfast-edit")
+    fails(capsys, sample_main, ["--pretrained", "fmnist", "--num", "2", "--out", str(tmp_path / "s.png"), "--see", "1"],
+          "unrecognized arguments: --see", "cmfast-sample")
+    (tmp_path / "in.png").write_bytes(b"")
+    fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(tmp_path / "in.png"), "--out",
+                              str(tmp_path / "result.png")], "names a file; this command writes a folder",
+          "cmfast-edit")
+    assert not (tmp_path / "result.png").exists()
+
+
+def test_sample_takes_more_steps_without_sigmas(tmp_path, capsys):
+    """--steps 3 without --sigmas samples at cmfast-eval's levels (metrics.default_sigmas: 80 and the Karras grid);
+    it was an error in cmfast-sample alone."""
+    import numpy as np
+
+    from cmfast.metrics import default_sigmas
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert sample_main(["--pretrained", "fmnist", "--num", "3", "--steps", "3", "--npz", str(a)]) == 0
+    assert sample_main(["--pretrained", "fmnist", "--num", "3", "--npz", str(b), "--sigmas",
+                        ",".join(repr(s) for s in default_sigmas(3))]) == 0
+    assert np.array_equal(np.load(a)["arr_0"], np.load(b)["arr_0"])

@@ -59,16 +59,15 @@ def test_group_norm_act(dtype, fmt, shape, G):
 def test_skip_output_loss_attention_residual(dtype):
     for B in (2, 8):
         r = _checks.rand
-        _assert_within(_ratios("skip_output", ref.skip_output, dict(x=r(B, 3, 8, 8, dtype=dtype), F=r(B, 3, 8, 8, dtype=dtype),
-                                                              sigma=torch.rand(B) * 5 + 0.01), ("x", "F"), dtype), "skip")
+        skip = dict(x=r(B, 3, 8, 8, dtype=dtype), F=r(B, 3, 8, 8, dtype=dtype), sigma=torch.rand(B) * 5 + 0.01)
+        _assert_within(_ratios("skip_output", ref.skip_output, skip, ("x", "F"), dtype), "skip")
         _assert_within(_ratios("consistency_loss", ref.consistency_loss,
                                dict(pred=r(B, 3, 8, 8, dtype=dtype), target=r(B, 3, 8, 8, dtype=dtype),
                                     kind="pseudo_huber", c=0.03, weight=None), ("pred",), dtype), "loss")
         q, k, v = (r(B, 2, 64, 32, dtype=dtype) for _ in range(3))
         _assert_within(_ratios("attention", ref.attention, dict(q=q, k=k, v=v), ("q", "k", "v"), dtype), "attention")
-        _assert_within(_ratios("residual", ref.residual, dict(x=r(B, 8, 4, 4, dtype=dtype), skip=r(B, 8, 4, 4, dtype=dtype),
-                                                           bias=r(8, dtype=dtype), scale=0.7), ("x", "skip", "bias"),
-                               dtype), "residual")
+        res = dict(x=r(B, 8, 4, 4, dtype=dtype), skip=r(B, 8, 4, 4, dtype=dtype), bias=r(8, dtype=dtype), scale=0.7)
+        _assert_within(_ratios("residual", ref.residual, res, ("x", "skip", "bias"), dtype), "residual")
 
 
 def test_consistency_loss_edge_cases():

@@ -67,6 +67,12 @@ def test_eval_searches_two_step_sigmas(tmp_path, capsys):
     assert r["sigmas"][0] == 80.0 and 0.002 < r["sigmas"][1] < 80.0
     assert r["value"] == pytest.approx(min(v for _, v in trials))   # same seed: the best trial, re-evaluated
     assert r["engine"] == "eager" and r["dtype"] == "float32"      # auto on a CPU
+    assert r["search"]["seconds"] > r["seconds"]      # the whole search's time (its trials), beside the final one's
+    # --pretrained, as cmfast-sample and cmfast-edit take it: the same model, the same numbers as its file
+    assert eval_main(["--pretrained", NAME, "--metric", "fd-fmnist", "--sigmas", ",".join(map(str, r["sigmas"])),
+                      "--num", "200", "--batch-size", "100", "--out", str(tmp_path / "pre.json")]) == 0
+    pre = json.loads((tmp_path / "pre.json").read_text())
+    assert pre["pretrained"] == NAME and pre["value"] == pytest.approx(r["value"], rel=1e-6)
     capsys.readouterr()
     with pytest.raises(SystemExit):
         eval_main(["--checkpoint", ckpt, "--metric", "fd-fmnist", "--steps", "1", "--search-sigmas"])

@@ -392,3 +392,19 @@ def test_compile_inductor_tiny_run(tmp_path, monkeypatch):
     assert set(wa) == set(wb)
     with open(os.path.join(str(tmp_path / "b"), "log.txt")) as f:
         assert "(inductor backend, cmfast.ops backend auto) of model.net" in f.read()
+
+
+def test_log_lines_show_elapsed_and_eta(tmp_path):
+    """stats.jsonl rows carry the run's elapsed seconds; the console / log.txt line shows them and an ETA instead of
+    the raw Unix time (which stays in stats.jsonl)."""
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--steps", "3", "--log-every", "1") == 0
+    r = rows(out)
+    assert [x["step"] for x in r] == [1, 2, 3] and all("time" in x for x in r)
+    assert 0 <= r[0]["elapsed_s"] <= r[1]["elapsed_s"] <= r[2]["elapsed_s"]
+    lines = open(os.path.join(out, "log.txt")).read().splitlines()
+    steps = [ln for ln in lines if ln.startswith("step ")]
+    assert len(steps) == 3 and all(" elapsed_s " in ln and " eta_s " in ln and " time " not in ln for ln in steps)
+    assert steps[-1].endswith("eta_s 0")

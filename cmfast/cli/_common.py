@@ -18,10 +18,24 @@ def first_line(e: Exception) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line `PROG: error: ...` and exit 2, not the usage text."""
+    """argparse whose usage errors are one line `PROG: error: ...` and exit 2, not the usage text; flags are taken
+    whole (no abbreviations: cmfast-edit took sample's --grid as its --grid-scale)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         fail(self.prog, message)
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, where it has one (no "(default: None)")."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def ranged(kind, lo=None, hi=None, lo_open=False):
@@ -139,6 +153,8 @@ def check_output_dir(path: str, flag: str) -> None:
     import os
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path}: is a file; give a folder")
+    if not os.path.exists(path) and os.path.splitext(path)[1].lower() in (".png", ".jpg", ".jpeg", ".npz", ".json"):
+        raise ValueError(f"{flag} {path}: names a file; this command writes a folder of PNGs (give a folder)")
     check_output(os.path.join(path, "x"), flag)
 
 

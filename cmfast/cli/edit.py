@@ -32,7 +32,7 @@ def _positive(s):
 
 def build_parser():
     ap = _common.Parser(prog=PROG, description=__doc__.splitlines()[0],
-                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                 formatter_class=_common.DefaultsHelp)
     ap.add_argument("task", choices=TASKS)
     g = ap.add_argument_group("main")
     _common.add_model_options(g)
@@ -49,11 +49,11 @@ def build_parser():
     g.add_argument("--sigma", type=float, default=0.5, help="denoise: the noise level added to the input")
     g.add_argument("--pairs", type=_positive, default=4, help="interpolate: number of noise pairs (rows)")
     g.add_argument("--alphas", type=_positive, default=9, help="interpolate: points from 0 to 1 (columns)")
-    g.add_argument("--seed", type=_common.ranged(int, 0), default=0)
+    g.add_argument("--seed", type=_common.ranged(int, 0), default=0, help="seed of the noise the edit draws")
     g.add_argument("--class", dest="class_label", type=int, default=None,
                    help="the class label of a class-conditional model (every image)")
     p = ap.add_argument_group("performance")
-    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--batch-size", type=_positive, default=64, help="images edited at once")
     _common.add_device(p)
     io = ap.add_argument_group("I/O")
     io.add_argument("--out", required=True, help="output directory")
@@ -185,8 +185,8 @@ def main(argv=None):
         save_png(grid(rows), os.path.join(args.out, f"{args.task}_grid.png"), scale=args.grid_scale)
     except (ValueError, TypeError, OSError, KeyError, ImportError) as e:
         _fail(_common.first_line(e))
-    print(f"{PROG}: wrote {len(rows) if args.task != 'interpolate' else args.pairs * args.alphas} images and "
-          f"{args.task}_grid.png to {args.out}")
+    n = len(rows) if args.task != "interpolate" else args.pairs * args.alphas
+    print(f"{PROG}: wrote {n} image{'s' if n != 1 else ''} and {args.task}_grid.png to {args.out}")
     return 0
 
 

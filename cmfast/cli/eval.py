@@ -1,11 +1,13 @@
-"""cmfast-eval: sample a checkpoint and score it with FID or FD-FMNIST (cmfast's offline metric).
+"""cmfast-eval: sample a checkpoint (or a shipped model) and score it with FID or FD-FMNIST (cmfast's offline metric).
 
     cmfast-eval --checkpoint run/ckpt.safetensors --metric fd-fmnist --steps 1 --num 10000 --out results.json
+    cmfast-eval --pretrained fmnist --metric fd-fmnist --steps 2 --num 10000
 """
 import argparse
 import functools
 import json
 import os
+import time
 
 from . import _common
 
@@ -23,7 +25,7 @@ def _positive(s):
 def build_parser():
     ap = _common.Parser(prog=PROG, description=__doc__.splitlines()[0])
     g = ap.add_argument_group("main")
-    _common.add_model_options(g, pretrained=False)
+    _common.add_model_options(g)
     g.add_argument("--metric", required=True, choices=("fid", "fd-fmnist"),
                    help="fid: Inception-V3 (needs pt_inception-2015-12-05-6726825d.pth locally); fd-fmnist: "
                         "cmfast's offline metric, not comparable with FID")
@@ -64,7 +66,7 @@ def _dataset_from_meta(meta):
 @_common.interruptible(PROG)
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if not os.path.exists(args.checkpoint):
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
         _fail(f"checkpoint not found: {args.checkpoint}")
     _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
     if args.search_sigmas and (args.steps or len(args.sigmas or ())) < 2:
@@ -76,8 +78,13 @@ def main(argv=None):
         if args.out:        # before the evaluation: a typo must not cost its result
             _common.check_output(args.out, "--out")
         device = _common.pick_device(args.device)
-        from ..training.checkpoint import load_model
-        model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
+        if args.pretrained is not None:     # a shipped model: its card names the dataset it was trained on
+            from ..pretrained import load_pretrained, model_card
+            model = load_pretrained(args.pretrained, map_location=device)
+            meta = {"config": {"dataset": model_card(args.pretrained).get("dataset")}}
+        else:
+            from ..training.checkpoint import load_model
+            model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
         dataset = args.dataset or _dataset_from_meta(meta)
         if not args.dataset and dataset not in ("fashion-mnist", "cifar10"):
             dataset = None          # e.g. a checkpoint trained on a folder: --dataset folder names the reference
@@ -95,19 +102,25 @@ def main(argv=None):
                 _fail("--search-sigmas: an EDM teacher samples with its Heun schedule; give a consistency model")
             steps = args.steps or len(args.sigmas)
             start = tuple(args.sigmas) if args.sigmas else default_sigmas(steps)
+            t_search = time.perf_counter()
             search = search_sigmas(lambda sg: evaluate(model, args.metric, sigmas=sg, **common)["value"], steps,
                                    model.sigma_min, model.sigma_max, args.search_iters, start=start,
                                    log=lambda m: print(f"{PROG}: {m}", flush=True))
             args.sigmas, args.steps = tuple(search["sigmas"]), None
+            search_s = time.perf_counter() - t_search
         result = evaluate(model, args.metric, steps=args.steps, sigmas=args.sigmas, progress=True, **common)
         if search is not None:
+            # "seconds" of the result is the final evaluation's; the search's own trials took these
             result["search"] = {"method": "greedy ternary search in log sigma", "iters": args.search_iters,
-                                "trials": search["trials"]}
+                                "trials": search["trials"], "seconds": round(search_s, 1)}
         if recorded:    # where the levels (or the search's start) came from
             (result if search is None else result["search"])["sigmas_from"] = "checkpoint (sampling_sigmas)"
     except (ValueError, TypeError, OSError, KeyError, ImportError) as e:
         _fail(_common.first_line(e))
-    result["checkpoint"] = os.path.abspath(args.checkpoint)
+    if args.pretrained is not None:
+        result["pretrained"] = args.pretrained
+    else:
+        result["checkpoint"] = os.path.abspath(args.checkpoint)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -1,7 +1,7 @@
 """cmfast-sample: images from a checkpoint (or a shipped model) in one or more steps, as a PNG grid and/or .npz.
 
     cmfast-sample --checkpoint runs/fm --num 64 --steps 2 --grid samples.png
-    cmfast-sample --pretrained fmnist --num 10000 --npz samples.npz --batch-size 500
+    cmfast-sample --pretrained fmnist --num 10000 --npz samples.npz --steps 3     # 80 and the Karras grid
     cmfast-sample --checkpoint runs/cifar --num 50000 --npz cifar.npz --engine graphed --dtype bf16   # on a GPU
 """
 from __future__ import annotations
@@ -72,9 +72,12 @@ def main(argv=None) -> int:
             model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
             kind = get_method(meta["config"]["method"]).kind
         recorded = None if args.sigmas or kind != "cm" else _common.recorded_sigmas(meta, args.steps)
-        sigmas = args.sigmas or recorded or {1: (model.sigma_max,)}.get(args.steps or 1, (model.sigma_max, 0.821))
-        if kind == "cm" and args.steps and args.steps > 2 and not args.sigmas:
-            raise ValueError(f"--steps {args.steps}: give the noise levels with --sigmas (1 and 2 steps have defaults)")
+        steps = args.steps or 1
+        # cmfast-eval's defaults: sigma_max; then ECT's 0.821; more steps, the Karras grid (metrics.default_sigmas)
+        sigmas = args.sigmas or recorded or {1: (model.sigma_max,), 2: (model.sigma_max, 0.821)}.get(steps)
+        if sigmas is None:
+            from ..metrics import default_sigmas
+            sigmas = default_sigmas(steps)
         if kind == "edm":
             if args.sigmas:
                 raise ValueError("--sigmas: an EDM teacher samples with its Heun schedule; give --steps")

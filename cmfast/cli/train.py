@@ -1,4 +1,4 @@
-"""cmfast-train: train a consistency model (CD, CT, iCT) or its EDM teacher. Rerun with --resume latest to continue.
+"""cmfast-train: train a consistency model (CD, CT, iCT, sCT, sCD) or its EDM teacher; --resume latest continues.
 
     cmfast-train --dataset fashion-mnist --preset tiny --method ict --steps 300 --batch-size 32 --output-dir runs/fm
     cmfast-train --config ct-cifar10 --output-dir runs/ct           # the CM paper's CIFAR-10 CT run

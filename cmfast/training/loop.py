@@ -260,7 +260,7 @@ def _train(args: dict) -> dict:
     tick = {"loss": 0.0, "gnorm": 0.0, "n": 0, "t0": time.time(), "step0": step, "warmup": bool(compiled)}
     row, consecutive_bad = {}, 0
     limit_s = None if cfg.get("time_limit") is None else cfg["time_limit"] * 60.0
-    t_start = time.monotonic()
+    t_start, tick_start = time.monotonic(), step
     # --time-budget: K is planned from the speed of this run's first steps (none when a resumed plan stands).
     probe = {"from": step, "t": None} if cfg.get("time_budget") and not cfg.get("planned") else None
 
@@ -343,10 +343,15 @@ def _train(args: dict) -> dict:
             last = step >= cfg["total_steps"] or stopping
             if step % cfg["log_every"] == 0 or last:
                 row = _stats_row(step, cfg, tick, info, lr, counters, device)
+                row["elapsed_s"] = round(time.monotonic() - t_start, 1)       # this run's, since its start / resume
                 if rank == 0:
                     with open(os.path.join(out, "stats.jsonl"), "a") as f:
                         f.write(json.dumps(row) + "\n")
-                    msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+                    done = step - tick_start
+                    eta = (cfg["total_steps"] - step) * row["elapsed_s"] / done if done and not last else 0.0
+                    shown = {k: v for k, v in row.items() if k != "time"}      # a Unix time: in stats.jsonl only
+                    msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in
+                                   {**shown, "eta_s": round(eta)}.items())
                     (bar.write if bar else print)(msg)
                     with open(os.path.join(out, "log.txt"), "a") as f:
                         f.write(msg + "\n")
