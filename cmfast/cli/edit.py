@@ -37,7 +37,8 @@ def build_parser():
     g = ap.add_argument_group("main")
     _common.add_model_options(g)
     g.add_argument("--input", help="a PNG or a directory of PNGs at the model's resolution (super-resolve: also "
-                   "1/factor of it); not used by interpolate")
+                   "1/factor of it), or fashion-mnist[:SPLIT[:N]] (the first N images of a Fashion-MNIST split, "
+                   "default test and 8); not used by interpolate")
     g.add_argument("--mask", help="inpaint: PNG at the model's resolution, white (>= 128) = known pixel, black = "
                    "to generate; unset: the central half-size square is generated")
     g.add_argument("--factor", type=_positive, help="super-resolve: the upsampling factor (divides the resolution)")
@@ -59,6 +60,31 @@ def build_parser():
     io.add_argument("--out", required=True, help="output directory")
     io.add_argument("--grid-scale", type=_positive, default=1, help="nearest upscaling of the grid PNG")
     return ap
+
+
+DATASET_INPUT = "fashion-mnist"
+
+
+def dataset_input(spec: str, channels: int):
+    """--input fashion-mnist[:SPLIT[:N]]: (names, (N, channels, 32, 32) in [-1, 1]), the first N images of the split
+    (default test, 8), padded to 32x32 as the models were trained (cmfast.data.load_fashion_mnist)."""
+    parts = spec.split(":")
+    if parts[0] != DATASET_INPUT or len(parts) > 3:
+        raise ValueError(f"--input {spec}: expected {DATASET_INPUT}[:SPLIT[:N]], e.g. {DATASET_INPUT}:test:16")
+    split = parts[1] if len(parts) > 1 and parts[1] else "test"
+    try:
+        n = int(parts[2]) if len(parts) > 2 else 8
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--input {spec}: expected a number of images >= 1 after the split, got {parts[2]!r}")
+    import torch
+
+    from ..data import load_fashion_mnist
+    ds = load_fashion_mnist(split=split)
+    n = min(n, len(ds))
+    x = ds.batch(torch.arange(n))[0]
+    return [f"fmnist-{split}-{i:05d}.png" for i in range(n)], x.expand(-1, channels, -1, -1).contiguous()
 
 
 def load(args, device):
@@ -160,10 +186,16 @@ def main(argv=None):
         sigmas = args.sigmas or karras_levels(args.steps or DEFAULT_STEPS.get(args.task, 1), smin, top)
         files, images, mask = [], None, None
         if args.task != "interpolate":
-            files = png_files(args.input)
             ch = 3 if args.task == "colorize" else C
-            size = None if args.task == "super-resolve" else (H, W)
-            images = torch.stack([load_png(f, ch, size) for f in files]).to(device)
+            if args.input.split(":")[0] == DATASET_INPUT and not os.path.exists(args.input):
+                files, images = dataset_input(args.input, ch)
+                images = images.to(device)
+                if tuple(images.shape[2:]) != (H, W) and args.task != "super-resolve":
+                    raise ValueError(f"--input {args.input}: 32x32 images, the model takes {W}x{H}")
+            else:
+                files = png_files(args.input)
+                size = None if args.task == "super-resolve" else (H, W)
+                images = torch.stack([load_png(f, ch, size) for f in files]).to(device)
             if args.task == "super-resolve" and tuple(images.shape[2:]) not in ((H, W), (H // args.factor,
                                                                                          W // args.factor)):
                 raise ValueError(f"{args.input}: expected {W}x{H} or {W // args.factor}x{H // args.factor} pixels "
