@@ -62,7 +62,8 @@ def _consistency_loss_finish_kernel(part_ptr, weight_ptr, loss_ptr, raw_ptr, coe
     else:
         r = tl.sqrt(total + c * c)
         loss = r - c
-        coef = tl.where(r > 0, 1.0 / r, 0.0)     # r = 0 only where pred == target and c * c underflows: g = 0 there
+        # r = 0 only where pred == target and c * c underflows: g = 0 there, and so the gradient (not 0 * inf)
+        coef = tl.where(r > 0, 1.0 / tl.where(r > 0, r, 1.0), 0.0)
     tl.store(raw_ptr + b, loss)
     tl.store(loss_ptr + b, loss * w)
     tl.store(coef_ptr + b, coef * w)

@@ -1,6 +1,8 @@
 """The torch backend: plain-PyTorch compositions. The reference every kernel is tested against, and the CPU path."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F_
 
@@ -64,7 +66,7 @@ def residual(x, skip, bias, scale):
 
 
 def consistency_loss(pred, target, kind, c, weight):
-    diff = (pred.float() - target.float()).reshape(pred.shape[0], -1)      # (B,) too: one element a sample
+    diff = (pred.float() - target.float()).reshape(pred.shape[0], math.prod(pred.shape[1:]))   # (B,): (B, 1)
     if kind == "pseudo_huber":
         s = diff.square().sum(1) + c * c
         # s = 0 only where pred == target and c * c underflows fp32 (c < ~4e-23): sqrt's gradient there is inf and
