@@ -29,6 +29,7 @@ from .precond import check_sigma
 
 
 TIME_INPUTS = ("t", "1000t", "edm")
+T_MID = 1.1      # sCM paper: two-step sampling's intermediate TrigFlow time (VE level sigma_data * tan(1.1))
 
 
 def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -258,6 +258,23 @@ def test_sct_scd_training_methods():
         sct.check_args(dict(sct.defaults, warmup_frac=1.5))
 
 
+def test_sct_runs_record_the_papers_two_step_time(capsys):
+    """sCT / sCD configs record two-step sampling at the sCM paper's t = 1.1 (VE level 0.5 tan 1.1 = 0.982), which
+    cmfast-sample / cmfast-eval read from the checkpoint and the loop's grids use; they had ECT's 0.821 (t = 1.024).
+    Other methods record nothing and keep the defaults."""
+    import json
+
+    from cmfast.cli.train import main as train_main
+    for method, extra in (("sct", []), ("scd", ["--teacher", "t"])):
+        assert train_main(["--dataset", "fashion-mnist", "--method", method, "--preset", "tiny", "--dry-run",
+                           *extra]) == 0
+        cfg = json.loads(capsys.readouterr().out)
+        assert cfg["sampling_sigmas"] == {"2": [80.0, pytest.approx(SD * math.tan(1.1))]}
+        assert math.atan(cfg["sampling_sigmas"]["2"][1] / SD) == pytest.approx(1.1)
+    assert train_main(["--dataset", "fashion-mnist", "--method", "ict", "--preset", "tiny", "--dry-run"]) == 0
+    assert "sampling_sigmas" not in json.loads(capsys.readouterr().out)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sct_step_on_gpu_fused_kernels_match_reference():

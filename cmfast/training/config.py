@@ -82,6 +82,9 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
     check_arg_types(cfg["method_args"], method.defaults)
     if hasattr(method, "check_args"):      # the method's own checks of its hyperparameters' values
         method.check_args(cfg["method_args"])
+    levels = method.sampling_sigmas(cfg)
+    if levels:                             # e.g. sCT / sCD: two steps at the sCM paper's t = 1.1
+        cfg["sampling_sigmas"] = levels
     cfg["loss"] = cfg["loss"] or method.default_loss
     cfg["ema"] = [float(r) for r in cfg["ema"]]
     cfg["betas"] = [float(b) for b in cfg["betas"]]

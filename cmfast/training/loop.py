@@ -97,16 +97,18 @@ def make_optimizer(params, cfg):
 
 @torch.no_grad()
 def write_samples(model, kind: str, cfg: dict, step: int, shape, device, out: str) -> list[str]:
-    """Sample grids from a fixed seed: 1 and 2 steps (CM Alg. 1, middle level 0.821 as ECT) or EDM's 18-step Heun."""
+    """Sample grids from a fixed seed: 1 and 2 steps (CM Alg. 1, middle level 0.821 as ECT, or the method's own:
+    cfg['sampling_sigmas']) or EDM's 18-step Heun."""
     from ..sampling import edm_sample, sample
     n = cfg["sample_num"]
     z = torch.randn((n, *shape), generator=torch.Generator().manual_seed(cfg["seed"] + 12345)).to(device)
     labels = torch.arange(n, device=device) % cfg["net"]["label_dim"] if cfg["net"].get("label_dim") else None
     was_training = model.training
     model.eval()
+    two = tuple((cfg.get("sampling_sigmas") or {}).get("2") or (cfg["sigma_max"], 0.821))
     runs = ({"heun18": lambda: edm_sample(model, z, 18, class_labels=labels)} if kind == "edm" else
             {f"{len(s)}step": (lambda s=s: sample(model, z, s, torch.Generator(device).manual_seed(cfg["seed"]),
-                                                  labels)) for s in ((cfg["sigma_max"],), (cfg["sigma_max"], 0.821))})
+                                                  labels)) for s in ((cfg["sigma_max"],), two)})
     files = []
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
     for tag, fn in runs.items():
