@@ -63,7 +63,10 @@ class SCT(Method):
 
 class SCD(SCT):
     """Continuous-time consistency distillation from an EDM teacher (--teacher, a --method edm run). With
-    time_input 'edm' the student copies the teacher's weights and starts as the teacher's velocity."""
+    time_input 'edm' (the default) the student copies the teacher's weights and starts as the teacher's velocity.
+    That input, c_noise = ln(sd tan t) / 4, is the one the sCM paper (Sec. 4.1) finds unstable: dc_noise/dt =
+    1 / (4 sin t cos t) grows near both ends (83 at t = 0.003). The stencil stays inside (0, pi/2); time_input 't' is
+    the paper's choice when the student does not start from the teacher."""
     name, needs_teacher = "scd", True
     defaults = {**SCT.defaults, "time_input": "edm"}
 
