@@ -72,12 +72,10 @@ def main(argv=None) -> int:
             model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
             kind = get_method(meta["config"]["method"]).kind
         recorded = None if args.sigmas or kind != "cm" else _common.recorded_sigmas(meta, args.steps)
-        steps = args.steps or 1
-        # cmfast-eval's defaults: sigma_max; then ECT's 0.821; more steps, the Karras grid (metrics.default_sigmas)
-        sigmas = args.sigmas or recorded or {1: (model.sigma_max,), 2: (model.sigma_max, 0.821)}.get(steps)
-        if sigmas is None:
+        sigmas = args.sigmas or recorded
+        if not sigmas:      # cmfast-eval's defaults (metrics.default_sigmas), starting at the model's sigma_max
             from ..metrics import default_sigmas
-            sigmas = default_sigmas(steps)
+            sigmas = (model.sigma_max, *default_sigmas(args.steps or 1)[1:])
         if kind == "edm":
             if args.sigmas:
                 raise ValueError("--sigmas: an EDM teacher samples with its Heun schedule; give --steps")
