@@ -105,7 +105,8 @@ def write_samples(model, kind: str, cfg: dict, step: int, shape, device, out: st
     labels = torch.arange(n, device=device) % cfg["net"]["label_dim"] if cfg["net"].get("label_dim") else None
     was_training = model.training
     model.eval()
-    two = tuple((cfg.get("sampling_sigmas") or {}).get("2") or (cfg["sigma_max"], 0.821))
+    from ..metrics import default_sigmas
+    two = tuple((cfg.get("sampling_sigmas") or {}).get("2") or (cfg["sigma_max"], *default_sigmas(2)[1:]))
     runs = ({"heun18": lambda: edm_sample(model, z, 18, class_labels=labels)} if kind == "edm" else
             {f"{len(s)}step": (lambda s=s: sample(model, z, s, torch.Generator(device).manual_seed(cfg["seed"]),
                                                   labels)) for s in ((cfg["sigma_max"],), two)})
@@ -262,7 +263,7 @@ def _train(args: dict) -> dict:
     tick = {"loss": 0.0, "gnorm": 0.0, "n": 0, "t0": time.time(), "step0": step, "warmup": bool(compiled)}
     row, consecutive_bad = {}, 0
     limit_s = None if cfg.get("time_limit") is None else cfg["time_limit"] * 60.0
-    t_start, tick_start = time.monotonic(), step
+    t_start, run_step0 = time.monotonic(), step
     # --time-budget: K is planned from the speed of this run's first steps (none when a resumed plan stands).
     probe = {"from": step, "t": None} if cfg.get("time_budget") and not cfg.get("planned") else None
 
@@ -349,8 +350,8 @@ def _train(args: dict) -> dict:
                 if rank == 0:
                     with open(os.path.join(out, "stats.jsonl"), "a") as f:
                         f.write(json.dumps(row) + "\n")
-                    done = step - tick_start
-                    eta = (cfg["total_steps"] - step) * row["elapsed_s"] / done if done and not last else 0.0
+                    done, end = step - run_step0, min(cfg["total_steps"], stop_at)     # this run's steps, its end
+                    eta = (end - step) * row["elapsed_s"] / done if done and not last else 0.0
                     shown = {k: v for k, v in row.items() if k != "time"}      # a Unix time: in stats.jsonl only
                     msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in
                                    {**shown, "eta_s": round(eta)}.items())
