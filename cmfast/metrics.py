@@ -202,6 +202,11 @@ def reference_cache_path(metric, dataset, data_dir=None, num=50000, weights=None
     """Where reference_stats caches a dataset's statistics: in data_dir (named datasets) or cmfast's data dir
     (folders, under an id of the folder), named by metric, dataset, count, the feature network's weights and the
     pipeline's code."""
+    return _cache_key(metric, dataset, data_dir, num, weights)[0]
+
+
+def _cache_key(metric, dataset, data_dir, num, weights) -> tuple[str, str]:
+    """(reference_cache_path's path, the feature weights' hash: the statistics file records it)."""
     from .data import default_data_dir
     net_hash = _file_hash(_weights_path(metric, weights))
     root, name = data_dir or default_data_dir(), dataset
@@ -209,7 +214,7 @@ def reference_cache_path(metric, dataset, data_dir=None, num=50000, weights=None
         if not data_dir:
             raise ValueError("dataset 'folder': give the folder or zip of reference images as data_dir (--data-dir)")
         root, name = default_data_dir(), f"folder-{_source_id(data_dir)}"
-    return os.path.join(root, f"{metric}_{name}_train_n{num}_{net_hash}_{_pipeline_id(metric)}.npz")
+    return os.path.join(root, f"{metric}_{name}_train_n{num}_{net_hash}_{_pipeline_id(metric)}.npz"), net_hash
 
 
 def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, device="cpu", weights=None):
@@ -220,7 +225,7 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
     The cache file name (reference_cache_path) carries the feature network's hash and the pipeline's code hash, so
     new weights or a changed preprocessing never reuse stale statistics.
     """
-    path = reference_cache_path(metric, dataset, data_dir, num, weights)
+    path, net_hash = _cache_key(metric, dataset, data_dir, num, weights)
     root = os.path.dirname(path)
     if os.path.isfile(path):
         return load_stats(path)
@@ -230,8 +235,7 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
     extractor, dim, impl = _extractor(metric, device, weights)
     stats = feature_stats(extractor, reference_batches(dataset, data_dir, num, batch_size), dim, device)
     os.makedirs(root, exist_ok=True)
-    meta = dict(metric=metric, dataset=dataset, split="train", implementation=impl,
-                weights_sha256_16=_file_hash(_weights_path(metric, weights)),
+    meta = dict(metric=metric, dataset=dataset, split="train", implementation=impl, weights_sha256_16=net_hash,
                 **({"source": os.path.abspath(data_dir)} if dataset == "folder" else {}))
     stats.save(path, **meta)
     return stats.mean, stats.cov, dict(meta, n=stats.n)
