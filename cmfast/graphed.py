@@ -270,7 +270,7 @@ class GraphedSampler:
             raise ValueError(f"class_labels: expected ({B},) integer labels, got {labels.dtype} {tuple(labels.shape)}")
         # Checked here, on the host (one sync for CUDA labels): inside the replay, one_hot's device-side assert
         # would end the process's CUDA context.
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
         if lo < 0 or hi >= self.label_dim:
             raise ValueError(f"class_labels: expected 0 <= label < {self.label_dim}, got {lo if lo < 0 else hi}")
         g.labels.copy_(labels)
