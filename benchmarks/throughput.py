@@ -179,10 +179,10 @@ def sample_floor(model, B, ceil, count_fn) -> dict:
 
 
 def train_floor(model, B, ceil, step) -> dict:
-    """FLOPs of the whole step counted (two forwards, backward); bytes = Adam's fp32 traffic (read w, g, m, v;
-    write w, m, v)."""
+    """FLOPs of the whole step counted (two forwards, backward); bytes = the per-parameter fp32 traffic after the
+    backward: the gradient norm (read g), Adam (read w, g, m, v; write w, m, v), the EMA (read w, ema; write ema)."""
     flops = H.count_flops(step, next(model.parameters()).device)
-    nbytes = sum(p.numel() for p in model.parameters()) * 4 * 7
+    nbytes = sum(p.numel() for p in model.parameters()) * 4 * (1 + 7 + 3)
     return {"flops": flops, "bytes": nbytes, "floor_ms": H.floor_ms(flops, nbytes, ceil)}
 
 
