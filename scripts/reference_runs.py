@@ -366,19 +366,21 @@ def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> Non
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    remeasure_rates(doc, prof, a)
+    remeasure_rates(doc, prof, a, only)
     doc["wall_s"] = round(time.time() - t_all, 1)
     write(doc, results)
 
 
-def remeasure_rates(doc: dict, prof: dict, a) -> None:
-    """Each finished model's sampling rate again, alone on the device (what the table reports)."""
+def remeasure_rates(doc: dict, prof: dict, a, only) -> None:
+    """Each model this invocation trained (`only`), its sampling rate again, alone on the device (what the table
+    reports). Runs kept from an earlier results file are left as they were measured (their checkpoints may be on
+    another machine)."""
     import torch
 
     from cmfast.training.checkpoint import load_model
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for m, r in doc["runs"].items():
-        if "error" in r or not r.get("evals"):
+        if m not in only or "error" in r or not r.get("evals"):
             continue
         model, _ = load_model(r["run_dir"], which="ema", map_location=device)
         for ev in r["evals"]:

@@ -257,7 +257,7 @@ def test_parallel_mode_schedules_cd_after_the_teacher(tmp_path, monkeypatch, cap
     out = tmp_path / ("runs-fail-edm" if edm_fails else "runs")
     monkeypatch.setattr(ref, "child_argv", lambda m, a, res: [sys.executable, "-c", FAKE_CHILD, m, res, str(out)])
     measured = []
-    monkeypatch.setattr(ref, "remeasure_rates", lambda doc, prof, a: measured.append(sorted(doc["runs"])))
+    monkeypatch.setattr(ref, "remeasure_rates", lambda doc, prof, a, only: measured.append(sorted(doc["runs"])))
     results = tmp_path / "ref.json"
     rc = ref.main(["--profile", "smoke", "--out", str(out), "--results", str(results), "--parallel"])
     doc = json.loads(results.read_text())
@@ -322,3 +322,22 @@ def test_summary_table_from_named_runs(tmp_path):
     assert lines[2] == ("| sampling | 1 | 2.00 / - ms | 40.0 / - ms | 2.50 / - ms (reduce-overhead) | 20.00x / - | "
                         "1.25x / - |")
     assert lines[3] == "| training | 256 | - / - ms | - / - ms | - / - ms | - / - | - / - |"
+
+
+def test_rates_are_measured_again_only_for_the_runs_just_trained(monkeypatch):
+    """--parallel --only ct beside kept results (an earlier file's ict, its checkpoint elsewhere, its evals without
+    'steps'): only ct's rate is measured again; the kept run is left as it was, not loaded (that had raised)."""
+    import cmfast.training.checkpoint as ckpt
+    ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
+    loaded = []
+    monkeypatch.setattr(ckpt, "load_model", lambda path, which, map_location: (loaded.append(path), {})[::-1])
+    monkeypatch.setattr(ref, "sampling_rate", lambda model, device, batch, steps: 10.0 * steps)
+    doc = {"runs": {"ct": {"run_dir": "here/ct", "evals": [{"steps": 1, "sample_img_per_s": 3.0},
+                                                           {"steps": 2, "sample_img_per_s": 2.0}]},
+                    "ict": {"run_dir": "elsewhere/ict", "evals": [{"nfe": 1, "sample_img_per_s": 5.0}]}}}
+    a = type("A", (), dict(device="cpu"))
+    ref.remeasure_rates(doc, ref.PROFILES["smoke"], a, ["ct"])
+    assert loaded == ["here/ct"]
+    assert [e["sample_img_per_s"] for e in doc["runs"]["ct"]["evals"]] == [10.0, 20.0]
+    assert [e["sample_img_per_s_beside_runs"] for e in doc["runs"]["ct"]["evals"]] == [3.0, 2.0]
+    assert doc["runs"]["ict"]["evals"] == [{"nfe": 1, "sample_img_per_s": 5.0}]
