@@ -13,7 +13,7 @@ def _interpreter_rounds_bf16_to_nearest() -> None:
     """Triton's interpreter (3.8) truncates fp32 -> bf16 casts (it converts the bits without a rounding mode); a GPU
     rounds them to nearest even. Truncation biases every bf16 output of a kernel under test by up to an ulp, which
     the tests' ulp floor then has to absorb (the audit saw bf16 attention gradients fail the rule, and mixed-precision
-    skip_output pass by luck). The cast is made torch's round-to-nearest here, for the tests only."""
+    skip_output pass by luck). The cast rounds to nearest even here (as torch's), for the tests only."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     try:
@@ -30,10 +30,10 @@ def _interpreter_rounds_bf16_to_nearest() -> None:
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             # Round to nearest even on the bits, in numpy (no torch op: tests count the ops a kernel call makes)
-            bits = np.array(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            f = np.array(src.data, dtype=np.float32)
+            bits = f.view(np.uint32).astype(np.uint64)
             rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-            nan = np.isnan(np.array(src.data, dtype=np.float32))
-            return interpreter.TensorHandle(np.where(nan, np.uint16(0x7FC0), rounded), dst_type.scalar)
+            return interpreter.TensorHandle(np.where(np.isnan(f), np.uint16(0x7FC0), rounded), dst_type.scalar)
         return cast(self, src, dst_type)
     cast_impl.rounds_to_nearest = True
     builder.cast_impl = cast_impl

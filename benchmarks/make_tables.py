@@ -4,9 +4,8 @@
     python benchmarks/make_tables.py --readme README.md # replace the text between each pair of markers
 
 Summary: the headline rows of the quick runs named in SUMMARY_RUNS side by side; the continuous-time step: the runs
-named in SCT_RUNS. Throughput: the newest run per
-device (and per --quick / full). Reference runs (scripts/reference_runs.py): the
-newest per device, profile and batch, with the issue's goals checked from the numbers.
+named in SCT_RUNS. Throughput: the newest run per device (and per --quick / full). Reference runs
+(scripts/reference_runs.py): the newest per device, profile and batch, with the issue's goals checked from the numbers.
 """
 from __future__ import annotations
 
