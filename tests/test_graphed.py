@@ -158,8 +158,8 @@ def test_class_labels_are_checked_on_the_host(monkeypatch):
     context (the UNet's own range check runs for CPU tensors only). Bools and floats are not labels."""
     monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
     sampler = cmfast.GraphedSampler(_model(label_dim=4), 2, SHAPE, dtype=torch.float32)
-    for bad, what in (([0, 4], "0 <= label < 4, got 4"), ([-1, 2], "got -1"), ([True, False], "integer labels"),
-                      ([0.0, 1.0], "integer labels"), ([0, 1, 2], "integer labels")):
+    for bad, what in (([0, 4], "0 <= label < 4, got 4"), ([-1, 2], "got -1"), ([True, False], "integer class indices"),
+                      ([0.0, 1.0], "integer class indices"), ([0, 1, 2], "(2,) integer labels")):
         with pytest.raises(ValueError, match=re.escape(what)):
             sampler._run_uncaptured(class_labels=bad)
     assert sampler._run_uncaptured(class_labels=torch.tensor([3, 0])).shape == (2, *SHAPE)

@@ -89,6 +89,17 @@ class UNetBlock(nn.Module):
         return x
 
 
+def check_class_indices(labels: torch.Tensor, label_dim: int, values: bool = True) -> None:
+    """One-line ValueErrors for class indices that are not integers (floats, complex, bools) or, with `values` (one
+    host sync for a CUDA tensor), outside [0, label_dim)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"class_labels: expected integer class indices, got {labels.dtype}")
+    if values and labels.numel():
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+        if lo < 0 or hi >= label_dim:
+            raise ValueError(f"class_labels: expected 0 <= label < {label_dim}, got {lo if lo < 0 else hi}")
+
+
 class UNet(nn.Module):
     """EDM's SongUNet, or with arch="adm" its DhariwalUNet. F(x_in, c_noise, class_labels) -> F, the raw network of
     the preconditioned model.
@@ -257,12 +268,8 @@ class UNet(nn.Module):
     def _checked_indices(self, labels: torch.Tensor) -> torch.Tensor:
         """Class indices as int64, refused when not integers (1.5 would become class 1) or, where a check costs no
         device sync (CPU tensors), outside [0, label_dim)."""
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"class_labels: expected integer class indices, got {labels.dtype}")
-        if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi >= self.label_dim:
-                raise ValueError(f"class_labels: expected 0 <= label < {self.label_dim}, got {lo if lo < 0 else hi}")
+        check_class_indices(labels, self.label_dim,
+                            values=labels.device.type == "cpu" and not torch.compiler.is_compiling())
         return labels.long()
 
     def blocks(self) -> list[UNetBlock]:
