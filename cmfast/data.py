@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import tarfile
+import zlib
 
 import numpy as np
 import torch
@@ -185,7 +186,7 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:     # zlib.error: a .gz whose compressed stream is damaged
         raise DataError(f"{path}: unreadable ({e})") from None
     if len(raw) < 4 + 4 * ndim or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
         raise DataError(f"{path}: not a uint8 idx file of rank {ndim} (header {raw[:4].hex() or 'empty'})")

@@ -119,6 +119,19 @@ def test_fmnist_wrong_dims_and_not_gzip(tmp_path):
         data.load_fashion_mnist(str(tmp_path))
 
 
+def test_fmnist_damaged_gzip_stream(tmp_path):
+    """A .gz whose header is fine but whose deflate stream is damaged (a bad sector, a bit flip) raised zlib.error,
+    which no caller catches: a traceback from cmfast-train instead of a one-line DataError naming the file."""
+    write_fmnist(tmp_path, n=64)
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = bytearray(p.read_bytes())
+    raw[20:60] = bytes(range(40))       # inside the deflate stream, after the 10-byte gzip header
+    p.write_bytes(bytes(raw))
+    with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz: unreadable") as e:
+        data.load_fashion_mnist(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
 def test_fmnist_missing_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("CMFAST_OFFLINE", "1")
     with pytest.raises(data.DataError, match="dataset-fashion-mnist or put train-images-idx3-ubyte.gz"):
