@@ -274,13 +274,20 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
         arrs.append(a)
     labels = None
     if "dataset.json" in names:
-        table = dict(json.loads(read("dataset.json")).get("labels") or [])
+        try:    # EDM's layout: {"labels": [[file name, class], ...]} (or null)
+            table = dict(json.loads(read("dataset.json")).get("labels") or [])
+            table = {k: int(v) for k, v in table.items()}
+            if any(v < 0 for v in table.values()):
+                raise ValueError("a negative class")
+        except (ValueError, TypeError, AttributeError, OSError) as e:
+            raise DataError(f"{path}/dataset.json: expected {{\"labels\": [[file name, class >= 0], ...]}} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         if table:
             missing = [n for n in images if n.replace(os.sep, "/") not in table]
             if missing:     # a silent 0 would train a conditional model on wrong labels (EDM's loader fails too)
                 raise DataError(f"{path}/dataset.json: no label for {missing[0]}"
                                 + (f" and {len(missing) - 1} other image(s)" if len(missing) > 1 else ""))
-            labels = torch.tensor([int(table[n.replace(os.sep, "/")]) for n in images], dtype=torch.int64)
+            labels = torch.tensor([table[n.replace(os.sep, "/")] for n in images], dtype=torch.int64)
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
     return ImageDataset(x, labels, "folder", xflip=xflip)
 

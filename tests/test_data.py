@@ -184,6 +184,20 @@ def test_png_folder_and_zip(tmp_path):
         data.load_dataset("folder", str(tmp_path / "imgs"))
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"labels": [["img0000.png", "x"]]}',
+                                  '{"labels": [["img0000.png"]]}', '{"labels": 5}',
+                                  '{"labels": [' + ", ".join(f'["img{i:04d}.png", {i - 1}]' for i in range(3)) + "]}"])
+def test_png_folder_bad_dataset_json(tmp_path, text):
+    """A dataset.json that is not EDM's {"labels": [[name, class], ...]} (bad JSON, a list, a non-integer or negative
+    class, a pair of one) is a DataError naming the file; it was a JSONDecodeError without the file name, or an
+    AttributeError / TypeError traceback, or (a class -1) labels that break the class embedding later."""
+    write_png_folder(tmp_path / "imgs", n=3, size=8)
+    (tmp_path / "imgs" / "dataset.json").write_text(text)
+    with pytest.raises(data.DataError, match=r"imgs/dataset.json: expected \{\"labels\"") as e:
+        data.load_dataset("folder", str(tmp_path / "imgs"))
+    assert "\n" not in str(e.value)
+
+
 def test_png_modes_are_converted(tmp_path):
     """Palette images load as their colours (their indices read as gray levels before), gray + alpha as gray, RGBA
     as RGB; 16-bit pixels are refused in one line."""
