@@ -29,6 +29,7 @@ from .precond import check_sigma
 
 
 TIME_INPUTS = ("t", "1000t", "edm")
+PRIOR_WEIGHTINGS = ("none", "inv_sigma")   # w(t) of the sCM loss: 1, or 1 / (sd tan t) = 1 / sigma
 T_MID = 1.1      # sCM paper: two-step sampling's intermediate TrigFlow time (VE level sigma_data * tan(1.1))
 
 
@@ -126,6 +127,23 @@ def teacher_velocity(denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor, si
 
 
 # ---- The sCM objective (sCM Alg. 1) ----------------------------------------------------------------------------
+def check_prior_weighting(name: str, what: str = "prior_weighting") -> str:
+    if name not in PRIOR_WEIGHTINGS:
+        raise ValueError(f"{what}: expected one of {', '.join(PRIOR_WEIGHTINGS)}, got {name!r}")
+    return name
+
+
+def prior_weight(t: torch.Tensor, sigma_data: float = 0.5, name: str = "none") -> torch.Tensor | None:
+    """w(t) of the sCM loss, (B,) fp32, or None for w = 1 ('none'). 'inv_sigma': 1 / (sd tan t) = 1 / sigma, the
+    prior weighting NVIDIA FastGen's sCM applies by default (weight = 1 / sigma_t, prior_weighting_enabled) and other
+    sCT reimplementations compute; PAPER.md leaves w(t) open. With the adaptive weighting it is mostly absorbed: the
+    optimal logvar(t) = ln(w(t) E[err | t] / D) leaves w / exp(logvar) = D / E[err | t] whatever w is, so the two differ
+    mainly while logvar(t) is still being fitted (early training)."""
+    if check_prior_weighting(name) == "none":
+        return None
+    return 1.0 / (sigma_data * torch.tan(t.detach().float()))
+
+
 def tangent_warmup(step: int, warmup_steps: int = 10_000) -> float:
     """r of the tangent: 0 -> 1 linearly over warmup_steps (sCM Sec. 4.2, 'tangent warmup')."""
     return 1.0 if warmup_steps <= 0 else min(1.0, max(0.0, step / warmup_steps))
@@ -134,15 +152,19 @@ def tangent_warmup(step: int, warmup_steps: int = 10_000) -> float:
 def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None = None, step: int = 0,
              warmup_steps: int = 10_000, jvp: str = "fd", precision: str = DEFAULT_PRECISION,
              eps: float = DEFAULT_EPS, floor: float = DEFAULT_FLOOR, p_mean: float = -1.0, p_std: float = 1.4,
-             c: float = 0.1, generator=None, class_labels=None, order: int = DEFAULT_ORDER) -> torch.Tensor:
+             c: float = 0.1, generator=None, class_labels=None, order: int = DEFAULT_ORDER,
+             prior_weighting: str = "none") -> torch.Tensor:
     """Per-sample sCM loss (B,): sCT without a teacher (dx_t/dt = cos t z - sin t x0 with z of std sd), sCD with
     an EDM denoiser as teacher. The online forward F (with grad, in the caller's autocast) records its dropout
     masks; dF-/dt is the JVP of the same network (same masks, theta- = stopgrad theta) along (dx_t/dt, 1):
     jvp='fd' by finite differences (one no-grad forward of 2B, step eps * max(t, floor), in `precision`; order=4:
     the 4-point stencil, one forward of 4B, folded into the pair the loss takes, see cmfast.jvp.fd_pair),
-    jvp='exact' by torch.func.jvp. The fused op cmfast.ops.trig_tangent_loss forms g, normalizes and weights."""
+    jvp='exact' by torch.func.jvp. The fused op cmfast.ops.trig_tangent_loss forms g, normalizes and weights.
+    prior_weighting: w(t) multiplying the squared error beside the adaptive weighting, 'none' (w = 1) or
+    'inv_sigma' (w = 1 / (sd tan t), the VE level's inverse; see prior_weight)."""
     if jvp not in ("fd", "exact"):
         raise ValueError(f"jvp: expected 'fd' or 'exact', got {jvp!r}")
+    check_prior_weighting(prior_weighting)
     order = check_order(order)
     B, sd = x0.shape[0], model.sigma_data
     x0 = x0.float()
@@ -156,7 +178,8 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
     with dropout_masks(record=masks):
         F = model.backbone(x_t, t, class_labels)
     logvar = model.logvar(t)
-    common = dict(logvar=logvar, r=tangent_warmup(step, warmup_steps), sigma_data=sd, c=c)
+    common = dict(logvar=logvar, weight=prior_weight(t, sd, prior_weighting), r=tangent_warmup(step, warmup_steps),
+                  sigma_data=sd, c=c)
     net = model.backbone
     if precision == "fp64":   # the backbone with fp64 copies of the weights (the model itself stays fp32)
         net64, sign = fp64_call(model.net), -1.0 if model.time_input == "edm" else 1.0

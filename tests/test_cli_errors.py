@@ -156,6 +156,8 @@ def test_method_arguments_are_checked_before_anything_is_written(capsys, tmp_pat
                        (["--method", "ct", "--s0", "10", "--s1", "2"], "--s1 2 is below --s0 10"),
                        (["--method", "ct", "--method-arg", "match_reference_code=1"], "expected true or false"),
                        (["--method", "sct", "--method-arg", "jvp=1"], "--method-arg jvp: expected a name"),
+                       (["--method", "sct", "--method-arg", "prior_weighting=tan"],
+                        "prior_weighting: expected one of none, inv_sigma, got 'tan'"),
                        (["--lr", "nan"], "expected a finite number, got nan")):
         fails(capsys, train_main, base + extra, msg, "cmfast-train")
     assert not out.exists()

@@ -299,3 +299,26 @@ def test_sct_step_on_gpu_fused_kernels_match_reference():
         torch.testing.assert_close(out[name][0], out["torch"][0], rtol=2e-2, atol=2e-3)
         g, ref = out[name][1], out["torch"][1]
         assert float((g - ref).norm() / ref.norm()) < 5e-2, name   # bf16 online forward on both sides
+
+
+@pytest.mark.parametrize("jvp", ["fd", "exact"])
+def test_prior_weighting_inv_sigma_scales_each_sample_by_one_over_sigma(jvp):
+    """prior_weighting 'inv_sigma': each sample's squared error times 1 / (sd tan t) = 1 / sigma, t the sample's own
+    time (drawn first from the generator). With the adaptive head at its zero init (logvar = 0) the loss is the bare
+    weighted error, so the ratio to the unweighted loss is exactly the weight; the gradient scales the same way."""
+    model = TrigFlowModel(_net(dropout=0.0))
+    x0 = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(5)).clamp(-1, 1)
+    out = {}
+    for w in ("none", "inv_sigma"):
+        model.zero_grad()
+        loss = sct_loss(model, x0, jvp=jvp, warmup_steps=0, generator=torch.Generator().manual_seed(7),
+                        prior_weighting=w)
+        loss[0].backward()
+        out[w] = (loss.detach().double(), model.net.enc["8x8_conv"].weight.grad.clone())
+    t = sample_time(6, SD, -1.0, 1.4, torch.Generator().manual_seed(7)).double()
+    w = 1.0 / (SD * torch.tan(t))
+    assert float(w.max() / w.min()) > 2                       # the draws span levels whose weights differ
+    torch.testing.assert_close(out["inv_sigma"][0], out["none"][0] * w, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["inv_sigma"][1], out["none"][1] * float(w[0]), rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="prior_weighting: expected one of none, inv_sigma, got 'tan'"):
+        sct_loss(model, x0, prior_weighting="tan")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from ..jvp import DEFAULT_EPS, DEFAULT_ORDER, DEFAULT_PRECISION, PRECISIONS, check_order
-from ..trigflow import T_MID, TrigFlowModel, scm_loss, tangent_warmup
+from ..trigflow import T_MID, TrigFlowModel, check_prior_weighting, scm_loss, tangent_warmup
 from .methods import Method, register
 
 
@@ -24,7 +24,8 @@ class SCT(Method):
                 "fd_precision": DEFAULT_PRECISION,     # forwards of the finite difference: fp64/fp32/tf32/bf16/fp16
                 "fd_eps": DEFAULT_EPS,                 # step h = fd_eps * max(t, floor)
                 "fd_order": DEFAULT_ORDER,             # points of the central difference: 2 (forward of 2B) or 4 (4B)
-                "time_input": "t"}                     # c_noise(t): 't', '1000t', or 'edm' (EDM weights as is)
+                "time_input": "t",                     # c_noise(t): 't', '1000t', or 'edm' (EDM weights as is)
+                "prior_weighting": "none"}             # w(t): 'none' (1) or 'inv_sigma' (1 / (sd tan t))
 
     def check_args(self, args: dict) -> None:
         """One-line ValueErrors for bad JVP settings, raised when the config is resolved (before any data/model)."""
@@ -33,6 +34,7 @@ class SCT(Method):
         if args["fd_precision"] not in PRECISIONS:
             raise ValueError(f"fd_precision: expected one of {', '.join(PRECISIONS)}, got {args['fd_precision']!r}")
         check_order(args["fd_order"], "fd_order")
+        check_prior_weighting(args["prior_weighting"])
         if not 0.0 <= float(args["warmup_frac"]) <= 1.0:
             raise ValueError(f"warmup_frac: expected a fraction of the steps in [0, 1], got {args['warmup_frac']!r}")
 
@@ -57,7 +59,8 @@ class SCT(Method):
         warmup = self.warmup_steps(cfg)
         loss = scm_loss(models["model"], x, models.get("teacher"), step, warmup, a["jvp"],
                         a["fd_precision"], a["fd_eps"], p_mean=a["p_mean"], p_std=a["p_std"], c=a["c"],
-                        generator=generator, class_labels=class_labels, order=a["fd_order"])
+                        generator=generator, class_labels=class_labels, order=a["fd_order"],
+                        prior_weighting=a["prior_weighting"])
         return loss, {"r": tangent_warmup(step, warmup)}
 
 
