@@ -322,3 +322,18 @@ def test_prior_weighting_inv_sigma_scales_each_sample_by_one_over_sigma(jvp):
     torch.testing.assert_close(out["inv_sigma"][1], out["none"][1] * float(w[0]), rtol=1e-4, atol=1e-9)
     with pytest.raises(ValueError, match="prior_weighting: expected one of none, inv_sigma, got 'tan'"):
         sct_loss(model, x0, prior_weighting="tan")
+
+
+def test_sct_warns_of_a_fourier_time_embedding():
+    """sCM Sec. 4.1: large Fourier scales (NCSN++'s embedding) make continuous-time training unstable. The method
+    says so in one line at the start of a run (positional-embedding presets, and the discrete methods, say nothing)."""
+    from cmfast.training.config import resolve
+    from cmfast.training.methods import get_method
+    for method in ("sct", "scd", "ict"):
+        for preset in ("ncsnpp-cifar10", "ddpmpp-cifar10"):
+            cfg = resolve({"method": method, "preset": preset, "dataset": "cifar10", "teacher": "t"})
+            notes = get_method(method).warnings(cfg)
+            if method != "ict" and preset == "ncsnpp-cifar10":
+                assert len(notes) == 1 and f"--method {method} with the Fourier time embedding" in notes[0]
+            else:
+                assert notes == []

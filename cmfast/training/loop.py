@@ -246,6 +246,8 @@ def _train(args: dict) -> dict:
             + (f"steps {step} -> {cfg['total_steps']}" if not cfg.get("time_budget") or cfg.get("planned") else
                f"steps from {step}, as many as fit in --time-budget {cfg['time_budget']:g} min (planned after "
                f"{PROBE_UNTIMED + PROBE_TIMED} steps)"))
+        for note in method.warnings(cfg):
+            log(f"warning: {note}")
         if teacher is not None and cfg["init_from_teacher"] and step == 0:
             log("the student starts from the teacher's weights" if init_from_teacher else
                 "the student starts from random weights: its network differs from the teacher's")

@@ -138,6 +138,10 @@ class Method:
     def wrap(self, net: nn.Module, cfg: dict) -> nn.Module:
         return (EDMDenoiser if self.kind == "edm" else ConsistencyModel)(net, **_sigma_kwargs(cfg))
 
+    def warnings(self, cfg: dict) -> list[str]:
+        """Settings that run but that the method's paper advises against: one line each, logged at the start."""
+        return []
+
     def sampling_sigmas(self, cfg: dict) -> dict | None:
         """The method's own sampling levels by step count ({"2": [sigma_max, level]}), recorded in the config
         (cfg['sampling_sigmas']) for cmfast-sample / cmfast-eval / the loop's grids; None: the defaults (ECT's 0.821)."""

@@ -38,6 +38,15 @@ class SCT(Method):
         if not 0.0 <= float(args["warmup_frac"]) <= 1.0:
             raise ValueError(f"warmup_frac: expected a fraction of the steps in [0, 1], got {args['warmup_frac']!r}")
 
+    def warnings(self, cfg) -> list[str]:
+        """The sCM paper (Sec. 4.1, Fig. 4) finds a Fourier time embedding of large scale (NCSN++'s, EDM's scale 16)
+        unstable for continuous-time training: dF/dt grows with the scale. A positional embedding is its choice."""
+        if (cfg.get("net") or {}).get("embedding_type") == "fourier":
+            return [f"--method {self.name} with the Fourier time embedding of preset {cfg['preset']}: the sCM paper "
+                    "(Sec. 4.1) finds large Fourier scales unstable for continuous-time training; a positional "
+                    "embedding (e.g. ddpmpp-cifar10) is its choice"]
+        return []
+
     def sampling_sigmas(self, cfg):
         """Two steps at the sCM paper's intermediate time t = 1.1: VE level sigma_data * tan(1.1) (0.982 at 0.5),
         not ECT's 0.821."""
