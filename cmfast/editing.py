@@ -33,6 +33,7 @@ def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None):
     x += sqrt(s^2 - sigma_min^2) n. n is drawn as torch.randn(y.shape, generator=generator, ...) on y's device."""
     smin, smax = noise_range(model)
     s = check_sigmas(sigmas, smin, smax)
+    A, A_inv = _exact(A, y.device.type), _exact(A_inv, y.device.type)
     known = known.to(device=y.device, dtype=y.dtype)
     kept = A(y) * known
     x = A_inv(kept) if start is None else start
@@ -41,6 +42,15 @@ def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None):
         x = x + std * torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
         x = A_inv(kept + A(model(x, sigma).to(y.dtype).clamp(-1, 1)) * (1 - known))
     return _fit_box(x, kept, A, A_inv, known)
+
+
+def _exact(fn, device_type):
+    """fn with autocast off: under a caller's autocast (how the backbone runs in bf16 / fp16) the transforms' matmuls
+    would run in bf16 / fp16, and the kept coefficients would come back off by ~1e-2. Only the model runs autocast."""
+    def run(v):
+        with torch.autocast(device_type, enabled=False):
+            return fn(v)
+    return run
 
 
 def _fit_box(x, kept, A, A_inv, known, iters: int = 60):

@@ -91,6 +91,17 @@ def test_super_resolve_low_res_input_is_its_patch_means(model, images):
                        edit.super_resolve(model, full, 4, (80.0,), gen()))
 
 
+def test_kept_content_exact_under_autocast(model, images):
+    """The backbone runs in bf16 under the caller's autocast; the transforms A, A^-1 must not (bf16 matmuls left the
+    kept luminance off by 7e-3 and patch means by 1e-3, and returned bf16 images)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        col = edit.colorize(model, images[:, :1], SIGMAS, gen())
+        sr = edit.super_resolve(model, images, 4, SIGMAS, gen())
+    assert col.dtype == sr.dtype == torch.float32
+    torch.testing.assert_close((col * LUM).sum(1, keepdim=True), 0.9999 * images[:, :1], rtol=0, atol=2e-6)
+    torch.testing.assert_close(F.avg_pool2d(sr, 4), F.avg_pool2d(images, 4), rtol=0, atol=1e-6)
+
+
 def test_fit_box_moves_only_out_of_range_groups():
     # colour basis, a kept luminance beside a saturated colour: the fitted pixel keeps Y and lies in [-1, 1]
     Q = edit.luminance_basis()
