@@ -184,8 +184,12 @@ def _train(args: dict) -> dict:
                          and architecture(tcfg["net"]) == architecture(cfg["net"]))
     if init_from_teacher:
         net.load_state_dict(teacher.net.state_dict())
-    torch.manual_seed(cfg["seed"] + rank)
+    # build() draws random state outside the backbone that DDP does not broadcast (sCT's logvar head: its Fourier
+    # frequencies): from the same seed on every rank, as one process draws it; then each rank's own dropout stream.
+    torch.manual_seed(cfg["seed"])
     models = method.build(net, cfg, teacher)
+    if rank:
+        torch.manual_seed(cfg["seed"] + rank)
     for m in models.values():
         m.to(device)
     model = models["model"]
@@ -262,6 +266,10 @@ def _train(args: dict) -> dict:
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
     local, rounds = cfg["batch_size"] // world, cfg["batch_size"] // world // cfg["batch_gpu"]
     params = [p for p in model.parameters() if p.requires_grad]
+    # Trained parameters outside the DDP-wrapped backbone (sCT / sCD's logvar head): DDP does not reduce their
+    # gradients, so they join the step's one all-reduce below, averaged over the ranks as DDP averages the backbone's.
+    unwrapped = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("net.")] \
+        if world > 1 else []
     tick = {"loss": 0.0, "gnorm": 0.0, "n": 0, "t0": time.time(), "step0": step, "warmup": bool(compiled)}
     row, consecutive_bad = {}, 0
     limit_s = None if cfg.get("time_limit") is None else cfg["time_limit"] * 60.0
@@ -302,8 +310,15 @@ def _train(args: dict) -> dict:
             # One collective per step: the global loss sum and the stop request (every rank stops together).
             timed_out = limit_s is not None and time.monotonic() - t_start > limit_s
             red = torch.stack([loss_sum, torch.tensor(float(stop["signal"] > 0 or timed_out), device=device)])
+            if unwrapped:
+                red = torch.cat([red, *((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                                        for p in unwrapped)])
             if world > 1:
                 torch.distributed.all_reduce(red)
+            at = 2
+            for p in unwrapped:
+                p.grad = (red[at:at + p.numel()] / world).view_as(p).to(p.dtype)
+                at += p.numel()
             if scaler:
                 scaler.unscale_(opt)
             gnorm_t = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
