@@ -33,6 +33,7 @@ def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None):
     x += sqrt(s^2 - sigma_min^2) n. n is drawn as torch.randn(y.shape, generator=generator, ...) on y's device."""
     smin, smax = noise_range(model)
     s = check_sigmas(sigmas, smin, smax)
+    _check_generator(generator, y.device)
     A, A_inv = _exact(A, y.device.type), _exact(A_inv, y.device.type)
     known = known.to(device=y.device, dtype=y.dtype)
     kept = A(y) * known
@@ -124,6 +125,19 @@ def image_shape(model):
     return (int(c), int(r), int(r)) if isinstance(c, int) and isinstance(r, int) else None
 
 
+def _model_device(model):
+    """The device of the model's parameters, or None when it has none to show (a plain callable)."""
+    params = getattr(model, "parameters", None)
+    p = next(iter(params()), None) if callable(params) else None
+    return None if p is None else p.device
+
+
+def _check_generator(generator, device):
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator: expected a torch.Generator on {device.type} (the images' device), got one on "
+                         f"{generator.device.type}")
+
+
 def _check_images(model, x, what="images", channels=None, in_range=True, size=None):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
         raise ValueError(f"{what}: expected a float tensor (B, C, H, W), got "
@@ -135,6 +149,9 @@ def _check_images(model, x, what="images", channels=None, in_range=True, size=No
     if x.shape[1] not in want_c or tuple(x.shape[2:]) != tuple(want_hw):
         raise ValueError(f"{what}: expected (B, {' or '.join(map(str, want_c))}, {want_hw[0]}, {want_hw[1]}) for "
                          f"this model, got {tuple(x.shape)}")
+    dev = _model_device(model)
+    if dev is not None and x.device != dev:
+        raise ValueError(f"{what}: expected a tensor on {dev} (the model's device), got one on {x.device}")
     if in_range and not bool(((x >= -1 - 1e-6) & (x <= 1 + 1e-6)).all()):
         raise ValueError(f"{what}: expected values in [-1, 1], got [{float(x.min()):.4g}, {float(x.max()):.4g}]")
     return x.float().clamp(-1, 1) if in_range else x.float()
@@ -236,6 +253,9 @@ def interpolate(model, z0, z1, alphas, sigma=80.0, sigmas=None, generator=None):
     if not isinstance(z1, torch.Tensor) or z1.shape != z0.shape:
         raise ValueError(f"z1: expected the shape of z0 {tuple(z0.shape)}, got "
                          f"{tuple(z1.shape) if isinstance(z1, torch.Tensor) else type(z1).__name__}")
+    if z1.device != z0.device:
+        raise ValueError(f"z1: expected a tensor on z0's device {z0.device}, got one on {z1.device}")
+    _check_generator(generator, z0.device)
     z = slerp(z0, z1, alphas)
     x = sample(model, z.reshape(-1, *z0.shape[1:]), (sigma,) if sigmas is None else sigmas, generator)
     return x.reshape(z.shape)

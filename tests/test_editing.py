@@ -199,6 +199,24 @@ def test_bad_inputs(model, images):
             fn()
 
 
+def test_wrong_device_is_a_clear_error(model, images):
+    """Images on another device than the model, or a generator on another than the images, raised a RuntimeError
+    from inside the network or torch.randn; now a ValueError naming both devices (a 'meta' model stands in for a
+    CUDA one on a CPU-only machine)."""
+    import copy
+    meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match="images: expected a tensor on meta .the model's device., got one on cpu"):
+        edit.inpaint(meta, images, torch.ones(1, 1, RES, RES), SIGMAS)
+    with pytest.raises(ValueError, match="noisy: expected a tensor on meta"):
+        edit.denoise(meta, images, 0.5)
+    z = torch.zeros(1, 3, RES, RES, device="meta")
+    with pytest.raises(ValueError, match="generator: expected a torch.Generator on meta .the images' device., got "
+                                         "one on cpu"):
+        edit.interpolate(meta, z, z, [0.5], sigmas=SIGMAS, generator=gen())
+    with pytest.raises(ValueError, match="z1: expected a tensor on z0's device"):
+        edit.interpolate(model, images[:1], z, [0.5])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_editing_on_cuda(model, images):
@@ -214,6 +232,10 @@ def test_editing_on_cuda(model, images):
     torch.testing.assert_close((col * LUM.cuda()).sum(1, keepdim=True), 0.9999 * x[:, :1], rtol=0, atol=2e-6)
     sr = edit.super_resolve(m, x, 4, SIGMAS, cg())
     torch.testing.assert_close(F.avg_pool2d(sr, 4), F.avg_pool2d(x, 4), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="images: expected a tensor on cuda:0 .the model's device., got one on cpu"):
+        edit.inpaint(m, images, mask.cpu(), SIGMAS)
+    with pytest.raises(ValueError, match="generator: expected a torch.Generator on cuda"):
+        edit.colorize(m, x[:, :1], SIGMAS, gen())
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
