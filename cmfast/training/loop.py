@@ -210,8 +210,13 @@ def _train(args: dict) -> dict:
 
     compiled = compile_nets(models, cfg["compile"])   # in place, before DDP wraps model.net (PyTorch's advice)
     if world > 1:    # DDP wraps the backbone, so method code keeps model.sigma_min etc.; state dicts are unwrapped
-        model.net = torch.nn.parallel.DistributedDataParallel(
-            model.net, device_ids=[device.index] if device.type == "cuda" else None)
+        # Its buffers (resampling filters, Fourier frequencies) are constants, the same on every rank: no broadcast at
+        # each forward, a collective that also failed inside torch.func.jvp (sCT / sCD's jvp=exact: 'mutate a captured
+        # Tensor'). torch >= 2.13 names the flag forward_sync_buffers (broadcast_buffers is deprecated there).
+        ddp = torch.nn.parallel.DistributedDataParallel
+        no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                          else "broadcast_buffers": False}
+        model.net = ddp(model.net, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
     def state_dicts():
         sds = {"model": _bare(model)}
