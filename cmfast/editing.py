@@ -4,6 +4,8 @@ Every task is one call of `edit`: an orthonormal transform A given as two functi
 `known` over A's coefficients (1 = known, i.e. 1 - Omega of the paper) and a reference image y. Each step denoises,
 clamps to [-1, 1] (as the reference code does) and puts y's known coefficients back, so they come out exact.
 The model is called through one callable, `model(x, sigma)`: a compiled or graphed model can be passed.
+The noise comes from `generator`, or from `noise=` (one tensor shaped like the output per level), which lets a
+caller make each image's noise its own, whatever batch it is edited in (cmfast-edit does).
 """
 from __future__ import annotations
 
@@ -27,12 +29,16 @@ def noise_range(model):
 
 # ---- Algorithm 4 -------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None):
+def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None, noise=None):
     """Algorithm 4 over decreasing `sigmas`: x = start + sigmas[0] n (start defaults to A^-1[(A y) known], line 1),
     then per level s: x = A^-1[(A y) known + (A clamp(f(x, s))) (1 - known)] and, before every later level,
-    x += sqrt(s^2 - sigma_min^2) n. n is drawn as torch.randn(y.shape, generator=generator, ...) on y's device."""
+    x += sqrt(s^2 - sigma_min^2) n. n is drawn as torch.randn(y.shape, generator=generator, ...) on y's device, or,
+    given `noise` (one tensor shaped like y per level), taken from it."""
     smin, smax = noise_range(model)
     s = check_sigmas(sigmas, smin, smax)
+    if noise is not None and (len(noise) != len(s) or any(tuple(n.shape) != tuple(y.shape) for n in noise)):
+        raise ValueError(f"noise: expected {len(s)} tensor(s) shaped {tuple(y.shape)}, one per level, got "
+                         f"{[tuple(n.shape) for n in noise]}")
     _check_generator(generator, y.device)
     A, A_inv = _exact(A, y.device.type), _exact(A_inv, y.device.type)
     known = known.to(device=y.device, dtype=y.dtype)
@@ -40,7 +46,9 @@ def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None):
     x = A_inv(kept) if start is None else start
     for i, sigma in enumerate(s):
         std = sigma if i == 0 else math.sqrt(sigma ** 2 - smin ** 2)
-        x = x + std * torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) if noise is None else \
+            noise[i].to(device=y.device, dtype=y.dtype)
+        x = x + std * n
         x = A_inv(kept + A(model(x, sigma).to(y.dtype).clamp(-1, 1)) * (1 - known))
     return _fit_box(x, kept, A, A_inv, known)
 
@@ -158,7 +166,7 @@ def _check_images(model, x, what="images", channels=None, in_range=True, size=No
 
 
 # ---- Tasks ---------------------------------------------------------------------------------------------------------
-def inpaint(model, images, mask, sigmas, generator=None):
+def inpaint(model, images, mask, sigmas, generator=None, noise=None):
     """Fill the pixels where mask == 0; pixels where mask == 1 are kept exactly. A = I.
     images (B, C, H, W) in [-1, 1]; mask (B or 1, 1 or C, H, W) of 0 / 1."""
     y = _check_images(model, images)
@@ -169,10 +177,10 @@ def inpaint(model, images, mask, sigmas, generator=None):
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"mask: expected binary values (1 = known, 0 = to generate), got {mask.unique()[:4].tolist()}")
-    return edit(model, y, _identity, _identity, mask.to(y.device, torch.float32), sigmas, generator)
+    return edit(model, y, _identity, _identity, mask.to(y.device, torch.float32), sigmas, generator, noise=noise)
 
 
-def colorize(model, images, sigmas, generator=None):
+def colorize(model, images, sigmas, generator=None, noise=None):
     """Colour a grayscale image, keeping its luminance 0.2989 R + 0.5870 G + 0.1140 B (0.9999 g for a 1-channel
     gray g, which is repeated to RGB). A 3-channel input keeps its luminance; its colour is discarded."""
     chw = image_shape(model)
@@ -182,7 +190,7 @@ def colorize(model, images, sigmas, generator=None):
     Q = luminance_basis().to(y.device)
     known = torch.tensor([1.0, 0.0, 0.0], device=y.device).reshape(1, 3, 1, 1)
     return edit(model, y, lambda x: torch.einsum("bchw,cd->bdhw", x, Q),
-                lambda c: torch.einsum("bdhw,cd->bchw", c, Q), known, sigmas, generator)
+                lambda c: torch.einsum("bdhw,cd->bchw", c, Q), known, sigmas, generator, noise=noise)
 
 
 def _to_patches(x, k):   # (B, C, H, W) -> (B, C, H/k, W/k, k*k), row-major within a patch
@@ -195,7 +203,7 @@ def _from_patches(p, k):
     return p.reshape(B, C, h, w, k, k).permute(0, 1, 2, 4, 3, 5).reshape(B, C, h * k, w * k)
 
 
-def super_resolve(model, images, factor, sigmas, generator=None):
+def super_resolve(model, images, factor, sigmas, generator=None, noise=None):
     """Upsample by an integer `factor`, keeping every factor x factor patch mean. `images` is either the low-res
     image (H / factor: each pixel is one patch mean) or a full-size image whose patch means are used (as in the
     reference code); the model's resolution tells which (without one, full-size is assumed)."""
@@ -214,10 +222,10 @@ def super_resolve(model, images, factor, sigmas, generator=None):
     known = torch.zeros(factor * factor, device=y.device)
     known[0] = 1
     return edit(model, y, lambda x: _to_patches(x, factor) @ Q, lambda c: _from_patches(c @ Q.T, factor),
-                known, sigmas, generator)
+                known, sigmas, generator, noise=noise)
 
 
-def stroke_guided(model, strokes, sigma_start, sigmas=(), generator=None):
+def stroke_guided(model, strokes, sigma_start, sigmas=(), generator=None, noise=None):
     """SDEdit-style generation from a stroke painting: x = f(strokes + sigma_start n, sigma_start), then multistep
     sampling (Algorithm 1, clamped) over `sigmas`, which must all lie below sigma_start."""
     smin, smax = noise_range(model)
@@ -228,7 +236,8 @@ def stroke_guided(model, strokes, sigma_start, sigmas=(), generator=None):
     if rest and max(rest) >= float(sigma_start):
         raise ValueError(f"sigmas: expected levels below sigma_start = {sigma_start}, got {rest}")
     y = _check_images(model, strokes, what="strokes")
-    return edit(model, y, _identity, _identity, torch.zeros(()), (float(sigma_start), *rest), generator, start=y)
+    return edit(model, y, _identity, _identity, torch.zeros(()), (float(sigma_start), *rest), generator, start=y,
+                noise=noise)
 
 
 def slerp(z0, z1, alphas):

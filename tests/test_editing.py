@@ -313,6 +313,37 @@ def test_cli_pretrained_colorize_stroke_denoise(cli_env, model, monkeypatch):
         assert Image.open(tmp / task / f"{task}_grid.png").size == (cols * (RES + 2) + 2, 2 * (RES + 2) + 2)
 
 
+def test_cli_output_does_not_depend_on_batch_size(cli_env):
+    """--batch-size is a performance knob: each image's noise is its own (seed, index, level). One generator drawing
+    batch after batch gave other images for another --batch-size (up to 220 gray levels apart)."""
+    from PIL import Image
+    from cmfast.cli.edit import main
+    ckpt, inp, tmp = cli_env
+    for task in ("inpaint", "denoise"):
+        for bs in (1, 2):
+            assert main([task, "--checkpoint", ckpt, "--input", str(inp), "--steps", "2", "--seed", "3",
+                         "--batch-size", str(bs), "--out", str(tmp / f"{task}{bs}")]) == 0
+        for i in range(2):
+            a, b = (np.asarray(Image.open(tmp / f"{task}{bs}" / f"img{i}_{task}.png")).astype(int) for bs in (1, 2))
+            assert np.abs(a - b).max() <= 1          # float rounding of a batched convolution at most
+
+
+def test_noise_argument_makes_images_independent_of_their_batch(model, images):
+    """noise= (one tensor per level, shaped like the output) replaces the generator: image i of a batch is the image
+    edited alone with its slice of the noise."""
+    n = [torch.randn(images.shape, generator=gen(k)) for k in range(2)]
+    mask = torch.ones(1, 1, RES, RES)
+    mask[..., 4:12, 4:12] = 0
+    for fn in (lambda x, z: edit.inpaint(model, x, mask, SIGMAS, noise=z),
+               lambda x, z: edit.super_resolve(model, x, 4, SIGMAS, noise=z),
+               lambda x, z: edit.stroke_guided(model, x, 3.0, (0.5,), noise=z)):
+        both = fn(images, n)
+        for i in range(2):
+            torch.testing.assert_close(both[i:i + 1], fn(images[i:i + 1], [z[i:i + 1] for z in n]), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"noise: expected 2 tensor\(s\) shaped \(2, 3, 16, 16\), one per level"):
+        edit.inpaint(model, images, mask, SIGMAS, noise=n[:1])
+
+
 @pytest.mark.parametrize("args, msg", [
     (["inpaint", "--checkpoint", "MISSING", "--input", "IN"], "checkpoint not found"),
     (["inpaint", "--input", "SMALL"], "expected 16x16 pixels"),

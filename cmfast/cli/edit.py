@@ -115,30 +115,33 @@ def center_mask(h, w):
 
 
 def run(model, task, images=None, *, sigmas, mask=None, factor=None, sigma=0.5, pairs=4, alphas=9,
-        generator=None):
+        generator=None, noise=None):
     """One task on a batch: (results (N, C, H, W), grid rows [[before..., after]]). images: (N, C, H, W) in
-    [-1, 1] (None for interpolate); sigmas: the levels (stroke: the first is the start)."""
+    [-1, 1] (None for interpolate); sigmas: the levels (stroke: the first is the start); noise: None (drawn with
+    `generator`) or one tensor shaped like the results per level (denoise: one), not for interpolate."""
     import torch
     from .. import editing as E
     dev = images.device if images is not None else next(model.parameters()).device
     if task == "inpaint":
         m = center_mask(*images.shape[2:]).to(dev) if mask is None else mask.to(dev)
-        out = E.inpaint(model, images, m, sigmas, generator)
+        out = E.inpaint(model, images, m, sigmas, generator, noise=noise)
         before = [images, images * m]             # unknown pixels shown as 0 (mid-gray)
     elif task == "colorize":
-        out = E.colorize(model, images, sigmas, generator)
+        out = E.colorize(model, images, sigmas, generator, noise=noise)
         w = torch.tensor(E.LUMINANCE, device=dev).reshape(1, 3, 1, 1)
         before = [(images.expand(-1, 3, -1, -1) * w).sum(1, keepdim=True)]
     elif task == "super-resolve":
-        out = E.super_resolve(model, images, factor, sigmas, generator)
+        out = E.super_resolve(model, images, factor, sigmas, generator, noise=noise)
         low = images.shape[-1] != out.shape[-1]     # a low-res input is its own patch means
         means = images if low else torch.nn.functional.avg_pool2d(images, factor)
         before = ([] if low else [images]) + [means.repeat_interleave(factor, 2).repeat_interleave(factor, 3)]
     elif task == "stroke":
-        out = E.stroke_guided(model, images, sigmas[0], sigmas[1:], generator)
+        out = E.stroke_guided(model, images, sigmas[0], sigmas[1:], generator, noise=noise)
         before = [images]
     elif task == "denoise":
-        noisy = images + sigma * torch.randn(images.shape, generator=generator, device=dev, dtype=images.dtype)
+        n = torch.randn(images.shape, generator=generator, device=dev, dtype=images.dtype) if noise is None else \
+            noise[0].to(dev, images.dtype)
+        noisy = images + sigma * n
         out = E.denoise(model, noisy, sigma)
         before = [images, noisy]
     elif task == "interpolate":
@@ -164,6 +167,7 @@ def main(argv=None):
     _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
     import torch
     from .. import editing as E
+    from ..sampling import image_noise
     from ._png import grid, load_png, png_files, save_png
     try:
         _common.check_output_dir(args.out, "--out")
@@ -207,8 +211,11 @@ def main(argv=None):
         rows, n = [], (args.pairs if args.task == "interpolate" else len(files))
         for i in range(0, n, args.batch_size if args.task != "interpolate" else n):
             batch = None if images is None else images[i:i + args.batch_size]
+            noise = None if batch is None else [      # each image's own (seed, index, level): --batch-size changes nothing
+                image_noise(args.seed, i, len(batch), (3 if args.task == "colorize" else C, H, W), draw=k).to(device)
+                for k in range(1 if args.task == "denoise" else len(sigmas))]
             out, r = run(model, args.task, batch, sigmas=sigmas, mask=mask, factor=args.factor, sigma=args.sigma,
-                         pairs=args.pairs, alphas=args.alphas, generator=gen)
+                         pairs=args.pairs, alphas=args.alphas, generator=gen, noise=noise)
             rows += r
             for j, x in enumerate(out):
                 name = (f"pair{(j // args.alphas) + i}_{j % args.alphas}" if args.task == "interpolate"
