@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .precond import check_sigma
 from .sampling import check_sigmas, sample
 
 LUMINANCE = (0.2989, 0.5870, 0.1140)   # Y = 0.2989 R + 0.5870 G + 0.1140 B, the weights of the CM reference code
@@ -272,5 +273,8 @@ def interpolate(model, z0, z1, alphas, sigma=80.0, sigmas=None, generator=None):
 
 @torch.no_grad()
 def denoise(model, noisy, sigma):
-    """One evaluation f(noisy, sigma): the consistency model's estimate of the clean image."""
-    return model(_check_images(model, noisy, what="noisy", in_range=False), sigma)
+    """One evaluation f(noisy, sigma): the consistency model's estimate of the clean image. sigma: a number or one
+    per image, in [sigma_min, sigma_max] (the range the other tasks' levels must lie in)."""
+    x = _check_images(model, noisy, what="noisy", in_range=False)
+    check_sigma(sigma, x, *noise_range(model))
+    return model(x, sigma)

@@ -193,6 +193,7 @@ def test_bad_inputs(model, images):
         (lambda: edit.inpaint(model, images[..., :8, :8], ok, SIGMAS), "for this model"),
         (lambda: edit.colorize(model, images[:, :2], SIGMAS), "for this model"),
         (lambda: edit.denoise(model, images[0], 1.0), r"\(B, C, H, W\)"),
+        (lambda: edit.denoise(model, images, 200.0), "sigma: expected noise levels <= sigma_max = 80.0, got 200"),
     ]
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):
