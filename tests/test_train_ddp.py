@@ -23,7 +23,7 @@ def _train(tmp_path, out, nproc, extra=(), method=("--method", "ct", "--loss", "
         args += ["--batch-gpu", "2"]
     r = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return load_file(str(tmp_path / out / "ckpt-00000003.safetensors")), r.stdout
+    return load_file(str(sorted((tmp_path / out).glob("ckpt-*.safetensors"))[-1])), r.stdout    # the newest
 
 
 @pytest.mark.slow
@@ -61,6 +61,19 @@ def test_two_ranks_match_one_process_sct(tmp_path, jvp):
     assert any(k.startswith("model/logvar.") for k in one) and set(one) == set(two)
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-5, worst
+
+
+@pytest.mark.slow
+def test_resume_on_more_ranks_gives_each_rank_its_own_dropout_stream(tmp_path):
+    # A 1-process checkpoint holds one RNG state; resumed on 2 ranks, both ranks were given it (rank % 1), so they
+    # drew the same dropout masks for the rest of the run (and saved equal states, so every later resume did too).
+    import torch
+    write_png_folder(tmp_path / "imgs", n=8, size=16)
+    extra = ["--dropout", "0.1", "--ckpt-every", "2"]
+    _train(tmp_path, "run", 1, extra + ["--stop-at", "2"], method=("--method", "ict"))
+    _train(tmp_path, "run", 2, extra + ["--resume", "latest"], method=("--method", "ict"))
+    rngs = torch.load(tmp_path / "run" / "ckpt-00000003.state.pt", weights_only=True)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
 @pytest.mark.slow

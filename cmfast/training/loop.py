@@ -447,7 +447,8 @@ def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
         scaler.load_state_dict(state["scaler"])
     sampler.load_state_dict(state["sampler"])
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-    ckpt.set_rng_state(rngs[rank % len(rngs)])      # each rank's own dropout RNG
+    if rank < len(rngs):        # each rank's own dropout RNG; a rank that the checkpoint's run did not have keeps its
+        ckpt.set_rng_state(rngs[rank])      # fresh seed + rank streams (another rank's state: the same dropout masks)
     log(f"resumed from {wpath} at step {int(state['step'])}")
     later = [s for s, _, _ in ckpt.list_checkpoints(cfg["output_dir"], complete=False) if s > int(state["step"])]
     if later:
