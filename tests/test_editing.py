@@ -351,6 +351,8 @@ def test_noise_argument_makes_images_independent_of_their_batch(model, images):
     (["inpaint", "--input", "IN", "--mask", "SMALL"], "expected 16x16 pixels"),
     (["super-resolve", "--input", "SMALL", "--factor", "3"], "expected 16x16 or 5x5"),
     (["super-resolve", "--input", "IN", "--factor", "3"], "factor: expected a divisor"),
+    (["super-resolve", "--input", "MIXED", "--factor", "2"],
+     "expected PNGs of one size, got 16x16 (a.png) and 8x8 (b.png)"),
     (["colorize"], "needs --input"),
     (["stroke", "--input", "IN", "--sigmas", "2,5"], "below sigma_start"),
     (["denoise", "--input", "IN", "--sigmas", "x"], "comma-separated"),
@@ -363,7 +365,11 @@ def test_cli_bad_input_exits_2(cli_env, capsys, args, msg):
     _write_png(tmp / "small.png", np.zeros((8, 8), np.uint8))
     if "--checkpoint" not in args and "--pretrained" not in args:
         args = args + ["--checkpoint", ckpt]
-    subst = {"IN": str(inp), "SMALL": str(tmp / "small.png"), "MISSING": str(tmp / "nope.pt")}
+    (tmp / "mixed").mkdir()
+    _write_png(tmp / "mixed" / "a.png", np.zeros((RES, RES), np.uint8))
+    _write_png(tmp / "mixed" / "b.png", np.zeros((RES // 2, RES // 2), np.uint8))
+    subst = {"IN": str(inp), "SMALL": str(tmp / "small.png"), "MISSING": str(tmp / "nope.pt"),
+             "MIXED": str(tmp / "mixed")}
     with pytest.raises(SystemExit) as e:
         main([subst.get(a, a) for a in args] + ["--out", str(tmp / "o")])
     assert e.value.code == 2

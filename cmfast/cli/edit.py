@@ -199,7 +199,13 @@ def main(argv=None):
             else:
                 files = png_files(args.input)
                 size = None if args.task == "super-resolve" else (H, W)
-                images = torch.stack([load_png(f, ch, size) for f in files]).to(device)
+                loaded = [load_png(f, ch, size) for f in files]
+                odd = [k for k, t in enumerate(loaded) if t.shape != loaded[0].shape]
+                if odd:     # super-resolve takes either size, but one for the whole folder
+                    (w0, h0), (w1, h1) = (tuple(loaded[k].shape[:0:-1]) for k in (0, odd[0]))
+                    raise ValueError(f"{args.input}: expected PNGs of one size, got {w0}x{h0} ("
+                                     f"{os.path.basename(files[0])}) and {w1}x{h1} ({os.path.basename(files[odd[0]])})")
+                images = torch.stack(loaded).to(device)
             if args.task == "super-resolve" and tuple(images.shape[2:]) not in ((H, W), (H // args.factor,
                                                                                          W // args.factor)):
                 raise ValueError(f"{args.input}: expected {W}x{H} or {W // args.factor}x{H // args.factor} pixels "
@@ -211,7 +217,7 @@ def main(argv=None):
         rows, n = [], (args.pairs if args.task == "interpolate" else len(files))
         for i in range(0, n, args.batch_size if args.task != "interpolate" else n):
             batch = None if images is None else images[i:i + args.batch_size]
-            noise = None if batch is None else [      # each image's own (seed, index, level): --batch-size changes nothing
+            noise = None if batch is None else [      # each image's own (seed, index, level), whatever --batch-size
                 image_noise(args.seed, i, len(batch), (3 if args.task == "colorize" else C, H, W), draw=k).to(device)
                 for k in range(1 if args.task == "denoise" else len(sigmas))]
             out, r = run(model, args.task, batch, sigmas=sigmas, mask=mask, factor=args.factor, sigma=args.sigma,
