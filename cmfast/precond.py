@@ -1,7 +1,8 @@
 """Boundary-condition preconditioning (CM paper Sec. 3 and Appendix C; EDM Table 1).
 
-The backbone F runs in whatever precision the caller chose (autocast); the scalings and the skip connection run
-in fp32, so f(x, sigma_min) == x to the last bit.
+The backbone F runs in whatever precision the caller chose (autocast, or the dtype of a model converted with
+.half() / .bfloat16()); the scalings and the skip connection run in fp32 (the output is fp32), so
+f(x, sigma_min) == x to the last bit.
 """
 from __future__ import annotations
 
@@ -70,6 +71,15 @@ def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what
     return s
 
 
+def backbone_input(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x (the fp32 scaled input) in the dtype of the backbone's weights, outside autocast (under it, autocast casts):
+    a model converted with .half() / .bfloat16() runs its backbone in that dtype, the preconditioning stays fp32."""
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        return x
+    p = next((p for p in net.parameters() if p.is_floating_point()), None)
+    return x if p is None else x.to(p.dtype)
+
+
 class _Preconditioned(nn.Module):
     def __init__(self, net: nn.Module, sigma_data: float, sigma_min: float, sigma_max: float, boundary: float):
         super().__init__()
@@ -86,7 +96,7 @@ class _Preconditioned(nn.Module):
         """F(c_in x, c_noise): the raw network output (in the network's precision)."""
         _, _, c_in = scalings(sigma, self.sigma_data, self._boundary)
         x_in = c_in.reshape(-1, *([1] * (x.dim() - 1))) * x.float()
-        return self.net(x_in, noise_conditioning(sigma), class_labels)
+        return self.net(backbone_input(self.net, x_in), noise_conditioning(sigma), class_labels)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
         from . import ops

@@ -25,7 +25,7 @@ from . import ops
 from .jvp import (DEFAULT_EPS, DEFAULT_FLOOR, DEFAULT_ORDER, DEFAULT_PRECISION, check_order, dropout_masks, exact_jvp,
                   fd_pair, fd_step, fp64_call)
 from .nets.layers import FourierEmbedding
-from .precond import check_sigma
+from .precond import backbone_input, check_sigma
 
 
 TIME_INPUTS = ("t", "1000t", "edm")
@@ -82,7 +82,7 @@ class TrigFlowModel(nn.Module):
 
     def backbone(self, x_t: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
         """F(x_t / sd, c_noise(t)): the raw network output (in the network's precision)."""
-        F = self.net(x_t / self.sigma_data, self.c_noise(t), class_labels)
+        F = self.net(backbone_input(self.net, x_t / self.sigma_data), self.c_noise(t), class_labels)
         return -F if self.time_input == "edm" else F
 
     def consistency(self, x_t: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:

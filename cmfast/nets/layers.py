@@ -24,6 +24,13 @@ class Linear(nn.Linear):
         if bias:
             nn.init.zeros_(self.bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As Conv2d: under autocast the layer casts itself; outside it the weights follow x's dtype, so a network
+        # converted with .half() / .bfloat16() / .double() takes the fp32 noise embedding (it raised a dtype mismatch).
+        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
 
 class Conv2d(nn.Module):
     """Convolution with optional 2x up/down-sampling by a separable FIR filter (EDM Conv2d; [1,1] = box,
