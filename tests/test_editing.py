@@ -91,6 +91,77 @@ def test_super_resolve_low_res_input_is_its_patch_means(model, images):
                        edit.super_resolve(model, full, 4, (80.0,), gen()))
 
 
+class _Stub:
+    """A deterministic f(x, sigma) whose outputs leave [-1, 1] often (so the final box fit is exercised)."""
+    sigma_min, sigma_max = 0.002, 80.0
+
+    def __init__(self):
+        self.W = torch.randn(3, 3, generator=gen(3), dtype=torch.float64)
+
+    def __call__(self, x, sigma):
+        sd, xd = 0.5, x.double()
+        c_skip = sd ** 2 / ((sigma - 0.002) ** 2 + sd ** 2)
+        c_out = sd * (sigma - 0.002) / math.sqrt(sigma ** 2 + sd ** 2)
+        h = xd / math.sqrt(sigma ** 2 + sd ** 2)
+        return (c_skip * xd + c_out * (1.7 * torch.tanh(2 * torch.einsum("bchw,cd->bdhw", h, self.W))
+                                       + 0.3 * torch.roll(h, 1, -1))).to(x.dtype)
+
+
+def _gram_schmidt(v):
+    """Orthonormal columns, the first v / |v| (float64, independent of cmfast's QR)."""
+    cols = [v / v.norm()]
+    for e in torch.eye(v.numel(), dtype=torch.float64):
+        for c in cols:
+            e = e - (c @ e) * c
+        if e.norm() > 1e-8 and len(cols) < v.numel():
+            cols.append(e / e.norm())
+    return torch.stack(cols, 1)
+
+
+def _project(x, w, c):
+    """Nearest z in [-1, 1]^n with w.z = c, over the last axis: z = clamp(x + lam w), lam by bisection (float64)."""
+    lo, hi = torch.full(c.shape, -1e3, dtype=torch.float64), torch.full(c.shape, 1e3, dtype=torch.float64)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        below = (torch.clamp(x + mid[..., None] * w, -1, 1) * w).sum(-1) < c
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return torch.clamp(x + ((lo + hi) / 2)[..., None] * w, -1, 1)
+
+
+@pytest.mark.parametrize("task", ["colorize", "super-resolve 2", "super-resolve 4"])
+def test_colorize_and_super_resolve_match_float64_transcription(task):
+    """Algorithm 4 written again in float64 (Gram-Schmidt bases, the paper's replacement line, clamped f), then each
+    group that left [-1, 1] projected onto the box keeping its known coefficient: cmfast agrees to float32 rounding."""
+    f, sig = _Stub(), (80.0, 5.0, 0.01)        # 0.01: sqrt(s^2 - sigma_min^2) differs from s by 2e-4
+    y = torch.rand(2, 3, 8, 8, generator=gen(1)) * 2 - 1
+    if task == "colorize":
+        w = torch.tensor([0.2989, 0.5870, 0.1140], dtype=torch.float64)
+        Q = _gram_schmidt(w)
+        to_groups = lambda x: x.permute(0, 2, 3, 1)                     # (..., 3): a pixel's channels
+        from_groups = lambda p: p.permute(0, 3, 1, 2)
+        y, out = y[:, :1].expand(-1, 3, -1, -1), edit.colorize(f, y[:, :1], sig, gen())
+    else:
+        k = int(task.split()[1])
+        Q = _gram_schmidt(torch.ones(k * k, dtype=torch.float64))
+        to_groups = lambda x: x.reshape(2, 3, 8 // k, k, 8 // k, k).permute(0, 1, 2, 4, 3, 5).reshape(
+            2, 3, 8 // k, 8 // k, k * k)
+        from_groups = lambda p: p.reshape(2, 3, 8 // k, 8 // k, k, k).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 8, 8)
+        out = edit.super_resolve(f, y, k, sig, gen())
+    A, A_inv = lambda x: to_groups(x) @ Q, lambda c: from_groups(c @ Q.T)
+    keep = torch.zeros(Q.shape[0], dtype=torch.float64)
+    keep[0] = 1
+    g, yd = gen(), y.double()
+    x = A_inv(A(yd) * keep)
+    for i, s in enumerate(sig):
+        x = x + (s if i == 0 else math.sqrt(s * s - 0.002 ** 2)) * torch.randn(y.shape, generator=g).double()
+        x = A_inv(A(yd) * keep + A(f(x, s).clamp(-1, 1)) * (1 - keep))
+    groups = to_groups(x)
+    outside = (groups.abs() > 1).any(-1, keepdim=True)
+    assert outside.sum() > 5                                              # the box fit is exercised
+    ref = from_groups(torch.where(outside, _project(groups, Q[:, 0], (to_groups(yd) * Q[:, 0]).sum(-1)), groups))
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
+
+
 def test_kept_content_exact_under_autocast(model, images):
     """The backbone runs in bf16 under the caller's autocast; the transforms A, A^-1 must not (bf16 matmuls left the
     kept luminance off by 7e-3 and patch means by 1e-3, and returned bf16 images)."""
