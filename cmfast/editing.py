@@ -14,7 +14,7 @@ import math
 import torch
 
 from .precond import check_sigma
-from .sampling import check_sigmas, sample
+from .sampling import check_sigmas, model_level, sample
 
 LUMINANCE = (0.2989, 0.5870, 0.1140)   # Y = 0.2989 R + 0.5870 G + 0.1140 B, the weights of the CM reference code
 
@@ -50,7 +50,7 @@ def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None, noise=No
         n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) if noise is None else \
             noise[i].to(device=y.device, dtype=y.dtype)
         x = x + std * n
-        x = A_inv(kept + A(model(x, sigma).to(y.dtype).clamp(-1, 1)) * (1 - known))
+        x = A_inv(kept + A(model(x, model_level(sigma, y)).to(y.dtype).clamp(-1, 1)) * (1 - known))
     return _fit_box(x, kept, A, A_inv, known)
 
 

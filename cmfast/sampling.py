@@ -26,6 +26,13 @@ def check_sigmas(sigmas, sigma_min: float, sigma_max: float) -> tuple[float, ...
     return s
 
 
+def model_level(sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """A noise level as the model call's argument: a 0-d fp32 tensor on like's device (the value a float gives). A
+    torch.compile'd model specializes on a Python float, recompiling for every new level (and running eagerly after
+    torch._dynamo's recompile limit, 8: a few edits, an 18-step Heun run); a tensor's value is not guarded."""
+    return torch.full((), sigma, dtype=torch.float32, device=like.device)
+
+
 @torch.no_grad()
 def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, class_labels=None,
            noise=None) -> torch.Tensor:
@@ -36,11 +43,11 @@ def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, cl
     if noise is not None and (len(noise) != len(s) - 1 or any(tuple(n.shape) != tuple(z.shape) for n in noise)):
         raise ValueError(f"noise: expected {len(s) - 1} tensor(s) shaped {tuple(z.shape)}, one per level after the "
                          f"first, got {[tuple(n.shape) for n in noise]}")
-    x = model(s[0] * z, s[0], class_labels)
+    x = model(s[0] * z, model_level(s[0], z), class_labels)
     for k, sigma in enumerate(s[1:]):
         n = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) if noise is None else \
             noise[k].to(device=z.device, dtype=z.dtype)
-        x = model(x + math.sqrt(sigma ** 2 - model.sigma_min ** 2) * n, sigma, class_labels)
+        x = model(x + math.sqrt(sigma ** 2 - model.sigma_min ** 2) * n, model_level(sigma, z), class_labels)
     return x
 
 
@@ -65,10 +72,10 @@ def edm_sample(denoiser: nn.Module, z: torch.Tensor, num_steps: int = 18, solver
     t = karras_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max, rho).flip(0).tolist() + [0.0]
     x = z.double() * t[0]
     for t_cur, t_next in zip(t[:-1], t[1:]):
-        d = (x - denoiser(x.float(), t_cur, class_labels).double()) / t_cur
+        d = (x - denoiser(x.float(), model_level(t_cur, x), class_labels).double()) / t_cur
         x_next = x + (t_next - t_cur) * d
         if solver == "heun" and t_next > 0:
-            d2 = (x_next - denoiser(x_next.float(), t_next, class_labels).double()) / t_next
+            d2 = (x_next - denoiser(x_next.float(), model_level(t_next, x), class_labels).double()) / t_next
             x_next = x + (t_next - t_cur) * (d + d2) / 2
         x = x_next
     return x.to(z.dtype)

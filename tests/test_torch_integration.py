@@ -40,3 +40,36 @@ def test_model_converted_with_to_dtype_runs_its_backbone_in_that_dtype(wrap, dty
     assert low.backbone(x, s).dtype == dtype
     if wrap is cmfast.ConsistencyModel:
         assert torch.equal(low(x, 0.002), x)        # the boundary condition stays exact (fp32 skip connection)
+
+
+class _Toy(torch.nn.Module):
+    """A backbone that uses its noise input (dynamo traces it in a fraction of a second)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x, c_noise, class_labels=None):
+        return torch.sin(self.w * x + c_noise.reshape(-1, 1, 1, 1))
+
+
+def test_sampling_loops_do_not_recompile_a_compiled_model_for_every_noise_level():
+    # sample / edm_sample / the editing tasks passed each level as a Python float, which dynamo specializes: a
+    # torch.compile'd model recompiled once per level (5 frames here, and eager after the recompile limit of 8).
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    model, cnt = cmfast.ConsistencyModel(_Toy()), CompileCounter()
+    compiled = torch.compile(model, backend=cnt)
+    z, sigmas = torch.randn(2, 1, 4, 4), (80.0, 20.0, 5.0, 1.0, 0.5)
+    got = cmfast.sample(compiled, z, sigmas, generator=torch.Generator().manual_seed(0))
+    want = cmfast.sample(model, z, sigmas, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)
+    assert cnt.frame_count == 1
+    mask = (torch.rand(2, 1, 4, 4) < 0.5).float()
+    out = cmfast.edit.inpaint(compiled, want.clamp(-1, 1), mask, (40.0, 3.0, 0.3), torch.Generator().manual_seed(1))
+    assert torch.equal(out * mask, want.clamp(-1, 1) * mask) and cnt.frame_count == 1
+    torch._dynamo.reset()
+    teacher, cnt = cmfast.EDMDenoiser(_Toy()), CompileCounter()
+    got = cmfast.edm_sample(torch.compile(teacher, backend=cnt), z, num_steps=6)
+    assert torch.equal(got, cmfast.edm_sample(teacher, z, num_steps=6))
+    assert cnt.frame_count == 1      # 11 denoiser calls at 6 levels
