@@ -73,3 +73,16 @@ def test_sampling_loops_do_not_recompile_a_compiled_model_for_every_noise_level(
     got = cmfast.edm_sample(torch.compile(teacher, backend=cnt), z, num_steps=6)
     assert torch.equal(got, cmfast.edm_sample(teacher, z, num_steps=6))
     assert cnt.frame_count == 1      # 11 denoiser calls at 6 levels
+
+
+def test_compiled_model_recompiles_once_for_a_new_batch_size_not_per_size_class():
+    # The ops' auto-table size class (batch <= 8: 'small') was computed while compiling too: a guard 2 <= B <= 8,
+    # so a dynamic batch recompiled again when it crossed 8, though compile never uses the class.
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    model, cnt = cmfast.ConsistencyModel(_Toy()), CompileCounter()
+    compiled = torch.compile(model, backend=cnt)
+    for b in (2, 3, 9, 30):
+        x = torch.randn(b, 1, 4, 4)
+        assert torch.equal(compiled(x, torch.tensor(1.0)), model(x, 1.0))
+    assert cnt.frame_count == 2      # batch 2, then one dynamic-batch graph

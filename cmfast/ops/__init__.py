@@ -169,10 +169,14 @@ def check_pre_bias_forward_only(*tensors) -> None:
 SMALL_BATCH = 8   # the auto table's size classes: batch <= this is 'small' (the sampler's latency path), else 'large'
 
 
-def shape_class(needs_grad: bool, x: torch.Tensor | None = None, batch: int | None = None) -> str:
+def shape_class(needs_grad: bool, x: torch.Tensor | None = None, batch: int | None = None) -> str | None:
     """The auto table's shape class of a call: 'fwd' or 'fwd+bwd', then '/nhwc' or '/nchw' when x (an (N, C, ...)
     tensor) is given, then '/small' or '/large' by the batch (x's, unless given). The table is looked up from the
-    most specific class to the least ('fwd/nhwc/small', 'fwd/nhwc', 'fwd', then the op's default)."""
+    most specific class to the least ('fwd/nhwc/small', 'fwd/nhwc', 'fwd', then the op's default). None while
+    compiling: auto is the torch composition there, and a test of the batch would be a guard (a recompilation when a
+    dynamic batch crosses SMALL_BATCH)."""
+    if _compiling():
+        return None
     case = "fwd+bwd" if needs_grad else "fwd"
     if x is not None:
         case += "/nhwc" if is_nhwc(x) else "/nchw"
