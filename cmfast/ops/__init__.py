@@ -7,6 +7,10 @@ Each op validates its arguments here, then runs the implementation of the active
   auto   - torch on CPU; on CUDA the fastest measured backend per op (cmfast/ops/auto_table.json)
 `use_backend(name)` (a context manager) or the environment variable CMFAST_BACKEND choose. A backend asked for
 by name that cannot run raises one line saying why; it never falls back silently.
+
+Under torch.compile, 'auto' is the torch composition (traced and fused, no graph break). The ops are plain functions,
+not torch.library custom ops: a kernel backend named explicitly runs eagerly between two graphs (torch.compiler.disable,
+a graph break; fullgraph=True refuses it).
 """
 from __future__ import annotations
 
