@@ -61,17 +61,30 @@ class FeatureStats:
         return self._m2 / (self.n - 1)
 
     def save(self, path, **meta):
-        """Atomic write of mu, sigma, n (and string metadata) to an npz file."""
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, mu=self.mean, sigma=self.cov, n=self.n, **{k: np.asarray(str(v)) for k, v in meta.items()})
-        os.replace(tmp, path)
+        """Atomic write of mu, sigma, n (and string metadata) to an npz file (temp file, fsync, rename: a crash
+        leaves the old file or none, never a part that a later run would read as the cache)."""
+        import io
+        from .training.checkpoint import atomic_write
+        buf = io.BytesIO()
+        np.savez(buf, mu=self.mean, sigma=self.cov, n=self.n, **{k: np.asarray(str(v)) for k, v in meta.items()})
+        atomic_write(path, buf.getvalue())
 
 
 def load_stats(path):
-    """(mu, sigma, metadata dict) from an npz written by FeatureStats.save (or pytorch-fid's mu/sigma npz)."""
-    with np.load(path) as f:
-        meta = {k: f[k].item() for k in f.files if k not in ("mu", "sigma")}
-        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64), meta
+    """(mu, sigma, metadata dict) from an npz written by FeatureStats.save (or pytorch-fid's mu/sigma npz).
+    ValueError naming the file when it is not one: unreadable or truncated, mu or sigma missing, their shapes not
+    (d,) and (d, d), or values not finite."""
+    import zipfile
+    try:
+        with np.load(path) as f:
+            meta = {k: f[k].item() for k in f.files if k not in ("mu", "sigma")}
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a statistics npz with mu and sigma ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2 or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: expected finite mu (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}")
+    return mu, sigma, meta
 
 
 # ---------------------------------------------------------------- Frechet distance
@@ -228,7 +241,11 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
     path, net_hash = _cache_key(metric, dataset, data_dir, num, weights)
     root = os.path.dirname(path)
     if os.path.isfile(path):
-        return load_stats(path)
+        try:
+            return load_stats(path)
+        except ValueError as e:     # a damaged cache (a crash, a full disk) is computed again, not fatal every run
+            print(f"cmfast: cached reference statistics unreadable ({e}): computing them again", file=sys.stderr,
+                  flush=True)
     # Once per dataset, metric and pipeline; tens of seconds (Fashion-MNIST on a CPU) with no other output
     print(f"cmfast: computing the {metric} reference statistics of {dataset} (once; cached in {path})",
           file=sys.stderr, flush=True)

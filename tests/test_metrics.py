@@ -2,6 +2,7 @@
 the FID Inception port (random weights of the same architecture), the classifier asset, cmfast-eval errors."""
 import json
 import os
+import re
 import sys
 import types
 
@@ -425,6 +426,41 @@ def test_reference_stats_of_an_image_folder(tmp_path, monkeypatch):
         metrics.reference_stats("fid", "folder", None)
     with pytest.raises(ValueError, match="reference images not found"):
         metrics.reference_stats("fid", "folder", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random", "no mu", "sigma not (d, d)"])
+def test_damaged_reference_cache_is_computed_again(tmp_path, monkeypatch, capsys, damage):
+    """A cached statistics file that a crash or a full disk left damaged (it was written without fsync) made every
+    later evaluation fail: a BadZipFile / EOFError traceback, or a KeyError naming neither the file nor the fix.
+    It is now named on stderr and computed again (the cache is derived data: nothing is lost)."""
+    from train_fixtures import write_png_folder
+    write_png_folder(tmp_path / "ref", n=6, size=8)
+    monkeypatch.setenv("CMFAST_DATA", str(tmp_path / "cache"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"stand-in weights")
+    monkeypatch.setattr(metrics, "_weights_path", lambda metric, weights_=None: str(weights))
+    feats = lambda x: torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)    # noqa: E731
+    monkeypatch.setattr(metrics, "_extractor", lambda metric, device, weights_=None: (feats, 6, "stand-in"))
+    mu, cov, _ = metrics.reference_stats("fid", "folder", str(tmp_path / "ref"), num=6, batch_size=4)
+    path = metrics.reference_cache_path("fid", "folder", str(tmp_path / "ref"), 6)
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(path)]        # no temporary file left
+    good = open(path, "rb").read()
+    bad = {"truncated": good[:len(good) // 2], "empty": b"", "random": bytes(range(256)) * 8}.get(damage)
+    if bad is None:
+        f = dict(np.load(path))
+        f.pop("mu") if damage == "no mu" else f.update(sigma=f["sigma"][:3])
+        np.savez(path, **f)
+    else:
+        open(path, "wb").write(bad)
+    capsys.readouterr()
+    mu2, cov2, _ = metrics.reference_stats("fid", "folder", str(tmp_path / "ref"), num=6, batch_size=4)
+    err = capsys.readouterr().err
+    assert f"cached reference statistics unreadable ({path}: " in err and "computing them again" in err
+    np.testing.assert_array_equal(mu2, mu)
+    np.testing.assert_array_equal(cov2, cov)
+    assert open(path, "rb").read() == good                                    # the cache is whole again
+    with pytest.raises(ValueError, match="^" + re.escape(str(tmp_path / "nope.npz")) + ": not a statistics npz"):
+        metrics.load_stats(tmp_path / "nope.npz")
 
 
 def test_reference_cache_id_sees_a_replaced_image_in_a_subfolder(tmp_path):
