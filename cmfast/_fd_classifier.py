@@ -45,9 +45,14 @@ def load_classifier(path=ASSET, device="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FD-FMNIST classifier weights not found at {path}: "
                                 f"run scripts/train_fmnist_classifier.py to create them")
-    with safe_open(path, framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    state = {k: v.float() for k, v in load_file(path).items()}
-    net = FMNISTClassifier()
-    net.load_state_dict(state, strict=True)
+    try:    # a truncated file, another model's weights (cmfast-eval --inception-weights with fd-fmnist): one line
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        state = {k: v.float() for k, v in load_file(path).items()}
+        net = FMNISTClassifier()
+        net.load_state_dict(state, strict=True)
+    except Exception as e:     # noqa: BLE001 - safetensors and torch raise several types here
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = why if len(why) <= 160 else why[:157] + "..."
+        raise ValueError(f"{path}: not the FD-FMNIST classifier weights ({why})") from None
     return net.eval().to(device), meta

@@ -252,6 +252,21 @@ def test_missing_inception_weights_error(tmp_path, monkeypatch):
     assert "\n" not in msg and WEIGHTS_NAME in msg and str(tmp_path / "hub" / "checkpoints") in msg
 
 
+def test_bad_fd_fmnist_classifier_weights_one_line(tmp_path):
+    """cmfast-eval --metric fd-fmnist --inception-weights FILE loads FILE as the classifier: a truncated file raised
+    safetensors' SafetensorError and another model's weights a RuntimeError listing every key, both tracebacks
+    (the CLI catches ValueError / OSError). Now one ValueError naming the file, as the Inception loader does."""
+    from safetensors.torch import save_file
+    good = open(ASSET, "rb").read()
+    cases = {"truncated.safetensors": lambda p: p.write_bytes(good[:len(good) // 2]),
+             "other.safetensors": lambda p: save_file({"a": torch.zeros(3)}, str(p))}
+    for name, write in cases.items():
+        write(tmp_path / name)
+        with pytest.raises(ValueError, match=f"{name}: not the FD-FMNIST classifier weights") as e:
+            load_classifier(str(tmp_path / name))
+        assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
 # ---------------------------------------------------------------- evaluate and cmfast-eval
 
 class _Replay(torch.nn.Module):
