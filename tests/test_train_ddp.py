@@ -92,3 +92,18 @@ def test_two_ranks_agree_on_a_time_budget_plan(tmp_path):
         plan = json.load(f)["planned"]
     with open(tmp_path / "run" / "stats.jsonl") as f:
         assert json.loads(f.readlines()[-1])["step"] == plan["total_steps"] >= 10
+
+
+def test_one_gpu_index_for_every_rank_is_refused(monkeypatch):
+    """--device cuda:0 under torchrun with 2 ranks on a machine put both on one GPU, which NCCL refuses only at the
+    first collective with a cryptic error: refused in one line before the process group starts. One rank a machine
+    (multi-node, LOCAL_WORLD_SIZE 1) may name its GPU."""
+    from cmfast.training import loop
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"--device cuda:0: under torchrun each rank of a machine takes its own GPU"):
+        loop.setup_distributed("cuda:0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")      # one rank a machine: the named GPU is allowed (no CUDA here)
+    monkeypatch.setattr(loop.torch.distributed, "init_process_group", lambda backend: None)
+    monkeypatch.setattr(loop.torch.distributed, "get_rank", lambda: 1)
+    assert loop.setup_distributed("cuda:0") == (1, 2, loop.torch.device("cuda", 0))

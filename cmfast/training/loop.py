@@ -56,6 +56,10 @@ def setup_distributed(device: str | None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        # all of this machine's ranks would share one GPU, which NCCL refuses cryptically at the first collective
+        raise ValueError(f"--device {device}: under torchrun each rank of a machine takes its own GPU "
+                         f"(cuda:LOCAL_RANK); pass --device cuda")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
