@@ -38,7 +38,8 @@ def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, cl
            noise=None) -> torch.Tensor:
     """Algorithm 1: x = f(sigmas[0] z, sigmas[0]); for each later s: x = f(x + sqrt(s^2 - sigma_min^2) n, s),
     n ~ N(0, I) drawn with `generator` on z's device and dtype, or, given `noise` (one tensor shaped like z per later
-    level), taken from it."""
+    level), taken from it. Runs under torch.no_grad(): the images carry no gradient (differentiate model(x, sigma))
+    and are float32 (the fp32 skip output) whatever the dtype of z or of the model."""
     s = check_sigmas(sigmas, model.sigma_min, model.sigma_max)
     if noise is not None and (len(noise) != len(s) - 1 or any(tuple(n.shape) != tuple(z.shape) for n in noise)):
         raise ValueError(f"noise: expected {len(s) - 1} tensor(s) shaped {tuple(z.shape)}, one per level after the "
