@@ -401,9 +401,9 @@ def device_name(device: str | None) -> tuple[str, str]:
 def write(doc: dict, path: str) -> None:
     """The results JSON, its runs in table order (ORDER), whatever order they ended in."""
     doc["runs"] = {m: doc["runs"][m] for m in ORDER if m in doc["runs"]}
+    from cmfast.training.checkpoint import atomic_write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
+    atomic_write(path, json.dumps(doc, indent=2).encode())    # a time limit striking mid-write keeps the old file
 
 
 def main(argv=None) -> int:

@@ -104,6 +104,21 @@ def test_a_partial_run_does_not_replace_the_reference_set(tmp_path):
     assert [r["_file"] for r in runs] == ["reference_runs-full.json"]
 
 
+def test_results_write_is_all_or_nothing(tmp_path):
+    """The results JSON is rewritten after every run and when a time limit stops the job: written in place, a write
+    cut short left a truncated file that the next --only rerun's merge could not read (and the runs it held were
+    gone). Here the write fails halfway (an object json cannot serialize after the first run): the old file stays."""
+    ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
+    path = tmp_path / "results.json"
+    first = _doc({"edm": _run(5.0, 4.0)})
+    ref.write(first, str(path))
+    assert json.loads(path.read_text()) == first
+    broken = _doc({"edm": _run(5.0, 4.0), "ict": {"evals": object()}})
+    with pytest.raises(TypeError):
+        ref.write(broken, str(path))
+    assert json.loads(path.read_text()) == first and os.listdir(tmp_path) == ["results.json"]
+
+
 def test_train_commands_record_the_method_settings():
     ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
     prof = ref.PROFILES["gpu"]
