@@ -51,8 +51,8 @@ def _cuda_device(net: nn.Module) -> torch.device:
         raise RuntimeError(f"GraphedSampler needs torch >= 2.5 (graph-safe generators), got {torch.__version__}")
     p = next(net.parameters(), None)
     if p is None or p.device.type != "cuda":
-        raise RuntimeError(f"GraphedSampler needs the model on a CUDA device, got parameters on "
-                           f"{p.device if p is not None else 'no device'}: move it with model.cuda()")
+        raise ValueError(f"GraphedSampler needs the model on a CUDA device, got parameters on "
+                         f"{p.device if p is not None else 'no device'}: move it with model.cuda()")
     return p.device
 
 

@@ -469,3 +469,13 @@ def test_generate_batches_graphed_on_cuda(dtype):
         torch.testing.assert_close(out, eight[4:], atol=0, rtol=0)
         torch.testing.assert_close(out, _eager(model, z, noises, (80.0, 0.821), dtype=torch.float32),
                                    atol=1e-2, rtol=1e-2)
+
+
+def test_model_off_cuda_is_a_value_error(monkeypatch):
+    """A CUDA machine with the model left on the CPU is the caller's mistake (DESIGN: ValueError naming what came),
+    not an environment without CUDA (RuntimeError, the test above)."""
+    from cmfast.graphed import _cuda_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"needs the model on a CUDA device, got parameters on cpu: move it with "
+                                         r"model.cuda\(\)"):
+        _cuda_device(_model())
