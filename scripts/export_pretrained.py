@@ -15,7 +15,7 @@ import sys
 from cmfast.cli._common import sigmas_type
 from cmfast.metrics import evaluate
 from cmfast.pretrained import ASSETS
-from cmfast.training.checkpoint import FORMAT, load_model, load_weights, resolve
+from cmfast.training.checkpoint import FORMAT, atomic_write, load_model, load_weights, resolve
 
 
 def _sigmas(text: str) -> tuple[float, ...]:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the usual search)")
     a = ap.parse_args(argv)
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     wpath = resolve(a.checkpoint)
     modules, meta = load_weights(wpath)
     which = a.which
@@ -58,11 +58,26 @@ def main(argv=None) -> int:
     cfg = dict(meta["config"], ema=[])
     os.makedirs(a.out_dir, exist_ok=True)
     out = os.path.join(a.out_dir, f"{a.name}.safetensors")
-    save_file(flat, out, metadata={"format": FORMAT, "step": str(meta["step"]), "config": json.dumps(cfg)})
+    # Staged beside it and put in place with its card at the end: an export stopped during its evaluation (the
+    # reference stage's time limit) left new weights under the previous model's card (or a part of a file).
+    staged = os.path.join(a.out_dir, f".{a.name}.export{os.getpid()}.safetensors")
+    atomic_write(staged, save(flat, metadata={"format": FORMAT, "step": str(meta["step"]), "config": json.dumps(cfg)}))
+    try:
+        card = _score_and_card(a, staged, which, meta, cfg)
+        os.replace(staged, out)
+        atomic_write(os.path.join(a.out_dir, f"{a.name}.json"), json.dumps(card, indent=2).encode())
+    finally:
+        if os.path.exists(staged):
+            os.remove(staged)
+    print(json.dumps(card, indent=2))
+    return 0
 
+
+def _score_and_card(a, path, which, meta, cfg) -> dict:
+    """The model card of the exported weights at `path`, their FD-FMNIST measured as load_pretrained reads them."""
     import torch
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_model(out, which="ema", map_location=device)  # the exported file, as load_pretrained reads it
+    model, _ = load_model(path, which="ema", map_location=device)  # the exported file, as load_pretrained reads it
 
     def score(**kw):
         return round(float(evaluate(model, "fd-fmnist", num=a.num, seed=0, device=device, data_dir=a.data_dir,
@@ -81,10 +96,7 @@ def main(argv=None) -> int:
                       "note": "FD-FMNIST is cmfast's offline metric (classifier features), not comparable with FID"},
         "note": a.note,
     }
-    with open(os.path.join(a.out_dir, f"{a.name}.json"), "w") as f:
-        json.dump(card, f, indent=2)
-    print(json.dumps(card, indent=2))
-    return 0
+    return card
 
 
 if __name__ == "__main__":

@@ -241,6 +241,47 @@ def test_export_checks_the_searched_levels(capsys):
         assert "--searched-sigmas" in capsys.readouterr().err
 
 
+def test_export_stopped_during_its_evaluation_keeps_the_shipped_model(tmp_path, monkeypatch):
+    """export_pretrained wrote the new weights over the shipped file first and its card only after minutes of
+    evaluation: stopped in between (the reference stage's time limit), the package shipped new weights under the old
+    model's card. Now the weights are staged and both files replaced at the end; stopped, nothing changes."""
+    import torch
+    from cmfast import ConsistencyModel, UNet
+    from cmfast.nets import preset_config
+    from cmfast.pretrained import model_card
+    from cmfast.training.checkpoint import load_model, save_checkpoint
+    exp = _load(ROOT / "scripts" / "export_pretrained.py", "export_pretrained")
+    torch.manual_seed(0)
+    cm = ConsistencyModel(UNet.from_preset("tiny"))
+    cfg = dict(method="ict", net=preset_config("tiny"), sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, ema=[0.99],
+               dataset="fashion-mnist", batch_size=8)
+    (tmp_path / "run").mkdir()
+    save_checkpoint(str(tmp_path / "run"), 7, {"ema@0.99": cm.state_dict()}, cfg, {})
+    out = tmp_path / "assets"
+    out.mkdir()
+    (out / "m.safetensors").write_bytes(b"the shipped weights")
+    (out / "m.json").write_text('{"name": "m", "steps": 1}')
+    argv = ["--checkpoint", str(tmp_path / "run"), "--name", "m", "--num", "4", "--out-dir", str(out),
+            "--device", "cpu"]
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(exp, "evaluate", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        exp.main(argv)
+    assert sorted(os.listdir(out)) == ["m.json", "m.safetensors"]
+    assert (out / "m.safetensors").read_bytes() == b"the shipped weights"
+    assert json.loads((out / "m.json").read_text())["steps"] == 1
+    monkeypatch.setattr(exp, "evaluate", lambda *a, **k: {"value": 3.0})
+    assert exp.main(argv) == 0
+    assert sorted(os.listdir(out)) == ["m.json", "m.safetensors"]
+    card = json.loads((out / "m.json").read_text())
+    assert card["steps"] == 7 and card["fd_fmnist"]["1-step"] == 3.0
+    model, meta = load_model(str(out / "m.safetensors"))
+    x, s = torch.randn(2, 3, 32, 32), torch.full((2,), 2.0)
+    torch.testing.assert_close(model(x, s), cm.eval()(x, s), rtol=2e-2, atol=2e-2)     # fp16 weights
+
+
 FAKE_CHILD = r"""
 import json, os, pathlib, sys, time
 method, results, out = sys.argv[1], sys.argv[2], sys.argv[3]
