@@ -180,6 +180,35 @@ def test_atomic_save_and_fallback(tmp_path, monkeypatch, capsys):
     assert "resumed from" in log and "ckpt-00000001.safetensors at step 1" in log
 
 
+def test_checkpoint_with_damaged_metadata_or_a_foreign_config_is_one_line(tmp_path, capsys):
+    """A cmfast-format file whose metadata lacks 'step' or whose config is not a JSON dict raised KeyError /
+    JSONDecodeError / AttributeError (cmfast-sample: a traceback; --resume latest: not skipped as unreadable), and a
+    config this version cannot build (another version's net argument or method) a TypeError without the file name.
+    Now each is a CheckpointError naming the file."""
+    from safetensors.torch import save
+    from cmfast import ConsistencyModel, UNet
+    from cmfast.nets import preset_config
+    cm = ConsistencyModel(UNet.from_preset("tiny"))
+    tensors = {f"ema/{k}": v.contiguous() for k, v in cm.state_dict().items()}
+    cfg = dict(method="ict", net=preset_config("tiny"), sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
+    cases = {"no-step": ({"format": ckpt.FORMAT, "config": json.dumps(cfg)}, "damaged checkpoint metadata"),
+             "bad-json": ({"format": ckpt.FORMAT, "step": "1", "config": "{"}, "damaged checkpoint metadata"),
+             "list": ({"format": ckpt.FORMAT, "step": "1", "config": "[]"}, "damaged checkpoint metadata"),
+             "new-arg": ({"format": ckpt.FORMAT, "step": "1",
+                          "config": json.dumps(dict(cfg, net=dict(cfg["net"], future_arg=1)))},
+                         "its config does not describe a model this cmfast builds")}
+    for name, (meta, msg) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(save(tensors, metadata=meta))
+        with pytest.raises(ckpt.CheckpointError, match=f"^{path}: {msg}"):
+            ckpt.load_model(str(path))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            sample_main(["--checkpoint", str(path), "--num", "1", "--out", str(tmp_path / "o.png")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"cmfast-sample: error: {path}: {msg}") and err.count("\n") == 1
+
+
 def test_keep_never_prunes_the_checkpoint_just_written(tmp_path, capsys):
     """Resumed from before a corrupt newest checkpoint, --keep 1 kept the corrupt later one and deleted both the
     checkpoint resumed from and the one just written: everything was lost. Only checkpoints up to the step written

@@ -132,11 +132,18 @@ def load_weights(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0] if str(e) else e})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cmfast checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+    try:
+        step, cfg = int(meta["step"]), json.loads(meta["config"])
+        if not isinstance(cfg, dict):
+            raise TypeError(f"config is a {type(cfg).__name__}, not a dict")
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint metadata (step and config expected; "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     modules: dict[str, dict] = {}
     for k, v in flat.items():
         name, _, key = k.partition("/")
         modules.setdefault(name, {})[key] = v
-    return modules, {"step": int(meta["step"]), "config": json.loads(meta["config"])}
+    return modules, {"step": step, "config": cfg}
 
 
 def load_state(path: str) -> dict:
@@ -197,7 +204,11 @@ def load_model(path: str, which: str = "ema", map_location="cpu"):
         which = f"ema@{float(meta['config']['ema'][0])}"
     if which not in modules:
         raise CheckpointError(f"{wpath}: has no {which!r} weights; it has {', '.join(sorted(modules))}")
-    model = build_model(meta["config"])
+    try:    # a config this version cannot build (another cmfast version's method or net argument): one line
+        model = build_model(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{wpath}: its config does not describe a model this cmfast builds "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     try:
         model.load_state_dict(modules[which])
     except RuntimeError as e:
