@@ -121,6 +121,18 @@ def test_edit_checks_its_folder_and_levels(capsys, tmp_path):
           "cmfast-edit")
     fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(img), "--out", str(tmp_path / "o"),
                               "--seed", "-5"], "expected a value in [0, inf]", "cmfast-edit")
+    # a 1-channel model cannot colorize: said before the output folder is made (it was left behind, empty)
+    fails(capsys, edit_main, ["colorize", "--pretrained", "fmnist", "--input", str(img), "--out", str(tmp_path / "o"),
+                              "--device", "cpu"], "colorize: expected a 3-channel (RGB) model, got a 1-channel model",
+          "cmfast-edit")
+    # denoise is one step at --sigma: --steps / --sigmas were ignored; --which with a shipped model was ignored
+    fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(img), "--out", str(tmp_path / "o"),
+                              "--steps", "3"], "denoise is one step at --sigma", "cmfast-edit")
+    for main, argv, prog in ((edit_main, ["inpaint", "--input", str(img), "--out", str(tmp_path / "o")], "cmfast-edit"),
+                             (sample_main, ["--out", str(tmp_path / "o" / "g.png")], "cmfast-sample"),
+                             (eval_main, ["--metric", "fd-fmnist"], "cmfast-eval")):
+        fails(capsys, main, argv + ["--pretrained", "fmnist", "--which", "model"],
+              "--which model: a shipped model (--pretrained) has only its EMA weights", prog)
     assert not (tmp_path / "o").exists()
 
 

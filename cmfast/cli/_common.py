@@ -73,7 +73,8 @@ def add_model_options(group, pretrained: bool = True) -> None:
         src.add_argument("--pretrained", metavar="NAME", help="a shipped model, e.g. fmnist (cmfast.load_pretrained)")
     else:
         group.add_argument("--checkpoint", required=True, **ckpt)
-    group.add_argument("--which", default="ema", help="weights to load: ema, ema@RATE, model or target (default: %(default)s)")
+    group.add_argument("--which", default=None, help="weights to load: ema, ema@RATE, model or target (default: ema; a "
+                                                     "shipped model has only its EMA weights)")
 
 
 def add_device(group) -> None:
@@ -96,6 +97,13 @@ def add_engine(group) -> None:
                             "for a consistency model on CUDA, else eager)")
     group.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                        help="network precision of the graphed engine (default fp32; bf16 is fastest)")
+
+
+def check_which(prog: str, args) -> None:
+    """--which (default ema); with --pretrained only ema: a shipped model has no other weights (it was ignored)."""
+    if getattr(args, "pretrained", None) and args.which not in (None, "ema"):
+        fail(prog, f"--which {args.which}: a shipped model (--pretrained) has only its EMA weights")
+    args.which = args.which or "ema"
 
 
 def check_steps_sigmas(prog: str, steps, sigmas) -> None:

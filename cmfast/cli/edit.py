@@ -164,6 +164,9 @@ def main(argv=None):
         _fail("--mask is only used by inpaint")
     if args.task == "super-resolve" and not args.factor:
         _fail("super-resolve needs --factor")
+    if args.task == "denoise" and ((args.steps or 1) != 1 or args.sigmas):
+        _fail("denoise is one step at --sigma: --steps / --sigmas do not apply")
+    _common.check_which(PROG, args)
     _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
     import torch
     from .. import editing as E
@@ -181,6 +184,8 @@ def main(argv=None):
         if chw is None:
             raise ValueError("the model does not say its image shape (expected .net.in_channels / img_resolution)")
         C, H, W = chw
+        if args.task == "colorize" and C != 3:      # before the output folder is made (editing.colorize says it too)
+            raise ValueError(f"colorize: expected a 3-channel (RGB) model, got a {C}-channel model")
         smin, smax = E.noise_range(model)
         if args.task == "stroke" and not smin < args.sigma_start <= smax:
             raise ValueError(f"--sigma-start {args.sigma_start}: expected a level in ({smin:g}, {smax:g}]")

@@ -68,6 +68,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.checkpoint is not None and not os.path.exists(args.checkpoint):
         _fail(f"checkpoint not found: {args.checkpoint}")
+    _common.check_which(PROG, args)
     _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
     if args.search_sigmas and (args.steps or len(args.sigmas or ())) < 2:
         _fail("--search-sigmas needs --steps 2 or more (one step samples at sigma_max only)")

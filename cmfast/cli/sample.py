@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.grid or args.npz):
         fail("nothing to write: pass --grid PNG and/or --npz PATH")
+    _common.check_which(PROG, args)
     _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
     try:
         # Everything the user typed is checked before the first image is sampled.
