@@ -251,10 +251,14 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
           file=sys.stderr, flush=True)
     extractor, dim, impl = _extractor(metric, device, weights)
     stats = feature_stats(extractor, reference_batches(dataset, data_dir, num, batch_size), dim, device)
-    os.makedirs(root, exist_ok=True)
     meta = dict(metric=metric, dataset=dataset, split="train", implementation=impl, weights_sha256_16=net_hash,
                 **({"source": os.path.abspath(data_dir)} if dataset == "folder" else {}))
-    stats.save(path, **meta)
+    try:
+        os.makedirs(root, exist_ok=True)
+        stats.save(path, **meta)
+    except OSError as e:    # a read-only data dir, a full disk: the statistics just computed are used, not lost
+        print(f"cmfast: could not cache the reference statistics in {path} ({e.strerror or e}): they are computed "
+              f"again next time (set CMFAST_DATA or --data-dir to a writable folder)", file=sys.stderr, flush=True)
     return stats.mean, stats.cov, dict(meta, n=stats.n)
 
 

@@ -478,6 +478,33 @@ def test_damaged_reference_cache_is_computed_again(tmp_path, monkeypatch, capsys
         metrics.load_stats(tmp_path / "nope.npz")
 
 
+def test_unwritable_reference_cache_keeps_the_computed_statistics(tmp_path, monkeypatch, capsys):
+    """The data dir holding the reference set may be read-only (a shared dataset folder): the statistics were
+    computed (minutes for FID's 50,000 images) and then lost to the cache write's PermissionError, every run. Now the
+    evaluation goes on with them and says the cache could not be written."""
+    from train_fixtures import write_png_folder
+    write_png_folder(tmp_path / "ref", n=6, size=8)
+    monkeypatch.setenv("CMFAST_DATA", str(tmp_path / "cache"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"stand-in weights")
+    feats = lambda x: torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)    # noqa: E731
+    monkeypatch.setattr(metrics, "_weights_path", lambda metric, weights_=None: str(weights))
+    monkeypatch.setattr(metrics, "_extractor", lambda metric, device, weights_=None: (feats, 6, "stand-in"))
+    want = metrics.reference_stats("fid", "folder", str(tmp_path / "ref"), num=6, batch_size=4)
+    path = metrics.reference_cache_path("fid", "folder", str(tmp_path / "ref"), 6)
+    os.remove(path)
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(metrics.FeatureStats, "save", read_only)
+    capsys.readouterr()
+    mu, cov, meta = metrics.reference_stats("fid", "folder", str(tmp_path / "ref"), num=6, batch_size=4)
+    np.testing.assert_array_equal(mu, want[0])
+    np.testing.assert_array_equal(cov, want[1])
+    assert meta["n"] == 6 and not os.path.exists(path)
+    assert f"could not cache the reference statistics in {path} (Permission denied)" in capsys.readouterr().err
+
+
 def test_reference_cache_id_sees_a_replaced_image_in_a_subfolder(tmp_path):
     """EDM's layout keeps images in subfolders: replacing one changes neither the folder's file count nor its own
     time, and the cached statistics were reused. Every file's path, size and time now make the id."""
