@@ -209,6 +209,35 @@ def test_checkpoint_with_damaged_metadata_or_a_foreign_config_is_one_line(tmp_pa
         assert e.value.code == 2 and err.startswith(f"cmfast-sample: error: {path}: {msg}") and err.count("\n") == 1
 
 
+def test_full_disk_during_training_is_one_line_and_resumable(tmp_path, monkeypatch, capsys):
+    """The disk filling up at a checkpoint write was an OSError traceback from cmfast-train (only PermissionError and
+    friends were caught). Now one line naming the step and folder, exit 2; the checkpoints before it are whole and
+    --resume latest continues from them."""
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    out = str(tmp_path / "run")
+    real = ckpt._write_chunks
+
+    def fill_at_step_2(f, data, chunk=1 << 24):
+        if "ckpt-00000002" in f.name:
+            f.write(data[:len(data) // 2])
+            raise OSError(28, "No space left on device")
+        return real(f, data, chunk)
+    monkeypatch.setattr(ckpt, "_write_chunks", fill_at_step_2)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _run(out, folder, "--steps", "3", "--ckpt-every", "1", "--sample-num", "0")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("cmfast-train: error: ")
+    assert f"cannot write the checkpoint of step 2 in {out} (No space left on device)" in err
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert [s for s, _, _ in ckpt.list_checkpoints(out)] == [1]
+    monkeypatch.setattr(ckpt, "_write_chunks", real)
+    assert _run(out, folder, "--steps", "3", "--ckpt-every", "1", "--sample-num", "0", "--resume", "latest") == 0
+    assert "ckpt-00000001.safetensors at step 1" in capsys.readouterr().out
+    assert [s for s, _, _ in ckpt.list_checkpoints(out)] == [2, 3]            # --keep 2
+
+
 def test_keep_never_prunes_the_checkpoint_just_written(tmp_path, capsys):
     """Resumed from before a corrupt newest checkpoint, --keep 1 kept the corrupt later one and deleted both the
     checkpoint resumed from and the one just written: everything was lost. Only checkpoints up to the step written

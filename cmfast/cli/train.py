@@ -156,8 +156,7 @@ def main(argv=None) -> int:
             train(args)
         except TrainingError as e:
             fail(str(e), code=1)
-    except (DataError, CheckpointError, ValueError, FileNotFoundError, PermissionError,
-            NotADirectoryError, ImportError) as e:
+    except (DataError, CheckpointError, ValueError, OSError, ImportError) as e:     # OSError: a full disk, too
         if os.environ.get("CMFAST_DEBUG") == "1":
             raise
         fail(_common.first_line(e))

@@ -238,7 +238,12 @@ def _train(args: dict) -> dict:
         if rank == 0:
             state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else {},
                      "sampler": sampler.state_dict(), "rng": rngs if world > 1 else rngs[0], "counters": counters}
-            path = ckpt.save_checkpoint(out, step, state_dicts(), cfg, state, cfg["keep"])
+            try:
+                path = ckpt.save_checkpoint(out, step, state_dicts(), cfg, state, cfg["keep"])
+            except OSError as e:    # a full disk: one line saying what is kept (atomic writes: the older ones whole)
+                raise OSError(e.errno, f"cannot write the checkpoint of step {step} in {out} ({e.strerror or e}); "
+                                       "the checkpoints written before it are kept: --resume latest continues from "
+                                       "them") from None
             log(f"checkpoint {path}")
 
     # ---- Signals: finish the step, write a checkpoint, exit 0 -----------------------------------------------------
