@@ -238,6 +238,26 @@ def test_full_disk_during_training_is_one_line_and_resumable(tmp_path, monkeypat
     assert [s for s, _, _ in ckpt.list_checkpoints(out)] == [2, 3]            # --keep 2
 
 
+def test_rewriting_a_step_never_pairs_new_weights_with_the_old_state(tmp_path, monkeypatch):
+    """A run resumed before its newest checkpoints (the newest was unreadable, or --resume named an older one)
+    rewrites their steps. The weights were replaced first and the state second: a crash in between left the new
+    weights beside the other line's state, a complete-looking pair that --resume latest would load. Now the old
+    state goes first, so such a step is incomplete (ignored) until its new state is written."""
+    out = str(tmp_path)
+    ckpt.save_checkpoint(out, 3, {"model": {"w": torch.zeros(3)}}, {"method": "ct"}, {"line": "old"}, keep=0)
+    real = ckpt.atomic_write
+
+    def crash_at_state(path, data):
+        if path.endswith(".state.pt"):
+            raise KeyboardInterrupt     # killed between the two writes
+        real(path, data)
+    monkeypatch.setattr(ckpt, "atomic_write", crash_at_state)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(out, 3, {"model": {"w": torch.ones(3)}}, {"method": "ct"}, {"line": "new"}, keep=0)
+    assert torch.equal(ckpt.load_weights(ckpt.paths(out, 3)[0])[0]["model"]["w"], torch.ones(3))   # new weights
+    assert ckpt.list_checkpoints(out) == []         # not paired with the old line's state
+
+
 def test_keep_never_prunes_the_checkpoint_just_written(tmp_path, capsys):
     """Resumed from before a corrupt newest checkpoint, --keep 1 kept the corrupt later one and deleted both the
     checkpoint resumed from and the one just written: everything was lost. Only checkpoints up to the step written

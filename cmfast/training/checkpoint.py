@@ -93,6 +93,8 @@ def save_checkpoint(run_dir: str, step: int, modules: dict, cfg: dict, state: di
                for name, sd in modules.items() for k, v in sd.items()}
     meta = {"format": FORMAT, "step": str(step), "config": json.dumps(cfg)}
     wpath, spath = paths(run_dir, step)
+    if os.path.exists(spath):   # another line's pair of this step: incomplete until its new state is written, never
+        os.remove(spath)        # the new weights beside the old state (a crash between the two writes)
     atomic_write(wpath, save(tensors, metadata=meta))
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "step": step, "config": json.dumps(cfg), **state}, buf)
