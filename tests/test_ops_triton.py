@@ -622,6 +622,73 @@ def test_gpu_attention_autotuned_cifar_shape(monkeypatch):
           dtype=torch.bfloat16)
 
 
+def _attention_kept_configs():
+    """(kernel names, config) for every config the pruner keeps at DDPM++'s attention (L = 256, D = 256, bf16): any
+    of them may win the timing on some GPU, so each must be right, not only the one the autotuner picked here."""
+    from types import SimpleNamespace
+
+    from cmfast.kernels import attention as A
+    named = dict(BLOCK_D=256, Lq=256, Lk=256, q_ptr=SimpleNamespace(element_size=lambda: 2))
+    return ([(("_attention_fwd_kernel",), c) for c in A._prune(A.FWD_CONFIGS, named)]
+            + [(("_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"), c) for c in A._prune(A.BWD_CONFIGS, named)])
+
+
+def _force_config(monkeypatch, kernels, cfg):
+    """Run the kernels of cmfast.kernels.attention named in `kernels` with `cfg`, untimed: on a GPU through the
+    CMFAST_TRITON_AUTOTUNE=0 choice (_Switch.default), under the interpreter through its fixed config."""
+    from cmfast.kernels import attention as A
+    monkeypatch.setenv("CMFAST_TRITON_AUTOTUNE", "0")
+    for name in kernels:
+        k = getattr(A, name)
+        if hasattr(k, "default"):
+            monkeypatch.setattr(k, "default", lambda named, c=cfg: c)
+        else:
+            monkeypatch.setattr(k, "config", dict(cfg.kwargs))
+
+
+def _config_id(kc):
+    names, c = kc
+    kind = "fwd" if len(names) == 1 else "bwd"
+    return f"{kind}-{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}-w{c.num_warps}s{c.num_stages}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kc", _attention_kept_configs(), ids=_config_id)
+def test_gpu_attention_every_kept_config_cifar_shape(monkeypatch, kc):
+    kernels, cfg = kc
+    _force_config(monkeypatch, kernels, cfg)
+    q, k, v = (rand(2, 1, 256, 256, dtype=torch.bfloat16) for _ in range(3))
+    check(lambda q, k, v: ops.attention(q, k, v), ref.attention, dict(q=q, k=k, v=v), grad=("q", "k", "v"),
+          dtype=torch.bfloat16)
+
+
+@pytest.mark.slow
+@pytest.mark.triton_cpu
+def test_attention_forced_configs_run_under_the_interpreter(monkeypatch):
+    """The mechanics of the test above on CPU: the kept list has forward and backward tiles, a forced tile is the one
+    launched (seen in the forward's grid), and a forward and a backward tile give the right attention with tails."""
+    from cmfast.kernels import attention as A
+    kept = _attention_kept_configs()
+    assert {len(n) for n, _ in kept} == {1, 2} and len(kept) >= 10
+    fwd = next(c for n, c in kept if len(n) == 1 and c.kwargs["BLOCK_M"] == 32)   # not the CPU tests' 16 or 64
+    bwd = next(c for n, c in kept if len(n) == 2 and c.kwargs["BLOCK_M"] == 32)
+    _force_config(monkeypatch, ("_attention_fwd_kernel",), fwd)
+    _force_config(monkeypatch, ("_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"), bwd)
+    grids, jit = [], A._attention_fwd_kernel.fn
+
+    class Spy:
+        arg_names = jit.arg_names
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return jit[grid]
+    monkeypatch.setattr(A._attention_fwd_kernel, "fn", Spy())
+    q, k, v = (rand(1, 1, 40, 32) for _ in range(3))
+    check(lambda q, k, v: ops.attention(q, k, v), ref.attention, dict(q=q, k=k, v=v), grad=("q", "k", "v"))
+    assert grids and grids[0] == (2, 1)          # 40 rows in BLOCK_M = 32 tiles
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
