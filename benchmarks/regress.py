@@ -137,6 +137,15 @@ def _cpu_model() -> str:
     return _harness.device_name(torch.device("cpu")).split(" (")[0]
 
 
+def _read_object(path: Path, key: str) -> dict:
+    """A JSON file holding an object with `key`; ValueError otherwise (truncated, a list, another file)."""
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict) or key not in doc:
+        raise ValueError(f"expected a JSON object with {key!r}, got "
+                         f"{'one without it' if isinstance(doc, dict) else 'a ' + type(doc).__name__}")
+    return doc
+
+
 def _slug_of(bench: dict) -> str | None:
     for b in bench.get("benchmarks", []):
         if "device_slug" in b.get("extra_info", {}):
@@ -177,7 +186,11 @@ def main(argv=None) -> int:
         if not args.baseline.exists():
             print(f"regress.py: error: no baseline {args.baseline} (make one with --write-baseline)", file=sys.stderr)
             return 2
-        base = json.loads(args.baseline.read_text())
+        try:
+            base = _read_object(args.baseline, "ratio")
+        except (OSError, ValueError) as e:     # exit 1 would read as a slowdown
+            print(f"regress.py: error: cannot read the baseline {args.baseline}: {e}", file=sys.stderr)
+            return 2
         if base.get("cpu") and base["cpu"] != _cpu_model():
             print(f"note: baseline recorded on {base['cpu']}, this is {_cpu_model()}: ratios may differ by CPU "
                   f"model; record a baseline here with --write-baseline")
@@ -189,7 +202,7 @@ def main(argv=None) -> int:
         return 0 if ok else 1
 
     try:
-        bench = json.loads(args.bench_json.read_text())
+        bench = _read_object(args.bench_json, "benchmarks")
     except (OSError, ValueError) as e:     # the latency tests did not run (skipped, killed): nothing to compare
         print(f"regress.py: error: cannot read {args.bench_json}: {e}", file=sys.stderr)
         return 2
@@ -212,7 +225,11 @@ def main(argv=None) -> int:
         # Not a pass: nothing was gated. A device's first run records the baseline to commit (--write-baseline).
         print(f"NOT GATED: no baseline {path} for device {slug} (commit one made with --write-baseline)")
         return NO_BASELINE
-    base = json.loads(path.read_text())
+    try:
+        base = _read_object(path, "medians")
+    except (OSError, ValueError) as e:     # a damaged baseline: exit 2, not a traceback's 1 (read as a slowdown)
+        print(f"regress.py: error: cannot read the baseline {path}: {e}", file=sys.stderr)
+        return 2
     threshold = args.threshold if args.threshold is not None else base.get("threshold", GPU_THRESHOLD)
     fails = compare_benchmarks(bench, base, threshold)
     print("\n".join(fails) if fails else f"PASS: every median within x{1 + threshold:.2f} of {path.name}")

@@ -64,6 +64,22 @@ def test_cli_compare_without_a_run_to_read(tmp_path, capsys):
     assert len(err) == 2 and all(e.startswith("regress.py: error:") for e in err)
 
 
+def test_cli_compare_with_a_damaged_file_is_exit_2(tmp_path, capsys):
+    """A truncated baseline, or a run JSON that is a list, raised a traceback: exit 1, which reads as 'slower than
+    the baseline'. Now exit 2 with one line naming the file, as for a missing run."""
+    bench, base = tmp_path / "latency.json", tmp_path / "base.json"
+    bench.write_text(json.dumps(_bench(a=1e-3)))
+    base.write_text(json.dumps({"medians": {"a": 1e-3}})[:10])
+    assert regress.main(["compare", str(bench), "--baseline", str(base)]) == 2
+    bench.write_text("[1, 2]")
+    assert regress.main(["compare", str(bench), "--baseline", str(base)]) == 2
+    base.write_text('{"ratio": 1.0')
+    assert regress.main(["cpu", "--baseline", str(base)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("regress.py: error: cannot read") for e in err)
+    assert str(base) in err[0] and str(bench) in err[1] and str(base) in err[2]
+
+
 def test_cli_compare_reads_the_baselines_threshold(tmp_path):
     bench, base = tmp_path / "latency.json", tmp_path / "base.json"
     bench.write_text(json.dumps(_bench(a=1.3e-3)))                       # 30% slower than the baseline
