@@ -197,10 +197,12 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _find_fmnist(data_dir: str, split: str = "train") -> dict[str, str]:
-    """The split's two files (only those: the other split need not exist), first folder holding both wins."""
+def _find_fmnist(data_dir: str, split: str = "train", given: bool = False) -> dict[str, str]:
+    """The split's two files (only those: the other split need not exist), first folder holding both wins: a data_dir
+    the caller gave (--data-dir) before the system copy, the default one after it."""
     names = FMNIST_SPLITS[split]
-    for d in (FMNIST_SYSTEM_DIR, data_dir, os.path.join(data_dir, "fashion-mnist")):
+    mine = (data_dir, os.path.join(data_dir, "fashion-mnist"))
+    for d in (*mine, FMNIST_SYSTEM_DIR) if given else (FMNIST_SYSTEM_DIR, *mine):
         found = {}
         for n in names:
             for cand in (os.path.join(d, n + ".gz"), os.path.join(d, n)):
@@ -222,7 +224,7 @@ def load_fashion_mnist(data_dir: str | None = None, split: str = "train", full: 
     if split not in FMNIST_SPLITS:
         raise DataError(f"Fashion-MNIST split: expected 'train' or 'test', got {split!r}")
     image_name, label_name = FMNIST_SPLITS[split]
-    files = _find_fmnist(data_dir or default_data_dir(), split)
+    files = _find_fmnist(data_dir or default_data_dir(), split, given=bool(data_dir))
     images = read_idx(files[image_name], 3)
     labels = read_idx(files[label_name], 1)
     if images.shape[1:] != (28, 28) or labels.shape[0] != images.shape[0]:

@@ -85,10 +85,11 @@ def test_fmnist_idx_padding_and_search_order(tmp_path, monkeypatch):
     x, _ = ds.batch(torch.arange(5))
     assert torch.all(x[:, :, :2] == -1) and torch.all(x[:, :, :, -2:] == -1)     # padded with -1 (DESIGN.md 2)
     assert ds.labels.tolist() == labels.tolist()
-    # The system (Debian) folder wins over the data dir.
+    # The system (Debian) folder wins over the default data dir (a data dir given wins over it: the test below).
     sys_images, _ = write_fmnist(tmp_path / "system", n=3, seed=1)
     monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "system"))
-    assert np.array_equal(data.load_fashion_mnist(str(tmp_path)).images[:, 0, 2:30, 2:30].numpy(), sys_images)
+    monkeypatch.setattr(data, "default_data_dir", lambda: str(tmp_path))
+    assert np.array_equal(data.load_fashion_mnist().images[:, 0, 2:30, 2:30].numpy(), sys_images)
 
 
 @pytest.mark.parametrize("mutate, match", [
@@ -236,3 +237,19 @@ def test_sampler_epochs_and_state():
     s2.load_state_dict(sd)
     got = [s2.next(4) for _ in range(3)]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(want, got))
+
+
+def test_fmnist_data_dir_given_is_searched_before_the_system_copy(tmp_path, monkeypatch):
+    """--data-dir names the copy to use: it was searched after /usr/share/datasets/fashion-mnist, so a local copy
+    (or a way around a damaged system file) was never read where the Debian package is installed. Without one, the
+    system copy still comes before the default folder (no download)."""
+    system, mine, default = tmp_path / "system", tmp_path / "mine", tmp_path / "default"
+    write_fmnist(system, n=8)
+    write_fmnist(mine, n=4)
+    write_fmnist(default, n=6)
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(system))
+    monkeypatch.setattr(data, "default_data_dir", lambda: str(default))
+    assert len(data.load_fashion_mnist(str(mine))) == 4
+    assert len(data.load_fashion_mnist()) == 8
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "absent"))
+    assert len(data.load_fashion_mnist()) == 6
