@@ -27,7 +27,7 @@ def _sigmas(text: str) -> tuple[float, ...]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])   # the first paragraph, whole
     ap.add_argument("--checkpoint", required=True, help="run directory or ckpt-*.safetensors")
     ap.add_argument("--name", required=True, help="shipped model name (cmfast/assets/<name>.safetensors)")
     ap.add_argument("--which", default="ema", help="weights: ema (first rate), ema@RATE or model")

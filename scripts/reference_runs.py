@@ -407,7 +407,7 @@ def write(doc: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])   # the first paragraph, whole
     ap.add_argument("--profile", choices=sorted(PROFILES), required=True)
     ap.add_argument("--out", required=True, help="folder for the runs (one subfolder per method)")
     ap.add_argument("--results", default=None, help="JSON path (default benchmarks/results/reference_runs-"

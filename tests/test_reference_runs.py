@@ -397,3 +397,14 @@ def test_rates_are_measured_again_only_for_the_runs_just_trained(monkeypatch):
     assert [e["sample_img_per_s"] for e in doc["runs"]["ct"]["evals"]] == [10.0, 20.0]
     assert [e["sample_img_per_s_beside_runs"] for e in doc["runs"]["ct"]["evals"]] == [3.0, 2.0]
     assert doc["runs"]["ict"]["evals"] == [{"nfe": 1, "sample_img_per_s": 5.0}]
+
+
+@pytest.mark.parametrize("name", ["reference_runs", "export_pretrained"])
+def test_help_describes_the_script_in_whole_sentences(name, capsys):
+    """--help's description is the docstring's first paragraph: its first line alone stopped mid-sentence
+    ('... train an EDM teacher, CD from')."""
+    mod = _load(ROOT / "scripts" / f"{name}.py", name)
+    with pytest.raises(SystemExit):
+        mod.main(["--help"])
+    out = "".join(capsys.readouterr().out.split())      # argparse re-wraps it (also after hyphens)
+    assert "".join(mod.__doc__.split("\n\n")[0].split()) in out
