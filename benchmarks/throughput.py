@@ -313,8 +313,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="about 3 minutes on an H100: fewer sizes and modes")
     p.add_argument("--cpu", action="store_true", help="run on CPU (default when no CUDA device is present)")
     p.add_argument("--presets", nargs="+", help="network presets (default: ddpmpp-cifar10 ddpmpp-64 adm-imagenet64, "
-                   "the last the CM paper's ImageNet 64 network, unconditional here)")
-    p.add_argument("--batches", nargs="+", type=int, help="sampling batch sizes")
+                   "the last the CM paper's ImageNet 64 network, unconditional here; --quick: ddpmpp-cifar10; "
+                   "CPU: tiny fmnist-small)")
+    p.add_argument("--batches", nargs="+", type=int, help="sampling batch sizes (default: 1 8 64 256 1024; --quick: "
+                   "1 256; CPU: 1 8)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     p.add_argument("--budget-s", type=float, default=None, help="seconds for the compile rows (they run last), "
                    "counted from the first: a row that would start with under 60 s left is skipped "

@@ -176,3 +176,17 @@ def test_training_step_row_runs_the_whole_step(monkeypatch):
     assert source is model.net and target is not model.net and mu == 0.9999
     assert not any(q.requires_grad for q in target.parameters())
     assert [q.shape for q in target.parameters()] == [q.shape for q in model.net.parameters()]
+
+
+def test_help_states_the_default_presets_and_batches(capsys):
+    """--help's defaults of --presets and --batches are plan()'s, with --quick and on CPU too (it gave only the full
+    GPU run's presets, and no batches)."""
+    import argparse
+    with pytest.raises(SystemExit):
+        throughput.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for label, quick, device in (("default", False, "cuda"), ("--quick", True, "cuda"), ("CPU", False, "cpu")):
+        args = argparse.Namespace(presets=None, batches=None, quick=quick)
+        presets, batches = throughput.plan(args, torch.device(device))[:2]
+        assert f"{label}: {' '.join(presets)}" in text
+        assert f"{label}: {' '.join(map(str, batches))}" in text
