@@ -1,7 +1,7 @@
 """One-step sampling latency / throughput and an iCT training step: eager, torch.compile and cmfast side by side.
 
     python benchmarks/throughput.py            # GPU: ddpmpp-cifar10, ddpmpp-64, adm-imagenet64; batch 1..1024
-    python benchmarks/throughput.py --quick    # GPU: about 4 minutes (cifar net, batch 1 and 256, the CT step at 256)
+    python benchmarks/throughput.py --quick    # GPU, ~3 min on an H100: cifar net, batch 1 and 256, iCT step at 256
     python benchmarks/throughput.py --cpu      # CPU (auto without CUDA): tiny / fmnist-small, batch 1 and 8
 
 Every row: median ms, images/s, speedup over eager bf16 (CPU: eager fp32) and over the best torch.compile, and
