@@ -151,7 +151,7 @@ def _winner(rows: list[dict[str, float]]) -> tuple[str, dict] | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="make_auto_table", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="make_auto_table", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", type=Path, help="benchmark result JSON files")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--dry-run", action="store_true", help="print the table, write nothing")

@@ -139,7 +139,7 @@ class _Elem:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="triton_compile_check", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="triton_compile_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
     p.add_argument("--quick", action="store_true", help="bf16 and D = 256 only")
     p.add_argument("--no-attention", action="store_true", help="skip the attention kernels (the slow part)")

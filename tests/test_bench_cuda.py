@@ -198,3 +198,15 @@ def test_bench_cuda_cpu_smoke(tmp_path):
         assert r["median_ms"] > 0 and r["bytes"] == 3 * 4 * r["shape"][0] * 3 * 32 * 32
         assert r["speedup_vs_eager"] == 1.0
 
+
+
+@pytest.mark.parametrize("script", ["benchmarks/make_auto_table.py", "scripts/triton_compile_check.py"])
+def test_help_describes_the_script_in_whole_sentences(script):
+    """--help's description is the docstring's first paragraph: its first line alone stopped mid-sentence ('... and
+    print', '... into'). A subprocess: triton_compile_check drops TRITON_INTERPRET from the environment on import."""
+    import ast
+    import subprocess
+    path = Path(__file__).resolve().parent.parent / script
+    doc = ast.get_docstring(ast.parse(path.read_text()), clean=False)
+    out = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120).stdout
+    assert "".join(doc.split("\n\n")[0].split()) in "".join(out.split())     # argparse re-wraps it
