@@ -5,7 +5,7 @@ finds) and write one results JSON that benchmarks/make_tables.py turns into the 
 
     python scripts/reference_runs.py --profile gpu   --out runs/ref          # one GPU job, at most ~7 minutes
     python scripts/reference_runs.py --profile cpu   --out runs/ref-cpu      # the tiny net on a CPU, about 1.5 hours
-    python scripts/reference_runs.py --profile smoke --out /tmp/ref          # a minute: checks the pipeline only
+    python scripts/reference_runs.py --profile smoke --out /tmp/ref          # a few minutes: checks the pipeline only
 
 Everything runs in this one process (one import of torch; the training runs through cmfast-train's own main, so
 each run's exact command is recorded and can be rerun by hand). The runs pass --resume auto: rerunning the script
