@@ -121,7 +121,7 @@ def test_edit_checks_its_folder_and_levels(capsys, tmp_path):
           "cmfast-edit")
     fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(img), "--out", str(tmp_path / "o"),
                               "--seed", "-5"], "expected a value in [0, inf]", "cmfast-edit")
-    # a 1-channel model cannot colorize: said before the output folder is made (it was left behind, empty)
+    # a 1-channel model cannot colorize: no output folder is left behind (it was, empty)
     fails(capsys, edit_main, ["colorize", "--pretrained", "fmnist", "--input", str(img), "--out", str(tmp_path / "o"),
                               "--device", "cpu"], "colorize: expected a 3-channel (RGB) model, got a 1-channel model",
           "cmfast-edit")

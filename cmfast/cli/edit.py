@@ -184,8 +184,6 @@ def main(argv=None):
         if chw is None:
             raise ValueError("the model does not say its image shape (expected .net.in_channels / img_resolution)")
         C, H, W = chw
-        if args.task == "colorize" and C != 3:      # before the output folder is made (editing.colorize says it too)
-            raise ValueError(f"colorize: expected a 3-channel (RGB) model, got a {C}-channel model")
         smin, smax = E.noise_range(model)
         if args.task == "stroke" and not smin < args.sigma_start <= smax:
             raise ValueError(f"--sigma-start {args.sigma_start}: expected a level in ({smin:g}, {smax:g}]")
@@ -218,7 +216,6 @@ def main(argv=None):
         if args.mask:
             mask = (load_png(args.mask, 1, (H, W)) > 0).float()[None]     # 128..255 -> known
         gen = torch.Generator(device).manual_seed(args.seed)
-        os.makedirs(args.out, exist_ok=True)
         rows, n = [], (args.pairs if args.task == "interpolate" else len(files))
         for i in range(0, n, args.batch_size if args.task != "interpolate" else n):
             batch = None if images is None else images[i:i + args.batch_size]
@@ -228,6 +225,7 @@ def main(argv=None):
             out, r = run(model, args.task, batch, sigmas=sigmas, mask=mask, factor=args.factor, sigma=args.sigma,
                          pairs=args.pairs, alphas=args.alphas, generator=gen, noise=noise)
             rows += r
+            os.makedirs(args.out, exist_ok=True)    # after the first batch: a task that refuses the model leaves none
             for j, x in enumerate(out):
                 name = (f"pair{(j // args.alphas) + i}_{j % args.alphas}" if args.task == "interpolate"
                         else f"{os.path.splitext(os.path.basename(files[i + j]))[0]}_{args.task}")
