@@ -127,9 +127,9 @@ def teacher_velocity(denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor, si
 
 
 # ---- The sCM objective (sCM Alg. 1) ----------------------------------------------------------------------------
-def check_prior_weighting(name: str, what: str = "prior_weighting") -> str:
+def check_prior_weighting(name: str) -> str:
     if name not in PRIOR_WEIGHTINGS:
-        raise ValueError(f"{what}: expected one of {', '.join(PRIOR_WEIGHTINGS)}, got {name!r}")
+        raise ValueError(f"prior_weighting: expected one of {', '.join(PRIOR_WEIGHTINGS)}, got {name!r}")
     return name
 
 
