@@ -71,10 +71,16 @@ def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what
     return s
 
 
+def autocasting(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device (cuda / cpu; never on 'meta'): layers then let it cast their weights,
+    and outside it the weights follow x's dtype (a net converted with .half() / .bfloat16() / .double())."""
+    return x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
+
+
 def backbone_input(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x (the fp32 scaled input) in the dtype of the backbone's weights, outside autocast (under it, autocast casts):
     a model converted with .half() / .bfloat16() runs its backbone in that dtype, the preconditioning stays fp32."""
-    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+    if autocasting(x):
         return x
     p = next((p for p in net.parameters() if p.is_floating_point()), None)
     return x if p is None else x.to(p.dtype)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..precond import autocasting
 
 
 def _xavier_uniform_(t: torch.Tensor, fan_in: int, fan_out: int, gain: float) -> torch.Tensor:
@@ -27,7 +28,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As Conv2d: under autocast the layer casts itself; outside it the weights follow x's dtype, so a network
         # converted with .half() / .bfloat16() / .double() takes the fp32 noise embedding (it raised a dtype mismatch).
-        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        if autocasting(x):
             return super().forward(x)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -60,7 +61,7 @@ class Conv2d(nn.Module):
         # region (CT / CD run the net two or three times a step); outside autocast they follow x's dtype. The bias
         # goes into the last convolution (its gradient then comes from the convolution's backward): a separate
         # cast, add and bias-gradient sum per layer were 20% of a training step's ops (fmnist-small iCT, counted).
-        auto = x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)   # not on 'meta'
+        auto = autocasting(x)
         w = self.weight if auto or self.weight is None else self.weight.to(x.dtype)
         b = None if self.bias is None or not add_bias else self.bias if auto else self.bias.to(x.dtype)
         f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
