@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 
 from . import _common
@@ -130,8 +131,30 @@ def build_parser():
     return ap
 
 
-@_common.interruptible(PROG, " (checkpoints written so far are kept: --resume latest continues from them)")
 def main(argv=None) -> int:
+    """The command; a torchrun rank that started a process group ends here with os._exit (its exit status kept, its
+    output flushed), skipping the interpreter's shutdown, during which gloo's worker threads, kept alive by DDP, can
+    abort the rank (training/loop.py: _GROUP)."""
+    try:
+        code = _main(argv)
+    except SystemExit as e:         # fail(): its line is printed
+        if not _created_group():
+            raise
+        code = e.code if isinstance(e.code, int) else 1
+    if _created_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _created_group() -> bool:
+    loop = sys.modules.get("cmfast.training.loop")      # not imported: no group
+    return loop is not None and loop.created_process_group()
+
+
+@_common.interruptible(PROG, " (checkpoints written so far are kept: --resume latest continues from them)")
+def _main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
     dry = args.pop("dry_run")
     margs = dict(args.pop("method_arg") or [])
@@ -140,7 +163,6 @@ def main(argv=None) -> int:
             margs[k] = args[k]
         args.pop(k)
     args["method_args"] = margs
-    import os
     from ..data import DataError
     from ..training.checkpoint import CheckpointError
     from ..training.config import resolve

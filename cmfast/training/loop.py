@@ -51,6 +51,21 @@ class Log:
             f.write(msg + "\n")
 
 
+# Whether this process created a process group (under torchrun). PyTorch's DDP keeps that group, and gloo's worker
+# threads, alive after destroy_process_group (its C++ reducer is never freed); a worker thread that drops its last
+# tensor while the interpreter shuts down takes the GIL and aborts the rank ("terminate called without an active
+# exception", SIGABRT: 4 in 25 runs of a 2-rank script, and CI runs of the 2-rank tests). cmfast-train therefore ends
+# such a process with os._exit once everything is written (cli/train.py); a script that calls train() under torchrun
+# can do the same.
+_GROUP = {"created": False}
+
+
+def created_process_group() -> bool:
+    """True once setup_distributed has started a process group in this process (cmfast-train then skips the
+    interpreter's shutdown, see _GROUP)."""
+    return _GROUP["created"]
+
+
 def setup_distributed(device: str | None):
     """(rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; nccl on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -65,6 +80,7 @@ def setup_distributed(device: str | None):
         torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        _GROUP["created"] = True
     rank = torch.distributed.get_rank() if world > 1 else 0
     return rank, world, dev
 
@@ -126,8 +142,8 @@ def write_samples(model, kind: str, cfg: dict, step: int, shape, device, out: st
 
 def train(args: dict) -> dict:
     """Run (or resume) training from CLI arguments (a dict, None = not given). Returns the final stats row.
-    A process group this call creates (under torchrun) is destroyed when it returns or raises: left to the
-    interpreter's exit, gloo's threads can abort a rank ("terminate called without an active exception")."""
+    A process group this call creates (under torchrun) is destroyed when it returns or raises. (DDP keeps gloo's
+    threads alive even so: end such a process with os._exit, as cmfast-train does; see _GROUP.)"""
     dist = torch.distributed
     owns_group = dist.is_available() and not dist.is_initialized()
     finished = False
