@@ -243,3 +243,21 @@ def test_sample_takes_more_steps_without_sigmas(tmp_path, capsys):
     assert sample_main(["--pretrained", "fmnist", "--num", "3", "--npz", str(b), "--sigmas",
                         ",".join(repr(s) for s in default_sigmas(3))]) == 0
     assert np.array_equal(np.load(a)["arr_0"], np.load(b)["arr_0"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where backend 'cuda' cannot run")
+def test_unavailable_backend_is_one_line_in_every_command(capsys, tmp_path, monkeypatch):
+    """CMFAST_BACKEND naming a backend that cannot run here (DESIGN.md 2: it says why in one line): cmfast-sample,
+    -edit and -eval printed a traceback ending in cmfast.ops.BackendUnavailable (a RuntimeError) and exited 1."""
+    monkeypatch.setenv("CMFAST_BACKEND", "cuda")
+    msg = "backend 'cuda' cannot run on cpu"
+    fails(capsys, sample_main, ["--pretrained", "fmnist", "--num", "2", "--npz", str(tmp_path / "s.npz"),
+                                "--device", "cpu"], msg, "cmfast-sample")
+    from cmfast.cli._png import save_png
+    save_png(torch.zeros(1, 32, 32), str(tmp_path / "in.png"))
+    fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(tmp_path / "in.png"), "--out",
+                              str(tmp_path / "e"), "--device", "cpu"], msg, "cmfast-edit")
+    import cmfast.metrics as M      # the reference statistics come first; stand-ins, so that sampling is reached
+    monkeypatch.setattr(M, "reference_stats", lambda *a, **k: (torch.zeros(2), torch.eye(2), {}))
+    fails(capsys, eval_main, ["--pretrained", "fmnist", "--metric", "fd-fmnist", "--num", "4", "--device", "cpu"],
+          msg, "cmfast-eval")

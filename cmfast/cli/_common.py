@@ -12,6 +12,14 @@ def fail(prog: str, message: str, code: int = 2):
     sys.exit(code)
 
 
+def user_errors() -> tuple:
+    """The exceptions a command reports as one error line (exit 2): bad values, unreadable files, missing optional
+    packages, and a backend asked for by name (CMFAST_BACKEND) that cannot run here (BackendUnavailable, a
+    RuntimeError: it was a traceback)."""
+    from ..ops import BackendUnavailable
+    return (ValueError, TypeError, OSError, KeyError, ImportError, BackendUnavailable)
+
+
 def first_line(e: Exception) -> str:
     """An exception as one error line: its message's first line, else its type's name."""
     return str(e).splitlines()[0] if str(e) else type(e).__name__

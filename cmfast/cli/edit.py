@@ -231,7 +231,7 @@ def main(argv=None):
                         else f"{os.path.splitext(os.path.basename(files[i + j]))[0]}_{args.task}")
                 save_png(x, os.path.join(args.out, name + ".png"))
         save_png(grid(rows), os.path.join(args.out, f"{args.task}_grid.png"), scale=args.grid_scale)
-    except (ValueError, TypeError, OSError, KeyError, ImportError) as e:
+    except _common.user_errors() as e:
         _fail(_common.first_line(e))
     n = len(rows) if args.task != "interpolate" else args.pairs * args.alphas
     print(f"{PROG}: wrote {n} image{'s' if n != 1 else ''} and {args.task}_grid.png to {args.out}")

@@ -116,7 +116,7 @@ def main(argv=None):
                                 "trials": search["trials"], "seconds": round(search_s, 1)}
         if recorded:    # where the levels (or the search's start) came from
             (result if search is None else result["search"])["sigmas_from"] = "checkpoint (sampling_sigmas)"
-    except (ValueError, TypeError, OSError, KeyError, ImportError) as e:
+    except _common.user_errors() as e:
         _fail(_common.first_line(e))
     if args.pretrained is not None:
         result["pretrained"] = args.pretrained

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             buf = io.BytesIO()
             np.savez(buf, arr_0=imgs)
             _common.write_output(args.npz, buf.getvalue())
-    except (ValueError, TypeError, OSError, ImportError) as e:
+    except _common.user_errors() as e:
         fail(_common.first_line(e))
     print(f"{len(imgs)} images {imgs.shape[1:]} -> {', '.join(p for p in (args.grid, args.npz) if p)}"
           + (f" (noise levels {', '.join(f'{s:.4g}' for s in recorded)}, from the checkpoint)" if recorded else ""))
