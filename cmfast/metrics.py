@@ -312,7 +312,7 @@ def _extractor(metric, device, weights=None):
 
 def fd_fmnist(images, batch_size=500, device="cpu", data_dir=None):
     """FD-FMNIST of [-1, 1] images (N, 1, 32, 32) against Fashion-MNIST train (all 60k), float."""
-    _check_images(images, channels=1)
+    _check_images(images, channels=1, size=(32, 32))
     mu2, s2, _ = reference_stats("fd-fmnist", "fashion-mnist", data_dir, num=60000, batch_size=batch_size,
                                  device=device)
     extractor, dim, _ = _extractor("fd-fmnist", device)
@@ -329,11 +329,18 @@ def fid(images, dataset="cifar10", num_ref=50000, batch_size=100, device="cpu", 
     return frechet_distance(stats.mean, stats.cov, mu2, s2)
 
 
-def _check_images(images, channels=None):
-    if not torch.is_tensor(images) or images.ndim != 4 or (channels and images.shape[1] != channels):
-        want = f"(N, {channels}, H, W)" if channels else "(N, C, H, W)"
+def _check_images(images, channels=None, size=None):
+    """(N, C, H, W) float images in [-1, 1] (channels and (H, W) = size where given): a uint8 batch (cmfast-sample's
+    .npz) is refused by dtype, not scored on the wrong scale or failed inside a convolution."""
+    hw = tuple(images.shape[2:]) if torch.is_tensor(images) and images.ndim == 4 else None
+    if not torch.is_tensor(images) or images.ndim != 4 or (channels and images.shape[1] != channels) or \
+            (size and hw != tuple(size)):
+        want = f"(N, {channels or 'C'}, {size[0] if size else 'H'}, {size[1] if size else 'W'})"
         got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"images: expected a {want} tensor in [-1, 1], got {got}")
+    if not images.is_floating_point():
+        raise TypeError(f"images: expected floating-point images in [-1, 1], got {images.dtype} (uint8 x: "
+                        f"x.float() / 127.5 - 1)")
     if len(images) < 2:
         raise ValueError(f"images: need at least 2 images for a covariance, got {len(images)}")
 

@@ -166,8 +166,17 @@ def test_fd_fmnist_orders_test_blurred_noise(data_dir):
 
 
 def test_fd_fmnist_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"expected a \(N, 1, H, W\)"):
+    with pytest.raises(ValueError, match=r"expected a \(N, 1, 32, 32\)"):
         metrics.fd_fmnist(torch.zeros(4, 3, 32, 32))
+    # DESIGN.md 3: fd_fmnist takes [-1, 1] images (N, 1, 32, 32). Unpadded 28x28 images were scored (a number on a
+    # different geometry), and uint8 ones (cmfast-sample's .npz) failed inside the classifier's convolution
+    # ("RuntimeError: expected scalar type Byte but found Float").
+    with pytest.raises(ValueError, match=r"expected a \(N, 1, 32, 32\) tensor in \[-1, 1\], got \(4, 1, 28, 28\)"):
+        metrics.fd_fmnist(torch.zeros(4, 1, 28, 28))
+    with pytest.raises(TypeError, match="expected floating-point images in \\[-1, 1\\], got torch.uint8"):
+        metrics.fd_fmnist(torch.zeros(4, 1, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="got torch.int64"):
+        metrics.fid(torch.zeros(4, 3, 32, 32, dtype=torch.int64))
 
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed")
