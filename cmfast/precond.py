@@ -56,6 +56,8 @@ def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what
         raise ValueError(f"x: expected a torch.Tensor (B, C, ...), got {type(x).__module__}.{type(x).__name__}")
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x: expected a non-empty batch tensor (B, C, ...), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():   # uint8 pixels (0..255) would run as if they were [-1, 1] values
+        raise TypeError(f"x: expected a floating-point tensor (images in [-1, 1]), got {x.dtype}")
     s = sigma_vector(sigma, x, what)
     if torch.compiler.is_compiling() or (s.is_cuda and torch.cuda.is_current_stream_capturing()):
         return s

@@ -41,6 +41,8 @@ def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, cl
     level), taken from it. Runs under torch.no_grad(): the images carry no gradient (differentiate model(x, sigma))
     and are float32 (the fp32 skip output) whatever the dtype of z or of the model."""
     s = check_sigmas(sigmas, model.sigma_min, model.sigma_max)
+    if isinstance(z, torch.Tensor) and not z.is_floating_point():   # s[0] * z would promote it: no error otherwise
+        raise TypeError(f"z: expected a floating-point tensor (N(0, I) noise), got {z.dtype}")
     if noise is not None and (len(noise) != len(s) - 1 or any(tuple(n.shape) != tuple(z.shape) for n in noise)):
         raise ValueError(f"noise: expected {len(s) - 1} tensor(s) shaped {tuple(z.shape)}, one per level after the "
                          f"first, got {[tuple(n.shape) for n in noise]}")

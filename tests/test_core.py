@@ -66,6 +66,19 @@ def test_sigma_errors(bad):
         model(torch.randn(2, 1, 4, 4), torch.ones(3))
 
 
+def test_integer_images_are_refused_by_dtype():
+    """DESIGN.md 2: images are float in [-1, 1], uint8 only at file edges; errors name the dtype that came. A uint8
+    or int64 batch ran through model(x, sigma), cmfast.sample and cmfast.edit.denoise as if 0..255 were [-1, 1]."""
+    model = cmfast.ConsistencyModel(_Wild())
+    for dt in (torch.uint8, torch.int64):
+        x = torch.zeros(2, 1, 4, 4, dtype=dt)
+        with pytest.raises(TypeError, match=f"x: expected a floating-point tensor .*got {dt}"):
+            model(x, 1.0)
+        with pytest.raises(TypeError, match="floating-point"):
+            cmfast.sample(model, x)
+    assert model(torch.zeros(2, 1, 4, 4, dtype=torch.float16), 1.0).dtype == torch.float32
+
+
 def test_karras_sigmas_formula_and_order():
     n, smin, smax, rho = 18, 0.002, 80.0, 7.0
     got = cmfast.karras_sigmas(n, smin, smax, rho)
