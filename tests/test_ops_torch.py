@@ -85,3 +85,17 @@ def test_consistency_loss_edge_cases():
         loss = ops.consistency_loss(q, p, "pseudo_huber", 1e-30)
     loss.sum().backward()
     assert loss.abs().max() <= 1e-30 and torch.equal(q.grad, torch.zeros_like(p))
+
+
+def test_skip_output_float64_is_float64_math():
+    """DESIGN.md 2: sigma math in float32, float64 where a test asks. float64 x and F came back float64 but computed in
+    fp32 (x.float(), an fp32 sigma): ~1e-7 off the float64 formula, and torch.autograd.gradcheck failed."""
+    x, F = (torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    s = torch.tensor([0.002, 0.7, 50.0], dtype=torch.float64)
+    with ops.use_backend("torch"):
+        for sigma in (s, s.reshape(3, 1, 1, 1), 0.7):
+            got = ops.skip_output(x, F, sigma)
+            want = ref.skip_output(x, F, torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(3))
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+        assert torch.autograd.gradcheck(lambda a, b: ops.skip_output(a, b, s), (x, F))

@@ -15,8 +15,9 @@ def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def skip_output(x, F, sigma, sigma_data, sigma_min):
-    c_skip, c_out, _ = precond.scalings(sigma, sigma_data, sigma_min)
-    y = _per_sample(c_skip, x) * x.float() + _per_sample(c_out, x) * F.float()
+    dt = torch.float64 if torch.float64 in (x.dtype, F.dtype) else torch.float32   # fp64 stays fp64 (references)
+    c_skip, c_out, _ = precond.scalings(sigma.to(dt), sigma_data, sigma_min)
+    y = _per_sample(c_skip, x) * x.to(dt) + _per_sample(c_out, x) * F.to(dt)
     return y.to(x.dtype)
 
 
