@@ -181,7 +181,8 @@ def fd_step(eps, relative_to: torch.Tensor | None, B: int, device, floor: float 
         h = h * relative_to.detach().to(torch.float64).abs().clamp_min(floor)
     h = h.expand(B) if h.dim() == 0 else h
     if h.shape != (B,) or not bool((h > 0).all()):
-        raise ValueError(f"fd_jvp: expected a positive step (number or ({B},)), got shape {tuple(h.shape)}")
+        got = f"shape {tuple(h.shape)}" if h.shape != (B,) else f"steps {h.tolist()[:4]}"
+        raise ValueError(f"fd_jvp: expected a positive step (number or ({B},)), got {got}")
     return h
 
 

@@ -182,8 +182,10 @@ def test_errors():
         fd_jvp(torch.sin, (x,), (x,), method="forward")
     with pytest.raises(ValueError, match="precision"):
         fd_jvp(torch.sin, (x,), (x,), precision="fp8")
-    with pytest.raises(ValueError, match="positive step"):
-        fd_jvp(torch.sin, (x,), (x,), eps=0.0)
+    with pytest.raises(ValueError, match=r"positive step \(number or \(2,\)\), got steps \[0.0, 0.0\]"):
+        fd_jvp(torch.sin, (x,), (x,), eps=0.0)      # it said 'got shape (2,)': the shape was right, the value not
+    with pytest.raises(ValueError, match=r"got shape \(3,\)"):
+        fd_jvp(torch.sin, (x,), (x,), eps=torch.ones(3))
     with pytest.raises(NotImplementedError, match="alpha_dropout"):
         fd_jvp(lambda y: F.alpha_dropout(y, 0.5, True), (x,), (x,))
 
