@@ -61,7 +61,26 @@ def test_argument_errors(capsys, tmp_path, fm):
     fails(capsys, ["--dataset", "cifar10", "--method", "cd", "--output-dir", out], "needs --teacher PATH")
     if not torch.cuda.is_available():
         fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--backend", "cuda", "--output-dir", out],
-              "--backend cuda: backend 'cuda' cannot run on cpu")
+              "backend cuda (--backend, else CMFAST_BACKEND): backend 'cuda' cannot run on cpu")
+    assert tree(out) is None
+
+
+def test_backend_from_the_environment(capsys, monkeypatch, tmp_path, fm):
+    # Without --backend, CMFAST_BACKEND chooses, as in the other commands and the library (DESIGN 2); the config's
+    # default 'auto' overrode it, so CMFAST_BACKEND=triton trained on torch without a word.
+    monkeypatch.setenv("CMFAST_BACKEND", "torch")
+    assert train_main(["--dataset", "fashion-mnist", "--data-dir", fm, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "torch"
+    assert train_main(["--dataset", "fashion-mnist", "--data-dir", fm, "--backend", "auto", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "auto"           # the flag beats the environment
+    out = str(tmp_path / "out")
+    monkeypatch.setenv("CMFAST_BACKEND", "nope")
+    fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--output-dir", out],
+          "CMFAST_BACKEND: unknown backend 'nope'")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("CMFAST_BACKEND", "cuda")
+        fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--output-dir", out],
+              "backend cuda (--backend, else CMFAST_BACKEND): backend 'cuda' cannot run on cpu")
     assert tree(out) is None
 
 

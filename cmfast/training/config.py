@@ -71,6 +71,14 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
         given = args.get(k)
         cfg[k] = given if given is not None else preset.get(k, v)
     cfg["config"] = args.get("config")
+    if args.get("backend") is None and "backend" not in preset:
+        # as for the other commands and the library: $CMFAST_BACKEND when --backend is not given (it was overridden
+        # by the default 'auto': CMFAST_BACKEND=triton trained on torch without a word)
+        from ..ops import get_backend
+        try:
+            cfg["backend"] = get_backend()
+        except ValueError as e:
+            raise ValueError(f"CMFAST_BACKEND: {e}") from None
     if cfg["compile"] not in COMPILE_MODES:
         raise ValueError(f"--compile: expected one of {', '.join(COMPILE_MODES)}, got {cfg['compile']!r}")
     method = get_method(cfg["method"])

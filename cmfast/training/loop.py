@@ -191,7 +191,7 @@ def _train(args: dict) -> dict:
             try:
                 ops.implementation(op, device)
             except ops.BackendUnavailable as e:
-                raise ValueError(f"--backend {cfg['backend']}: {e}") from None
+                raise ValueError(f"backend {cfg['backend']} (--backend, else CMFAST_BACKEND): {e}") from None
 
     check_compile(cfg["compile"], method, cfg["net"], device)
 
