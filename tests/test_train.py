@@ -334,6 +334,28 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     assert "2 consecutive non-finite steps" in capsys.readouterr().err
 
 
+def test_nonfinite_streak_survives_a_resume(tmp_path, monkeypatch, capsys):
+    """The count of consecutive non-finite steps (--nan-limit) was not in the checkpoint: a run resumed inside a streak
+    counted from 0 again and trained on where the uninterrupted run stopped (here: to step 4, exit 0)."""
+    from cmfast.training import methods
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    real = methods.CT.loss
+
+    def nan_from_step_1(self, models, x, step, cfg, generator, class_labels=None):
+        loss, info = real(self, models, x, step, cfg, generator, class_labels)
+        return (loss * float("nan") if step >= 1 else loss), info
+    monkeypatch.setattr(methods.CT, "loss", nan_from_step_1)
+    out = str(tmp_path / "run")
+    nan = ["--nan-limit", "3", "--log-every", "1"]
+    assert _run(out, folder, *nan, "--stop-at", "2") == 0                        # steps 0 (finite) and 1 (not)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                                          # steps 2, 3: the streak reaches 3
+        _run(out, folder, *nan, "--resume", "latest")
+    assert e.value.code == 1 and "3 consecutive non-finite steps" in capsys.readouterr().err
+    assert [x["step"] for x in rows(out)] == [1, 2, 3]                            # as without the interruption
+
+
 def test_sigterm_checkpoints_and_exits_0(tmp_path, monkeypatch):
     from cmfast.training import methods
     folder = str(tmp_path / "imgs")

@@ -220,7 +220,9 @@ def _train(args: dict) -> dict:
     opt = make_optimizer(model.parameters(), cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
     sampler = Sampler(len(data), cfg["seed"])
-    step, counters = 0, {"skipped": 0, "overflow": 0}
+    # nonfinite_streak: the consecutive non-finite steps so far (--nan-limit), saved with the others so that a resumed
+    # run stops where an uninterrupted one would (it restarted the count from 0)
+    step, counters = 0, {"skipped": 0, "overflow": 0, "nonfinite_streak": 0}
 
     # ---- Resume: the newest readable checkpoint (an unreadable one is reported and the previous one used) -------
     if cfg["resume"] and (found or cfg["resume"] not in ("latest", "auto")):
@@ -301,7 +303,7 @@ def _train(args: dict) -> dict:
     unwrapped = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("net.")] \
         if world > 1 else []
     tick = {"loss": 0.0, "gnorm": 0.0, "n": 0, "t0": time.time(), "step0": step, "warmup": bool(compiled)}
-    row, consecutive_bad = {}, 0
+    row = {}
     limit_s = None if cfg.get("time_limit") is None else cfg["time_limit"] * 60.0
     t_start, run_step0 = time.monotonic(), step
     # --time-budget: K is planned from the speed of this run's first steps (none when a resumed plan stands).
@@ -364,16 +366,16 @@ def _train(args: dict) -> dict:
                 method.after_step(models, step, cfg)
                 for rate, e in emas.items():   # EMA with warm-up: min(rate, (1 + k) / (10 + k))
                     ema_update_(e, model, min(rate, (1 + step) / (10 + step)))
-                consecutive_bad = 0
+                counters["nonfinite_streak"] = 0
                 tick["loss"], tick["gnorm"], tick["n"] = tick["loss"] + loss_mean, tick["gnorm"] + gnorm, tick["n"] + 1
             elif scaler and np.isfinite(loss_mean):
                 counters["overflow"] += 1          # fp16 loss scaling: the scaler skipped the step and lowers scale
             else:
                 counters["skipped"] += 1
-                consecutive_bad += 1
+                counters["nonfinite_streak"] = streak = counters["nonfinite_streak"] + 1
                 log(f"step {step}: non-finite loss {loss_mean} or grad norm {gnorm}; step skipped")
-                if consecutive_bad >= cfg["nan_limit"]:
-                    raise TrainingError(f"{consecutive_bad} consecutive non-finite steps (last loss {loss_mean}, "
+                if streak >= cfg["nan_limit"]:
+                    raise TrainingError(f"{streak} consecutive non-finite steps (last loss {loss_mean}, "
                                         f"grad norm {gnorm}); lower --lr, set --grad-clip or use --precision fp32")
             step += 1
             if bar:
@@ -479,7 +481,7 @@ def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
     if later:
         log(f"note: checkpoints of later steps ({', '.join(map(str, later))}) stay in {cfg['output_dir']} until this "
             "run overwrites them; --keep does not prune them")
-    return int(state["step"]), dict(state["counters"])
+    return int(state["step"]), {"nonfinite_streak": 0, **state["counters"]}     # older checkpoints: no streak
 
 
 @contextmanager
