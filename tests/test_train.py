@@ -146,6 +146,25 @@ def test_resume_is_exact(tmp_path):
     assert [x["loss"] for x in rows(a)][2:] == [x["loss"] for x in rows(b)][2:]
 
 
+def test_resume_drops_the_stats_rows_logged_after_the_checkpoint(tmp_path, capsys):
+    """A run killed after logging steps past its last checkpoint (SIGKILL, a node failure) left their rows in
+    stats.jsonl, and the resumed run appended the same steps again: [1, 2, 3, 3, 4], plus the cut-off line of the
+    kill. Now the rows after the step resumed from are dropped: the file is an uninterrupted run's."""
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert _run(a, folder, "--log-every", "1") == 0
+    assert _run(b, folder, "--log-every", "1", "--ckpt-every", "2", "--stop-at", "3") == 0
+    for p in ckpt.paths(b, 3):               # killed after logging step 3, before its checkpoint
+        os.remove(p)
+    with open(os.path.join(b, "stats.jsonl"), "a") as f:
+        f.write('{"step": 4, "kimg": 0.0')   # and while writing the next row
+    capsys.readouterr()
+    assert _run(b, folder, "--log-every", "1", "--ckpt-every", "2", "--resume", "latest") == 0
+    assert [(x["step"], x["loss"]) for x in rows(b)] == [(x["step"], x["loss"]) for x in rows(a)]
+    assert "stats.jsonl: 2 row(s) after step 2 removed" in capsys.readouterr().out
+
+
 def test_atomic_save_and_fallback(tmp_path, monkeypatch, capsys):
     folder = str(tmp_path / "imgs")
     write_png_folder(folder, n=6, size=16)

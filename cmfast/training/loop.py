@@ -477,11 +477,36 @@ def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
     if rank < len(rngs):        # each rank's own dropout RNG; a rank that the checkpoint's run did not have keeps its
         ckpt.set_rng_state(rngs[rank])      # fresh seed + rank streams (another rank's state: the same dropout masks)
     log(f"resumed from {wpath} at step {int(state['step'])}")
+    if rank == 0:
+        _trim_stats(cfg["output_dir"], int(state["step"]), log)
     later = [s for s, _, _ in ckpt.list_checkpoints(cfg["output_dir"], complete=False) if s > int(state["step"])]
     if later:
         log(f"note: checkpoints of later steps ({', '.join(map(str, later))}) stay in {cfg['output_dir']} until this "
             "run overwrites them; --keep does not prune them")
     return int(state["step"]), {"nonfinite_streak": 0, **state["counters"]}     # older checkpoints: no streak
+
+
+def _trim_stats(out: str, step: int, log) -> None:
+    """stats.jsonl without the rows of steps after `step`, the step a run resumes from: rows the interrupted run logged
+    after its last checkpoint (killed without one: SIGKILL, a node failure; or resumed from an older checkpoint). The
+    resumed run logs those steps again; appended after them, the file had each of them twice, out of order, and
+    differed from an uninterrupted run's. A line that is not a JSON row (cut short by the kill) goes too."""
+    path = os.path.join(out, "stats.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            if int(row["step"]) <= step:
+                keep.append(line)
+        except (ValueError, TypeError, KeyError):
+            pass
+    if len(keep) < len(lines):
+        ckpt.atomic_write(path, "".join(x + "\n" for x in keep).encode())
+        log(f"stats.jsonl: {len(lines) - len(keep)} row(s) after step {step} removed (this run logs those steps anew)")
 
 
 @contextmanager
