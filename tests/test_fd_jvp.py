@@ -143,7 +143,9 @@ def test_recorded_masks_replay_in_fd_and_exact():
     blocks = sum(isinstance(m, cmfast.nets.UNetBlock) for m in net.modules())
     assert len(masks) == blocks and all(m.shape[0] == 2 for m in masks)   # one F.dropout per residual block
     out, jvp = fd_jvp(net, primals, tangents, relative_to=primals[1], replay=masks)
-    torch.testing.assert_close(out, online.detach(), rtol=1e-4, atol=1e-5)
+    # out = (f(p + h v) + f(p - h v)) / 2 = f(p) + O(h^2), h = 1e-2 t: over 40 seeds that truncation took up to 1.02x
+    # of rtol 1e-4 / atol 1e-5 (0.84x at this seed), <= 0.2x of this tolerance; one recorded mask redrawn: >= 13x.
+    torch.testing.assert_close(out, online.detach(), rtol=5e-4, atol=5e-5)
     _, truth = exact_jvp(net, primals, tangents, replay=masks)
     assert _rel(jvp, truth) < 1e-3
 
