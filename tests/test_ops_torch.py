@@ -3,8 +3,13 @@
 held to a fixed multiple of the ideal, one fp32 computation of the float64 reference rounded once to the dtype.
 
 Measured ratios (CPU, torch 2.14): group_norm_act, skip_output, consistency_loss 1.00 for the output and every
-gradient; attention up to 2.6 (softmax and the products round separately); residual up to 2.8 (the sum and the scale
-round separately). A group_norm_act with statistics in the input dtype instead of fp32 measured 2.6.
+gradient. A group_norm_act with statistics in the input dtype instead of fp32 measured 2.6. Attention (softmax and the
+products round separately) and residual (the sum and the scale round separately) are up to about one ulp at the
+output's scale where the ideal is 0.06 to 0.3 ulp: over 100 seeds (x 2 batch sizes x 2 dtypes) the bare ratio reached
+4.9 (attention dk, fp16) and 6.5 (residual dbias: 8 elements, whose ideal error can be near 0 by luck), 9 failures of
+the former bound of 4. For these two the ideal's error counts as at least a quarter ulp at the output's scale and the
+bound is 6: over 300 seeds at most 0.69 of the limit, while attention with its softmax or its row sums rounded to the
+low dtype reaches up to 1.7 of it.
 """
 import pytest
 import torch
@@ -14,7 +19,9 @@ import reference as ref
 from cmfast import ops
 
 # Bound on (torch backend's max error) / (ideal's max error), per op, for the output and each gradient.
-BOUND = {"group_norm_act": 1.25, "skip_output": 1.25, "consistency_loss": 1.25, "attention": 4.0, "residual": 4.0}
+BOUND = {"group_norm_act": 1.25, "skip_output": 1.25, "consistency_loss": 1.25, "attention": 6.0, "residual": 6.0}
+# The ideal's error taken as at least this many ulps (of the output's dtype, at the output's scale), per op.
+IDEAL_FLOOR_ULPS = {"attention": 0.25, "residual": 0.25}
 
 
 def _ratios(op: str, reffn, inputs: dict, grad: tuple, dtype) -> dict:
@@ -34,6 +41,7 @@ def _ratios(op: str, reffn, inputs: dict, grad: tuple, dtype) -> dict:
     out = {}
     for name, t, i, g in zip(["out", *grad], truth, ideal, got):
         e_ideal, e_got = (i.double() - t).abs().max().item(), (g.double() - t).abs().max().item()
+        e_ideal = max(e_ideal, IDEAL_FLOOR_ULPS.get(op, 0.0) * _checks.ULP[g.dtype] * t.abs().max().item())
         floor = 1e-7 * max(t.abs().max().item(), 1e-3)          # an fp32 output (the loss) can be exact
         out[name] = (e_got, BOUND[op] * e_ideal + floor)
     return out
