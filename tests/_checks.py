@@ -53,12 +53,16 @@ ULPS = 4
 
 
 def check(ours, theirs, reffn, inputs: dict, grad=(), dtype=torch.float32, backward=True, label="kernel",
-          ulp_of_output=True):
+          ulp_of_output=True, offset_cond=0.0):
     """ours(inputs, grad, dy) (the kernel) vs the float64 truth reffn(**inputs in float64), within twice the error of
     theirs(inputs, grad, dy) (PyTorch) plus four ulps at the output's scale: of each output's own dtype, or of `dtype`
     with ulp_of_output=False. The ulps cover a reduction whose result is smaller than its terms when PyTorch's own
     rounding happens to be near exact (seen: dweight of a 1-channel GroupNorm, 1.1e-7 vs torch's 1.6e-8, with another
-    thread count). Returns ours' [output, gradients]."""
+    thread count). offset_cond (|offset| / spread of an input far from zero, e.g. 1e4 / 3) adds that many ulps at the
+    output's scale: one ulp of such an input as a normalized output sees it. There the rounding of a statistic to the
+    dtype (a mean near 1e4 carries up to half an ulp of 1e4) dominates both errors, and twice PyTorch's is a coin flip
+    (GroupNorm, mean 1e4, std 3, 25 seeds: the emulated CUDA kernel 2e-5 to 3.1e-4, PyTorch 7e-5 to 2.5e-4; seed 14
+    failed, 3.1e-4 vs 7.9e-5). Returns ours' [output, gradients]."""
     x64 = {k: (v.detach().double().requires_grad_(k in grad) if isinstance(v, torch.Tensor) and v.is_floating_point()
                else v) for k, v in inputs.items()}
     out64 = reffn(**x64)
@@ -74,7 +78,7 @@ def check(ours, theirs, reffn, inputs: dict, grad=(), dtype=torch.float32, backw
         err_torch = (a.double() - t).abs().max().item()
         err_ours = (b.double() - t).abs().max().item()
         ulp = ULP[b.dtype if ulp_of_output and b.is_floating_point() else dtype]
-        floor = ULPS * ulp * max(t.abs().max().item(), 1e-3)
+        floor = (ULPS + offset_cond) * ulp * max(t.abs().max().item(), 1e-3)
         assert err_ours <= 2 * err_torch + floor, f"{name}: {label} err {err_ours:.3g} vs torch {err_torch:.3g}"
     return b_all
 

@@ -91,10 +91,11 @@ def _cpu_check(name, t, device=None):
     return t
 
 
-def check(op: str, reffn, inputs: dict, grad=(), dtype=torch.float32):
+def check(op: str, reffn, inputs: dict, grad=(), dtype=torch.float32, offset_cond=0.0):
     """The emulated kernel (through _cuda.<op>) vs float64 truth, within 2x _torch.<op>'s error + four ulps."""
     ours = functools.partial(_checks.run, getattr(_cuda, op), poison=True)
-    return _checks.check(ours, functools.partial(_checks.run, getattr(_torch, op)), reffn, inputs, grad, dtype)
+    return _checks.check(ours, functools.partial(_checks.run, getattr(_torch, op)), reffn, inputs, grad, dtype,
+                         offset_cond=offset_cond)
 
 
 # ---- group_norm_act ---------------------------------------------------------------------------------------------
@@ -164,7 +165,8 @@ def test_group_norm_act_large_mean_is_stable(path, monkeypatch):
         _force_split(monkeypatch)
     inputs = _gn_inputs((1, 4, 9, 9), torch.float32, NCHW, affine=False, mod=False, G=2, act="none")
     inputs["x"] = inputs["x"] + 1e4
-    check("group_norm_act", ref.group_norm_act, inputs, grad=("x",))
+    # E[x^2] - E[x]^2 in fp32 errs by 1 to 1e4 here; offset_cond allows ~1.4e-3 (25 seeds: the kernel <= 3.1e-4)
+    check("group_norm_act", ref.group_norm_act, inputs, grad=("x",), offset_cond=1e4 / inputs["x"].std().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -314,7 +316,7 @@ def test_group_norm_act_pre_bias_with_modulation_and_large_offsets(path, monkeyp
     inputs = _gn_inputs((1, 4, 9, 9), torch.float32, NCHW, affine=False, mod=False, G=2, act="none")
     inputs["pre_bias"] = 1e4 + rand(1, 4)
     _checks.check(functools.partial(_checks.run, ours, poison=True), functools.partial(_checks.run, theirs), reffn,
-                  inputs, backward=False)
+                  inputs, backward=False, offset_cond=1e4 / inputs["x"].std().item())
 
 
 def test_group_norm_act_pre_bias_is_forward_only():
