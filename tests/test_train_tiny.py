@@ -49,12 +49,14 @@ def _train(K, step_loss, after_step=None):
 @pytest.mark.slow
 def test_ict_training_moves_one_step_samples_to_the_data():
     K = 150
-    before, after, losses = _train(K, lambda model, k, x, g, state: O.ict_loss(
+    before, after, _ = _train(K, lambda model, k, x, g, state: O.ict_loss(
         model, x, cmfast.ict_schedule(k, K, s0=10, s1=80), generator=g))
-    # Measured on this machine: before 0.64 (= mean square of the data: outputs start at 0), after ~0.13-0.16.
+    # before 0.64 (= mean square of the data: outputs start at 0, as after untrained steps: lr 0 gives 0.64); after,
+    # over 20 seeds (model init, batches, noise): 0.09-0.29, median 0.14. The loss is no test here: the last 20
+    # steps' mean over the first 20's measured 0.72-0.97 trained and 1.04 untrained (N grows 10 -> 80 meanwhile), so
+    # the former bar (0.8) failed 9 of those 20 seeds.
     assert before > 0.6
-    assert after < 0.3, (before, after)
-    assert sum(losses[-20:]) / 20 < 0.8 * sum(losses[:20]) / 20
+    assert after < 0.4, (before, after)
 
 
 @pytest.mark.slow
@@ -75,7 +77,7 @@ def test_ct_training_algorithm_3_moves_one_step_samples_to_the_data():
 
     before, after, losses = _train(K, step_loss,
                                    lambda model, k, state: ema_update_(state["target"], model, schedule[k][1]))
-    # Measured on this machine: before 0.64, after 0.30-0.35 (online net).
+    # before 0.64; after (online net), over 15 seeds: 0.31-0.40 (lr 0: 0.64; mu0 0.9: 0.60).
     assert before > 0.6
-    assert after < 0.45, (before, after)
+    assert after < 0.5, (before, after)
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
