@@ -229,9 +229,10 @@ def test_sct_cpu_run_loss_falls_and_samples_move_toward_the_data():
     after = _nn_distance(ema, data)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 1.0
-    # untrained: samples ~ 0, at about the data's RMS from every image (0.553); after 120 steps: 0.123 here (EMA
-    # samples measured 0.12-0.25 over two seeds and 100-150 steps; the bar 0.6 x leaves room for other CPUs)
-    assert before > 0.5 and after < 0.6 * before, (before, after)
+    # untrained: samples ~ 0, at about the data's RMS from every image (0.553); after 120 steps 0.19 at this seed, and
+    # 0.14-0.35 (0.25-0.63 x before) over 20 seeds (init, batches, noise): the former bar 0.6 x failed one of them.
+    # Untrained steps (lr 0) leave the EMA's samples where they were (1.0 x).
+    assert before > 0.5 and after < 0.8 * before, (before, after)
 
 
 def test_sct_scd_training_methods():
