@@ -84,13 +84,19 @@ def _case(name):
     return net, primals, tangents, truth, f64
 
 
+# The fp32 2-point estimate at eps 1e-3 is fp32 rounding over the step: its relative error over 60 seeds (net init,
+# inputs) was at most 6.2e-4 / 2.2e-4 / 2.3e-3 (median 2.4e-4 / 1.2e-4 / 7.0e-4; the tiny UNet failed 1e-3 at 16 of
+# them). bf16 at the same step errs by more than 4000x as much.
+FP32_REL_BOUND = {"groupnorm": 2e-3, "attention": 1e-3, "tiny-unet": 7e-3}
+
+
 @pytest.mark.parametrize("name", list(NETS))
 def test_fd_matches_exact_jvp_fp64_and_fp32(name):
     net, primals, tangents, truth, f64 = _case(name)
     out64, jvp64 = fd_jvp(fp64_call(net), primals, tangents, eps=1e-5, relative_to=primals[1], precision="fp64")
     out32, jvp32 = fd_jvp(net, primals, tangents, eps=1e-3, relative_to=primals[1], precision="fp32")
     assert _rel(jvp64, truth) < 1e-6
-    assert _rel(jvp32, truth) < 1e-3
+    assert _rel(jvp32, truth) < FP32_REL_BOUND[name]
     assert jvp32.dtype == torch.float32 and jvp64.dtype == torch.float64
     # the first output is the mean of the two evaluations: fn(p) + O(h^2)
     assert _rel(out64, f64) < 1e-9
