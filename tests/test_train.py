@@ -347,17 +347,23 @@ def test_stop_at_already_reached_trains_nothing(tmp_path, capsys):
         assert [s for s, _, _ in ckpt.list_checkpoints(out)] == before == [2, 3]
 
 
-def test_stats_row_of_only_skipped_steps_has_no_loss(tmp_path, monkeypatch):
-    """A logging interval whose steps were all skipped (non-finite) reported loss 0 and grad norm 0: now null."""
+def _nan_ct_loss(monkeypatch, bad):
+    """CT's loss times NaN at the steps where bad(step); returns the real loss."""
     from cmfast.training import methods
-    folder = str(tmp_path / "imgs")
-    write_png_folder(folder, n=6, size=16)
     real = methods.CT.loss
 
-    def nan_from_step_2(self, models, x, step, cfg, generator, class_labels=None):
-        loss, info = real(self, models, x, step, cfg, generator, class_labels)
-        return (loss * float("nan") if step >= 2 else loss), info
-    monkeypatch.setattr(methods.CT, "loss", nan_from_step_2)
+    def loss(self, models, x, step, cfg, generator, class_labels=None):
+        value, info = real(self, models, x, step, cfg, generator, class_labels)
+        return (value * float("nan") if bad(step) else value), info
+    monkeypatch.setattr(methods.CT, "loss", loss)
+    return real
+
+
+def test_stats_row_of_only_skipped_steps_has_no_loss(tmp_path, monkeypatch):
+    """A logging interval whose steps were all skipped (non-finite) reported loss 0 and grad norm 0: now null."""
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    _nan_ct_loss(monkeypatch, lambda step: step >= 2)
     out = str(tmp_path / "run")
     assert _run(out, folder, "--log-every", "1", "--nan-limit", "5") == 0
     r = rows(out)
@@ -369,12 +375,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     from cmfast.training import methods
     folder = str(tmp_path / "imgs")
     write_png_folder(folder, n=6, size=16)
-    real = methods.CT.loss
-
-    def nan_at_step_1(self, models, x, step, cfg, generator, class_labels=None):
-        loss, info = real(self, models, x, step, cfg, generator, class_labels)
-        return (loss * float("nan") if step == 1 else loss), info
-    monkeypatch.setattr(methods.CT, "loss", nan_at_step_1)
+    real = _nan_ct_loss(monkeypatch, lambda step: step == 1)
     out = str(tmp_path / "run")
     assert _run(out, folder, "--steps", "3") == 0
     r = rows(out)
@@ -390,15 +391,9 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
 def test_nonfinite_streak_survives_a_resume(tmp_path, monkeypatch, capsys):
     """The count of consecutive non-finite steps (--nan-limit) was not in the checkpoint: a run resumed inside a streak
     counted from 0 again and trained on where the uninterrupted run stopped (here: to step 4, exit 0)."""
-    from cmfast.training import methods
     folder = str(tmp_path / "imgs")
     write_png_folder(folder, n=6, size=16)
-    real = methods.CT.loss
-
-    def nan_from_step_1(self, models, x, step, cfg, generator, class_labels=None):
-        loss, info = real(self, models, x, step, cfg, generator, class_labels)
-        return (loss * float("nan") if step >= 1 else loss), info
-    monkeypatch.setattr(methods.CT, "loss", nan_from_step_1)
+    _nan_ct_loss(monkeypatch, lambda step: step >= 1)
     out = str(tmp_path / "run")
     nan = ["--nan-limit", "3", "--log-every", "1"]
     assert _run(out, folder, *nan, "--stop-at", "2") == 0                        # steps 0 (finite) and 1 (not)
