@@ -75,9 +75,9 @@ def test_ct_training_algorithm_3_moves_one_step_samples_to_the_data():
             state["target"] = copy.deepcopy(model).requires_grad_(False)
         return O.ct_loss(model, state["target"], x, schedule[k][0], loss="l2", generator=g)
 
-    before, after, losses = _train(K, step_loss,
-                                   lambda model, k, state: ema_update_(state["target"], model, schedule[k][1]))
-    # before 0.64; after (online net), over 15 seeds: 0.31-0.40 (lr 0: 0.64; mu0 0.9: 0.60).
+    before, after, _ = _train(K, step_loss,
+                              lambda model, k, state: ema_update_(state["target"], model, schedule[k][1]))
+    # before 0.64; after (online net), over 15 seeds: 0.31-0.40 (lr 0: 0.64; mu0 0.9: 0.60). No loss check: the loss
+    # falls as N(k) brings adjacent levels closer, trained or not (last 20 steps / first 20: 0.017 at lr 0).
     assert before > 0.6
     assert after < 0.5, (before, after)
-    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
