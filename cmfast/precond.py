@@ -36,10 +36,11 @@ def noise_conditioning(sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(sigma) / 4
 
 
-def sigma_vector(sigma, x: torch.Tensor, what: str = "sigma") -> torch.Tensor:
-    """sigma as a float32 (B,) vector on x's device: a number, a 0-d, (B,) or (B, 1, ..., 1) tensor."""
+def sigma_vector(sigma, x: torch.Tensor, what: str = "sigma", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """sigma as a (B,) vector of dtype (float32 unless asked) on x's device: a number, a 0-d, (B,) or (B, 1, ..., 1)
+    tensor."""
     B = x.shape[0]
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    s = torch.as_tensor(sigma, dtype=dtype, device=x.device)
     if s.dim() > 1 and all(d == 1 for d in s.shape[1:]):
         s = s.reshape(s.shape[0])
     if s.dim() == 0:

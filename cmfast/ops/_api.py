@@ -49,10 +49,8 @@ def _skip_args(x, F, sigma) -> torch.Tensor:
     if F.shape != x.shape:
         raise ValueError(f"F: expected the shape of x {tuple(x.shape)}, got {tuple(F.shape)}")
     _same_device(x, F=F)
-    s = sigma_vector(sigma, x)
-    if torch.float64 in (x.dtype, F.dtype):     # float64 where a test asks (DESIGN.md 2): sigma not rounded to fp32
-        s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(s.shape)
-    return s
+    # float64 where a test asks (DESIGN.md 2): sigma not rounded to fp32
+    return sigma_vector(sigma, x, dtype=torch.float64 if torch.float64 in (x.dtype, F.dtype) else torch.float32)
 
 
 def skip_output(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
