@@ -12,7 +12,8 @@ from train_fixtures import write_png_folder
 
 
 def _train(tmp_path, out, nproc, extra=(), method=("--method", "ct", "--loss", "l2"), env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMFAST_OFFLINE": "1", "CMFAST_COMPILE_BACKEND": "eager", **(env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMFAST_OFFLINE": "1", "CMFAST_COMPILE_BACKEND": "eager",
+           **(env or {})}
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
               if nproc > 1 else [sys.executable])
     args = ["-m", "cmfast.cli.train", "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), *method,

@@ -99,7 +99,8 @@ def build_parser():
                                                                             "fp16 uses loss scaling"))
     p.add_argument("--batch-gpu", type=_common.ranged(int, 1), help="per-rank chunk (gradient accumulation) "
                                                              "(default: the whole per-rank batch)")
-    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), help="cmfast.ops (default: $CMFAST_BACKEND, else auto)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"),
+                   help="cmfast.ops (default: $CMFAST_BACKEND, else auto)")
     p.add_argument("--device", help="default: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu")
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the networks that run every step (the student's backbone; the target's and "
