@@ -84,6 +84,26 @@ def test_backend_from_the_environment(capsys, monkeypatch, tmp_path, fm):
     assert tree(out) is None
 
 
+def test_xflip_flag(capsys, monkeypatch, tmp_path, fm):
+    # --xflip / --no-xflip: flips were on for CIFAR-10 only, and a folder or Fashion-MNIST run could not turn them on.
+    assert train_main(["--dataset", "cifar10", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["xflip"] is True
+    assert train_main(["--dataset", "cifar10", "--no-xflip", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["xflip"] is False
+    from cmfast.training import loop
+    seen = []
+
+    def load(*a):
+        ds = data.load_dataset(*a)
+        seen.append(ds.xflip)
+        return ds
+    monkeypatch.setattr(loop, "load_dataset", load)
+    for i, flag in enumerate(([], ["--xflip"])):
+        assert train_main(["--dataset", "fashion-mnist", "--data-dir", fm, "--output-dir", str(tmp_path / f"o{i}"),
+                           *TINY, *flag]) == 0
+    assert seen == [False, True]        # the dataset the run trains on mirrors its images
+
+
 def test_batch_not_divisible_by_ranks(capsys, monkeypatch, tmp_path, fm):
     monkeypatch.setenv("WORLD_SIZE", "2")       # as torchrun sets it; checked before any process group starts
     out = str(tmp_path / "out")
