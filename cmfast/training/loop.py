@@ -271,9 +271,8 @@ def _train(args: dict) -> dict:
         stop["signal"] = signum
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def write_config():     # at the start, and again when --time-budget has planned the length
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+    def write_config():     # at the start, and again when --time-budget has planned the length (whole or not at all)
+        ckpt.atomic_write(os.path.join(out, "config.json"), json.dumps(cfg, indent=2).encode())
 
     if rank == 0:
         write_config()
