@@ -261,3 +261,17 @@ def test_unavailable_backend_is_one_line_in_every_command(capsys, tmp_path, monk
     monkeypatch.setattr(M, "reference_stats", lambda *a, **k: (torch.zeros(2), torch.eye(2), {}))
     fails(capsys, eval_main, ["--pretrained", "fmnist", "--metric", "fd-fmnist", "--num", "4", "--device", "cpu"],
           msg, "cmfast-eval")
+
+
+def test_non_square_image_folder_is_refused_before_anything_is_written(capsys, tmp_path):
+    """A folder of 30x40 PNGs built a 30x30 net and failed at the first step (after writing config.json) with
+    'expected images (B, 3, 30, 30) for this network'; now one line naming the folder, and no run folder."""
+    from PIL import Image
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 30), (i * 60, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")     # PIL: (width, height)
+    out = tmp_path / "run"
+    fails(capsys, train_main, ["--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--steps", "1",
+                               "--batch-size", "2", "--output-dir", str(out)],
+          "imgs: expected square images, got 30x40 (height x width)", "cmfast-train")
+    assert not out.exists()

@@ -122,6 +122,9 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
     shape = image_shape or DATASET_SHAPES.get(cfg["dataset"])
     cfg["net"] = None
     if shape is not None:
+        if shape[1] != shape[2]:    # the nets are square: a 30x40 folder failed at the first step, after config.json
+            raise ValueError(f"{cfg['data_dir'] or cfg['dataset']}: expected square images, got {shape[1]}x{shape[2]} "
+                             "(height x width); crop or resize them")
         over = dict(in_channels=shape[0], img_resolution=shape[1])
         if cfg["dropout"] is not None:
             over["dropout"] = cfg["dropout"]
