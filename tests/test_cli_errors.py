@@ -275,3 +275,40 @@ def test_non_square_image_folder_is_refused_before_anything_is_written(capsys, t
                                "--batch-size", "2", "--output-dir", str(out)],
           "imgs: expected square images, got 30x40 (height x width)", "cmfast-train")
     assert not out.exists()
+
+
+def test_checkpoint_weights_no_model_can_use_are_one_line(capsys, tmp_path):
+    """NaN / inf weights loaded silently (cmfast-sample wrote an all-black PNG and exited 0), integer or bool weights
+    were cast into the model, and a stored config that UNet refuses with a RuntimeError (a negative channel count)
+    was a traceback. Now each is a CheckpointError naming the file, one line and exit 2, and nothing is written."""
+    import json
+    from safetensors.torch import save
+    from cmfast.nets import preset_config
+    from cmfast.training.checkpoint import FORMAT, CheckpointError, load_model
+    cm = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny"))
+    cfg = dict(method="ict", net=preset_config("tiny"), sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
+    meta = {"format": FORMAT, "step": "1", "config": json.dumps(cfg)}
+    sd = {f"ema/{k}": v.clone().contiguous() for k, v in cm.state_dict().items()}
+    nan, inf = dict(sd), dict(sd)
+    nan["ema/net.out_conv.weight"] = sd["ema/net.out_conv.weight"].clone()
+    nan["ema/net.out_conv.weight"].view(-1)[5] = float("nan")
+    inf["ema/net.map_layer0.bias"] = torch.full_like(sd["ema/net.map_layer0.bias"], float("inf"))
+    bad_net = dict(cfg, net=dict(cfg["net"], model_channels=-1))
+    cases = {"nan": (nan, meta, "ema weights are not finite (1 NaN / inf value(s) in net.out_conv.weight)"),
+             "inf": (inf, meta, "ema weights are not finite (32 NaN / inf value(s) in net.map_layer0.bias)"),
+             "int": ({k: v.long() for k, v in sd.items()}, meta, "is torch.int64, not floating point"),
+             "neg": (sd, dict(meta, config=json.dumps(bad_net)), "its config does not describe a model this cmfast "
+                                                                   "builds (RuntimeError: ")}
+    for name, (tensors, m, msg) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(save(tensors, metadata=m))
+        with pytest.raises(CheckpointError, match=f"^{path}: ") as e:
+            load_model(str(path))
+        assert msg in str(e.value) and "\n" not in str(e.value)
+        out = tmp_path / f"{name}.png"
+        fails(capsys, sample_main, ["--checkpoint", str(path), "--num", "1", "--out", str(out), "--device", "cpu"],
+              msg, "cmfast-sample")
+        assert not out.exists()
+    half = tmp_path / "half.safetensors"            # float16 / float64 weights are weights: they load as float32
+    half.write_bytes(save({k: v.half() for k, v in sd.items()}, metadata=meta))
+    assert next(load_model(str(half))[0].parameters()).dtype == torch.float32

@@ -176,6 +176,25 @@ def resolve(path: str) -> str:
 
 
 # ---- Models from checkpoints (used by cmfast-sample, cmfast-eval, cmfast-edit) ---------------------------------
+def check_weights(path: str, which: str, sd: dict) -> None:
+    """CheckpointError unless every tensor of `sd` is floating point and finite: integer or bool tensors were cast
+    into the model silently, and one NaN / inf made every sample NaN (written as a black image, exit 0)."""
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            raise CheckpointError(f"{path}: {which} weight {k} is {v.dtype}, not floating point: not model weights")
+        bad = int(v.numel() - torch.isfinite(v).sum())
+        if bad:
+            raise CheckpointError(f"{path}: {which} weights are not finite ({bad} NaN / inf value(s) in {k}): the run "
+                                  f"diverged or the file is damaged")
+
+
+def _details(e: Exception, limit: int = 200) -> str:
+    """load_state_dict's error as one line: its first line names only the model, the keys are on the lines after."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    why = " ".join(lines[1:] or lines) or type(e).__name__
+    return why if len(why) <= limit else why[:limit - 3] + "..."
+
+
 def build_model(cfg: dict) -> torch.nn.Module:
     """The preconditioned model (untrained) described by a training config."""
     from ..nets import UNet
@@ -196,6 +215,7 @@ def load_model(path: str, which: str = "ema", map_location="cpu"):
             model, cfg = load_edm_pickle(path, map_location)
         except EDMPickleError as e:
             raise CheckpointError(str(e)) from None
+        check_weights(str(path), "ema", model.state_dict())
         return model, {"step": 0, "config": cfg, "path": str(path), "which": "ema"}
     if str(path).endswith(".pt") and not str(path).endswith(".state.pt"):
         raise CheckpointError(f"{path}: a .pt file is not a cmfast checkpoint (the CM paper's released models "
@@ -206,14 +226,15 @@ def load_model(path: str, which: str = "ema", map_location="cpu"):
         which = f"ema@{float(meta['config']['ema'][0])}"
     if which not in modules:
         raise CheckpointError(f"{wpath}: has no {which!r} weights; it has {', '.join(sorted(modules))}")
+    check_weights(wpath, which, modules[which])
     try:    # a config this version cannot build (another cmfast version's method or net argument): one line
         model = build_model(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:    # RuntimeError: a negative size, say
         raise CheckpointError(f"{wpath}: its config does not describe a model this cmfast builds "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     try:
         model.load_state_dict(modules[which])
     except RuntimeError as e:
-        raise CheckpointError(f"{wpath}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{wpath}: weights do not match the stored config ({_details(e)})") from None
     model.requires_grad_(False).eval().to(map_location)
     return model, {**meta, "path": wpath, "which": which}
