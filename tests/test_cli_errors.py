@@ -312,3 +312,48 @@ def test_checkpoint_weights_no_model_can_use_are_one_line(capsys, tmp_path):
     half = tmp_path / "half.safetensors"            # float16 / float64 weights are weights: they load as float32
     half.write_bytes(save({k: v.half() for k, v in sd.items()}, metadata=meta))
     assert next(load_model(str(half))[0].parameters()).dtype == torch.float32
+
+
+def test_resume_from_a_pair_that_does_not_fit_is_one_line(capsys, tmp_path):
+    """A readable checkpoint pair lacking a part or not fitting the run (another run's, edited, damaged) was a
+    KeyError / RuntimeError / TypeError traceback from inside torch, and NaN weights resumed into a run whose every
+    step was skipped. Now each is one line naming the file, exit 2, and the run folder's files are unchanged."""
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+    fm = tmp_path / "fm"
+    write_fmnist(fm, n=8)
+    argv = ["--dataset", "fashion-mnist", "--data-dir", str(fm), "--preset", "tiny", "--method", "ct", "--loss", "l2",
+            "--steps", "3", "--batch-size", "4", "--ckpt-every", "1", "--sample-num", "0"]
+    base = tmp_path / "base"
+    assert train_main([*argv, "--output-dir", str(base), "--stop-at", "2"]) == 0
+    name = "ckpt-00000002"
+
+    def edit_weights(run, fn):
+        path = str(run / f"{name}.safetensors")
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        (run / f"{name}.safetensors").write_bytes(save(fn({k: v.clone() for k, v in load_file(path).items()}), meta))
+
+    def edit_state(run, fn):
+        torch.save(fn(torch.load(run / f"{name}.state.pt", weights_only=True)), run / f"{name}.state.pt")
+
+    def nan(t):
+        t["model/net.out_conv.bias"] = t["model/net.out_conv.bias"] * float("nan")
+        return t
+    shape = {"model/net.out_conv.bias": torch.zeros(2)}
+    cases = {"no-optimizer": (edit_state, lambda s: {k: v for k, v in s.items() if k != "optimizer"},
+                              "not a whole checkpoint of this run (no 'optimizer')"),
+             "sampler": (edit_state, lambda s: {**s, "sampler": {"epoch_state": 0, "pos": 0, "gen_state": 0}},
+                         "does not fit this run (TypeError: "),
+             "shape": (edit_weights, lambda t: {**t, **shape}, "does not fit this run (RuntimeError: size mismatch "
+                                                              "for net.out_conv.bias"),
+             "nan": (edit_weights, nan, "model weights are not finite (1 NaN / inf value(s) in net.out_conv.bias)")}
+    for case, (edit, fn, msg) in cases.items():
+        run = tmp_path / case
+        shutil.copytree(base, run)
+        edit(run, fn)
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.name.startswith("ckpt-")}
+        err = fails(capsys, train_main, [*argv, "--output-dir", str(run), "--resume", "latest"], msg, "cmfast-train")
+        assert f"{run / name}.safetensors: " in err
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.name.startswith("ckpt-")} == before

@@ -461,28 +461,42 @@ def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
     if cfg.get("time_budget") and planned:        # the run's length was planned before: keep it
         cfg["total_steps"], cfg["planned"] = planned["total_steps"], planned
         cfg["kimg"] = planned["total_steps"] * cfg["batch_size"] / 1000
-    models["model"].load_state_dict(weights["model"])
-    if "target" in models:
-        models["target"].load_state_dict(weights["target"])
-    for r, e in emas.items():
-        if f"ema@{r}" not in weights:
-            log(f"EMA rate {r} is new: it starts from the online weights")
-        e.load_state_dict(weights.get(f"ema@{r}", weights["model"]))
-    opt.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    sampler.load_state_dict(state["sampler"])
-    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-    if rank < len(rngs):        # each rank's own dropout RNG; a rank that the checkpoint's run did not have keeps its
-        ckpt.set_rng_state(rngs[rank])      # fresh seed + rank streams (another rank's state: the same dropout masks)
-    log(f"resumed from {wpath} at step {int(state['step'])}")
+    # A pair that lacks a part or does not fit these models (another run's, edited, damaged) was a KeyError /
+    # RuntimeError / TypeError traceback from deep in torch: now one line naming the file (NaN weights too: every
+    # step would be skipped).
+    missing = [n for n in ("model", "target") if n in models and n not in weights]
+    missing += [k for k in ("step", "optimizer", "sampler", "rng", "counters") if k not in state]
+    if missing:
+        raise ckpt.CheckpointError(f"{wpath}: not a whole checkpoint of this run (no {', '.join(map(repr, missing))})")
+    for name in ("model", "target", *(f"ema@{r}" for r in emas)):
+        if name in weights:
+            ckpt.check_weights(wpath, name, weights[name])
+    try:
+        models["model"].load_state_dict(weights["model"])
+        if "target" in models:
+            models["target"].load_state_dict(weights["target"])
+        for r, e in emas.items():
+            if f"ema@{r}" not in weights:
+                log(f"EMA rate {r} is new: it starts from the online weights")
+            e.load_state_dict(weights.get(f"ema@{r}", weights["model"]))
+        opt.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if rank < len(rngs):    # each rank's own dropout RNG; a rank that the checkpoint's run did not have keeps its
+            ckpt.set_rng_state(rngs[rank])  # fresh seed + rank streams (another rank's state: the same dropout masks)
+        step, counters = int(state["step"]), dict(state["counters"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise ckpt.CheckpointError(f"{wpath}: does not fit this run ({type(e).__name__}: {ckpt._details(e)})") from None
+    log(f"resumed from {wpath} at step {step}")
     if rank == 0:
-        _trim_stats(cfg["output_dir"], int(state["step"]), log)
-    later = [s for s, _, _ in ckpt.list_checkpoints(cfg["output_dir"], complete=False) if s > int(state["step"])]
+        _trim_stats(cfg["output_dir"], step, log)
+    later = [s for s, _, _ in ckpt.list_checkpoints(cfg["output_dir"], complete=False) if s > step]
     if later:
         log(f"note: checkpoints of later steps ({', '.join(map(str, later))}) stay in {cfg['output_dir']} until this "
             "run overwrites them; --keep does not prune them")
-    return int(state["step"]), {"nonfinite_streak": 0, **state["counters"]}     # older checkpoints: no streak
+    return step, {"nonfinite_streak": 0, **counters}     # older checkpoints: no streak
 
 
 def _trim_stats(out: str, step: int, log) -> None:
