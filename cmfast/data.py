@@ -137,10 +137,27 @@ def _download(url: str, dest: str, md5: str, hint: str) -> str:
 
 
 # ---- CIFAR-10 (python pickles, Krizhevsky 2009) ---------------------------------------------------------------
+class _CifarUnpickler(pickle.Unpickler):
+    """A CIFAR-10 batch (a dict of numpy arrays, lists, strings) and nothing else: pickle.loads called any global a
+    file names, so a data_batch_* in cifar-10-batches-py (md5-checked only inside the tarball) could run code."""
+    SAFE = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),     # _codecs: bytes in protocol 2
+            *((f"numpy.{c}.multiarray", "_reconstruct") for c in ("core", "_core")),
+            *((f"numpy.{c}.numeric", "_frombuffer") for c in ("core", "_core"))}     # protocol 5
+
+    def find_class(self, module, name):
+        if (module, name) not in self.SAFE:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, not numpy array data (refused: a pickle can run "
+                                         f"code)")
+        return super().find_class(module, name)
+
+
 def _cifar_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        d = pickle.loads(raw, encoding="bytes")
+        d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
         data, labels = np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"labels"], dtype=np.int64)
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{name}: corrupt CIFAR-10 batch ({str(e).splitlines()[0] if str(e) else 'UnpicklingError'})"
+                        ) from None
     except Exception as e:
         raise DataError(f"{name}: corrupt CIFAR-10 batch ({type(e).__name__})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):

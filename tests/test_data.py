@@ -77,6 +77,31 @@ def test_cifar_corrupt_batch(tmp_path):
         data.load_cifar10(str(tmp_path))
 
 
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_cifar_batch_pickle_runs_no_code(tmp_path):
+    """A data_batch_* file was read with pickle.loads, which calls whatever global the file names (the folder is
+    not md5-checked): this one ran a shell command. Now only numpy arrays and containers are rebuilt; the file is a
+    corrupt batch naming what it asked for, and the real layout (any protocol) still loads."""
+    write_cifar_folder(tmp_path, n_per_batch=2)
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps({b"data": _RunsCode(marker), b"labels": [0, 1]})
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(evil)
+    with pytest.raises(data.DataError, match=r"data_batch_2: corrupt CIFAR-10 batch \(it names (posix|nt)\.system"):
+        data.load_cifar10(str(tmp_path))
+    assert not marker.exists()
+    x = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        got, labels = data._cifar_batch(pickle.dumps({b"data": x, b"labels": [3, 4]}, protocol=protocol), "b")
+        assert np.array_equal(got, x) and labels.tolist() == [3, 4]
+
+
 def test_fmnist_idx_padding_and_search_order(tmp_path, monkeypatch):
     images, labels = write_fmnist(tmp_path / "fashion-mnist", n=5)
     ds = data.load_fashion_mnist(str(tmp_path))
