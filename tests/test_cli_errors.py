@@ -357,3 +357,27 @@ def test_resume_from_a_pair_that_does_not_fit_is_one_line(capsys, tmp_path):
         err = fails(capsys, train_main, [*argv, "--output-dir", str(run), "--resume", "latest"], msg, "cmfast-train")
         assert f"{run / name}.safetensors: " in err
         assert {p.name: p.read_bytes() for p in run.iterdir() if p.name.startswith("ckpt-")} == before
+
+
+def test_edit_inputs_that_are_no_8_bit_image_are_one_line(capsys, tmp_path):
+    """cmfast-edit's --input / --mask: a PNG whose header claims a huge size was PIL's DecompressionBombError
+    traceback (no OSError), and a 16-bit PNG was clipped to 255 by convert (a 99% white input, edited, exit 0).
+    Now both are one line naming the file, exit 2, and no image is written."""
+    import struct
+    import zlib
+    import numpy as np
+    from PIL import Image
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    deep = tmp_path / "deep.png"
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)).save(deep)
+    for path, msg in ((bomb, "not a readable image (Image size (400000000 pixels) exceeds limit"),
+                      (deep, "I;16 pixels (16-bit or float) are not read; save 8 bits a channel")):
+        out = tmp_path / f"out-{path.stem}"
+        fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(path), "--out", str(out),
+                                  "--device", "cpu"], f"{path}: {msg}", "cmfast-edit")
+        assert not out.exists() or not list(out.iterdir())

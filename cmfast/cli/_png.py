@@ -22,13 +22,16 @@ def png_files(path: str) -> list[str]:
 
 def load_png(path: str, channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
     """(channels, H, W) float32 in [-1, 1]; RGB files become gray by PIL's ITU-R 601 luma, gray files RGB by
-    repetition. `size` (H, W): a clear error when the file has another size."""
+    repetition. `size` (H, W): a clear error when the file has another size. 16-bit and float images are refused
+    (convert clipped them to 255: an almost all-white input), as cmfast.data.load_folder refuses them."""
     from PIL import Image
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I") or im.mode == "F":
+                raise ValueError(f"{path}: {im.mode} pixels (16-bit or float) are not read; save 8 bits a channel")
             im = im.convert("L" if channels == 1 else "RGB")
             arr = np.asarray(im, dtype=np.uint8)
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:     # the bomb check (huge width x height) is no OSError
         raise ValueError(f"{path}: not a readable image ({e})") from None
     if size is not None and arr.shape[:2] != tuple(size):
         raise ValueError(f"{path}: expected {size[1]}x{size[0]} pixels, got {arr.shape[1]}x{arr.shape[0]}")
