@@ -64,6 +64,12 @@ def _load(path: str) -> dict:
     if not isinstance(sd, dict) or "time_embed.0.weight" not in sd or "input_blocks.0.0.weight" not in sd:
         raise CMCheckpointError(f"{path}: not a state dict of openai/consistency_models' UNetModel "
                                 f"(no time_embed / input_blocks weights)")
+    for k, v in sd.items():     # integer, bool or complex values were cast silently, NaN / inf written as weights
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise CMCheckpointError(f"{path}: {k} is {v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}, "
+                                    f"not a floating-point tensor")
+        if not torch.isfinite(v).all():
+            raise CMCheckpointError(f"{path}: {k} holds NaN / inf values")
     return sd
 
 
@@ -220,10 +226,14 @@ def load_cm_checkpoint(path: str, kind: str = "cm", img_resolution: int = 64, qk
     from .precond import ConsistencyModel, EDMDenoiser
     if kind not in ("cm", "edm"):
         raise ValueError(f"kind: expected 'cm' (a consistency model) or 'edm' (the teacher), got {kind!r}")
+    sd = _load(path)
     try:
-        weights, net_cfg = convert(_load(path), img_resolution, qkv_order)
+        weights, net_cfg = convert(sd, img_resolution, qkv_order)
     except CMCheckpointError as e:
         raise CMCheckpointError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
+    except (KeyError, IndexError, RuntimeError, TypeError) as e:   # a weight missing or of another rank: a traceback
+        raise CMCheckpointError(f"{path}: the weights do not make a UNetModel ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
     cfg = {"method": "cd" if kind == "cm" else "edm", "dataset": None, "net": net_cfg, "sigma_data": 0.5,
            "sigma_min": 0.002, "sigma_max": 80.0, "imported_from": str(path)}
     if two_step_sigma is not None:

@@ -219,6 +219,35 @@ def test_checkpoint_files_and_errors(tmp_path, capsys):
     assert "cmfast.cm_import: error:" in capsys.readouterr().err
 
 
+def test_values_that_are_no_weights_are_one_line(tmp_path, capsys):
+    """A state dict with the right names but a value that is no float tensor (a list, an int64 or complex tensor),
+    NaN weights, a missing weight or one of another rank: lists and wrong ranks were AttributeError / IndexError /
+    KeyError / RuntimeError tracebacks, integer / complex values were cast and NaN written into the converted file
+    (exit 0). Now each is a CMCheckpointError naming the file and the weight; python -m cmfast.cm_import exits 2 and
+    leaves an existing output file as it was."""
+    sd = {k: v.float() for k, v in _openai_state(mc=128, classes=0).items()}
+    nan = dict(sd, **{"out.2.weight": sd["out.2.weight"].clone()})
+    nan["out.2.weight"][0, 0, 0, 0] = float("nan")
+    missing = {k: v for k, v in sd.items() if k != "out.2.weight"}
+    cases = {"list": (dict(sd, **{"time_embed.0.weight": [1.0, 2.0]}), "time_embed.0.weight is list, not a floating"),
+             "int": (dict(sd, **{"out.2.bias": sd["out.2.bias"].long()}), "out.2.bias is torch.int64, not a floating"),
+             "complex": ({k: v.to(torch.complex64) for k, v in sd.items()}, "is torch.complex64, not a floating"),
+             "nan": (nan, "out.2.weight holds NaN / inf values"),
+             "missing": (missing, "the weights do not make a UNetModel (KeyError: 'out.2.weight')"),
+             "rank": (dict(sd, **{"time_embed.0.weight": torch.zeros(5)}), "do not make a UNetModel (IndexError")}
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"an older conversion")
+    for name, (state, match) in cases.items():
+        torch.save(state, tmp_path / f"{name}.pt")
+        with pytest.raises(cm_import.CMCheckpointError) as e:
+            cm_import.load_cm_checkpoint(str(tmp_path / f"{name}.pt"), img_resolution=16)
+        assert str(e.value).startswith(f"{tmp_path / name}.pt: ") and match in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)
+        assert cm_import.main([str(tmp_path / f"{name}.pt"), str(out), "--image-size", "16"]) == 2
+        assert match in capsys.readouterr().err
+    assert out.read_bytes() == b"an older conversion"
+
+
 def test_paper_two_step_levels_are_recorded_and_used(tmp_path, monkeypatch, capsys):
     """A released consistency model's checkpoint records the paper's two-step levels (launch.sh: --ts 0,22,39 --steps
     40 for cd_imagenet64_*: the second at index 22 of the 40-level Karras grid from 80 down); cmfast-sample and
