@@ -205,6 +205,8 @@ def load_edm_pickle(path: str, map_location="cpu"):
         sigma_data = float(_plain(st.get("sigma_data", 0.5)))
     except EDMPickleError as e:
         raise EDMPickleError(f"{path}: {e}") from None
+    except (TypeError, ValueError) as e:        # sigma_data "x": float()'s error without the file, a traceback in main
+        raise EDMPickleError(f"{path}: a recorded network argument is not a number ({e})") from None
     cfg = {"method": "edm", "dataset": None, "net": net_cfg, "sigma_data": sigma_data,
            "sigma_min": 0.002, "sigma_max": 80.0, "imported_from": str(path)}
 
@@ -234,7 +236,7 @@ def load_edm_pickle(path: str, map_location="cpu"):
                                  f"{net_kw.get('resample_filter', [1, 1])}")
     try:
         net = UNet(**net_cfg)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:      # RuntimeError: a negative channel count
         raise EDMPickleError(f"{path}: the recorded network arguments do not make a cmfast UNet ({e})") from None
     own = net.state_dict()
     missing = sorted(set(own) - set(weights))
@@ -246,6 +248,10 @@ def load_edm_pickle(path: str, map_location="cpu"):
     if bad:
         raise EDMPickleError(f"{path}: {bad[0]} has shape {tuple(weights[bad[0]].shape)}, expected "
                              f"{tuple(own[bad[0]].shape)}")
+    for k in own:       # integer / bool tensors were cast by .float() and NaN / inf written by main: not weights
+        if not weights[k].is_floating_point() or not torch.isfinite(weights[k]).all():
+            raise EDMPickleError(f"{path}: {k} is not finite floating-point weights ({weights[k].dtype}"
+                                 f"{', NaN / inf values' if weights[k].is_floating_point() else ''})")
     net.load_state_dict({k: v.float() for k, v in weights.items()})
     model = EDMDenoiser(net, sigma_data=cfg["sigma_data"], sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"])
     return model.requires_grad_(False).eval().to(map_location), cfg

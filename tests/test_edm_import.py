@@ -199,6 +199,27 @@ def test_errors_are_one_line(tmp_path):
         load_model(str(tmp_path / "good.pkl"), which="model")
 
 
+def test_arguments_and_weights_that_make_no_network_are_one_line(tmp_path, capsys):
+    """A negative channel count (UNet's RuntimeError) and a sigma_data that is no number (float()'s ValueError, no
+    file named) were tracebacks from python -m cmfast.edm_import, and NaN weights were converted into a checkpoint
+    (exit 0). Now each is one line naming the file: EDMPickleError, CheckpointError from load_model, exit 2."""
+    net, song = _net("ddpmpp")
+    nan_net, _ = _net("ddpmpp")
+    with torch.no_grad():
+        nan_net.out_conv.weight[0, 0, 0, 0] = float("nan")
+    cases = {"neg": (net, dict(song_kwargs={**song, "model_channels": -8}), "do not make a cmfast UNet (Trying to"),
+             "sigma": (net, dict(sigma_data="x"), "a recorded network argument is not a number (could not convert"),
+             "nan": (nan_net, {}, "out_conv.weight is not finite floating-point weights (torch.float32, NaN / inf")}
+    for name, (n, kw, match) in cases.items():
+        path = write_edm_pickle(tmp_path / f"{name}.pkl", n, **{"song_kwargs": song, **kw})
+        with pytest.raises(CheckpointError, match=f"^{path}: ") as e:
+            load_model(str(path))
+        assert match in str(e.value) and "\n" not in str(e.value)
+        assert edm_import.main([str(path), str(tmp_path / f"{name}.safetensors")]) == 2
+        assert match in capsys.readouterr().err
+        assert not (tmp_path / f"{name}.safetensors").exists()
+
+
 def test_sample_convert_and_teach(tmp_path, capsys):
     """cmfast-sample takes the pickle as --checkpoint (EDM Heun); `python -m cmfast.edm_import` writes a cmfast
     checkpoint with the same model; cmfast-train takes the pickle as --teacher and says whether the student starts
