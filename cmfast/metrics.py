@@ -451,6 +451,10 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
         steps, sampler = len(sigmas), f"consistency sampling (Algorithm 1), {len(sigmas)}-step"
     if num < 2 or batch_size < 1:
         raise ValueError(f"num >= 2 and batch_size >= 1 expected, got num={num}, batch_size={batch_size}")
+    shape = _image_shape(model, dataset)
+    if metric == "fd-fmnist" and tuple(shape) != SHAPES["fashion-mnist"]:   # else a conv2d traceback after the stats
+        raise ValueError(f"fd-fmnist scores {SHAPES['fashion-mnist']} images (Fashion-MNIST's); this model makes "
+                         f"{tuple(shape)}: score it with fid")
     device = torch.device(device or next(model.parameters()).device)
     model = model.eval().to(device)
     engine = resolve_engine(engine, model, dtype)
@@ -460,7 +464,7 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     extractor, dim, impl = _extractor(metric, device, weights)
     stats = FeatureStats(dim)
     batches = generate_batches(model, num, sigmas=None if edm else sigmas, steps=steps if edm else None, seed=seed,
-                               batch_size=batch_size, engine=engine, dtype=dtype, shape=_image_shape(model, dataset))
+                               batch_size=batch_size, engine=engine, dtype=dtype, shape=shape)
     n_batches = math.ceil(num / min(batch_size, num))
     for _, x in _progress(batches, n_batches, f"{metric} {steps}-step", progress):
         stats.update(extractor(_quantize(x)).double())

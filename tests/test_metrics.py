@@ -333,6 +333,18 @@ def test_evaluate_real_tiny_models_seeded(device, tmp_path):
     torch.testing.assert_close(torch.tensor(s3, dtype=torch.float64), karras_desc(4)[:3])
 
 
+def test_evaluate_fd_fmnist_refuses_a_model_of_other_images(tmp_path, monkeypatch):
+    """An RGB (or 64x64) model scored with fd-fmnist failed in the classifier's conv2d with a traceback, after the
+    reference statistics; now one ValueError before anything is computed."""
+    from cmfast import ConsistencyModel
+    from cmfast.nets import UNet
+    monkeypatch.setattr(metrics, "reference_stats", lambda *a, **k: pytest.fail("reference statistics computed"))
+    for over in (dict(), dict(in_channels=1, out_channels=1, img_resolution=16)):
+        cm = ConsistencyModel(UNet.from_preset("tiny", **over))
+        with pytest.raises(ValueError, match=r"fd-fmnist scores \(1, 32, 32\) images .* makes \((3, 32|1, 16)"):
+            metrics.evaluate(cm, "fd-fmnist", steps=1, num=4, batch_size=2, data_dir=str(tmp_path))
+
+
 def karras_desc(n):
     from cmfast import karras_sigmas
     return karras_sigmas(n).flip(0)
