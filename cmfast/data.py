@@ -298,7 +298,8 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
             table = {k: int(v) for k, v in table.items()}
             if any(v < 0 for v in table.values()):
                 raise ValueError("a negative class")
-        except (ValueError, TypeError, AttributeError, OSError) as e:
+        except (ValueError, TypeError, AttributeError, OSError, ArithmeticError, RuntimeError, zipfile.BadZipFile) as e:
+            # ArithmeticError: a class Infinity; RuntimeError: JSON nested too deep, an encrypted zip member
             raise DataError(f"{path}/dataset.json: expected {{\"labels\": [[file name, class >= 0], ...]}} "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         if table:

@@ -224,6 +224,32 @@ def test_png_folder_bad_dataset_json(tmp_path, text):
     assert "\n" not in str(e.value)
 
 
+def test_dataset_json_damaged_in_a_zip_or_out_of_range_is_one_line(tmp_path):
+    """A dataset.json whose zip member fails its CRC (zipfile.BadZipFile), a class Infinity (OverflowError) or JSON
+    nested deeper than Python recurses (RecursionError) escaped the DataError handler: tracebacks from cmfast-train.
+    Now each is the DataError naming dataset.json."""
+    import json
+    import zipfile
+    write_png_folder(tmp_path / "imgs", n=2, size=8)
+    labels = json.dumps({"labels": [[f"img{i:04d}.png", 1] for i in range(2)]}) * 4
+    path = tmp_path / "crc.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted((tmp_path / "imgs").iterdir()):
+            z.write(f, f.name)
+        z.writestr("dataset.json", labels)
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(b"dataset.json") + len("dataset.json") + 5] ^= 0xFF        # inside the member's compressed data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(data.DataError, match=r"crc.zip/dataset.json: expected \{\"labels\".*BadZipFile"):
+        data.load_dataset("folder", str(path))
+    for text, why in (('{"labels": [["img0000.png", Infinity]]}', "OverflowError"),
+                      ("[" * 100_000 + "]" * 100_000, "RecursionError")):
+        (tmp_path / "imgs" / "dataset.json").write_text(text)
+        with pytest.raises(data.DataError, match=rf"imgs/dataset.json: expected \{{\"labels\".*\({why}: ") as e:
+            data.load_dataset("folder", str(tmp_path / "imgs"))
+        assert "\n" not in str(e.value)
+
+
 def test_png_modes_are_converted(tmp_path):
     """Palette images load as their colours (their indices read as gray levels before), gray + alpha as gray, RGBA
     as RGB; 16-bit pixels are refused in one line."""
