@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import tarfile
@@ -208,7 +209,7 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     if len(raw) < 4 + 4 * ndim or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
         raise DataError(f"{path}: not a uint8 idx file of rank {ndim} (header {raw[:4].hex() or 'empty'})")
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    size = 4 + 4 * ndim + int(np.prod(shape))
+    size = 4 + 4 * ndim + math.prod(shape)       # np.prod wraps at 2**64: a header (2**22, 2**21, 2**21) said 16 bytes
     if len(raw) != size:
         raise DataError(f"{path}: truncated or padded (header says {shape} = {size} bytes, file has {len(raw)})")
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)

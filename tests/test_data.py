@@ -122,6 +122,8 @@ def test_fmnist_idx_padding_and_search_order(tmp_path, monkeypatch):
     (lambda b: b"\x08\x03" + b[2:], "not a uint8 idx file"),                # wrong magic
     (lambda b: b[:-7], "truncated or padded"),
     (lambda b: b"", "not a uint8 idx file"),
+    # a shape whose product is 2**64: np.prod wrapped it to 0, so an empty file matched it (a ValueError from reshape)
+    (lambda b: b[:4] + (2 ** 22).to_bytes(4, "big") + (2 ** 21).to_bytes(4, "big") * 2, "truncated or padded"),
 ])
 def test_idx_corrupt_headers(tmp_path, mutate, match):
     write_fmnist(tmp_path, n=4)
