@@ -188,6 +188,8 @@ def main(argv=None) -> int:
             return 2
         try:
             base = _read_object(args.baseline, "ratio")
+            if not all(isinstance(base.get(k, 0.0), (int, float)) for k in ("ratio", "threshold")):
+                raise ValueError(f"ratio {base['ratio']!r} and threshold {base.get('threshold')!r} must be numbers")
         except (OSError, ValueError) as e:     # exit 1 would read as a slowdown
             print(f"regress.py: error: cannot read the baseline {args.baseline}: {e}", file=sys.stderr)
             return 2
@@ -206,7 +208,12 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:     # the latency tests did not run (skipped, killed): nothing to compare
         print(f"regress.py: error: cannot read {args.bench_json}: {e}", file=sys.stderr)
         return 2
-    slug = _slug_of(bench)
+    try:
+        slug = _slug_of(bench)
+    except (KeyError, TypeError, AttributeError) as e:
+        print(f"regress.py: error: {args.bench_json}: not a pytest-benchmark JSON ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return 2
     if slug is None:
         print(f"regress.py: error: {args.bench_json} has no benchmark that names its device (did every latency test "
               f"fail?)", file=sys.stderr)
@@ -231,7 +238,12 @@ def main(argv=None) -> int:
         print(f"regress.py: error: cannot read the baseline {path}: {e}", file=sys.stderr)
         return 2
     threshold = args.threshold if args.threshold is not None else base.get("threshold", GPU_THRESHOLD)
-    fails = compare_benchmarks(bench, base, threshold)
+    try:
+        fails = compare_benchmarks(bench, base, threshold)
+    except (KeyError, TypeError, AttributeError) as e:     # a value of the wrong type: exit 2, not a traceback's 1
+        print(f"regress.py: error: {args.bench_json} or the baseline {path} is not laid out as expected "
+              f"({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
     print("\n".join(fails) if fails else f"PASS: every median within x{1 + threshold:.2f} of {path.name}")
     return 1 if fails else 0
 
