@@ -464,6 +464,37 @@ def test_reference_stats_of_an_image_folder(tmp_path, monkeypatch):
         metrics.reference_stats("fid", "folder", str(tmp_path / "nowhere"))
 
 
+def test_cli_fid_of_a_folder_checkpoint_is_against_its_folder(tmp_path, monkeypatch, capsys):
+    """A checkpoint trained on an image folder, scored with --metric fid and no --dataset: the reference is that
+    folder (config.json's data_dir), as --help says ('default: from the checkpoint'); it was CIFAR-10, silently."""
+    from train_fixtures import write_png_folder
+    import cmfast
+    from cmfast.cli.eval import main as eval_main
+    from cmfast.nets import preset_config
+    from cmfast.training.checkpoint import save_checkpoint
+    write_png_folder(tmp_path / "mine", n=10, size=16)
+    monkeypatch.setenv("CMFAST_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("CMFAST_OFFLINE", "1")
+    (tmp_path / "w.bin").write_bytes(b"stand-in weights")
+    monkeypatch.setattr(metrics, "_weights_path", lambda metric, weights_=None: str(tmp_path / "w.bin"))
+    monkeypatch.setattr(metrics, "_extractor", lambda metric, device, weights_=None: (
+        lambda x: torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1), 6, "stand-in"))
+    torch.manual_seed(0)
+    cm = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny", img_resolution=16)).eval()
+    cfg = dict(method="ict", dataset="folder", data_dir=str(tmp_path / "mine"), net=preset_config("tiny",
+               img_resolution=16), sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
+    (tmp_path / "run").mkdir()
+    ckpt = save_checkpoint(str(tmp_path / "run"), 1, {"ema": cm.state_dict()}, cfg, {})
+    argv = ["--checkpoint", ckpt, "--metric", "fid", "--num", "4", "--batch-size", "2"]
+    assert eval_main(argv + ["--out", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["dataset"] == "folder" and "vs folder train" in r["mode"]
+    cfg["data_dir"] = str(tmp_path / "moved")
+    ckpt = save_checkpoint(str(tmp_path / "run"), 2, {"ema": cm.state_dict()}, cfg, {})
+    code, err = _run_cli(["--checkpoint", ckpt, "--metric", "fid", "--num", "4"], capsys)
+    assert code == 2 and "trained on the image folder" in err and "--dataset folder --data-dir" in err
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "random", "no mu", "sigma not (d, d)"])
 def test_damaged_reference_cache_is_computed_again(tmp_path, monkeypatch, capsys, damage):
     """A cached statistics file that a crash or a full disk left damaged (it was written without fsync) made every

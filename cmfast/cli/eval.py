@@ -87,10 +87,18 @@ def main(argv=None):
             from ..training.checkpoint import load_model
             model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
         dataset = args.dataset or _dataset_from_meta(meta)
-        if not args.dataset and dataset not in ("fashion-mnist", "cifar10"):
-            dataset = None          # e.g. a checkpoint trained on a folder: --dataset folder names the reference
+        data_dir = args.data_dir
+        if not args.dataset and dataset == "folder" and args.metric == "fid":
+            # FID of a model of one's own images is against them (the metric's default, CIFAR-10, was taken silently)
+            trained_on = (meta.get("config") or {}).get("data_dir")
+            data_dir = data_dir or trained_on
+            if not data_dir or not os.path.exists(data_dir):
+                _fail(f"the checkpoint was trained on the image folder {trained_on!r}, not found here: pass "
+                      f"--dataset folder --data-dir with its reference images")
+        elif not args.dataset and dataset not in ("fashion-mnist", "cifar10"):
+            dataset = None          # e.g. an imported checkpoint: the metric's default reference
         common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, dataset=dataset, device=device,
-                      data_dir=args.data_dir, weights=args.inception_weights, engine=args.engine,
+                      data_dir=data_dir, weights=args.inception_weights, engine=args.engine,
                       dtype=_common.torch_dtype(args.dtype))
         from ..precond import EDMDenoiser
         recorded = None if args.sigmas or isinstance(model, EDMDenoiser) else \
