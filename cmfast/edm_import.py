@@ -21,6 +21,7 @@ import collections
 import io
 import pickle
 import sys
+import types
 
 import torch
 
@@ -106,14 +107,25 @@ def _np_scalar(dtype, data=None):
     return np.frombuffer(data, dtype=dtype)[0] if data is not None else np.zeros((), dtype=dtype)[()]
 
 
+def _fresh(obj):
+    """A stand-in of an allowed Python function or class, new for each lookup: BUILD with slot state calls setattr on
+    what find_class returned, so a pickle could rewrite the real one's attributes (torch._utils._rebuild_tensor_v2's
+    __defaults__, say) for the whole process."""
+    if isinstance(obj, type) and obj.__module__ == __name__:       # _Persistent, _EasyDict
+        return type(obj.__name__, (obj,), {})
+    if isinstance(obj, types.FunctionType):
+        return lambda *args, **kwargs: obj(*args, **kwargs)
+    return obj      # builtins and C types (torch.Size, OrderedDict, codecs.encode): their attributes are read-only
+
+
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
         key = f"{module}.{name}"
         if _SAFE.get(key) is not None:
-            return _SAFE[key]
+            return _fresh(_SAFE[key])
         if key in ("numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"):
             import numpy as np
-            return np.dtype if name == "dtype" else _np_scalar
+            return np.dtype if name == "dtype" else _fresh(_np_scalar)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         return type(name, (_Inert,), {"_key": key})     # anything else: inert data, never the real thing

@@ -172,6 +172,21 @@ def test_no_code_in_the_pickle_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_a_pickle_cannot_rewrite_the_functions_it_may_call(tmp_path):
+    """BUILD with slot state setattr()s on the object GLOBAL pushed: the reader handed out torch's own
+    _rebuild_tensor_v2 (and its own helpers), so a pickle changed their __defaults__ for the rest of the process.
+    Now each lookup gets a fresh stand-in; the real functions are as they were."""
+    real = (torch._utils._rebuild_tensor_v2, edm_import._np_scalar, edm_import._reconstructor)
+    before = [f.__defaults__ for f in real]
+    globals_ = (b"ctorch._utils\n_rebuild_tensor_v2\n", b"cnumpy.core.multiarray\nscalar\n",
+                b"ccopyreg\n_reconstructor\n")
+    for g in globals_:   # {'ema': <g with slot state {'__defaults__': (123,)}>}
+        (tmp_path / "build.pkl").write_bytes(b"\x80\x02}X\x03\x00\x00\x00ema" + g
+                                             + b"N}X\x0c\x00\x00\x00__defaults__K{\x85s\x86bs.")
+        edm_import.read_pickle(str(tmp_path / "build.pkl"))
+    assert [f.__defaults__ for f in real] == before
+
+
 def test_errors_are_one_line(tmp_path):
     net, song = _net("ddpmpp")
     cases = [
