@@ -96,6 +96,13 @@ def test_cifar_batch_pickle_runs_no_code(tmp_path):
     with pytest.raises(data.DataError, match=r"data_batch_2: corrupt CIFAR-10 batch \(it names (posix|nt)\.system"):
         data.load_cifar10(str(tmp_path))
     assert not marker.exists()
+    core = "_core" if hasattr(np, "_core") else "core"      # numpy 2 / 1
+    frombuffer = __import__(f"numpy.{core}.numeric", fromlist=["_frombuffer"])._frombuffer
+    before = frombuffer.__defaults__    # a pickle setting the attributes of what it may call changes nothing
+    build = f"\x80\x02cnumpy.{core}.numeric\n_frombuffer\nN}}X\x0c\x00\x00\x00__defaults__K{{\x85s\x86b."
+    with pytest.raises(data.DataError, match="b: corrupt CIFAR-10 batch"):
+        data._cifar_batch(build.encode("latin-1"), "b")
+    assert frombuffer.__defaults__ == before
     x = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         got, labels = data._cifar_batch(pickle.dumps({b"data": x, b"labels": [3, 4]}, protocol=protocol), "b")
