@@ -97,6 +97,9 @@ class Sampler:
         return {"epoch_state": self.epoch_state, "pos": self.pos, "gen_state": self.gen.get_state()}
 
     def load_state_dict(self, sd: dict):
+        if not 0 <= int(sd["pos"]) <= self.n:  # a smaller dataset than the saved run's: next() drew oversized batches
+            raise ValueError(f"the sampler stopped at image {int(sd['pos'])} of an epoch, but the dataset has {self.n} "
+                             f"images (not the dataset the checkpoint was trained on)")
         self.gen.set_state(sd["epoch_state"])
         self._new_epoch()
         self.pos = int(sd["pos"])

@@ -299,6 +299,18 @@ def test_sampler_epochs_and_state():
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(want, got))
 
 
+def test_sampler_state_past_the_end_of_a_smaller_dataset_is_refused():
+    """A run resumed on a folder with fewer images than the checkpoint's epoch position: next(2) returned 5 indices
+    (the position walked back to the end and the shortfall was added to the batch), and training went on with
+    oversized batches. Now loading that state is a ValueError, which --resume reports as one line."""
+    s = data.Sampler(8, seed=0)
+    s.next(6)
+    small = data.Sampler(3, seed=0)
+    with pytest.raises(ValueError, match="stopped at image 6 of an epoch, but the dataset has 3 images"):
+        small.load_state_dict(s.state_dict())
+    data.Sampler(6, seed=0).load_state_dict(s.state_dict())      # at the end of an epoch: a new one starts
+
+
 def test_fmnist_data_dir_given_is_searched_before_the_system_copy(tmp_path, monkeypatch):
     """--data-dir names the copy to use: it was searched after /usr/share/datasets/fashion-mnist, so a local copy
     (or a way around a damaged system file) was never read where the Debian package is installed. Without one, the
