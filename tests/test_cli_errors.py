@@ -381,3 +381,24 @@ def test_edit_inputs_that_are_no_8_bit_image_are_one_line(capsys, tmp_path):
         fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(path), "--out", str(out),
                                   "--device", "cpu"], f"{path}: {msg}", "cmfast-edit")
         assert not out.exists() or not list(out.iterdir())
+
+
+def test_checkpoint_metadata_with_a_bad_ema_list_or_deep_json_is_one_line(capsys, tmp_path):
+    """A config whose 'ema' is not a list of rates raised float()'s ValueError without the file name, and a config
+    nested deeper than Python recurses a RecursionError traceback. Now both are CheckpointErrors naming the file."""
+    import json
+    from safetensors.torch import save
+    from cmfast.nets import preset_config
+    from cmfast.training.checkpoint import FORMAT, CheckpointError, load_model
+    cm = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny"))
+    cfg = dict(method="ict", net=preset_config("tiny"), sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
+    tensors = {f"ema@0.9/{k}": v.contiguous() for k, v in cm.state_dict().items()}
+    for name, config, msg in (("ema", json.dumps(dict(cfg, ema="abc")), "config 'ema' is 'abc', not a list of EMA"),
+                              ("deep", "[" * 100_000 + "]" * 100_000, "damaged checkpoint metadata")):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(save(tensors, metadata={"format": FORMAT, "step": "1", "config": config}))
+        with pytest.raises(CheckpointError, match=f"^{path}: damaged checkpoint metadata") as e:
+            load_model(str(path))
+        assert msg in str(e.value)
+        fails(capsys, sample_main, ["--checkpoint", str(path), "--num", "1", "--out", str(tmp_path / "o.png"),
+                                    "--device", "cpu"], msg, "cmfast-sample")

@@ -138,7 +138,7 @@ def load_weights(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         step, cfg = int(meta["step"]), json.loads(meta["config"])
         if not isinstance(cfg, dict):
             raise TypeError(f"config is a {type(cfg).__name__}, not a dict")
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, RecursionError) as e:      # RecursionError: JSON nested too deep
         raise CheckpointError(f"{path}: damaged checkpoint metadata (step and config expected; "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     modules: dict[str, dict] = {}
@@ -223,7 +223,11 @@ def load_model(path: str, which: str = "ema", map_location="cpu"):
     wpath = resolve(path)
     modules, meta = load_weights(wpath)
     if which == "ema" and "ema" not in modules and meta["config"].get("ema"):
-        which = f"ema@{float(meta['config']['ema'][0])}"
+        try:
+            which = f"ema@{float(meta['config']['ema'][0])}"
+        except (TypeError, ValueError, KeyError, IndexError):     # float('a'): a ValueError without the file name
+            raise CheckpointError(f"{wpath}: damaged checkpoint metadata (config 'ema' is "
+                                  f"{meta['config']['ema']!r}, not a list of EMA rates)") from None
     if which not in modules:
         raise CheckpointError(f"{wpath}: has no {which!r} weights; it has {', '.join(sorted(modules))}")
     check_weights(wpath, which, modules[which])
