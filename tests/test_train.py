@@ -47,6 +47,18 @@ def rows(out):
         return [json.loads(line) for line in f]
 
 
+def test_chunk_seeds_never_repeat():
+    # Every (seed, step, chunk) draws its own noise. The old linear mix gave chunk 4099 of a step step + 1's chunk 0,
+    # and step 1,000,003 of seed s step 0 of seed s + 1.
+    from cmfast.training.loop import chunk_seed
+    assert chunk_seed(0, 0, 4099) != chunk_seed(0, 1, 0)
+    assert chunk_seed(0, 1_000_003, 0) != chunk_seed(1, 0, 0)
+    keys = [(s, t, c) for s in range(3) for t in range(200) for c in range(20)]
+    seeds = {chunk_seed(*k) for k in keys}
+    assert len(seeds) == len(keys) and all(0 <= v < 2 ** 63 for v in seeds)
+    assert chunk_seed(5, 7, 1) == chunk_seed(5, 7, 1)          # a function of its arguments: resumes redraw the same
+
+
 def test_edm_then_cd_then_sample(tmp_path, cifar):
     edm = str(tmp_path / "edm")
     assert train_main(["--dataset", "cifar10", "--data-dir", cifar, "--method", "edm", "--steps", "3",
