@@ -267,7 +267,8 @@ def _replace(text: str, begin: str, end: str, md: str) -> str | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="make_tables.py", description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSON files")
-    p.add_argument("--readme", type=Path, help=f"write into this file between {BEGIN} and {END}")
+    p.add_argument("--readme", type=Path, help="replace the text between each of this file's four marker pairs "
+                   f"(summary, results, reference, sct), e.g. {BEGIN} and {END}")
     args = p.parse_args(argv)
     md, ref = markdown(load_runs(args.results)), reference_markdown(load_reference(args.results))
     summary, sct = summary_markdown(args.results), sct_markdown(args.results)

@@ -61,7 +61,7 @@ def build_parser():
                                       "~/.cache/cmfast)")
     g.add_argument("--method", choices=sorted(METHODS), help=d("method"))
     g.add_argument("--preset", choices=sorted(PRESETS), help=d("preset", "network"))
-    g.add_argument("--teacher", metavar="PATH", help="EDM teacher checkpoint or run dir (--method cd)")
+    g.add_argument("--teacher", metavar="PATH", help="EDM teacher checkpoint or run dir (--method cd, scd)")
     g.add_argument("--cond", action="store_const", const=True, help="class-conditional on the dataset's labels")
     g.add_argument("--xflip", action=argparse.BooleanOptionalAction, help="mirror half the training images "
                    "horizontally, at random (default: on for cifar10, off otherwise)")
