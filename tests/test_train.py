@@ -245,6 +245,28 @@ def test_atomic_save_and_fallback(tmp_path, monkeypatch, capsys):
     assert "resumed from" in log and "ckpt-00000001.safetensors at step 1" in log
 
 
+def test_resume_removes_the_temporary_files_of_a_killed_write(tmp_path, capsys):
+    # A SIGKILL mid-write left .ckpt-*.safetensors.tmpPID behind, each as large as a checkpoint, for good.
+    import subprocess
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--stop-at", "1") == 0
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                          # a PID that no process holds now
+    stale = [f".ckpt-00000002.safetensors.tmp{dead.pid}", f"samples/.00000002-1step.png.tmp{dead.pid}"]
+    live = f".ckpt-00000002.state.pt.tmp{os.getppid()}"  # a writer that still runs: kept
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    for f in stale + [live]:
+        with open(os.path.join(out, f), "wb") as fh:
+            fh.write(b"\0" * 1000)
+    capsys.readouterr()
+    assert _run(out, folder, "--resume", "latest", "--steps", "2") == 0
+    assert "removed 1 temporary file(s) of a killed run's writes" in capsys.readouterr().out
+    assert [os.path.exists(os.path.join(out, f)) for f in stale + [live]] == [False, False, True]
+    assert [s for s, _, _ in ckpt.list_checkpoints(out)] == [1, 2]
+
+
 def test_checkpoint_with_damaged_metadata_or_a_foreign_config_is_one_line(tmp_path, capsys):
     """A cmfast-format file whose metadata lacks 'step' or whose config is not a JSON dict raised KeyError /
     JSONDecodeError / AttributeError (cmfast-sample: a traceback; --resume latest: not skipped as unreadable), and a

@@ -55,6 +55,32 @@ def atomic_write(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+_TEMP = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def remove_stale_temps(folder: str) -> list[str]:
+    """Delete the temporary files of atomic_write (.NAME.tmpPID) whose writer is no longer running here: left by a
+    SIGKILL or a node failure mid-write, each as large as a checkpoint. -> the names removed."""
+    gone = []
+    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        m = _TEMP.match(f)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue                                    # its writer still runs (on this machine)
+        except PermissionError:                         # alive, under another user
+            continue
+        except (ProcessLookupError, OverflowError):     # no such process; a number too large to be one
+            pass
+        try:
+            os.remove(os.path.join(folder, f))
+            gone.append(f)
+        except OSError:
+            pass
+    return gone
+
+
 # ---- RNG states as plain tensors (torch.load(weights_only=True) accepts no numpy objects) -----------------------
 def rng_state() -> dict:
     np_state = np.random.get_state()

@@ -277,6 +277,10 @@ def _train(args: dict) -> dict:
         ckpt.atomic_write(os.path.join(out, "config.json"), json.dumps(cfg, indent=2).encode())
 
     if rank == 0:
+        for d in (out, os.path.join(out, "samples")):
+            gone = ckpt.remove_stale_temps(d)
+            if gone:
+                log(f"removed {len(gone)} temporary file(s) of a killed run's writes from {d}: {', '.join(gone)}")
         write_config()
         log(f"{method.name} on {cfg['dataset']} ({len(data)} images {data.shape}), {cfg['preset']} "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {world} rank(s) on {device}, "
