@@ -72,6 +72,9 @@ def edm_sample(denoiser: nn.Module, z: torch.Tensor, num_steps: int = 18, solver
     network evaluations (35 for 18 steps)."""
     if solver not in ("heun", "euler"):
         raise ValueError(f"solver: expected 'heun' or 'euler', got {solver!r}")
+    if num_steps < 2:       # karras_sigmas' own error named its argument n (cmfast-sample --steps 1 on a teacher)
+        raise ValueError(f"steps: EDM's sampler takes 2 or more steps (sigma_max to sigma_min, then 0), got "
+                         f"{num_steps}")
     t = karras_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max, rho).flip(0).tolist() + [0.0]
     x = z.double() * t[0]
     for t_cur, t_next in zip(t[:-1], t[1:]):

@@ -89,3 +89,5 @@ def test_edm_heun_sampler_matches_transcription():
         x = xn
     assert evals == 7  # 2 N - 1
     torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="steps: EDM's sampler takes 2 or more steps"):     # was 'n: expected ...'
+        cmfast.edm_sample(den, z, num_steps=1)
