@@ -386,3 +386,21 @@ def test_time_budget_argument_errors(capsys, tmp_path, fm):
     fails(capsys, argv + ["--steps", "5"], "--time-budget")
     fails(capsys, [a if a != "0.04" else "0" for a in argv], "--time-budget")
     assert not (tmp_path / "run").exists()
+
+
+def test_cd_teacher_of_other_class_count_is_refused_up_front(capsys, tmp_path):
+    """A teacher conditional on 2 classes distilled on a folder labelled 0..2 failed at the first step ('class_labels:
+    expected 0 <= label < 2, got 2') after writing the run folder; now one line naming both counts, nothing written."""
+    import json
+    from train_fixtures import write_png_folder
+    for name, k in (("two", 2), ("three", 3)):
+        write_png_folder(tmp_path / name, n=6, size=16, channels=1)
+        labels = [[f"img{i:04d}.png", i % k] for i in range(6)]
+        (tmp_path / name / "dataset.json").write_text(json.dumps({"labels": labels}))
+    edm = str(tmp_path / "edm")
+    assert train_main(["--dataset", "folder", "--data-dir", str(tmp_path / "two"), "--cond", *TINY, "--method", "edm",
+                       "--output-dir", edm]) == 0
+    fails(capsys, ["--dataset", "folder", "--data-dir", str(tmp_path / "three"), "--cond", *TINY, "--method", "cd",
+                   "--teacher", edm, "--output-dir", str(tmp_path / "cd")],
+          f"--teacher {edm}: conditional on 2 classes, the student's data has 3")
+    assert not (tmp_path / "cd").exists()
