@@ -402,3 +402,20 @@ def test_checkpoint_metadata_with_a_bad_ema_list_or_deep_json_is_one_line(capsys
         assert msg in str(e.value)
         fails(capsys, sample_main, ["--checkpoint", str(path), "--num", "1", "--out", str(tmp_path / "o.png"),
                                     "--device", "cpu"], msg, "cmfast-sample")
+
+
+def test_resume_drops_a_stats_row_that_is_not_utf8(capsys, tmp_path):
+    """stats.jsonl with a damaged last row whose bytes are not UTF-8 stopped every --resume with "cmfast-train:
+    error: 'utf-8' codec can't decode byte 0xff" (no file named); a row that is not JSON is meant to be dropped."""
+    import json
+    fm = tmp_path / "fm"
+    write_fmnist(fm, n=8)
+    argv = ["--dataset", "fashion-mnist", "--data-dir", str(fm), "--preset", "tiny", "--method", "ct", "--loss", "l2",
+            "--steps", "3", "--batch-size", "4", "--ckpt-every", "1", "--sample-num", "0", "--log-every", "1",
+            "--output-dir", str(tmp_path / "run")]
+    assert train_main([*argv, "--stop-at", "2"]) == 0
+    with open(tmp_path / "run" / "stats.jsonl", "ab") as f:
+        f.write(b'{"step": 3, "lo\xff\xfe')
+    assert train_main([*argv, "--resume", "latest"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]

@@ -516,7 +516,7 @@ def _trim_stats(out: str, step: int, log) -> None:
     path = os.path.join(out, "stats.jsonl")
     if not os.path.exists(path):
         return
-    with open(path) as f:
+    with open(path, errors="replace") as f:     # a damaged row's bytes that are no UTF-8: that row goes, not the resume
         lines = f.read().splitlines()
     keep = []
     for line in lines:
