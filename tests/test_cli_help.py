@@ -18,6 +18,7 @@ def test_train_teacher_help_names_every_method_that_needs_one():
     from cmfast.training.methods import METHODS
     need = sorted(name for name, m in METHODS.items() if m.needs_teacher)
     assert f"(--method {', '.join(need)})" in text and len(need) == 2
+    assert "images per grid, 0 = no grids" in text     # the loop writes none for --sample-num 0
 
 
 @pytest.mark.parametrize("module", ["cmfast.cli.sample", "cmfast.cli.eval"])

@@ -127,7 +127,7 @@ def build_parser():
                     help="stop (with a checkpoint) after this many minutes of training, e.g. inside a job's "
                          "wall-time limit; --resume latest continues")
     io.add_argument("--sample-every", type=_common.ranged(int, 1), help=d("sample_every", "steps between sample grids"))
-    io.add_argument("--sample-num", type=_common.ranged(int, 0), help=d("sample_num", "images per grid"))
+    io.add_argument("--sample-num", type=_common.ranged(int, 0), help=d("sample_num", "images per grid, 0 = no grids"))
     io.add_argument("--ckpt-every", type=_common.ranged(int, 1), help=d("ckpt_every", "steps between checkpoints"))
     io.add_argument("--keep", type=_common.ranged(int, 0), help=d("keep", "checkpoints kept, 0 = all"))
     io.add_argument("--log-every", type=_common.ranged(int, 1), help=d("log_every", "steps per stats.jsonl row"))
