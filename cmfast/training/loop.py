@@ -109,9 +109,9 @@ def _load_teacher(cfg: dict, shape, device):
                          f"images, got --method {tcfg['method']} for {tshape} images")
     if bool(tcfg["net"].get("label_dim")) != bool(cfg["net"].get("label_dim")):
         raise ValueError(f"--teacher {cfg['teacher']}: class conditioning differs from the student's (--cond)")
-    if tcfg["net"].get("label_dim") != cfg["net"].get("label_dim"):    # else a label >= the teacher's failed a step
+    if (tcfg["net"].get("label_dim") or 0) != (cfg["net"].get("label_dim") or 0):    # else a label past the teacher's
         raise ValueError(f"--teacher {cfg['teacher']}: conditional on {tcfg['net']['label_dim']} classes, the "
-                         f"student's data has {cfg['net']['label_dim']}")
+                         f"student's data has {cfg['net']['label_dim']}")       # failed the first step
     return teacher, tcfg
 
 
