@@ -94,6 +94,19 @@ def test_errors():
     assert set(PRESETS) >= {"ddpmpp-cifar10", "ncsnpp-cifar10", "fmnist-small", "tiny"}
 
 
+@pytest.mark.parametrize("arch", ["song", "adm"])
+def test_resolution_must_halve_evenly(arch):
+    """A 30x30 net with 3 resolutions (30, 15, 8 down; 8, 16, 32 up) was built and failed in forward's skip concat
+    with a RuntimeError (cmfast-train on a folder of 30x30 images: a traceback); now refused at construction."""
+    kw = dict(model_channels=64, num_blocks=1, attn_resolutions=(), arch=arch)
+    with pytest.raises(ValueError, match=r"img_resolution: expected a multiple of 4 \(3 resolutions.*got 30"):
+        cmfast.UNet(img_resolution=30, channel_mult=(1, 2, 2), **kw)
+    with pytest.raises(ValueError, match="expected a multiple of 2 .* got 31"):
+        cmfast.UNet.from_preset("tiny", img_resolution=31)
+    net = cmfast.UNet(img_resolution=30, channel_mult=(1, 2), **kw)      # 30 halves once: fine
+    assert net(torch.randn(1, 3, 30, 30), torch.zeros(1)).shape == (1, 3, 30, 30)
+
+
 def test_group_count_lowered_to_a_divisor():
     # EDM's min(32, C // 4) does not divide C = 168 (fmnist-small's old 56 channels x 3): 28 groups of 6 channels.
     from cmfast.nets.layers import GroupNorm

@@ -146,6 +146,10 @@ class UNet(nn.Module):
             raise ValueError(f"embedding_type: expected 'positional' or 'fourier', got {embedding_type!r}")
         if encoder_type not in ("standard", "residual"):
             raise ValueError(f"encoder_type: expected 'standard' or 'residual', got {encoder_type!r}")
+        step = 1 << (len(channel_mult) - 1)     # each resolution halves the last: an odd one broke the skip concat
+        if img_resolution % step:
+            raise ValueError(f"img_resolution: expected a multiple of {step} ({len(channel_mult)} resolutions, each "
+                             f"half the last), got {img_resolution}")
         out_channels = in_channels if out_channels is None else out_channels
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.label_dim = label_dim
