@@ -404,3 +404,15 @@ def test_cd_teacher_of_other_class_count_is_refused_up_front(capsys, tmp_path):
                    "--teacher", edm, "--output-dir", str(tmp_path / "cd")],
           f"--teacher {edm}: conditional on 2 classes, the student's data has 3")
     assert not (tmp_path / "cd").exists()
+
+
+def test_cond_on_a_folder_without_labels_says_how_to_label_it(capsys, tmp_path):
+    """A class-per-subfolder folder (torchvision's ImageFolder layout) has no labels here: the error said only 'needs
+    dataset.json'; it now gives the file's format and says subfolders are not classes."""
+    from train_fixtures import write_png_folder
+    write_png_folder(tmp_path / "imgs" / "cats", n=2, size=16)
+    write_png_folder(tmp_path / "imgs" / "dogs", n=2, size=16, seed=1)
+    fails(capsys, ["--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--cond", *TINY, "--output-dir",
+                   str(tmp_path / "run")], 'dataset.json at its top, {"labels": [["cats/001.png", 0], ...]} (paths '
+          "relative to the folder; subfolders are not read as classes)")
+    assert not (tmp_path / "run").exists()
