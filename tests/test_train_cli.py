@@ -416,3 +416,14 @@ def test_cond_on_a_folder_without_labels_says_how_to_label_it(capsys, tmp_path):
                    str(tmp_path / "run")], 'dataset.json at its top, {"labels": [["cats/001.png", 0], ...]} (paths '
           "relative to the folder; subfolders are not read as classes)")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_mismatch_names_the_values(capsys, tmp_path, fm):
+    """'the checkpoint differs from this command in net' left the user to guess that a dropped --cond (or a class added
+    to the folder) was the cause; the error now says which net field differs and both values."""
+    out = str(tmp_path / "run")
+    base = ["--dataset", "fashion-mnist", "--data-dir", fm, *TINY, "--method", "ict", "--output-dir", out]
+    assert train_main(base + ["--cond"]) == 0
+    fails(capsys, base + ["--resume", "latest"], "differs from this command in net (label_dim 10 there, None here)")
+    fails(capsys, base + ["--cond", "--resume", "latest", "--method", "ct"],
+          "in method (method 'ict' there, 'ct' here)")

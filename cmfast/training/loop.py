@@ -464,8 +464,13 @@ def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
         where = cfg["output_dir"] if cfg["resume"] in ("latest", "auto") else cfg["resume"]
         raise ValueError(f"--resume: no readable checkpoint in {where}")
     diff = [k for k in IDENTITY if meta["config"].get(k) != cfg[k]]
-    if diff:
-        raise ValueError(f"--resume {wpath}: the checkpoint differs from this command in {', '.join(diff)}")
+    if diff:    # with the values: 'in net' alone left a dropped --cond or a new class in the folder to be guessed
+        was, now, keys = meta["config"], cfg, diff
+        if diff == ["net"] and isinstance(was["net"], dict) and isinstance(now["net"], dict):
+            was, now = was["net"], now["net"]
+            keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        raise ValueError(f"--resume {wpath}: the checkpoint differs from this command in {', '.join(diff)} ("
+                         + "; ".join(f"{k} {was.get(k)!r} there, {now.get(k)!r} here" for k in keys) + ")")
     planned = meta["config"].get("planned")
     if cfg.get("time_budget") and planned:        # the run's length was planned before: keep it
         cfg["total_steps"], cfg["planned"] = planned["total_steps"], planned
