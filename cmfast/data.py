@@ -276,7 +276,9 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
         read = lambda n: open(os.path.join(path, n), "rb").read()  # noqa: E731
     else:
         raise DataError(f"{path}: expected a folder or a zip of images")
-    images = [n for n in names if n.lower().endswith((".png", ".jpg", ".jpeg"))]
+    # macOS's AppleDouble files (__MACOSX/, ._NAME.png: zips made in Finder, folders copied off a Mac) are no images
+    images = [n for n in names if n.lower().endswith((".png", ".jpg", ".jpeg"))
+              and not n.replace(os.sep, "/").startswith("__MACOSX/") and not os.path.basename(n).startswith("._")]
     if not images:
         raise DataError(f"{path}: no PNG or JPEG images found")
     from PIL import Image

@@ -219,6 +219,22 @@ def test_png_folder_and_zip(tmp_path):
         data.load_dataset("folder", str(tmp_path / "imgs"))
 
 
+def test_png_zip_made_on_a_mac_skips_appledouble_files(tmp_path):
+    """A zip made in macOS's Finder holds __MACOSX/._NAME.png resource forks (and copied folders ._NAME.png files):
+    each ended in .png, so the whole dataset was refused as 'unreadable image'; they are skipped now."""
+    import zipfile
+    arrs = write_png_folder(tmp_path / "imgs", n=3, size=8)
+    fork = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "       # AppleDouble magic, no image
+    with zipfile.ZipFile(tmp_path / "mac.zip", "w") as z:
+        for f in sorted(os.listdir(tmp_path / "imgs")):
+            z.write(tmp_path / "imgs" / f, f)
+            z.writestr(f"__MACOSX/._{f}", fork)
+    (tmp_path / "imgs" / "._img0000.png").write_bytes(fork)
+    for path in (tmp_path / "mac.zip", tmp_path / "imgs"):
+        ds = data.load_dataset("folder", str(path))
+        assert np.array_equal(ds.images.permute(0, 2, 3, 1).numpy(), arrs)
+
+
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"labels": [["img0000.png", "x"]]}',
                                   '{"labels": [["img0000.png"]]}', '{"labels": 5}',
                                   '{"labels": [' + ", ".join(f'["img{i:04d}.png", {i - 1}]' for i in range(3)) + "]}"])
