@@ -279,6 +279,12 @@ def test_conditional_run_and_pretrained_assets(tmp_path, fm, monkeypatch):
     assert meta["config"]["net"]["label_dim"] == 10 and model.net.label_dim == 10
     assert sample_main(["--checkpoint", out, "--num", "3", "--class", "7", "--npz", str(tmp_path / "s.npz"),
                         "--device", "cpu"]) == 0
+    # The .npz keeps each image's class beside it (arr_1; it held the images alone): cycled, or all --class.
+    assert sample_main(["--checkpoint", out, "--num", "12", "--npz", str(tmp_path / "c.npz"), "--batch-size", "5",
+                        "--device", "cpu"]) == 0
+    import numpy as np
+    assert np.load(tmp_path / "s.npz")["arr_1"].tolist() == [7, 7, 7]
+    assert np.load(tmp_path / "c.npz")["arr_1"].tolist() == [*range(10), 0, 1]
     # A shipped model is a checkpoint file in cmfast/assets/ plus its JSON model card.
     monkeypatch.setattr(pretrained, "ASSETS", str(tmp_path / "assets"))
     os.makedirs(pretrained.ASSETS)

@@ -35,7 +35,8 @@ def build_parser():
     _common.add_engine(p)
     io = ap.add_argument_group("I/O")
     io.add_argument("--grid", "--out", dest="grid", metavar="PNG", help="write a PNG grid of all images")
-    io.add_argument("--npz", metavar="PATH", help="write uint8 images (N, H, W, C) as arr_0 in an .npz")
+    io.add_argument("--npz", metavar="PATH", help="write uint8 images (N, H, W, C) as arr_0 in an .npz "
+                    "(a class-conditional model's: their labels (N,) as arr_1)")
     return ap
 
 
@@ -90,7 +91,12 @@ def main(argv=None) -> int:
             import io
             import numpy as np
             buf = io.BytesIO()
-            np.savez(buf, arr_0=imgs)
+            arrays = {"arr_0": imgs}
+            label_dim = int(getattr(getattr(model, "net", None), "label_dim", 0) or 0)
+            if label_dim:   # each image's class, as guided-diffusion's samples keep it (generate_batches' labels)
+                arrays["arr_1"] = (np.full(len(imgs), args.class_label) if args.class_label is not None
+                                   else np.arange(len(imgs)) % label_dim).astype(np.int64)
+            np.savez(buf, **arrays)
             _common.write_output(args.npz, buf.getvalue())
     except _common.user_errors() as e:
         fail(_common.first_line(e))
