@@ -338,3 +338,76 @@ def test_sct_warns_of_a_fourier_time_embedding():
                 assert len(notes) == 1 and f"--method {method} with the Fourier time embedding" in notes[0]
             else:
                 assert notes == []
+
+
+def _scm_loss_f64(model, x0, seed, r, c=0.1, p_mean=-1.0, p_std=1.4):
+    """sCT's per-sample loss and its gradients, written from PAPER.md in float64 with torch.func.jvp on a float64
+    copy of the network: the draws are the generator's (tau first, then z), everything after them is recomputed."""
+    import copy
+    g = torch.Generator().manual_seed(seed)
+    B = x0.shape[0]
+    tau = torch.randn(B, generator=g).double() * p_std + p_mean
+    z = torch.randn(x0.shape, generator=g).double() * SD                 # z ~ N(0, sd^2 I)
+    t = torch.atan(torch.exp(tau) / SD)                                   # tan t = e^tau / sd
+    x0 = x0.double()
+    cos, sin = _b(torch.cos(t)), _b(torch.sin(t))
+    x_t = cos * x0 + sin * z
+    dxdt = cos * z - sin * x0                                             # -sin t x0 + cos t z
+    net = copy.deepcopy(model.net).double()
+    def Fn(x, s):     # c_noise: t, 1000 t, or EDM's ln(sd tan t) / 4 with F = -F_edm
+        if model.time_input == "edm":
+            return -net(x / SD, torch.log(SD * torch.tan(s)) / 4)
+        return net(x / SD, s * (1000.0 if model.time_input == "1000t" else 1.0))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with torch.no_grad(), cmfast.ops.use_backend("torch"), sdpa_kernel(SDPBackend.MATH):   # kernels with forward AD
+        _, dFdt = torch.func.jvp(Fn, (x_t, t), (dxdt, torch.ones_like(t)))
+    F = Fn(x_t, t)
+    Fm = F.detach()
+    gt = -cos ** 2 * (SD * Fm - dxdt) - r * cos * sin * (x_t + SD * dFdt)
+    gt = gt / (gt.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) + c)
+    # adaptive weighting head: logvar(t) = W [cos 2 pi f t, sin 2 pi f t] + b
+    head = model.logvar
+    W = head.linear.weight.detach().double().clone().requires_grad_(True)
+    bias = head.linear.bias.detach().double().clone().requires_grad_(True)
+    ang = torch.outer(t, 2 * math.pi * head.embed.freqs.double())
+    lv = (torch.cat([ang.cos(), ang.sin()], 1) @ W.T).reshape(-1) + bias
+    D = x0[0].numel()
+    loss = ((F - Fm - gt) ** 2).flatten(1).sum(1) / (torch.exp(lv) * D) + lv
+    loss.sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in net.parameters()])
+    return loss.detach(), grads, torch.cat([W.grad.flatten(), bias.grad])
+
+
+@pytest.mark.parametrize("jvp,time_input,precision,warmup", [("exact", "t", "fp32", 100), ("fd", "t", "fp32", 100),
+                                                              ("exact", "1000t", "fp32", 0), ("fd", "edm", "fp64", 100)])
+def test_sct_loss_and_gradients_match_float64_paper_formulas(jvp, time_input, precision, warmup):
+    """scm_loss against PAPER.md recomputed in float64 (x_t = cos t x0 + sin t z with z of std sd, dx_t/dt, the
+    tangent with warm-up r, g / (||g|| + c), the adaptive weighting e^-logvar / D and + logvar, c_noise of the time
+    input): the per-sample loss and the gradients of the backbone and of the logvar head. The adaptive head is set
+    away from its zero init so that it weighs in. Before, x0 and z swapped in x_t, z of std 1, c_noise 100 t for
+    '1000t', a dropped logvar, r = 1 at every step, r = 0 without a warm-up (--warmup-steps 0), or F_edm's sign lost in the fp64 forwards (time input 'edm',
+    fd_precision fp64: sCD's default input) passed every test."""
+    torch.manual_seed(11)
+    model = TrigFlowModel(_net(dropout=0.0), time_input=time_input)
+    with torch.no_grad():
+        model.logvar.linear.weight.normal_(0.0, 0.3)
+        model.logvar.linear.bias.fill_(0.4)
+    x0 = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5)).clamp(-1, 1)
+    step = 30                                          # r = 0.3 over a warm-up of 100 steps, r = 1 without one
+    loss = sct_loss(model, x0, step=step, warmup_steps=warmup, jvp=jvp, precision=precision,
+                    generator=torch.Generator().manual_seed(9))
+    loss.sum().backward()
+    want, want_g, want_head = _scm_loss_f64(model, x0, 9, r=step / warmup if warmup else 1.0)
+    tol = 1e-4 if jvp == "exact" else 1e-3
+    torch.testing.assert_close(loss.detach().double(), want, rtol=tol, atol=1e-6)
+    got_g = torch.cat([p.grad.flatten() for p in model.net.parameters()]).double()
+    assert float((got_g - want_g).norm() / want_g.norm()) < 10 * tol
+    got_head = torch.cat([model.logvar.linear.weight.grad.flatten(), model.logvar.linear.bias.grad]).double()
+    torch.testing.assert_close(got_head, want_head, rtol=10 * tol, atol=1e-6)
+
+
+def test_tangent_warmup_ramps_r_from_0_to_1():
+    """r = min(1, k / warmup) (sCM Sec. 4.2); no warm-up (warmup_steps 0) is r = 1 from the first step."""
+    from cmfast.trigflow import tangent_warmup
+    assert [tangent_warmup(k, 10) for k in (0, 5, 10, 25)] == [0.0, 0.5, 1.0, 1.0]
+    assert tangent_warmup(0, 0) == tangent_warmup(3, -1) == 1.0
