@@ -37,3 +37,16 @@ def test_make_tables_help_names_all_marker_pairs():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_tables.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "".join("four marker pairs (summary, results, reference, sct)".split()) in "".join(out.split())
+
+
+def test_load_model_docstring_names_the_class_each_method_rebuilds():
+    """cmfast.training.load_model (README: 'works wherever a checkpoint does') names what it returns per method."""
+    from cmfast.training import METHODS, load_model
+    from cmfast.training.config import resolve
+    from cmfast.nets import UNet
+    doc = "".join(load_model.__doc__.split())
+    for name, method in METHODS.items():
+        cfg = resolve(dict(method=name, preset="tiny", dataset="fashion-mnist", teacher="t" if method.needs_teacher
+                           else None))
+        kind = type(method.wrap(UNet.from_preset("tiny"), cfg)).__name__
+        assert kind in doc, (name, kind)

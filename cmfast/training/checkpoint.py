@@ -230,8 +230,9 @@ def build_model(cfg: dict) -> torch.nn.Module:
 
 def load_model(path: str, which: str = "ema", map_location="cpu"):
     """(model, meta) from a run directory (newest checkpoint) or a checkpoint file: the preconditioned model
-    (ConsistencyModel, or EDMDenoiser for --method edm) in eval mode with the `which` weights: 'ema' (the first
-    --ema rate), 'ema@<rate>', 'model' (online) or 'target'; with no EMA, 'ema' is an error naming what there is. meta: {'step', 'config', 'path', 'which'}.
+    (ConsistencyModel; TrigFlowModel for --method sct / scd; EDMDenoiser for --method edm) in eval mode with the
+    `which` weights: 'ema' (the first --ema rate), 'ema@<rate>', 'model' (online) or 'target' (CD / CT only); with
+    no EMA, 'ema' is an error naming what there is. meta: {'step', 'config', 'path', 'which'}.
     An EDM network pickle (*.pkl, NVlabs/edm) loads as its 'ema' EDM denoiser (cmfast.edm_import, no code run)."""
     if str(path).endswith(".pkl"):
         from ..edm_import import EDMPickleError, load_edm_pickle
