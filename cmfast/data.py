@@ -46,10 +46,12 @@ def default_data_dir() -> str:
 class ImageDataset:
     """uint8 images (N, C, H, W) and int64 labels (N,) in memory; `batch` converts to [-1, 1] float."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, name: str, xflip: bool = False):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, name: str, xflip: bool = False,
+                 classes: list[str] | None = None):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise DataError(f"{name}: expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.images, self.labels, self.name, self.xflip = images, labels, name, xflip
+        self.classes = classes      # class names where the data names them (an image folder's subfolders)
         self.num_classes = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
 
     def __len__(self) -> int:
@@ -263,7 +265,9 @@ def load_fashion_mnist(data_dir: str | None = None, split: str = "train", full: 
 
 # ---- Image folders / zips (EDM dataset_tool layout: PNGs + optional dataset.json with labels) ------------------
 def load_folder(path: str, xflip: bool = False) -> ImageDataset:
-    """All PNG / JPEG images of a folder (recursively) or zip, same size; labels from dataset.json if present."""
+    """All PNG / JPEG images of a folder (recursively) or zip, same size. Labels from dataset.json (EDM's layout) if
+    present, else from the subfolders when every image sits in one and there are two or more (ImageFolder's layout;
+    `classes` then holds their names, class i = classes[i]), else none."""
     import zipfile
     if not path or not os.path.exists(path):
         raise DataError(f"image folder or zip not found: {path!r} (pass --data-dir)")
@@ -317,8 +321,18 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
                 raise DataError(f"{path}/dataset.json: no label for {missing[0]}"
                                 + (f" and {len(missing) - 1} other image(s)" if len(missing) > 1 else ""))
             labels = torch.tensor([table[n.replace(os.sep, "/")] for n in images], dtype=torch.int64)
+    classes = None
+    parts = [n.replace(os.sep, "/").split("/") for n in images]
+    while all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
+        parts = [p[1:] for p in parts]          # a zip of the folder itself: myset/cats/001.png
+    if "dataset.json" not in names and all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) > 1:
+        # torchvision ImageFolder's layout: one subfolder a class (cats/001.png, dogs/007.png), classes numbered in
+        # the sorted order of their names. dataset.json, when present, decides (EDM's chunk folders 00000/ are none).
+        classes = sorted({p[0] for p in parts})
+        index = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([index[p[0]] for p in parts], dtype=torch.int64)
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
-    return ImageDataset(x, labels, "folder", xflip=xflip)
+    return ImageDataset(x, labels, "folder", xflip=xflip, classes=classes)
 
 
 def load_dataset(name: str, data_dir: str | None = None, xflip: bool | None = None) -> ImageDataset:

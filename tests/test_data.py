@@ -219,6 +219,32 @@ def test_png_folder_and_zip(tmp_path):
         data.load_dataset("folder", str(tmp_path / "imgs"))
 
 
+def test_class_subfolders_are_the_labels(tmp_path):
+    """torchvision ImageFolder's layout (one subfolder a class, numbered in sorted name order) labels a folder, and a
+    zip of it, without dataset.json: --cond on such a folder was refused ('needs dataset.json')."""
+    import zipfile
+    root = tmp_path / "pets"
+    want = {}
+    for c, name in enumerate(["cats", "dogs", "emus"]):        # written out of order: the names decide
+        arrs = write_png_folder(root / name, n=2 + c, size=8, seed=c)
+        want.update({f"{name}/img{i:04d}.png": (a, c) for i, a in enumerate(arrs)})
+    with zipfile.ZipFile(tmp_path / "pets.zip", "w") as z:     # a zip of the folder itself: pets/cats/...
+        for n in want:
+            z.write(root / n, f"pets/{n}")
+    for path in (root, tmp_path / "pets.zip"):
+        ds = data.load_dataset("folder", str(path))
+        assert ds.classes == ["cats", "dogs", "emus"] and ds.num_classes == 3
+        assert ds.labels.tolist() == [c for _, c in want.values()]          # files in sorted order, as loaded
+        assert np.array_equal(ds.images.permute(0, 2, 3, 1).numpy(), np.stack([a for a, _ in want.values()]))
+    # dataset.json decides where present; images beside the subfolders, or one subfolder only, are no class layout.
+    (root / "dataset.json").write_text('{"labels": null}')
+    assert data.load_dataset("folder", str(root)).labels is None
+    (root / "dataset.json").unlink()
+    write_png_folder(root, n=1, size=8)
+    assert data.load_dataset("folder", str(root)).labels is None
+    assert data.load_dataset("folder", str(root / "dogs")).classes is None
+
+
 def test_png_zip_made_on_a_mac_skips_appledouble_files(tmp_path):
     """A zip made in macOS's Finder holds __MACOSX/._NAME.png resource forks (and copied folders ._NAME.png files):
     each ended in .png, so the whole dataset was refused as 'unreadable image'; they are skipped now."""

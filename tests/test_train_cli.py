@@ -413,15 +413,28 @@ def test_cd_teacher_of_other_class_count_is_refused_up_front(capsys, tmp_path):
 
 
 def test_cond_on_a_folder_without_labels_says_how_to_label_it(capsys, tmp_path):
-    """A class-per-subfolder folder (torchvision's ImageFolder layout) has no labels here: the error said only 'needs
-    dataset.json'; it now gives the file's format and says subfolders are not classes."""
+    """--cond on a folder without labels gives both layouts that label one; a class-per-subfolder folder (torchvision's
+    ImageFolder layout) trains class-conditional, its class names in config.json (it was refused: no dataset.json)."""
     from train_fixtures import write_png_folder
-    write_png_folder(tmp_path / "imgs" / "cats", n=2, size=16)
-    write_png_folder(tmp_path / "imgs" / "dogs", n=2, size=16, seed=1)
-    fails(capsys, ["--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--cond", *TINY, "--output-dir",
-                   str(tmp_path / "run")], 'dataset.json at its top, {"labels": [["cats/001.png", 0], ...]} (paths '
-          "relative to the folder; subfolders are not read as classes)")
+    write_png_folder(tmp_path / "flat", n=4, size=16)
+    fails(capsys, ["--dataset", "folder", "--data-dir", str(tmp_path / "flat"), "--cond", *TINY, "--output-dir",
+                   str(tmp_path / "run")], "an image folder needs one subfolder a class (cats/001.png, dogs/001.png) "
+          'or dataset.json at its top, {"labels": [["cats/001.png", 0], ...]} (paths relative to the folder)')
     assert not (tmp_path / "run").exists()
+    write_png_folder(tmp_path / "imgs" / "dogs", n=2, size=16, seed=1)
+    write_png_folder(tmp_path / "imgs" / "cats", n=2, size=16)
+    assert train_main(["--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--cond", *TINY, "--output-dir",
+                       str(tmp_path / "run")]) == 0
+    assert "classes from the subfolders: 0 cats, 1 dogs" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["net"]["label_dim"] == 2 and cfg["classes"] == ["cats", "dogs"]
+    # cmfast-sample --class takes a subfolder's name for such a run
+    npz = str(tmp_path / "dogs.npz")
+    assert sample_main(["--checkpoint", str(tmp_path / "run"), "--num", "3", "--class", "dogs", "--npz", npz]) == 0
+    import numpy as np
+    assert np.load(npz)["arr_1"].tolist() == [1, 1, 1]
+    fails(capsys, ["--checkpoint", str(tmp_path / "run"), "--num", "3", "--class", "emus", "--npz", npz],
+          "--class emus: not a class of this model (cats, dogs)", main=sample_main, prog="cmfast-sample")
 
 
 def test_resume_mismatch_names_the_values(capsys, tmp_path, fm):

@@ -27,8 +27,9 @@ def build_parser():
                         "the checkpoint records its own levels; EDM teachers: Heun steps (default: 1, EDM 18)")
     g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None, help="decreasing noise levels, e.g. 80,0.821")
     g.add_argument("--seed", type=_common.ranged(int, 0), default=0, help="(default: 0)")
-    g.add_argument("--class", dest="class_label", type=_common.ranged(int, 0), default=None,
-                   help="class label for conditional models (default: cycle through classes)")
+    g.add_argument("--class", dest="class_label", type=_class_arg, default=None,
+                   help="class label for conditional models, or the class's name for a run trained on class "
+                        "subfolders (default: cycle through classes)")
     p = ap.add_argument_group("performance")
     p.add_argument("--batch-size", type=_common.ranged(int, 1), default=256, help="(default: 256)")
     _common.add_device(p)
@@ -38,6 +39,19 @@ def build_parser():
     io.add_argument("--npz", metavar="PATH", help="write uint8 images (N, H, W, C) as arr_0 in an .npz "
                     "(a class-conditional model's: their labels (N,) as arr_1)")
     return ap
+
+
+def _class_arg(s):
+    """--class: a label >= 0, or a name (resolved against the checkpoint's classes once it is loaded)."""
+    return _common.ranged(int, 0)(s) if s.lstrip("+-").isdigit() else s
+
+
+def _class_by_name(name: str, meta) -> int:
+    names = ((meta or {}).get("config") or {}).get("classes") or []
+    if name not in names:
+        raise ValueError(f"--class {name}: " + (f"not a class of this model ({', '.join(names)})" if names else
+                                                "this model names no classes; give a label number"))
+    return names.index(name)
 
 
 def generate(model, num, steps, sigmas, seed, batch_size, class_label, engine, dtype):
@@ -73,6 +87,8 @@ def main(argv=None) -> int:
             from ..training.methods import get_method
             model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
             kind = get_method(meta["config"]["method"]).kind
+        if isinstance(args.class_label, str):
+            args.class_label = _class_by_name(args.class_label, meta)
         recorded = None if args.sigmas or kind != "cm" else _common.recorded_sigmas(meta, args.steps)
         sigmas = args.sigmas or recorded
         if not sigmas:      # cmfast-eval's defaults (metrics.default_sigmas), starting at the model's sigma_max

@@ -131,9 +131,9 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
         if cfg["cond"]:
             over["label_dim"] = NUM_CLASSES.get(cfg["dataset"]) or num_classes
             if not over["label_dim"]:
-                raise ValueError("--cond: this dataset has no labels: an image folder needs dataset.json at its top, "
-                                 "{\"labels\": [[\"cats/001.png\", 0], ...]} (paths relative to the folder; "
-                                 "subfolders are not read as classes)")
+                raise ValueError("--cond: this dataset has no labels: an image folder needs one subfolder a class "
+                                 "(cats/001.png, dogs/001.png) or dataset.json at its top, "
+                                 "{\"labels\": [[\"cats/001.png\", 0], ...]} (paths relative to the folder)")
         cfg["net"] = preset_config(cfg["preset"], **over)
         cfg["net"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg["net"].items()}
     return cfg

@@ -179,6 +179,8 @@ def _train(args: dict) -> dict:
     # ---- Data, teacher, output folder: every user mistake is found before anything is written --------------------
     data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["xflip"])
     cfg = resolve(args, world, data.shape, data.num_classes)
+    if cfg["cond"] and getattr(data, "classes", None):     # an image folder's class subfolders: their names, by label
+        cfg["classes"] = list(data.classes)
     teacher, tcfg = _load_teacher(cfg, data.shape, device) if method.needs_teacher else (None, None)
     if teacher is not None and cfg["init_from_teacher"]:     # openai's teacher reads time 1000x: so must its student
         from ..nets import adopt_time_scale
@@ -285,6 +287,8 @@ def _train(args: dict) -> dict:
             if gone:
                 log(f"removed {len(gone)} temporary file(s) of a killed run's writes from {d}: {', '.join(gone)}")
         write_config()
+        if cfg.get("classes"):
+            log("classes from the subfolders: " + ", ".join(f"{i} {c}" for i, c in enumerate(cfg["classes"])))
         log(f"{method.name} on {cfg['dataset']} ({len(data)} images {data.shape}), {cfg['preset']} "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {world} rank(s) on {device}, "
             + (f"steps {step} -> {cfg['total_steps']}" if not cfg.get("time_budget") or cfg.get("planned") else
