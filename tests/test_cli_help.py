@@ -1,4 +1,4 @@
-"""The console scripts' --help says what the code does (the docs audit: flags whose help had fallen behind)."""
+"""The console scripts and their docs say what the code does (--help texts, docstrings, `python -m` entry points)."""
 import importlib
 import subprocess
 import sys
@@ -50,3 +50,17 @@ def test_load_model_docstring_names_the_class_each_method_rebuilds():
                            else None))
         kind = type(method.wrap(UNet.from_preset("tiny"), cfg)).__name__
         assert kind in doc, (name, kind)
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")     # runpy on a module already imported
+@pytest.mark.parametrize("module", ["cmfast.cli.train", "cmfast.cli.sample", "cmfast.cli.edit", "cmfast.cli.eval"])
+def test_python_m_exits_with_mains_status(module, monkeypatch):
+    """`python -m cmfast.cli.X` (README: torchrun -m cmfast.cli.train) exits with main's status, as the console script
+    does: edit and eval dropped it, so an interrupted run (main returns 130) exited 0."""
+    import runpy
+    from cmfast.cli import _common
+    monkeypatch.setattr(_common, "interruptible", lambda prog, note="": (lambda main: (lambda argv=None: 130)))
+    monkeypatch.setattr(sys, "argv", [module])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module(module, run_name="__main__")
+    assert e.value.code == 130

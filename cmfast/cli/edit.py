@@ -9,6 +9,7 @@ Writes <stem>_<task>.png per input (pair<p>_<i>.png for interpolate) and <task>_
 import argparse
 import functools
 import os
+import sys
 
 from . import _common
 
@@ -239,4 +240,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

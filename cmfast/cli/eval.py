@@ -7,6 +7,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import time
 
 from . import _common
@@ -142,4 +143,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
