@@ -302,7 +302,9 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
         a = np.asarray(im)
         a = a[:, :, None] if a.ndim == 2 else a
         if arrs and a.shape != arrs[0].shape:
-            raise DataError(f"{path}/{n}: expected all images {arrs[0].shape}, got {a.shape}")
+            kind = lambda s: f"{s[1]}x{s[0]} {'gray' if s[2] == 1 else 'RGB'}"    # noqa: E731  (HWC shapes said less)
+            raise DataError(f"{path}/{n}: expected all images {kind(arrs[0].shape)} as {images[0]}, got "
+                            f"{kind(a.shape)} (nothing is resized or converted: save them all alike)")
         arrs.append(a)
     labels = None
     if "dataset.json" in names:

@@ -215,7 +215,10 @@ def test_png_folder_and_zip(tmp_path):
     dz = data.load_dataset("folder", str(tmp_path / "imgs.zip"))
     assert torch.equal(dz.images, ds.images) and dz.labels.tolist() == [9, 8, 7, 6, 5]
     write_png_folder(tmp_path / "imgs", n=1, size=9, seed=3)        # overwrites img0000.png with another size
-    with pytest.raises(data.DataError, match="expected all images"):
+    with pytest.raises(data.DataError, match="img0001.png: expected all images 9x9 RGB as img0000.png, got 8x8 RGB"):
+        data.load_dataset("folder", str(tmp_path / "imgs"))
+    write_png_folder(tmp_path / "imgs", n=1, size=8, channels=1, seed=3)      # a gray image among RGB ones
+    with pytest.raises(data.DataError, match="img0001.png: expected all images 8x8 gray as img0000.png, got 8x8 RGB"):
         data.load_dataset("folder", str(tmp_path / "imgs"))
 
 
