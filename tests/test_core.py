@@ -197,3 +197,14 @@ def test_group_norm_act_pre_bias_arguments():
             ops.group_norm_act(x, 2, pre_bias=bad)
     with pytest.raises(ValueError, match="pre_bias: expected device"):
         ops.group_norm_act(x, 2, pre_bias=torch.randn(2, 4, device="meta"))
+
+
+def test_ct_schedule_holds_past_the_curriculum_and_keeps_two_levels():
+    """Past k = K (schedule_steps shorter than the run) N(k) stays at s1 + 1 and mu at its last value: the formula
+    itself would go on growing. With s0 = 1 the formula gives N(0) = 1 (no pair of levels): at least 2."""
+    K = 1000
+    n, mu = cmfast.ct_schedule(K, K)
+    assert cmfast.ct_schedule(3 * K, K) == (n, mu) == (151, pytest.approx(math.exp(2 * math.log(0.9) / 151)))
+    assert math.ceil(math.sqrt(1) - 1) + 1 == 1
+    n0, mu0 = cmfast.ct_schedule(0, K, s0=1)
+    assert n0 == 2 and mu0 == pytest.approx(math.exp(math.log(0.9) / 2))
