@@ -208,3 +208,27 @@ def test_ct_schedule_holds_past_the_curriculum_and_keeps_two_levels():
     assert math.ceil(math.sqrt(1) - 1) + 1 == 1
     n0, mu0 = cmfast.ct_schedule(0, K, s0=1)
     assert n0 == 2 and mu0 == pytest.approx(math.exp(math.log(0.9) / 2))
+
+
+def test_ema_copies_buffers_and_takes_a_per_step_rate():
+    """Buffers (BatchNorm running statistics here) are copied, not averaged; EMA.update(model, rate) uses that step's
+    rate over the fixed one (CT's mu(k)); forward runs the averaged copy."""
+    from cmfast.ema import EMA, ema_update_
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    tgt = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    src(torch.randn(8, 3) * 3 + 1)                          # training-mode forward: running stats move
+    w_t, w_s = tgt[0].weight.detach().double().clone(), src[0].weight.detach().double()
+    ema_update_(tgt, src, 0.75)
+    torch.testing.assert_close(tgt[0].weight.detach().double(), 0.75 * w_t + 0.25 * w_s, rtol=1e-6, atol=1e-7)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(tgt[1], name), getattr(src[1], name)), name
+    e = EMA(tgt, rate=0.9)
+    w_e = e.module[0].weight.detach().double().clone()
+    e.update(src, rate=0.5)
+    torch.testing.assert_close(e.module[0].weight.detach().double(), 0.5 * w_e + 0.5 * w_s, rtol=1e-6, atol=1e-7)
+    e.update(src)
+    torch.testing.assert_close(e.module[0].weight.detach().double(), 0.9 * (0.5 * w_e + 0.5 * w_s) + 0.1 * w_s,
+                               rtol=1e-6, atol=1e-7)
+    x = torch.randn(5, 3)
+    assert torch.equal(e(x), e.module(x))
