@@ -358,6 +358,12 @@ def default_sigmas(steps):
     return tuple(float(s) for s in karras_sigmas(steps + 1).flip(0)[:steps])
 
 
+def model_sigmas(model, steps: int) -> tuple[float, ...]:
+    """default_sigmas(steps) with the first level at the model's own sigma_max (80 for the paper's models)."""
+    levels = default_sigmas(steps)
+    return (float(getattr(model, "sigma_max", levels[0])), *levels[1:])
+
+
 def search_sigmas(score, steps: int = 2, sigma_min: float = 0.002, sigma_max: float = 80.0, iters: int = 6,
                   start: tuple | None = None, log=None) -> dict:
     """Algorithm 1's noise levels by search (the CM paper tunes them on FID): the first level is sigma_max; each
@@ -424,7 +430,7 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
              device=None, data_dir=None, weights=None, progress=False, engine="eager", dtype=torch.float32):
     """Sample `num` images and score them -> a JSON-ready dict that records implementation and mode.
 
-    A ConsistencyModel samples with cmfast.sample (Algorithm 1; sigmas default to default_sigmas(steps)), an
+    A ConsistencyModel samples with cmfast.sample (Algorithm 1; sigmas default to model_sigmas(model, steps)), an
     EDMDenoiser with EDM's Heun sampler (steps default 18); engine and dtype as cmfast.sampling.generate_batches
     (default: eager, float32). Noise per batch and class labels (balanced) follow cmfast-sample, so the same seed,
     engine and batch size score the same images. Samples are quantized to 8 bits before scoring.
@@ -445,7 +451,8 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
             raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
         steps, sampler = steps or 18, f"EDM Heun, {steps or 18} steps"
     else:
-        sigmas = tuple(float(s) for s in sigmas) if sigmas else default_sigmas(steps or 1)
+        # default: starting at the model's own sigma_max, as cmfast.sample and cmfast-sample (80 was hard-coded)
+        sigmas = tuple(float(s) for s in sigmas) if sigmas else model_sigmas(model, steps or 1)
         if steps is not None and steps != len(sigmas):
             raise ValueError(f"steps={steps} but {len(sigmas)} sigmas given: {list(sigmas)}")
         steps, sampler = len(sigmas), f"consistency sampling (Algorithm 1), {len(sigmas)}-step"

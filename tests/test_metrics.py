@@ -331,6 +331,10 @@ def test_evaluate_real_tiny_models_seeded(device, tmp_path):
         metrics.evaluate(cm, "fd-fmnist", sigmas=(0.821, 80.0), num=4, data_dir=str(tmp_path))
     s3 = metrics.default_sigmas(3)
     torch.testing.assert_close(torch.tensor(s3, dtype=torch.float64), karras_desc(4)[:3])
+    # The default levels start at the model's own sigma_max, as cmfast.sample's and cmfast-sample's (80 was fixed).
+    low = ConsistencyModel(cm.net, sigma_max=40.0)
+    r = metrics.evaluate(low, "fd-fmnist", steps=2, num=2, batch_size=2, data_dir=str(tmp_path))
+    assert r["sigmas"] == [40.0, 0.821] and metrics.model_sigmas(low, 3) == (40.0, *s3[1:])
 
 
 def test_evaluate_fd_fmnist_refuses_a_model_of_other_images(tmp_path, monkeypatch):

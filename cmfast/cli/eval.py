@@ -34,14 +34,14 @@ def build_parser():
                    help="network evaluations (default 1; an EDM teacher: Heun steps, default 18)")
     g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None,
                    help="decreasing noise levels, e.g. 80,0.821 (default: the levels the checkpoint records, "
-                        "else 80 for 1 step, 80,0.821 for 2, the Karras grid for more)")
+                        "else the model's sigma_max (80) for 1 step, then 0.821 for 2, the Karras grid for more)")
     g.add_argument("--search-sigmas", action="store_true",
                    help="find the --steps (>= 2) noise levels that minimize the metric (greedy ternary search in "
                         "log sigma, as the CM paper tunes them; the defaults are scored too) and report the best")
     g.add_argument("--search-iters", type=_positive, default=6, help="ternary-search rounds per level (default 6; "
                                                                      "two evaluations each)")
     g.add_argument("--num", type=_positive, default=50000, help="number of generated images (default 50000)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=_common.ranged(int, 0), default=0,
                    help="noise seed (default 0); with the same --batch-size and engine, the images cmfast-sample makes")
     p = ap.add_argument_group("performance")
     p.add_argument("--batch-size", type=_positive, default=256, help="(default 256, as cmfast-sample)")
@@ -76,7 +76,7 @@ def main(argv=None):
         _fail("--search-sigmas needs --steps 2 or more (one step samples at sigma_max only)")
     if args.dataset == "folder" and not args.data_dir:
         _fail("--dataset folder needs --data-dir: the folder or zip of reference images")
-    from ..metrics import default_sigmas, evaluate, search_sigmas
+    from ..metrics import evaluate, model_sigmas, search_sigmas
     try:
         if args.out:        # before the evaluation: a typo must not cost its result
             _common.check_output(args.out, "--out")
@@ -112,7 +112,7 @@ def main(argv=None):
             if isinstance(model, EDMDenoiser):
                 _fail("--search-sigmas: an EDM teacher samples with its Heun schedule; give a consistency model")
             steps = args.steps or len(args.sigmas)
-            start = tuple(args.sigmas) if args.sigmas else default_sigmas(steps)
+            start = tuple(args.sigmas) if args.sigmas else model_sigmas(model, steps)
             t_search = time.perf_counter()
             search = search_sigmas(lambda sg: evaluate(model, args.metric, sigmas=sg, **common)["value"], steps,
                                    model.sigma_min, model.sigma_max, args.search_iters, start=start,

@@ -91,9 +91,9 @@ def main(argv=None) -> int:
             args.class_label = _class_by_name(args.class_label, meta)
         recorded = None if args.sigmas or kind != "cm" else _common.recorded_sigmas(meta, args.steps)
         sigmas = args.sigmas or recorded
-        if not sigmas:      # cmfast-eval's defaults (metrics.default_sigmas), starting at the model's sigma_max
-            from ..metrics import default_sigmas
-            sigmas = (model.sigma_max, *default_sigmas(args.steps or 1)[1:])
+        if not sigmas:      # cmfast-eval's defaults: metrics.default_sigmas, starting at the model's sigma_max
+            from ..metrics import model_sigmas
+            sigmas = model_sigmas(model, args.steps or 1)
         if kind == "edm":
             if args.sigmas:
                 raise ValueError("--sigmas: an EDM teacher samples with its Heun schedule; give --steps")
