@@ -64,3 +64,12 @@ def test_python_m_exits_with_mains_status(module, monkeypatch):
     with pytest.raises(SystemExit) as e:
         runpy.run_module(module, run_name="__main__")
     assert e.value.code == 130
+
+
+@pytest.mark.parametrize("module", ["cmfast.cli.train", "cmfast.cli.sample", "cmfast.cli.edit"])
+def test_help_shows_the_module_docstring_examples(module):
+    # cmfast-edit's examples sat in its docstring only; its --help had none, unlike train's and sample's
+    doc = importlib.import_module(module).__doc__
+    examples = [line.strip() for line in doc.splitlines() if line.strip().startswith("cmfast-")]
+    text = importlib.import_module(module).build_parser().format_help()
+    assert examples and all(e in text for e in examples)

@@ -31,9 +31,13 @@ def _positive(s):
     return v
 
 
+class _Help(_common.DefaultsHelp, argparse.RawDescriptionHelpFormatter):
+    """Each option's default, and the examples of the module docstring as written."""
+
+
 def build_parser():
-    ap = _common.Parser(prog=PROG, description=__doc__.splitlines()[0],
-                 formatter_class=_common.DefaultsHelp)
+    ap = _common.Parser(prog=PROG, description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+                        formatter_class=_Help)
     ap.add_argument("task", choices=TASKS)
     g = ap.add_argument_group("main")
     _common.add_model_options(g)
@@ -45,14 +49,14 @@ def build_parser():
     g.add_argument("--factor", type=_positive, help="super-resolve: the upsampling factor (divides the resolution)")
     g.add_argument("--steps", type=_positive, default=None, help="network evaluations on a Karras grid; unset: "
                    + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()))
-    g.add_argument("--sigmas", type=_common.sigmas_type("80,10,2"), default=None, help="decreasing noise levels, e.g. 80,10,2 (stroke: "
-                   "the first is the start level)")
+    g.add_argument("--sigmas", type=_common.sigmas_type("80,10,2"), default=None,
+                   help="decreasing noise levels, e.g. 80,10,2 (stroke: the first is the start level)")
     g.add_argument("--sigma-start", type=float, default=2.0, help="stroke: the SDEdit start level with --steps")
     g.add_argument("--sigma", type=float, default=0.5, help="denoise: the noise level added to the input")
     g.add_argument("--pairs", type=_positive, default=4, help="interpolate: number of noise pairs (rows)")
     g.add_argument("--alphas", type=_positive, default=9, help="interpolate: points from 0 to 1 (columns)")
     g.add_argument("--seed", type=_common.ranged(int, 0), default=0, help="seed of the noise the edit draws")
-    g.add_argument("--class", dest="class_label", type=int, default=None,
+    g.add_argument("--class", dest="class_label", type=_common.ranged(int, 0), default=None,
                    help="the class label of a class-conditional model (every image)")
     p = ap.add_argument_group("performance")
     p.add_argument("--batch-size", type=_positive, default=64, help="images edited at once")
