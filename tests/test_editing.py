@@ -486,6 +486,24 @@ def test_class_conditional_model_edits_with_a_label(images, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 0
 
 
+def test_cli_refuses_an_edm_teacher_except_to_denoise(model, tmp_path, capsys):
+    # An EDM checkpoint was edited with Algorithm 4 as if it were a consistency model, without a word.
+    from cmfast.cli.edit import main
+    from cmfast.nets import preset_config
+    from cmfast.training.checkpoint import save_checkpoint
+    cfg = dict(method="edm", net=preset_config("tiny", img_resolution=RES), sigma_data=0.5, sigma_min=0.002,
+               sigma_max=80.0)
+    ckpt = save_checkpoint(str(tmp_path), 1, {"ema": model.state_dict()}, cfg, {})
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _write_png(inp / "a.png", np.zeros((RES, RES, 3), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        main(["inpaint", "--checkpoint", ckpt, "--input", str(inp), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "an EDM teacher is a denoiser, not a consistency model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["denoise", "--checkpoint", ckpt, "--input", str(inp), "--out", str(tmp_path / "o")]) == 0
+
+
 # ---- Figure script ----------------------------------------------------------------------------------------------
 def test_make_edit_figures_runs(model, tmp_path):
     path = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_edit_figures.py")

@@ -181,6 +181,10 @@ def main(argv=None):
         _common.check_output_dir(args.out, "--out")
         device = _common.pick_device(args.device)
         model, _ = load(args, device)
+        from ..precond import EDMDenoiser
+        if isinstance(model, EDMDenoiser) and args.task != "denoise":
+            raise ValueError("an EDM teacher is a denoiser, not a consistency model: Algorithm 4 edits with a "
+                             "consistency model (train one from it: cmfast-train --method cd --teacher ...)")
         if getattr(model.net, "label_dim", 0) and args.class_label is None:
             raise ValueError(f"this model is class-conditional ({model.net.label_dim} classes): pass --class")
         if args.class_label is not None:
