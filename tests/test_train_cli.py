@@ -225,6 +225,8 @@ def test_lpips_default_without_weights_is_one_line(capsys, tmp_path, fm, monkeyp
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ct", "--preset", "tiny",
                    "--steps", "1", "--output-dir", str(tmp_path / "o")], "LPIPS needs the torchvision vgg weights")
+    fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ct", "--preset", "tiny",
+                   "--steps", "1", "--output-dir", str(tmp_path / "o")], "or train with another distance, e.g. --loss l2")
     assert tree(str(tmp_path / "o")) is None
 
 

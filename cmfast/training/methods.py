@@ -149,8 +149,11 @@ class Method:
 
     def build(self, net: nn.Module, cfg: dict, teacher=None) -> dict:
         models = {"model": self.wrap(net, cfg)}
-        if cfg.get("loss") == "lpips":
-            models["lpips"] = objectives.LPIPS()     # a clear one-line error when the VGG weights are missing
+        if cfg.get("loss") == "lpips":      # a clear one-line error when the VGG weights are missing
+            try:
+                models["lpips"] = objectives.LPIPS()
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{e}; or train with another distance, e.g. --loss l2") from None
         if teacher is not None:
             models["teacher"] = teacher
         return models
