@@ -362,3 +362,18 @@ def test_fp16_forwards_inside_a_bf16_step(order):
         assert net(x, t, None).dtype == torch.bfloat16  # and the step's autocast is unchanged after it
     for a, b in zip(alone, nested):
         assert torch.equal(a, b)
+
+
+def test_relative_step_has_a_floor_near_t_0():
+    """h = eps * max(|t|, floor): relative to |t|, but never below eps * floor, so a time at (or next to) 0 still
+    gets a usable step (without the floor t = 0 was a zero step, and t = 1e-6 a step fp32 cannot resolve)."""
+    from cmfast.jvp import DEFAULT_FLOOR, fd_step
+    t = torch.tensor([0.0, 1e-6, -0.5, 1.2], dtype=torch.float64)
+    want = torch.tensor([1e-5, 1e-5, 5e-3, 1.2e-2], dtype=torch.float64)
+    assert DEFAULT_FLOOR == 1e-3
+    torch.testing.assert_close(fd_step(1e-2, t, 4, "cpu"), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fd_step(1e-2, t, 4, "cpu", floor=1e-2), torch.tensor([1e-4, 1e-4, 5e-3, 1.2e-2],
+                               dtype=torch.float64), rtol=1e-12, atol=0)
+    x = t.reshape(4, 1)
+    _, jvp = fd_jvp(lambda y: torch.sin(3 * y), (x,), (torch.ones_like(x),), 1e-2, relative_to=t, precision="fp64")
+    torch.testing.assert_close(jvp, 3 * torch.cos(3 * x), rtol=1e-3, atol=0)    # O(h^2) at t = 1.2
