@@ -411,3 +411,26 @@ def test_tangent_warmup_ramps_r_from_0_to_1():
     from cmfast.trigflow import tangent_warmup
     assert [tangent_warmup(k, 10) for k in (0, 5, 10, 25)] == [0.0, 0.5, 1.0, 1.0]
     assert tangent_warmup(0, 0) == tangent_warmup(3, -1) == 1.0
+
+
+def test_sct_method_args_reach_the_loss():
+    """--method-arg c / p_mean / p_std / warmup_steps / fd_eps of sct change the loss as the formulas say: the method's
+    loss equals the float64 sCM loss with those values (c = 0.5, tau ~ N(-0.5, 1.0^2), r = 0.5), and fd_eps is the
+    finite difference's step. (A method that passed the default c or fd_eps along survived every test.)"""
+    from cmfast.training.methods import get_method
+    sct = get_method("sct")
+    args = dict(sct.defaults, c=0.5, p_mean=-0.5, p_std=1.0, warmup_steps=20, jvp="exact")
+    cfg = dict(sigma_data=SD, sigma_min=0.002, sigma_max=80.0, total_steps=100, method_args=args)
+    models = sct.build(_net(dropout=0.0), cfg)
+    x0 = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5)).clamp(-1, 1)
+    loss, info = sct.loss(models, x0, 10, cfg, torch.Generator().manual_seed(9))
+    want = _scm_loss_f64(models["model"], x0, 9, r=0.5, c=0.5, p_mean=-0.5, p_std=1.0)[0]
+    assert info == {"r": 0.5}
+    torch.testing.assert_close(loss.detach().double(), want, rtol=1e-4, atol=1e-6)
+    # fd_eps: the sCT loss at a coarse step (0.3) is the scm_loss of that step, not of the default 1e-2
+    fd = dict(cfg, method_args=dict(args, jvp="fd", fd_eps=0.3))
+    got = sct.loss(models, x0, 10, fd, torch.Generator().manual_seed(9))[0].detach()
+    kw = dict(step=10, warmup_steps=20, c=0.5, p_mean=-0.5, p_std=1.0)
+    coarse = sct_loss(models["model"], x0, eps=0.3, generator=torch.Generator().manual_seed(9), **kw).detach()
+    fine = sct_loss(models["model"], x0, eps=1e-2, generator=torch.Generator().manual_seed(9), **kw).detach()
+    assert torch.equal(got, coarse) and not torch.equal(got, fine)
