@@ -590,3 +590,22 @@ def test_log_lines_show_elapsed_and_eta(tmp_path):
     steps = [ln for ln in lines if ln.startswith("step ")]
     assert len(steps) == 3 and all(" elapsed_s " in ln and " eta_s " in ln and " time " not in ln for ln in steps)
     assert steps[-1].endswith("eta_s 0")
+
+
+def test_time_budget_plan_is_the_steps_that_fit_in_the_minutes_left():
+    """--time-budget M (minutes): after the probe at step k, K = k + floor(0.95 (60 M - elapsed s) / (s a step)),
+    kimg = K * batch / 1000; a budget already spent plans no further step. (Reading M as seconds, or dropping the
+    k steps already run, passed the end-to-end test, whose budget of 2.4 s is spent by the probe.)"""
+    from cmfast.training.loop import PLAN_FILL, PROBE_TIMED, _plan_length
+    assert PLAN_FILL == 0.95 and PROBE_TIMED == 8
+    logged = []
+    cfg = {"time_budget": 2.0, "batch_size": 4, "total_steps": 10 ** 9, "kimg": None}
+    _plan_length(cfg, 10, 0.25, 12.0, 1, torch.device("cpu"), logged.append)
+    total = 10 + int(0.95 * (2.0 * 60 - 12.0) / 0.25)                     # 10 + 410
+    assert cfg["total_steps"] == total == 420 and cfg["kimg"] == pytest.approx(420 * 4 / 1000)
+    assert cfg["planned"] == {"total_steps": 420, "at_step": 10, "ms_per_step": 250.0, "elapsed_s": 12.0,
+                              "time_budget_min": 2.0}
+    assert logged == ["--time-budget 2 min: 250.0 ms a step over steps 2-10, 12.0 s spent -> 420 steps in all"]
+    cfg = {"time_budget": 0.5, "batch_size": 4, "total_steps": 10 ** 9, "kimg": None}
+    _plan_length(cfg, 10, 0.25, 40.0, 1, torch.device("cpu"), logged.append)
+    assert cfg["total_steps"] == 10
