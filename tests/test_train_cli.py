@@ -239,7 +239,13 @@ def test_resume_auto_reruns_the_same_command(tmp_path, fm):
     with open(tmp_path / "run" / "stats.jsonl") as f:
         assert [json.loads(x)["step"] for x in f] == [1, 2]
     with open(tmp_path / "run" / "log.txt") as f:
-        assert "at step 1" in f.read()
+        log = f.read()
+    assert "at step 1" in log and "settings changed" not in log      # the same command changes nothing
+    # A resume may change the batch size, the length and a hyperparameter; each change is logged (it was silent).
+    changed = [{"4": "2", "2": "3"}.get(a, a) for a in argv] + ["--method-arg", "s1=40"]   # batch 4 -> 2, steps 2 -> 3
+    assert train_main(changed) == 0
+    with open(tmp_path / "run" / "log.txt") as f:
+        assert "settings changed since the checkpoint: batch_size 4 -> 2; total_steps 2 -> 3; s1 1280 -> 40" in f.read()
 
 
 def test_time_limit_stops_with_a_checkpoint_and_resumes(tmp_path, fm, capsys):

@@ -455,6 +455,23 @@ def _plan_length(cfg, step, s_per_step, elapsed_s, world, device, log) -> None:
         f"{step - PROBE_TIMED}-{step}, {elapsed_s:.1f} s spent -> {total} steps in all")
 
 
+# Settings a resumed run may change (IDENTITY's may not); each change is logged.
+CHANGEABLE = ("batch_size", "lr", "lr_rampup_kimg", "optimizer", "betas", "total_steps", "loss", "ema", "precision",
+              "grad_clip", "xflip", "seed", "method_args")
+
+
+def _changed_settings(was: dict, now: dict) -> list[str]:
+    """'key old -> new' for each CHANGEABLE setting (each hyperparameter of method_args) that differs."""
+    out = []
+    for k in CHANGEABLE:
+        a, b = was.get(k), now.get(k)
+        if k == "method_args" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{n} {a.get(n)!r} -> {b.get(n)!r}" for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+        elif k in was and (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            out.append(f"{k} {a!r} -> {b!r}")
+    return out
+
+
 def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
     """Load the first readable checkpoint of `candidates` into everything that has state; -> (step, counters)."""
     for i, wpath in enumerate(candidates):
@@ -508,6 +525,9 @@ def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         raise ckpt.CheckpointError(f"{wpath}: does not fit this run ({type(e).__name__}: {ckpt._details(e)})") from None
     log(f"resumed from {wpath} at step {step}")
+    changed = _changed_settings(meta["config"], cfg)
+    if changed:     # allowed, but said: a new batch size counts kimg at the new size; a new length stretches schedules
+        log("settings changed since the checkpoint: " + "; ".join(changed))
     if rank == 0:
         _trim_stats(cfg["output_dir"], step, log)
     later = [s for s, _, _ in ckpt.list_checkpoints(cfg["output_dir"], complete=False) if s > step]
