@@ -307,27 +307,37 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
                             f"{kind(a.shape)} (nothing is resized or converted: save them all alike)")
         arrs.append(a)
     labels = None
-    if "dataset.json" in names:
+    # dataset.json at the top, or at the top of the one folder that holds every image (a zip of the folder itself:
+    # rgb32/dataset.json beside rgb32/00000/img00000000.png, which was ignored); label paths are relative to it.
+    meta = "dataset.json" if "dataset.json" in names else None
+    nested = [n for n in names if n.replace(os.sep, "/").endswith("/dataset.json")]
+    if meta is None and len(nested) == 1:
+        root = nested[0].replace(os.sep, "/")[:-len("dataset.json")]
+        if all(n.replace(os.sep, "/").startswith(root) for n in images):
+            meta = nested[0]
+    if meta is not None:
+        root = meta.replace(os.sep, "/")[:-len("dataset.json")]
         try:    # EDM's layout: {"labels": [[file name, class], ...]} (or null)
-            table = dict(json.loads(read("dataset.json")).get("labels") or [])
+            table = dict(json.loads(read(meta)).get("labels") or [])
             table = {k: int(v) for k, v in table.items()}
             if any(v < 0 for v in table.values()):
                 raise ValueError("a negative class")
         except (ValueError, TypeError, AttributeError, OSError, ArithmeticError, RuntimeError, zipfile.BadZipFile) as e:
             # ArithmeticError: a class Infinity; RuntimeError: JSON nested too deep, an encrypted zip member
-            raise DataError(f"{path}/dataset.json: expected {{\"labels\": [[file name, class >= 0], ...]}} "
+            raise DataError(f"{path}/{meta}: expected {{\"labels\": [[file name, class >= 0], ...]}} "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         if table:
-            missing = [n for n in images if n.replace(os.sep, "/") not in table]
+            rel = [n.replace(os.sep, "/")[len(root):] for n in images]
+            missing = [n for n, r in zip(images, rel) if r not in table]
             if missing:     # a silent 0 would train a conditional model on wrong labels (EDM's loader fails too)
-                raise DataError(f"{path}/dataset.json: no label for {missing[0]}"
+                raise DataError(f"{path}/{meta}: no label for {missing[0]}"
                                 + (f" and {len(missing) - 1} other image(s)" if len(missing) > 1 else ""))
-            labels = torch.tensor([table[n.replace(os.sep, "/")] for n in images], dtype=torch.int64)
+            labels = torch.tensor([table[r] for r in rel], dtype=torch.int64)
     classes = None
     parts = [n.replace(os.sep, "/").split("/") for n in images]
     while all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
         parts = [p[1:] for p in parts]          # a zip of the folder itself: myset/cats/001.png
-    if "dataset.json" not in names and all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) > 1:
+    if meta is None and all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) > 1:
         # torchvision ImageFolder's layout: one subfolder a class (cats/001.png, dogs/007.png), classes numbered in
         # the sorted order of their names. dataset.json, when present, decides (EDM's chunk folders 00000/ are none).
         classes = sorted({p[0] for p in parts})

@@ -248,6 +248,26 @@ def test_class_subfolders_are_the_labels(tmp_path):
     assert data.load_dataset("folder", str(root / "dogs")).classes is None
 
 
+def test_dataset_json_of_a_zipped_folder_is_read(tmp_path):
+    """A zip of the folder itself holds rgb32/dataset.json beside rgb32/00000/*.png: its labels were ignored (--cond
+    then said the data has none); they are read, paths relative to that folder."""
+    import zipfile
+    arrs = write_png_folder(tmp_path / "rgb32" / "00000", n=3, size=8)
+    with zipfile.ZipFile(tmp_path / "rgb32.zip", "w") as z:
+        for i in range(3):
+            z.write(tmp_path / "rgb32" / "00000" / f"img{i:04d}.png", f"rgb32/00000/img{i:04d}.png")
+        z.writestr("rgb32/dataset.json", '{"labels": [' + ", ".join(f'["00000/img{i:04d}.png", {5 - i}]'
+                                                                  for i in range(3)) + "]}")
+    ds = data.load_dataset("folder", str(tmp_path / "rgb32.zip"))
+    assert ds.labels.tolist() == [5, 4, 3] and ds.classes is None
+    assert np.array_equal(ds.images.permute(0, 2, 3, 1).numpy(), arrs)
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as z:
+        z.write(tmp_path / "rgb32" / "00000" / "img0000.png", "rgb32/00000/img0000.png")
+        z.writestr("rgb32/dataset.json", '{"labels": [["img0000.png", 1]]}')     # a path not relative to rgb32/
+    with pytest.raises(data.DataError, match=r"bad.zip/rgb32/dataset.json: no label for rgb32/00000/img0000.png"):
+        data.load_dataset("folder", str(tmp_path / "bad.zip"))
+
+
 def test_png_zip_made_on_a_mac_skips_appledouble_files(tmp_path):
     """A zip made in macOS's Finder holds __MACOSX/._NAME.png resource forks (and copied folders ._NAME.png files):
     each ended in .png, so the whole dataset was refused as 'unreadable image'; they are skipped now."""
