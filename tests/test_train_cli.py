@@ -433,7 +433,14 @@ def test_cond_on_a_folder_without_labels_says_how_to_label_it(capsys, tmp_path):
     write_png_folder(tmp_path / "imgs" / "cats", n=2, size=16)
     assert train_main(["--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--cond", *TINY, "--output-dir",
                        str(tmp_path / "run")]) == 0
-    assert "classes from the subfolders: 0 cats, 1 dogs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "classes from the subfolders: 0 cats, 1 dogs" in out and "class-conditional: 2 classes, 2 to 2 images" in out
+    # labels numbered from 1 leave class 0 without images: said, not silent
+    (tmp_path / "flat" / "dataset.json").write_text('{"labels": [' + ", ".join(
+        f'["img{i:04d}.png", {1 + i % 2}]' for i in range(4)) + "]}")
+    assert train_main(["--dataset", "folder", "--data-dir", str(tmp_path / "flat"), "--cond", *TINY, "--output-dir",
+                       str(tmp_path / "run1")]) == 0
+    assert "3 classes, 0 to 2 images each; warning: no images of class 0" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["net"]["label_dim"] == 2 and cfg["classes"] == ["cats", "dogs"]
     # cmfast-sample --class takes a subfolder's name for such a run

@@ -289,6 +289,12 @@ def _train(args: dict) -> dict:
         write_config()
         if cfg.get("classes"):
             log("classes from the subfolders: " + ", ".join(f"{i} {c}" for i, c in enumerate(cfg["classes"])))
+        if cfg["cond"] and data.labels is not None:
+            counts = torch.bincount(data.labels, minlength=cfg["net"]["label_dim"]).tolist()
+            empty = [i for i, c in enumerate(counts) if c == 0]
+            log(f"class-conditional: {len(counts)} classes, {min(counts)} to {max(counts)} images each"
+                + (f"; warning: no images of class {', '.join(map(str, empty[:10]))}{' ...' if len(empty) > 10 else ''}"
+                   " (the model still learns a label for it; labels numbered from 1?)" if empty else ""))
         log(f"{method.name} on {cfg['dataset']} ({len(data)} images {data.shape}), {cfg['preset']} "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {world} rank(s) on {device}, "
             + (f"steps {step} -> {cfg['total_steps']}" if not cfg.get("time_budget") or cfg.get("planned") else
