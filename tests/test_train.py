@@ -609,3 +609,20 @@ def test_time_budget_plan_is_the_steps_that_fit_in_the_minutes_left():
     cfg = {"time_budget": 0.5, "batch_size": 4, "total_steps": 10 ** 9, "kimg": None}
     _plan_length(cfg, 10, 0.25, 40.0, 1, torch.device("cpu"), logged.append)
     assert cfg["total_steps"] == 10
+
+
+def test_evaluation_ema_follows_its_warm_up_rate(tmp_path):
+    """Each evaluation EMA after step k (0-based) is theta_ema <- mu theta_ema + (1 - mu) theta with
+    mu = min(rate, (1 + k) / (10 + k)): checked in float64 between the checkpoints of steps 2 and 3 (k = 2: mu 0.1 for
+    rate 0.1, 0.25 for rate 0.9). Without the warm-up (mu = rate) or without an update every test passed."""
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--steps", "3", "--keep", "0", "--ema", "0.1,0.9") == 0
+    w2, w3 = (load_file(ckpt.paths(out, s)[0]) for s in (2, 3))
+    names = [k.split("/", 1)[1] for k in w3 if k.startswith("model/") and w3[k].is_floating_point()]
+    assert names
+    for rate, mu in ((0.1, 0.1), (0.9, 0.25)):
+        for n in names:
+            want = mu * w2[f"ema@{rate}/{n}"].double() + (1 - mu) * w3[f"model/{n}"].double()
+            torch.testing.assert_close(w3[f"ema@{rate}/{n}"].double(), want, rtol=1e-5, atol=1e-7, msg=n)
