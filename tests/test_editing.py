@@ -352,6 +352,15 @@ def test_cli_inpaint_end_to_end(cli_env):
     assert g.size == (3 * (RES + 2) + 2, 2 * (RES + 2) + 2)              # original | masked | result, 2 rows
 
 
+def test_cli_input_folder_skips_appledouble_files(cli_env):
+    # a folder copied off a Mac holds ._img0.png resource forks: the edit stopped on them as unreadable PNGs
+    from cmfast.cli.edit import main
+    ckpt, inp, tmp = cli_env
+    (inp / "._img0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    assert main(["denoise", "--checkpoint", ckpt, "--input", str(inp), "--out", str(tmp / "out")]) == 0
+    assert sorted(os.listdir(tmp / "out")) == ["denoise_grid.png", "img0_denoise.png", "img1_denoise.png"]
+
+
 def test_cli_super_resolve_and_interpolate(cli_env):
     from PIL import Image
     from cmfast.cli.edit import main

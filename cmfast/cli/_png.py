@@ -9,9 +9,10 @@ import torch
 
 
 def png_files(path: str) -> list[str]:
-    """One PNG, or the sorted PNGs of a directory."""
+    """One PNG, or the sorted PNGs of a directory (macOS's ._NAME.png AppleDouble files skipped, as in training)."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(".png"))
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.lower().endswith(".png") and not f.startswith("._"))
         if not files:
             raise FileNotFoundError(f"no .png files in {path}")
         return files
