@@ -597,3 +597,26 @@ def test_cached_reference_statistics_follow_the_pipelines_code(tmp_path, monkeyp
         return (b + 1 / 255 for b in real(dataset, data_dir, num, batch_size))
     monkeypatch.setattr(metrics, "reference_batches", reference_batches)
     assert metrics.reference_cache_path("fd-fmnist", "fashion-mnist", str(tmp_path), 60000) != a
+
+
+def test_evaluate_scores_the_8_bit_images_a_sampler_would_write(tmp_path):
+    """evaluate scores samples as the PNGs cmfast-sample writes (EDM's rounding: uint8 of clip(127.5 x + 128)), as the
+    reference statistics come from 8-bit images: its value is FD-FMNIST of those levels, not of the raw floats.
+    (Scoring the raw floats passed every test: the replayed Fashion-MNIST images are 8-bit levels already.)"""
+    _fake_reference(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    raw = (torch.rand(40, 1, 32, 32, generator=g) * 2.2 - 1.1).clamp(-1, 1)    # off the 8-bit grid, both ends hit
+    u8 = (raw.double() * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    levels = (u8.double() / 127.5 - 1).float()
+    res = metrics.evaluate(_Replay(raw), "fd-fmnist", steps=1, num=40, batch_size=20, data_dir=str(tmp_path))
+    want = metrics.fd_fmnist(levels, data_dir=str(tmp_path))
+    assert res["value"] == pytest.approx(want, rel=1e-6)
+    assert abs(metrics.fd_fmnist(raw, data_dir=str(tmp_path)) - want) > 1e-5 * abs(want)       # 1e-4 here
+
+
+def test_precision_recall_ball_includes_its_boundary():
+    """Kynkaanniemi et al. 2019: a sample is in the manifold when ||phi - phi'|| <= the k-NN radius of phi' (closed
+    ball). 1-D, k = 1: real radii are 1, the fake 3 is at distance exactly 1 from the real 2 (inside), 3.5 and 4 are
+    not; fake radii are 0.5, so no real point is covered. (An open ball, '<', gave precision 0 and passed.)"""
+    p, r = metrics.precision_recall(torch.tensor([[0.], [1.], [2.]]), torch.tensor([[3.], [3.5], [4.]]), k=1)
+    assert p == pytest.approx(1 / 3) and r == 0.0
