@@ -107,6 +107,22 @@ def test_resolution_must_halve_evenly(arch):
     assert net(torch.randn(1, 3, 30, 30), torch.zeros(1)).shape == (1, 3, 30, 30)
 
 
+def test_attention_moves_with_the_resolution_where_it_would_vanish():
+    # tiny (32x32, attention at 16) built for 64x64 images had levels 64 and 32 and no attention at all, silently
+    from cmfast.nets import preset_config
+
+    def attention_levels(net):
+        return sorted({int(k.split("x")[0]) for k, m in net.enc.items() if getattr(m, "num_heads", 0)})
+    assert preset_config("tiny", img_resolution=64)["attn_resolutions"] == (32,)
+    assert attention_levels(cmfast.UNet.from_preset("tiny", img_resolution=64)) == [32]
+    assert preset_config("fmnist-small", img_resolution=64)["attn_resolutions"] == (16,)
+    # where a level keeps the preset's resolution, or the caller names them, nothing moves (EDM's fixed resolutions)
+    assert preset_config("tiny", img_resolution=16)["attn_resolutions"] == (16,)
+    assert preset_config("ddpmpp-cifar10", img_resolution=64)["attn_resolutions"] == (16,)
+    assert preset_config("tiny", img_resolution=64, attn_resolutions=())["attn_resolutions"] == ()
+    assert preset_config("adm-imagenet64", img_resolution=32)["attn_resolutions"] == (32, 16, 8)
+
+
 def test_group_count_lowered_to_a_divisor():
     # EDM's min(32, C // 4) does not divide C = 168 (fmnist-small's old 56 channels x 3): 28 groups of 6 channels.
     from cmfast.nets.layers import GroupNorm

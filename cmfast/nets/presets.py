@@ -32,6 +32,16 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_config(name: str, **overrides) -> dict:
+    """The preset's UNet arguments with `overrides`. At another img_resolution the attention layers stay at fixed
+    resolutions (as EDM's); where none of the net's levels has one of them (tiny at 64x64: levels 64 and 32, attention
+    at 16), they move to the same levels as in the preset, instead of vanishing without a word."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    return {**PRESETS[name], **overrides}
+    cfg = {**PRESETS[name], **overrides}
+    base, res = PRESETS[name]["img_resolution"], cfg["img_resolution"]
+    attn = PRESETS[name].get("attn_resolutions") or ()
+    if "attn_resolutions" not in overrides and attn and res != base and isinstance(res, int):
+        levels = [res >> i for i in range(len(cfg["channel_mult"]))]
+        if not set(levels) & set(attn):
+            cfg["attn_resolutions"] = tuple(r * res // base for r in attn if r * res // base in levels)
+    return cfg
