@@ -626,3 +626,20 @@ def test_evaluation_ema_follows_its_warm_up_rate(tmp_path):
         for n in names:
             want = mu * w2[f"ema@{rate}/{n}"].double() + (1 - mu) * w3[f"model/{n}"].double()
             torch.testing.assert_close(w3[f"ema@{rate}/{n}"].double(), want, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_nan_limit_counts_consecutive_steps_only(tmp_path, monkeypatch, capsys):
+    """--nan-limit 3 stops at 3 non-finite steps in a row, not at 3 in all: a finite step resets the count. Steps 1, 2,
+    4, 5 non-finite (never 3 in a row) run to the end with 4 skipped; 4, 5, 6 stop the run."""
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    _nan_ct_loss(monkeypatch, lambda step: step in (1, 2, 4, 5))
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--steps", "7", "--nan-limit", "3", "--log-every", "1", "--ckpt-every", "100") == 0
+    r = rows(out)
+    assert [x["step"] for x in r] == list(range(1, 8)) and r[-1]["skipped"] == 4
+    _nan_ct_loss(monkeypatch, lambda step: step in (1, 2, 4, 5, 6))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _run(str(tmp_path / "bad"), folder, "--steps", "9", "--nan-limit", "3", "--ckpt-every", "100")
+    assert e.value.code == 1 and "3 consecutive non-finite steps" in capsys.readouterr().err
