@@ -551,3 +551,13 @@ def test_cli_edits_fashion_mnist_test_images(tmp_path, capsys):
     with pytest.raises(SystemExit):
         edit_main(["denoise", "--pretrained", "fmnist", "--input", "fashion-mnist:test:0", "--out", str(out)])
     assert "expected a number of images >= 1" in capsys.readouterr().err
+
+
+def test_noise_argument_is_one_draw_per_level(model, images):
+    """noise=[n_1, n_2]: n_k is the noise of level k of Algorithm 4, so it edits as the generator drawing n_1 then n_2
+    (itself checked against the paper's transcription above). Reusing n_1 at every level passed the batch test."""
+    mask = (torch.rand(1, 1, RES, RES, generator=gen(3)) < 0.5).float()
+    g = gen(5)
+    n = [torch.randn(images.shape, generator=g) for _ in SIGMAS]
+    torch.testing.assert_close(edit.inpaint(model, images, mask, SIGMAS, noise=n),
+                               edit.inpaint(model, images, mask, SIGMAS, gen(5)), rtol=0, atol=0)
