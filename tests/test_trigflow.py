@@ -1,5 +1,6 @@
 """TrigFlow / sCM: the VE convention (cmfast.sample unchanged), the EDM teacher as a TrigFlow velocity on known
 cases, time sampling, fd vs exact JVP inside the loss, a short CPU sCT run, the sct/scd training methods."""
+import copy
 import math
 
 import pytest
@@ -343,7 +344,6 @@ def test_sct_warns_of_a_fourier_time_embedding():
 def _scm_loss_f64(model, x0, seed, r, c=0.1, p_mean=-1.0, p_std=1.4):
     """sCT's per-sample loss and its gradients, written from PAPER.md in float64 with torch.func.jvp on a float64
     copy of the network: the draws are the generator's (tau first, then z), everything after them is recomputed."""
-    import copy
     g = torch.Generator().manual_seed(seed)
     B = x0.shape[0]
     tau = torch.randn(B, generator=g).double() * p_std + p_mean
@@ -434,3 +434,19 @@ def test_sct_method_args_reach_the_loss():
     coarse = sct_loss(models["model"], x0, eps=0.3, generator=torch.Generator().manual_seed(9), **kw).detach()
     fine = sct_loss(models["model"], x0, eps=1e-2, generator=torch.Generator().manual_seed(9), **kw).detach()
     assert torch.equal(got, coarse) and not torch.equal(got, fine)
+
+
+def test_ve_call_with_another_sigma_data():
+    """sigma_data = 0.8 (not the default 0.5): t = atan(sigma / sd), x_t = cos t x_sigma, F of x_t / sd, f = cos t x_t
+    - sin t sd F, from the formulas in float64 (every other test runs at sd = 0.5, where a hard-coded 0.5 passes)."""
+    sd = 0.8
+    model = TrigFlowModel(_net(), sigma_data=sd).eval()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2
+    sigma = torch.tensor([0.01, 0.7, 30.0], dtype=torch.float64)
+    t = torch.atan(sigma / sd)
+    x_t = _b(torch.cos(t)) * x.double()
+    with torch.no_grad():
+        F = copy.deepcopy(model.net).double()(x_t / sd, t)
+        want = _b(torch.cos(t)) * x_t - _b(torch.sin(t)) * sd * F
+        got = model(x, sigma.float())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
