@@ -91,3 +91,30 @@ def test_edm_heun_sampler_matches_transcription():
     torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="steps: EDM's sampler takes 2 or more steps"):     # was 'n: expected ...'
         cmfast.edm_sample(den, z, num_steps=1)
+
+
+class _LabelProbe(torch.nn.Module):
+    """A class-conditional stand-in whose sample is the class label it was given (every pixel)."""
+    sigma_min, sigma_max = 0.002, 80.0
+
+    def __init__(self, label_dim=3):
+        super().__init__()
+        self.net = torch.nn.Module()
+        self.net.in_channels, self.net.img_resolution, self.net.label_dim = 1, 4, label_dim
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, sigma, class_labels=None):
+        return class_labels.to(x.dtype).reshape(-1, 1, 1, 1).expand_as(x).clone()
+
+
+def test_class_labels_cycle_over_the_whole_set_whatever_the_batch():
+    """Image i of a conditional set gets class i mod label_dim, whatever batch it falls in (restarting the cycle at
+    every batch skewed the classes and made the images depend on batch_size); class_label fixes every image's."""
+    from cmfast.sampling import generate_batches
+    model = _LabelProbe(3)
+    for batch in (7, 3, 2):
+        got = torch.cat([x for _, x in generate_batches(model, 7, sigmas=(80.0,), batch_size=batch, engine="eager")])
+        assert got[:, 0, 0, 0].tolist() == [0, 1, 2, 0, 1, 2, 0], batch
+    got = torch.cat([x for _, x in generate_batches(model, 4, sigmas=(80.0,), batch_size=3, class_label=2,
+                                                    engine="eager")])
+    assert got[:, 0, 0, 0].tolist() == [2, 2, 2, 2]
