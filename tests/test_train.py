@@ -643,3 +643,13 @@ def test_nan_limit_counts_consecutive_steps_only(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         _run(str(tmp_path / "bad"), folder, "--steps", "9", "--nan-limit", "3", "--ckpt-every", "100")
     assert e.value.code == 1 and "3 consecutive non-finite steps" in capsys.readouterr().err
+
+
+def test_lr_warm_up_is_linear_in_images(tmp_path):
+    """--lr-rampup-kimg R: lr at step k (0-based) is lr min(1, (k + 1) batch / (1000 R)), EDM's warm-up: batch 4 over
+    10 images gives 0.4, 0.8, then 1 x --lr (a step late, the first step ran at lr 0 and passed)."""
+    folder = str(tmp_path / "imgs")
+    write_png_folder(folder, n=6, size=16)
+    out = str(tmp_path / "run")
+    assert _run(out, folder, "--steps", "3", "--lr-rampup-kimg", "0.01", "--log-every", "1", "--ckpt-every", "100") == 0
+    assert [x["lr"] for x in rows(out)] == pytest.approx([1e-3 * 0.4, 1e-3 * 0.8, 1e-3])
