@@ -487,3 +487,13 @@ def test_scd_loss_and_gradients_match_float64_paper_formulas(teacher, jvp):
     torch.testing.assert_close(loss.detach().double(), want, rtol=tol, atol=1e-6)
     got_g = torch.cat([p.grad.flatten() for p in model.net.parameters()]).double()
     assert float((got_g - want_g).norm() / want_g.norm()) < 10 * tol
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_ve_call_refuses_a_bad_sigma(bad):
+    """The VE call takes sigma >= 0 (t = atan(sigma / sd) in [0, pi/2)): a negative level gave a negative t and an
+    image without an error."""
+    model = TrigFlowModel(_net())
+    with pytest.raises(ValueError, match="sigma"):
+        model(torch.randn(2, 3, 8, 8), bad)
+    assert torch.equal(model(torch.ones(2, 3, 8, 8), 0.0), torch.ones(2, 3, 8, 8))      # f(x, 0) = x
