@@ -24,14 +24,6 @@ def ema_update_(target: nn.Module, source: nn.Module, mu: float) -> None:
         tb.copy_(sb)
 
 
-def power_ema_rate(step: int, batch_size: int, ema_halflife_kimg: float = 500.0, ema_rampup_ratio: float = 0.05):
-    """EDM's EMA rate for an evaluation EMA: half-life in images, ramped up over the first images (EDM train loop)."""
-    halflife = ema_halflife_kimg * 1000
-    if ema_rampup_ratio is not None:
-        halflife = min(halflife, step * batch_size * ema_rampup_ratio)
-    return 0.5 ** (batch_size / max(halflife, 1e-8))
-
-
 class EMA(nn.Module):
     """A frozen copy of a module, updated with ema_update_ at a fixed rate or a per-step one."""
 
