@@ -158,7 +158,8 @@ def reference_markdown(runs: list[dict]) -> str:
             rate = (one or teach or {}).get("sample_img_per_s")
             cell = (lambda e: f"{e['value']:.2f}" if e else "-")
             scell = f"{srch['value']:.2f} ({srch['sigmas'][-1]:.3g})" if srch else "-"
-            lines.append(f"| {m} | {r['steps']} ({r['steps_planned']}) | {r['images_seen']} | {r.get('train_s', r['train_wall_s']):.0f} "
+            train_s = r.get('train_s', r['train_wall_s'])
+            lines.append(f"| {m} | {r['steps']} ({r['steps_planned']}) | {r['images_seen']} | {train_s:.0f} "
                          f"| {r['train_img_per_s']:.0f} | {cell(one)} | {cell(two)} | {scell} | {cell(teach)} | "
                          f"{rate if rate is not None else '-'} |")
         lines += ["", "Goals (from the numbers above): " + "; ".join(reference_goals(run)) + ".", ""]

@@ -17,10 +17,10 @@ Measured spread on the 2-core shared development machine (Xeon, load average 12 
 2.061 (+14% / -14%). After the sampling path got faster (box resampling as pooling, the GroupNorm pre-bias), the
 same study at load average 1 to 6: median 1.362, min 1.300, max 1.465 (+8% / -5%, relative standard deviation
 2.6%); that median is the baseline. The threshold (+50%, with up to three tries, all of which must fail) is about
-twice the worst deviation seen under load, so the gate catches gross regressions (an extra network evaluation, a lost fast path, a host
-sync per op), not a few percent. On a GPU the absolute medians of the same device are compared (+15%), for the
-cmfast rows only (the eager PyTorch rows are recorded, not gated: compare_benchmarks), with the threshold stored
-in that baseline.
+twice the worst deviation seen under load, so the gate catches gross regressions (an extra network evaluation, a
+lost fast path, a host sync per op), not a few percent. On a GPU the absolute medians of the same device are
+compared (+15%), for the cmfast rows only (the eager PyTorch rows are recorded, not gated: compare_benchmarks), with
+the threshold stored in that baseline.
 The ratio depends on the CPU model (the measured path is op-overhead bound, the reference compute bound): a CI
 runner of another model should record its own baseline (`regress.py cpu --write-baseline`); the gate says so.
 """

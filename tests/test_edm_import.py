@@ -66,7 +66,8 @@ def _edm_filter(taps):
 def _edm_tree(m, taps):
     """A cmfast module as EDM pickles its counterpart (same class names and parameter names)."""
     params = [(k, torch.nn.Parameter(v.detach().clone())) for k, v in m._parameters.items() if v is not None]
-    buffers = [(k, v.clone()) for k, v in m._buffers.items() if v is not None and k not in m._non_persistent_buffers_set]
+    buffers = [(k, v.clone()) for k, v in m._buffers.items()
+               if v is not None and k not in m._non_persistent_buffers_set]
     if getattr(m, "resample_filter", None) is not None:
         buffers.append(("resample_filter", _edm_filter(taps)))     # EDM keeps it as a (persistent) buffer
     children = [(k, _edm_tree(c, taps)) for k, c in m._modules.items() if c is not None]

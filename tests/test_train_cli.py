@@ -167,7 +167,8 @@ def test_checkpoint_errors(capsys, tmp_path, fm):
     grid = str(tmp_path / "g.png")
     for argv, msg in ((["--checkpoint", out, "--engine", "graphed"], "engine 'graphed' needs the model on a CUDA"),
                       (["--checkpoint", out, "--dtype", "bf16"], "dtype bfloat16: the eager engine samples in float32"),
-                      (["--checkpoint", edm, "--sigmas", "80,0.821"], "--sigmas: an EDM teacher samples with its Heun")):
+                      (["--checkpoint", edm, "--sigmas", "80,0.821"],
+                       "--sigmas: an EDM teacher samples with its Heun")):
         fails(capsys, [*argv, "--grid", grid, "--device", "cpu"], msg, main=sample_main, prog="cmfast-sample")
     assert not os.path.exists(grid)
 
@@ -226,7 +227,8 @@ def test_lpips_default_without_weights_is_one_line(capsys, tmp_path, fm, monkeyp
     fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ct", "--preset", "tiny",
                    "--steps", "1", "--output-dir", str(tmp_path / "o")], "LPIPS needs the torchvision vgg weights")
     fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ct", "--preset", "tiny",
-                   "--steps", "1", "--output-dir", str(tmp_path / "o")], "or train with another distance, e.g. --loss l2")
+                   "--steps", "1", "--output-dir", str(tmp_path / "o")],
+          "or train with another distance, e.g. --loss l2")
     assert tree(str(tmp_path / "o")) is None
 
 

@@ -383,14 +383,14 @@ def _scm_loss_f64(model, x0, seed, r, c=0.1, p_mean=-1.0, p_std=1.4, teacher_D=N
 
 
 @pytest.mark.parametrize("jvp,time_input,precision,warmup", [("exact", "t", "fp32", 100), ("fd", "t", "fp32", 100),
-                                                              ("exact", "1000t", "fp32", 0), ("fd", "edm", "fp64", 100)])
+                                                             ("exact", "1000t", "fp32", 0), ("fd", "edm", "fp64", 100)])
 def test_sct_loss_and_gradients_match_float64_paper_formulas(jvp, time_input, precision, warmup):
     """scm_loss against PAPER.md recomputed in float64 (x_t = cos t x0 + sin t z with z of std sd, dx_t/dt, the
     tangent with warm-up r, g / (||g|| + c), the adaptive weighting e^-logvar / D and + logvar, c_noise of the time
     input): the per-sample loss and the gradients of the backbone and of the logvar head. The adaptive head is set
     away from its zero init so that it weighs in. Before, x0 and z swapped in x_t, z of std 1, c_noise 100 t for
-    '1000t', a dropped logvar, r = 1 at every step, r = 0 without a warm-up (--warmup-steps 0), or F_edm's sign lost in the fp64 forwards (time input 'edm',
-    fd_precision fp64: sCD's default input) passed every test."""
+    '1000t', a dropped logvar, r = 1 at every step, r = 0 without a warm-up (--warmup-steps 0), or F_edm's sign lost
+    in the fp64 forwards (time input 'edm', fd_precision fp64: sCD's default input) passed every test."""
     torch.manual_seed(11)
     model = TrigFlowModel(_net(dropout=0.0), time_input=time_input)
     with torch.no_grad():

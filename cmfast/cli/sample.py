@@ -25,7 +25,8 @@ def build_parser():
     g.add_argument("--steps", type=_common.ranged(int, 1), default=None,
                    help="network evaluations: 1 -> sigma_max, 2 -> sigma_max,0.821, more: the Karras grid, unless "
                         "the checkpoint records its own levels; EDM teachers: Heun steps (default: 1, EDM 18)")
-    g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None, help="decreasing noise levels, e.g. 80,0.821")
+    g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None,
+                   help="decreasing noise levels, e.g. 80,0.821")
     g.add_argument("--seed", type=_common.ranged(int, 0), default=0, help="(default: 0)")
     g.add_argument("--class", dest="class_label", type=_class_arg, default=None,
                    help="class label for conditional models, or the class's name for a run trained on class "

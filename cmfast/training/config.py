@@ -14,8 +14,8 @@ DEFAULTS = dict(
     batch_size=32, batch_gpu=None, lr=1e-3, lr_rampup_kimg=0.0, optimizer="radam", betas=(0.9, 0.999),
     total_steps=None, kimg=None, time_budget=None, ema=(0.9999,), precision="fp32", grad_clip=0.0, seed=0, nan_limit=20,
     sigma_data=0.5, sigma_min=0.002, sigma_max=80.0,
-    output_dir="runs/cmfast", resume=None, stop_at=None, time_limit=None, sample_every=1000, sample_num=64, ckpt_every=1000,
-    keep=3, log_every=50, backend="auto", device=None, compile="none",
+    output_dir="runs/cmfast", resume=None, stop_at=None, time_limit=None, sample_every=1000, sample_num=64,
+    ckpt_every=1000, keep=3, log_every=50, backend="auto", device=None, compile="none",
 )
 
 # --compile: torch.compile modes of the per-step networks ('none': eager, nothing compiled).

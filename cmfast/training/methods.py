@@ -144,7 +144,8 @@ class Method:
 
     def sampling_sigmas(self, cfg: dict) -> dict | None:
         """The method's own sampling levels by step count ({"2": [sigma_max, level]}), recorded in the config
-        (cfg['sampling_sigmas']) for cmfast-sample / cmfast-eval / the loop's grids; None: the defaults (ECT's 0.821)."""
+        (cfg['sampling_sigmas']) for cmfast-sample / cmfast-eval / the loop's grids; None: the defaults (ECT's
+        0.821)."""
         return None
 
     def build(self, net: nn.Module, cfg: dict, teacher=None) -> dict:
