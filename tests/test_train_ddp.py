@@ -148,3 +148,40 @@ def test_one_gpu_index_for_every_rank_is_refused(monkeypatch):
     monkeypatch.setitem(loop._GROUP, "created", False)  # restored after: this process's later main() calls return
     assert loop.setup_distributed("cuda:0") == (1, 2, loop.torch.device("cuda", 0))
     assert loop.created_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["every rank", "rank 0", "rank 1"])
+def test_a_user_error_is_one_line_whatever_rank_finds_it(tmp_path, where):
+    # Every rank printed an error that all ranks find (N lines of one mistake), and a rank ended by torchrun after
+    # another rank's error added 'interrupted (checkpoints written so far are kept ...)'. Now rank 0 alone prints it;
+    # an error on one rank (rank 0's output-folder check; a rank that cannot read the data) is agreed on by all ranks.
+    write_png_folder(tmp_path / "imgs", n=8, size=16)
+    (tmp_path / "afile").write_text("")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1' and os.environ.get('FAIL_RANK_1'):\n"
+        "    import cmfast.data as d\n"
+        "    def bad(*a, **k):\n"
+        "        raise d.DataError('cannot read the data on this rank')\n"
+        "    d.load_dataset = bad\n")
+    data, out = tmp_path / "imgs", tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMFAST_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    if where == "every rank":
+        data = tmp_path / "none"
+    elif where == "rank 0":
+        out = tmp_path / "afile" / "out"
+    else:
+        env["FAIL_RANK_1"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "cmfast.cli.train", "--dataset", "folder", "--data-dir", str(data), "--preset", "tiny",
+                        "--batch-size", "4", "--steps", "1", "--device", "cpu", "--output-dir", str(out)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    expected = {"every rank": "image folder or zip not found", "rank 0": "is not writable",
+                "rank 1": "rank 1: cannot read the data on this rank"}[where]
+    # counted in the text: the ranks' lines, written at once, could share one line of stderr
+    assert r.stderr.count("cmfast-train:") == 1 and expected in r.stderr, r.stderr[-3000:]
+    assert "exitcode  : 2 " in r.stderr and "Traceback" not in r.stderr.split("cmfast-train: error:")[0]

@@ -7,7 +7,28 @@ import math
 import sys
 
 
+# Under torchrun every rank finds a user error (the same arguments; cmfast-train's ranks agree on their start-up
+# errors, training/loop.py): rank 0 prints it; another rank first waits this long for torchrun to end it (rank 0
+# failed too) and prints only if it is still running then. Each rank printing made one error N lines.
+OTHER_RANK_WAIT_S = 5.0
+
+
+def other_rank() -> bool:
+    """True in a torchrun rank other than rank 0."""
+    import os
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
+
+
 def fail(prog: str, message: str, code: int = 2):
+    if other_rank():
+        import signal
+        import time
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):   # torchrun's SIGTERM after rank 0's exit ends it, silently
+                signal.signal(s, signal.SIG_DFL)
+        except ValueError:          # not the main thread
+            pass
+        time.sleep(OTHER_RANK_WAIT_S)
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -206,7 +227,10 @@ def interruptible(prog: str, note: str = ""):
             try:
                 return main(argv)
             except (KeyboardInterrupt, _Terminated):
-                print(f"{prog}: interrupted{note}", file=sys.stderr)
+                # torchrun: rank 0's line alone (Ctrl-C reaches every rank; one rank's failure ends the others
+                # with SIGTERM, and their 'interrupted' followed its error line)
+                if not other_rank():
+                    print(f"{prog}: interrupted{note}", file=sys.stderr)
                 return 130
             finally:
                 if old is not None:

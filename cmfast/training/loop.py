@@ -151,11 +151,15 @@ def train(args: dict) -> dict:
     threads alive even so: end such a process with os._exit, as cmfast-train does; see _GROUP.)"""
     dist = torch.distributed
     owns_group = dist.is_available() and not dist.is_initialized()
-    finished = False
+    finished, startup = False, {"world": 1, "agreed": False}
     try:
-        row = _train(args)
+        row = _train(args, startup)
         finished = True
         return row
+    except (ValueError, OSError, ImportError) as e:        # a user error: the other ranks must hear of it
+        if startup["world"] > 1 and not startup["agreed"]:
+            _agree_on_startup(startup, e)
+        raise
     finally:
         if owns_group and dist.is_initialized():
             # After a normal end the ranks tear the group down together: rank 0 may still be writing the last
@@ -167,8 +171,24 @@ def train(args: dict) -> dict:
             dist.destroy_process_group()
 
 
-def _train(args: dict) -> dict:
+def _agree_on_startup(startup: dict, error: Exception | None = None) -> None:
+    """Under torchrun the start-up checks (data, teacher, resume, output folder: no collectives) end at one
+    collective, reached by a rank that failed them from train()'s exception path: a user error found on any rank
+    (the output folder's: rank 0 alone) is raised on every rank, so all end at once (cmfast-train: rank 0 prints
+    it). Without it a rank that passed went on into DDP's first collective, to be ended by torchrun with a second,
+    misleading line ('interrupted'), or left waiting there when the failing rank was not rank 0."""
+    startup["agreed"] = True
+    found = [None] * startup["world"]
+    mine = None if error is None else (str(error).splitlines() or [type(error).__name__])[0]
+    torch.distributed.all_gather_object(found, mine)
+    bad = [i for i, m in enumerate(found) if m is not None]
+    if bad and error is None:
+        raise ValueError(f"rank {bad[0]}: {found[bad[0]]}")
+
+
+def _train(args: dict, startup: dict) -> dict:
     rank, world, device = setup_distributed(args.get("device"))
+    startup["world"] = world
     cfg = resolve(args, world)
     out = cfg["output_dir"]
     method = get_method(cfg["method"])
@@ -237,6 +257,8 @@ def _train(args: dict) -> dict:
         candidates = [ckpt.resolve(cfg["resume"])] if given else [c[1] for c in reversed(found)]
         step, counters = _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log)
 
+    if world > 1:
+        _agree_on_startup(startup)
     compiled = compile_nets(models, cfg["compile"])   # in place, before DDP wraps model.net (PyTorch's advice)
     if world > 1:    # DDP wraps the backbone, so method code keeps model.sigma_min etc.; state dicts are unwrapped
         # Its buffers (resampling filters, Fourier frequencies) are constants, the same on every rank: no broadcast at
