@@ -282,15 +282,24 @@ def _train(args: dict, startup: dict) -> dict:
         if world > 1:       # every rank's RNG (dropout), gathered to rank 0
             rngs = [None] * world
             torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+        failed = None
         if rank == 0:
             state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else {},
                      "sampler": sampler.state_dict(), "rng": rngs if world > 1 else rngs[0], "counters": counters}
             try:
                 path = ckpt.save_checkpoint(out, step, state_dicts(), cfg, state, cfg["keep"])
             except OSError as e:    # a full disk: one line saying what is kept (atomic writes: the older ones whole)
-                raise OSError(e.errno, f"cannot write the checkpoint of step {step} in {out} ({e.strerror or e}); "
-                                       "the checkpoints written before it are kept: --resume latest continues from "
-                                       "them") from None
+                failed = OSError(e.errno, f"cannot write the checkpoint of step {step} in {out} ({e.strerror or e}); "
+                                          "the checkpoints written before it are kept: --resume latest continues "
+                                          "from them")
+        if world > 1:   # rank 0's write, failed or not, told to every rank: a failure ends all of them with its line
+            # (the others went on into the next step's gradient all-reduce and failed there with gloo's traceback)
+            told = [None if failed is None else str(failed)]
+            torch.distributed.broadcast_object_list(told, src=0)
+            failed = failed or (OSError(told[0]) if told[0] is not None else None)
+        if failed is not None:
+            raise failed
+        if rank == 0:
             log(f"checkpoint {path}")
 
     # ---- Signals: finish the step, write a checkpoint, exit 0 -----------------------------------------------------
