@@ -188,32 +188,36 @@ def test_a_user_error_is_one_line_whatever_rank_finds_it(tmp_path, where):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_rank_0_cannot_write_ends_every_rank_with_its_line(tmp_path):
-    # Rank 0 alone writes checkpoints; when it could not (a full disk), the other rank went on into the next step's
-    # gradient all-reduce, and died there with gloo's 'Connection closed by peer' traceback under rank 0's line.
+@pytest.mark.parametrize("what", ["checkpoint", "samples"])
+def test_a_file_rank_0_cannot_write_ends_every_rank_with_its_line(tmp_path, what):
+    # Rank 0 alone writes checkpoints, sample grids and stats; when it could not (a full disk), the other rank went on
+    # into the next step's gradient all-reduce, and died there with gloo's 'Connection closed by peer' traceback.
     write_png_folder(tmp_path / "imgs", n=8, size=16)
     site = tmp_path / "site"
     site.mkdir()
+    module, name, at = {"checkpoint": ("cmfast.training.checkpoint", "save_checkpoint", 1),     # at: the step's arg
+                        "samples": ("cmfast.training.loop", "write_samples", 3)}[what]
     (site / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '0':\n"
         "    import errno\n"
-        "    import cmfast.training.checkpoint as c\n"
-        "    save = c.save_checkpoint\n"
-        "    def full(out, step, *a, **k):\n"
-        "        if step >= 2:\n"
+        f"    import {module} as m\n"
+        f"    write = m.{name}\n"
+        "    def full(*a, **k):\n"
+        f"        if a[{at}] >= 2:\n"
         "            raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "        return save(out, step, *a, **k)\n"
-        "    c.save_checkpoint = full\n")
+        "        return write(*a, **k)\n"
+        f"    m.{name} = full\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CMFAST_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                         "cmfast.cli.train", "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--method",
                         "ct", "--loss", "l2", "--preset", "tiny", "--batch-size", "4", "--steps", "4", "--ckpt-every",
-                        "1", "--sample-num", "0", "--device", "cpu", "--output-dir", str(tmp_path / "out")],
-                       env=env, capture_output=True, text=True, timeout=120)
+                        "1", "--sample-every", "1", "--sample-num", "2" if what == "samples" else "0", "--device",
+                        "cpu", "--output-dir", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                       timeout=120)
     assert r.stderr.count("cmfast-train:") == 1, r.stderr[-3000:]
-    assert "cannot write the checkpoint of step 2" in r.stderr
+    assert ("cannot write the checkpoint of step 2" if what == "checkpoint" else "No space left") in r.stderr
     assert "exitcode  : 2 " in r.stderr and "Traceback" not in r.stderr.split("cmfast-train: error:")[0]
     assert "[rank1]" not in r.stderr, r.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out").glob("ckpt-*")) == ["ckpt-00000001.safetensors",

@@ -292,13 +292,7 @@ def _train(args: dict, startup: dict) -> dict:
                 failed = OSError(e.errno, f"cannot write the checkpoint of step {step} in {out} ({e.strerror or e}); "
                                           "the checkpoints written before it are kept: --resume latest continues "
                                           "from them")
-        if world > 1:   # rank 0's write, failed or not, told to every rank: a failure ends all of them with its line
-            # (the others went on into the next step's gradient all-reduce and failed there with gloo's traceback)
-            told = [None if failed is None else str(failed)]
-            torch.distributed.broadcast_object_list(told, src=0)
-            failed = failed or (OSError(told[0]) if told[0] is not None else None)
-        if failed is not None:
-            raise failed
+        _rank0_wrote(failed, world)
         if rank == 0:
             log(f"checkpoint {path}")
 
@@ -442,24 +436,36 @@ def _train(args: dict, startup: dict) -> dict:
                     bar.refresh()
             stopping = stop_req > 0 or (cfg["stop_at"] is not None and step >= cfg["stop_at"])
             last = step >= cfg["total_steps"] or stopping
+            failed, wrote = None, False     # rank 0's stats row and sample grids, told to every rank (_rank0_wrote)
             if step % cfg["log_every"] == 0 or last:
                 row = _stats_row(step, cfg, tick, info, lr, counters, device)
                 row["elapsed_s"] = round(time.monotonic() - t_start, 1)       # this run's, since its start / resume
                 if rank == 0:
-                    with open(os.path.join(out, "stats.jsonl"), "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    done, end = step - run_step0, min(cfg["total_steps"], stop_at)     # this run's steps, its end
-                    eta = (end - step) * row["elapsed_s"] / done if done and not last else 0.0
-                    shown = {k: v for k, v in row.items() if k != "time"}      # a Unix time: in stats.jsonl only
-                    msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in
-                                   {**shown, "eta_s": round(eta)}.items())
-                    (bar.write if bar else print)(msg)
-                    with open(os.path.join(out, "log.txt"), "a") as f:
-                        f.write(msg + "\n")
+                    try:
+                        with open(os.path.join(out, "stats.jsonl"), "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        done, end = step - run_step0, min(cfg["total_steps"], stop_at)   # this run's steps, its end
+                        eta = (end - step) * row["elapsed_s"] / done if done and not last else 0.0
+                        shown = {k: v for k, v in row.items() if k != "time"}    # a Unix time: in stats.jsonl only
+                        msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in
+                                       {**shown, "eta_s": round(eta)}.items())
+                        (bar.write if bar else print)(msg)
+                        with open(os.path.join(out, "log.txt"), "a") as f:
+                            f.write(msg + "\n")
+                    except OSError as e:
+                        failed = e
                 tick.update(loss=0.0, gnorm=0.0, n=0, t0=time.time(), step0=step, warmup=False)
-            if rank == 0 and (step % cfg["sample_every"] == 0 or last) and cfg["sample_num"] > 0:
-                src = next(iter(emas.values())) if emas else model
-                write_samples(src, method.kind, cfg, step, data.shape, device, out)
+                wrote = True
+            if (step % cfg["sample_every"] == 0 or last) and cfg["sample_num"] > 0:
+                if rank == 0 and failed is None:
+                    try:
+                        src = next(iter(emas.values())) if emas else model
+                        write_samples(src, method.kind, cfg, step, data.shape, device, out)
+                    except OSError as e:
+                        failed = e
+                wrote = True
+            if wrote:
+                _rank0_wrote(failed, world)
             if step % cfg["ckpt_every"] == 0 or last:
                 save(step)
             if stopping:
@@ -468,6 +474,18 @@ def _train(args: dict, startup: dict) -> dict:
                 log(f"stopping at step {step}{why}")
                 break
     return row
+
+
+def _rank0_wrote(failed: OSError | None, world: int) -> None:
+    """After rank 0's writes of a step (stats row, sample grids, checkpoint): its error, or None, told to every rank, so
+    that a failure (a full disk) ends all of them with its one line. The others went on into the next step's gradient
+    all-reduce and failed there, rank 0 gone, with gloo's 'Connection closed by peer' traceback."""
+    if world > 1:
+        told = [None if failed is None else str(failed)]
+        torch.distributed.broadcast_object_list(told, src=0)
+        failed = failed or (OSError(told[0]) if told[0] is not None else None)
+    if failed is not None:
+        raise failed
 
 
 # --time-budget's probe: steps not timed (compilation, cuDNN's algorithm search, the allocator's first growth),
