@@ -222,3 +222,15 @@ def test_a_file_rank_0_cannot_write_ends_every_rank_with_its_line(tmp_path, what
     assert "[rank1]" not in r.stderr, r.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out").glob("ckpt-*")) == ["ckpt-00000001.safetensors",
                                                                         "ckpt-00000001.state.pt"]
+
+
+@pytest.mark.slow
+def test_dry_run_prints_the_config_once(tmp_path):
+    # Each rank printed it: two JSON documents in one stdout, which no JSON reader takes.
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "cmfast.cli.train", "--dataset", "fashion-mnist", "--preset", "tiny", "--batch-size", "4",
+                        "--device", "cpu", "--output-dir", str(tmp_path / "out"), "--dry-run"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CMFAST_OFFLINE": "1"}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["batch_size"] == 4

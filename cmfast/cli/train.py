@@ -172,7 +172,9 @@ def _main(argv=None) -> int:
     from ..training.config import resolve
     try:
         if dry:
-            print(json.dumps(resolve(args, int(os.environ.get("WORLD_SIZE", "1"))), indent=2))
+            text = json.dumps(resolve(args, int(os.environ.get("WORLD_SIZE", "1"))), indent=2)
+            if not _common.other_rank():    # under torchrun rank 0's copy: each rank's made N configs in one stream
+                print(text)
             return 0
         resolve(args, int(os.environ.get("WORLD_SIZE", "1")))     # user mistakes before any process group
         if args.get("device"):
