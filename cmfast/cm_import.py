@@ -64,12 +64,10 @@ def _load(path: str) -> dict:
     if not isinstance(sd, dict) or "time_embed.0.weight" not in sd or "input_blocks.0.0.weight" not in sd:
         raise CMCheckpointError(f"{path}: not a state dict of openai/consistency_models' UNetModel "
                                 f"(no time_embed / input_blocks weights)")
-    for k, v in sd.items():     # integer, bool or complex values were cast silently, NaN / inf written as weights
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-            raise CMCheckpointError(f"{path}: {k} is {v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}, "
-                                    f"not a floating-point tensor")
-        if not torch.isfinite(v).all():
-            raise CMCheckpointError(f"{path}: {k} holds NaN / inf values")
+    from .training.checkpoint import bad_weight
+    why = bad_weight(sd)        # integer, bool or complex values were cast silently, NaN / inf written as weights
+    if why:
+        raise CMCheckpointError(f"{path}: {why}")
     return sd
 
 

@@ -260,10 +260,10 @@ def load_edm_pickle(path: str, map_location="cpu"):
     if bad:
         raise EDMPickleError(f"{path}: {bad[0]} has shape {tuple(weights[bad[0]].shape)}, expected "
                              f"{tuple(own[bad[0]].shape)}")
-    for k in own:       # integer / bool tensors were cast by .float() and NaN / inf written by main: not weights
-        if not weights[k].is_floating_point() or not torch.isfinite(weights[k]).all():
-            raise EDMPickleError(f"{path}: {k} is not finite floating-point weights ({weights[k].dtype}"
-                                 f"{', NaN / inf values' if weights[k].is_floating_point() else ''})")
+    from .training.checkpoint import bad_weight
+    why = bad_weight({k: weights[k] for k in own})  # integer / bool ones were cast by .float(), NaN / inf written
+    if why:
+        raise EDMPickleError(f"{path}: {why}")
     net.load_state_dict({k: v.float() for k, v in weights.items()})
     model = EDMDenoiser(net, sigma_data=cfg["sigma_data"], sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"])
     return model.requires_grad_(False).eval().to(map_location), cfg

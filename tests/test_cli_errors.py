@@ -294,8 +294,8 @@ def test_checkpoint_weights_no_model_can_use_are_one_line(capsys, tmp_path):
     nan["ema/net.out_conv.weight"].view(-1)[5] = float("nan")
     inf["ema/net.map_layer0.bias"] = torch.full_like(sd["ema/net.map_layer0.bias"], float("inf"))
     bad_net = dict(cfg, net=dict(cfg["net"], model_channels=-1))
-    cases = {"nan": (nan, meta, "ema weights are not finite (1 NaN / inf value(s) in net.out_conv.weight)"),
-             "inf": (inf, meta, "ema weights are not finite (32 NaN / inf value(s) in net.map_layer0.bias)"),
+    cases = {"nan": (nan, meta, "bad ema weights: net.out_conv.weight holds 1 NaN / inf value(s)"),
+             "inf": (inf, meta, "bad ema weights: net.map_layer0.bias holds 32 NaN / inf value(s)"),
              "int": ({k: v.long() for k, v in sd.items()}, meta, "is torch.int64, not floating point"),
              "neg": (sd, dict(meta, config=json.dumps(bad_net)), "its config does not describe a model this cmfast "
                                                                    "builds (RuntimeError: ")}
@@ -348,7 +348,7 @@ def test_resume_from_a_pair_that_does_not_fit_is_one_line(capsys, tmp_path):
                          "does not fit this run (TypeError: "),
              "shape": (edit_weights, lambda t: {**t, **shape}, "does not fit this run (RuntimeError: size mismatch "
                                                               "for net.out_conv.bias"),
-             "nan": (edit_weights, nan, "model weights are not finite (1 NaN / inf value(s) in net.out_conv.bias)")}
+             "nan": (edit_weights, nan, "bad model weights: net.out_conv.bias holds 1 NaN / inf value(s)")}
     for case, (edit, fn, msg) in cases.items():
         run = tmp_path / case
         shutil.copytree(base, run)

@@ -229,10 +229,12 @@ def test_values_that_are_no_weights_are_one_line(tmp_path, capsys):
     nan = dict(sd, **{"out.2.weight": sd["out.2.weight"].clone()})
     nan["out.2.weight"][0, 0, 0, 0] = float("nan")
     missing = {k: v for k, v in sd.items() if k != "out.2.weight"}
-    cases = {"list": (dict(sd, **{"time_embed.0.weight": [1.0, 2.0]}), "time_embed.0.weight is list, not a floating"),
-             "int": (dict(sd, **{"out.2.bias": sd["out.2.bias"].long()}), "out.2.bias is torch.int64, not a floating"),
-             "complex": ({k: v.to(torch.complex64) for k, v in sd.items()}, "is torch.complex64, not a floating"),
-             "nan": (nan, "out.2.weight holds NaN / inf values"),
+    cases = {"list": (dict(sd, **{"time_embed.0.weight": [1.0, 2.0]}),
+                      "time_embed.0.weight is list, not floating point"),
+             "int": (dict(sd, **{"out.2.bias": sd["out.2.bias"].long()}),
+                     "out.2.bias is torch.int64, not floating point"),
+             "complex": ({k: v.to(torch.complex64) for k, v in sd.items()}, "is torch.complex64, not floating point"),
+             "nan": (nan, "out.2.weight holds 1 NaN / inf value(s)"),
              "missing": (missing, "the weights do not make a UNetModel (KeyError: 'out.2.weight')"),
              "rank": (dict(sd, **{"time_embed.0.weight": torch.zeros(5)}), "do not make a UNetModel (IndexError")}
     out = tmp_path / "out.safetensors"

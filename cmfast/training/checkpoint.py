@@ -202,16 +202,24 @@ def resolve(path: str) -> str:
 
 
 # ---- Models from checkpoints (used by cmfast-sample, cmfast-eval, cmfast-edit) ---------------------------------
-def check_weights(path: str, which: str, sd: dict) -> None:
-    """CheckpointError unless every tensor of `sd` is floating point and finite: integer or bool tensors were cast
-    into the model silently, and one NaN / inf made every sample NaN (written as a black image, exit 0)."""
+def bad_weight(sd: dict) -> str | None:
+    """Why `sd` is no model weights, or None: its first value that is no floating-point tensor (integer or bool ones
+    were cast silently) or holds NaN / inf (every sample NaN, written as a black image). Checkpoints and both importers
+    ask it."""
     for k, v in sd.items():
-        if not v.is_floating_point():
-            raise CheckpointError(f"{path}: {which} weight {k} is {v.dtype}, not floating point: not model weights")
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            return f"{k} is {v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}, not floating point"
         bad = int(v.numel() - torch.isfinite(v).sum())
         if bad:
-            raise CheckpointError(f"{path}: {which} weights are not finite ({bad} NaN / inf value(s) in {k}): the run "
-                                  f"diverged or the file is damaged")
+            return f"{k} holds {bad} NaN / inf value(s)"
+    return None
+
+
+def check_weights(path: str, which: str, sd: dict) -> None:
+    """CheckpointError naming the tensor unless bad_weight finds nothing."""
+    why = bad_weight(sd)
+    if why:
+        raise CheckpointError(f"{path}: bad {which} weights: {why} (the run diverged or the file is damaged)")
 
 
 def _details(e: Exception, limit: int = 200) -> str:
