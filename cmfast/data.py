@@ -276,13 +276,14 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
         names = sorted(z.namelist())
         read = z.read
     elif os.path.isdir(path):
-        names = sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
+        names = sorted(os.path.relpath(os.path.join(r, f), path).replace(os.sep, "/")     # as in a zip: a/b.png
+                       for r, _, fs in os.walk(path) for f in fs)
         read = lambda n: open(os.path.join(path, n), "rb").read()  # noqa: E731
     else:
         raise DataError(f"{path}: expected a folder or a zip of images")
     # macOS's AppleDouble files (__MACOSX/, ._NAME.png: zips made in Finder, folders copied off a Mac) are no images
     images = [n for n in names if n.lower().endswith((".png", ".jpg", ".jpeg"))
-              and not n.replace(os.sep, "/").startswith("__MACOSX/") and not os.path.basename(n).startswith("._")]
+              and not n.startswith("__MACOSX/") and not os.path.basename(n).startswith("._")]
     if not images:
         raise DataError(f"{path}: no PNG or JPEG images found")
     from PIL import Image
@@ -310,13 +311,11 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
     # dataset.json at the top, or at the top of the one folder that holds every image (a zip of the folder itself:
     # rgb32/dataset.json beside rgb32/00000/img00000000.png, which was ignored); label paths are relative to it.
     meta = "dataset.json" if "dataset.json" in names else None
-    nested = [n for n in names if n.replace(os.sep, "/").endswith("/dataset.json")]
-    if meta is None and len(nested) == 1:
-        root = nested[0].replace(os.sep, "/")[:-len("dataset.json")]
-        if all(n.replace(os.sep, "/").startswith(root) for n in images):
-            meta = nested[0]
+    nested = [n for n in names if n.endswith("/dataset.json")]
+    if meta is None and len(nested) == 1 and all(n.startswith(nested[0][:-len("dataset.json")]) for n in images):
+        meta = nested[0]
     if meta is not None:
-        root = meta.replace(os.sep, "/")[:-len("dataset.json")]
+        root = meta[:-len("dataset.json")]
         try:    # EDM's layout: {"labels": [[file name, class], ...]} (or null)
             table = dict(json.loads(read(meta)).get("labels") or [])
             table = {k: int(v) for k, v in table.items()}
@@ -327,14 +326,14 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
             raise DataError(f"{path}/{meta}: expected {{\"labels\": [[file name, class >= 0], ...]}} "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         if table:
-            rel = [n.replace(os.sep, "/")[len(root):] for n in images]
+            rel = [n[len(root):] for n in images]
             missing = [n for n, r in zip(images, rel) if r not in table]
             if missing:     # a silent 0 would train a conditional model on wrong labels (EDM's loader fails too)
                 raise DataError(f"{path}/{meta}: no label for {missing[0]}"
                                 + (f" and {len(missing) - 1} other image(s)" if len(missing) > 1 else ""))
             labels = torch.tensor([table[r] for r in rel], dtype=torch.int64)
     classes = None
-    parts = [n.replace(os.sep, "/").split("/") for n in images]
+    parts = [n.split("/") for n in images]
     while all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
         parts = [p[1:] for p in parts]          # a zip of the folder itself: myset/cats/001.png
     if meta is None and all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) > 1:
