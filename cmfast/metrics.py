@@ -451,7 +451,7 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
             raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
         steps, sampler = steps or 18, f"EDM Heun, {steps or 18} steps"
     else:
-        # default: starting at the model's own sigma_max, as cmfast.sample and cmfast-sample (80 was hard-coded)
+        # default: starting at the model's own sigma_max, as cmfast-sample (80 was hard-coded here)
         sigmas = tuple(float(s) for s in sigmas) if sigmas else model_sigmas(model, steps or 1)
         if steps is not None and steps != len(sigmas):
             raise ValueError(f"steps={steps} but {len(sigmas)} sigmas given: {list(sigmas)}")
