@@ -14,7 +14,7 @@ import math
 import torch
 
 from .precond import check_sigma
-from .sampling import check_sigmas, model_level, sample
+from .sampling import check_sigmas, eval_mode, model_level, sample
 
 LUMINANCE = (0.2989, 0.5870, 0.1140)   # Y = 0.2989 R + 0.5870 G + 0.1140 B, the weights of the CM reference code
 
@@ -45,12 +45,13 @@ def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None, noise=No
     known = known.to(device=y.device, dtype=y.dtype)
     kept = A(y) * known
     x = A_inv(kept) if start is None else start
-    for i, sigma in enumerate(s):
-        std = sigma if i == 0 else math.sqrt(sigma ** 2 - smin ** 2)
-        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) if noise is None else \
-            noise[i].to(device=y.device, dtype=y.dtype)
-        x = x + std * n
-        x = A_inv(kept + A(model(x, model_level(sigma, y)).to(y.dtype).clamp(-1, 1)) * (1 - known))
+    with eval_mode(model):     # no dropout; a model in train mode goes back to it after
+        for i, sigma in enumerate(s):
+            std = sigma if i == 0 else math.sqrt(sigma ** 2 - smin ** 2)
+            n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) if noise is None else \
+                noise[i].to(device=y.device, dtype=y.dtype)
+            x = x + std * n
+            x = A_inv(kept + A(model(x, model_level(sigma, y)).to(y.dtype).clamp(-1, 1)) * (1 - known))
     return _fit_box(x, kept, A, A_inv, known)
 
 
@@ -277,4 +278,5 @@ def denoise(model, noisy, sigma):
     per image, in [sigma_min, sigma_max] (the range the other tasks' levels must lie in)."""
     x = _check_images(model, noisy, what="noisy", in_range=False)
     check_sigma(sigma, x, *noise_range(model))
-    return model(x, sigma)
+    with eval_mode(model):
+        return model(x, sigma)

@@ -1,6 +1,7 @@
 """Sampling: consistency models in one or more steps (CM Alg. 1) and the EDM teacher's ODE sampler (EDM Alg. 1)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -33,24 +34,42 @@ def model_level(sigma: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), sigma, dtype=torch.float32, device=like.device)
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model` (an nn.Module, or a wrapper holding one as .model, such as cmfast.edit.with_class) in eval mode inside;
+    each submodule that was in train mode is put back in it after. Sampling a model left in train() mode drew new
+    dropout masks at every evaluation: the same seed gave other images on every call."""
+    mods = [m for m in (model, getattr(model, "model", None)) if isinstance(m, nn.Module)]
+    training = [sub for m in mods for sub in m.modules() if sub.training]
+    for sub in training:
+        sub.training = False
+    try:
+        yield model
+    finally:
+        for sub in training:
+            sub.training = True
+
+
 @torch.no_grad()
 def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, class_labels=None,
            noise=None) -> torch.Tensor:
     """Algorithm 1: x = f(sigmas[0] z, sigmas[0]); for each later s: x = f(x + sqrt(s^2 - sigma_min^2) n, s),
     n ~ N(0, I) drawn with `generator` on z's device and dtype, or, given `noise` (one tensor shaped like z per later
     level), taken from it. Runs under torch.no_grad(): the images carry no gradient (differentiate model(x, sigma))
-    and are float32 (the fp32 skip output) whatever the dtype of z or of the model."""
+    and are float32 (the fp32 skip output) whatever the dtype of z or of the model. The model runs in eval mode
+    (no dropout); a model in train mode is put back in it after."""
     s = check_sigmas(sigmas, model.sigma_min, model.sigma_max)
     if isinstance(z, torch.Tensor) and not z.is_floating_point():   # s[0] * z would promote it: no error otherwise
         raise TypeError(f"z: expected a floating-point tensor (N(0, I) noise), got {z.dtype}")
     if noise is not None and (len(noise) != len(s) - 1 or any(tuple(n.shape) != tuple(z.shape) for n in noise)):
         raise ValueError(f"noise: expected {len(s) - 1} tensor(s) shaped {tuple(z.shape)}, one per level after the "
                          f"first, got {[tuple(n.shape) for n in noise]}")
-    x = model(s[0] * z, model_level(s[0], z), class_labels)
-    for k, sigma in enumerate(s[1:]):
-        n = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) if noise is None else \
-            noise[k].to(device=z.device, dtype=z.dtype)
-        x = model(x + math.sqrt(sigma ** 2 - model.sigma_min ** 2) * n, model_level(sigma, z), class_labels)
+    with eval_mode(model):
+        x = model(s[0] * z, model_level(s[0], z), class_labels)
+        for k, sigma in enumerate(s[1:]):
+            n = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) if noise is None else \
+                noise[k].to(device=z.device, dtype=z.dtype)
+            x = model(x + math.sqrt(sigma ** 2 - model.sigma_min ** 2) * n, model_level(sigma, z), class_labels)
     return x
 
 
@@ -77,13 +96,14 @@ def edm_sample(denoiser: nn.Module, z: torch.Tensor, num_steps: int = 18, solver
                          f"{num_steps}")
     t = karras_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max, rho).flip(0).tolist() + [0.0]
     x = z.double() * t[0]
-    for t_cur, t_next in zip(t[:-1], t[1:]):
-        d = (x - denoiser(x.float(), model_level(t_cur, x), class_labels).double()) / t_cur
-        x_next = x + (t_next - t_cur) * d
-        if solver == "heun" and t_next > 0:
-            d2 = (x_next - denoiser(x_next.float(), model_level(t_next, x), class_labels).double()) / t_next
-            x_next = x + (t_next - t_cur) * (d + d2) / 2
-        x = x_next
+    with eval_mode(denoiser):
+        for t_cur, t_next in zip(t[:-1], t[1:]):
+            d = (x - denoiser(x.float(), model_level(t_cur, x), class_labels).double()) / t_cur
+            x_next = x + (t_next - t_cur) * d
+            if solver == "heun" and t_next > 0:
+                d2 = (x_next - denoiser(x_next.float(), model_level(t_next, x), class_labels).double()) / t_next
+                x_next = x + (t_next - t_cur) * (d + d2) / 2
+            x = x_next
     return x.to(z.dtype)
 
 

@@ -562,3 +562,23 @@ def test_noise_argument_is_one_draw_per_level(model, images):
     n = [torch.randn(images.shape, generator=g) for _ in SIGMAS]
     torch.testing.assert_close(edit.inpaint(model, images, mask, SIGMAS, noise=n),
                                edit.inpaint(model, images, mask, SIGMAS, gen(5)), rtol=0, atol=0)
+
+
+def test_tasks_run_a_model_in_train_mode_without_dropout_and_keep_its_modes(images):
+    """Every edit (and with_class around a model) ran a model left in train() mode with dropout on: other images for
+    the same seed on every call. They run it in eval mode and put each submodule's mode back."""
+    torch.manual_seed(0)
+    plain = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny", img_resolution=RES, dropout=0.5))
+    cond = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny", img_resolution=RES, dropout=0.5, label_dim=3))
+    mask = torch.zeros(1, 1, RES, RES)
+    mask[..., : RES // 2] = 1
+    runs = [(plain, lambda m: edit.inpaint(m, images, mask, SIGMAS, generator=gen())),
+            (plain, lambda m: edit.denoise(m, images, 0.5)),
+            (plain, lambda m: edit.interpolate(m, images, images.flip(0), [0.5])),
+            (cond, lambda m: edit.inpaint(edit.with_class(m, 1), images, mask, SIGMAS, generator=gen()))]
+    for i, (m, run) in enumerate(runs):
+        want = run(m.eval())
+        m.train()
+        m.net.out_conv.eval()
+        assert torch.equal(run(m), want), i
+        assert m.training and m.net.enc.training and not m.net.out_conv.training

@@ -118,3 +118,25 @@ def test_class_labels_cycle_over_the_whole_set_whatever_the_batch():
     got = torch.cat([x for _, x in generate_batches(model, 4, sigmas=(80.0,), batch_size=3, class_label=2,
                                                     engine="eager")])
     assert got[:, 0, 0, 0].tolist() == [2, 2, 2, 2]
+
+
+def _modes(m):
+    return [sub.training for sub in m.modules()]
+
+
+def test_a_model_in_train_mode_samples_without_dropout_and_keeps_its_modes():
+    """sample / edm_sample in train mode drew new dropout masks at every evaluation (the same seed gave other images
+    each call); they run the model in eval mode and put back each submodule's own mode (a mixed one included)."""
+    torch.manual_seed(0)
+    net = cmfast.UNet.from_preset("tiny", in_channels=2, img_resolution=8, dropout=0.5)
+    z = torch.randn(2, 2, 8, 8)
+    for wrap, run in ((cmfast.ConsistencyModel,
+                       lambda m: cmfast.sample(m, z, (80.0, 1.0), generator=torch.Generator().manual_seed(1))),
+                      (cmfast.EDMDenoiser, lambda m: cmfast.edm_sample(m, z, num_steps=3))):
+        m = wrap(net).eval()
+        want = run(m)
+        m.train()
+        m.net.map_layer0.eval()             # a mixed state, as a user may leave it
+        modes = _modes(m)
+        assert torch.equal(run(m), want)
+        assert _modes(m) == modes and m.training and not m.net.map_layer0.training
