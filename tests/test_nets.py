@@ -79,6 +79,25 @@ def test_class_conditioning():
         net(x, torch.zeros(2))
 
 
+@pytest.mark.parametrize("arch", ["song", "adm"])
+def test_class_labels_must_fit_the_batch_and_the_network(arch):
+    """Labels given to an unconditional net were ignored (unconditional images, no word); one label for a batch of
+    two was broadcast over it, and three failed inside an add with torch's 'size of tensor a (2) must match'."""
+    kw = dict(model_channels=64, channel_mult=(1,), num_blocks=1, attn_resolutions=()) if arch == "adm" else {}
+    cond = cmfast.UNet.from_preset("tiny", img_resolution=16, arch=arch, label_dim=10, **kw).eval()
+    plain = cmfast.UNet.from_preset("tiny", img_resolution=16, arch=arch, **kw).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"class_labels: this network is unconditional"):
+        plain(x, torch.zeros(2), torch.tensor([1, 2]))
+    for bad in (torch.tensor([1]), torch.tensor([1, 2, 3]), torch.eye(10)[:1], torch.eye(10)[:3]):
+        with pytest.raises(ValueError, match=rf"class_labels: expected one label per image \(2\), got {len(bad)}$"):
+            cond(x, torch.zeros(2), bad)
+    assert cond(x, torch.zeros(2), torch.tensor([1, 2])).shape == x.shape
+    consts = cond.constants(torch.zeros(1), torch.tensor([1, 2]))     # one noise level for the batch: as before
+    torch.testing.assert_close(cond(x, None, constants=consts), cond(x, torch.zeros(2), torch.tensor([1, 2])),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_ncsnpp_small_runs():
     net = cmfast.UNet.from_preset("ncsnpp-cifar10", img_resolution=16, model_channels=16, num_blocks=1).eval()
     y = net(torch.randn(1, 3, 16, 16), torch.zeros(1))

@@ -251,6 +251,8 @@ class UNet(nn.Module):
             noise_labels = noise_labels * self.noise_scale
         emb = self.map_noise(noise_labels if batch is None else noise_labels.expand(batch))
         labels = None
+        if self.map_label is None and class_labels is not None:     # were ignored: unconditional images, no error
+            raise ValueError("class_labels: this network is unconditional (label_dim 0); pass class_labels=None")
         if self.map_label is not None:
             if class_labels is None:
                 raise ValueError(f"class_labels: this network is conditional on {self.label_dim} classes")
@@ -260,6 +262,10 @@ class UNet(nn.Module):
             elif labels.dim() != 2 or labels.shape[1] != self.label_dim:
                 raise ValueError(f"class_labels: expected class indices (B,) or one-hot rows (B, {self.label_dim}), "
                                  f"got shape {tuple(labels.shape)}")
+            if labels.shape[0] != emb.shape[0] and not (batch is None and emb.shape[0] == 1):
+                # one label was broadcast over the whole batch; another count failed inside an add
+                raise ValueError(f"class_labels: expected one label per image ({emb.shape[0]}), got "
+                                 f"{labels.shape[0]}")
             labels = labels.to(emb.dtype)
         if self.arch == "adm":     # DhariwalUNet: cos/sin as computed, the label after the second layer
             emb = self.map_layer1(F.silu(self.map_layer0(emb)))
