@@ -185,6 +185,26 @@ def test_unwritable_output_dir(capsys, tmp_path, fm):
     fails(capsys, [*base, "--output-dir", "/proc/cmfast-test-run"], "is not writable")
 
 
+def test_a_log_line_that_cannot_be_written_is_one_line(capsys, tmp_path, fm, monkeypatch):
+    # One process: a line of log.txt rank 0 cannot write (a full disk) ends the run at once, in one line naming the
+    # file (it was '[Errno 28] No space left on device: ...'); the checkpoint written before it stays whole.
+    import errno
+    from cmfast.training import checkpoint, loop
+    out = tmp_path / "run"
+
+    def opener(file, *a, **k):
+        if str(file).endswith("log.txt") and (out / "ckpt-00000001.state.pt").exists():
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return open(file, *a, **k)
+    monkeypatch.setattr(loop, "open", opener, raising=False)
+    fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ict", *TINY, "--steps", "3",
+                   "--ckpt-every", "1", "--log-every", "100", "--output-dir", str(out)],
+          f"cannot write {out / 'log.txt'} (No space left on device); the checkpoints written before it are kept: "
+          "--resume latest continues from them")
+    assert [c[0] for c in checkpoint.list_checkpoints(str(out))] == [1]
+    checkpoint.load_weights(str(out / "ckpt-00000001.safetensors"))
+
+
 def test_dry_run_paper_configs(capsys):
     assert train_main(["--config", "ct-cifar10", "--dry-run"]) == 0
     ct = json.loads(capsys.readouterr().out)

@@ -224,6 +224,77 @@ def test_a_file_rank_0_cannot_write_ends_every_rank_with_its_line(tmp_path, what
                                                                         "ckpt-00000001.state.pt"]
 
 
+# rank 0's writes outside the stats row, grids and checkpoints: (sitecustomize's failing write, the steps and flags of
+# the run, the error line, the checkpoints left). Each ended rank 0 alone, and rank 1 in its next collective with
+# gloo's traceback.
+_RANK0_WRITES = {
+    # config.json at start-up: the process group has started, DDP has wrapped the nets, nothing is trained
+    "config.json": ("config.json", ["--steps", "2"], "config.json (No space left on device)", []),
+    # config.json again after --time-budget's probe planned the run's length (told with that step's stats row)
+    "config.json, planned": ("config.json again", ["--time-budget", "0.05", "--log-every", "1"],
+                             "config.json (No space left on device); the checkpoints written before it are kept", []),
+    # a line of log.txt mid-run: 'checkpoint .../ckpt-00000002.safetensors', after that checkpoint was written
+    "log.txt": ("ckpt-00000002.safetensors", ["--steps", "4"], "log.txt (No space left on device); the checkpoints "
+                "written before it are kept", [1, 2]),
+    # the run's last line of log.txt, after its last checkpoint and broadcast
+    "log.txt, last line": ("stopping at step 2", ["--steps", "4", "--stop-at", "2"], "log.txt (No space left", [1, 2]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", list(_RANK0_WRITES))
+def test_config_or_log_line_rank_0_cannot_write_ends_every_rank_with_its_line(tmp_path, what):
+    import torch
+    marker, extra, expected, kept = _RANK0_WRITES[what]
+    write_png_folder(tmp_path / "imgs", n=8, size=16)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import builtins, errno, os\n"
+        "if os.environ.get('RANK') == '0':\n"
+        f"    marker = {marker!r}\n"
+        "    import cmfast.training.checkpoint as m\n"
+        "    atomic_write, real_open = m.atomic_write, builtins.open\n"
+        "    def full(*a):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    def write(path, data):\n"
+        "        if path.endswith('config.json') and (marker == 'config.json' or os.path.exists(path)):\n"
+        "            full()\n"
+        "        return atomic_write(path, data)\n"
+        "    class Log:\n"
+        "        def __init__(self, f):\n"
+        "            self.f = f\n"
+        "        def __enter__(self):\n"
+        "            return self\n"
+        "        def __exit__(self, *a):\n"
+        "            return self.f.__exit__(*a)\n"
+        "        def write(self, s):\n"
+        "            return full() if marker in s else self.f.write(s)\n"
+        "    def opener(file, *a, **k):\n"
+        "        f = real_open(file, *a, **k)\n"
+        "        return Log(f) if str(file).endswith('log.txt') else f\n"
+        "    m.atomic_write, builtins.open = write, opener\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMFAST_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "cmfast.cli.train", "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--method",
+                        "ct", "--loss", "l2", "--preset", "tiny", "--batch-size", "4", "--ckpt-every", "1",
+                        "--log-every", "100", "--sample-num", "0", "--ema", "0.9", "--device", "cpu",
+                        "--output-dir", str(tmp_path / "out"), *extra], env=env, capture_output=True, text=True,
+                       timeout=180)
+    assert "[rank1]" not in r.stderr, r.stderr[-3000:]          # rank 1's traceback (gloo: 'Connection closed by peer')
+    assert r.stderr.count("cmfast-train:") == 1, r.stderr[-3000:]
+    assert f"cmfast-train: error: cannot write {tmp_path / 'out'}/{expected}" in r.stderr, r.stderr[-3000:]
+    assert "exitcode  : 2 " in r.stderr and "Traceback" not in r.stderr.split("cmfast-train: error:")[0]
+    ckpts = sorted((tmp_path / "out").glob("ckpt-*.safetensors"))
+    if what == "config.json, planned":      # the plan (at step 10) came after checkpoints 1..9; --keep 3 left 7..9
+        kept = list(range(7, 10))
+    assert [int(p.name[5:13]) for p in ckpts] == kept
+    for p in ckpts:         # whole: each pair loads, its state names its step
+        assert load_file(str(p)) and torch.load(str(p)[:-len(".safetensors")] + ".state.pt",
+                                                weights_only=True)["step"] == int(p.name[5:13])
+
+
 @pytest.mark.slow
 def test_dry_run_prints_the_config_once(tmp_path):
     # Each rank printed it: two JSON documents in one stdout, which no JSON reader takes.

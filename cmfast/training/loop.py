@@ -39,18 +39,49 @@ def chunk_seed(seed: int, step: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1, np.uint64)[0]) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-class Log:
-    """Rank 0 prints and appends to log.txt; other ranks are silent."""
+KEPT = "; the checkpoints written before it are kept: --resume latest continues from them"
 
-    def __init__(self, path: str | None):
-        self.path = path
+
+def _cannot_write(what: str, e: OSError, kept: bool = True) -> OSError:
+    """A failed write of rank 0 (a full disk) as one line naming the file, and what is kept; errno kept (OSError(errno,
+    message) printed as '[Errno 28] cannot write ...')."""
+    error = OSError(f"cannot write {what} ({e.strerror or e})" + (KEPT if kept else ""))
+    error.errno = e.errno
+    return error
+
+
+class Log:
+    """Rank 0 prints and appends to log.txt; other ranks are silent.
+
+    A line rank 0 cannot write (a full disk, a closed stdout): alone, the error is raised at once; under torchrun
+    (defer) it is kept in `failed`, later lines are printed only, and rank 0 tells every rank at its next broadcast
+    (_rank0_wrote: the next stats row, sample grid or checkpoint, at the latest the end of the run), so that all
+    end with its line. Raised at once, rank 0 ended alone and the others went on into the next step's collective,
+    to die there with gloo's 'Connection closed by peer' traceback."""
+
+    def __init__(self, path: str | None, defer: bool = False):
+        self.path, self.defer, self.failed = path, defer, None
 
     def __call__(self, msg: str) -> None:
         if self.path is None:
             return
-        print(msg, flush=True)
-        with open(self.path, "a") as f:
-            f.write(msg + "\n")
+        try:
+            print(msg, flush=True)
+        except OSError as e:
+            return self.fail(_cannot_write("to stdout", e))
+        if self.failed is not None:     # log.txt failed before: the console only, until rank 0 tells the others
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
+        except OSError as e:
+            self.fail(_cannot_write(self.path, e))
+
+    def fail(self, error: OSError) -> None:
+        """A write of rank 0 failed: raised now (one process), or kept for its next broadcast (defer)."""
+        self.failed = self.failed or error
+        if not self.defer:
+            raise error
 
 
 # Whether this process created a process group (under torchrun). PyTorch's DDP keeps that group, and gloo's worker
@@ -242,7 +273,7 @@ def _train(args: dict, startup: dict) -> dict:
     model = models["model"]
     if rank == 0:                                           # the last check before the first file is written
         _check_writable(out)
-    log = Log(os.path.join(out, "log.txt") if rank == 0 else None)
+    log = Log(os.path.join(out, "log.txt") if rank == 0 else None, defer=world > 1)
     emas = {r: ckpt_copy(model) for r in cfg["ema"]}
     opt = make_optimizer(model.parameters(), cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
@@ -282,19 +313,77 @@ def _train(args: dict, startup: dict) -> dict:
         if world > 1:       # every rank's RNG (dropout), gathered to rank 0
             rngs = [None] * world
             torch.distributed.all_gather_object(rngs, ckpt.rng_state())
-        failed = None
-        if rank == 0:
+        failed = log.failed         # a line of log.txt rank 0 could not write: nothing more is written
+        if rank == 0 and failed is None:
             state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else {},
                      "sampler": sampler.state_dict(), "rng": rngs if world > 1 else rngs[0], "counters": counters}
             try:
                 path = ckpt.save_checkpoint(out, step, state_dicts(), cfg, state, cfg["keep"])
             except OSError as e:    # a full disk: one line saying what is kept (atomic writes: the older ones whole)
-                failed = OSError(e.errno, f"cannot write the checkpoint of step {step} in {out} ({e.strerror or e}); "
-                                          "the checkpoints written before it are kept: --resume latest continues "
-                                          "from them")
-        _rank0_wrote(failed, world)
-        if rank == 0:
-            log(f"checkpoint {path}")
+                failed = _cannot_write(f"the checkpoint of step {step} in {out}", e)
+            else:
+                log(f"checkpoint {path}")       # before the broadcast: a line it cannot write is told with it
+        _rank0_wrote(failed, world, log)
+
+    def write_config():     # at the start, and again when --time-budget has planned the length (whole or not at all)
+        path = os.path.join(out, "config.json")
+        try:
+            ckpt.atomic_write(path, json.dumps(cfg, indent=2).encode())
+        except OSError as e:
+            raise _cannot_write(path, e, kept=step > 0) from None
+
+    # ---- Rank 0's start-up writes (stale temporary files, config.json, log.txt), told to every rank ----------------
+    failed, bar = None, None
+    if rank == 0:
+        try:
+            for d in (out, os.path.join(out, "samples")):
+                gone = ckpt.remove_stale_temps(d)
+                if gone:
+                    log(f"removed {len(gone)} temporary file(s) of a killed run's writes from {d}: {', '.join(gone)}")
+            write_config()
+            if cfg.get("classes"):
+                log("classes from the subfolders: " + ", ".join(f"{i} {c}" for i, c in enumerate(cfg["classes"])))
+            if cfg["cond"] and data.labels is not None:
+                counts = torch.bincount(data.labels, minlength=cfg["net"]["label_dim"]).tolist()
+                empty = [i for i, c in enumerate(counts) if c == 0]
+                log(f"class-conditional: {len(counts)} classes, {min(counts)} to {max(counts)} images each"
+                    + (f"; warning: no images of class {', '.join(map(str, empty[:10]))}"
+                       f"{' ...' if len(empty) > 10 else ''} (the model still learns a label for it; labels numbered "
+                       "from 1?)" if empty else ""))
+            log(f"{method.name} on {cfg['dataset']} ({len(data)} images {data.shape}), {cfg['preset']} "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {world} rank(s) on {device}, "
+                + (f"steps {step} -> {cfg['total_steps']}" if not cfg.get("time_budget") or cfg.get("planned") else
+                   f"steps from {step}, as many as fit in --time-budget {cfg['time_budget']:g} min (planned after "
+                   f"{PROBE_UNTIMED + PROBE_TIMED} steps)"))
+            for note in method.warnings(cfg):
+                log(f"warning: {note}")
+            if teacher is not None and cfg["init_from_teacher"] and step == 0:
+                log("the student starts from the teacher's weights" if init_from_teacher else
+                    "the student starts from random weights: its network differs from the teacher's")
+            if compiled:
+                log(f"torch.compile mode {cfg['compile']} ({compiled['backend']} backend, cmfast.ops backend "
+                    f"{cfg['backend']}) of {', '.join(compiled['nets'])}: the first steps compile, the first stats row "
+                    f"(compile_warmup) includes that time")
+            if sys.stdout.isatty():
+                try:
+                    from tqdm import tqdm       # the eval extra: without it, no progress bar (an ImportError on
+                except ImportError:             # rank 0 alone ended it alone)
+                    tqdm = None
+                if tqdm is not None:
+                    bar = tqdm(total=cfg["total_steps"], initial=step, unit="step", dynamic_ncols=True)
+        except OSError as e:
+            failed = e
+    stop_at = cfg["stop_at"] if cfg["stop_at"] is not None else float("inf")
+    if stop_at <= step < cfg["total_steps"]:
+        # --stop-at is checked after each step, and in the loop's condition before the first: a rerun of a job that
+        # stopped there (a requeue) must not train one more step and checkpoint it.
+        log(f"at step {step} already (--stop-at {cfg['stop_at']}): nothing to train")
+    try:
+        _rank0_wrote(failed, world, log)      # the run's one broadcast before its first step
+    except OSError:
+        if bar:
+            bar.close()
+        raise
 
     # ---- Signals: finish the step, write a checkpoint, exit 0 -----------------------------------------------------
     stop = {"signal": 0}
@@ -302,42 +391,6 @@ def _train(args: dict, startup: dict) -> dict:
     def on_signal(signum, frame):
         stop["signal"] = signum
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def write_config():     # at the start, and again when --time-budget has planned the length (whole or not at all)
-        ckpt.atomic_write(os.path.join(out, "config.json"), json.dumps(cfg, indent=2).encode())
-
-    if rank == 0:
-        for d in (out, os.path.join(out, "samples")):
-            gone = ckpt.remove_stale_temps(d)
-            if gone:
-                log(f"removed {len(gone)} temporary file(s) of a killed run's writes from {d}: {', '.join(gone)}")
-        write_config()
-        if cfg.get("classes"):
-            log("classes from the subfolders: " + ", ".join(f"{i} {c}" for i, c in enumerate(cfg["classes"])))
-        if cfg["cond"] and data.labels is not None:
-            counts = torch.bincount(data.labels, minlength=cfg["net"]["label_dim"]).tolist()
-            empty = [i for i, c in enumerate(counts) if c == 0]
-            log(f"class-conditional: {len(counts)} classes, {min(counts)} to {max(counts)} images each"
-                + (f"; warning: no images of class {', '.join(map(str, empty[:10]))}{' ...' if len(empty) > 10 else ''}"
-                   " (the model still learns a label for it; labels numbered from 1?)" if empty else ""))
-        log(f"{method.name} on {cfg['dataset']} ({len(data)} images {data.shape}), {cfg['preset']} "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {world} rank(s) on {device}, "
-            + (f"steps {step} -> {cfg['total_steps']}" if not cfg.get("time_budget") or cfg.get("planned") else
-               f"steps from {step}, as many as fit in --time-budget {cfg['time_budget']:g} min (planned after "
-               f"{PROBE_UNTIMED + PROBE_TIMED} steps)"))
-        for note in method.warnings(cfg):
-            log(f"warning: {note}")
-        if teacher is not None and cfg["init_from_teacher"] and step == 0:
-            log("the student starts from the teacher's weights" if init_from_teacher else
-                "the student starts from random weights: its network differs from the teacher's")
-        if compiled:
-            log(f"torch.compile mode {cfg['compile']} ({compiled['backend']} backend, cmfast.ops backend "
-                f"{cfg['backend']}) of {', '.join(compiled['nets'])}: the first steps compile, the first stats row "
-                f"(compile_warmup) includes that time")
-    bar = None
-    if rank == 0 and sys.stdout.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=cfg["total_steps"], initial=step, unit="step", dynamic_ncols=True)
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
     local, rounds = cfg["batch_size"] // world, cfg["batch_size"] // world // cfg["batch_gpu"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -352,12 +405,7 @@ def _train(args: dict, startup: dict) -> dict:
     # --time-budget: K is planned from the speed of this run's first steps (none when a resumed plan stands).
     probe = {"from": step, "t": None} if cfg.get("time_budget") and not cfg.get("planned") else None
 
-    # --stop-at is checked after each step, and in the loop's condition before the first: a rerun of a job that
-    # stopped there (a requeue) must not train one more step and checkpoint it. (total_steps is read every step:
-    # --time-budget plans it after its probe.)
-    stop_at = cfg["stop_at"] if cfg["stop_at"] is not None else float("inf")
-    if stop_at <= step < cfg["total_steps"]:
-        log(f"at step {step} already (--stop-at {cfg['stop_at']}): nothing to train")
+    # (total_steps is read every step: --time-budget plans it after its probe.)
     with ops.use_backend(cfg["backend"]), _restore_signals(old, bar):
         while step < cfg["total_steps"] and step < stop_at:
             if compiled:    # a new iteration for CUDA-graph trees (reduce-overhead, max-autotune); a no-op otherwise
@@ -429,18 +477,22 @@ def _train(args: dict, startup: dict) -> dict:
                 _plan_length(cfg, step, (time.monotonic() - probe["t"]) / PROBE_TIMED, time.monotonic() - t_start,
                              world, device, log)
                 probe = None
-                if rank == 0:
-                    write_config()
+                if rank == 0 and log.failed is None:
+                    try:
+                        write_config()
+                    except OSError as e:
+                        log.fail(e)     # told with the next stats row, grid or checkpoint (or raised: one process)
                 if bar:
                     bar.total = cfg["total_steps"]
                     bar.refresh()
             stopping = stop_req > 0 or (cfg["stop_at"] is not None and step >= cfg["stop_at"])
             last = step >= cfg["total_steps"] or stopping
-            failed, wrote = None, False     # rank 0's stats row and sample grids, told to every rank (_rank0_wrote)
+            # rank 0's stats row and sample grids, told to every rank (_rank0_wrote); none after a failed log line
+            failed, wrote = log.failed, False
             if step % cfg["log_every"] == 0 or last:
                 row = _stats_row(step, cfg, tick, info, lr, counters, device)
                 row["elapsed_s"] = round(time.monotonic() - t_start, 1)       # this run's, since its start / resume
-                if rank == 0:
+                if rank == 0 and failed is None:
                     try:
                         with open(os.path.join(out, "stats.jsonl"), "a") as f:
                             f.write(json.dumps(row) + "\n")
@@ -465,7 +517,7 @@ def _train(args: dict, startup: dict) -> dict:
                         failed = e
                 wrote = True
             if wrote:
-                _rank0_wrote(failed, world)
+                _rank0_wrote(failed, world, log)
             if step % cfg["ckpt_every"] == 0 or last:
                 save(step)
             if stopping:
@@ -473,13 +525,17 @@ def _train(args: dict, startup: dict) -> dict:
                        else " (another rank's stop request)" if stop_req > 0 else " (--stop-at)")
                 log(f"stopping at step {step}{why}")
                 break
+    if world > 1:       # a line of log.txt after the last step's broadcast ('stopping at'): the run's last broadcast
+        _rank0_wrote(None, world, log)
     return row
 
 
-def _rank0_wrote(failed: OSError | None, world: int) -> None:
-    """After rank 0's writes of a step (stats row, sample grids, checkpoint): its error, or None, told to every rank, so
-    that a failure (a full disk) ends all of them with its one line. The others went on into the next step's gradient
-    all-reduce and failed there, rank 0 gone, with gloo's 'Connection closed by peer' traceback."""
+def _rank0_wrote(failed: OSError | None, world: int, log: Log) -> None:
+    """After rank 0's writes (its start-up files; a step's stats row, sample grids, checkpoint): its error, a line of
+    log.txt it could not write since the last call (log.failed), or None, told to every rank, so that a failure (a full
+    disk) ends all of them with its one line. The others went on into the next step's gradient all-reduce and failed
+    there, rank 0 gone, with gloo's 'Connection closed by peer' traceback."""
+    failed = failed or log.failed
     if world > 1:
         told = [None if failed is None else str(failed)]
         torch.distributed.broadcast_object_list(told, src=0)
