@@ -30,6 +30,7 @@ from cmfast.objectives import ict_loss  # noqa: E402
 
 SIGMA = 80.0                       # one-step sampling from sigma_max (CM Alg. 1 with one level)
 COMPILE_COST_S = 60.0              # a compile row is skipped when less than this is left of the time budget
+ROW_COST_S = 20.0                  # any other row is skipped when less than this is left before --deadline-s
 TRAIN_BUDGET_MS = 1500             # the timer's budget of a training-step row, at least (5 repetitions of ~300 ms)
 # --quick on a GPU also times the reference runs' step (fmnist-small, batch 256), eager rows only: a small net whose
 # step is host-bound. The H200 of session 4 ran it at 126 ms in an iCT run, against 77 ms in session 1.
@@ -87,10 +88,11 @@ def ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
 
 
 class Runner:
-    def __init__(self, args, device):
+    def __init__(self, args, device, t_start: float | None = None):
         self.args, self.device, self.rows = args, device, []
         self.save = None                # set by main: writes the result JSON so far
         self.t0 = time.perf_counter()
+        self.t_start = self.t0 if t_start is None else t_start     # --deadline-s counts from here (main's start)
         self.t_compile = None           # when the first compile row started: --budget-s counts from there
         self.budget_ms = 100 if args.quick else (1000 if device.type == "cpu" else 500)
 
@@ -98,11 +100,21 @@ class Runner:
         """What is left of --budget-s, the time for the compile rows (they come last). Counted from the first compile
         row, so the eager rows before it, whose first calls tune kernels on a cold machine (most of the first 126.6 s
         of the H200's session 4), cannot use it up."""
+        left = self.deadline_left_s()
         if not self.args.budget_s:
-            return float("inf")
+            return left
         if self.t_compile is None:
             self.t_compile = time.perf_counter()
-        return self.args.budget_s - (time.perf_counter() - self.t_compile)
+        return min(left, self.args.budget_s - (time.perf_counter() - self.t_compile))
+
+    def deadline_left_s(self) -> float:
+        """What is left of --deadline-s, the whole run's wall time (inf without one). gpu_check.sh passes its step's
+        time limit less a margin: rows that would run into the limit are skipped and the run ends with its JSON
+        complete, where the limit's SIGINT would have cut it (complete: false, which make_tables.py does not show)."""
+        deadline = getattr(self.args, "deadline_s", None)
+        if deadline is None:
+            return float("inf")
+        return deadline - (time.perf_counter() - self.t_start)
 
     def row(self, task, preset, B, mode, backend, make, floor=None, compile_row=False, min_budget_ms=0,
             host=False):
@@ -112,7 +124,11 @@ class Runner:
         (_harness.host_profile), for the training steps whose GPU waited on the host."""
         row = {"task": task, "preset": preset, "batch": B, "mode": mode, "backend": backend}
         if compile_row and self.left_s() < COMPILE_COST_S:
-            row["skipped"] = f"time budget (--budget-s {self.args.budget_s})"
+            row["skipped"] = f"time budget (--budget-s {self.args.budget_s}" + \
+                (f", --deadline-s {self.args.deadline_s:g})" if getattr(self.args, "deadline_s", None) is not None
+                 else ")")
+        elif not compile_row and self.deadline_left_s() < ROW_COST_S:
+            row["skipped"] = f"time limit (--deadline-s {self.args.deadline_s:g})"
         else:
             if compile_row:
                 torch._dynamo.utils.counters.clear()
@@ -321,12 +337,16 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="seconds for the compile rows (they run last), "
                    "counted from the first: a row that would start with under 60 s left is skipped "
                    "(default 240 with --quick)")
+    p.add_argument("--deadline-s", type=float, default=None, help="the whole run's wall-clock seconds (from the "
+                   "start of main): compile rows need 60 s of it left, other rows 20 s, or they are skipped, so the "
+                   "run ends complete inside a time limit (gpu_check.sh passes its step's limit less a margin)")
     p.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1: on a shared "
                    "machine more threads than free cores make every op wait on the slowest)")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/<device>-<date>.json)")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip each row's kernel profile (torch.profiler over 5 calls: kernel count, time per family)")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
     if args.budget_s is None and args.quick:
         args.budget_s = 240.0
     if args.batches and any(b <= 0 for b in args.batches):
@@ -342,7 +362,7 @@ def main(argv=None) -> int:
     ceil = H.ceilings(device, args.quick)
     print(f"ceilings: {ceil['matmul_tflops']:.3g} TFLOP/s {ceil['matmul_dtype']} matmul, "
           f"{ceil['copy_gb_per_s']:.0f} GB/s copy", flush=True)
-    r = Runner(args, device)
+    r = Runner(args, device, t_start)
     reference = "eager-bf16" if device.type == "cuda" else "eager-fp32"
 
     def save(complete: bool) -> dict:

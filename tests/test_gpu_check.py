@@ -1,6 +1,9 @@
-"""scripts/gpu_check.sh (run on a lent GPU only): its stage argument is checked before anything runs."""
+"""scripts/gpu_check.sh (run on a lent GPU only): its stage argument is checked before anything runs; its stages'
+commands, run here with a stand-in `python`, name files and flags that exist, and its time budget holds."""
 import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -19,3 +22,97 @@ def test_joined_stages_are_each_checked(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "gpu_check: unknown stage 'bogus' (core, ops, sct, reference)"
     assert not (tmp_path / "out").exists()
+
+
+# ---- the stages' commands, run with a stand-in `python` that records its arguments -------------------------------
+CORE_SELECT = ("tests/test_ops_triton.py tests/test_graphed.py tests/test_ops_cuda.py tests/test_trig_tangent_loss.py "
+               "tests/test_editing.py tests/test_metrics.py tests/test_trigflow.py")
+
+
+def _run_stage(tmp_path, stage, env, python_body=""):
+    """gpu_check.sh STAGE with `python` and `nvidia-smi` replaced by scripts that record each call's arguments (and
+    run python_body); -> (completed process, [argv of each python call])."""
+    import os
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls"
+    (fake / "python").write_text(f"#!/bin/bash\nprintf '%s\\x1f' \"$@\" >> '{calls}'\necho >> '{calls}'\n"
+                                 f"{python_body}\nexit 0\n")
+    (fake / "nvidia-smi").write_text("#!/bin/bash\necho 'GPU 0: stand-in'\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    r = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), stage], capture_output=True, text=True,
+                       env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", **env}, timeout=300)
+    return r, [line.split("\x1f")[:-1] for line in calls.read_text().splitlines()]
+
+
+def _check_flags(argv):
+    """Each --flag of a `python SCRIPT [SUBCOMMAND] ...` call is one that SCRIPT's --help lists (flags renamed in a
+    script but not here failed only on the GPU machine)."""
+    import sys
+    head = argv[:2] if len(argv) > 1 and not argv[1].startswith("-") and not argv[1].startswith("$") \
+        and not (ROOT / argv[1]).exists() else argv[:1]
+    assert (ROOT / argv[0]).is_file(), argv[0]
+    r = subprocess.run([sys.executable, *head, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for a in argv[len(head):]:
+        if a.startswith("--"):
+            assert a.split("=")[0] in r.stdout, f"{argv[0]}: {a} not in its --help"
+
+
+def test_core_stage_commands_match_the_scripts(tmp_path):
+    """The core stage as the next GPU session runs it: the selected test files exist, the latency, regress and
+    throughput commands name flags their scripts have, and throughput gets a --deadline-s inside its step's limit."""
+    r, calls = _run_stage(tmp_path, "core", {"GPU_CHECK_BUDGET_S": "380", "GPU_CHECK_THROUGHPUT_COMPILE_S": "150",
+                                             "GPU_CHECK_PYTEST_SELECT": CORE_SELECT})
+    assert r.returncode == 0, r.stderr
+    pytests = [c for c in calls if c[:2] == ["-m", "pytest"]]
+    assert len(pytests) == 2
+    gpu, latency = pytests
+    assert gpu[-7:] == CORE_SELECT.split() and all((ROOT / f).is_file() for f in gpu[-7:])
+    assert "-m" in gpu and gpu[gpu.index("-m", 2) + 1] == "gpu"
+    assert (ROOT / latency[2]).is_file() and latency[2] == "benchmarks/test_latency.py"
+    scripts = {c[0]: c for c in calls if c and c[0].endswith(".py")}
+    assert sorted(scripts) == ["benchmarks/regress.py", "benchmarks/throughput.py"]
+    for argv in scripts.values():
+        _check_flags(argv)
+    tp = scripts["benchmarks/throughput.py"]
+    limit = int(r.stdout.split("==== throughput (limit ")[1].split("s)")[0])
+    assert limit == 290                                    # 150 + 140, inside the 380 s budget
+    assert float(tp[tp.index("--deadline-s") + 1]) == limit - 15
+    assert "rc=0" in r.stdout.split("==== summary")[1].split("throughput")[1].splitlines()[0]
+
+
+def test_throughput_deadline_follows_what_is_left_of_the_budget(tmp_path):
+    r, calls = _run_stage(tmp_path, "core", {"GPU_CHECK_BUDGET_S": "100"})
+    tp = next(c for c in calls if c and c[0] == "benchmarks/throughput.py")
+    limit = int(r.stdout.split("==== throughput (limit ")[1].split("s)")[0])
+    assert 90 <= limit <= 95                               # 100 - 5 - the seconds the stand-ins took
+    assert float(tp[tp.index("--deadline-s") + 1]) == limit - 15
+
+
+def test_reference_stage_commands_match_the_scripts(tmp_path):
+    r, calls = _run_stage(tmp_path, "reference", {"GPU_CHECK_BUDGET_S": "430"})
+    assert r.returncode == 0, r.stderr
+    ref = [c for c in calls if c and c[0] == "scripts/reference_runs.py"]
+    assert len(ref) == 1
+    _check_flags(ref[0])
+    assert ref[0][ref[0].index("--profile") + 1] == "gpu" and "--parallel" in ref[0]
+    assert int(r.stdout.split("==== reference-runs (limit ")[1].split("s)")[0]) >= 420
+
+
+@pytest.mark.slow
+def test_a_step_past_the_budget_is_cut_and_the_rest_skipped(tmp_path):
+    """GPU_CHECK_BUDGET_S holds for the whole run: a step that would overrun is stopped at what is left of the budget
+    (less 5 s), the steps after it are reported as skipped, and the summary still comes."""
+    import time
+    t0 = time.monotonic()
+    r, calls = _run_stage(tmp_path, "core", {"GPU_CHECK_BUDGET_S": "18"},
+                          python_body='[ "$1 $2" = "-m pytest" ] && sleep 60')
+    took = time.monotonic() - t0
+    assert took < 18 + 12, took                            # the budget, plus the kill-after grace at the most
+    summary = r.stdout.split("==== summary")[1]
+    assert "pytest-gpu" in summary and "rc=124" in summary.split("pytest-gpu")[1].splitlines()[0]
+    for step in ("latency-gate", "regress", "throughput"):
+        assert f"{step:<22} skipped (time budget spent)" in summary
+    assert not any(c and c[0] == "benchmarks/throughput.py" for c in calls)

@@ -190,3 +190,32 @@ def test_help_states_the_default_presets_and_batches(capsys):
         presets, batches = throughput.plan(args, torch.device(device))[:2]
         assert f"{label}: {' '.join(presets)}" in text
         assert f"{label}: {' '.join(map(str, batches))}" in text
+
+
+def test_deadline_skips_rows_that_would_run_into_it(monkeypatch):
+    """--deadline-s (gpu_check.sh: its step's time limit less a margin): a compile row needs COMPILE_COST_S of it
+    left, whatever --budget-s still allows, and any other row ROW_COST_S; counted from main's start."""
+    import argparse
+    clock = [100.0]
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
+    r = throughput.Runner(argparse.Namespace(budget_s=150.0, quick=True, deadline_s=200.0), torch.device("cpu"),
+                          t_start=90.0)
+    assert r.deadline_left_s() == 190.0
+    clock[0] += 100.0                       # eager rows: 110 s of the deadline used
+    assert r.left_s() == 90.0               # the deadline's 90 s, not the compile budget's 150
+    clock[0] += 40.0
+    assert r.left_s() == 50.0 < throughput.COMPILE_COST_S
+    assert r.deadline_left_s() == 50.0 > throughput.ROW_COST_S
+    clock[0] += 35.0
+    assert r.deadline_left_s() == 15.0 < throughput.ROW_COST_S
+
+
+def test_deadline_ends_the_run_complete(tmp_path):
+    """A run whose deadline has passed skips its rows and still writes complete: true (a run cut by the time limit's
+    SIGINT wrote complete: false, which make_tables.py leaves out of the README)."""
+    out = tmp_path / "tp.json"
+    assert throughput.main(["--cpu", "--presets", "tiny", "--batches", "1", "--no-profile", "--deadline-s", "0",
+                            "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["complete"] is True and [r["mode"] for r in res["rows"]] == ["eager-fp32", "cmfast"]
+    assert all(r["skipped"] == "time limit (--deadline-s 0)" and "median_ms" not in r for r in res["rows"])
