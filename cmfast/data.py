@@ -264,10 +264,9 @@ def load_fashion_mnist(data_dir: str | None = None, split: str = "train", full: 
 
 
 # ---- Image folders / zips (EDM dataset_tool layout: PNGs + optional dataset.json with labels) ------------------
-def load_folder(path: str, xflip: bool = False) -> ImageDataset:
-    """All PNG / JPEG images of a folder (recursively) or zip, same size. Labels from dataset.json (EDM's layout) if
-    present, else from the subfolders when every image sits in one and there are two or more (ImageFolder's layout;
-    `classes` then holds their names, class i = classes[i]), else none."""
+def _folder_files(path: str):
+    """(every file name, '/'-separated as in a zip; the image names among them, sorted; read(name) -> bytes; open(name)
+    -> a file object) of an image folder or zip."""
     import zipfile
     if not path or not os.path.exists(path):
         raise DataError(f"image folder or zip not found: {path!r} (pass --data-dir)")
@@ -275,10 +274,12 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
         z = zipfile.ZipFile(path)
         names = sorted(z.namelist())
         read = z.read
+        opener = lambda n: io.BytesIO(z.read(n))  # noqa: E731  (PIL seeks; a deflated member seeks slowly)
     elif os.path.isdir(path):
         names = sorted(os.path.relpath(os.path.join(r, f), path).replace(os.sep, "/")     # as in a zip: a/b.png
                        for r, _, fs in os.walk(path) for f in fs)
         read = lambda n: open(os.path.join(path, n), "rb").read()  # noqa: E731
+        opener = lambda n: open(os.path.join(path, n), "rb")  # noqa: E731
     else:
         raise DataError(f"{path}: expected a folder or a zip of images")
     # macOS's AppleDouble files (__MACOSX/, ._NAME.png: zips made in Finder, folders copied off a Mac) are no images
@@ -286,27 +287,30 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
               and not n.startswith("__MACOSX/") and not os.path.basename(n).startswith("._")]
     if not images:
         raise DataError(f"{path}: no PNG or JPEG images found")
-    from PIL import Image
-    arrs = []
-    for n in images:
-        try:
-            im = Image.open(io.BytesIO(read(n)))
-            im.load()
-        except Exception as e:
-            raise DataError(f"{path}/{n}: unreadable image ({type(e).__name__})") from None
-        if im.mode.startswith("I") or im.mode == "F":
-            raise DataError(f"{path}/{n}: {im.mode} pixels (16-bit or float) are not read; save 8 bits a channel")
-        # Gray stays one channel, everything else becomes RGB: a palette image as its colours (its raw indices would
-        # read as gray levels), gray + alpha and RGBA without the alpha, CMYK / YCbCr converted.
-        if im.mode not in ("L", "RGB"):
-            im = im.convert("L" if im.mode in ("1", "LA", "La") else "RGB")
-        a = np.asarray(im)
-        a = a[:, :, None] if a.ndim == 2 else a
-        if arrs and a.shape != arrs[0].shape:
-            kind = lambda s: f"{s[1]}x{s[0]} {'gray' if s[2] == 1 else 'RGB'}"    # noqa: E731  (HWC shapes said less)
-            raise DataError(f"{path}/{n}: expected all images {kind(arrs[0].shape)} as {images[0]}, got "
-                            f"{kind(a.shape)} (nothing is resized or converted: save them all alike)")
-        arrs.append(a)
+    return names, images, read, opener
+
+
+def _channels(where: str, mode: str) -> int:
+    """The channels an image of PIL `mode` is read with: gray (and 1-bit, gray + alpha) 1, everything else 3 (a
+    palette image as its colours, RGBA without the alpha, CMYK / YCbCr converted); 16-bit and float refused."""
+    if mode.startswith("I") or mode == "F":
+        raise DataError(f"{where}: {mode} pixels (16-bit or float) are not read; save 8 bits a channel")
+    return 1 if mode in ("L", "1", "LA", "La") else 3
+
+
+def _check_same(path: str, first: str, first_hwc: tuple, name: str, hwc: tuple) -> None:
+    """Every image of a folder has the first one's size and channels (HWC shapes)."""
+    if hwc != first_hwc:
+        kind = lambda s: f"{s[1]}x{s[0]} {'gray' if s[2] == 1 else 'RGB'}"    # noqa: E731  (HWC shapes said less)
+        raise DataError(f"{path}/{name}: expected all images {kind(first_hwc)} as {first}, got {kind(hwc)} "
+                        "(nothing is resized or converted: save them all alike)")
+
+
+def _folder_labels(path: str, names: list[str], images: list[str], read):
+    """(labels (N,) int64 or None, class names or None) of a folder's images: from dataset.json (EDM's layout) if
+    present, else from the subfolders when every image sits in one and there are two or more (ImageFolder's layout;
+    class i = classes[i]), else none."""
+    import zipfile
     labels = None
     # dataset.json at the top, or at the top of the one folder that holds every image (a zip of the folder itself:
     # rgb32/dataset.json beside rgb32/00000/img00000000.png, which was ignored); label paths are relative to it.
@@ -342,8 +346,68 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
         classes = sorted({p[0] for p in parts})
         index = {c: i for i, c in enumerate(classes)}
         labels = torch.tensor([index[p[0]] for p in parts], dtype=torch.int64)
+    return labels, classes
+
+
+def load_folder(path: str, xflip: bool = False) -> ImageDataset:
+    """All PNG / JPEG images of a folder (recursively) or zip, same size. Labels from dataset.json (EDM's layout) if
+    present, else from the subfolders when every image sits in one and there are two or more (ImageFolder's layout;
+    `classes` then holds their names, class i = classes[i]), else none."""
+    names, images, read, _ = _folder_files(path)
+    from PIL import Image
+    arrs = []
+    for n in images:
+        try:
+            im = Image.open(io.BytesIO(read(n)))
+            im.load()
+        except Exception as e:
+            raise DataError(f"{path}/{n}: unreadable image ({type(e).__name__})") from None
+        if im.mode not in ("L", "RGB"):
+            im = im.convert("L" if _channels(f"{path}/{n}", im.mode) == 1 else "RGB")
+        a = np.asarray(im)
+        a = a[:, :, None] if a.ndim == 2 else a
+        if arrs:
+            _check_same(path, images[0], arrs[0].shape, n, a.shape)
+        arrs.append(a)
+    labels, classes = _folder_labels(path, names, images, read)
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
     return ImageDataset(x, labels, "folder", xflip=xflip, classes=classes)
+
+
+PEEK_IMAGES = 64     # the images whose headers peek_folder reads: the first, the last and evenly spaced ones between
+
+
+class FolderPeek(types.SimpleNamespace):
+    """What peek_folder finds: shape (C, H, W), count, num_classes, classes (as ImageDataset's)."""
+
+
+def peek_folder(path: str, sample: int = PEEK_IMAGES) -> FolderPeek:
+    """What load_folder would load, without decoding the images (cmfast-train --dry-run): the file list, the labels
+    (dataset.json or the class subfolders) and the headers (size, mode) of `sample` images, the first, the last and
+    evenly spaced ones between. Raises load_folder's error for anything it sees: no images, an unreadable header,
+    16-bit pixels, sampled images of different sizes or channels, dataset.json without a label for an image. An
+    image outside the sample that differs, or whose data past its header is damaged, only the real load finds."""
+    names, images, read, opener = _folder_files(path)
+    from PIL import Image
+    k = min(sample, len(images))
+    picked = sorted({round(i * (len(images) - 1) / max(k - 1, 1)) for i in range(k)})
+    first = None
+    for i in picked:
+        n = images[i]
+        try:
+            with opener(n) as f, Image.open(f) as im:       # the header only: PIL decodes lazily
+                w, h, mode = im.width, im.height, im.mode
+        except Exception as e:
+            raise DataError(f"{path}/{n}: unreadable image ({type(e).__name__})") from None
+        hwc = (h, w, _channels(f"{path}/{n}", mode))
+        if first is None:
+            first = hwc
+        else:
+            _check_same(path, images[0], first, n, hwc)
+    labels, classes = _folder_labels(path, names, images, read)
+    num_classes = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
+    return FolderPeek(shape=(first[2], first[0], first[1]), count=len(images), num_classes=num_classes,
+                      classes=classes)
 
 
 def load_dataset(name: str, data_dir: str | None = None, xflip: bool | None = None) -> ImageDataset:

@@ -242,6 +242,90 @@ def test_dry_run_paper_configs(capsys):
     assert (ict["total_steps"], ict["kimg"]) == (98, 100.352)                  # ceil(100000 / 1024)
 
 
+def _folder(root, sizes, channels=3, mode=None):
+    """PNGs img0000.png ... in root, one (height, width) of `sizes` each; mode: a PIL mode to save them in instead."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        c = channels[i] if isinstance(channels, (list, tuple)) else channels
+        a = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+        im = Image.fromarray(a[:, :, 0] if c == 1 else a)
+        (im.convert(mode) if mode else im).save(os.path.join(root, f"img{i:04d}.png"))
+    return str(root)
+
+
+def test_dry_run_of_an_image_folder_prints_the_config_the_run_writes(capsys, tmp_path):
+    # --dry-run did not read the folder: net was null, and classes missing. It now peeks (labels, a few headers) and
+    # prints what the run writes into config.json.
+    import shutil
+    flat = _folder(tmp_path / "flat", [(16, 16)] * 5)
+    _folder(tmp_path / "sub" / "dogs", [(16, 16)] * 3, channels=1)
+    _folder(tmp_path / "sub" / "cats", [(16, 16)] * 2, channels=1)
+    zipped = shutil.make_archive(str(tmp_path / "subzip"), "zip", tmp_path, "sub")     # sub/cats/img0000.png ...
+    labelled = _folder(tmp_path / "labelled", [(8, 8)] * 4)
+    (tmp_path / "labelled" / "dataset.json").write_text(json.dumps({"labels": [[f"img{i:04d}.png", 2 * (i % 2)]
+                                                                               for i in range(4)]}))
+    cases = [(flat, []), (flat, ["--preset", "fmnist-small"]), (str(tmp_path / "sub"), ["--cond"]),
+             (str(tmp_path / "sub"), []), (zipped, ["--cond"]),
+             (labelled, ["--cond", "--method", "edm"])]        # classes 0 and 2 in dataset.json: 3 (1 has no images)
+    for i, (folder, extra) in enumerate(cases):
+        argv = ["--dataset", "folder", "--data-dir", folder, *TINY, *extra, "--output-dir", str(tmp_path / f"r{i}")]
+        assert train_main(argv + ["--dry-run"]) == 0
+        dry = json.loads(capsys.readouterr().out)
+        assert not (tmp_path / f"r{i}").exists()
+        assert train_main(argv) == 0
+        capsys.readouterr()
+        with open(tmp_path / f"r{i}" / "config.json") as f:
+            assert dry == json.load(f), (folder, extra)
+        assert dry["net"]["img_resolution"] == (8 if folder == labelled else 16)
+        assert dry["net"]["in_channels"] == (1 if "sub" in folder else 3)
+        if "--cond" in extra:
+            assert dry["net"]["label_dim"] == {"sub": 2, "subzip.zip": 2, "labelled": 3}[os.path.basename(folder)]
+        else:
+            assert "label_dim" not in dry["net"]
+        assert dry.get("classes") == (["cats", "dogs"] if "sub" in folder and "--cond" in extra else None)
+
+
+def test_dry_run_of_an_image_folder_refuses_what_the_run_refuses(capsys, tmp_path):
+    from PIL import Image
+    bad = {
+        "not square": (_folder(tmp_path / "a", [(16, 12)] * 3), [], "expected square images, got 16x12"),
+        "odd size": (_folder(tmp_path / "b", [(15, 15)] * 3), [], "img_resolution: expected a multiple of 2"),
+        "mixed sizes": (_folder(tmp_path / "c", [(16, 16), (16, 16), (32, 32)]), [],
+                        "c/img0002.png: expected all images 16x16 RGB as img0000.png, got 32x32 RGB"),
+        "gray and RGB": (_folder(tmp_path / "d", [(16, 16)] * 3, channels=[3, 1, 3]), [],
+                         "d/img0001.png: expected all images 16x16 RGB as img0000.png, got 16x16 gray"),
+        "unlabelled, --cond": (_folder(tmp_path / "e", [(16, 16)] * 3), ["--cond"],
+                               "--cond: this dataset has no labels: an image folder needs one subfolder a class"),
+        "16-bit": (_folder(tmp_path / "f", [(16, 16)] * 2, channels=1, mode="I;16"), [],
+                   "f/img0000.png: I;16 pixels (16-bit or float) are not read"),
+        "label missing": (_folder(tmp_path / "g", [(16, 16)] * 3), ["--cond"],
+                          "g/dataset.json: no label for img0002.png"),
+        "not an image": (_folder(tmp_path / "h", [(16, 16)] * 2), [], "h/img0002.png: unreadable image"),
+        "no images": (str(tmp_path / "i"), [], "i: no PNG or JPEG images found"),
+        "missing": (str(tmp_path / "nope"), [], "image folder or zip not found"),
+        # the last image is always among the headers read: a folder's odd one out is often its last
+        "last of 100 differs": (_folder(tmp_path / "j", [(8, 8)] * 99 + [(16, 16)]), [],
+                                "j/img0099.png: expected all images 8x8 RGB as img0000.png, got 16x16 RGB"),
+    }
+    (tmp_path / "g" / "dataset.json").write_text(json.dumps({"labels": [["img0000.png", 0], ["img0001.png", 1]]}))
+    (tmp_path / "h" / "img0002.png").write_bytes(b"no PNG at all")
+    (tmp_path / "i").mkdir()
+    (tmp_path / "i" / "notes.txt").write_text("x")
+    assert Image.open(os.path.join(tmp_path, "f", "img0000.png")).mode.startswith("I")
+    for what, (folder, extra, match) in bad.items():
+        argv = ["--dataset", "folder", "--data-dir", folder, *TINY, *extra, "--output-dir", str(tmp_path / "out")]
+        dry = fails(capsys, argv + ["--dry-run"], match)
+        assert fails(capsys, argv, match) == dry, what          # the same line as the run's
+    assert not (tmp_path / "out").exists()
+    # a paper's folder config without --data-dir still shows its config (net: the folder decides), with a note
+    assert train_main(["--config", "ct-lsun256", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["net"] is None and "note: no --data-dir" in err
+
+
 def test_lpips_default_without_weights_is_one_line(capsys, tmp_path, fm, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     fails(capsys, ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ct", "--preset", "tiny",

@@ -65,7 +65,9 @@ def build_parser():
     g.add_argument("--cond", action="store_const", const=True, help="class-conditional on the dataset's labels")
     g.add_argument("--xflip", action=argparse.BooleanOptionalAction, help="mirror half the training images "
                    "horizontally, at random (default: on for cifar10, off otherwise)")
-    g.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit: the config.json "
+                   "the run would write, refusing what it would refuse; an image folder or zip is peeked at (its file "
+                   "list, labels and the headers of a few images), not loaded")
 
     h = ap.add_argument_group("hyperparameters")
     h.add_argument("--loss", choices=DISTANCES, help="distance d (default: the method's: lpips for cd/ct, "
@@ -157,6 +159,31 @@ def _created_group() -> bool:
     return loop is not None and loop.created_process_group()
 
 
+def _dry_config(args: dict) -> dict:
+    """--dry-run's config: what the run would write to config.json (before a teacher's time scale or --time-budget's
+    plan), refusing what the run would refuse before training. An image folder (--data-dir) is peeked at, not loaded
+    (data.peek_folder: its labels and a few images' headers) for the image shape, the classes and their names; the
+    network is built on the meta device (no memory), for its own checks (an image size its levels cannot halve)."""
+    from ..training.config import resolve
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = resolve(args, world)
+    if cfg["dataset"] == "folder":
+        if cfg["data_dir"] is None:     # a paper's config (--config cd-imagenet64) shown before its data is at hand
+            if not _common.other_rank():
+                print(f"{PROG}: note: no --data-dir: the folder's images decide net (size, channels, classes)",
+                      file=sys.stderr)
+        else:
+            from ..data import peek_folder
+            peek = peek_folder(cfg["data_dir"])
+            cfg = resolve(args, world, peek.shape, peek.num_classes, peek.classes)
+    if cfg["net"] is not None:
+        import torch
+        from ..nets import UNet
+        with torch.device("meta"):
+            UNet(**cfg["net"])
+    return cfg
+
+
 @_common.interruptible(PROG, " (checkpoints written so far are kept: --resume latest continues from them)")
 def _main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
@@ -172,7 +199,7 @@ def _main(argv=None) -> int:
     from ..training.config import resolve
     try:
         if dry:
-            text = json.dumps(resolve(args, int(os.environ.get("WORLD_SIZE", "1"))), indent=2)
+            text = json.dumps(_dry_config(args), indent=2)
             if not _common.other_rank():    # under torchrun rank 0's copy: each rank's made N configs in one stream
                 print(text)
             return 0

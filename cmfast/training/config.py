@@ -63,8 +63,10 @@ DATASET_SHAPES = {"cifar10": (3, 32, 32), "fashion-mnist": (1, 32, 32), "folder"
 NUM_CLASSES = {"cifar10": 10, "fashion-mnist": 10}
 
 
-def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int = 0) -> dict:
-    """Merge explicit values (None = not given) over the --config preset over DEFAULTS; fill derived fields."""
+def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int = 0, classes=None) -> dict:
+    """Merge explicit values (None = not given) over the --config preset over DEFAULTS; fill derived fields. The data's
+    image shape (C, H, W), class count and class names (an image folder's class subfolders), where known, give `net`
+    (and `classes` for --cond)."""
     preset = CONFIGS[args["config"]] if args.get("config") else {}
     cfg = {}
     for k, v in DEFAULTS.items():
@@ -136,6 +138,8 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
                                  "{\"labels\": [[\"cats/001.png\", 0], ...]} (paths relative to the folder)")
         cfg["net"] = preset_config(cfg["preset"], **over)
         cfg["net"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg["net"].items()}
+    if cfg["cond"] and classes:             # an image folder's class subfolders: their names, by label
+        cfg["classes"] = list(classes)
     return cfg
 
 

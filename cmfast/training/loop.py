@@ -229,9 +229,7 @@ def _train(args: dict, startup: dict) -> dict:
 
     # ---- Data, teacher, output folder: every user mistake is found before anything is written --------------------
     data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["xflip"])
-    cfg = resolve(args, world, data.shape, data.num_classes)
-    if cfg["cond"] and getattr(data, "classes", None):     # an image folder's class subfolders: their names, by label
-        cfg["classes"] = list(data.classes)
+    cfg = resolve(args, world, data.shape, data.num_classes, getattr(data, "classes", None))
     teacher, tcfg = _load_teacher(cfg, data.shape, device) if method.needs_teacher else (None, None)
     if teacher is not None and cfg["init_from_teacher"]:     # openai's teacher reads time 1000x: so must its student
         from ..nets import adopt_time_scale
