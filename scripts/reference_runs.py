@@ -112,6 +112,9 @@ PARALLEL_CAPS = {"gpu": {"edm": 2.6, "cd": 2.3, "ct": 5.2, "ict": 5.2, "sct": 5.
                  "cpu": {"edm": 20.0, "cd": 15.0, "ct": 35.0, "ict": 35.0, "sct": 35.0},
                  "smoke": {m: 0.6 for m in ORDER}}
 FIRST = ("edm", "ct", "ict", "sct")     # started together; cd starts when edm's process ends
+# --deadline-s: what a run started late (cd) leaves after its cap ends: its own scores and 2-step search (~15 s beside
+# nothing, from GPU_MEASURED), the sampling rates again (~15 s) and the export (~10 s), and 20 s to spare.
+DEADLINE_RESERVE_S = 60.0
 
 
 def train_argv(method: str, prof: dict, out: str, data_dir: str | None, device: str | None, seed: int) -> list[str]:
@@ -287,10 +290,25 @@ def export_best(doc: dict, a, results: str) -> None:
     write(doc, results)
 
 
-def child_argv(method: str, a, results: str) -> list[str]:
-    """This script for one method with its --parallel cap, writing its own results file."""
+def parallel_cap(method: str, a, elapsed_s: float) -> float:
+    """The cap (minutes) of a --parallel run started `elapsed_s` after this script: its PARALLEL_CAPS one, or less
+    under --deadline-s, so that its training, then DEADLINE_RESERVE_S for its scores, the rates and the export, end
+    inside the deadline. cd starts when the teacher ends, and its fixed cap ignored what was left: at
+    GPU_CHECK_BUDGET_S=430 the stage's limit (~400 s) is within ~20 s of the critical path test_reference_runs.py
+    estimates (edm, then cd), a cd cut while scoring loses the set (the README shows complete sets only) and the
+    export. At least 0.1 min."""
+    cap = PARALLEL_CAPS[a.profile][method]
+    if getattr(a, "deadline_s", None) is None:
+        return cap
+    return max(0.1, min(cap, (a.deadline_s - elapsed_s - DEADLINE_RESERVE_S) / 60))
+
+
+def child_argv(method: str, a, results: str, cap: float | None = None) -> list[str]:
+    """This script for one method with its --parallel cap (`cap` minutes, default PARALLEL_CAPS's), writing its own
+    results file."""
+    cap = PARALLEL_CAPS[a.profile][method] if cap is None else cap
     argv = [sys.executable, os.path.abspath(__file__), "--profile", a.profile, "--out", a.out, "--only", method,
-            "--results", results, "--seed", str(a.seed), "--cap-minutes", f"{PARALLEL_CAPS[a.profile][method]:g}"]
+            "--results", results, "--seed", str(a.seed), "--cap-minutes", f"{cap:g}"]
     argv += ["--data-dir", a.data_dir] if a.data_dir else []
     argv += ["--device", a.device] if a.device else []
     return argv
@@ -314,12 +332,16 @@ def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> Non
         if os.path.exists(res):
             os.remove(res)
         log = open(os.path.join(a.out, f"{m}.log"), "w")
-        running[m] = (subprocess.Popen(child_argv(m, a, res), stdout=log, stderr=subprocess.STDOUT), log, res,
+        cap = parallel_cap(m, a, time.time() - getattr(a, "t_start", t_all))
+        doc["parallel"]["caps_min"][m] = cap
+        running[m] = (subprocess.Popen(child_argv(m, a, res, cap), stdout=log, stderr=subprocess.STDOUT), log, res,
                       time.time())
         waiting.remove(m)
-        print(f"reference_runs: started {m} (cap {PARALLEL_CAPS[a.profile][m]:g} min)", flush=True)
+        print(f"reference_runs: started {m} (cap {cap:.3g} min)", flush=True)
 
     def stop_all(signum, frame):
+        for sig in old:       # once: `timeout` sends its SIGINT to this process and then to the process group
+            signal.signal(sig, signal.SIG_IGN)
         for proc, *_ in running.values():
             proc.terminate()                      # cmfast-train: finish the step, checkpoint, exit
         raise KeyboardInterrupt
@@ -355,6 +377,8 @@ def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> Non
                 write(doc, results)
             time.sleep(0.5)
     except KeyboardInterrupt:
+        doc["wall_s"] = round(time.time() - t_all, 1)
+        write(doc, results)          # first: the time limit's SIGKILL follows its SIGINT by 10 s
         for proc, log, *_ in running.values():
             try:
                 proc.wait(timeout=20)
@@ -424,8 +448,13 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", action="store_true",
                     help="train edm, ct, ict and sct side by side (one process each) and cd after edm, with the caps "
                          "of PARALLEL_CAPS; sampling rates are measured after the runs, one model at a time")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="--parallel: seconds from the start within which the whole job must end (gpu_check.sh: its "
+                         "step's time limit less a margin); a run started late (cd, after the teacher) gets the cap "
+                         "that still leaves time for its scores, the sampling rates and the export")
     ap.add_argument("--cap-minutes", type=float, default=None, help=argparse.SUPPRESS)   # a --parallel child's cap
     a = ap.parse_args(argv)
+    a.t_start = time.time()
     prof = PROFILES[a.profile]
     if a.cap_minutes is not None:
         prof = {**prof, "runs": {m: (steps, a.cap_minutes) for m, (steps, _) in prof["runs"].items()}}

@@ -185,7 +185,7 @@ def test_gpu_profile_is_sized_from_the_measured_gpu_run():
                                                                    + 0.1) + two_step_s)
     assert search_s < 40, search_s
     export_s = 3 * two_step_s + 10          # its three scores, loading and writing (the whole export took ~6 s)
-    stage_s = int(re.search(r"^run reference-runs (\d+) ", (ROOT / "scripts" / "gpu_check.sh").read_text(), re.M)[1])
+    stage_s = int(re.search(r"^REF_LIMIT=(\d+)$", (ROOT / "scripts" / "gpu_check.sh").read_text(), re.M)[1])
     assert caps_s + startup_s + evals_s + search_s + export_s <= stage_s - 30, \
         (stage_s, caps_s, startup_s, evals_s, search_s, export_s)   # 30 s: interpreter, imports and the unexpected
 
@@ -311,7 +311,8 @@ def test_parallel_mode_schedules_cd_after_the_teacher(tmp_path, monkeypatch, cap
     import sys
     ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
     out = tmp_path / ("runs-fail-edm" if edm_fails else "runs")
-    monkeypatch.setattr(ref, "child_argv", lambda m, a, res: [sys.executable, "-c", FAKE_CHILD, m, res, str(out)])
+    monkeypatch.setattr(ref, "child_argv", lambda m, a, res, cap=None: [sys.executable, "-c", FAKE_CHILD, m, res,
+                                                                         str(out)])
     measured = []
     monkeypatch.setattr(ref, "remeasure_rates", lambda doc, prof, a, only: measured.append(sorted(doc["runs"])))
     results = tmp_path / "ref.json"
@@ -335,6 +336,38 @@ def test_parallel_mode_schedules_cd_after_the_teacher(tmp_path, monkeypatch, cap
         make_tables._parallel_note(doc)
 
 
+def test_deadline_shortens_the_cap_of_a_run_started_late(tmp_path, monkeypatch):
+    """--deadline-s (gpu_check.sh: the stage's limit less 10 s): cd, started when the teacher ends, gets the cap that
+    leaves DEADLINE_RESERVE_S before the deadline, its PARALLEL_CAPS one at most; the runs started at once keep
+    theirs. At GPU_CHECK_BUDGET_S=430 the stage gets ~400 s, and cd's 2.3 min started after edm's 2.6 and scores ran
+    to within ~20 s of the limit by the estimate below."""
+    import sys
+    ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
+    a = type("A", (), dict(profile="gpu", deadline_s=390.0))
+    assert ref.parallel_cap("edm", a, 0.5) == 2.6 and ref.parallel_cap("ct", a, 0.5) == 5.2
+    assert ref.parallel_cap("cd", a, 200.0) == pytest.approx((390 - 200 - ref.DEADLINE_RESERVE_S) / 60) == 130 / 60
+    assert ref.parallel_cap("cd", a, 100.0) == 2.3 and ref.parallel_cap("cd", a, 389.0) == 0.1
+    a.deadline_s = None
+    assert ref.parallel_cap("cd", a, 1000.0) == 2.3
+    # In a run: the caps the children get are recorded; cd starts at least edm's 0.5 s later, with that much less.
+    out = tmp_path / "runs"
+    caps = {}
+
+    def child(m, a, res, cap=None):
+        caps[m] = cap
+        return [sys.executable, "-c", FAKE_CHILD, m, res, str(out)]
+    monkeypatch.setattr(ref, "child_argv", child)
+    monkeypatch.setattr(ref, "remeasure_rates", lambda *args: None)
+    deadline = ref.DEADLINE_RESERVE_S + 0.6 * 60 - 3       # every smoke cap (0.6 min) shortened
+    results = tmp_path / "ref.json"
+    assert ref.main(["--profile", "smoke", "--out", str(out), "--results", str(results), "--parallel",
+                     "--deadline-s", str(deadline)]) == 0
+    doc = json.loads(results.read_text())
+    first = [caps[m] for m in ("edm", "ct", "ict", "sct")]
+    assert all(0.45 < c <= 33 / 60 for c in first)        # started within 6 s of the start
+    assert 0.1 <= caps["cd"] <= min(first) - 0.5 / 60 and doc["parallel"]["caps_min"] == caps
+
+
 def test_parallel_caps_fit_the_stage():
     """The parallel gpu caps: the critical path (edm, then cd, each with its start-up and scores at twice their
     sequential cost beside the other runs) and the export fit gpu_check.sh's reference stage with 30 s to spare;
@@ -345,7 +378,7 @@ def test_parallel_caps_fit_the_stage():
     overhead = {m: 2 * (r["train_wall_s"] - r["train_s"]) + 2 * sum(e["seconds"] for e in r["evals"]) + 2 * 6.1
                 for m, r in measured.items()}                   # start-up, scores, search (search_two_step's cost)
     path = caps["edm"] * 60 + overhead["edm"] + caps["cd"] * 60 + overhead["cd"]
-    stage_s = int(re.search(r"^run reference-runs (\d+) ", (ROOT / "scripts" / "gpu_check.sh").read_text(), re.M)[1])
+    stage_s = int(re.search(r"^REF_LIMIT=(\d+)$", (ROOT / "scripts" / "gpu_check.sh").read_text(), re.M)[1])
     assert path + 15 + 10 <= stage_s - 30, (path, stage_s)       # 15 s: the rates again; 10 s: the export
     for m in ("ct", "ict", "sct"):
         assert caps[m] * 60 + overhead[m] <= path, m
