@@ -132,7 +132,7 @@ def _parallel_note(run: dict) -> str:
     par = run.get("parallel")
     if not par:
         return ""
-    caps = ", ".join(f"{m} {c:g}" for m, c in par["caps_min"].items())
+    caps = ", ".join(f"{m} {c:.3g}" for m, c in par["caps_min"].items())   # a --deadline-s cap: 2.17
     return (f" Trained side by side on the one device: {', '.join(par['first'])} at once"
             + (f", then {', '.join(par['then'])} after edm" if par["then"] else "")
             + f" (caps in minutes: {caps}); train img/s is each run's rate beside the others, sampling img/s was "

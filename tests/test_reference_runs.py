@@ -366,6 +366,7 @@ def test_deadline_shortens_the_cap_of_a_run_started_late(tmp_path, monkeypatch):
     first = [caps[m] for m in ("edm", "ct", "ict", "sct")]
     assert all(0.45 < c <= 33 / 60 for c in first)        # started within 6 s of the start
     assert 0.1 <= caps["cd"] <= min(first) - 0.5 / 60 and doc["parallel"]["caps_min"] == caps
+    assert f"cd {caps['cd']:.3g}, " in make_tables._parallel_note(doc) and f"{caps['cd']:.3g}" != f"{caps['cd']:g}"
 
 
 def test_parallel_caps_fit_the_stage():
