@@ -40,9 +40,10 @@ def fmnist(pretrained: bool = True, map_location="cpu"):
         return cmfast.load_pretrained("fmnist", map_location=map_location)
     import os
     from cmfast.pretrained import ASSETS
-    from cmfast.training.checkpoint import build_model, load_weights
+    from cmfast.training.checkpoint import _device, build_model, load_weights
+    device = _device(map_location)      # one line for 'cuda' without a GPU, not torch's driver error
     _, meta = load_weights(os.path.join(ASSETS, "fmnist.safetensors"))     # its config: the same architecture
-    return build_model(meta["config"]).eval().to(map_location)
+    return build_model(meta["config"]).eval().to(device)
 
 
 def unet(preset: str = "ddpmpp-cifar10", **overrides):

@@ -47,8 +47,11 @@ class Conv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if kernel and bias else None
         if self.weight is not None:
             _xavier_uniform_(self.weight, in_channels * kernel * kernel, out_channels * kernel * kernel, init_weight)
-        f = torch.as_tensor(resample_filter, dtype=torch.float32)
-        f = torch.outer(f, f)[None, None] / f.sum().square()
+        # The outer product over the squared sum, as EDM's f.ger(f) / f.sum().square() (exact for its [1, 1] and
+        # [1, 3, 3, 1]), made from Python numbers: torch.outer on the meta device (checkpoint.load_model builds a
+        # stored config there first) imported torch._dynamo, a second more per process.
+        taps = [float(v) for v in resample_filter]
+        f = torch.tensor([[[[a * b / sum(taps) ** 2 for b in taps] for a in taps]]], dtype=torch.float32)
         self.register_buffer("resample_filter", f if (up or down) else None, persistent=False)
         # The [1, 1] box filter (DDPM++) is a 2x2 mean down and a nearest-neighbour copy up: one pooling /
         # upsampling kernel instead of the filter's tile (and scale) and a depthwise convolution on every call.

@@ -242,6 +242,7 @@ def load_model(path: str, which: str = "ema", map_location="cpu"):
     `which` weights: 'ema' (the first --ema rate), 'ema@<rate>', 'model' (online) or 'target' (CD / CT only); with
     no EMA, 'ema' is an error naming what there is. meta: {'step', 'config', 'path', 'which'}.
     An EDM network pickle (*.pkl, NVlabs/edm) loads as its 'ema' EDM denoiser (cmfast.edm_import, no code run)."""
+    device = _device(map_location)
     if str(path).endswith(".pkl"):
         from ..edm_import import EDMPickleError, load_edm_pickle
         if which != "ema":
@@ -266,14 +267,46 @@ def load_model(path: str, which: str = "ema", map_location="cpu"):
     if which not in modules:
         raise CheckpointError(f"{wpath}: has no {which!r} weights; it has {', '.join(sorted(modules))}")
     check_weights(wpath, which, modules[which])
-    try:    # a config this version cannot build (another cmfast version's method or net argument): one line
-        model = build_model(meta["config"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:    # RuntimeError: a negative size, say
-        raise CheckpointError(f"{wpath}: its config does not describe a model this cmfast builds "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    # The config is built on the meta device first (no memory) and its weight shapes compared with the file's: a
+    # hand-edited config asking for a huge net was allocated and initialized in full before the mismatch was found.
+    mismatch = _shape_mismatch(wpath, build_model, meta["config"], modules[which])
+    if mismatch:
+        raise CheckpointError(f"{wpath}: weights do not match the stored config ({mismatch})")
+    model = build_model(meta["config"])
     try:
         model.load_state_dict(modules[which])
     except RuntimeError as e:
         raise CheckpointError(f"{wpath}: weights do not match the stored config ({_details(e)})") from None
-    model.requires_grad_(False).eval().to(map_location)
+    model.requires_grad_(False).eval().to(device)
     return model, {**meta, "path": wpath, "which": which}
+
+
+def _shape_mismatch(path: str, build, cfg: dict, sd: dict, limit: int = 200) -> str | None:
+    """What differs between the state dict of build(cfg), made on the meta device, and `sd` (missing and unexpected
+    keys, shapes), as one line, or None. A config this version cannot build is a CheckpointError."""
+    try:    # a config this version cannot build (another cmfast version's method or net argument): one line
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in build(cfg).state_dict().items()}
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:    # RuntimeError: a negative size, say
+        raise CheckpointError(f"{path}: its config does not describe a model this cmfast builds "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k}: {tuple(sd[k].shape)} in the file, {want[k]} for the config" for k in want
+              if k in sd and tuple(sd[k].shape) != want[k]]
+    why = "; ".join(f"{what} {', '.join(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                                     ("size mismatch", shapes)) if keys)
+    return None if not why else why if len(why) <= limit else why[:limit - 3] + "..."
+
+
+def _device(map_location) -> torch.device:
+    """map_location as a torch.device this machine has, or one CheckpointError (ValueError) saying why: torch's own
+    'Found no NVIDIA driver' came from inside .to() after the whole load."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError):
+        raise CheckpointError(f"map_location: expected a device such as 'cpu' or 'cuda', got {map_location!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"map_location: {map_location!r} asks for CUDA, which is not available here (no GPU or "
+                              "no CUDA build of torch); use 'cpu'")
+    return device
