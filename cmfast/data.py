@@ -276,8 +276,11 @@ def _folder_files(path: str):
         read = z.read
         opener = lambda n: io.BytesIO(z.read(n))  # noqa: E731  (PIL seeks; a deflated member seeks slowly)
     elif os.path.isdir(path):
-        names = sorted(os.path.relpath(os.path.join(r, f), path).replace(os.sep, "/")     # as in a zip: a/b.png
-                       for r, _, fs in os.walk(path) for f in fs)
+        names = []
+        for r, _, fs in os.walk(path):      # as in a zip: a/b.png (one relpath a folder: one a file took 0.9 s of 50k)
+            rel = os.path.relpath(r, path).replace(os.sep, "/")
+            names += fs if rel == "." else [f"{rel}/{f}" for f in fs]
+        names.sort()
         read = lambda n: open(os.path.join(path, n), "rb").read()  # noqa: E731
         opener = lambda n: open(os.path.join(path, n), "rb")  # noqa: E731
     else:
