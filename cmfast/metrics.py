@@ -462,19 +462,25 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     if metric == "fd-fmnist" and tuple(shape) != SHAPES["fashion-mnist"]:   # else a conv2d traceback after the stats
         raise ValueError(f"fd-fmnist scores {SHAPES['fashion-mnist']} images (Fashion-MNIST's); this model makes "
                          f"{tuple(shape)}: score it with fid")
-    device = torch.device(device or next(model.parameters()).device)
-    model = model.eval().to(device)
-    engine = resolve_engine(engine, model, dtype)
+    home = next(model.parameters()).device
+    device = torch.device(device or home)
     t0 = time.time()
     mu_ref, s_ref, ref_meta = reference_stats(metric, dataset, data_dir, num=60000 if metric == "fd-fmnist"
                                               else 50000, device=device, weights=weights)
     extractor, dim, impl = _extractor(metric, device, weights)
     stats = FeatureStats(dim)
-    batches = generate_batches(model, num, sigmas=None if edm else sigmas, steps=steps if edm else None, seed=seed,
-                               batch_size=batch_size, engine=engine, dtype=dtype, shape=shape)
-    n_batches = math.ceil(num / min(batch_size, num))
-    for _, x in _progress(batches, n_batches, f"{metric} {steps}-step", progress):
-        stats.update(extractor(_quantize(x)).double())
+    # The model samples on `device` in eval mode (sample's own) and is given back as it came: on its device, in its
+    # mode (it was left in eval mode, moved to `device`).
+    model.to(device)
+    try:
+        engine = resolve_engine(engine, model, dtype)
+        batches = generate_batches(model, num, sigmas=None if edm else sigmas, steps=steps if edm else None,
+                                   seed=seed, batch_size=batch_size, engine=engine, dtype=dtype, shape=shape)
+        n_batches = math.ceil(num / min(batch_size, num))
+        for _, x in _progress(batches, n_batches, f"{metric} {steps}-step", progress):
+            stats.update(extractor(_quantize(x)).double())
+    finally:
+        model.to(home)
     value = frechet_distance(stats.mean, stats.cov, mu_ref, s_ref)
     return {"metric": "FD-FMNIST" if metric == "fd-fmnist" else "FID", "value": value, "implementation": impl,
             "mode": f"{num} samples (8-bit) vs {dataset} train ({ref_meta.get('n', '?')} images); {sampler}",

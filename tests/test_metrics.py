@@ -337,6 +337,23 @@ def test_evaluate_real_tiny_models_seeded(device, tmp_path):
     assert r["sigmas"] == [40.0, 0.821] and metrics.model_sigmas(low, 3) == (40.0, *s3[1:])
 
 
+def test_evaluate_gives_the_model_back_in_its_own_mode(tmp_path):
+    """evaluate left a model it was given in train() mode in eval mode (model.eval().to(device), kept); it samples
+    in eval mode (no dropout: the same score) and puts each submodule's mode back."""
+    from cmfast import ConsistencyModel
+    from cmfast.nets import UNet
+    _fake_reference(tmp_path)
+    torch.manual_seed(0)
+    cm = ConsistencyModel(UNet.from_preset("tiny", in_channels=1, out_channels=1, dropout=0.5))
+    run = lambda: metrics.evaluate(cm, "fd-fmnist", steps=2, num=4, batch_size=2, data_dir=str(tmp_path))["value"]
+    want = run()
+    cm.train()
+    cm.net.out_conv.eval()
+    assert run() == want
+    assert cm.training and cm.net.enc.training and not cm.net.out_conv.training
+    assert next(cm.parameters()).device.type == "cpu"
+
+
 def test_evaluate_fd_fmnist_refuses_a_model_of_other_images(tmp_path, monkeypatch):
     """An RGB (or 64x64) model scored with fd-fmnist failed in the classifier's conv2d with a traceback, after the
     reference statistics; now one ValueError before anything is computed."""
