@@ -79,14 +79,15 @@ def _score_and_card(a, path, which, meta, cfg) -> dict:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(path, which="ema", map_location=device)  # the exported file, as load_pretrained reads it
 
-    def score(**kw):
-        return round(float(evaluate(model, "fd-fmnist", num=a.num, seed=0, device=device, data_dir=a.data_dir,
-                                    **kw)["value"]), 3)
-    fd = {f"{s}-step": score(steps=s) for s in (1, 2)}
-    sigmas = {"1-step": [80.0], "2-step": [80.0, 0.821]}
+    fd, sigmas = {}, {}     # the levels each score used, as evaluate reports them (they start at the model's sigma_max)
+
+    def score(key, **kw):
+        ev = evaluate(model, "fd-fmnist", num=a.num, seed=0, device=device, data_dir=a.data_dir, **kw)
+        fd[key], sigmas[key] = round(float(ev["value"]), 3), [float(v) for v in ev["sigmas"]]
+    for s in (1, 2):
+        score(f"{s}-step", steps=s)
     if a.searched_sigmas:
-        key = f"{len(a.searched_sigmas)}-step-searched"
-        fd[key], sigmas[key] = score(sigmas=a.searched_sigmas), list(a.searched_sigmas)
+        score(f"{len(a.searched_sigmas)}-step-searched", sigmas=a.searched_sigmas)
     card = {
         "name": a.name, "dataset": cfg.get("dataset"), "method": cfg.get("method"), "preset": cfg.get("preset"),
         "parameters": sum(p.numel() for p in model.parameters()), "weights": f"{which} of step {meta['step']}, fp16",

@@ -272,7 +272,7 @@ def test_export_stopped_during_its_evaluation_keeps_the_shipped_model(tmp_path, 
     assert sorted(os.listdir(out)) == ["m.json", "m.safetensors"]
     assert (out / "m.safetensors").read_bytes() == b"the shipped weights"
     assert json.loads((out / "m.json").read_text())["steps"] == 1
-    monkeypatch.setattr(exp, "evaluate", lambda *a, **k: {"value": 3.0})
+    monkeypatch.setattr(exp, "evaluate", lambda *a, **k: {"value": 3.0, "sigmas": k.get("sigmas") or [80.0]})
     assert exp.main(argv) == 0
     assert sorted(os.listdir(out)) == ["m.json", "m.safetensors"]
     card = json.loads((out / "m.json").read_text())
@@ -280,6 +280,35 @@ def test_export_stopped_during_its_evaluation_keeps_the_shipped_model(tmp_path, 
     model, meta = load_model(str(out / "m.safetensors"))
     x, s = torch.randn(2, 3, 32, 32), torch.full((2,), 2.0)
     torch.testing.assert_close(model(x, s), cm.eval()(x, s), rtol=2e-2, atol=2e-2)     # fp16 weights
+
+
+def test_export_card_names_the_levels_it_scored(tmp_path):
+    """The card's sigmas are the levels of its scores: evaluate starts them at the model's sigma_max (80 was written
+    whatever the model's was); the searched ones as given. FD-FMNIST here against cached random reference statistics
+    (as tests/test_metrics.py), of 4 samples."""
+    import numpy as np
+    import torch
+    from cmfast import metrics
+    from cmfast._fd_classifier import FEATURE_DIM
+    from cmfast.nets import preset_config
+    from cmfast.training.checkpoint import save_checkpoint
+    exp = _load(ROOT / "scripts" / "export_pretrained.py", "export_pretrained")
+    stats = metrics.FeatureStats(FEATURE_DIM).update(np.random.default_rng(0).standard_normal((300, FEATURE_DIM)))
+    stats.save(metrics.reference_cache_path("fd-fmnist", "fashion-mnist", str(tmp_path), 60000))
+    net = preset_config("tiny", in_channels=1, out_channels=1)
+    from cmfast import ConsistencyModel, UNet
+    torch.manual_seed(0)
+    cm = ConsistencyModel(UNet(**net), sigma_max=40.0)
+    cfg = dict(method="ict", net=net, sigma_data=0.5, sigma_min=0.002, sigma_max=40.0, ema=[0.99],
+               dataset="fashion-mnist", batch_size=8)
+    (tmp_path / "run").mkdir()
+    save_checkpoint(str(tmp_path / "run"), 3, {"ema@0.99": cm.state_dict()}, cfg, {})
+    assert exp.main(["--checkpoint", str(tmp_path / "run"), "--name", "m", "--num", "4", "--out-dir",
+                     str(tmp_path / "out"), "--device", "cpu", "--data-dir", str(tmp_path),
+                     "--searched-sigmas", "40,0.5"]) == 0
+    card = json.loads((tmp_path / "out" / "m.json").read_text())["fd_fmnist"]
+    assert card["sigmas"] == {"1-step": [40.0], "2-step": [40.0, 0.821], "2-step-searched": [40.0, 0.5]}
+    assert all(card[k] > 0 for k in card["sigmas"])
 
 
 FAKE_CHILD = r"""
