@@ -118,3 +118,13 @@ def test_a_step_past_the_budget_is_cut_and_the_rest_skipped(tmp_path):
     for step in ("latency-gate", "regress", "throughput"):
         assert f"{step:<22} skipped (time budget spent)" in summary
     assert not any(c and c[0] == "benchmarks/throughput.py" for c in calls)
+
+
+def test_ops_and_sct_stage_commands_match_the_scripts(tmp_path):
+    r, calls = _run_stage(tmp_path, "ops,sct", {"GPU_CHECK_BUDGET_S": "465"})
+    assert r.returncode == 0, r.stderr
+    scripts = {c[0]: c for c in calls if c and c[0].endswith(".py")}
+    assert sorted(scripts) == ["benchmarks/bench_cuda.py", "benchmarks/bench_ops.py", "benchmarks/bench_sct.py",
+                               "benchmarks/fd_jvp_accuracy.py"]
+    for argv in scripts.values():
+        _check_flags(argv)
