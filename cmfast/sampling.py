@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 
 import torch
 from torch import nn
@@ -15,7 +16,13 @@ def check_sigmas(sigmas, sigma_min: float, sigma_max: float) -> tuple[float, ...
     [sigma_min, sigma_max]."""
     if isinstance(sigmas, (int, float)):
         sigmas = (sigmas,)
-    s = tuple(float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas))
+    try:    # a string was read as its characters ('80' -> levels 8, 0); a 2-D tensor failed inside float()
+        if isinstance(sigmas, (str, bytes)):
+            raise TypeError
+        s = tuple(float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas))
+    except (TypeError, ValueError):
+        raise TypeError(f"sigmas: expected a number or a 1-D sequence of numbers (noise levels), got "
+                        f"{sigmas!r}") from None
     if not s:
         raise ValueError("sigmas: expected at least one noise level, got none")
     if not all(math.isfinite(v) for v in s):
@@ -50,6 +57,15 @@ def eval_mode(model):
             sub.training = True
 
 
+def check_noise(z, what: str = "z") -> None:
+    """z must be floating point (s[0] * z would promote an integer one: no error otherwise) and, on the CPU, where
+    the check costs no device sync, finite (NaN noise gave NaN images without a word)."""
+    if isinstance(z, torch.Tensor) and not z.is_floating_point():
+        raise TypeError(f"{what}: expected a floating-point tensor (N(0, I) noise), got {z.dtype}")
+    if isinstance(z, torch.Tensor) and z.device.type == "cpu" and not bool(torch.isfinite(z).all()):
+        raise ValueError(f"{what}: expected finite noise, got NaN / inf values")
+
+
 @torch.no_grad()
 def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, class_labels=None,
            noise=None) -> torch.Tensor:
@@ -59,11 +75,12 @@ def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, cl
     and are float32 (the fp32 skip output) whatever the dtype of z or of the model. The model runs in eval mode
     (no dropout); a model in train mode is put back in it after."""
     s = check_sigmas(sigmas, model.sigma_min, model.sigma_max)
-    if isinstance(z, torch.Tensor) and not z.is_floating_point():   # s[0] * z would promote it: no error otherwise
-        raise TypeError(f"z: expected a floating-point tensor (N(0, I) noise), got {z.dtype}")
+    check_noise(z)
     if noise is not None and (len(noise) != len(s) - 1 or any(tuple(n.shape) != tuple(z.shape) for n in noise)):
         raise ValueError(f"noise: expected {len(s) - 1} tensor(s) shaped {tuple(z.shape)}, one per level after the "
                          f"first, got {[tuple(n.shape) for n in noise]}")
+    for k, n in enumerate(noise or ()):
+        check_noise(n, f"noise[{k}]")
     with eval_mode(model):
         x = model(s[0] * z, model_level(s[0], z), class_labels)
         for k, sigma in enumerate(s[1:]):
@@ -89,6 +106,13 @@ def edm_sample(denoiser: nn.Module, z: torch.Tensor, num_steps: int = 18, solver
                class_labels=None) -> torch.Tensor:
     """EDM's deterministic sampler (EDM Alg. 1, S_churn = 0) from sigma_max to 0: Heun takes 2 num_steps - 1
     network evaluations (35 for 18 steps)."""
+    check_noise(z)
+    try:        # an integer of any kind (numpy's too); 2.0 failed in karras_sigmas as its argument n
+        if isinstance(num_steps, bool):
+            raise TypeError
+        num_steps = operator.index(num_steps)
+    except TypeError:
+        raise TypeError(f"num_steps: expected an integer, got {num_steps!r}") from None
     if solver not in ("heun", "euler"):
         raise ValueError(f"solver: expected 'heun' or 'euler', got {solver!r}")
     if num_steps < 2:       # karras_sigmas' own error named its argument n (cmfast-sample --steps 1 on a teacher)

@@ -140,3 +140,32 @@ def test_a_model_in_train_mode_samples_without_dropout_and_keeps_its_modes():
         modes = _modes(m)
         assert torch.equal(run(m), want)
         assert _modes(m) == modes and m.training and not m.net.map_layer0.training
+
+
+def test_bad_noise_and_levels_are_one_clear_error(model):
+    """NaN noise gave NaN images without a word (CPU: checked, no device sync there); integer extra noise was cast;
+    sigmas='80' was read as the levels (8, 0) and a 2-D tensor failed inside float(); edm_sample returned an int64
+    'image' for an integer z and named num_steps=2.0 'n' (karras_sigmas' argument)."""
+    z = torch.randn(2, 2, 8, 8)
+    nan = z.clone()
+    nan[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"^z: expected finite noise, got NaN / inf values$"):
+        cmfast.sample(model, nan)
+    with pytest.raises(ValueError, match=r"^noise\[0\]: expected finite noise"):
+        cmfast.sample(model, z, (80.0, 1.0), noise=[nan])
+    with pytest.raises(TypeError, match=r"^noise\[0\]: expected a floating-point tensor"):
+        cmfast.sample(model, z, (80.0, 1.0), noise=[torch.zeros(2, 2, 8, 8, dtype=torch.long)])
+    for bad in ("80", torch.tensor([[80.0, 1.0]]), [80.0, "x"]):
+        with pytest.raises(TypeError, match=r"^sigmas: expected a number or a 1-D sequence of numbers"):
+            cmfast.sample(model, z, bad)
+    assert torch.equal(cmfast.sample(model, z, torch.tensor([80.0, 1.0]), generator=torch.Generator().manual_seed(0)),
+                       cmfast.sample(model, z, (80.0, 1.0), generator=torch.Generator().manual_seed(0)))
+    teacher = cmfast.EDMDenoiser(model.net).eval()
+    with pytest.raises(TypeError, match=r"^z: expected a floating-point tensor"):
+        cmfast.edm_sample(teacher, z.long(), num_steps=2)
+    with pytest.raises(ValueError, match=r"^z: expected finite noise"):
+        cmfast.edm_sample(teacher, nan, num_steps=2)
+    with pytest.raises(TypeError, match=r"^num_steps: expected an integer, got 2\.0$"):
+        cmfast.edm_sample(teacher, z, num_steps=2.0)
+    import numpy as np
+    assert torch.equal(cmfast.edm_sample(teacher, z, num_steps=np.int64(3)), cmfast.edm_sample(teacher, z, num_steps=3))
