@@ -143,6 +143,9 @@ def _model_device(model):
 
 
 def _check_generator(generator, device):
+    if generator is not None and not isinstance(generator, torch.Generator):     # 'int' has no attribute 'device'
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__} (seed one: "
+                        "torch.Generator().manual_seed(seed))")
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator: expected a torch.Generator on {device.type} (the images' device), got one on "
                          f"{generator.device.type}")
@@ -164,6 +167,8 @@ def _check_images(model, x, what="images", channels=None, in_range=True, size=No
         raise ValueError(f"{what}: expected a tensor on {dev} (the model's device), got one on {x.device}")
     if in_range and not bool(((x >= -1 - 1e-6) & (x <= 1 + 1e-6)).all()):
         raise ValueError(f"{what}: expected values in [-1, 1], got [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+    if not in_range and x.device.type != "meta" and not bool(torch.isfinite(x).all()):  # NaN: NaN results, no word
+        raise ValueError(f"{what}: expected finite values, got NaN / inf")
     return x.float().clamp(-1, 1) if in_range else x.float()
 
 
@@ -267,6 +272,10 @@ def interpolate(model, z0, z1, alphas, sigma=80.0, sigmas=None, generator=None):
     if z1.device != z0.device:
         raise ValueError(f"z1: expected a tensor on z0's device {z0.device}, got one on {z1.device}")
     _check_generator(generator, z0.device)
+    a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
+    if not len(a) or not bool(torch.isfinite(a).all()):     # none failed in the model as an empty batch 'x'
+        raise ValueError(f"alphas: expected one or more finite interpolation weights, got {a.tolist()}")
+    _check_images(model, z1, what="z1", in_range=False)
     z = slerp(z0, z1, alphas)
     x = sample(model, z.reshape(-1, *z0.shape[1:]), (sigma,) if sigmas is None else sigmas, generator)
     return x.reshape(z.shape)

@@ -582,3 +582,24 @@ def test_tasks_run_a_model_in_train_mode_without_dropout_and_keep_its_modes(imag
         m.net.out_conv.eval()
         assert torch.equal(run(m), want), i
         assert m.training and m.net.enc.training and not m.net.out_conv.training
+
+
+def test_bad_generator_alphas_and_nan_inputs_are_one_clear_error(model, images):
+    """generator=0 (a seed) was an AttributeError ('int' object has no attribute 'device'); interpolate with no
+    alphas failed in the model as an empty batch 'x', and a NaN alpha, NaN noise z0 / z1 or a NaN noisy image gave
+    NaN images without a word."""
+    mask = torch.ones(1, 1, RES, RES)
+    with pytest.raises(TypeError, match=r"^generator: expected a torch\.Generator or None, got int"):
+        edit.inpaint(model, images, mask, SIGMAS, generator=0)
+    z = torch.randn_like(images)
+    nan = z.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    for alphas in ([], [0.5, float("nan")]):
+        with pytest.raises(ValueError, match=r"^alphas: expected one or more finite interpolation weights"):
+            edit.interpolate(model, z, z.flip(0), alphas)
+    for z0, z1, what in ((nan, z, "z0"), (z, nan, "z1")):
+        with pytest.raises(ValueError, match=rf"^{what}: expected finite values, got NaN / inf$"):
+            edit.interpolate(model, z0, z1, [0.5])
+    with pytest.raises(ValueError, match=r"^noisy: expected finite values, got NaN / inf$"):
+        edit.denoise(model, nan, 0.5)
+    assert edit.interpolate(model, z, z.flip(0), [[0.0, 1.0]]).shape == (2, *z.shape)
