@@ -157,8 +157,8 @@ def _progress(it, total, desc, enabled):
 def feature_stats(extractor, batches, dim, device="cpu"):
     """FeatureStats of extractor(batch) over an iterable of [-1, 1] image batches."""
     stats = FeatureStats(dim)
-    for x in batches:
-        stats.update(extractor(x.to(device)).double())
+    for x in batches:   # float32, as the feature network's weights (float64 / float16 images failed in its conv)
+        stats.update(extractor(x.to(device=device, dtype=torch.float32)).double())
     return stats
 
 
@@ -343,6 +343,14 @@ def _check_images(images, channels=None, size=None):
                         f"x.float() / 127.5 - 1)")
     if len(images) < 2:
         raise ValueError(f"images: need at least 2 images for a covariance, got {len(images)}")
+    # NaN ended in numpy's 'Eigenvalues did not converge'; [0, 255] (or [0, 1] x 10) floats were scored as they
+    # were. Unclamped samples a little outside [-1, 1] pass: the bound is 2.
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("images: expected finite values, got NaN / inf")
+    if lo < -2 or hi > 2:
+        raise ValueError(f"images: expected values in [-1, 1], got [{lo:.4g}, {hi:.4g}] (8-bit pixels: "
+                         "x.float() / 127.5 - 1)")
 
 
 # ---------------------------------------------------------------- evaluating a model

@@ -293,6 +293,26 @@ class _Replay(torch.nn.Module):
         return out
 
 
+def test_fd_fmnist_takes_any_float_dtype_and_refuses_nan_or_pixel_scale(tmp_path, monkeypatch):
+    """float64 / float16 images failed inside the classifier's conv ('expected scalar type Double but found Float');
+    NaN ended in numpy's 'Eigenvalues did not converge'; [0, 255] floats were scored as they were."""
+    _fake_reference(tmp_path)
+    x = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    want = metrics.fd_fmnist(x, data_dir=str(tmp_path))
+    assert metrics.fd_fmnist(x.double(), data_dir=str(tmp_path)) == pytest.approx(want, rel=1e-6)
+    assert metrics.fd_fmnist(x.half(), data_dir=str(tmp_path)) == pytest.approx(want, rel=1e-3)
+    assert metrics.fd_fmnist(x * 1.05, data_dir=str(tmp_path)) > 0     # unclamped samples a little outside: scored
+    monkeypatch.setattr(metrics, "reference_stats", lambda *a, **k: pytest.fail("reference statistics computed"))
+    nan = x.clone()
+    nan[3, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^images: expected finite values, got NaN / inf$"):
+        metrics.fd_fmnist(nan)
+    with pytest.raises(ValueError, match=r"^images: expected values in \[-1, 1\], got \[0, 255\] \(8-bit pixels"):
+        metrics.fd_fmnist(torch.linspace(0, 255, 8).reshape(8, 1, 1, 1).expand(8, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"^images: expected finite values"):
+        metrics.fid(torch.full((4, 3, 32, 32), float("inf")))
+
+
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed")
 def test_evaluate_equals_fd_fmnist_of_the_samples(data_dir):
     imgs = _fmnist("test", 600)[0]
