@@ -57,6 +57,21 @@ def eval_mode(model):
             sub.training = True
 
 
+def check_device(model, z, generator=None) -> None:
+    """z on the device of the model's parameters and the generator there too, or one ValueError naming both: the
+    network's convolution (or torch.randn) raised 'Input type (torch.FloatTensor) and weight type
+    (torch.cuda.FloatTensor) should be the same' from deep inside. A model without parameters is not checked."""
+    params = getattr(model, "parameters", None)
+    p = next(iter(params()), None) if callable(params) else None
+    if p is not None and isinstance(z, torch.Tensor) and z.device != p.device:
+        raise ValueError(f"z: expected a tensor on {p.device} (the model's device), got one on {z.device}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and isinstance(z, torch.Tensor) and generator.device.type != z.device.type:
+        raise ValueError(f"generator: expected a torch.Generator on {z.device.type} (z's device), got one on "
+                         f"{generator.device.type}")
+
+
 def check_noise(z, what: str = "z") -> None:
     """z must be floating point (s[0] * z would promote an integer one: no error otherwise) and, on the CPU, where
     the check costs no device sync, finite (NaN noise gave NaN images without a word)."""
@@ -76,6 +91,7 @@ def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, cl
     (no dropout); a model in train mode is put back in it after."""
     s = check_sigmas(sigmas, model.sigma_min, model.sigma_max)
     check_noise(z)
+    check_device(model, z, generator)
     if noise is not None and (len(noise) != len(s) - 1 or any(tuple(n.shape) != tuple(z.shape) for n in noise)):
         raise ValueError(f"noise: expected {len(s) - 1} tensor(s) shaped {tuple(z.shape)}, one per level after the "
                          f"first, got {[tuple(n.shape) for n in noise]}")
@@ -107,6 +123,7 @@ def edm_sample(denoiser: nn.Module, z: torch.Tensor, num_steps: int = 18, solver
     """EDM's deterministic sampler (EDM Alg. 1, S_churn = 0) from sigma_max to 0: Heun takes 2 num_steps - 1
     network evaluations (35 for 18 steps)."""
     check_noise(z)
+    check_device(denoiser, z)
     try:        # an integer of any kind (numpy's too); 2.0 failed in karras_sigmas as its argument n
         if isinstance(num_steps, bool):
             raise TypeError

@@ -169,3 +169,19 @@ def test_bad_noise_and_levels_are_one_clear_error(model):
         cmfast.edm_sample(teacher, z, num_steps=2.0)
     import numpy as np
     assert torch.equal(cmfast.edm_sample(teacher, z, num_steps=np.int64(3)), cmfast.edm_sample(teacher, z, num_steps=3))
+
+
+def test_noise_on_another_device_than_the_model_is_one_clear_error(model):
+    """z on the CPU for a model on another device (CUDA; 'meta' stands in here) failed inside the network's first
+    layer ('Tensor on device meta is not on the expected device cpu!', on a GPU 'Input type (torch.FloatTensor) and
+    weight type (torch.cuda.FloatTensor) should be the same'); a generator=<seed> inside torch.randn."""
+    import copy
+    meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match=r"^z: expected a tensor on meta \(the model's device\), got one on cpu$"):
+        cmfast.sample(meta, torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"^z: expected a tensor on meta"):
+        cmfast.edm_sample(cmfast.EDMDenoiser(meta.net), torch.randn(1, 2, 8, 8), num_steps=2)
+    with pytest.raises(ValueError, match=r"^z: expected a tensor on cpu \(the model's device\), got one on meta$"):
+        cmfast.sample(model, torch.randn(1, 2, 8, 8, device="meta"))
+    with pytest.raises(TypeError, match=r"^generator: expected a torch\.Generator or None, got int$"):
+        cmfast.sample(model, torch.randn(1, 2, 8, 8), (80.0, 1.0), generator=0)
