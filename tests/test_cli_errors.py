@@ -298,7 +298,8 @@ def test_checkpoint_weights_no_model_can_use_are_one_line(capsys, tmp_path):
              "inf": (inf, meta, "bad ema weights: net.map_layer0.bias holds 32 NaN / inf value(s)"),
              "int": ({k: v.long() for k, v in sd.items()}, meta, "is torch.int64, not floating point"),
              "neg": (sd, dict(meta, config=json.dumps(bad_net)), "its config does not describe a model this cmfast "
-                                                                   "builds (RuntimeError: ")}
+                                                                   "builds (ValueError: model_channels: expected an "
+                                                                   "integer >= 1, got -1)")}
     for name, (tensors, m, msg) in cases.items():
         path = tmp_path / f"{name}.safetensors"
         path.write_bytes(save(tensors, metadata=m))

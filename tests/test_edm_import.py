@@ -223,7 +223,8 @@ def test_arguments_and_weights_that_make_no_network_are_one_line(tmp_path, capsy
     nan_net, _ = _net("ddpmpp")
     with torch.no_grad():
         nan_net.out_conv.weight[0, 0, 0, 0] = float("nan")
-    cases = {"neg": (net, dict(song_kwargs={**song, "model_channels": -8}), "do not make a cmfast UNet (Trying to"),
+    cases = {"neg": (net, dict(song_kwargs={**song, "model_channels": -8}),
+                     "do not make a cmfast UNet (model_channels: expected an integer >= 1, got -8)"),
              "sigma": (net, dict(sigma_data="x"), "a recorded network argument is not a number (could not convert"),
              "nan": (nan_net, {}, "out_conv.weight holds 1 NaN / inf value(s)")}
     for name, (n, kw, match) in cases.items():

@@ -113,6 +113,20 @@ def test_errors():
     assert set(PRESETS) >= {"ddpmpp-cifar10", "ncsnpp-cifar10", "fmnist-small", "tiny"}
 
 
+@pytest.mark.parametrize("bad, msg", [(dict(in_channels=0), "in_channels: expected an integer >= 1, got 0"),
+                                      (dict(model_channels=-1), "model_channels: expected an integer >= 1, got -1"),
+                                      (dict(dropout=2.0), r"dropout: expected a probability in \[0, 1\), got 2.0"),
+                                      (dict(label_dim=-1), "label_dim: expected an integer >= 0, got -1"),
+                                      (dict(channel_mult=()), r"channel_mult: expected one or more integers >= 1"),
+                                      (dict(img_resolution=32.0), "img_resolution: expected an integer >= 1")])
+def test_sizes_are_checked_at_construction(bad, msg):
+    """A negative size failed in a layer ('Trying to create tensor with negative dimension -2'); in_channels=0 or
+    dropout=2 built a net that failed only at its first call (F.dropout: 'probability has to be between 0 and 1')."""
+    with pytest.raises(ValueError, match=f"^{msg}"):
+        cmfast.UNet.from_preset("tiny", **bad)
+    assert cmfast.UNet.from_preset("tiny", num_blocks=0, dropout=0.0).in_channels == 3
+
+
 @pytest.mark.parametrize("arch", ["song", "adm"])
 def test_resolution_must_halve_evenly(arch):
     """A 30x30 net with 3 resolutions (30, 15, 8 down; 8, 16, 32 up) was built and failed in forward's skip concat

@@ -132,6 +132,20 @@ class UNet(nn.Module):
                  arch: str = "song",                # 'song' (SongUNet: DDPM++ / NCSN++) or 'adm' (DhariwalUNet).
                  noise_scale: float = 1.0):         # c_noise multiplier (1000: openai/consistency_models' nets).
         super().__init__()
+        # Sizes are checked here: a negative one failed in a layer ('Trying to create tensor with negative
+        # dimension'), in_channels=0 or dropout=2 built a net that failed at its first call or training step.
+        for name, v, lo in (("img_resolution", img_resolution, 1), ("in_channels", in_channels, 1),
+                            ("out_channels", 1 if out_channels is None else out_channels, 1),
+                            ("label_dim", label_dim, 0), ("model_channels", model_channels, 1),
+                            ("channel_mult_emb", channel_mult_emb, 1), ("num_blocks", num_blocks, 0),
+                            ("channel_mult_noise", channel_mult_noise, 1), ("num_heads", num_heads, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
+        if not channel_mult or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
+                                       for m in channel_mult):
+            raise ValueError(f"channel_mult: expected one or more integers >= 1, got {channel_mult!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         if arch not in ("song", "adm"):
             raise ValueError(f"arch: expected 'song' (DDPM++ / NCSN++) or 'adm', got {arch!r}")
         if arch == "adm":
