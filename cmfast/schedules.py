@@ -21,6 +21,14 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     return s
 
 
+def _check_s0_s1(s0, s1) -> None:
+    """1 <= s0 <= s1: s0 = 0 divided by zero in ict_schedule, s1 < s0 was a 'math domain error', and ct_schedule
+    gave an EMA rate mu > 1 for a negative s0."""
+    if not 1 <= s0 <= s1:
+        raise ValueError(f"s0, s1: expected 1 <= s0 <= s1 (discretization steps, growing from s0 to s1), got "
+                         f"s0={s0!r}, s1={s1!r}")
+
+
 # ---- CM paper Appendix C: adaptive N(k) and mu(k) for consistency training ------------------------------------
 def ct_schedule(step: int, total_steps: int, s0: int = 2, s1: int = 150, mu0: float = 0.9,
                 match_reference_code: bool = False) -> tuple[int, float]:
@@ -29,6 +37,7 @@ def ct_schedule(step: int, total_steps: int, s0: int = 2, s1: int = 150, mu0: fl
     iCT). openai/consistency_models divides by N(k) - 1 instead (match_reference_code=True)."""
     if total_steps <= 0 or step < 0:
         raise ValueError(f"expected 0 <= step and total_steps > 0, got step={step}, total_steps={total_steps}")
+    _check_s0_s1(s0, s1)
     if not 0.0 <= mu0 <= 1.0:
         raise ValueError(f"mu0: expected a rate in [0, 1], got {mu0}")
     k = min(step, total_steps)
@@ -43,6 +52,7 @@ def ict_schedule(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> i
     """N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1))."""
     if total_steps <= 0 or step < 0:
         raise ValueError(f"expected 0 <= step and total_steps > 0, got step={step}, total_steps={total_steps}")
+    _check_s0_s1(s0, s1)
     k_prime = math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1))
     k_prime = max(k_prime, 1)
     return min(s0 * 2 ** (step // k_prime), s1) + 1

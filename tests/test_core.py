@@ -232,3 +232,12 @@ def test_ema_copies_buffers_and_takes_a_per_step_rate():
                                rtol=1e-6, atol=1e-7)
     x = torch.randn(5, 3)
     assert torch.equal(e(x), e.module(x))
+
+
+@pytest.mark.parametrize("s0, s1", [(0, 150), (-3, 150), (10, 5)])
+def test_curricula_refuse_s0_outside_1_to_s1(s0, s1):
+    """ict_schedule(s0=0) divided by zero, s1 < s0 was a 'math domain error' from inside math.log2, and
+    ct_schedule(s0=-3) returned an EMA rate mu = 1.009 (> 1: a target that diverges) without a word."""
+    for schedule in (cmfast.ct_schedule, cmfast.ict_schedule):
+        with pytest.raises(ValueError, match=rf"^s0, s1: expected 1 <= s0 <= s1 .*got s0={s0}, s1={s1}$"):
+            schedule(5, 100, s0=s0, s1=s1)
