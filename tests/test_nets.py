@@ -93,6 +93,11 @@ def test_class_labels_must_fit_the_batch_and_the_network(arch):
         with pytest.raises(ValueError, match=rf"class_labels: expected one label per image \(2\), got {len(bad)}$"):
             cond(x, torch.zeros(2), bad)
     assert cond(x, torch.zeros(2), torch.tensor([1, 2])).shape == x.shape
+    meta = cmfast.UNet.from_preset("tiny", img_resolution=16, arch=arch, label_dim=10, **kw).eval().to("meta")
+    with pytest.raises(ValueError, match=r"^class_labels: expected a tensor on meta \(the images' device\), got one "
+                                         r"on cpu$"):     # 'meta' stands in for CUDA: torch's device error before
+        meta(x.to("meta"), torch.zeros(2, device="meta"), torch.tensor([1, 2]))
+    assert meta(x.to("meta"), torch.zeros(2, device="meta"), [1, 2]).device.type == "meta"   # a list: made there
     consts = cond.constants(torch.zeros(1), torch.tensor([1, 2]))     # one noise level for the batch: as before
     torch.testing.assert_close(cond(x, None, constants=consts), cond(x, torch.zeros(2), torch.tensor([1, 2])),
                                rtol=1e-5, atol=1e-6)

@@ -270,7 +270,11 @@ class UNet(nn.Module):
         if self.map_label is not None:
             if class_labels is None:
                 raise ValueError(f"class_labels: this network is conditional on {self.label_dim} classes")
-            labels = class_labels if isinstance(class_labels, torch.Tensor) else torch.as_tensor(class_labels)
+            given = isinstance(class_labels, torch.Tensor)
+            labels = class_labels if given else torch.as_tensor(class_labels)   # a list: checked on the CPU, moved
+            if given and labels.device != emb.device:   # failed inside the label layer's add with torch's device error
+                raise ValueError(f"class_labels: expected a tensor on {emb.device} (the images' device), got one on "
+                                 f"{labels.device}")
             if labels.dim() == 1:
                 labels = F.one_hot(self._checked_indices(labels), self.label_dim)
             elif labels.dim() != 2 or labels.shape[1] != self.label_dim:
@@ -280,7 +284,7 @@ class UNet(nn.Module):
                 # one label was broadcast over the whole batch; another count failed inside an add
                 raise ValueError(f"class_labels: expected one label per image ({emb.shape[0]}), got "
                                  f"{labels.shape[0]}")
-            labels = labels.to(emb.dtype)
+            labels = labels.to(device=emb.device, dtype=emb.dtype)
         if self.arch == "adm":     # DhariwalUNet: cos/sin as computed, the label after the second layer
             emb = self.map_layer1(F.silu(self.map_layer0(emb)))
             return F.silu(emb if labels is None else emb + self.map_label(labels))
