@@ -471,10 +471,13 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     if edm:
         if sigmas:
             raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
-        steps, sampler = steps or 18, f"EDM Heun, {steps or 18} steps"
+        steps = 18 if steps is None else steps      # steps=0 sampled 18 (`steps or 18`)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"steps: EDM's sampler takes 2 or more steps, got {steps!r}")
+        sampler = f"EDM Heun, {steps} steps"
     else:
         # default: starting at the model's own sigma_max, as cmfast-sample (80 was hard-coded here)
-        sigmas = tuple(float(s) for s in sigmas) if sigmas else model_sigmas(model, steps or 1)
+        sigmas = tuple(float(s) for s in sigmas) if sigmas else model_sigmas(model, 1 if steps is None else steps)
         if steps is not None and steps != len(sigmas):
             raise ValueError(f"steps={steps} but {len(sigmas)} sigmas given: {list(sigmas)}")
         steps, sampler = len(sigmas), f"consistency sampling (Algorithm 1), {len(sigmas)}-step"

@@ -230,7 +230,7 @@ def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | No
         n = min(batch_size, num - b0)
         z = image_noise(seed, b0, n, shape).to(device)
         if edm:
-            x = edm_sample(model, z, steps or 18, class_labels=labels(b0, n))
+            x = edm_sample(model, z, 18 if steps is None else steps, class_labels=labels(b0, n))   # 0: an error
         else:
             later = [image_noise(seed, b0, n, shape, draw=k) for k in range(1, len(sigmas))]
             x = sample(model, z, sigmas, class_labels=labels(b0, n), noise=later)

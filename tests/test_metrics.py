@@ -379,6 +379,22 @@ def test_evaluate_gives_the_model_back_in_its_own_mode(tmp_path):
     assert next(cm.parameters()).device.type == "cpu"
 
 
+def test_steps_0_is_refused_not_read_as_the_default(monkeypatch):
+    """evaluate / generate_batches read steps=0 for an EDM teacher as `steps or 18`: 18 Heun steps, no word (and a
+    consistency model's steps=0 as 1 step, then 'steps=0 but 1 sigmas given')."""
+    from cmfast import ConsistencyModel, EDMDenoiser
+    from cmfast.nets import UNet
+    from cmfast.sampling import generate_batches
+    monkeypatch.setattr(metrics, "reference_stats", lambda *a, **k: pytest.fail("reference statistics computed"))
+    net = UNet.from_preset("tiny", in_channels=1, img_resolution=32)
+    with pytest.raises(ValueError, match=r"^steps: EDM's sampler takes 2 or more steps, got 0$"):
+        metrics.evaluate(EDMDenoiser(net), "fd-fmnist", steps=0, num=4)
+    with pytest.raises(ValueError, match=r"^steps: expected an integer >= 1, got 0$"):
+        metrics.evaluate(ConsistencyModel(net), "fd-fmnist", steps=0, num=4)
+    with pytest.raises(ValueError, match=r"^steps: EDM's sampler takes 2 or more steps"):
+        next(generate_batches(EDMDenoiser(net), 2, steps=0, engine="eager"))
+
+
 def test_evaluate_fd_fmnist_refuses_a_model_of_other_images(tmp_path, monkeypatch):
     """An RGB (or 64x64) model scored with fd-fmnist failed in the classifier's conv2d with a traceback, after the
     reference statistics; now one ValueError before anything is computed."""
