@@ -284,6 +284,9 @@ def load_model(path: str, which: str = "ema", map_location="cpu"):
 def _shape_mismatch(path: str, build, cfg: dict, sd: dict, limit: int = 200) -> str | None:
     """What differs between the state dict of build(cfg), made on the meta device, and `sd` (missing and unexpected
     keys, shapes), as one line, or None. A config this version cannot build is a CheckpointError."""
+    blocks = _residual_blocks(cfg)
+    if blocks is not None and 10 * blocks > len(sd):    # the meta build itself took ~3 ms and 0.1 MB a block
+        return f"the config asks for {blocks} residual blocks (10 or more tensors each), the file holds {len(sd)}"
     try:    # a config this version cannot build (another cmfast version's method or net argument): one line
         with torch.device("meta"):
             want = {k: tuple(v.shape) for k, v in build(cfg).state_dict().items()}
@@ -297,6 +300,22 @@ def _shape_mismatch(path: str, build, cfg: dict, sd: dict, limit: int = 200) -> 
     why = "; ".join(f"{what} {', '.join(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
                                                                      ("size mismatch", shapes)) if keys)
     return None if not why else why if len(why) <= limit else why[:limit - 3] + "..."
+
+
+def _residual_blocks(cfg: dict) -> int | None:
+    """How many UNetBlocks the config's net has (encoder, middle, decoder), or None when its net section does not say
+    in plain integers (the build then says what is wrong). Each holds 10 tensors or more (two norms, two
+    convolutions, the embedding layer), so a file with fewer cannot match: a num_blocks of a million is refused
+    without building a million modules."""
+    from ..nets.unet import architecture
+    try:
+        a = architecture(cfg["net"])
+        levels, n = len(a["channel_mult"]), a["num_blocks"]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or not levels:
+        return None
+    return levels * n + 2 * (levels - 1) + 2 + levels * (n + 1)
 
 
 def _device(map_location) -> torch.device:
