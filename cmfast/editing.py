@@ -10,6 +10,7 @@ caller make each image's noise its own, whatever batch it is edited in (cmfast-e
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -114,6 +115,10 @@ class with_class:
         label_dim = int(getattr(getattr(model, "net", None), "label_dim", 0) or 0)
         if not label_dim:
             raise ValueError("class label: this model is unconditional")
+        whole = isinstance(label, numbers.Integral) or (isinstance(label, torch.Tensor) and label.numel() == 1
+                                                         and not label.is_floating_point())
+        if isinstance(label, bool) or not whole:     # int(1.5): class 1 without a word
+            raise TypeError(f"class label: expected an integer class index, got {label!r}")
         if not 0 <= int(label) < label_dim:
             raise ValueError(f"class label: expected 0 <= label < {label_dim}, got {label}")
         self.model, self.label = model, int(label)

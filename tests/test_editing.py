@@ -480,6 +480,9 @@ def test_class_conditional_model_edits_with_a_label(images, tmp_path, capsys):
                         "unconditional")):
         with pytest.raises(ValueError, match=match):
             bad()
+    with pytest.raises(TypeError, match=r"^class label: expected an integer class index, got 1\.5$"):
+        cmfast.edit.with_class(cond, 1.5)                                   # was class 1 without a word
+    assert cmfast.edit.with_class(cond, np.int64(2)).label == cmfast.edit.with_class(cond, torch.tensor(2)).label == 2
     from cmfast.cli.edit import main
     from cmfast.nets import preset_config
     from cmfast.training.checkpoint import save_checkpoint
