@@ -2,16 +2,29 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
+
+
+def _integer(v) -> int | None:
+    """v as a Python int when it is an integer of any kind (numpy's, a 0-d integer tensor), else None: numpy's
+    np.int64(5) was refused as 'expected an integer >= 2, got 5'."""
+    if isinstance(v, bool) or (isinstance(v, torch.Tensor) and (v.is_floating_point() or v.numel() != 1)):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
 
 
 # ---- Karras et al. (EDM eq. 5), CM paper Sec. 5 discretization ------------------------------------------------
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """t_i = (smin^(1/rho) + (i-1)/(N-1) (smax^(1/rho) - smin^(1/rho)))^rho, i = 1..N: float64, ASCENDING,
     [0] == sigma_min and [-1] == sigma_max exactly."""
-    if not isinstance(n, int) or n < 2:
+    if _integer(n) is None or _integer(n) < 2:
         raise ValueError(f"n: expected an integer >= 2, got {n!r}")
+    n = _integer(n)
     if not (0 < sigma_min < sigma_max) or rho <= 0:
         raise ValueError(f"expected 0 < sigma_min < sigma_max and rho > 0, got {sigma_min}, {sigma_max}, {rho}")
     i = torch.arange(n, dtype=torch.float64) / (n - 1)
@@ -89,10 +102,10 @@ def paper_step_sigmas(ts, n: int, sigma_min: float = 0.002, sigma_max: float = 8
     into a Karras grid of n levels -> the decreasing sigmas for cmfast.sample."""
     grid = karras_sigmas(n, sigma_min, sigma_max, rho).flip(0)
     out = []
-    for t in ts:
-        if not (isinstance(t, int) and 0 <= t < n):
+    for t in (ts.tolist() if hasattr(ts, "tolist") else ts):     # a numpy array or tensor of indices too
+        if _integer(t) is None or not 0 <= _integer(t) < n:
             raise ValueError(f"ts: expected integers in [0, {n - 1}], got {t!r}")
-        out.append(float(grid[t]))
+        out.append(float(grid[_integer(t)]))
     if any(b >= a for a, b in zip(out, out[1:])):
         raise ValueError(f"ts: expected strictly increasing indices, got {list(ts)}")
     return tuple(out)

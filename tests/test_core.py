@@ -241,3 +241,16 @@ def test_curricula_refuse_s0_outside_1_to_s1(s0, s1):
     for schedule in (cmfast.ct_schedule, cmfast.ict_schedule):
         with pytest.raises(ValueError, match=rf"^s0, s1: expected 1 <= s0 <= s1 .*got s0={s0}, s1={s1}$"):
             schedule(5, 100, s0=s0, s1=s1)
+
+
+def test_level_grids_take_numpy_and_tensor_integers():
+    """karras_sigmas(np.int64(5)) was refused as 'n: expected an integer >= 2, got 5', and paper_step_sigmas of a
+    numpy array or tensor of indices (np.array([0, 22, 39])) as 'ts: expected integers'; floats still are."""
+    want = cmfast.paper_step_sigmas([0, 22, 39], 40)
+    assert cmfast.paper_step_sigmas(np.array([0, 22, 39]), np.int64(40)) == want
+    assert cmfast.paper_step_sigmas(torch.tensor([0, 22, 39]), 40) == want
+    assert torch.equal(cmfast.karras_sigmas(np.int64(5)), cmfast.karras_sigmas(5))
+    with pytest.raises(ValueError, match=r"^n: expected an integer >= 2, got 2\.0$"):
+        cmfast.karras_sigmas(2.0)
+    with pytest.raises(ValueError, match=r"^ts: expected integers in \[0, 39\], got 1\.5$"):
+        cmfast.paper_step_sigmas([0, 1.5], 40)
