@@ -83,9 +83,11 @@ def autocasting(x: torch.Tensor) -> bool:
 def backbone_input(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x (the fp32 scaled input) in the dtype of the backbone's weights, outside autocast (under it, autocast casts):
     a model converted with .half() / .bfloat16() runs its backbone in that dtype, the preconditioning stays fp32."""
+    p = next((p for p in net.parameters() if p.is_floating_point()), None)
+    if p is not None and p.device != x.device:    # torch's device / type mismatch came from the first convolution
+        raise ValueError(f"x: expected a tensor on {p.device} (the model's device), got one on {x.device}")
     if autocasting(x):
         return x
-    p = next((p for p in net.parameters() if p.is_floating_point()), None)
     return x if p is None else x.to(p.dtype)
 
 

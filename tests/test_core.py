@@ -254,3 +254,18 @@ def test_level_grids_take_numpy_and_tensor_integers():
         cmfast.karras_sigmas(2.0)
     with pytest.raises(ValueError, match=r"^ts: expected integers in \[0, 39\], got 1\.5$"):
         cmfast.paper_step_sigmas([0, 1.5], 40)
+
+
+def test_model_call_with_images_on_another_device_is_one_clear_error():
+    """model(x, sigma) with x on the CPU and the model elsewhere (CUDA; 'meta' stands in here) failed in the first
+    convolution with torch's 'Input type (torch.FloatTensor) and weight type (torch.cuda.FloatTensor) should be the
+    same' (on meta: 'Tensor on device meta is not on the expected device cpu!')."""
+    from cmfast.trigflow import TrigFlowModel
+    net = cmfast.UNet.from_preset("tiny", img_resolution=8).to("meta")
+    x = torch.randn(2, 3, 8, 8)
+    for model in (cmfast.ConsistencyModel(net), cmfast.EDMDenoiser(net), TrigFlowModel(net)):
+        with pytest.raises(ValueError, match=r"^x: expected a tensor on meta \(the model's device\), got one on cpu$"):
+            model(x, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):        # autocast skipped the dtype step: checked there too
+        with pytest.raises(ValueError, match=r"^x: expected a tensor on meta"):
+            cmfast.ConsistencyModel(net)(x, 1.0)
