@@ -111,6 +111,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"frechet_distance: expected mu ({d},) and sigma ({d}, {d}) twice, got "
                          f"{mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, s1, mu2, s2)):     # a NaN distance came back without a word
+        raise ValueError("frechet_distance: expected finite means and covariances, got NaN / inf")
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2))
 

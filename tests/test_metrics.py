@@ -61,6 +61,11 @@ def test_frechet_distance_matches_scipy_formula_and_self_is_zero():
     assert abs(metrics.frechet_distance(mu1, s3, mu1, s3)) < 1e-6
     with pytest.raises(ValueError, match="expected mu"):
         metrics.frechet_distance(mu1, s1, mu2[:-1], s2)
+    bad = s2.copy()
+    bad[3, 4] = np.nan                                   # was a NaN distance (or numpy's eigh failing) without a word
+    for args in ((mu1, s1, mu2, bad), (np.full(d, np.inf), s1, mu2, s2)):
+        with pytest.raises(ValueError, match=r"^frechet_distance: expected finite means and covariances"):
+            metrics.frechet_distance(*args)
 
 
 def test_streaming_stats_equal_one_shot():
