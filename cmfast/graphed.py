@@ -7,7 +7,6 @@ re-seeds it, and replay k after manual_seed(s) draws what eager call k would).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
@@ -17,7 +16,7 @@ from torch import nn
 from . import ops
 from .nets.unet import check_class_indices
 from .precond import noise_conditioning, scalings
-from .sampling import check_sigmas
+from .sampling import check_sigmas, eval_mode
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -63,17 +62,6 @@ def _flat(tree) -> list[torch.Tensor]:
     if isinstance(tree, (list, tuple)):
         return [t for item in tree for t in _flat(item)]
     return []
-
-
-@contextlib.contextmanager
-def _eval_mode(net: nn.Module):
-    """net in eval mode inside, its own mode restored after."""
-    was = net.training
-    net.eval()
-    try:
-        yield net
-    finally:
-        net.train(was)
 
 
 def _is_compiled(net: nn.Module) -> bool:
@@ -238,7 +226,7 @@ class GraphedSampler:
         # On the network's device (a model on cuda:1 is captured on cuda:1's streams), in eval mode (a compiled
         # network is the caller's own module: its mode is restored after), and the warm-up draws do not count, even
         # when the capture fails.
-        with torch.cuda.device(self.device), _eval_mode(self.net):
+        with torch.cuda.device(self.device), eval_mode(self.net):
             try:
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
@@ -292,5 +280,5 @@ class GraphedSampler:
         self._set_labels(g, class_labels)
         if seed is not None:
             self.generator.manual_seed(seed)
-        with _eval_mode(self.net):
+        with eval_mode(self.net):
             return self._run(g, g.sig, uint8)

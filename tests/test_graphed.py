@@ -185,6 +185,11 @@ def test_a_compiled_network_keeps_its_mode(monkeypatch):
     assert compiled.net.training
     sampler._run_uncaptured(seed=0)
     assert seen == [False] and compiled.net.training and compiled.net._orig_mod.training
+    # Mixed modes come back as they were, each submodule its own (net.train(was) set them all alike).
+    first, *rest = [m for m in compiled.net._orig_mod.modules() if m is not compiled.net._orig_mod]
+    first.eval()
+    sampler._run_uncaptured(seed=0)
+    assert seen == [False, False] and not first.training and all(m.training for m in rest)
 
 
 def test_reload_refreshes_folded_constants(monkeypatch):
