@@ -79,8 +79,10 @@ def _edm_tree(m, taps):
 
 
 def write_edm_pickle(path, net: UNet, song_kwargs: dict, precond="EDMPrecond", sigma_data=0.5, augment_dim=9,
-                     marker=None):
-    """An EDM training snapshot (network-snapshot-*.pkl) holding `net` as EDMPrecond(SongUNet or DhariwalUNet)."""
+                     marker=None, positional=False):
+    """An EDM training snapshot (network-snapshot-*.pkl) holding `net` as EDMPrecond(SongUNet or DhariwalUNet);
+    positional: EDMPrecond's four positional arguments recorded as _init_args (img_resolution, img_channels,
+    label_dim, use_fp16) instead of keywords."""
     cfg = net.config
     taps = list(cfg.get("resample_filter", [1, 1]))
     song = _edm_tree(net, taps)
@@ -95,8 +97,9 @@ def write_edm_pickle(path, net: UNet, song_kwargs: dict, precond="EDMPrecond", s
         mods["map_augment"] = _Persistent("Linear", _state([("weight", w)]))
     kwargs = dict(img_resolution=res, img_channels=cfg["in_channels"], label_dim=cfg.get("label_dim", 0),
                   use_fp16=False, augment_dim=augment_dim, **song_kwargs)
+    args = tuple(kwargs.pop(k) for k in ("img_resolution", "img_channels", "label_dim", "use_fp16")) if positional else ()
     ema = _Persistent(precond, _state(modules=[("model", song)], img_resolution=res, sigma_data=sigma_data,
-                                      sigma_min=0, sigma_max=float("inf"), _init_args=(), _init_kwargs=kwargs))
+                                      sigma_min=0, sigma_max=float("inf"), _init_args=args, _init_kwargs=kwargs))
     evil = _Evil()
     evil.marker = marker or os.devnull
     data = dict(ema=ema, loss_fn=_Persistent("EDMLoss", {"P_mean": -1.2, "hook": evil}), augment_pipe=None,
@@ -155,6 +158,36 @@ def test_imports_edm_networks_exactly(arch, tmp_path):
         0.2)}, sigma_data=np.float32(0.25)))
     assert other.sigma_data == 0.25 and cfg["net"]["dropout"] == 0.2 and type(cfg["net"]["dropout"]) is float
     json.dumps(cfg)
+
+
+def test_positional_arguments_recorded_defaults_and_filter_values(tmp_path):
+    """What a pickle leaves out is EDM's: EDMPrecond's positional arguments (img_resolution, img_channels, label_dim,
+    use_fp16, in that order), its model_type default DhariwalUNet, and the SongUNet / DhariwalUNet constructor defaults
+    (EDM training/networks.py: dropout 0.10; DhariwalUNet num_blocks 3, channel_mult_emb 4, attn_resolutions
+    [32, 16, 8]). A resample_filter buffer of the right shape but other taps than the recorded ones is refused."""
+    net, song = _net("ddpmpp-cond")
+    path = write_edm_pickle(tmp_path / "pos.pkl", net, {k: v for k, v in song.items() if k != "dropout"},
+                            positional=True)
+    model, cfg = edm_import.load_edm_pickle(str(path))
+    assert cfg["net"]["img_resolution"] == 16 and cfg["net"]["in_channels"] == 3 and cfg["net"]["label_dim"] == 3
+    assert cfg["net"]["dropout"] == 0.10
+    x, labels = torch.randn(2, 3, 16, 16), torch.tensor([2, 0])
+    with torch.no_grad():
+        assert torch.equal(model(x, 0.7, labels), cmfast.EDMDenoiser(net).eval()(x, 0.7, labels))
+    # DhariwalUNet by default, with its own defaults for what is not recorded
+    torch.manual_seed(0)
+    adm = UNet(img_resolution=16, in_channels=3, arch="adm", model_channels=64, channel_mult=[1, 2], num_blocks=3,
+               channel_mult_emb=4, attn_resolutions=[32, 16, 8], dropout=0.0)
+    adm.config = dict(img_resolution=16, in_channels=3)
+    _, cfg = edm_import.load_edm_pickle(str(write_edm_pickle(tmp_path / "adm.pkl", adm, dict(
+        model_channels=64, channel_mult=[1, 2]))))
+    assert cfg["net"]["arch"] == "adm" and cfg["net"]["num_blocks"] == 3 and cfg["net"]["dropout"] == 0.10
+    assert cfg["net"]["channel_mult_emb"] == 4 and cfg["net"]["attn_resolutions"] == [32, 16, 8]
+    # the pickle's [1, 1] filter buffers under a recorded [1, 2]: same 2x2 shape, other values
+    plain, plain_song = _net("ddpmpp")
+    bad = write_edm_pickle(tmp_path / "filt.pkl", plain, {**plain_song, "resample_filter": [1, 2]})
+    with pytest.raises(edm_import.EDMPickleError, match="is not the filter of resample_filter=.1, 2."):
+        edm_import.load_edm_pickle(str(bad))
 
 
 def test_no_code_in_the_pickle_runs(tmp_path):
