@@ -14,9 +14,10 @@ from cmfast import cm_import
 from cmfast.training.checkpoint import load_model
 
 
-def _openai_state(mc=128, mult=(1, 2), n=1, attn_ds=(2,), classes=3, in_ch=3, seed=0, scale_shift=True):
+def _openai_state(mc=128, mult=(1, 2), n=1, attn_ds=(2,), classes=3, in_ch=3, seed=0, scale_shift=True, emb=4):
     """A random UNetModel state dict (resblock_updown, 64 channels a head; use_scale_shift_norm as given: the
-    ImageNet models have it, the LSUN ones not): names and shapes as its constructor makes them."""
+    ImageNet models have it, the LSUN ones not; time embedding emb x model_channels wide, 4 in UNetModel): names and
+    shapes as its constructor makes them."""
     g = torch.Generator().manual_seed(seed)
     sd, ss = {}, 2 if scale_shift else 1
 
@@ -26,7 +27,7 @@ def _openai_state(mc=128, mult=(1, 2), n=1, attn_ds=(2,), classes=3, in_ch=3, se
     def res(p, cin, cout):
         sd.update({f"{p}.in_layers.0.weight": 1 + t(cin), f"{p}.in_layers.0.bias": t(cin),
                    f"{p}.in_layers.2.weight": t(cout, cin, 3, 3), f"{p}.in_layers.2.bias": t(cout),
-                   f"{p}.emb_layers.1.weight": t(ss * cout, 4 * mc), f"{p}.emb_layers.1.bias": t(ss * cout),
+                   f"{p}.emb_layers.1.weight": t(ss * cout, emb * mc), f"{p}.emb_layers.1.bias": t(ss * cout),
                    f"{p}.out_layers.0.weight": 1 + t(cout), f"{p}.out_layers.0.bias": t(cout),
                    f"{p}.out_layers.3.weight": t(cout, cout, 3, 3), f"{p}.out_layers.3.bias": t(cout)})
         if cin != cout:
@@ -36,10 +37,10 @@ def _openai_state(mc=128, mult=(1, 2), n=1, attn_ds=(2,), classes=3, in_ch=3, se
         sd.update({f"{p}.norm.weight": 1 + t(c), f"{p}.norm.bias": t(c), f"{p}.qkv.weight": t(3 * c, c, 1),
                    f"{p}.qkv.bias": t(3 * c), f"{p}.proj_out.weight": t(c, c, 1), f"{p}.proj_out.bias": t(c)})
 
-    sd.update({"time_embed.0.weight": t(4 * mc, mc), "time_embed.0.bias": t(4 * mc),
-               "time_embed.2.weight": t(4 * mc, 4 * mc), "time_embed.2.bias": t(4 * mc)})
+    sd.update({"time_embed.0.weight": t(emb * mc, mc), "time_embed.0.bias": t(emb * mc),
+               "time_embed.2.weight": t(emb * mc, emb * mc), "time_embed.2.bias": t(emb * mc)})
     if classes:
-        sd["label_emb.weight"] = t(classes, 4 * mc, scale=1.0)
+        sd["label_emb.weight"] = t(classes, emb * mc, scale=1.0)
     ch = mult[0] * mc
     sd.update({"input_blocks.0.0.weight": t(ch, in_ch, 3, 3), "input_blocks.0.0.bias": t(ch)})
     chans, i, ds = [ch], 1, 1
@@ -183,6 +184,15 @@ def test_imported_network_equals_unetmodel(qkv_order, n, attn_ds, classes, ss, t
         net.load_state_dict({k: v.double() for k, v in other.items()})
         with cmfast.ops.use_backend("torch"), torch.no_grad():
             assert (net(x, c_noise, y) - want).abs().max() > 1e-3
+
+
+def test_embedding_width_and_channel_multipliers_are_read_off_the_weights():
+    """channel_mult_emb is the time embedding's width over model_channels (4 in the released models, any multiple
+    in a state dict), channel_mult each level's channels over it."""
+    sd = {k: v.float() for k, v in _openai_state(mult=(1, 2, 2), attn_ds=(4,), classes=0, emb=2).items()}
+    weights, cfg = cm_import.convert(sd, img_resolution=32)
+    assert (cfg["channel_mult_emb"], cfg["channel_mult"], cfg["attn_resolutions"]) == (2, [1, 2, 2], [8])
+    assert weights["map_layer0.weight"].shape == (256, 128)
 
 
 def test_checkpoint_files_and_errors(tmp_path, capsys):
