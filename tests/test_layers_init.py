@@ -29,3 +29,25 @@ def test_linear_and_conv_are_edms_xavier_uniform_times_init_weight():
     assert torch.equal(conv.bias, torch.zeros(40))
     one = Conv2d(64, 32, 1, init_weight=0.2)
     _check_uniform(one.weight, 0.2 * math.sqrt(6 / (64 + 32)))
+
+
+def test_noise_embeddings_equal_their_formulas():
+    # FourierEmbedding: EDM's random frequencies N(0, 16^2) (NCSN++ builds it with the default scale), features
+    # [cos(2 pi f x), sin(2 pi f x)]; PositionalEmbedding: f_i = (1 / 10000)^(i / (half - 1)) (endpoint, DDPM++) or
+    # i / half (ADM), features [cos(f x), sin(f x)]
+    from cmfast.nets.layers import FourierEmbedding, PositionalEmbedding
+    torch.manual_seed(3)
+    four = FourierEmbedding(64)
+    torch.manual_seed(3)
+    freqs = torch.randn(32) * 16
+    assert torch.equal(four.freqs, freqs)
+    x = torch.tensor([-1.5, 0.0, 0.3, 2.0], dtype=torch.float64)
+    arg = torch.outer(x, 2 * math.pi * freqs.double())
+    # (2 pi f is formed from the fp32 buffer: up to ~1e-5 off the float64 product at these arguments)
+    torch.testing.assert_close(four(x), torch.cat([arg.cos(), arg.sin()], 1), rtol=0, atol=1e-4)
+    for endpoint, denom in ((True, 7), (False, 8)):
+        f = torch.tensor([(1 / 10000) ** (i / denom) for i in range(8)], dtype=torch.float64)
+        arg = torch.outer(x, f)
+        torch.testing.assert_close(PositionalEmbedding(16, endpoint=endpoint)(x), torch.cat([arg.cos(), arg.sin()], 1),
+                                   rtol=0, atol=1e-12)
+    assert PositionalEmbedding(16).endpoint is True
