@@ -65,3 +65,24 @@ def test_class_subfolders_are_numbered_in_the_sorted_order_of_their_names(tmp_pa
     assert got == {0: 0, 1: 1, 2: 2}
     peek = data.peek_folder(str(tmp_path))
     assert peek.classes == ds.classes and peek.num_classes == 3 and peek.count == 6
+
+
+def test_jpeg_files_of_either_extension_are_images(tmp_path):
+    from PIL import Image
+    for i, ext in enumerate(("jpg", "jpeg", "JPEG")):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.{ext}", format="JPEG")
+    ds = data.load_folder(str(tmp_path))
+    assert len(ds) == 3 and ds.shape == (3, 8, 8)
+
+
+def test_a_folder_with_one_of_the_two_split_files_is_passed_over(tmp_path, monkeypatch):
+    # --data-dir holding the images but not the labels: the next folder with both is used (it raised a KeyError)
+    from train_fixtures import write_fmnist
+    monkeypatch.delenv("CMFAST_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "_fetch", lambda url, timeout=30.0: (_ for _ in ()).throw(AssertionError(url)))
+    sys_images, _ = write_fmnist(tmp_path / "system", n=3, seed=1)
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "system"))
+    write_fmnist(tmp_path / "mine", n=5)
+    (tmp_path / "mine" / "train-labels-idx1-ubyte.gz").unlink()
+    ds = data.load_fashion_mnist(str(tmp_path / "mine"))
+    np.testing.assert_array_equal(ds.images[:, 0, 2:30, 2:30].numpy(), sys_images)
