@@ -87,3 +87,17 @@ def test_trig_tangent_loss_finite_difference_path_against_float64():
     # d/dF of ||F - F- - gn||^2 q at F = F-: -2 q gn (q = w / (e^lv D))
     q = (w / (lv.exp() * gn.shape[1])).view(B, 1)
     torch.testing.assert_close(Fg.grad.flatten(1), -2 * q * gn, rtol=1e-10, atol=1e-14)
+
+
+def test_group_norm_act_keeps_the_channels_last_layout():
+    # a channels_last activation stays channels_last (the UNet runs NHWC end to end; a contiguous result made every
+    # following convolution convert back)
+    x = torch.randn(2, 8, 5, 3).to(memory_format=torch.channels_last)
+    with ops.use_backend("torch"):
+        y = ops.group_norm_act(x, 4, torch.ones(8), torch.zeros(8))
+        z = ops.group_norm_act(x.contiguous(), 4, torch.ones(8), torch.zeros(8))
+    assert y.is_contiguous(memory_format=torch.channels_last) and z.is_contiguous()
+    xg = x.double().reshape(2, 4, -1)
+    want = (xg - xg.mean(-1, keepdim=True)) / torch.sqrt(xg.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    want = want.reshape(x.shape)
+    torch.testing.assert_close(y.double(), want * torch.sigmoid(want), rtol=0, atol=1e-5)
