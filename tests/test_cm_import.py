@@ -319,3 +319,19 @@ def test_student_adopts_the_teachers_time_scale():
     assert "noise_scale" not in student                                      # the config given is not changed
     other = dict(student, num_blocks=1)
     assert adopt_time_scale(other, teacher) == other                         # another network: nothing adopted
+
+
+def test_paper_two_step_table_is_launch_sh():
+    """Every released model's two-step levels: openai/consistency_models scripts/launch.sh, "Multistep sampling"
+    (--ts 0,T,last --steps N), transcribed here; the second level is the Karras grid's T-th of N (rho 7, 80 ->
+    0.002), computed here in float64."""
+    launch = {"cd_imagenet64_lpips": (22, 40), "cd_imagenet64_l2": (22, 40), "ct_imagenet64": (106, 201),
+              "cd_bedroom256_lpips": (17, 40), "cd_bedroom256_l2": (18, 40), "ct_bedroom256": (67, 151),
+              "ct_cat256": (62, 151)}
+    assert set(cm_import.PAPER_TWO_STEP) == set(launch)
+    for name, (t, n) in launch.items():
+        a, b = 80.0 ** (1 / 7), 0.002 ** (1 / 7)
+        want = (a + t / (n - 1) * (b - a)) ** 7
+        got = cm_import.paper_two_step(f"/models/{name}.pt")
+        assert got[0] == pytest.approx(80.0, rel=1e-12) and got[1] == pytest.approx(want, rel=1e-9), name
+    assert cm_import.paper_two_step("/models/my_model.pt") is None
