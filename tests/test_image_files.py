@@ -151,3 +151,15 @@ def test_cli_grid_geometry_fill_and_gray_tiles():
     assert (g[mask] == 0.9).all()                # padding and the empty cell (row 2, column 2) are the fill
     assert math.isclose(float(_png.grid([[b]])[0, 0, 0]), 1.0)     # the default fill is white, pad 2
     assert _png.grid([[b]]).shape == (1, 2 + 2 + 2, 3 + 2 + 2)
+
+
+def test_png_files_are_sorted_and_skip_appledouble_and_other_files(tmp_path):
+    for name in ("b.png", "a.PNG", "c.png", "._a.png", "notes.txt", "d.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    assert _png.png_files(str(tmp_path)) == [str(tmp_path / n) for n in ("a.PNG", "b.png", "c.png")]
+    assert _png.png_files(str(tmp_path / "c.png")) == [str(tmp_path / "c.png")]
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        _png.png_files(str(tmp_path / "missing.png"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .png files in"):
+        _png.png_files(str(tmp_path / "empty"))
