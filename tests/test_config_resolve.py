@@ -65,3 +65,9 @@ def test_time_budget_excludes_the_other_lengths():
             C.resolve({"dataset": "fashion-mnist", "time_budget": 5.0, **other})
     cfg = C.resolve({"config": "ict-cifar10", "time_budget": 5.0})
     assert cfg["total_steps"] == 1000 and cfg["kimg"] == 1000 * 1024 / 1000   # the stand-in K until the loop plans
+
+
+def test_compile_mode_is_checked():
+    assert C.resolve({"dataset": "fashion-mnist", "compile": "max-autotune"})["compile"] == "max-autotune"
+    with pytest.raises(ValueError, match="--compile: expected one of none, default"):
+        C.resolve({"dataset": "fashion-mnist", "compile": "fast"})
