@@ -86,3 +86,18 @@ def test_a_folder_with_one_of_the_two_split_files_is_passed_over(tmp_path, monke
     (tmp_path / "mine" / "train-labels-idx1-ubyte.gz").unlink()
     ds = data.load_fashion_mnist(str(tmp_path / "mine"))
     np.testing.assert_array_equal(ds.images[:, 0, 2:30, 2:30].numpy(), sys_images)
+
+
+def test_sampler_shuffles_each_epoch_with_its_seeded_generator():
+    # per epoch a torch.randperm of the seeded generator, then per batch the flip bits from the same generator
+    n, seed = 50, 7
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    flips = [torch.randint(0, 2, (20,), generator=g).bool() for _ in range(2)]
+    s = data.Sampler(n, seed)
+    for k in range(2):
+        idx, flip = s.next(20)
+        assert torch.equal(idx, perm[20 * k:20 * (k + 1)]) and torch.equal(flip, flips[k])
+    assert not torch.equal(perm, torch.arange(n))
+    idx, _ = s.next(20)                 # 10 left in this epoch, then the next epoch's permutation
+    assert torch.equal(idx[:10], perm[40:]) and torch.equal(idx[10:], torch.randperm(n, generator=g)[:10])
