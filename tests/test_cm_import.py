@@ -335,3 +335,18 @@ def test_paper_two_step_table_is_launch_sh():
         got = cm_import.paper_two_step(f"/models/{name}.pt")
         assert got[0] == pytest.approx(80.0, rel=1e-12) and got[1] == pytest.approx(want, rel=1e-9), name
     assert cm_import.paper_two_step("/models/my_model.pt") is None
+
+
+def test_a_teacher_converts_to_an_edm_checkpoint(tmp_path):
+    """--kind edm writes method 'edm' (load_model then builds the EDM denoiser, and cmfast-sample runs EDM's Heun
+    sampler): recorded as 'cd' the teacher came back as a consistency model."""
+    sd = {k: v.float() for k, v in _openai_state(classes=0).items()}
+    torch.save(sd, tmp_path / "edm_imagenet64_ema.pt")
+    _, cfg = cm_import.load_cm_checkpoint(str(tmp_path / "edm_imagenet64_ema.pt"), kind="edm", img_resolution=16)
+    assert cfg["method"] == "edm" and "sampling_sigmas" not in cfg
+    out = tmp_path / "teacher.safetensors"
+    assert cm_import.main([str(tmp_path / "edm_imagenet64_ema.pt"), str(out), "--kind", "edm",
+                           "--image-size", "16"]) == 0
+    model, meta = load_model(str(out))
+    assert isinstance(model, cmfast.EDMDenoiser) and not isinstance(model, cmfast.ConsistencyModel)
+    assert meta["config"]["method"] == "edm" and model.sigma_data == 0.5
