@@ -71,3 +71,9 @@ def test_compile_mode_is_checked():
     assert C.resolve({"dataset": "fashion-mnist", "compile": "max-autotune"})["compile"] == "max-autotune"
     with pytest.raises(ValueError, match="--compile: expected one of none, default"):
         C.resolve({"dataset": "fashion-mnist", "compile": "fast"})
+
+
+def test_the_config_name_and_cifar10_classes_are_recorded():
+    cfg = C.resolve({"config": "ict-cifar10", "cond": True})
+    assert cfg["config"] == "ict-cifar10" and cfg["net"]["label_dim"] == 10
+    assert C.resolve({"dataset": "cifar10"})["config"] is None
