@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import torch
 
+from ._device import checked_device
+
 METRICS = ("fid", "fd-fmnist")
 SHAPES = {"fashion-mnist": (1, 32, 32), "cifar10": (3, 32, 32)}   # reference datasets' image shapes
 
@@ -315,7 +317,7 @@ def _extractor(metric, device, weights=None):
 def fd_fmnist(images, batch_size=500, device="cpu", data_dir=None):
     """FD-FMNIST of [-1, 1] images (N, 1, 32, 32) against Fashion-MNIST train (all 60k), float."""
     _check_images(images, channels=1, size=(32, 32))
-    device = _device(device)
+    device = checked_device(device)
     mu2, s2, _ = reference_stats("fd-fmnist", "fashion-mnist", data_dir, num=60000, batch_size=batch_size,
                                  device=device)
     extractor, dim, _ = _extractor("fd-fmnist", device)
@@ -326,23 +328,11 @@ def fd_fmnist(images, batch_size=500, device="cpu", data_dir=None):
 def fid(images, dataset="cifar10", num_ref=50000, batch_size=100, device="cpu", data_dir=None, weights=None):
     """FID of [-1, 1] images (N, C, H, W) against `dataset`'s train split (pytorch-fid's Inception weights)."""
     _check_images(images)
-    device = _device(device)
+    device = checked_device(device)
     mu2, s2, _ = reference_stats("fid", dataset, data_dir, num_ref, batch_size, device, weights)
     extractor, dim, _ = _extractor("fid", device, weights)
     stats = feature_stats(extractor, _chunks(images, batch_size), dim, device)
     return frechet_distance(stats.mean, stats.cov, mu2, s2)
-
-
-def _device(device) -> torch.device:
-    """device as a torch.device this machine has, or one ValueError: 'cuda' without CUDA ended in torch's 'Found no
-    NVIDIA driver' from inside the feature network, after the reference statistics."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device: expected a device such as 'cpu' or 'cuda', got {device!r}") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asks for CUDA, which is not available here; use 'cpu'")
-    return d
 
 
 def _check_images(images, channels=None, size=None):
@@ -490,7 +480,7 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
         raise ValueError(f"fd-fmnist scores {SHAPES['fashion-mnist']} images (Fashion-MNIST's); this model makes "
                          f"{tuple(shape)}: score it with fid")
     home = next(model.parameters()).device
-    device = _device(device or home)
+    device = checked_device(device or home)
     t0 = time.time()
     mu_ref, s_ref, ref_meta = reference_stats(metric, dataset, data_dir, num=60000 if metric == "fd-fmnist"
                                               else 50000, device=device, weights=weights)

@@ -28,7 +28,7 @@ def test_device_names_are_checked():
         with pytest.raises(ValueError, match=msg):
             _common.check_device(bad)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device here"):
+        with pytest.raises(ValueError, match="asks for CUDA, which is not available here"):
             _common.check_device("cuda:0")
     else:
         with pytest.raises(ValueError, match="CUDA device"):
@@ -43,7 +43,7 @@ def test_bad_device_is_one_line_in_every_command(capsys, tmp_path):
                                "1", "--output-dir", str(out), "--device", "foo"], "--device 'foo'", "cmfast-train")
     assert not out.exists()
     fails(capsys, sample_main, ["--pretrained", "fmnist", "--num", "2", "--out", str(tmp_path / "g.png"),
-                                "--device", "meta"], "--device meta", "cmfast-sample")
+                                "--device", "meta"], "--device 'meta'", "cmfast-sample")
     fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", str(tmp_path), "--out",
                               str(tmp_path / "e"), "--device", "bogus:1"], "--device 'bogus:1'", "cmfast-edit")
 

@@ -79,10 +79,10 @@ def test_map_location_cuda_without_a_gpu_is_one_line():
     for call in (lambda: cmfast.load_pretrained("fmnist", map_location="cuda"),
                  lambda: torch.hub.load(str(__import__("pathlib").Path(__file__).parents[1]), "fmnist",
                                         pretrained=False, map_location="cuda", source="local")):
-        with pytest.raises(ckpt.CheckpointError, match=r"^map_location: 'cuda' asks for CUDA, which is not "
+        with pytest.raises(ckpt.CheckpointError, match=r"^map_location 'cuda': asks for CUDA, which is not "
                                                        r"available here"):
             call()
-    with pytest.raises(ValueError, match=r"^map_location: expected a device such as 'cpu' or 'cuda', got 'gpu'$"):
+    with pytest.raises(ValueError, match=r"^map_location 'gpu': expected cpu, cuda, cuda:N or mps$"):
         cmfast.load_pretrained("fmnist", map_location="gpu")
 
 

@@ -316,10 +316,10 @@ def test_fd_fmnist_takes_any_float_dtype_and_refuses_nan_or_pixel_scale(tmp_path
         metrics.fd_fmnist(torch.linspace(0, 255, 8).reshape(8, 1, 1, 1).expand(8, 1, 32, 32))
     with pytest.raises(ValueError, match=r"^images: expected finite values"):
         metrics.fid(torch.full((4, 3, 32, 32), float("inf")))
-    with pytest.raises(ValueError, match=r"^device: expected a device such as 'cpu' or 'cuda', got 'gpu'$"):
+    with pytest.raises(ValueError, match=r"^device 'gpu': expected cpu, cuda, cuda:N or mps$"):
         metrics.fd_fmnist(x, device="gpu")      # torch's device-string error from inside the classifier before
     if not torch.cuda.is_available():           # torch's 'Found no NVIDIA driver' after the reference statistics
-        with pytest.raises(ValueError, match=r"^device: 'cuda' asks for CUDA, which is not available here"):
+        with pytest.raises(ValueError, match=r"^device 'cuda': asks for CUDA, which is not available here"):
             metrics.fd_fmnist(x, device="cuda")
 
 

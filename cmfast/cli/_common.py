@@ -148,23 +148,9 @@ def pick_device(name: str | None) -> str:
 
 def check_device(name: str) -> str:
     """A --device that this machine has: cpu, cuda, cuda:N (N below the device count) or mps; ValueError in one
-    line otherwise (torch's own errors for a bad string or a missing driver are tracebacks deep in the first op)."""
-    import torch
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__}, "
-                             f"torch.cuda.is_available() is False); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(f"--device {name}: no MPS device here")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {name}: expected cpu, cuda, cuda:N or mps")
+    line otherwise (cmfast._device.checked_device, the library's check too)."""
+    from .._device import checked_device
+    checked_device(name, "--device")
     return name
 
 

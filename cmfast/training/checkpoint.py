@@ -20,6 +20,8 @@ import re
 import numpy as np
 import torch
 
+from .._device import checked_device
+
 FORMAT = "cmfast-checkpoint-1"
 _NAME = re.compile(r"^ckpt-(\d{8})\.safetensors$")
 
@@ -319,13 +321,9 @@ def _residual_blocks(cfg: dict) -> int | None:
 
 
 def _device(map_location) -> torch.device:
-    """map_location as a torch.device this machine has, or one CheckpointError (ValueError) saying why: torch's own
+    """map_location as a torch.device this machine has, or one CheckpointError (a ValueError) saying why: torch's own
     'Found no NVIDIA driver' came from inside .to() after the whole load."""
     try:
-        device = torch.device(map_location)
-    except (RuntimeError, TypeError, ValueError):
-        raise CheckpointError(f"map_location: expected a device such as 'cpu' or 'cuda', got {map_location!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"map_location: {map_location!r} asks for CUDA, which is not available here (no GPU or "
-                              "no CUDA build of torch); use 'cpu'")
-    return device
+        return checked_device(map_location, "map_location")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
