@@ -15,7 +15,7 @@ import numbers
 import torch
 
 from .precond import check_sigma
-from .sampling import check_sigmas, eval_mode, model_level, sample
+from .sampling import check_generator, check_sigmas, eval_mode, model_device, model_level, sample
 
 LUMINANCE = (0.2989, 0.5870, 0.1140)   # Y = 0.2989 R + 0.5870 G + 0.1140 B, the weights of the CM reference code
 
@@ -41,7 +41,7 @@ def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None, noise=No
     if noise is not None and (len(noise) != len(s) or any(tuple(n.shape) != tuple(y.shape) for n in noise)):
         raise ValueError(f"noise: expected {len(s)} tensor(s) shaped {tuple(y.shape)}, one per level, got "
                          f"{[tuple(n.shape) for n in noise]}")
-    _check_generator(generator, y.device)
+    check_generator(generator, y.device, "the images' device")
     A, A_inv = _exact(A, y.device.type), _exact(A_inv, y.device.type)
     known = known.to(device=y.device, dtype=y.dtype)
     kept = A(y) * known
@@ -140,22 +140,6 @@ def image_shape(model):
     return (int(c), int(r), int(r)) if isinstance(c, int) and isinstance(r, int) else None
 
 
-def _model_device(model):
-    """The device of the model's parameters, or None when it has none to show (a plain callable)."""
-    params = getattr(model, "parameters", None)
-    p = next(iter(params()), None) if callable(params) else None
-    return None if p is None else p.device
-
-
-def _check_generator(generator, device):
-    if generator is not None and not isinstance(generator, torch.Generator):     # 'int' has no attribute 'device'
-        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__} (seed one: "
-                        "torch.Generator().manual_seed(seed))")
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator: expected a torch.Generator on {device.type} (the images' device), got one on "
-                         f"{generator.device.type}")
-
-
 def _check_images(model, x, what="images", channels=None, in_range=True, size=None):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
         raise ValueError(f"{what}: expected a float tensor (B, C, H, W), got "
@@ -167,7 +151,7 @@ def _check_images(model, x, what="images", channels=None, in_range=True, size=No
     if x.shape[1] not in want_c or tuple(x.shape[2:]) != tuple(want_hw):
         raise ValueError(f"{what}: expected (B, {' or '.join(map(str, want_c))}, {want_hw[0]}, {want_hw[1]}) for "
                          f"this model, got {tuple(x.shape)}")
-    dev = _model_device(model)
+    dev = model_device(model)
     if dev is not None and x.device != dev:
         raise ValueError(f"{what}: expected a tensor on {dev} (the model's device), got one on {x.device}")
     if in_range and not bool(((x >= -1 - 1e-6) & (x <= 1 + 1e-6)).all()):
@@ -276,7 +260,7 @@ def interpolate(model, z0, z1, alphas, sigma=80.0, sigmas=None, generator=None):
                          f"{tuple(z1.shape) if isinstance(z1, torch.Tensor) else type(z1).__name__}")
     if z1.device != z0.device:
         raise ValueError(f"z1: expected a tensor on z0's device {z0.device}, got one on {z1.device}")
-    _check_generator(generator, z0.device)
+    check_generator(generator, z0.device, "the images' device")
     a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
     if not len(a) or not bool(torch.isfinite(a).all()):     # none failed in the model as an empty batch 'x'
         raise ValueError(f"alphas: expected one or more finite interpolation weights, got {a.tolist()}")

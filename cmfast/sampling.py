@@ -57,19 +57,31 @@ def eval_mode(model):
             sub.training = True
 
 
+def model_device(model):
+    """The device of the model's parameters, or None when it has none to show (a plain callable)."""
+    params = getattr(model, "parameters", None)
+    p = next(iter(params()), None) if callable(params) else None
+    return None if p is None else p.device
+
+
+def check_generator(generator, device=None, whose: str = "z's device") -> None:
+    """generator None or a torch.Generator (a seed failed as "'int' has no attribute 'device'") on device's type
+    where given (torch.randn refused it from inside)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and device is not None and generator.device.type != device.type:
+        raise ValueError(f"generator: expected a torch.Generator on {device.type} ({whose}), got one on "
+                         f"{generator.device.type}")
+
+
 def check_device(model, z, generator=None) -> None:
     """z on the device of the model's parameters and the generator there too, or one ValueError naming both: the
     network's convolution (or torch.randn) raised 'Input type (torch.FloatTensor) and weight type
     (torch.cuda.FloatTensor) should be the same' from deep inside. A model without parameters is not checked."""
-    params = getattr(model, "parameters", None)
-    p = next(iter(params()), None) if callable(params) else None
-    if p is not None and isinstance(z, torch.Tensor) and z.device != p.device:
-        raise ValueError(f"z: expected a tensor on {p.device} (the model's device), got one on {z.device}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-    if generator is not None and isinstance(z, torch.Tensor) and generator.device.type != z.device.type:
-        raise ValueError(f"generator: expected a torch.Generator on {z.device.type} (z's device), got one on "
-                         f"{generator.device.type}")
+    dev, tensor = model_device(model), isinstance(z, torch.Tensor)
+    if dev is not None and tensor and z.device != dev:
+        raise ValueError(f"z: expected a tensor on {dev} (the model's device), got one on {z.device}")
+    check_generator(generator, z.device if tensor else None)
 
 
 def check_noise(z, what: str = "z") -> None:
