@@ -453,7 +453,7 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     """
     import time
     from .precond import EDMDenoiser
-    from .sampling import generate_batches, resolve_engine
+    from .sampling import check_edm_steps, generate_batches, resolve_engine
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     dataset = dataset or ("fashion-mnist" if metric == "fd-fmnist" else "cifar10")
@@ -463,9 +463,7 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     if edm:
         if sigmas:
             raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
-        steps = 18 if steps is None else steps      # steps=0 sampled 18 (`steps or 18`)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-            raise ValueError(f"steps: EDM's sampler takes 2 or more steps, got {steps!r}")
+        steps = 18 if steps is None else check_edm_steps(steps, "steps")   # steps=0 sampled 18 (`steps or 18`)
         sampler = f"EDM Heun, {steps} steps"
     else:
         # default: starting at the model's own sigma_max, as cmfast-sample (80 was hard-coded here)

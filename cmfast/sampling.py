@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 
 import torch
 from torch import nn
 
-from .schedules import karras_sigmas
+from .schedules import as_integer, karras_sigmas
 
 
 def check_sigmas(sigmas, sigma_min: float, sigma_max: float) -> tuple[float, ...]:
@@ -129,6 +128,17 @@ def image_noise(seed: int, start: int, num: int, shape, draw: int = 0) -> torch.
     return out
 
 
+def check_edm_steps(num_steps, what: str = "num_steps") -> int:
+    """EDM's sampler's step count as an int: an integer of any kind (numpy's too; 2.0 failed in karras_sigmas as
+    its argument n), 2 or more (karras_sigmas' own error named n: cmfast-sample --steps 1 on a teacher)."""
+    n = as_integer(num_steps)
+    if n is None:
+        raise TypeError(f"{what}: expected an integer, got {num_steps!r}")
+    if n < 2:
+        raise ValueError(f"steps: EDM's sampler takes 2 or more steps (sigma_max to sigma_min, then 0), got {n}")
+    return n
+
+
 @torch.no_grad()
 def edm_sample(denoiser: nn.Module, z: torch.Tensor, num_steps: int = 18, solver: str = "heun", rho: float = 7.0,
                class_labels=None) -> torch.Tensor:
@@ -136,17 +146,9 @@ def edm_sample(denoiser: nn.Module, z: torch.Tensor, num_steps: int = 18, solver
     network evaluations (35 for 18 steps)."""
     check_noise(z)
     check_device(denoiser, z)
-    try:        # an integer of any kind (numpy's too); 2.0 failed in karras_sigmas as its argument n
-        if isinstance(num_steps, bool):
-            raise TypeError
-        num_steps = operator.index(num_steps)
-    except TypeError:
-        raise TypeError(f"num_steps: expected an integer, got {num_steps!r}") from None
+    num_steps = check_edm_steps(num_steps)
     if solver not in ("heun", "euler"):
         raise ValueError(f"solver: expected 'heun' or 'euler', got {solver!r}")
-    if num_steps < 2:       # karras_sigmas' own error named its argument n (cmfast-sample --steps 1 on a teacher)
-        raise ValueError(f"steps: EDM's sampler takes 2 or more steps (sigma_max to sigma_min, then 0), got "
-                         f"{num_steps}")
     t = karras_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max, rho).flip(0).tolist() + [0.0]
     x = z.double() * t[0]
     with eval_mode(denoiser):

@@ -7,7 +7,7 @@ import operator
 import torch
 
 
-def _integer(v) -> int | None:
+def as_integer(v) -> int | None:
     """v as a Python int when it is an integer of any kind (numpy's, a 0-d integer tensor), else None: numpy's
     np.int64(5) was refused as 'expected an integer >= 2, got 5'."""
     if isinstance(v, bool) or (isinstance(v, torch.Tensor) and (v.is_floating_point() or v.numel() != 1)):
@@ -22,9 +22,10 @@ def _integer(v) -> int | None:
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """t_i = (smin^(1/rho) + (i-1)/(N-1) (smax^(1/rho) - smin^(1/rho)))^rho, i = 1..N: float64, ASCENDING,
     [0] == sigma_min and [-1] == sigma_max exactly."""
-    if _integer(n) is None or _integer(n) < 2:
+    k = as_integer(n)
+    if k is None or k < 2:
         raise ValueError(f"n: expected an integer >= 2, got {n!r}")
-    n = _integer(n)
+    n = k
     if not (0 < sigma_min < sigma_max) or rho <= 0:
         raise ValueError(f"expected 0 < sigma_min < sigma_max and rho > 0, got {sigma_min}, {sigma_max}, {rho}")
     i = torch.arange(n, dtype=torch.float64) / (n - 1)
@@ -103,9 +104,10 @@ def paper_step_sigmas(ts, n: int, sigma_min: float = 0.002, sigma_max: float = 8
     grid = karras_sigmas(n, sigma_min, sigma_max, rho).flip(0)
     out = []
     for t in (ts.tolist() if hasattr(ts, "tolist") else ts):     # a numpy array or tensor of indices too
-        if _integer(t) is None or not 0 <= _integer(t) < n:
+        i = as_integer(t)
+        if i is None or not 0 <= i < n:
             raise ValueError(f"ts: expected integers in [0, {n - 1}], got {t!r}")
-        out.append(float(grid[_integer(t)]))
+        out.append(float(grid[i]))
     if any(b >= a for a, b in zip(out, out[1:])):
         raise ValueError(f"ts: expected strictly increasing indices, got {list(ts)}")
     return tuple(out)

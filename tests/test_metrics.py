@@ -392,7 +392,8 @@ def test_steps_0_is_refused_not_read_as_the_default(monkeypatch):
     from cmfast.sampling import generate_batches
     monkeypatch.setattr(metrics, "reference_stats", lambda *a, **k: pytest.fail("reference statistics computed"))
     net = UNet.from_preset("tiny", in_channels=1, img_resolution=32)
-    with pytest.raises(ValueError, match=r"^steps: EDM's sampler takes 2 or more steps, got 0$"):
+    edm_steps = r"^steps: EDM's sampler takes 2 or more steps \(sigma_max to sigma_min, then 0\), got 0$"
+    with pytest.raises(ValueError, match=edm_steps):
         metrics.evaluate(EDMDenoiser(net), "fd-fmnist", steps=0, num=4)
     with pytest.raises(ValueError, match=r"^steps: expected an integer >= 1, got 0$"):
         metrics.evaluate(ConsistencyModel(net), "fd-fmnist", steps=0, num=4)
