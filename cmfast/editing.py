@@ -10,11 +10,11 @@ caller make each image's noise its own, whatever batch it is edited in (cmfast-e
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from .precond import check_sigma
+from .schedules import as_integer
 from .sampling import check_generator, check_sigmas, eval_mode, model_device, model_level, sample
 
 LUMINANCE = (0.2989, 0.5870, 0.1140)   # Y = 0.2989 R + 0.5870 G + 0.1140 B, the weights of the CM reference code
@@ -115,13 +115,12 @@ class with_class:
         label_dim = int(getattr(getattr(model, "net", None), "label_dim", 0) or 0)
         if not label_dim:
             raise ValueError("class label: this model is unconditional")
-        whole = isinstance(label, numbers.Integral) or (isinstance(label, torch.Tensor) and label.numel() == 1
-                                                         and not label.is_floating_point())
-        if isinstance(label, bool) or not whole:     # int(1.5): class 1 without a word
+        index = as_integer(label)       # numpy's and one-element tensors too
+        if index is None:               # int(1.5): class 1 without a word
             raise TypeError(f"class label: expected an integer class index, got {label!r}")
-        if not 0 <= int(label) < label_dim:
+        if not 0 <= index < label_dim:
             raise ValueError(f"class label: expected 0 <= label < {label_dim}, got {label}")
-        self.model, self.label = model, int(label)
+        self.model, self.label = model, index
         self.sigma_min, self.sigma_max = noise_range(model)
         self.net = model.net
 
