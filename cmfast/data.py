@@ -43,6 +43,11 @@ def default_data_dir() -> str:
     return os.environ.get("CMFAST_DATA") or os.path.expanduser("~/.cache/cmfast")
 
 
+def class_count(labels: torch.Tensor | None) -> int:
+    """The class count labels (N,) imply: the largest label + 1 (0 without labels)."""
+    return int(labels.max()) + 1 if labels is not None and labels.numel() else 0
+
+
 class ImageDataset:
     """uint8 images (N, C, H, W) and int64 labels (N,) in memory; `batch` converts to [-1, 1] float."""
 
@@ -52,7 +57,7 @@ class ImageDataset:
             raise DataError(f"{name}: expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.images, self.labels, self.name, self.xflip = images, labels, name, xflip
         self.classes = classes      # class names where the data names them (an image folder's subfolders)
-        self.num_classes = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
+        self.num_classes = class_count(labels)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -408,8 +413,7 @@ def peek_folder(path: str, sample: int = PEEK_IMAGES) -> FolderPeek:
         else:
             _check_same(path, images[0], first, n, hwc)
     labels, classes = _folder_labels(path, names, images, read)
-    num_classes = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
-    return FolderPeek(shape=(first[2], first[0], first[1]), count=len(images), num_classes=num_classes,
+    return FolderPeek(shape=(first[2], first[0], first[1]), count=len(images), num_classes=class_count(labels),
                       classes=classes)
 
 
