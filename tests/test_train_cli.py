@@ -205,7 +205,7 @@ def test_a_log_line_that_cannot_be_written_is_one_line(capsys, tmp_path, fm, mon
     checkpoint.load_weights(str(out / "ckpt-00000001.safetensors"))
 
 
-def test_dry_run_paper_configs(capsys):
+def test_dry_run_paper_configs(capsys, tmp_path):
     assert train_main(["--config", "ct-cifar10", "--dry-run"]) == 0
     ct = json.loads(capsys.readouterr().out)
     assert (ct["method"], ct["loss"], ct["batch_size"], ct["lr"], ct["optimizer"], ct["total_steps"]) == \
@@ -213,7 +213,9 @@ def test_dry_run_paper_configs(capsys):
     assert ct["method_args"]["s0"] == 2 and ct["method_args"]["s1"] == 150 and ct["method_args"]["mu0"] == 0.9
     assert ct["net"]["embedding_type"] == "fourier" and ct["net"]["in_channels"] == 3
     assert ct["net"]["dropout"] == 0.0 and ct["lr_rampup_kimg"] == 10_000     # reference configs: no dropout
-    assert train_main(["--config", "cd-cifar10", "--teacher", "t", "--dry-run", "--batch-size", "256"]) == 0
+    fails(capsys, ["--config", "cd-cifar10", "--teacher", "t", "--dry-run"], "--teacher: checkpoint not found: t")
+    teacher = _teacher(tmp_path / "t", (3, 32, 32))
+    assert train_main(["--config", "cd-cifar10", "--teacher", teacher, "--dry-run", "--batch-size", "256"]) == 0
     cd = json.loads(capsys.readouterr().out)
     a = cd["method_args"]
     assert (a["num_scales"], a["mu"], cd["batch_size"], cd["lr"], cd["optimizer"]) == (18, 0.0, 256, 4e-4, "radam")
@@ -240,6 +242,104 @@ def test_dry_run_paper_configs(capsys):
     assert train_main(["--config", "ict-cifar10", "--kimg", "100", "--dry-run"]) == 0
     ict = json.loads(capsys.readouterr().out)
     assert (ict["total_steps"], ict["kimg"]) == (98, 100.352)                  # ceil(100000 / 1024)
+
+
+def _teacher(run, shape, method="edm", label_dim=None, nan=False):
+    """A teacher run folder (one checkpoint, no training) of --method `method`, preset tiny, for `shape` images;
+    label_dim: class-conditional on that many classes; nan: one NaN in its EMA weights."""
+    from cmfast.training import checkpoint
+    from cmfast.training.config import resolve
+    cfg = resolve({"dataset": "folder", "method": method, "preset": "tiny", "ema": (0.9,), "teacher": "x",
+                   "cond": bool(label_dim)}, 1, shape, label_dim or 0)
+    torch.manual_seed(0)
+    sd = checkpoint.build_model(cfg).state_dict()
+    ema = {k: v.clone() for k, v in sd.items()}
+    if nan:
+        next(v for k, v in ema.items() if v.is_floating_point()).view(-1)[0] = float("nan")
+    modules = {"model": sd, "ema@0.9": ema, **({"target": sd} if method in ("cd", "ct") else {})}
+    os.makedirs(run)
+    checkpoint.save_checkpoint(str(run), 1, modules, cfg, {"step": 1})
+    return str(run)
+
+
+def test_dry_run_refuses_the_teacher_the_run_refuses(capsys, tmp_path, fm):
+    # --dry-run did not look at --teacher: a missing, damaged or mismatched teacher passed it, and the run refused it.
+    # Now the same line, from the teacher's header and weights (nothing built, the output folder not made).
+    ok = _teacher(tmp_path / "ok", (1, 32, 32))
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes((tmp_path / "ok" / "ckpt-00000001.safetensors").read_bytes()[:-100])
+    (tmp_path / "garbage.pkl").write_bytes(b"not a pickle")
+    (tmp_path / "notes.txt").write_text("x")
+    bad = {
+        "missing": (str(tmp_path / "none"), [], "--teacher: checkpoint not found"),
+        "not a checkpoint": (str(tmp_path / "notes.txt"), [], "notes.txt: not a checkpoint"),
+        "cut short": (str(torn), [], "torn.safetensors: unreadable checkpoint"),
+        "NaN weights": (_teacher(tmp_path / "nan", (1, 32, 32), nan=True), [], "bad ema@0.9 weights: "),
+        "an EDM pickle that is none": (str(tmp_path / "garbage.pkl"), [], "garbage.pkl"),
+        "not EDM": (_teacher(tmp_path / "ct", (1, 32, 32), method="ct"), [],
+                    "expected an EDM denoiser (--method edm) for (1, 32, 32) images, got --method ct for (1, 32, 32)"),
+        "resolution": (_teacher(tmp_path / "r16", (1, 16, 16)), [], "got --method edm for (1, 16, 16) images"),
+        "channels": (_teacher(tmp_path / "rgb", (3, 32, 32)), [], "got --method edm for (3, 32, 32) images"),
+        "conditioning": (ok, ["--cond"], "class conditioning differs from the student's (--cond)"),
+        "class count": (_teacher(tmp_path / "c3", (1, 32, 32), label_dim=3), ["--cond"],
+                        "conditional on 3 classes, the student's data has 10"),
+    }
+    for what, (teacher, extra, match) in bad.items():
+        out = tmp_path / "out"
+        argv = ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "cd", "--teacher", teacher, *TINY,
+                *extra, "--output-dir", str(out)]
+        dry = fails(capsys, argv + ["--dry-run"], match)
+        assert not out.exists(), what
+        assert fails(capsys, argv, match) == dry, what          # the same line as the run's
+    argv = ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "cd", "--teacher", ok, *TINY,
+            "--output-dir", str(tmp_path / "run")]
+    assert train_main(argv + ["--dry-run"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert not (tmp_path / "run").exists()
+    assert train_main(argv) == 0
+    with open(tmp_path / "run" / "config.json") as f:
+        assert dry == json.load(f)
+
+
+def test_dry_run_refuses_the_output_folder_the_run_refuses(capsys, tmp_path, fm):
+    # --dry-run did not look at --output-dir: a folder it cannot write, or one whose checkpoints the run would not
+    # overwrite or resume, passed it. Now the run's line, nothing made or changed.
+    (tmp_path / "afile").write_text("")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    base = ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ict", *TINY, "--ckpt-every", "1"]
+    run = tmp_path / "run"
+    assert train_main(base + ["--output-dir", str(run)]) == 0
+    capsys.readouterr()
+    before = tree(run)
+    bad = {
+        "a file": (str(tmp_path / "afile"), [], "is not writable (File exists)"),
+        "under a file": (str(tmp_path / "afile" / "out"), [], "is not writable (Not a directory)"),
+        "checkpoints, no --resume": (str(run), [], "already holds checkpoints: pass --resume latest"),
+        "--resume latest, none": (str(tmp_path / "new"), ["--resume", "latest"], "--resume latest: no checkpoint"),
+        "--resume PATH, none": (str(tmp_path / "new"), ["--resume", str(tmp_path / "nope.safetensors")],
+                                "checkpoint not found"),
+        "--resume, other data": (str(run), ["--resume", "latest", "--preset", "fmnist-small"],
+                                 "the checkpoint differs from this command in net ("),
+        "--resume, other method": (str(run), ["--resume", "latest", "--method", "ct"],
+                                   "the checkpoint differs from this command in method (method 'ict' there, 'ct' here)"),
+    }
+    if os.geteuid() != 0:       # root writes anywhere
+        os.chmod(ro, 0o500)
+        bad["read-only"] = (str(ro / "out"), [], "is not writable (Permission denied)")
+    try:
+        for what, (out, extra, match) in bad.items():
+            argv = base + ["--output-dir", out, *extra]
+            dry = fails(capsys, argv + ["--dry-run"], match)
+            assert fails(capsys, argv, match) == dry, what
+        assert tree(run) == before and not (tmp_path / "new").exists()
+    finally:
+        os.chmod(ro, 0o700)
+    # what the run takes, the dry run takes: --resume latest of that run, --resume auto of a new folder
+    assert train_main(base + ["--output-dir", str(run), "--resume", "latest", "--steps", "2", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_steps"] == 2
+    assert train_main(base + ["--output-dir", str(tmp_path / "new"), "--resume", "auto", "--dry-run"]) == 0
+    assert tree(run) == before and not (tmp_path / "new").exists()
 
 
 def _folder(root, sizes, channels=3, mode=None):

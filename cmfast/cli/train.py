@@ -66,8 +66,10 @@ def build_parser():
     g.add_argument("--xflip", action=argparse.BooleanOptionalAction, help="mirror half the training images "
                    "horizontally, at random (default: on for cifar10, off otherwise)")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit: the config.json "
-                   "the run would write, refusing what it would refuse; an image folder or zip is peeked at (its file "
-                   "list, labels and the headers of a few images), not loaded")
+                   "the run would write, refusing what it would refuse before its first step; an image folder or zip is "
+                   "peeked at (its file list, labels and the headers of a few images), not loaded; --teacher is checked "
+                   "(header and weights), not built; --output-dir is checked, not made, and the checkpoint --resume "
+                   "would continue from is checked by its header")
 
     h = ap.add_argument_group("hyperparameters")
     h.add_argument("--loss", choices=DISTANCES, help="distance d (default: the method's: lpips for cd/ct, "
@@ -160,27 +162,33 @@ def _created_group() -> bool:
 
 
 def _dry_config(args: dict) -> dict:
-    """--dry-run's config: what the run would write to config.json (before a teacher's time scale or --time-budget's
-    plan), refusing what the run would refuse before training. An image folder (--data-dir) is peeked at, not loaded
+    """--dry-run's config: what the run would write to config.json (before --time-budget's plan), refusing with the
+    run's line what the run would refuse before training. An image folder (--data-dir) is peeked at, not loaded
     (data.peek_folder: its labels and a few images' headers) for the image shape, the classes and their names; the
-    network is built on the meta device (no memory), for its own checks (an image size its levels cannot halve)."""
+    network is built on the meta device (no memory), for its own checks (an image size its levels cannot halve). Then
+    the run's start-up checks (training.loop.startup_checks, dry): the teacher (its header and weights read, nothing
+    built; its time scale taken), the output folder (writable, nothing made; checkpoints without --resume; the one
+    --resume would continue from, by its header). Checks of this machine's devices (--device, --backend, --compile)
+    are left to the run, which may be on another machine."""
     from ..training.config import resolve
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = resolve(args, world)
     if cfg["dataset"] == "folder":
         if cfg["data_dir"] is None:     # a paper's config (--config cd-imagenet64) shown before its data is at hand
             if not _common.other_rank():
-                print(f"{PROG}: note: no --data-dir: the folder's images decide net (size, channels, classes)",
-                      file=sys.stderr)
-        else:
-            from ..data import peek_folder
-            peek = peek_folder(cfg["data_dir"])
-            cfg = resolve(args, world, peek.shape, peek.num_classes, peek.classes)
-    if cfg["net"] is not None:
-        import torch
-        from ..nets import UNet
-        with torch.device("meta"):
-            UNet(**cfg["net"])
+                print(f"{PROG}: note: no --data-dir: the folder's images decide net (size, channels, classes); "
+                      f"the teacher and the output folder are not checked", file=sys.stderr)
+            return cfg
+        from ..data import peek_folder
+        peek = peek_folder(cfg["data_dir"])
+        cfg = resolve(args, world, peek.shape, peek.num_classes, peek.classes)
+    import torch
+    from ..nets import UNet
+    from ..training.loop import startup_checks
+    with torch.device("meta"):
+        UNet(**cfg["net"])
+    net = cfg["net"]
+    startup_checks(cfg, (net["in_channels"], net["img_resolution"], net["img_resolution"]), dry=True)
     return cfg
 
 

@@ -159,7 +159,37 @@ def load_weights(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         with open(path, "rb") as f:
             flat = load(f.read())
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0] if str(e) else e})") from None
+        raise _unreadable(path, e) from None
+    modules: dict[str, dict] = {}
+    for k, v in flat.items():
+        name, _, key = k.partition("/")
+        modules.setdefault(name, {})[key] = v
+    return modules, _parse_meta(path, meta)
+
+
+def _unreadable(path: str, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0] if str(e) else e})")
+
+
+def read_header(path: str) -> tuple[dict[str, dict[str, tuple]], dict]:
+    """load_weights from the file's header alone (no tensor read): {module: {name: shape}} and the metadata, with
+    load_weights' errors for a file that is no cmfast checkpoint. --dry-run reads checkpoints this way."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            flat = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+    modules: dict[str, dict] = {}
+    for k, v in flat.items():
+        name, _, key = k.partition("/")
+        modules.setdefault(name, {})[key] = v
+    return modules, _parse_meta(path, meta)
+
+
+def _parse_meta(path: str, meta: dict) -> dict:
+    """A checkpoint's metadata strings -> {'step', 'config'}, or one CheckpointError."""
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cmfast checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
     try:
@@ -169,11 +199,7 @@ def load_weights(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     except (KeyError, ValueError, TypeError, RecursionError) as e:      # RecursionError: JSON nested too deep
         raise CheckpointError(f"{path}: damaged checkpoint metadata (step and config expected; "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    modules: dict[str, dict] = {}
-    for k, v in flat.items():
-        name, _, key = k.partition("/")
-        modules.setdefault(name, {})[key] = v
-    return modules, {"step": step, "config": cfg}
+    return {"step": step, "config": cfg}
 
 
 def load_state(path: str) -> dict:
@@ -260,14 +286,7 @@ def load_model(path: str, which: str = "ema", map_location="cpu"):
                               f"convert with python -m cmfast.cm_import)")
     wpath = resolve(path)
     modules, meta = load_weights(wpath)
-    if which == "ema" and "ema" not in modules and meta["config"].get("ema"):
-        try:
-            which = f"ema@{float(meta['config']['ema'][0])}"
-        except (TypeError, ValueError, KeyError, IndexError):     # float('a'): a ValueError without the file name
-            raise CheckpointError(f"{wpath}: damaged checkpoint metadata (config 'ema' is "
-                                  f"{meta['config']['ema']!r}, not a list of EMA rates)") from None
-    if which not in modules:
-        raise CheckpointError(f"{wpath}: has no {which!r} weights; it has {', '.join(sorted(modules))}")
+    which = _which(wpath, which, modules, meta)
     check_weights(wpath, which, modules[which])
     # The config is built on the meta device first (no memory) and its weight shapes compared with the file's: a
     # hand-edited config asking for a huge net was allocated and initialized in full before the mismatch was found.
@@ -281,6 +300,51 @@ def load_model(path: str, which: str = "ema", map_location="cpu"):
         raise CheckpointError(f"{wpath}: weights do not match the stored config ({_details(e)})") from None
     model.requires_grad_(False).eval().to(device)
     return model, {**meta, "path": wpath, "which": which}
+
+
+def _which(wpath: str, which: str, modules: dict, meta: dict) -> str:
+    """load_model's `which` as the module name it reads ('ema' -> 'ema@<first rate>'), or why the file has none."""
+    if which == "ema" and "ema" not in modules and meta["config"].get("ema"):
+        try:
+            which = f"ema@{float(meta['config']['ema'][0])}"
+        except (TypeError, ValueError, KeyError, IndexError):     # float('a'): a ValueError without the file name
+            raise CheckpointError(f"{wpath}: damaged checkpoint metadata (config 'ema' is "
+                                  f"{meta['config']['ema']!r}, not a list of EMA rates)") from None
+    if which not in modules:
+        raise CheckpointError(f"{wpath}: has no {which!r} weights; it has {', '.join(sorted(modules))}")
+    return which
+
+
+class _Shaped:
+    """A tensor's shape alone (read_header's), for _shape_mismatch."""
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def check_model(path: str, which: str = "ema") -> dict:
+    """load_model's checks and errors without building the model (--dry-run's teacher): the header, the `which`
+    tensors read one at a time for bad_weight (NaN / inf, not floating point), their shapes against the stored
+    config built on the meta device. -> load_model's meta. An EDM pickle, which has no such reader, is loaded on the
+    CPU."""
+    if str(path).endswith(".pkl") or (str(path).endswith(".pt") and not str(path).endswith(".state.pt")):
+        return load_model(path, which, "cpu")[1]
+    from safetensors import SafetensorError, safe_open
+    wpath = resolve(path)
+    modules, meta = read_header(wpath)
+    which = _which(wpath, which, modules, meta)
+    try:
+        with safe_open(wpath, "pt") as f:
+            for k in modules[which]:
+                check_weights(wpath, which, {k: f.get_tensor(f"{which}/{k}")})
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise _unreadable(wpath, e) from None
+    mismatch = _shape_mismatch(wpath, build_model, meta["config"],
+                               {k: _Shaped(v) for k, v in modules[which].items()})
+    if mismatch:
+        raise CheckpointError(f"{wpath}: weights do not match the stored config ({mismatch})")
+    return {**meta, "path": wpath, "which": which}
 
 
 def _shape_mismatch(path: str, build, cfg: dict, sd: dict, limit: int = 200) -> str | None:

@@ -118,8 +118,13 @@ def setup_distributed(device: str | None):
     return rank, world, dev
 
 
-def _check_writable(out: str) -> None:
+def _check_writable(out: str, dry: bool = False) -> None:
+    """The output folder, made if missing, takes a file; dry (--dry-run): the same error, nothing made or written (the
+    folder, else its nearest existing parent, must be a writable folder)."""
     try:
+        if dry:
+            _check_writable_dry(out)
+            return
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test-{os.getpid()}")
         open(probe, "w").close()
@@ -128,9 +133,33 @@ def _check_writable(out: str) -> None:
         raise PermissionError(f"output dir {out} is not writable ({e.strerror or e})") from None
 
 
-def _load_teacher(cfg: dict, shape, device):
+def _check_writable_dry(out: str) -> None:
+    """The OSError that makedirs and a probe file would raise in `out`, by looking only."""
+    import errno
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))          # makedirs(exist_ok=True) of a file
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not os.path.isdir(path):
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))        # a file on the way
+    if hasattr(os, "statvfs") and os.statvfs(path).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+def _load_teacher(cfg: dict, shape, device, dry: bool = False):
+    """(teacher, its config) after the checks against the student's data; dry (--dry-run): (None, its config), the
+    teacher checked by ckpt.check_model (its header and weights, nothing built)."""
     try:
-        teacher, meta = ckpt.load_model(cfg["teacher"], which="ema", map_location=device)
+        if dry:
+            teacher, meta = None, ckpt.check_model(cfg["teacher"], which="ema")
+        else:
+            teacher, meta = ckpt.load_model(cfg["teacher"], which="ema", map_location=device)
     except ckpt.CheckpointError as e:
         raise ValueError(f"--teacher: {e}") from None
     tcfg = meta["config"]
@@ -144,6 +173,51 @@ def _load_teacher(cfg: dict, shape, device):
         raise ValueError(f"--teacher {cfg['teacher']}: conditional on {tcfg['net']['label_dim']} classes, the "
                          f"student's data has {cfg['net']['label_dim']}")       # failed the first step
     return teacher, tcfg
+
+
+def startup_checks(cfg: dict, shape, device=None, dry: bool = False):
+    """A run's checks after its data, in its order: the teacher (CD / sCD; cfg['net'] takes its time scale), then the
+    output folder's checkpoints against --resume. -> (teacher, its config, the folder's checkpoints). dry
+    (--dry-run): the teacher checked, not loaded (teacher None), and the rest of what the run refuses before its
+    first step: the output folder writable (nothing made), the checkpoint it would resume from (its header: the
+    settings that must agree)."""
+    method = get_method(cfg["method"])
+    out = cfg["output_dir"]
+    teacher, tcfg = _load_teacher(cfg, shape, device, dry) if method.needs_teacher else (None, None)
+    if tcfg is not None and cfg["init_from_teacher"]:     # openai's teacher reads time 1000x: so must its student
+        from ..nets import adopt_time_scale
+        cfg["net"] = adopt_time_scale(cfg["net"], tcfg["net"])
+    found = ckpt.list_checkpoints(out)
+    if cfg["resume"] is None and found:
+        raise ValueError(f"{out} already holds checkpoints: pass --resume latest to continue, or another --output-dir")
+    if cfg["resume"] in ("latest", "auto") and not found and cfg["resume"] == "latest":
+        raise ValueError(f"--resume latest: no checkpoint (ckpt-*.safetensors with its .state.pt) in {out}")
+    if cfg["resume"] not in (None, "latest", "auto"):
+        ckpt.resolve(cfg["resume"])                        # a one-line error when the path is not a checkpoint
+    if dry:
+        _check_writable(out, dry=True)
+        if cfg["resume"] and (found or cfg["resume"] not in ("latest", "auto")):
+            given = cfg["resume"] not in ("latest", "auto")
+            _resume_header([ckpt.resolve(cfg["resume"])] if given else [c[1] for c in reversed(found)], cfg)
+    return teacher, tcfg, found
+
+
+def _resume_header(candidates, cfg) -> None:
+    """--dry-run's _resume: the first checkpoint whose header reads (an unreadable one: a note, and the previous one),
+    checked as _resume checks it first (the settings that must agree), and its --time-budget plan kept. Its tensors
+    and training state are not read."""
+    for i, wpath in enumerate(candidates):
+        try:
+            meta = ckpt.read_header(wpath)[1]
+            break
+        except ckpt.CheckpointError as e:
+            print(f"cmfast-train: note: {e}" + ("; the run would try the previous checkpoint"
+                                                 if i + 1 < len(candidates) else ""), file=sys.stderr)
+    else:
+        where = cfg["output_dir"] if cfg["resume"] in ("latest", "auto") else cfg["resume"]
+        raise ValueError(f"--resume: no readable checkpoint in {where}")
+    _check_identity(wpath, meta["config"], cfg)
+    _keep_plan(meta["config"], cfg)
 
 
 def make_optimizer(params, cfg):
@@ -230,17 +304,7 @@ def _train(args: dict, startup: dict) -> dict:
     # ---- Data, teacher, output folder: every user mistake is found before anything is written --------------------
     data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["xflip"])
     cfg = resolve(args, world, data.shape, data.num_classes, getattr(data, "classes", None))
-    teacher, tcfg = _load_teacher(cfg, data.shape, device) if method.needs_teacher else (None, None)
-    if teacher is not None and cfg["init_from_teacher"]:     # openai's teacher reads time 1000x: so must its student
-        from ..nets import adopt_time_scale
-        cfg["net"] = adopt_time_scale(cfg["net"], tcfg["net"])
-    found = ckpt.list_checkpoints(out)
-    if cfg["resume"] is None and found:
-        raise ValueError(f"{out} already holds checkpoints: pass --resume latest to continue, or another --output-dir")
-    if cfg["resume"] in ("latest", "auto") and not found and cfg["resume"] == "latest":
-        raise ValueError(f"--resume latest: no checkpoint (ckpt-*.safetensors with its .state.pt) in {out}")
-    if cfg["resume"] not in (None, "latest", "auto"):
-        ckpt.resolve(cfg["resume"])                        # a one-line error when the path is not a checkpoint
+    teacher, tcfg, found = startup_checks(cfg, data.shape, device)
 
     with ops.use_backend(cfg["backend"]):                  # a backend asked for by name must run here
         for op in ("skip_output", "group_norm_act", "attention", "consistency_loss"):
@@ -581,6 +645,25 @@ def _changed_settings(was: dict, now: dict) -> list[str]:
     return out
 
 
+def _check_identity(wpath: str, was: dict, cfg: dict) -> None:
+    """The one-line refusal of a checkpoint whose IDENTITY settings differ from this command's."""
+    diff = [k for k in IDENTITY if was.get(k) != cfg[k]]
+    if diff:    # with the values: 'in net' alone left a dropped --cond or a new class in the folder to be guessed
+        now, keys = cfg, diff
+        if diff == ["net"] and isinstance(was["net"], dict) and isinstance(now["net"], dict):
+            was, now = was["net"], now["net"]
+            keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        raise ValueError(f"--resume {wpath}: the checkpoint differs from this command in {', '.join(diff)} ("
+                         + "; ".join(f"{k} {was.get(k)!r} there, {now.get(k)!r} here" for k in keys) + ")")
+
+
+def _keep_plan(was: dict, cfg: dict) -> None:
+    planned = was.get("planned")
+    if cfg.get("time_budget") and planned:        # the run's length was planned before: keep it
+        cfg["total_steps"], cfg["planned"] = planned["total_steps"], planned
+        cfg["kimg"] = planned["total_steps"] * cfg["batch_size"] / 1000
+
+
 def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
     """Load the first readable checkpoint of `candidates` into everything that has state; -> (step, counters)."""
     for i, wpath in enumerate(candidates):
@@ -593,18 +676,8 @@ def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
     else:
         where = cfg["output_dir"] if cfg["resume"] in ("latest", "auto") else cfg["resume"]
         raise ValueError(f"--resume: no readable checkpoint in {where}")
-    diff = [k for k in IDENTITY if meta["config"].get(k) != cfg[k]]
-    if diff:    # with the values: 'in net' alone left a dropped --cond or a new class in the folder to be guessed
-        was, now, keys = meta["config"], cfg, diff
-        if diff == ["net"] and isinstance(was["net"], dict) and isinstance(now["net"], dict):
-            was, now = was["net"], now["net"]
-            keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-        raise ValueError(f"--resume {wpath}: the checkpoint differs from this command in {', '.join(diff)} ("
-                         + "; ".join(f"{k} {was.get(k)!r} there, {now.get(k)!r} here" for k in keys) + ")")
-    planned = meta["config"].get("planned")
-    if cfg.get("time_budget") and planned:        # the run's length was planned before: keep it
-        cfg["total_steps"], cfg["planned"] = planned["total_steps"], planned
-        cfg["kimg"] = planned["total_steps"] * cfg["batch_size"] / 1000
+    _check_identity(wpath, meta["config"], cfg)
+    _keep_plan(meta["config"], cfg)
     # A pair that lacks a part or does not fit these models (another run's, edited, damaged) was a KeyError /
     # RuntimeError / TypeError traceback from deep in torch: now one line naming the file (NaN weights too: every
     # step would be skipped).
