@@ -143,7 +143,7 @@ def test_one_gpu_index_for_every_rank_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"--device cuda:0: under torchrun each rank of a machine takes its own GPU"):
         loop.setup_distributed("cuda:0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")      # one rank a machine: the named GPU is allowed (no CUDA here)
-    monkeypatch.setattr(loop.torch.distributed, "init_process_group", lambda backend: None)
+    monkeypatch.setattr(loop, "_init_group", lambda backend: None)
     monkeypatch.setattr(loop.torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setitem(loop._GROUP, "created", False)  # restored after: this process's later main() calls return
     assert loop.setup_distributed("cuda:0") == (1, 2, loop.torch.device("cuda", 0))
@@ -305,3 +305,48 @@ def test_dry_run_prints_the_config_once(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["batch_size"] == 4
+
+
+_LIBRARY_SCRIPT = """
+import os, sys
+import torch.distributed as dist
+from cmfast.training.loop import train
+root = sys.argv[1]
+def args(out, data="imgs"):
+    return {"dataset": "folder", "data_dir": os.path.join(root, data), "method": "ct", "loss": "l2", "preset": "tiny",
+            "batch_size": 4, "total_steps": 1, "sample_num": 0, "ema": (0.9,), "device": "cpu",
+            "output_dir": os.path.join(root, out)}
+seen = []
+train(args("a"))
+seen.append(dist.is_initialized())          # the group train() made: gone
+train(args("b"))                            # so a second call makes its own
+seen.append(dist.is_initialized())
+try:
+    train(args("c", data="none"))           # an error: the group goes too
+except ValueError:
+    seen.append(dist.is_initialized())
+dist.init_process_group("gloo")             # the caller's own group: train() uses it and leaves it
+world = dist.group.WORLD
+train(args("d"))
+seen.append(dist.is_initialized() and dist.group.WORLD is world and dist.get_world_size() == 2)
+dist.destroy_process_group()
+print("seen", os.environ["RANK"], seen, flush=True)
+os._exit(0)                                 # DDP keeps gloo's threads past destroy_process_group (loop._GROUP)
+"""
+
+
+@pytest.mark.slow
+def test_library_train_destroys_only_the_group_it_created(tmp_path):
+    # train() under torchrun left the process group it had made alive when it returned or raised: a second call used
+    # it, a library caller could not init its own. It now destroys that group (after a normal end, once every rank
+    # is there), and leaves a group the caller made.
+    write_png_folder(tmp_path / "imgs", n=8, size=16)
+    (tmp_path / "script.py").write_text(_LIBRARY_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "script.py"), str(tmp_path)],
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CMFAST_OFFLINE": "1"}, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"seen {rank} [False, False, False, True]" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    assert [p.name for p in sorted((tmp_path / "d").glob("ckpt-*.safetensors"))] == ["ckpt-00000001.safetensors"]

@@ -90,7 +90,7 @@ class Log:
 # exception", SIGABRT: 4 in 25 runs of a 2-rank script, and CI runs of the 2-rank tests). cmfast-train therefore ends
 # such a process with os._exit once everything is written (cli/train.py); a script that calls train() under torchrun
 # can do the same.
-_GROUP = {"created": False}
+_GROUP = {"created": False, "count": 0}
 
 
 def created_process_group() -> bool:
@@ -112,10 +112,23 @@ def setup_distributed(device: str | None):
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        _init_group("nccl" if dev.type == "cuda" else "gloo")
         _GROUP["created"] = True
     rank = torch.distributed.get_rank() if world > 1 else 0
     return rank, world, dev
+
+
+def _init_group(backend: str) -> None:
+    """init_process_group from torchrun's environment (env://), its keys in the store under a prefix of their own for
+    each group this process makes. train() destroys the group it made; torch then names the next one as it named the
+    first (its group count restarts at 0), so a second train() in the process (or the caller's own env:// group after
+    it) read the old group's keys in torchrun's store: a rank connected to its peer's old address (gloo: 'Connection
+    refused', the rank ended) or waited there."""
+    dist = torch.distributed
+    store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"cmfast-train/{_GROUP['count']}", store), rank=rank,
+                            world_size=world)
+    _GROUP["count"] += 1
 
 
 def _check_writable(out: str, dry: bool = False) -> None:
@@ -252,7 +265,9 @@ def write_samples(model, kind: str, cfg: dict, step: int, shape, device, out: st
 
 def train(args: dict) -> dict:
     """Run (or resume) training from CLI arguments (a dict, None = not given). Returns the final stats row.
-    A process group this call creates (under torchrun) is destroyed when it returns or raises. (DDP keeps gloo's
+    A process group this call creates (under torchrun) is destroyed when it returns or raises, so that a second call,
+    or the caller's own init_process_group, makes a new one (_init_group); a group the caller made is used and left
+    as it was. (DDP keeps gloo's
     threads alive even so: end such a process with os._exit, as cmfast-train does; see _GROUP.)"""
     dist = torch.distributed
     owns_group = dist.is_available() and not dist.is_initialized()
