@@ -267,8 +267,8 @@ def train(args: dict) -> dict:
     """Run (or resume) training from CLI arguments (a dict, None = not given). Returns the final stats row.
     A process group this call creates (under torchrun) is destroyed when it returns or raises, so that a second call,
     or the caller's own init_process_group, makes a new one (_init_group); a group the caller made is used and left
-    as it was. (DDP keeps gloo's
-    threads alive even so: end such a process with os._exit, as cmfast-train does; see _GROUP.)"""
+    as it was. (DDP keeps gloo's threads alive even so: end such a process with os._exit, as cmfast-train does; see
+    _GROUP.)"""
     dist = torch.distributed
     owns_group = dist.is_available() and not dist.is_initialized()
     finished, startup = False, {"world": 1, "agreed": False}
