@@ -1,0 +1,307 @@
+"""The training mathematics where the other value tests left it open (mutation testing, round 3): each number here is
+checked against an independent float64 transcription of the paper's formula (CM paper Alg. 2 / 3 and Appendix C;
+iCT, Song & Dhariwal 2023; sCM, Lu & Song 2024; EDM), never against the code's own output. The comment of each test
+names the planted error (mutation) that passed every test before it."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import cmfast
+from cmfast import objectives as O
+from cmfast.training.methods import get_method
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class CondNet(nn.Module):
+    """A small backbone F(x_in, c_noise, labels) with spatial mixing, time dependence and (label_dim > 0) a class
+    embedding that moves the output: a dropped label changes every number."""
+
+    def __init__(self, ch=2, seed=0, label_dim=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(ch, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, ch, 3, padding=1)
+        self.emb = nn.Linear(1, 8)
+        self.label = nn.Embedding(label_dim, 8) if label_dim else None
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x, c_noise, labels=None):
+        h = self.conv1(x) + self.emb(c_noise.reshape(-1, 1).to(x.dtype))[:, :, None, None]
+        if self.label is not None:
+            h = h + self.label(labels).to(x.dtype)[:, :, None, None]
+        return self.conv2(torch.tanh(h))
+
+
+def _v(t):
+    return t.reshape(-1, 1, 1, 1)
+
+
+def f64(net, x, t, smin=0.002, sd=0.5, labels=None):
+    """CM paper Appendix C in float64: c_skip x + c_out F(c_in x, ln(t) / 4); EDM's denoiser with smin = 0."""
+    net = copy.deepcopy(net).double()
+    t = t.double()
+    c_skip = sd ** 2 / ((t - smin) ** 2 + sd ** 2)
+    c_out = sd * (t - smin) / torch.sqrt(sd ** 2 + t ** 2)
+    c_in = 1 / torch.sqrt(t ** 2 + sd ** 2)
+    with torch.no_grad():
+        return _v(c_skip) * x + _v(c_out) * net(_v(c_in) * x, torch.log(t) / 4, labels)
+
+
+def karras64(n, smin=0.002, smax=80.0, rho=7.0):
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return (smin ** (1 / rho) + (i - 1) / (n - 1) * (smax ** (1 / rho) - smin ** (1 / rho))) ** rho
+
+
+def ct_n_mu(k, K, s0, s1, mu0, reference_code=False):
+    """CM paper Appendix C: N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1, mu(k) = exp(s0 ln mu0 / N(k))
+    (openai/consistency_models: N(k) - 1)."""
+    n = math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
+    return n, math.exp(s0 * math.log(mu0) / (n - 1 if reference_code else n))
+
+
+def ict_n(k, K, s0, s1):
+    """iCT Sec. 3.4: N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1))."""
+    kp = math.floor(K / (math.log2(math.floor(s1 / s0)) + 1))
+    return min(s0 * 2 ** math.floor(k / kp), s1) + 1
+
+
+def _cfg(method, total_steps=100, loss="l2", sd=0.5, **args):
+    m = get_method(method)
+    return dict(sigma_data=sd, sigma_min=0.002, sigma_max=80.0, total_steps=total_steps, loss=loss,
+                method_args=dict(m.defaults, **args))
+
+
+def _data(B=4, seed=1):
+    return torch.rand(B, 2, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _move(model, seed=3):
+    """Moves the online parameters away from the target's, as an optimizer step would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("reference_code", [False, True])
+def test_ct_method_target_ema_uses_mu_of_the_same_step(reference_code):
+    """CT (CM Alg. 3 with Appendix C): step k trains with N(k) and then moves the target with mu(k) of that same k,
+    theta- <- mu(k) theta- + (1 - mu(k)) theta; match_reference_code=true divides by N(k) - 1 (openai/
+    consistency_models). Steps k where N(k + 1) != N(k) tell mu(k) from mu(k + 1). Before, after_step with
+    mu(k + 1), or a method that did not pass match_reference_code on to ct_schedule, passed every test."""
+    ct = get_method("ct")
+    K, s0, s1, mu0 = 50, 2, 20, 0.9
+    cfg = _cfg("ct", K, s0=s0, s1=s1, mu0=mu0, match_reference_code=reference_code)
+    models = ct.build(CondNet(seed=0), cfg)
+    x = _data()
+    for k in (1, 13, 28, 45):
+        _move(models["model"], seed=k)
+        n, mu = ct_n_mu(k, K, s0, s1, mu0, reference_code)
+        assert ct_n_mu(k + 1, K, s0, s1, mu0, reference_code)[0] == n + 1
+        _, info = ct.loss(models, x, k, cfg, torch.Generator().manual_seed(k))
+        assert info["N"] == n and info["mu"] == pytest.approx(mu, rel=1e-12, abs=0)
+        tgt = [p.detach().double().clone() for p in models["target"].parameters()]
+        onl = [p.detach().double().clone() for p in models["model"].parameters()]
+        ct.after_step(models, k, cfg)
+        for a, b, got in zip(tgt, onl, models["target"].parameters()):
+            torch.testing.assert_close(got.detach().double(), mu * a + (1 - mu) * b, rtol=1e-6, atol=1e-7)
+
+
+def _ict64(net, x, N, seed, c, p_mean, p_std, sd=0.5):
+    """iCT's per-sample loss in float64 (Song & Dhariwal 2023): levels n ~ p(n) proportional to
+    erf((ln t_{n+1} - P_mean) / (sqrt 2 P_std)) - erf((ln t_n - P_mean) / (sqrt 2 P_std)) on a Karras grid of N, the
+    generator's draws (n, then z), theta- = theta, pseudo-Huber sqrt(||.||^2 + c^2) - c, lambda = 1 / (t_{n+1} - t_n)."""
+    g = torch.Generator().manual_seed(seed)
+    t = karras64(N)
+    e = torch.erf((torch.log(t) - p_mean) / (math.sqrt(2) * p_std))
+    p = (e[1:] - e[:-1]) / (e[1:] - e[:-1]).sum()
+    n = torch.multinomial(p, x.shape[0], replacement=True, generator=g)
+    z = torch.randn(x.shape, generator=g).double()
+    x = x.double()
+    pred = f64(net, x + _v(t[n + 1]) * z, t[n + 1], sd=sd)
+    tgt = f64(net, x + _v(t[n]) * z, t[n], sd=sd)
+    return (torch.sqrt(((pred - tgt) ** 2).flatten(1).sum(1) + c * c) - c) / (t[n + 1] - t[n])
+
+
+def test_ict_loss_takes_its_c_p_mean_and_p_std():
+    """ict_loss with c, P_mean, P_std other than the defaults (c = 0.05 is 7x iCT's 0.00054 sqrt(128)): the loss of
+    the float64 transcription with those values. Before, ict_loss that dropped c (default c used) or P_mean / P_std
+    (the default lognormal) passed every test: the only value test ran at the defaults."""
+    net = CondNet(seed=0)
+    model = cmfast.ConsistencyModel(net)
+    x = _data(6)
+    got = O.ict_loss(model, x, 11, c=0.05, p_mean=0.4, p_std=0.8, generator=torch.Generator().manual_seed(9))
+    want = _ict64(net, x, 11, 9, c=0.05, p_mean=0.4, p_std=0.8)
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=1e-6)
+    default = _ict64(net, x, 11, 9, c=0.00054 * math.sqrt(128), p_mean=-1.1, p_std=2.0)
+    assert not torch.allclose(default, want, rtol=1e-2)
+
+
+def test_ict_method_curriculum_and_arguments_reach_the_loss():
+    """The ict method at the last step of a stage and the first of the next (K = 40, s0 = 10, s1 = 80: K' = 10,
+    N = 11 then 21) with c, P_mean, P_std set: its N and its loss are the transcription's. Before, N(k + 1) for
+    N(k), or c / P_mean / P_std dropped or swapped on the way to ict_loss, passed every test."""
+    ict = get_method("ict")
+    cfg = _cfg("ict", 40, loss="pseudo_huber", s0=10, s1=80, c=0.05, p_mean=0.4, p_std=0.8)
+    models = ict.build(CondNet(seed=0), cfg)
+    x = _data(6)
+    for k, n in ((9, 11), (10, 21)):
+        assert ict_n(k, 40, 10, 80) == n
+        loss, info = ict.loss(models, x, k, cfg, torch.Generator().manual_seed(k))
+        assert info == {"N": n, "mu": 0.0}
+        want = _ict64(models["model"].net, x, n, k, c=0.05, p_mean=0.4, p_std=0.8)
+        torch.testing.assert_close(loss.double(), want, rtol=2e-4, atol=1e-6)
+
+
+def _cd64(online, target, teacher, x, N, seed, solver="heun", weighting="uniform", dist="l2", labels=None):
+    """CM Alg. 2 in float64 with the generator's draws (n ~ U{0..N-2}, then z): x_{t_{n+1}} = x + t_{n+1} z, one Euler
+    or Heun step of the EDM teacher's ODE dx/dt = (x - D(x, t)) / t down to t_n, lambda = 1 or 1 / (t_{n+1} - t_n);
+    teacher = None: CT (CM Alg. 3), x_hat = x + t_n z."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randint(0, N - 1, (x.shape[0],), generator=g)
+    z = torch.randn(x.shape, generator=g).double()
+    t = karras64(N)
+    x = x.double()
+    hi, lo = _v(t[n + 1]), _v(t[n])
+    x_hi = x + hi * z
+    if teacher is None:
+        x_lo = x + lo * z
+    else:
+        d = (x_hi - f64(teacher, x_hi, t[n + 1], smin=0.0, labels=labels)) / hi
+        x_lo = x_hi + (lo - hi) * d
+        if solver == "heun":
+            d2 = (x_lo - f64(teacher, x_lo, t[n], smin=0.0, labels=labels)) / lo
+            x_lo = x_hi + (lo - hi) * (d + d2) / 2
+    diff = (f64(online, x_hi, t[n + 1], labels=labels) - f64(target, x_lo, t[n], labels=labels)).flatten(1)
+    d = diff.abs().mean(1) if dist == "l1" else (diff ** 2).mean(1)
+    return d / (t[n + 1] - t[n]) if weighting == "icm" else d
+
+
+def test_cd_method_solver_weighting_and_mu_reach_the_step():
+    """The cd method with solver euler, weighting icm and a target EMA rate mu = 0.6 (CIFAR-10's mu is 0): its loss
+    is Alg. 2's with the Euler teacher step and lambda = 1 / (t_{n+1} - t_n), and its after_step moves the target
+    by mu. Before, a method that always ran Heun, dropped the weighting, or ignored mu (mu = 0 copies the online net)
+    passed every test."""
+    cd = get_method("cd")
+    cfg = _cfg("cd", 10, loss="l1", num_scales=6, mu=0.6, solver="euler", weighting="icm")
+    teacher = CondNet(seed=2)
+    models = cd.build(CondNet(seed=0), cfg, teacher=cmfast.EDMDenoiser(teacher))
+    _move(models["model"])
+    x = _data(6)
+    loss, info = cd.loss(models, x, 3, cfg, torch.Generator().manual_seed(4))
+    assert info == {"N": 6, "mu": 0.6}
+    want = _cd64(models["model"].net, models["target"].net, teacher, x, 6, 4, "euler", "icm", "l1")
+    torch.testing.assert_close(loss.double(), want, rtol=2e-4, atol=1e-6)
+    tgt = [p.detach().double().clone() for p in models["target"].parameters()]
+    onl = [p.detach().double().clone() for p in models["model"].parameters()]
+    cd.after_step(models, 3, cfg)
+    for a, b, got in zip(tgt, onl, models["target"].parameters()):
+        torch.testing.assert_close(got.detach().double(), 0.6 * a + 0.4 * b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["cd", "ct"])
+def test_icm_weighting_of_cd_and_ct_losses_and_methods(method):
+    """weighting='icm' (lambda(t_n) = 1 / (t_{n+1} - t_n), iCT's) in cd_loss / ct_loss and through the cd / ct
+    methods' --method-arg weighting: the float64 transcription's numbers. Before, cd_loss or ct_loss that passed
+    'uniform' on, or a ct method that dropped its weighting, passed every test."""
+    online, target, teacher = CondNet(seed=0), CondNet(seed=1), CondNet(seed=2)
+    model, tmodel = cmfast.ConsistencyModel(online), cmfast.ConsistencyModel(target)
+    x = _data(6)
+    gen = torch.Generator().manual_seed(7)
+    if method == "cd":
+        got = O.cd_loss(model, tmodel, cmfast.EDMDenoiser(teacher), x, 5, loss="l2", generator=gen, weighting="icm")
+    else:
+        got = O.ct_loss(model, tmodel, x, 5, loss="l2", generator=gen, weighting="icm")
+    want = _cd64(online, target, teacher if method == "cd" else None, x, 5, 7, weighting="icm")
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=1e-6)
+    # the ct method's weighting (K = 100, s0 = 2, s1 = 20: N(30) = 17)
+    ct = get_method("ct")
+    cfg = _cfg("ct", 100, s0=2, s1=20, weighting="icm")
+    models = ct.build(CondNet(seed=0), cfg)
+    _move(models["model"])
+    n = ct_n_mu(30, 100, 2, 20, 0.9)[0]
+    loss, info = ct.loss(models, x, 30, cfg, torch.Generator().manual_seed(8))
+    assert info["N"] == n
+    want = _cd64(models["model"].net, models["target"].net, None, x, n, 8, weighting="icm")
+    torch.testing.assert_close(loss.double(), want, rtol=2e-4, atol=1e-6)
+
+
+def test_class_labels_reach_the_teacher_the_online_and_the_target_net():
+    """Class-conditional CD and EDM (ImageNet 64x64's setting): the labels go to the teacher's two Heun evaluations,
+    the online net and the target net (CD), and to the denoiser (EDM loss). Before, a label dropped on any of those
+    ways passed every test (every value test ran unconditional nets)."""
+    online, target, teacher = CondNet(seed=0, label_dim=3), CondNet(seed=1, label_dim=3), CondNet(seed=2, label_dim=3)
+    model, tmodel = cmfast.ConsistencyModel(online), cmfast.ConsistencyModel(target)
+    x, y = _data(6), torch.tensor([0, 1, 2, 2, 1, 0])
+    got = O.cd_loss(model, tmodel, cmfast.EDMDenoiser(teacher), x, 5, loss="l2",
+                    generator=torch.Generator().manual_seed(3), class_labels=y)
+    want = _cd64(online, target, teacher, x, 5, 3, labels=y)
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=1e-6)
+    # EDM eq. 8: lambda(sigma) ||D(x + sigma n, sigma, y) - x||^2, ln sigma ~ N(-1.2, 1.2^2), lambda = (s^2 + sd^2) / (s sd)^2
+    got = O.edm_loss(cmfast.EDMDenoiser(teacher), x, generator=torch.Generator().manual_seed(4), class_labels=y)
+    g = torch.Generator().manual_seed(4)
+    sigma = (torch.randn(6, generator=g).double() * 1.2 - 1.2).exp()
+    noise = torch.randn(x.shape, generator=g).double()
+    D = f64(teacher, x.double() + _v(sigma) * noise, sigma, smin=0.0, labels=y)
+    lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    torch.testing.assert_close(got.double(), lam * ((D - x.double()) ** 2).flatten(1).mean(1), rtol=2e-4, atol=1e-6)
+
+
+def test_lpips_distance_takes_the_icm_weight():
+    """lambda(t_n) d with d = LPIPS (the CM paper's distance; iCT's weighting): the lpips network's own number on the
+    images prepared as the CM paper says (gray repeated to RGB, bilinear to 224), times lambda. Before, the lpips
+    branch of distance() dropped the weight and passed every test."""
+    pytest.importorskip("lpips")
+    lp = O.LPIPS("alex", pretrained_backbone=False)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1, torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    w = torch.tensor([1.0, 40.0, 0.25])
+
+    def prep(a):
+        return nn.functional.interpolate(a.repeat(1, 3, 1, 1), size=224, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        d = lp.model(prep(x), prep(y)).reshape(-1).double()
+        got = O.distance(x, y, "lpips", weight=w, lpips_model=lp).double()
+    torch.testing.assert_close(got, d * w.double(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("wrap", ["cm", "edm"])
+def test_preconditioning_at_another_sigma_data(wrap):
+    """sigma_data = 0.8 (every other value test of the wrappers runs at 0.5, where a hard-coded 0.5 passes):
+    c_skip = sd^2 / ((s - smin)^2 + sd^2), c_out = sd (s - smin) / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2)
+    with smin = 0.002 (consistency model) or 0 (EDM denoiser), in float64. Before, the backbone's c_in or the skip
+    connection's scalings at sigma_data 0.5 whatever the model's passed every test."""
+    sd = 0.8
+    net = CondNet(seed=0)
+    model = (cmfast.ConsistencyModel if wrap == "cm" else cmfast.EDMDenoiser)(net, sigma_data=sd)
+    x = _data(3) * 1.5
+    s = torch.tensor([0.05, 0.9, 20.0], dtype=torch.float64)
+    with torch.no_grad():
+        got = model(x, s.float()).double()
+    want = f64(net, x.double(), s, smin=0.002 if wrap == "cm" else 0.0, sd=sd)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sct", "scd"])
+def test_scm_methods_record_two_steps_at_t_1_1(method):
+    """sCM's two-step sampling puts its middle step at TrigFlow time t = 1.1, the VE level sd tan(1.1) (0.982 at
+    sd = 0.5; 1.572 at 0.8), after sigma_max. Before, 0.5 tan(1.1) at every sigma_data, t = 1.0, or sd x 1.1 (tan
+    dropped) passed every test (the dry-run test that checks 0.5 tan 1.1 had started failing on its --teacher)."""
+    m = get_method(method)
+    for sd in (0.5, 0.8):
+        cfg = _cfg(method, sd=sd)
+        got = m.sampling_sigmas(cfg)
+        assert got == {"2": [80.0, pytest.approx(sd * math.tan(1.1), rel=1e-12)]}
+    assert get_method("ict").sampling_sigmas(_cfg("ict")) is None
