@@ -1,0 +1,155 @@
+"""Values the op layer, sampling, editing and the graphed sampler's CPU pieces must give, each against a float64
+transcription of its formula written out here (not imported from the code). Every test closes a gap a mutation study
+found: a planted error (named in the docstring) that the other tests let through."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cmfast import ops
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- op layer: the torch backend and the public entries ------------------------------------------------------------
+def test_torch_consistency_loss_l2_l1_and_weight_against_float64():
+    """l2 = mean of squares, l1 = mean of absolute values over a sample's D elements, times its weight (planted: l2 as
+    a sum, the weight dropped; the kernel tests only bound the kernels by the torch backend's own error, and the torch
+    edge-case test has one element a sample, where a sum is a mean)."""
+    g = _g(0)
+    pred = torch.randn(3, 2, 4, 5, generator=g, dtype=torch.float64)
+    target = torch.randn(3, 2, 4, 5, generator=g, dtype=torch.float64)
+    w = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+    D = 2 * 4 * 5
+    d = (pred - target).reshape(3, D)
+    l2 = torch.tensor([sum(float(e) ** 2 for e in row) / D for row in d], dtype=torch.float64)
+    l1 = torch.tensor([sum(abs(float(e)) for e in row) / D for row in d], dtype=torch.float64)
+    with ops.use_backend("torch"):
+        for kind, want in (("l2", l2), ("l1", l1)):
+            got = ops.consistency_loss(pred.float(), target.float(), kind)
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+            got = ops.consistency_loss(pred.float(), target.float(), kind, weight=w.float())
+            torch.testing.assert_close(got.double(), want * w, rtol=1e-6, atol=0)
+        c = 0.3
+        ph = torch.tensor([math.sqrt(sum(float(e) ** 2 for e in row) + c * c) - c for row in d], dtype=torch.float64)
+        got = ops.consistency_loss(pred.float(), target.float(), "pseudo_huber", c, weight=w.float())
+        torch.testing.assert_close(got.double(), ph * w, rtol=1e-6, atol=0)
+
+
+def test_consistency_loss_default_c_is_ict():
+    """Without c the pseudo-Huber constant is iCT's c = 0.00054 sqrt(D) (planted: 0.00054 D; every other test passes
+    c explicitly)."""
+    g = _g(1)
+    pred, target = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    D = 3 * 8 * 8
+    c = 0.00054 * math.sqrt(D)
+    d = (pred.double() - target.double()).reshape(2, D)
+    want = torch.tensor([math.sqrt(float((row * row).sum()) + c * c) - c for row in d], dtype=torch.float64)
+    with ops.use_backend("torch"):
+        got = ops.consistency_loss(pred, target)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    # near zero difference the constant is what the loss is made of: sqrt(e^2 D + c^2) - c for a difference e
+    e = 2.0 ** -12                                                      # exact in fp32
+    want0 = math.sqrt(e * e * D + c * c) - c
+    with ops.use_backend("torch"):
+        got0 = ops.consistency_loss(torch.full((2, 3, 8, 8), e), torch.zeros(2, 3, 8, 8))
+    torch.testing.assert_close(got0.double(), torch.full((2,), want0, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_torch_group_norm_act_float64_is_float64_math():
+    """A float64 x is normalised in float64 (the fp64 JVP references rely on it; planted: statistics in fp32, ~1e-7
+    off): act((x - mean) / sqrt(biased var + eps) * w + b) * ... against the formula to 1e-12."""
+    g = _g(2)
+    N, C, H, W, G = 2, 6, 3, 5, 3
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64) * 3 + 1
+    w, b = torch.randn(C, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
+    scale, shift = (torch.randn(N, C, generator=g, dtype=torch.float64) * 0.3 for _ in range(2))
+    eps = 1e-6
+    want = torch.empty_like(x)
+    for n in range(N):
+        for grp in range(G):
+            cs = slice(grp * (C // G), (grp + 1) * (C // G))
+            vals = x[n, cs].flatten().tolist()
+            mean = sum(vals) / len(vals)
+            var = sum((v - mean) ** 2 for v in vals) / len(vals)       # biased, as GroupNorm
+            z = (x[n, cs] - mean) / math.sqrt(var + eps)
+            z = (z * w[cs, None, None] + b[cs, None, None]) * (1 + scale[n, cs, None, None]) + shift[n, cs, None, None]
+            want[n, cs] = z / (1 + torch.exp(-z))                     # SiLU
+    with ops.use_backend("torch"):
+        got = ops.group_norm_act(x, G, w, b, eps, scale, shift, "silu")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _gn64(x, G, eps=1e-6):
+    """GroupNorm without affine, float64, from the definition (biased variance, eps inside the root)."""
+    N, C = x.shape[:2]
+    out = torch.empty_like(x)
+    for n in range(N):
+        for grp in range(G):
+            cs = slice(grp * (C // G), (grp + 1) * (C // G))
+            vals = x[n, cs].flatten().tolist()
+            mean = sum(vals) / len(vals)
+            var = sum((v - mean) ** 2 for v in vals) / len(vals)
+            out[n, cs] = (x[n, cs] - mean) / math.sqrt(var + eps)
+    return out
+
+
+@pytest.mark.parametrize("rows", [2, 1], ids=["per-sample", "broadcast"])
+def test_group_norm_act_pre_bias_is_added_before_the_norm(rows):
+    """pre_bias (N, C) or (1, C) is added to x before the statistics: GN(x + pre_bias) (planted: subtracted; the
+    torch backend takes the public entry's add, and the kernel tests compare against it)."""
+    g = _g(3)
+    x = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    pre = torch.randn(rows, 4, generator=g, dtype=torch.float64) * 2
+    want = _gn64(x + pre[:, :, None, None], 2)
+    with ops.use_backend("torch"):
+        got = ops.group_norm_act(x.float(), 2, act=None, pre_bias=pre.float())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+
+
+def test_trig_tangent_loss_defaults_are_no_weighting():
+    """Without logvar and weight the sCM loss is ||gn||^2 / D with gn = g / (||g|| + c) (logvar 0, weight 1;
+    planted: a default logvar of 1, a default weight of 0.5; every other test passes both)."""
+    g = _g(4)
+    B, shape = 2, (2, 3, 4, 4)
+    F, x, v, dF = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(4))
+    t = torch.tensor([0.25, 1.0], dtype=torch.float64)              # exact in fp32
+    r, sd, c = 1.0, 0.5, 0.1
+    D = 3 * 4 * 4
+    want = []
+    for b in range(B):
+        ct, st = math.cos(float(t[b])), math.sin(float(t[b]))
+        gv = [-ct * ct * (sd * f - vv) - r * ct * st * (xx + sd * d) for f, vv, xx, d in
+              zip(F[b].flatten().tolist(), v[b].flatten().tolist(), x[b].flatten().tolist(), dF[b].flatten().tolist())]
+        norm = math.sqrt(sum(e * e for e in gv))
+        want.append(sum((e / (norm + c)) ** 2 for e in gv) / D)
+    with ops.use_backend("torch"):
+        got = ops.trig_tangent_loss(F, x, v, t, dFdt=dF, r=r, sigma_data=sd, c=c)
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda: ops.group_norm_act(torch.ones(1, 4, 2, 2), 2, eps=0.0), r"^eps: expected a positive number, got 0\.0$"),
+    (lambda: ops.group_norm_act(torch.ones(1, 4, 2, 2), 2, eps=float("nan")), r"^eps: expected a positive number"),
+    (lambda: ops.group_norm_act(torch.ones(1, 6, 2, 2), 4),
+     r"^num_groups: expected a positive divisor of the 6 channels, got 4$"),
+    (lambda: ops.consistency_loss(torch.ones(2, 3), torch.ones(2, 1), "l2"),
+     r"^target: expected the shape of pred \(2, 3\), got \(2, 1\)$"),
+    (lambda: ops.consistency_loss(torch.ones(2, 3), torch.zeros(2, 3), "pseudo_huber", 0.0),
+     r"^c: expected a positive number for pseudo_huber, got 0\.0$"),
+    (lambda: ops.trig_tangent_loss(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), torch.ones(2),
+                                   F_plus=torch.ones(2, 3), F_minus=torch.ones(2, 3), h=torch.tensor([0.1, 0.0])),
+     r"^h: expected positive finite-difference steps, got \[0\.1"),
+], ids=["eps-0", "eps-nan", "groups", "loss-shape", "c-0", "h-0"])
+def test_op_argument_errors_are_one_clear_line(call, msg):
+    """Arguments the math cannot take are refused by the public entry, in one line, before a backend sees them
+    (planted, one at a time: eps = 0 and NaN let through; the divisor check dropped, torch's own error instead; a
+    target of another shape broadcast into a wrong loss; c = 0 (gradient 0 / 0 at pred = target) and h = 0 (a
+    division by zero) let through)."""
+    with ops.use_backend("torch"), pytest.raises(ValueError, match=msg):
+        call()
