@@ -153,3 +153,56 @@ def test_op_argument_errors_are_one_clear_line(call, msg):
     division by zero) let through)."""
     with ops.use_backend("torch"), pytest.raises(ValueError, match=msg):
         call()
+
+
+@pytest.mark.triton_cpu
+@pytest.mark.parametrize("path", ["split", "one-pass", "groups"])
+def test_triton_group_norm_eps_inside_the_root_at_small_variance(path, monkeypatch):
+    """rstd = 1 / sqrt(var + eps) in every statistics path of the Triton kernels (split partials merged, one program
+    a group, several groups a program). The kernel tests draw std 3, where eps = 1e-6 moves rstd by 6e-8 (planted:
+    1 / (sqrt(var) + eps), passed); at std 2e-3 eps is a fifth of the variance and the placement shows (12%)."""
+    if not torch.cuda.is_available():
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1" or ops.interpreter_problem():
+            pytest.skip("the Triton interpreter cannot run here")
+    pytest.importorskip("triton")
+    from cmfast.kernels import group_norm_act as k
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if path == "split":          # several programs a group, partials merged
+        monkeypatch.setattr(k, "num_sms", lambda device: 132)
+        monkeypatch.setattr(k, "MIN_CHUNK", 8)
+        monkeypatch.setattr(k, "TILE", 16)
+    C = 8 if path == "groups" else 6          # 4 channels a group: the several-groups kernel; 3: one program a group
+    x = 1.5 + 2e-3 * torch.randn(2, C, 5, 7, generator=_g(6), dtype=torch.float64)
+    x = x.float().double()                    # the values the kernel reads
+    want = _gn64(x, 2)
+    with ops.use_backend("triton"):
+        got = ops.group_norm_act(x.float().to(dev), 2, act=None)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=0, atol=2e-3)
+
+
+@pytest.mark.triton_cpu
+@pytest.mark.parametrize("path", ["one-pass", "split"])
+def test_triton_group_norm_merges_the_tiles_of_a_program(path, monkeypatch):
+    """A program that reads its rows in several tiles merges their per-column statistics with Chan et al.'s formula,
+    the between-tile term delta^2 n_a n_b / n included (planted: dropped; the kernel tests' programs each held one
+    tile, so it passed). TILE = 16 (one program a group) or 8 with split chunks: 9 and 2 tiles a program."""
+    if not torch.cuda.is_available():
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1" or ops.interpreter_problem():
+            pytest.skip("the Triton interpreter cannot run here")
+    pytest.importorskip("triton")
+    from cmfast.kernels import group_norm_act as k
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(k, "TILE", 16 if path == "one-pass" else 8)
+    if path == "split":
+        monkeypatch.setattr(k, "num_sms", lambda device: 132)
+        monkeypatch.setattr(k, "MIN_CHUNK", 8)
+    ramp = torch.linspace(-3, 3, 35, dtype=torch.float64).reshape(1, 1, 5, 7)     # tile means far apart
+    x = (ramp + torch.randn(2, 6, 5, 7, generator=_g(7), dtype=torch.float64)).float().double()
+    plan = k.Plan(x.float().to(dev), 2)
+    assert plan.Cg != plan.BLOCK_C and plan.chunk > plan.BLOCK_HW and (plan.S > 1) == (path == "split")
+    want = _gn64(x, 2)
+    with ops.use_backend("triton"):
+        got = ops.group_norm_act(x.float().to(dev), 2, act=None)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=0, atol=1e-5)
