@@ -105,6 +105,11 @@ def test_ct_method_target_ema_uses_mu_of_the_same_step(reference_code):
     K, s0, s1, mu0 = 50, 2, 20, 0.9
     cfg = _cfg("ct", K, s0=s0, s1=s1, mu0=mu0, match_reference_code=reference_code)
     models = ct.build(CondNet(seed=0), cfg)
+    # theta-: a frozen copy of its own (a target that is the online module itself passed every test)
+    assert models["target"] is not models["model"] and not any(p.requires_grad for p in models["target"].parameters())
+    init = [p.detach().clone() for p in models["model"].parameters()]
+    _move(models["model"], seed=99)
+    assert all(torch.equal(a, b) for a, b in zip(init, models["target"].parameters()))
     x = _data()
     for k in (1, 13, 28, 45):
         _move(models["model"], seed=k)
@@ -305,3 +310,54 @@ def test_scm_methods_record_two_steps_at_t_1_1(method):
         got = m.sampling_sigmas(cfg)
         assert got == {"2": [80.0, pytest.approx(sd * math.tan(1.1), rel=1e-12)]}
     assert get_method("ict").sampling_sigmas(_cfg("ict")) is None
+
+
+def test_method_defaults_are_the_papers_constants():
+    """The methods' hyperparameter defaults are the papers' CIFAR-10 settings (PAPER.md): CD N = 18, mu = 0, Heun
+    (CM paper); CT s0 = 2, s1 = 150, mu0 = 0.9 (Appendix C); iCT s0 = 10, s1 = 1280, P_mean = -1.1, P_std = 2.0; EDM
+    P_mean = -1.2, P_std = 1.2; sCM tau ~ N(-1.0, 1.4^2), tangent normalization c = 0.1, warm-up 10k steps; the
+    wrappers' sigma_data = 0.5, sigma_min = 0.002, sigma_max = 80; cmfast.scalings(sigma) is the CM paper's (sigma_min =
+    0.002, sd = 0.5). Before, a CD default of N = 17 or a scalings() default of sigma_min = 0 (EDM's) passed every test
+    (the paper configs set N themselves)."""
+    d = {m: get_method(m).defaults for m in ("cd", "ct", "ict", "edm", "sct", "scd")}
+    assert (d["cd"]["num_scales"], d["cd"]["mu"], d["cd"]["solver"], d["cd"]["weighting"]) == (18, 0.0, "heun",
+                                                                                                 "uniform")
+    assert (d["ct"]["s0"], d["ct"]["s1"], d["ct"]["mu0"], d["ct"]["weighting"]) == (2, 150, 0.9, "uniform")
+    assert (d["ict"]["s0"], d["ict"]["s1"], d["ict"]["p_mean"], d["ict"]["p_std"]) == (10, 1280, -1.1, 2.0)
+    assert (d["edm"]["p_mean"], d["edm"]["p_std"]) == (-1.2, 1.2)
+    for m in ("sct", "scd"):
+        assert (d[m]["p_mean"], d[m]["p_std"], d[m]["c"], d[m]["warmup_steps"]) == (-1.0, 1.4, 0.1, 10_000)
+    assert (d["sct"]["time_input"], d["scd"]["time_input"]) == ("t", "edm")
+    for cls in (cmfast.ConsistencyModel, cmfast.EDMDenoiser):
+        m = cls(CondNet())
+        assert (m.sigma_data, m.sigma_min, m.sigma_max) == (0.5, 0.002, 80.0)
+    s = torch.tensor([0.002, 0.3, 5.0], dtype=torch.float64)
+    c_skip, c_out, c_in = cmfast.scalings(s)
+    torch.testing.assert_close(c_skip, 0.25 / ((s - 0.002) ** 2 + 0.25), rtol=1e-14, atol=0)
+    torch.testing.assert_close(c_out, 0.5 * (s - 0.002) / torch.sqrt(s ** 2 + 0.25), rtol=1e-14, atol=1e-300)
+    torch.testing.assert_close(c_in, 1 / torch.sqrt(s ** 2 + 0.25), rtol=1e-14, atol=0)
+
+
+def test_ict_curriculum_floors_s1_over_s0():
+    """iCT's K' = floor(K / (log2 floor(s1 / s0) + 1)): with s1 / s0 not a power of two the inner floor matters
+    (s0 = 3, s1 = 50, K = 100: floor(50 / 3) = 16, K' = 20, while log2(50 / 3) gives K' = 19). The existing test ran
+    s1 / s0 = 128 only, where floor or not gives the same K'."""
+    assert [cmfast.ict_schedule(k, 100, 3, 50) for k in (18, 19, 20, 39, 40, 99)] == \
+        [ict_n(k, 100, 3, 50) for k in (18, 19, 20, 39, 40, 99)] == [4, 4, 7, 7, 13, 49]
+
+
+def test_edm_method_takes_its_p_mean_and_p_std():
+    """The edm method (the teacher, EDM eq. 8) with P_mean = -0.4, P_std = 0.7: ln sigma ~ N(P_mean, P_std^2),
+    lambda(sigma) ||D(x + sigma n, sigma) - x||^2 with lambda = (sigma^2 + sd^2) / (sigma sd)^2, in float64. Before,
+    a method that passed them to edm_loss swapped passed every test."""
+    edm = get_method("edm")
+    cfg = _cfg("edm", p_mean=-0.4, p_std=0.7)
+    models = edm.build(CondNet(seed=2), cfg)
+    x = _data(6)
+    loss, info = edm.loss(models, x, 0, cfg, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    sigma = (torch.randn(6, generator=g).double() * 0.7 - 0.4).exp()
+    noise = torch.randn(x.shape, generator=g).double()
+    D = f64(models["model"].net, x.double() + _v(sigma) * noise, sigma, smin=0.0)
+    lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    torch.testing.assert_close(loss.double(), lam * ((D - x.double()) ** 2).flatten(1).mean(1), rtol=2e-4, atol=1e-6)
