@@ -287,16 +287,19 @@ def test_preconditioning_at_another_sigma_data(wrap):
     """sigma_data = 0.8 (every other value test of the wrappers runs at 0.5, where a hard-coded 0.5 passes):
     c_skip = sd^2 / ((s - smin)^2 + sd^2), c_out = sd (s - smin) / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2)
     with smin = 0.002 (consistency model) or 0 (EDM denoiser), in float64. Before, the backbone's c_in or the skip
-    connection's scalings at sigma_data 0.5 whatever the model's passed every test."""
+    connection's scalings at sigma_data 0.5 whatever the model's, or a method's wrap() at 0.5 whatever the config's,
+    passed every test."""
     sd = 0.8
     net = CondNet(seed=0)
-    model = (cmfast.ConsistencyModel if wrap == "cm" else cmfast.EDMDenoiser)(net, sigma_data=sd)
     x = _data(3) * 1.5
     s = torch.tensor([0.05, 0.9, 20.0], dtype=torch.float64)
-    with torch.no_grad():
-        got = model(x, s.float()).double()
     want = f64(net, x.double(), s, smin=0.002 if wrap == "cm" else 0.0, sd=sd)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the wrapper itself, and the one a training method builds from its config (--sigma-data 0.8)
+    for model in ((cmfast.ConsistencyModel if wrap == "cm" else cmfast.EDMDenoiser)(net, sigma_data=sd),
+                  get_method("ct" if wrap == "cm" else "edm").wrap(net, _cfg("ct" if wrap == "cm" else "edm", sd=sd))):
+        with torch.no_grad():
+            got = model(x, s.float()).double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["sct", "scd"])
@@ -361,3 +364,12 @@ def test_edm_method_takes_its_p_mean_and_p_std():
     D = f64(models["model"].net, x.double() + _v(sigma) * noise, sigma, smin=0.0)
     lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
     torch.testing.assert_close(loss.double(), lam * ((D - x.double()) ** 2).flatten(1).mean(1), rtol=2e-4, atol=1e-6)
+
+
+def test_paper_step_indices_must_strictly_increase():
+    """Sampling times (CM Alg. 1) go strictly down: 'ts' indices into the Karras grid must strictly increase. A
+    repeated index (0, 22, 22) was accepted once the check allowed equal neighbours (b > a for b >= a)."""
+    assert cmfast.paper_step_sigmas([0, 22, 39], 40)[1] == pytest.approx(float(karras64(40).flip(0)[22]), rel=1e-12)
+    for ts in ([0, 22, 22], [0, 0]):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            cmfast.paper_step_sigmas(ts, 40)
