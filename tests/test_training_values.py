@@ -373,3 +373,53 @@ def test_paper_step_indices_must_strictly_increase():
     for ts in ([0, 22, 22], [0, 0]):
         with pytest.raises(ValueError, match="strictly increasing"):
             cmfast.paper_step_sigmas(ts, 40)
+
+
+def test_evaluation_ema_runs_without_dropout_and_defaults_to_0_9999():
+    """The evaluation EMA (CM paper: rate 0.9999) is a frozen copy in eval mode: its forward has no dropout, so it
+    equals the averaged weights' deterministic output; theta_ema <- 0.9999 theta_ema + 0.0001 theta by default."""
+    from cmfast.ema import EMA
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 3)).train()
+    e = EMA(src)
+    assert e.rate == 0.9999 and not e.module.training
+    x = torch.randn(5, 4)
+    w1, b1, w2, b2 = (p.detach().double() for p in src.parameters())
+    want = (x.double() @ w1.T + b1) @ w2.T + b2
+    torch.testing.assert_close(e(x).double(), want, rtol=1e-5, atol=1e-6)
+    old = [p.detach().double().clone() for p in e.parameters()]
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)
+    e.update(src)
+    for a, b, got in zip(old, src.parameters(), e.parameters()):
+        torch.testing.assert_close(got.detach().double(), 0.9999 * a + 0.0001 * b.detach().double(), rtol=1e-6,
+                                   atol=1e-7)
+
+
+def test_scd_teacher_and_student_see_the_class_labels():
+    """Class-conditional sCD at its first step (r = 0: the tangent is g = -cos^2 t (sd F- - dx_t/dt), no dF/dt term)
+    with the adaptive head at its zero init: loss = ||g / (||g|| + c)||^2 / D (sCM Alg. 1), where dx_t/dt is the
+    teacher's PF-ODE velocity (cos t x_t - D(x_t / cos t, sd tan t, y)) / sin t and F = -F_edm(x_t / sd,
+    ln(sd tan t) / 4, y), t = atan(e^tau / sd), tau ~ N(-1, 1.4^2), z of std sd; all in float64. Before, a teacher
+    asked without the labels passed every test (no sCD value test had labels)."""
+    from cmfast.trigflow import TrigFlowModel, scd_loss
+    sd = 0.5
+    teacher_net, student_net = CondNet(seed=2, label_dim=3), CondNet(seed=0, label_dim=3)
+    model = TrigFlowModel(student_net, time_input="edm")
+    x0, y = _data(6), torch.tensor([0, 1, 2, 2, 1, 0])
+    loss = scd_loss(model, x0, cmfast.EDMDenoiser(teacher_net), step=0, warmup_steps=100,
+                    generator=torch.Generator().manual_seed(5), class_labels=y)
+    g = torch.Generator().manual_seed(5)
+    tau = torch.randn(6, generator=g).double() * 1.4 - 1.0
+    z = torch.randn(x0.shape, generator=g).double() * sd
+    t = torch.atan(torch.exp(tau) / sd)
+    cos, sin = _v(torch.cos(t)), _v(torch.sin(t))
+    x_t = cos * x0.double() + sin * z
+    dxdt = (cos * x_t - f64(teacher_net, x_t / cos, sd * torch.tan(t), smin=0.0, labels=y)) / sin
+    with torch.no_grad():
+        F = -copy.deepcopy(student_net).double()(x_t / sd, torch.log(sd * torch.tan(t)) / 4, y)
+    gt = -cos ** 2 * (sd * F - dxdt)
+    gn = gt / (gt.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) + 0.1)
+    want = (gn ** 2).flatten(1).sum(1) / x0[0].numel()
+    torch.testing.assert_close(loss.detach().double(), want, rtol=1e-4, atol=1e-7)
