@@ -96,3 +96,17 @@ def test_loading_the_shipped_model_does_not_import_dynamo():
             "print(sorted(m for m in ('torch._dynamo', 'torch.distributed.tensor') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_ema_means_the_first_rate_of_the_run(tmp_path):
+    """which='ema' on a run with --ema 0.9,0.5 loads ema@0.9 (the config's first rate), not another rate's weights."""
+    from cmfast.training.config import resolve
+    cfg = resolve({"dataset": "fashion-mnist", "method": "ict", "preset": "tiny", "ema": (0.9, 0.5)})
+    sd = ckpt.build_model(cfg).state_dict()
+    modules = {"model": sd, **{f"ema@{r}": {k: torch.full_like(v, r) for k, v in sd.items()} for r in (0.9, 0.5)}}
+    (tmp_path / "run").mkdir()
+    ckpt.save_checkpoint(str(tmp_path / "run"), 1, modules, cfg, {"step": 1})
+    model, meta = ckpt.load_model(str(tmp_path / "run"), which="ema")
+    assert meta["which"] == "ema@0.9"
+    assert all(torch.all(v == 0.9) for v in model.state_dict().values() if v.is_floating_point())
+    assert ckpt.check_model(str(tmp_path / "run"))["which"] == "ema@0.9"      # --dry-run's teacher check agrees
