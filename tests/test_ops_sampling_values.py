@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import cmfast
 from cmfast import ops
 
 
@@ -206,3 +207,186 @@ def test_triton_group_norm_merges_the_tiles_of_a_program(path, monkeypatch):
     with ops.use_backend("triton"):
         got = ops.group_norm_act(x.float().to(dev), 2, act=None)
     torch.testing.assert_close(got.double().cpu(), want, rtol=0, atol=1e-5)
+
+
+def _cuda_wrappers(monkeypatch):
+    """cmfast/ops/_cuda.py with its device check relaxed to let CPU tensors reach the checks after it (as
+    tests/test_csrc_emulated.py does); those checks run before the extension is touched."""
+    from cmfast import _build
+    if _build.unavailable_reason():
+        pytest.skip(_build.unavailable_reason())
+    from cmfast.ops import _cuda
+
+    def cpu_check(name, t, device=None):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _cuda._DTYPES:
+            raise TypeError(f"{name}: the cuda backend supports float32, float16 and bfloat16, got {t.dtype}")
+        return t
+    monkeypatch.setattr(_cuda, "_check", cpu_check)
+    monkeypatch.setattr(_cuda, "_ext", lambda device: pytest.fail("the extension was reached"))
+    return _cuda
+
+
+def test_cuda_wrappers_check_their_arguments_before_launching(monkeypatch):
+    """The cuda backend's wrappers are called directly too (benchmarks, the emulated tests): each refuses what its
+    kernel cannot take, in one line, before a launch (planted one at a time, each passed: the num_groups divisor,
+    the loss kind, the act name, pre_bias's shape and sigma's dtype checks removed; a kernel would have read past a
+    group, taken kind 'huber' as code -1, or read a float64 sigma as float32 pairs)."""
+    _cuda = _cuda_wrappers(monkeypatch)
+    x = torch.randn(2, 6, 3, 3)
+    cases = [
+        (lambda: _cuda.group_norm_act(x, 4, None, None, 1e-6, None, None, "silu"),
+         ValueError, r"^num_groups: expected a positive divisor of the 6 channels, got 4$"),
+        (lambda: _cuda.group_norm_act(x, 3, None, None, 1e-6, None, None, "gelu"),
+         ValueError, r"^act: expected 'silu' or 'none', got 'gelu'$"),
+        (lambda: _cuda.group_norm_act(x, 3, None, None, 1e-6, None, None, "silu", pre_bias=torch.ones(3, 6)),
+         ValueError, r"^pre_bias: expected shape \(2, 6\) or \(1, 6\), got \(3, 6\)$"),
+        (lambda: _cuda.consistency_loss(x, x, "huber", 0.1, None),
+         ValueError, r"^kind: expected one of pseudo_huber, l2, l1, got 'huber'$"),
+        (lambda: _cuda.skip_output_infer(x, x, torch.ones(2, dtype=torch.float64), 0.5, 0.002, False),
+         TypeError, r"^sigma: expected a float32 tensor on cpu, got torch.float64 on cpu$"),
+    ]
+    for call, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            call()
+
+
+@pytest.mark.parametrize("N,C,HW", [(1, 32, 1024), (1, 64, 64), (2, 128, 256), (1, 3, 35)])
+def test_cuda_group_norm_split_counts_keep_their_chunk_sizes(N, C, HW, monkeypatch):
+    """_num_splits' documented floors: an NHWC chunk holds >= 32 rows, an NCHW chunk >= 256 elements, so a split
+    never makes chunks smaller than a block reads (planted: the NHWC bound HW instead of ceil(HW / 32), which the range
+    test, 1 <= S <= HW, let through)."""
+    _cuda = _cuda_wrappers(monkeypatch)
+    for nhwc, rows in ((True, 32), (False, 256)):
+        S = _cuda._num_splits(N, C, HW, nhwc, 132)
+        assert 1 <= S <= max(1, -(-HW // rows)), (nhwc, S)
+    assert _cuda._num_splits(1, 32, 1024, True, 132) == 32      # batch 1 at 32x32 NHWC: 32 chunks of 32 rows
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------------
+class _Net(torch.nn.Module):
+    """A stand-in backbone with a closed form: F(x_in, c_noise) = tanh(W x_in + b) + c_noise / 2 (1x1 convolution)."""
+    in_channels, img_resolution, label_dim = 2, 4, 0
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.5, -0.7], [0.4, 1.1]]).reshape(2, 2, 1, 1))
+            self.conv.bias.copy_(torch.tensor([0.2, -0.3]))
+
+    def forward(self, x, noise_labels, class_labels=None):
+        return torch.tanh(self.conv(x)) + noise_labels.reshape(-1, 1, 1, 1) / 2
+
+
+def _F64(x_in, c_noise):
+    W = torch.tensor([[1.5, -0.7], [0.4, 1.1]], dtype=torch.float64)
+    b = torch.tensor([0.2, -0.3], dtype=torch.float64)
+    return torch.tanh(torch.einsum("dc,bchw->bdhw", W, x_in) + b.reshape(1, 2, 1, 1)) + c_noise / 2
+
+
+def _f64(x, s, boundary, sd=0.5):
+    """c_skip x + c_out F(c_in x, ln(s) / 4) with the CM paper's scalings (boundary 0: EDM's denoiser), float64."""
+    c_skip = sd ** 2 / ((s - boundary) ** 2 + sd ** 2)
+    c_out = sd * (s - boundary) / math.sqrt(s ** 2 + sd ** 2)
+    c_in = 1 / math.sqrt(s ** 2 + sd ** 2)
+    return c_skip * x + c_out * _F64(c_in * x, math.log(s) / 4)
+
+
+def test_edm_sample_returns_the_noise_dtype_and_heun_values():
+    """EDM's Heun sampler runs in float64 inside and returns z's dtype (planted: the float64 state returned; the
+    transcription test compared got.double()). Values against the sampler written out on the closed-form backbone."""
+    den = cmfast.EDMDenoiser(_Net()).eval()
+    z = torch.randn(2, 2, 4, 4, generator=_g(5))
+    got = cmfast.edm_sample(den, z, num_steps=3)
+    assert got.dtype == torch.float32
+    rho, lo, hi = 7.0, 0.002, 80.0
+    t = [(hi ** (1 / rho) + i / 2 * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(3)] + [0.0]
+    x = z.double() * t[0]
+    for tc, tn in zip(t[:-1], t[1:]):
+        d = (x - _f64(x, tc, 0.0)) / tc
+        xn = x + (tn - tc) * d
+        if tn > 0:
+            xn = x + (tn - tc) * (d + (xn - _f64(xn, tn, 0.0)) / tn) / 2
+        x = xn
+    torch.testing.assert_close(got.double(), x, rtol=0, atol=2e-4)      # the backbone runs in fp32 on |x| ~ 80
+
+
+def test_auto_engine_keeps_an_edm_teacher_eager_on_cuda(monkeypatch):
+    """'auto' samples an EDM teacher with its Heun solver (eager) even on a GPU (planted: auto chose 'graphed' for it
+    there, which then refused it); a consistency model on a GPU is graphed. (Parameters shown 'on cuda'.)"""
+    import types
+    on_cuda = lambda self, recurse=True: iter([types.SimpleNamespace(device=torch.device("cuda"))])  # noqa: E731
+    monkeypatch.setattr(cmfast.EDMDenoiser, "parameters", on_cuda)
+    monkeypatch.setattr(cmfast.ConsistencyModel, "parameters", on_cuda)
+    assert cmfast.sampling.resolve_engine("auto", cmfast.EDMDenoiser(_Net())) == "eager"
+    assert cmfast.sampling.resolve_engine("auto", cmfast.ConsistencyModel(_Net())) == "graphed"
+
+
+@pytest.mark.parametrize("sigmas,ok", [((90.0, 1.0), False), ((80.0, 1.0, 0.001), False), ((80.0000001, 0.002), True)])
+def test_every_level_is_checked_against_the_model_range(sigmas, ok):
+    """Algorithm 1's levels must all lie in [sigma_min, sigma_max]: the first against sigma_max, the last against
+    sigma_min (planted: the upper bound tested on the last level; a single out-of-range level, the only case the
+    other tests try, is both). 80.0000001 is inside the 1e-6 relative slack."""
+    model = cmfast.ConsistencyModel(_Net()).eval()
+    z = torch.randn(1, 2, 4, 4, generator=_g(8))
+    if ok:
+        assert cmfast.sample(model, z, sigmas).shape == z.shape
+    else:
+        with pytest.raises(ValueError, match=r"^sigmas: expected levels in \[0\.002, 80\.0\], got "):
+            cmfast.sample(model, z, sigmas)
+
+
+class _Labels(torch.nn.Module):
+    """A class-conditional stand-in (3 classes) whose image is the label it was given; it checks nothing itself."""
+    sigma_min, sigma_max = 0.002, 80.0
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Module()
+        self.net.in_channels, self.net.img_resolution, self.net.label_dim = 1, 2, 3
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, sigma, class_labels=None):
+        return class_labels.to(x.dtype).reshape(-1, 1, 1, 1).expand_as(x).clone()
+
+
+def test_generate_batches_class_label_range():
+    """class_label must be a class of the model, 0 <= label < label_dim (planted: <= label_dim, which the UNet's own
+    check happened to catch with the same words; a network that does not check sampled class 3 of 3)."""
+    from cmfast.sampling import generate_batches
+    got = torch.cat([x for _, x in generate_batches(_Labels(), 3, sigmas=(80.0,), class_label=2, engine="eager")])
+    assert got.flatten().tolist() == [2.0] * 12
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=rf"^class label: expected 0 <= label < 3, got {bad}$"):
+            next(generate_batches(_Labels(), 3, sigmas=(80.0,), class_label=bad, engine="eager"))
+
+
+def test_edm_sample_passes_the_labels_to_every_evaluation():
+    """A class-conditional teacher gets its labels at every evaluation of the Heun sampler (planted: dropped from the
+    first evaluation of each step). With a denoiser D(x, t) = c (the label) the ODE dx/dt = (x - c) / t is solved
+    exactly by each Euler and Heun step: x(t) = c + (x0 - c) t / t0, so the sample is c exactly."""
+    den = _Labels()
+    z = torch.randn(3, 1, 2, 2, generator=_g(9))
+    got = cmfast.edm_sample(den, z, num_steps=4, class_labels=torch.tensor([2, 0, 1]))
+    torch.testing.assert_close(got, torch.tensor([2.0, 0.0, 1.0]).reshape(3, 1, 1, 1).expand_as(z), rtol=0,
+                               atol=1e-9)
+
+
+def test_generate_batches_graphs_at_most_num_images(monkeypatch):
+    """The graphed engine captures its sampler at min(batch_size, num) (planted: at batch_size, which captured and
+    replayed a 256-image graph for 3 images)."""
+    seen = []
+
+    class Sampler:
+        def __init__(self, model, batch_size, shape, **kw):
+            seen.append(batch_size)
+            self.B = batch_size
+
+        def __call__(self, seed=None, class_labels=None):
+            return torch.zeros(self.B, 1, 2, 2)
+    monkeypatch.setattr(cmfast.graphed, "GraphedSampler", Sampler)
+    monkeypatch.setattr(cmfast.sampling, "resolve_engine", lambda engine, model, dtype=None: "graphed")
+    out = list(cmfast.sampling.generate_batches(_Labels(), 3, sigmas=(80.0,), batch_size=8, class_label=1))
+    assert seen == [3] and [b0 for b0, _ in out] == [0] and out[0][1].shape == (3, 1, 2, 2)
