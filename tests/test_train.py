@@ -61,7 +61,7 @@ def test_chunk_seeds_never_repeat():
 
 def test_edm_then_cd_then_sample(tmp_path, cifar):
     edm = str(tmp_path / "edm")
-    assert train_main(["--dataset", "cifar10", "--data-dir", cifar, "--method", "edm", "--steps", "3",
+    assert train_main(["--dataset", "cifar10", "--data-dir", cifar, "--method", "edm", "--steps", "3", "--seed", "1",
                        "--output-dir", edm, *FAST]) == 0
     assert png_size(os.path.join(edm, "samples", "00000003-heun18.png")) == ((64, 64), "RGB")   # 2x2 grid of 32
     cd = str(tmp_path / "cd")
@@ -73,7 +73,8 @@ def test_edm_then_cd_then_sample(tmp_path, cifar):
     for tag in ("1step", "2step"):
         assert png_size(os.path.join(cd, "samples", f"00000003-{tag}.png")) == ((64, 64), "RGB")
     # The student starts from the teacher (same preset): 3 Adam steps of lr 1e-3 move a weight by ~3e-3 at most,
-    # while two independent initialisations differ by O(0.1).
+    # while two independent initialisations differ by O(0.1). (The teacher's --seed 1: from the student's seed, its
+    # random start was the student's own, and a student that ignored the teacher passed.)
     model, meta = ckpt.load_model(cd, which="model")
     teacher, _ = ckpt.load_model(edm, which="ema")
     assert meta["step"] == 3 and meta["config"]["method"] == "cd" and not model.training
