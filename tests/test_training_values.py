@@ -423,3 +423,57 @@ def test_scd_teacher_and_student_see_the_class_labels():
     gn = gt / (gt.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) + 0.1)
     want = (gn ** 2).flatten(1).sum(1) / x0[0].numel()
     torch.testing.assert_close(loss.detach().double(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_sct_inv_sigma_weight_and_noise_at_another_sigma_data():
+    """sCT at sigma_data = 0.8 with prior_weighting 'inv_sigma', first step (r = 0), adaptive head at its zero init
+    (logvar(t) = 0 for every t: training starts uniform): loss = w(t) ||g / (||g|| + c)||^2 / D with
+    g = -cos^2 t (sd F- - dx_t/dt), dx_t/dt = cos t z - sin t x0, x_t = cos t x0 + sin t z, z ~ N(0, sd^2 I),
+    F = F(x_t / sd, t), w = 1 / (sd tan t), tan t = e^tau / sd; float64. Before, w(t) at sd 0.5 whatever the model's,
+    or a head that did not start at zero, passed every test."""
+    from cmfast.trigflow import TrigFlowModel, sct_loss
+    sd = 0.8
+    net = CondNet(seed=0)
+    model = TrigFlowModel(net, sigma_data=sd)
+    tt = torch.linspace(0.01, 1.56, 7)
+    assert torch.equal(model.logvar(tt), torch.zeros(7))
+    x0 = _data(6)
+    loss = sct_loss(model, x0, step=0, warmup_steps=100, prior_weighting="inv_sigma",
+                    generator=torch.Generator().manual_seed(6))
+    g = torch.Generator().manual_seed(6)
+    tau = torch.randn(6, generator=g).double() * 1.4 - 1.0
+    z = torch.randn(x0.shape, generator=g).double() * sd
+    t = torch.atan(torch.exp(tau) / sd)
+    cos, sin = _v(torch.cos(t)), _v(torch.sin(t))
+    x_t = cos * x0.double() + sin * z
+    dxdt = cos * z - sin * x0.double()
+    with torch.no_grad():
+        F = copy.deepcopy(net).double()(x_t / sd, t)
+    gt = -cos ** 2 * (sd * F - dxdt)
+    gn = gt / (gt.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) + 0.1)
+    want = (gn ** 2).flatten(1).sum(1) / x0[0].numel() / (sd * torch.tan(t))
+    torch.testing.assert_close(loss.detach().double(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_trigflow_boundary_and_loss_defaults():
+    """TrigFlow's boundary condition f(x, 0) = cos 0 x - sin 0 sd F = x exactly (sigma = 0 in the VE call, below the
+    sampler's sigma_min); scm_loss's own defaults are sCM's (tau ~ N(-1.0, 1.4^2), c = 0.1, a 10k-step tangent
+    warm-up); the adaptive head's Fourier frequencies are N(0, 1) cycles per unit of t (scale 1, not NCSN++'s 16)."""
+    import inspect
+
+    from cmfast.trigflow import TrigFlowModel, scm_loss, tangent_warmup
+    model = TrigFlowModel(CondNet(seed=0))
+    x = _data(3)
+    with torch.no_grad():
+        assert torch.equal(model(x, 0.0), x)
+        got = model(x, 1e-3).double()       # below sigma_min = 0.002: t = atan(sigma / sd)
+    t = math.atan(1e-3 / 0.5)
+    with torch.no_grad():
+        F = copy.deepcopy(model.net).double()(math.cos(t) * x.double() / 0.5, torch.full((3,), t, dtype=torch.float64))
+    torch.testing.assert_close(got, math.cos(t) ** 2 * x.double() - math.sin(t) * 0.5 * F, rtol=1e-5, atol=1e-6)
+    p = inspect.signature(scm_loss).parameters
+    assert (p["p_mean"].default, p["p_std"].default, p["c"].default, p["warmup_steps"].default) == (-1.0, 1.4, 0.1,
+                                                                                                    10_000)
+    assert inspect.signature(tangent_warmup).parameters["warmup_steps"].default == 10_000
+    f = TrigFlowModel(CondNet(seed=0), logvar_channels=512).logvar.embed.freqs
+    assert 0.8 < float(f.std()) < 1.25
