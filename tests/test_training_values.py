@@ -477,3 +477,44 @@ def test_trigflow_boundary_and_loss_defaults():
     assert inspect.signature(tangent_warmup).parameters["warmup_steps"].default == 10_000
     f = TrigFlowModel(CondNet(seed=0), logvar_channels=512).logvar.embed.freqs
     assert 0.8 < float(f.std()) < 1.25
+
+
+def _sct64(net, x0, seed, sd=0.5, r=0.0, weight=None, c=0.1, p_mean=-1.0, p_std=1.4):
+    """sCM Alg. 1 (sCT, time input t) in float64 with the adaptive head at zero (logvar = 0) and F - F- = 0 in value:
+    loss = w ||g / (||g|| + c)||^2 / D, g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt), dF-/dt the
+    exact JVP of F(x_t / sd, t) along (dx_t/dt, 1) (torch.func.jvp on a float64 copy)."""
+    g = torch.Generator().manual_seed(seed)
+    tau = torch.randn(x0.shape[0], generator=g).double() * p_std + p_mean
+    z = torch.randn(x0.shape, generator=g).double() * sd
+    t = torch.atan(torch.exp(tau) / sd)
+    cos, sin = _v(torch.cos(t)), _v(torch.sin(t))
+    x_t = cos * x0.double() + sin * z
+    dxdt = cos * z - sin * x0.double()
+    net = copy.deepcopy(net).double()
+    with torch.no_grad():
+        F, dFdt = torch.func.jvp(lambda x, s: net(x / sd, s), (x_t, t), (dxdt, torch.ones_like(t)))
+    gt = -cos ** 2 * (sd * F - dxdt) - r * cos * sin * (x_t + sd * dFdt)
+    gn = gt / (gt.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) + c)
+    loss = (gn ** 2).flatten(1).sum(1) / x0[0].numel()
+    return loss if weight is None else loss * weight(t)
+
+
+def test_sct_method_passes_fd_order_and_prior_weighting_on():
+    """The sct method with fd_order 4 at a coarse step (fd_eps 0.1, fp64 forwards, r = 1) and with prior_weighting 'inv_sigma': the
+    float64 sCM loss (exact JVP; w = 1 / (sd tan t)). The 4-point stencil meets it where the 2-point one, at this step,
+    does not. Before, a method that always ran order 2, or dropped prior_weighting, passed every test."""
+    sct = get_method("sct")
+    x0 = _data(6)
+    cfg = _cfg("sct", warmup_steps=1, fd_order=4, fd_eps=0.1, fd_precision="fp64")
+    models = sct.build(CondNet(seed=0), cfg)
+    loss, info = sct.loss(models, x0, 5, cfg, torch.Generator().manual_seed(3))
+    assert info == {"r": 1.0}
+    want = _sct64(models["model"].net, x0, 3, r=1.0)
+    torch.testing.assert_close(loss.detach().double(), want, rtol=3e-5, atol=1e-9)     # max 8e-6 measured
+    two = sct.loss(models, x0, 5, dict(cfg, method_args=dict(cfg["method_args"], fd_order=2)),
+                   torch.Generator().manual_seed(3))[0]
+    assert not torch.allclose(two.detach().double(), want, rtol=3e-5, atol=1e-9)    # 2-point: 4e-4
+    cfg = _cfg("sct", prior_weighting="inv_sigma")
+    loss = sct.loss(models, x0, 0, cfg, torch.Generator().manual_seed(4))[0]
+    want = _sct64(models["model"].net, x0, 4, weight=lambda t: 1 / (0.5 * torch.tan(t)))
+    torch.testing.assert_close(loss.detach().double(), want, rtol=1e-4, atol=1e-7)
