@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cmfast
-from cmfast import ops
+from cmfast import edit, ops
 
 
 def _g(seed):
@@ -390,3 +390,85 @@ def test_generate_batches_graphs_at_most_num_images(monkeypatch):
     monkeypatch.setattr(cmfast.sampling, "resolve_engine", lambda engine, model, dtype=None: "graphed")
     out = list(cmfast.sampling.generate_batches(_Labels(), 3, sigmas=(80.0,), batch_size=8, class_label=1))
     assert seen == [3] and [b0 for b0, _ in out] == [0] and out[0][1].shape == (3, 1, 2, 2)
+
+
+# ---- graphed.py on CPU: the captured computation run uncaptured ---------------------------------------------------
+def _sampler(monkeypatch, model, batch, sigmas, **kw):
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
+    return cmfast.GraphedSampler(model, batch, (2, 4, 4), dtype=torch.float32, sigmas=sigmas, **kw)
+
+
+def _algorithm_1(z, noises, sigmas, boundary, sigma_min=0.002):
+    x = _f64(sigmas[0] * z.double(), sigmas[0], boundary)
+    for s, n in zip(sigmas[1:], noises):
+        x = _f64(x + math.sqrt(s * s - sigma_min ** 2) * n.double(), s, boundary)
+    return x.clamp(-1, 1)
+
+
+@pytest.mark.parametrize("wrap,sigma_min,boundary", [(cmfast.ConsistencyModel, 0.002, 0.002),
+                                                     (cmfast.ConsistencyModel, 0.02, 0.02),
+                                                     (cmfast.EDMDenoiser, 0.002, 0.0)],
+                         ids=["consistency-model", "sigma-min-0.02", "edm-denoiser"])
+def test_graphed_algorithm_against_float64(monkeypatch, wrap, sigma_min, boundary):
+    """The graph's computation (run uncaptured) is Algorithm 1 with the model's own boundary in c_skip, c_out
+    (sigma_min for a consistency model, 0 for an EDM denoiser) and its own sigma_min in the noise scale
+    sqrt(s^2 - sigma_min^2) (planted: sigma_min as the boundary of both; sigma_min taken as 0.002 whatever the
+    model's; the noise scaled by s: tests/test_graphed.py's levels, 2 and 0.5, hide that under its 1e-5 tolerance).
+    A low last level, 0.05, makes each error visible (4% of c_out; 8% of the noise's scale at sigma_min 0.02)."""
+    sigmas = (80.0, 0.05)
+    sampler = _sampler(monkeypatch, wrap(_Net(), sigma_min=sigma_min).eval(), 2, sigmas, channels_last=False)
+    out = sampler._run_uncaptured(seed=3)
+    gen = _g(3)
+    z = torch.randn(2, 2, 4, 4, generator=gen)
+    n = torch.randn(2, 2, 4, 4, generator=gen)
+    want = _algorithm_1(z, [n], sigmas, boundary, sigma_min)
+    assert (want.abs() < 1).float().mean() > 0.9
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-5)
+
+
+def test_graphed_sampler_dtypes(monkeypatch):
+    """The backbone runs in bfloat16, float16 or float32 (autocast's dtypes); float64 is refused at construction
+    (planted: accepted, to fail or be ignored by autocast at the first call)."""
+    model = cmfast.ConsistencyModel(_Net()).eval()
+    with pytest.raises(TypeError, match=r"^dtype: expected torch\.bfloat16, torch\.float16 or torch\.float32, "
+                                        r"got torch\.float64$"):
+        cmfast.GraphedSampler(model, 2, (2, 4, 4), dtype=torch.float64)
+
+
+def test_graphed_batch_size_argument_and_graph_keys(monkeypatch):
+    """batch_size= runs that many images (planted: the default batch size used whatever was asked), and each
+    (batch size, uint8, ops backend) has its own graph buffers (planted: a key without the backend: a graph captured
+    under one backend replayed under another)."""
+    sampler = _sampler(monkeypatch, cmfast.ConsistencyModel(_Net()).eval(), 2, (80.0,))
+    out = sampler._run_uncaptured(seed=1, batch_size=3)
+    assert out.shape == (3, 2, 4, 4)
+    z = torch.randn(3, 2, 4, 4, generator=_g(1))
+    torch.testing.assert_close(out.double(), _algorithm_1(z, [], (80.0,), 0.002), rtol=0, atol=2e-5)
+    keys = set()
+    for backend in ("torch", "triton"):
+        with ops.use_backend(backend):
+            for B, u8 in ((None, False), (None, True), (3, False)):
+                keys.add(sampler._buffers(B, u8)[0])
+    assert len(keys) == 6
+
+
+# ---- editing ------------------------------------------------------------------------------------------------------
+def test_fit_box_reaches_a_kept_value_near_saturation():
+    """The last replacement's box fit finds, per group, the nearest image in [-1, 1] with the kept coefficient; the
+    bisection's range must let every pixel of a group saturate (planted: the bound without its + 1, which left the
+    blue of a near-white kept luminance at 0: luminance 0.886 instead of 0.999)."""
+    Q = edit.luminance_basis()
+    A = lambda x: torch.einsum("bchw,cd->bdhw", x, Q)                  # noqa: E731
+    A_inv = lambda c: torch.einsum("bdhw,cd->bchw", c, Q)              # noqa: E731
+    known = torch.tensor([1.0, 0, 0]).reshape(1, 3, 1, 1)
+    lum = torch.tensor([0.2989, 0.5870, 0.1140], dtype=torch.float64)
+    y = torch.full((1, 3, 1, 1), 0.999)                                # a near-white reference pixel
+    kept = A(y) * known
+    x = torch.tensor([0.3, 0.2, -1.2]).reshape(1, 3, 1, 1)            # its generated colour, blue out of range
+    out = edit._fit_box(x, kept, A, A_inv, known).double()
+    assert out.abs().max() <= 1
+    torch.testing.assert_close((out.flatten() * lum).sum(), (lum * 0.999).sum(), rtol=0, atol=2e-6)
+    # the nearest such point is clamp(x + lam w) for one lam: R and G saturate at 1, B = (Y - wR - wG) / wB
+    want_b = (0.999 * float(lum.sum()) - float(lum[0]) - float(lum[1])) / float(lum[2])
+    torch.testing.assert_close(out.flatten(), torch.tensor([1.0, 1.0, want_b], dtype=torch.float64), rtol=0,
+                               atol=2e-5)
