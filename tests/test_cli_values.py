@@ -152,3 +152,17 @@ def test_sample_seed_picks_the_noise(tmp_path, capsys):
                             "--npz", str(tmp_path / f"{name}.npz")]) == 0
         got[name] = np.load(tmp_path / f"{name}.npz")["arr_0"]
     assert np.array_equal(got["a"], got["b"]) and not np.array_equal(got["a"], got["c"])
+
+
+def test_eval_passes_its_flags_to_evaluate(tmp_path, monkeypatch, capsys):
+    """cmfast-eval's --seed, --num, --batch-size and --steps reach metrics.evaluate (the evaluation itself, recorded)."""
+    assert _fm_run(tmp_path, "run", "--steps", "1") == 0
+    from cmfast.cli.eval import main as eval_main
+    seen = []
+    monkeypatch.setattr("cmfast.metrics.evaluate", lambda model, metric, **k: seen.append((metric, k)) or
+                        {"value": 1.0})
+    assert eval_main(["--checkpoint", str(tmp_path / "run"), "--metric", "fd-fmnist", "--device", "cpu", "--seed",
+                      "5", "--num", "7", "--batch-size", "3", "--steps", "2"]) == 0
+    (metric, k), = seen
+    assert (metric, k["seed"], k["num"], k["batch_size"], k["steps"], k["dataset"]) == \
+        ("fd-fmnist", 5, 7, 3, 2, "fashion-mnist")
