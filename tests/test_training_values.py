@@ -502,7 +502,8 @@ def _sct64(net, x0, seed, sd=0.5, r=0.0, weight=None, c=0.1, p_mean=-1.0, p_std=
 def test_sct_method_passes_fd_order_and_prior_weighting_on():
     """The sct method with fd_order 4 at a coarse step (fd_eps 0.1, fp64 forwards, r = 1) and with prior_weighting 'inv_sigma': the
     float64 sCM loss (exact JVP; w = 1 / (sd tan t)). The 4-point stencil meets it where the 2-point one, at this step,
-    does not. Before, a method that always ran order 2, or dropped prior_weighting, passed every test."""
+    does not; jvp 'exact' and fp64 forwards reach the loss too. Before, a method that always ran order 2, always
+    the finite difference, always fp32 forwards, or dropped prior_weighting, passed every test."""
     sct = get_method("sct")
     x0 = _data(6)
     cfg = _cfg("sct", warmup_steps=1, fd_order=4, fd_eps=0.1, fd_precision="fp64")
@@ -514,7 +515,33 @@ def test_sct_method_passes_fd_order_and_prior_weighting_on():
     two = sct.loss(models, x0, 5, dict(cfg, method_args=dict(cfg["method_args"], fd_order=2)),
                    torch.Generator().manual_seed(3))[0]
     assert not torch.allclose(two.detach().double(), want, rtol=3e-5, atol=1e-9)    # 2-point: 4e-4
+    # jvp 'exact' at a step that would make the difference coarse, and fp64 forwards at a step fp32 cannot resolve
+    for args in (dict(jvp="exact", fd_eps=0.5), dict(fd_precision="fp64", fd_eps=1e-6)):
+        cfg = _cfg("sct", warmup_steps=1, **args)
+        loss = sct.loss(models, x0, 5, cfg, torch.Generator().manual_seed(3))[0]
+        torch.testing.assert_close(loss.detach().double(), want, rtol=2e-4, atol=1e-9)    # fp32 forward AD: 5e-5
     cfg = _cfg("sct", prior_weighting="inv_sigma")
     loss = sct.loss(models, x0, 0, cfg, torch.Generator().manual_seed(4))[0]
     want = _sct64(models["model"].net, x0, 4, weight=lambda t: 1 / (0.5 * torch.tan(t)))
     torch.testing.assert_close(loss.detach().double(), want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["sct", "scd"])
+def test_scm_methods_wrap_at_the_configs_sigma_data_and_time_input(method):
+    """The model an sct / scd run builds (--sigma-data 0.8; scd's time input 'edm', sct's 't') in the VE call:
+    t = atan(sigma / sd), x_t = cos t x_sigma, f = cos t x_t - sin t sd F with F = F(x_t / sd, t) ('t') or
+    -F_edm(x_t / sd, ln(sd tan t) / 4) ('edm'); float64. Before, wrap() at sd 0.5 or always time input 't' passed every
+    test."""
+    sd = 0.8
+    net = CondNet(seed=0)
+    m = get_method(method)
+    model = m.wrap(net, _cfg(method, sd=sd))
+    x = _data(3) * 2
+    sigma = torch.tensor([0.01, 0.7, 30.0], dtype=torch.float64)
+    t = torch.atan(sigma / sd)
+    x_t = _v(torch.cos(t)) * x.double()
+    with torch.no_grad():
+        n64 = copy.deepcopy(net).double()
+        F = n64(x_t / sd, t) if method == "sct" else -n64(x_t / sd, torch.log(sd * torch.tan(t)) / 4)
+        got = model(x, sigma.float()).double()
+    torch.testing.assert_close(got, _v(torch.cos(t)) * x_t - _v(torch.sin(t)) * sd * F, rtol=1e-5, atol=1e-5)
