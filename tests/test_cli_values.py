@@ -166,3 +166,14 @@ def test_eval_passes_its_flags_to_evaluate(tmp_path, monkeypatch, capsys):
     (metric, k), = seen
     assert (metric, k["seed"], k["num"], k["batch_size"], k["steps"], k["dataset"]) == \
         ("fd-fmnist", 5, 7, 3, 2, "fashion-mnist")
+
+
+def test_steps_and_sigmas_must_agree_both_ways(capsys, tmp_path):
+    """--steps N with --sigmas of another length is refused whether N is larger or smaller (fewer was not tested)."""
+    from cmfast.cli.sample import main as sample_main
+    for steps, sigmas in (("1", "80,0.821"), ("3", "80,0.821")):
+        with pytest.raises(SystemExit) as e:
+            sample_main(["--checkpoint", str(tmp_path), "--npz", str(tmp_path / "a.npz"), "--steps", steps,
+                         "--sigmas", sigmas])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err == f"cmfast-sample: error: --steps {steps} but --sigmas has 2 values", err
