@@ -516,10 +516,11 @@ def test_sct_method_passes_fd_order_and_prior_weighting_on():
                    torch.Generator().manual_seed(3))[0]
     assert not torch.allclose(two.detach().double(), want, rtol=3e-5, atol=1e-9)    # 2-point: 4e-4
     # jvp 'exact' at a step that would make the difference coarse, and fp64 forwards at a step fp32 cannot resolve
-    for args in (dict(jvp="exact", fd_eps=0.5), dict(fd_precision="fp64", fd_eps=1e-6)):
+    for args, tol in ((dict(jvp="exact", fd_eps=0.5), 2e-4), (dict(fd_precision="fp64", fd_eps=1e-6), 2e-4),
+                      (dict(jvp="exact", fd_precision="fp64"), 1e-5)):     # forward AD in fp32: 5e-5, in fp64: 1e-7
         cfg = _cfg("sct", warmup_steps=1, **args)
         loss = sct.loss(models, x0, 5, cfg, torch.Generator().manual_seed(3))[0]
-        torch.testing.assert_close(loss.detach().double(), want, rtol=2e-4, atol=1e-9)    # fp32 forward AD: 5e-5
+        torch.testing.assert_close(loss.detach().double(), want, rtol=tol, atol=1e-9)
     cfg = _cfg("sct", prior_weighting="inv_sigma")
     loss = sct.loss(models, x0, 0, cfg, torch.Generator().manual_seed(4))[0]
     want = _sct64(models["model"].net, x0, 4, weight=lambda t: 1 / (0.5 * torch.tan(t)))
@@ -545,3 +546,30 @@ def test_scm_methods_wrap_at_the_configs_sigma_data_and_time_input(method):
         F = n64(x_t / sd, t) if method == "sct" else -n64(x_t / sd, torch.log(sd * torch.tan(t)) / 4)
         got = model(x, sigma.float()).double()
     torch.testing.assert_close(got, _v(torch.cos(t)) * x_t - _v(torch.sin(t)) * sd * F, rtol=1e-5, atol=1e-5)
+
+
+class _DropNet(CondNet):
+    def forward(self, x, c_noise, labels=None):
+        h = self.conv1(x) + self.emb(c_noise.reshape(-1, 1).to(x.dtype))[:, :, None, None]
+        return self.conv2(nn.functional.dropout(torch.tanh(h), 0.3, self.training))
+
+
+def test_sct_jvp_of_a_dropout_net_uses_the_online_forwards_masks():
+    """theta- = stopgrad(theta) includes the dropout masks: dF-/dt is the JVP of the network the online forward ran,
+    masks included, so the finite-difference loss (fp64 forwards, fine step) equals the exact-JVP loss of the same
+    masks, and with dropout off both equal the float64 sCM loss. Before, an online forward that did not record its
+    masks (the JVP then drew none to replay) passed every test: no sCM test trained a net with dropout."""
+    from cmfast.trigflow import TrigFlowModel, sct_loss
+    model = TrigFlowModel(_DropNet(seed=0)).train()
+    x0 = _data(4)
+    kw = dict(step=5, warmup_steps=1)
+    out = {}
+    for jvp in ("fd", "exact"):
+        torch.manual_seed(123)                 # the same masks in the online forward of both
+        out[jvp] = sct_loss(model, x0, jvp=jvp, precision="fp64", eps=1e-4,
+                            generator=torch.Generator().manual_seed(2), **kw).detach().double()
+    torch.testing.assert_close(out["fd"], out["exact"], rtol=1e-5, atol=1e-9)
+    model.eval()
+    got = sct_loss(model, x0, precision="fp64", eps=1e-4, generator=torch.Generator().manual_seed(2), **kw)
+    torch.testing.assert_close(got.detach().double(), _sct64(model.net.eval(), x0, 2, r=1.0), rtol=2e-5, atol=1e-9)
+    assert not torch.allclose(out["fd"], got.detach().double(), rtol=1e-3)      # dropout really acted
