@@ -330,6 +330,11 @@ def test_method_defaults_are_the_papers_constants():
     assert (d["edm"]["p_mean"], d["edm"]["p_std"]) == (-1.2, 1.2)
     for m in ("sct", "scd"):
         assert (d[m]["p_mean"], d[m]["p_std"], d[m]["c"], d[m]["warmup_steps"]) == (-1.0, 1.4, 0.1, 10_000)
+        # the finite difference's measured defaults (cmfast/jvp.py; benchmarks/results/fd_jvp_accuracy-cpu.json), not
+        # paper values: fp32 forwards, h = 1e-2 max(t, 1e-3), the 2-point stencil
+        assert (d[m]["jvp"], d[m]["fd_precision"], d[m]["fd_eps"], d[m]["fd_order"]) == ("fd", "fp32", 1e-2, 2)
+    from cmfast import jvp
+    assert (jvp.DEFAULT_EPS, jvp.DEFAULT_FLOOR) == (1e-2, 1e-3)
     assert (d["sct"]["time_input"], d["scd"]["time_input"]) == ("t", "edm")
     for cls in (cmfast.ConsistencyModel, cmfast.EDMDenoiser):
         m = cls(CondNet())
@@ -479,7 +484,7 @@ def test_trigflow_boundary_and_loss_defaults():
     assert 0.8 < float(f.std()) < 1.25
 
 
-def _sct64(net, x0, seed, sd=0.5, r=0.0, weight=None, c=0.1, p_mean=-1.0, p_std=1.4):
+def _sct64(net, x0, seed, sd=0.5, r=0.0, weight=None, c=0.1, p_mean=-1.0, p_std=1.4, fd_h=None):
     """sCM Alg. 1 (sCT, time input t) in float64 with the adaptive head at zero (logvar = 0) and F - F- = 0 in value:
     loss = w ||g / (||g|| + c)||^2 / D, g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt), dF-/dt the
     exact JVP of F(x_t / sd, t) along (dx_t/dt, 1) (torch.func.jvp on a float64 copy)."""
@@ -493,6 +498,9 @@ def _sct64(net, x0, seed, sd=0.5, r=0.0, weight=None, c=0.1, p_mean=-1.0, p_std=
     net = copy.deepcopy(net).double()
     with torch.no_grad():
         F, dFdt = torch.func.jvp(lambda x, s: net(x / sd, s), (x_t, t), (dxdt, torch.ones_like(t)))
+        if fd_h is not None:          # central difference (F(p + h v) - F(p - h v)) / (2 h), h = fd_h(t)
+            h = fd_h(t)
+            dFdt = (net((x_t + _v(h) * dxdt) / sd, t + h) - net((x_t - _v(h) * dxdt) / sd, t - h)) / _v(2 * h)
     gt = -cos ** 2 * (sd * F - dxdt) - r * cos * sin * (x_t + sd * dFdt)
     gn = gt / (gt.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) + c)
     loss = (gn ** 2).flatten(1).sum(1) / x0[0].numel()
@@ -573,3 +581,22 @@ def test_sct_jvp_of_a_dropout_net_uses_the_online_forwards_masks():
     got = sct_loss(model, x0, precision="fp64", eps=1e-4, generator=torch.Generator().manual_seed(2), **kw)
     torch.testing.assert_close(got.detach().double(), _sct64(model.net.eval(), x0, 2, r=1.0), rtol=2e-5, atol=1e-9)
     assert not torch.allclose(out["fd"], got.detach().double(), rtol=1e-3)      # dropout really acted
+
+
+def test_scm_loss_takes_its_fd_floor():
+    """The finite-difference step of scm_loss is h = eps max(t, floor), kept inside (0, pi/2) (at most half-way to
+    either end): with floor = 3 every sample's step is 3 eps (then clipped), and the loss is the float64 sCM loss with
+    that central difference. Before, scm_loss that passed the default floor on whatever its argument passed every
+    test."""
+    from cmfast.trigflow import TrigFlowModel, sct_loss
+    model = TrigFlowModel(CondNet(seed=0))
+    x0 = _data(6)
+    got = sct_loss(model, x0, step=5, warmup_steps=1, eps=0.05, floor=3.0, precision="fp64",
+                   generator=torch.Generator().manual_seed(3))
+
+    def h(t):
+        return torch.minimum(0.05 * torch.clamp(t, min=3.0), torch.minimum(t, math.pi / 2 - t) * 0.5)
+    want = _sct64(model.net, x0, 3, r=1.0, fd_h=h)
+    torch.testing.assert_close(got.detach().double(), want, rtol=2e-5, atol=1e-9)
+    exact = _sct64(model.net, x0, 3, r=1.0)
+    assert not torch.allclose(want, exact, rtol=1e-4)        # the step matters at this size
