@@ -377,3 +377,16 @@ def test_relative_step_has_a_floor_near_t_0():
     x = t.reshape(4, 1)
     _, jvp = fd_jvp(lambda y: torch.sin(3 * y), (x,), (torch.ones_like(x),), 1e-2, relative_to=t, precision="fp64")
     torch.testing.assert_close(jvp, 3 * torch.cos(3 * x), rtol=1e-3, atol=0)    # O(h^2) at t = 1.2
+
+
+def test_relative_step_floor_argument_against_the_cubic():
+    """fd_jvp's step h = eps max(|t|, floor) with the caller's floor: for fn(x) = x^3 the central difference is exactly
+    ((x + h v)^3 - (x - h v)^3) / (2 h) = 3 x^2 v + h^2 v^3, so the estimate shows h (float64 throughout). Before,
+    fd_jvp that used the default floor whatever its argument passed every test."""
+    x = torch.tensor([[0.7, -1.3], [2.0, 0.4], [-0.5, 1.1]], dtype=torch.float64)
+    v = torch.tensor([[1.5, 2.0], [-3.0, 0.5], [2.5, -1.0]], dtype=torch.float64)
+    t = torch.tensor([1e-4, 0.02, 0.8], dtype=torch.float64)
+    for floor in (1e-3, 0.05, 0.5):
+        _, d = fd_jvp(lambda a: a ** 3, x, v, 0.2, relative_to=t, floor=floor, precision="fp64")
+        h = (0.2 * torch.clamp(t.abs(), min=floor)).reshape(-1, 1)
+        torch.testing.assert_close(d, 3 * x ** 2 * v + h ** 2 * v ** 3, rtol=1e-12, atol=1e-12)
