@@ -344,6 +344,8 @@ def test_precision_mode_sets_and_restores_tf32_and_autocast():
         assert not torch.is_autocast_enabled("cpu")    # the fd forwards leave the training loop's autocast
     with precision_mode("bf16", torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with precision_mode("fp16", torch.device("cpu")):     # fp16 is fp16, not bf16 (that mutation passed every test)
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
 
 
 @pytest.mark.parametrize("order", [2, 4])
