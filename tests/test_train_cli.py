@@ -9,7 +9,7 @@ import torch
 from cmfast import data
 from cmfast.cli.sample import main as sample_main
 from cmfast.cli.train import main as train_main
-from train_fixtures import write_cifar_folder, write_fmnist
+from train_fixtures import teacher_run as _teacher, write_cifar_folder, write_fmnist
 
 TINY = ["--preset", "tiny", "--batch-size", "4", "--sample-num", "0", "--steps", "1", "--loss", "l2"]
 
@@ -242,24 +242,6 @@ def test_dry_run_paper_configs(capsys, tmp_path):
     assert train_main(["--config", "ict-cifar10", "--kimg", "100", "--dry-run"]) == 0
     ict = json.loads(capsys.readouterr().out)
     assert (ict["total_steps"], ict["kimg"]) == (98, 100.352)                  # ceil(100000 / 1024)
-
-
-def _teacher(run, shape, method="edm", label_dim=None, nan=False):
-    """A teacher run folder (one checkpoint, no training) of --method `method`, preset tiny, for `shape` images;
-    label_dim: class-conditional on that many classes; nan: one NaN in its EMA weights."""
-    from cmfast.training import checkpoint
-    from cmfast.training.config import resolve
-    cfg = resolve({"dataset": "folder", "method": method, "preset": "tiny", "ema": (0.9,), "teacher": "x",
-                   "cond": bool(label_dim)}, 1, shape, label_dim or 0)
-    torch.manual_seed(0)
-    sd = checkpoint.build_model(cfg).state_dict()
-    ema = {k: v.clone() for k, v in sd.items()}
-    if nan:
-        next(v for k, v in ema.items() if v.is_floating_point()).view(-1)[0] = float("nan")
-    modules = {"model": sd, "ema@0.9": ema, **({"target": sd} if method in ("cd", "ct") else {})}
-    os.makedirs(run)
-    checkpoint.save_checkpoint(str(run), 1, modules, cfg, {"step": 1})
-    return str(run)
 
 
 def test_dry_run_refuses_the_teacher_the_run_refuses(capsys, tmp_path, fm):

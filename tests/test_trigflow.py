@@ -260,20 +260,24 @@ def test_sct_scd_training_methods():
         sct.check_args(dict(sct.defaults, warmup_frac=1.5))
 
 
-def test_sct_runs_record_the_papers_two_step_time(capsys):
+def test_sct_runs_record_the_papers_two_step_time(capsys, tmp_path):
     """sCT / sCD configs record two-step sampling at the sCM paper's t = 1.1 (VE level 0.5 tan 1.1 = 0.982), which
     cmfast-sample / cmfast-eval read from the checkpoint and the loop's grids use; they had ECT's 0.821 (t = 1.024).
-    Other methods record nothing and keep the defaults."""
+    Other methods record nothing and keep the defaults. (The dry run checks sCD's teacher: a generated one.)"""
     import json
 
+    from train_fixtures import teacher_run
+
     from cmfast.cli.train import main as train_main
-    for method, extra in (("sct", []), ("scd", ["--teacher", "t"])):
+    teacher = teacher_run(tmp_path / "teacher", (1, 32, 32))   # Fashion-MNIST is padded to 32
+    for method, extra in (("sct", []), ("scd", ["--teacher", teacher])):
         assert train_main(["--dataset", "fashion-mnist", "--method", method, "--preset", "tiny", "--dry-run",
-                           *extra]) == 0
+                           "--output-dir", str(tmp_path / "out"), *extra]) == 0
         cfg = json.loads(capsys.readouterr().out)
         assert cfg["sampling_sigmas"] == {"2": [80.0, pytest.approx(SD * math.tan(1.1))]}
         assert math.atan(cfg["sampling_sigmas"]["2"][1] / SD) == pytest.approx(1.1)
-    assert train_main(["--dataset", "fashion-mnist", "--method", "ict", "--preset", "tiny", "--dry-run"]) == 0
+    assert train_main(["--dataset", "fashion-mnist", "--method", "ict", "--preset", "tiny", "--dry-run",
+                       "--output-dir", str(tmp_path / "out")]) == 0
     assert "sampling_sigmas" not in json.loads(capsys.readouterr().out)
 
 

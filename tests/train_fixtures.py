@@ -69,3 +69,23 @@ def write_png_folder(root, n=8, size=16, channels=3, seed=0):
     for i, a in enumerate(arrs):
         Image.fromarray(a[:, :, 0] if channels == 1 else a).save(os.path.join(root, f"img{i:04d}.png"))
     return arrs
+
+
+def teacher_run(run, shape, method="edm", label_dim=None, nan=False):
+    """A teacher run folder (one checkpoint, no training) of --method `method`, preset tiny, for `shape` images;
+    label_dim: class-conditional on that many classes; nan: one NaN in its EMA weights."""
+    import torch
+
+    from cmfast.training import checkpoint
+    from cmfast.training.config import resolve
+    cfg = resolve({"dataset": "folder", "method": method, "preset": "tiny", "ema": (0.9,), "teacher": "x",
+                   "cond": bool(label_dim)}, 1, shape, label_dim or 0)
+    torch.manual_seed(0)
+    sd = checkpoint.build_model(cfg).state_dict()
+    ema = {k: v.clone() for k, v in sd.items()}
+    if nan:
+        next(v for k, v in ema.items() if v.is_floating_point()).view(-1)[0] = float("nan")
+    modules = {"model": sd, "ema@0.9": ema, **({"target": sd} if method in ("cd", "ct") else {})}
+    os.makedirs(run)
+    checkpoint.save_checkpoint(str(run), 1, modules, cfg, {"step": 1})
+    return str(run)
