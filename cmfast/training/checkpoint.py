@@ -160,11 +160,16 @@ def load_weights(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
             flat = load(f.read())
     except (SafetensorError, OSError, ValueError) as e:
         raise _unreadable(path, e) from None
+    return _by_module(flat), _parse_meta(path, meta)
+
+
+def _by_module(flat: dict) -> dict[str, dict]:
+    """{'ema@0.9/net.w': v} -> {'ema@0.9': {'net.w': v}}: the file's flat keys grouped by module."""
     modules: dict[str, dict] = {}
     for k, v in flat.items():
         name, _, key = k.partition("/")
         modules.setdefault(name, {})[key] = v
-    return modules, _parse_meta(path, meta)
+    return modules
 
 
 def _unreadable(path: str, e: Exception) -> CheckpointError:
@@ -181,11 +186,7 @@ def read_header(path: str) -> tuple[dict[str, dict[str, tuple]], dict]:
             flat = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise _unreadable(path, e) from None
-    modules: dict[str, dict] = {}
-    for k, v in flat.items():
-        name, _, key = k.partition("/")
-        modules.setdefault(name, {})[key] = v
-    return modules, _parse_meta(path, meta)
+    return _by_module(flat), _parse_meta(path, meta)
 
 
 def _parse_meta(path: str, meta: dict) -> dict:
