@@ -60,3 +60,13 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, the old count after it: the tests' shapes are small, and on the CI machine's two
+    shared, busy cores two threads wait on each other (small convs ran ~50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,14 +13,10 @@ from train_fixtures import write_fmnist
 
 
 @pytest.fixture(autouse=True)
-def env(monkeypatch, tmp_path):
+def env(monkeypatch, tmp_path, one_thread):
     monkeypatch.setenv("CMFAST_OFFLINE", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "no-system-dir"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_flags_count_steps_from_one_and_end_at_the_last(tmp_path, capsys):

@@ -14,14 +14,7 @@ SHAPE = (3, 32, 32)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU tests run small convs: one torch thread (two threads on two shared, busy cores wait on each other
-    and run ~50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(device="cpu", label_dim=0, adaptive=True):

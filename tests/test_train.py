@@ -19,13 +19,9 @@ FAST = ["--preset", "tiny", "--batch-size", "4", "--sample-num", "4", "--log-eve
 
 
 @pytest.fixture(autouse=True)
-def env(monkeypatch, tmp_path):
+def env(monkeypatch, tmp_path, one_thread):
     monkeypatch.setenv("CMFAST_OFFLINE", "1")
     monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "no-system-dir"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)            # the CI machine is shared; one thread is faster than two contended ones
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

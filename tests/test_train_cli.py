@@ -15,15 +15,11 @@ TINY = ["--preset", "tiny", "--batch-size", "4", "--sample-num", "0", "--steps",
 
 
 @pytest.fixture(autouse=True)
-def env(monkeypatch, tmp_path):
+def env(monkeypatch, tmp_path, one_thread):
     monkeypatch.setenv("CMFAST_OFFLINE", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "no-system-dir"))
     monkeypatch.setattr(data, "_fetch", lambda *a, **k: pytest.fail("a test tried to download"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fails(capsys, argv, match, main=train_main, prog="cmfast-train"):

@@ -14,12 +14,7 @@ from cmfast import objectives as O
 from cmfast.training.methods import get_method
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CondNet(nn.Module):

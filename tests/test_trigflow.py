@@ -14,13 +14,7 @@ from cmfast.trigflow import (TrigFlowModel, sample_time, scd_loss, scm_loss, sct
 SD = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI machine is shared: one thread is faster than two contended ones for these tiny shapes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(res=8, seed=0, **kw):
