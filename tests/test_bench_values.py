@@ -164,6 +164,18 @@ def test_cpu_main_uses_the_baseline_threshold_and_writes_the_median(tmp_path, mo
     assert written["ratio"] == 3.0 and written["threshold"] == regress.CPU_THRESHOLD
 
 
+def test_cpu_baseline_without_a_threshold_is_gated_at_the_default(tmp_path, monkeypatch, capsys):
+    """A baseline with a ratio and no threshold (the reader accepts it; cpu_gate defaults to CPU_THRESHOLD) was
+    gated and then a KeyError traceback printing the limit: exit 1 read as a slowdown, even for a pass."""
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"ratio": 2.0}))
+    for ratio, rc in ((2.9, 0), (3.1, 1)):                   # limit 2.0 x 1.5 = 3.0
+        monkeypatch.setattr(regress, "measure_cpu", lambda **kw: {"ratio": ratio, "measured_ms": 1.0,
+                                                                   "reference_ms": 1.0})
+        assert regress.main(["cpu", "--baseline", str(base)]) == rc
+        assert "limit x1.50" in capsys.readouterr().out
+
+
 def test_measure_cpu_is_the_median_of_measured_over_reference(monkeypatch):
     clock = [0.0]
     a_steps = iter([9.0, 9.0, 3.0, 1.0, 4.0, 1.0, 5.0])       # two warm-up calls, then five timed
