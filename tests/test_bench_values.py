@@ -115,6 +115,29 @@ def test_auto_table_size_entry_compares_with_its_class(tmp_path):
                                    "fwd/nchw/small": "triton"}
 
 
+def test_auto_table_pass_without_a_layout_is_its_own_class(tmp_path):
+    """An op without a layout keys its classes by pass alone: 'fwd' (triton 2x faster) and 'fwd+bwd' (torch 3x
+    faster); over both torch's geometric mean sqrt(2) beats triton's sqrt(3)."""
+    rows = _case("consistency_loss", [64, 3, 32, 32], dict(torch=2.0, triton=1.0)) + \
+        _case("consistency_loss", [64, 3, 32, 32], dict(torch=1.0, triton=3.0), "fwd+bwd")
+    rows = [dict(r, graph_median_ms=r["median_ms"]) for r in rows]      # fwd+bwd at batch 64 votes with replay times
+    rc, t = _table(tmp_path, _cuda(rows))
+    assert t["consistency_loss"] == {"default": "torch", "fwd": "triton", "fwd+bwd": "torch"}
+
+
+def test_auto_table_unvoted_size_adds_nothing_when_it_inherits_the_ops_winner(tmp_path):
+    """fwd+bwd/nhwc measured at batch 8 (triton) and at 256 with eager times only (no vote): the op's winner is
+    triton too, so batch 256 inherits triton with no entry of its own."""
+    rows = (_case("group_norm_act", [8, 64, 8, 8], dict(torch=2.0, triton=1.0), "fwd+bwd", layout="nhwc")
+            + _case("group_norm_act", [256, 64, 8, 8], dict(torch=1.0, triton=5.0), "fwd+bwd", layout="nhwc")
+            + _case("group_norm_act", [8, 64, 8, 8], dict(torch=1.0, triton=1.5), "fwd", layout="nchw"))
+    rc, t = _table(tmp_path, _cuda(rows))
+    # op: torch (2 * 1)^(1/2) = 1.41, triton (1 * 1.5)^(1/2) = 1.22 -> triton; classes: fwd+bwd/nhwc triton, fwd/nchw
+    # torch, so the entry lists both; fwd+bwd/nhwc/large is unvoted and would inherit triton, the op's winner
+    assert t["group_norm_act"] == {"default": "triton", "fwd+bwd/nhwc": "triton", "fwd/nchw": "torch"}
+    assert t["_meta"]["ratios"]["group_norm_act"]["cases"] == 2
+
+
 # ---- regress ------------------------------------------------------------------------------------------------------
 
 def _bench(medians, slug="nvidia-h200", ungated=()):
