@@ -138,6 +138,18 @@ def test_auto_table_unvoted_size_adds_nothing_when_it_inherits_the_ops_winner(tm
     assert t["_meta"]["ratios"]["group_norm_act"]["cases"] == 2
 
 
+def test_auto_table_retired_input_rows_never_vote(tmp_path):
+    """qkv is no case key: the strided-view rows would share the dense rows' case and, listed after them, replace
+    their times. Dense at batch 1: triton 0.9 vs torch 1.2 (triton); the views rows after them (triton 12x slower)
+    and a shape measured on views only (batch 64) count for nothing."""
+    rows = (_case("attention", [1, 1, 256, 256], dict(torch=1.2, triton=0.9), qkv="unet-dense")
+            + _case("attention", [1, 1, 256, 256], dict(torch=1.0, triton=12.0), qkv="unet-nhwc-views")
+            + _case("attention", [64, 1, 256, 256], dict(torch=1.0, triton=12.0), qkv="unet-nhwc-views"))
+    rc, t = _table(tmp_path, _cuda(rows))
+    r = t["_meta"]["ratios"]["attention"]
+    assert t["attention"] == "triton" and r["cases"] == 1 and r["torch"] == pytest.approx(1.2 / 0.9)
+
+
 # ---- regress ------------------------------------------------------------------------------------------------------
 
 def _bench(medians, slug="nvidia-h200", ungated=()):
