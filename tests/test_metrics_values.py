@@ -189,3 +189,85 @@ def test_pretrained_loads_the_ema_weights_in_float32():
         assert k.startswith("ema/")
         torch.testing.assert_close(sd[k[len("ema/"):]], v.float(), rtol=0, atol=0)
     assert model.card["step"] >= 1 and not model.training
+
+
+def test_feature_stats_covariance_needs_two_rows():
+    one = metrics.FeatureStats(2).update(np.array([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="at least 2 samples, got 1"):
+        one.cov
+
+
+def test_fid_and_fd_fmnist_pass_count_weights_and_dataset_on(monkeypatch):
+    seen = []
+
+    def ref(metric, dataset, data_dir=None, num=50000, batch_size=250, device="cpu", weights=None):
+        seen.append(("ref", metric, dataset, data_dir, num, weights))
+        return np.zeros(3), np.eye(3), {}
+
+    def ext(metric, device, weights=None):
+        seen.append(("ext", metric, weights))
+        return (lambda x: x.flatten(1)[:, :3]), 3, "stub"
+    monkeypatch.setattr(metrics, "reference_stats", ref)
+    monkeypatch.setattr(metrics, "_extractor", ext)
+    x = torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    v = metrics.fid(x, dataset="folder", num_ref=123, data_dir="imgs", weights="w.pth", batch_size=4)
+    assert seen == [("ref", "fid", "folder", "imgs", 123, "w.pth"), ("ext", "fid", "w.pth")]
+    f = x.double().flatten(1)[:, :3].numpy()
+    assert v == pytest.approx(_eig_fd(f.mean(0), np.cov(f, rowvar=False), np.zeros(3), np.eye(3)), rel=1e-5)
+    seen.clear()
+    metrics.fd_fmnist(torch.zeros(2, 1, 32, 32), batch_size=4)
+    assert seen[0][1:5] == ("fd-fmnist", "fashion-mnist", None, 60000)
+
+
+def test_evaluate_reference_count_and_dtype_reach_their_callees(monkeypatch):
+    import cmfast.sampling as sampling
+    calls, _, _ = _stub_pipeline(monkeypatch, [torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2) * 0.5])
+    nums = []
+    monkeypatch.setattr(metrics, "reference_stats",
+                        lambda *a, **k: (nums.append(k["num"]), (np.zeros(3), np.eye(3), {}))[1])
+    monkeypatch.setattr(sampling, "resolve_engine", lambda engine, model, dtype: "graphed")
+    metrics.evaluate(_Const(), "fd-fmnist", num=4, batch_size=2, dtype=torch.bfloat16)
+    metrics.evaluate(_Const(), "fid", num=4, batch_size=2)
+    assert nums == [60000, 50000] and calls[0]["dtype"] == torch.bfloat16 and calls[0]["engine"] == "graphed"
+
+
+def test_inception_weights_from_the_environment_load_in_eval_mode(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    from cmfast._inception import FIDInception, find_weights, load_fid_inception
+    with torch.device("meta"):
+        net = FIDInception()
+    path = tmp_path / "w.pth"
+    torch.save(net.to_empty(device="cpu").net.state_dict(), path)
+    monkeypatch.setenv("CMFAST_INCEPTION_WEIGHTS", str(path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "none"))
+    assert find_weights() == str(path)
+    loaded = load_fid_inception()
+    assert not any(m.training for m in loaded.modules())
+
+
+def _hubconf():
+    import importlib.util
+
+    from _repo import ROOT
+    spec = importlib.util.spec_from_file_location("cmfast_hubconf_values", ROOT / "hubconf.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_hub_consistency_model_reads_ema_by_default_and_untrained_fmnist_is_in_eval_mode(tmp_path):
+    from cmfast.pretrained import ASSETS
+    from cmfast.training.checkpoint import load_weights, save_checkpoint
+    hub = _hubconf()
+    modules, meta = load_weights(f"{ASSETS}/fmnist.safetensors")
+    ema = {k: v.float() for k, v in modules["ema"].items()}
+    online = {k: v + 1 for k, v in ema.items()}
+    path = save_checkpoint(str(tmp_path), 5, {"model": online, "ema": ema}, meta["config"], {})
+    got = hub.consistency_model(path)
+    torch.testing.assert_close(got.net.out_conv.weight, ema["net.out_conv.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(hub.consistency_model(path, which="model").net.out_conv.weight,
+                               online["net.out_conv.weight"], rtol=0, atol=0)
+    fresh = hub.fmnist(pretrained=False)
+    assert not any(m.training for m in fresh.modules())
+    assert isinstance(hub.unet(preset="tiny"), torch.nn.Module)
+    assert hub.unet.__defaults__ == ("ddpmpp-cifar10",)
