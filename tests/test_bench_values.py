@@ -372,6 +372,11 @@ def test_row_images_per_s_and_x_floor(monkeypatch):
                           torch.device("cpu"))
     row = r.row("sample", "tiny", 8, "cmfast", "auto", lambda: (lambda: None), {"floor_ms": 0.5})
     assert row["images_per_s"] == 2000.0 and row["x_floor"] == 8.0
+    # --profile: busy = the kernels' (here operators') summed time per call over the median, 1 ms of 4
+    monkeypatch.setattr(_harness, "kernel_profile", lambda fn, device: {"summed_ms_per_call": 1.0})
+    r.args.profile = True
+    row = r.row("sample", "tiny", 8, "cmfast", "auto", lambda: (lambda: None))
+    assert row["profile"]["busy"] == 0.25 and "x_floor" not in row
 
 
 def test_add_ratios_against_eager_and_the_best_compile_of_the_same_batch():
