@@ -104,6 +104,14 @@ def test_fid_inception_preprocessing_and_feature_layer():
         np.testing.assert_allclose(first[:, c].numpy(), want, rtol=0, atol=2e-6)
     total = sum(2.0 ** k for k in range(18))
     np.testing.assert_allclose(out.numpy(), want.mean((1, 2))[:, None].repeat(3, 1) + total, rtol=1e-6)
+    # larger than 299 (a 320 x 310 image): the plain bilinear taps too, no antialiasing (pytorch-fid's resize);
+    # atol: torch computes the 320 / 299 scale in float32
+    seen.clear()
+    big = torch.rand(1, 3, 320, 310, generator=g) * 2 - 1
+    net(big)
+    lv = np.clip(np.floor(big.numpy() * np.float32(127.5) + np.float32(128)), 0, 255) / 127.5 - 1   # float32 levels
+    for c in range(3):
+        np.testing.assert_allclose(seen[0][1][0, c].numpy(), _bilinear_np(lv[0, c], 299), rtol=0, atol=2e-4)
 
 
 class _Const(torch.nn.Module):
