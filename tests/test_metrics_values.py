@@ -279,3 +279,12 @@ def test_hub_consistency_model_reads_ema_by_default_and_untrained_fmnist_is_in_e
     assert not any(m.training for m in fresh.modules())
     assert isinstance(hub.unet(preset="tiny"), torch.nn.Module)
     assert hub.unet.__defaults__ == ("ddpmpp-cifar10",)
+
+
+def test_search_sigmas_three_steps_finds_each_level_below_the_one_before():
+    """steps=3: both later levels are searched (each below the one before it: every trial strictly decreasing)."""
+    score = lambda s: (math.log(s[1]) - math.log(2.0)) ** 2 + 1e-3 * (math.log(s[2]) - math.log(0.5)) ** 2
+    res = metrics.search_sigmas(score, steps=3, iters=25)
+    assert res["sigmas"][0] == 80.0
+    np.testing.assert_allclose(res["sigmas"][1:], [2.0, 0.5], rtol=2e-2)
+    assert all(a > b for t, _ in res["trials"] for a, b in zip(t, t[1:]))
