@@ -288,3 +288,41 @@ def test_search_sigmas_three_steps_finds_each_level_below_the_one_before():
     assert res["sigmas"][0] == 80.0
     np.testing.assert_allclose(res["sigmas"][1:], [2.0, 0.5], rtol=2e-2)
     assert all(a > b for t, _ in res["trials"] for a, b in zip(t, t[1:]))
+
+
+def test_fid_network_pools_mixed_7b_by_average_and_mixed_7c_by_max():
+    """pytorch-fid's graph: Mixed_7b's pool branch averages 3x3 windows without the zero padding (TensorFlow's), and
+    Mixed_7c's max-pools (the TF graph's quirk). Checked on the network FIDInception builds, against F.avg_pool2d /
+    F.max_pool2d here; test_metrics' pooling test builds its own block, so an average pool in the built Mixed_7c
+    passed it."""
+    import torch.nn.functional as F
+
+    from cmfast._inception import FIDInception
+    torch.manual_seed(0)
+    net = FIDInception().net.eval()
+    g = torch.Generator().manual_seed(1)
+    for block, channels, pool in ((net.Mixed_7b, 1280, lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)),
+                                  (net.Mixed_7c, 2048, lambda x: F.max_pool2d(x, 3, 1, 1))):
+        x = torch.randn(1, channels, 4, 4, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(block(x)[:, -192:], block.branch_pool(pool(x)))
+
+
+def test_fd_fmnist_metric_refuses_other_datasets():
+    """evaluate(metric='fd-fmnist') scores against Fashion-MNIST only: another dataset is one ValueError before any
+    sampling (the classifier knows only Fashion-MNIST's classes)."""
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before the dataset check")
+    with pytest.raises(ValueError, match="fd-fmnist compares with Fashion-MNIST only, got dataset 'cifar10'"):
+        metrics.evaluate(no_sampling, "fd-fmnist", num=4, dataset="cifar10")
+
+
+def test_one_image_is_refused_before_the_reference_statistics(monkeypatch):
+    """A single image has no covariance: one ValueError from the image check, before the reference statistics (up to
+    60,000 images through the feature network) are computed."""
+    def ref(*a, **k):
+        raise AssertionError("reference statistics computed for one image")
+    monkeypatch.setattr(metrics, "reference_stats", ref)
+    for score, x in ((metrics.fd_fmnist, torch.zeros(1, 1, 32, 32)), (metrics.fid, torch.zeros(1, 3, 8, 8))):
+        with pytest.raises(ValueError, match="need at least 2 images for a covariance, got 1"):
+            score(x)
