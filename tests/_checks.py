@@ -163,3 +163,14 @@ def check_rounds_half_to_even(backend: str, device) -> None:
         u = ops.skip_output_infer(x, torch.zeros_like(x), 0.002, uint8=True)
     with ops.use_backend("torch"):
         assert torch.equal(u, ops.skip_output_infer(x, torch.zeros_like(x), 0.002, uint8=True))
+
+
+def cuda_check_on_cpu(name, t, device=None):
+    """cmfast/ops/_cuda.py's _check without its CUDA-device requirement (type and dtype checks kept): monkeypatched in
+    so that CPU tensors reach the wrappers' checks (and, in test_csrc_emulated.py, the emulated kernels)."""
+    from cmfast.ops import _cuda
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _cuda._DTYPES:
+        raise TypeError(f"{name}: the cuda backend supports float32, float16 and bfloat16, got {t.dtype}")
+    return t

@@ -75,20 +75,11 @@ def emulated(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def on_cpu(emulated, monkeypatch):
     """The wrappers as they are, with the device-only pieces swapped: CPU tensors accepted, stream 0, 132 SMs."""
-    monkeypatch.setattr(_cuda, "_check", _cpu_check)
+    monkeypatch.setattr(_cuda, "_check", _checks.cuda_check_on_cpu)
     monkeypatch.setattr(_cuda, "_ext", lambda device: emulated)
     monkeypatch.setattr(_cuda, "_stream", lambda device: 0)
     monkeypatch.setattr(_cuda, "_sm_count", lambda index: 132)
     monkeypatch.setattr(_cuda, "_on_device", contextlib.nullcontext)
-
-
-def _cpu_check(name, t, device=None):
-    """_cuda._check without the CUDA-device requirement (type and dtype checks kept)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _cuda._DTYPES:
-        raise TypeError(f"{name}: the cuda backend supports float32, float16 and bfloat16, got {t.dtype}")
-    return t
 
 
 def check(op: str, reffn, inputs: dict, grad=(), dtype=torch.float32, offset_cond=0.0):

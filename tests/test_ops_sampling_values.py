@@ -215,15 +215,10 @@ def _cuda_wrappers(monkeypatch):
     from cmfast import _build
     if _build.unavailable_reason():
         pytest.skip(_build.unavailable_reason())
-    from cmfast.ops import _cuda
+    from _checks import cuda_check_on_cpu
 
-    def cpu_check(name, t, device=None):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _cuda._DTYPES:
-            raise TypeError(f"{name}: the cuda backend supports float32, float16 and bfloat16, got {t.dtype}")
-        return t
-    monkeypatch.setattr(_cuda, "_check", cpu_check)
+    from cmfast.ops import _cuda
+    monkeypatch.setattr(_cuda, "_check", cuda_check_on_cpu)
     monkeypatch.setattr(_cuda, "_ext", lambda device: pytest.fail("the extension was reached"))
     return _cuda
 
