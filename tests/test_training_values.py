@@ -122,7 +122,8 @@ def test_ct_method_target_ema_uses_mu_of_the_same_step(reference_code):
 def _ict64(net, x, N, seed, c, p_mean, p_std, sd=0.5):
     """iCT's per-sample loss in float64 (Song & Dhariwal 2023): levels n ~ p(n) proportional to
     erf((ln t_{n+1} - P_mean) / (sqrt 2 P_std)) - erf((ln t_n - P_mean) / (sqrt 2 P_std)) on a Karras grid of N, the
-    generator's draws (n, then z), theta- = theta, pseudo-Huber sqrt(||.||^2 + c^2) - c, lambda = 1 / (t_{n+1} - t_n)."""
+    generator's draws (n, then z), theta- = theta, pseudo-Huber sqrt(||.||^2 + c^2) - c,
+    lambda = 1 / (t_{n+1} - t_n)."""
     g = torch.Generator().manual_seed(seed)
     t = karras64(N)
     e = torch.erf((torch.log(t) - p_mean) / (math.sqrt(2) * p_std))
@@ -249,7 +250,8 @@ def test_class_labels_reach_the_teacher_the_online_and_the_target_net():
                     generator=torch.Generator().manual_seed(3), class_labels=y)
     want = _cd64(online, target, teacher, x, 5, 3, labels=y)
     torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=1e-6)
-    # EDM eq. 8: lambda(sigma) ||D(x + sigma n, sigma, y) - x||^2, ln sigma ~ N(-1.2, 1.2^2), lambda = (s^2 + sd^2) / (s sd)^2
+    # EDM eq. 8: lambda(sigma) ||D(x + sigma n, sigma, y) - x||^2, ln sigma ~ N(-1.2, 1.2^2),
+    # lambda = (s^2 + sd^2) / (s sd)^2
     got = O.edm_loss(cmfast.EDMDenoiser(teacher), x, generator=torch.Generator().manual_seed(4), class_labels=y)
     g = torch.Generator().manual_seed(4)
     sigma = (torch.randn(6, generator=g).double() * 1.2 - 1.2).exp()
@@ -410,12 +412,7 @@ def test_scd_teacher_and_student_see_the_class_labels():
     x0, y = _data(6), torch.tensor([0, 1, 2, 2, 1, 0])
     loss = scd_loss(model, x0, cmfast.EDMDenoiser(teacher_net), step=0, warmup_steps=100,
                     generator=torch.Generator().manual_seed(5), class_labels=y)
-    g = torch.Generator().manual_seed(5)
-    tau = torch.randn(6, generator=g).double() * 1.4 - 1.0
-    z = torch.randn(x0.shape, generator=g).double() * sd
-    t = torch.atan(torch.exp(tau) / sd)
-    cos, sin = _v(torch.cos(t)), _v(torch.sin(t))
-    x_t = cos * x0.double() + sin * z
+    t, z, cos, sin, x_t = _trig_draw(x0, 5, sd)
     dxdt = (cos * x_t - f64(teacher_net, x_t / cos, sd * torch.tan(t), smin=0.0, labels=y)) / sin
     with torch.no_grad():
         F = -copy.deepcopy(student_net).double()(x_t / sd, torch.log(sd * torch.tan(t)) / 4, y)
@@ -440,12 +437,7 @@ def test_sct_inv_sigma_weight_and_noise_at_another_sigma_data():
     x0 = _data(6)
     loss = sct_loss(model, x0, step=0, warmup_steps=100, prior_weighting="inv_sigma",
                     generator=torch.Generator().manual_seed(6))
-    g = torch.Generator().manual_seed(6)
-    tau = torch.randn(6, generator=g).double() * 1.4 - 1.0
-    z = torch.randn(x0.shape, generator=g).double() * sd
-    t = torch.atan(torch.exp(tau) / sd)
-    cos, sin = _v(torch.cos(t)), _v(torch.sin(t))
-    x_t = cos * x0.double() + sin * z
+    t, z, cos, sin, x_t = _trig_draw(x0, 6, sd)
     dxdt = cos * z - sin * x0.double()
     with torch.no_grad():
         F = copy.deepcopy(net).double()(x_t / sd, t)
@@ -479,16 +471,23 @@ def test_trigflow_boundary_and_loss_defaults():
     assert 0.8 < float(f.std()) < 1.25
 
 
-def _sct64(net, x0, seed, sd=0.5, r=0.0, weight=None, c=0.1, p_mean=-1.0, p_std=1.4, fd_h=None):
-    """sCM Alg. 1 (sCT, time input t) in float64 with the adaptive head at zero (logvar = 0) and F - F- = 0 in value:
-    loss = w ||g / (||g|| + c)||^2 / D, g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt), dF-/dt the
-    exact JVP of F(x_t / sd, t) along (dx_t/dt, 1) (torch.func.jvp on a float64 copy)."""
+def _trig_draw(x0, seed, sd, p_mean=-1.0, p_std=1.4):
+    """The sCM loss's draw in float64, in the loss's order from Generator(seed): tau ~ N(p_mean, p_std^2), then
+    z ~ N(0, sd^2 I); tan t = e^tau / sd, x_t = cos t x0 + sin t z. -> (t, z, cos t, sin t, x_t), cos and sin
+    shaped (B, 1, 1, 1)."""
     g = torch.Generator().manual_seed(seed)
     tau = torch.randn(x0.shape[0], generator=g).double() * p_std + p_mean
     z = torch.randn(x0.shape, generator=g).double() * sd
     t = torch.atan(torch.exp(tau) / sd)
     cos, sin = _v(torch.cos(t)), _v(torch.sin(t))
-    x_t = cos * x0.double() + sin * z
+    return t, z, cos, sin, cos * x0.double() + sin * z
+
+
+def _sct64(net, x0, seed, sd=0.5, r=0.0, weight=None, c=0.1, p_mean=-1.0, p_std=1.4, fd_h=None):
+    """sCM Alg. 1 (sCT, time input t) in float64 with the adaptive head at zero (logvar = 0) and F - F- = 0 in value:
+    loss = w ||g / (||g|| + c)||^2 / D, g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt), dF-/dt the
+    exact JVP of F(x_t / sd, t) along (dx_t/dt, 1) (torch.func.jvp on a float64 copy)."""
+    t, z, cos, sin, x_t = _trig_draw(x0, seed, sd, p_mean, p_std)
     dxdt = cos * z - sin * x0.double()
     net = copy.deepcopy(net).double()
     with torch.no_grad():
@@ -503,10 +502,10 @@ def _sct64(net, x0, seed, sd=0.5, r=0.0, weight=None, c=0.1, p_mean=-1.0, p_std=
 
 
 def test_sct_method_passes_fd_order_and_prior_weighting_on():
-    """The sct method with fd_order 4 at a coarse step (fd_eps 0.1, fp64 forwards, r = 1) and with prior_weighting 'inv_sigma': the
-    float64 sCM loss (exact JVP; w = 1 / (sd tan t)). The 4-point stencil meets it where the 2-point one, at this step,
-    does not; jvp 'exact' and fp64 forwards reach the loss too. Before, a method that always ran order 2, always
-    the finite difference, always fp32 forwards, or dropped prior_weighting, passed every test."""
+    """The sct method with fd_order 4 at a coarse step (fd_eps 0.1, fp64 forwards, r = 1) and with prior_weighting
+    'inv_sigma': the float64 sCM loss (exact JVP; w = 1 / (sd tan t)). The 4-point stencil meets it where the 2-point
+    one, at this step, does not; jvp 'exact' and fp64 forwards reach the loss too. Before, a method that always ran
+    order 2, always the finite difference, always fp32 forwards, or dropped prior_weighting, passed every test."""
     sct = get_method("sct")
     x0 = _data(6)
     cfg = _cfg("sct", warmup_steps=1, fd_order=4, fd_eps=0.1, fd_precision="fp64")
