@@ -116,7 +116,8 @@ def test_rng_state_round_trips_every_generator():
     from cmfast.training import checkpoint as ckpt
 
     def draw():
-        return torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(), [random.random() for _ in range(3)]
+        return (torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(),
+                [random.random() for _ in range(3)])
     np.random.randn()       # numpy's cached second Gaussian is part of its state
     state = ckpt.rng_state()
     first = draw()
@@ -151,7 +152,8 @@ def test_sample_seed_picks_the_noise(tmp_path, capsys):
 
 
 def test_eval_passes_its_flags_to_evaluate(tmp_path, monkeypatch, capsys):
-    """cmfast-eval's --seed, --num, --batch-size and --steps reach metrics.evaluate (the evaluation itself, recorded)."""
+    """cmfast-eval's --seed, --num, --batch-size and --steps reach metrics.evaluate (the evaluation itself,
+    recorded)."""
     assert _fm_run(tmp_path, "run", "--steps", "1") == 0
     from cmfast.cli.eval import main as eval_main
     seen = []

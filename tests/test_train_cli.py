@@ -299,8 +299,8 @@ def test_dry_run_refuses_the_output_folder_the_run_refuses(capsys, tmp_path, fm)
                                 "checkpoint not found"),
         "--resume, other data": (str(run), ["--resume", "latest", "--preset", "fmnist-small"],
                                  "the checkpoint differs from this command in net ("),
-        "--resume, other method": (str(run), ["--resume", "latest", "--method", "ct"],
-                                   "the checkpoint differs from this command in method (method 'ict' there, 'ct' here)"),
+        "--resume, other method": (str(run), ["--resume", "latest", "--method", "ct"], "the checkpoint differs from "
+                                   "this command in method (method 'ict' there, 'ct' here)"),
     }
     if os.geteuid() != 0:       # root writes anywhere
         os.chmod(ro, 0o500)

@@ -65,11 +65,11 @@ def build_parser():
     g.add_argument("--cond", action="store_const", const=True, help="class-conditional on the dataset's labels")
     g.add_argument("--xflip", action=argparse.BooleanOptionalAction, help="mirror half the training images "
                    "horizontally, at random (default: on for cifar10, off otherwise)")
-    g.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit: the config.json "
-                   "the run would write, refusing what it would refuse before its first step; an image folder or zip is "
-                   "peeked at (its file list, labels and the headers of a few images), not loaded; --teacher is checked "
-                   "(header and weights), not built; --output-dir is checked, not made, and the checkpoint --resume "
-                   "would continue from is checked by its header")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit: the "
+                   "config.json the run would write, refusing what it would refuse before its first step; an image "
+                   "folder or zip is peeked at (its file list, labels and the headers of a few images), not loaded; "
+                   "--teacher is checked (header and weights), not built; --output-dir is checked, not made, and the "
+                   "checkpoint --resume would continue from is checked by its header")
 
     h = ap.add_argument_group("hyperparameters")
     h.add_argument("--loss", choices=DISTANCES, help="distance d (default: the method's: lpips for cd/ct, "
