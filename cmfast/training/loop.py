@@ -203,7 +203,7 @@ def startup_checks(cfg: dict, shape, device=None, dry: bool = False):
     found = ckpt.list_checkpoints(out)
     if cfg["resume"] is None and found:
         raise ValueError(f"{out} already holds checkpoints: pass --resume latest to continue, or another --output-dir")
-    if cfg["resume"] in ("latest", "auto") and not found and cfg["resume"] == "latest":
+    if cfg["resume"] == "latest" and not found:
         raise ValueError(f"--resume latest: no checkpoint (ckpt-*.safetensors with its .state.pt) in {out}")
     if cfg["resume"] not in (None, "latest", "auto"):
         ckpt.resolve(cfg["resume"])                        # a one-line error when the path is not a checkpoint
