@@ -314,6 +314,20 @@ def _check_same(path: str, first: str, first_hwc: tuple, name: str, hwc: tuple) 
                         "(nothing is resized or converted: save them all alike)")
 
 
+# The most classes a dataset.json may number. ImageNet-21k, the largest class-labelled set in common use, has 21,841;
+# a conditional net embeds a class as a row of (classes, embedding channels) and a one-hot as wide, so a class of
+# 10**12 (a typo, an id in place of an index) asked for terabytes before the first step instead of one line here.
+MAX_CLASSES = 100_000
+
+
+def _check_class(name, v) -> None:
+    """One dataset.json class: a JSON integer (3 or 3.0; not true, 2.5 or "3") in [0, MAX_CLASSES)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):    # int(inf): OverflowError
+        raise ValueError(f"class {v!r} of {name} is not an integer")
+    if not 0 <= v < MAX_CLASSES:
+        raise ValueError(f"class {int(v)} of {name} is out of range")
+
+
 def _folder_labels(path: str, names: list[str], images: list[str], read):
     """(labels (N,) int64 or None, class names or None) of a folder's images: from dataset.json (EDM's layout) if
     present, else from the subfolders when every image sits in one and there are two or more (ImageFolder's layout;
@@ -330,13 +344,14 @@ def _folder_labels(path: str, names: list[str], images: list[str], read):
         root = meta[:-len("dataset.json")]
         try:    # EDM's layout: {"labels": [[file name, class], ...]} (or null)
             table = dict(json.loads(read(meta)).get("labels") or [])
+            for k, v in table.items():
+                _check_class(k, v)
             table = {k: int(v) for k, v in table.items()}
-            if any(v < 0 for v in table.values()):
-                raise ValueError("a negative class")
         except (ValueError, TypeError, AttributeError, OSError, ArithmeticError, RuntimeError, zipfile.BadZipFile) as e:
             # ArithmeticError: a class Infinity; RuntimeError: JSON nested too deep, an encrypted zip member
-            raise DataError(f"{path}/{meta}: expected {{\"labels\": [[file name, class >= 0], ...]}} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            raise DataError(f"{path}/{meta}: expected {{\"labels\": [[file name, class], ...]}}, 0 <= class < "
+                            f"{MAX_CLASSES} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                            ) from None
         if table:
             rel = [n[len(root):] for n in images]
             missing = [n for n, r in zip(images, rel) if r not in table]
@@ -362,6 +377,7 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
     present, else from the subfolders when every image sits in one and there are two or more (ImageFolder's layout;
     `classes` then holds their names, class i = classes[i]), else none."""
     names, images, read, _ = _folder_files(path)
+    labels, classes = _folder_labels(path, names, images, read)     # first: a bad dataset.json before 50k decodes
     from PIL import Image
     arrs = []
     for n in images:
@@ -377,7 +393,6 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
         if arrs:
             _check_same(path, images[0], arrs[0].shape, n, a.shape)
         arrs.append(a)
-    labels, classes = _folder_labels(path, names, images, read)
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
     return ImageDataset(x, labels, "folder", xflip=xflip, classes=classes)
 
@@ -396,6 +411,7 @@ def peek_folder(path: str, sample: int = PEEK_IMAGES) -> FolderPeek:
     16-bit pixels, sampled images of different sizes or channels, dataset.json without a label for an image. An
     image outside the sample that differs, or whose data past its header is damaged, only the real load finds."""
     names, images, read, opener = _folder_files(path)
+    labels, classes = _folder_labels(path, names, images, read)     # first, as load_folder: the same error first
     from PIL import Image
     k = min(sample, len(images))
     picked = sorted({round(i * (len(images) - 1) / max(k - 1, 1)) for i in range(k)})
@@ -412,7 +428,6 @@ def peek_folder(path: str, sample: int = PEEK_IMAGES) -> FolderPeek:
             first = hwc
         else:
             _check_same(path, images[0], first, n, hwc)
-    labels, classes = _folder_labels(path, names, images, read)
     return FolderPeek(shape=(first[2], first[0], first[1]), count=len(images), num_classes=class_count(labels),
                       classes=classes)
 
