@@ -306,6 +306,19 @@ def _channels(where: str, mode: str) -> int:
     return 1 if mode in ("L", "1", "LA", "La") else 3
 
 
+def _turn(im):
+    """The transpose (a PIL.Image.Transpose, or None) that shows `im` upright, as viewers, PIL.ImageOps.exif_transpose
+    and torchvision's decode_image(apply_exif_orientation=True) do: a photo taken sideways is stored sideways with
+    EXIF Orientation (tag 0x0112) 6 or 8, and was loaded lying on its side. Read from the header only (Image.Image's
+    getexif: PNG's own decodes the whole image when no eXIf chunk precedes IDAT), so peek_folder, which decodes
+    nothing, sees the same orientation, hence the same (possibly swapped) height and width, as load_folder."""
+    from PIL import Image
+    t = Image.Transpose
+    o = Image.Image.getexif(im).get(0x0112, 1)      # EXIF 2.3 table 6: 1 as stored, 2-8 mirrored / turned
+    return {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE, 6: t.ROTATE_270,
+            7: t.TRANSVERSE, 8: t.ROTATE_90}.get(o) if isinstance(o, int) else None
+
+
 def _check_same(path: str, first: str, first_hwc: tuple, name: str, hwc: tuple) -> None:
     """Every image of a folder has the first one's size and channels (HWC shapes)."""
     if hwc != first_hwc:
@@ -373,9 +386,10 @@ def _folder_labels(path: str, names: list[str], images: list[str], read):
 
 
 def load_folder(path: str, xflip: bool = False) -> ImageDataset:
-    """All PNG / JPEG images of a folder (recursively) or zip, same size. Labels from dataset.json (EDM's layout) if
-    present, else from the subfolders when every image sits in one and there are two or more (ImageFolder's layout;
-    `classes` then holds their names, class i = classes[i]), else none."""
+    """All PNG / JPEG images of a folder (recursively) or zip, same size once turned upright by their EXIF orientation
+    (_turn). Labels from dataset.json (EDM's layout) if present, else from the subfolders when every image sits in one
+    and there are two or more (ImageFolder's layout; `classes` then holds their names, class i = classes[i]), else
+    none."""
     names, images, read, _ = _folder_files(path)
     labels, classes = _folder_labels(path, names, images, read)     # first: a bad dataset.json before 50k decodes
     from PIL import Image
@@ -383,11 +397,14 @@ def load_folder(path: str, xflip: bool = False) -> ImageDataset:
     for n in images:
         try:
             im = Image.open(io.BytesIO(read(n)))
+            turn = _turn(im)
             im.load()
         except Exception as e:
             raise DataError(f"{path}/{n}: unreadable image ({type(e).__name__})") from None
         if im.mode not in ("L", "RGB"):
             im = im.convert("L" if _channels(f"{path}/{n}", im.mode) == 1 else "RGB")
+        if turn is not None:
+            im = im.transpose(turn)
         a = np.asarray(im)
         a = a[:, :, None] if a.ndim == 2 else a
         if arrs:
@@ -406,10 +423,11 @@ class FolderPeek(types.SimpleNamespace):
 
 def peek_folder(path: str, sample: int = PEEK_IMAGES) -> FolderPeek:
     """What load_folder would load, without decoding the images (cmfast-train --dry-run): the file list, the labels
-    (dataset.json or the class subfolders) and the headers (size, mode) of `sample` images, the first, the last and
-    evenly spaced ones between. Raises load_folder's error for anything it sees: no images, an unreadable header,
-    16-bit pixels, sampled images of different sizes or channels, dataset.json without a label for an image. An
-    image outside the sample that differs, or whose data past its header is damaged, only the real load finds."""
+    (dataset.json or the class subfolders) and the headers (size, mode, EXIF orientation) of `sample` images, the
+    first, the last and evenly spaced ones between. Raises load_folder's error for anything it sees: no images, an
+    unreadable header, 16-bit pixels, sampled images of different sizes or channels once upright, a bad dataset.json
+    or one without a label for an image. An image outside the sample that differs, or whose data past its header is
+    damaged, only the real load finds."""
     names, images, read, opener = _folder_files(path)
     labels, classes = _folder_labels(path, names, images, read)     # first, as load_folder: the same error first
     from PIL import Image
@@ -421,6 +439,9 @@ def peek_folder(path: str, sample: int = PEEK_IMAGES) -> FolderPeek:
         try:
             with opener(n) as f, Image.open(f) as im:       # the header only: PIL decodes lazily
                 w, h, mode = im.width, im.height, im.mode
+                if _turn(im) in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+                                 Image.Transpose.ROTATE_270):
+                    w, h = h, w                 # EXIF orientation 5-8: load_folder turns the image a quarter
         except Exception as e:
             raise DataError(f"{path}/{n}: unreadable image ({type(e).__name__})") from None
         hwc = (h, w, _channels(f"{path}/{n}", mode))

@@ -64,3 +64,60 @@ def test_a_bad_dataset_json_is_reported_before_the_images_are_decoded(tmp_path):
     for fn in (data.load_folder, data.peek_folder):
         with pytest.raises(data.DataError, match=r"imgs/dataset.json: expected .*class -5 of img0001.png"):
             fn(str(tmp_path / "imgs"))
+
+
+# What a viewer does to the stored pixels to show EXIF orientation 1..8 (EXIF 2.3 table 6, in exiftool's words: 2
+# mirror horizontal, 3 rotate 180, 4 mirror vertical, 5 mirror horizontal and rotate 270 CW, 6 rotate 90 CW, 7 mirror
+# horizontal and rotate 90 CW, 8 rotate 270 CW), in numpy: np.rot90(a, -1) turns clockwise, np.rot90(a, 1) counter.
+UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: np.rot90(a, 2), 4: lambda a: a[::-1],
+           5: lambda a: np.rot90(a[:, ::-1], 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a[:, ::-1], -1),
+           8: lambda a: np.rot90(a, 1)}
+
+
+def _save(path, a, orientation, fmt):
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(a).save(path, format=fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_images_upright_in_load_and_peek(tmp_path, orientation):
+    # PNG (Pillow writes an eXIf chunk): exact pixels. Stored 4 high, 6 wide: orientations 5-8 load 6 high, 4 wide.
+    a = np.random.default_rng(orientation).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    _save(tmp_path / "a.png", a, orientation, "PNG")
+    ds = data.load_folder(str(tmp_path))
+    want = UPRIGHT[orientation](a)
+    np.testing.assert_array_equal(ds.images[0].permute(1, 2, 0).numpy(), want)
+    assert ds.shape == (3, *want.shape[:2]) == data.peek_folder(str(tmp_path)).shape
+    assert ds.shape[1:] == ((6, 4) if orientation >= 5 else (4, 6))
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_a_sideways_jpeg_among_upright_ones_loads_upright(tmp_path, orientation):
+    # A phone photo taken in portrait: stored 4 high and 6 wide with orientation 6 (or 8), shown 6 high and 4 wide
+    # like the folder's other images. It was loaded lying on its side, and the folder refused as of mixed sizes.
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    portrait = rng.integers(0, 256, (6, 4, 3), dtype=np.uint8)
+    sideways = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    Image.fromarray(portrait).save(tmp_path / "a.jpg", quality=95)
+    _save(tmp_path / "b.jpg", sideways, orientation, "JPEG")
+    with Image.open(tmp_path / "b.jpg") as im:       # the stored pixels (JPEG is lossy): PIL's plain decode
+        stored = np.asarray(im.convert("RGB"))
+    assert stored.shape == (4, 6, 3)
+    ds = data.load_folder(str(tmp_path))
+    assert ds.shape == (3, 6, 4) == data.peek_folder(str(tmp_path)).shape
+    np.testing.assert_array_equal(ds.images[1].permute(1, 2, 0).numpy(), UPRIGHT[orientation](stored))
+    with Image.open(tmp_path / "a.jpg") as im:
+        np.testing.assert_array_equal(ds.images[0].permute(1, 2, 0).numpy(), np.asarray(im))
+
+
+def test_a_sideways_jpeg_that_differs_once_upright_is_refused_alike_by_load_and_peek(tmp_path):
+    # stored 6x4 like the upright 6x4 one, but orientation 6 shows it 4 wide and 6 high: not the same size
+    a = np.zeros((6, 4, 3), np.uint8)
+    _save(tmp_path / "a.jpg", a, 1, "JPEG")
+    _save(tmp_path / "b.jpg", a, 6, "JPEG")
+    for fn in (data.load_folder, data.peek_folder):
+        with pytest.raises(data.DataError, match="b.jpg: expected all images 4x6 RGB as a.jpg, got 6x4 RGB"):
+            fn(str(tmp_path))
