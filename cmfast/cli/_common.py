@@ -20,6 +20,10 @@ def other_rank() -> bool:
 
 
 def fail(prog: str, message: str, code: int = 2):
+    """`PROG: error: message` and exit `code`; called while handling a failed write to a stdout whose reader has
+    gone, the quiet exit of closed_stdout instead (no line: `cmfast-train --dry-run | head -1`)."""
+    if stdout_gone(sys.exc_info()[1]):
+        sys.exit(closed_stdout())
     if other_rank():
         import signal
         import time
@@ -56,6 +60,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(self.prog, message)
+
+    def _print_message(self, message, file=None):
+        # argparse drops an OSError here: --help into a closed pipe exited 0, its text cut short (interruptible ends
+        # it: CLOSED_STDOUT). Line by line: unbuffered (PYTHONUNBUFFERED), a write of more than a pipe's atomic
+        # 4096 bytes cut short by the reader's exit loses the rest silently instead of raising
+        if message:
+            (file or sys.stderr).writelines(message.splitlines(keepends=True))
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -192,9 +203,67 @@ def write_output(path: str, data: bytes) -> None:
         raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
 
 
+# A command whose stdout's reader has gone (`cmfast-train --dry-run | head -1`) ends as a Unix tool does: silently,
+# with the status a shell reports for a command that SIGPIPE ended, 128 + 13, as Ctrl-C's 130 is 128 + SIGINT. Not 0
+# (its output was not all read), not 1 (cmfast-train's training error) or 2 (a user error: there is none to report).
+CLOSED_STDOUT = 141
+
+
+class _WatchedStdout:
+    """sys.stdout while a command runs: writes pass through unchanged (a BrokenPipeError is raised as before), and a
+    broken pipe is recorded, so that the error is known to be stdout's, not an output file's (a FIFO, a socket)."""
+
+    def __init__(self, stream):
+        self._stream, self.broken = stream, False
+
+    def _call(self, name, *args):
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:
+            self.broken = True
+            raise
+
+    def write(self, text):
+        return self._call("write", text)
+
+    def writelines(self, lines):
+        return self._call("writelines", lines)
+
+    def flush(self):
+        return self._call("flush")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def stdout_gone(e: BaseException | None) -> bool:
+    """Whether `e` is the failed write of a stdout whose reader has gone: EPIPE (as a BrokenPipeError, or as the
+    OSError with its errno that the training log raises) after a write to sys.stdout broke. Another file's EPIPE is an
+    error like any other."""
+    import errno
+    return (isinstance(e, OSError) and e.errno == errno.EPIPE and isinstance(sys.stdout, _WatchedStdout)
+            and sys.stdout.broken)
+
+
+def closed_stdout() -> int:
+    """After stdout's reader has gone: stdout pointed at os.devnull, so that the interpreter's last flush of what is
+    still buffered has nowhere to fail (Python's signal docs, 'Note on SIGPIPE'); -> CLOSED_STDOUT."""
+    import os
+    try:
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):      # no file descriptor (a test's capture): nothing to flush there
+        pass
+    return CLOSED_STDOUT
+
+
 def interruptible(prog: str, note: str = ""):
     """Decorator for a command's main: Ctrl-C (or SIGTERM) where the command has no handler of its own, as during
-    start-up, ends it with one line and exit status 130 instead of a traceback."""
+    start-up, ends it with one line and exit status 130 instead of a traceback; a stdout whose reader has gone ends it
+    with no line and status CLOSED_STDOUT (its output flushed before the interpreter's exit, where the error would be
+    a traceback-like 'Exception ignored' line)."""
     import functools
     import signal
 
@@ -210,15 +279,33 @@ def interruptible(prog: str, note: str = ""):
                 old = signal.signal(signal.SIGTERM, on_term)
             except ValueError:          # not the main thread: leave SIGTERM alone
                 old = None
+            stdout = sys.stdout
+            watched = sys.stdout = _WatchedStdout(stdout)
             try:
-                return main(argv)
+                code = main(argv)
+                watched.flush()
+                return code
+            except SystemExit as e:     # --help's exit 0, or an error line's 2: its output flushed now
+                try:
+                    watched.flush()
+                except BrokenPipeError:
+                    closed_stdout()
+                    if e.code in (None, 0):
+                        e.code = CLOSED_STDOUT
+                raise
             except (KeyboardInterrupt, _Terminated):
                 # torchrun: rank 0's line alone (Ctrl-C reaches every rank; one rank's failure ends the others
                 # with SIGTERM, and their 'interrupted' followed its error line)
                 if not other_rank():
                     print(f"{prog}: interrupted{note}", file=sys.stderr)
                 return 130
+            except OSError as e:
+                if stdout_gone(e):
+                    return closed_stdout()
+                raise
             finally:
+                if sys.stdout is watched:
+                    sys.stdout = stdout
                 if old is not None:
                     signal.signal(signal.SIGTERM, old)
         return run
