@@ -40,20 +40,49 @@ def model_level(sigma: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), sigma, dtype=torch.float32, device=like.device)
 
 
+_MODULE_SETATTR = nn.Module.__setattr__
+
+
+def _modules_in_train_mode(roots) -> list[nn.Module]:
+    """The modules under `roots` (each once, as Module.modules() finds them) whose .training is set. A plain walk of
+    the _modules dicts: modules() builds every submodule's name on the way, 125 us for the 246 of the CIFAR-10 UNet
+    on a CPU (beside a ~1 ms batch-1 GPU sample), this 47 us. Walked on every call, never cached: a submodule put back
+    in train mode, or added, since the last call counts."""
+    seen, found, stack = set(), [], list(roots)
+    while stack:
+        m = stack.pop()
+        if m is None or m in seen:
+            continue
+        seen.add(m)
+        if m.training:
+            found.append(m)
+        stack.extend(m._modules.values())
+    return found
+
+
+def _set_training(modules, mode: bool) -> None:
+    """m.training = mode for each: for a plain Module with object's own assignment, which is where Module.__setattr__
+    ends for a bool after ~1 us of checks for parameters, buffers and submodules (two per module per call: 570 of
+    the 690 us that eval_mode cost the CIFAR-10 UNet in train mode); a class with a __setattr__ of its own (a
+    ScriptModule) through it."""
+    for m in modules:
+        if type(m).__setattr__ is _MODULE_SETATTR:
+            object.__setattr__(m, "training", mode)
+        else:
+            m.training = mode
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     """`model` (an nn.Module, or a wrapper holding one as .model, such as cmfast.edit.with_class) in eval mode inside;
     each submodule that was in train mode is put back in it after. Sampling a model left in train() mode drew new
     dropout masks at every evaluation: the same seed gave other images on every call."""
-    mods = [m for m in (model, getattr(model, "model", None)) if isinstance(m, nn.Module)]
-    training = [sub for m in mods for sub in m.modules() if sub.training]
-    for sub in training:
-        sub.training = False
+    training = _modules_in_train_mode([m for m in (model, getattr(model, "model", None)) if isinstance(m, nn.Module)])
+    _set_training(training, False)
     try:
         yield model
     finally:
-        for sub in training:
-            sub.training = True
+        _set_training(training, True)
 
 
 def model_device(model):
@@ -88,8 +117,15 @@ def check_noise(z, what: str = "z") -> None:
     the check costs no device sync, finite (NaN noise gave NaN images without a word)."""
     if isinstance(z, torch.Tensor) and not z.is_floating_point():
         raise TypeError(f"{what}: expected a floating-point tensor (N(0, I) noise), got {z.dtype}")
-    if isinstance(z, torch.Tensor) and z.device.type == "cpu" and not bool(torch.isfinite(z).all()):
+    if isinstance(z, torch.Tensor) and z.device.type == "cpu" and not all_finite(z):
         raise ValueError(f"{what}: expected finite noise, got NaN / inf values")
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of x is finite. A NaN or inf makes the sum NaN or inf, so a finite sum settles it in one
+    reduction; isfinite(x).all() is five kernels (x == x, abs, != inf, their product, all), 10x slower on a CPU (35 us
+    of a stub model's 95 us batch-1 sample, milliseconds at batch 256). Only a sum that overflowed looks again."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
 @torch.no_grad()

@@ -142,6 +142,113 @@ def test_a_model_in_train_mode_samples_without_dropout_and_keeps_its_modes():
         assert _modes(m) == modes and m.training and not m.net.map_layer0.training
 
 
+class _ModeProbe(torch.nn.Module):
+    """A consistency-model stand-in that records, at every evaluation, the .training of each of its modules."""
+    sigma_min, sigma_max = 0.002, 80.0
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Sequential(torch.nn.Dropout(), torch.nn.ReLU()))
+        self.seen = []
+
+    def forward(self, x, sigma, class_labels=None):
+        self.seen.append([(name, sub.training) for name, sub in self.named_modules()])
+        return x
+
+
+def test_eval_mode_reaches_every_module_each_call_and_puts_each_mode_back():
+    """Inside sample every module is in eval mode, and after it each one has its own mode again: a mixed state, a
+    submodule put back in train mode between calls, modules added between calls (add_module and ModuleList.insert,
+    which writes _modules directly), a module shared twice and one with a __setattr__ of its own (a ScriptModule's
+    kind), set through it. eval_mode must not remember the modules of an earlier call."""
+    class OwnSetattr(torch.nn.Module):
+        def __setattr__(self, name, value):
+            if name == "training":
+                self.__dict__.setdefault("assigned", []).append(value)
+            super().__setattr__(name, value)
+
+    m = _ModeProbe()
+    z = torch.randn(1, 1)
+
+    def run_and_check(m):
+        before = [(name, sub.training) for name, sub in m.named_modules()]
+        m.seen.clear()
+        cmfast.sample(m, z, (80.0, 1.0), generator=torch.Generator().manual_seed(0))
+        assert len(m.seen) == 2 and all(not on for seen in m.seen for _, on in seen), m.seen
+        assert [name for name, _ in m.seen[0]] == [name for name, _ in before]    # the probe saw every module
+        assert [(name, sub.training) for name, sub in m.named_modules()] == before
+
+    m.train()
+    m.body[1][0].eval()                       # mixed: one dropout left in eval mode
+    run_and_check(m)
+    assert m.training and m.body[0].training and not m.body[1][0].training and m.body[1][1].training
+    m.eval()
+    m.body[1][1].train()                      # one submodule put back in train mode after a call
+    run_and_check(m)
+    assert not m.training and m.body[1][1].training
+    m.body.add_module("late", torch.nn.Dropout())                    # added after earlier calls, in train mode
+    m.extra = torch.nn.ModuleList([torch.nn.Identity()]).eval()
+    m.extra.insert(0, torch.nn.Dropout())                             # _modules written directly
+    m.shared = m.body[0]                                              # the same Linear under two names
+    m.body[0].train()
+    m.own = OwnSetattr()
+    run_and_check(m)
+    assert m.body.late.training and m.extra[0].training and not m.extra[1].training and m.shared.training
+    assert m.own.training and m.own.assigned == [False, True]         # through its own __setattr__
+
+
+def test_eval_mode_reaches_the_model_a_wrapper_holds():
+    """A wrapper that is not a module but holds one as .model (cmfast.edit.with_class) samples with that module in
+    eval mode; its modes come back, the mixed ones included, and also when the model raises."""
+    class Wrapper:
+        sigma_min, sigma_max = 0.002, 80.0
+
+        def __init__(self, model):
+            self.model = model
+
+        def parameters(self):
+            return self.model.parameters()
+
+        def __call__(self, x, sigma, class_labels=None):
+            return self.model(x, sigma, class_labels)
+
+    inner = _ModeProbe().train()
+    inner.body[0].eval()
+    modes = _modes(inner)
+    cmfast.sample(Wrapper(inner), torch.randn(1, 1))
+    assert len(inner.seen) == 1 and not any(on for _, on in inner.seen[0])
+    assert _modes(inner) == modes
+
+    def boom(*args):
+        assert not any(_modes(inner))
+        raise RuntimeError("boom")
+    inner.forward = boom
+    with pytest.raises(RuntimeError, match="boom"):
+        cmfast.sample(Wrapper(inner), torch.randn(1, 1))
+    assert _modes(inner) == modes
+
+
+def test_finite_check_is_exact_where_the_sum_overflows_or_cancels():
+    """sample's NaN / inf check (one sum, then an exact look where the sum is not finite): finite values whose sum
+    overflows pass, in float32 and float16, and +inf with -inf (a NaN sum) or a lone NaN / inf fail."""
+    from cmfast.sampling import all_finite
+    probe = _ModeProbe().eval()
+    for big in (torch.full((1, 4), 3e38), torch.full((1, 4), 6e4, dtype=torch.float16)):
+        assert math.isinf(float(big.sum()))          # the case the sum alone would refuse
+        assert all_finite(big)
+        assert torch.equal(cmfast.sample(probe, big, (1.0,)), big.float() * 1.0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.float16, torch.float64):
+            z = torch.zeros(1, 5, dtype=dtype)
+            z[0, 3] = bad
+            assert not all_finite(z)
+            with pytest.raises(ValueError, match=r"^z: expected finite noise, got NaN / inf values$"):
+                cmfast.sample(probe, z)
+    both = torch.tensor([[float("inf"), -float("inf"), 1.0]])
+    assert not all_finite(both) and not all_finite(torch.tensor([[1e38, float("nan")]]))
+    assert all_finite(torch.zeros(0, 3))
+
+
 def test_bad_noise_and_levels_are_one_clear_error(model):
     """NaN noise gave NaN images without a word (CPU: checked, no device sync there); integer extra noise was cast;
     sigmas='80' was read as the levels (8, 0) and a 2-D tensor failed inside float(); edm_sample returned an int64
