@@ -320,6 +320,96 @@ def test_dry_run_refuses_the_output_folder_the_run_refuses(capsys, tmp_path, fm)
     assert tree(run) == before and not (tmp_path / "new").exists()
 
 
+def test_dry_run_refuses_the_resume_checkpoint_the_run_refuses(capsys, tmp_path, fm):
+    # --dry-run read the resume checkpoint's header only: NaN weights, a tensor cut short, a training state missing,
+    # damaged or lacking a part passed it, and the run refused them. Now the run's line, nothing changed.
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+    base = ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ct", *TINY, "--steps", "3", "--ckpt-every",
+            "1"]
+    good = tmp_path / "good"
+    assert train_main(base + ["--output-dir", str(good), "--stop-at", "2"]) == 0
+    capsys.readouterr()
+    w2, s2 = "ckpt-00000002.safetensors", "ckpt-00000002.state.pt"
+    with safe_open(str(good / w2), "pt") as f:
+        meta = f.metadata()
+        model_keys = sorted(k for k in f.keys() if k.startswith("model/"))
+
+    def weights(fn):
+        def edit(run):
+            (run / w2).write_bytes(save(fn(load_file(str(run / w2))), meta))
+        return edit
+
+    def state(fn):
+        def edit(run):
+            torch.save(fn(torch.load(run / s2, weights_only=True)), run / s2)
+        return edit
+
+    def torn(*names):
+        def edit(run):
+            for name in names:
+                (run / name).write_bytes((run / name).read_bytes()[:-100])
+        return edit
+
+    def nan_everywhere(t):      # every model tensor: the first by name is the one named, by the run as by the dry run
+        return {k: v * float("nan") if k.startswith("model/") else v for k, v in t.items()}
+    cut = "model/net.enc.32x32_block0.conv0.weight"
+    bad = {
+        "NaN weights": (weights(nan_everywhere), "latest",
+                        f"{w2}: bad model weights: {model_keys[0][len('model/'):]} holds "),
+        "a tensor cut short": (weights(lambda t: {**t, cut: t[cut][:-1]}), "latest",
+                               f"{w2}: does not fit this run (RuntimeError: size mismatch for "
+                               f"{cut[len('model/'):]}: copying a param with shape torch.Size([15, 16, 3, 3])"),
+        "no optimizer state": (state(lambda s: {k: v for k, v in s.items() if k != "optimizer"}), "latest",
+                               "not a whole checkpoint of this run (no 'optimizer')"),
+        "a sampler state that is none": (state(lambda s: {**s, "sampler": {"epoch_state": 0, "pos": 0,
+                                                                           "gen_state": 0}}),
+                                         "latest", f"{w2}: does not fit this run (TypeError: "),
+        "an RNG state that is none": (state(lambda s: {**s, "rng": {**s["rng"], "torch": torch.zeros(3)}}), "latest",
+                                      f"{w2}: does not fit this run (TypeError: RNG state must be a torch.ByteTensor)"),
+    }
+    for what, (edit, resume, match) in bad.items():
+        run = tmp_path / what.replace(" ", "-")
+        shutil.copytree(good, run)
+        edit(run)
+        before = tree(run)
+        argv = base + ["--output-dir", str(run), "--resume", resume if resume == "latest" else str(run / resume)]
+        dry = fails(capsys, argv + ["--dry-run"], match)
+        assert fails(capsys, argv, match) == dry, what          # the same line as the run's
+        assert tree(run) == before, what
+    # unreadable training states: the run's warning (on stdout and in log.txt) a note of the dry run's, then its line
+    note = "cmfast-train: note: {}: unreadable training state ({}){}"
+    more = "; the run would try the previous checkpoint"
+    bad = {"its state file missing": (lambda run: (run / s2).unlink(), w2, [(s2, "FileNotFoundError", "")]),
+           "every state file torn": (torn("ckpt-00000001.state.pt", s2), "latest",
+                                     [(s2, "RuntimeError", more), ("ckpt-00000001.state.pt", "RuntimeError", "")])}
+    for what, (edit, resume, notes) in bad.items():
+        run = tmp_path / what.replace(" ", "-")
+        shutil.copytree(good, run)
+        edit(run)
+        given = resume if resume == "latest" else str(run / resume)
+        argv = base + ["--output-dir", str(run), "--resume", given]
+        line = f"cmfast-train: error: --resume: no readable checkpoint in {run if resume == 'latest' else given}"
+        assert fails(capsys, argv, "no readable checkpoint") == line, what
+        before = tree(run)      # the run's warnings appended to log.txt; the dry run changes nothing
+        with pytest.raises(SystemExit) as e:
+            train_main(argv + ["--dry-run"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [note.format(run / n, t, m) for n, t, m in notes] + [line]
+        assert tree(run) == before, what
+    # a torn newest state: the run resumes from the checkpoint before it, and the dry run says so and takes it
+    run = tmp_path / "torn-newest"
+    shutil.copytree(good, run)
+    torn(s2)(run)
+    assert train_main(base + ["--output-dir", str(run), "--resume", "latest", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert err == note.format(run / s2, "RuntimeError", more) + "\n", err
+    assert train_main(base + ["--output-dir", str(run), "--resume", "latest"]) == 0
+    assert f"warning: {run / s2}: unreadable training state (RuntimeError); trying the previous" in \
+        capsys.readouterr().out
+
+
 def _folder(root, sizes, channels=3, mode=None):
     """PNGs img0000.png ... in root, one (height, width) of `sizes` each; mode: a PIL mode to save them in instead."""
     import numpy as np

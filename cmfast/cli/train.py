@@ -69,7 +69,8 @@ def build_parser():
                    "config.json the run would write, refusing what it would refuse before its first step; an image "
                    "folder or zip is peeked at (its file list, labels and the headers of a few images), not loaded; "
                    "--teacher is checked (header and weights), not built; --output-dir is checked, not made, and the "
-                   "checkpoint --resume would continue from is checked by its header")
+                   "checkpoint --resume would continue from is checked (weights one tensor at a time, the training "
+                   "state loaded), not loaded into a model")
 
     h = ap.add_argument_group("hyperparameters")
     h.add_argument("--loss", choices=DISTANCES, help="distance d (default: the method's: lpips for cd/ct, "
@@ -168,7 +169,8 @@ def _dry_config(args: dict) -> dict:
     network is built on the meta device (no memory), for its own checks (an image size its levels cannot halve). Then
     the run's start-up checks (training.loop.startup_checks, dry): the teacher (its header and weights read, nothing
     built; its time scale taken), the output folder (writable, nothing made; checkpoints without --resume; the one
-    --resume would continue from, by its header). Checks of this machine's devices (--device, --backend, --compile)
+    --resume would continue from: its weights, read one tensor at a time, and its training state, loaded in full, fitted
+    to the models built on the meta device). Checks of this machine's devices (--device, --backend, --compile)
     are left to the run, which may be on another machine."""
     from ..training.config import resolve
     world = int(os.environ.get("WORLD_SIZE", "1"))

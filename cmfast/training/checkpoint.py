@@ -95,14 +95,19 @@ def rng_state() -> dict:
                        "gauss": py_state[2]}}
 
 
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
+def set_rng_state(s: dict, spare: bool = False) -> None:
+    """The global RNGs set from rng_state()'s dict; spare: new generators of each kind set instead (CUDA's left), which
+    refuse a bad state with the same errors and change nothing (--dry-run)."""
+    set_torch = torch.Generator().set_state if spare else torch.set_rng_state
+    set_numpy = np.random.RandomState().set_state if spare else np.random.set_state
+    set_python = random.Random().setstate if spare else random.setstate
+    set_torch(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and not spare:
         torch.cuda.set_rng_state_all(s["cuda"])
     n = s["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    set_numpy(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = s["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    set_python((p["version"], tuple(p["state"]), p["gauss"]))
 
 
 # ---- Saving and finding ----------------------------------------------------------------------------------------
@@ -150,7 +155,9 @@ def list_checkpoints(run_dir: str, complete: bool = True) -> list[tuple[int, str
 
 
 def load_weights(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """{module: state dict} and the metadata (config parsed) of a .safetensors checkpoint."""
+    """{module: state dict} and the metadata (config parsed) of a .safetensors checkpoint; tensors in the order of
+    their names, as read_header and check_tensors read them (safetensors' load gives them in an order that changes
+    from one process to the next: a checkpoint with several bad tensors named another one each time)."""
     from safetensors import SafetensorError
     from safetensors.torch import load, safe_open
     try:
@@ -160,7 +167,7 @@ def load_weights(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
             flat = load(f.read())
     except (SafetensorError, OSError, ValueError) as e:
         raise _unreadable(path, e) from None
-    return _by_module(flat), _parse_meta(path, meta)
+    return _by_module({k: flat[k] for k in sorted(flat)}), _parse_meta(path, meta)
 
 
 def _by_module(flat: dict) -> dict[str, dict]:
@@ -329,23 +336,31 @@ def check_model(path: str, which: str = "ema") -> dict:
     CPU."""
     if str(path).endswith(".pkl") or (str(path).endswith(".pt") and not str(path).endswith(".state.pt")):
         return load_model(path, which, "cpu")[1]
-    from safetensors import SafetensorError, safe_open
     wpath = resolve(path)
     modules, meta = read_header(wpath)
     which = _which(wpath, which, modules, meta)
-    try:
-        with safe_open(wpath, "pt") as f:
-            for k in modules[which]:
-                check_weights(wpath, which, {k: f.get_tensor(f"{which}/{k}")})
-    except (SafetensorError, OSError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise _unreadable(wpath, e) from None
+    check_tensors(wpath, [which])
     mismatch = _shape_mismatch(wpath, build_model, meta["config"],
                                {k: _Shaped(v) for k, v in modules[which].items()})
     if mismatch:
         raise CheckpointError(f"{wpath}: weights do not match the stored config ({mismatch})")
     return {**meta, "path": wpath, "which": which}
+
+
+def check_tensors(wpath: str, names) -> None:
+    """check_weights of the modules `names` of a .safetensors checkpoint, in that order, each module's tensors in the
+    order of their names (load_weights'), read one at a time: the file is never in memory whole."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(wpath, "pt") as f:
+            keys = sorted(f.keys())
+            for name in names:
+                for k in (k for k in keys if k.partition("/")[0] == name):
+                    check_weights(wpath, name, {k.partition("/")[2]: f.get_tensor(k)})
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise _unreadable(wpath, e) from None
 
 
 def _shape_mismatch(path: str, build, cfg: dict, sd: dict, limit: int = 200) -> str | None:

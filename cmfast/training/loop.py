@@ -192,8 +192,8 @@ def startup_checks(cfg: dict, shape, device=None, dry: bool = False):
     """A run's checks after its data, in its order: the teacher (CD / sCD; cfg['net'] takes its time scale), then the
     output folder's checkpoints against --resume. -> (teacher, its config, the folder's checkpoints). dry
     (--dry-run): the teacher checked, not loaded (teacher None), and the rest of what the run refuses before its
-    first step: the output folder writable (nothing made), the checkpoint it would resume from (its header: the
-    settings that must agree)."""
+    first step: the output folder writable (nothing made), the checkpoint it would resume from (_resume_dry: its
+    settings, parts, weights and training state, as _resume checks them)."""
     method = get_method(cfg["method"])
     out = cfg["output_dir"]
     teacher, tcfg = _load_teacher(cfg, shape, device, dry) if method.needs_teacher else (None, None)
@@ -211,26 +211,48 @@ def startup_checks(cfg: dict, shape, device=None, dry: bool = False):
         _check_writable(out, dry=True)
         if cfg["resume"] and (found or cfg["resume"] not in ("latest", "auto")):
             given = cfg["resume"] not in ("latest", "auto")
-            _resume_header([ckpt.resolve(cfg["resume"])] if given else [c[1] for c in reversed(found)], cfg)
+            _resume_dry([ckpt.resolve(cfg["resume"])] if given else [c[1] for c in reversed(found)], cfg)
     return teacher, tcfg, found
 
 
-def _resume_header(candidates, cfg) -> None:
-    """--dry-run's _resume: the first checkpoint whose header reads (an unreadable one: a note, and the previous one),
-    checked as _resume checks it first (the settings that must agree), and its --time-budget plan kept. Its tensors
-    and training state are not read."""
-    for i, wpath in enumerate(candidates):
-        try:
-            meta = ckpt.read_header(wpath)[1]
-            break
-        except ckpt.CheckpointError as e:
-            print(f"cmfast-train: note: {e}" + ("; the run would try the previous checkpoint"
-                                                 if i + 1 < len(candidates) else ""), file=sys.stderr)
-    else:
-        where = cfg["output_dir"] if cfg["resume"] in ("latest", "auto") else cfg["resume"]
-        raise ValueError(f"--resume: no readable checkpoint in {where}")
+def _resume_dry(candidates, cfg) -> None:
+    """--dry-run's _resume: its checks and error lines, on models built on the meta device (no memory). The first
+    checkpoint whose header and training state read (an unreadable one: a note, and the previous one), the settings
+    that must agree (its --time-budget plan kept), its parts, its weights for NaN / inf one tensor at a time
+    (ckpt.check_tensors: the weights file is never loaded whole), their shapes and the training state loaded into the
+    meta models, their optimizer, a sampler and spare RNGs (_load_into, the run's own code). The training state is
+    loaded whole (torch.load reads no part of a file alone): the dry run's one extra read, as the run reads it once.
+    Left to the run: the sampler's position against the dataset's size (the data are peeked at, not loaded)."""
+    def note(e, more):
+        print(f"cmfast-train: note: {e}" + ("; the run would try the previous checkpoint" if more else ""),
+              file=sys.stderr)
+
+    wpath, (shapes, meta, state) = _first_readable(
+        candidates, cfg, lambda w: (*ckpt.read_header(w), ckpt.load_state(_state_path(w))), note)
     _check_identity(wpath, meta["config"], cfg)
     _keep_plan(meta["config"], cfg)
+    method = get_method(cfg["method"])
+    from ..nets import UNet
+    with torch.device("meta"):      # build() without the LPIPS net or the teacher, which checkpoints do not hold
+        models = method.build(UNet(**cfg["net"]), dict(cfg, loss=None))
+    models = {k: m for k, m in models.items() if k in ("model", "target")}
+    emas = {r: ckpt_copy(models["model"]) for r in cfg["ema"]}
+    _check_parts(wpath, shapes, state, models, emas, lambda names: ckpt.check_tensors(wpath, names))
+    weights = {name: {k: torch.empty(shape, device="meta") for k, shape in sd.items()} for name, sd in shapes.items()}
+    scaler = torch.amp.GradScaler("cpu") if cfg["precision"] == "fp16" else None
+    _load_into(wpath, weights, state, models, emas, make_optimizer(models["model"].parameters(), cfg), scaler,
+               _SamplerOfItsState(cfg["seed"]), int(os.environ.get("RANK", "0")), lambda msg: None, spare=True)
+
+
+class _SamplerOfItsState(Sampler):
+    """--dry-run's Sampler: the dataset's size, unknown there, taken as the state's position (never refused)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def load_state_dict(self, sd: dict):
+        Sampler.__init__(self, max(int(sd["pos"]), 0), self.seed)     # int(): the run's error for a position that
+        super().load_state_dict(sd)                                    # is no number
 
 
 def make_optimizer(params, cfg):
@@ -681,28 +703,59 @@ def _keep_plan(was: dict, cfg: dict) -> None:
 
 def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
     """Load the first readable checkpoint of `candidates` into everything that has state; -> (step, counters)."""
-    for i, wpath in enumerate(candidates):
-        try:
-            weights, meta = ckpt.load_weights(wpath)
-            state = ckpt.load_state(wpath[:-len(".safetensors")] + ".state.pt")
-            break
-        except ckpt.CheckpointError as e:
-            log(f"warning: {e}" + ("; trying the previous checkpoint" if i + 1 < len(candidates) else ""))
-    else:
-        where = cfg["output_dir"] if cfg["resume"] in ("latest", "auto") else cfg["resume"]
-        raise ValueError(f"--resume: no readable checkpoint in {where}")
+    def warn(e, more):
+        log(f"warning: {e}" + ("; trying the previous checkpoint" if more else ""))
+
+    wpath, (weights, meta, state) = _first_readable(
+        candidates, cfg, lambda w: (*ckpt.load_weights(w), ckpt.load_state(_state_path(w))), warn)
     _check_identity(wpath, meta["config"], cfg)
     _keep_plan(meta["config"], cfg)
-    # A pair that lacks a part or does not fit these models (another run's, edited, damaged) was a KeyError /
-    # RuntimeError / TypeError traceback from deep in torch: now one line naming the file (NaN weights too: every
-    # step would be skipped).
+    _check_parts(wpath, weights, state, models, emas,
+                 lambda names: [ckpt.check_weights(wpath, name, weights[name]) for name in names])
+    step, counters = _load_into(wpath, weights, state, models, emas, opt, scaler, sampler, rank, log)
+    log(f"resumed from {wpath} at step {step}")
+    changed = _changed_settings(meta["config"], cfg)
+    if changed:     # allowed, but said: a new batch size counts kimg at the new size; a new length stretches schedules
+        log("settings changed since the checkpoint: " + "; ".join(changed))
+    if rank == 0:
+        _trim_stats(cfg["output_dir"], step, log)
+    later = [s for s, _, _ in ckpt.list_checkpoints(cfg["output_dir"], complete=False) if s > step]
+    if later:
+        log(f"note: checkpoints of later steps ({', '.join(map(str, later))}) stay in {cfg['output_dir']} until this "
+            "run overwrites them; --keep does not prune them")
+    return step, {"nonfinite_streak": 0, **counters}     # older checkpoints: no streak
+
+
+def _state_path(wpath: str) -> str:
+    return wpath[:-len(".safetensors")] + ".state.pt"
+
+
+def _first_readable(candidates, cfg, read, say):
+    """(weights path, read(it)) of the first of `candidates` that `read` reads; each unreadable one said (say(error,
+    whether another follows)) and the previous one tried."""
+    for i, wpath in enumerate(candidates):
+        try:
+            return wpath, read(wpath)
+        except ckpt.CheckpointError as e:
+            say(e, i + 1 < len(candidates))
+    where = cfg["output_dir"] if cfg["resume"] in ("latest", "auto") else cfg["resume"]
+    raise ValueError(f"--resume: no readable checkpoint in {where}")
+
+
+def _check_parts(wpath, weights, state, models, emas, check_weights) -> None:
+    """A pair that lacks a part (another run's, edited, damaged) was a KeyError traceback from deep in torch: now one
+    line naming the file. Then check_weights(names) of its modules that load (NaN weights: every step skipped)."""
     missing = [n for n in ("model", "target") if n in models and n not in weights]
     missing += [k for k in ("step", "optimizer", "sampler", "rng", "counters") if k not in state]
     if missing:
         raise ckpt.CheckpointError(f"{wpath}: not a whole checkpoint of this run (no {', '.join(map(repr, missing))})")
-    for name in ("model", "target", *(f"ema@{r}" for r in emas)):
-        if name in weights:
-            ckpt.check_weights(wpath, name, weights[name])
+    check_weights([n for n in ("model", "target", *(f"ema@{r}" for r in emas)) if n in weights])
+
+
+def _load_into(wpath, weights, state, models, emas, opt, scaler, sampler, rank, log, spare=False):
+    """The checkpoint's weights and training state loaded into the run's models, optimizer, scaler, sampler and RNGs
+    (spare: RNGs of their own, --dry-run's); -> (step, counters). A pair that does not fit them (another run's, edited,
+    damaged) was a RuntimeError / TypeError traceback from deep in torch: now one line naming the file."""
     try:
         models["model"].load_state_dict(weights["model"])
         if "target" in models:
@@ -717,21 +770,10 @@ def _resume(candidates, cfg, models, emas, opt, scaler, sampler, rank, log):
         sampler.load_state_dict(state["sampler"])
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if rank < len(rngs):    # each rank's own dropout RNG; a rank that the checkpoint's run did not have keeps its
-            ckpt.set_rng_state(rngs[rank])  # fresh seed + rank streams (another rank's state: the same dropout masks)
-        step, counters = int(state["step"]), dict(state["counters"])
+            ckpt.set_rng_state(rngs[rank], spare)   # fresh seed + rank streams (another rank's: the same masks)
+        return int(state["step"]), dict(state["counters"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         raise ckpt.CheckpointError(f"{wpath}: does not fit this run ({type(e).__name__}: {ckpt._details(e)})") from None
-    log(f"resumed from {wpath} at step {step}")
-    changed = _changed_settings(meta["config"], cfg)
-    if changed:     # allowed, but said: a new batch size counts kimg at the new size; a new length stretches schedules
-        log("settings changed since the checkpoint: " + "; ".join(changed))
-    if rank == 0:
-        _trim_stats(cfg["output_dir"], step, log)
-    later = [s for s, _, _ in ckpt.list_checkpoints(cfg["output_dir"], complete=False) if s > step]
-    if later:
-        log(f"note: checkpoints of later steps ({', '.join(map(str, later))}) stay in {cfg['output_dir']} until this "
-            "run overwrites them; --keep does not prune them")
-    return step, {"nonfinite_streak": 0, **counters}     # older checkpoints: no streak
 
 
 def _trim_stats(out: str, step: int, log) -> None:
