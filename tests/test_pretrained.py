@@ -2,6 +2,7 @@
 export or sampler fails here)."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -93,3 +94,180 @@ def test_eval_searches_two_step_sigmas(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         eval_main(["--checkpoint", ckpt, "--metric", "fd-fmnist", "--engine", "graphed", "--device", "cpu"])
     assert "cmfast-eval: error: engine 'graphed' needs the model on a CUDA device" in capsys.readouterr().err
+
+
+# ---- scripts/export_pretrained.py: any checkpoint cmfast-train writes -> a file load_model reads, and its card -------
+def _export_script():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "export_pretrained.py")
+    spec = importlib.util.spec_from_file_location("export_pretrained", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _samples(model, num=6):
+    """What cmfast-sample writes: 2 steps, eager, labels cycling through the classes."""
+    from cmfast.sampling import generate_batches
+    return next(generate_batches(model, num, sigmas=(80.0, 0.821), seed=0, batch_size=num, engine="eager"))[1]
+
+
+def _fp16_rounded(model):
+    """`model` with its weights rounded to fp16 by the test itself (the export's rounding, done independently)."""
+    model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    """Two runs of 3 iCT steps of the tiny net on CPU (EMA 0.5, so the EMA weights differ from the online ones): an
+    image folder of 16x16 RGB images in three class subfolders, class-conditional, and Fashion-MNIST (1x32x32)."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from train_fixtures import write_fmnist, write_png_folder
+
+    from cmfast.cli.train import main as train_main
+    root = tmp_path_factory.mktemp("export")
+    for i, c in enumerate(("cats", "dogs", "owls")):
+        write_png_folder(root / "folder" / c, n=3, size=16, channels=3, seed=i)
+    write_fmnist(str(root / "fmnist"), n=16)
+    common = ["--method", "ict", "--preset", "tiny", "--batch-size", "4", "--steps", "3", "--ema", "0.5",
+              "--sample-num", "0", "--log-every", "1", "--device", "cpu", "--seed", "0"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, data in (("folder", ["--dataset", "folder", "--data-dir", str(root / "folder"), "--cond"]),
+                           ("fmnist", ["--dataset", "fashion-mnist", "--data-dir", str(root / "fmnist")])):
+            assert train_main([*data, *common, "--output-dir", str(root / f"run-{name}")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def test_export_of_a_conditional_rgb_16px_run(trained_runs, tmp_path, monkeypatch, capsys, one_thread):
+    """A class-conditional 3x16x16 image-folder model exports like the Fashion-MNIST one: its EMA weights alone, in
+    fp16, which load_model reads from the file's path and which sample the checkpoint's EMA model's images to fp16
+    accuracy; its card says what it is and that no metric was measured (no FD-FMNIST for it, no Inception weights
+    here for FID), and takes the device and wall time from the run folder."""
+    from cmfast.training.checkpoint import load_model, load_weights
+    monkeypatch.setenv("CMFAST_INCEPTION_WEIGHTS", str(tmp_path / "absent.pth"))
+    exp = _export_script()
+    run, out = str(trained_runs / "run-folder"), tmp_path / "out"
+    assert exp.main(["--checkpoint", run, "--name", "rgb16", "--out-dir", str(out), "--device", "cpu",
+                     "--note", "n"]) == 0
+    assert sorted(os.listdir(out)) == ["rgb16.json", "rgb16.safetensors"]
+    card = json.loads((out / "rgb16.json").read_text())
+    ema, meta = load_model(run, which="ema")
+    assert list(card) == ["name", "dataset", "method", "preset", "parameters", "weights", "steps", "images_seen",
+                          "image_shape", "classes", "training", "metric", "note"]
+    assert (card["name"], card["dataset"], card["method"], card["preset"]) == ("rgb16", "folder", "ict", "tiny")
+    assert card["image_shape"] == [3, 16, 16] and card["classes"] == 3
+    assert card["steps"] == 3 and card["images_seen"] == 12 and card["weights"] == "ema@0.5 of step 3, fp16"
+    assert card["parameters"] == sum(p.numel() for p in ema.parameters())
+    assert re.fullmatch(r"cpu, \d+\.\d min of training, 12 images", card["training"]["device"]), card["training"]
+    assert card["metric"].startswith("none measured: FD-FMNIST scores Fashion-MNIST models (1x32x32) only; FID: "
+                                     "FID Inception weights not found")
+    modules, emeta = load_weights(str(out / "rgb16.safetensors"))
+    assert list(modules) == ["ema"] and all(v.dtype == torch.float16 for v in modules["ema"].values())
+    assert emeta == {"step": 3, "config": dict(meta["config"], ema=[])}
+    exported, _ = load_model(str(out / "rgb16.safetensors"))
+    online, _ = load_model(run, which="model")
+    x = _samples(exported)
+    assert x.shape == (6, 3, 16, 16)
+    torch.testing.assert_close(x, _samples(_fp16_rounded(ema)), rtol=0, atol=1e-6)     # the same weights, rounded
+    ema, _ = load_model(run, which="ema")
+    err = (x - _samples(ema)).abs().max().item()
+    assert err < 5e-4, err          # fp16 weights: each within 2^-11 relative (6e-6 measured)
+    assert (x - _samples(online)).abs().max().item() > 20 * err         # the EMA weights, not the online ones
+    #                                                                     (5e-3 after 3 steps)
+    # --metric asked by name that does not apply: one line, exit 2, nothing written
+    for metric, why in (("fd-fmnist", "--metric fd-fmnist scores Fashion-MNIST models (1x32x32) only; this one is "
+                                      "folder 3x16x16"),
+                        ("fid", "FID Inception weights not found")):
+        capsys.readouterr()
+        assert exp.main(["--checkpoint", run, "--name", "x", "--out-dir", str(tmp_path / "x"), "--metric",
+                         metric]) == 2
+        err_lines = capsys.readouterr().err.strip().splitlines()
+        assert len(err_lines) == 1 and err_lines[0].startswith("export_pretrained: error: ") and why in err_lines[0]
+        assert not (tmp_path / "x").exists()
+
+
+def test_export_scores_fid_where_its_weights_are(trained_runs, tmp_path, monkeypatch):
+    """With the Inception weights found, a non-Fashion-MNIST model's card holds FID at 1 and 2 steps (and the searched
+    levels) against the folder it trained on, scored on the exported weights."""
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"stand-in")          # found; evaluate is a stand-in that records its calls
+    monkeypatch.setenv("CMFAST_INCEPTION_WEIGHTS", str(weights))
+    exp, calls = _export_script(), []
+
+    def evaluate(model, metric, **k):
+        calls.append((metric, k, next(model.parameters()).dtype))
+        sig = k.get("sigmas") or [80.0, 0.821][:k["steps"]]
+        return {"value": 10.0 * len(sig) + 1 / 3, "sigmas": list(sig)}
+    monkeypatch.setattr(exp, "evaluate", evaluate)
+    assert exp.main(["--checkpoint", str(trained_runs / "run-folder"), "--name", "m", "--out-dir", str(tmp_path),
+                     "--device", "cpu", "--num", "50", "--searched-sigmas", "80,0.3"]) == 0
+    card = json.loads((tmp_path / "m.json").read_text())
+    folder = str(trained_runs / "folder")
+    assert card["fid"] == {"1-step": 10.333, "2-step": 20.333, "2-step-searched": 20.333, "num_samples": 50,
+                           "sigmas": {"1-step": [80.0], "2-step": [80.0, 0.821], "2-step-searched": [80.0, 0.3]},
+                           "note": f"FID (Inception-V3, pytorch-fid's weights) against the image folder {folder}"}
+    assert "metric" not in card and "fd_fmnist" not in card
+    assert [c[0] for c in calls] == ["fid"] * 3
+    assert all(k["dataset"] == "folder" and k["data_dir"] == folder and k["num"] == 50 and k["seed"] == 0
+               for _, k, _ in calls)
+    assert [k.get("steps") for _, k, _ in calls] == [1, 2, None] and calls[2][1]["sigmas"] == (80.0, 0.3)
+
+
+def test_export_of_a_fashion_mnist_run_keeps_the_shipped_card_layout(trained_runs, tmp_path, monkeypatch, one_thread):
+    """A 1x32x32 Fashion-MNIST run: FD-FMNIST (the stand-in evaluate here) and the shipped card's keys, in its order;
+    the exported file samples the checkpoint's EMA images to fp16 accuracy."""
+    from cmfast.training.checkpoint import load_model
+    exp, calls = _export_script(), []
+    monkeypatch.setattr(exp, "evaluate", lambda model, metric, **k: calls.append(metric) or
+                        {"value": 7.0, "sigmas": [80.0, 0.821][:k["steps"]]})
+    run = str(trained_runs / "run-fmnist")
+    assert exp.main(["--checkpoint", run, "--name", "f", "--out-dir", str(tmp_path), "--device", "cpu"]) == 0
+    card = json.loads((tmp_path / "f.json").read_text())
+    assert list(card) == list(json.load(open(os.path.join(ASSETS, f"{NAME}.json"))))
+    assert calls == ["fd-fmnist"] * 2 and card["fd_fmnist"]["1-step"] == 7.0 and card["dataset"] == "fashion-mnist"
+    exported, _ = load_model(str(tmp_path / "f.safetensors"))
+    ema, _ = load_model(run, which="ema")
+    x = _samples(exported)
+    assert x.shape == (6, 1, 32, 32)
+    assert (x - _samples(ema)).abs().max().item() < 5e-4
+    torch.testing.assert_close(x, _samples(_fp16_rounded(ema)), rtol=0, atol=1e-6)
+
+
+def test_the_shipped_model_is_reproduced_by_its_export(tmp_path, monkeypatch):
+    """The export of a checkpoint holding the shipped model's weights (as the reference run's checkpoint held them,
+    in float32 beside other online weights) with the card's own arguments writes the shipped files again: the same
+    fp16 tensors and metadata, and the same card byte for byte (its FD-FMNIST numbers given by a stand-in evaluate
+    that checks it is asked for them as the card says: 10,000 samples, seed 0, 1 and 2 steps)."""
+    import struct
+
+    from cmfast.training.checkpoint import load_weights, save_checkpoint
+    exp = _export_script()
+    modules, meta = load_weights(os.path.join(ASSETS, f"{NAME}.safetensors"))
+    card = json.load(open(os.path.join(ASSETS, f"{NAME}.json")))
+    cfg = dict(meta["config"], ema=[0.999])
+    (tmp_path / "run").mkdir()
+    save_checkpoint(str(tmp_path / "run"), 703, {"model": {k: v.float() + 1 for k, v in modules["ema"].items()},
+                                                 "ema@0.999": {k: v.float() for k, v in modules["ema"].items()}},
+                    cfg, {})
+    fd = {1: card["fd_fmnist"]["1-step"], 2: card["fd_fmnist"]["2-step"]}
+
+    def evaluate(model, metric, **k):
+        assert metric == "fd-fmnist" and (k["num"], k["seed"], k.get("sigmas")) == (10000, 0, None)
+        return {"value": fd[k["steps"]] + 1e-4, "sigmas": card["fd_fmnist"]["sigmas"][f"{k['steps']}-step"]}
+    monkeypatch.setattr(exp, "evaluate", evaluate)
+    assert exp.main(["--checkpoint", str(tmp_path / "run"), "--name", NAME, "--out-dir", str(tmp_path / "out"),
+                     "--device", "cpu", "--train-command", card["training"]["command"], "--device-note",
+                     card["training"]["device"], "--note", card["note"]]) == 0
+    assert (tmp_path / "out" / f"{NAME}.json").read_bytes() == open(os.path.join(ASSETS, f"{NAME}.json"), "rb").read()
+
+    def parts(path):        # (header as parsed, tensor bytes): safetensors writes its metadata map in any order
+        raw = open(path, "rb").read()
+        n = struct.unpack("<Q", raw[:8])[0]
+        return json.loads(raw[8:8 + n]), raw[8 + n:]
+    assert parts(tmp_path / "out" / f"{NAME}.safetensors") == parts(os.path.join(ASSETS, f"{NAME}.safetensors"))

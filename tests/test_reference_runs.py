@@ -252,8 +252,9 @@ def test_export_stopped_during_its_evaluation_keeps_the_shipped_model(tmp_path, 
     from cmfast.training.checkpoint import load_model, save_checkpoint
     exp = _load(ROOT / "scripts" / "export_pretrained.py", "export_pretrained")
     torch.manual_seed(0)
-    cm = ConsistencyModel(UNet.from_preset("tiny"))
-    cfg = dict(method="ict", net=preset_config("tiny"), sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, ema=[0.99],
+    net = preset_config("tiny", in_channels=1, out_channels=1)     # a Fashion-MNIST model: FD-FMNIST on its card
+    cm = ConsistencyModel(UNet(**net))
+    cfg = dict(method="ict", net=net, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, ema=[0.99],
                dataset="fashion-mnist", batch_size=8)
     (tmp_path / "run").mkdir()
     save_checkpoint(str(tmp_path / "run"), 7, {"ema@0.99": cm.state_dict()}, cfg, {})
@@ -278,7 +279,7 @@ def test_export_stopped_during_its_evaluation_keeps_the_shipped_model(tmp_path, 
     card = json.loads((out / "m.json").read_text())
     assert card["steps"] == 7 and card["fd_fmnist"]["1-step"] == 3.0
     model, meta = load_model(str(out / "m.safetensors"))
-    x, s = torch.randn(2, 3, 32, 32), torch.full((2,), 2.0)
+    x, s = torch.randn(2, 1, 32, 32), torch.full((2,), 2.0)
     torch.testing.assert_close(model(x, s), cm.eval()(x, s), rtol=2e-2, atol=2e-2)     # fp16 weights
 
 
