@@ -410,6 +410,23 @@ def test_dry_run_refuses_the_resume_checkpoint_the_run_refuses(capsys, tmp_path,
         capsys.readouterr().out
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/mountinfo"), reason="Linux's /proc and /sys")
+def test_dry_run_refuses_an_output_folder_in_proc_or_sys(capsys, fm):
+    # /proc and /sys take no file or folder, but os.access lets root write there: --output-dir /proc/cmfast_out passed
+    # the dry run and the run refused it (mkdir: ENOENT in proc; EPERM in sysfs, and EACCES for a file in a folder)
+    from cmfast.training.loop import _fs_type
+    assert _fs_type("/proc") == "proc" and _fs_type("/") != "proc"
+    lines = {"/proc/cmfast_out": "No such file or directory", "/proc/cmfast_out/a": "No such file or directory"}
+    if _fs_type("/sys") == "sysfs" and os.path.isdir("/sys/kernel"):
+        lines.update({"/sys/cmfast_out": "Operation not permitted", "/sys/kernel": "Permission denied"})
+    for out, why in lines.items():
+        argv = ["--dataset", "fashion-mnist", "--data-dir", fm, "--method", "ict", *TINY, "--output-dir", out]
+        if os.geteuid() != 0:       # the folder's mode refuses first
+            why = "Permission denied"
+        dry = fails(capsys, argv + ["--dry-run"], f"output dir {out} is not writable ({why})")
+        assert fails(capsys, argv, "is not writable") == dry, out       # the same line as the run's
+
+
 def _folder(root, sizes, channels=3, mode=None):
     """PNGs img0000.png ... in root, one (height, width) of `sizes` each; mode: a PIL mode to save them in instead."""
     import numpy as np

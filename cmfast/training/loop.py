@@ -163,6 +163,25 @@ def _check_writable_dry(out: str) -> None:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
     if not os.access(path, os.W_OK | os.X_OK):
         raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+    made_there = {"proc": (errno.ENOENT, errno.ENOENT), "sysfs": (errno.EPERM, errno.EACCES)}.get(_fs_type(path))
+    if made_there:      # the kernel's own views, where os.access lets root through and nothing can be made
+        code = made_there[path == os.path.abspath(out)]     # makedirs' mkdir (out missing), else the probe file's
+        raise OSError(code, os.strerror(code))
+
+
+def _fs_type(path: str) -> str | None:
+    """The type of the filesystem holding `path` (proc, ext4, ...): the /proc/self/mountinfo line of its device, or
+    None where there is none (not Linux; a device no line names, as a btrfs subvolume's)."""
+    try:
+        dev = os.stat(path).st_dev
+        with open("/proc/self/mountinfo") as f:
+            for line in f:      # ID PARENT MAJOR:MINOR ROOT MOUNT-POINT OPTIONS [OPTIONAL...] - TYPE SOURCE ...
+                fields = line.split()
+                if fields[2] == f"{os.major(dev)}:{os.minor(dev)}":
+                    return fields[fields.index("-") + 1]
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _load_teacher(cfg: dict, shape, device, dry: bool = False):
