@@ -71,7 +71,10 @@ def cuda_home() -> Path | None:
 
 
 def _default_roots() -> list[Path]:
-    return [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
+    """/usr/local/cuda, then /usr/local/cuda-X.Y newest first (by version: cuda-12.4 before cuda-9.2)."""
+    def version(p: Path) -> list[int]:
+        return [int(n) for n in re.findall(r"\d+", p.name)]
+    return [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), key=version, reverse=True)
 
 
 def cuda_arches(arch: str | None = None) -> list[str]:
