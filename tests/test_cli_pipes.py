@@ -117,3 +117,19 @@ def test_a_training_run_into_a_closed_pipe_ends_quietly(capsys, tmp_path, monkey
                         "--batch-size", "4", "--sample-num", "0", "--steps", "1", "--loss", "l2", "--output-dir",
                         str(tmp_path / "run")])
     assert (e.value.code, capsys.readouterr().err) == (141, "")
+
+
+def test_an_interrupt_after_output_into_a_closed_pipe_leaves_nothing_to_fail(capsys, monkeypatch):
+    # Ctrl-C once output is buffered: 'interrupted' and 130, as always; the buffered output, whose reader has gone, no
+    # longer fails at the interpreter's exit ('Exception ignored ... BrokenPipeError', status 120)
+    def main(argv=None):
+        print("a line, buffered")
+        raise KeyboardInterrupt
+    r, w = os.pipe()
+    os.close(r)
+    closed = os.fdopen(w, "w")      # buffered, as a pipe's stdout is
+    monkeypatch.setattr(sys, "stdout", closed)
+    capsys.readouterr()
+    assert _common.interruptible("cmfast-x")(main)() == 130
+    assert capsys.readouterr().err == "cmfast-x: interrupted\n"
+    closed.close()                  # the interpreter's last flush: pointed at os.devnull, it has nowhere to fail

@@ -259,6 +259,17 @@ def closed_stdout() -> int:
     return CLOSED_STDOUT
 
 
+def flushed(stdout) -> bool:
+    """stdout flushed before the interpreter's exit (where its error is an 'Exception ignored' line, status 120);
+    False when its reader has gone (closed_stdout: pointed at os.devnull)."""
+    try:
+        stdout.flush()
+        return True
+    except BrokenPipeError:
+        closed_stdout()
+        return False
+
+
 def interruptible(prog: str, note: str = ""):
     """Decorator for a command's main: Ctrl-C (or SIGTERM) where the command has no handler of its own, as during
     start-up, ends it with one line and exit status 130 instead of a traceback; a stdout whose reader has gone ends it
@@ -283,21 +294,17 @@ def interruptible(prog: str, note: str = ""):
             watched = sys.stdout = _WatchedStdout(stdout)
             try:
                 code = main(argv)
-                watched.flush()
-                return code
+                return code if flushed(watched) else CLOSED_STDOUT
             except SystemExit as e:     # --help's exit 0, or an error line's 2: its output flushed now
-                try:
-                    watched.flush()
-                except BrokenPipeError:
-                    closed_stdout()
-                    if e.code in (None, 0):
-                        e.code = CLOSED_STDOUT
+                if not flushed(watched) and e.code in (None, 0):
+                    e.code = CLOSED_STDOUT
                 raise
             except (KeyboardInterrupt, _Terminated):
                 # torchrun: rank 0's line alone (Ctrl-C reaches every rank; one rank's failure ends the others
                 # with SIGTERM, and their 'interrupted' followed its error line)
                 if not other_rank():
                     print(f"{prog}: interrupted{note}", file=sys.stderr)
+                flushed(watched)
                 return 130
             except OSError as e:
                 if stdout_gone(e):
