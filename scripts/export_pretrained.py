@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         try:
             card = _score_and_card(a, staged, which, meta, cfg, metric, why_none, device_note)
         except (ValueError, OSError) as e:      # the metric's data or weights (DataError is a ValueError)
-            print(f"export_pretrained: error: {metric}: {str(e).splitlines()[0] if str(e) else e!r}",
+            print(f"export_pretrained: error: {metric}: {(str(e).splitlines() or [repr(e)])[0]}",
                   file=sys.stderr)
             return 2
         os.replace(staged, out)
