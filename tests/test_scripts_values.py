@@ -45,7 +45,8 @@ def test_gpu_profile_commands_in_full(ref):
     prof, argv = ref.PROFILES["gpu"], lambda m: ref.train_argv(m, ref.PROFILES["gpu"], "o", "d", "cuda:1", 3)
     end = ["--data-dir", "d", "--device", "cuda:1"]
     assert argv("edm") == head("edm", "1.52", "1.6") + tail + end
-    assert argv("cd") == head("cd", "1.045", "1.1") + tail + ["--loss", "l2", "--teacher", os.path.join("o", "edm")] + end
+    teacher = ["--teacher", os.path.join("o", "edm")]
+    assert argv("cd") == head("cd", "1.045", "1.1") + tail + ["--loss", "l2"] + teacher + end
     assert argv("ct") == head("ct", "0.855", "0.9") + tail + ["--loss", "l2", "--mu0", "0"] + end
     assert argv("ict") == head("ict", "0.855", "0.9") + tail + ["--method-arg", "schedule_mult=5.7"] + end
     assert argv("sct") == head("sct", "0.95", "1") + tail + ["--method-arg", "warmup_frac=0.2"] + end
