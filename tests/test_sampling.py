@@ -1,6 +1,7 @@
 """Algorithm 1 (one and many steps) and the EDM teacher sampler."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -274,7 +275,6 @@ def test_bad_noise_and_levels_are_one_clear_error(model):
         cmfast.edm_sample(teacher, nan, num_steps=2)
     with pytest.raises(TypeError, match=r"^num_steps: expected an integer, got 2\.0$"):
         cmfast.edm_sample(teacher, z, num_steps=2.0)
-    import numpy as np
     assert torch.equal(cmfast.edm_sample(teacher, z, num_steps=np.int64(3)), cmfast.edm_sample(teacher, z, num_steps=3))
 
 
@@ -292,3 +292,165 @@ def test_noise_on_another_device_than_the_model_is_one_clear_error(model):
         cmfast.sample(model, torch.randn(1, 2, 8, 8, device="meta"))
     with pytest.raises(TypeError, match=r"^generator: expected a torch\.Generator or None, got int$"):
         cmfast.sample(model, torch.randn(1, 2, 8, 8), (80.0, 1.0), generator=0)
+
+
+# ---- cmfast-sample / cmfast-eval: the values they hand to the sampler and the scorer --------------------------------
+class _CliNet(torch.nn.Module):
+    """F(x, c_noise, labels) = tanh(0.7 x + c_noise + label / 4): cheap, and every input changes the image."""
+
+    def __init__(self, label_dim=0):
+        super().__init__()
+        self.in_channels, self.img_resolution, self.label_dim = 3, 4, label_dim
+        self.w = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x, c_noise, class_labels=None):
+        y = self.w * x + c_noise.reshape(-1, 1, 1, 1)
+        return torch.tanh(y if class_labels is None else y + class_labels.float().reshape(-1, 1, 1, 1) / 4)
+
+
+@pytest.fixture
+def shipped(monkeypatch, one_thread):
+    """--pretrained x: a stub consistency model with sigma_max 40 (the default levels start at the model's own)."""
+    made = {"model": cmfast.ConsistencyModel(_CliNet(), sigma_max=40.0).eval()}
+    monkeypatch.setattr("cmfast.pretrained.load_pretrained", lambda name, map_location="cpu": made["model"])
+    monkeypatch.setattr("cmfast.pretrained.model_card", lambda name: {"dataset": "fashion-mnist"})
+    return made
+
+
+def _cli_noise(seed, i, draw):
+    """Image i's noise of level `draw`, from its own generator seeded (seed * 1_000_003 + i) * 64 + draw."""
+    return torch.randn((3, 4, 4), generator=torch.Generator().manual_seed((seed * 1_000_003 + i) * 64 + draw))
+
+
+def _cli_uint8(x):
+    """EDM's 8 bits: floor(clamp(127.5 x + 128, 0, 255)), (H, W, C)."""
+    return np.floor(np.clip(x.permute(1, 2, 0).numpy() * 127.5 + 128, 0, 255))
+
+
+
+def test_sample_cli_writes_algorithm_1_from_each_images_own_noise(shipped, tmp_path, capsys):
+    """cmfast-sample --npz: 64 images by default; image i is Algorithm 1 from its own noise (z = draw 0, the noise of
+    the k-th later level = draw k), at the model's sigma_max for one step, (sigma_max, 0.821) for --steps 2; the grid
+    is those images, 3 columns for 5, row-major, the empty cell black."""
+    from PIL import Image
+
+    from cmfast.cli.sample import main
+    model = shipped["model"]
+    assert main(["--pretrained", "x", "--npz", str(tmp_path / "a.npz")]) == 0
+    a = np.load(tmp_path / "a.npz")
+    assert sorted(a.files) == ["arr_0"] and a["arr_0"].shape == (64, 4, 4, 3) and a["arr_0"].dtype == np.uint8
+    with torch.no_grad():
+        for i in (0, 1, 63):
+            want = model(40.0 * _cli_noise(0, i, 0)[None], 40.0)[0]
+            assert np.abs(a["arr_0"][i] - _cli_uint8(want)).max() <= 1, i
+    assert capsys.readouterr().out.startswith("64 images (4, 4, 3) -> ")
+    assert main(["--pretrained", "x", "--steps", "2", "--seed", "3", "--num", "5", "--batch-size", "2",
+                 "--npz", str(tmp_path / "b.npz"), "--grid", str(tmp_path / "b.png")]) == 0
+    b = np.load(tmp_path / "b.npz")["arr_0"]
+    assert b.shape == (5, 4, 4, 3)
+    with torch.no_grad():
+        for i in range(5):
+            x = model(40.0 * _cli_noise(3, i, 0)[None], 40.0)
+            want = model(x + math.sqrt(0.821 ** 2 - 0.002 ** 2) * _cli_noise(3, i, 1)[None], 0.821)[0]
+            assert np.abs(b[i] - _cli_uint8(want)).max() <= 1, i
+    g = np.asarray(Image.open(tmp_path / "b.png"))
+    assert g.shape == (8, 12, 3)
+    for i in range(5):
+        r, c = divmod(i, 3)
+        assert np.array_equal(g[4 * r:4 * r + 4, 4 * c:4 * c + 4], b[i])
+    assert not g[4:, 8:].any()
+
+
+def test_sample_cli_labels_of_a_conditional_model(shipped, tmp_path):
+    """A conditional model's images cycle through the classes (arr_1 = i mod label_dim, int64) or all take --class,
+    class 0 included; the label reaches the network."""
+    from cmfast.cli.sample import main
+    model = shipped["model"] = cmfast.ConsistencyModel(_CliNet(label_dim=3), sigma_max=40.0).eval()
+    for extra, labels in (([], [0, 1, 2, 0, 1]), (["--class", "0"], [0] * 5), (["--class", "2"], [2] * 5)):
+        path = tmp_path / f"s{len(extra)}{extra[-1:]}.npz"
+        assert main(["--pretrained", "x", "--num", "5", "--npz", str(path), *extra]) == 0
+        f = np.load(path)
+        assert f["arr_1"].dtype == np.int64 and f["arr_1"].tolist() == labels
+        with torch.no_grad():
+            for i in range(5):
+                want = model(40.0 * _cli_noise(0, i, 0)[None], 40.0, torch.tensor([labels[i]]))[0]
+                assert np.abs(f["arr_0"][i] - _cli_uint8(want)).max() <= 1, (extra, i)
+
+
+def test_sample_cli_hands_its_flags_to_generate_batches(shipped, tmp_path, monkeypatch):
+    """What cmfast-sample passes on (recorded): the defaults (seed 0, batch 256, engine auto, float32, every class,
+    one step at the model's sigma_max) and each flag as given."""
+    from cmfast.cli.sample import main
+    seen = []
+
+    def record(model, num, **k):
+        seen.append(dict(k, num=num))
+        yield 0, torch.zeros(num, 3, 4, 4)
+    monkeypatch.setattr("cmfast.sampling.generate_batches", record)
+    assert main(["--pretrained", "x", "--npz", str(tmp_path / "a.npz")]) == 0
+    assert seen.pop() == dict(num=64, sigmas=(40.0,), steps=None, seed=0, batch_size=256, class_label=None,
+                              engine="auto", dtype=torch.float32)
+    assert main(["--pretrained", "x", "--npz", str(tmp_path / "a.npz"), "--num", "3", "--steps", "3", "--seed", "7",
+                 "--batch-size", "2", "--engine", "graphed", "--dtype", "bf16"]) == 0
+    k = seen.pop()
+    assert (k["num"], k["steps"], k["seed"], k["batch_size"], k["engine"], k["dtype"]) == \
+        (3, 3, 7, 2, "graphed", torch.bfloat16)
+    assert len(k["sigmas"]) == 3 and k["sigmas"][0] == 40.0
+    assert main(["--pretrained", "x", "--npz", str(tmp_path / "a.npz"), "--sigmas", "30,2"]) == 0
+    assert seen.pop()["sigmas"] == (30.0, 2.0)
+
+
+def test_eval_cli_hands_its_flags_and_defaults_to_evaluate(shipped, tmp_path, monkeypatch, capsys):
+    """What cmfast-eval passes to metrics.evaluate (recorded): its defaults (50000 images, batch 256, seed 0, engine
+    auto, float32, the model card's dataset, progress shown) and each flag; the JSON printed and written to --out
+    (one trailing newline) names the shipped model."""
+    import json
+
+    from cmfast.cli.eval import main
+    seen = []
+    monkeypatch.setattr("cmfast.metrics.evaluate", lambda model, metric, **k: seen.append((metric, k)) or
+                        {"metric": metric, "value": 1.5})
+    assert main(["--pretrained", "x", "--metric", "fd-fmnist", "--out", str(tmp_path / "r.json")]) == 0
+    metric, k = seen.pop()
+    assert metric == "fd-fmnist" and k == dict(num=50000, batch_size=256, seed=0, dataset="fashion-mnist",
+                                               device="cpu", data_dir=None, weights=None, engine="auto",
+                                               dtype=torch.float32, steps=None, sigmas=None, progress=True)
+    text = (tmp_path / "r.json").read_text()
+    assert text.endswith("}\n") and not text.endswith("\n\n")
+    assert json.loads(text) == {"metric": "fd-fmnist", "value": 1.5, "pretrained": "x"} == \
+        json.loads(capsys.readouterr().out)
+    weights = tmp_path / "w.pth"
+    assert main(["--pretrained", "x", "--metric", "fid", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                 "--inception-weights", str(weights), "--engine", "eager", "--dtype", "bf16", "--device", "cpu",
+                 "--sigmas", "30,2"]) == 0
+    metric, k = seen.pop()
+    assert (metric, k["dataset"], k["data_dir"], k["weights"], k["engine"], k["dtype"], k["sigmas"], k["steps"]) == \
+        ("fid", "cifar10", str(tmp_path), str(weights), "eager", torch.bfloat16, (30.0, 2.0), None)
+
+
+def test_eval_cli_search_starts_from_the_given_levels_and_reports_the_search(shipped, monkeypatch, capsys):
+    """--search-sigmas: 6 ternary rounds by default (--search-iters), started from --sigmas when given, between the
+    model's sigma_min and sigma_max, logging each trial; the final evaluation is at the levels found (no --steps left
+    over) and the result's "search" holds the rounds and every trial."""
+    import json
+
+    import cmfast.metrics as M
+    from cmfast.cli.eval import main
+    calls, searched = [], []
+    monkeypatch.setattr(M, "evaluate", lambda model, metric, **k: calls.append(k) or {"value": 1.0})
+
+    def search(score, steps, smin, smax, iters, start=None, log=None):
+        searched.append((steps, smin, smax, iters, start))
+        log("trial 1")
+        return {"sigmas": [40.0, 0.5], "score": score((40.0, 0.5)), "trials": [[[40.0, 0.5], 1.0]]}
+    monkeypatch.setattr(M, "search_sigmas", search)
+    for extra, iters, start in ((["--steps", "2"], 6, (40.0, 0.821)), (["--sigmas", "30,3", "--search-iters", "2"],
+                                                                        2, (30.0, 3.0))):
+        calls.clear()
+        assert main(["--pretrained", "x", "--metric", "fd-fmnist", "--search-sigmas", *extra]) == 0
+        assert searched.pop() == (2, 0.002, 40.0, iters, start)
+        assert calls[0]["sigmas"] == (40.0, 0.5) and (calls[-1]["sigmas"], calls[-1]["steps"]) == ((40.0, 0.5), None)
+        out = capsys.readouterr().out
+        assert out.startswith("cmfast-eval: trial 1\n")
+        r = json.loads(out[out.index("{"):])
+        assert r["search"]["iters"] == iters and r["search"]["trials"] == [[[40.0, 0.5], 1.0]]
