@@ -403,3 +403,19 @@ def test_fid_of_a_cifar10_model_is_against_cifar10_train(tmp_path, monkeypatch):
     assert card["fid"]["num_samples"] == 30
     assert [(m, k["dataset"], k["data_dir"], k["weights"]) for m, k in calls] == \
         [("fid", "cifar10", "cifar-here", str(weights))] * 2
+
+
+def test_a_gray_32px_folder_model_gets_no_fd_fmnist(tmp_path, monkeypatch, capsys):
+    """FD-FMNIST compares with Fashion-MNIST: a 1x32x32 model of another data set (an image folder) has the shape but
+    not the data; auto leaves it unscored (no Inception weights here), and asking for it is refused."""
+    monkeypatch.setenv("CMFAST_INCEPTION_WEIGHTS", str(tmp_path / "absent.pth"))
+    exp = _load("export_pretrained")
+    run = teacher_run(tmp_path / "run", (1, 32, 32), method="ict")
+    assert exp.main(["--checkpoint", run, "--name", "g", "--out-dir", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    card = json.loads((tmp_path / "o" / "g.json").read_text())
+    assert card["image_shape"] == [1, 32, 32] and "fd_fmnist" not in card
+    assert card["metric"].startswith("none measured: FD-FMNIST scores Fashion-MNIST models (1x32x32) only; FID: ")
+    capsys.readouterr()
+    assert exp.main(["--checkpoint", run, "--name", "g", "--out-dir", str(tmp_path / "o"), "--metric",
+                     "fd-fmnist"]) == 2
+    assert "only; this one is folder 1x32x32" in capsys.readouterr().err
