@@ -53,6 +53,21 @@ def help_bytes(module):
     return importlib.import_module(module).build_parser().format_help().encode()
 
 
+def test_no_stdout_at_all_is_no_error(tmp_path):
+    # fd 1 closed before the start (`cmfast-train ... >&-`): Python's sys.stdout is None and drops what is printed;
+    # the watch on stdout must not turn that into an AttributeError traceback
+    write_fmnist(tmp_path / "fm", n=8)
+    environ = dict(os.environ, PYTHONPATH=str(ROOT), CMFAST_OFFLINE="1")
+    for command, args in (("cmfast-train", ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm"),
+                                            "--preset", "tiny", "--output-dir", str(tmp_path / "run"), "--dry-run"]),
+                          ("cmfast-sample", ["--help"])):
+        module, func = SCRIPTS[command].split(":")
+        p = subprocess.run([sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())",
+                            *args], stderr=subprocess.PIPE, env=environ, cwd=ROOT, timeout=120,
+                           preexec_fn=lambda: os.close(1))
+        assert p.returncode == 0 and b"Traceback" not in p.stderr, (command, p.stderr[-2000:])
+
+
 @pytest.mark.parametrize("command", sorted(SCRIPTS))
 def test_help_into_a_closed_pipe_is_quiet(command):
     # buffered: the text is written at the end (interruptible's flush); unbuffered, as it is written, as the next test

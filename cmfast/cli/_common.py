@@ -65,8 +65,9 @@ class Parser(argparse.ArgumentParser):
         # argparse drops an OSError here: --help into a closed pipe exited 0, its text cut short (interruptible ends
         # it: CLOSED_STDOUT). Line by line: unbuffered (PYTHONUNBUFFERED), a write of more than a pipe's atomic
         # 4096 bytes cut short by the reader's exit loses the rest silently instead of raising
-        if message:
-            (file or sys.stderr).writelines(message.splitlines(keepends=True))
+        file = file or sys.stderr
+        if message and file is not None:    # None: no stderr either (fd 2 closed at start): nowhere to write
+            file.writelines(message.splitlines(keepends=True))
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -263,7 +264,8 @@ def flushed(stdout) -> bool:
     """stdout flushed before the interpreter's exit (where its error is an 'Exception ignored' line, status 120);
     False when its reader has gone (closed_stdout: pointed at os.devnull)."""
     try:
-        stdout.flush()
+        if stdout is not None:
+            stdout.flush()
         return True
     except BrokenPipeError:
         closed_stdout()
@@ -291,7 +293,9 @@ def interruptible(prog: str, note: str = ""):
             except ValueError:          # not the main thread: leave SIGTERM alone
                 old = None
             stdout = sys.stdout
-            watched = sys.stdout = _WatchedStdout(stdout)
+            if stdout is not None:      # None: no stdout at all (fd 1 closed at start), whose prints Python drops
+                sys.stdout = _WatchedStdout(stdout)
+            watched = sys.stdout
             try:
                 code = main(argv)
                 return code if flushed(watched) else CLOSED_STDOUT
