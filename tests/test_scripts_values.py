@@ -94,12 +94,12 @@ def test_a_parallel_child_is_this_script_with_its_settings(ref):
 
 
 # ---- the record of one run ----------------------------------------------------------------------------------------
-ROWS = [(5, 40.0, 2.0), (10, 80.0, 1.5), (15, 100.0, 1.2), (20, 50.0, 1.1)]     # (step, img/s, loss); batch 8
+ROWS = [(4, 16.0, 2.0), (8, 64.0, 1.5), (12, 32.0, 1.2), (16, 128.0, 1.1), (20, 256.0, 1.0)]   # step, img/s, loss
 
 
-def _fake_train(run_dirs, rc=0):
+def _fake_train(run_dirs, rc=0, plan=True):
     """cmfast-train's stand-in: a run folder with a checkpoint of step 20 (tiny net, the method's), ROWS in
-    stats.jsonl and a plan of 24 steps in config.json."""
+    stats.jsonl and (plan and --time-budget) a plan of 24 steps in config.json."""
     def train_main(argv):
         if rc:
             return rc
@@ -112,7 +112,7 @@ def _fake_train(run_dirs, rc=0):
             f.write("".join(json.dumps({"step": s, "img_per_s": r, "loss": l, "mem_mb": 100.0 + s}) + "\n"
                             for s, r, l in ROWS))
         with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({"planned": {"total_steps": 24, "at_step": 20}} if "--time-budget" in argv else {}, f)
+            json.dump({"planned": {"total_steps": 24, "at_step": 20}} if plan and "--time-budget" in argv else {}, f)
         run_dirs.append(out)
         return 0
     return train_main
@@ -121,8 +121,8 @@ def _fake_train(run_dirs, rc=0):
 @pytest.mark.parametrize("method", ["edm", "ict"])
 def test_run_record_from_the_run_folder(ref, tmp_path, monkeypatch, method):
     """steps and images from the checkpoint (20 steps of 8), the plan from config.json, training time from the logged
-    rates (5 steps x 8 images at each row's rate: 1 + 0.5 + 0.4 + 0.8 s), the median rate without the first
-    (warm-up) row, the losses; evaluations: the teacher with 18 Heun steps (35 evaluations), a consistency model at 1
+    rates (4 steps x 8 images at each row's rate: 2 + 0.5 + 1 + 0.25 + 0.125 s), the median rate without the first
+    (warm-up) row (128 of 32, 64, 128, 256; with it, 64), the losses; evaluations: the teacher with 18 Heun steps (35 evaluations), a consistency model at 1
     and 2 steps, each on prof['num'] images of seed 0, then (consistency models only) the 2-step search."""
     import cmfast.cli.train as train_cli
     from cmfast import metrics
@@ -141,8 +141,8 @@ def test_run_record_from_the_run_folder(ref, tmp_path, monkeypatch, method):
                                                                           str(tmp_path), "dd", "cpu", 0))
     assert (record["steps"], record["steps_planned"], record["images_seen"]) == (20, 24, 160)
     assert record["plan"] == {"total_steps": 24, "at_step": 20}
-    assert record["train_s"] == 2.7 and record["train_img_per_s"] == 80.0
-    assert (record["loss_first"], record["loss_last"], record["mem_mb"]) == (2.0, 1.1, 120.0)
+    assert record["train_s"] == 3.9 and record["train_img_per_s"] == 128.0
+    assert (record["loss_first"], record["loss_last"], record["mem_mb"]) == (2.0, 1.0, 120.0)
     assert record["run_dir"] == str(tmp_path / method) and record["train_wall_s"] >= 0
     steps = [18] if method == "edm" else [1, 2]
     assert [k["steps"] for _, k in evals] == steps and all(m == "fd-fmnist" for m, _ in evals)
@@ -154,7 +154,8 @@ def test_run_record_from_the_run_folder(ref, tmp_path, monkeypatch, method):
 
 
 def test_run_record_without_a_plan_and_failed_runs(ref, tmp_path, monkeypatch):
-    """A fixed-length profile has no plan: steps_planned is the profile's; cmfast-train's exit 130 (interrupted
+    """A fixed-length profile has no plan: steps_planned is the profile's (a budget run without one: its steps);
+    cmfast-train's exit 130 (interrupted
     before its loop) stops the script, another non-zero exit is the run's error."""
     import cmfast.cli.train as train_cli
     from cmfast import metrics
@@ -165,7 +166,12 @@ def test_run_record_without_a_plan_and_failed_runs(ref, tmp_path, monkeypatch):
     record = {}
     ref.run_one("edm", ref.PROFILES["cpu"], a, record)
     assert "plan" not in record and record["steps_planned"] == 1000 and record["images_seen"] == 20 * 32
-    assert record["train_s"] == pytest.approx(sum(5 * 32 / r for _, r, _ in ROWS), abs=0.05)
+    assert record["train_s"] == 15.5          # 4 steps x 32 images at each row's rate
+    monkeypatch.setattr(train_cli, "main", _fake_train([], plan=False))
+    record = {}     # a budget run whose time limit struck before its plan: the steps it made
+    ref.run_one("ct", ref.PROFILES["smoke"], types.SimpleNamespace(out=str(tmp_path / "b"), data_dir=None,
+                                                                    device="cpu", seed=0), record)
+    assert "plan" not in record and record["steps_planned"] == record["steps"] == 20
     monkeypatch.setattr(train_cli, "main", _fake_train([], rc=130))
     with pytest.raises(KeyboardInterrupt):
         ref.run_one("ct", ref.PROFILES["cpu"], a, {})
