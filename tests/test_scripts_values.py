@@ -122,8 +122,9 @@ def _fake_train(run_dirs, rc=0, plan=True):
 def test_run_record_from_the_run_folder(ref, tmp_path, monkeypatch, method):
     """steps and images from the checkpoint (20 steps of 8), the plan from config.json, training time from the logged
     rates (4 steps x 8 images at each row's rate: 2 + 0.5 + 1 + 0.25 + 0.125 s), the median rate without the first
-    (warm-up) row (128 of 32, 64, 128, 256; with it, 64), the losses; evaluations: the teacher with 18 Heun steps (35 evaluations), a consistency model at 1
-    and 2 steps, each on prof['num'] images of seed 0, then (consistency models only) the 2-step search."""
+    (warm-up) row (128 of 32, 64, 128, 256; with it, 64), the losses; evaluations: the teacher with 18 Heun steps
+    (35 evaluations), a consistency model at 1 and 2 steps, each on prof['num'] images of seed 0, then (consistency
+    models only) the 2-step search."""
     import cmfast.cli.train as train_cli
     from cmfast import metrics
     dirs, evals, searched = [], [], []
