@@ -101,3 +101,112 @@ def test_sampler_shuffles_each_epoch_with_its_seeded_generator():
     assert not torch.equal(perm, torch.arange(n))
     idx, _ = s.next(20)                 # 10 left in this epoch, then the next epoch's permutation
     assert torch.equal(idx[:10], perm[40:]) and torch.equal(idx[10:], torch.randperm(n, generator=g)[:10])
+
+
+# ---- gaps a mutation study of cmfast/data.py left open (each test fails with the mutation named) ------------------
+def test_image_dataset_refuses_other_than_uint8_nchw_and_counts_no_classes_without_labels():
+    # mutations: either half of ImageDataset's dtype / rank check dropped; class_count without its numel() guard
+    with pytest.raises(data.DataError, match="t: expected uint8 images \\(N, C, H, W\\), got torch.float32"):
+        data.ImageDataset(_images().float(), None, "t")
+    with pytest.raises(data.DataError, match="expected uint8 images .* got torch.uint8 \\(4, 3, 5\\)"):
+        data.ImageDataset(_images()[:, 0], None, "t")
+    empty = data.ImageDataset(_images(n=0), torch.zeros(0, dtype=torch.int64), "t")
+    assert len(empty) == 0 and empty.num_classes == 0
+
+
+def test_sampler_epoch_ends_on_the_last_index_when_the_batch_does_not_divide_it():
+    # 7 images, batches of 3: a batch starts at position 6 = n - 1 (a new epoch begun there lost the epoch's last
+    # index); every 7 consecutive indices are one epoch's permutation of 0..6
+    s = data.Sampler(7, seed=1)
+    got = torch.cat([s.next(3)[0] for _ in range(7)])
+    for e in range(3):
+        assert sorted(got[7 * e:7 * (e + 1)].tolist()) == list(range(7))
+
+
+def test_cifar_batch_layout_checks(tmp_path):
+    import pickle
+    x = np.arange(2 * 3072).reshape(2, 3072) % 256
+    got, labels = data._cifar_batch(pickle.dumps({b"data": x.tolist(), b"labels": [1, 2]}), "b")   # lists of ints
+    assert got.dtype == np.uint8 and np.array_equal(got, x) and labels.dtype == np.int64
+    for bad in ({b"data": x.astype(np.uint8), b"labels": [1, 2, 3]},                 # 3 labels for 2 images
+                {b"data": x.astype(np.uint8).reshape(2, 3072, 1), b"labels": [1, 2]},  # rank 3
+                {b"data": x.astype(np.uint8).ravel(), b"labels": [1, 2]}):             # rank 1: data.shape[1] raised
+        with pytest.raises(data.DataError, match="b: corrupt CIFAR-10 batch"):
+            data._cifar_batch(pickle.dumps(bad), "b")
+
+
+def test_cifar_folder_or_tarball_missing_a_batch_is_one_line(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import pickle
+    import tarfile
+    from train_fixtures import write_cifar_folder
+    write_cifar_folder(tmp_path / "f", n_per_batch=2)
+    (tmp_path / "f" / "cifar-10-batches-py" / "data_batch_4").unlink()
+    with pytest.raises(data.DataError, match="CIFAR-10: .*data_batch_4 is missing"):
+        data.load_cifar10(str(tmp_path / "f"))
+    buf = io.BytesIO()                              # a tarball without data_batch_5 (KeyError from extractfile)
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for i in range(1, 5):
+            raw = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{i}")
+            info.size = len(raw)
+            t.addfile(info, io.BytesIO(raw))
+    for name, blob in (("nobatch", buf.getvalue()), ("cut", buf.getvalue()[:len(buf.getvalue()) // 2])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cifar-10-python.tar.gz").write_bytes(blob)
+        monkeypatch.setattr(data, "CIFAR10_MD5", hashlib.md5(blob).hexdigest())
+        with pytest.raises(data.DataError, match=f"{name}/cifar-10-python.tar.gz: corrupt archive") as e:
+            data.load_cifar10(str(tmp_path / name))
+        assert "\n" not in str(e.value)
+
+
+def test_idx_header_rank_and_length_are_checked(tmp_path):
+    p = tmp_path / "x"
+    p.write_bytes(idx_bytes(np.arange(40, dtype=np.uint8)))        # a labels file (rank 1) read as images (rank 3)
+    with pytest.raises(data.DataError, match="not a uint8 idx file of rank 3 \\(header 00000801\\)"):
+        data.read_idx(str(p), 3)
+    p.write_bytes(b"\x00\x00\x08")                                 # 3 bytes: raw[3] raised IndexError
+    with pytest.raises(data.DataError, match="not a uint8 idx file of rank 1"):
+        data.read_idx(str(p), 1)
+    p.write_bytes(b"\x00\x00\x08\x01\x00\x00")                     # a header cut inside the dimension
+    with pytest.raises(data.DataError, match="not a uint8 idx file of rank 1"):
+        data.read_idx(str(p), 1)
+
+
+def test_fmnist_plain_idx_files_and_label_count(tmp_path, monkeypatch):
+    # uncompressed idx files (as gunzip leaves them) are found as well as .gz ones
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "none"))
+    rng = np.random.default_rng(5)
+    images, labels = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8), np.array([4, 0, 9], np.uint8)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    ds = data.load_fashion_mnist(str(tmp_path))
+    np.testing.assert_array_equal(ds.images[:, 0, 2:30, 2:30].numpy(), images)
+    assert ds.labels.tolist() == [4, 0, 9]
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(labels[:2]))
+    with pytest.raises(data.DataError, match=r"images with n labels, got \(3, 28, 28\) and \(2,\)"):
+        data.load_fashion_mnist(str(tmp_path))
+
+
+def test_fmnist_download_is_md5_checked(tmp_path, monkeypatch):
+    import gzip
+    import hashlib
+    monkeypatch.delenv("CMFAST_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "none"))
+    images, labels = np.full((2, 28, 28), 7, np.uint8), np.array([1, 2], np.uint8)
+    blobs = {"train-images-idx3-ubyte": gzip.compress(idx_bytes(images)),
+             "train-labels-idx1-ubyte": gzip.compress(idx_bytes(labels))}
+    urls = []
+    monkeypatch.setattr(data, "_fetch", lambda url, timeout=30.0: urls.append(url) or blobs[url.split("/")[-1][:-3]])
+    monkeypatch.setattr(data, "FMNIST_FILES", {**data.FMNIST_FILES, **{n: hashlib.md5(b).hexdigest()
+                                                                       for n, b in blobs.items()}})
+    ds = data.load_fashion_mnist(str(tmp_path / "a"))
+    assert ds.labels.tolist() == [1, 2] and int(ds.images[0, 0, 2, 2]) == 7
+    assert urls == [data.FMNIST_URL + n + ".gz" for n in blobs]
+    assert (tmp_path / "a" / "fashion-mnist" / "train-labels-idx1-ubyte.gz").read_bytes() == blobs[
+        "train-labels-idx1-ubyte"]
+    monkeypatch.setattr(data, "FMNIST_FILES", dict(data.FMNIST_FILES, **{"train-images-idx3-ubyte": "0" * 32}))
+    with pytest.raises(data.DataError, match="Fashion-MNIST train not found.*wrong md5"):
+        data.load_fashion_mnist(str(tmp_path / "b"))
+    assert not (tmp_path / "b" / "fashion-mnist" / "train-images-idx3-ubyte.gz").exists()
