@@ -32,6 +32,7 @@ def _labels(root, classes):
     (2.5, "class 2.5 of img0001.png is not an integer"),                   # int() truncated it to 2
     (True, "class True of img0001.png is not an integer"),                 # int(True) read it as class 1
     ("3", "class '3' of img0001.png is not an integer"),
+    (None, "class None of img0001.png is not an integer"),
 ])
 def test_dataset_json_refuses_absurd_classes_in_one_line_from_load_and_peek(tmp_path, bad, why):
     _folder(tmp_path / "imgs")
@@ -121,3 +122,66 @@ def test_a_sideways_jpeg_that_differs_once_upright_is_refused_alike_by_load_and_
     for fn in (data.load_folder, data.peek_folder):
         with pytest.raises(data.DataError, match="b.jpg: expected all images 4x6 RGB as a.jpg, got 6x4 RGB"):
             fn(str(tmp_path))
+
+
+# ---- gaps a mutation study of cmfast/data.py left open (each test fails with the mutation named) ------------------
+def test_zip_members_load_in_sorted_name_order(tmp_path):
+    # a zip lists its members in the order they were added; images and dataset.json's labels pair by sorted names
+    # (mutation: the zip's own order kept)
+    import zipfile
+    arrs = _folder(tmp_path / "imgs", n=4)
+    with zipfile.ZipFile(tmp_path / "r.zip", "w") as z:
+        for i in reversed(range(4)):
+            z.write(tmp_path / "imgs" / f"img{i:04d}.png", f"img{i:04d}.png")
+        z.writestr("dataset.json", json.dumps({"labels": [[f"img{i:04d}.png", 10 + i] for i in range(4)]}))
+    ds = data.load_folder(str(tmp_path / "r.zip"))
+    np.testing.assert_array_equal(ds.images.permute(0, 2, 3, 1).numpy(), arrs)
+    assert ds.labels.tolist() == [10, 11, 12, 13]
+
+
+def test_one_bit_images_load_as_gray(tmp_path):
+    # PIL mode "1" (a 1-bit PNG): one channel of 0 / 255, as a gray image (mutation: mode "1" read as RGB)
+    from PIL import Image
+    bits = np.array([[1, 0, 1], [0, 0, 1]], bool)
+    Image.fromarray(bits).save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.mode == "1"
+    ds = data.load_folder(str(tmp_path))
+    assert ds.shape == (1, 2, 3) == data.peek_folder(str(tmp_path)).shape
+    np.testing.assert_array_equal(ds.images[0, 0].numpy(), bits.astype(np.uint8) * 255)
+
+
+def test_a_dataset_json_in_a_subfolder_labels_only_a_folder_that_holds_every_image(tmp_path):
+    # notes/dataset.json beside images outside notes/ is no label file of this set (mutation: read it anyway, then
+    # 'no label for img0000.png'); a class-per-subfolder layout needs two subfolders or more (one: no labels)
+    _folder(tmp_path / "a")
+    (tmp_path / "a" / "notes").mkdir()
+    (tmp_path / "a" / "notes" / "dataset.json").write_text(json.dumps({"labels": [["img0000.png", 1]]}))
+    assert data.load_folder(str(tmp_path / "a")).labels is None
+    _folder(tmp_path / "b" / "cats")
+    for fn in (data.load_folder, data.peek_folder):
+        got = fn(str(tmp_path / "b"))
+        assert got.classes is None and got.num_classes == 0
+
+
+def test_load_folder_xflip_and_one_line_errors_for_no_or_unreadable_images(tmp_path):
+    _folder(tmp_path / "imgs")
+    assert data.load_folder(str(tmp_path / "imgs"), xflip=True).xflip is True          # mutation: xflip dropped
+    assert data.load_folder(str(tmp_path / "imgs")).xflip is False
+    assert data.load_dataset("folder", str(tmp_path / "imgs"), xflip=True).xflip is True      # --xflip on a folder
+    assert data.load_dataset("folder", str(tmp_path / "imgs")).xflip is False                # off unless asked
+    (tmp_path / "imgs" / "img0001.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    for fn in (data.load_folder, data.peek_folder):
+        with pytest.raises(data.DataError, match=r"imgs/img0001.png: unreadable image \(\w+\)$"):
+            fn(str(tmp_path / "imgs"))
+        with pytest.raises(data.DataError, match="empty: no PNG or JPEG images found"):
+            fn(str(tmp_path / "empty"))
+
+
+def test_peek_counts_every_image_not_only_the_headers_it_reads(tmp_path):
+    # 5 images, headers of 2 read (the first and the last): count 5 (mutation: the number of headers read)
+    _folder(tmp_path / "imgs", n=5)
+    peek = data.peek_folder(str(tmp_path / "imgs"), sample=2)
+    assert peek.count == 5 and peek.shape == (3, 4, 6)
