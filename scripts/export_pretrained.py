@@ -142,8 +142,8 @@ def main(argv=None) -> int:
         try:
             card = _score_and_card(a, staged, which, meta, cfg, metric, why_none, device_note)
         except (ValueError, OSError) as e:      # the metric's data or weights (DataError is a ValueError)
-            print(f"export_pretrained: error: {metric}: {(str(e).splitlines() or [repr(e)])[0]}",
-                  file=sys.stderr)
+            print(f"export_pretrained: error: {metric + ': ' if metric else ''}"
+                  f"{(str(e).splitlines() or [repr(e)])[0]}", file=sys.stderr)
             return 2
         os.replace(staged, out)
         atomic_write(os.path.join(a.out_dir, f"{a.name}.json"), json.dumps(card, indent=2).encode())
