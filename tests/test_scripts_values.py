@@ -426,3 +426,16 @@ def test_a_gray_32px_folder_model_gets_no_fd_fmnist(tmp_path, monkeypatch, capsy
     assert exp.main(["--checkpoint", run, "--name", "g", "--out-dir", str(tmp_path / "o"), "--metric",
                      "fd-fmnist"]) == 2
     assert "only; this one is folder 1x32x32" in capsys.readouterr().err
+
+
+def test_export_of_diverged_weights_is_refused_in_one_line(tmp_path, capsys):
+    """EMA weights holding a NaN: the staged file's load refuses them; one line naming why (no 'None: ' for the metric
+    that was not asked), exit 2, nothing left in the output folder."""
+    exp = _load("export_pretrained")
+    run = teacher_run(tmp_path / "run", (1, 32, 32), method="ict", nan=True)
+    capsys.readouterr()
+    assert exp.main(["--checkpoint", run, "--name", "n", "--out-dir", str(tmp_path / "o"), "--metric", "none",
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("export_pretrained: error: /"), err
+    assert "bad ema weights" in err[0] and "NaN" in err[0] and os.listdir(tmp_path / "o") == []
