@@ -180,6 +180,11 @@ def test_export_of_a_conditional_rgb_16px_run(trained_runs, tmp_path, monkeypatc
     assert err < 5e-4, err          # fp16 weights: each within 2^-11 relative (6e-6 measured)
     assert (x - _samples(online)).abs().max().item() > 20 * err         # the EMA weights, not the online ones
     #                                                                     (5e-3 after 3 steps)
+    # load_pretrained reads it by name from the folder it was exported into (the package's assets by default)
+    import cmfast.pretrained
+    monkeypatch.setattr(cmfast.pretrained, "ASSETS", str(out))
+    named = cmfast.load_pretrained("rgb16")
+    assert named.card == {**card, "step": 3} and torch.equal(_samples(named), x)
     # --metric asked by name that does not apply: one line, exit 2, nothing written
     for metric, why in (("fd-fmnist", "--metric fd-fmnist scores Fashion-MNIST models (1x32x32) only; this one is "
                                       "folder 3x16x16"),
