@@ -185,3 +185,17 @@ def test_peek_counts_every_image_not_only_the_headers_it_reads(tmp_path):
     _folder(tmp_path / "imgs", n=5)
     peek = data.peek_folder(str(tmp_path / "imgs"), sample=2)
     assert peek.count == 5 and peek.shape == (3, 4, 6)
+
+
+def test_a_missing_path_and_float_pixels_are_named(tmp_path):
+    # mutations: the existence check dropped (then 'expected a folder or a zip'); mode F let through as RGB
+    from PIL import Image
+    for fn in (data.load_folder, data.peek_folder):
+        with pytest.raises(data.DataError, match="image folder or zip not found: .*nope"):
+            fn(str(tmp_path / "nope"))
+    (tmp_path / "f").mkdir()
+    # a TIFF named .png: PIL reads it by its content, in mode F
+    Image.fromarray(np.full((2, 2), 0.5, np.float32)).save(tmp_path / "f" / "a.png", format="TIFF")
+    for fn in (data.load_folder, data.peek_folder):
+        with pytest.raises(data.DataError, match="a.png: F pixels \\(16-bit or float\\) are not read"):
+            fn(str(tmp_path / "f"))

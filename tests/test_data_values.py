@@ -210,3 +210,38 @@ def test_fmnist_download_is_md5_checked(tmp_path, monkeypatch):
     with pytest.raises(data.DataError, match="Fashion-MNIST train not found.*wrong md5"):
         data.load_fashion_mnist(str(tmp_path / "b"))
     assert not (tmp_path / "b" / "fashion-mnist" / "train-images-idx3-ubyte.gz").exists()
+
+
+def _py2_pickle(d: dict) -> bytes:
+    """A protocol-2 pickle as Python 2 wrote CIFAR-10's batches: str keys as SHORT_BINSTRING ('U'), which Python 3
+    reads as bytes only with encoding='bytes'; (nested) lists of small ints (BININT1 'K')."""
+    def enc(v):
+        return b"](" + b"".join(map(enc, v)) + b"e" if isinstance(v, list) else b"K" + bytes([v])
+    return b"\x80\x02}(" + b"".join(b"U" + bytes([len(k)]) + k.encode() + enc(v) for k, v in d.items()) + b"u."
+
+
+def test_cifar_batch_of_python_2_reads_its_str_keys_as_bytes():
+    # mutation: encoding='latin1' (the keys then load as str, and b"data" is missing: the real files refused)
+    x = np.arange(3072) % 256
+    got, labels = data._cifar_batch(_py2_pickle({"data": [x.tolist()], "labels": [7]}), "b")
+    assert np.array_equal(got, x[None]) and labels.tolist() == [7]
+
+
+def test_fmnist_labels_are_int64_and_md5_reads_past_one_chunk(tmp_path, monkeypatch):
+    # labels index a class embedding / one_hot, which take int64 (mutation: the idx file's uint8 kept)
+    import hashlib
+    from train_fixtures import write_fmnist
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "none"))
+    write_fmnist(tmp_path, n=3)
+    assert data.load_fashion_mnist(str(tmp_path)).labels.dtype == torch.int64
+    blob = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()    # 3 MiB: 3 chunks
+    (tmp_path / "big").write_bytes(blob)
+    assert data._md5(str(tmp_path / "big")) == hashlib.md5(blob).hexdigest()
+
+
+def test_offline_is_only_cmfast_offline_1(tmp_path, monkeypatch):
+    # CMFAST_OFFLINE=0 downloads (mutation: any value read as offline)
+    monkeypatch.setenv("CMFAST_OFFLINE", "0")
+    monkeypatch.setattr(data, "_fetch", lambda url, timeout=30.0: (_ for _ in ()).throw(OSError("no route")))
+    with pytest.raises(data.DataError, match=r"\(download from .* failed: no route\)"):
+        data._download("http://x/y", str(tmp_path / "y"), "0" * 32, "hint")
