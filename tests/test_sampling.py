@@ -454,3 +454,23 @@ def test_eval_cli_search_starts_from_the_given_levels_and_reports_the_search(shi
         assert out.startswith("cmfast-eval: trial 1\n")
         r = json.loads(out[out.index("{"):])
         assert r["search"]["iters"] == iters and r["search"]["trials"] == [[[40.0, 0.5], 1.0]]
+
+
+def test_sample_cli_class_by_name_is_the_index_of_the_checkpoints_class(shipped, tmp_path, monkeypatch, capsys):
+    """--class NAME (a run trained on class subfolders) is that name's index in the checkpoint's config "classes":
+    dogs of (cats, dogs, emus) is label 1, in arr_1 and at the network; a name not there is one line."""
+    from cmfast.cli.sample import main
+    model = cmfast.ConsistencyModel(_CliNet(label_dim=3), sigma_max=40.0).eval()
+    meta = {"config": {"method": "ict", "classes": ["cats", "dogs", "emus"]}}
+    monkeypatch.setattr("cmfast.training.checkpoint.load_model", lambda path, which=None, map_location=None:
+                        (model, meta))
+    assert main(["--checkpoint", str(tmp_path), "--num", "2", "--class", "dogs", "--npz", str(tmp_path / "d.npz")]) \
+        == 0
+    f = np.load(tmp_path / "d.npz")
+    assert f["arr_1"].tolist() == [1, 1]
+    with torch.no_grad():
+        want = model(40.0 * _cli_noise(0, 1, 0)[None], 40.0, torch.tensor([1]))[0]
+    assert np.abs(f["arr_0"][1] - _cli_uint8(want)).max() <= 1
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path), "--num", "2", "--class", "owls", "--npz", str(tmp_path / "o.npz")])
+    assert e.value.code == 2 and "--class owls: not a class of this model (cats, dogs, emus)" in capsys.readouterr().err
