@@ -199,3 +199,22 @@ def test_a_missing_path_and_float_pixels_are_named(tmp_path):
     for fn in (data.load_folder, data.peek_folder):
         with pytest.raises(data.DataError, match="a.png: F pixels \\(16-bit or float\\) are not read"):
             fn(str(tmp_path / "f"))
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")      # torchvision 0.29 points at torchcodec
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_agrees_with_torchvisions_decoder(tmp_path, fmt):
+    # an independent implementation: torchvision.io.decode_image(apply_exif_orientation=True), libpng / libjpeg
+    # underneath. PNG exact; JPEG within 8 levels (two decoders' IDCT and chroma upsampling may differ by a few
+    # levels; a wrong turn or mirror of random pixels differs by ~100s)
+    io = pytest.importorskip("torchvision.io")
+    for o in range(1, 9):
+        a = np.random.default_rng(o).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+        sub = tmp_path / str(o)
+        sub.mkdir()
+        _save(sub / f"a.{fmt.lower()}", a, o, fmt)
+        raw = (sub / f"a.{fmt.lower()}").read_bytes()
+        want = io.decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), apply_exif_orientation=True)
+        got = data.load_folder(str(sub)).images[0]
+        assert got.shape == want.shape == data.peek_folder(str(sub)).shape, o
+        assert (got.int() - want.int()).abs().max() <= (0 if fmt == "PNG" else 8), o
