@@ -329,7 +329,7 @@ def _check_same(path: str, first: str, first_hwc: tuple, name: str, hwc: tuple) 
 
 # The most classes a dataset.json may number. ImageNet-21k, the largest class-labelled set in common use, has 21,841;
 # a conditional net embeds a class as a row of (classes, embedding channels) and a one-hot as wide, so a class of
-# 10**12 (a typo, an id in place of an index) asked for terabytes before the first step instead of one line here.
+# 10**12 (a typo, an id in place of an index) asked for petabytes before the first step instead of one line here.
 MAX_CLASSES = 100_000
 
 
