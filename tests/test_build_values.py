@@ -3,7 +3,7 @@ the arch and source hash inputs, the nvcc command lines compile() runs, the JIT 
 `python -m cmfast._build` share, and the one-line reasons when nothing can be built. test_csrc_build.py compiles."""
 import importlib.machinery
 import importlib.util
-import os
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -99,9 +99,9 @@ def test_cuda_arches_spellings_and_precedence(monkeypatch):
 
 
 def test_source_hash_inputs(tmp_path, monkeypatch):
-    """Every source file (headers too) by name and content, and the extension ABI; other files are not inputs."""
+    """Every source file (headers too) by name and content, and the extension ABI; other files are not inputs. A
+    renamed file (a .cu that becomes a .cpp compiles otherwise) is another build."""
     copy = tmp_path / "csrc"
-    import shutil
     shutil.copytree(_build.CSRC, copy)
     monkeypatch.setattr(_build, "CSRC", copy)
     h = _build.source_hash("90")
@@ -111,9 +111,9 @@ def test_source_hash_inputs(tmp_path, monkeypatch):
     header.write_text(header.read_text() + "\n// edit\n")
     h2 = _build.source_hash("90")
     assert h2 != h
-    cu = sorted(copy.glob("*.cu"))[0]
-    cu.rename(cu.with_name("zz_" + cu.name))
-    assert _build.source_hash("90") != h2
+    last = _build.sources()[-1]                 # renamed, it stays last: the same bytes in the same order
+    last.rename(last.with_name("zzzz_" + last.name))
+    assert _build.sources()[-1].name == "zzzz_" + last.name and _build.source_hash("90") != h2
     real = _build.sysconfig.get_config_var
     monkeypatch.setattr(_build.sysconfig, "get_config_var",
                         lambda k: ".cpython-399-other.so" if k == "EXT_SUFFIX" else real(k))
