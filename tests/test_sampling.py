@@ -426,6 +426,10 @@ def test_eval_cli_hands_its_flags_and_defaults_to_evaluate(shipped, tmp_path, mo
     metric, k = seen.pop()
     assert (metric, k["dataset"], k["data_dir"], k["weights"], k["engine"], k["dtype"], k["sigmas"], k["steps"]) == \
         ("fid", "cifar10", str(tmp_path), str(weights), "eager", torch.bfloat16, (30.0, 2.0), None)
+    # no --device: cuda where CUDA is there (faked here: the stub model stays on the CPU), and evaluate samples there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main(["--pretrained", "x", "--metric", "fd-fmnist"]) == 0
+    assert seen.pop()[1]["device"] == "cuda"
 
 
 def test_eval_cli_search_starts_from_the_given_levels_and_reports_the_search(shipped, monkeypatch, capsys):
