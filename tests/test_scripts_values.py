@@ -425,7 +425,7 @@ def test_a_gray_32px_folder_model_gets_no_fd_fmnist(tmp_path, monkeypatch, capsy
     assert card["metric"].startswith("none measured: FD-FMNIST scores Fashion-MNIST models (1x32x32) only; FID: ")
     capsys.readouterr()
     assert exp.main(["--checkpoint", run, "--name", "g", "--out-dir", str(tmp_path / "o"), "--metric",
-                     "fd-fmnist"]) == 2
+                     "fd-fmnist", "--num", "4"]) == 2
     assert "only; this one is folder 1x32x32" in capsys.readouterr().err
 
 
