@@ -44,6 +44,7 @@ def test_imported_checkpoint_is_the_released_denoiser(kind, tmp_path):
     model, cfg = cm_import.load_cm_checkpoint(str(tmp_path / "model.pt"), kind=kind, img_resolution=16)
     assert (model.sigma_min, model.sigma_max, model.sigma_data) == (0.002, 80.0, 0.5)
     assert (cfg["sigma_min"], cfg["sigma_max"], cfg["sigma_data"]) == (0.002, 80.0, 0.5)
+    assert cfg["net"]["dropout"] == 0.0         # scripts/launch.sh runs (and fine-tunes) them with --dropout 0.0
     model = model.double()
     g = torch.Generator().manual_seed(4)
     x = torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64)
