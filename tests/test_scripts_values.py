@@ -361,12 +361,20 @@ def test_export_takes_the_first_ema_rate_and_says_what_is_missing(tmp_path, monk
     cfg = dict(meta["config"], ema=[0.5, 0.9], dataset="fashion-mnist")
     first = {k: v + 1 if v.is_floating_point() else v for k, v in modules["ema@0.9"].items()}
     checkpoint.save_checkpoint(run, 2, {"ema@0.5": first, "ema@0.9": modules["ema@0.9"]}, cfg, {})
+    with open(os.path.join(run, "stats.jsonl"), "w") as f:      # what a run folder says of its device and time
+        f.write(json.dumps({"step": 2, "elapsed_s": 30.0}) + "\n")
+    with open(os.path.join(run, "log.txt"), "w") as f:
+        f.write("ict on folder (4 images (1, 32, 32)), tiny 0.10M params, 1 rank(s) on cpu, steps 0 -> 2\n")
     out = tmp_path / "out"
     assert exp.main(["--checkpoint", run, "--name", "m", "--out-dir", str(out), "--metric", "none",
                      "--device-note", "", "--device", "cpu", "--num", "4"]) == 0
     card = json.loads((out / "m.json").read_text())
     assert card["weights"] == "ema@0.5 of step 2, fp16" and card["metric"] == "none measured: --metric none"
-    assert card["training"] == {"command": "", "device": ""}
+    assert card["training"] == {"command": "", "device": ""}      # given, even empty: not the folder's
+    assert exp.main(["--checkpoint", run, "--name", "m", "--out-dir", str(out), "--metric", "none"]) == 0
+    images = 2 * cfg["batch_size"]
+    note = json.loads((out / "m.json").read_text())["training"]["device"]
+    assert note == f"cpu, 0.5 min of training, {images} images"
     got = checkpoint.load_weights(str(out / "m.safetensors"))[0]["ema"]
     assert all(torch.equal(got[k], v.half()) for k, v in first.items())
     capsys.readouterr()
