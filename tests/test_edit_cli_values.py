@@ -276,3 +276,15 @@ def test_flag_misuse_is_one_line(stub, tmp_path, capsys):
     assert main(["stroke", "--pretrained", "x", "--input", inp, "--sigma-start", str(SMAX), "--steps", "1",
                  "--out", str(tmp_path / "b")]) == 0
     assert math.isclose(levels(1, top=SMAX)[0], SMAX)
+
+
+def test_interpolate_with_steps_samples_each_point_over_the_karras_levels(stub, tmp_path):
+    """interpolate --steps 2: Algorithm 1 over two Karras levels from sigma_max, its later noise drawn by the same
+    generator after the two noises (one step at sigma_max only passed the default run)."""
+    assert main(["interpolate", "--pretrained", "x", "--pairs", "1", "--alphas", "2", "--steps", "2", "--seed", "6",
+                 "--out", str(tmp_path / "o")]) == 0
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn((2, 1, 3, RES, RES), generator=g)
+    want = edit.interpolate(cmfast.load_pretrained("x"), z[0], z[1], [0.0, 1.0], sigmas=levels(2), generator=g)
+    for i in range(2):
+        close(png(tmp_path / "o" / f"pair0_{i}.png"), want[i, 0])
