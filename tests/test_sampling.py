@@ -478,3 +478,24 @@ def test_sample_cli_class_by_name_is_the_index_of_the_checkpoints_class(shipped,
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(tmp_path), "--num", "2", "--class", "owls", "--npz", str(tmp_path / "o.npz")])
     assert e.value.code == 2 and "--class owls: not a class of this model (cats, dogs, emus)" in capsys.readouterr().err
+
+
+def test_eval_cli_fid_of_a_folder_run_is_against_its_folder_or_the_given_one(shipped, tmp_path, monkeypatch, capsys):
+    """A checkpoint trained on an image folder, --metric fid without --dataset: evaluate gets dataset "folder" and the
+    folder it was trained on, or --data-dir where given; a trained-on folder that is not here is one line."""
+    from cmfast.cli.eval import main
+    seen, mine, other = [], tmp_path / "mine", tmp_path / "other"
+    mine.mkdir()
+    other.mkdir()
+    meta = {"config": {"method": "ict", "dataset": "folder", "data_dir": str(mine)}}
+    monkeypatch.setattr("cmfast.training.checkpoint.load_model", lambda path, which=None, map_location=None:
+                        (shipped["model"], meta))
+    monkeypatch.setattr("cmfast.metrics.evaluate", lambda model, metric, **k: seen.append(k) or {"value": 1.0})
+    for extra, want in (([], str(mine)), (["--data-dir", str(other)], str(other))):
+        assert main(["--checkpoint", str(tmp_path), "--metric", "fid", *extra]) == 0
+        k = seen.pop()
+        assert (k["dataset"], k["data_dir"]) == ("folder", want)
+    meta["config"]["data_dir"] = str(tmp_path / "moved")
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path), "--metric", "fid"])
+    assert e.value.code == 2 and "trained on the image folder" in capsys.readouterr().err and not seen
