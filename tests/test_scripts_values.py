@@ -448,3 +448,36 @@ def test_export_of_diverged_weights_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("export_pretrained: error: /"), err
     assert "bad ema weights" in err[0] and "NaN" in err[0] and os.listdir(tmp_path / "o") == []
+
+
+def test_an_edm_teacher_exports_scored_by_heun_18(tmp_path, monkeypatch, capsys):
+    """An EDM teacher (--method edm) has no one-step sampler (evaluate refuses steps=1 for it: the export failed with
+    that error): its card holds the score of EDM's Heun sampler at 18 steps, 35 network evaluations, as the reference
+    runs score the teacher; --searched-sigmas is refused for it in one line, before anything is written."""
+    exp = _load("export_pretrained")
+    run = teacher_run(tmp_path / "run", (1, 32, 32))        # method edm
+    from cmfast.precond import EDMDenoiser
+    from cmfast.training import checkpoint
+    modules, meta = checkpoint.load_weights(checkpoint.resolve(run))
+    checkpoint.save_checkpoint(run, 1, modules, dict(meta["config"], dataset="fashion-mnist"), {})
+    calls = []
+
+    def fake(model, metric, **k):
+        calls.append((type(model), metric, k.get("steps"), k.get("sigmas"), k["num"]))
+        return {"value": 3.14159, "sigmas": None}
+    monkeypatch.setattr(exp, "evaluate", fake)
+    assert exp.main(["--checkpoint", run, "--name", "t", "--out-dir", str(tmp_path / "o"), "--device", "cpu",
+                     "--num", "6"]) == 0
+    assert calls == [(EDMDenoiser, "fd-fmnist", 18, None, 6)]
+    card = json.loads((tmp_path / "o" / "t.json").read_text())
+    assert card["method"] == "edm" and "metric" not in card
+    assert card["fd_fmnist"] == {"heun-18": 3.142, "num_samples": 6,
+                                 "sampler": "EDM Heun, 18 steps (35 network evaluations)",
+                                 "note": exp.METRIC_NOTES["fd-fmnist"]}
+    capsys.readouterr()
+    assert exp.main(["--checkpoint", run, "--name", "s", "--out-dir", str(tmp_path / "s"), "--device", "cpu",
+                     "--searched-sigmas", "80,1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["export_pretrained: error: --searched-sigmas: an EDM teacher samples with its Heun schedule, "
+                   "not at given levels"]
+    assert not (tmp_path / "s").exists() and len(calls) == 1
