@@ -752,3 +752,27 @@ def test_resume_mismatch_names_the_values(capsys, tmp_path, fm):
     fails(capsys, base + ["--resume", "latest"], "differs from this command in net (label_dim 10 there, None here)")
     fails(capsys, base + ["--cond", "--resume", "latest", "--method", "ct"],
           "in method (method 'ict' there, 'ct' here)")
+
+
+def test_dry_run_refuses_a_resume_past_the_folders_image_count(capsys, tmp_path):
+    # A folder with fewer images than the resumed run's sampler had reached in its epoch: the run refuses it (after
+    # loading the data); --dry-run took the state's position as the data's size and passed. It now counts the folder's
+    # files (peek_folder) and gives the run's line; with the images back both resume.
+    folder = _folder(tmp_path / "imgs", [(8, 8)] * 7)
+    argv = ["--dataset", "folder", "--data-dir", folder, *TINY, "--steps", "3", "--output-dir", str(tmp_path / "r")]
+    assert train_main(argv + ["--stop-at", "1"]) == 0      # batch 4: the sampler stopped at image 4 of 7
+    capsys.readouterr()
+    kept = tmp_path / "kept"
+    os.makedirs(kept)
+    for i in (3, 4, 5, 6):
+        os.replace(os.path.join(folder, f"img{i:04d}.png"), kept / f"img{i:04d}.png")
+    resume = argv + ["--resume", "latest"]
+    line = (f"cmfast-train: error: {tmp_path / 'r' / 'ckpt-00000001.safetensors'}: does not fit this run (ValueError: "
+            "the sampler stopped at image 4 of an epoch, but the dataset has 3 images (not the dataset the checkpoint "
+            "was trained on))")
+    assert fails(capsys, resume + ["--dry-run"], "the sampler stopped") == line
+    assert fails(capsys, resume, "the sampler stopped") == line
+    for i in (3,):          # 4 images: the position 4 is the epoch's end, allowed by both
+        os.replace(kept / f"img{i:04d}.png", os.path.join(folder, f"img{i:04d}.png"))
+    assert train_main(resume + ["--dry-run"]) == 0
+    assert train_main(resume) == 0

@@ -170,11 +170,11 @@ def _dry_config(args: dict) -> dict:
     the run's start-up checks (training.loop.startup_checks, dry): the teacher (its header and weights read, nothing
     built; its time scale taken), the output folder (writable, nothing made; checkpoints without --resume; the one
     --resume would continue from: its weights, read one tensor at a time, and its training state, loaded in full, fitted
-    to the models built on the meta device). Checks of this machine's devices (--device, --backend, --compile)
+    to the models built on the meta device, its sampler's position to the folder's image count). Checks of this machine's devices (--device, --backend, --compile)
     are left to the run, which may be on another machine."""
     from ..training.config import resolve
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = resolve(args, world)
+    cfg, count = resolve(args, world), None
     if cfg["dataset"] == "folder":
         if cfg["data_dir"] is None:     # a paper's config (--config cd-imagenet64) shown before its data is at hand
             if not _common.other_rank():
@@ -183,14 +183,14 @@ def _dry_config(args: dict) -> dict:
             return cfg
         from ..data import peek_folder
         peek = peek_folder(cfg["data_dir"])
-        cfg = resolve(args, world, peek.shape, peek.num_classes, peek.classes)
+        cfg, count = resolve(args, world, peek.shape, peek.num_classes, peek.classes), peek.count
     import torch
     from ..nets import UNet
     from ..training.loop import startup_checks
     with torch.device("meta"):
         UNet(**cfg["net"])
     net = cfg["net"]
-    startup_checks(cfg, (net["in_channels"], net["img_resolution"], net["img_resolution"]), dry=True)
+    startup_checks(cfg, (net["in_channels"], net["img_resolution"], net["img_resolution"]), dry=True, count=count)
     return cfg
 
 

@@ -207,12 +207,13 @@ def _load_teacher(cfg: dict, shape, device, dry: bool = False):
     return teacher, tcfg
 
 
-def startup_checks(cfg: dict, shape, device=None, dry: bool = False):
+def startup_checks(cfg: dict, shape, device=None, dry: bool = False, count: int | None = None):
     """A run's checks after its data, in its order: the teacher (CD / sCD; cfg['net'] takes its time scale), then the
     output folder's checkpoints against --resume. -> (teacher, its config, the folder's checkpoints). dry
     (--dry-run): the teacher checked, not loaded (teacher None), and the rest of what the run refuses before its
     first step: the output folder writable (nothing made), the checkpoint it would resume from (_resume_dry: its
-    settings, parts, weights and training state, as _resume checks them)."""
+    settings, parts, weights and training state, as _resume checks them; count: the dataset's size where the dry run
+    knows it, an image folder's, for the sampler's position)."""
     method = get_method(cfg["method"])
     out = cfg["output_dir"]
     teacher, tcfg = _load_teacher(cfg, shape, device, dry) if method.needs_teacher else (None, None)
@@ -230,18 +231,19 @@ def startup_checks(cfg: dict, shape, device=None, dry: bool = False):
         _check_writable(out, dry=True)
         if cfg["resume"] and (found or cfg["resume"] not in ("latest", "auto")):
             given = cfg["resume"] not in ("latest", "auto")
-            _resume_dry([ckpt.resolve(cfg["resume"])] if given else [c[1] for c in reversed(found)], cfg)
+            _resume_dry([ckpt.resolve(cfg["resume"])] if given else [c[1] for c in reversed(found)], cfg, count)
     return teacher, tcfg, found
 
 
-def _resume_dry(candidates, cfg) -> None:
+def _resume_dry(candidates, cfg, count=None) -> None:
     """--dry-run's _resume: its checks and error lines, on models built on the meta device (no memory). The first
     checkpoint whose header and training state read (an unreadable one: a note, and the previous one), the settings
     that must agree (its --time-budget plan kept), its parts, its weights for NaN / inf one tensor at a time
     (ckpt.check_tensors: the weights file is never loaded whole), their shapes and the training state loaded into the
     meta models, their optimizer, a sampler and spare RNGs (_load_into, the run's own code). The training state is
     loaded whole (torch.load reads no part of a file alone): the dry run's one extra read, as the run reads it once.
-    Left to the run: the sampler's position against the dataset's size (the data are peeked at, not loaded)."""
+    The sampler's position is checked against `count` images, the run's dataset size, where the dry run knows it (an
+    image folder's file count; a named dataset is not read: left to the run)."""
     def note(e, more):
         print(f"cmfast-train: note: {e}" + ("; the run would try the previous checkpoint" if more else ""),
               file=sys.stderr)
@@ -260,18 +262,20 @@ def _resume_dry(candidates, cfg) -> None:
     weights = {name: {k: torch.empty(shape, device="meta") for k, shape in sd.items()} for name, sd in shapes.items()}
     scaler = torch.amp.GradScaler("cpu") if cfg["precision"] == "fp16" else None
     _load_into(wpath, weights, state, models, emas, make_optimizer(models["model"].parameters(), cfg), scaler,
-               _SamplerOfItsState(cfg["seed"]), int(os.environ.get("RANK", "0")), lambda msg: None, spare=True)
+               _SamplerOfItsState(cfg["seed"], count), int(os.environ.get("RANK", "0")), lambda msg: None, spare=True)
 
 
 class _SamplerOfItsState(Sampler):
-    """--dry-run's Sampler: the dataset's size, unknown there, taken as the state's position (never refused)."""
+    """--dry-run's Sampler: of `count` images (the run's refusal of a position past them), or where the dataset's size
+    is unknown there, of the state's position (never refused)."""
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, count: int | None = None):
+        self.seed, self.count = seed, count
 
     def load_state_dict(self, sd: dict):
-        Sampler.__init__(self, max(int(sd["pos"]), 0), self.seed)     # int(): the run's error for a position that
-        super().load_state_dict(sd)                                    # is no number
+        n = self.count if self.count is not None else max(int(sd["pos"]), 0)   # int(): the run's error for a
+        Sampler.__init__(self, n, self.seed)                                      # position that is no number
+        super().load_state_dict(sd)
 
 
 def make_optimizer(params, cfg):
