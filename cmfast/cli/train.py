@@ -170,8 +170,8 @@ def _dry_config(args: dict) -> dict:
     the run's start-up checks (training.loop.startup_checks, dry): the teacher (its header and weights read, nothing
     built; its time scale taken), the output folder (writable, nothing made; checkpoints without --resume; the one
     --resume would continue from: its weights, read one tensor at a time, and its training state, loaded in full, fitted
-    to the models built on the meta device, its sampler's position to the folder's image count). Checks of this machine's devices (--device, --backend, --compile)
-    are left to the run, which may be on another machine."""
+    to the models built on the meta device, its sampler's position to the folder's image count). Checks of this
+    machine's devices (--device, --backend, --compile) are left to the run, which may be on another machine."""
     from ..training.config import resolve
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, count = resolve(args, world), None
