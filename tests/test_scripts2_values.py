@@ -134,3 +134,126 @@ def test_command_line_loads_the_ema_weights_and_passes_its_settings(mef, tmp_pat
     if not torch.cuda.is_available():
         assert mef.main(["--checkpoint", ckpt, "--device", "cuda"]) == 2
         assert "map_location 'cuda'" in capsys.readouterr().err
+
+
+# ---- train_fmnist_classifier ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tfc():
+    return _load("train_fmnist_classifier")
+
+
+def test_evaluate_is_the_accuracy_over_every_batch_in_eval_mode(tfc):
+    """Accuracy over all 10 images in batches of 3 (the last one short), the network switched to eval mode."""
+    x = torch.zeros(10, 1, 32, 32)
+    pred = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    for i, p in enumerate(pred):
+        x[i, 0, 0, p] = 1.0
+    y = torch.tensor([3, 1, 4, 0, 5, 9, 2, 0, 0, 3])                # 7 of 10 right, the last one among them
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.dropout(x[:, 0, 0, :10], 0.9, self.training)
+
+    net = Net().train()
+    assert tfc.evaluate(net, x, y, batch=3) == pytest.approx(0.7) and not net.training
+    assert tfc.evaluate(net, x[:9], y[:9], batch=3) == pytest.approx(6 / 9)
+
+
+class _Split:
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, 10, (n,), generator=g)
+        self.x = torch.rand(n, 1, 32, 32, generator=g) * 2 - 1
+        self.x[:, :, :, :16] += self.y[:, None, None, None] / 10     # left-right asymmetric: a flip shows
+
+    def __len__(self):
+        return len(self.y)
+
+    def batch(self, idx):
+        return self.x[idx], self.y[idx]
+
+
+def _train(tfc, monkeypatch, argv):
+    """main(argv) on 130 train / 20 test synthetic images; -> (what it recorded, the network it trained)."""
+    rec = {"load": [], "seed": [], "inputs": [], "smoothing": set()}
+    splits = {"train": _Split(130, 1), "test": _Split(20, 2)}
+
+    def load(data_dir, split, full=False):
+        rec["load"].append((data_dir, split, full))
+        return splits[split]
+    monkeypatch.setattr(tfc, "load_fashion_mnist", load)
+    real_seed = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: (rec["seed"].append(s), real_seed(s))[1])
+
+    class Net(torch.nn.Module):          # a small stand-in for the classifier (BatchNorm's counter included)
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 4, stride=4), torch.nn.BatchNorm2d(4),
+                                            torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10))
+            rec["net"] = self
+
+        def forward(self, x):
+            if self.training:
+                rec["inputs"].append(x.detach().clone())
+            return self.body(x)
+
+    def load_classifier(path):
+        from safetensors.torch import load_file
+        net = Net()
+        net.load_state_dict({k: v.float() for k, v in load_file(path).items()}, strict=False)
+        return net.eval(), {}
+    monkeypatch.setattr(tfc, "FMNISTClassifier", Net)
+    import cmfast._fd_classifier
+    monkeypatch.setattr(cmfast._fd_classifier, "load_classifier", load_classifier)
+
+    class Sched(torch.optim.lr_scheduler.OneCycleLR):
+        def __init__(self, opt, max_lr, **kw):
+            super().__init__(opt, max_lr, **kw)
+            rec["sched"], rec["opt"], rec["max_lr"], rec["total"] = self, opt, max_lr, kw["total_steps"]
+    monkeypatch.setattr(torch.optim.lr_scheduler, "OneCycleLR", Sched)
+    real_ce = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda *a, **k: (rec["smoothing"].add(k.get("label_smoothing")), real_ce(*a, **k))[1])
+    tfc.main(argv)
+    return rec, splits
+
+
+def test_training_run_and_the_file_it_writes(tfc, tmp_path, monkeypatch, capsys):
+    """Defaults: 4 epochs of whole 128-image batches (130 images: one a epoch), seed 0, AdamW at the one-cycle
+    peak 3e-3 with weight decay 5e-4, run to the schedule's end; label smoothing 0.1; about half of each batch
+    flipped left-right. The file: every tensor but BatchNorm's counters, in fp16, and the accuracy of the trained
+    network on the test split in its metadata."""
+    from safetensors import safe_open
+    out = tmp_path / "clf.safetensors"
+    rec, splits = _train(tfc, monkeypatch, ["--out", str(out)])
+    assert rec["load"] == [(None, "train", True), (None, "test", True)] and rec["seed"] == [0]
+    assert rec["total"] == 4 and rec["sched"].last_epoch == 4 and rec["max_lr"] == 3e-3
+    assert isinstance(rec["opt"], torch.optim.AdamW) and rec["opt"].param_groups[0]["weight_decay"] == 5e-4
+    assert rec["smoothing"] == {0.1}
+    inputs = torch.cat(rec["inputs"])
+    assert inputs.shape == (4 * 128, 1, 32, 32)
+    xtr = splits["train"].x
+    exact = dict(compute_mode="donot_use_mm_for_euclid_dist")
+    plain = (torch.cdist(inputs.flatten(1), xtr.flatten(1), **exact) == 0).any(1)
+    flipped = (torch.cdist(inputs.flatten(1), xtr.flip(3).flatten(1), **exact) == 0).any(1)
+    assert bool((plain | flipped).all()) and 0.35 < flipped.float().mean() < 0.65
+    net = rec["net"].eval()
+    assert "reloaded from" in capsys.readouterr().out
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert saved.keys() == state.keys() and all(v.dtype == torch.float16 for v in saved.values())
+    assert all(torch.equal(saved[k], state[k].half()) for k in state)
+    xte, yte = splits["test"].x, splits["test"].y
+    with torch.no_grad():
+        acc = (net(xte).argmax(1) == yte).float().mean().item()
+    assert meta["test_accuracy"] == f"{acc:.4f}" and meta["epochs"] == "4" and meta["seed"] == "0"
+    assert meta["script"] == "scripts/train_fmnist_classifier.py"
+    rec, _ = _train(tfc, monkeypatch, ["--epochs", "1", "--batch-size", "60", "--lr", "1e-3", "--seed", "3",
+                                       "--data-dir", "d", "--out", str(out)])
+    assert rec["load"] == [("d", "train", True), ("d", "test", True)] and rec["seed"] == [3]
+    assert rec["total"] == 2 and rec["sched"].last_epoch == 2 and rec["max_lr"] == 1e-3
+    assert [len(x) for x in rec["inputs"]] == [60, 60]
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["epochs"] == "1" and f.metadata()["seed"] == "3"
