@@ -257,3 +257,88 @@ def test_training_run_and_the_file_it_writes(tfc, tmp_path, monkeypatch, capsys)
     assert [len(x) for x in rec["inputs"]] == [60, 60]
     with safe_open(str(out), framework="pt") as f:
         assert f.metadata()["epochs"] == "1" and f.metadata()["seed"] == "3"
+
+
+# ---- triton_compile_check ------------------------------------------------------------------------------------------
+@pytest.fixture
+def tcc(monkeypatch):
+    """The script imported here with its compiler replaced: the kernels are imported first (interpreted, as every
+    test here sees them), and TRITON_INTERPRET, which the script drops on import, comes back after the test."""
+    pytest.importorskip("triton.backends.compiler")
+    from cmfast.kernels import (attention, consistency_loss, group_norm_act, residual, skip_output,  # noqa: F401
+                                trig_tangent_loss)
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    return _load("triton_compile_check")
+
+
+def _check(tcc, monkeypatch, capsys, argv, shared):
+    """main(argv) with every kernel "compiled" to `shared` bytes (or raising it): -> (status, output, builds)."""
+    builds = []
+
+    def build(kernel, ptr_ty, constexprs, floats, arch, **opts):
+        builds.append((ptr_ty.get("*"), arch, opts))
+        if isinstance(shared, Exception):
+            raise shared
+        return shared
+    monkeypatch.setattr(tcc, "build", build)
+    rc = tcc.main(argv)
+    return rc, capsys.readouterr().out, builds
+
+
+def test_compile_check_fails_over_the_targets_shared_memory(tcc, monkeypatch, capsys):
+    """Exit 1 when a kernel needs more shared memory than the target has (227 KiB on sm_90, 163 KiB on sm_80, 99 KiB
+    on an unlisted one), exactly the limit passes; --only keeps the named kernels, --quick only bf16."""
+    only = ["--quick", "--no-attention", "--only", "loss_bwd;trig_tangent_finish"]
+    rc, out, builds = _check(tcc, monkeypatch, capsys, only, 227 * 1024)
+    assert rc == 0 and out.count(" shared ") == 2 and "OVER" not in out and "0 failures" in out
+    assert [b[:2] for b in builds] == [("fp32", 90), ("fp32", 90)]       # both kernels' pointers mostly fp32
+    rc, out, _ = _check(tcc, monkeypatch, capsys, only, 227 * 1024 + 1)
+    assert rc == 1 and out.count("OVER SHARED-MEMORY LIMIT") == 2 and "compiled for sm_90" in out
+    assert "2 failures" in out
+    for arch, limit in ((80, 163 * 1024), (86, 99 * 1024), (75, 99 * 1024)):
+        assert _check(tcc, monkeypatch, capsys, only + ["--arch", str(arch)], limit)[0] == 0
+        rc, out, builds = _check(tcc, monkeypatch, capsys, only + ["--arch", str(arch)], limit + 1)
+        assert rc == 1 and f"compiled for sm_{arch}" in out and {b[1] for b in builds} == {arch}
+    rc, out, _ = _check(tcc, monkeypatch, capsys, only, RuntimeError("ptxas fatal: bad\nsecond line"))
+    assert rc == 1 and out.count("FAILED: RuntimeError: ptxas fatal: bad") == 2 and "second line" not in out
+
+
+def test_compile_check_covers_every_dtype_and_attention_unless_told(tcc, monkeypatch, capsys):
+    rc, out, builds = _check(tcc, monkeypatch, capsys, ["--only", "skip_output_fwd;attn_delta"], 0)
+    assert rc == 0 and [b[0] for b in builds] == ["fp32"] * 4 + ["bf16"] * 4 + ["fp16"] * 4    # D 16, 64, 256
+    assert [line for line in out.splitlines() if line.startswith("--")] == ["-- fp32", "-- bf16", "-- fp16"]
+    _, _, builds = _check(tcc, monkeypatch, capsys, ["--quick", "--only", "attn_delta"], 0)
+    assert [b[0] for b in builds] == ["bf16"]
+    _, _, builds = _check(tcc, monkeypatch, capsys, ["--no-attention", "--only", "attn"], 0)
+    assert builds == []
+    _, out, builds = _check(tcc, monkeypatch, capsys, ["--quick", "--only", ";loss_bwd;"], 0)   # empty parts: none
+    assert len(builds) == 1 and out.count(" shared ") == 1 and "loss_bwd" in out
+    # the group-norm kernels' warps reach the compiler
+    _, out, builds = _check(tcc, monkeypatch, capsys, ["--quick", "--only", "gn_stats[256x8,pre=False]"], 0)
+    assert [b[2] for b in builds] == [{"num_warps": 8}]
+
+
+def test_compile_check_signature_and_build(tcc, monkeypatch):
+    fn = types.SimpleNamespace(arg_names=["x_ptr", "y_ptr", "n", "eps", "BLOCK"])
+    assert tcc.signature(fn, {"*": "bf16", "y_ptr": "u8"}, {"BLOCK": 64}, ("eps",)) == {
+        "x_ptr": "*bf16", "y_ptr": "*u8", "n": "i32", "eps": "fp32", "BLOCK": "constexpr"}
+    assert tcc.signature(fn, {}, {}, ())["x_ptr"] == "*fp32" and tcc.signature(fn, {}, {}, ())["eps"] == "i32"
+    from triton.runtime.jit import JITFunction
+
+    def kernel(x_ptr):
+        pass
+    jit = JITFunction(kernel)
+    assert tcc.jit_fn(types.SimpleNamespace(fn=types.SimpleNamespace(fn=jit))) is jit
+    seen = {}
+
+    def compile_(src, target, options):
+        seen.update(src=src, target=target, options=options)
+        return types.SimpleNamespace(metadata=types.SimpleNamespace(shared=1234))
+    monkeypatch.setattr(tcc, "ASTSource", lambda fn, sig, constexprs: ("src", fn, sig, constexprs))
+    monkeypatch.setattr(tcc.triton, "compile", compile_)
+    assert tcc.build(jit, {}, {}, (), 80) == 1234
+    assert seen["src"] == ("src", jit, {"x_ptr": "*fp32"}, {})
+    assert (seen["target"].backend, seen["target"].arch, seen["target"].warp_size) == ("cuda", 80, 32)
+    assert seen["options"] == {"num_warps": 4, "num_stages": 2}
+    tcc.build(jit, {}, {}, (), 90, num_warps=8, num_stages=3)
+    assert seen["target"].arch == 90 and seen["options"] == {"num_warps": 8, "num_stages": 3}
