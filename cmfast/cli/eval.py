@@ -133,12 +133,19 @@ def main(argv=None):
     else:
         result["checkpoint"] = os.path.abspath(args.checkpoint)
     text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
+    unwritten = None
+    if args.out:    # before the print: a stdout whose reader has gone (`| head -1`) ends the command there (141)
         try:
             _common.write_output(args.out, (text + "\n").encode())
         except OSError as e:
-            _fail(_common.first_line(e))
+            unwritten = _common.first_line(e)
+    try:
+        print(text)     # the text and its newline in two writes: a write cut short by the reader's exit (unbuffered,
+    except OSError:     # more than the pipe holds) is followed by one that fails, so the loss is reported (141)
+        if unwritten is None:
+            raise
+    if unwritten is not None:   # the result was printed; the file's error is the one to report
+        _fail(unwritten)
     return 0
 
 
