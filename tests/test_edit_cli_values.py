@@ -204,11 +204,12 @@ def test_interpolate_defaults_4_pairs_9_alphas_from_the_seeded_generator(stub, t
             close(tile(grid, p, i), want[i, p])
 
 
-def test_grid_scale_upscales_the_grid_only(stub, tmp_path):
+def test_grid_scale_upscales_the_grid_only(stub, tmp_path, capsys):
     write_inputs(tmp_path / "in", n=1)
     for scale in ("1", "3"):
         assert main(["denoise", "--pretrained", "x", "--input", str(tmp_path / "in"), "--grid-scale", scale,
                      "--out", str(tmp_path / scale)]) == 0
+        assert capsys.readouterr().out == f"cmfast-edit: wrote 1 image and denoise_grid.png to {tmp_path / scale}\n"
     small, big = (png(tmp_path / s / "denoise_grid.png") for s in ("1", "3"))
     assert big.shape[1:] == (3 * small.shape[1], 3 * small.shape[2])
     assert torch.equal(big, small.repeat_interleave(3, 1).repeat_interleave(3, 2))
@@ -288,3 +289,58 @@ def test_interpolate_with_steps_samples_each_point_over_the_karras_levels(stub, 
     want = edit.interpolate(cmfast.load_pretrained("x"), z[0], z[1], [0.0, 1.0], sigmas=levels(2), generator=g)
     for i in range(2):
         close(png(tmp_path / "o" / f"pair0_{i}.png"), want[i, 0])
+
+
+def test_super_resolve_factor_4_shows_the_4x4_patch_means(stub, tmp_path):
+    """--factor 4: the result is edit.super_resolve at factor 4 and the grid's second tile the 4x4 patch means,
+    nearest-upsampled (factor 2 alone was tested, which the grid's pooling also took when fixed at 2)."""
+    x = write_inputs(tmp_path / "in", n=1)
+    assert main(["super-resolve", "--pretrained", "x", "--input", str(tmp_path / "in"), "--factor", "4", "--steps", "2",
+                 "--out", str(tmp_path / "o")]) == 0
+    want = edit.super_resolve(cmfast.load_pretrained("x"), x, 4, levels(2),
+                              noise=[noise(0, 0, 1, (3, RES, RES), k) for k in range(2)])
+    means = x.reshape(1, 3, RES // 4, 4, RES // 4, 4).mean((3, 5)).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    g = png(tmp_path / "o" / "super-resolve_grid.png")
+    close(tile(g, 0, 1), means[0])
+    close(tile(g, 0, 2), want[0])
+    close(png(tmp_path / "o" / "img0_super-resolve.png"), want[0])
+
+
+def test_fashion_mnist_input_for_an_rgb_model_is_the_gray_image_repeated(stub, tmp_path, monkeypatch):
+    """inpaint --input fashion-mnist with a 3-channel model: the 1-channel images are repeated to RGB, as a gray PNG
+    is read (colorize takes either; inpaint refused the gray batch)."""
+    stub(3, 32)
+    monkeypatch.setattr("cmfast.data.load_fashion_mnist", lambda split: _FakeFashion(4))
+    assert main(["inpaint", "--pretrained", "x", "--input", "fashion-mnist::2", "--steps", "1",
+                 "--out", str(tmp_path / "o")]) == 0
+    rgb = _FakeFashion(4).x[:2].expand(-1, 3, -1, -1)
+    mask = torch.ones(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 0
+    want = edit.inpaint(cmfast.load_pretrained("x"), rgb, mask, levels(1), noise=[noise(0, 0, 2, (3, 32, 32), 0)])
+    for i in range(2):
+        close(png(tmp_path / "o" / f"fmnist-test-{i:05d}_inpaint.png"), want[i])
+
+
+def test_checkpoint_loads_the_asked_weights_onto_the_device(stub, tmp_path, monkeypatch):
+    """--checkpoint with --which model: load_model gets those weights and --device (its map_location)."""
+    seen = []
+    monkeypatch.setattr("cmfast.training.checkpoint.load_model", lambda path, **k: seen.append((path, k)) or
+                        (cmfast.load_pretrained("x"), {}))
+    write_inputs(tmp_path / "in", n=1)
+    assert main(["denoise", "--checkpoint", str(tmp_path), "--which", "model", "--device", "cpu", "--input",
+                 str(tmp_path / "in"), "--out", str(tmp_path / "o")]) == 0
+    assert seen == [(str(tmp_path), dict(which="model", map_location="cpu"))]
+
+
+def test_missing_factor_and_fashion_mnist_for_another_resolution_are_one_line(stub, tmp_path, monkeypatch, capsys):
+    """super-resolve without --factor, and --input fashion-mnist (32x32) for a 16x16 model, are refused with their own
+    line before anything is written."""
+    write_inputs(tmp_path / "in", n=1)
+    monkeypatch.setattr("cmfast.data.load_fashion_mnist", lambda split: _FakeFashion(4))
+    for argv, msg in ((["super-resolve", "--input", str(tmp_path / "in")], "super-resolve needs --factor"),
+                      (["denoise", "--input", "fashion-mnist"], "--input fashion-mnist: 32x32 images, the model takes "
+                                                                "16x16")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--pretrained", "x", "--out", str(tmp_path / "o")])
+        assert e.value.code == 2 and capsys.readouterr().err == f"cmfast-edit: error: {msg}\n"
+    assert not (tmp_path / "o").exists()
