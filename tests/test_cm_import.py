@@ -350,3 +350,69 @@ def test_a_teacher_converts_to_an_edm_checkpoint(tmp_path):
     model, meta = load_model(str(out))
     assert isinstance(model, cmfast.EDMDenoiser) and not isinstance(model, cmfast.ConsistencyModel)
     assert meta["config"]["method"] == "edm" and model.sigma_data == 0.5
+
+
+def test_a_one_level_unetmodel_equals_unetmodel():
+    """channel_mult=(1,): no level ends with an up block, so num_res_blocks is the output blocks less one (2 here);
+    the converted network equals the float64 UNetModel (attention at the full 16x16)."""
+    sd = {k: v.float() for k, v in _openai_state(mult=(1,), n=2, attn_ds=(1,), classes=0, seed=11).items()}
+    weights, cfg = cm_import.convert(sd, img_resolution=16)
+    assert (cfg["channel_mult"], cfg["num_blocks"], cfg["attn_resolutions"]) == ([1], 2, [16])
+    net = cmfast.UNet(**cfg).double().eval()
+    net.load_state_dict({k: v.double() for k, v in weights.items()})
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    c_noise = torch.tensor([-1.0, 0.8], dtype=torch.float64)
+    with cmfast.ops.use_backend("torch"), torch.no_grad():
+        got = net(x, c_noise)
+        want = _reference({k: v.double() for k, v in sd.items()}, x, 1000 * c_noise, None, set())
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_layouts_that_are_no_unetmodel_are_refused_by_name(tmp_path):
+    """Each layout check says what is wrong, not a later symptom of it: a dict with a time embedding but no
+    input_blocks, one with a key that is no name (an AttributeError traceback before), a sub-module that is no
+    ResBlock / AttentionBlock / convolution, an input block short of the output blocks' levels (2 levels of 1 + 1
+    blocks: 4 input and 4 output blocks), channel counts that are no multiples of the time embedding's input width
+    (model_channels)."""
+    torch.save({"time_embed.0.weight": torch.zeros(4, 2), "out.2.weight": torch.zeros(3, 2, 3, 3)},
+               tmp_path / "half.pt")
+    with pytest.raises(cm_import.CMCheckpointError) as e:
+        cm_import.load_cm_checkpoint(str(tmp_path / "half.pt"), img_resolution=16)
+    assert str(e.value) == (f"{tmp_path / 'half.pt'}: not a state dict of openai/consistency_models' UNetModel "
+                            f"(no time_embed / input_blocks weights)")
+    sd = {k: v.float() for k, v in _openai_state(classes=0, seed=12).items()}
+    torch.save({**sd, 7: torch.zeros(1)}, tmp_path / "int.pt")      # torch.save keeps keys of any type
+    with pytest.raises(cm_import.CMCheckpointError) as e:
+        cm_import.load_cm_checkpoint(str(tmp_path / "int.pt"), img_resolution=16)
+    assert str(e.value) == (f"{tmp_path / 'int.pt'}: not a state dict of openai/consistency_models' UNetModel "
+                            f"(a key that is no weight name: 7)")
+    cases = {"an unknown block layout": dict(sd, **{"input_blocks.1.1.foo.weight": torch.zeros(4)}),
+             "3 input and 4 output blocks do not make a UNet of equal levels":
+                 {k: v for k, v in sd.items() if not k.startswith("input_blocks.3.")},
+             "channel counts [128, 256] are not multiples of model_channels 96":
+                 dict(sd, **{"time_embed.0.weight": torch.zeros(512, 96)})}
+    for match, state in cases.items():
+        with pytest.raises(cm_import.CMCheckpointError) as e:
+            cm_import.convert(state, img_resolution=16)
+        assert match in str(e.value), str(e.value)
+
+
+def test_resolution_defaults_to_imagenet_64_and_the_two_step_level_lies_inside_the_range(tmp_path, capsys):
+    """Without --image-size (img_resolution) a file is the ImageNet 64x64 model's: attention of ds 2 is at 32x32
+    (the weights cannot tell the resolution). A second two-step level must lie strictly between sigma_min 0.002 and
+    sigma_max 80: at 0.002 itself the second step would be f(x, sigma_min) = x, no step."""
+    sd = {k: v.float() for k, v in _openai_state(classes=0, seed=13).items()}
+    cfg = cm_import.convert(sd)[1]
+    assert (cfg["img_resolution"], cfg["attn_resolutions"]) == (64, [32])
+    torch.save(sd, tmp_path / "m.pt")
+    _, cfg = cm_import.load_cm_checkpoint(str(tmp_path / "m.pt"))
+    assert (cfg["net"]["img_resolution"], cfg["net"]["attn_resolutions"]) == (64, [32])
+    assert cm_import.main([str(tmp_path / "m.pt"), str(tmp_path / "m.safetensors")]) == 0
+    written = load_model(str(tmp_path / "m.safetensors"))[1]["config"]["net"]
+    assert (written["img_resolution"], written["attn_resolutions"]) == (64, [32])
+    for bad in (0.002, 80.0):
+        with pytest.raises(ValueError, match="between sigma_min 0.002 and sigma_max 80"):
+            cm_import.load_cm_checkpoint(str(tmp_path / "m.pt"), img_resolution=16, two_step_sigma=bad)
+    _, cfg = cm_import.load_cm_checkpoint(str(tmp_path / "m.pt"), img_resolution=16, two_step_sigma=0.0021)
+    assert cfg["sampling_sigmas"] == {"2": [80.0, 0.0021]}
