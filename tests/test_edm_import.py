@@ -79,10 +79,11 @@ def _edm_tree(m, taps):
 
 
 def write_edm_pickle(path, net: UNet, song_kwargs: dict, precond="EDMPrecond", sigma_data=0.5, augment_dim=9,
-                     marker=None, positional=False):
+                     marker=None, positional=False, drop=()):
     """An EDM training snapshot (network-snapshot-*.pkl) holding `net` as EDMPrecond(SongUNet or DhariwalUNet);
     positional: EDMPrecond's four positional arguments recorded as _init_args (img_resolution, img_channels,
-    label_dim, use_fp16) instead of keywords."""
+    label_dim, use_fp16) instead of keywords; drop: names left out of the recorded keywords and of EDMPrecond's
+    attributes (sigma_data, ...)."""
     cfg = net.config
     taps = list(cfg.get("resample_filter", [1, 1]))
     song = _edm_tree(net, taps)
@@ -98,8 +99,9 @@ def write_edm_pickle(path, net: UNet, song_kwargs: dict, precond="EDMPrecond", s
     kwargs = dict(img_resolution=res, img_channels=cfg["in_channels"], label_dim=cfg.get("label_dim", 0),
                   use_fp16=False, augment_dim=augment_dim, **song_kwargs)
     args = tuple(kwargs.pop(k) for k in ("img_resolution", "img_channels", "label_dim", "use_fp16")) if positional else ()
-    ema = _Persistent(precond, _state(modules=[("model", song)], img_resolution=res, sigma_data=sigma_data,
-                                      sigma_min=0, sigma_max=float("inf"), _init_args=args, _init_kwargs=kwargs))
+    attrs = dict(img_resolution=res, sigma_data=sigma_data, sigma_min=0, sigma_max=float("inf"), _init_args=args,
+                 _init_kwargs={k: v for k, v in kwargs.items() if k not in drop})
+    ema = _Persistent(precond, _state(modules=[("model", song)], **{k: v for k, v in attrs.items() if k not in drop}))
     evil = _Evil()
     evil.marker = marker or os.devnull
     data = dict(ema=ema, loss_fn=_Persistent("EDMLoss", {"P_mean": -1.2, "hook": evil}), augment_pipe=None,
@@ -314,3 +316,72 @@ def test_student_starts_from_a_teacher_that_differs_in_dropout_only(tmp_path):
     assert cfg["net"]["dropout"] == 0.0
     assert architecture({**cfg["net"], "dropout": 0.2}) == architecture(cfg["net"])
     assert architecture({**cfg["net"], "num_blocks": 2}) != architecture(cfg["net"])
+
+
+def test_arguments_recorded_as_tuples_and_numpy_numbers_are_plain_data(tmp_path):
+    """A pickle records its training run's arguments as that run passed them: tuples, and numpy integers inside them
+    (a --cres list parsed with numpy, say). The config is plain JSON data (lists of ints: cmfast's UNet refuses a
+    numpy integer as a size) and the network is the one written, NCSN++'s filter taps and noise width included."""
+    import numpy as np
+    net, song = _net("ncsnpp")
+    song = {**song, "channel_mult": (np.int64(1), np.int64(2)), "attn_resolutions": (np.int32(8),),
+            "resample_filter": (1, np.int64(3), 3, 1), "channel_mult_noise": np.int64(2)}
+    model, cfg = edm_import.load_edm_pickle(str(write_edm_pickle(tmp_path / "np.pkl", net, song)))
+    for key, want in (("channel_mult", [1, 2]), ("attn_resolutions", [8]), ("resample_filter", [1, 3, 3, 1])):
+        assert type(cfg["net"][key]) is list and cfg["net"][key] == want, key
+        assert all(type(v) is int for v in cfg["net"][key]), key
+    assert type(cfg["net"]["channel_mult_noise"]) is int and cfg["net"]["channel_mult_noise"] == 2
+    assert json.loads(json.dumps(cfg))["net"]["channel_mult"] == [1, 2]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x, 3.0), cmfast.EDMDenoiser(net).eval()(x, 3.0))
+
+
+def test_unrecorded_resolution_is_one_line_and_unrecorded_sigma_data_is_edms_default(tmp_path):
+    """No img_resolution among EDMPrecond's recorded arguments: one line naming the file (a KeyError traceback
+    otherwise). No sigma_data attribute: EDMPrecond's default 0.5, and the denoiser is EDM's preconditioning with it,
+    D(x) = c_skip x + c_out F(c_in x, ln(sigma) / 4) with c_skip = 0.25 / (sigma^2 + 0.25), c_out = 0.5 sigma /
+    sqrt(sigma^2 + 0.25), c_in = 1 / sqrt(sigma^2 + 0.25), F the network the pickle was written from."""
+    net, song = _net("ddpmpp")
+    for drop in (("img_resolution",), ("img_channels",)):
+        path = write_edm_pickle(tmp_path / f"{drop[0]}.pkl", net, song, drop=drop)
+        with pytest.raises(edm_import.EDMPickleError) as e:
+            edm_import.load_edm_pickle(str(path))
+        assert str(e.value) == f"{path}: the network's img_resolution / img_channels are not recorded"
+    model, cfg = edm_import.load_edm_pickle(str(write_edm_pickle(tmp_path / "sd.pkl", net, song, sigma_data=0.25,
+                                                                 drop=("sigma_data",))))
+    assert cfg["sigma_data"] == 0.5 and model.sigma_data == 0.5
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    sigma = torch.tensor([0.3, 7.0], dtype=torch.float64)[:, None, None, None]
+    c_skip, c_out = 0.25 / (sigma ** 2 + 0.25), 0.5 * sigma / (sigma ** 2 + 0.25).sqrt()
+    c_in = 1 / (sigma ** 2 + 0.25).sqrt()
+    ref = net.double().eval()
+    with cmfast.ops.use_backend("torch"), torch.no_grad():
+        want = c_skip * x + c_out * ref(c_in * x, sigma.flatten().log() / 4)
+        got = model.double()(x, sigma.flatten()).double()      # the denoiser takes sigma in float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_missing_for_the_recorded_attention_levels_are_one_line(tmp_path):
+    """attn_resolutions recorded as [16, 8] for a network with attention at 8x8 only: every weight in the pickle has
+    a place, but the 16x16 blocks' attention weights are missing. One line naming them (a KeyError traceback from the
+    shape check otherwise)."""
+    net, song = _net("ddpmpp")
+    path = write_edm_pickle(tmp_path / "attn.pkl", net, {**song, "attn_resolutions": [16, 8]})
+    with pytest.raises(edm_import.EDMPickleError) as e:
+        edm_import.load_edm_pickle(str(path))
+    import re
+    assert re.fullmatch(re.escape(f"{path}: the weights do not match EDM's SongUNet with the recorded arguments ")
+                        + r"\(missing \['dec\.16x16_block\d\.norm2\.bias', 'dec\.16x16_block\d\.norm2\.weight', "
+                        r"'dec\.16x16_block\d\.proj\.bias'\], unexpected \[\]\)", str(e.value)), str(e.value)
+
+
+def test_a_shape_mismatch_names_the_first_weight_in_network_order(tmp_path):
+    """channel_mult_emb recorded as 4 for a network built with 2 (model_channels 8): every embedding-fed weight
+    differs; the error names the first, the embedding's input layer map_layer0 (2 x 8 = 16 rows written, 4 x 8 = 32
+    expected, over the 8 positional-embedding channels)."""
+    net, song = _net("ddpmpp")
+    path = write_edm_pickle(tmp_path / "emb.pkl", net, {**song, "channel_mult_emb": 4})
+    with pytest.raises(edm_import.EDMPickleError) as e:
+        edm_import.load_edm_pickle(str(path))
+    assert str(e.value) == f"{path}: map_layer0.weight has shape (16, 8), expected (32, 8)"
