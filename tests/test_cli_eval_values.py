@@ -103,14 +103,14 @@ def test_checkpoint_and_shipped_model_load_the_asked_weights_where_they_are_scor
                                                    "images"),
     (["--pretrained", "x", "--steps", "1", "--sigmas", "80,0.821"], "--steps 1 but --sigmas has 2 values")],
     ids=["seed", "search-1-step", "folder", "steps-sigmas"])
-def test_refusals_before_the_evaluation_are_one_line(shipped, tmp_path, monkeypatch, capsys, argv, msg):  # noqa: F811
+def test_refusals_before_the_evaluation_are_one_line(shipped, monkeypatch, capsys, argv, msg):  # noqa: F811
     """--seed -1, --search-sigmas for one step, --dataset folder without --data-dir and --steps that --sigmas
-    contradicts: each one line, exit 2, and nothing evaluated (each was taken: an evaluation, or another error later)."""
+    contradicts: each one line, exit 2, nothing evaluated (each was taken: an evaluation, or another error later)."""
     from cmfast.cli.eval import main
     monkeypatch.setattr("cmfast.metrics.evaluate", lambda *a, **k: {"value": 1.0})
     with pytest.raises(SystemExit) as e:
-        main([a.format(tmp=tmp_path) for a in argv] + ["--metric", "fd-fmnist", "--device", "cpu"])
-    assert e.value.code == 2 and capsys.readouterr().err == f"cmfast-eval: error: {msg.format(tmp=tmp_path)}\n"
+        main(argv + ["--metric", "fd-fmnist", "--device", "cpu"])
+    assert e.value.code == 2 and capsys.readouterr().err == f"cmfast-eval: error: {msg}\n"
 
 
 def test_reference_dataset_from_the_checkpoint_or_as_given(shipped, tmp_path, monkeypatch):  # noqa: F811

@@ -46,7 +46,8 @@ def test_checkpoint_and_shipped_model_load_the_asked_weights_where_they_sample(s
 
 def test_recorded_levels_are_named_in_the_summary_line(shipped, tmp_path, monkeypatch, capsys):  # noqa: F811
     """A checkpoint's recorded levels for --steps 2 are sampled and named, 4 significant digits each, in the line
-    that ends the run; with --sigmas too, those are sampled and the line names no levels."""
+    that ends the run; with --sigmas too, those are sampled and the line names no levels; without --steps, one step
+    at the model's sigma_max (40)."""
     import numpy as np
 
     import cmfast.cli.sample as S
@@ -63,3 +64,16 @@ def test_recorded_levels_are_named_in_the_summary_line(shipped, tmp_path, monkey
     assert main(["--checkpoint", "ck", "--steps", "2", "--sigmas", "30,2", "--num", "1", "--npz", str(out)]) == 0
     assert seen[1:] == [(30.0, 2.0)]
     assert capsys.readouterr().out == f"1 images (4, 4, 3) -> {out}\n"
+    # no --steps: one step at the model's sigma_max (the checkpoint records levels for 2 steps only)
+    assert main(["--checkpoint", "ck", "--num", "1", "--npz", str(out)]) == 0
+    assert seen[2:] == [(40.0,)]
+    assert capsys.readouterr().out == f"1 images (4, 4, 3) -> {out}\n"
+
+
+def test_output_extensions_in_capitals_are_taken(shipped, tmp_path):  # noqa: F811
+    """--out G.PNG and --npz A.NPZ are a PNG and an .npz: the extension's case does not matter."""
+    import numpy as np
+    assert main(["--pretrained", "x", "--num", "2", "--out", str(tmp_path / "G.PNG"), "--npz",
+                 str(tmp_path / "A.NPZ")]) == 0
+    assert (tmp_path / "G.PNG").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.load(tmp_path / "A.NPZ")["arr_0"].shape == (2, 4, 4, 3)
