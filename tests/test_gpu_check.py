@@ -128,3 +128,95 @@ def test_ops_and_sct_stage_commands_match_the_scripts(tmp_path):
                                "benchmarks/fd_jvp_accuracy.py"]
     for argv in scripts.values():
         _check_flags(argv)
+
+
+# ---- defaults, limits and result files (no --help runs: these stay fast) -------------------------------------------
+_ENV_RECORD = 'echo "$1 $2 $3|${CMFAST_TRITON_AUTOTUNE:-}|${CMFAST_BUILD_CUDA:-}" >> "$(dirname "$0")/../env"'
+STEPS = ["env", "install", "build-csrc", "pytest-gpu", "latency-gate", "regress", "throughput", "bench-triton-ops",
+         "bench-cuda-ops", "fd-jvp-accuracy", "bench-sct", "reference-runs"]
+
+
+def _limits(stdout):
+    """{step: its time limit} from the '==== NAME (limit Ns)' lines, in order."""
+    return {line.split(" (limit ")[0][5:]: int(line.split(" (limit ")[1].split("s)")[0])
+            for line in stdout.splitlines() if line.startswith("==== ") and " (limit " in line}
+
+
+def _arg(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in ("GPU_CHECK_BUDGET_S", "GPU_CHECK_THROUGHPUT_COMPILE_S", "GPU_CHECK_OPS_COMPILE_S",
+                "GPU_CHECK_SCT_BUDGET_MS", "GPU_CHECK_PYTEST_SELECT", "GPU_CHECK_REFERENCE_PARALLEL",
+                "GPU_CHECK_REFERENCE_PROFILE", "CMFAST_TRITON_AUTOTUNE", "CMFAST_BUILD_CUDA"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_every_step_with_its_default_limits_and_result_files(tmp_path, clean_env):
+    """All four stages under a budget that cuts nothing: each step's own limit and the defaults of the compile
+    budgets (throughput 240 s, per-op 170 s, sCT rows 2000 ms); the results land in OUT under their names (with the
+    log, the 8 files the header promises), the latency gate's JSON is the one regress reads; the GPU tests run
+    without autotuning, in 6 xdist workers, without the latency gate's file; the install builds no CUDA."""
+    r, calls = _run_stage(tmp_path, "core,ops,sct,reference", {"GPU_CHECK_BUDGET_S": "5000"}, _ENV_RECORD)
+    assert r.returncode == 0, r.stderr
+    assert _limits(r.stdout) == dict(zip(STEPS, [15, 40, 60, 180, 40, 10, 380, 210, 230, 150, 280, 440]))
+    out = str((tmp_path / "out").resolve())
+    by = {c[0]: c for c in calls if c and c[0].endswith(".py")}
+    tp = by["benchmarks/throughput.py"]
+    assert _arg(tp, "--budget-s") == "240" and _arg(tp, "--deadline-s") == "365" and "--quick" in tp
+    assert _arg(by["benchmarks/bench_ops.py"], "--budget-s") == "170" == _arg(by["benchmarks/bench_cuda.py"],
+                                                                              "--budget-s")
+    assert _arg(by["benchmarks/bench_sct.py"], "--budget-ms") == "2000"
+    ref = by["scripts/reference_runs.py"]
+    assert _arg(ref, "--deadline-s") == "430" and _arg(ref, "--export-dir") == out and "--parallel" in ref
+    files = {"throughput-quick.json": _arg(tp, "--out"),
+             "triton-ops.json": _arg(by["benchmarks/bench_ops.py"], "--out"),
+             "cuda-ops.json": _arg(by["benchmarks/bench_cuda.py"], "--out"),
+             "fd_jvp_accuracy.json": _arg(by["benchmarks/fd_jvp_accuracy.py"], "--out"),
+             "bench_sct.json": _arg(by["benchmarks/bench_sct.py"], "--out"),
+             "reference_runs.json": _arg(ref, "--results")}
+    gpu, latency = [c for c in calls if c[:2] == ["-m", "pytest"]]
+    gate = next(a for a in latency if a.startswith("--benchmark-json="))
+    files["latency.json"] = gate.split("=", 1)[1]
+    assert all(path == f"{out}/{name}" for name, path in files.items()), files
+    assert len(files) + 1 == 8
+    assert by["benchmarks/regress.py"][1:3] == ["compare", files["latency.json"]]
+    assert _arg(by["benchmarks/regress.py"], "--write-baseline") == out
+    assert "--ignore=benchmarks/test_latency.py" in gpu and _arg(gpu, "-n") == "6"
+    assert gpu[gpu.index("-m", 2) + 1] == "gpu"
+    env = dict(line.split("|", 1) for line in (tmp_path / "env").read_text().splitlines())
+    assert env["-m pytest -m"] == "0|" and env["-m pip install"] == "|0"
+    assert env["-m pytest benchmarks/test_latency.py"] == env["benchmarks/throughput.py --quick --budget-s"] == "|"
+
+
+def test_default_stage_is_core_and_default_budget_465(tmp_path, clean_env):
+    r, calls = _run_stage(tmp_path, "", {"GPU_CHECK_THROUGHPUT_COMPILE_S": "1000"})
+    scripts = [c[0] for c in calls if c and c[0].endswith(".py")]
+    assert scripts == ["benchmarks/regress.py", "benchmarks/throughput.py"]
+    assert 450 <= _limits(r.stdout)["throughput"] <= 460                # 465 - 5 - the seconds the stand-ins took
+
+
+def test_stage_settings_from_the_environment(tmp_path, clean_env):
+    r, calls = _run_stage(tmp_path, "ops,sct,reference",
+                          {"GPU_CHECK_BUDGET_S": "5000", "GPU_CHECK_OPS_COMPILE_S": "0",
+                           "GPU_CHECK_SCT_BUDGET_MS": "500", "GPU_CHECK_REFERENCE_PARALLEL": "0",
+                           "GPU_CHECK_REFERENCE_PROFILE": "smoke"})
+    by = {c[0]: c for c in calls if c and c[0].endswith(".py")}
+    assert _arg(by["benchmarks/bench_ops.py"], "--budget-s") == "0" and _arg(by["benchmarks/bench_sct.py"],
+                                                                            "--budget-ms") == "500"
+    assert _limits(r.stdout)["bench-triton-ops"] == 40 and _limits(r.stdout)["bench-cuda-ops"] == 60
+    ref = by["scripts/reference_runs.py"]
+    assert "--parallel" not in ref and _arg(ref, "--profile") == "smoke"
+
+
+def test_a_step_needs_10_s_of_the_budget_less_5(tmp_path, clean_env):
+    """A step starts only with 10 s or more left of the budget less a 5 s margin, and gets at most that."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    r, calls = _run_stage(tmp_path / "a", "core", {"GPU_CHECK_BUDGET_S": "14"})
+    assert [c for c in calls if c[:1] != ["-c"]] == []                 # only the xdist probe, no step
+    assert "env                    skipped (time budget spent)" in r.stdout and _limits(r.stdout) == {}
+    r, _ = _run_stage(tmp_path / "b", "core", {"GPU_CHECK_BUDGET_S": "17"})
+    assert _limits(r.stdout)["env"] in (10, 11, 12)                    # 17 - 5 - the seconds gone, under env's 15

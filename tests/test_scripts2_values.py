@@ -1,8 +1,8 @@
 """Values of the scripts no other test checked: scripts/make_edit_figures.py (the README's docs/edit_*.png: the test
-images it reads, the stroke inputs, each task's levels and settings, its command line), scripts/train_fmnist_classifier.py
-(the FD-FMNIST classifier's training and the file it writes) and scripts/triton_compile_check.py (exit status, the
-shared-memory limit per GPU, --only). Small synthetic inputs; the expensive parts replaced where the checked values
-do not depend on them."""
+images it reads, the stroke inputs, each task's levels and settings, its command line),
+scripts/train_fmnist_classifier.py (the FD-FMNIST classifier's training and the file it writes) and
+scripts/triton_compile_check.py (exit status, the shared-memory limit per GPU, --only). Small synthetic inputs; the
+expensive parts replaced where the checked values do not depend on them."""
 import gzip
 import importlib.util
 import os
