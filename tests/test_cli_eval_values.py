@@ -155,3 +155,21 @@ def test_search_over_three_steps_and_from_the_checkpoints_levels(shipped, tmp_pa
     assert searched.pop() == (2, (40.0, 0.5))
     r = json.loads(capsys.readouterr().out)
     assert r["search"]["sigmas_from"] == "checkpoint (sampling_sigmas)" and "sigmas_from" not in r
+
+
+def test_a_bad_device_and_an_edm_teachers_search_are_one_line(shipped, monkeypatch, capsys):  # noqa: F811
+    """--device that is no device here, and --search-sigmas for an EDM teacher (it samples with its Heun schedule):
+    one line each, exit 2, nothing evaluated (the device was not checked: evaluate ran on the CPU)."""
+    from cmfast.cli.eval import main
+    from cmfast.precond import EDMDenoiser
+    from test_sampling import _CliNet
+    monkeypatch.setattr("cmfast.metrics.evaluate", lambda *a, **k: {"value": 1.0})
+    with pytest.raises(SystemExit) as e:
+        main(["--pretrained", "x", "--metric", "fd-fmnist", "--device", "bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("cmfast-eval: error: --device 'bogus'") and err.count("\n") == 1, err
+    shipped["model"] = EDMDenoiser(_CliNet()).eval()
+    with pytest.raises(SystemExit) as e:
+        main(["--pretrained", "x", "--metric", "fd-fmnist", "--steps", "2", "--search-sigmas", "--device", "cpu"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "cmfast-eval: error: --search-sigmas: an EDM teacher samples with its Heun schedule; give a consistency model\n")
