@@ -271,9 +271,14 @@ def test_eta_and_img_per_s_count_this_runs_steps_to_its_end(tmp_path, clock):
     """At 1 s a step: img/s is batch / 1 s = 4 in every row; elapsed is this run's seconds; the ETA is the steps left
     to this run's end (--stop-at, else --steps) at this run's speed: 2, 1, 0 to --stop-at 3, and after a resume from
     3 to --stop-at 6 again 2, 1, 0 (mutants: the ETA to --steps 8; steps counted from 0 not from the resume; img/s of
-    every step since 0). The state file's RNG is one process's dict, its counters all 0."""
+    every step since 0). The state file's RNG is one process's dict, its counters all 0 (mutant: a list). A later
+    step's incomplete checkpoint is noted as later too (mutant: complete ones only)."""
     assert _fm_run(tmp_path, "--steps", "8", "--stop-at", "3", "--log-every", "1") == 0
+    w3, w7 = ckpt.paths(str(tmp_path / "run"), 3)[0], ckpt.paths(str(tmp_path / "run"), 7)[0]
+    with open(w3, "rb") as a, open(w7, "wb") as b:       # a later step's weights without their state: incomplete
+        b.write(a.read())
     assert _fm_run(tmp_path, "--steps", "8", "--stop-at", "6", "--log-every", "1", "--resume", "latest") == 0
+    assert "note: checkpoints of later steps (7) stay in" in (tmp_path / "run" / "log.txt").read_text()
     with open(tmp_path / "run" / "stats.jsonl") as f:
         rows = [json.loads(x) for x in f]
     assert [(r["step"], r["elapsed_s"], r["img_per_s"]) for r in rows] == \
@@ -291,3 +296,60 @@ def test_time_limit_is_minutes_and_stops_after_the_step_that_passes_it(tmp_path,
     assert _fm_run(tmp_path, "--steps", "50", "--log-every", "100", "--time-limit", "0.05") == 0
     assert [s for s, _, _ in ckpt.list_checkpoints(str(tmp_path / "run"))] == [4]
     assert "stopping at step 4 (--time-limit)" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_a_nan_loss_under_fp16_is_a_skipped_step_not_a_scaler_overflow(tmp_path, monkeypatch, one_thread):
+    """fp16 loss scaling: a step whose loss itself is NaN is skipped (and counts towards --nan-limit), not counted as
+    the scaler's overflow, which is a finite loss with inf gradients (mutant: every non-finite fp16 step an
+    overflow)."""
+    from cmfast.training import methods
+    monkeypatch.setenv("CMFAST_OFFLINE", "1")
+    real = methods.ICT.loss
+
+    def loss(self, models, x, step, *a, **k):
+        value, info = real(self, models, x, step, *a, **k)
+        return (value * float("nan") if step == 1 else value), info
+    monkeypatch.setattr(methods.ICT, "loss", loss)
+    assert _fm_run(tmp_path, "--steps", "2", "--log-every", "1", "--precision", "fp16") == 0
+    with open(tmp_path / "run" / "stats.jsonl") as f:
+        rows = [json.loads(x) for x in f]
+    assert [(r["step"], r["skipped"], r["overflow"], r["loss"] is None) for r in rows] == \
+        [(1, 0, 0, False), (2, 1, 0, True)]
+    assert "step 1: non-finite loss nan or grad norm" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_time_budget_times_the_8_steps_after_the_first_2(tmp_path, clock):
+    """--time-budget 1 (60 s) at 1 s a step: steps 3 to 10 timed, 1 s each, 10 s spent at step 10, so
+    K = 10 + floor(0.95 x 50 / 1) = 57, written to config.json's plan (mutant: the timing started a step late, 7 steps
+    over 8: 0.875 s a step, K 64)."""
+    assert _fm_run(tmp_path, "--time-budget", "1", "--stop-at", "10", "--log-every", "100") == 0
+    with open(tmp_path / "run" / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["planned"] == {"total_steps": 57, "at_step": 10, "ms_per_step": 1000.0, "elapsed_s": 10.0,
+                              "time_budget_min": 1.0}
+    assert cfg["total_steps"] == 57
+    assert "--time-budget 1 min: 1000.0 ms a step over steps 2-10, 10.0 s spent -> 57 steps in all" in \
+        (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_a_config_json_that_cannot_be_written_says_whether_checkpoints_are_kept(tmp_path, monkeypatch, capsys,
+                                                                                  one_thread):
+    """config.json is written at the start: a resumed run's failure says its checkpoints are kept, a new run's (with
+    none) does not (mutant: 'kept' said for a new run too)."""
+    monkeypatch.setenv("CMFAST_OFFLINE", "1")
+    assert _fm_run(tmp_path, "--steps", "2", "--stop-at", "1") == 0
+    real = ckpt.atomic_write
+
+    def full(path, data):
+        if path.endswith("config.json"):
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+    monkeypatch.setattr(ckpt, "atomic_write", full)
+    capsys.readouterr()
+    for base, kept in ((tmp_path, True), (tmp_path / "new", False)):
+        with pytest.raises(SystemExit) as e:
+            _fm_run(base, "--steps", "2", *(["--resume", "latest"] if kept else []))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1
+        assert err.rstrip("\n").endswith(f"cannot write {base / 'run' / 'config.json'} (No space left on device)"
+                                         + (L.KEPT if kept else ""))
