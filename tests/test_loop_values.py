@@ -2,7 +2,7 @@
 expectations (mutation gaps: each test failed with the mutation named in its docstring)."""
 import json
 import os
-import time
+import types
 
 import pytest
 import torch
@@ -220,15 +220,18 @@ def test_trim_stats_drops_the_rows_after_the_step_resumed_from(tmp_path):
     assert len(said) == 2
 
 
-def test_stats_row_means_over_the_intervals_finite_steps():
+def test_stats_row_means_over_the_intervals_finite_steps(monkeypatch):
     """loss and grad norm are the interval's sums over its finite steps, null with none; kimg is step x batch / 1000;
-    img/s counts the interval's steps only (mutants: 0 for no finite step; 1024; steps since 0)."""
-    tick = {"loss": 3.0, "gnorm": 6.0, "n": 2, "t0": time.time() - 2.0, "step0": 4, "warmup": False}
+    img/s counts the interval's steps only (mutants: 0 for no finite step; 1024; steps since 0). The loop's clock
+    stands at 2 s after the interval's start (a real clock's delay under load moved img/s)."""
+    monkeypatch.setattr(L, "time", types.SimpleNamespace(time=lambda: 1002.0, monotonic=lambda: 1002.0))
+    tick = {"loss": 3.0, "gnorm": 6.0, "n": 2, "t0": 1000.0, "step0": 4, "warmup": False}
     counters = {"skipped": 1, "overflow": 0}
     row = L._stats_row(6, {"batch_size": 8}, tick, {"N": 5, "extra": 1.5}, 1e-3, counters, torch.device("cpu"))
     assert (row["step"], row["kimg"], row["loss"], row["grad_norm"], row["N"], row["mu"], row["extra"], row["lr"]) == \
         (6, 0.048, 1.5, 3.0, 5, None, 1.5, 1e-3)
-    assert row["img_per_s"] == pytest.approx(16 / 2.0, rel=0.05) and row["skipped"] == 1 and "compile_warmup" not in row
+    assert row["img_per_s"] == 16 / 2.0 and row["time"] == 1002.0
+    assert row["skipped"] == 1 and "compile_warmup" not in row
     row = L._stats_row(6, {"batch_size": 8}, dict(tick, n=0, warmup=True), {}, 1e-3, counters, torch.device("cpu"))
     assert row["loss"] is None and row["grad_norm"] is None and row["compile_warmup"] is True
 
@@ -237,7 +240,6 @@ def test_stats_row_means_over_the_intervals_finite_steps():
 def clock(monkeypatch, one_thread):
     """The loop's clock (time.time and time.monotonic) made to stand still but for 1 s at each step's loss: each step
     then takes 1 s exactly."""
-    import types
 
     from cmfast.training import methods
     monkeypatch.setenv("CMFAST_OFFLINE", "1")
