@@ -64,10 +64,10 @@ def _load(path: str) -> dict:
     if not isinstance(sd, dict) or "time_embed.0.weight" not in sd or "input_blocks.0.0.weight" not in sd:
         raise CMCheckpointError(f"{path}: not a state dict of openai/consistency_models' UNetModel "
                                 f"(no time_embed / input_blocks weights)")
-    names = [k for k in sd if not isinstance(k, str)]
-    if names:       # torch.save keeps any key: an int one was an AttributeError traceback in the layout reading
+    odd = next((k for k in sd if not isinstance(k, str)), None)
+    if odd is not None:     # torch.save keeps any key: an int one was an AttributeError traceback in the layout reading
         raise CMCheckpointError(f"{path}: not a state dict of openai/consistency_models' UNetModel (a key that is "
-                                f"no weight name: {names[0]!r})")
+                                f"no weight name: {odd!r})")
     from .training.checkpoint import bad_weight
     why = bad_weight(sd)        # integer, bool or complex values were cast silently, NaN / inf written as weights
     if why:
