@@ -272,7 +272,10 @@ def main(argv=None) -> int:
     try:
         model, cfg = load_cm_checkpoint(a.ckpt, a.kind, a.image_size, a.qkv_order, two_step_sigma=a.two_step_sigma)
     except (CMCheckpointError, ValueError) as e:
-        print(f"cmfast.cm_import: error: {e}", file=sys.stderr)
+        msg = str(e)
+        if msg.startswith("img_resolution:"):       # UNet's argument is this command's --image-size, for this file
+            msg = f"{a.ckpt}: --image-size{msg[len('img_resolution'):]}"
+        print(f"cmfast.cm_import: error: {msg}", file=sys.stderr)
         return 2
     tensors = {f"ema/{k}": v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(a.out, save(tensors, metadata={"format": FORMAT, "step": "0", "config": json.dumps(cfg)}))

@@ -416,3 +416,16 @@ def test_resolution_defaults_to_imagenet_64_and_the_two_step_level_lies_inside_t
             cm_import.load_cm_checkpoint(str(tmp_path / "m.pt"), img_resolution=16, two_step_sigma=bad)
     _, cfg = cm_import.load_cm_checkpoint(str(tmp_path / "m.pt"), img_resolution=16, two_step_sigma=0.0021)
     assert cfg["sampling_sigmas"] == {"2": [80.0, 0.0021]}
+
+
+def test_an_image_size_the_weights_cannot_take_names_the_flag_and_the_file(tmp_path, capsys):
+    """--image-size is UNet's img_resolution: a size that 2 levels cannot halve (5) or none at all (0) is one line naming
+    the command's flag and the file, not the library's argument name."""
+    torch.save(_openai_state(classes=0, seed=2), tmp_path / "m.pt")
+    for size, why in (("5", "expected a multiple of 2 (2 resolutions, each half the last), got 5"),
+                      ("0", "expected an integer >= 1, got 0")):
+        capsys.readouterr()
+        assert cm_import.main([str(tmp_path / "m.pt"), str(tmp_path / "o.safetensors"), "--image-size", size]) == 2
+        err = capsys.readouterr().err
+        assert err == f"cmfast.cm_import: error: {tmp_path / 'm.pt'}: --image-size: {why}\n"
+    assert not (tmp_path / "o.safetensors").exists()
