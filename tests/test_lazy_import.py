@@ -1,0 +1,55 @@
+"""cmfast's names load on first use (cmfast/__init__.py, PEP 562): `import cmfast` and the commands' --help and
+argument errors run without importing torch (4 s of a 2-core machine's start-up), while every public name is the
+object its module defines, `from cmfast import ...` and dir() included."""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cmfast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPECTED = {        # DESIGN.md 3: the public API, written out here rather than read from cmfast
+    "ConsistencyModel": "cmfast.precond", "EDMDenoiser": "cmfast.precond", "GraphedSampler": "cmfast.graphed",
+    "UNet": "cmfast.nets.unet", "ct_schedule": "cmfast.schedules", "edm_sample": "cmfast.sampling",
+    "fd_jvp": "cmfast.jvp", "ict_schedule": "cmfast.schedules", "karras_sigmas": "cmfast.schedules",
+    "load_pretrained": "cmfast.pretrained", "paper_step_sigmas": "cmfast.schedules", "sample": "cmfast.sampling",
+    "scalings": "cmfast.precond"}
+MODULES = {"edit": "cmfast.editing", "metrics": "cmfast.metrics", "ops": "cmfast.ops"}
+
+
+def _run(code: str) -> list[str]:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.split()
+
+
+def test_every_public_name_is_its_modules_object():
+    assert sorted(cmfast.__all__) == sorted({**EXPECTED, **MODULES})
+    for name, module in EXPECTED.items():
+        assert getattr(cmfast, name) is getattr(importlib.import_module(module), name), name
+    for name, module in MODULES.items():
+        assert getattr(cmfast, name) is importlib.import_module(module), name
+    assert set(cmfast.__all__) <= set(dir(cmfast))
+    with pytest.raises(AttributeError, match="module 'cmfast' has no attribute 'smaple'"):
+        cmfast.smaple       # noqa: B018
+
+
+def test_import_cmfast_does_not_import_torch_until_a_name_is_read():
+    out = _run("import sys, cmfast; print('torch' in sys.modules, cmfast.__version__); "
+               "from cmfast import sample; print('torch' in sys.modules, sample.__module__)")
+    assert out == ["False", cmfast.__version__, "True", "cmfast.sampling"]
+
+
+@pytest.mark.parametrize("prog, argv", [("sample", ["--help"]), ("edit", ["--help"]), ("eval", ["--help"]),
+                                        ("sample", ["--num", "0"]), ("eval", ["--num", "-3"])])
+def test_help_and_argument_errors_do_not_import_torch(prog, argv):
+    """Exit 0 for --help, 2 for the argument error, and torch never imported on the way."""
+    out = _run(f"import sys\nfrom cmfast.cli import {prog}\ntry:\n    code = {prog}.main({argv!r})\n"
+               f"except SystemExit as e:\n    code = e.code\nprint(code, 'torch' in sys.modules)")
+    assert out[-2:] == ["0" if argv == ["--help"] else "2", "False"]      # after the help text
