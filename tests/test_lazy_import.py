@@ -53,3 +53,14 @@ def test_help_and_argument_errors_do_not_import_torch(prog, argv):
     out = _run(f"import sys\nfrom cmfast.cli import {prog}\ntry:\n    code = {prog}.main({argv!r})\n"
                f"except SystemExit as e:\n    code = e.code\nprint(code, 'torch' in sys.modules)")
     assert out[-2:] == ["0" if argv == ["--help"] else "2", "False"]      # after the help text
+
+
+def test_the_commands_error_classes_import_nothing():
+    """user_errors() is read while an exception is matched (`except _common.user_errors()`): after a Ctrl-C inside
+    torch's import it imported cmfast.ops, so torch again, half-imported (an AttributeError traceback, exit 1, where
+    one 'interrupted' line and 130 belong). BackendUnavailable is in it once cmfast.ops is imported, the only place
+    that raises it."""
+    out = _run("import sys\nfrom cmfast.cli import _common\nnames = lambda: [c.__name__ for c in _common.user_errors()]\n"
+               "print(','.join(names()), 'torch' in sys.modules)\nimport cmfast.ops\nprint(','.join(names()))")
+    assert out == ["ValueError,TypeError,OSError,KeyError,ImportError", "False",
+                   "ValueError,TypeError,OSError,KeyError,ImportError,BackendUnavailable"]

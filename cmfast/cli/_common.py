@@ -40,9 +40,11 @@ def fail(prog: str, message: str, code: int = 2):
 def user_errors() -> tuple:
     """The exceptions a command reports as one error line (exit 2): bad values, unreadable files, missing optional
     packages, and a backend asked for by name (CMFAST_BACKEND) that cannot run here (BackendUnavailable, a
-    RuntimeError: it was a traceback)."""
-    from ..ops import BackendUnavailable
-    return (ValueError, TypeError, OSError, KeyError, ImportError, BackendUnavailable)
+    RuntimeError: it was a traceback). Read while an exception is matched, so it imports nothing: BackendUnavailable
+    can only come from a cmfast.ops already imported, and importing it here after a Ctrl-C inside torch's import
+    re-entered a half-imported torch (an AttributeError traceback, or a crash)."""
+    backend = getattr(sys.modules.get(f"{__package__.rpartition('.')[0]}.ops"), "BackendUnavailable", None)
+    return (ValueError, TypeError, OSError, KeyError, ImportError) + ((backend,) if backend is not None else ())
 
 
 def first_line(e: Exception) -> str:
