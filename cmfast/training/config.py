@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 from ..nets.presets import preset_config
 from .methods import check_arg_types, get_method
@@ -110,7 +111,10 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
     if "time_budget" in given:
         cfg["total_steps"] = cfg["kimg"] = None
     if cfg["total_steps"] is None:
-        cfg["total_steps"] = math.ceil(cfg["kimg"] * 1000 / cfg["batch_size"]) if cfg["kimg"] else 1000
+        # in exact decimals, as written: kimg * 1000 in floats is off by an ulp (16.12 * 1000 = 16120.000000000002),
+        # which the rounding up made one step more (--kimg 16.12 --batch-size 8: 2016 steps, not 16,120 / 8 = 2015)
+        kimg = Fraction(repr(float(cfg["kimg"]))) if cfg["kimg"] else None
+        cfg["total_steps"] = math.ceil(kimg * 1000 / cfg["batch_size"]) if kimg else 1000
     cfg["kimg"] = cfg["total_steps"] * cfg["batch_size"] / 1000
     if cfg["batch_size"] % world_size:
         raise ValueError(f"--batch-size {cfg['batch_size']} is not divisible by the {world_size} ranks")
