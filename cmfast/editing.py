@@ -15,7 +15,8 @@ import torch
 
 from .precond import check_sigma
 from .schedules import as_integer
-from .sampling import check_generator, check_sigmas, eval_mode, model_device, model_level, sample
+from .sampling import (as_levels, check_generator, check_model, check_noise_list, check_sigmas, eval_mode,
+                       model_device, model_level, sample)
 
 LUMINANCE = (0.2989, 0.5870, 0.1140)   # Y = 0.2989 R + 0.5870 G + 0.1140 B, the weights of the CM reference code
 
@@ -38,9 +39,8 @@ def edit(model, y, A, A_inv, known, sigmas, generator=None, start=None, noise=No
     given `noise` (one tensor shaped like y per level), taken from it."""
     smin, smax = noise_range(model)
     s = check_sigmas(sigmas, smin, smax)
-    if noise is not None and (len(noise) != len(s) or any(tuple(n.shape) != tuple(y.shape) for n in noise)):
-        raise ValueError(f"noise: expected {len(s)} tensor(s) shaped {tuple(y.shape)}, one per level, got "
-                         f"{[tuple(n.shape) for n in noise]}")
+    if noise is not None:
+        check_noise_list(noise, len(s), y.shape, "one per level")
     check_generator(generator, y.device, "the images' device")
     A, A_inv = _exact(A, y.device.type), _exact(A_inv, y.device.type)
     known = known.to(device=y.device, dtype=y.dtype)
@@ -132,6 +132,19 @@ class with_class:
 
 
 # ---- Input checks ------------------------------------------------------------------------------------------------
+_WANT = "a consistency model (cmfast.ConsistencyModel(net), or any callable f(x, sigma))"
+
+
+def _check_model(model, task: str) -> None:
+    """The tasks take a consistency model or any callable f(x, sigma); refused: a name, the bare network (a UNet
+    took sigma as its c_noise input: images without a word) and, except to denoise, an EDM teacher (cmfast-edit's
+    own refusal: Algorithm 4 ran it as if it were a consistency model, without a word)."""
+    from .precond import EDMDenoiser
+    teacher = ((EDMDenoiser, "an EDM teacher is a denoiser, not a consistency model: Algorithm 4 edits with a "
+                             "consistency model"),) if task != "denoise" else ()
+    check_model(model, want=_WANT, refuse=teacher, needs_range=False)
+
+
 def image_shape(model):
     """(C, H, W) that the model's network takes, or None when it does not say."""
     net = getattr(model, "net", model)
@@ -164,6 +177,7 @@ def _check_images(model, x, what="images", channels=None, in_range=True, size=No
 def inpaint(model, images, mask, sigmas, generator=None, noise=None):
     """Fill the pixels where mask == 0; pixels where mask == 1 are kept exactly. A = I.
     images (B, C, H, W) in [-1, 1]; mask (B or 1, 1 or C, H, W) of 0 / 1."""
+    _check_model(model, "inpaint")
     y = _check_images(model, images)
     B, C, H, W = y.shape
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[0] not in (1, B) or \
@@ -178,6 +192,7 @@ def inpaint(model, images, mask, sigmas, generator=None, noise=None):
 def colorize(model, images, sigmas, generator=None, noise=None):
     """Colour a grayscale image, keeping its luminance 0.2989 R + 0.5870 G + 0.1140 B (0.9999 g for a 1-channel
     gray g, which is repeated to RGB). A 3-channel input keeps its luminance; its colour is discarded."""
+    _check_model(model, "colorize")
     chw = image_shape(model)
     if chw is not None and chw[0] != 3:
         raise ValueError(f"colorize: expected a 3-channel (RGB) model, got a {chw[0]}-channel model")
@@ -202,8 +217,11 @@ def super_resolve(model, images, factor, sigmas, generator=None, noise=None):
     """Upsample by an integer `factor`, keeping every factor x factor patch mean. `images` is either the low-res
     image (H / factor: each pixel is one patch mean) or a full-size image whose patch means are used (as in the
     reference code); the model's resolution tells which (without one, full-size is assumed)."""
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+    _check_model(model, "super_resolve")
+    k = as_integer(factor)      # numpy's too: np.int64(2) was refused as 'expected an integer >= 1, got 2'
+    if k is None or k < 1:
         raise ValueError(f"factor: expected an integer >= 1, got {factor!r}")
+    factor = k
     chw = image_shape(model)
     low_hw = None if chw is None or factor == 1 or chw[1] % factor or chw[2] % factor else \
         (chw[1] // factor, chw[2] // factor)
@@ -223,15 +241,21 @@ def super_resolve(model, images, factor, sigmas, generator=None, noise=None):
 def stroke_guided(model, strokes, sigma_start, sigmas=(), generator=None, noise=None):
     """SDEdit-style generation from a stroke painting: x = f(strokes + sigma_start n, sigma_start), then multistep
     sampling (Algorithm 1, clamped) over `sigmas`, which must all lie below sigma_start."""
+    _check_model(model, "stroke_guided")
     smin, smax = noise_range(model)
-    if not smin < float(sigma_start) <= smax * (1 + 1e-6):
+    try:        # '20' was read as 20.0; None failed inside float()
+        if isinstance(sigma_start, (str, bytes)):
+            raise TypeError
+        start = float(sigma_start)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"sigma_start: expected a number (a noise level), got {sigma_start!r}") from None
+    if not smin < start <= smax * (1 + 1e-6):
         raise ValueError(f"sigma_start: expected a level in ({smin}, {smax}], got {sigma_start}")
-    rest = (sigmas,) if isinstance(sigmas, (int, float)) else tuple(float(v) for v in (
-        sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas))
-    if rest and max(rest) >= float(sigma_start):
+    rest = as_levels(sigmas)      # a string was read as its characters: '51' -> levels 5, 1
+    if rest and max(rest) >= start:
         raise ValueError(f"sigmas: expected levels below sigma_start = {sigma_start}, got {rest}")
     y = _check_images(model, strokes, what="strokes")
-    return edit(model, y, _identity, _identity, torch.zeros(()), (float(sigma_start), *rest), generator, start=y,
+    return edit(model, y, _identity, _identity, torch.zeros(()), (start, *rest), generator, start=y,
                 noise=noise)
 
 
@@ -253,6 +277,7 @@ def slerp(z0, z1, alphas):
 def interpolate(model, z0, z1, alphas, sigma=80.0, sigmas=None, generator=None):
     """Sample from the slerp of two standard-normal noises z0, z1 (B, C, H, W): one step at `sigma`, or
     Algorithm 1 over `sigmas` when given. Returns (len(alphas), B, C, H, W); alpha 0 is sample(model, z0, ...)."""
+    _check_model(model, "interpolate")
     _check_images(model, z0, what="z0", in_range=False)
     if not isinstance(z1, torch.Tensor) or z1.shape != z0.shape:
         raise ValueError(f"z1: expected the shape of z0 {tuple(z0.shape)}, got "
@@ -260,7 +285,12 @@ def interpolate(model, z0, z1, alphas, sigma=80.0, sigmas=None, generator=None):
     if z1.device != z0.device:
         raise ValueError(f"z1: expected a tensor on z0's device {z0.device}, got one on {z1.device}")
     check_generator(generator, z0.device, "the images' device")
-    a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
+    try:
+        a = torch.as_tensor(alphas, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):        # a string: "new(): invalid data type 'str'"
+        raise TypeError(f"alphas: expected a number or a sequence of interpolation weights, got "
+                        f"{alphas!r}") from None
+    a = a.reshape(-1)
     if not len(a) or not bool(torch.isfinite(a).all()):     # none failed in the model as an empty batch 'x'
         raise ValueError(f"alphas: expected one or more finite interpolation weights, got {a.tolist()}")
     _check_images(model, z1, what="z1", in_range=False)
@@ -273,6 +303,7 @@ def interpolate(model, z0, z1, alphas, sigma=80.0, sigmas=None, generator=None):
 def denoise(model, noisy, sigma):
     """One evaluation f(noisy, sigma): the consistency model's estimate of the clean image. sigma: a number or one
     per image, in [sigma_min, sigma_max] (the range the other tasks' levels must lie in)."""
+    _check_model(model, "denoise")
     x = _check_images(model, noisy, what="noisy", in_range=False)
     check_sigma(sigma, x, *noise_range(model))
     with eval_mode(model):

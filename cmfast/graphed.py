@@ -17,6 +17,7 @@ from . import ops
 from .nets.unet import check_class_indices
 from .precond import noise_conditioning, scalings
 from .sampling import check_sigmas, eval_mode
+from .schedules import as_integer
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -53,6 +54,17 @@ def _cuda_device(net: nn.Module) -> torch.device:
         raise ValueError(f"GraphedSampler needs the model on a CUDA device, got parameters on "
                          f"{p.device if p is not None else 'no device'}: move it with model.cuda()")
     return p.device
+
+
+def _check_seed(seed) -> int | None:
+    """None or an integer of any kind (numpy's too), as an int: a string or a float failed inside
+    torch.Generator.manual_seed, after the model's weights were copied (at construction) or the graph captured."""
+    if seed is None:
+        return None
+    k = as_integer(seed)
+    if k is None:
+        raise TypeError(f"seed: expected an integer or None, got {seed!r}")
+    return k
 
 
 def _flat(tree) -> list[torch.Tensor]:
@@ -128,6 +140,7 @@ class GraphedSampler:
         if dtype not in _DTYPES:
             raise TypeError(f"dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
         self.sigmas = check_sigmas(sigmas, model.sigma_min, model.sigma_max)
+        seed = _check_seed(seed)
         self.model, self.shape, self.dtype, self.device = model, shape, dtype, _cuda_device(net)
         self.sigma_data, self.sigma_min = float(model.sigma_data), float(model.sigma_min)
         self._boundary = float(getattr(model, "_boundary", model.sigma_min))   # sigma_min in c_skip / c_out
@@ -265,6 +278,7 @@ class GraphedSampler:
     @torch.no_grad()
     def __call__(self, seed: int | None = None, class_labels=None, batch_size: int | None = None,
                  uint8: bool = False) -> torch.Tensor:
+        seed = _check_seed(seed)
         g = self.capture(batch_size, uint8)
         self._set_labels(g, class_labels)
         if seed is not None:
@@ -275,6 +289,7 @@ class GraphedSampler:
     @torch.no_grad()
     def _run_uncaptured(self, seed=None, class_labels=None, batch_size=None, uint8=False) -> torch.Tensor:
         """The same computation without a graph (tests check the algorithm with it on CPU)."""
+        seed = _check_seed(seed)
         _, g = self._buffers(batch_size, uint8)
         self._prepare(g)
         self._set_labels(g, class_labels)

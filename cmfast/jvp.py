@@ -29,6 +29,7 @@ one network.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -167,20 +168,34 @@ def _check(primals, tangents) -> tuple[tuple, tuple, int]:
                             f"{type(p).__name__} {getattr(p, 'shape', '')} and {type(t).__name__}")
         if t.shape != p.shape:
             raise ValueError(f"fd_jvp: tangent {i}: expected the primal's shape {tuple(p.shape)}, got {tuple(t.shape)}")
+        if t.device != p.device:    # failed in p + h t with torch's 'Expected all tensors to be on the same device'
+            raise ValueError(f"fd_jvp: tangent {i}: expected a tensor on the primal's device {p.device}, got one on "
+                             f"{t.device}")
         B = p.shape[0] if B is None else B
         if p.shape[0] != B:
             raise ValueError(f"fd_jvp: primal {i}: expected batch {B} like primal 0, got {p.shape[0]}")
+    if B == 0:      # failed after the forward as 'not enough values to unpack (expected 4, got 1)'
+        raise ValueError(f"fd_jvp: expected a non-empty batch, got primal 0 of shape {tuple(primals[0].shape)}")
     return primals, tangents, B
+
+
+def _check_fn(fn) -> None:
+    if not callable(fn):    # failed inside the forward (or torch.func.jvp) as "'str' object is not callable"
+        raise TypeError(f"fd_jvp: fn: expected a callable, got {type(fn).__name__}")
 
 
 def fd_step(eps, relative_to: torch.Tensor | None, B: int, device, floor: float = DEFAULT_FLOOR) -> torch.Tensor:
     """Per-sample step h (B,) fp64: eps * max(|relative_to|, floor) when relative_to (e.g. the time t) is given,
     else eps itself (a number or a (B,) tensor)."""
-    h = torch.as_tensor(eps, dtype=torch.float64, device=device)
-    if relative_to is not None:
-        h = h * relative_to.detach().to(torch.float64).abs().clamp_min(floor)
+    try:    # a string failed as "new(): invalid data type 'str'", None as "must be real number, not NoneType"
+        h = torch.as_tensor(eps, dtype=torch.float64, device=device)
+        if relative_to is not None:
+            h = h * relative_to.detach().to(torch.float64).abs().clamp_min(floor)
+    except (TypeError, ValueError):
+        raise TypeError(f"fd_jvp: eps, floor: expected numbers (or a (B,) tensor of steps), got eps={eps!r}, "
+                        f"floor={floor!r}") from None
     h = h.expand(B) if h.dim() == 0 else h
-    if h.shape != (B,) or not bool((h > 0).all()):
+    if h.shape != (B,) or not bool(((h > 0) & (h < math.inf)).all()):     # inf: p +- inf t, a NaN JVP
         got = f"shape {tuple(h.shape)}" if h.shape != (B,) else f"steps {h.tolist()[:4]}"
         raise ValueError(f"fd_jvp: expected a positive step (number or ({B},)), got {got}")
     return h
@@ -209,6 +224,11 @@ def fd_points(fn: Callable, primals, tangents, h: torch.Tensor, precision: str =
         ins.append(torch.cat([p + step, p - step] if order == 2 else [p + 2 * step, p + step, p - step, p - 2 * step]))
     with torch.no_grad(), precision_mode(precision, primals[0].device), dropout_masks(order, replay=replay):
         out = fn(*ins)
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != order * B:
+        # a tuple failed as "'tuple' object has no attribute 'to'", a reduced batch as 'not enough values to unpack'
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"fd_jvp: fn: expected one tensor with the batch of its input ({order * B}, ...): each "
+                         f"sample on its own, got {got}")
     return tuple(out.to(dt).split(B))
 
 
@@ -280,6 +300,7 @@ def fd_jvp(fn: Callable, primals: Sequence[torch.Tensor] | torch.Tensor, tangent
     off), 'tf32', 'bf16', 'fp16' (autocast). method="exact": torch.func.jvp (see exact_jvp); eps, order unused."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    _check_fn(fn)
     order = check_order(order)
     if method == "exact":
         return exact_jvp(fn, primals, tangents, precision, replay)

@@ -105,10 +105,23 @@ def trace_sqrt_product(sigma1, sigma2):
     return float(np.sqrt(np.clip(w, 0, None)).sum())
 
 
+def _array(a, what: str):
+    """a as a float64 numpy array: torch tensors on any device (a CUDA one failed in numpy's conversion), arrays,
+    numbers; a string or None is refused (numpy read None as NaN: 'expected mu (1,)'; 'a' as 'could not convert')."""
+    if torch.is_tensor(a):
+        a = a.detach().cpu()
+    try:
+        if a is None or isinstance(a, (str, bytes)):
+            raise TypeError
+        return np.asarray(a, np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"frechet_distance: {what}: expected an array of numbers, got {type(a).__name__}") from None
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64 -> float."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = np.atleast_1d(_array(mu1, "mu1")), np.atleast_1d(_array(mu2, "mu2"))
+    s1, s2 = np.atleast_2d(_array(sigma1, "sigma1")), np.atleast_2d(_array(sigma2, "sigma2"))
     d = mu1.shape[0]
     if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"frechet_distance: expected mu ({d},) and sigma ({d}, {d}) twice, got "
@@ -314,9 +327,26 @@ def _extractor(metric, device, weights=None):
                                        f"{meta.get('test_accuracy', '?')})")
 
 
+def _check_count(name, v, lo: int = 1) -> int:
+    """v as an int >= lo (numpy's integers too): a batch size of 0 failed as 'range() arg 3 must not be zero' (and
+    '5' or 2.5 inside range()) once the reference statistics were being computed."""
+    from .schedules import as_integer
+    k = as_integer(v)
+    if k is None or k < lo:
+        raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
+    return k
+
+
+def _check_dataset(dataset) -> None:
+    """A reference dataset reference_batches reads: refused before the feature network loads, not after."""
+    if dataset not in (*SHAPES, "folder"):
+        raise ValueError(f"dataset must be one of {tuple(SHAPES) + ('folder',)}, got {dataset!r}")
+
+
 def fd_fmnist(images, batch_size=500, device="cpu", data_dir=None):
     """FD-FMNIST of [-1, 1] images (N, 1, 32, 32) against Fashion-MNIST train (all 60k), float."""
     _check_images(images, channels=1, size=(32, 32))
+    batch_size = _check_count("batch_size", batch_size)
     device = checked_device(device)
     mu2, s2, _ = reference_stats("fd-fmnist", "fashion-mnist", data_dir, num=60000, batch_size=batch_size,
                                  device=device)
@@ -328,6 +358,10 @@ def fd_fmnist(images, batch_size=500, device="cpu", data_dir=None):
 def fid(images, dataset="cifar10", num_ref=50000, batch_size=100, device="cpu", data_dir=None, weights=None):
     """FID of [-1, 1] images (N, C, H, W) against `dataset`'s train split (pytorch-fid's Inception weights)."""
     _check_images(images)
+    if images.shape[1] not in (1, 3):    # the Inception network's own error came after the reference statistics
+        raise ValueError(f"images: expected 1 or 3 channels for FID's Inception network, got {tuple(images.shape)}")
+    _check_dataset(dataset)
+    batch_size, num_ref = _check_count("batch_size", batch_size), _check_count("num_ref", num_ref)
     device = checked_device(device)
     mu2, s2, _ = reference_stats("fid", dataset, data_dir, num_ref, batch_size, device, weights)
     extractor, dim, _ = _extractor("fid", device, weights)
@@ -453,26 +487,43 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     """
     import time
     from .precond import EDMDenoiser
-    from .sampling import check_edm_steps, generate_batches, resolve_engine
+    from .sampling import (check_edm_steps, check_engine_args, check_model, check_sigmas, generate_batches,
+                           resolve_engine)
+    from .schedules import as_integer
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    # Every argument is checked here, before the reference statistics (minutes, the first time) are computed:
+    # a bad level, engine, seed or model failed after them.
     dataset = dataset or ("fashion-mnist" if metric == "fd-fmnist" else "cifar10")
     if metric == "fd-fmnist" and dataset != "fashion-mnist":
         raise ValueError(f"fd-fmnist compares with Fashion-MNIST only, got dataset {dataset!r}")
+    _check_dataset(dataset)
+    check_model(model, want="a cmfast model (ConsistencyModel or EDMDenoiser)")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a cmfast model (ConsistencyModel or EDMDenoiser), got "
+                        f"{type(model).__name__}")
+    check_engine_args(engine, dtype)
+    if as_integer(seed) is None:     # a string was repeated 1000003 times by the noise's seeding arithmetic
+        raise TypeError(f"seed: expected an integer, got {seed!r}")
+    given = sigmas is not None and not (isinstance(sigmas, (tuple, list)) and not sigmas)
     edm = isinstance(model, EDMDenoiser)
     if edm:
-        if sigmas:
+        if given:
             raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
         steps = 18 if steps is None else check_edm_steps(steps, "steps")   # steps=0 sampled 18 (`steps or 18`)
         sampler = f"EDM Heun, {steps} steps"
     else:
-        # default: starting at the model's own sigma_max, as cmfast-sample (80 was hard-coded here)
-        sigmas = tuple(float(s) for s in sigmas) if sigmas else model_sigmas(model, 1 if steps is None else steps)
+        # default: starting at the model's own sigma_max, as cmfast-sample (80 was hard-coded here); given levels
+        # checked now ('80' was read as the levels 8 and 0)
+        sigmas = check_sigmas(sigmas, model.sigma_min, model.sigma_max) if given else \
+            model_sigmas(model, 1 if steps is None else steps)
         if steps is not None and steps != len(sigmas):
             raise ValueError(f"steps={steps} but {len(sigmas)} sigmas given: {list(sigmas)}")
         steps, sampler = len(sigmas), f"consistency sampling (Algorithm 1), {len(sigmas)}-step"
-    if num < 2 or batch_size < 1:
-        raise ValueError(f"num >= 2 and batch_size >= 1 expected, got num={num}, batch_size={batch_size}")
+    n, b = as_integer(num), as_integer(batch_size)     # '10' failed inside a comparison
+    if n is None or b is None or n < 2 or b < 1:
+        raise ValueError(f"num >= 2 and batch_size >= 1 expected, got num={num!r}, batch_size={batch_size!r}")
+    num, batch_size = n, b
     shape = _image_shape(model, dataset)
     if metric == "fd-fmnist" and tuple(shape) != SHAPES["fashion-mnist"]:   # else a conv2d traceback after the stats
         raise ValueError(f"fd-fmnist scores {SHAPES['fashion-mnist']} images (Fashion-MNIST's); this model makes "

@@ -12,10 +12,13 @@ import torch
 from torch import nn
 
 
-def _as_tensor(sigma) -> torch.Tensor:
-    if isinstance(sigma, torch.Tensor):
+def _as_tensor(sigma, what: str = "sigma", **kw) -> torch.Tensor:
+    if isinstance(sigma, torch.Tensor) and not kw:
         return sigma if sigma.dtype in (torch.float32, torch.float64) else sigma.float()
-    return torch.as_tensor(sigma, dtype=torch.float32)
+    try:    # a string failed as "new(): invalid data type 'str'", None as "must be real number, not NoneType"
+        return torch.as_tensor(sigma, **({"dtype": torch.float32} | kw))
+    except (TypeError, ValueError):
+        raise TypeError(f"{what}: expected a number or a tensor of noise levels, got {sigma!r}") from None
 
 
 # ---- Scalings (CM paper Appendix C, eq. for c_skip, c_out; EDM Table 1 for c_in) -------------------------------
@@ -24,6 +27,12 @@ def scalings(sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
     c_skip = sd^2 / ((s - smin)^2 + sd^2), c_out = sd (s - smin) / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2).
     With sigma_min = 0 these are EDM's denoiser scalings."""
     s = _as_tensor(sigma)
+    try:    # 0 or less gave c_skip = c_out = 0 (or NaN) without a word; a string failed inside the formula
+        ok = sigma_data > 0 and sigma_data < math.inf
+    except TypeError:
+        raise TypeError(f"sigma_data: expected a number, got {sigma_data!r}") from None
+    if not ok:
+        raise ValueError(f"sigma_data: expected a positive finite number, got {sigma_data}")
     sd2 = sigma_data * sigma_data
     rs = torch.rsqrt(s * s + sd2)
     c_skip = sd2 / ((s - sigma_min) ** 2 + sd2)
@@ -40,7 +49,7 @@ def sigma_vector(sigma, x: torch.Tensor, what: str = "sigma", dtype: torch.dtype
     """sigma as a (B,) vector of dtype (float32 unless asked) on x's device: a number, a 0-d, (B,) or (B, 1, ..., 1)
     tensor."""
     B = x.shape[0]
-    s = torch.as_tensor(sigma, dtype=dtype, device=x.device)
+    s = _as_tensor(sigma, what, dtype=dtype, device=x.device)
     if s.dim() > 1 and all(d == 1 for d in s.shape[1:]):
         s = s.reshape(s.shape[0])
     if s.dim() == 0:
@@ -94,7 +103,18 @@ def backbone_input(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class _Preconditioned(nn.Module):
     def __init__(self, net: nn.Module, sigma_data: float, sigma_min: float, sigma_max: float, boundary: float):
         super().__init__()
-        if not (sigma_data > 0 and 0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
+        if not isinstance(net, nn.Module) or isinstance(net, _Preconditioned):
+            # None or a name was kept until the first call failed ("'NoneType' object is not callable"); a wrapped
+            # model was preconditioned twice without a word
+            got = f"a {type(net).__name__} (already preconditioned: pass its .net)" \
+                if isinstance(net, _Preconditioned) else type(net).__name__
+            raise TypeError(f"net: expected the backbone network F (an nn.Module, e.g. cmfast.UNet), got {got}")
+        try:
+            ok = sigma_data > 0 and 0 < sigma_min < sigma_max and math.isfinite(sigma_max)
+        except TypeError:       # a string failed as "'>' not supported between instances of 'str' and 'int'"
+            raise TypeError(f"expected numbers for sigma_data, sigma_min, sigma_max, got sigma_data={sigma_data!r}, "
+                            f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r}") from None
+        if not ok:
             raise ValueError(f"expected 0 < sigma_min < sigma_max and sigma_data > 0, got sigma_min={sigma_min}, "
                              f"sigma_max={sigma_max}, sigma_data={sigma_data}")
         self.net = net

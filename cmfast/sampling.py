@@ -10,18 +10,23 @@ from torch import nn
 from .schedules import as_integer, karras_sigmas
 
 
-def check_sigmas(sigmas, sigma_min: float, sigma_max: float) -> tuple[float, ...]:
-    """Validated decreasing noise levels for Algorithm 1: non-empty, finite, strictly decreasing, in
-    [sigma_min, sigma_max]."""
+def as_levels(sigmas, what: str = "sigmas") -> tuple[float, ...]:
+    """Noise levels as a tuple of floats (possibly empty): a number, a 1-D sequence or a 1-D tensor of numbers."""
     if isinstance(sigmas, (int, float)):
         sigmas = (sigmas,)
     try:    # a string was read as its characters ('80' -> levels 8, 0); a 2-D tensor failed inside float()
         if isinstance(sigmas, (str, bytes)):
             raise TypeError
-        s = tuple(float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas))
+        return tuple(float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas))
     except (TypeError, ValueError):
-        raise TypeError(f"sigmas: expected a number or a 1-D sequence of numbers (noise levels), got "
+        raise TypeError(f"{what}: expected a number or a 1-D sequence of numbers (noise levels), got "
                         f"{sigmas!r}") from None
+
+
+def check_sigmas(sigmas, sigma_min: float, sigma_max: float) -> tuple[float, ...]:
+    """Validated decreasing noise levels for Algorithm 1: non-empty, finite, strictly decreasing, in
+    [sigma_min, sigma_max]."""
+    s = as_levels(sigmas)
     if not s:
         raise ValueError("sigmas: expected at least one noise level, got none")
     if not all(math.isfinite(v) for v in s):
@@ -113,11 +118,15 @@ def check_device(model, z, generator=None) -> None:
 
 
 def check_noise(z, what: str = "z") -> None:
-    """z must be floating point (s[0] * z would promote an integer one: no error otherwise) and, on the CPU, where
-    the check costs no device sync, finite (NaN noise gave NaN images without a word)."""
-    if isinstance(z, torch.Tensor) and not z.is_floating_point():
+    """z must be a floating-point tensor (s[0] * z would promote an integer one: no error otherwise; a list failed as
+    "can't multiply sequence by non-int of type 'float'") and, on the CPU, where the check costs no device sync,
+    finite (NaN noise gave NaN images without a word)."""
+    if not isinstance(z, torch.Tensor):     # ValueError, as the model's own check of x (cmfast.precond.check_sigma)
+        raise ValueError(f"{what}: expected a torch.Tensor (N(0, I) noise), got {type(z).__module__}."
+                         f"{type(z).__name__}")
+    if not z.is_floating_point():
         raise TypeError(f"{what}: expected a floating-point tensor (N(0, I) noise), got {z.dtype}")
-    if isinstance(z, torch.Tensor) and z.device.type == "cpu" and not all_finite(z):
+    if z.device.type == "cpu" and not all_finite(z):
         raise ValueError(f"{what}: expected finite noise, got NaN / inf values")
 
 
@@ -128,6 +137,28 @@ def all_finite(x: torch.Tensor) -> bool:
     return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
+def _unwrapped(model):
+    """The module behind torch.compile's wrapper (an OptimizedModule keeps it as _orig_mod)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def check_model(model, what: str = "model", want: str = "a consistency model (cmfast.ConsistencyModel(net))",
+                refuse: tuple = (), needs_range: bool = True) -> None:
+    """One TypeError for a model of the wrong kind: not callable (a name), the bare network (a cmfast.UNet, which
+    took sigma as its c_noise input without a word, or failed with "'UNet' object has no attribute 'sigma_min'"), one
+    of the classes in `refuse`, or (needs_range) without the sigma_min and sigma_max that the sampler reads."""
+    from .nets.unet import UNet
+    inner = _unwrapped(model)
+    name = type(inner).__name__
+    if isinstance(inner, UNet):
+        raise TypeError(f"{what}: expected {want}, got the bare network (a cmfast.UNet): wrap it first")
+    if not callable(model) or (needs_range and not (hasattr(model, "sigma_min") and hasattr(model, "sigma_max"))):
+        raise TypeError(f"{what}: expected {want}, got {name}")
+    for cls, hint in refuse:
+        if isinstance(inner, cls) or isinstance(_unwrapped(getattr(inner, "model", None)), cls):
+            raise TypeError(f"{what}: expected {want}, got {cls.__name__}: {hint}")
+
+
 @torch.no_grad()
 def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, class_labels=None,
            noise=None) -> torch.Tensor:
@@ -136,14 +167,12 @@ def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, cl
     level), taken from it. Runs under torch.no_grad(): the images carry no gradient (differentiate model(x, sigma))
     and are float32 (the fp32 skip output) whatever the dtype of z or of the model. The model runs in eval mode
     (no dropout); a model in train mode is put back in it after."""
+    check_model(model)
     s = check_sigmas(sigmas, model.sigma_min, model.sigma_max)
     check_noise(z)
     check_device(model, z, generator)
-    if noise is not None and (len(noise) != len(s) - 1 or any(tuple(n.shape) != tuple(z.shape) for n in noise)):
-        raise ValueError(f"noise: expected {len(s) - 1} tensor(s) shaped {tuple(z.shape)}, one per level after the "
-                         f"first, got {[tuple(n.shape) for n in noise]}")
-    for k, n in enumerate(noise or ()):
-        check_noise(n, f"noise[{k}]")
+    if noise is not None:
+        check_noise_list(noise, len(s) - 1, z.shape, "one per level after the first")
     with eval_mode(model):
         x = model(s[0] * z, model_level(s[0], z), class_labels)
         for k, sigma in enumerate(s[1:]):
@@ -151,6 +180,21 @@ def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, cl
                 noise[k].to(device=z.device, dtype=z.dtype)
             x = model(x + math.sqrt(sigma ** 2 - model.sigma_min ** 2) * n, model_level(sigma, z), class_labels)
     return x
+
+
+def check_noise_list(noise, count: int, shape, per: str) -> None:
+    """`noise`: `count` floating-point tensors shaped `shape` (a list, or one tensor stacked along its first dim),
+    finite where they are on the CPU: a float or None in the list failed as "'float' object has no attribute
+    'shape'", uint8 noise ran as its values, NaN noise gave NaN images."""
+    if isinstance(noise, (str, bytes)) or not hasattr(noise, "__len__") or \
+            not all(isinstance(n, torch.Tensor) for n in noise):
+        got = type(noise).__name__ if not hasattr(noise, "__len__") else [type(n).__name__ for n in noise]
+        raise TypeError(f"noise: expected a list of {count} tensor(s) shaped {tuple(shape)}, {per}, got {got}")
+    if len(noise) != count or any(tuple(n.shape) != tuple(shape) for n in noise):
+        raise ValueError(f"noise: expected {count} tensor(s) shaped {tuple(shape)}, {per}, got "
+                         f"{[tuple(n.shape) for n in noise]}")
+    for k, n in enumerate(noise):
+        check_noise(n, f"noise[{k}]")
 
 
 def image_noise(seed: int, start: int, num: int, shape, draw: int = 0) -> torch.Tensor:
@@ -180,6 +224,11 @@ def edm_sample(denoiser: nn.Module, z: torch.Tensor, num_steps: int = 18, solver
                class_labels=None) -> torch.Tensor:
     """EDM's deterministic sampler (EDM Alg. 1, S_churn = 0) from sigma_max to 0: Heun takes 2 num_steps - 1
     network evaluations (35 for 18 steps)."""
+    from .precond import ConsistencyModel
+    from .trigflow import TrigFlowModel
+    hint = "sample it with cmfast.sample (Algorithm 1)"
+    check_model(denoiser, "denoiser", "an EDM denoiser (cmfast.EDMDenoiser(net))",
+                ((ConsistencyModel, hint), (TrigFlowModel, hint)))
     check_noise(z)
     check_device(denoiser, z)
     num_steps = check_edm_steps(num_steps)
@@ -201,15 +250,20 @@ def edm_sample(denoiser: nn.Module, z: torch.Tensor, num_steps: int = 18, solver
 ENGINES = ("auto", "graphed", "eager")
 
 
+def check_engine_args(engine: str, dtype: torch.dtype) -> None:
+    """engine one of ENGINES and dtype one of the sampling dtypes (the checks of resolve_engine that need no model)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
+
+
 def resolve_engine(engine: str, model: nn.Module, dtype: torch.dtype = torch.float32) -> str:
     """'graphed' (the CUDA-graph sampler, cmfast.GraphedSampler) or 'eager' (sample / edm_sample). 'auto' is graphed
     for a consistency model on a CUDA device, eager otherwise (CPU, the EDM teacher's Heun sampler, and TrigFlow
     models (sCT / sCD), whose parameterization the graphed sampler does not compute)."""
     from .precond import EDMDenoiser
-    if engine not in ENGINES:
-        raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
+    check_engine_args(engine, dtype)
     p = next(model.parameters(), None)
     on_cuda = p is not None and p.device.type == "cuda"
     from .graphed import is_skip_parameterized

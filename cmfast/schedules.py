@@ -26,7 +26,12 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     if k is None or k < 2:
         raise ValueError(f"n: expected an integer >= 2, got {n!r}")
     n = k
-    if not (0 < sigma_min < sigma_max) or rho <= 0:
+    try:    # a string failed as "'<' not supported between instances of 'int' and 'str'"
+        ok = 0 < sigma_min < sigma_max < math.inf and 0 < rho < math.inf     # nan and inf too: NaN / inf levels
+    except TypeError:
+        raise TypeError(f"sigma_min, sigma_max, rho: expected numbers, got {sigma_min!r}, {sigma_max!r}, "
+                        f"{rho!r}") from None
+    if not ok:
         raise ValueError(f"expected 0 < sigma_min < sigma_max and rho > 0, got {sigma_min}, {sigma_max}, {rho}")
     i = torch.arange(n, dtype=torch.float64) / (n - 1)
     a, b = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -35,10 +40,26 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     return s
 
 
+def _check_steps(step, total_steps) -> None:
+    """0 <= step and 0 < total_steps < inf, numbers: NaN failed as 'cannot convert float NaN to integer' (or gave
+    ict_schedule a NaN N), an infinite total gave N = s0 at every step, a string failed in a comparison."""
+    try:
+        ok = step >= 0 and 0 < total_steps < math.inf
+    except TypeError:
+        raise TypeError(f"step, total_steps: expected numbers, got step={step!r}, total_steps={total_steps!r}") \
+            from None
+    if not ok:
+        raise ValueError(f"expected 0 <= step and total_steps > 0, got step={step}, total_steps={total_steps}")
+
+
 def _check_s0_s1(s0, s1) -> None:
-    """1 <= s0 <= s1: s0 = 0 divided by zero in ict_schedule, s1 < s0 was a 'math domain error', and ct_schedule
-    gave an EMA rate mu > 1 for a negative s0."""
-    if not 1 <= s0 <= s1:
+    """1 <= s0 <= s1 < inf: s0 = 0 divided by zero in ict_schedule, s1 < s0 was a 'math domain error', ct_schedule
+    gave an EMA rate mu > 1 for a negative s0, and an infinite s1 failed converting infinity to an integer."""
+    try:
+        ok = 1 <= s0 <= s1 < math.inf
+    except TypeError:
+        raise TypeError(f"s0, s1: expected numbers, got s0={s0!r}, s1={s1!r}") from None
+    if not ok:
         raise ValueError(f"s0, s1: expected 1 <= s0 <= s1 (discretization steps, growing from s0 to s1), got "
                          f"s0={s0!r}, s1={s1!r}")
 
@@ -49,10 +70,13 @@ def ct_schedule(step: int, total_steps: int, s0: int = 2, s1: int = 150, mu0: fl
     """(N, mu) at training step k of K: N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1,
     mu(k) = exp(s0 log(mu0) / N(k)), and mu = 0 for mu0 = 0 (its limit: the target is the online network, as in
     iCT). openai/consistency_models divides by N(k) - 1 instead (match_reference_code=True)."""
-    if total_steps <= 0 or step < 0:
-        raise ValueError(f"expected 0 <= step and total_steps > 0, got step={step}, total_steps={total_steps}")
+    _check_steps(step, total_steps)
     _check_s0_s1(s0, s1)
-    if not 0.0 <= mu0 <= 1.0:
+    try:
+        ok = 0.0 <= mu0 <= 1.0
+    except TypeError:
+        raise TypeError(f"mu0: expected a number, got {mu0!r}") from None
+    if not ok:
         raise ValueError(f"mu0: expected a rate in [0, 1], got {mu0}")
     k = min(step, total_steps)
     n = math.ceil(math.sqrt(k / total_steps * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
@@ -64,8 +88,7 @@ def ct_schedule(step: int, total_steps: int, s0: int = 2, s1: int = 150, mu0: fl
 # ---- iCT (Song & Dhariwal 2023, Sec. 3.4): doubling curriculum ------------------------------------------------
 def ict_schedule(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1))."""
-    if total_steps <= 0 or step < 0:
-        raise ValueError(f"expected 0 <= step and total_steps > 0, got step={step}, total_steps={total_steps}")
+    _check_steps(step, total_steps)
     _check_s0_s1(s0, s1)
     k_prime = math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1))
     k_prime = max(k_prime, 1)
@@ -103,7 +126,13 @@ def paper_step_sigmas(ts, n: int, sigma_min: float = 0.002, sigma_max: float = 8
     into a Karras grid of n levels -> the decreasing sigmas for cmfast.sample."""
     grid = karras_sigmas(n, sigma_min, sigma_max, rho).flip(0)
     out = []
-    for t in (ts.tolist() if hasattr(ts, "tolist") else ts):     # a numpy array or tensor of indices too
+    ts_list = ts.tolist() if hasattr(ts, "tolist") else ts      # a numpy array or tensor of indices too
+    if not hasattr(ts_list, "__iter__"):                         # 0: "'int' object is not iterable"
+        raise TypeError(f"ts: expected a sequence of step indices (e.g. [0, 22, 39]), got {ts!r}")
+    ts_list = list(ts_list)
+    if not ts_list:                 # () went on to cmfast.sample's 'expected at least one noise level'
+        raise ValueError("ts: expected one or more step indices, got none")
+    for t in ts_list:
         i = as_integer(t)
         if i is None or not 0 <= i < n:
             raise ValueError(f"ts: expected integers in [0, {n - 1}], got {t!r}")

@@ -24,6 +24,9 @@ class UNetBlock(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_heads = num_heads if attention else 0
+        if self.num_heads and out_channels % self.num_heads:     # a reshape failed at the first call
+            raise ValueError(f"num_heads: expected a divisor of the {out_channels} channels of an attention block, "
+                             f"got {num_heads}")
         self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter)
@@ -141,9 +144,15 @@ class UNet(nn.Module):
                             ("channel_mult_noise", channel_mult_noise, 1), ("num_heads", num_heads, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
-        if not channel_mult or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
-                                       for m in channel_mult):
+        # channel_mult=2 failed as "'int' object is not iterable", attn_resolutions=16 as "argument of type 'int' is
+        # not iterable" (and '16' as "'in <string>' requires string as left operand")
+        if not isinstance(channel_mult, (tuple, list)) or not channel_mult or \
+                not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in channel_mult):
             raise ValueError(f"channel_mult: expected one or more integers >= 1, got {channel_mult!r}")
+        if not isinstance(attn_resolutions, (tuple, list, set, frozenset)) or \
+                not all(isinstance(r, int) and not isinstance(r, bool) for r in attn_resolutions):
+            raise ValueError(f"attn_resolutions: expected a tuple of resolutions (ints, e.g. (16,)), got "
+                             f"{attn_resolutions!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         if arch not in ("song", "adm"):
@@ -260,6 +269,12 @@ class UNet(nn.Module):
 
     def embedding(self, noise_labels: torch.Tensor, class_labels=None, batch: int | None = None) -> torch.Tensor:
         """The mapping network: noise level (and class label) -> the blocks' embedding, (batch, emb_channels)."""
+        if not isinstance(noise_labels, torch.Tensor):   # failed as "'float' object has no attribute 'reshape'"
+            raise TypeError(f"noise_labels: expected a tensor of c_noise values (B,) (ln(sigma) / 4), got "
+                            f"{type(noise_labels).__name__}")
+        if batch is not None and noise_labels.numel() not in (1, batch):   # failed inside expand
+            raise ValueError(f"noise_labels: expected one value or one per image ({batch},), got shape "
+                             f"{tuple(noise_labels.shape)}")
         noise_labels = noise_labels.reshape(-1)
         if self.noise_scale != 1.0:     # openai/consistency_models' networks take 1000 ln(sigma) / 4
             noise_labels = noise_labels * self.noise_scale
@@ -316,9 +331,16 @@ class UNet(nn.Module):
                 constants: list[tuple] | None = None) -> torch.Tensor:
         """constants: self.constants(...) computed ahead for these noise levels and labels (GraphedSampler, whose
         noise levels are fixed); noise_labels and class_labels are then not read."""
-        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.img_resolution, self.img_resolution):
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.img_resolution, self.img_resolution) or \
+                not x.shape[0]:     # batch 0 failed in the embedding's reshape
             raise ValueError(f"x: expected images (B, {self.in_channels}, {self.img_resolution}, "
-                             f"{self.img_resolution}) for this network, got {tuple(x.shape)}")
+                             f"{self.img_resolution}) with B >= 1 for this network, got {tuple(x.shape)}")
+        w = self.out_conv.weight
+        if x.device != w.device:    # torch's device error from the first convolution
+            raise ValueError(f"x: expected a tensor on {w.device} (the network's device), got one on {x.device}")
+        if constants is None and isinstance(noise_labels, torch.Tensor) and noise_labels.device != x.device:
+            raise ValueError(f"noise_labels: expected a tensor on {x.device} (the images' device), got one on "
+                             f"{noise_labels.device}")
         if constants is not None and len(constants) != len(self.blocks()):
             raise ValueError(f"constants: expected one entry per residual block ({len(self.blocks())}), got "
                              f"{len(constants)}: pass what UNet.constants returns")

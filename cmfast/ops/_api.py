@@ -23,6 +23,21 @@ def _float(name: str, t, ndim: int | None = None) -> None:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
 
 
+def _number(name: str, v, lo: float = -math.inf, lo_open: bool = False, what: str = "a number") -> float:
+    """v as a float, finite and above lo (strictly with lo_open): one TypeError for a non-number (a string failed
+    inside a comparison as "'>' not supported between instances of 'str' and 'int'", or was read by float()), one
+    ValueError for a value out of range (nan and inf included)."""
+    try:
+        if isinstance(v, (str, bytes)):
+            raise TypeError
+        f = float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected {what}, got {v!r}") from None
+    if not (math.isfinite(f) and (f > lo if lo_open else f >= lo)):
+        raise ValueError(f"{name}: expected {what}, got {v!r}")
+    return f
+
+
 def _same_device(ref: torch.Tensor, **others) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
@@ -46,6 +61,8 @@ def _skip_args(x, F, sigma) -> torch.Tensor:
     as a float32 (B,) vector."""
     _float("x", x)
     _float("F", F)
+    if x.dim() == 0:        # failed inside sigma_vector as 'tuple index out of range'
+        raise ValueError(f"x: expected a batch (B, ...), got shape {tuple(x.shape)}")
     if F.shape != x.shape:
         raise ValueError(f"F: expected the shape of x {tuple(x.shape)}, got {tuple(F.shape)}")
     _same_device(x, F=F)
@@ -57,16 +74,22 @@ def skip_output(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
     """c_skip(sigma) x + c_out(sigma) F (CM paper eq. 7), math in fp32 (float64 when x or F is), result in x's dtype;
     differentiable in x and F."""
     s = _skip_args(x, F, sigma)
+    sd, smin = _data_and_min(sigma_data, sigma_min)
     grad = torch.is_grad_enabled() and (x.requires_grad or F.requires_grad)
-    return _dispatch("skip_output", x, shape_class(grad, batch=x.shape[0]), F)(
-        x, F, s, float(sigma_data), float(sigma_min))
+    return _dispatch("skip_output", x, shape_class(grad, batch=x.shape[0]), F)(x, F, s, sd, smin)
+
+
+def _data_and_min(sigma_data, sigma_min) -> tuple[float, float]:
+    """sigma_data > 0 and sigma_min >= 0, finite (0 gave c_skip = c_out = 0, NaN gave NaN images, without a word)."""
+    return (_number("sigma_data", sigma_data, 0.0, True, "a positive finite number"),
+            _number("sigma_min", sigma_min, 0.0, False, "a finite number >= 0"))
 
 
 def skip_output_infer(x, F, sigma, sigma_data: float = 0.5, sigma_min: float = 0.002, uint8: bool = False):
     """Sampler epilogue: clamp(c_skip x + c_out F, -1, 1); with uint8=True the image bytes round((y + 1) * 127.5)."""
     s = _skip_args(x, F, sigma)
-    return _dispatch("skip_output_infer", x, shape_class(False, batch=x.shape[0]), F)(
-        x, F, s, float(sigma_data), float(sigma_min), bool(uint8))
+    sd, smin = _data_and_min(sigma_data, sigma_min)
+    return _dispatch("skip_output_infer", x, shape_class(False, batch=x.shape[0]), F)(x, F, s, sd, smin, bool(uint8))
 
 
 def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6, scale=None, shift=None,
@@ -83,8 +106,8 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6
         raise ValueError(f"x: expected channels and spatial dimensions of at least 1, got shape {tuple(x.shape)}")
     if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0 or C % num_groups:
         raise ValueError(f"num_groups: expected a positive divisor of the {C} channels, got {num_groups!r}")
-    if not eps > 0:          # also nan; 1 / sqrt(var + eps) needs a positive eps for constant groups
-        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    # also nan and inf; 1 / sqrt(var + eps) needs a positive eps for constant groups
+    eps = _number("eps", eps, 0.0, True, "a positive number")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             _float(name, t)
@@ -108,9 +131,9 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-6
     fn = _dispatch("group_norm_act", x, shape_class(grad, x), weight, bias, scale, shift, pre_bias)
     if pre_bias is not None:
         if not grad and getattr(fn, "fuses_pre_bias", False):
-            return fn(x, num_groups, weight, bias, float(eps), scale, shift, act, pre_bias=pre_bias)
+            return fn(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias=pre_bias)
         x = x + pre_bias.to(x.dtype).reshape(pre_bias.shape + (1,) * (x.dim() - 2))
-    return fn(x, num_groups, weight, bias, float(eps), scale, shift, act)
+    return fn(x, num_groups, weight, bias, eps, scale, shift, act)
 
 
 def attention(q, k, v, scale: float | None = None):
@@ -122,8 +145,11 @@ def attention(q, k, v, scale: float | None = None):
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[3] == 0 or (k.shape[2] == 0 and q.shape[2]):   # D = 0: a ZeroDivisionError; no key: a softmax of none
+        raise ValueError(f"attention: expected D >= 1 and at least one key (Lk >= 1), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     _same_device(q, k=k, v=v)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else _number("scale", scale, what="a finite number")
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return _dispatch("attention", q, shape_class(grad, batch=q.shape[0]))(q, k, v, scale)
 
@@ -166,8 +192,8 @@ def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None =
         raise ValueError(f"pred: expected at least one element per sample, got shape {tuple(pred.shape)}")
     if c is None:
         c = 0.00054 * d ** 0.5
-    if kind == "pseudo_huber" and not c > 0:
-        raise ValueError(f"c: expected a positive number for pseudo_huber, got {c!r}")
+    if kind == "pseudo_huber":      # also a string (a TypeError in the comparison) and inf (an inf / NaN loss)
+        c = _number("c", c, 0.0, True, "a positive number for pseudo_huber")
     grad = torch.is_grad_enabled() and pred.requires_grad
     return _dispatch("consistency_loss", pred, shape_class(grad, batch=B), target, weight)(
         pred, target, kind, float(c), weight)
@@ -210,7 +236,11 @@ def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFd
             raise ValueError(f"logvar: expected one value per sample ({B},), got shape {tuple(logvar.shape)}")
     weight = torch.ones(B, device=F.device) if weight is None else sigma_vector(weight, F, "weight")
     _same_device(F, x_t=x_t, dxdt=dxdt, F_plus=F_plus, F_minus=F_minus, dFdt=dFdt, logvar=logvar)
-    if not (sigma_data > 0 and c >= 0):
+    try:
+        ok = sigma_data > 0 and c >= 0
+    except TypeError:       # a string: "'>' not supported between instances of 'str' and 'int'"
+        raise TypeError(f"sigma_data, c: expected numbers, got sigma_data={sigma_data!r}, c={c!r}") from None
+    if not ok:
         raise ValueError(f"expected sigma_data > 0 and c >= 0, got sigma_data={sigma_data}, c={c}")
     return _dispatch("trig_tangent_loss", F, None, x_t, dxdt, F_plus, F_minus, dFdt, logvar)(
         F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight, float(r), float(sigma_data), float(c))
