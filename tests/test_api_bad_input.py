@@ -416,3 +416,10 @@ def test_unet_forward_inputs(net, images):
         net(images, torch.zeros(2, device="meta"))
     with torch.no_grad():
         assert torch.equal(net(images, torch.zeros(1)), net(images, torch.zeros(2)))     # one value: every image
+
+
+def test_a_preset_with_a_bad_channel_mult_override_gets_unets_own_error():
+    """from_preset moves the attention levels for another resolution from channel_mult's length: channel_mult=2 failed
+    there with "object of type 'int' has no len()" before UNet could name the argument."""
+    with pytest.raises(ValueError, match=r"channel_mult: expected one or more integers >= 1, got 2"):
+        cmfast.UNet.from_preset("tiny", img_resolution=8, channel_mult=2)

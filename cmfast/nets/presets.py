@@ -40,7 +40,8 @@ def preset_config(name: str, **overrides) -> dict:
     cfg = {**PRESETS[name], **overrides}
     base, res = PRESETS[name]["img_resolution"], cfg["img_resolution"]
     attn = PRESETS[name].get("attn_resolutions") or ()
-    if "attn_resolutions" not in overrides and attn and res != base and isinstance(res, int):
+    if ("attn_resolutions" not in overrides and attn and res != base and isinstance(res, int)
+            and isinstance(cfg["channel_mult"], (list, tuple))):     # else UNet names what is wrong
         levels = [res >> i for i in range(len(cfg["channel_mult"]))]
         if not set(levels) & set(attn):
             cfg["attn_resolutions"] = tuple(r * res // base for r in attn if r * res // base in levels)
