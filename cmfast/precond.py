@@ -59,6 +59,12 @@ def sigma_vector(sigma, x: torch.Tensor, what: str = "sigma", dtype: torch.dtype
     return s
 
 
+def under_torch_func() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp) is running this call: vmap refuses value-dependent branches,
+    .tolist() and channels-last queries, so the value checks (like under torch.compile) and layouts are left out."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what: str = "sigma") -> torch.Tensor:
     """sigma as an fp32 (B,) vector on x's device; a clear error when it is non-finite or outside [lo, hi].
     One host sync for the check (none while compiling or capturing a CUDA graph, and not checked under a torch.func
@@ -70,8 +76,7 @@ def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what
     if not x.is_floating_point():   # uint8 pixels (0..255) would run as if they were [-1, 1] values
         raise TypeError(f"x: expected a floating-point tensor (images in [-1, 1]), got {x.dtype}")
     s = sigma_vector(sigma, x, what)
-    if (torch.compiler.is_compiling() or (s.is_cuda and torch.cuda.is_current_stream_capturing())
-            or torch._C._functorch.maybe_current_level() is not None):    # torch.func: vmap refuses bool()
+    if torch.compiler.is_compiling() or under_torch_func() or (s.is_cuda and torch.cuda.is_current_stream_capturing()):
         return s
     bad = ~torch.isfinite(s) | (s < lo * (1 - 1e-6))
     if hi is not None:

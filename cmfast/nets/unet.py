@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..precond import under_torch_func
 from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding
 
 
@@ -291,7 +292,9 @@ class UNet(nn.Module):
                 raise ValueError(f"class_labels: expected a tensor on {emb.device} (the images' device), got one on "
                                  f"{labels.device}")
             if labels.dim() == 1:
-                labels = F.one_hot(self._checked_indices(labels), self.label_dim)
+                idx = self._checked_indices(labels)
+                labels = F.one_hot(idx, self.label_dim) if not under_torch_func() else \
+                    idx[:, None] == torch.arange(self.label_dim, device=idx.device)   # one_hot has no vmap rule
             elif labels.dim() != 2 or labels.shape[1] != self.label_dim:
                 raise ValueError(f"class_labels: expected class indices (B,) or one-hot rows (B, {self.label_dim}), "
                                  f"got shape {tuple(labels.shape)}")
@@ -311,8 +314,8 @@ class UNet(nn.Module):
     def _checked_indices(self, labels: torch.Tensor) -> torch.Tensor:
         """Class indices as int64, refused when not integers (1.5 would become class 1) or, where a check costs no
         device sync (CPU tensors), outside [0, label_dim)."""
-        check_class_indices(labels, self.label_dim,
-                            values=labels.device.type == "cpu" and not torch.compiler.is_compiling())
+        check_class_indices(labels, self.label_dim, values=labels.device.type == "cpu"
+                            and not torch.compiler.is_compiling() and not under_torch_func())
         return labels.long()
 
     def blocks(self) -> list[UNetBlock]:

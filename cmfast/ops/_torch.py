@@ -43,8 +43,8 @@ def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act):
         y = y + shift.to(dt).reshape(pshape)
     if act == "silu":
         y = F_.silu(y)
-    if not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None:
-        return y.to(x.dtype)        # under torch.func (vmap: no channels-last query inside), the values alone
+    if not torch.compiler.is_compiling() and precond.under_torch_func():
+        return y.to(x.dtype)        # vmap has no channels-last query: the values alone
     fmt = torch.channels_last if x.dim() == 4 and is_nhwc(x) else torch.contiguous_format
     return y.to(x.dtype).contiguous(memory_format=fmt)
 
