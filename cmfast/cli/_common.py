@@ -43,7 +43,7 @@ def user_errors() -> tuple:
     RuntimeError: it was a traceback). Read while an exception is matched, so it imports nothing: BackendUnavailable
     can only come from a cmfast.ops already imported, and importing it here after a Ctrl-C inside torch's import
     re-entered a half-imported torch (an AttributeError traceback, or a crash)."""
-    backend = getattr(sys.modules.get(f"{__package__.rpartition('.')[0]}.ops"), "BackendUnavailable", None)
+    backend = getattr(sys.modules.get("cmfast.ops"), "BackendUnavailable", None)
     return (ValueError, TypeError, OSError, KeyError, ImportError) + ((backend,) if backend is not None else ())
 
 
