@@ -10,7 +10,8 @@ by name that cannot run raises one line saying why; it never falls back silently
 
 Under torch.compile, 'auto' is the torch composition (traced and fused, no graph break). The ops are plain functions,
 not torch.library custom ops: a kernel backend named explicitly runs eagerly between two graphs (torch.compiler.disable,
-a graph break; fullgraph=True refuses it).
+a graph break; fullgraph=True refuses it). Under a torch.func transform (vmap, grad, jacrev, ...), 'auto' is the torch
+composition too, and a kernel backend named explicitly is refused: its autograd.Functions have no functorch rules.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .. import precond
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 OPS = ("skip_output", "skip_output_infer", "group_norm_act", "attention", "residual", "consistency_loss",
@@ -195,10 +198,16 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype | None = No
     shape_class) refines backend 'auto'."""
     backend = get_backend()
     compiling = _compiling()
+    transformed = not compiling and precond.under_torch_func()
     if backend == "auto":
         # Under torch.compile, auto is the torch composition: inductor fuses it itself, while a kernel of ours would
-        # be an opaque call between two graphs.
-        backend = "torch" if compiling else _auto_choice(op, device, dtype, case)
+        # be an opaque call between two graphs. Under a torch.func transform too: the kernels' autograd.Functions
+        # have no batching (vmap) or functorch rules.
+        backend = "torch" if compiling or transformed else _auto_choice(op, device, dtype, case)
+    if transformed and backend != "torch":
+        raise BackendUnavailable(
+            f"backend {backend!r} cannot run under a torch.func transform (vmap, grad, jacrev, ...): its kernels have "
+            f"no functorch rules; use backend 'auto' or 'torch' there")
     if backend == "triton" and not _triton_can_run(device):
         raise BackendUnavailable(
             f"backend 'triton' cannot run on {device.type}: needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")
