@@ -19,8 +19,8 @@ def _has(text: str, phrase: str) -> bool:
 
 
 def test_train_help_teacher_sample_num_and_compile_match_the_code():
-    text = _help("cmfast.cli.train")        # builds the parser, which registers every method
-    from cmfast.training.methods import METHODS
+    from cmfast.training.methods import METHODS     # imported first: the parser takes its names from it
+    text = _help("cmfast.cli.train")
     need = sorted(name for name, m in METHODS.items() if m.needs_teacher)
     assert _has(text, f"(--method {', '.join(need)})") and len(need) == 2
     assert _has(text, "images per grid, 0 = no grids")      # the loop writes none for --sample-num 0

@@ -47,7 +47,8 @@ def test_import_cmfast_does_not_import_torch_until_a_name_is_read():
 
 
 @pytest.mark.parametrize("prog, argv", [("sample", ["--help"]), ("edit", ["--help"]), ("eval", ["--help"]),
-                                        ("sample", ["--num", "0"]), ("eval", ["--num", "-3"])])
+                                        ("train", ["--help"]), ("sample", ["--num", "0"]), ("eval", ["--num", "-3"]),
+                                        ("train", ["--method", "ctt"]), ("train", ["--steps", "0"])])
 def test_help_and_argument_errors_do_not_import_torch(prog, argv):
     """Exit 0 for --help, 2 for the argument error, and torch never imported on the way."""
     out = _run(f"import sys\nfrom cmfast.cli import {prog}\ntry:\n    code = {prog}.main({argv!r})\n"
@@ -64,3 +65,24 @@ def test_the_commands_error_classes_import_nothing():
                "print(','.join(names()), 'torch' in sys.modules)\nimport cmfast.ops\nprint(','.join(names()))")
     assert out == ["ValueError,TypeError,OSError,KeyError,ImportError", "False",
                    "ValueError,TypeError,OSError,KeyError,ImportError,BackendUnavailable"]
+
+
+def test_train_parser_names_are_the_modules_names_and_a_registered_method_is_a_choice():
+    """cmfast-train builds its parser without importing the modules that define --method, --preset, --dataset and
+    --loss (they import torch): their built-in names are written in cli/train.py and must be the modules' own. Once the
+    method registry is imported, a method registered there is a choice."""
+    out = _run("import json, sys\nfrom cmfast.cli import train\nbefore = train.build_parser()\n"
+               "assert 'torch' not in sys.modules\n"
+               "import cmfast.data, cmfast.nets.presets, cmfast.objectives, cmfast.training.methods as m\n"
+               "got = {f'{mod}:{a}': list(train._names(mod, a)) for mod, a in train.BUILTIN_NAMES}\n"
+               "want = {'cmfast.training.methods:METHODS': sorted(m.METHODS), "
+               "'cmfast.nets.presets:PRESETS': sorted(cmfast.nets.presets.PRESETS), "
+               "'cmfast.data:DATASETS': list(cmfast.data.DATASETS), "
+               "'cmfast.objectives:DISTANCES': list(cmfast.objectives.DISTANCES)}\n"
+               "builtin = {f'{mod}:{a}': list(v) for (mod, a), v in train.BUILTIN_NAMES.items()}\n"
+               "print(json.dumps(got == want == builtin))\n"
+               "class Mine(m.Method):\n    name = 'mine'\n"
+               "m.register(Mine())\n"
+               "print(train.build_parser().parse_args(['--method', 'mine']).method)\n"
+               "try:\n    before.parse_args(['--method', 'mine'])\nexcept SystemExit as e:\n    print(e.code)")
+    assert out[-3:] == ["true", "mine", "2"]

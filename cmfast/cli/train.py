@@ -40,12 +40,31 @@ def _key_value(s):
         return k, v
 
 
+# The choices of --method, --preset, --dataset and --loss as their modules define them, for --help and argument errors
+# without torch's import (about 4 s; those modules import it): once a module is imported, its own names (a method or
+# preset a user registered before calling main() included), else the built-in ones written here
+# (tests/test_lazy_import.py checks they are the modules' names).
+BUILTIN_NAMES = {
+    ("cmfast.training.methods", "METHODS"): ("cd", "ct", "edm", "ict", "scd", "sct"),
+    ("cmfast.nets.presets", "PRESETS"): ("adm-imagenet64", "adm-lsun256", "ddpmpp-64", "ddpmpp-cifar10", "fmnist-small",
+                                         "ncsnpp-cifar10", "tiny"),
+    ("cmfast.data", "DATASETS"): ("cifar10", "fashion-mnist", "folder"),
+    ("cmfast.objectives", "DISTANCES"): ("l2", "l1", "pseudo_huber", "lpips"),
+}
+
+
+def _names(module: str, attr: str) -> tuple:
+    loaded = sys.modules.get(module)
+    if loaded is None or not hasattr(loaded, attr):
+        return BUILTIN_NAMES[module, attr]
+    names = getattr(loaded, attr)
+    return tuple(sorted(names)) if isinstance(names, dict) else tuple(names)
+
+
 def build_parser():
-    from ..data import DATASETS
-    from ..nets.presets import PRESETS
-    from ..objectives import DISTANCES
     from ..training.config import COMPILE_MODES, CONFIGS, DEFAULTS
-    from ..training.methods import METHODS
+    METHODS, PRESETS = _names("cmfast.training.methods", "METHODS"), _names("cmfast.nets.presets", "PRESETS")
+    DATASETS, DISTANCES = _names("cmfast.data", "DATASETS"), _names("cmfast.objectives", "DISTANCES")
     D = DEFAULTS
 
     def d(key, text=""):
@@ -59,8 +78,8 @@ def build_parser():
     g.add_argument("--dataset", choices=DATASETS, help=d("dataset"))
     g.add_argument("--data-dir", help="dataset folder (folder: the image folder or zip) (default: $CMFAST_DATA or "
                                       "~/.cache/cmfast)")
-    g.add_argument("--method", choices=sorted(METHODS), help=d("method"))
-    g.add_argument("--preset", choices=sorted(PRESETS), help=d("preset", "network"))
+    g.add_argument("--method", choices=METHODS, help=d("method"))
+    g.add_argument("--preset", choices=PRESETS, help=d("preset", "network"))
     g.add_argument("--teacher", metavar="PATH", help="EDM teacher checkpoint or run dir (--method cd, scd)")
     g.add_argument("--cond", action="store_const", const=True, help="class-conditional on the dataset's labels")
     g.add_argument("--xflip", action=argparse.BooleanOptionalAction, help="mirror half the training images "

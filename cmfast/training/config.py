@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-from ..nets.presets import preset_config
-from .methods import check_arg_types, get_method
+# Imports nothing heavy at module level (the method registry and the networks' package import torch): cmfast-train
+# builds its parser from DEFAULTS, COMPILE_MODES and CONFIGS for --help without torch's 4 s import.
 
 DEFAULTS = dict(
     dataset="cifar10", data_dir=None, xflip=None, cond=False, method="ict", preset="tiny", dropout=None,
@@ -68,6 +68,8 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
     """Merge explicit values (None = not given) over the --config preset over DEFAULTS; fill derived fields. The data's
     image shape (C, H, W), class count and class names (an image folder's class subfolders), where known, give `net`
     (and `classes` for --cond)."""
+    from ..nets.presets import preset_config
+    from .methods import check_arg_types, get_method
     preset = CONFIGS[args["config"]] if args.get("config") else {}
     cfg = {}
     for k, v in DEFAULTS.items():

@@ -1,7 +1,7 @@
 """Training methods: a registry mapping a name (--method) to an object that builds the model(s) and the per-step loss.
 
 Interface (register a new method by adding a module that calls `register(MyMethod())`, and importing that module
-from cmfast/training/__init__.py, or anywhere before cmfast-train parses its arguments):
+at the end of this one, as methods_scm.py is, or anywhere before cmfast-train parses its arguments):
 
     class Method:
         name: str                   # the --method value
@@ -242,3 +242,5 @@ class ICT(Method):
 
 for _m in (EDM(), CD(), CT(), ICT()):
     register(_m)
+
+from . import methods_scm  # noqa: E402, F401  (registers sct, scd: any import of the registry has every built-in)
