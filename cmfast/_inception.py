@@ -13,6 +13,8 @@ from torch import nn
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 IMPLEMENTATION = "cmfast FID Inception-V3 (pytorch-fid layout and weights, bilinear resize to 299, pool3 2048-d)"
+IS_IMPLEMENTATION = ("cmfast Inception Score (Salimans et al. 2016): the same Inception-V3, softmax of its 1008 logits "
+                     "without the output bias, mean and std over consecutive splits")
 
 
 def _avg_pool_tf(x):
@@ -74,7 +76,10 @@ class FIDInception(nn.Module):
         net.Mixed_7b, net.Mixed_7c = E(1280, _avg_pool_tf), E(2048, _max_pool)
         self.net = net
 
-    def forward(self, x):
+    def forward(self, x, logits: bool = False):
+        """pool3 features (N, 2048); with logits=True also the 1008-way logits of the graph's softmax layer without
+        its bias, (N, 1008), as the original Inception Score code (Salimans et al. 2016) reads them and StyleGAN3's and
+        torch-fidelity's metrics follow (`no_output_bias`, `logits_unbiased`)."""
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[1] != 3:
@@ -86,7 +91,10 @@ class FIDInception(nn.Module):
                       n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b,
                       n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
             x = layer(x)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        features = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        if not logits:
+            return features
+        return features, features @ self.net.fc.weight.t()
 
 
 def hub_weights_path():

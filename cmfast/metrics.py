@@ -1,9 +1,11 @@
-"""Frechet distances: FID (Heusel et al. 2017) and FD-FMNIST, cmfast's offline quality metric.
+"""Frechet distances: FID (Heusel et al. 2017) and FD-FMNIST, cmfast's offline quality metric; the Inception Score.
 
 FD = ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussians fitted to features. FID uses the
 standard Inception-V3 pool3 features (pytorch-fid weights, local file only). FD-FMNIST uses the penultimate
 features of a small Fashion-MNIST classifier shipped with cmfast: it runs offline in seconds on a CPU, but its
-numbers are NOT comparable with FID. Precision / recall: Kynkaanniemi et al. 2019 (k-NN manifolds, k = 3).
+numbers are NOT comparable with FID. Inception Score (Salimans et al. 2016): FID's network, its 1008-way softmax
+without the output bias, 10 splits, as the original code. Precision / recall: Kynkaanniemi et al. 2019 (k-NN
+manifolds, k = 3).
 Imports only torch and numpy here; scipy, torchvision, safetensors and tqdm load where used.
 """
 import hashlib
@@ -16,7 +18,7 @@ import torch
 
 from ._device import checked_device
 
-METRICS = ("fid", "fd-fmnist")
+METRICS = ("fid", "fd-fmnist", "is")
 SHAPES = {"fashion-mnist": (1, 32, 32), "cifar10": (3, 32, 32)}   # reference datasets' image shapes
 
 
@@ -158,6 +160,70 @@ def precision_recall(real_feats, fake_feats, k=3, chunk=1024):
     precision = _coverage(fake, real, _knn_radii(real, k, chunk), chunk)
     recall = _coverage(real, fake, _knn_radii(fake, k, chunk), chunk)
     return precision, recall
+
+
+# ---------------------------------------------------------------- Inception Score (Salimans et al. 2016)
+
+class InceptionScoreStats:
+    """The Inception Score of `num` samples, streamed: IS_k = exp(mean over part k of KL(p(y|x) || p_k(y))), p_k the
+    mean prediction of part k, over `splits` consecutive parts (rows [k num // splits, (k+1) num // splits) in sample
+    order); mean and standard deviation (ddof 0) of the IS_k, as the original code (improved-gan) and StyleGAN3's
+    and torch-fidelity's metrics report them. Per part it keeps sum_x sum_y p log p and sum_x p in float64, so the
+    predictions (50,000 x 1008) are never held: mean_x KL = (sum_x sum_y p log p) / n - sum_y p_k log p_k."""
+
+    def __init__(self, num: int, splits: int = 10, classes: int = 1008):
+        num, splits = _check_count("num", num, 1), _check_count("splits", splits, 1)
+        if splits > num:
+            raise ValueError(f"splits: expected at most num={num} parts, got {splits}")
+        self.num, self.splits, self.n = num, splits, 0
+        self.bounds = np.array([k * num // splits for k in range(splits + 1)])
+        self._plogp = np.zeros(splits, np.float64)
+        self._psum = np.zeros((splits, classes), np.float64)
+
+    def update(self, logits):
+        """Add the rows of `logits` (N, classes), the next samples in order."""
+        z = logits.detach().cpu().double().numpy() if torch.is_tensor(logits) else np.asarray(logits, np.float64)
+        if z.ndim != 2 or z.shape[1] != self._psum.shape[1]:
+            raise ValueError(f"logits: expected (N, {self._psum.shape[1]}), got {z.shape}")
+        if self.n + len(z) > self.num:
+            raise ValueError(f"logits: {self.n + len(z)} rows for an Inception Score of {self.num} samples")
+        if not np.isfinite(z).all():
+            raise ValueError("logits: expected finite values, got NaN / inf")
+        z = z - z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        p = np.exp(logp)
+        part = np.searchsorted(self.bounds, self.n + np.arange(len(z)), side="right") - 1
+        np.add.at(self._plogp, part, (p * logp).sum(1))
+        np.add.at(self._psum, part, p)
+        self.n += len(z)
+        return self
+
+    def result(self) -> tuple[float, float]:
+        """(mean, std) of the parts' scores; all `num` samples must have been added."""
+        if self.n != self.num:
+            raise ValueError(f"Inception Score of {self.num} samples: {self.n} added")
+        sizes = np.diff(self.bounds).astype(np.float64)
+        pbar = self._psum / sizes[:, None]
+        kl = self._plogp / sizes - (pbar * np.log(np.where(pbar > 0, pbar, 1.0))).sum(1)
+        scores = np.exp(kl)
+        return float(scores.mean()), float(scores.std())
+
+
+def inception_score(images, splits=10, batch_size=100, device="cpu", weights=None) -> tuple[float, float]:
+    """(mean, std) Inception Score of [-1, 1] images (N, C in {1, 3}, H, W) with FID's Inception-V3 (pytorch-fid's
+    weights, local file only), in `splits` consecutive parts."""
+    _check_images(images)
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"images: expected 1 or 3 channels for the Inception network, got {tuple(images.shape)}")
+    batch_size = _check_count("batch_size", batch_size)
+    stats = InceptionScoreStats(len(images), splits)
+    device = checked_device(device)
+    from ._inception import load_fid_inception
+    net = load_fid_inception(_weights_path("fid", weights), device)
+    with torch.no_grad():
+        for x in _chunks(images, batch_size):
+            stats.update(net(x.to(device=device, dtype=torch.float32), logits=True)[1])
+    return stats.result()
 
 
 # ---------------------------------------------------------------- feature extractors and reference statistics
@@ -305,7 +371,7 @@ def reference_batches(dataset, data_dir=None, num=50000, batch_size=250):
 
 
 def _weights_path(metric, weights=None):
-    if metric == "fid":
+    if metric in ("fid", "is"):
         from ._inception import find_weights
         return find_weights(weights)
     if metric == "fd-fmnist":
@@ -475,15 +541,17 @@ def _quantize(x):
 
 @torch.no_grad()
 def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigmas=None, dataset=None,
-             device=None, data_dir=None, weights=None, progress=False, engine="eager", dtype=torch.float32):
+             device=None, data_dir=None, weights=None, progress=False, engine="eager", dtype=torch.float32,
+             is_splits=10):
     """Sample `num` images and score them -> a JSON-ready dict that records implementation and mode.
 
     A ConsistencyModel samples with cmfast.sample (Algorithm 1; sigmas default to model_sigmas(model, steps)), an
     EDMDenoiser with EDM's Heun sampler (steps default 18); engine and dtype as cmfast.sampling.generate_batches
     (default: eager, float32). Noise per batch and class labels (balanced) follow cmfast-sample, so the same seed,
     engine and batch size score the same images. Samples are quantized to 8 bits before scoring.
-    metric "fd-fmnist" (cmfast's offline metric, against Fashion-MNIST train) or "fid" (Inception-V3,
-    against cifar10 train unless `dataset` says otherwise).
+    metric "fd-fmnist" (cmfast's offline metric, against Fashion-MNIST train), "fid" (Inception-V3, against cifar10
+    train unless `dataset` says otherwise; the result also holds the samples' Inception Score, from the same network
+    pass) or "is" (the Inception Score alone: no reference data; value = the mean over `is_splits` parts, with std).
     """
     import time
     from .precond import EDMDenoiser
@@ -524,17 +592,27 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     if n is None or b is None or n < 2 or b < 1:
         raise ValueError(f"num >= 2 and batch_size >= 1 expected, got num={num!r}, batch_size={batch_size!r}")
     num, batch_size = n, b
+    is_splits = _check_count("is_splits", is_splits)
     shape = _image_shape(model, dataset)
+    if metric in ("fid", "is") and shape[0] not in (1, 3):     # else the Inception network's error after sampling
+        raise ValueError(f"{metric} scores 1- or 3-channel images (the Inception network's); this model makes "
+                         f"{tuple(shape)}")
     if metric == "fd-fmnist" and tuple(shape) != SHAPES["fashion-mnist"]:   # else a conv2d traceback after the stats
         raise ValueError(f"fd-fmnist scores {SHAPES['fashion-mnist']} images (Fashion-MNIST's); this model makes "
                          f"{tuple(shape)}: score it with fid")
     home = next(model.parameters()).device
     device = checked_device(device or home)
     t0 = time.time()
-    mu_ref, s_ref, ref_meta = reference_stats(metric, dataset, data_dir, num=60000 if metric == "fd-fmnist"
-                                              else 50000, device=device, weights=weights)
-    extractor, dim, impl = _extractor(metric, device, weights)
-    stats = FeatureStats(dim)
+    from ._inception import IS_IMPLEMENTATION, FIDInception, load_fid_inception
+    if metric == "is":      # no reference data: the Inception network alone
+        extractor, impl, stats = load_fid_inception(_weights_path("is", weights), device), IS_IMPLEMENTATION, None
+    else:
+        mu_ref, s_ref, ref_meta = reference_stats(metric, dataset, data_dir, num=60000 if metric == "fd-fmnist"
+                                                  else 50000, device=device, weights=weights)
+        extractor, dim, impl = _extractor(metric, device, weights)
+        stats = FeatureStats(dim)
+    splits = min(is_splits, num)
+    is_stats = InceptionScoreStats(num, splits) if isinstance(extractor, FIDInception) else None     # fid, is
     # The model samples on `device` in eval mode (sample's own) and is given back as it came: on its device, in its
     # mode (it was left in eval mode, moved to `device`).
     model.to(device)
@@ -544,12 +622,28 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
                                    seed=seed, batch_size=batch_size, engine=engine, dtype=dtype, shape=shape)
         n_batches = math.ceil(num / min(batch_size, num))
         for _, x in _progress(batches, n_batches, f"{metric} {steps}-step", progress):
-            stats.update(extractor(_quantize(x)).double())
+            if is_stats is None:
+                stats.update(extractor(_quantize(x)).double())
+                continue
+            features, logits = extractor(_quantize(x), logits=True)     # FID's features and IS's logits: one pass
+            is_stats.update(logits)
+            if stats is not None:
+                stats.update(features.double())
     finally:
         model.to(home)
-    value = frechet_distance(stats.mean, stats.cov, mu_ref, s_ref)
-    return {"metric": "FD-FMNIST" if metric == "fd-fmnist" else "FID", "value": value, "implementation": impl,
-            "mode": f"{num} samples (8-bit) vs {dataset} train ({ref_meta.get('n', '?')} images); {sampler}",
+    if metric == "is":
+        value, std = is_stats.result()
+        head = {"metric": "IS", "value": value, "std": std, "splits": splits, "implementation": impl,
+                "mode": f"{num} samples (8-bit), {splits} splits; {sampler}"}
+        dataset = None
+    else:
+        value = frechet_distance(stats.mean, stats.cov, mu_ref, s_ref)
+        head = {"metric": "FD-FMNIST" if metric == "fd-fmnist" else "FID", "value": value, "implementation": impl,
+                "mode": f"{num} samples (8-bit) vs {dataset} train ({ref_meta.get('n', '?')} images); {sampler}"}
+        if is_stats is not None:
+            m, sd = is_stats.result()
+            head["inception_score"] = {"mean": m, "std": sd, "splits": splits, "implementation": IS_IMPLEMENTATION}
+    return {**head,
             "steps": steps, "sigmas": list(sigmas) if sigmas else None, "num": num, "seed": seed,
             "batch_size": batch_size, "dataset": dataset, "device": str(device), "engine": engine,
             "dtype": str(dtype).removeprefix("torch."),

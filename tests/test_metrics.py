@@ -428,7 +428,7 @@ def _run_cli(argv, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--checkpoint", "/nonexistent/ckpt.safetensors", "--metric", "fd-fmnist"], "checkpoint not found"),
-    (["--checkpoint", "x", "--metric", "is"], "invalid choice: 'is'"),
+    (["--checkpoint", "x", "--metric", "kid"], "invalid choice: 'kid'"),
     (["--checkpoint", "x", "--metric", "fid", "--steps", "0"], "expected an integer >= 1"),
     (["--metric", "fid"], "--checkpoint"),
 ])

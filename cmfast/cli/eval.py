@@ -1,4 +1,4 @@
-"""cmfast-eval: sample a checkpoint (or a shipped model) and score it with FID or FD-FMNIST (cmfast's offline metric).
+"""cmfast-eval: sample a checkpoint (or a shipped model) and score it with FID (and IS), IS or FD-FMNIST (offline).
 
     cmfast-eval --checkpoint run/ckpt.safetensors --metric fd-fmnist --steps 1 --num 10000 --out results.json
     cmfast-eval --pretrained fmnist --metric fd-fmnist --steps 2 --num 10000
@@ -27,9 +27,11 @@ def build_parser():
     ap = _common.Parser(prog=PROG, description=__doc__.splitlines()[0])
     g = ap.add_argument_group("main")
     _common.add_model_options(g)
-    g.add_argument("--metric", required=True, choices=("fid", "fd-fmnist"),
-                   help="fid: Inception-V3 (needs pt_inception-2015-12-05-6726825d.pth locally); fd-fmnist: "
-                        "cmfast's offline metric, not comparable with FID")
+    g.add_argument("--metric", required=True, choices=("fid", "is", "fd-fmnist"),
+                   help="fid: Inception-V3 (needs pt_inception-2015-12-05-6726825d.pth locally), against the "
+                        "reference data; the result also holds the Inception Score of the same samples; is: the "
+                        "Inception Score alone (the same network, no reference data); fd-fmnist: cmfast's offline "
+                        "metric, not comparable with FID")
     g.add_argument("--steps", type=_positive, default=None,
                    help="network evaluations (default 1; an EDM teacher: Heun steps, default 18)")
     g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None,
@@ -41,6 +43,8 @@ def build_parser():
     g.add_argument("--search-iters", type=_positive, default=6, help="ternary-search rounds per level (default 6; "
                                                                      "two evaluations each)")
     g.add_argument("--num", type=_positive, default=50000, help="number of generated images (default 50000)")
+    g.add_argument("--is-splits", type=_positive, default=10, help="Inception Score: mean and std over this many "
+                   "consecutive parts of the samples (default 10, as the original code)")
     g.add_argument("--seed", type=_common.ranged(int, 0), default=0,
                    help="noise seed (default 0); with the same --batch-size and engine, the images cmfast-sample makes")
     p = ap.add_argument_group("performance")
@@ -72,6 +76,8 @@ def main(argv=None):
         _fail(f"checkpoint not found: {args.checkpoint}")
     _common.check_which(PROG, args)
     _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
+    if args.search_sigmas and args.metric == "is":
+        _fail("--search-sigmas minimizes a distance (fid, fd-fmnist); the Inception Score is higher-better")
     if args.search_sigmas and (args.steps or len(args.sigmas or ())) < 2:
         _fail("--search-sigmas needs --steps 2 or more (one step samples at sigma_max only)")
     if args.dataset == "folder" and not args.data_dir:
@@ -101,7 +107,7 @@ def main(argv=None):
             dataset = None          # e.g. an imported checkpoint: the metric's default reference
         common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, dataset=dataset, device=device,
                       data_dir=data_dir, weights=args.inception_weights, engine=args.engine,
-                      dtype=_common.torch_dtype(args.dtype))
+                      dtype=_common.torch_dtype(args.dtype), is_splits=args.is_splits)
         from ..precond import EDMDenoiser
         recorded = None if args.sigmas or isinstance(model, EDMDenoiser) else \
             _common.recorded_sigmas(meta, args.steps)
