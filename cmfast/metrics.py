@@ -345,6 +345,40 @@ def reference_stats(metric, dataset, data_dir=None, num=50000, batch_size=250, d
     return stats.mean, stats.cov, dict(meta, n=stats.n)
 
 
+def reference_features(metric, dataset, data_dir=None, num=10000, batch_size=250, device="cpu", weights=None):
+    """(n, dim) float32 features of `num` reference images (a seed-0 draw, as reference_stats; n < num when the set is
+    smaller), for precision / recall, which need the points themselves; cached as .npy beside the statistics (10,000
+    Inception features: 80 MB), under the same naming (metric, dataset, count, weights, pipeline)."""
+    path = os.path.splitext(_cache_key(metric, dataset, data_dir, num, weights)[0])[0] + "_features.npy"
+    if os.path.isfile(path):
+        try:
+            feats = np.load(path, allow_pickle=False)
+            if feats.ndim == 2 and feats.dtype == np.float32 and 0 < len(feats) <= num and np.isfinite(feats).all():
+                return feats
+            why = f"shape {feats.shape}, {feats.dtype}"
+        except (OSError, ValueError, EOFError) as e:
+            why = f"{type(e).__name__}: {e}"
+        print(f"cmfast: cached reference features unreadable ({path}: {why}): computing them again", file=sys.stderr,
+              flush=True)
+    print(f"cmfast: computing the {metric} reference features of {num} {dataset} images (once; cached in {path})",
+          file=sys.stderr, flush=True)
+    extractor, _, _ = _extractor(metric, device, weights)
+    with torch.no_grad():
+        feats = np.concatenate([extractor(x.to(device=device, dtype=torch.float32)).float().cpu().numpy()
+                                for x in reference_batches(dataset, data_dir, num, batch_size)])
+    try:
+        import io
+        from .training.checkpoint import atomic_write
+        buf = io.BytesIO()
+        np.save(buf, feats)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, buf.getvalue())
+    except OSError as e:
+        print(f"cmfast: could not cache the reference features in {path} ({e.strerror or e}): they are computed "
+              f"again next time", file=sys.stderr, flush=True)
+    return feats
+
+
 CIFAR10_TRAIN = 50_000
 
 
@@ -542,7 +576,7 @@ def _quantize(x):
 @torch.no_grad()
 def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigmas=None, dataset=None,
              device=None, data_dir=None, weights=None, progress=False, engine="eager", dtype=torch.float32,
-             is_splits=10):
+             is_splits=10, pr_num=None, pr_k=3):
     """Sample `num` images and score them -> a JSON-ready dict that records implementation and mode.
 
     A ConsistencyModel samples with cmfast.sample (Algorithm 1; sigmas default to model_sigmas(model, steps)), an
@@ -552,6 +586,9 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     metric "fd-fmnist" (cmfast's offline metric, against Fashion-MNIST train), "fid" (Inception-V3, against cifar10
     train unless `dataset` says otherwise; the result also holds the samples' Inception Score, from the same network
     pass) or "is" (the Inception Score alone: no reference data; value = the mean over `is_splits` parts, with std).
+    pr_num (fid, fd-fmnist): also precision and recall (Kynkaanniemi et al. 2019, k-NN manifolds with k = pr_k, as
+    the CM paper's ImageNet 64 / LSUN tables) of the first pr_num samples against pr_num reference images, in the
+    metric's features.
     """
     import time
     from .precond import EDMDenoiser
@@ -593,6 +630,14 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
         raise ValueError(f"num >= 2 and batch_size >= 1 expected, got num={num!r}, batch_size={batch_size!r}")
     num, batch_size = n, b
     is_splits = _check_count("is_splits", is_splits)
+    if pr_num is not None:
+        if metric == "is":
+            raise ValueError("pr_num: precision / recall compare with reference images; the Inception Score has none "
+                             "(use fid)")
+        pr_k = _check_count("pr_k", pr_k)
+        pr_num = _check_count("pr_num", pr_num, pr_k + 1)
+        if pr_num > num:
+            raise ValueError(f"pr_num: expected at most num={num} samples, got {pr_num}")
     shape = _image_shape(model, dataset)
     if metric in ("fid", "is") and shape[0] not in (1, 3):     # else the Inception network's error after sampling
         raise ValueError(f"{metric} scores 1- or 3-channel images (the Inception network's); this model makes "
@@ -611,6 +656,9 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
                                                   else 50000, device=device, weights=weights)
         extractor, dim, impl = _extractor(metric, device, weights)
         stats = FeatureStats(dim)
+    ref_feats = None if pr_num is None else reference_features(metric, dataset, data_dir, pr_num, device=device,
+                                                               weights=weights)
+    fake_feats: list[torch.Tensor] = []
     splits = min(is_splits, num)
     is_stats = InceptionScoreStats(num, splits) if isinstance(extractor, FIDInception) else None     # fid, is
     # The model samples on `device` in eval mode (sample's own) and is given back as it came: on its device, in its
@@ -623,12 +671,14 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
         n_batches = math.ceil(num / min(batch_size, num))
         for _, x in _progress(batches, n_batches, f"{metric} {steps}-step", progress):
             if is_stats is None:
-                stats.update(extractor(_quantize(x)).double())
-                continue
-            features, logits = extractor(_quantize(x), logits=True)     # FID's features and IS's logits: one pass
-            is_stats.update(logits)
+                features = extractor(_quantize(x))
+            else:
+                features, logits = extractor(_quantize(x), logits=True)     # FID's features and IS's logits: one pass
+                is_stats.update(logits)
             if stats is not None:
                 stats.update(features.double())
+            if pr_num is not None and sum(map(len, fake_feats)) < pr_num:
+                fake_feats.append(features.float().cpu())
     finally:
         model.to(home)
     if metric == "is":
@@ -643,6 +693,12 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
         if is_stats is not None:
             m, sd = is_stats.result()
             head["inception_score"] = {"mean": m, "std": sd, "splits": splits, "implementation": IS_IMPLEMENTATION}
+        if pr_num is not None:
+            fake = torch.cat(fake_feats)[:pr_num]
+            head["precision"], head["recall"] = precision_recall(torch.from_numpy(ref_feats).to(device),
+                                                                 fake.to(device), k=pr_k)
+            head["precision_recall"] = {"k": pr_k, "samples": len(fake), "reference": len(ref_feats),
+                                        "method": "Kynkaanniemi et al. 2019, k-NN manifolds in the metric's features"}
     return {**head,
             "steps": steps, "sigmas": list(sigmas) if sigmas else None, "num": num, "seed": seed,
             "batch_size": batch_size, "dataset": dataset, "device": str(device), "engine": engine,

@@ -43,6 +43,10 @@ def build_parser():
     g.add_argument("--search-iters", type=_positive, default=6, help="ternary-search rounds per level (default 6; "
                                                                      "two evaluations each)")
     g.add_argument("--num", type=_positive, default=50000, help="number of generated images (default 50000)")
+    g.add_argument("--precision-recall", type=_positive, nargs="?", const=0, default=None, metavar="N",
+                   help="fid, fd-fmnist: also precision and recall (Kynkaanniemi et al. 2019, k = 3, as the CM paper's "
+                        "ImageNet 64 / LSUN tables) of the first N samples against N reference images (bare: 10000, "
+                        "or --num if fewer; the reference features are cached)")
     g.add_argument("--is-splits", type=_positive, default=10, help="Inception Score: mean and std over this many "
                    "consecutive parts of the samples (default 10, as the original code)")
     g.add_argument("--seed", type=_common.ranged(int, 0), default=0,
@@ -76,6 +80,12 @@ def main(argv=None):
         _fail(f"checkpoint not found: {args.checkpoint}")
     _common.check_which(PROG, args)
     _common.check_steps_sigmas(PROG, args.steps, args.sigmas)
+    if args.precision_recall == 0:     # bare (N >= 1 when given)
+        args.precision_recall = min(10000, args.num)
+    if args.precision_recall is not None and args.metric == "is":
+        _fail("--precision-recall compares with reference images: use it with --metric fid (or fd-fmnist)")
+    if args.precision_recall is not None and args.precision_recall > args.num:
+        _fail(f"--precision-recall {args.precision_recall}: at most --num ({args.num}) samples")
     if args.search_sigmas and args.metric == "is":
         _fail("--search-sigmas minimizes a distance (fid, fd-fmnist); the Inception Score is higher-better")
     if args.search_sigmas and (args.steps or len(args.sigmas or ())) < 2:
@@ -125,7 +135,8 @@ def main(argv=None):
                                    log=lambda m: print(f"{PROG}: {m}", flush=True))
             args.sigmas, args.steps = tuple(search["sigmas"]), None
             search_s = time.perf_counter() - t_search
-        result = evaluate(model, args.metric, steps=args.steps, sigmas=args.sigmas, progress=True, **common)
+        result = evaluate(model, args.metric, steps=args.steps, sigmas=args.sigmas, progress=True,
+                          pr_num=args.precision_recall, **common)     # precision / recall: the final evaluation only
         if search is not None:
             # "seconds" of the result is the final evaluation's; the search's own trials took these
             result["search"] = {"method": "greedy ternary search in log sigma", "iters": args.search_iters,
