@@ -573,6 +573,79 @@ def _quantize(x):
     return (x.float() * 127.5 + 128).clamp(0, 255).floor() / 127.5 - 1
 
 
+def _check_scoring(metric, num, shape, is_splits, pr_num, pr_k, makes):
+    """The scoring side's arguments (evaluate, score_samples), checked before any work: (is_splits, pr_num, pr_k).
+    shape: the images' (C, H, W); `makes` words the source in a message ('this model makes')."""
+    is_splits = _check_count("is_splits", is_splits)
+    if pr_num is not None:
+        if metric == "is":
+            raise ValueError("pr_num: precision / recall compare with reference images; the Inception Score has none "
+                             "(use fid)")
+        pr_k = _check_count("pr_k", pr_k)
+        pr_num = _check_count("pr_num", pr_num, pr_k + 1)
+        if pr_num > num:
+            raise ValueError(f"pr_num: expected at most num={num} samples, got {pr_num}")
+    if metric in ("fid", "is") and shape[0] not in (1, 3):     # else the Inception network's error after sampling
+        raise ValueError(f"{metric} scores 1- or 3-channel images (the Inception network's); {makes} "
+                         f"{tuple(shape)}")
+    if metric == "fd-fmnist" and tuple(shape) != SHAPES["fashion-mnist"]:   # else a conv2d traceback after the stats
+        raise ValueError(f"fd-fmnist scores {SHAPES['fashion-mnist']} images (Fashion-MNIST's); {makes} "
+                         f"{tuple(shape)}: score it with fid")
+    return is_splits, pr_num, pr_k
+
+
+def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, pr_num, pr_k, source) -> dict:
+    """Score `num` images, given as [-1, 1] batches (quantized to 8 bits here), with `metric` -> the result's head:
+    metric, value (std, splits for IS), implementation, mode (naming `source`), and the Inception Score (fid) and
+    precision / recall (pr_num) where they apply."""
+    from ._inception import IS_IMPLEMENTATION, FIDInception, load_fid_inception
+    if metric == "is":      # no reference data: the Inception network alone
+        extractor, impl, stats = load_fid_inception(_weights_path("is", weights), device), IS_IMPLEMENTATION, None
+    else:
+        mu_ref, s_ref, ref_meta = reference_stats(metric, dataset, data_dir, num=60000 if metric == "fd-fmnist"
+                                                  else 50000, device=device, weights=weights)
+        extractor, dim, impl = _extractor(metric, device, weights)
+        stats = FeatureStats(dim)
+    ref_feats = None if pr_num is None else reference_features(metric, dataset, data_dir, pr_num, device=device,
+                                                               weights=weights)
+    fake_feats: list[torch.Tensor] = []
+    splits = min(is_splits, num)
+    is_stats = InceptionScoreStats(num, splits) if isinstance(extractor, FIDInception) else None     # fid, is
+    seen = 0
+    with torch.no_grad():
+        for x in batches:
+            x = _quantize(x.to(device))
+            seen += len(x)
+            if is_stats is None:
+                features = extractor(x)
+            else:
+                features, logits = extractor(x, logits=True)     # FID's features and IS's logits: one pass
+                is_stats.update(logits)
+            if stats is not None:
+                stats.update(features.double())
+            if pr_num is not None and sum(map(len, fake_feats)) < pr_num:
+                fake_feats.append(features.float().cpu())
+    if seen != num:
+        raise ValueError(f"expected {num} images to score, got {seen}")
+    if metric == "is":
+        value, std = is_stats.result()
+        return {"metric": "IS", "value": value, "std": std, "splits": splits, "implementation": impl,
+                "mode": f"{num} samples (8-bit), {splits} splits; {source}"}
+    head = {"metric": "FD-FMNIST" if metric == "fd-fmnist" else "FID",
+            "value": frechet_distance(stats.mean, stats.cov, mu_ref, s_ref), "implementation": impl,
+            "mode": f"{num} samples (8-bit) vs {dataset} train ({ref_meta.get('n', '?')} images); {source}"}
+    if is_stats is not None:
+        m, sd = is_stats.result()
+        head["inception_score"] = {"mean": m, "std": sd, "splits": splits, "implementation": IS_IMPLEMENTATION}
+    if pr_num is not None:
+        fake = torch.cat(fake_feats)[:pr_num]
+        head["precision"], head["recall"] = precision_recall(torch.from_numpy(ref_feats).to(device), fake.to(device),
+                                                             k=pr_k)
+        head["precision_recall"] = {"k": pr_k, "samples": len(fake), "reference": len(ref_feats),
+                                    "method": "Kynkaanniemi et al. 2019, k-NN manifolds in the metric's features"}
+    return head
+
+
 @torch.no_grad()
 def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigmas=None, dataset=None,
              device=None, data_dir=None, weights=None, progress=False, engine="eager", dtype=torch.float32,
@@ -629,38 +702,11 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     if n is None or b is None or n < 2 or b < 1:
         raise ValueError(f"num >= 2 and batch_size >= 1 expected, got num={num!r}, batch_size={batch_size!r}")
     num, batch_size = n, b
-    is_splits = _check_count("is_splits", is_splits)
-    if pr_num is not None:
-        if metric == "is":
-            raise ValueError("pr_num: precision / recall compare with reference images; the Inception Score has none "
-                             "(use fid)")
-        pr_k = _check_count("pr_k", pr_k)
-        pr_num = _check_count("pr_num", pr_num, pr_k + 1)
-        if pr_num > num:
-            raise ValueError(f"pr_num: expected at most num={num} samples, got {pr_num}")
     shape = _image_shape(model, dataset)
-    if metric in ("fid", "is") and shape[0] not in (1, 3):     # else the Inception network's error after sampling
-        raise ValueError(f"{metric} scores 1- or 3-channel images (the Inception network's); this model makes "
-                         f"{tuple(shape)}")
-    if metric == "fd-fmnist" and tuple(shape) != SHAPES["fashion-mnist"]:   # else a conv2d traceback after the stats
-        raise ValueError(f"fd-fmnist scores {SHAPES['fashion-mnist']} images (Fashion-MNIST's); this model makes "
-                         f"{tuple(shape)}: score it with fid")
+    is_splits, pr_num, pr_k = _check_scoring(metric, num, shape, is_splits, pr_num, pr_k, "this model makes")
     home = next(model.parameters()).device
     device = checked_device(device or home)
     t0 = time.time()
-    from ._inception import IS_IMPLEMENTATION, FIDInception, load_fid_inception
-    if metric == "is":      # no reference data: the Inception network alone
-        extractor, impl, stats = load_fid_inception(_weights_path("is", weights), device), IS_IMPLEMENTATION, None
-    else:
-        mu_ref, s_ref, ref_meta = reference_stats(metric, dataset, data_dir, num=60000 if metric == "fd-fmnist"
-                                                  else 50000, device=device, weights=weights)
-        extractor, dim, impl = _extractor(metric, device, weights)
-        stats = FeatureStats(dim)
-    ref_feats = None if pr_num is None else reference_features(metric, dataset, data_dir, pr_num, device=device,
-                                                               weights=weights)
-    fake_feats: list[torch.Tensor] = []
-    splits = min(is_splits, num)
-    is_stats = InceptionScoreStats(num, splits) if isinstance(extractor, FIDInception) else None     # fid, is
     # The model samples on `device` in eval mode (sample's own) and is given back as it came: on its device, in its
     # mode (it was left in eval mode, moved to `device`).
     model.to(device)
@@ -668,39 +714,82 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
         engine = resolve_engine(engine, model, dtype)
         batches = generate_batches(model, num, sigmas=None if edm else sigmas, steps=steps if edm else None,
                                    seed=seed, batch_size=batch_size, engine=engine, dtype=dtype, shape=shape)
-        n_batches = math.ceil(num / min(batch_size, num))
-        for _, x in _progress(batches, n_batches, f"{metric} {steps}-step", progress):
-            if is_stats is None:
-                features = extractor(_quantize(x))
-            else:
-                features, logits = extractor(_quantize(x), logits=True)     # FID's features and IS's logits: one pass
-                is_stats.update(logits)
-            if stats is not None:
-                stats.update(features.double())
-            if pr_num is not None and sum(map(len, fake_feats)) < pr_num:
-                fake_feats.append(features.float().cpu())
+        batches = (x for _, x in _progress(batches, math.ceil(num / min(batch_size, num)), f"{metric} {steps}-step",
+                                           progress))
+        head = _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, pr_num, pr_k, sampler)
     finally:
         model.to(home)
-    if metric == "is":
-        value, std = is_stats.result()
-        head = {"metric": "IS", "value": value, "std": std, "splits": splits, "implementation": impl,
-                "mode": f"{num} samples (8-bit), {splits} splits; {sampler}"}
-        dataset = None
-    else:
-        value = frechet_distance(stats.mean, stats.cov, mu_ref, s_ref)
-        head = {"metric": "FD-FMNIST" if metric == "fd-fmnist" else "FID", "value": value, "implementation": impl,
-                "mode": f"{num} samples (8-bit) vs {dataset} train ({ref_meta.get('n', '?')} images); {sampler}"}
-        if is_stats is not None:
-            m, sd = is_stats.result()
-            head["inception_score"] = {"mean": m, "std": sd, "splits": splits, "implementation": IS_IMPLEMENTATION}
-        if pr_num is not None:
-            fake = torch.cat(fake_feats)[:pr_num]
-            head["precision"], head["recall"] = precision_recall(torch.from_numpy(ref_feats).to(device),
-                                                                 fake.to(device), k=pr_k)
-            head["precision_recall"] = {"k": pr_k, "samples": len(fake), "reference": len(ref_feats),
-                                        "method": "Kynkaanniemi et al. 2019, k-NN manifolds in the metric's features"}
+    dataset = None if metric == "is" else dataset
     return {**head,
             "steps": steps, "sigmas": list(sigmas) if sigmas else None, "num": num, "seed": seed,
             "batch_size": batch_size, "dataset": dataset, "device": str(device), "engine": engine,
             "dtype": str(dtype).removeprefix("torch."),
             "seconds": round(time.time() - t0, 2)}
+
+
+def load_samples(path):
+    """uint8 images (N, H, W, C) from a samples file: an .npz holding them as arr_0 (cmfast-sample --npz, and the
+    sample files of openai/guided-diffusion and consistency_models, whose arr_1 labels are ignored) or as its only
+    array; or an image folder or zip (PNG / JPEG, cmfast.data.load_folder). One ValueError naming the file when it
+    is none of these."""
+    if os.path.isdir(path) or str(path).lower().endswith(".zip"):
+        from .data import load_folder
+        return load_folder(path).images.permute(0, 2, 3, 1).numpy()
+    import zipfile
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            names = list(f.files)
+            name = "arr_0" if "arr_0" in names else (names[0] if len(names) == 1 else None)
+            if name is None:
+                raise ValueError(f"no arr_0 among {names}")
+            arr = f[name]
+    except FileNotFoundError:
+        raise ValueError(f"{path}: samples not found") from None
+    except (OSError, EOFError, ValueError, KeyError, AttributeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a samples .npz ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"expected uint8 images (N, H, W, C) as arr_0, as cmfast-sample --npz writes") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3) or not len(arr):
+        raise ValueError(f"{path}: expected uint8 images (N, H, W, C) with C 1 or 3 as arr_0, got {arr.dtype} "
+                         f"{arr.shape}")
+    return arr
+
+
+def score_samples(samples, metric, num=None, dataset=None, batch_size=250, device="cpu", data_dir=None, weights=None,
+                  is_splits=10, pr_num=None, pr_k=3, progress=False, label=None):
+    """Score images made elsewhere -> a JSON-ready dict as evaluate's. samples: a path load_samples reads (.npz,
+    image folder or zip) or uint8 images (N, H, W, C) as a numpy array; the first `num` of them (default all).
+    metric, dataset, weights, is_splits, pr_num and pr_k as evaluate; label: what the result calls the images
+    ("samples", and "from ..." in "mode"; default the path, for an array none)."""
+    import time
+    from .schedules import as_integer
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    dataset = dataset or ("fashion-mnist" if metric == "fd-fmnist" else "cifar10")
+    if metric == "fd-fmnist" and dataset != "fashion-mnist":
+        raise ValueError(f"fd-fmnist compares with Fashion-MNIST only, got dataset {dataset!r}")
+    _check_dataset(dataset)
+    b = as_integer(batch_size)
+    if b is None or b < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    source = os.path.abspath(samples) if isinstance(samples, (str, os.PathLike)) else None
+    if source is not None:
+        arr = load_samples(samples)
+    elif isinstance(samples, np.ndarray) and samples.dtype == np.uint8 and samples.ndim == 4 and \
+            samples.shape[-1] in (1, 3):
+        arr = samples
+    else:
+        got = f"{samples.dtype} {samples.shape}" if hasattr(samples, "shape") else type(samples).__name__
+        raise TypeError(f"samples: expected a path (.npz, image folder or zip) or uint8 images (N, H, W, C), got {got}")
+    n = len(arr) if num is None else as_integer(num)
+    if n is None or not 2 <= n <= len(arr):
+        raise ValueError(f"num: expected an integer in [2, {len(arr)}] (the images given), got {num!r}")
+    shape = (arr.shape[3], arr.shape[1], arr.shape[2])
+    is_splits, pr_num, pr_k = _check_scoring(metric, n, shape, is_splits, pr_num, pr_k, "the samples are")
+    device = checked_device(device)
+    t0 = time.time()
+    batches = (torch.from_numpy(arr[i:min(i + b, n)]).permute(0, 3, 1, 2).float() / 127.5 - 1
+               for i in range(0, n, b))
+    head = _score(_progress(batches, math.ceil(n / b), metric, progress), metric, n, dataset, device, data_dir,
+                  weights, is_splits, pr_num, pr_k, f"from {label or source or 'an array'}")
+    return {**head, "num": n, "dataset": None if metric == "is" else dataset, "device": str(device),
+            "samples": label or source, "seconds": round(time.time() - t0, 2)}

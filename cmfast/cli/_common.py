@@ -107,13 +107,18 @@ def sigmas_type(example: str):
     return parse
 
 
-def add_model_options(group, pretrained: bool = True) -> None:
-    """--checkpoint (or, with `pretrained`, exactly one of --checkpoint / --pretrained) and --which."""
+def add_model_options(group, pretrained: bool = True, samples: bool = False) -> None:
+    """--checkpoint (or, with `pretrained`, exactly one of --checkpoint / --pretrained, and with `samples` of
+    --samples too) and --which."""
     ckpt = dict(metavar="PATH", help="checkpoint file written by cmfast-train, or its run directory (the newest)")
     if pretrained:
         src = group.add_mutually_exclusive_group(required=True)
         src.add_argument("--checkpoint", **ckpt)
         src.add_argument("--pretrained", metavar="NAME", help="a shipped model, e.g. fmnist (cmfast.load_pretrained)")
+        if samples:
+            src.add_argument("--samples", metavar="PATH", help="score images made elsewhere instead: an .npz with "
+                             "uint8 (N, H, W, C) as arr_0 (cmfast-sample --npz; openai's sample files), or an image "
+                             "folder or zip")
     else:
         group.add_argument("--checkpoint", required=True, **ckpt)
     group.add_argument("--which", default=None, help="weights to load: ema, ema@RATE, model or target (default: ema; a "

@@ -2,6 +2,7 @@
 
     cmfast-eval --checkpoint run/ckpt.safetensors --metric fd-fmnist --steps 1 --num 10000 --out results.json
     cmfast-eval --pretrained fmnist --metric fd-fmnist --steps 2 --num 10000
+    cmfast-eval --samples cifar.npz --metric fid        # images made elsewhere (cmfast-sample --npz, openai's npz)
 """
 import argparse
 import functools
@@ -26,7 +27,7 @@ def _positive(s):
 def build_parser():
     ap = _common.Parser(prog=PROG, description=__doc__.splitlines()[0])
     g = ap.add_argument_group("main")
-    _common.add_model_options(g)
+    _common.add_model_options(g, samples=True)
     g.add_argument("--metric", required=True, choices=("fid", "is", "fd-fmnist"),
                    help="fid: Inception-V3 (needs pt_inception-2015-12-05-6726825d.pth locally), against the "
                         "reference data; the result also holds the Inception Score of the same samples; is: the "
@@ -42,7 +43,8 @@ def build_parser():
                         "log sigma, as the CM paper tunes them; the defaults are scored too) and report the best")
     g.add_argument("--search-iters", type=_positive, default=6, help="ternary-search rounds per level (default 6; "
                                                                      "two evaluations each)")
-    g.add_argument("--num", type=_positive, default=50000, help="number of generated images (default 50000)")
+    g.add_argument("--num", type=_positive, default=None, help="number of generated images (default 50000; "
+                                                                "--samples: the first NUM, default all)")
     g.add_argument("--precision-recall", type=_positive, nargs="?", const=0, default=None, metavar="N",
                    help="fid, fd-fmnist: also precision and recall (Kynkaanniemi et al. 2019, k = 3, as the CM paper's "
                         "ImageNet 64 / LSUN tables) of the first N samples against N reference images (bare: 10000, "
@@ -76,6 +78,9 @@ def _dataset_from_meta(meta):
 @_common.interruptible(PROG)
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.samples is not None:
+        return _score_samples(args)
+    args.num = 50000 if args.num is None else args.num
     if args.checkpoint is not None and not os.path.exists(args.checkpoint):
         _fail(f"checkpoint not found: {args.checkpoint}")
     _common.check_which(PROG, args)
@@ -149,6 +154,42 @@ def main(argv=None):
         result["pretrained"] = args.pretrained
     else:
         result["checkpoint"] = os.path.abspath(args.checkpoint)
+    return _report(args, result)
+
+
+def _score_samples(args) -> int:
+    """--samples: score the images of a file or folder; the sampling options have nothing to act on there."""
+    for flag, value in (("--steps", args.steps), ("--sigmas", args.sigmas), ("--which", args.which),
+                        ("--search-sigmas", args.search_sigmas or None)):
+        if value is not None:
+            _fail(f"{flag}: --samples scores given images; there is no model to sample")
+    if args.precision_recall is not None and args.metric == "is":
+        _fail("--precision-recall compares with reference images: use it with --metric fid (or fd-fmnist)")
+    if args.dataset == "folder" and not args.data_dir:
+        _fail("--dataset folder needs --data-dir: the folder or zip of reference images")
+    if not os.path.exists(args.samples):
+        _fail(f"samples not found: {args.samples}")
+    from ..metrics import load_samples, score_samples
+    try:
+        if args.out:
+            _common.check_output(args.out, "--out")
+        images = load_samples(args.samples)
+        num = args.num or len(images)
+        pr = args.precision_recall
+        pr = min(10000, num) if pr == 0 else pr
+        if pr is not None and pr > num:
+            _fail(f"--precision-recall {pr}: at most the {num} images scored")
+        result = score_samples(images, args.metric, num=num, dataset=args.dataset, batch_size=args.batch_size,
+                               device=_common.pick_device(args.device), data_dir=args.data_dir,
+                               weights=args.inception_weights, is_splits=args.is_splits, pr_num=pr, progress=True,
+                               label=os.path.abspath(args.samples))
+    except _common.user_errors() as e:
+        _fail(_common.first_line(e))
+    return _report(args, result)
+
+
+def _report(args, result) -> int:
+    """Print the result as JSON, and write it to --out first."""
     text = json.dumps(result, indent=2)
     unwritten = None
     if args.out:    # before the print: a stdout whose reader has gone (`| head -1`) ends the command there (141)
