@@ -51,10 +51,12 @@ def setup(tmp_path, monkeypatch):
     return ref, fakes, str(tmp_path / "ref")
 
 
-def test_precision_recall_of_the_samples_against_the_reference(setup, monkeypatch, capsys):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_precision_recall_of_the_samples_against_the_reference(setup, monkeypatch, capsys, device):
     ref, fakes, folder = setup
-    run = lambda n, **kw: metrics.evaluate(_Replay(fakes), "fid", steps=1, num=10, batch_size=4, dataset="folder",
-                                           data_dir=folder, pr_num=n, **kw)
+    run = lambda n, **kw: metrics.evaluate(_Replay(fakes.to(device)), "fid", steps=1, num=10, batch_size=4,
+                                           dataset="folder", data_dir=folder, pr_num=n, device=device, **kw)
     res = run(10)
     assert res["precision"] == pytest.approx(0.5, abs=1e-12)        # the 5 copies in, the 5 white images out
     want = metrics.precision_recall(_feats(ref), _feats(fakes))
