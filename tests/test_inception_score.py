@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cmfast import metrics
+from _metric_fixtures import ReplayModel, random_fid_inception
 
 pytest.importorskip("torchvision")
 
@@ -75,33 +76,13 @@ def test_bad_input_is_one_line():
         metrics.InceptionScoreStats(3, 0)
 
 
-def _random_inception_file(path, seed=0):
-    """The FID Inception architecture with random weights (fan-in scaled, finite through 94 layers) and a large fc
-    bias, so logits that applied it would differ; saved as the weights file."""
-    from cmfast._inception import FIDInception
-    with torch.device("meta"):
-        net = FIDInception()
-    net = net.to_empty(device="cpu").eval()
-    g = torch.Generator().manual_seed(seed)
-    for name, t in net.net.state_dict().items():
-        if t.dim() > 1:
-            t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
-        elif name.endswith(("running_var", "bn.weight")):
-            t.fill_(1.0)
-        elif name == "fc.bias":
-            t.copy_(torch.randn(t.shape, generator=g) * 20)
-        else:
-            t.copy_(torch.randn(t.shape, generator=g) * 0.1 if t.is_floating_point() else torch.zeros_like(t))
-    torch.save(net.net.state_dict(), path)
-    return net
-
-
 def test_logits_of_the_real_network_are_pool3_times_the_fc_weights_without_the_bias(tmp_path):
     """Through the whole network (299 x 299, random weights loaded strictly from a file, as pytorch-fid's are), once:
     a random network's pool3 features hardly differ between images, so the scores are checked on the stand-in
     below."""
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    net = _random_inception_file(path)
+    net = random_fid_inception(fc_bias_scale=20)
+    torch.save(net.net.state_dict(), path)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         f, logits = net(x, logits=True)
@@ -144,22 +125,6 @@ def stand_in(monkeypatch, tmp_path):
     return net, str(path)
 
 
-class _Replay(torch.nn.Module):
-    """A stand-in consistency model whose one-step samples are given images, in order."""
-    sigma_min, sigma_max = 0.002, 80.0
-
-    def __init__(self, images):
-        super().__init__()
-        self.images, self.pos = images, 0
-        self.anchor = torch.nn.Parameter(torch.zeros(()))
-        self.img_resolution, self.img_channels = images.shape[-1], images.shape[1]
-
-    def forward(self, x, sigma, class_labels=None):
-        out = self.images[self.pos:self.pos + len(x)]
-        self.pos += len(x)
-        return out
-
-
 def _images(n, seed):
     return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
@@ -172,17 +137,17 @@ def test_inception_score_and_evaluate_is_equal_the_formula(stand_in, monkeypatch
     assert want[0] > 2 and want[1] > 0.01              # informative: the images' predictions differ
     assert metrics.inception_score(x, splits=3, batch_size=5, weights=path) == pytest.approx(want, rel=1e-6)
     monkeypatch.setattr(metrics, "reference_stats", lambda *a, **k: pytest.fail("IS needs no reference data"))
-    res = metrics.evaluate(_Replay(x), "is", steps=1, num=12, batch_size=5, weights=path, is_splits=3)
+    res = metrics.evaluate(ReplayModel(x), "is", steps=1, num=12, batch_size=5, weights=path, is_splits=3)
     assert res["metric"] == "IS" and res["splits"] == 3 and res["dataset"] is None
     assert (res["value"], res["std"]) == pytest.approx(want, rel=1e-6)
     assert "without the output bias" in res["implementation"] and "12 samples (8-bit), 3 splits" in res["mode"]
     x = x[:6]
-    res = metrics.evaluate(_Replay(x), "is", steps=1, num=6, batch_size=4, weights=path)     # 10 splits > 6 samples
+    res = metrics.evaluate(ReplayModel(x), "is", steps=1, num=6, batch_size=4, weights=path)     # 10 splits > 6 samples
     assert res["splits"] == 6 and res["value"] == pytest.approx(_reference_is(logits[:6], 6)[0], rel=1e-6)
     with pytest.raises(ValueError, match=r"^is_splits: expected an integer >= 1"):
-        metrics.evaluate(_Replay(x), "is", num=6, weights=path, is_splits=0)
+        metrics.evaluate(ReplayModel(x), "is", num=6, weights=path, is_splits=0)
     with pytest.raises(ValueError, match=r"^is scores 1- or 3-channel images"):
-        metrics.evaluate(_Replay(torch.zeros(6, 4, 16, 16)), "is", num=6, weights=path)
+        metrics.evaluate(ReplayModel(torch.zeros(6, 4, 16, 16)), "is", num=6, weights=path)
 
 
 def test_fid_reports_the_inception_score_of_its_samples(stand_in, monkeypatch):
@@ -192,7 +157,7 @@ def test_fid_reports_the_inception_score_of_its_samples(stand_in, monkeypatch):
     x = _images(8, 3)
     mu, cov = np.full(16, 0.3), np.eye(16) * 2
     monkeypatch.setattr(metrics, "reference_stats", lambda *a, **k: (mu, cov, {"n": 9}))
-    res = metrics.evaluate(_Replay(x), "fid", steps=1, num=8, batch_size=3, weights=path, is_splits=2)
+    res = metrics.evaluate(ReplayModel(x), "fid", steps=1, num=8, batch_size=3, weights=path, is_splits=2)
     f, logits = net(x, logits=True)
     stats = metrics.FeatureStats(16).update(f.double())
     assert res["metric"] == "FID"
@@ -200,7 +165,7 @@ def test_fid_reports_the_inception_score_of_its_samples(stand_in, monkeypatch):
     want = _reference_is(logits.double().numpy(), 2)
     got = res["inception_score"]
     assert (got["mean"], got["std"], got["splits"]) == pytest.approx((*want, 2), rel=1e-6)
-    is_res = metrics.evaluate(_Replay(x), "is", steps=1, num=8, batch_size=3, weights=path, is_splits=2)
+    is_res = metrics.evaluate(ReplayModel(x), "is", steps=1, num=8, batch_size=3, weights=path, is_splits=2)
     assert is_res["value"] == pytest.approx(got["mean"], rel=1e-9)
 
 
@@ -208,7 +173,7 @@ def test_fd_fmnist_has_no_inception_score(monkeypatch, tmp_path):
     from cmfast._fd_classifier import FEATURE_DIM
     monkeypatch.setattr(metrics, "reference_stats", lambda *a, **k: (np.zeros(FEATURE_DIM), np.eye(FEATURE_DIM), {}))
     x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
-    res = metrics.evaluate(_Replay(x), "fd-fmnist", steps=1, num=4, batch_size=4)
+    res = metrics.evaluate(ReplayModel(x), "fd-fmnist", steps=1, num=4, batch_size=4)
     assert res["metric"] == "FD-FMNIST" and "inception_score" not in res
 
 

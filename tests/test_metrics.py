@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from cmfast import metrics
 from cmfast._fd_classifier import ASSET, load_classifier
+from _metric_fixtures import ReplayModel, random_fid_inception
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
 HAVE_FMNIST = all(os.path.isfile(f"/usr/share/datasets/fashion-mnist/{n}-idx{r}-ubyte.gz")
@@ -197,106 +198,7 @@ def test_classifier_asset_accuracy():
 
 # ---------------------------------------------------------------- FID Inception port (random weights)
 
-def _random_fid_inception(seed=0):
-    """The FID architecture with random weights (fan-in scaled so 94 layers keep finite activations)."""
-    from cmfast._inception import FIDInception
-    with torch.device("meta"):
-        net = FIDInception()
-    net = net.to_empty(device="cpu").eval()
-    g = torch.Generator().manual_seed(seed)
-    for name, t in net.net.state_dict().items():
-        if t.dim() > 1:
-            t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
-        elif name.endswith(("running_var", "bn.weight")):
-            t.fill_(1.0)
-        else:
-            t.copy_(torch.randn(t.shape, generator=g) * 0.1 if t.is_floating_point() else torch.zeros_like(t))
-    return net
-
-
-def test_fid_inception_architecture_and_strict_load(tmp_path):
-    pytest.importorskip("torchvision")
-    from cmfast._inception import WEIGHTS_NAME, FIDInception, load_fid_inception
-    net = _random_fid_inception()
-    state = net.net.state_dict()
-    assert len(state) == 566 and state["fc.weight"].shape == (1008, 2048)
-    assert "Mixed_7c.branch_pool.conv.weight" in state and "Conv2d_1a_3x3.bn.running_var" in state
-    assert not any(k.startswith("AuxLogits") for k in state)
-    path = tmp_path / WEIGHTS_NAME
-    torch.save(state, path)
-    loaded = load_fid_inception(str(path))                      # strict load through the weights-path loader
-    for k, v in loaded.net.state_dict().items():
-        assert torch.equal(v, state[k]), k
-    # Output shape through the whole net (resize to 299, pool3), on the meta device: shapes without the FLOPs
-    with torch.device("meta"):
-        f = FIDInception()(torch.empty(2, 1, 32, 32))
-    assert f.shape == (2, 2048) and f.dtype == torch.float32
-    torch.save(dict(state, extra=torch.zeros(1)), path)
-    with pytest.raises(ValueError, match="not the FID Inception weights .*Unexpected key"):
-        load_fid_inception(str(path))
-
-
-def test_fid_pooling_differs_from_torchvision_only_where_tensorflow_does():
-    tv = pytest.importorskip("torchvision.models.inception")
-    from cmfast._inception import _blocks
-    _, A, _, E = _blocks()
-    torch.manual_seed(0)
-    ref, fid = tv.InceptionA(16, pool_features=8).eval(), A(16, 8).eval()
-    fid.load_state_dict(ref.state_dict())
-    x = torch.randn(1, 16, 7, 7)
-    with torch.no_grad():
-        a, b = ref(x), fid(x)
-    torch.testing.assert_close(a[:, :-8], b[:, :-8])                   # conv branches identical
-    torch.testing.assert_close(a[:, -8:, 1:-1, 1:-1], b[:, -8:, 1:-1, 1:-1])   # pool: interior identical
-    assert (a[:, -8:, 0] - b[:, -8:, 0]).abs().max() > 1e-3            # border: padding excluded from the mean
-    import cmfast._inception as inc
-    e = E(16, inc._max_pool).eval()
-    with torch.no_grad():
-        pooled = e.branch_pool(F.max_pool2d(x, 3, 1, 1))
-        torch.testing.assert_close(e(x)[:, -192:], pooled)              # Mixed_7c max-pools
-
-
-def test_missing_inception_weights_error(tmp_path, monkeypatch):
-    from cmfast._inception import WEIGHTS_NAME, find_weights
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.delenv("CMFAST_INCEPTION_WEIGHTS", raising=False)
-    with pytest.raises(FileNotFoundError) as e:
-        find_weights()
-    msg = str(e.value)
-    assert "\n" not in msg and WEIGHTS_NAME in msg and str(tmp_path / "hub" / "checkpoints") in msg
-
-
-def test_bad_fd_fmnist_classifier_weights_one_line(tmp_path):
-    """cmfast-eval --metric fd-fmnist --inception-weights FILE loads FILE as the classifier: a truncated file raised
-    safetensors' SafetensorError and another model's weights a RuntimeError listing every key, both tracebacks
-    (the CLI catches ValueError / OSError). Now one ValueError naming the file, as the Inception loader does."""
-    from safetensors.torch import save_file
-    good = open(ASSET, "rb").read()
-    cases = {"truncated.safetensors": lambda p: p.write_bytes(good[:len(good) // 2]),
-             "other.safetensors": lambda p: save_file({"a": torch.zeros(3)}, str(p))}
-    for name, write in cases.items():
-        write(tmp_path / name)
-        with pytest.raises(ValueError, match=f"{name}: not the FD-FMNIST classifier weights") as e:
-            load_classifier(str(tmp_path / name))
-        assert "\n" not in str(e.value) and len(str(e.value)) < 300
-
-
 # ---------------------------------------------------------------- evaluate and cmfast-eval
-
-class _Replay(torch.nn.Module):
-    """A stand-in consistency model whose one-step samples are given images, in order."""
-    sigma_min, sigma_max = 0.002, 80.0
-
-    def __init__(self, images):
-        super().__init__()
-        self.images, self.pos = images, 0
-        self.anchor = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x, sigma, class_labels=None):
-        out = self.images[self.pos:self.pos + len(x)]
-        self.pos += len(x)
-        return out
-
 
 def test_fd_fmnist_takes_any_float_dtype_and_refuses_nan_or_pixel_scale(tmp_path, monkeypatch):
     """float64 / float16 images failed inside the classifier's conv ('expected scalar type Double but found Float');
@@ -326,7 +228,7 @@ def test_fd_fmnist_takes_any_float_dtype_and_refuses_nan_or_pixel_scale(tmp_path
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed")
 def test_evaluate_equals_fd_fmnist_of_the_samples(data_dir):
     imgs = _fmnist("test", 600)[0]
-    res = metrics.evaluate(_Replay(imgs), "fd-fmnist", steps=1, num=600, batch_size=250)
+    res = metrics.evaluate(ReplayModel(imgs), "fd-fmnist", steps=1, num=600, batch_size=250)
     assert res["metric"] == "FD-FMNIST" and "not comparable with FID" in res["implementation"]
     assert res["sigmas"] == [80.0] and res["num"] == 600
     assert res["value"] == pytest.approx(metrics.fd_fmnist(imgs), rel=1e-6)
@@ -442,7 +344,7 @@ def test_cli_bad_input_one_line_exit_2(argv, needle, capsys):
 def test_cli_writes_json(tmp_path, data_dir, monkeypatch, capsys):
     imgs = _fmnist("test", 300)[0]
     fake = types.ModuleType("cmfast.training.checkpoint")
-    fake.load_model = lambda path, which="ema", map_location="cpu": (_Replay(imgs), {"config": {"dataset": "fmnist"}})
+    fake.load_model = lambda path, which="ema", map_location="cpu": (ReplayModel(imgs), {"config": {"dataset": "fmnist"}})
     from cmfast.training.checkpoint import atomic_write
     fake.atomic_write = atomic_write                # the CLI writes its --out with it
     monkeypatch.setitem(sys.modules, "cmfast.training.checkpoint", fake)
@@ -672,7 +574,7 @@ def test_evaluate_scores_the_8_bit_images_a_sampler_would_write(tmp_path):
     raw = (torch.rand(40, 1, 32, 32, generator=g) * 2.2 - 1.1).clamp(-1, 1)    # off the 8-bit grid, both ends hit
     u8 = (raw.double() * 127.5 + 128).clip(0, 255).to(torch.uint8)
     levels = (u8.double() / 127.5 - 1).float()
-    res = metrics.evaluate(_Replay(raw), "fd-fmnist", steps=1, num=40, batch_size=20, data_dir=str(tmp_path))
+    res = metrics.evaluate(ReplayModel(raw), "fd-fmnist", steps=1, num=40, batch_size=20, data_dir=str(tmp_path))
     want = metrics.fd_fmnist(levels, data_dir=str(tmp_path))
     assert res["value"] == pytest.approx(want, rel=1e-6)
     assert abs(metrics.fd_fmnist(raw, data_dir=str(tmp_path)) - want) > 1e-5 * abs(want)       # 1e-4 here

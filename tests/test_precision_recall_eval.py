@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cmfast import metrics
+from _metric_fixtures import ReplayModel
 from train_fixtures import write_png_folder
 
 
@@ -19,22 +20,6 @@ def _feats(x):
     """9 features of [-1, 1] images at 8 bits (as the real extractors see them)."""
     x = (x.float() * 127.5 + 128).clamp(0, 255).floor() / 127.5 - 1
     return torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :, :8].mean((2, 3))], dim=1)
-
-
-class _Replay(torch.nn.Module):
-    """A stand-in consistency model whose one-step samples are given images, in order."""
-    sigma_min, sigma_max = 0.002, 80.0
-
-    def __init__(self, images):
-        super().__init__()
-        self.images, self.pos = images, 0
-        self.anchor = torch.nn.Parameter(torch.zeros(()))
-        self.img_resolution, self.img_channels = images.shape[-1], images.shape[1]
-
-    def forward(self, x, sigma, class_labels=None):
-        out = self.images[self.pos:self.pos + len(x)]
-        self.pos += len(x)
-        return out
 
 
 @pytest.fixture
@@ -55,7 +40,7 @@ def setup(tmp_path, monkeypatch):
     not torch.cuda.is_available(), reason="needs a CUDA device")])])
 def test_precision_recall_of_the_samples_against_the_reference(setup, monkeypatch, capsys, device):
     ref, fakes, folder = setup
-    run = lambda n, **kw: metrics.evaluate(_Replay(fakes.to(device)), "fid", steps=1, num=10, batch_size=4,
+    run = lambda n, **kw: metrics.evaluate(ReplayModel(fakes.to(device)), "fid", steps=1, num=10, batch_size=4,
                                            dataset="folder", data_dir=folder, pr_num=n, device=device, **kw)
     res = run(10)
     assert res["precision"] == pytest.approx(0.5, abs=1e-12)        # the 5 copies in, the 5 white images out
@@ -98,11 +83,11 @@ def test_bad_precision_recall_arguments_are_one_line(setup):
     ref, fakes, folder = setup
     common = dict(steps=1, num=10, batch_size=4, dataset="folder", data_dir=folder)
     with pytest.raises(ValueError, match=r"^pr_num: precision / recall compare with reference images"):
-        metrics.evaluate(_Replay(fakes), "is", pr_num=5, **common)
+        metrics.evaluate(ReplayModel(fakes), "is", pr_num=5, **common)
     with pytest.raises(ValueError, match=r"^pr_num: expected at most num=10 samples, got 11"):
-        metrics.evaluate(_Replay(fakes), "fid", pr_num=11, **common)
+        metrics.evaluate(ReplayModel(fakes), "fid", pr_num=11, **common)
     with pytest.raises(ValueError, match=r"^pr_num: expected an integer >= 4, got 3"):
-        metrics.evaluate(_Replay(fakes), "fid", pr_num=3, **common)
+        metrics.evaluate(ReplayModel(fakes), "fid", pr_num=3, **common)
 
 
 def test_cmfast_eval_precision_recall(setup, tmp_path, capsys):
