@@ -86,9 +86,12 @@ class TrigFlowModel(nn.Module):
         return -F if self.time_input == "edm" else F
 
     def consistency(self, x_t: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
-        """f(x_t, t) = cos(t) x_t - sin(t) sd F (sCM Eq. 6), in fp32."""
+        """f(x_t, t) = cos(t) x_t - sin(t) sd F (sCM Eq. 6), in fp32. At t = 0, f = x_t exactly for every time input:
+        the backbone sees t = atan(sigma_min / sd) there (its output is multiplied by sin 0 = 0). With t itself the
+        'edm' input's c_noise = ln(sd tan 0) / 4 = -inf made F NaN (cos(-inf) in a positional embedding) and f NaN."""
         t = t.float()
-        F = self.backbone(x_t.float(), t, class_labels)
+        t_net = torch.where(t > 0, t, torch.full_like(t, math.atan(self.sigma_min / self.sigma_data)))
+        F = self.backbone(x_t.float(), t_net, class_labels)
         with torch.autocast(x_t.device.type, enabled=False):
             return _b(torch.cos(t), x_t) * x_t.float() - _b(torch.sin(t), x_t) * self.sigma_data * F.float()
 

@@ -183,3 +183,31 @@ def test_fd_jvp_refuses_a_fn_that_returns_a_larger_batch(order):
     with pytest.raises(ValueError, match=rf"fd_jvp: fn: expected one tensor with the batch of its input "
                                          rf"\({order * 2}, \.\.\.\): each sample on its own, got shape \({order * 4}, 3\)"):
         cmfast.fd_jvp(lambda u: torch.cat([u, u]), x, torch.ones_like(x), order=order)
+
+
+# ---- the boundary condition -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("time_input", ["t", "edm"])
+def test_the_boundary_f_x_0_is_x_for_every_time_input(time_input):
+    """f(x, 0) = cos 0 x - sin 0 sd F = x exactly (the VE call at sigma = 0, which it accepts), next to a sample at
+    sigma = 0.3 that must be the float64 TrigFlow value: t = atan(sigma / sd), x_t = cos t x, f = cos t x_t -
+    sin t sd F with F = F(x_t / sd, t) or -F_edm(x_t / sd, ln(sd tan t) / 4). Before the fix the time input 'edm'
+    (sCD's default) gave NaN at sigma = 0: c_noise = ln(0) / 4 = -inf, the UNet's positional embedding cos(-inf) =
+    NaN, and 0 x NaN = NaN."""
+    torch.manual_seed(0)
+    net = cmfast.UNet.from_preset("tiny", img_resolution=8, in_channels=2, out_channels=2, attn_resolutions=(4,),
+                                  dropout=0.0)
+    for p in net.parameters():       # EDM's init zeroes the output conv: randomize so that F matters
+        nn.init.normal_(p, std=0.1)
+    model = TF.TrigFlowModel(net, time_input=time_input).eval()
+    x = torch.rand(2, 2, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        got = model(x, torch.tensor([0.0, 0.3]))
+    assert torch.equal(got[0], x[0])
+    sd, t = 0.5, math.atan(0.3 / 0.5)
+    x_t = math.cos(t) * x[1:].double()
+    tt = torch.full((1,), t, dtype=torch.float64)
+    with torch.no_grad():
+        F = copy.deepcopy(net).double()(x_t / sd, _c_noise(tt, time_input, sd))
+    F = -F if time_input == "edm" else F
+    torch.testing.assert_close(got[1:].double(), math.cos(t) * x_t - math.sin(t) * sd * F, rtol=1e-5, atol=1e-6)
