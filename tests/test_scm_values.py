@@ -211,3 +211,32 @@ def test_the_boundary_f_x_0_is_x_for_every_time_input(time_input):
         F = copy.deepcopy(net).double()(x_t / sd, _c_noise(tt, time_input, sd))
     F = -F if time_input == "edm" else F
     torch.testing.assert_close(got[1:].double(), math.cos(t) * x_t - math.sin(t) * sd * F, rtol=1e-5, atol=1e-6)
+
+
+def test_warmup_frac_rounds_to_the_nearest_step():
+    """warmup_frac x K rounded to the nearest step: 0.25 x 7 = 1.75 -> 2 steps (r = 0.5 at step 1), 0.1 x 12 = 1.2 -> 1
+    (mutant: int(), truncation: 1 step, r = 1 at step 1)."""
+    sct = get_method("sct")
+    assert sct.warmup_steps(_method_cfg("sct", total_steps=7, warmup_frac=0.25)) == 2
+    assert sct.warmup_steps(_method_cfg("sct", total_steps=12, warmup_frac=0.1)) == 1
+    assert TF.tangent_warmup(1, sct.warmup_steps(_method_cfg("sct", total_steps=7, warmup_frac=0.25))) == 0.5
+
+
+def test_dropout_masks_honour_torch_dropouts_train_keyword():
+    """torch.dropout(x, p, train=False) inside the shared-mask mode is the identity, as outside it; train=True drops
+    (mutant: the 'train' keyword ignored: the mode dropped out an evaluation-mode call)."""
+    from cmfast.jvp import dropout_masks
+    x = torch.ones(4, 64)
+    with dropout_masks(2):
+        off = torch.dropout(x, 0.5, train=False)
+        on = torch.dropout(x, 0.5, train=True)
+    assert torch.equal(off, x)
+    assert set(on.unique().tolist()) == {0.0, 2.0} and torch.equal(on[:2], on[2:])
+
+
+def test_sample_time_defaults_are_scms_lognormal():
+    """sample_time's own defaults: tan t = e^tau / 0.5 with tau = -1.0 + 1.4 n, n ~ N(0, 1) from the generator (sCM
+    Sec. 4.3; float64 by hand from the same draws) (mutants: P_mean -1.1 or P_std 2.0 as the default)."""
+    n = torch.randn(5, generator=torch.Generator().manual_seed(4)).double()
+    got = TF.sample_time(5, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got.double(), torch.atan(torch.exp(-1.0 + 1.4 * n) / 0.5), rtol=1e-6, atol=0)
