@@ -730,19 +730,23 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
 def load_samples(path):
     """uint8 images (N, H, W, C) from a samples file: an .npz holding them as arr_0 (cmfast-sample --npz, and the
     sample files of openai/guided-diffusion and consistency_models, whose arr_1 labels are ignored) or as its only
-    array; or an image folder or zip (PNG / JPEG, cmfast.data.load_folder). One ValueError naming the file when it
-    is none of these."""
+    array, or an .npy of them; or an image folder or zip (PNG / JPEG, cmfast.data.load_folder). One ValueError naming
+    the file when it is none of these."""
     if os.path.isdir(path) or str(path).lower().endswith(".zip"):
         from .data import load_folder
         return load_folder(path).images.permute(0, 2, 3, 1).numpy()
     import zipfile
     try:
-        with np.load(path, allow_pickle=False) as f:
-            names = list(f.files)
-            name = "arr_0" if "arr_0" in names else (names[0] if len(names) == 1 else None)
-            if name is None:
-                raise ValueError(f"no arr_0 among {names}")
-            arr = f[name]
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):      # an .npy: the array itself (`with` on it was a TypeError traceback)
+            arr = loaded
+        else:
+            with loaded as f:
+                names = list(f.files)
+                name = "arr_0" if "arr_0" in names else (names[0] if len(names) == 1 else None)
+                if name is None:
+                    raise ValueError(f"no arr_0 among {names}")
+                arr = f[name]
     except FileNotFoundError:
         raise ValueError(f"{path}: samples not found") from None
     except (OSError, EOFError, ValueError, KeyError, AttributeError, zipfile.BadZipFile) as e:

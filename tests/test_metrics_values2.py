@@ -131,9 +131,10 @@ def test_score_samples_is_in_values(inception):
     assert (res["value"], res["std"]) == pytest.approx((_exp_entropy([2, 1, 3]), 0.0), rel=1e-12, abs=1e-12)
 
 
-def test_load_samples_reads_a_zip(tmp_path):
-    """A zip of PNGs is read as a folder (mutation: a zip read as an .npz); the shape in a refusal is (C, H, W)
-    (mutation: H and W swapped)."""
+def test_load_samples_reads_an_npy_and_a_zip(tmp_path):
+    """An .npy of uint8 images is read; an .npy of something else is one ValueError naming it (it was a TypeError,
+    "'numpy.ndarray' object does not support the context manager protocol"). A zip of PNGs is read as a folder
+    (mutation: a zip read as an .npz); the shape in a refusal is (C, H, W) (mutation: H and W swapped)."""
     import zipfile
     imgs = write_png_folder(tmp_path / "imgs", n=3, size=8)
     with zipfile.ZipFile(tmp_path / "s.zip", "w") as z:
@@ -144,6 +145,12 @@ def test_load_samples_reads_a_zip(tmp_path):
         metrics.score_samples(np.zeros((4, 32, 16, 1), np.uint8), "fd-fmnist")
     with pytest.raises(TypeError, match=r"^samples: expected a path .* got uint8 \(4, 8, 8, 4\)"):
         metrics.score_samples(np.zeros((4, 8, 8, 4), np.uint8), "is")      # (mutation: any channel count taken)
+    arr = _levels([1, 2, 3], channels=3)
+    np.save(tmp_path / "s.npy", arr)
+    np.testing.assert_array_equal(metrics.load_samples(str(tmp_path / "s.npy")), arr)
+    np.save(tmp_path / "f.npy", arr.astype(np.float32))
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'f.npy'}: expected uint8 images .* got float32"):
+        metrics.load_samples(str(tmp_path / "f.npy"))
 
 
 # ---------------------------------------------------------------- precision / recall in values
