@@ -218,7 +218,8 @@ def _capture(monkeypatch, name):
 
 def test_cmfast_eval_samples_passes_its_defaults(tmp_path, monkeypatch, capsys):
     """--samples: bare --precision-recall is min(10000, images), --is-splits defaults to 10 and is passed on, --num
-    is the first NUM (mutations: bare = all images, --is-splits dropped, --num ignored)."""
+    is the first NUM (mutations: bare = all images, --is-splits dropped, --num ignored); the sampling flags with a
+    default (--seed, --engine, --dtype) are refused as the others are, not ignored."""
     from cmfast.cli.eval import main
     path = tmp_path / "s.npz"
     np.savez(path, np.zeros((10001, 2, 2, 1), np.uint8))
@@ -232,6 +233,11 @@ def test_cmfast_eval_samples_passes_its_defaults(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--samples", str(path), "--metric", "fid", "--precision-recall", "41", "--num", "40"])
     assert e.value.code == 2 and "--precision-recall 41: at most the 40 images scored" in capsys.readouterr().err
+    for extra in (["--seed", "3"], ["--engine=eager"], ["--dtype", "bf16"]):     # were taken and ignored
+        with pytest.raises(SystemExit) as e:
+            main(["--samples", str(path), "--metric", "is", *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{extra[0].split('=')[0]}: --samples scores given images" in err, err
 
 
 def test_cmfast_eval_model_passes_its_defaults(tmp_path, monkeypatch, capsys):

@@ -79,7 +79,7 @@ def _dataset_from_meta(meta):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.samples is not None:
-        return _score_samples(args)
+        return _score_samples(args, sys.argv[1:] if argv is None else argv)
     args.num = 50000 if args.num is None else args.num
     if args.checkpoint is not None and not os.path.exists(args.checkpoint):
         _fail(f"checkpoint not found: {args.checkpoint}")
@@ -157,10 +157,13 @@ def main(argv=None):
     return _report(args, result)
 
 
-def _score_samples(args) -> int:
-    """--samples: score the images of a file or folder; the sampling options have nothing to act on there."""
+def _score_samples(args, argv) -> int:
+    """--samples: score the images of a file or folder; the sampling options have nothing to act on there (those with
+    a default, --seed, --engine and --dtype, were taken and ignored: looked for in argv)."""
+    given = {a.split("=", 1)[0] for a in argv if isinstance(a, str) and a.startswith("--")}
     for flag, value in (("--steps", args.steps), ("--sigmas", args.sigmas), ("--which", args.which),
-                        ("--search-sigmas", args.search_sigmas or None)):
+                        ("--search-sigmas", args.search_sigmas or None),
+                        *((f, f in given or None) for f in ("--seed", "--engine", "--dtype"))):
         if value is not None:
             _fail(f"{flag}: --samples scores given images; there is no model to sample")
     if args.precision_recall is not None and args.metric == "is":
