@@ -784,6 +784,8 @@ def score_samples(samples, metric, num=None, dataset=None, batch_size=250, devic
     else:
         got = f"{samples.dtype} {samples.shape}" if hasattr(samples, "shape") else type(samples).__name__
         raise TypeError(f"samples: expected a path (.npz, image folder or zip) or uint8 images (N, H, W, C), got {got}")
+    if num is None and len(arr) < 2:     # else 'num: expected an integer in [2, 1] ..., got 1', no num given
+        raise ValueError(f"samples: expected at least 2 images to score, got {len(arr)}")
     n = len(arr) if num is None else as_integer(num)
     if n is None or not 2 <= n <= len(arr):
         raise ValueError(f"num: expected an integer in [2, {len(arr)}] (the images given), got {num!r}")

@@ -145,6 +145,8 @@ def test_load_samples_reads_an_npy_and_a_zip(tmp_path):
         metrics.score_samples(np.zeros((4, 32, 16, 1), np.uint8), "fd-fmnist")
     with pytest.raises(TypeError, match=r"^samples: expected a path .* got uint8 \(4, 8, 8, 4\)"):
         metrics.score_samples(np.zeros((4, 8, 8, 4), np.uint8), "is")      # (mutation: any channel count taken)
+    with pytest.raises(ValueError, match=r"^samples: expected at least 2 images to score, got 1$"):
+        metrics.score_samples(np.zeros((1, 8, 8, 3), np.uint8), "is")      # it said 'num: ... got 1', no num given
     arr = _levels([1, 2, 3], channels=3)
     np.save(tmp_path / "s.npy", arr)
     np.testing.assert_array_equal(metrics.load_samples(str(tmp_path / "s.npy")), arr)
@@ -223,9 +225,13 @@ def test_cmfast_eval_samples_passes_its_defaults(tmp_path, monkeypatch, capsys):
     from cmfast.cli.eval import main
     path = tmp_path / "s.npz"
     np.savez(path, np.zeros((10001, 2, 2, 1), np.uint8))
+    np.savez(tmp_path / "one.npz", np.zeros((1, 2, 2, 1), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        main(["--samples", str(tmp_path / "one.npz"), "--metric", "is"])
+    assert e.value.code == 2 and "samples: expected at least 2 images to score, got 1" in capsys.readouterr().err
     seen = _capture(monkeypatch, "score_samples")
     assert main(["--samples", str(path), "--metric", "fid", "--precision-recall"]) == 0
-    assert seen["pr_num"] == 10000 and seen["is_splits"] == 10 and seen["num"] == 10001
+    assert seen["pr_num"] == 10000 and seen["is_splits"] == 10 and seen["num"] is None     # None: all of them
     assert main(["--samples", str(path), "--metric", "fid", "--precision-recall", "--num", "40",
                  "--is-splits", "3"]) == 0
     assert seen["pr_num"] == 40 and seen["is_splits"] == 3 and seen["num"] == 40

@@ -182,7 +182,7 @@ def _score_samples(args, argv) -> int:
         pr = min(10000, num) if pr == 0 else pr
         if pr is not None and pr > num:
             _fail(f"--precision-recall {pr}: at most the {num} images scored")
-        result = score_samples(images, args.metric, num=num, dataset=args.dataset, batch_size=args.batch_size,
+        result = score_samples(images, args.metric, num=args.num, dataset=args.dataset, batch_size=args.batch_size,
                                device=_common.pick_device(args.device), data_dir=args.data_dir,
                                weights=args.inception_weights, is_splits=args.is_splits, pr_num=pr, progress=True,
                                label=os.path.abspath(args.samples))
