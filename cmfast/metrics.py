@@ -211,12 +211,12 @@ class InceptionScoreStats:
 
 def inception_score(images, splits=10, batch_size=100, device="cpu", weights=None) -> tuple[float, float]:
     """(mean, std) Inception Score of [-1, 1] images (N, C in {1, 3}, H, W) with FID's Inception-V3 (pytorch-fid's
-    weights, local file only), in `splits` consecutive parts."""
+    weights, local file only), in `splits` consecutive parts (at most N, as evaluate and score_samples)."""
     _check_images(images)
     if images.shape[1] not in (1, 3):
         raise ValueError(f"images: expected 1 or 3 channels for the Inception network, got {tuple(images.shape)}")
     batch_size = _check_count("batch_size", batch_size)
-    stats = InceptionScoreStats(len(images), splits)
+    stats = InceptionScoreStats(len(images), min(_check_count("splits", splits), len(images)))
     device = checked_device(device)
     from ._inception import load_fid_inception
     net = load_fid_inception(_weights_path("fid", weights), device)
@@ -608,6 +608,9 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
         stats = FeatureStats(dim)
     ref_feats = None if pr_num is None else reference_features(metric, dataset, data_dir, pr_num, device=device,
                                                                weights=weights)
+    if ref_feats is not None and len(ref_feats) <= pr_k:    # a tiny folder: said before the samples are made
+        raise ValueError(f"pr_num: precision / recall need more than k={pr_k} reference images; {dataset} has "
+                         f"{len(ref_feats)}")
     fake_feats: list[torch.Tensor] = []
     splits = min(is_splits, num)
     is_stats = InceptionScoreStats(num, splits) if isinstance(extractor, FIDInception) else None     # fid, is

@@ -93,6 +93,8 @@ def test_logits_of_the_real_network_are_pool3_times_the_fc_weights_without_the_b
     assert float((logits - biased).abs().min()) > 1e-3                  # the bias is not in them
     with torch.no_grad():
         got = metrics.inception_score(x, splits=1, weights=str(path))    # the file loaded strictly, the same net
+    assert metrics.inception_score(x, weights=str(path)) == pytest.approx(_reference_is(logits.double().numpy(), 2),
+                                                                          rel=1e-6)   # 10 splits of 2 images: 2
     assert got == pytest.approx(_reference_is(logits.double().numpy(), 1), rel=1e-6)
 
 

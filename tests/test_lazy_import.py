@@ -86,3 +86,13 @@ def test_train_parser_names_are_the_modules_names_and_a_registered_method_is_a_c
                "print(train.build_parser().parse_args(['--method', 'mine']).method)\n"
                "try:\n    before.parse_args(['--method', 'mine'])\nexcept SystemExit as e:\n    print(e.code)")
     assert out[-3:] == ["true", "mine", "2"]
+
+
+def test_the_training_package_still_has_its_modules_after_import():
+    """The eager package imported checkpoint, methods and methods_scm, so `cmfast.training.checkpoint` worked after
+    `import cmfast.training`; the lazy one loads them on that first read."""
+    out = _run("import cmfast.training as t\nprint(t.checkpoint.__name__, t.methods_scm.__name__, "
+               "t.methods.__name__, sorted(t.__all__) == sorted(['METHODS', 'Method', 'get_method', 'load_model', "
+               "'methods', 'register']), 'sct' in t.METHODS)")
+    assert out == ["cmfast.training.checkpoint", "cmfast.training.methods_scm", "cmfast.training.methods", "True",
+                   "True"]

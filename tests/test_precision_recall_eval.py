@@ -117,3 +117,16 @@ def test_cmfast_eval_precision_recall(setup, tmp_path, capsys):
             main(argv + extra)
         err = capsys.readouterr().err
         assert e.value.code == 2 and needle in err and err.count("\n") == 1
+
+
+def test_a_reference_too_small_for_the_k_nn_radii_is_refused_before_sampling(setup, tmp_path):
+    ref, fakes, folder = setup
+    write_png_folder(tmp_path / "tiny", n=3, size=16)
+
+    class Refuses(ReplayModel):
+        def forward(self, *a, **k):
+            raise AssertionError("sampled before the reference was checked")
+    with pytest.raises(ValueError, match=r"^pr_num: precision / recall need more than k=3 reference images; folder "
+                                         r"has 3"):
+        metrics.evaluate(Refuses(fakes), "fid", steps=1, num=10, batch_size=4, dataset="folder",
+                         data_dir=str(tmp_path / "tiny"), pr_num=4)

@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "METHODS": (".methods", "METHODS"),
     "Method": (".methods", "Method"),
-    "get_method": (".methods", "get_method"),
+    "checkpoint": (".checkpoint", None),      # modules the eager package imported: `cmfast.training.checkpoint` after
+    "get_method": (".methods", "get_method"),     # `import cmfast.training`, as before
     "load_model": (".checkpoint", "load_model"),
     "methods": (".methods", None),
+    "methods_scm": (".methods_scm", None),
     "register": (".methods", "register"),
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["METHODS", "Method", "get_method", "load_model", "methods", "register"]
 
 
 def __getattr__(name: str):
@@ -32,7 +34,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 if TYPE_CHECKING:
