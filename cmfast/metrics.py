@@ -81,7 +81,7 @@ def load_stats(path):
     import zipfile
     try:
         with np.load(path) as f:
-            meta = {k: f[k].item() for k in f.files if k not in ("mu", "sigma")}
+            meta = {k: f[k].item() for k in f.files if k not in ("mu", "sigma") and f[k].size == 1}
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a statistics npz with mu and sigma ({type(e).__name__}: "
@@ -594,17 +594,40 @@ def _check_scoring(metric, num, shape, is_splits, pr_num, pr_k, makes):
     return is_splits, pr_num, pr_k
 
 
-def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, pr_num, pr_k, source) -> dict:
+def _ref_stats(path, metric):
+    """Given reference statistics for a Frechet distance: (mu, sigma, metadata, absolute path), or None. Any npz with
+    mu and sigma (load_stats): cmfast's cache files, pytorch-fid's and EDM's fid-refs files, openai's reference batches
+    (VIRTUAL_imagenet64_labeled.npz and the like, whose images and spatial statistics are left alone)."""
+    if path is None:
+        return None
+    if metric == "is":
+        raise ValueError("ref_stats: the Inception Score compares with no reference")
+    if not os.path.isfile(path):
+        raise ValueError(f"ref_stats: {path} not found")
+    mu, sigma, meta = load_stats(path)
+    return mu, sigma, meta, os.path.abspath(path)
+
+
+def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, pr_num, pr_k, source,
+           ref=None) -> dict:
     """Score `num` images, given as [-1, 1] batches (quantized to 8 bits here), with `metric` -> the result's head:
     metric, value (std, splits for IS), implementation, mode (naming `source`), and the Inception Score (fid) and
-    precision / recall (pr_num) where they apply."""
+    precision / recall (pr_num) where they apply. ref: given reference statistics (_ref_stats), else the dataset's."""
     from ._inception import IS_IMPLEMENTATION, FIDInception, load_fid_inception
     if metric == "is":      # no reference data: the Inception network alone
         extractor, impl, stats = load_fid_inception(_weights_path("is", weights), device), IS_IMPLEMENTATION, None
     else:
-        mu_ref, s_ref, ref_meta = reference_stats(metric, dataset, data_dir, num=60000 if metric == "fd-fmnist"
-                                                  else 50000, device=device, weights=weights)
+        if ref is None:
+            mu_ref, s_ref, ref_meta = reference_stats(metric, dataset, data_dir, num=60000 if metric == "fd-fmnist"
+                                                      else 50000, device=device, weights=weights)
+            against = f"{dataset} train ({ref_meta.get('n', '?')} images)"
+        else:
+            mu_ref, s_ref, ref_meta, path = ref
+            against = f"{path} ({ref_meta.get('n', '?')} images)"
         extractor, dim, impl = _extractor(metric, device, weights)
+        if len(mu_ref) != dim:      # before the samples are made
+            raise ValueError(f"ref_stats: {ref[3] if ref else 'the reference'} holds {len(mu_ref)}-d statistics; "
+                             f"{metric}'s features are {dim}-d")
         stats = FeatureStats(dim)
     ref_feats = None if pr_num is None else reference_features(metric, dataset, data_dir, pr_num, device=device,
                                                                weights=weights)
@@ -636,7 +659,7 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
                 "mode": f"{num} samples (8-bit), {splits} splits; {source}"}
     head = {"metric": "FD-FMNIST" if metric == "fd-fmnist" else "FID",
             "value": frechet_distance(stats.mean, stats.cov, mu_ref, s_ref), "implementation": impl,
-            "mode": f"{num} samples (8-bit) vs {dataset} train ({ref_meta.get('n', '?')} images); {source}"}
+            "mode": f"{num} samples (8-bit) vs {against}; {source}"}
     if is_stats is not None:
         m, sd = is_stats.result()
         head["inception_score"] = {"mean": m, "std": sd, "splits": splits, "implementation": IS_IMPLEMENTATION}
@@ -652,7 +675,7 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
 @torch.no_grad()
 def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigmas=None, dataset=None,
              device=None, data_dir=None, weights=None, progress=False, engine="eager", dtype=torch.float32,
-             is_splits=10, pr_num=None, pr_k=3):
+             is_splits=10, pr_num=None, pr_k=3, ref_stats=None):
     """Sample `num` images and score them -> a JSON-ready dict that records implementation and mode.
 
     A ConsistencyModel samples with cmfast.sample (Algorithm 1; sigmas default to model_sigmas(model, steps)), an
@@ -664,7 +687,9 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     pass) or "is" (the Inception Score alone: no reference data; value = the mean over `is_splits` parts, with std).
     pr_num (fid, fd-fmnist): also precision and recall (Kynkaanniemi et al. 2019, k-NN manifolds with k = pr_k, as
     the CM paper's ImageNet 64 / LSUN tables) of the first pr_num samples against pr_num reference images, in the
-    metric's features.
+    metric's features. ref_stats (fid, fd-fmnist): an npz of reference mu and sigma to compare with instead of the
+    dataset's (e.g. EDM's cifar10-32x32.npz or openai's VIRTUAL_imagenet64_labeled.npz, for the papers' protocol);
+    precision / recall still read the dataset's images.
     """
     import time
     from .precond import EDMDenoiser
@@ -707,6 +732,7 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     num, batch_size = n, b
     shape = _image_shape(model, dataset)
     is_splits, pr_num, pr_k = _check_scoring(metric, num, shape, is_splits, pr_num, pr_k, "this model makes")
+    ref = _ref_stats(ref_stats, metric)
     home = next(model.parameters()).device
     device = checked_device(device or home)
     t0 = time.time()
@@ -719,10 +745,12 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
                                    seed=seed, batch_size=batch_size, engine=engine, dtype=dtype, shape=shape)
         batches = (x for _, x in _progress(batches, math.ceil(num / min(batch_size, num)), f"{metric} {steps}-step",
                                            progress))
-        head = _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, pr_num, pr_k, sampler)
+        head = _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, pr_num, pr_k, sampler, ref)
     finally:
         model.to(home)
-    dataset = None if metric == "is" else dataset
+    dataset = None if metric == "is" or (ref and pr_num is None) else dataset
+    if ref:
+        head["ref_stats"] = ref[3]
     return {**head,
             "steps": steps, "sigmas": list(sigmas) if sigmas else None, "num": num, "seed": seed,
             "batch_size": batch_size, "dataset": dataset, "device": str(device), "engine": engine,
@@ -762,10 +790,10 @@ def load_samples(path):
 
 
 def score_samples(samples, metric, num=None, dataset=None, batch_size=250, device="cpu", data_dir=None, weights=None,
-                  is_splits=10, pr_num=None, pr_k=3, progress=False, label=None):
+                  is_splits=10, pr_num=None, pr_k=3, progress=False, label=None, ref_stats=None):
     """Score images made elsewhere -> a JSON-ready dict as evaluate's. samples: a path load_samples reads (.npz,
     image folder or zip) or uint8 images (N, H, W, C) as a numpy array; the first `num` of them (default all).
-    metric, dataset, weights, is_splits, pr_num and pr_k as evaluate; label: what the result calls the images
+    metric, dataset, weights, is_splits, pr_num, pr_k and ref_stats as evaluate; label: what the result calls the images
     ("samples", and "from ..." in "mode"; default the path, for an array none)."""
     import time
     from .schedules import as_integer
@@ -794,11 +822,13 @@ def score_samples(samples, metric, num=None, dataset=None, batch_size=250, devic
         raise ValueError(f"num: expected an integer in [2, {len(arr)}] (the images given), got {num!r}")
     shape = (arr.shape[3], arr.shape[1], arr.shape[2])
     is_splits, pr_num, pr_k = _check_scoring(metric, n, shape, is_splits, pr_num, pr_k, "the samples are")
+    ref = _ref_stats(ref_stats, metric)
     device = checked_device(device)
     t0 = time.time()
     batches = (torch.from_numpy(arr[i:min(i + b, n)]).permute(0, 3, 1, 2).float() / 127.5 - 1
                for i in range(0, n, b))
     head = _score(_progress(batches, math.ceil(n / b), metric, progress), metric, n, dataset, device, data_dir,
-                  weights, is_splits, pr_num, pr_k, f"from {label or source or 'an array'}")
-    return {**head, "num": n, "dataset": None if metric == "is" else dataset, "device": str(device),
+                  weights, is_splits, pr_num, pr_k, f"from {label or source or 'an array'}", ref)
+    return {**head, **({"ref_stats": ref[3]} if ref else {}), "num": n,
+            "dataset": None if metric == "is" or (ref and pr_num is None) else dataset, "device": str(device),
             "samples": label or source, "seconds": round(time.time() - t0, 2)}

@@ -65,6 +65,10 @@ def build_parser():
                     "folder or zip of reference images")
     io.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth "
                     "(default: the torch hub cache)")
+    io.add_argument("--ref-stats", metavar="NPZ", default=None, help="fid, fd-fmnist: compare with these reference "
+                    "statistics (an npz with mu and sigma: EDM's fid-refs, pytorch-fid's, openai's reference batches "
+                    "such as VIRTUAL_imagenet64_labeled.npz) instead of the dataset's; --precision-recall still reads "
+                    "the dataset's images")
     io.add_argument("--out", default=None, help="write the result as JSON here (also printed)")
     return ap
 
@@ -111,7 +115,7 @@ def main(argv=None):
             model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
         dataset = args.dataset or _dataset_from_meta(meta)
         data_dir = args.data_dir
-        if not args.dataset and dataset == "folder" and args.metric == "fid":
+        if not args.dataset and dataset == "folder" and args.metric == "fid" and not args.ref_stats:
             # FID of a model of one's own images is against them (the metric's default, CIFAR-10, was taken silently)
             trained_on = (meta.get("config") or {}).get("data_dir")
             data_dir = data_dir or trained_on
@@ -122,7 +126,7 @@ def main(argv=None):
             dataset = None          # e.g. an imported checkpoint: the metric's default reference
         common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, dataset=dataset, device=device,
                       data_dir=data_dir, weights=args.inception_weights, engine=args.engine,
-                      dtype=_common.torch_dtype(args.dtype), is_splits=args.is_splits)
+                      dtype=_common.torch_dtype(args.dtype), is_splits=args.is_splits, ref_stats=args.ref_stats)
         from ..precond import EDMDenoiser
         recorded = None if args.sigmas or isinstance(model, EDMDenoiser) else \
             _common.recorded_sigmas(meta, args.steps)
@@ -185,7 +189,7 @@ def _score_samples(args, argv) -> int:
         result = score_samples(images, args.metric, num=args.num, dataset=args.dataset, batch_size=args.batch_size,
                                device=_common.pick_device(args.device), data_dir=args.data_dir,
                                weights=args.inception_weights, is_splits=args.is_splits, pr_num=pr, progress=True,
-                               label=os.path.abspath(args.samples))
+                               label=os.path.abspath(args.samples), ref_stats=args.ref_stats)
     except _common.user_errors() as e:
         _fail(_common.first_line(e))
     return _report(args, result)
