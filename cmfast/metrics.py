@@ -573,6 +573,18 @@ def _quantize(x):
     return (x.float() * 127.5 + 128).clamp(0, 255).floor() / 127.5 - 1
 
 
+def _metric_dataset(metric, dataset):
+    """The metric checked and its reference dataset: the one given, else Fashion-MNIST for fd-fmnist (its only one),
+    else CIFAR-10."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    dataset = dataset or ("fashion-mnist" if metric == "fd-fmnist" else "cifar10")
+    if metric == "fd-fmnist" and dataset != "fashion-mnist":
+        raise ValueError(f"fd-fmnist compares with Fashion-MNIST only, got dataset {dataset!r}")
+    _check_dataset(dataset)
+    return dataset
+
+
 def _check_scoring(metric, num, shape, is_splits, pr_num, pr_k, makes):
     """The scoring side's arguments (evaluate, score_samples), checked before any work: (is_splits, pr_num, pr_k).
     shape: the images' (C, H, W); `makes` words the source in a message ('this model makes')."""
@@ -696,14 +708,9 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     from .sampling import (check_edm_steps, check_engine_args, check_model, check_sigmas, generate_batches,
                            resolve_engine)
     from .schedules import as_integer
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     # Every argument is checked here, before the reference statistics (minutes, the first time) are computed:
     # a bad level, engine, seed or model failed after them.
-    dataset = dataset or ("fashion-mnist" if metric == "fd-fmnist" else "cifar10")
-    if metric == "fd-fmnist" and dataset != "fashion-mnist":
-        raise ValueError(f"fd-fmnist compares with Fashion-MNIST only, got dataset {dataset!r}")
-    _check_dataset(dataset)
+    dataset = _metric_dataset(metric, dataset)
     check_model(model, want="a cmfast model (ConsistencyModel or EDMDenoiser)")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a cmfast model (ConsistencyModel or EDMDenoiser), got "
@@ -797,12 +804,7 @@ def score_samples(samples, metric, num=None, dataset=None, batch_size=250, devic
     ("samples", and "from ..." in "mode"; default the path, for an array none)."""
     import time
     from .schedules import as_integer
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    dataset = dataset or ("fashion-mnist" if metric == "fd-fmnist" else "cifar10")
-    if metric == "fd-fmnist" and dataset != "fashion-mnist":
-        raise ValueError(f"fd-fmnist compares with Fashion-MNIST only, got dataset {dataset!r}")
-    _check_dataset(dataset)
+    dataset = _metric_dataset(metric, dataset)
     b = as_integer(batch_size)
     if b is None or b < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")

@@ -39,3 +39,17 @@ def random_fid_inception(seed=0, fc_bias_scale=0.1):
         else:
             t.copy_(torch.randn(t.shape, generator=g) * 0.1 if t.is_floating_point() else torch.zeros_like(t))
     return net
+
+
+def tiny_checkpoint(folder, img_resolution=16):
+    """(model, checkpoint path): a seed-0 tiny consistency model (eval mode) saved as an iCT run's checkpoint in
+    `folder` (made), for cmfast-eval."""
+    import cmfast
+    from cmfast.nets import preset_config
+    from cmfast.training.checkpoint import save_checkpoint
+    torch.manual_seed(0)
+    cm = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny", img_resolution=img_resolution)).eval()
+    cfg = dict(method="ict", net=preset_config("tiny", img_resolution=img_resolution), sigma_data=0.5,
+               sigma_min=0.002, sigma_max=80.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    return cm, save_checkpoint(str(folder), 1, {"ema": cm.state_dict()}, cfg, {})

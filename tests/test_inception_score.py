@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cmfast import metrics
-from _metric_fixtures import ReplayModel, random_fid_inception
+from _metric_fixtures import ReplayModel, random_fid_inception, tiny_checkpoint
 
 pytest.importorskip("torchvision")
 
@@ -181,16 +181,8 @@ def test_fd_fmnist_has_no_inception_score(monkeypatch, tmp_path):
 
 def test_cmfast_eval_metric_is(stand_in, tmp_path, capsys):
     from cmfast.cli.eval import main
-    import cmfast
-    from cmfast.nets import preset_config
-    from cmfast.training.checkpoint import save_checkpoint
     _, path = stand_in
-    torch.manual_seed(0)
-    cm = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny", img_resolution=16)).eval()
-    cfg = dict(method="ict", net=preset_config("tiny", img_resolution=16), sigma_data=0.5, sigma_min=0.002,
-               sigma_max=80.0)
-    (tmp_path / "run").mkdir()
-    ckpt = save_checkpoint(str(tmp_path / "run"), 1, {"ema": cm.state_dict()}, cfg, {})
+    cm, ckpt = tiny_checkpoint(tmp_path / "run")
     out = tmp_path / "is.json"
     assert main(["--checkpoint", ckpt, "--metric", "is", "--num", "6", "--batch-size", "4", "--is-splits", "2",
                  "--inception-weights", path, "--out", str(out)]) == 0

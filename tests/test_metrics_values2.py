@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from _metric_fixtures import ReplayModel
+from _metric_fixtures import ReplayModel, tiny_checkpoint
 from cmfast import metrics
 from cmfast._inception import FIDInception
 from train_fixtures import write_png_folder
@@ -249,16 +249,8 @@ def test_cmfast_eval_samples_passes_its_defaults(tmp_path, monkeypatch, capsys):
 def test_cmfast_eval_model_passes_its_defaults(tmp_path, monkeypatch, capsys):
     """A checkpoint: bare --precision-recall is min(10000, --num), --is-splits defaults to 10 (mutations: bare =
     --num, default 5)."""
-    import cmfast
     from cmfast.cli.eval import main
-    from cmfast.nets import preset_config
-    from cmfast.training.checkpoint import save_checkpoint
-    torch.manual_seed(0)
-    cm = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny", img_resolution=16)).eval()
-    cfg = dict(method="ict", net=preset_config("tiny", img_resolution=16), sigma_data=0.5, sigma_min=0.002,
-               sigma_max=80.0)
-    (tmp_path / "run").mkdir()
-    ckpt = save_checkpoint(str(tmp_path / "run"), 1, {"ema": cm.state_dict()}, cfg, {})
+    cm, ckpt = tiny_checkpoint(tmp_path / "run")
     seen = _capture(monkeypatch, "evaluate")
     assert main(["--checkpoint", ckpt, "--metric", "fid", "--num", "20000", "--precision-recall"]) == 0
     assert seen["pr_num"] == 10000 and seen["is_splits"] == 10 and seen["num"] == 20000

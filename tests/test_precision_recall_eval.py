@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cmfast import metrics
-from _metric_fixtures import ReplayModel
+from _metric_fixtures import ReplayModel, tiny_checkpoint
 from train_fixtures import write_png_folder
 
 
@@ -91,17 +91,9 @@ def test_bad_precision_recall_arguments_are_one_line(setup):
 
 
 def test_cmfast_eval_precision_recall(setup, tmp_path, capsys):
-    import cmfast
     from cmfast.cli.eval import main
-    from cmfast.nets import preset_config
-    from cmfast.training.checkpoint import save_checkpoint
     ref, fakes, folder = setup
-    torch.manual_seed(0)
-    cm = cmfast.ConsistencyModel(cmfast.UNet.from_preset("tiny", img_resolution=16)).eval()
-    cfg = dict(method="ict", net=preset_config("tiny", img_resolution=16), sigma_data=0.5, sigma_min=0.002,
-               sigma_max=80.0)
-    (tmp_path / "run").mkdir()
-    ckpt = save_checkpoint(str(tmp_path / "run"), 1, {"ema": cm.state_dict()}, cfg, {})
+    cm, ckpt = tiny_checkpoint(tmp_path / "run")
     out = tmp_path / "pr.json"
     argv = ["--checkpoint", ckpt, "--metric", "fid", "--dataset", "folder", "--data-dir", folder, "--num", "8",
             "--batch-size", "4"]
