@@ -198,6 +198,73 @@ def test_classifier_asset_accuracy():
 
 # ---------------------------------------------------------------- FID Inception port (random weights)
 
+def test_fid_inception_architecture_and_strict_load(tmp_path):
+    pytest.importorskip("torchvision")
+    from cmfast._inception import WEIGHTS_NAME, FIDInception, load_fid_inception
+    net = random_fid_inception()
+    state = net.net.state_dict()
+    assert len(state) == 566 and state["fc.weight"].shape == (1008, 2048)
+    assert "Mixed_7c.branch_pool.conv.weight" in state and "Conv2d_1a_3x3.bn.running_var" in state
+    assert not any(k.startswith("AuxLogits") for k in state)
+    path = tmp_path / WEIGHTS_NAME
+    torch.save(state, path)
+    loaded = load_fid_inception(str(path))                      # strict load through the weights-path loader
+    for k, v in loaded.net.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # Output shape through the whole net (resize to 299, pool3), on the meta device: shapes without the FLOPs
+    with torch.device("meta"):
+        f = FIDInception()(torch.empty(2, 1, 32, 32))
+    assert f.shape == (2, 2048) and f.dtype == torch.float32
+    torch.save(dict(state, extra=torch.zeros(1)), path)
+    with pytest.raises(ValueError, match="not the FID Inception weights .*Unexpected key"):
+        load_fid_inception(str(path))
+
+
+def test_fid_pooling_differs_from_torchvision_only_where_tensorflow_does():
+    tv = pytest.importorskip("torchvision.models.inception")
+    from cmfast._inception import _blocks
+    _, A, _, E = _blocks()
+    torch.manual_seed(0)
+    ref, fid = tv.InceptionA(16, pool_features=8).eval(), A(16, 8).eval()
+    fid.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 16, 7, 7)
+    with torch.no_grad():
+        a, b = ref(x), fid(x)
+    torch.testing.assert_close(a[:, :-8], b[:, :-8])                   # conv branches identical
+    torch.testing.assert_close(a[:, -8:, 1:-1, 1:-1], b[:, -8:, 1:-1, 1:-1])   # pool: interior identical
+    assert (a[:, -8:, 0] - b[:, -8:, 0]).abs().max() > 1e-3            # border: padding excluded from the mean
+    import cmfast._inception as inc
+    e = E(16, inc._max_pool).eval()
+    with torch.no_grad():
+        pooled = e.branch_pool(F.max_pool2d(x, 3, 1, 1))
+        torch.testing.assert_close(e(x)[:, -192:], pooled)              # Mixed_7c max-pools
+
+
+def test_missing_inception_weights_error(tmp_path, monkeypatch):
+    from cmfast._inception import WEIGHTS_NAME, find_weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("CMFAST_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError) as e:
+        find_weights()
+    msg = str(e.value)
+    assert "\n" not in msg and WEIGHTS_NAME in msg and str(tmp_path / "hub" / "checkpoints") in msg
+
+
+def test_bad_fd_fmnist_classifier_weights_one_line(tmp_path):
+    """cmfast-eval --metric fd-fmnist --inception-weights FILE loads FILE as the classifier: a truncated file raised
+    safetensors' SafetensorError and another model's weights a RuntimeError listing every key, both tracebacks
+    (the CLI catches ValueError / OSError). Now one ValueError naming the file, as the Inception loader does."""
+    from safetensors.torch import save_file
+    good = open(ASSET, "rb").read()
+    cases = {"truncated.safetensors": lambda p: p.write_bytes(good[:len(good) // 2]),
+             "other.safetensors": lambda p: save_file({"a": torch.zeros(3)}, str(p))}
+    for name, write in cases.items():
+        write(tmp_path / name)
+        with pytest.raises(ValueError, match=f"{name}: not the FD-FMNIST classifier weights") as e:
+            load_classifier(str(tmp_path / name))
+        assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
 # ---------------------------------------------------------------- evaluate and cmfast-eval
 
 def test_fd_fmnist_takes_any_float_dtype_and_refuses_nan_or_pixel_scale(tmp_path, monkeypatch):
