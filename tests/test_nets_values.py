@@ -1,9 +1,11 @@
 """cmfast.nets against numbers from outside the code: EDM's initialization of each layer role, inverted dropout in the
-residual blocks, networks in another dtype than their weights, EDM's 'same' padding and the class-index checks.
-Written for mutants of cmfast/nets that the other network tests let through (mutation testing, round 7); each test
-failed on its mutant."""
+residual blocks, the mapping network's time scale, the presets' published configurations (EDM, the CM paper, the
+shipped model), networks in another dtype than their weights, EDM's padding, widths and residual scales, the argument
+checks. Written for mutants of cmfast/nets that the other network tests let through (mutation testing, round 7); each
+test failed on its mutant."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import cmfast
+from cmfast.nets import PRESETS
 from cmfast.nets.layers import Conv2d, GroupNorm, Linear
 from cmfast.nets.unet import UNetBlock
 
@@ -89,6 +92,97 @@ def test_block_dropout_is_inverted_dropout_on_the_second_convolutions_input():
     assert abs(dropped - p) < 0.06, dropped            # ~1900 elements: the share is p within a few std
 
 
+@pytest.mark.parametrize("arch", ["song", "adm"])
+def test_every_block_gets_the_networks_dropout(arch):
+    kw = dict(model_channels=64 if arch == "adm" else 16)
+    net = cmfast.UNet(img_resolution=8, channel_mult=(1,), num_blocks=1, attn_resolutions=(), dropout=0.3, arch=arch,
+                      **kw)
+    assert [b.dropout for b in net.blocks()] == [0.3] * 5      # block0; in0, in1, block0, block1
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.add_(torch.randn_like(prm) * 0.05)
+        torch.manual_seed(0)
+        train = net.train()(x, torch.zeros(2))
+        ev = net.eval()(x, torch.zeros(2))
+    assert (train - ev).abs().max() > 1e-3 and torch.equal(ev, net(x, torch.zeros(2)))
+
+
+# ---- the mapping network's time scale --------------------------------------------------------------------------------
+
+def test_noise_scale_multiplies_c_noise_before_the_embedding():
+    """noise_scale=1000 (openai/consistency_models' networks read 1000 ln(sigma) / 4): the mapping network sees
+    1000 c_noise. Float64 transcription of SongUNet's mapping: positional f_i = (1/10000)^(i / (half - 1)), features
+    [sin, cos] (EDM swaps the halves), then silu(map_layer1(silu(map_layer0(.))))."""
+    torch.manual_seed(0)
+    net = cmfast.UNet(img_resolution=16, model_channels=16, channel_mult=(1,), num_blocks=1, attn_resolutions=(),
+                      noise_scale=1000.0).double()
+    c = torch.tensor([0.3, -0.7], dtype=torch.float64)
+    half = 8
+    f = torch.tensor([(1 / 10000) ** (i / (half - 1)) for i in range(half)], dtype=torch.float64)
+    arg = torch.outer(1000 * c, f)
+    emb = torch.cat([arg.sin(), arg.cos()], dim=1)
+    emb = F.silu(emb @ net.map_layer0.weight.t() + net.map_layer0.bias)
+    want = F.silu(emb @ net.map_layer1.weight.t() + net.map_layer1.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(net.embedding(c), want, rtol=1e-12, atol=1e-12)
+
+
+# ---- the presets: the published configurations -----------------------------------------------------------------------
+
+# EDM train.py: --arch=ddpmpp / ncsnpp set model_channels 128, channel_mult [2,2,2], the embedding, encoder,
+# channel_mult_noise and resample filter; SongUNet's defaults num_blocks 4, attn_resolutions [16]; --dropout 0.13
+# (train.py's default, CIFAR-10). EDM README: FFHQ/AFHQ 64x64 with --arch=ddpmpp --cres=1,2,2,2 --dropout=0.05;
+# ImageNet 64x64 with --arch=adm --dropout=0.10 (DhariwalUNet: 192 channels, [1,2,3,4], 3 blocks, attention at
+# 32, 16, 8). openai/consistency_models scripts/launch.sh, LSUN 256: 256 channels, 2 res blocks, attention 32,16,8,
+# use_scale_shift_norm False, dropout 0.1; guided-diffusion's channel_mult for 256x256: (1, 1, 2, 2, 4, 4).
+SONG = dict(arch="song", channel_mult_emb=4, adaptive_scale=None, num_heads=1, label_dim=0, noise_scale=1.0)
+PUBLISHED = {
+    "ddpmpp-cifar10": dict(SONG, img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2),
+                           num_blocks=4, attn_resolutions=(16,), dropout=0.13, embedding_type="positional",
+                           channel_mult_noise=1, encoder_type="standard", resample_filter=(1, 1)),
+    "ncsnpp-cifar10": dict(SONG, img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2),
+                           num_blocks=4, attn_resolutions=(16,), dropout=0.13, embedding_type="fourier",
+                           channel_mult_noise=2, encoder_type="residual", resample_filter=(1, 3, 3, 1)),
+    "ddpmpp-64": dict(SONG, img_resolution=64, in_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2),
+                      num_blocks=4, attn_resolutions=(16,), dropout=0.05, embedding_type="positional",
+                      channel_mult_noise=1, encoder_type="standard", resample_filter=(1, 1)),
+    "adm-imagenet64": dict(arch="adm", img_resolution=64, in_channels=3, model_channels=192, channel_mult=(1, 2, 3, 4),
+                           channel_mult_emb=4, num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.10,
+                           adaptive_scale=None, noise_scale=1.0),
+    "adm-lsun256": dict(arch="adm", img_resolution=256, in_channels=3, model_channels=256,
+                        channel_mult=(1, 1, 2, 2, 4, 4), channel_mult_emb=4, num_blocks=2, attn_resolutions=(32, 16, 8),
+                        dropout=0.10, adaptive_scale=False, noise_scale=1.0),
+}
+
+
+def _filled(name):
+    import inspect
+    full = {k: p.default for k, p in inspect.signature(cmfast.UNet.__init__).parameters.items() if k != "self"}
+    full.update(PRESETS[name])
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in full.items()}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_are_the_published_configurations(name):
+    got = _filled(name)
+    assert {k: got[k] for k in PUBLISHED[name]} == PUBLISHED[name]
+
+
+def test_fmnist_small_is_the_shipped_models_architecture():
+    """The shipped Fashion-MNIST model (cmfast/assets/fmnist.safetensors) records the network it was trained with:
+    the preset must still build that network, its dropout included (training from the preset again)."""
+    from safetensors import safe_open
+    from cmfast.pretrained import ASSETS
+    with safe_open(f"{ASSETS}/fmnist.safetensors", "pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+    assert cfg["preset"] == "fmnist-small"
+    got = _filled("fmnist-small")
+    assert {k: got[k] for k in cfg["net"]} == {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["net"].items()}
+    assert cfg["net"] == dict(img_resolution=32, in_channels=1, model_channels=24, channel_mult=[1, 2, 2],
+                              num_blocks=2, attn_resolutions=[8], dropout=0.1, adaptive_scale=True)
+
+
 # ---- dtypes ----------------------------------------------------------------------------------------------------------
 
 def test_bfloat16_network_takes_the_fp32_noise_embedding():
@@ -146,6 +240,17 @@ def test_float32_network_follows_a_float64_input():
 
 # ---- argument checks -------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("bad, msg", [
+    (dict(dropout=1.0), r"^dropout: expected a probability in \[0, 1\), got 1.0$"),        # every activation zeroed
+    (dict(channel_mult=(1, 0)), r"^channel_mult: expected one or more integers >= 1, got \(1, 0\)$"),
+    (dict(model_channels=True), r"^model_channels: expected an integer >= 1, got True$"),
+    (dict(num_blocks=False), r"^num_blocks: expected an integer >= 0, got False$"),
+    (dict(channel_mult=(1, True)), r"^channel_mult: expected one or more integers >= 1, got \(1, True\)$"),
+])
+def test_unet_refuses_degenerate_sizes(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        cmfast.UNet(**{**dict(img_resolution=16, model_channels=16, channel_mult=(1, 2), num_blocks=1), **bad})
+
 
 def test_class_indices_are_checked_against_the_label_count():
     """Indices 0 .. label_dim - 1 are classes; label_dim itself (one past the end: F.one_hot's error, or a silent
@@ -161,3 +266,57 @@ def test_class_indices_are_checked_against_the_label_count():
                          (torch.tensor([0.0, 1.0]), r"expected integer class indices, got torch.float32$")):
             with pytest.raises(ValueError, match="^class_labels: " + msg):
                 net(x, c, bad)
+
+
+def test_one_image_takes_one_label():
+    """A batch of one with two labels was broadcast to two embeddings (only a lone noise level for constants(), batch
+    None, may take a batch of labels)."""
+    net = cmfast.UNet(img_resolution=16, model_channels=16, channel_mult=(1,), num_blocks=1, attn_resolutions=(),
+                      label_dim=3).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"^class_labels: expected one label per image \(1\), got 2$"):
+        net(torch.randn(1, 3, 16, 16), torch.zeros(1), torch.tensor([0, 1]))
+
+
+# ---- widths (EDM networks.py bookkeeping) ----------------------------------------------------------------------------
+
+def test_widths_follow_edms_bookkeeping():
+    """SongUNet: the first conv has model_channels outputs whatever channel_mult[0], the noise embedding
+    model_channels x channel_mult_noise, the mapping network model_channels x channel_mult_emb. DhariwalUNet: the first
+    conv has model_channels x channel_mult[0], the noise embedding model_channels."""
+    song = cmfast.UNet(img_resolution=8, model_channels=16, channel_mult=(2,), channel_mult_emb=3,
+                       channel_mult_noise=2, num_blocks=1, attn_resolutions=())
+    assert (song.enc["8x8_conv"].out_channels, song.enc["8x8_block0"].out_channels) == (16, 32)
+    assert (song.map_noise.num_channels, song.map_layer0.out_features, song.map_layer1.out_features) == (32, 48, 48)
+    assert song.blocks()[0].affine.in_features == 48
+    adm = cmfast.UNet(arch="adm", img_resolution=8, model_channels=64, channel_mult=(2,), channel_mult_emb=3,
+                      num_blocks=1, attn_resolutions=())
+    assert (adm.enc["8x8_conv"].out_channels, adm.enc["8x8_block0"].out_channels) == (128, 128)
+    assert adm.map_noise.num_channels == 64
+    assert (adm.map_layer0.out_features, adm.blocks()[0].affine.in_features) == (192, 192)
+
+
+@pytest.mark.parametrize("arch, scale", [("song", math.sqrt(0.5)), ("adm", 1.0)])
+def test_residual_join_scale(arch, scale):
+    """EDM: SongUNet's blocks join (branch + x) x sqrt(1/2) (block_kwargs skip_scale=np.sqrt(0.5)); DhariwalUNet's
+    keep UNetBlock's skip_scale=1. With the branch's last convolution zeroed, a block without a skip convolution
+    returns x times that scale."""
+    kw = dict(model_channels=64 if arch == "adm" else 16)
+    net = cmfast.UNet(img_resolution=8, channel_mult=(1,), num_blocks=1, attn_resolutions=(), arch=arch, **kw).double()
+    blk = net.dec["8x8_in1"]
+    assert blk.skip is None and not blk.num_heads
+    with torch.no_grad():
+        blk.conv1.weight.zero_()
+    x, emb = torch.randn(2, blk.in_channels, 8, 8, dtype=torch.float64), torch.randn(2, 4 * kw["model_channels"],
+                                                                                      dtype=torch.float64)
+    with cmfast.ops.use_backend("torch"), torch.no_grad():
+        torch.testing.assert_close(blk.eval()(x, emb), x * scale, rtol=1e-14, atol=0)
+
+
+def test_from_preset_records_the_config_with_its_overrides():
+    """UNet.from_preset keeps the arguments it was built with (the preset with the overrides) in net.config: a
+    checkpoint stores them to build the same network again."""
+    net = cmfast.UNet.from_preset("tiny", img_resolution=16, label_dim=4)
+    assert net.preset == "tiny"
+    assert net.config == dict(img_resolution=16, in_channels=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                              attn_resolutions=(16,), dropout=0.0, channel_mult_emb=2, adaptive_scale=True,
+                              label_dim=4)
