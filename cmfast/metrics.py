@@ -637,9 +637,8 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
             mu_ref, s_ref, ref_meta, path = ref
             against = f"{path} ({ref_meta.get('n', '?')} images)"
         extractor, dim, impl = _extractor(metric, device, weights)
-        if len(mu_ref) != dim:      # before the samples are made
-            raise ValueError(f"ref_stats: {ref[3] if ref else 'the reference'} holds {len(mu_ref)}-d statistics; "
-                             f"{metric}'s features are {dim}-d")
+        if ref is not None and len(mu_ref) != dim:      # given statistics of another network: before the samples
+            raise ValueError(f"ref_stats: {ref[3]} holds {len(mu_ref)}-d statistics; {metric}'s features are {dim}-d")
         stats = FeatureStats(dim)
     ref_feats = None if pr_num is None else reference_features(metric, dataset, data_dir, pr_num, device=device,
                                                                weights=weights)

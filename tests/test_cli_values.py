@@ -99,8 +99,11 @@ def test_command_defaults_are_the_documented_values():
     assert {k: s[k] for k in ("num", "steps", "sigmas", "seed", "class_label", "batch_size", "engine", "dtype")} == \
         dict(num=64, steps=None, sigmas=None, seed=0, class_label=None, batch_size=256, engine="auto", dtype="fp32")
     e = vars(eval_cli.build_parser().parse_args(["--checkpoint", "c", "--metric", "fid"]))
-    assert {k: e[k] for k in ("steps", "search_iters", "num", "seed", "batch_size", "dataset")} == \
-        dict(steps=None, search_iters=6, num=50000, seed=0, batch_size=256, dataset=None)
+    # --num: None here, 50000 for a model (main; test_sampling checks what evaluate gets), all the images for --samples
+    assert {k: e[k] for k in ("steps", "search_iters", "num", "seed", "batch_size", "dataset", "is_splits",
+                              "precision_recall", "ref_stats")} == \
+        dict(steps=None, search_iters=6, num=None, seed=0, batch_size=256, dataset=None, is_splits=10,
+             precision_recall=None, ref_stats=None)
     d = vars(edit.build_parser().parse_args(["denoise", "--checkpoint", "c", "--out", "o"]))
     assert {k: d[k] for k in ("steps", "sigma_start", "sigma", "pairs", "alphas", "seed", "batch_size",
                               "grid_scale")} == \

@@ -414,7 +414,8 @@ def test_eval_cli_hands_its_flags_and_defaults_to_evaluate(shipped, tmp_path, mo
     metric, k = seen.pop()
     assert metric == "fd-fmnist" and k == dict(num=50000, batch_size=256, seed=0, dataset="fashion-mnist",
                                                device="cpu", data_dir=None, weights=None, engine="auto",
-                                               dtype=torch.float32, steps=None, sigmas=None, progress=True)
+                                               dtype=torch.float32, steps=None, sigmas=None, progress=True,
+                                               is_splits=10, pr_num=None, ref_stats=None)
     text = (tmp_path / "r.json").read_text()
     assert text.endswith("}\n") and not text.endswith("\n\n")
     assert json.loads(text) == {"metric": "fd-fmnist", "value": 1.5, "pretrained": "x"} == \
