@@ -606,10 +606,12 @@ def _check_scoring(metric, num, shape, is_splits, pr_num, pr_k, makes):
     return is_splits, pr_num, pr_k
 
 
-def _ref_stats(path, metric):
-    """Given reference statistics for a Frechet distance: (mu, sigma, metadata, absolute path), or None. Any npz with
-    mu and sigma (load_stats): cmfast's cache files, pytorch-fid's and EDM's fid-refs files, openai's reference batches
-    (VIRTUAL_imagenet64_labeled.npz and the like, whose images and spatial statistics are left alone)."""
+def _ref_stats(path, metric, pr_num=None):
+    """Given reference statistics for a Frechet distance: (mu, sigma, metadata, absolute path, images), or None. Any
+    npz with mu and sigma (load_stats): cmfast's cache files, pytorch-fid's and EDM's fid-refs files, openai's
+    reference batches (VIRTUAL_imagenet64_labeled.npz and the like; their spatial statistics are left alone). images:
+    with pr_num, the first pr_num of the file's own uint8 (N, H, W, C) images (arr_0, as openai's batches hold them,
+    which their evaluator's precision / recall use), else None (precision / recall then read the dataset's)."""
     if path is None:
         return None
     if metric == "is":
@@ -617,7 +619,13 @@ def _ref_stats(path, metric):
     if not os.path.isfile(path):
         raise ValueError(f"ref_stats: {path} not found")
     mu, sigma, meta = load_stats(path)
-    return mu, sigma, meta, os.path.abspath(path)
+    images = None
+    if pr_num is not None:
+        with np.load(path, allow_pickle=False) as f:
+            a = f["arr_0"] if "arr_0" in f.files else None
+        if a is not None and a.dtype == np.uint8 and a.ndim == 4 and a.shape[-1] in (1, 3) and len(a):
+            images = a[:pr_num]
+    return mu, sigma, meta, os.path.abspath(path), images
 
 
 def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, pr_num, pr_k, source,
@@ -634,14 +642,21 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
                                                       else 50000, device=device, weights=weights)
             against = f"{dataset} train ({ref_meta.get('n', '?')} images)"
         else:
-            mu_ref, s_ref, ref_meta, path = ref
+            mu_ref, s_ref, ref_meta, path, _ = ref
             against = f"{path} ({ref_meta.get('n', '?')} images)"
         extractor, dim, impl = _extractor(metric, device, weights)
         if ref is not None and len(mu_ref) != dim:      # given statistics of another network: before the samples
             raise ValueError(f"ref_stats: {ref[3]} holds {len(mu_ref)}-d statistics; {metric}'s features are {dim}-d")
         stats = FeatureStats(dim)
-    ref_feats = None if pr_num is None else reference_features(metric, dataset, data_dir, pr_num, device=device,
-                                                               weights=weights)
+    if pr_num is not None and ref is not None and ref[4] is not None:     # the reference file's own images
+        with torch.no_grad():
+            ref_feats = np.concatenate([
+                extractor(torch.from_numpy(ref[4][i:i + 250]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1)
+                .float().cpu().numpy() for i in range(0, len(ref[4]), 250)])
+        dataset = os.path.basename(ref[3])      # for the message below
+    else:
+        ref_feats = None if pr_num is None else reference_features(metric, dataset, data_dir, pr_num, device=device,
+                                                                   weights=weights)
     if ref_feats is not None and len(ref_feats) <= pr_k:    # a tiny folder: said before the samples are made
         raise ValueError(f"pr_num: precision / recall need more than k={pr_k} reference images; {dataset} has "
                          f"{len(ref_feats)}")
@@ -700,7 +715,8 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     the CM paper's ImageNet 64 / LSUN tables) of the first pr_num samples against pr_num reference images, in the
     metric's features. ref_stats (fid, fd-fmnist): an npz of reference mu and sigma to compare with instead of the
     dataset's (e.g. EDM's cifar10-32x32.npz or openai's VIRTUAL_imagenet64_labeled.npz, for the papers' protocol);
-    precision / recall still read the dataset's images.
+    precision / recall then use the file's own images (arr_0, as openai's reference batches hold them) where it has
+    them, else the dataset's.
     """
     import time
     from .precond import EDMDenoiser
@@ -738,7 +754,7 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     num, batch_size = n, b
     shape = _image_shape(model, dataset)
     is_splits, pr_num, pr_k = _check_scoring(metric, num, shape, is_splits, pr_num, pr_k, "this model makes")
-    ref = _ref_stats(ref_stats, metric)
+    ref = _ref_stats(ref_stats, metric, pr_num)
     home = next(model.parameters()).device
     device = checked_device(device or home)
     t0 = time.time()
@@ -754,7 +770,7 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
         head = _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, pr_num, pr_k, sampler, ref)
     finally:
         model.to(home)
-    dataset = None if metric == "is" or (ref and pr_num is None) else dataset
+    dataset = None if metric == "is" or (ref and (pr_num is None or ref[4] is not None)) else dataset
     if ref:
         head["ref_stats"] = ref[3]
     return {**head,
@@ -823,7 +839,7 @@ def score_samples(samples, metric, num=None, dataset=None, batch_size=250, devic
         raise ValueError(f"num: expected an integer in [2, {len(arr)}] (the images given), got {num!r}")
     shape = (arr.shape[3], arr.shape[1], arr.shape[2])
     is_splits, pr_num, pr_k = _check_scoring(metric, n, shape, is_splits, pr_num, pr_k, "the samples are")
-    ref = _ref_stats(ref_stats, metric)
+    ref = _ref_stats(ref_stats, metric, pr_num)
     device = checked_device(device)
     t0 = time.time()
     batches = (torch.from_numpy(arr[i:min(i + b, n)]).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -831,5 +847,6 @@ def score_samples(samples, metric, num=None, dataset=None, batch_size=250, devic
     head = _score(_progress(batches, math.ceil(n / b), metric, progress), metric, n, dataset, device, data_dir,
                   weights, is_splits, pr_num, pr_k, f"from {label or source or 'an array'}", ref)
     return {**head, **({"ref_stats": ref[3]} if ref else {}), "num": n,
-            "dataset": None if metric == "is" or (ref and pr_num is None) else dataset, "device": str(device),
+            "dataset": None if metric == "is" or (ref and (pr_num is None or ref[4] is not None)) else dataset,
+            "device": str(device),
             "samples": label or source, "seconds": round(time.time() - t0, 2)}

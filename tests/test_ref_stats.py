@@ -86,3 +86,25 @@ def test_cmfast_eval_ref_stats(ref, tmp_path):
     res = json.loads(out.read_text())
     assert res["ref_stats"] == path and res["value"] == pytest.approx(
         _want(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1, mu, sigma), rel=1e-6)
+
+
+def test_precision_recall_use_the_reference_files_own_images(ref, monkeypatch):
+    """openai's reference batches hold their images (arr_0), which their evaluator's precision / recall use: so do
+    cmfast's with --ref-stats, without the dataset."""
+    path, mu, sigma = ref
+    monkeypatch.setattr(metrics, "reference_features", lambda *a, **k: pytest.fail("the dataset's images read"))
+    from cmfast._fd_classifier import ASSET, load_classifier
+    net, _ = load_classifier(ASSET, "cpu")
+    with np.load(path) as f:
+        imgs = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.cat([imgs[:2], torch.ones(2, 1, 32, 32), _images(6)])     # 2 reference copies, 2 white images first
+    res = metrics.evaluate(ReplayModel(x), "fd-fmnist", steps=1, num=10, batch_size=4, ref_stats=path, pr_num=4)
+    with torch.no_grad():
+        want = metrics.precision_recall(net.features(imgs[:4]), net.features(metrics._quantize(x[:4])))
+    assert (res["precision"], res["recall"]) == pytest.approx(want, abs=1e-12)
+    assert res["precision"] == 0.5          # the copies inside the reference's manifold, the white images outside
+    assert res["precision_recall"]["reference"] == 4 and res["dataset"] is None
+    res = metrics.evaluate(ReplayModel(x), "fd-fmnist", steps=1, num=10, batch_size=4, ref_stats=path, pr_num=8)
+    assert res["precision_recall"]["reference"] == 5            # all the file has
+    with pytest.raises(ValueError, match=r"need more than k=5 reference images; VIRTUAL_ref_batch.npz has 5"):
+        metrics.evaluate(ReplayModel(x), "fd-fmnist", steps=1, num=10, ref_stats=path, pr_num=8, pr_k=5)

@@ -67,8 +67,9 @@ def build_parser():
                     "(default: the torch hub cache)")
     io.add_argument("--ref-stats", metavar="NPZ", default=None, help="fid, fd-fmnist: compare with these reference "
                     "statistics (an npz with mu and sigma: EDM's fid-refs, pytorch-fid's, openai's reference batches "
-                    "such as VIRTUAL_imagenet64_labeled.npz) instead of the dataset's; --precision-recall still reads "
-                    "the dataset's images")
+                    "such as VIRTUAL_imagenet64_labeled.npz) instead of the dataset's; --precision-recall then uses "
+                    "the file's own images (arr_0, as openai's batches hold them) where it has them, else the "
+                    "dataset's")
     io.add_argument("--out", default=None, help="write the result as JSON here (also printed)")
     return ap
 
