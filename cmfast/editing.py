@@ -14,7 +14,7 @@ import math
 import torch
 
 from .precond import check_sigma
-from .schedules import as_integer
+from .schedules import as_integer, as_number
 from .sampling import (as_levels, check_generator, check_model, check_noise_list, check_sigmas, eval_mode,
                        model_device, model_level, sample)
 
@@ -243,12 +243,9 @@ def stroke_guided(model, strokes, sigma_start, sigmas=(), generator=None, noise=
     sampling (Algorithm 1, clamped) over `sigmas`, which must all lie below sigma_start."""
     _check_model(model, "stroke_guided")
     smin, smax = noise_range(model)
-    try:        # '20' was read as 20.0; None failed inside float()
-        if isinstance(sigma_start, (str, bytes)):
-            raise TypeError
-        start = float(sigma_start)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"sigma_start: expected a number (a noise level), got {sigma_start!r}") from None
+    start = as_number(sigma_start)      # '20' was read as 20.0; None failed inside float()
+    if start is None:
+        raise TypeError(f"sigma_start: expected a number (a noise level), got {sigma_start!r}")
     if not smin < start <= smax * (1 + 1e-6):
         raise ValueError(f"sigma_start: expected a level in ({smin}, {smax}], got {sigma_start}")
     rest = as_levels(sigmas)      # a string was read as its characters: '51' -> levels 5, 1

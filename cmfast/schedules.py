@@ -18,6 +18,17 @@ def as_integer(v) -> int | None:
         return None
 
 
+def as_number(v) -> float | None:
+    """v as a Python float when it is a real number of any kind (numpy's, a 0-d tensor), else None: a string too,
+    which float() would read ('20' as 20.0)."""
+    if isinstance(v, (str, bytes)):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 # ---- Karras et al. (EDM eq. 5), CM paper Sec. 5 discretization ------------------------------------------------
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """t_i = (smin^(1/rho) + (i-1)/(N-1) (smax^(1/rho) - smin^(1/rho)))^rho, i = 1..N: float64, ASCENDING,

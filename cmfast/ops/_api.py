@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from ..precond import sigma_vector
+from ..schedules import as_number
 from . import implementation, shape_class, use_backend
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -27,12 +28,9 @@ def _number(name: str, v, lo: float = -math.inf, lo_open: bool = False, what: st
     """v as a float, finite and above lo (strictly with lo_open): one TypeError for a non-number (a string failed
     inside a comparison as "'>' not supported between instances of 'str' and 'int'", or was read by float()), one
     ValueError for a value out of range (nan and inf included)."""
-    try:
-        if isinstance(v, (str, bytes)):
-            raise TypeError
-        f = float(v)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name}: expected {what}, got {v!r}") from None
+    f = as_number(v)
+    if f is None:
+        raise TypeError(f"{name}: expected {what}, got {v!r}")
     if not (math.isfinite(f) and (f > lo if lo_open else f >= lo)):
         raise ValueError(f"{name}: expected {what}, got {v!r}")
     return f
