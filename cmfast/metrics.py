@@ -648,17 +648,16 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
         if ref is not None and len(mu_ref) != dim:      # given statistics of another network: before the samples
             raise ValueError(f"ref_stats: {ref[3]} holds {len(mu_ref)}-d statistics; {metric}'s features are {dim}-d")
         stats = FeatureStats(dim)
+    ref_feats, ref_name = None, dataset
     if pr_num is not None and ref is not None and ref[4] is not None:     # the reference file's own images
         with torch.no_grad():
-            ref_feats = np.concatenate([
-                extractor(torch.from_numpy(ref[4][i:i + 250]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1)
-                .float().cpu().numpy() for i in range(0, len(ref[4]), 250)])
-        dataset = os.path.basename(ref[3])      # for the message below
-    else:
-        ref_feats = None if pr_num is None else reference_features(metric, dataset, data_dir, pr_num, device=device,
-                                                                   weights=weights)
+            ref_feats = np.concatenate([extractor(x.to(device)).float().cpu().numpy()
+                                        for x in _uint8_batches(ref[4], 250)])
+        ref_name = os.path.basename(ref[3])
+    elif pr_num is not None:
+        ref_feats = reference_features(metric, dataset, data_dir, pr_num, device=device, weights=weights)
     if ref_feats is not None and len(ref_feats) <= pr_k:    # a tiny folder: said before the samples are made
-        raise ValueError(f"pr_num: precision / recall need more than k={pr_k} reference images; {dataset} has "
+        raise ValueError(f"pr_num: precision / recall need more than k={pr_k} reference images; {ref_name} has "
                          f"{len(ref_feats)}")
     fake_feats: list[torch.Tensor] = []
     splits = min(is_splits, num)
@@ -676,7 +675,7 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
             if stats is not None:
                 stats.update(features.double())
             if pr_num is not None and sum(map(len, fake_feats)) < pr_num:
-                fake_feats.append(features.float().cpu())
+                fake_feats.append(features.float())     # on the device, where precision / recall are computed
     if seen != num:
         raise ValueError(f"expected {num} images to score, got {seen}")
     if metric == "is":
@@ -691,8 +690,7 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
         head["inception_score"] = {"mean": m, "std": sd, "splits": splits, "implementation": IS_IMPLEMENTATION}
     if pr_num is not None:
         fake = torch.cat(fake_feats)[:pr_num]
-        head["precision"], head["recall"] = precision_recall(torch.from_numpy(ref_feats).to(device), fake.to(device),
-                                                             k=pr_k)
+        head["precision"], head["recall"] = precision_recall(torch.from_numpy(ref_feats).to(device), fake, k=pr_k)
         head["precision_recall"] = {"k": pr_k, "samples": len(fake), "reference": len(ref_feats),
                                     "method": "Kynkaanniemi et al. 2019, k-NN manifolds in the metric's features"}
     return head
@@ -811,6 +809,12 @@ def load_samples(path):
     return arr
 
 
+def _uint8_batches(arr, batch_size):
+    """uint8 images (N, H, W, C) as float32 [-1, 1] (B, C, H, W) batches, converted one at a time."""
+    return (torch.from_numpy(arr[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            for i in range(0, len(arr), batch_size))
+
+
 def score_samples(samples, metric, num=None, dataset=None, batch_size=250, device="cpu", data_dir=None, weights=None,
                   is_splits=10, pr_num=None, pr_k=3, progress=False, label=None, ref_stats=None):
     """Score images made elsewhere -> a JSON-ready dict as evaluate's. samples: a path load_samples reads (.npz,
@@ -842,8 +846,7 @@ def score_samples(samples, metric, num=None, dataset=None, batch_size=250, devic
     ref = _ref_stats(ref_stats, metric, pr_num)
     device = checked_device(device)
     t0 = time.time()
-    batches = (torch.from_numpy(arr[i:min(i + b, n)]).permute(0, 3, 1, 2).float() / 127.5 - 1
-               for i in range(0, n, b))
+    batches = _uint8_batches(arr[:n], b)
     head = _score(_progress(batches, math.ceil(n / b), metric, progress), metric, n, dataset, device, data_dir,
                   weights, is_splits, pr_num, pr_k, f"from {label or source or 'an array'}", ref)
     return {**head, **({"ref_stats": ref[3]} if ref else {}), "num": n,
