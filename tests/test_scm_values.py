@@ -12,34 +12,14 @@ from torch import nn
 import cmfast
 from cmfast import trigflow as TF
 from cmfast.training.methods import get_method
+from _small_nets import CondNet, _v
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class TimeNet(nn.Module):
-    """F(x_in, c_noise, labels): a 3x3 conv, a strong time input (a Linear of c_noise itself, so that c_noise and t
-    give different F and dF/dt), tanh, a 3x3 conv."""
-
-    def __init__(self, ch=2, seed=0, label_dim=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv1 = nn.Conv2d(ch, 6, 3, padding=1)
-        self.conv2 = nn.Conv2d(6, ch, 3, padding=1)
-        self.emb = nn.Linear(1, 6)
-        self.label = nn.Embedding(label_dim, 6) if label_dim else None
-        for p in self.parameters():
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-
-    def forward(self, x, c_noise, labels=None):
-        h = self.conv1(x) + self.emb(c_noise.reshape(-1, 1).to(x.dtype))[:, :, None, None]
-        if self.label is not None:
-            h = h + self.label(labels).to(x.dtype)[:, :, None, None]
-        return self.conv2(torch.tanh(h))
-
-
-def _v(t):
-    return t.reshape(-1, 1, 1, 1)
+def TimeNet(ch=2, seed=0, label_dim=0):
+    """A strongly time-conditioned small net: 6 hidden channels, parameters N(0, 0.5^2)."""
+    return CondNet(ch, seed, label_dim, hidden=6, scale=0.5)
 
 
 def _data(n, seed=1):

@@ -12,35 +12,10 @@ from torch import nn
 import cmfast
 from cmfast import objectives as O
 from cmfast.training.methods import get_method
+from _small_nets import CondNet, _v
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class CondNet(nn.Module):
-    """A small backbone F(x_in, c_noise, labels) with spatial mixing, time dependence and (label_dim > 0) a class
-    embedding that moves the output: a dropped label changes every number."""
-
-    def __init__(self, ch=2, seed=0, label_dim=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv1 = nn.Conv2d(ch, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, ch, 3, padding=1)
-        self.emb = nn.Linear(1, 8)
-        self.label = nn.Embedding(label_dim, 8) if label_dim else None
-        for p in self.parameters():
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-    def forward(self, x, c_noise, labels=None):
-        h = self.conv1(x) + self.emb(c_noise.reshape(-1, 1).to(x.dtype))[:, :, None, None]
-        if self.label is not None:
-            h = h + self.label(labels).to(x.dtype)[:, :, None, None]
-        return self.conv2(torch.tanh(h))
-
-
-def _v(t):
-    return t.reshape(-1, 1, 1, 1)
 
 
 def f64(net, x, t, smin=0.002, sd=0.5, labels=None):
