@@ -330,7 +330,8 @@ world = dist.group.WORLD
 train(args("d"))
 seen.append(dist.is_initialized() and dist.group.WORLD is world and dist.get_world_size() == 2)
 dist.destroy_process_group()
-print("seen", os.environ["RANK"], seen, flush=True)
+with open(os.path.join(root, "seen-" + os.environ["RANK"]), "w") as f:    # a file per rank: prints interleave
+    f.write(repr(seen))
 os._exit(0)                                 # DDP keeps gloo's threads past destroy_process_group (loop._GROUP)
 """
 
@@ -348,5 +349,6 @@ def test_library_train_destroys_only_the_group_it_created(tmp_path):
                        text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     for rank in (0, 1):
-        assert f"seen {rank} [False, False, False, True]" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+        seen = (tmp_path / f"seen-{rank}").read_text()
+        assert seen == "[False, False, False, True]", r.stdout[-2000:] + r.stderr[-3000:]
     assert [p.name for p in sorted((tmp_path / "d").glob("ckpt-*.safetensors"))] == ["ckpt-00000001.safetensors"]
