@@ -49,14 +49,16 @@ def test_two_ranks_match_one_process(tmp_path, compile_):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("jvp", ["fd", "exact"])
+@pytest.mark.parametrize("jvp", ["fd", "exact", "fd fd_precision=fp64"])
 def test_two_ranks_match_one_process_sct(tmp_path, jvp):
     # sCT's model has trained parameters outside the DDP-wrapped backbone (the adaptive-weighting logvar head, with
     # random Fourier frequencies): they were drawn from each rank's own seed and their gradients never reduced, so
     # the ranks' heads drifted apart and rank 0's checkpoint differed from one process's by ~1e-3 after 3 steps.
-    # jvp=exact: DDP's buffer broadcast at each forward raised inside torch.func.jvp.
+    # jvp=exact: DDP's buffer broadcast at each forward raised inside torch.func.jvp. fd_precision=fp64: the finite
+    # difference's forwards through an fp64 copy of the parameters (fp64_call), outside DDP's forward.
     write_png_folder(tmp_path / "imgs", n=8, size=16)
-    method = ("--method", "sct", "--method-arg", f"jvp={jvp}")
+    jvp, *more = jvp.split()
+    method = ("--method", "sct", "--method-arg", f"jvp={jvp}", *(a for m in more for a in ("--method-arg", m)))
     one, _ = _train(tmp_path, "one", 1, method=method)
     two, _ = _train(tmp_path, "two", 2, method=method)
     assert any(k.startswith("model/logvar.") for k in one) and set(one) == set(two)
