@@ -308,6 +308,14 @@ def test_fd_jvp_arguments():
         with pytest.raises(ValueError, match=rf"^fd_jvp: fn: expected one tensor with the batch of its input "
                                              rf"\(4, \.\.\.\): each sample on its own, got {got}$"):
             cmfast.fd_jvp(fn, p, p)
+    two = lambda a, b: a + 3 * b
+    for method in ("fd", "exact"):      # zip() took the first tangent only: d(a + 3b) along (1, -) came out as 1
+        with pytest.raises(ValueError, match=r"^fd_jvp: expected as many tangents as primals \(>= 1\), got 2 and "
+                                             r"1$"):
+            cmfast.fd_jvp(two, (p, p), (torch.ones_like(p),), method=method)
+        with pytest.raises(ValueError, match=r"^fd_jvp: primal 1: expected batch 2 like primal 0, got 3$"):
+            cmfast.fd_jvp(lambda a, b: a.sum(1) + b.sum(1)[:2], (p, torch.ones(3, 3)), (p, torch.ones(3, 3)),
+                          method=method)    # fd: a batch-3 primal's +-h blocks split at 2: a wrong JVP, no error
     out, jvp = cmfast.fd_jvp(double, p, torch.ones_like(p))
     torch.testing.assert_close(jvp, torch.full_like(p, 2.0))
 
