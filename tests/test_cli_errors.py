@@ -170,6 +170,10 @@ def test_method_arguments_are_checked_before_anything_is_written(capsys, tmp_pat
                        (["--method", "sct", "--method-arg", "jvp=1"], "--method-arg jvp: expected a name"),
                        (["--method", "sct", "--method-arg", "prior_weighting=tan"],
                         "prior_weighting: expected one of none, inv_sigma, got 'tan'"),
+                       (["--method", "sct", "--method-arg", "jvp=forward"],
+                        "jvp: expected 'fd' or 'exact', got 'forward'"),
+                       (["--method", "scd", "--teacher", "t.pkl", "--method-arg", "fd_precision=fp8"],
+                        "fd_precision: expected one of fp64, fp32, tf32, bf16, fp16, got 'fp8'"),
                        (["--lr", "nan"], "expected a finite number, got nan")):
         fails(capsys, train_main, base + extra, msg, "cmfast-train")
     assert not out.exists()
