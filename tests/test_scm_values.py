@@ -220,3 +220,25 @@ def test_sample_time_defaults_are_scms_lognormal():
     n = torch.randn(5, generator=torch.Generator().manual_seed(4)).double()
     got = TF.sample_time(5, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(got.double(), torch.atan(torch.exp(-1.0 + 1.4 * n) / 0.5), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("method", ["sct", "scd"])
+def test_the_scm_methods_wrap_the_net_with_the_configs_levels_and_time_input(method):
+    """wrap() builds the TrigFlowModel from the run's sigma_data / sigma_min / sigma_max and the time input (mutant:
+    sigma_max fixed at EDM's 80 survived every test, all of which ran at 80)."""
+    cfg = dict(_method_cfg(method, sd=0.8, time_input="1000t"), sigma_min=0.01, sigma_max=20.0)
+    model = get_method(method).wrap(TimeNet(), cfg)
+    assert (model.sigma_data, model.sigma_min, model.sigma_max, model.time_input) == (0.8, 0.01, 20.0, "1000t")
+
+
+@pytest.mark.parametrize("order", [3, 4.5, True])
+def test_scm_loss_refuses_another_order_before_any_forward(order):
+    """order is checked on entry, for jvp='exact' too, which never reads it (mutant: without the check an order of
+    3 trained silently with the exact JVP, and the fd path raised only after the online forward)."""
+    calls = []
+    net = TimeNet()
+    net.register_forward_hook(lambda *a: calls.append(1))
+    for jvp in ("exact", "fd"):
+        with pytest.raises(ValueError, match=r"^order: expected 2 or 4 \(points of the central difference\), got "):
+            TF.sct_loss(TF.TrigFlowModel(net), _data(2), jvp=jvp, order=order)
+    assert calls == []
