@@ -309,7 +309,7 @@ def test_fd_jvp_arguments():
                                              rf"\(4, \.\.\.\): each sample on its own, got {got}$"):
             cmfast.fd_jvp(fn, p, p)
     two = lambda a, b: a + 3 * b
-    for method in ("fd", "exact"):      # zip() took the first tangent only: d(a + 3b) along (1, -) came out as 1
+    for method in ("fd", "exact"):      # fd called fn with the first input alone (a TypeError from inside fn)
         with pytest.raises(ValueError, match=r"^fd_jvp: expected as many tangents as primals \(>= 1\), got 2 and "
                                              r"1$"):
             cmfast.fd_jvp(two, (p, p), (torch.ones_like(p),), method=method)
