@@ -315,7 +315,7 @@ def test_fd_jvp_arguments():
             cmfast.fd_jvp(two, (p, p), (torch.ones_like(p),), method=method)
         with pytest.raises(ValueError, match=r"^fd_jvp: primal 1: expected batch 2 like primal 0, got 3$"):
             cmfast.fd_jvp(lambda a, b: a.sum(1) + b.sum(1)[:2], (p, torch.ones(3, 3)), (p, torch.ones(3, 3)),
-                          method=method)    # fd: a batch-3 primal's +-h blocks split at 2: a wrong JVP, no error
+                          method=method)    # was torch's 'The size of tensor a (2) must match ...'
     out, jvp = cmfast.fd_jvp(double, p, torch.ones_like(p))
     torch.testing.assert_close(jvp, torch.full_like(p, 2.0))
 
