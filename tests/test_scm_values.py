@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import cmfast
 from cmfast import trigflow as TF
@@ -242,3 +243,19 @@ def test_scm_loss_refuses_another_order_before_any_forward(order):
         with pytest.raises(ValueError, match=r"^order: expected 2 or 4 \(points of the central difference\), got "):
             TF.sct_loss(TF.TrigFlowModel(net), _data(2), jvp=jvp, order=order)
     assert calls == []
+
+
+@pytest.mark.parametrize("drop, dims", [(F.dropout1d, 1), (F.dropout2d, 2), (F.dropout3d, 3)])
+def test_dropout_masks_keep_channel_dropouts_per_channel(drop, dims):
+    """dropout1d / 2d / 3d inside the shared-mask mode drop whole channels, as outside it: the mask, drawn by the same
+    function, is one value per (sample, channel), 0 or 1 / (1 - p), tiled over the repeat blocks (mutant: every mask
+    drawn by F.dropout, element by element)."""
+    from cmfast.jvp import dropout_masks
+    x = torch.ones(4, 32, *[3] * dims)
+    rec = []
+    with dropout_masks(2, record=rec):
+        y = drop(x, 0.5, True)
+    flat = y.flatten(2)
+    assert torch.equal(flat, flat[:, :, :1].expand_as(flat))       # constant over each channel's positions
+    assert set(flat.unique().tolist()) == {0.0, 2.0} and torch.equal(y[:2], y[2:])
+    assert len(rec) == 1 and torch.equal(rec[0], y[:2])
