@@ -18,7 +18,10 @@ _fail = functools.partial(_common.fail, PROG)
 
 
 def _positive(s):
-    v = int(s)
+    try:
+        v = int(s)
+    except ValueError:      # argparse would name this function: "invalid _positive value"
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
     return v

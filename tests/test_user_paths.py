@@ -1,0 +1,72 @@
+"""What a new user gets wrong on the README's paths (found by walking the README as a first-time user): each is one
+clear line, raised before the work it would otherwise throw away."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from cmfast.cli import _common
+from cmfast.cli.edit import main as edit_main
+from cmfast.cli.eval import main as eval_main
+from cmfast.cli.sample import main as sample_main
+
+PROC = "/proc"      # a folder os.access calls writable for root, where no file can be made
+needs_proc = pytest.mark.skipif(not os.path.isdir(PROC), reason="no /proc here")
+
+
+def fails(capsys, main, argv, prog):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert err.startswith(f"{prog}: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# ---- an output path in a folder that takes no file, checked before the work -------------------------------------
+@needs_proc
+def test_sample_refuses_an_output_under_proc_before_sampling(capsys, monkeypatch):
+    # before: os.access passed for root, the samples were drawn, then "[Errno 2] cannot write /proc/x.npz" lost them
+    import cmfast.cli.sample as S
+    monkeypatch.setattr(S, "generate", lambda *a, **k: pytest.fail("sampled before the output was checked"))
+    err = fails(capsys, sample_main, ["--pretrained", "fmnist", "--num", "2", "--npz", f"{PROC}/cmfast-x.npz"],
+                "cmfast-sample")
+    assert err == f"cmfast-sample: error: --npz {PROC}/cmfast-x.npz: folder {PROC} is not writable" + \
+        (" (No such file or directory)" if os.geteuid() == 0 else "")
+    err = fails(capsys, sample_main, ["--pretrained", "fmnist", "--num", "2", "--out", f"{PROC}/new/g.png"],
+                "cmfast-sample")
+    assert f"--out {PROC}/new/g.png: folder {PROC} is not writable" in err
+
+
+@needs_proc
+def test_edit_and_eval_refuse_an_output_under_proc_before_loading(capsys, monkeypatch):
+    import cmfast.cli.edit as E
+    import cmfast.pretrained as P
+    monkeypatch.setattr(E, "load", lambda *a, **k: pytest.fail("loaded the model before the output was checked"))
+    monkeypatch.setattr(P, "load_pretrained", lambda *a, **k: pytest.fail("loaded before the output was checked"))
+    err = fails(capsys, edit_main, ["denoise", "--pretrained", "fmnist", "--input", "x.png", "--out",
+                                    f"{PROC}/edited"], "cmfast-edit")
+    # the folder the user named, not the file name the check made up inside it ("/proc/edited/x")
+    assert f"--out {PROC}/edited: folder {PROC} is not writable" in err, err
+    err = fails(capsys, eval_main, ["--pretrained", "fmnist", "--metric", "fd-fmnist", "--num", "2", "--out",
+                                    f"{PROC}/fd.json"], "cmfast-eval")
+    assert f"--out {PROC}/fd.json: folder {PROC} is not writable" in err, err
+
+
+def test_the_output_check_leaves_no_file_behind(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    _common.check_output(str(tmp_path / "g.png"), "--out", (".png",))
+    _common.check_output_dir(str(tmp_path / "edited"), "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "x").mkdir()     # a subfolder named like the check's made-up file is no error
+    _common.check_output_dir(str(tmp_path / "edited"), "--out")
+
+
+def test_eval_names_its_own_flag_for_a_non_integer(capsys):
+    # before: "argument --num: invalid _positive value: 'nan'" (argparse printed the parser function's name)
+    for flag in ("--num", "--steps", "--batch-size"):
+        err = fails(capsys, eval_main, ["--pretrained", "fmnist", "--metric", "fd-fmnist", flag, "nan"],
+                    "cmfast-eval")
+        assert err == f"cmfast-eval: error: argument {flag}: expected an integer >= 1, got 'nan'"
