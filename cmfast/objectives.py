@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .precond import check_images
 from .schedules import karras_sigmas, sample_level_indices
 
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")
@@ -78,6 +79,7 @@ def edm_loss(denoiser: nn.Module, x: torch.Tensor, generator=None, p_mean: float
              class_labels=None) -> torch.Tensor:
     """lambda(sigma) ||D(x + sigma n, sigma) - x||^2 (mean over pixels), ln sigma ~ N(P_mean, P_std^2),
     lambda = (sigma^2 + sd^2) / (sigma sd)^2."""
+    check_images(x)
     B = x.shape[0]
     sigma = (torch.randn(B, generator=generator, device=x.device) * p_std + p_mean).exp()
     sd = denoiser.sigma_data
@@ -116,6 +118,7 @@ def draw_pair(x: torch.Tensor, sigmas: torch.Tensor, generator=None, distributio
               p_mean: float = -1.1, p_std: float = 2.0) -> Pair:
     """n ~ p(n), z ~ N(0, I); x_{t_{n+1}} = x + t_{n+1} z; x_hat_{t_n} = the teacher's ODE step (CD) or
     x + t_n z (CT: the Euler step with the x estimator, CM Alg. 3)."""
+    check_images(x)
     idx = sample_level_indices(sigmas, x.shape[0], distribution, generator, p_mean, p_std, device=x.device)
     s = sigmas.to(device=x.device, dtype=torch.float32)
     t_lo, t_hi = s[idx], s[idx + 1]

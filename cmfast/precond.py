@@ -65,16 +65,22 @@ def under_torch_func() -> bool:
     return torch._C._functorch.maybe_current_level() is not None
 
 
+def check_images(x: torch.Tensor, what: str = "x") -> None:
+    """A non-empty floating-point batch (B, C, ...): the models' input, and the losses' data before they draw noise
+    like it."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what}: expected a torch.Tensor (B, C, ...), got {type(x).__module__}.{type(x).__name__}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"{what}: expected a non-empty batch tensor (B, C, ...), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():   # uint8 pixels (0..255) would run as if they were [-1, 1] values
+        raise TypeError(f"{what}: expected a floating-point tensor (images in [-1, 1]), got {x.dtype}")
+
+
 def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what: str = "sigma") -> torch.Tensor:
     """sigma as an fp32 (B,) vector on x's device; a clear error when it is non-finite or outside [lo, hi].
     One host sync for the check (none while compiling or capturing a CUDA graph, and not checked under a torch.func
     transform, whose vmap refuses a value-dependent branch)."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x: expected a torch.Tensor (B, C, ...), got {type(x).__module__}.{type(x).__name__}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x: expected a non-empty batch tensor (B, C, ...), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():   # uint8 pixels (0..255) would run as if they were [-1, 1] values
-        raise TypeError(f"x: expected a floating-point tensor (images in [-1, 1]), got {x.dtype}")
+    check_images(x)
     s = sigma_vector(sigma, x, what)
     if torch.compiler.is_compiling() or under_torch_func() or (s.is_cuda and torch.cuda.is_current_stream_capturing()):
         return s

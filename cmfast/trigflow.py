@@ -25,7 +25,7 @@ from . import ops
 from .jvp import (DEFAULT_EPS, DEFAULT_FLOOR, DEFAULT_ORDER, DEFAULT_PRECISION, check_order, dropout_masks, exact_jvp,
                   fd_pair, fd_step, fp64_call)
 from .nets.layers import FourierEmbedding
-from .precond import backbone_input, check_sigma
+from .precond import backbone_input, check_images, check_sigma
 
 
 TIME_INPUTS = ("t", "1000t", "edm")
@@ -169,6 +169,7 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
         raise ValueError(f"jvp: expected 'fd' or 'exact', got {jvp!r}")
     check_prior_weighting(prior_weighting)
     order = check_order(order)
+    check_images(x0, "x0")      # .float() below would train on uint8 pixels as if they were [-1, 1] values
     B, sd = x0.shape[0], model.sigma_data
     x0 = x0.float()
     t = sample_time(B, sd, p_mean, p_std, generator, x0.device)

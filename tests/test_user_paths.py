@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+import cmfast
+from cmfast import objectives, trigflow
 from cmfast.cli import _common
 from cmfast.cli.edit import main as edit_main
 from cmfast.cli.eval import main as eval_main
@@ -70,3 +74,29 @@ def test_eval_names_its_own_flag_for_a_non_integer(capsys):
         err = fails(capsys, eval_main, ["--pretrained", "fmnist", "--metric", "fd-fmnist", flag, "nan"],
                     "cmfast-eval")
         assert err == f"cmfast-eval: error: argument {flag}: expected an integer >= 1, got 'nan'"
+
+
+# ---- the losses given integer images (a uint8 batch straight from a dataset) -------------------------------------
+def _net():
+    torch.manual_seed(0)
+    return cmfast.UNet.from_preset("tiny", img_resolution=8, attn_resolutions=[])
+
+
+@pytest.mark.parametrize("name", ["edm", "cd", "ct", "ict", "sct", "scd"])
+def test_losses_refuse_integer_images(name):
+    # before: edm / cd / ct / ict raised NotImplementedError '"normal_kernel_cpu" not implemented for 'Byte'';
+    # sct / scd ran, training on pixels 0..255 as if they were [-1, 1] values
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    cm, teacher, trig = cmfast.ConsistencyModel(_net()), cmfast.EDMDenoiser(_net()), trigflow.TrigFlowModel(_net())
+    call = {"edm": lambda x: objectives.edm_loss(teacher, x),
+            "cd": lambda x: objectives.cd_loss(cm, cm, teacher, x, num_scales=4, loss="l2"),
+            "ct": lambda x: objectives.ct_loss(cm, cm, x, 4, loss="l2"),
+            "ict": lambda x: objectives.ict_loss(cm, x, 4),
+            "sct": lambda x: trigflow.sct_loss(trig, x),
+            "scd": lambda x: trigflow.scd_loss(trig, x, teacher)}[name]
+    what = "x0" if name in ("sct", "scd") else "x"
+    with pytest.raises(TypeError, match=rf"^{what}: expected a floating-point tensor \(images in \[-1, 1\]\), "
+                                        r"got torch.uint8$"):
+        call(x)
+    loss = call(x.float() / 127.5 - 1)      # the same images in [-1, 1] run
+    assert loss.shape == (2,) and bool(torch.isfinite(loss).all())
