@@ -801,7 +801,11 @@ def load_samples(path):
     except FileNotFoundError:
         raise ValueError(f"{path}: samples not found") from None
     except (OSError, EOFError, ValueError, KeyError, AttributeError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a samples .npz ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if "allow_pickle" in str(e):    # numpy's last guess, a pickle, and its advice to load it unsafely: neither fits
+            why = ("one image, not a samples file: give the folder of images" if os.path.splitext(str(path))[1].lower()
+                   in (".png", ".jpg", ".jpeg") else "neither an .npz nor an .npy file")
+        raise ValueError(f"{path}: not a samples .npz ({why}); "
                          f"expected uint8 images (N, H, W, C) as arr_0, as cmfast-sample --npz writes") from None
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3) or not len(arr):
         raise ValueError(f"{path}: expected uint8 images (N, H, W, C) with C 1 or 3 as arr_0, got {arr.dtype} "

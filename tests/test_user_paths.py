@@ -100,3 +100,17 @@ def test_losses_refuse_integer_images(name):
         call(x)
     loss = call(x.float() / 127.5 - 1)      # the same images in [-1, 1] run
     assert loss.shape == (2,) and bool(torch.isfinite(loss).all())
+
+
+def test_samples_that_are_not_an_array_file_say_so(tmp_path):
+    # before: numpy's pickle fallback: "This file contains pickled (object) data. If you trust the file you can load
+    # it unsafely using the `allow_pickle=` keyword argument" for a PNG or a text file
+    from cmfast import metrics
+    (tmp_path / "one.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    (tmp_path / "notes.txt").write_text("hello\n")
+    for name, why in (("one.png", "one image, not a samples file: give the folder of images"),
+                      ("notes.txt", "neither an .npz nor an .npy file")):
+        with pytest.raises(ValueError) as e:
+            metrics.load_samples(str(tmp_path / name))
+        assert str(e.value) == (f"{tmp_path / name}: not a samples .npz ({why}); expected uint8 images (N, H, W, C) "
+                                "as arr_0, as cmfast-sample --npz writes")
