@@ -61,7 +61,7 @@ def test_a_resume_on_two_ranks_trims_stats_jsonl_on_rank_0_alone(tmp_path):
     first, second = stats.read_text().splitlines()
     assert [json.loads(first)["step"], json.loads(second)["step"]] == [1, 2]
     stats.write_text(first + "\n" + second + "\n" + json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 4, "lo')
-    _spawn(_resume_rank, _free_port(), str(tmp_path), timeout=120)
+    _spawn(_resume_rank, _free_port(), str(tmp_path))
     t0, t1 = (json.loads((tmp_path / f"touched{r}.json").read_text()) for r in (0, 1))
     assert t1 == []
     assert t0[:2] == [["open", "r"], ["atomic_write", first + "\n"]]      # the trim: read, then step 1's row alone
