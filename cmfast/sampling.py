@@ -305,8 +305,10 @@ def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | No
         raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
     if not edm and not sigmas:
         raise ValueError("sigmas: a consistency model needs its noise levels (e.g. (80.0,) for one step)")
-    if num < 1 or batch_size < 1:
-        raise ValueError(f"num and batch_size: expected positive ints, got {num} and {batch_size}")
+    if as_integer(num) is None or as_integer(batch_size) is None or num < 1 or batch_size < 1:
+        # a float (num=5e4) was "TypeError: 'float' object cannot be interpreted as an integer", from range()
+        raise ValueError(f"num and batch_size: expected positive ints, got {num!r} and {batch_size!r}")
+    num, batch_size = as_integer(num), as_integer(batch_size)
     net = getattr(model, "net", None)
     shape = shape or (net.in_channels, net.img_resolution, net.img_resolution)
     label_dim = int(getattr(getattr(net, "_orig_mod", net), "label_dim", 0) or 0)

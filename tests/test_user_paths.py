@@ -114,3 +114,20 @@ def test_samples_that_are_not_an_array_file_say_so(tmp_path):
             metrics.load_samples(str(tmp_path / name))
         assert str(e.value) == (f"{tmp_path / name}: not a samples .npz ({why}); expected uint8 images (N, H, W, C) "
                                 "as arr_0, as cmfast-sample --npz writes")
+
+
+def test_generate_batches_names_a_float_count():
+    # before: num=5e4 (a float, as a config file or 5e4 writes it) was "TypeError: 'float' object cannot be
+    # interpreted as an integer" from deep inside, naming neither argument
+    import numpy as np
+    from cmfast.sampling import generate_batches
+    model = cmfast.ConsistencyModel(_net()).eval()
+    for num, bs in ((5e4, 4), (2.5, 4), (2, 4.0)):
+        with pytest.raises(ValueError, match=rf"^num and batch_size: expected positive ints, got {num!r} and {bs!r}$"):
+            list(generate_batches(model, num, sigmas=(80.0,), batch_size=bs, engine="eager"))
+    with torch.no_grad():
+        got = [x for _, x in generate_batches(model, np.int64(3), sigmas=(80.0,), batch_size=np.int64(2),
+                                                engine="eager")]
+        want = [x for _, x in generate_batches(model, 3, sigmas=(80.0,), batch_size=2, engine="eager")]
+    assert [tuple(x.shape) for x in got] == [(2, 3, 8, 8), (1, 3, 8, 8)]
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=0, atol=0)
