@@ -131,3 +131,31 @@ def test_generate_batches_names_a_float_count():
         want = [x for _, x in generate_batches(model, 3, sigmas=(80.0,), batch_size=2, engine="eager")]
     assert [tuple(x.shape) for x in got] == [(2, 3, 8, 8), (1, 3, 8, 8)]
     torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=0, atol=0)
+
+
+def test_edit_takes_a_class_by_name_as_sample_does(tmp_path, monkeypatch, capsys):
+    # before: cmfast-sample --class dogs worked (README), cmfast-edit --class dogs was "expected int, got 'dogs'"
+    import numpy as np
+    from PIL import Image
+    import cmfast.cli.edit as E
+    torch.manual_seed(0)
+    net = cmfast.UNet.from_preset("tiny", img_resolution=8, attn_resolutions=[], label_dim=2)
+    with torch.no_grad():       # the label's effect not ~0 at init: a visible difference between classes
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model = cmfast.ConsistencyModel(net).eval()
+    meta = {"config": {"method": "ict", "classes": ["cats", "dogs"]}}
+    monkeypatch.setattr(E, "load", lambda args, device: (model, meta))
+    (tmp_path / "in").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in" / "a.png")
+    out = {}
+    for cls in ("dogs", "1", "0"):
+        assert E.main(["denoise", "--checkpoint", "x", "--input", str(tmp_path / "in"), "--out",
+                       str(tmp_path / cls), "--class", cls]) == 0
+        out[cls] = np.asarray(Image.open(tmp_path / cls / "a_denoise.png"))
+    np.testing.assert_array_equal(out["dogs"], out["1"])          # dogs is label 1 of (cats, dogs)
+    assert np.abs(out["dogs"].astype(int) - out["0"]).max() > 0   # and the label reaches the network
+    err = fails(capsys, E.main, ["denoise", "--checkpoint", "x", "--input", str(tmp_path / "in"), "--out",
+                                 str(tmp_path / "o"), "--class", "owls"], "cmfast-edit")
+    assert err == "cmfast-edit: error: --class owls: not a class of this model (cats, dogs)"

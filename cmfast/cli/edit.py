@@ -12,6 +12,7 @@ import os
 import sys
 
 from . import _common
+from .sample import _class_arg, _class_by_name
 
 PROG = "cmfast-edit"
 TASKS = ("inpaint", "colorize", "super-resolve", "stroke", "interpolate", "denoise")
@@ -56,8 +57,9 @@ def build_parser():
     g.add_argument("--pairs", type=_positive, default=4, help="interpolate: number of noise pairs (rows)")
     g.add_argument("--alphas", type=_positive, default=9, help="interpolate: points from 0 to 1 (columns)")
     g.add_argument("--seed", type=_common.ranged(int, 0), default=0, help="seed of the noise the edit draws")
-    g.add_argument("--class", dest="class_label", type=_common.ranged(int, 0), default=None,
-                   help="the class label of a class-conditional model (every image)")
+    g.add_argument("--class", dest="class_label", type=_class_arg, default=None,
+                   help="the class label of a class-conditional model (every image), or the class's name for a run "
+                        "trained on class subfolders, as cmfast-sample's")
     p = ap.add_argument_group("performance")
     p.add_argument("--batch-size", type=_positive, default=64, help="images edited at once")
     _common.add_device(p)
@@ -180,7 +182,9 @@ def main(argv=None):
     try:
         _common.check_output_dir(args.out, "--out")
         device = _common.pick_device(args.device)
-        model, _ = load(args, device)
+        model, meta = load(args, device)
+        if isinstance(args.class_label, str):       # --class dogs, as cmfast-sample takes it
+            args.class_label = _class_by_name(args.class_label, meta)
         from ..precond import EDMDenoiser
         if isinstance(model, EDMDenoiser) and args.task != "denoise":
             raise ValueError("an EDM teacher is a denoiser, not a consistency model: Algorithm 4 edits with a "
