@@ -13,19 +13,15 @@ from cmfast.cli import _common
 from cmfast.cli.edit import main as edit_main
 from cmfast.cli.eval import main as eval_main
 from cmfast.cli.sample import main as sample_main
+from test_train_cli import fails as train_cli_fails
 
 PROC = "/proc"      # a folder os.access calls writable for root, where no file can be made
 needs_proc = pytest.mark.skipif(not os.path.isdir(PROC), reason="no /proc here")
 
 
 def fails(capsys, main, argv, prog):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2, err
-    assert err.startswith(f"{prog}: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
+    """The command's one error line (exit 2, no traceback); the tests compare all of it."""
+    return train_cli_fails(capsys, argv, "", main=main, prog=prog)
 
 
 # ---- an output path in a folder that takes no file, checked before the work -------------------------------------
