@@ -305,10 +305,11 @@ def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | No
         raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
     if not edm and not sigmas:
         raise ValueError("sigmas: a consistency model needs its noise levels (e.g. (80.0,) for one step)")
-    if as_integer(num) is None or as_integer(batch_size) is None or num < 1 or batch_size < 1:
+    n, b = as_integer(num), as_integer(batch_size)
+    if n is None or b is None or n < 1 or b < 1:
         # a float (num=5e4) was "TypeError: 'float' object cannot be interpreted as an integer", from range()
         raise ValueError(f"num and batch_size: expected positive ints, got {num!r} and {batch_size!r}")
-    num, batch_size = as_integer(num), as_integer(batch_size)
+    num, batch_size = n, b
     net = getattr(model, "net", None)
     shape = shape or (net.in_channels, net.img_resolution, net.img_resolution)
     label_dim = int(getattr(getattr(net, "_orig_mod", net), "label_dim", 0) or 0)
