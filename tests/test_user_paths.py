@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,9 +103,14 @@ def test_samples_that_are_not_an_array_file_say_so(tmp_path):
     # before: numpy's pickle fallback: "This file contains pickled (object) data. If you trust the file you can load
     # it unsafely using the `allow_pickle=` keyword argument" for a PNG or a text file
     from cmfast import metrics
+    from PIL import Image
     (tmp_path / "one.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
     (tmp_path / "notes.txt").write_text("hello\n")
-    for name, why in (("one.png", "one image, not a samples file: give the folder of images"),
+    image = "one image, not a samples file: give the folder of images"
+    for name in ("one.jpg", "one.JPEG", "ONE.PNG"):     # real images, the extension in any spelling
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / name,
+                                                                  format="PNG" if name.endswith("PNG") else "JPEG")
+    for name, why in (("one.png", image), ("one.jpg", image), ("one.JPEG", image), ("ONE.PNG", image),
                       ("notes.txt", "neither an .npz nor an .npy file")):
         with pytest.raises(ValueError) as e:
             metrics.load_samples(str(tmp_path / name))
@@ -115,12 +121,13 @@ def test_samples_that_are_not_an_array_file_say_so(tmp_path):
 def test_generate_batches_names_a_float_count():
     # before: num=5e4 (a float, as a config file or 5e4 writes it) was "TypeError: 'float' object cannot be
     # interpreted as an integer" from deep inside, naming neither argument
-    import numpy as np
     from cmfast.sampling import generate_batches
     model = cmfast.ConsistencyModel(_net()).eval()
-    for num, bs in ((5e4, 4), (2.5, 4), (2, 4.0)):
-        with pytest.raises(ValueError, match=rf"^num and batch_size: expected positive ints, got {num!r} and {bs!r}$"):
+    # 0 / -1 / 0: no empty output, or range()'s 'arg 3 must not be zero'; '8': the count shown as the string it is
+    for num, bs in ((5e4, 4), (2.5, 4), (2, 4.0), (0, 4), (-1, 4), (3, 0), ("8", 4)):
+        with pytest.raises(ValueError) as e:
             list(generate_batches(model, num, sigmas=(80.0,), batch_size=bs, engine="eager"))
+        assert str(e.value) == f"num and batch_size: expected positive ints, got {num!r} and {bs!r}"
     with torch.no_grad():
         got = [x for _, x in generate_batches(model, np.int64(3), sigmas=(80.0,), batch_size=np.int64(2),
                                                 engine="eager")]

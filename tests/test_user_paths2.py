@@ -80,27 +80,3 @@ def test_losses_refuse_a_non_tensor_and_a_non_batch():
             objectives.edm_loss(teacher, bad)
         with pytest.raises(ValueError, match=r"^x0: expected a non-empty batch tensor"):
             trigflow.sct_loss(trig, bad)
-
-
-# ---- metrics.load_samples: an image given as samples --------------------------------------------------------------
-@pytest.mark.parametrize("name", ["one.jpg", "one.JPEG", "ONE.PNG"])
-def test_samples_given_one_image_of_any_spelling(tmp_path, name):
-    from PIL import Image
-    from cmfast import metrics
-    fmt = "PNG" if name.lower().endswith(".png") else "JPEG"
-    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / name, format=fmt)
-    with pytest.raises(ValueError) as e:
-        metrics.load_samples(str(tmp_path / name))
-    assert str(e.value) == (f"{tmp_path / name}: not a samples .npz (one image, not a samples file: give the folder "
-                            "of images); expected uint8 images (N, H, W, C) as arr_0, as cmfast-sample --npz writes")
-
-
-# ---- sampling.generate_batches' counts ------------------------------------------------------------------------------
-def test_generate_batches_counts():
-    from cmfast.sampling import generate_batches
-    model = cmfast.ConsistencyModel(_net()).eval()
-    for num, bs in ((0, 4), (-1, 4), (3, 0), ("8", 4)):
-        want = f"num and batch_size: expected positive ints, got {num!r} and {bs!r}"
-        with pytest.raises(ValueError) as e:
-            list(generate_batches(model, num, sigmas=(80.0,), batch_size=bs, engine="eager"))
-        assert str(e.value) == want     # 0 / -1 / 0: no empty output or range()'s 'arg 3 must not be zero'
