@@ -632,7 +632,8 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
            ref=None) -> dict:
     """Score `num` images, given as [-1, 1] batches (quantized to 8 bits here), with `metric` -> the result's head:
     metric, value (std, splits for IS), implementation, mode (naming `source`), and the Inception Score (fid) and
-    precision / recall (pr_num) where they apply. ref: given reference statistics (_ref_stats), else the dataset's."""
+    precision / recall (pr_num) where they apply, and the reference read: ref_stats (the given file) and dataset
+    (None where no dataset was read). ref: given reference statistics (_ref_stats), else the dataset's."""
     from ._inception import IS_IMPLEMENTATION, FIDInception, load_fid_inception
     if metric == "is":      # no reference data: the Inception network alone
         extractor, impl, stats = load_fid_inception(_weights_path("is", weights), device), IS_IMPLEMENTATION, None
@@ -650,12 +651,12 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
         stats = FeatureStats(dim)
     ref_feats, ref_name = None, dataset
     if pr_num is not None and ref is not None and ref[4] is not None:     # the reference file's own images
-        with torch.no_grad():
-            ref_feats = np.concatenate([extractor(x.to(device)).float().cpu().numpy()
-                                        for x in _uint8_batches(ref[4], 250)])
+        with torch.no_grad():       # kept on the device, where precision / recall are computed
+            ref_feats = torch.cat([extractor(x.to(device)).float() for x in _uint8_batches(ref[4], 250)])
         ref_name = os.path.basename(ref[3])
     elif pr_num is not None:
-        ref_feats = reference_features(metric, dataset, data_dir, pr_num, device=device, weights=weights)
+        ref_feats = torch.from_numpy(reference_features(metric, dataset, data_dir, pr_num, device=device,
+                                                        weights=weights)).to(device)
     if ref_feats is not None and len(ref_feats) <= pr_k:    # a tiny folder: said before the samples are made
         raise ValueError(f"pr_num: precision / recall need more than k={pr_k} reference images; {ref_name} has "
                          f"{len(ref_feats)}")
@@ -681,16 +682,19 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
     if metric == "is":
         value, std = is_stats.result()
         return {"metric": "IS", "value": value, "std": std, "splits": splits, "implementation": impl,
-                "mode": f"{num} samples (8-bit), {splits} splits; {source}"}
+                "mode": f"{num} samples (8-bit), {splits} splits; {source}", "dataset": None}
     head = {"metric": "FD-FMNIST" if metric == "fd-fmnist" else "FID",
             "value": frechet_distance(stats.mean, stats.cov, mu_ref, s_ref), "implementation": impl,
-            "mode": f"{num} samples (8-bit) vs {against}; {source}"}
+            "mode": f"{num} samples (8-bit) vs {against}; {source}",
+            **({"ref_stats": ref[3]} if ref else {}),
+            # the dataset where it was read: for the statistics, or for precision / recall beside given statistics
+            "dataset": dataset if ref is None or (pr_num is not None and ref[4] is None) else None}
     if is_stats is not None:
         m, sd = is_stats.result()
         head["inception_score"] = {"mean": m, "std": sd, "splits": splits, "implementation": IS_IMPLEMENTATION}
     if pr_num is not None:
         fake = torch.cat(fake_feats)[:pr_num]
-        head["precision"], head["recall"] = precision_recall(torch.from_numpy(ref_feats).to(device), fake, k=pr_k)
+        head["precision"], head["recall"] = precision_recall(ref_feats, fake, k=pr_k)
         head["precision_recall"] = {"k": pr_k, "samples": len(fake), "reference": len(ref_feats),
                                     "method": "Kynkaanniemi et al. 2019, k-NN manifolds in the metric's features"}
     return head
@@ -768,12 +772,9 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
         head = _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, pr_num, pr_k, sampler, ref)
     finally:
         model.to(home)
-    dataset = None if metric == "is" or (ref and (pr_num is None or ref[4] is not None)) else dataset
-    if ref:
-        head["ref_stats"] = ref[3]
     return {**head,
             "steps": steps, "sigmas": list(sigmas) if sigmas else None, "num": num, "seed": seed,
-            "batch_size": batch_size, "dataset": dataset, "device": str(device), "engine": engine,
+            "batch_size": batch_size, "device": str(device), "engine": engine,
             "dtype": str(dtype).removeprefix("torch."),
             "seconds": round(time.time() - t0, 2)}
 
@@ -853,7 +854,5 @@ def score_samples(samples, metric, num=None, dataset=None, batch_size=250, devic
     batches = _uint8_batches(arr[:n], b)
     head = _score(_progress(batches, math.ceil(n / b), metric, progress), metric, n, dataset, device, data_dir,
                   weights, is_splits, pr_num, pr_k, f"from {label or source or 'an array'}", ref)
-    return {**head, **({"ref_stats": ref[3]} if ref else {}), "num": n,
-            "dataset": None if metric == "is" or (ref and (pr_num is None or ref[4] is not None)) else dataset,
-            "device": str(device),
-            "samples": label or source, "seconds": round(time.time() - t0, 2)}
+    return {**head, "num": n, "device": str(device), "samples": label or source,
+            "seconds": round(time.time() - t0, 2)}
