@@ -127,7 +127,13 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 16.0):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        # empty + normal_ + mul_ draws what randn(n) * scale drew. On the meta device (load_model's shape check)
+        # nothing is drawn: a random op or a product there runs through torch's Python references, which import
+        # torch._dynamo (+1.1 s for every load of an sCT / sCD checkpoint, whose adaptive-weight head has one).
+        freqs = torch.empty(num_channels // 2)
+        if freqs.device.type != "meta":
+            freqs.normal_().mul_(scale)
+        self.register_buffer("freqs", freqs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
