@@ -265,29 +265,44 @@ def search_two_step(model, prof: dict, data_dir: str | None, device) -> dict:
             "seconds": round(search_s, 2), "eval": ev}
 
 
+TRIGFLOW_METHODS = ("sct", "scd")     # TrigFlow models: not the ConsistencyModel that load_pretrained(NAME) promises
+
+
 def export_best(doc: dict, a, results: str) -> None:
-    """Export the consistency model (not the teacher) whose 1-step FD-FMNIST is lowest; recorded in the JSON."""
-    import export_pretrained
+    """Export the consistency model (not the teacher) whose 1-step FD-FMNIST is lowest as --export NAME, among the
+    skip-parameterized ones (cd, ct, ict: cmfast.load_pretrained(NAME) is a ConsistencyModel, which the CUDA-graph
+    sampler takes); where a TrigFlow model (sct) scored lower still, it is exported as well, as NAME-sct. Each is
+    recorded in the JSON: doc["export"], and doc["export_trigflow"] for the second."""
     scored = [(r["evals"][0]["value"], m) for m, r in doc["runs"].items()
               if m != "edm" and "error" not in r and r.get("evals")]
-    if not scored:
-        doc["export"] = {"error": "no consistency model finished"}
+    skip = [s for s in scored if s[1] not in TRIGFLOW_METHODS]
+    if not skip:
+        doc["export"] = {"error": "no consistency model finished" if not scored else
+                         "no skip-parameterized consistency model (cd, ct, ict) finished"}
     else:
+        doc["export"] = _export(doc, a, *min(skip), a.export)
+    if scored and min(scored)[1] in TRIGFLOW_METHODS and (not skip or min(scored) < min(skip)):
         fd, m = min(scored)
-        r = doc["runs"][m]
-        argv = ["--checkpoint", r["run_dir"], "--name", a.export, "--num", str(PROFILES[a.profile]["num"]),
-                "--train-command", r["command"], "--device-note",
-                f"{doc['device']}, {r['train_s'] / 60:.1f} min of training, {r['images_seen']} images",
-                "--note", f"best 1-step FD-FMNIST of the reference runs ({a.profile} profile): {m}"]
-        searched = r.get("sigma_search", {}).get("sigmas")
-        if searched:   # the card also scores the 2-step levels the reference run's search found for this model
-            argv += ["--searched-sigmas", ",".join(repr(float(v)) for v in searched)]
-        argv += ["--out-dir", a.export_dir] if a.export_dir else []
-        argv += ["--device", a.device] if a.device else []
-        argv += ["--data-dir", a.data_dir] if a.data_dir else []
-        rc = export_pretrained.main(argv)
-        doc["export"] = {"name": a.export, "method": m, "fd_1step": fd, "rc": rc}
+        doc["export_trigflow"] = _export(doc, a, fd, m, f"{a.export}-{m}")
     write(doc, results)
+
+
+def _export(doc: dict, a, fd: float, m: str, name: str) -> dict:
+    """scripts/export_pretrained.py of run `m` (1-step FD-FMNIST `fd`) as shipped model `name`."""
+    import export_pretrained
+    r = doc["runs"][m]
+    argv = ["--checkpoint", r["run_dir"], "--name", name, "--num", str(PROFILES[a.profile]["num"]),
+            "--train-command", r["command"], "--device-note",
+            f"{doc['device']}, {r['train_s'] / 60:.1f} min of training, {r['images_seen']} images",
+            "--note", f"best 1-step FD-FMNIST of the reference runs ({a.profile} profile): {m}"]
+    searched = r.get("sigma_search", {}).get("sigmas")
+    if searched:   # the card also scores the 2-step levels the reference run's search found for this model
+        argv += ["--searched-sigmas", ",".join(repr(float(v)) for v in searched)]
+    argv += ["--out-dir", a.export_dir] if a.export_dir else []
+    argv += ["--device", a.device] if a.device else []
+    argv += ["--data-dir", a.data_dir] if a.data_dir else []
+    rc = export_pretrained.main(argv)
+    return {"name": name, "method": m, "fd_1step": fd, "rc": rc}
 
 
 def parallel_cap(method: str, a, elapsed_s: float) -> float:
@@ -442,8 +457,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--export", metavar="NAME", default=None,
-                    help="export the consistency model with the best 1-step FD-FMNIST as a shipped model NAME "
-                         "(scripts/export_pretrained.py) into --export-dir")
+                    help="export the consistency model (cd, ct or ict) with the best 1-step FD-FMNIST as a shipped "
+                         "model NAME (scripts/export_pretrained.py) into --export-dir, and the sCT model as NAME-sct "
+                         "where it scored better still")
     ap.add_argument("--export-dir", default=None, help="default: the package's assets folder")
     ap.add_argument("--parallel", action="store_true",
                     help="train edm, ct, ict and sct side by side (one process each) and cd after edm, with the caps "
