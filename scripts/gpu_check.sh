@@ -87,7 +87,7 @@ CMFAST_TRITON_AUTOTUNE=0 run pytest-gpu 180 python -m pytest -m gpu -q --maxfail
 
 # 4. The latency gate (about 25 s) before the headline benchmark, which ends when the budget does: run after it,
 #    the gate was skipped whenever the throughput rows used up the budget (the default budgets did).
-run latency-gate 40 python -m pytest benchmarks/test_latency.py -m gpu -q -p no:cacheprovider -o addopts="" \
+run latency-gate 60 python -m pytest benchmarks/test_latency.py -m gpu -q -p no:cacheprovider -o addopts="" \
     --benchmark-enable --benchmark-json="$OUT/latency.json"
 # rc 1: slower than the committed baseline of this device; 2: no latency run to read; 3: no baseline for this device
 # (not gated: commit the one written to OUT)
