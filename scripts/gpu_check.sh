@@ -94,9 +94,10 @@ run latency-gate 60 python -m pytest benchmarks/test_latency.py -m gpu -q -p no:
 run regress 10 python benchmarks/regress.py compare "$OUT/latency.json" --write-baseline "$OUT"
 
 # 5. The headline benchmark (the ceilings, copy bandwidth and bf16 matmul, are measured inside it): batch 1 and 256,
-#    the CT step at 256, eager / cmfast / cmfast-auto rows first, then the torch.compile rows for their budget
-#    (counted from the first compile row). The eager rows took 44 s in the first H200 run and 133 s in the fourth
-#    (kernel tuning on a cold machine, since shortened; the training rows now repeat 5 times). It writes its JSON
+#    the CT step at 256: the sampling rows (eager / cmfast / cmfast-auto, then torch.compile's), then the training
+#    rows (the compiled one last); the compile rows share their budget (the time spent in them). The rows before the
+#    compile rows took 44 s in the first H200 run, 133 s in the fourth and ~170 s in the fifth, with the training
+#    and fmnist-small rows then still before them: that run reached no compile row. It writes its JSON
 #    after every row: a run cut by the budget keeps the rows it measured. (Integer seconds in the budgets.)
 #    --deadline-s: the step's own limit (what is left of the budget) less a margin, so that rows which would run into
 #    it are skipped and the JSON ends complete; cut by the limit's SIGINT it said complete: false, which

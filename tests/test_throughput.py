@@ -73,17 +73,32 @@ def test_kernel_family_names():
     assert fam("gn_fwd_finalize_kernel") == "group_norm"
 
 
-def test_compile_budget_counts_from_the_first_compile_row(monkeypatch):
-    # --budget-s is the compile rows' time: eager rows before them (kernel tuning on a cold GPU machine took 133 s
-    # of the H200's session-4 run) do not use it up; past the first compile row it runs down.
+def test_compile_budget_is_the_compile_rows_time(monkeypatch):
+    # --budget-s is the compile rows' own time: the eager rows before them (kernel tuning on a cold GPU machine took
+    # 133 s of the H200's session-4 run) and the training rows between the sampling and the training compile rows do
+    # not use it up; each compile row's time (its compile, warm-up and timing) does.
     import argparse
     clock = [100.0]
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
-    r = throughput.Runner(argparse.Namespace(budget_s=200.0, quick=True), torch.device("cpu"))
-    clock[0] += 500.0                       # eager rows
-    assert r.left_s() == 200.0              # the first compile row starts the clock
-    clock[0] += 150.0
+    monkeypatch.setattr(throughput.H, "time_ms", lambda fn, device, budget: {"median_ms": 1.0})
+    monkeypatch.setattr(throughput, "dynamo_counts", lambda: {})
+    r = throughput.Runner(argparse.Namespace(budget_s=200.0, quick=True, profile=False), torch.device("cpu"))
+
+    def make(seconds):
+        def fn():
+            clock[0] += seconds / 2          # two calls before the timing: compile, then warm
+        return lambda: fn
+    r.row("sample", "tiny", 1, "eager-bf16", "torch", make(500.0))                  # eager rows
+    assert r.left_s() == 200.0
+    r.row("sample", "tiny", 1, "compile-reduce-overhead", "torch", make(90.0), compile_row=True)
+    assert r.left_s() == 110.0
+    r.row("ict", "tiny", 8, "cmfast", "triton", make(300.0))                        # training rows between
+    assert r.left_s() == 110.0
+    r.row("ict", "tiny", 8, "compile", "torch", make(60.0), compile_row=True)
     assert r.left_s() == 50.0 < throughput.COMPILE_COST_S
+    r.row("ict", "tiny", 16, "compile", "torch", make(60.0), compile_row=True)     # skipped: no time taken
+    assert r.rows[-1]["skipped"].startswith("time budget (--budget-s 200.0") and r.left_s() == 50.0
+    assert [row.get("median_ms") for row in r.rows] == [1.0] * 4 + [None]
     unlimited = throughput.Runner(argparse.Namespace(budget_s=None, quick=True), torch.device("cpu"))
     assert unlimited.left_s() == float("inf")
 
