@@ -245,7 +245,7 @@ def test_compare_main_picks_the_device_baseline_and_its_threshold(tmp_path, monk
     out.mkdir()
     assert regress.main(["compare", str(bench), "--write-baseline", str(out), "--threshold", "0.3"]) == 3
     written = json.loads((out / "baseline-nvidia-h100-80gb-hbm3.json").read_text())
-    assert written == {"device_slug": "nvidia-h100-80gb-hbm3", "medians": {"a": 1.6}, "threshold": 0.3,
+    assert written == {"device_slug": "nvidia-h100-80gb-hbm3", "medians": {"a": 1.6}, "ungated": [], "threshold": 0.3,
                        "date": written["date"]}
 
 
