@@ -22,7 +22,8 @@ SUM_BEGIN, SUM_END = "<!-- summary:begin (benchmarks/make_tables.py) -->", "<!--
 # The summary: the headline rows of named quick runs side by side (the per-run tables show each device's newest).
 SUMMARY_RUNS = (("H100", "nvidia-h100-80gb-hbm3-2026-11-26-quick.json"),
                 ("H200 s3", "nvidia-h200-2026-11-26-quick.json"),
-                ("H200 s4", "nvidia-h200-2026-11-26-s18-quick.json"))
+                ("H200 s4", "nvidia-h200-2026-11-26-s18-quick.json"),
+                ("H200 s5", "nvidia-h200-2026-11-28-s31-quick.json"))
 SUMMARY_ROWS = (("one-step sampling (CUDA graph, Triton kernels)", "sample", 1), ("one-step sampling", "sample", 256),
                 ("iCT training step", "ict", 256))
 
