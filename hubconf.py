@@ -1,6 +1,7 @@
 """torch.hub entry points of cmfast: the shipped model and the networks, from a checkout or a hub download.
 
     model = torch.hub.load("path/to/cmfast", "fmnist", source="local")   # the shipped Fashion-MNIST model, offline
+    sct = torch.hub.load("path/to/cmfast", "fmnist_sct", source="local") # the shipped sCT model (TrigFlow)
     images = cmfast.sample(model, torch.randn(16, 1, 32, 32))             # one network evaluation
     net = torch.hub.load("path/to/cmfast", "unet", preset="ddpmpp-cifar10", source="local")
     model = torch.hub.load("path/to/cmfast", "consistency_model", checkpoint="runs/fm", source="local")
@@ -32,18 +33,30 @@ def _cmfast():
     return cmfast
 
 
-def fmnist(pretrained: bool = True, map_location="cpu"):
-    """The Fashion-MNIST consistency model that ships with cmfast (fmnist-small UNet, 1 x 32 x 32 images in [-1, 1];
-    its card is `model.card`). pretrained=False: the same architecture, untrained."""
+def _shipped(name: str, pretrained: bool, map_location):
+    """A model shipped in cmfast/assets, or (pretrained=False) the same architecture untrained."""
     cmfast = _cmfast()
     if pretrained:
-        return cmfast.load_pretrained("fmnist", map_location=map_location)
+        return cmfast.load_pretrained(name, map_location=map_location)
     import os
     from cmfast.pretrained import ASSETS
     from cmfast.training.checkpoint import _device, build_model, load_weights
     device = _device(map_location)      # one line for 'cuda' without a GPU, not torch's driver error
-    _, meta = load_weights(os.path.join(ASSETS, "fmnist.safetensors"))     # its config: the same architecture
+    _, meta = load_weights(os.path.join(ASSETS, f"{name}.safetensors"))     # its config: the same architecture
     return build_model(meta["config"]).eval().to(device)
+
+
+def fmnist(pretrained: bool = True, map_location="cpu"):
+    """The Fashion-MNIST consistency model that ships with cmfast (fmnist-small UNet, 1 x 32 x 32 images in [-1, 1];
+    its card is `model.card`). pretrained=False: the same architecture, untrained."""
+    return _shipped("fmnist", pretrained, map_location)
+
+
+def fmnist_sct(pretrained: bool = True, map_location="cpu"):
+    """The shipped sCT model (cmfast.load_pretrained('fmnist-sct')): the same net trained with continuous-time
+    consistency training, a TrigFlow model, the best one-step FD-FMNIST of the two (its card: `model.card`).
+    pretrained=False: the same architecture, untrained."""
+    return _shipped("fmnist-sct", pretrained, map_location)
 
 
 def unet(preset: str = "ddpmpp-cifar10", **overrides):

@@ -31,6 +31,15 @@ def test_hub_entry_points_from_the_checkout(tmp_path):
     shutil.copy(os.path.join(ASSETS, "fmnist.safetensors"), ckpt)
     mine = torch.hub.load(str(ROOT), "consistency_model", source="local", checkpoint=str(ckpt))
     assert torch.equal(mine.net.out_conv.weight, shipped.net.out_conv.weight)
+    # fmnist_sct: the shipped sCT model (a TrigFlow model), and its architecture untrained
+    from cmfast.trigflow import TrigFlowModel
+    sct, shipped_sct = torch.hub.load(str(ROOT), "fmnist_sct", source="local"), cmfast.load_pretrained("fmnist-sct")
+    assert isinstance(sct, TrigFlowModel) and sct.card == shipped_sct.card and sct.card["method"] == "sct"
+    assert all(torch.equal(a, b) for a, b in zip(sct.state_dict().values(), shipped_sct.state_dict().values()))
+    fresh = torch.hub.load(str(ROOT), "fmnist_sct", source="local", pretrained=False)
+    assert isinstance(fresh, TrigFlowModel) and not fresh.training
+    assert [t.shape for t in fresh.state_dict().values()] == [t.shape for t in shipped_sct.state_dict().values()]
+    assert not torch.equal(fresh.net.out_conv.weight, shipped_sct.net.out_conv.weight)
 
 
 @pytest.mark.slow
@@ -65,7 +74,7 @@ def test_hub_map_location_reaches_the_load(tmp_path):
     from cmfast.pretrained import ASSETS
     ckpt = tmp_path / "ckpt-00000001.safetensors"
     shutil.copy(os.path.join(ASSETS, "fmnist.safetensors"), ckpt)
-    for name, kw in (("fmnist", {}), ("fmnist", {"pretrained": False}),
-                     ("consistency_model", {"checkpoint": str(ckpt)})):
+    for name, kw in (("fmnist", {}), ("fmnist", {"pretrained": False}), ("fmnist_sct", {}),
+                     ("fmnist_sct", {"pretrained": False}), ("consistency_model", {"checkpoint": str(ckpt)})):
         with pytest.raises(ValueError, match="map_location 'cuda:99'"):
             torch.hub.load(str(ROOT), name, source="local", map_location="cuda:99", **kw)

@@ -35,15 +35,23 @@ def test_load_and_sample_offline():
     assert model.card["steps"] == 703 and model.card["preset"] == "fmnist-small"
 
 
-def test_the_sct_model_loads_and_samples_offline():
-    """fmnist-sct: the best 1-step model of the fifth H200 session's reference set (sCT), a TrigFlow model, beside fmnist (the
-    ConsistencyModel of load_pretrained's contract, which the CUDA-graph sampler takes)."""
+def test_the_sct_model_loads_and_samples_offline(tmp_path, capsys):
+    """fmnist-sct: the best 1-step model of the fifth H200 session's reference set (sCT), a TrigFlow model, beside
+    fmnist (the ConsistencyModel of load_pretrained's contract, which the CUDA-graph sampler takes)."""
+    from cmfast.cli.sample import main as sample_main
     from cmfast.trigflow import TrigFlowModel
     model = cmfast.load_pretrained(SCT)
     assert isinstance(model, TrigFlowModel) and not model.training
     assert model.card["method"] == "sct" and model.card["steps"] == model.card["step"] == 1088
     x = cmfast.sample(model, torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
     assert x.shape == (4, 1, 32, 32) and torch.isfinite(x).all()
+    assert sample_main(["--pretrained", SCT, "--num", "4", "--steps", "2", "--npz", str(tmp_path / "s.npz")]) == 0
+    import numpy as np
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    assert arr.shape == (4, 32, 32, 1) and arr.dtype == np.uint8 and arr.std() > 20
+    with pytest.raises(SystemExit):       # the graphed sampler computes the skip parameterization: refused
+        sample_main(["--pretrained", SCT, "--num", "4", "--engine", "graphed", "--out", str(tmp_path / "g.png")])
+    assert "a TrigFlowModel (sCT / sCD) is not the skip-parameterized model" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST_SYSTEM_DIR), reason="needs the Debian package dataset-fashion-mnist")
