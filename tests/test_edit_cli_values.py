@@ -230,13 +230,13 @@ class _FakeFashion:
 
 
 def test_fashion_mnist_input_takes_the_first_n_of_a_split(stub, tmp_path, monkeypatch, capsys):
-    """--input fashion-mnist[:SPLIT[:N]]: the test split and 8 images by default, N capped at the split's size, and a
-    count below 1 or a fourth field refused."""
+    """--input fashion-mnist[:SPLIT[:N]]: the test split and 8 images by default, up to the whole split; a count
+    above the split's size (it was capped there without a word), below 1, or a fourth field refused."""
     stub(1, 32)
     splits = []
     monkeypatch.setattr("cmfast.data.load_fashion_mnist", lambda split: splits.append(split) or _FakeFashion(12))
     cases = (("fashion-mnist", "test", 8), ("fashion-mnist:train", "train", 8), ("fashion-mnist::3", "test", 3),
-             ("fashion-mnist:train:50", "train", 12))
+             ("fashion-mnist:train:12", "train", 12))
     for k, (spec, split, n) in enumerate(cases):
         out = tmp_path / str(k)
         assert main(["denoise", "--pretrained", "x", "--input", spec, "--out", str(out)]) == 0
@@ -248,7 +248,9 @@ def test_fashion_mnist_input_takes_the_first_n_of_a_split(stub, tmp_path, monkey
         want = cmfast.load_pretrained("x")(_FakeFashion(12).x[2:3] + 0.5 * noise(0, 2, 1, (1, 32, 32), 0), 0.5)
     close(png(tmp_path / "3" / "fmnist-train-00002_denoise.png"), want[0])
     for spec, msg in (("fashion-mnist:test:0", "expected a number of images >= 1 after the split, got '0'"),
-                      ("fashion-mnist:test:2:x", "expected fashion-mnist[:SPLIT[:N]]")):
+                      ("fashion-mnist:test:2:x", "expected fashion-mnist[:SPLIT[:N]]"),
+                      ("fashion-mnist:train:13", "--input fashion-mnist:train:13: the train split has 12 images; "
+                                                 "ask for at most that many")):
         with pytest.raises(SystemExit) as e:
             main(["denoise", "--pretrained", "x", "--input", spec, "--out", str(tmp_path / "bad")])
         assert e.value.code == 2 and msg in capsys.readouterr().err

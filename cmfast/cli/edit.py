@@ -89,7 +89,8 @@ def dataset_input(spec: str, channels: int):
 
     from ..data import load_fashion_mnist
     ds = load_fashion_mnist(split=split)
-    n = min(n, len(ds))
+    if n > len(ds):     # it took the split's first len(ds) without a word: the user asked for images that are not there
+        raise ValueError(f"--input {spec}: the {split} split has {len(ds)} images; ask for at most that many")
     x = ds.batch(torch.arange(n))[0]
     return [f"fmnist-{split}-{i:05d}.png" for i in range(n)], x.expand(-1, channels, -1, -1).contiguous()
 
