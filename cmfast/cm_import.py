@@ -60,7 +60,10 @@ def _load(path: str) -> dict:
     except FileNotFoundError:
         raise CMCheckpointError(f"{path}: not found") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for foreign or truncated files
-        raise CMCheckpointError(f"{path}: unreadable ({type(e).__name__})") from None
+        # torch's own messages do not help here ("KeyError: '101'" for a text file; for a pickle of other objects,
+        # advice to load it unsafely): say what the file is not
+        raise CMCheckpointError(f"{path}: unreadable: not a PyTorch weights file (torch.load with weights_only=True, "
+                                f"which reads the paper's released .pt files, raised {type(e).__name__})") from None
     if not isinstance(sd, dict) or "time_embed.0.weight" not in sd or "input_blocks.0.0.weight" not in sd:
         raise CMCheckpointError(f"{path}: not a state dict of openai/consistency_models' UNetModel "
                                 f"(no time_embed / input_blocks weights)")

@@ -219,7 +219,9 @@ def test_checkpoint_files_and_errors(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     for name, match in (("other.pt", "not a state dict of openai/consistency_models"),
                         ("extra.pt", "unused .*extra.weight"),
-                        ("junk.pt", "unreadable"), ("missing.pt", "not found")):
+                        ("junk.pt", r"junk.pt: unreadable: not a PyTorch weights file \(torch.load with "
+                                    r"weights_only=True, which reads the paper's released .pt files, raised \w+\)$"),
+                        ("missing.pt", "not found")):
         with pytest.raises(cm_import.CMCheckpointError, match=match) as e:
             cm_import.load_cm_checkpoint(str(tmp_path / name), img_resolution=16)
         assert "\n" not in str(e.value) and name in str(e.value)
