@@ -280,21 +280,23 @@ def export_best(doc: dict, a, results: str) -> None:
         doc["export"] = {"error": "no consistency model finished" if not scored else
                          "no skip-parameterized consistency model (cd, ct, ict) finished"}
     else:
-        doc["export"] = _export(doc, a, *min(skip), a.export)
+        among = "" if min(skip) == min(scored) else "' consistency models (cd, ct, ict)"
+        doc["export"] = _export(doc, a, *min(skip), a.export, among)
     if scored and min(scored)[1] in TRIGFLOW_METHODS and (not skip or min(scored) < min(skip)):
         fd, m = min(scored)
         doc["export_trigflow"] = _export(doc, a, fd, m, f"{a.export}-{m}")
     write(doc, results)
 
 
-def _export(doc: dict, a, fd: float, m: str, name: str) -> dict:
-    """scripts/export_pretrained.py of run `m` (1-step FD-FMNIST `fd`) as shipped model `name`."""
+def _export(doc: dict, a, fd: float, m: str, name: str, among: str = "") -> dict:
+    """scripts/export_pretrained.py of run `m` (1-step FD-FMNIST `fd`) as shipped model `name`; `among` narrows the
+    card's note ('best 1-step FD-FMNIST of the reference runs{among} ...')."""
     import export_pretrained
     r = doc["runs"][m]
     argv = ["--checkpoint", r["run_dir"], "--name", name, "--num", str(PROFILES[a.profile]["num"]),
             "--train-command", r["command"], "--device-note",
             f"{doc['device']}, {r['train_s'] / 60:.1f} min of training, {r['images_seen']} images",
-            "--note", f"best 1-step FD-FMNIST of the reference runs ({a.profile} profile): {m}"]
+            "--note", f"best 1-step FD-FMNIST of the reference runs{among} ({a.profile} profile): {m}"]
     searched = r.get("sigma_search", {}).get("sigmas")
     if searched:   # the card also scores the 2-step levels the reference run's search found for this model
         argv += ["--searched-sigmas", ",".join(repr(float(v)) for v in searched)]

@@ -490,8 +490,11 @@ def test_export_ships_a_consistency_model_by_its_name_and_a_better_sct_model_bes
     ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
     calls = []
 
+    notes = []
+
     def main(argv):
         calls.append((argv[argv.index("--name") + 1], argv[argv.index("--note") + 1].rsplit(": ", 1)[1]))
+        notes.append(argv[argv.index("--note") + 1])
         return 0
     monkeypatch.setitem(sys.modules, "export_pretrained", types.SimpleNamespace(main=main))
     runs = {m: {"evals": [{"value": fd}], "run_dir": f"runs/{m}", "command": f"cmfast-train --method {m}",
@@ -501,6 +504,9 @@ def test_export_ships_a_consistency_model_by_its_name_and_a_better_sct_model_bes
     a = types.SimpleNamespace(export="shipped", profile="gpu", export_dir=None, device=None, data_dir=None)
     ref.export_best(doc, a, str(tmp_path / "r.json"))
     assert calls == want
+    runs_note = "best 1-step FD-FMNIST of the reference runs"
+    assert notes == [f"{runs_note}' consistency models (cd, ct, ict) (gpu profile): ict" if n == "shipped" and
+                     "shipped-sct" in dict(want) else f"{runs_note} (gpu profile): {m}" for n, m in want]
     got = [doc[k] for k in ("export", "export_trigflow") if k in doc and "name" in doc[k]]
     assert [(e["name"], e["method"], e["fd_1step"], e["rc"]) for e in got] == [(n, m, fds[m], 0) for n, m in want]
     if "ict" not in fds:
