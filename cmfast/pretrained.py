@@ -26,8 +26,8 @@ def model_card(name: str) -> dict:
 
 
 def load_pretrained(name: str, map_location="cpu"):
-    """A shipped model by name, e.g. cmfast.load_pretrained('fmnist') -> ConsistencyModel in eval mode; its model
-    card is attached as `model.card`."""
+    """A shipped model by name, in eval mode, its model card attached as `model.card`: 'fmnist' -> ConsistencyModel
+    (iCT), 'fmnist-sct' -> cmfast.trigflow.TrigFlowModel (sCT; sampled eagerly, not by the CUDA-graph sampler)."""
     names = available()
     if name not in names:
         raise ValueError(f"no shipped model {name!r}; available: {', '.join(names) if names else 'none yet'}")
