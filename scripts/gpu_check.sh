@@ -16,8 +16,8 @@
 # GPU_CHECK_THROUGHPUT_COMPILE_S=230 (344 s), then ops,sct with 460 / 85 / 800 (426 s). The fourth H200 session (893
 # s with the start): core,ops with 450 / 170 / 0 (pytest-gpu 160 s, throughput 133 s whose compile rows the old
 # whole-run budget skipped, per-op benchmarks cut by the budget), then ops alone with 215 / 0 (93 s, warm machine).
-# (Those budgets predate two changes: the throughput compile budget counts from its first compile row, so the eager
-# rows before it come on top, and the latency gate now runs before throughput, which the budget cuts instead.)
+# (Those budgets predate two changes: the throughput compile budget now counts the compile rows' own time, so the
+# rows before them come on top, and the latency gate runs before throughput, which the budget cuts instead.)
 # The fifth H200 session (799 s of device time with the start): core with GPU_CHECK_BUDGET_S=375,
 # GPU_CHECK_THROUGHPUT_COMPILE_S=150 and GPU_CHECK_PYTEST_SELECT naming the kernel, sampler, sCM, editing and metric
 # test files (347 s; the throughput compile rows were skipped, since reordered), then reference with 475 (376 s).
