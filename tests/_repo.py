@@ -2,6 +2,7 @@
 torch.hub download)."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,3 +20,11 @@ def copy_checkout(dst: Path) -> Path:
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dst / f)
     return dst
+
+
+def load_script(path: Path, name: str):
+    """A script of the repository (scripts/, benchmarks/) loaded by path as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,6 +1,5 @@
 """scripts/reference_runs.py (the Fashion-MNIST reference runs and the shipped model's export) and the README tables
 benchmarks/make_tables.py generates from the results JSON."""
-import importlib.util
 import json
 import os
 import re
@@ -8,16 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from _repo import load_script
 from cmfast.data import FMNIST_SYSTEM_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(path, name)
 
 
 make_tables = _load(ROOT / "benchmarks" / "make_tables.py", "make_tables")

@@ -3,7 +3,6 @@ export (a failed run, export_pretrained's exit status, the searched levels, an s
 order of the ungated rows, throughput's compile budget for a compile row that fails and its run order on CPU, and
 wrapper_overhead's restore after an error and its row labels."""
 import argparse
-import importlib.util
 import json
 import sys
 import types
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _repo import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -20,10 +20,7 @@ import throughput  # noqa: E402
 
 
 def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(path, name)
 
 
 def _export(monkeypatch, tmp_path, runs, rc=None, **a_kw):

@@ -1,11 +1,11 @@
 """benchmarks/wrapper_overhead.py: the cuda and triton GroupNorm wrappers timed on CPU with their kernels as no-ops,
 and every patched name restored afterwards."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from _repo import load_script
 from cmfast import _build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,10 +14,7 @@ if _build.unavailable_reason():      # the cuda wrappers' module refuses to impo
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("wrapper_overhead", ROOT / "benchmarks" / "wrapper_overhead.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "benchmarks" / "wrapper_overhead.py", "wrapper_overhead")
 
 
 def test_rows_per_backend_and_the_kernels_restored(tmp_path):
