@@ -173,30 +173,35 @@ def check_device(name: str) -> str:
     return name
 
 
-def check_output(path: str, flag: str, exts: tuple[str, ...] | None = None, shown: str | None = None) -> None:
-    """An output file, checked before any work is done (a typo must not cost a long run its result): a known
-    extension, not a directory, and a writable folder (or one that can be made: write_output makes it). shown: the
-    name the messages give (the user's folder, for a file inside it)."""
+def _check_writable(folder: str, flag: str, path: str) -> None:
+    """`folder`, or the nearest folder above it that exists, is a folder where a file can be made (write_output makes
+    the rest); the messages name `path`, the user's argument."""
     import os
-    if shown is None and os.path.isdir(path):
-        raise ValueError(f"{flag} {path}: is a directory; give a file name")
-    path_given, path = path, shown or path
-    if exts and os.path.splitext(path)[1].lower() not in exts:
-        raise ValueError(f"{flag} {path}: expected a file name ending in {' or '.join(exts)}")
-    parent = os.path.dirname(os.path.abspath(path_given))
+    import tempfile
+    parent = os.path.abspath(folder)
     while not os.path.exists(parent):          # the nearest folder that exists must let us make the rest
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: folder {parent} is not writable")
-    import tempfile
     try:        # root passes os.access in /proc (and other pseudo file systems): only making a file tells
         fd, probe = tempfile.mkstemp(prefix=".cmfast-probe-", dir=parent)
     except OSError as e:
         raise ValueError(f"{flag} {path}: folder {parent} is not writable ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def check_output(path: str, flag: str, exts: tuple[str, ...] | None = None) -> None:
+    """An output file, checked before any work is done (a typo must not cost a long run its result): a known
+    extension, not a directory, and a writable folder (or one that can be made: write_output makes it)."""
+    import os
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    if exts and os.path.splitext(path)[1].lower() not in exts:
+        raise ValueError(f"{flag} {path}: expected a file name ending in {' or '.join(exts)}")
+    _check_writable(os.path.dirname(os.path.abspath(path)), flag, path)
 
 
 def check_output_dir(path: str, flag: str) -> None:
@@ -206,7 +211,7 @@ def check_output_dir(path: str, flag: str) -> None:
         raise ValueError(f"{flag} {path}: is a file; give a folder")
     if not os.path.exists(path) and os.path.splitext(path)[1].lower() in (".png", ".jpg", ".jpeg", ".npz", ".json"):
         raise ValueError(f"{flag} {path}: names a file; this command writes a folder of PNGs (give a folder)")
-    check_output(os.path.join(path, "x"), flag, shown=path)
+    _check_writable(path, flag, path)
 
 
 def write_output(path: str, data: bytes) -> None:
