@@ -7,14 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from _repo import load_script
+from _repo import load_script as _load
 from cmfast.data import FMNIST_SYSTEM_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(path: Path, name: str):
-    return load_script(path, name)
 
 
 make_tables = _load(ROOT / "benchmarks" / "make_tables.py", "make_tables")

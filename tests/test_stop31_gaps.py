@@ -10,17 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _repo import load_script
+from _repo import load_script as _load
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _harness  # noqa: E402
 import regress  # noqa: E402
 import throughput  # noqa: E402
-
-
-def _load(path: Path, name: str):
-    return load_script(path, name)
 
 
 def _export(monkeypatch, tmp_path, runs, rc=None, **a_kw):
