@@ -113,7 +113,7 @@ ORDER = ("edm", "cd", "ct", "ict", "sct")
 # other every run trained at about half its rate alone (edm 2043 images/s against 4394), so the teacher saw half its
 # sequential images and scored FD 2.18 against 1.20, and CD from it lost to CT (18.59 against 9.69). The stage took
 # 347 s of its 430 s deadline (edm's process 183 s, then cd's 153 s); edm's cap is now 3.2 minutes (+36 s of the
-# ~80 s to spare, tests/test_reference_runs.py checks the fit from those times): about 30% more teacher images.
+# ~80 s to spare, tests/test_reference_runs.py checks the fit from those times): a cap 23% longer.
 PARALLEL_CAPS = {"gpu": {"edm": 3.2, "cd": 2.3, "ct": 5.2, "ict": 5.2, "sct": 5.2},
                  "cpu": {"edm": 20.0, "cd": 15.0, "ct": 35.0, "ict": 35.0, "sct": 35.0},
                  "smoke": {m: 0.6 for m in ORDER}}
