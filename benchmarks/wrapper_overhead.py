@@ -27,8 +27,9 @@ SHAPES = (((8, 64, 8, 8), 32, True), ((8, 64, 8, 8), 32, False), ((8, 128, 4, 4)
 
 
 class _NoOpExt:
-    """cmfast._C with every entry point a no-op (and the one constant the wrappers read)."""
+    """cmfast._C with every entry point a no-op (and the constants the wrappers read)."""
     GN_FUSED_MAX_GROUP = 1 << 30
+    GN_FUSED_MAX_CHANNELS = 1 << 30
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None

@@ -56,6 +56,7 @@ PYBIND11_MODULE(CMFAST_MODULE, m) {
         py::arg("grad"), py::arg("gout"), py::arg("batch"), py::arg("d"), py::arg("dpred"), py::arg("pred_dtype"),
         py::arg("stream"));
   m.attr("GN_FUSED_MAX_GROUP") = cmfast::kFusedMaxGroup;
+  m.attr("GN_FUSED_MAX_CHANNELS") = cmfast::kFusedMaxChannels;
   m.def("group_norm_act_fwd",
         [](ptr x, int dt, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc, bool silu, float eps,
            ptr w, ptr b, ptr scale, ptr shift, ptr pre, int64_t pre_stride, int adt, int mdt, ptr y, ptr part,

@@ -28,13 +28,16 @@ int consistency_loss_bwd(ptr grad, ptr gout, int64_t batch, int64_t d, ptr dpred
 
 // ---- group_norm_act: act(GroupNorm(x) * (1 + scale) + shift) ----------------------------------------------
 constexpr int64_t kFusedMaxGroup = 16384;
+constexpr int64_t kFusedMaxChannels = 512;   // S = 0 also needs C/G <= this (the group's coefficients in shared memory)
 // x is (N, C, HW) (nhwc = false) or (N, HW, C) (nhwc = true). weight/bias (C,) of type affine_dtype, scale/shift (N, C)
 // of type mod_dtype, or null; each type fp32, or x's dtype where S = 0. pre (of type mod_dtype, or null): a per-channel
 // add before the norm, the output is that of x + pre (DDPM++'s embedding add); row n at pre + n * pre_stride (C, or 0
 // for one row shared by the batch). The stats, A and B saved are then those of x + pre: forward only.
 // splits S: the reduction over HW is cut into S chunks per (n, c); part holds N*S*C*2 floats. S = 0: one block per
-// (n, g) does the whole forward in one launch (groups of at most kFusedMaxGroup = C/G*HW elements; part unused).
-// Saved for backward: stats (N*G*2: mean, rstd), A, B (N*C each: y1 = A (x - mean) + B before the activation).
+// (n, g) does the whole forward in one launch (groups of at most kFusedMaxGroup = C/G*HW elements and
+// kFusedMaxChannels channels; part unused).
+// Saved for backward: stats (N*G*2: mean, rstd), A, B (N*C each: y1 = A (x - mean) + B before the activation); with
+// S = 0 they may be null (no backward: nothing saved).
 int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc,
                        bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, ptr pre, int64_t pre_stride,
                        int affine_dtype, int mod_dtype, ptr y, ptr part, ptr stats, ptr A, ptr B, ptr stream);

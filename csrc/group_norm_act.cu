@@ -2,9 +2,9 @@
 // adaptive scale/shift from the noise embedding, SiLU). fp32 statistics; NCHW or NHWC; fp32/fp16/bf16 data.
 //
 // Forward, groups of at most a few thousand elements (the UNets' 32x32 and 64x64 levels; the wrapper decides, S = 0):
-//           fused     one block per (n, g), one launch: the shifted sum, then M2 about the mean, then the output,
-//                     three passes over the group (the second and third from L1/L2); A, B per channel written
-//                     for the backward
+//           fused     one block per (n, g), one launch: the group read once into registers, the shifted sum, then
+//                     M2 about the mean (both from registers), then the output; A, B per channel written for the
+//                     backward where it will run
 // Forward, larger groups (S >= 1 chunks per (n, c)):
 //           reduce    per (n, c, chunk s), two passes over the chunk (the second from L1/L2): its mean, then
 //                     M2 = sum (x - mean)^2 (no E[x^2] - E[x]^2 cancellation)
@@ -212,82 +212,104 @@ __global__ void gn_fwd_finalize_kernel(Shape s, const float* __restrict__ part,
   }
 }
 
-// One block per (n, g) (grid N*G): the group's statistics by block reductions in a fixed order, then the output.
-// Element i of the group: NCHW (n, g Cg + i / HW, i % HW), a contiguous run; NHWC (n, i / Cg, g Cg + i % Cg), rows
-// of Cg adjacent channels. V-element vectors: NCHW with V | HW (V elements of one channel), NHWC with V | Cg (V
-// adjacent channels of one row); the caller checks the alignment. The parameters are read in their own types, fp32
-// or x's: PA for weight and bias, PM for scale and shift (a bf16 sampler keeps the GroupNorm affine in fp32 while the
-// embedding's scale and shift come out of bf16 layers). Converting them to fp32 first cost up to four launches, more
-// than this kernel itself at batch 1 and 8 (H200 graph replay: 9.4-18.4 us against Triton's 2.2-11.3).
+// One block per (n, g) (grid N*G), each element read from memory once: every thread keeps its vectors of the group
+// in registers (at most kFusedRegs floats: IMAX vectors of V; the launcher sizes the block so that they cover the
+// group), the group's per-channel coefficients in shared memory. All loads are issued before the first use, so the
+// kernel waits for memory once; then two block reductions in a fixed order (the shifted sum, then M2 about the mean,
+// both from registers) and the output. Element i of the group: NCHW (n, g Cg + i / HW, i % HW), a contiguous run;
+// NHWC (n, i / Cg, g Cg + i % Cg), rows of Cg adjacent channels. V-element vectors: NCHW with V | HW (V elements of
+// one channel), NHWC with V | Cg (V adjacent channels of one row); the caller checks the alignment. The parameters
+// are read in their own types, fp32 or x's: PA for weight and bias, PM for scale, shift and pre (a bf16 sampler keeps
+// the GroupNorm affine in fp32 while the embedding's scale and shift come out of bf16 layers). Converting them to
+// fp32 first cost up to four launches, more than this kernel itself at batch 1 and 8 (H200 graph replay: 9.4-18.4 us
+// against Triton's 2.2-11.3). stats, A, B: written where given (the backward's), null without a backward.
+// (The previous version read the group three times in grid-stride loops and each element's coefficients from global
+// memory after the reductions: 1.2-1.7x Triton's time on an H200 at batch 1 and 8, graph replay.)
+// kFusedMaxThreads: the launch bound, which caps the scalar (V = 1) variants at 128 registers a thread (up to 152
+// unbounded: a 512-thread block of them would not launch).
+constexpr int kFusedRegs = 32, kFusedMaxThreads = 512;
+
 template <typename T, typename PA, typename PM, bool NHWC, int V>
-__global__ void gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps, const PA* __restrict__ w,
+__global__ void __launch_bounds__(kFusedMaxThreads) gn_fwd_fused_kernel(Shape s, const T* __restrict__ x, float eps, const PA* __restrict__ w,
                                     const PA* __restrict__ bias, const PM* __restrict__ scale,
                                     const PM* __restrict__ shift, const PM* __restrict__ pre, int64_t pre_stride,
                                     float* __restrict__ stats, float* __restrict__ A, float* __restrict__ B,
                                     T* __restrict__ y) {
+  constexpr int IMAX = kFusedRegs / V;
   __shared__ float red[32];
+  // per channel c of the group: y1 = rstd ca[c] (x + cp[c] - mean) + cb[c], with ca = w (1 + scale),
+  // cb = bias (1 + scale) + shift, cp = pre
+  __shared__ float ca[kFusedMaxChannels], cb[kFusedMaxChannels], cp[kFusedMaxChannels];
   const int64_t ng = blockIdx.x, n = ng / s.G, g = ng % s.G;
-  const int Cg = (int)(s.C / s.G), HW = (int)s.HW, M = Cg * HW;
+  const int Cg = (int)(s.C / s.G), HW = (int)s.HW, M = Cg * HW, nt = (int)blockDim.x;
   const int64_t base = NHWC ? n * s.HW * s.C + g * Cg : (n * s.C + g * Cg) * s.HW;
-  auto at = [&](int i) -> int64_t { return NHWC ? base + (int64_t)(i / Cg) * s.C + i % Cg : base + i; };
-  auto get = [&](int i, float (&xv)[V]) {  // x + pre: the V elements' channels are c0 + j (NHWC) or c0 (NCHW)
-    if (V > 1) load<T, V>(x + at(i), xv); else xv[0] = to_f(x[at(i)]);
-    if (pre) {
-      const int64_t c0 = g * Cg + (NHWC ? i % Cg : i / HW);
+  float xv[IMAX][V];
+  int ch[IMAX];  // the channel (within the group) of the vector's first element
 #pragma unroll
-      for (int j = 0; j < V; ++j) xv[j] += pre_at(pre, pre_stride, n, c0 + (NHWC ? j : 0));
+  for (int k = 0; k < IMAX; ++k) {
+    const int i = (k * nt + (int)threadIdx.x) * V;
+    ch[k] = NHWC ? i % Cg : i / HW;
+    if (i < M) {
+      const T* p = x + base + (NHWC ? (int64_t)(i / Cg) * s.C + ch[k] : (int64_t)i);
+      if (V > 1) load<T, V>(p, xv[k]); else xv[k][0] = to_f(*p);
     }
-  };
-  // y1 = a (x - mean) + b for channel c: a = rstd w (1 + scale), b = bias (1 + scale) + shift (the split path's A, B)
-  auto coef = [&](int64_t c, float rstd, float& a, float& b) {
-    const int64_t nc = n * s.C + c;
+  }
+  for (int c = threadIdx.x; c < Cg; c += nt) {
+    const int64_t cc = g * Cg + c, nc = n * s.C + cc;
     const float kk = scale ? 1.f + to_f(scale[nc]) : 1.f;
-    a = rstd * (w ? to_f(w[c]) : 1.f) * kk;
-    b = (bias ? to_f(bias[c]) : 0.f) * kk + (shift ? to_f(shift[nc]) : 0.f);
-  };
+    ca[c] = (w ? to_f(w[cc]) : 1.f) * kk;
+    cb[c] = (bias ? to_f(bias[cc]) : 0.f) * kk + (shift ? to_f(shift[nc]) : 0.f);
+    cp[c] = pre_at(pre, pre_stride, n, cc);
+  }
+  const float x0 = to_f(x[base]);
+  __syncthreads();
   // a shift that keeps the first sum small (|mean| >> std loses nothing): the group's first element, channel g Cg
-  const float K = to_f(x[base]) + pre_at(pre, pre_stride, n, g * Cg);
+  const float K = x0 + cp[0];
   float s0 = 0.f;
-  for (int i = threadIdx.x * V; i < M; i += blockDim.x * V) {
-    float xv[V];
-    get(i, xv);
 #pragma unroll
-    for (int j = 0; j < V; ++j) s0 += xv[j] - K;
+  for (int k = 0; k < IMAX; ++k) {
+    if ((k * nt + (int)threadIdx.x) * V < M) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (pre) xv[k][j] += cp[ch[k] + (NHWC ? j : 0)];
+        s0 += xv[k][j] - K;
+      }
+    }
   }
   const float mean = K + block_sum(s0, red) / (float)M;
   float m2 = 0.f;
-  for (int i = threadIdx.x * V; i < M; i += blockDim.x * V) {
-    float xv[V];
-    get(i, xv);
 #pragma unroll
-    for (int j = 0; j < V; ++j) m2 += (xv[j] - mean) * (xv[j] - mean);
+  for (int k = 0; k < IMAX; ++k) {
+    if ((k * nt + (int)threadIdx.x) * V < M) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) m2 += (xv[k][j] - mean) * (xv[k][j] - mean);
+    }
   }
   m2 = block_sum(m2, red);
   const float rstd = 1.f / sqrtf(m2 / (float)M + eps);
-  if (threadIdx.x == 0) {
+  if (stats && threadIdx.x == 0) {
     stats[ng * 2] = mean;
     stats[ng * 2 + 1] = rstd;
   }
-  for (int k = threadIdx.x; k < Cg; k += blockDim.x) {  // the backward's A, B
-    float a, b;
-    coef(g * Cg + k, rstd, a, b);
-    A[n * s.C + g * Cg + k] = a;
-    B[n * s.C + g * Cg + k] = b;
-  }
-  for (int i = threadIdx.x * V; i < M; i += blockDim.x * V) {
-    float xv[V], o[V], a[V], b[V];
-    get(i, xv);
-    if (NHWC) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) coef(g * Cg + i % Cg + j, rstd, a[j], b[j]);
-    } else {
-      coef(g * Cg + i / HW, rstd, a[0], b[0]);
-#pragma unroll
-      for (int j = 1; j < V; ++j) a[j] = a[0], b[j] = b[0];
+  if (A) {
+    for (int c = threadIdx.x; c < Cg; c += nt) {  // the backward's A, B
+      A[n * s.C + g * Cg + c] = rstd * ca[c];
+      B[n * s.C + g * Cg + c] = cb[c];
     }
+  }
 #pragma unroll
-    for (int j = 0; j < V; ++j) o[j] = act(a[j] * (xv[j] - mean) + b[j], s.silu);
-    if (V > 1) store<T, V>(y + at(i), o); else y[at(i)] = from_f<T>(o[0]);
+  for (int k = 0; k < IMAX; ++k) {
+    const int i = (k * nt + (int)threadIdx.x) * V;
+    if (i < M) {
+      float o[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const int c = ch[k] + (NHWC ? j : 0);
+        o[j] = act(rstd * ca[c] * (xv[k][j] - mean) + cb[c], s.silu);
+      }
+      T* p = y + base + (NHWC ? (int64_t)(i / Cg) * s.C + ch[k] : (int64_t)i);
+      if (V > 1) store<T, V>(p, o); else *p = from_f<T>(o[0]);
+    }
   }
 }
 
@@ -426,16 +448,31 @@ void launch_apply(Shape s, ptr x, ptr dy, ptr A, ptr B, ptr stats, ptr P, ptr m1
   else launch_apply_layout<T, BWD, false>(s, x, dy, A, B, stats, P, m12, pre, pre_stride, out, st);
 }
 
+// The block of the one-launch forward: about two vectors per thread (all loads in flight at once, few warps to
+// reduce over), a multiple of 32 threads, at most kFusedMaxThreads; IMAX = kFusedRegs / V vectors per thread then
+// cover the group (M <= kFusedMaxGroup = kFusedMaxThreads kFusedRegs). 0 where they would not (the caller refuses
+// the launch).
+int fused_threads(int64_t M, int V) {
+  static_assert(kFusedMaxGroup <= (int64_t)kFusedMaxThreads * kFusedRegs, "a largest group must fit one block");
+  const int64_t vecs = (M + V - 1) / V, t = ((vecs + 1) / 2 + 31) / 32 * 32;
+  const int threads = (int)(t < 32 ? 32 : t > kFusedMaxThreads ? kFusedMaxThreads : t);
+  return (int64_t)threads * (kFusedRegs / V) * V >= M ? threads : 0;
+}
+
 template <typename T, typename PA, typename PM>
-void launch_fused_fwd(Shape s, ptr x, float eps, ptr w, ptr b, ptr scale, ptr shift, ptr pre, int64_t pre_stride,
-                      ptr stats, ptr A, ptr B, ptr y, cudaStream_t st) {
+int launch_fused_fwd(Shape s, ptr x, float eps, ptr w, ptr b, ptr scale, ptr shift, ptr pre, int64_t pre_stride,
+                     ptr stats, ptr A, ptr B, ptr y, cudaStream_t st) {
   constexpr int VMAX = 16 / sizeof(T);
   const int64_t Cg = s.C / s.G, M = Cg * s.HW;
-  const unsigned blocks = (unsigned)(s.N * s.G), threads = M >= 2048 ? 256 : 128;
-  auto go = [&](auto kernel) {
+  const unsigned blocks = (unsigned)(s.N * s.G);
+  int launched = 0;
+  auto go = [&](auto kernel, int v) {
+    const int threads = fused_threads(M, v);
+    if (!threads) return;
     kernel<<<blocks, threads, 0, st>>>(s, (const T*)x, eps, (const PA*)w, (const PA*)b, (const PM*)scale,
                                        (const PM*)shift, (const PM*)pre, pre_stride, (float*)stats, (float*)A,
                                        (float*)B, (T*)y);
+    launched = 1;
   };
   // The widest vector that divides the run (NCHW: HW; NHWC: Cg, and C so every row starts aligned) and the
   // pointers' alignment allow.
@@ -443,14 +480,15 @@ void launch_fused_fwd(Shape s, ptr x, float eps, ptr w, ptr b, ptr scale, ptr sh
   int v = VMAX;
   while (v > 1 && (run % v || (s.nhwc && s.C % v) || x % (v * sizeof(T)) || y % (v * sizeof(T)))) v /= 2;
   if (s.nhwc) {
-    if (v >= 8) go(gn_fwd_fused_kernel<T, PA, PM, true, VMAX >= 8 ? 8 : 1>);
-    else if (v == 4) go(gn_fwd_fused_kernel<T, PA, PM, true, 4>);
-    else if (v == 2) go(gn_fwd_fused_kernel<T, PA, PM, true, 2>);
-    else go(gn_fwd_fused_kernel<T, PA, PM, true, 1>);
+    if (v >= 8) go(gn_fwd_fused_kernel<T, PA, PM, true, VMAX >= 8 ? 8 : 1>, VMAX >= 8 ? 8 : 1);
+    else if (v == 4) go(gn_fwd_fused_kernel<T, PA, PM, true, 4>, 4);
+    else if (v == 2) go(gn_fwd_fused_kernel<T, PA, PM, true, 2>, 2);
+    else go(gn_fwd_fused_kernel<T, PA, PM, true, 1>, 1);
   } else {
-    if (v == VMAX) go(gn_fwd_fused_kernel<T, PA, PM, false, VMAX>);
-    else go(gn_fwd_fused_kernel<T, PA, PM, false, 1>);
+    if (v == VMAX) go(gn_fwd_fused_kernel<T, PA, PM, false, VMAX>, VMAX);
+    else go(gn_fwd_fused_kernel<T, PA, PM, false, 1>, 1);
   }
+  return launched ? static_cast<int>(cudaGetLastError()) : static_cast<int>(cudaErrorInvalidValue);
 }
 
 template <typename U> struct Tag { using type = U; };
@@ -472,8 +510,9 @@ int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64
                        bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, ptr pre, int64_t pre_stride,
                        int affine_dtype, int mod_dtype, ptr y, ptr part, ptr stats, ptr A, ptr B, ptr stream) {
   if (N * C * HW == 0) return 0;
-  if (G <= 0 || C % G || S < 0 || S > kMaxSplits || (S == 0 && (C / G) * HW > kFusedMaxGroup) ||
-      (pre && pre_stride != 0 && pre_stride != C))
+  if (G <= 0 || C % G || S < 0 || S > kMaxSplits ||
+      (S == 0 && ((C / G) * HW > kFusedMaxGroup || C / G > kFusedMaxChannels)) ||
+      (pre && pre_stride != 0 && pre_stride != C) || (S != 0 && !(stats && A && B)))
     return static_cast<int>(cudaErrorInvalidValue);
   // Parameters in x's type are read as they are by the one-launch path only; the split path takes fp32.
   for (int pd : {affine_dtype, mod_dtype})
@@ -483,15 +522,14 @@ int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64
   CM_DISPATCH(dtype, T, {
     if (S == 0) {
       auto go = [&](auto pa, auto pm) {   // type tags: the parameter types
-        launch_fused_fwd<T, typename decltype(pa)::type, typename decltype(pm)::type>(
+        return launch_fused_fwd<T, typename decltype(pa)::type, typename decltype(pm)::type>(
             s, x, eps, weight, bias, scale, shift, pre, pre_stride, stats, A, B, y, st);
       };
       const bool fa = affine_dtype == kFloat32, fm = mod_dtype == kFloat32;
-      if (fa && fm) go(Tag<float>{}, Tag<float>{});
-      else if (fa) go(Tag<float>{}, Tag<T>{});
-      else if (fm) go(Tag<T>{}, Tag<float>{});
-      else go(Tag<T>{}, Tag<T>{});
-      return static_cast<int>(cudaGetLastError());
+      if (fa && fm) return go(Tag<float>{}, Tag<float>{});
+      if (fa) return go(Tag<float>{}, Tag<T>{});
+      if (fm) return go(Tag<T>{}, Tag<float>{});
+      return go(Tag<T>{}, Tag<T>{});
     }
     launch_reduce<T, false>(s, x, 0, 0, 0, 0, pre, pre_stride, part, st);
     gn_fwd_finalize_kernel<<<warps_blocks(N * G), kThreads, 0, st>>>(

@@ -223,6 +223,79 @@ def test_group_norm_act_fused_forward_reads_parameters_as_they_are(affine, mod, 
             assert a[16] == code[affine] and passed["weight"] == ptr["weight"] and passed["bias"] == ptr["bias"]
 
 
+class _FwdSpy:
+    """The emulated extension, recording the arguments of each group_norm_act_fwd."""
+
+    def __init__(self, real):
+        self.real, self.seen = real, []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def group_norm_act_fwd(self, *a):
+        self.seen.append(a)
+        return self.real.group_norm_act_fwd(*a)
+
+
+@pytest.fixture
+def fwd_spy(monkeypatch):
+    spy = _FwdSpy(_cuda._ext(torch.device("cpu")))
+    monkeypatch.setattr(_cuda, "_ext", lambda device: spy)
+    return spy
+
+
+# (shape, G, dtype): the one-launch forward's block sizes at their edges. Vectors per group (V = 4 fp32, 8 bf16,
+# 1 where HW is odd) -> threads: 2 -> 32 (one warp), 64 -> 32 (two vectors each), 65 -> 64, 1024 -> 512, 2304 ->
+# 512 (4.5 vectors each: the fifth register slot partly used), 16383 scalars -> 512 (32 each, the last thread 31).
+FUSED_BLOCKS = [((1, 2, 1, 4), 1, torch.float32), ((1, 4, 8, 8), 1, torch.float32), ((2, 5, 4, 13), 1, torch.float32),
+                ((1, 16, 8, 32), 1, torch.bfloat16), ((1, 8, 32, 36), 1, torch.float32),
+                ((1, 43, 381), 1, torch.float32)]
+
+
+@pytest.mark.parametrize("shape,G,dtype", FUSED_BLOCKS, ids=["v2", "v64", "v65", "v1024", "v2304", "s16383"])
+def test_group_norm_act_fused_forward_block_sizes(shape, G, dtype, fwd_spy):
+    """Each size of block the one-launch forward picks (about two vectors a thread, at most 512 threads, up to 32
+    registers of the group each) covers its group exactly: forward and gradients against float64."""
+    inputs = _gn_inputs(shape, dtype, NCHW, G=G)
+    check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs), dtype=dtype)
+    assert fwd_spy.seen and all(a[6] == 0 for a in fwd_spy.seen)                  # S = 0: the one-launch path
+
+
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+def test_group_norm_act_forward_without_backward_saves_nothing(fmt, fwd_spy):
+    """Without a gradient (the sampler) the one-launch forward gets null stats, A and B and writes none; with one, the
+    backward's statistics are written, and both outputs are the same bits."""
+    inputs = _gn_inputs((2, 32, 4, 6), torch.bfloat16, fmt, G=8)
+    with torch.no_grad():
+        y0 = _cuda.group_norm_act(**inputs)
+    assert fwd_spy.seen[-1][20:23] == (0, 0, 0)
+    leaves = {k: (v.detach().requires_grad_() if k == "x" else v) for k, v in inputs.items()}
+    y1 = _cuda.group_norm_act(**leaves)
+    assert all(p != 0 for p in fwd_spy.seen[-1][20:23]) and y1.requires_grad
+    assert torch.equal(y0, y1.detach())
+    check("group_norm_act", ref.group_norm_act, inputs, grad=(), dtype=torch.bfloat16)
+    assert fwd_spy.seen[-1][20:23] == (0, 0, 0)
+
+
+def test_group_norm_act_wide_groups_take_the_split_path(fwd_spy):
+    """A group of more than GN_FUSED_MAX_CHANNELS channels (their coefficients would not fit shared memory) runs
+    split even though it is small; the extension refuses it one-launch."""
+    ext = fwd_spy.real
+    assert ext.GN_FUSED_MAX_CHANNELS == 512
+    inputs = _gn_inputs((1, 1024, 2, 2), torch.float32, NCHW, G=1)
+    check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs))
+    assert fwd_spy.seen and all(a[6] > 0 for a in fwd_spy.seen)
+    inputs = _gn_inputs((1, 512, 2, 2), torch.float32, NCHW, G=1)
+    check("group_norm_act", ref.group_norm_act, inputs, grad=())
+    assert fwd_spy.seen[-1][6] == 0                                             # 512 channels: still one launch
+    x = torch.zeros(1, 1024, 4)
+    p = x.data_ptr()
+    with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
+        ext.group_norm_act_fwd(p, 0, 1, 1024, 4, 1, 0, False, True, 1e-6, 0, 0, 0, 0, 0, 0, 0, 0, p, 0, p, p, p, 0)
+    with pytest.raises(RuntimeError, match="group_norm_act_fwd"):     # the split path needs its statistics buffers
+        ext.group_norm_act_fwd(p, 0, 1, 1024, 4, 1, 1, False, True, 1e-6, 0, 0, 0, 0, 0, 0, 0, 0, p, p, 0, 0, 0, 0)
+
+
 def test_group_norm_act_refuses_parameter_dtypes_it_cannot_read():
     """Each parameter dtype must be fp32 or x's dtype, and x's only on the one-launch path (S = 0)."""
     ext = _cuda._ext(torch.device("cpu"))
@@ -246,20 +319,6 @@ def _gn_pre_fns():
     def reffn(x, pre_bias, **kw):
         return ref.group_norm_act(x + pre_bias.reshape(*pre_bias.shape, 1, 1), **kw)
     return ours, theirs, reffn
-
-
-class _FwdSpy:
-    """The emulated extension, recording the arguments of each group_norm_act_fwd."""
-
-    def __init__(self, real):
-        self.real, self.seen = real, []
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-    def group_norm_act_fwd(self, *a):
-        self.seen.append(a)
-        return self.real.group_norm_act_fwd(*a)
 
 
 PRE_CASES = [(d, "fused") for d in DTYPES] + [(torch.float32, "split"), (torch.bfloat16, "split")]

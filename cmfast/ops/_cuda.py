@@ -203,6 +203,12 @@ def _fused_max_group(ext) -> int:
     return ext.GN_FUSED_MAX_GROUP
 
 
+def _fused_fits(ext, C: int, G: int, HW: int) -> bool:
+    """Whether the forward runs in one launch, one block per group: groups of at most GN_FUSED_MAX_GROUP elements
+    and GN_FUSED_MAX_CHANNELS channels (their coefficients are kept in shared memory)."""
+    return (C // G) * HW <= _fused_max_group(ext) and C // G <= ext.GN_FUSED_MAX_CHANNELS
+
+
 def _carve(ws: torch.Tensor, *sizes: int) -> list[int]:
     """Addresses of consecutive fp32 arrays of the given lengths inside one workspace allocation (one torch.empty
     instead of several: at batch 1 the host-side cost of each allocation is comparable to the kernels)."""
@@ -213,9 +219,10 @@ def _carve(ws: torch.Tensor, *sizes: int) -> list[int]:
     return out
 
 
-def _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu, pre=None):
+def _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu, pre=None, save=True):
     """The forward launch: (y, what the backward needs). With pre, (N, C) or (1, C), the output is that of x + pre
-    (the add inside the kernel) and the saved statistics are those of x + pre: no backward then."""
+    (the add inside the kernel) and the saved statistics are those of x + pre: no backward then. save=False (no
+    backward will run): the one-launch path writes no statistics, and nothing is allocated for them."""
     nhwc = _is_nhwc(x)
     x = _dense(x, nhwc)
     N, C = x.shape[:2]
@@ -226,7 +233,7 @@ def _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu, pre=None):
     # The forward in one launch (one block per group) where the group is small enough, else split like the
     # backward: at batch 1 and 8 the split path's three launches cost 3-6x the Triton kernel's one (H100 graph
     # replay times, benchmarks/results/nvidia-h100-80gb-hbm3-cuda-ops.json).
-    S_fwd = 0 if (C // num_groups) * HW <= _fused_max_group(ext) else S
+    S_fwd = 0 if _fused_fits(ext, C, num_groups, HW) else S
     # The one-launch path reads the parameters in their own dtype where it is fp32 or x's, one dtype for weight and
     # bias and one for scale, shift and pre (the bf16 sampler: fp32 affine, bf16 modulation or pre-add): converting
     # them to fp32 cost up to four launches, more than the kernel itself at batch 1 and 8 (H200 graph replays).
@@ -235,10 +242,15 @@ def _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu, pre=None):
     sc, sh, pre, mdt = _params_one_dtype(("scale", "shift", "pre_bias"), (scale, shift, pre),
                                          ((N, C), (N, C), pre_shape), x, S_fwd == 0)
     y = torch.empty_like(x)
-    # saved: stats (N*G*2: mean, rstd), A, B (N*C each); scratch: the split partials (N*S*C*2)
-    saved = torch.empty(N * num_groups * 2 + 2 * N * C, device=dev, dtype=torch.float32)
-    part = torch.empty(N * S_fwd * C * 2, device=dev, dtype=torch.float32) if S_fwd else None
-    stats, A, B = _carve(saved, N * num_groups * 2, N * C, N * C)
+    # saved: stats (N*G*2: mean, rstd), A, B (N*C each); scratch: the split partials (N*S*C*2). The split path
+    # needs them as its own workspace, saved or not.
+    saved = part = None
+    stats = A = B = 0
+    if save or S_fwd:
+        saved = torch.empty(N * num_groups * 2 + 2 * N * C, device=dev, dtype=torch.float32)
+        stats, A, B = _carve(saved, N * num_groups * 2, N * C, N * C)
+    if S_fwd:
+        part = torch.empty(N * S_fwd * C * 2, device=dev, dtype=torch.float32)
     with _on_device(dev):
         ext.group_norm_act_fwd(x.data_ptr(), _DTYPES[x.dtype], N, C, HW, num_groups, S_fwd, nhwc, silu, eps,
                                _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), _ptr(pre), C if N > 1 and pre_shape[0] == N else 0,
@@ -304,8 +316,12 @@ def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias
         if pre_bias.shape not in (tuple(x.shape[:2]), (1, C)):
             raise ValueError(f"pre_bias: expected shape {tuple(x.shape[:2])} or (1, {C}), got {tuple(pre_bias.shape)}")
         check_pre_bias_forward_only(x, weight, bias, scale, shift, pre_bias)
+    if pre_bias is not None or not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, scale, shift))):
+        # no backward: the launch alone (no autograd node), and nothing saved for one
         with torch.no_grad():
-            return _gn_forward(x, num_groups, weight, bias, float(eps), scale, shift, act == "silu", pre_bias)[0]
+            return _gn_forward(x, num_groups, weight, bias, float(eps), scale, shift, act == "silu", pre_bias,
+                               save=False)[0]
     return _GroupNormAct.apply(x, num_groups, weight, bias, float(eps), scale, shift, act == "silu")
 
 

@@ -25,6 +25,8 @@
 #undef __device__
 #undef __forceinline__
 #undef __shared__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
 #define __global__
 #define __device__
 #define __forceinline__ inline
