@@ -3,7 +3,8 @@
 #   bash scripts/gpu_check.sh OUT_DIR [STAGE]    (on the device machine: bash scripts/gpu_check.sh "$OUT")
 # STAGE (each under 8 minutes; a 15-minute device session fits two or three, in this order of need), or several
 # joined by commas (core,ops) run in that order in one call under one budget (GPU_CHECK_BUDGET_S, default 465 s):
-#   core       (default) build csrc, pytest -m gpu, throughput --quick with its torch.compile rows, latency gate
+#   core       (default) build csrc, pytest -m gpu, latency gate, the CUDA / Triton group_norm_act timings (unless
+#              ops is joined), throughput --quick with its torch.compile rows
 #   ops        per-op benchmarks of the Triton and CUDA kernels against eager and torch.compile (kernel issues)
 #   sct        the finite-difference JVP accuracy table and the continuous-time step benchmark (sCT issue)
 #   reference  the Fashion-MNIST reference runs (EDM, CD, CT, iCT, sCT) and the shipped model's export; needs the
@@ -95,6 +96,13 @@ run latency-gate 60 python -m pytest benchmarks/test_latency.py -m gpu -q -p no:
 # rc 1: slower than the committed baseline of this device; 2: no latency run to read; 3: no baseline for this device
 # (not gated: commit the one written to OUT)
 run regress 10 python benchmarks/regress.py compare "$OUT/latency.json" --write-baseline "$OUT"
+
+# 4b. The group_norm_act forward and backward, CUDA against Triton and eager (no compile rows, ~15 s): issue 5's goal
+#     at batch 1 and 8, timed on every core run since the one-launch forward was rewritten (stop 32: registers, one
+#     read of the group). Into cuda-ops.json, which the ops stage, when joined, writes whole (and this step is left
+#     out then).
+has_stage ops || run bench-gn-cuda 45 python benchmarks/bench_cuda.py --quick --ops group_norm_act --no-compile \
+    --out "$OUT/cuda-ops.json"
 
 # 5. The headline benchmark (the ceilings, copy bandwidth and bf16 matmul, are measured inside it): batch 1 and 256,
 #    the CT step at 256: the sampling rows (eager / cmfast / cmfast-auto, then torch.compile's), then the training

@@ -73,9 +73,12 @@ def test_core_stage_commands_match_the_scripts(tmp_path):
     assert "-m" in gpu and gpu[gpu.index("-m", 2) + 1] == "gpu"
     assert (ROOT / latency[2]).is_file() and latency[2] == "benchmarks/test_latency.py"
     scripts = {c[0]: c for c in calls if c and c[0].endswith(".py")}
-    assert sorted(scripts) == ["benchmarks/regress.py", "benchmarks/throughput.py"]
+    assert sorted(scripts) == ["benchmarks/bench_cuda.py", "benchmarks/regress.py", "benchmarks/throughput.py"]
     for argv in scripts.values():
         _check_flags(argv)
+    gn = scripts["benchmarks/bench_cuda.py"]      # the group_norm_act timings of issue 5, into the ops stage's file
+    assert _arg(gn, "--ops") == "group_norm_act" and "--no-compile" in gn and "--quick" in gn
+    assert _arg(gn, "--out").endswith("/cuda-ops.json")
     tp = scripts["benchmarks/throughput.py"]
     limit = int(r.stdout.split("==== throughput (limit ")[1].split("s)")[0])
     assert limit == 290                                    # 150 + 140, inside the 380 s budget
@@ -195,7 +198,7 @@ def test_every_step_with_its_default_limits_and_result_files(tmp_path, clean_env
 def test_default_stage_is_core_and_default_budget_465(tmp_path, clean_env):
     r, calls = _run_stage(tmp_path, "", {"GPU_CHECK_THROUGHPUT_COMPILE_S": "1000"})
     scripts = [c[0] for c in calls if c and c[0].endswith(".py")]
-    assert scripts == ["benchmarks/regress.py", "benchmarks/throughput.py"]
+    assert scripts == ["benchmarks/regress.py", "benchmarks/bench_cuda.py", "benchmarks/throughput.py"]
     assert 450 <= _limits(r.stdout)["throughput"] <= 460                # 465 - 5 - the seconds the stand-ins took
 
 
