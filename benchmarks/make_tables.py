@@ -134,8 +134,12 @@ def _parallel_note(run: dict) -> str:
     if not par:
         return ""
     caps = ", ".join(f"{m} {c:.3g}" for m, c in par["caps_min"].items())   # a --deadline-s cap: 2.17
-    return (f" Trained side by side on the one device: {', '.join(par['first'])} at once"
-            + (f", then {', '.join(par['then'])} after edm" if par["then"] else "")
+    def group(ms, one="{} alone"):
+        return f"{', '.join(ms)} at once" if len(ms) > 1 else one.format(ms[0]) if ms else ""
+    first = group(par["first"]) or group(par["then"])
+    then = group(par["then"], "{}") if par["first"] and par["then"] else ""
+    return (f" Trained side by side on the one device: {first}"
+            + (f", then {then} after edm" if then else "")
             + f" (caps in minutes: {caps}); train img/s is each run's rate beside the others, sampling img/s was "
               "measured after the runs, one model at a time.")
 

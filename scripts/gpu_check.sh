@@ -139,8 +139,8 @@ fi
 
 if has_stage reference; then
 # 3. Five training runs (each capped by --time-limit) scored with FD-FMNIST, and the best 1-step model exported.
-#    Side by side (--parallel: edm, ct, ict, sct at once, cd after edm; the step is host-bound, so one run leaves
-#    the GPU idle half the time or more) unless GPU_CHECK_REFERENCE_PARALLEL=0 (one after another, as run so far).
+#    Side by side (--parallel: edm alone, then cd, ct, ict, sct at once; the step is host-bound, so one run leaves
+#    the GPU idle half the time or more) unless GPU_CHECK_REFERENCE_PARALLEL=0 (one after another).
 PARALLEL=(--parallel)
 [ "${GPU_CHECK_REFERENCE_PARALLEL:-1}" = "0" ] && PARALLEL=()
 # --deadline-s (its limit, what is left of the budget, less 10 s): cd, started when the teacher ends, gets the cap

@@ -15,8 +15,8 @@ the gpu and smoke profiles each run plans its own length to fit inside the cap (
 runs fewer steps of a complete curriculum instead.
 A run that fails is recorded with its error and the others go on; CD is skipped when the teacher failed.
 
---parallel (gpu_check.sh's reference stage) trains the runs that need nothing from each other side by side, one
-process each (this script again, with --only), and CD when the teacher is done; see PARALLEL_CAPS.
+--parallel (gpu_check.sh's reference stage) trains the teacher first, alone, then CD, CT, iCT and sCT side by side,
+one process each (this script again, with --only); see PARALLEL_CAPS.
 """
 from __future__ import annotations
 
@@ -101,25 +101,29 @@ METHOD_ARGS = {"edm": [], "cd": ["--loss", "l2"], "ct": ["--loss", "l2", "--mu0"
 SCT_WARMUP = 0.2
 ORDER = ("edm", "cd", "ct", "ict", "sct")
 
-# --parallel: the time caps (minutes) when edm, ct, ict and sct train side by side and cd follows edm. The
+# --parallel: the teacher first, alone, then cd, ct, ict and sct side by side, with these time caps (minutes). The
 # fmnist-small step at batch 256 is mostly host time on an H200: 59-127 ms a step in the first run, and only 1.4-1.7x
 # that at 4x the batch (the b1024 run). With step = host + GPU work, (H + 4G) / (H + G) = 1.4-1.7 puts the GPU work
-# at 13-23% of a batch-256 step: one process leaves the GPU idle most of the time, and four (16 CPU cores) fit beside
-# each other with little slowing. The teacher keeps about its sequential time, CD gets 2x, CT / iCT / sCT about 5x,
-# and the stage its ~6.5 minutes.
-# Critical path: edm's cap, its scores (the 35-evaluation Heun score: ~12 s alone, more beside the other runs), cd's
-# cap and scores; the other three end inside it.
-# Measured (GPU_MEASURED_PARALLEL, H200 session 5, edm's cap then 2.6): the premise held only in part. Beside each
-# other every run trained at about half its rate alone (edm 2043 images/s against 4394), so the teacher saw half its
-# sequential images and scored FD 2.18 against 1.20, and CD from it lost to CT (18.59 against 9.69). The stage took
-# 347 s of its 430 s deadline (edm's process 183 s, then cd's 153 s); edm's cap is now 3.2 minutes (+36 s of the
-# ~80 s to spare, tests/test_reference_runs.py checks the fit from those times): a cap 23% longer.
-PARALLEL_CAPS = {"gpu": {"edm": 3.2, "cd": 2.3, "ct": 5.2, "ict": 5.2, "sct": 5.2},
-                 "cpu": {"edm": 20.0, "cd": 15.0, "ct": 35.0, "ict": 35.0, "sct": 35.0},
+# at 13-23% of a batch-256 step, so one process leaves the GPU idle most of the time.
+# The first --parallel set (GPU_MEASURED_PARALLEL, H200 session 5) started edm, ct, ict and sct at once (caps 2.6,
+# 5.2, 5.2, 5.2) and cd after edm (2.3): beside each other every run trained at about half its rate alone (edm 2043
+# images/s against 4394), so the teacher saw half the images of the sequential run (213k against 414k) and scored FD
+# 2.18 against 1.20; CD distilled from it lost to CT (18.59 against 9.69), where CD from the sequential run's teacher
+# had won (7.69 against 9.63). CT, iCT and sCT gained from their longer caps (CT 9.69, iCT 7.69 / 2.94 searched, sCT
+# 5.95). The stage took 347 s of its 430 s deadline.
+# So the teacher now trains alone, with the sequential run's cap (1.6 minutes: 414k images, FD 1.20 there), and the
+# four consistency runs then start together, CD from that teacher with about twice its images of session 5 and the
+# others about 0.6x their session-5 caps (still 3-4x their sequential ones). The fit (tests/test_reference_runs.py,
+# from session 5's process times): edm's process, then the slowest of the four, the rates and two exports, inside
+# gpu_check.sh's stage with 30 s to spare. Not yet run on a GPU.
+PARALLEL_CAPS = {"gpu": {"edm": 1.6, "cd": 3.2, "ct": 3.2, "ict": 3.2, "sct": 3.2},
+                 "cpu": {"edm": 20.0, "cd": 30.0, "ct": 30.0, "ict": 30.0, "sct": 30.0},
                  "smoke": {m: 0.6 for m in ORDER}}
-FIRST = ("edm", "ct", "ict", "sct")     # started together; cd starts when edm's process ends
-# --deadline-s: what a run started late (cd) leaves after its cap ends: its own scores and 2-step search (~15 s beside
-# nothing, from GPU_MEASURED), the sampling rates again (~15 s) and the export (~10 s), and 20 s to spare.
+FIRST = ("edm",)                        # alone: the teacher at its full rate
+THEN = ("cd", "ct", "ict", "sct")       # together, when edm's process has ended (cd only if it succeeded)
+# --deadline-s: what a run started late (after the teacher) leaves after its cap ends: its own scores and 2-step
+# search (~15 s beside nothing, from GPU_MEASURED; ~25 s beside the others in session 5), the sampling rates again
+# (~15 s) and the export (~10 s), and some to spare.
 DEADLINE_RESERVE_S = 60.0
 
 
@@ -316,10 +320,10 @@ def _export(doc: dict, a, fd: float, m: str, name: str, among: str = "") -> dict
 def parallel_cap(method: str, a, elapsed_s: float) -> float:
     """The cap (minutes) of a --parallel run started `elapsed_s` after this script: its PARALLEL_CAPS one, or less
     under --deadline-s, so that its training, then DEADLINE_RESERVE_S for its scores, the rates and the export, end
-    inside the deadline. cd starts when the teacher ends, and its fixed cap ignored what was left: at
-    GPU_CHECK_BUDGET_S=430 the stage's limit (~400 s) is within ~20 s of the critical path test_reference_runs.py
-    estimates (edm, then cd), a cd cut while scoring loses the set (the README shows complete sets only) and the
-    export. At least 0.1 min."""
+    inside the deadline. The runs after the teacher start when it ends, and a fixed cap would ignore what was left:
+    the stage's limit is within ~35 s of the critical path test_reference_runs.py estimates (edm, then the slowest
+    of the four), and a run cut while scoring loses the set (the README shows complete sets only) and the export.
+    At least 0.1 min."""
     cap = PARALLEL_CAPS[a.profile][method]
     if getattr(a, "deadline_s", None) is None:
         return cap
@@ -338,14 +342,15 @@ def child_argv(method: str, a, results: str, cap: float | None = None) -> list[s
 
 
 def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> None:
-    """--parallel: FIRST's methods as processes at once, cd when edm's has ended (and succeeded); each writes
-    <out>/<method>.json and <out>/<method>.log, merged into `doc` as they end. A signal to this process (a time
+    """--parallel: FIRST's methods (the teacher) as processes at once, THEN's when edm's has ended (cd only if it
+    succeeded; all of them at once where edm is not among the methods); each writes <out>/<method>.json and
+    <out>/<method>.log, merged into `doc` as they end. A signal to this process (a time
     limit) stops the children (cmfast-train checkpoints on SIGTERM) and keeps what finished. Then the sampling rates
     again, one model at a time: measured beside other runs, they would say little."""
     import signal
     import subprocess
     doc["parallel"] = {"caps_min": {m: PARALLEL_CAPS[a.profile][m] for m in only},
-                       "first": [m for m in FIRST if m in only], "then": ["cd"] if "cd" in only else []}
+                       "first": [m for m in FIRST if m in only], "then": [m for m in THEN if m in only]}
     waiting = [m for m in ORDER if m in only]
     running: dict[str, tuple] = {}
     t_all = time.time()
@@ -373,12 +378,13 @@ def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> Non
         for m in [m for m in FIRST if m in waiting]:
             start(m)
         while running or waiting:
-            if "cd" in waiting and "edm" not in running:
-                if "edm" in only and "error" in doc["runs"].get("edm", {"error": 1}):
-                    waiting.remove("cd")
-                    doc["runs"]["cd"] = {"method": "cd", "error": "skipped: the EDM teacher run failed"}
-                else:
-                    start("cd")
+            if "edm" not in running:
+                for m in [m for m in THEN if m in waiting]:
+                    if m == "cd" and "edm" in only and "error" in doc["runs"].get("edm", {"error": 1}):
+                        waiting.remove("cd")
+                        doc["runs"]["cd"] = {"method": "cd", "error": "skipped: the EDM teacher run failed"}
+                    else:
+                        start(m)
             for m, (proc, log, res, t0) in list(running.items()):
                 if proc.poll() is None:
                     continue
@@ -470,8 +476,8 @@ def main(argv=None) -> int:
                          "where it scored better still")
     ap.add_argument("--export-dir", default=None, help="default: the package's assets folder")
     ap.add_argument("--parallel", action="store_true",
-                    help="train edm, ct, ict and sct side by side (one process each) and cd after edm, with the caps "
-                         "of PARALLEL_CAPS; sampling rates are measured after the runs, one model at a time")
+                    help="train edm first, alone, then cd, ct, ict and sct side by side (one process each), with "
+                         "the caps of PARALLEL_CAPS; sampling rates are measured after the runs, one model at a time")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="--parallel: seconds from the start within which the whole job must end (gpu_check.sh: its "
                          "step's time limit less a margin); a run started late (cd, after the teacher) gets the cap "

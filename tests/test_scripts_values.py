@@ -88,7 +88,7 @@ def test_a_parallel_child_is_this_script_with_its_settings(ref):
     a = types.SimpleNamespace(profile="cpu", out="o", seed=4, data_dir="d", device="cuda:1")
     assert ref.child_argv("ct", a, "r.json") == [
         sys.executable, str(ROOT / "scripts" / "reference_runs.py"), "--profile", "cpu", "--out", "o", "--only", "ct",
-        "--results", "r.json", "--seed", "4", "--cap-minutes", "35", "--data-dir", "d", "--device", "cuda:1"]
+        "--results", "r.json", "--seed", "4", "--cap-minutes", "30", "--data-dir", "d", "--device", "cuda:1"]
     a.data_dir = a.device = None
     assert ref.child_argv("cd", a, "r.json", cap=130 / 60)[-2:] == ["--cap-minutes", "2.16667"]
 
