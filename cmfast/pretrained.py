@@ -25,6 +25,15 @@ def model_card(name: str) -> dict:
         return json.load(f)
 
 
+def card_sampling_sigmas(card: dict) -> dict:
+    """A model card's own noise levels by step count, as a checkpoint config's sampling_sigmas: {"2": the 2-step
+    levels the reference run's search found for this model (card fd_fmnist.sigmas["2-step-searched"])}, or {} where
+    the card records none. cmfast-sample and cmfast-eval --pretrained use them for that many steps unless --sigmas
+    is given."""
+    levels = (((card or {}).get("fd_fmnist") or {}).get("sigmas") or {}).get("2-step-searched")
+    return {"2": [float(s) for s in levels]} if levels else {}
+
+
 def load_pretrained(name: str, map_location="cpu"):
     """A shipped model by name, in eval mode, its model card attached as `model.card`: 'fmnist' -> ConsistencyModel
     (iCT), 'fmnist-sct' -> cmfast.trigflow.TrigFlowModel (sCT; sampled eagerly, not by the CUDA-graph sampler)."""

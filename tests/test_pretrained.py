@@ -128,6 +128,45 @@ def test_eval_searches_two_step_sigmas(tmp_path, capsys, monkeypatch):
     assert "cmfast-eval: error: engine 'graphed' needs the model on a CUDA device" in capsys.readouterr().err
 
 
+def test_two_steps_of_a_shipped_model_use_its_cards_searched_levels(tmp_path, monkeypatch):
+    """A shipped model whose card records the 2-step levels its reference run's search found (fmnist-sct: 80, 0.068)
+    samples and evaluates 2 steps at them unless --sigmas is given; one without (fmnist) keeps 80, 0.821; the eval
+    result says where its levels came from."""
+    import numpy as np
+
+    import cmfast.cli.eval as eval_cli
+    from cmfast import metrics
+    from cmfast.cli.sample import main as sample_main
+    from cmfast.pretrained import card_sampling_sigmas, model_card
+    assert card_sampling_sigmas(model_card(SCT)) == {"2": [80.0, 0.068422]}
+    assert card_sampling_sigmas(model_card(NAME)) == {} == card_sampling_sigmas({})
+
+    def npz(name, *extra):
+        path = tmp_path / f"{name}-{len(extra)}.npz"
+        assert sample_main(["--pretrained", name, "--num", "3", "--npz", str(path), *extra]) == 0
+        return np.load(path)["arr_0"]
+
+    def library(name, sigmas):
+        from cmfast.sampling import generate_batches
+        from cmfast.training.images import to_uint8
+        model = cmfast.load_pretrained(name)
+        return to_uint8(next(generate_batches(model, 3, sigmas=sigmas, seed=0, batch_size=256, engine="auto"))[1])
+    searched, default = library(SCT, (80.0, 0.068422)), library(SCT, (80.0, 0.821))
+    assert not np.array_equal(searched, default)
+    assert np.array_equal(npz(SCT, "--steps", "2"), searched)
+    assert np.array_equal(npz(SCT, "--sigmas", "80,0.821"), default)
+    assert np.array_equal(npz(NAME, "--steps", "2"), library(NAME, (80.0, 0.821)))
+    seen = []
+    monkeypatch.setattr(metrics, "evaluate", lambda model, metric, **k: seen.append(k) or {"value": 1.0})
+    for name, want, source in ((SCT, (80.0, 0.068422), "model card (2-step-searched)"), (NAME, None, None)):
+        out = tmp_path / f"{name}.json"
+        assert eval_cli.main(["--pretrained", name, "--metric", "fd-fmnist", "--steps", "2", "--num", "10",
+                              "--out", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert (seen[-1]["sigmas"], seen[-1]["steps"]) == ((want, None) if want else (None, 2))
+        assert r.get("sigmas_from") == source
+
+
 # ---- scripts/export_pretrained.py: any checkpoint cmfast-train writes -> a file load_model reads, and its card -------
 def _export_script():
     import importlib.util

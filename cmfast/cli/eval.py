@@ -39,8 +39,8 @@ def build_parser():
     g.add_argument("--steps", type=_positive, default=None,
                    help="network evaluations (default 1; an EDM teacher: Heun steps, default 18)")
     g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None,
-                   help="decreasing noise levels, e.g. 80,0.821 (default: the levels the checkpoint records, "
-                        "else the model's sigma_max (80) for 1 step, then 0.821 for 2, the Karras grid for more)")
+                   help="decreasing noise levels, e.g. 80,0.821 (default: the levels the checkpoint, or a "
+                        "shipped model's card, records, else the model's sigma_max (80) for 1 step, then 0.821 for 2, the Karras grid for more)")
     g.add_argument("--search-sigmas", action="store_true",
                    help="find the --steps (>= 2) noise levels that minimize the metric (greedy ternary search in "
                         "log sigma, as the CM paper tunes them; the defaults are scored too) and report the best")
@@ -111,9 +111,10 @@ def main(argv=None):
             _common.check_output(args.out, "--out")
         device = _common.pick_device(args.device)
         if args.pretrained is not None:     # a shipped model: its card names the dataset it was trained on
-            from ..pretrained import load_pretrained, model_card
+            from ..pretrained import card_sampling_sigmas, load_pretrained
             model = load_pretrained(args.pretrained, map_location=device)
-            meta = {"config": {"dataset": model_card(args.pretrained).get("dataset")}}
+            meta = {"config": {"dataset": model.card.get("dataset"),
+                               "sampling_sigmas": card_sampling_sigmas(model.card)}}
         else:
             from ..training.checkpoint import load_model
             model, meta = load_model(args.checkpoint, which=args.which, map_location=device)
@@ -155,7 +156,8 @@ def main(argv=None):
             result["search"] = {"method": "greedy ternary search in log sigma", "iters": args.search_iters,
                                 "trials": search["trials"], "seconds": round(search_s, 1)}
         if recorded:    # where the levels (or the search's start) came from
-            (result if search is None else result["search"])["sigmas_from"] = "checkpoint (sampling_sigmas)"
+            (result if search is None else result["search"])["sigmas_from"] = \
+                "model card (2-step-searched)" if args.pretrained is not None else "checkpoint (sampling_sigmas)"
     except _common.user_errors() as e:
         _fail(_common.first_line(e))
     if args.pretrained is not None:

@@ -24,7 +24,8 @@ def build_parser():
     g.add_argument("--num", type=_common.ranged(int, 1), default=64, help="number of images (default: 64)")
     g.add_argument("--steps", type=_common.ranged(int, 1), default=None,
                    help="network evaluations: 1 -> sigma_max, 2 -> sigma_max,0.821, more: the Karras grid, unless "
-                        "the checkpoint records its own levels; EDM teachers: Heun steps (default: 1, EDM 18)")
+                        "the checkpoint (or a shipped model's card) records its own levels; EDM teachers: Heun steps "
+                        "(default: 1, EDM 18)")
     g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None,
                    help="decreasing noise levels, e.g. 80,0.821")
     g.add_argument("--seed", type=_common.ranged(int, 0), default=0, help="(default: 0)")
@@ -80,9 +81,10 @@ def main(argv=None) -> int:
             _common.check_output(args.npz, "--npz", (".npz",))
         device = _common.pick_device(args.device)
         meta = None
-        if args.pretrained is not None:
-            from ..pretrained import load_pretrained
+        if args.pretrained is not None:     # its card's searched levels, where it has them, as a checkpoint's own
+            from ..pretrained import card_sampling_sigmas, load_pretrained
             model, kind = load_pretrained(args.pretrained, map_location=device), "cm"
+            meta = {"config": {"sampling_sigmas": card_sampling_sigmas(model.card)}}
         else:
             from ..training.checkpoint import load_model
             from ..training.methods import get_method
