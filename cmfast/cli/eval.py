@@ -111,10 +111,9 @@ def main(argv=None):
             _common.check_output(args.out, "--out")
         device = _common.pick_device(args.device)
         if args.pretrained is not None:     # a shipped model: its card names the dataset it was trained on
-            from ..pretrained import card_sampling_sigmas, load_pretrained
-            model = load_pretrained(args.pretrained, map_location=device)
-            meta = {"config": {"dataset": model.card.get("dataset"),
-                               "sampling_sigmas": card_sampling_sigmas(model.card)}}
+            from ..pretrained import card_sampling_sigmas, load_pretrained, model_card
+            model, card = load_pretrained(args.pretrained, map_location=device), model_card(args.pretrained)
+            meta = {"config": {"dataset": card.get("dataset"), "sampling_sigmas": card_sampling_sigmas(card)}}
         else:
             from ..training.checkpoint import load_model
             model, meta = load_model(args.checkpoint, which=args.which, map_location=device)

@@ -82,9 +82,9 @@ def main(argv=None) -> int:
         device = _common.pick_device(args.device)
         meta = None
         if args.pretrained is not None:     # its card's searched levels, where it has them, as a checkpoint's own
-            from ..pretrained import card_sampling_sigmas, load_pretrained
+            from ..pretrained import card_sampling_sigmas, load_pretrained, model_card
             model, kind = load_pretrained(args.pretrained, map_location=device), "cm"
-            meta = {"config": {"sampling_sigmas": card_sampling_sigmas(model.card)}}
+            meta = {"config": {"sampling_sigmas": card_sampling_sigmas(model_card(args.pretrained))}}
         else:
             from ..training.checkpoint import load_model
             from ..training.methods import get_method
