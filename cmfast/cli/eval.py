@@ -39,8 +39,8 @@ def build_parser():
     g.add_argument("--steps", type=_positive, default=None,
                    help="network evaluations (default 1; an EDM teacher: Heun steps, default 18)")
     g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None,
-                   help="decreasing noise levels, e.g. 80,0.821 (default: the levels the checkpoint, or a "
-                        "shipped model's card, records, else the model's sigma_max (80) for 1 step, then 0.821 for 2, the Karras grid for more)")
+                   help="decreasing noise levels, e.g. 80,0.821 (default: the levels the checkpoint records "
+                        "(a shipped model: its card's searched 2-step level), else the model's sigma_max (80) for 1 step, then 0.821 for 2, the Karras grid for more)")
     g.add_argument("--search-sigmas", action="store_true",
                    help="find the --steps (>= 2) noise levels that minimize the metric (greedy ternary search in "
                         "log sigma, as the CM paper tunes them; the defaults are scored too) and report the best")

@@ -24,8 +24,8 @@ def build_parser():
     g.add_argument("--num", type=_common.ranged(int, 1), default=64, help="number of images (default: 64)")
     g.add_argument("--steps", type=_common.ranged(int, 1), default=None,
                    help="network evaluations: 1 -> sigma_max, 2 -> sigma_max,0.821, more: the Karras grid, unless "
-                        "the checkpoint (or a shipped model's card) records its own levels; EDM teachers: Heun steps "
-                        "(default: 1, EDM 18)")
+                        "the checkpoint records its own levels (a shipped model: its card's searched 2-step level); EDM "
+                        "teachers: Heun steps (default: 1, EDM 18)")
     g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None,
                    help="decreasing noise levels, e.g. 80,0.821")
     g.add_argument("--seed", type=_common.ranged(int, 0), default=0, help="(default: 0)")
