@@ -115,7 +115,8 @@ ORDER = ("edm", "cd", "ct", "ict", "sct")
 # four consistency runs then start together, CD from that teacher with about twice its images of session 5 and the
 # others about 0.6x their session-5 caps (still 3-4x their sequential ones). The fit (tests/test_reference_runs.py,
 # from session 5's process times): edm's process, then the slowest of the four, the rates and two exports, inside
-# gpu_check.sh's stage with 30 s to spare. Not yet run on a GPU.
+# gpu_check.sh's stage with 30 s to spare. The four also get a quarter of the CPU cores each as their OpenMP thread
+# count (child_env; session 5's children each started a thread per core). Not yet run on a GPU.
 PARALLEL_CAPS = {"gpu": {"edm": 1.6, "cd": 3.2, "ct": 3.2, "ict": 3.2, "sct": 3.2},
                  "cpu": {"edm": 20.0, "cd": 30.0, "ct": 30.0, "ict": 30.0, "sct": 30.0},
                  "smoke": {m: 0.6 for m in ORDER}}
@@ -341,6 +342,18 @@ def child_argv(method: str, a, results: str, cap: float | None = None) -> list[s
     return argv
 
 
+def child_env(beside: int) -> dict:
+    """A child's environment: with `beside` runs at once, each gets its share of the CPU cores as its OpenMP /
+    intra-op thread count (OMP_NUM_THREADS = cores // beside), as torchrun does for its processes: every PyTorch
+    process otherwise starts a thread per core, and several of them spin-waiting on the same cores slow the host
+    threads that launch the GPU work, which is what these host-bound runs wait on. A count the user set is kept;
+    one run alone keeps all cores."""
+    env = dict(os.environ)
+    if beside > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // beside))
+    return env
+
+
 def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> None:
     """--parallel: FIRST's methods (the teacher) as processes at once, THEN's when edm's has ended (cd only if it
     succeeded; all of them at once where edm is not among the methods); each writes <out>/<method>.json and
@@ -355,15 +368,17 @@ def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> Non
     running: dict[str, tuple] = {}
     t_all = time.time()
 
-    def start(m):
+    def start(m, beside=1):
         res = os.path.join(a.out, f"{m}.json")
         if os.path.exists(res):
             os.remove(res)
         log = open(os.path.join(a.out, f"{m}.log"), "w")
         cap = parallel_cap(m, a, time.time() - getattr(a, "t_start", t_all))
         doc["parallel"]["caps_min"][m] = cap
-        running[m] = (subprocess.Popen(child_argv(m, a, res, cap), stdout=log, stderr=subprocess.STDOUT), log, res,
-                      time.time())
+        env = child_env(beside)
+        doc["parallel"].setdefault("omp_threads", {})[m] = env.get("OMP_NUM_THREADS")
+        running[m] = (subprocess.Popen(child_argv(m, a, res, cap), stdout=log, stderr=subprocess.STDOUT, env=env),
+                      log, res, time.time())
         waiting.remove(m)
         print(f"reference_runs: started {m} (cap {cap:.3g} min)", flush=True)
 
@@ -379,12 +394,13 @@ def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> Non
             start(m)
         while running or waiting:
             if "edm" not in running:
-                for m in [m for m in THEN if m in waiting]:
-                    if m == "cd" and "edm" in only and "error" in doc["runs"].get("edm", {"error": 1}):
-                        waiting.remove("cd")
-                        doc["runs"]["cd"] = {"method": "cd", "error": "skipped: the EDM teacher run failed"}
-                    else:
-                        start(m)
+                group = [m for m in THEN if m in waiting]
+                if "cd" in group and "edm" in only and "error" in doc["runs"].get("edm", {"error": 1}):
+                    group.remove("cd")
+                    waiting.remove("cd")
+                    doc["runs"]["cd"] = {"method": "cd", "error": "skipped: the EDM teacher run failed"}
+                for m in group:
+                    start(m, beside=len(group))
             for m, (proc, log, res, t0) in list(running.items()):
                 if proc.poll() is None:
                     continue

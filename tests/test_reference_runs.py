@@ -319,8 +319,8 @@ time.sleep({"edm": 0.5}.get(method, 0.1))
 if method == "edm" and "fail-edm" in out:
     sys.exit(3)
 ev = [{"nfe": 35 if method == "edm" else 1, "value": 5.0, "sample_img_per_s": 1.0}]
-json.dump({"runs": {method: {"method": method, "t0": t0, "t1": time.time(), "evals": ev, "run_dir": out}}},
-          open(results, "w"))
+json.dump({"runs": {method: {"method": method, "t0": t0, "t1": time.time(), "evals": ev, "run_dir": out,
+                              "omp": os.environ.get("OMP_NUM_THREADS")}}}, open(results, "w"))
 print(method, "done")
 """
 
@@ -328,10 +328,12 @@ print(method, "done")
 @pytest.mark.parametrize("edm_fails", [False, True])
 def test_parallel_mode_trains_the_teacher_first_then_the_rest_together(tmp_path, monkeypatch, capsys, edm_fails):
     """--parallel: edm alone first; when its process has ended, cd, ct, ict and sct together (cd skipped when edm
-    failed, the others still run); each child's results merge in table order; the caps and the schedule are
-    recorded; the sampling rates are measured again afterwards. The children here are stand-ins that sleep and write
-    a record (the real child is this script with --only, which the smoke test runs)."""
+    failed, the others still run), each with its share of the CPU cores as OMP_NUM_THREADS; each child's results
+    merge in table order; the caps, the thread counts and the schedule are recorded; the sampling rates are measured
+    again afterwards. The children here are stand-ins that sleep and write a record (the real child is this script
+    with --only, which the smoke test runs)."""
     import sys
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
     out = tmp_path / ("runs-fail-edm" if edm_fails else "runs")
     monkeypatch.setattr(ref, "child_argv", lambda m, a, res, cap=None: [sys.executable, "-c", FAKE_CHILD, m, res,
@@ -342,10 +344,13 @@ def test_parallel_mode_trains_the_teacher_first_then_the_rest_together(tmp_path,
     rc = ref.main(["--profile", "smoke", "--out", str(out), "--results", str(results), "--parallel"])
     doc = json.loads(results.read_text())
     assert list(doc["runs"]) == list(ref.ORDER) and rc == (1 if edm_fails else 0)
-    assert doc["parallel"] == {"caps_min": ref.PARALLEL_CAPS["smoke"], "first": ["edm"],
-                               "then": ["cd", "ct", "ict", "sct"]}
     runs = doc["runs"]
     rest = ("ct", "ict", "sct") if edm_fails else ("cd", "ct", "ict", "sct")
+    share = str(max(1, (os.cpu_count() or 1) // len(rest)))      # the teacher alone: every core (no count set)
+    assert doc["parallel"] == {"caps_min": ref.PARALLEL_CAPS["smoke"], "first": ["edm"],
+                               "then": ["cd", "ct", "ict", "sct"], "omp_threads": {"edm": None, **{m: share
+                                                                                                   for m in rest}}}
+    assert [runs[m]["omp"] for m in rest] == [share] * len(rest) and runs["edm"].get("omp") is None
     assert max(runs[m]["t0"] for m in rest) < min(runs[m]["t1"] for m in rest)     # side by side
     if edm_fails:
         assert runs["edm"]["error"].startswith("process exited with 3")
@@ -359,6 +364,17 @@ def test_parallel_mode_trains_the_teacher_first_then_the_rest_together(tmp_path,
         make_tables._parallel_note(doc)
     old = dict(doc, parallel={"caps_min": {}, "first": ["edm", "ct", "ict", "sct"], "then": ["cd"]})  # session 5's
     assert "device: edm, ct, ict, sct at once, then cd after edm (caps" in make_tables._parallel_note(old)
+
+
+def test_a_child_beside_others_gets_its_share_of_the_cores(monkeypatch):
+    ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(ref.os, "cpu_count", lambda: 16)
+    assert ref.child_env(4)["OMP_NUM_THREADS"] == "4" and "OMP_NUM_THREADS" not in ref.child_env(1)
+    monkeypatch.setattr(ref.os, "cpu_count", lambda: 2)
+    assert ref.child_env(4)["OMP_NUM_THREADS"] == "1"                 # at least one thread
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")                        # the user's count is kept
+    assert ref.child_env(4)["OMP_NUM_THREADS"] == "7"
 
 
 def test_deadline_shortens_the_cap_of_a_run_started_late(tmp_path, monkeypatch):
