@@ -189,7 +189,11 @@ def main(argv=None) -> int:
         t = f"{r['median_ms'] * 1e3:8.1f} us  x{r.get('speedup_vs_eager', float('nan')):5.2f}" if "median_ms" in r \
             else r.get("error", "")
         print(f"{r['op']:18s} {str(r['shape']):18s} {r.get('layout', ''):5s} {r['pass']:8s} {r['backend']:14s} {t}")
+    from cmfast import _build
+    ops_run = a.ops.split(",")
+    # each op's CUDA sources as measured: make_auto_table.py lets only measurements of the current ones vote
     result = dict(H.environment(dev), benchmark="bench_cuda", dtype=a.dtype, ceilings=ceil,
+                  csrc_ops={op: _build.op_digest(op) for op in ops_run},
                   skipped={**skipped, **COMPILE_BUDGET.note()}, rows=rows)
     H.write_result(result, a.out, f"{H.device_slug(dev)}-cuda-ops.json")
     return 0

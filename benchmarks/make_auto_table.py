@@ -16,7 +16,10 @@ size only gets, for the other size, the winner measured at that size and pass in
 time (graph_median_ms: the GPU time alone; forward rows, and forward + backward rows where the capture works) is
 judged by those times; a forward + backward case at the large size without them does not vote (its eager time is
 host launch cost a GPU-bound training step hides), and a class left unmeasured at that size takes the op's winner.
-Only CUDA results count, and only numbers that are in the files: nothing is filled in.
+Only CUDA results count, and only numbers that are in the files: nothing is filled in. A kernel rewritten since its
+rows were measured does not vote with them: bench_cuda.py records each op's CUDA source digest (csrc_ops), and only
+rows of the op's current sources count (files from before the digests: only while no file has measured the current
+ones); the table's _meta lists the rows left out.
 """
 from __future__ import annotations
 
@@ -41,8 +44,27 @@ RETIRED_INPUTS = {"qkv": ("unet-nhwc-views",)}
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "cmfast" / "ops" / "auto_table.json"
 
 
-def choose(results: list[dict]) -> tuple[dict, dict]:
-    """(op -> backend, op -> {backend: geometric-mean ratio to the per-case best, "cases": n})."""
+def superseded(results: list[dict], current: dict | None) -> set[tuple[int, str]]:
+    """(file index, op) pairs whose CUDA rows do not vote: measured with other sources of the op's kernels than
+    `current` (op -> cmfast._build.op_digest of the working tree; the files record theirs as csrc_ops). A file from
+    before the digests were recorded votes for an op only while no file has measured the op's current sources."""
+    if not current:
+        return set()
+    recorded = [res.get("csrc_ops") or {} for res in results]
+    measured_now = {op for rec in recorded for op, d in rec.items() if d and d == current.get(op)}
+    out = set()
+    for i, (res, rec) in enumerate(zip(results, recorded)):
+        for op in {row.get("op") for row in res.get("rows", []) if row.get("backend") == "cuda"}:
+            if current.get(op) is None:
+                continue
+            if (rec.get(op) != current[op]) if rec.get(op) else op in measured_now:
+                out.add((i, op))
+    return out
+
+
+def choose(results: list[dict], skip: set[tuple[int, str]] = frozenset()) -> tuple[dict, dict]:
+    """(op -> backend, op -> {backend: geometric-mean ratio to the per-case best, "cases": n}). skip: (file index,
+    op) pairs whose CUDA rows are left out (superseded)."""
     cases: dict[tuple, dict[str, float]] = defaultdict(dict)
     graphed: dict[tuple, dict[str, float]] = defaultdict(dict)
     for i, res in enumerate(results):
@@ -50,6 +72,8 @@ def choose(results: list[dict]) -> tuple[dict, dict]:
             continue
         for row in res.get("rows", []):
             if any(row.get(k) in v for k, v in RETIRED_INPUTS.items()):
+                continue
+            if row.get("backend") == "cuda" and (i, row.get("op")) in skip:
                 continue
             if row.get("backend") in CHOOSABLE and isinstance(row.get("median_ms"), (int, float)) \
                     and row["median_ms"] > 0:
@@ -150,6 +174,18 @@ def _winner(rows: list[dict[str, float]]) -> tuple[str, dict] | None:
     return min(cands, key=lambda b: (gm[b], CHOOSABLE.index(b))), dict(gm, cases=len(full))  # ties: simpler backend
 
 
+def current_digests() -> dict | None:
+    """op -> the digest of its CUDA sources in this checkout (cmfast/_build.py, loaded by path: it needs only the
+    standard library, so the table can be made where cmfast is not installed), or None without csrc/."""
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "cmfast" / "_build.py"
+    spec = importlib.util.spec_from_file_location("_cmfast_build_for_table", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    digests = {op: build.op_digest(op) for op in build.OP_SOURCES}
+    return digests if any(digests.values()) else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="make_auto_table", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", type=Path, help="benchmark result JSON files")
@@ -163,7 +199,8 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             print(f"make_auto_table: error: cannot read {path}: {e}", file=sys.stderr)
             return 2
-    table, stats = choose(results)
+    skip = superseded(results, current_digests())
+    table, stats = choose(results, skip)
     if not table:
         print("make_auto_table: error: no CUDA rows with torch/triton/cuda timings in the given files", file=sys.stderr)
         return 2
@@ -171,6 +208,8 @@ def main(argv=None) -> int:
                       "sources": [p.name for p in a.results],
                       "devices": sorted({r.get("device", "?") for r in results if r.get("device_type") == "cuda"}),
                       "rule": "lowest geometric mean of time / per-case fastest", "ratios": stats}
+    if skip:    # CUDA rows of kernels since rewritten: what they measured no longer exists
+        table["_meta"]["superseded_cuda_rows"] = sorted(f"{a.results[i].name}: {op}" for i, op in skip)
     text = json.dumps(table, indent=1, sort_keys=True) + "\n"
     print(text, end="")
     if not a.dry_run:

@@ -105,6 +105,29 @@ def source_hash(arch: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+# The sources of each op's kernels (with the shared device helpers): what a per-op measurement measured. The
+# benchmarks record op_digest(op) beside their rows, and benchmarks/make_auto_table.py lets only measurements of the
+# op's current sources pick a backend (a rewritten kernel's old timings are of a kernel that no longer exists).
+OP_SOURCES = {"group_norm_act": ("group_norm_act.cu",), "skip_output": ("skip_output.cu",),
+              "skip_output_infer": ("skip_output.cu",), "consistency_loss": ("consistency_loss.cu",)}
+_SHARED_SOURCES = ("common.cuh",)
+
+
+def op_digest(op: str) -> str | None:
+    """Hash of the CUDA sources of `op` (OP_SOURCES plus the shared helpers), or None for an op without CUDA
+    kernels or where the sources are not here."""
+    names = OP_SOURCES.get(op)
+    if not names:
+        return None
+    h = hashlib.sha256()
+    for name in (*names, *_SHARED_SOURCES):
+        path = CSRC / name
+        if not path.is_file():
+            return None
+        h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def ext_filename(module: str = "_C") -> str:
     return module + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
 

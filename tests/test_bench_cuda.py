@@ -197,6 +197,65 @@ def test_bench_cuda_cpu_smoke(tmp_path):
     for r in (r for r in res["rows"] if r["backend"] == "torch"):
         assert r["median_ms"] > 0 and r["bytes"] == 3 * 4 * r["shape"][0] * 3 * 32 * 32
         assert r["speedup_vs_eager"] == 1.0
+    from cmfast import _build
+    assert res["csrc_ops"] == {"consistency_loss": _build.op_digest("consistency_loss")}   # what was measured
+    assert len(res["csrc_ops"]["consistency_loss"]) == 16
+
+
+def test_op_digest_follows_the_ops_own_sources(tmp_path, monkeypatch):
+    """An op's digest changes with its kernel file and the shared helpers, not with another op's file."""
+    import shutil
+
+    from cmfast import _build
+    csrc = tmp_path / "csrc"
+    shutil.copytree(_build.CSRC, csrc)
+    monkeypatch.setattr(_build, "CSRC", csrc)
+    before = {op: _build.op_digest(op) for op in ("group_norm_act", "consistency_loss", "skip_output_infer")}
+    assert _build.op_digest("attention") is None and len(set(before.values())) == 3
+    with open(csrc / "group_norm_act.cu", "a") as f:
+        f.write("// changed\n")
+    after = {op: _build.op_digest(op) for op in before}
+    assert after["group_norm_act"] != before["group_norm_act"]
+    assert [after[o] for o in ("consistency_loss", "skip_output_infer")] == \
+        [before[o] for o in ("consistency_loss", "skip_output_infer")]
+    with open(csrc / "common.cuh", "a") as f:
+        f.write("// changed\n")
+    assert all(_build.op_digest(op) != after[op] for op in before)
+    (csrc / "skip_output.cu").unlink()
+    assert _build.op_digest("skip_output_infer") is None
+
+
+def test_auto_table_leaves_out_rows_of_rewritten_kernels(tmp_path, monkeypatch):
+    """Only measurements of an op's current CUDA sources vote: a file that recorded other sources never does; one
+    from before the digests (none recorded) votes only while no file has measured the current ones. Other ops' rows
+    and the other backends' rows of the same files still vote; _meta names what was left out."""
+    from cmfast import _build
+    assert make_auto_table.current_digests() == {op: _build.op_digest(op) for op in _build.OP_SOURCES}
+
+    def case(cuda, triton, shape=(1, 128, 32, 32), op="group_norm_act"):
+        return [_row(op, list(shape), b, ms) for b, ms in (("torch", 10.0), ("triton", triton), ("cuda", cuda))]
+    old = _result("cuda", case(1.0, 2.0) + case(1.0, 2.0, op="consistency_loss", shape=(8, 3, 32, 32)))
+    stale = dict(_result("cuda", case(1.0, 2.0, shape=(8, 128, 32, 32))), csrc_ops={"group_norm_act": "a" * 16})
+    new = dict(_result("cuda", case(3.0, 2.0)), csrc_ops={"group_norm_act": "b" * 16})
+    files = []
+    for i, res in enumerate((old, stale, new)):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(res))
+    out = tmp_path / "t.json"
+
+    def table(current, *which):
+        monkeypatch.setattr(make_auto_table, "current_digests", lambda: current)
+        assert make_auto_table.main([*(str(files[i]) for i in which), "--out", str(out)]) == 0
+        return json.loads(out.read_text())
+    now = {"group_norm_act": "b" * 16, "consistency_loss": "c" * 16}
+    t = table(now, 0, 1, 2)
+    assert t["group_norm_act"] == "triton" and t["consistency_loss"] == "cuda"   # the new kernel is slower here
+    assert t["_meta"]["superseded_cuda_rows"] == ["r0.json: group_norm_act", "r1.json: group_norm_act"]
+    t = table(now, 0, 1)                       # the current sources unmeasured: the file from before digests votes
+    assert t["group_norm_act"] == "cuda" and t["_meta"]["superseded_cuda_rows"] == ["r1.json: group_norm_act"]
+    t = table(None, 0, 1, 2)                   # no csrc/ here: every row votes
+    assert "superseded_cuda_rows" not in t["_meta"]
+    assert t["_meta"]["ratios"]["group_norm_act"]["cases"] == 3
 
 
 
