@@ -318,10 +318,9 @@ def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias
         check_pre_bias_forward_only(x, weight, bias, scale, shift, pre_bias)
     if pre_bias is not None or not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, scale, shift))):
-        # no backward: the launch alone (no autograd node), and nothing saved for one
-        with torch.no_grad():
-            return _gn_forward(x, num_groups, weight, bias, float(eps), scale, shift, act == "silu", pre_bias,
-                               save=False)[0]
+        # no backward: the launch alone (no autograd node, nothing for one to record), and nothing saved for one
+        return _gn_forward(x, num_groups, weight, bias, float(eps), scale, shift, act == "silu", pre_bias,
+                           save=False)[0]
     return _GroupNormAct.apply(x, num_groups, weight, bias, float(eps), scale, shift, act == "silu")
 
 
