@@ -285,9 +285,10 @@ def test_group_norm_act_wide_groups_take_the_split_path(fwd_spy):
     inputs = _gn_inputs((1, 1024, 2, 2), torch.float32, NCHW, G=1)
     check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs))
     assert fwd_spy.seen and all(a[6] > 0 for a in fwd_spy.seen)
-    inputs = _gn_inputs((1, 512, 2, 2), torch.float32, NCHW, G=1)
-    check("group_norm_act", ref.group_norm_act, inputs, grad=())
-    assert fwd_spy.seen[-1][6] == 0                                             # 512 channels: still one launch
+    for fmt in (NCHW, CL):        # 512 channels: still one launch (NHWC: rows of 512 channels, 64 vectors each)
+        inputs = _gn_inputs((1, 512, 2, 2), torch.float32, fmt, G=1)
+        check("group_norm_act", ref.group_norm_act, inputs, grad=())
+        assert fwd_spy.seen[-1][6] == 0
     x = torch.zeros(1, 1024, 4)
     p = x.data_ptr()
     with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
