@@ -393,8 +393,8 @@ def run_parallel(only: list[str], prof: dict, a, doc: dict, results: str) -> Non
         for m in [m for m in FIRST if m in waiting]:
             start(m)
         while running or waiting:
-            if "edm" not in running:
-                group = [m for m in THEN if m in waiting]
+            if "edm" not in running:      # everything still waiting (THEN): none can be left waiting forever
+                group = list(waiting)
                 if "cd" in group and "edm" in only and "error" in doc["runs"].get("edm", {"error": 1}):
                     group.remove("cd")
                     waiting.remove("cd")

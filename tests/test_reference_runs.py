@@ -366,6 +366,33 @@ def test_parallel_mode_trains_the_teacher_first_then_the_rest_together(tmp_path,
     assert "device: edm, ct, ict, sct at once, then cd after edm (caps" in make_tables._parallel_note(old)
 
 
+def test_a_method_in_neither_group_still_starts_after_the_teacher(tmp_path, monkeypatch):
+    """A method missing from THEN (a future one, or a list edited wrongly) starts with the group after the teacher
+    instead of waiting forever (mutation round: dropping sct from THEN hung run_parallel)."""
+    import sys
+    ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
+    out = tmp_path / "runs"
+    monkeypatch.setattr(ref, "THEN", ("cd", "ct", "ict"))
+    monkeypatch.setattr(ref, "child_argv", lambda m, a, res, cap=None: [sys.executable, "-c", FAKE_CHILD, m, res,
+                                                                         str(out)])
+    monkeypatch.setattr(ref, "remeasure_rates", lambda *args: None)
+    results = tmp_path / "ref.json"
+    import signal
+
+    def hung(signum, frame):       # a method left waiting would loop forever: fail instead
+        raise TimeoutError("run_parallel still waiting after 60 s")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        assert ref.main(["--profile", "smoke", "--out", str(out), "--results", str(results), "--parallel"]) == 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    runs = json.loads(results.read_text())["runs"]
+    assert all("error" not in runs[m] for m in ref.ORDER)
+    assert runs["edm"]["t1"] <= runs["sct"]["t0"] < min(runs[m]["t1"] for m in ("cd", "ct", "ict"))
+
+
 def test_a_child_beside_others_gets_its_share_of_the_cores(monkeypatch):
     ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
