@@ -128,7 +128,7 @@ def test_eval_searches_two_step_sigmas(tmp_path, capsys, monkeypatch):
     assert "cmfast-eval: error: engine 'graphed' needs the model on a CUDA device" in capsys.readouterr().err
 
 
-def test_two_steps_of_a_shipped_model_use_its_cards_searched_levels(tmp_path, monkeypatch):
+def test_two_steps_of_a_shipped_model_use_its_cards_searched_levels(tmp_path, monkeypatch, capsys):
     """A shipped model whose card records the 2-step levels its reference run's search found (fmnist-sct: 80, 0.068)
     samples and evaluates 2 steps at them unless --sigmas is given; one without (fmnist) keeps 80, 0.821; the eval
     result says where its levels came from."""
@@ -154,6 +154,7 @@ def test_two_steps_of_a_shipped_model_use_its_cards_searched_levels(tmp_path, mo
     searched, default = library(SCT, (80.0, 0.068422)), library(SCT, (80.0, 0.821))
     assert not np.array_equal(searched, default)
     assert np.array_equal(npz(SCT, "--steps", "2"), searched)
+    assert capsys.readouterr().out.endswith("(noise levels 80, 0.06842, from the model card)\n")
     assert np.array_equal(npz(SCT, "--sigmas", "80,0.821"), default)
     assert np.array_equal(npz(NAME, "--steps", "2"), library(NAME, (80.0, 0.821)))
     seen = []

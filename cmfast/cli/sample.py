@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     except _common.user_errors() as e:
         fail(_common.first_line(e))
     print(f"{len(imgs)} images {imgs.shape[1:]} -> {', '.join(p for p in (args.grid, args.npz) if p)}"
-          + (f" (noise levels {', '.join(f'{s:.4g}' for s in recorded)}, from the checkpoint)" if recorded else ""))
+          + (f" (noise levels {', '.join(f'{s:.4g}' for s in recorded)}, from the "
+             f"{'model card' if args.pretrained is not None else 'checkpoint'})" if recorded else ""))
     return 0
 
 
