@@ -63,23 +63,32 @@ def build_emulated(out: Path) -> Path:
     return so
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    so = build_emulated(tmp_path_factory.mktemp("csrc_emu"))
-    spec = importlib.util.spec_from_file_location("_C_emu", so)
+def load_emulated(out: Path):
+    """The emulated extension module, built into `out`."""
+    spec = importlib.util.spec_from_file_location("_C_emu", build_emulated(out))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-@pytest.fixture(autouse=True)
-def on_cpu(emulated, monkeypatch):
-    """The wrappers as they are, with the device-only pieces swapped: CPU tensors accepted, stream 0, 132 SMs."""
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return load_emulated(tmp_path_factory.mktemp("csrc_emu"))
+
+
+def wrappers_on_cpu(ext, monkeypatch) -> None:
+    """The wrappers as they are, with the device-only pieces swapped: `ext` as the extension, CPU tensors accepted,
+    stream 0, 132 SMs."""
     monkeypatch.setattr(_cuda, "_check", _checks.cuda_check_on_cpu)
-    monkeypatch.setattr(_cuda, "_ext", lambda device: emulated)
+    monkeypatch.setattr(_cuda, "_ext", lambda device: ext)
     monkeypatch.setattr(_cuda, "_stream", lambda device: 0)
     monkeypatch.setattr(_cuda, "_sm_count", lambda index: 132)
     monkeypatch.setattr(_cuda, "_on_device", contextlib.nullcontext)
+
+
+@pytest.fixture(autouse=True)
+def on_cpu(emulated, monkeypatch):
+    wrappers_on_cpu(emulated, monkeypatch)
 
 
 def check(op: str, reffn, inputs: dict, grad=(), dtype=torch.float32, offset_cond=0.0):
@@ -188,7 +197,7 @@ def test_group_norm_act_fused_forward_at_its_size_limit(fmt):
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("affine,mod", [("bf16", "bf16"), ("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "fp32"),
                                         ("mixed", "bf16")])
-def test_group_norm_act_fused_forward_reads_parameters_as_they_are(affine, mod, fmt, monkeypatch):
+def test_group_norm_act_fused_forward_reads_parameters_as_they_are(affine, mod, fmt, fwd_spy):
     """bf16 x; weight and bias, and scale and shift, each pair in bf16 or fp32 (fp32 affine with bf16 modulation is
     the bf16 sampler's case): the one-launch forward gets the tensors themselves, no fp32 copies (up to four launches
     saved); a pair of mixed dtypes is converted to fp32 first. All against float64, gradients included (the backward
@@ -197,17 +206,7 @@ def test_group_norm_act_fused_forward_reads_parameters_as_they_are(affine, mod, 
     want = {"weight": affine, "bias": "fp32" if affine == "mixed" else affine, "scale": mod, "shift": mod}
     for k, how in want.items():
         inputs[k] = inputs[k].float() if how == "fp32" else inputs[k]
-    seen = []
-    real = _cuda._ext(torch.device("cpu"))
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def group_norm_act_fwd(self, *a):
-            seen.append(a)
-            return real.group_norm_act_fwd(*a)
-    monkeypatch.setattr(_cuda, "_ext", lambda device: Spy())
+    seen = fwd_spy.seen
     check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs), dtype=torch.bfloat16)
     ptr = {k: inputs[k].data_ptr() for k in want}
     code = {"bf16": _cuda._DTYPES[torch.bfloat16], "fp32": _cuda._DTYPES[torch.float32]}

@@ -1,8 +1,6 @@
 """Mutation-testing gaps of stop 32's changes (the one-launch GroupNorm forward and its wrapper, reference_runs'
 --parallel schedule, make_auto_table's superseded rows, make_tables' schedule note): each test here failed on a
 mutant of those lines that the other tests let through."""
-import contextlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import _checks
 from _repo import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,32 +25,16 @@ needs_emu = pytest.mark.skipif(E is None, reason="the emulated extension cannot 
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    so = E.build_emulated(tmp_path_factory.mktemp("csrc_emu_stop32"))
-    spec = importlib.util.spec_from_file_location("_C_emu", so)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return E.load_emulated(tmp_path_factory.mktemp("csrc_emu_stop32"))
 
 
 @pytest.fixture
 def emu(emulated, monkeypatch):
     """The wrappers of cmfast/ops/_cuda.py on the emulated extension, CPU tensors, each forward's arguments recorded."""
     from cmfast.ops import _cuda
-    seen = []
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(emulated, name)
-
-        def group_norm_act_fwd(self, *a):
-            seen.append(a)
-            return emulated.group_norm_act_fwd(*a)
-    monkeypatch.setattr(_cuda, "_check", _checks.cuda_check_on_cpu)
-    monkeypatch.setattr(_cuda, "_ext", lambda device: Spy())
-    monkeypatch.setattr(_cuda, "_stream", lambda device: 0)
-    monkeypatch.setattr(_cuda, "_sm_count", lambda index: 132)
-    monkeypatch.setattr(_cuda, "_on_device", contextlib.nullcontext)
-    return _cuda, seen
+    spy = E._FwdSpy(emulated)
+    E.wrappers_on_cpu(spy, monkeypatch)
+    return _cuda, spy.seen
 
 
 # ---- csrc/group_norm_act.cu: the one-launch forward's bounds ----------------------------------------------------
