@@ -180,8 +180,8 @@ def main(argv=None) -> int:
     skipped = {b: why for b in BACKENDS if (why := available(b, dev))}
     backends = [b for b in BACKENDS if b not in skipped]
     ceil = H.ceilings(dev, a.quick)
-    rows = []
-    for op in a.ops.split(","):
+    rows, ops_run = [], a.ops.split(",")
+    for op in ops_run:
         bench = {"group_norm_act": bench_group_norm_act, "skip_output_infer": bench_skip_output_infer,
                  "consistency_loss": bench_consistency_loss}[op]
         rows += bench(dev, dtype, backends, not a.no_compile, a.quick, ceil)
@@ -190,7 +190,6 @@ def main(argv=None) -> int:
             else r.get("error", "")
         print(f"{r['op']:18s} {str(r['shape']):18s} {r.get('layout', ''):5s} {r['pass']:8s} {r['backend']:14s} {t}")
     from cmfast import _build
-    ops_run = a.ops.split(",")
     # each op's CUDA sources as measured: make_auto_table.py lets only measurements of the current ones vote
     result = dict(H.environment(dev), benchmark="bench_cuda", dtype=a.dtype, ceilings=ceil,
                   csrc_ops={op: _build.op_digest(op) for op in ops_run},
