@@ -25,6 +25,7 @@ from . import ops
 from .jvp import (DEFAULT_EPS, DEFAULT_FLOOR, DEFAULT_ORDER, DEFAULT_PRECISION, check_order, dropout_masks, exact_jvp,
                   fd_pair, fd_step, fp64_call)
 from .nets.layers import FourierEmbedding
+from .ops._api import TANGENT_NORMS
 from .precond import backbone_input, check_images, check_sigma
 
 
@@ -136,6 +137,12 @@ def check_prior_weighting(name: str) -> str:
     return name
 
 
+def check_tangent_norm(name: str) -> str:
+    if name not in TANGENT_NORMS:
+        raise ValueError(f"tangent_norm: expected one of {', '.join(TANGENT_NORMS)}, got {name!r}")
+    return name
+
+
 def prior_weight(t: torch.Tensor, sigma_data: float = 0.5, name: str = "none") -> torch.Tensor | None:
     """w(t) of the sCM loss, (B,) fp32, or None for w = 1 ('none'). 'inv_sigma': 1 / (sd tan t) = 1 / sigma, the
     prior weighting NVIDIA FastGen's sCM applies by default (weight = 1 / sigma_t, prior_weighting_enabled) and other
@@ -156,7 +163,7 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
              warmup_steps: int = 10_000, jvp: str = "fd", precision: str = DEFAULT_PRECISION,
              eps: float = DEFAULT_EPS, floor: float = DEFAULT_FLOOR, p_mean: float = -1.0, p_std: float = 1.4,
              c: float = 0.1, generator=None, class_labels=None, order: int = DEFAULT_ORDER,
-             prior_weighting: str = "none") -> torch.Tensor:
+             prior_weighting: str = "none", tangent_norm: str = "l2") -> torch.Tensor:
     """Per-sample sCM loss (B,): sCT without a teacher (dx_t/dt = cos t z - sin t x0 with z of std sd), sCD with
     an EDM denoiser as teacher. The online forward F (with grad, in the caller's autocast) records its dropout
     masks; dF-/dt is the JVP of the same network (same masks, theta- = stopgrad theta) along (dx_t/dt, 1):
@@ -164,10 +171,12 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
     the 4-point stencil, one forward of 4B, folded into the pair the loss takes, see cmfast.jvp.fd_pair),
     jvp='exact' by torch.func.jvp. The fused op cmfast.ops.trig_tangent_loss forms g, normalizes and weights.
     prior_weighting: w(t) multiplying the squared error beside the adaptive weighting, 'none' (w = 1) or
-    'inv_sigma' (w = 1 / (sd tan t), the VE level's inverse; see prior_weight)."""
+    'inv_sigma' (w = 1 / (sd tan t), the VE level's inverse; see prior_weight). tangent_norm: g / (||g|| + c) ('l2',
+    the paper's) or g / (RMS(g) + c) ('rms', NVIDIA FastGen's default: c then means the same at every image size)."""
     if jvp not in ("fd", "exact"):
         raise ValueError(f"jvp: expected 'fd' or 'exact', got {jvp!r}")
     check_prior_weighting(prior_weighting)
+    check_tangent_norm(tangent_norm)
     order = check_order(order)
     check_images(x0, "x0")      # .float() below would train on uint8 pixels as if they were [-1, 1] values
     B, sd = x0.shape[0], model.sigma_data
@@ -183,7 +192,7 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
         F = model.backbone(x_t, t, class_labels)
     logvar = model.logvar(t)
     common = dict(logvar=logvar, weight=prior_weight(t, sd, prior_weighting), r=tangent_warmup(step, warmup_steps),
-                  sigma_data=sd, c=c)
+                  sigma_data=sd, c=c, norm=tangent_norm)
     net = model.backbone
     if precision == "fp64":   # the backbone with fp64 copies of the weights (the model itself stays fp32)
         net64, sign = fp64_call(model.net), -1.0 if model.time_input == "edm" else 1.0

@@ -3,9 +3,9 @@
 Per sample b, over its D elements (t the TrigFlow time, sd = sigma_data, F- = F under stop-gradient):
   dF-/dt = (F+ - F-_) / (2 h)                      (finite difference; or read dF/dt directly)
   g      = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt)
-  gn     = g / (||g|| + c)
+  gn     = g / (s ||g|| + c)                       (s: 1 for the paper's L2 norm, D^-1/2 for the RMS)
   loss   = ||F - F- - gn||^2 w / (exp(logvar) D) + logvar = ||gn||^2 q + logvar,  q = w / (exp(logvar) D)
-  dloss/dF = -2 q gn = coef g with coef = -2 q / (||g|| + c);  dloss/dlogvar = 1 - ||gn||^2 q.
+  dloss/dF = -2 q gn = coef g with coef = -2 q / (s ||g|| + c);  dloss/dlogvar = 1 - ||gn||^2 q.
 Phase 1 (B x S programs, S splits a sample so small batches fill the GPU) reads F, F+, F-_, x_t, dx_t/dt once,
 writes g (fp32) and a partial sum of g^2; phase 2 (B programs) reduces the partials in a fixed order
 (deterministic) and writes loss, coef and dloss/dlogvar. Backward: dF = g coef dloss (one scaling pass).
@@ -55,12 +55,12 @@ def _trig_tangent_partial_kernel(F_ptr, Fp_ptr, Fm_ptr, x_ptr, v_ptr, t_ptr, h_p
 
 
 @triton.jit
-def _trig_tangent_finish_kernel(part_ptr, lv_ptr, w_ptr, loss_ptr, coef_ptr, dlv_ptr, n, S, c,
+def _trig_tangent_finish_kernel(part_ptr, lv_ptr, w_ptr, loss_ptr, coef_ptr, dlv_ptr, n, S, c, ns,
                                 BLOCK_S: tl.constexpr):
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK_S)
     total = tl.sum(tl.load(part_ptr + b * S + offs, mask=offs < S, other=0.0), axis=0)
-    den = tl.sqrt(total) + c
+    den = tl.sqrt(total) * ns + c
     sq = total / (den * den)
     lv = tl.load(lv_ptr + b).to(tl.float32)
     q = tl.load(w_ptr + b).to(tl.float32) / (tl.exp(lv) * n)
@@ -76,7 +76,7 @@ def _layout(F: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def trig_tangent_loss_fwd(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight, r, sd, c):
+def trig_tangent_loss_fwd(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight, r, sd, c, ns=1.0):
     """(loss, g, coef, dlogvar): loss/coef/dlogvar (B,) fp32, g like F in fp32; dloss_b/dF_b = coef_b g_b."""
     fmt = _layout(F)
     fd = dFdt is None
@@ -93,7 +93,7 @@ def trig_tangent_loss_fwd(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, wei
     _trig_tangent_partial_kernel[(B, S)](F, a, b if fd else a, x_t, dxdt, t, h.float().contiguous() if fd else t,
                                          g, part, n, chunk, S, float(r), float(sd), FD=fd, BLOCK=BLOCK)
     _trig_tangent_finish_kernel[(B,)](part, logvar.float().contiguous(), weight.float().contiguous(), loss, coef,
-                                      dlv, n, S, float(c), BLOCK_S=max(16, next_power_of_2(S)))
+                                      dlv, n, S, float(c), float(ns), BLOCK_S=max(16, next_power_of_2(S)))
     return loss, g, coef, dlv
 
 

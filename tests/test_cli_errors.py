@@ -170,6 +170,8 @@ def test_method_arguments_are_checked_before_anything_is_written(capsys, tmp_pat
                        (["--method", "sct", "--method-arg", "jvp=1"], "--method-arg jvp: expected a name"),
                        (["--method", "sct", "--method-arg", "prior_weighting=tan"],
                         "prior_weighting: expected one of none, inv_sigma, got 'tan'"),
+                       (["--method", "sct", "--method-arg", "tangent_norm=linf"],
+                        "tangent_norm: expected one of l2, rms, got 'linf'"),
                        (["--method", "sct", "--method-arg", "jvp=forward"],
                         "jvp: expected 'fd' or 'exact', got 'forward'"),
                        (["--method", "scd", "--teacher", "t.pkl", "--method-arg", "fd_precision=fp8"],

@@ -458,10 +458,11 @@ def _trig_draw(x0, seed, sd, p_mean=-1.0, p_std=1.4):
     return t, z, cos, sin, cos * x0.double() + sin * z
 
 
-def _sct64(net, x0, seed, sd=0.5, r=0.0, weight=None, c=0.1, p_mean=-1.0, p_std=1.4, fd_h=None):
+def _sct64(net, x0, seed, sd=0.5, r=0.0, weight=None, c=0.1, p_mean=-1.0, p_std=1.4, fd_h=None, rms=False):
     """sCM Alg. 1 (sCT, time input t) in float64 with the adaptive head at zero (logvar = 0) and F - F- = 0 in value:
     loss = w ||g / (||g|| + c)||^2 / D, g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt), dF-/dt the
-    exact JVP of F(x_t / sd, t) along (dx_t/dt, 1) (torch.func.jvp on a float64 copy)."""
+    exact JVP of F(x_t / sd, t) along (dx_t/dt, 1) (torch.func.jvp on a float64 copy). rms: ||g|| / sqrt(D) in place
+    of ||g|| (FastGen's normalization)."""
     t, z, cos, sin, x_t = _trig_draw(x0, seed, sd, p_mean, p_std)
     dxdt = cos * z - sin * x0.double()
     net = copy.deepcopy(net).double()
@@ -471,7 +472,8 @@ def _sct64(net, x0, seed, sd=0.5, r=0.0, weight=None, c=0.1, p_mean=-1.0, p_std=
             h = fd_h(t)
             dFdt = (net((x_t + _v(h) * dxdt) / sd, t + h) - net((x_t - _v(h) * dxdt) / sd, t - h)) / _v(2 * h)
     gt = -cos ** 2 * (sd * F - dxdt) - r * cos * sin * (x_t + sd * dFdt)
-    gn = gt / (gt.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) + c)
+    size = gt.flatten(1).norm(dim=1) / (x0[0].numel() ** 0.5 if rms else 1.0)
+    gn = gt / (size.reshape(-1, 1, 1, 1) + c)
     loss = (gn ** 2).flatten(1).sum(1) / x0[0].numel()
     return loss if weight is None else loss * weight(t)
 
@@ -502,6 +504,20 @@ def test_sct_method_passes_fd_order_and_prior_weighting_on():
     loss = sct.loss(models, x0, 0, cfg, torch.Generator().manual_seed(4))[0]
     want = _sct64(models["model"].net, x0, 4, weight=lambda t: 1 / (0.5 * torch.tan(t)))
     torch.testing.assert_close(loss.detach().double(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_sct_method_passes_tangent_norm_on():
+    """--method-arg tangent_norm=rms: g / (||g|| / sqrt(D) + c) (NVIDIA FastGen's g_norm_spatial_invariance) reaches
+    the loss, against the float64 sCM loss; 'l2' (the default) stays the paper's g / (||g|| + c)."""
+    sct = get_method("sct")
+    x0 = _data(6)
+    models = sct.build(CondNet(seed=0), _cfg("sct", warmup_steps=1))
+    want = {norm: _sct64(models["model"].net, x0, 3, r=1.0, rms=norm == "rms") for norm in ("l2", "rms")}
+    for norm in ("l2", "rms"):
+        loss = sct.loss(models, x0, 5, _cfg("sct", warmup_steps=1, tangent_norm=norm),
+                        torch.Generator().manual_seed(3))[0]
+        torch.testing.assert_close(loss.detach().double(), want[norm], rtol=3e-4, atol=1e-9)
+    assert float((want["rms"] / want["l2"]).min()) > 1.5         # the two differ here
 
 
 @pytest.mark.parametrize("method", ["sct", "scd"])

@@ -12,16 +12,19 @@ import pytest  # noqa: E402
 from cmfast import ops  # noqa: E402
 
 
-def _truth(F, x, v, t, Fp, Fm, h, dFdt, lv, w, r, sd, c):
-    """fp64, written independently of the backends: loss and its gradients by autograd through the formula."""
+def _truth(F, x, v, t, Fp, Fm, h, dFdt, lv, w, r, sd, c, norm="l2"):
+    """fp64, written independently of the backends: loss and its gradients by autograd through the formula.
+    norm 'rms': the tangent divided by its root mean square (||g|| / sqrt(D)) plus c, FastGen's variant."""
     F = F.double().detach().requires_grad_(True)
     lv = lv.double().detach().requires_grad_(True)
     B = F.shape[0]
     dF = dFdt.double() if dFdt is not None else (Fp.double() - Fm.double()) / (2 * h.double().view(B, 1, 1, 1))
     tt = t.double().view(B, 1, 1, 1)
     g = -torch.cos(tt) ** 2 * (sd * F.detach() - v.double()) - r * torch.cos(tt) * torch.sin(tt) * (x.double() + sd * dF)
-    norm = g.flatten(1).norm(dim=1).view(B, 1, 1, 1)
-    res = F - F.detach() - g / (norm + c)
+    size = g.flatten(1).norm(dim=1).view(B, 1, 1, 1)
+    if norm == "rms":
+        size = g.flatten(1).square().mean(1).sqrt().view(B, 1, 1, 1)
+    res = F - F.detach() - g / (size + c)
     loss = res.flatten(1).square().sum(1) * w.double() / (lv.exp() * F[0].numel()) + lv
     dF_, dlv = torch.autograd.grad(loss, (F, lv), torch.arange(1.0, B + 1, dtype=torch.float64, device=F.device))
     return loss.detach(), dF_, dlv
@@ -41,13 +44,13 @@ def _inputs(B, C, H, W, dtype, fd=True, seed=0):
                 h=h if fd else None, dFdt=None if fd else dFdt, logvar=lv, weight=w)
 
 
-def _run(backend, kw, r, sd=0.5, c=0.1):
+def _run(backend, kw, r, sd=0.5, c=0.1, norm="l2"):
     F = kw["F"].detach().clone().requires_grad_(True)
     lv = kw["logvar"].detach().clone().requires_grad_(True)
     with ops.use_backend(backend):
         loss = ops.trig_tangent_loss(F, kw["x_t"], kw["dxdt"], kw["t"], F_plus=kw["F_plus"], F_minus=kw["F_minus"],
                                      h=kw["h"], dFdt=kw["dFdt"], logvar=lv, weight=kw["weight"], r=r,
-                                     sigma_data=sd, c=c)
+                                     sigma_data=sd, c=c, norm=norm)
     loss.backward(torch.arange(1.0, F.shape[0] + 1, device=F.device))
     return loss.detach(), F.grad, lv.grad
 
@@ -89,6 +92,49 @@ def test_kernel_bf16_online_output():
     assert got[1].dtype == torch.bfloat16
     assert _err(got[0], want[0]) < 1e-4 and _err(got[2], want[2]) < 1e-4
     assert _err(got[1], want[1]) < 1e-2    # bf16 rounding of the stored gradient (2^-8)
+
+
+_KEYS = ("F", "x_t", "dxdt", "t", "F_plus", "F_minus", "h", "dFdt", "logvar", "weight")
+
+
+@pytest.mark.parametrize("fd", [True, False])
+def test_rms_norm_reference_matches_fp64_truth(fd):
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) else v)
+          for k, v in _inputs(2, 3, 8, 8, torch.float64, fd=fd, seed=3).items()}
+    want = _truth(*(kw[k] for k in _KEYS), 0.6, 0.5, 0.1, norm="rms")
+    got = _run("torch", kw, 0.6, norm="rms")
+    for g, w in zip(got, want):
+        assert _err(g, w) < 1e-12
+    # and the two norms differ here: ||g|| is sqrt(D) = 13.9 times the RMS, so the L2 loss is far from it
+    assert _err(_run("torch", kw, 0.6)[0] - kw["logvar"], want[0] - kw["logvar"]) > 0.5
+
+
+def test_rms_norm_is_l2_with_c_times_sqrt_d():
+    # g / (||g|| / sqrt(D) + c) = sqrt(D) g / (||g|| + c sqrt(D)): the RMS loss less logvar is D times the L2 loss less
+    # logvar at c sqrt(D), an identity the two code paths do not share
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) else v)
+          for k, v in _inputs(3, 2, 5, 5, torch.float64, fd=False, seed=4).items()}
+    D = 2 * 5 * 5
+    rms = _run("torch", kw, 1.0, c=0.1, norm="rms")[0] - kw["logvar"]
+    l2 = _run("torch", kw, 1.0, c=0.1 * D ** 0.5)[0] - kw["logvar"]
+    torch.testing.assert_close(rms, D * l2, rtol=1e-12, atol=0)
+
+
+@pytest.mark.triton_cpu
+@pytest.mark.parametrize("fd", [True, False])
+def test_rms_norm_kernel_matches_reference(fd):
+    pytest.importorskip("triton")
+    kw = _inputs(2, 5, 33, 31, torch.float32, fd)
+    want = _truth(*(kw[k] for k in _KEYS), 0.7, 0.5, 0.1, norm="rms")
+    ref, got = _run("torch", kw, 0.7, norm="rms"), _run("triton", kw, 0.7, norm="rms")
+    for g, rf, w in zip(got, ref, want):
+        assert _err(g, w) <= 2 * _err(rf, w) + 1e-5
+
+
+def test_norm_name_checked():
+    kw = _inputs(2, 3, 4, 4, torch.float32, fd=False)
+    with pytest.raises(ValueError, match=r"^norm: expected one of l2, rms, got 'L2'$"):
+        ops.trig_tangent_loss(kw["F"], kw["x_t"], kw["dxdt"], kw["t"], dFdt=kw["dFdt"], norm="L2")
 
 
 def test_reference_matches_fp64_truth():

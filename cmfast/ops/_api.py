@@ -198,9 +198,11 @@ def consistency_loss(pred, target, kind: str = "pseudo_huber", c: float | None =
 
 
 def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFdt=None, logvar=None, weight=None,
-                      r: float = 1.0, sigma_data: float = 0.5, c: float = 0.1):
+                      r: float = 1.0, sigma_data: float = 0.5, c: float = 0.1, norm: str = "l2"):
     """Per-sample sCM loss (B,) fp32 (Lu & Song 2024, Alg. 1) with t the TrigFlow time (B,):
-    g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt), gn = g / (||g|| + c),
+    g = -cos^2 t (sd F- - dx_t/dt) - r cos t sin t (x_t + sd dF-/dt), gn = g / (||g|| + c) (norm 'l2', the paper's) or
+    gn = g / (||g|| / sqrt(D) + c) (norm 'rms': the root mean square, so c means the same at every image size; NVIDIA
+    FastGen's sCM default, g_norm_spatial_invariance),
     loss = ||F - F- - gn||^2 weight / (exp(logvar) D) + logvar, F- = F under stop-gradient (theta- = stopgrad theta).
     dF-/dt comes either as dFdt or as the finite-difference pair F_plus, F_minus with per-sample steps h (B,):
     (F_plus - F_minus) / (2 h). Differentiable in F and logvar (default 0, no adaptive weighting); the rest is
@@ -240,5 +242,17 @@ def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFd
         raise TypeError(f"sigma_data, c: expected numbers, got sigma_data={sigma_data!r}, c={c!r}") from None
     if not ok:
         raise ValueError(f"expected sigma_data > 0 and c >= 0, got sigma_data={sigma_data}, c={c}")
+    ns = tangent_norm_scale(norm, F[0].numel())
     return _dispatch("trig_tangent_loss", F, None, x_t, dxdt, F_plus, F_minus, dFdt, logvar)(
-        F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight, float(r), float(sigma_data), float(c))
+        F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight, float(r), float(sigma_data), float(c), ns)
+
+
+TANGENT_NORMS = ("l2", "rms")
+
+
+def tangent_norm_scale(norm: str, D: int) -> float:
+    """The factor s of the tangent normalization g / (s ||g|| + c) for `norm` over D elements a sample: 'l2' 1 (sCM's
+    ||g||), 'rms' 1 / sqrt(D) (the root mean square)."""
+    if norm not in TANGENT_NORMS:
+        raise ValueError(f"norm: expected one of {', '.join(TANGENT_NORMS)}, got {norm!r}")
+    return 1.0 if norm == "l2" else 1.0 / math.sqrt(D)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from ..jvp import DEFAULT_EPS, DEFAULT_ORDER, DEFAULT_PRECISION, PRECISIONS, check_order
-from ..trigflow import T_MID, TrigFlowModel, check_prior_weighting, scm_loss, tangent_warmup
+from ..trigflow import T_MID, TrigFlowModel, check_prior_weighting, check_tangent_norm, scm_loss, tangent_warmup
 from .methods import Method, register
 
 
@@ -20,6 +20,7 @@ class SCT(Method):
                 "warmup_steps": 10_000,                # r: 0 -> 1 over this many steps
                 "warmup_frac": 0.0,                    # > 0: over this fraction of K instead (--time-budget runs)
                 "c": 0.1,                              # tangent normalization g / (||g|| + c)
+                "tangent_norm": "l2",                  # ||g|| ('l2', the paper's) or RMS(g) ('rms', FastGen's)
                 "jvp": "fd",                           # 'fd' (finite difference) or 'exact' (torch.func.jvp)
                 "fd_precision": DEFAULT_PRECISION,     # forwards of the finite difference: fp64/fp32/tf32/bf16/fp16
                 "fd_eps": DEFAULT_EPS,                 # step h = fd_eps * max(t, floor)
@@ -35,6 +36,7 @@ class SCT(Method):
             raise ValueError(f"fd_precision: expected one of {', '.join(PRECISIONS)}, got {args['fd_precision']!r}")
         check_order(args["fd_order"], "fd_order")
         check_prior_weighting(args["prior_weighting"])
+        check_tangent_norm(args["tangent_norm"])
         if not 0.0 <= float(args["warmup_frac"]) <= 1.0:
             raise ValueError(f"warmup_frac: expected a fraction of the steps in [0, 1], got {args['warmup_frac']!r}")
 
@@ -69,7 +71,7 @@ class SCT(Method):
         loss = scm_loss(models["model"], x, models.get("teacher"), step, warmup, a["jvp"],
                         a["fd_precision"], a["fd_eps"], p_mean=a["p_mean"], p_std=a["p_std"], c=a["c"],
                         generator=generator, class_labels=class_labels, order=a["fd_order"],
-                        prior_weighting=a["prior_weighting"])
+                        prior_weighting=a["prior_weighting"], tangent_norm=a["tangent_norm"])
         return loss, {"r": tangent_warmup(step, warmup)}
 
 
