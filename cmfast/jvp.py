@@ -143,10 +143,11 @@ def _tf32(on: bool):
         mm.allow_tf32, cudnn.allow_tf32 = old
 
 
-def fp64_call(module: torch.nn.Module) -> Callable:
-    """A callable running `module` with float64 copies of its parameters and buffers (torch.func.functional_call):
-    the fn for precision='fp64' without converting the module itself."""
-    state = {k: (v.detach().double() if v.is_floating_point() else v)
+def fp64_call(module: torch.nn.Module, dtype: torch.dtype = torch.float64) -> Callable:
+    """A callable running `module` with `dtype` (float64) copies of its parameters and buffers
+    (torch.func.functional_call): the fn for precision='fp64' without converting the module itself; with float32, the
+    fp32 forwards of a module whose weights are fp16 / bf16 (a model made .half())."""
+    state = {k: (v.detach().to(dtype) if v.is_floating_point() else v)
              for k, v in [*module.named_parameters(), *module.named_buffers()]}
     return lambda *args, **kw: torch.func.functional_call(module, state, args, kw)
 

@@ -51,7 +51,9 @@ class LogVarHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.embed(t.float())).reshape(-1)
+        """logvar (B,) fp32. The features go in the Linear's dtype (a model made .half() / .bfloat16() has half
+        weights; fp32 features there were 'mat1 and mat2 must have the same dtype'); the loss takes logvar in fp32."""
+        return self.linear(self.embed(t.float()).to(self.linear.weight.dtype)).float().reshape(-1)
 
 
 # ---- The TrigFlow consistency model --------------------------------------------------------------------------
@@ -194,9 +196,15 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
     common = dict(logvar=logvar, weight=prior_weight(t, sd, prior_weighting), r=tangent_warmup(step, warmup_steps),
                   sigma_data=sd, c=c, norm=tangent_norm)
     net = model.backbone
-    if precision == "fp64":   # the backbone with fp64 copies of the weights (the model itself stays fp32)
-        net64, sign = fp64_call(model.net), -1.0 if model.time_input == "edm" else 1.0
-        net = lambda x, s, y: sign * net64(x / sd, model.c_noise(s), y)  # noqa: E731
+    low = next((p.dtype for p in model.net.parameters() if p.is_floating_point()), torch.float32) \
+        in (torch.float16, torch.bfloat16)
+    if precision == "fp64" or (low and precision in ("fp32", "tf32")):
+        # the backbone with fp64 copies of the weights (the model itself stays as it is); a model made .half() /
+        # .bfloat16() gets fp32 copies for fp32 / tf32 forwards: in its own dtype the difference would be rounding
+        # noise (a bf16 step's F+ - F- has 3 significant digits), and torch.func.jvp's tangent too
+        net_c = fp64_call(model.net, torch.float64 if precision == "fp64" else torch.float32)
+        sign = -1.0 if model.time_input == "edm" else 1.0
+        net = lambda x, s, y: sign * net_c(x / sd, model.c_noise(s), y)  # noqa: E731
     tangents = (dxdt, torch.ones_like(t))
     if jvp == "exact":
         # torch.func.jvp cannot trace a torch.compile'd backbone (cmfast-train --compile): that one pass runs eagerly

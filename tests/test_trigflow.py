@@ -495,3 +495,38 @@ def test_ve_call_refuses_a_bad_sigma(bad):
     with pytest.raises(ValueError, match="sigma"):
         model(torch.randn(2, 3, 8, 8), bad)
     assert torch.equal(model(torch.ones(2, 3, 8, 8), 0.0), torch.ones(2, 3, 8, 8))      # f(x, 0) = x
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("jvp", ["fd", "exact"])
+def test_half_model_trains_with_fp32_tangent_forwards(dtype, jvp, monkeypatch):
+    """A TrigFlowModel made .half() / .bfloat16() trains: before, its adaptive-weight head fed fp32 features to half
+    weights ('mat1 and mat2 must have the same dtype'). The loss is fp32, the gradients are in the model's dtype, and
+    the tangent's forwards at precision 'fp32' run on fp32 copies of the weights: the finite-difference pair (or the
+    exact JVP) equals float64 forwards of the same weights to fp32 rounding. In the model's own dtype they were off by
+    its rounding (bf16: 3e-3 of F), which the difference then divides by 2h."""
+    from cmfast import ops
+    from cmfast.jvp import exact_jvp, fp64_call
+    model = TrigFlowModel(_net(dropout=0.0)).to(dtype)
+    x0 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
+    seen, real = {}, ops.trig_tangent_loss
+    monkeypatch.setattr(ops, "trig_tangent_loss", lambda F, x_t, dxdt, t, **kw: seen.update(kw, x_t=x_t, dxdt=dxdt, t=t)
+                        or real(F, x_t, dxdt, t, **kw))
+    loss = sct_loss(model, x0, jvp=jvp, warmup_steps=0, generator=torch.Generator().manual_seed(3))
+    assert loss.dtype == torch.float32 and bool(torch.isfinite(loss).all())
+    loss.sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == dtype and bool(torch.isfinite(p.grad).all()), name
+    assert float(model.logvar.linear.weight.grad.float().abs().sum()) > 0     # the adaptive head learns
+    net64 = fp64_call(model.net)
+    f64 = lambda x, s: net64(x / SD, model.c_noise(s), None)      # noqa: E731  (time input 't': F(x_t / sd, t))
+    x_t, v, t = (seen[k].double() for k in ("x_t", "dxdt", "t"))
+    if jvp == "fd":
+        h = seen["h"].double()
+        want = (f64(x_t + _b(h) * v, t + h), f64(x_t - _b(h) * v, t - h))
+        got = (seen["F_plus"], seen["F_minus"])
+    else:
+        want = (exact_jvp(f64, (x_t, t), (v, torch.ones_like(t)), "fp64")[1],)
+        got = (seen["dFdt"],)
+    for g, w in zip(got, want):
+        assert float((g.double() - w).norm() / w.norm()) < 2e-5
