@@ -309,14 +309,45 @@ def _channels(where: str, mode: str) -> int:
 def _turn(im):
     """The transpose (a PIL.Image.Transpose, or None) that shows `im` upright, as viewers, PIL.ImageOps.exif_transpose
     and torchvision's decode_image(apply_exif_orientation=True) do: a photo taken sideways is stored sideways with
-    EXIF Orientation (tag 0x0112) 6 or 8, and was loaded lying on its side. Read from the header only (Image.Image's
-    getexif: PNG's own decodes the whole image when no eXIf chunk precedes IDAT), so peek_folder, which decodes
-    nothing, sees the same orientation, hence the same (possibly swapped) height and width, as load_folder."""
+    EXIF Orientation (tag 0x0112) 6 or 8, and was loaded lying on its side. Read without decoding (Image.Image's
+    getexif: PNG's own decodes the whole image when no eXIf chunk precedes IDAT; an eXIf after IDAT is found by
+    _png_late_exif), so peek_folder, which decodes nothing, sees the same orientation, hence the same (possibly
+    swapped) height and width, as load_folder."""
     from PIL import Image
     t = Image.Transpose
     o = Image.Image.getexif(im).get(0x0112, 1)      # EXIF 2.3 table 6: 1 as stored, 2-8 mirrored / turned
+    if o == 1 and im.format == "PNG" and "exif" not in im.info:
+        late = _png_late_exif(im.fp)
+        if late is not None:
+            exif = Image.Exif()
+            exif.load(late)
+            o = exif.get(0x0112, 1)
     return {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE, 6: t.ROTATE_270,
             7: t.TRANSVERSE, 8: t.ROTATE_90}.get(o) if isinstance(o, int) else None
+
+
+def _png_late_exif(f) -> bytes | None:
+    """The EXIF of a PNG whose eXIf chunk follows the image data (PNG 1.5 allows it anywhere before IEND, and tools
+    that add metadata to a written file append it there; Pillow reads only what precedes IDAT until it decodes), found
+    by walking the chunk headers and seeking over their data: nothing is decoded. None if there is none. `f` is left
+    where it was."""
+    import struct
+    pos = f.tell()
+    try:
+        f.seek(8)                               # past the signature
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            n, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                body = f.read(n)
+                return b"Exif\x00\x00" + body if len(body) == n else None
+            if kind == b"IEND":
+                return None
+            f.seek(n + 4, 1)                    # the data and its CRC
+    finally:
+        f.seek(pos)
 
 
 def _check_same(path: str, first: str, first_hwc: tuple, name: str, hwc: tuple) -> None:

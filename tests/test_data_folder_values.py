@@ -218,3 +218,55 @@ def test_exif_orientation_agrees_with_torchvisions_decoder(tmp_path, fmt):
         got = data.load_folder(str(sub)).images[0]
         assert got.shape == want.shape == data.peek_folder(str(sub)).shape, o
         assert (got.int() - want.int()).abs().max() <= (0 if fmt == "PNG" else 8), o
+
+
+def _chunks(raw: bytes) -> list[bytes]:
+    """A PNG's chunks, each whole (length, type, data, CRC), after the 8-byte signature."""
+    import struct
+    out, i = [], 8
+    while i < len(raw):
+        n = struct.unpack(">I", raw[i:i + 4])[0]
+        out.append(raw[i:i + 12 + n])
+        i += 12 + n
+    return out
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_exif_after_the_image_data_turns_png_upright_in_load_and_peek(tmp_path, orientation):
+    # PNG 1.5 lets eXIf follow IDAT (tools that add metadata to a written file append it there). Pillow reads only
+    # the chunks before IDAT until it decodes, so such a photo loaded as stored, lying on its side. The file here is
+    # Pillow's own with its eXIf chunk moved after IDAT, bytes otherwise unchanged (each chunk keeps its CRC).
+    from PIL import Image
+    a = np.random.default_rng(orientation).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    _save(tmp_path / "early.png", a, orientation, "PNG")
+    raw = (tmp_path / "early.png").read_bytes()
+    chunks = _chunks(raw)
+    kinds = [c[4:8] for c in chunks]
+    assert kinds.index(b"eXIf") < kinds.index(b"IDAT")
+    exif = chunks.pop(kinds.index(b"eXIf"))
+    chunks.insert(len(chunks) - 1, exif)                     # just before IEND
+    (tmp_path / "early.png").unlink()
+    (tmp_path / "late.png").write_bytes(raw[:8] + b"".join(chunks))
+    with Image.open(tmp_path / "late.png") as im:            # the case: nothing of it in the header Pillow reads
+        assert "exif" not in im.info and Image.Image.getexif(im).get(0x0112) is None
+    ds = data.load_folder(str(tmp_path))
+    want = UPRIGHT[orientation](a)
+    np.testing.assert_array_equal(ds.images[0].permute(1, 2, 0).numpy(), want)
+    assert ds.shape == (3, *want.shape[:2]) == data.peek_folder(str(tmp_path)).shape
+
+
+def test_png_late_exif_walks_chunks_and_leaves_the_file_where_it_was(tmp_path):
+    import io as _io
+    from PIL import Image
+    Image.fromarray(np.zeros((2, 3), np.uint8)).save(tmp_path / "a.png")
+    raw = (tmp_path / "a.png").read_bytes()
+    f = _io.BytesIO(raw)
+    f.seek(5)
+    assert data._png_late_exif(f) is None and f.tell() == 5             # no eXIf at all: None, position kept
+    assert data._png_late_exif(_io.BytesIO(raw[:-12])) is None           # no IEND (cut): None, no error
+    body = b"MM\x00\x2a\x00\x00\x00\x08\x00\x00"
+    import struct
+    import zlib
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    assert data._png_late_exif(_io.BytesIO(raw[:-12] + chunk + raw[-12:])) == b"Exif\x00\x00" + body
+    assert data._png_late_exif(_io.BytesIO(raw[:-12] + chunk[:-8])) is None   # a chunk cut short: None
