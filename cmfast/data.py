@@ -372,37 +372,65 @@ def _check_class(name, v) -> None:
         raise ValueError(f"class {int(v)} of {name} is out of range")
 
 
+def _read_labels(path: str, meta: str, read) -> dict:
+    """One dataset.json's {file name relative to its folder: class} (empty for "labels": null)."""
+    import zipfile
+    try:    # EDM's layout: {"labels": [[file name, class], ...]} (or null)
+        table = dict(json.loads(read(meta)).get("labels") or [])
+        for k, v in table.items():
+            _check_class(k, v)
+        return {k: int(v) for k, v in table.items()}
+    except (ValueError, TypeError, AttributeError, OSError, ArithmeticError, RuntimeError, zipfile.BadZipFile) as e:
+        # ArithmeticError: a class Infinity; RuntimeError: JSON nested too deep, an encrypted zip member
+        raise DataError(f"{path}/{meta}: expected {{\"labels\": [[file name, class], ...]}}, 0 <= class < "
+                        f"{MAX_CLASSES} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                        ) from None
+
+
+def _missing(where: str, missing: list[str], why: str = "") -> DataError:
+    return DataError(f"{where}: no label for {missing[0]}"
+                     + (f" and {len(missing) - 1} other image(s)" if len(missing) > 1 else "") + why)
+
+
 def _folder_labels(path: str, names: list[str], images: list[str], read):
     """(labels (N,) int64 or None, class names or None) of a folder's images: from dataset.json (EDM's layout) if
     present, else from the subfolders when every image sits in one and there are two or more (ImageFolder's layout;
-    class i = classes[i]), else none."""
-    import zipfile
+    class i = classes[i]), else none.
+
+    A dataset.json labels the images of its own folder and below, by paths relative to it: the top one, that of the
+    one folder holding every image (a zip of the folder itself: rgb32/dataset.json beside rgb32/00000/*.png), or one
+    per subset (train/dataset.json and test/dataset.json: both read; before, neither was, and the two subfolders became
+    two classes). An image takes the nearest one above it. One without images below it (notes/dataset.json) is none of
+    the set's. Where any image has a label, every image needs one (a silent 0 would train a conditional model on wrong
+    labels; EDM's loader fails too)."""
     labels = None
-    # dataset.json at the top, or at the top of the one folder that holds every image (a zip of the folder itself:
-    # rgb32/dataset.json beside rgb32/00000/img00000000.png, which was ignored); label paths are relative to it.
-    meta = "dataset.json" if "dataset.json" in names else None
-    nested = [n for n in names if n.endswith("/dataset.json")]
-    if meta is None and len(nested) == 1 and all(n.startswith(nested[0][:-len("dataset.json")]) for n in images):
-        meta = nested[0]
-    if meta is not None:
-        root = meta[:-len("dataset.json")]
-        try:    # EDM's layout: {"labels": [[file name, class], ...]} (or null)
-            table = dict(json.loads(read(meta)).get("labels") or [])
-            for k, v in table.items():
-                _check_class(k, v)
-            table = {k: int(v) for k, v in table.items()}
-        except (ValueError, TypeError, AttributeError, OSError, ArithmeticError, RuntimeError, zipfile.BadZipFile) as e:
-            # ArithmeticError: a class Infinity; RuntimeError: JSON nested too deep, an encrypted zip member
-            raise DataError(f"{path}/{meta}: expected {{\"labels\": [[file name, class], ...]}}, 0 <= class < "
-                            f"{MAX_CLASSES} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                            ) from None
-        if table:
-            rel = [n[len(root):] for n in images]
-            missing = [n for n, r in zip(images, rel) if r not in table]
-            if missing:     # a silent 0 would train a conditional model on wrong labels (EDM's loader fails too)
-                raise DataError(f"{path}/{meta}: no label for {missing[0]}"
-                                + (f" and {len(missing) - 1} other image(s)" if len(missing) > 1 else ""))
-            labels = torch.tensor([table[r] for r in rel], dtype=torch.int64)
+    metas = {n[:-len("dataset.json")]: n for n in names if n == "dataset.json" or n.endswith("/dataset.json")}
+    owner = []                  # each image's nearest dataset.json above it, or None
+    for n in images:
+        d = n.rsplit("/", 1)[0] + "/" if "/" in n else ""
+        while d not in metas and d:
+            d = d[:-1].rsplit("/", 1)[0] + "/" if "/" in d[:-1] else ""
+        owner.append(metas.get(d))
+    used = sorted({m for m in owner if m is not None})
+    meta = used[0] if used else None            # any dataset.json of the set: it decides, not the subfolders
+    tables = {m: _read_labels(path, m, read) for m in used}
+    if any(tables.values()):
+        out, unlisted, outside = [], {}, []
+        for n, m in zip(images, owner):
+            table = tables.get(m) if m is not None else None
+            rel = n[len(m) - len("dataset.json"):] if m is not None else n
+            if table and rel in table:
+                out.append(table[rel])
+            elif table:
+                unlisted.setdefault(m, []).append(n)
+            else:
+                outside.append(n)
+        for m, missing in unlisted.items():
+            raise _missing(f"{path}/{m}", missing)
+        if outside:
+            named = ", ".join(m for m in used if tables[m])
+            raise _missing(path, outside, f" (under no dataset.json with labels; {named} label the others)")
+        labels = torch.tensor(out, dtype=torch.int64)
     classes = None
     parts = [n.split("/") for n in images]
     while all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:

@@ -270,3 +270,65 @@ def test_png_late_exif_walks_chunks_and_leaves_the_file_where_it_was(tmp_path):
     chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
     assert data._png_late_exif(_io.BytesIO(raw[:-12] + chunk + raw[-12:])) == b"Exif\x00\x00" + body
     assert data._png_late_exif(_io.BytesIO(raw[:-12] + chunk[:-8])) is None   # a chunk cut short: None
+
+
+def _edm_subset(root, classes, seed):
+    """EDM dataset_tool's layout: root/00000/img*.png and root/dataset.json naming them '00000/img*.png'."""
+    arrs = _folder(root / "00000", n=len(classes), seed=seed)
+    (root / "dataset.json").write_text(json.dumps(
+        {"labels": [[f"00000/img{i:04d}.png", c] for i, c in enumerate(classes)]}))
+    return arrs
+
+
+def test_a_dataset_json_per_subset_labels_each_subsets_images(tmp_path):
+    # train/dataset.json and test/dataset.json, each EDM's layout: before, neither was read, and the two subfolders
+    # became two classes ('test' 0, 'train' 1) of a conditional model. Now each labels its own images; in a zip too.
+    import zipfile
+    root = tmp_path / "set"
+    a_test = _edm_subset(root / "test", [7, 2], seed=1)
+    a_train = _edm_subset(root / "train", [0, 5, 9], seed=2)
+    with zipfile.ZipFile(tmp_path / "set.zip", "w") as z:
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                z.write(f, f"set/{f.relative_to(root)}")
+    for path in (root, tmp_path / "set.zip"):
+        ds = data.load_folder(str(path))
+        assert ds.labels.tolist() == [7, 2, 0, 5, 9] and ds.classes is None      # sorted names: test/ before train/
+        np.testing.assert_array_equal(ds.images.permute(0, 2, 3, 1).numpy(), np.concatenate([a_test, a_train]))
+        peek = data.peek_folder(str(path))
+        assert peek.num_classes == ds.num_classes == 10 and peek.classes is None
+
+
+def test_the_nearest_dataset_json_above_an_image_labels_it(tmp_path):
+    root = tmp_path / "set"
+    _folder(root, n=2)
+    _labels(root, [1, 3])
+    _edm_subset(root / "extra", [4], seed=3)      # extra/dataset.json names 00000/img0000.png relative to extra/
+    assert data.load_folder(str(root)).labels.tolist() == [4, 1, 3]     # extra/00000/img0000.png sorts first
+
+
+def test_images_under_no_labelled_dataset_json_in_a_labelled_set_are_refused(tmp_path):
+    # a subset without labels beside a labelled one, or images beside a labelled subfolder: which class? One line
+    # from the run and the dry run, naming the images and the label files; before, all were read unlabelled
+    root = tmp_path / "set"
+    _edm_subset(root / "a", [1, 2], seed=1)
+    _folder(root / "b" / "00000", n=2, seed=2)
+    (root / "b" / "dataset.json").write_text('{"labels": null}')
+    for fn in (data.load_folder, data.peek_folder):
+        with pytest.raises(data.DataError, match=r"set: no label for b/00000/img0000\.png and 1 other image\(s\) "
+                                                 r"\(under no dataset.json with labels; a/dataset.json label the "
+                                                 r"others\)$"):
+            fn(str(root))
+    (root / "b" / "dataset.json").unlink()
+    with pytest.raises(data.DataError, match=r"no label for b/00000/img0000\.png and 1 other"):
+        data.load_folder(str(root))
+    # every subset null: no labels at all, and no class-per-subfolder labels either (dataset.json decides)
+    (root / "b" / "dataset.json").write_text('{"labels": null}')
+    (root / "a" / "dataset.json").write_text('{"labels": null}')
+    ds = data.load_folder(str(root))
+    assert ds.labels is None and ds.classes is None
+    # a label file's own missing name is still its error
+    _edm_subset(root / "a", [1, 2], seed=1)
+    (root / "b" / "dataset.json").write_text(json.dumps({"labels": [["00000/img0000.png", 3]]}))
+    with pytest.raises(data.DataError, match=r"set/b/dataset.json: no label for b/00000/img0001\.png$"):
+        data.load_folder(str(root))
