@@ -10,8 +10,11 @@ by name that cannot run raises one line saying why; it never falls back silently
 
 Under torch.compile, 'auto' is the torch composition (traced and fused, no graph break). The ops are plain functions,
 not torch.library custom ops: a kernel backend named explicitly runs eagerly between two graphs (torch.compiler.disable,
-a graph break; fullgraph=True refuses it). Under a torch.func transform (vmap, grad, jacrev, ...), 'auto' is the torch
-composition too, and a kernel backend named explicitly is refused: its autograd.Functions have no functorch rules.
+a graph break; fullgraph=True refuses it). Under torch.func's vmap and grad transforms (grad, vjp, jacrev, vmap of
+them: per-sample gradients) the kernels run, named or picked by 'auto': their autograd.Functions have the torch.func
+style and vmap rules that fold a vmapped dimension into the op's batch (cmfast/ops/_batching.py). Forward mode (jvp,
+jacfwd, hessian) has no rule in them: 'auto' is the torch composition there, and a kernel backend named explicitly
+is refused in one line.
 """
 from __future__ import annotations
 
@@ -198,16 +201,17 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype | None = No
     shape_class) refines backend 'auto'."""
     backend = get_backend()
     compiling = _compiling()
-    transformed = not compiling and precond.under_torch_func()
+    unruled = None if compiling or not precond.under_torch_func() else unsupported_transform()
     if backend == "auto":
         # Under torch.compile, auto is the torch composition: inductor fuses it itself, while a kernel of ours would
-        # be an opaque call between two graphs. Under a torch.func transform too: the kernels' autograd.Functions
-        # have no batching (vmap) or functorch rules.
-        backend = "torch" if compiling or transformed else _auto_choice(op, device, dtype, case)
-    if transformed and backend != "torch":
+        # be an opaque call between two graphs. Under a forward-mode transform (jvp, jacfwd) too: the kernels'
+        # autograd.Functions have vmap and backward rules (vmap, grad, vjp, jacrev), no jvp rule.
+        backend = "torch" if compiling or unruled else _auto_choice(op, device, dtype, case)
+    if unruled and backend != "torch":
+        what = "jvp transform (forward mode: jvp, jacfwd, hessian)" if unruled == "jvp" else f"{unruled} transform"
         raise BackendUnavailable(
-            f"backend {backend!r} cannot run under a torch.func transform (vmap, grad, jacrev, ...): its kernels have "
-            f"no functorch rules; use backend 'auto' or 'torch' there")
+            f"backend {backend!r} cannot run under torch.func's {what}: its kernels have rules for vmap, grad, vjp "
+            f"and jacrev only; use backend 'auto' or 'torch' there")
     if backend == "triton" and not _triton_can_run(device):
         raise BackendUnavailable(
             f"backend 'triton' cannot run on {device.type}: needs a CUDA tensor (or TRITON_INTERPRET=1 for tests)")
@@ -231,6 +235,19 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype | None = No
         # dynamo can trace neither the pybind11 calls nor the stream handles they take.
         fn = _eager_only(fn)
     return fn
+
+
+_RULED = (torch._C._functorch.TransformType.Vmap, torch._C._functorch.TransformType.Grad)
+
+
+def unsupported_transform() -> str | None:
+    """The name of an active torch.func transform the kernels' autograd.Functions have no rule for ('jvp': forward
+    mode, as in jvp, jacfwd and hessian; 'functionalize'), or None: no transform, or only vmap and grad levels
+    (grad, vjp, jacrev, vmap of them; cmfast/ops/_batching.py)."""
+    for interpreter in torch._C._functorch.get_interpreter_stack() or ():
+        if interpreter.key() not in _RULED:
+            return interpreter.key().name.lower()
+    return None
 
 
 def _compiling() -> bool:

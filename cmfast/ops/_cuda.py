@@ -16,6 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _build
+from . import _batching as _b
 from . import check_pre_bias_forward_only
 from . import is_nhwc as _is_nhwc
 
@@ -138,9 +139,29 @@ def _skip_prepare(x, F, sigma):
     return _dense(x, nhwc), _dense(F, nhwc), sigma, nhwc
 
 
+def _skip_bwd(g, sigma, sigma_data, sigma_min, nhwc, F_dtype, need_dx, need_dF):
+    """(dx, dF) = (c_skip g, c_out g), each only where needed."""
+    g, sigma = _dense(g, nhwc), sigma.contiguous()
+    dx = torch.empty_like(g) if need_dx else None
+    dF = torch.empty_like(g, dtype=F_dtype) if need_dF else None
+    B = g.shape[0]
+    with _on_device(g.device):
+        _ext(g.device).skip_output_bwd(g.data_ptr(), _DTYPES[g.dtype], sigma.data_ptr(), sigma_data, sigma_min,
+                                       B, g.numel() // max(B, 1), _ptr(dx), _ptr(dF), _DTYPES[F_dtype],
+                                       _stream(g.device))
+    return dx, dF
+
+
+# The Functions take the torch.func style (forward without ctx, setup_context, vmap): see cmfast/ops/_batching.py.
+_SkipBwd = _b.kernel_call(_skip_bwd, "ss------")
+
+
+@_b.eager_twin
 class _SkipOutput(torch.autograd.Function):
+    """Outputs (y, nhwc): the layout the forward chose goes to the backward through setup_context."""
+
     @staticmethod
-    def forward(ctx, x, F, sigma, sigma_data, sigma_min):
+    def forward(x, F, sigma, sigma_data, sigma_min):
         x, F, sigma, nhwc = _skip_prepare(x, F, sigma)
         y = torch.empty_like(x)
         B = x.shape[0]
@@ -148,24 +169,27 @@ class _SkipOutput(torch.autograd.Function):
             _ext(x.device).skip_output_fwd(x.data_ptr(), _DTYPES[x.dtype], F.data_ptr(), _DTYPES[F.dtype],
                                            sigma.data_ptr(), sigma_data, sigma_min, B, x.numel() // max(B, 1), 0,
                                            y.data_ptr(), _stream(x.device))
+        return y, nhwc
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, F, sigma, sigma_data, sigma_min = inputs
         ctx.save_for_backward(sigma)
-        ctx.meta = (sigma_data, sigma_min, nhwc, F.dtype)
-        return y
+        ctx.meta = (sigma_data, sigma_min, output[1], F.dtype)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g):
+    def backward(ctx, g, *_):
         (sigma,) = ctx.saved_tensors
         sigma_data, sigma_min, nhwc, F_dtype = ctx.meta
-        g = _dense(g, nhwc)
-        dx = torch.empty_like(g) if ctx.needs_input_grad[0] else None
-        dF = torch.empty_like(g, dtype=F_dtype) if ctx.needs_input_grad[1] else None
-        B = g.shape[0]
-        with _on_device(g.device):
-            _ext(g.device).skip_output_bwd(g.data_ptr(), _DTYPES[g.dtype], sigma.data_ptr(), sigma_data, sigma_min,
-                                           B, g.numel() // max(B, 1), _ptr(dx), _ptr(dF), _DTYPES[F_dtype],
-                                           _stream(g.device))
+        need = ctx.needs_input_grad
+        bwd = _SkipBwd.apply if _b.transformed(sigma) else _skip_bwd    # batched g under vmap(grad) / jacrev: folded
+        dx, dF = bwd(g, sigma, sigma_data, sigma_min, nhwc, F_dtype, need[0], need[1])
         return dx, dF, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _b.rule(_SkipOutput.apply, "sss--", info, in_dims, args)
 
 
 def skip_output(x, F, sigma, sigma_data, sigma_min):
@@ -173,11 +197,17 @@ def skip_output(x, F, sigma, sigma_data, sigma_min):
     if isinstance(sigma, torch.Tensor) and sigma.requires_grad and torch.is_grad_enabled():
         raise ValueError("skip_output (cuda): expected sigma without requires_grad (no gradient w.r.t. sigma); "
                          "use backend 'torch' to differentiate through the scalings")
-    return _SkipOutput.apply(x, F, sigma, float(sigma_data), float(sigma_min))
+    return _b.apply(_SkipOutput, x, F, sigma, float(sigma_data), float(sigma_min))
 
 
 def skip_output_infer(x, F, sigma, sigma_data, sigma_min, uint8):
     """Sampler epilogue: clamp(c_skip x + c_out F, -1, 1), or its uint8 bytes round((y + 1) * 127.5). No autograd."""
+    if _b.transformed():    # batched tensors under vmap: folded (no gradient either way)
+        return _SkipInfer.apply(x.detach(), F.detach(), sigma, float(sigma_data), float(sigma_min), uint8)
+    return _skip_infer(x, F, sigma, sigma_data, sigma_min, uint8)
+
+
+def _skip_infer(x, F, sigma, sigma_data, sigma_min, uint8):
     x, F, sigma, _ = _skip_prepare(x, F, sigma)
     y = torch.empty_like(x, dtype=torch.uint8 if uint8 else x.dtype)
     B = x.shape[0]
@@ -186,6 +216,9 @@ def skip_output_infer(x, F, sigma, sigma_data, sigma_min, uint8):
                                        sigma.data_ptr(), float(sigma_data), float(sigma_min), B,
                                        x.numel() // max(B, 1), 2 if uint8 else 1, y.data_ptr(), _stream(x.device))
     return y
+
+
+_SkipInfer = _b.kernel_call(_skip_infer, "sss---")
 
 
 # ---- group_norm_act ---------------------------------------------------------------------------------------------
@@ -258,40 +291,92 @@ def _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu, pre=None, 
     return y, (x, w, b, sc, saved, S, nhwc)
 
 
+def _gn_bwd(dy, x, stats, A, B, w, b, sc, G, S, nhwc, silu, dtypes, need):
+    """(dx, dweight, dbias, dscale, dshift), each only where `need` says. The statistics (N * G * 2) and A, B (N * C):
+    addresses in the forward's workspace, or (under vmap) flat fp32 tensors, sample after sample. S and nhwc None (a
+    folded or looped call under vmap, whose batch and layout are not the forward's): taken from this x, made dense."""
+    w, b, sc = (None if t is None else t.float().contiguous() for t in (w, b, sc))   # fp32 here (no-op if so)
+    if nhwc is None:
+        nhwc = _is_nhwc(x)
+        x = _dense(x, nhwc)
+        stats, A, B = stats.data_ptr(), A.data_ptr(), B.data_ptr()
+    dy = _dense(dy.to(x.dtype), nhwc)
+    N, C = x.shape[:2]
+    HW = x.numel() // max(N * C, 1)
+    dev = x.device
+    S = _num_splits(N, C, HW, nhwc, _sm_count(dev.index)) if S is None else S
+    f32 = dict(device=dev, dtype=torch.float32)
+    dx = torch.empty_like(x) if need[0] else None
+    dw = torch.empty(C, **f32) if need[2] else None
+    db = torch.empty(C, **f32) if need[3] else None
+    dscale = torch.empty(N, C, **f32) if need[5] else None
+    dshift = torch.empty(N, C, **f32) if need[6] else None
+    ws = torch.empty(N * S * C * 2 + N * C * 2 + N * C + N * G * 2, **f32)
+    part, csum, P, m12 = _carve(ws, N * S * C * 2, N * C * 2, N * C, N * G * 2)
+    with _on_device(dev):
+        _ext(dev).group_norm_act_bwd(x.data_ptr(), dy.data_ptr(), _DTYPES[x.dtype], N, C, HW, G, S, nhwc, silu,
+                                     _ptr(w), _ptr(b), _ptr(sc), stats, A, B, part, csum, P, m12, _ptr(dx), _ptr(dw),
+                                     _ptr(db), _ptr(dscale), _ptr(dshift), _stream(dev))
+    return (dx, *(None if g is None else g.to(dt) for g, dt in zip((dw, db, dscale, dshift), dtypes)))
+
+
+# The weight and bias gradients sum over the batch: a folded call would sum over the vmapped calls too, so those
+# loop (one call per vmapped slice); the rest folds.
+_GNBwd = _b.kernel_call(_gn_bwd, "ssssspps------", loops=lambda a: a[13][2] or a[13][3])
+
+
+@_b.eager_twin
 class _GroupNormAct(torch.autograd.Function):
+    """Outputs (y, x's dense copy or None where x was dense, the workspace, (S, nhwc)): the forward's statistics
+    (N * G * 2) and per-channel coefficients A, B (N * C each), in that order in one fp32 workspace, with the split
+    count and layout, go to the backward through setup_context; group_norm_act returns y."""
+
     @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps, scale, shift, silu):
-        y, (x, w, b, sc, saved, S, nhwc) = _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu)
-        ctx.save_for_backward(x, w, b, sc, saved)
+    def forward(x, num_groups, weight, bias, eps, scale, shift, silu):
+        y, (xd, w, b, sc, saved, S, nhwc) = _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu)
+        return y, None if xd is x else xd, saved, (S, nhwc)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, num_groups, weight, bias, eps, scale, shift, silu = inputs
+        y, xd, saved, (S, nhwc) = output
+        ctx.mark_non_differentiable(saved, *(() if xd is None else (xd,)))
+        ctx.set_materialize_grads(False)
+        # weight, bias, scale as given: the backward reads them in fp32 (no-ops for the UNet's fp32 parameters)
+        ctx.save_for_backward(x if xd is None else xd, saved, weight, bias, scale)
         ctx.meta = (num_groups, S, nhwc, silu, [None if t is None else t.dtype for t in (weight, bias, scale, shift)])
-        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
-        x, w, b, sc, saved = ctx.saved_tensors
-        w, b, sc = (None if t is None else t.float().contiguous() for t in (w, b, sc))   # fp32 here (no-op if so)
+    def backward(ctx, dy, *_):
+        x, saved, w, b, sc = ctx.saved_tensors
         G, S, nhwc, silu, dtypes = ctx.meta
-        dy = _dense(dy.to(x.dtype), nhwc)
         N, C = x.shape[:2]
-        HW = x.numel() // max(N * C, 1)
-        dev = x.device
-        f32 = dict(device=dev, dtype=torch.float32)
         need = ctx.needs_input_grad
-        dx = torch.empty_like(x) if need[0] else None
-        dw = torch.empty(C, **f32) if need[2] else None
-        db = torch.empty(C, **f32) if need[3] else None
-        dscale = torch.empty(N, C, **f32) if need[5] else None
-        dshift = torch.empty(N, C, **f32) if need[6] else None
-        stats, A, B = _carve(saved, N * G * 2, N * C, N * C)
-        ws = torch.empty(N * S * C * 2 + N * C * 2 + N * C + N * G * 2, **f32)
-        part, csum, P, m12 = _carve(ws, N * S * C * 2, N * C * 2, N * C, N * G * 2)
-        with _on_device(dev):
-            _ext(dev).group_norm_act_bwd(x.data_ptr(), dy.data_ptr(), _DTYPES[x.dtype], N, C, HW, G, S, nhwc, silu,
-                                         _ptr(w), _ptr(b), _ptr(sc), stats, A, B, part, csum, P, m12, _ptr(dx),
-                                         _ptr(dw), _ptr(db), _ptr(dscale), _ptr(dshift), _stream(dev))
-        cast = [None if g is None else g.to(dt) for g, dt in zip((dw, db, dscale, dshift), dtypes)]
-        return dx, None, cast[0], cast[1], None, cast[2], cast[3], None
+        if _b.transformed(x):   # batched tensors under vmap(grad) / jacrev: each call's workspace in its three parts
+            stats, A, B = saved.split((N * G * 2, N * C, N * C))
+            grads = _GNBwd.apply(dy, x, stats, A, B, w, b, sc, G, None, None, silu, dtypes, need)
+        else:
+            stats, A, B = _carve(saved, N * G * 2, N * C, N * C)
+            grads = _gn_bwd(dy, x, stats, A, B, w, b, sc, G, S, nhwc, silu, dtypes, need)
+        dx, dw, db, dscale, dshift = grads
+        return dx, None, dw, db, None, dscale, dshift, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        # weight and bias shared ('p'): folded; vmapped per call (a different affine per slice): a loop. A folded
+        # call's workspace holds all V * N samples' statistics, then all A, then all B: regrouped per vmapped call.
+        out, dims = _b.rule(_GroupNormAct.apply, "s-pp-ss-", info, in_dims, args, regroup=_gn_regroup)
+        return out, dims
+
+
+def _gn_regroup(out, V: int, args):
+    """A folded forward's outputs with its workspace [stats, A, B] over V * N samples as V workspaces [stats_v, A_v,
+    B_v], one after the other (each what a call on the N samples of one vmapped slice writes)."""
+    y, xd, saved, meta = out
+    VN, C = y.shape[:2]
+    stats, A, B = saved.split((VN * args[1] * 2, VN * C, VN * C))
+    return y, xd, torch.cat((stats.view(V, -1), A.view(V, -1), B.view(V, -1)), 1).reshape(-1), meta
 
 
 def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias=None):
@@ -316,21 +401,49 @@ def group_norm_act(x, num_groups, weight, bias, eps, scale, shift, act, pre_bias
         if pre_bias.shape not in (tuple(x.shape[:2]), (1, C)):
             raise ValueError(f"pre_bias: expected shape {tuple(x.shape[:2])} or (1, {C}), got {tuple(pre_bias.shape)}")
         check_pre_bias_forward_only(x, weight, bias, scale, shift, pre_bias)
+    if _b.transformed():
+        # Under vmap / grad the kernels run through the Function and its rules (cmfast/ops/_batching.py); the pre-add
+        # is then an add in x's dtype first, as where a gradient is needed
+        if pre_bias is not None:
+            x = x + pre_bias.to(x.dtype).reshape(pre_bias.shape + (1,) * (x.dim() - 2))
+        return _b.apply(_GroupNormAct, x, num_groups, weight, bias, float(eps), scale, shift, act == "silu")
     if pre_bias is not None or not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, scale, shift))):
         # no backward: the launch alone (no autograd node, nothing for one to record), and nothing saved for one
         return _gn_forward(x, num_groups, weight, bias, float(eps), scale, shift, act == "silu", pre_bias,
                            save=False)[0]
-    return _GroupNormAct.apply(x, num_groups, weight, bias, float(eps), scale, shift, act == "silu")
+    return _b.apply(_GroupNormAct, x, num_groups, weight, bias, float(eps), scale, shift, act == "silu")
 
 
 group_norm_act.fuses_pre_bias = True
 
 
 # ---- consistency loss (CM paper eq. 10's distance d; iCT pseudo-Huber) -----------------------------------------
+def _loss_bwd(grad, gout, shape, nhwc, dtype):
+    """d loss / d pred = gout_b times the forward's gradient (B, d), in pred's dtype and (dense) layout."""
+    gout = gout.float().contiguous()
+    B, d = grad.shape
+    # in the element order of pred as the forward read it (NCHW or channels-last, dense)
+    order = (B, *shape[2:], shape[1]) if nhwc else (B, *shape[1:])
+    dpred = torch.empty(order, dtype=dtype, device=grad.device)
+    dpred = dpred.movedim(-1, 1) if nhwc else dpred
+    with _on_device(grad.device):
+        _ext(grad.device).consistency_loss_bwd(grad.contiguous().data_ptr(), gout.data_ptr(), B, d, dpred.data_ptr(),
+                                               _DTYPES[dtype], _stream(grad.device))
+    return dpred
+
+
+_LossBwd = _b.kernel_call(_loss_bwd, "ss---")
+
+
+@_b.eager_twin
 class _ConsistencyLoss(torch.autograd.Function):
+    """Outputs (loss, grad, unweighted, meta): the gradient (B, d) fp32 computed with the loss, the unweighted loss
+    (B,) (for the weight's gradient) and pred's layout go to the backward through setup_context; need_pred and
+    need_weight say which the forward computes (the torch.func style has no ctx.needs_input_grad there)."""
+
     @staticmethod
-    def forward(ctx, pred, target, kind, c, weight):
+    def forward(pred, target, kind, c, weight, need_pred, need_weight):
         nhwc = _is_nhwc(pred)  # the loss sums each sample: only pred and target must share a layout
         pred, target = _dense(pred, nhwc), _dense(target, nhwc)
         B = pred.shape[0]
@@ -338,40 +451,47 @@ class _ConsistencyLoss(torch.autograd.Function):
         dev = pred.device
         w = _param("weight", weight, (B,), dev)
         loss = torch.empty(B, device=dev, dtype=torch.float32)
-        grad = torch.empty(B * d, device=dev, dtype=torch.float32) if any(ctx.needs_input_grad[:2]) else None
+        grad = torch.empty(B, d, device=dev, dtype=torch.float32) if need_pred else None
         ext = _ext(dev)
         args = (pred.data_ptr(), _DTYPES[pred.dtype], target.data_ptr(), _DTYPES[target.dtype])
         with _on_device(dev):
             ext.consistency_loss_fwd(*args, _ptr(w), _LOSS_KINDS[kind], c, B, d, loss.data_ptr(), _ptr(grad),
                                      _stream(dev))
             unweighted = None
-            if ctx.needs_input_grad[4]:  # d loss_b / d weight_b = the unweighted distance
+            if need_weight:  # d loss_b / d weight_b = the unweighted distance
                 unweighted = torch.empty(B, device=dev, dtype=torch.float32)
                 ext.consistency_loss_fwd(*args, 0, _LOSS_KINDS[kind], c, B, d, unweighted.data_ptr(), 0, _stream(dev))
+        return loss, grad, unweighted, nhwc
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pred, target, kind, c, weight, need_pred, need_weight = inputs
+        loss, grad, unweighted, nhwc = output
+        ctx.mark_non_differentiable(*(t for t in (grad, unweighted) if t is not None))
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad, unweighted)
-        ctx.meta = (pred.shape, pred.stride(), pred.dtype, target.dtype, weight.dtype if weight is not None else None)
-        return loss
+        ctx.meta = (tuple(pred.shape), nhwc, pred.dtype, target.dtype, weight.dtype if weight is not None else None)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gout):
+    def backward(ctx, gout, *_):
         grad, unweighted = ctx.saved_tensors
-        shape, stride, pred_dtype, target_dtype, weight_dtype = ctx.meta
-        gout = gout.float().contiguous()
-        B = gout.shape[0]
-        d = grad.numel() // max(B, 1) if grad is not None else 0
+        shape, nhwc, pred_dtype, target_dtype, weight_dtype = ctx.meta
         dpred = dtarget = dweight = None
         if ctx.needs_input_grad[0]:
-            dev = grad.device
-            dpred = torch.empty_strided(shape, stride, dtype=pred_dtype, device=dev)  # pred's (dense) layout
-            with _on_device(dev):
-                _ext(dev).consistency_loss_bwd(grad.data_ptr(), gout.data_ptr(), B, d, dpred.data_ptr(),
-                                               _DTYPES[pred_dtype], _stream(dev))
+            bwd = _LossBwd.apply if _b.transformed(grad) else _loss_bwd     # batched under vmap(grad) / jacrev: folded
+            dpred = bwd(grad, gout, shape, nhwc, pred_dtype)
         if ctx.needs_input_grad[1]:  # rare (targets are usually stop-gradient): plain torch is enough
-            dtarget = (grad.view(B, d) * -gout[:, None]).as_strided(shape, stride).to(target_dtype)
+            dtarget = -(grad * gout.float()[:, None]).to(target_dtype)
+            dtarget = dtarget.reshape(dtarget.shape[0], *shape[1:]) if not nhwc else \
+                dtarget.reshape(dtarget.shape[0], *shape[2:], shape[1]).movedim(-1, 1)
         if ctx.needs_input_grad[4]:
-            dweight = (unweighted * gout).to(weight_dtype)
-        return dpred, dtarget, None, None, dweight
+            dweight = (unweighted * gout.float()).to(weight_dtype)
+        return dpred, dtarget, None, None, dweight, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _b.rule(_ConsistencyLoss.apply, "ss--s--", info, in_dims, args)
 
 
 def consistency_loss(pred, target, kind, c, weight):
@@ -385,4 +505,6 @@ def consistency_loss(pred, target, kind, c, weight):
     if weight is not None:
         _check("weight", weight, pred.device)
         _check_shape("weight", weight, (pred.shape[0],))
-    return _ConsistencyLoss.apply(pred, target, kind, float(c), weight)
+    grad = torch.is_grad_enabled()
+    return _b.apply(_ConsistencyLoss, pred, target, kind, float(c), weight, grad and (pred.requires_grad or
+                                  target.requires_grad), grad and weight is not None and weight.requires_grad)

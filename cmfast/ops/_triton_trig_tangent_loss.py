@@ -4,27 +4,45 @@ from __future__ import annotations
 import torch
 
 from cmfast.kernels import trig_tangent_loss as _k
+from cmfast.ops import _batching as _b
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_Bwd = _b.kernel_call(_k.trig_tangent_loss_bwd, "sss-")
+
+
+@_b.eager_twin
 class _TrigTangentLoss(torch.autograd.Function):
-    """Only F and logvar get gradients: F+, F-, dF/dt, x_t and dx_t/dt are stop-gradient (sCM Alg. 1)."""
+    """Only F and logvar get gradients: F+, F-, dF/dt, x_t and dx_t/dt are stop-gradient (sCM Alg. 1).
+    torch.func style (cmfast/ops/_batching.py): outputs (loss, g, coef, dlogvar), the last three going to the backward
+    through setup_context; every tensor is per sample, so vmap folds into the batch."""
 
     @staticmethod
-    def forward(ctx, F, logvar, x_t, dxdt, t, F_plus, F_minus, h, dFdt, weight, r, sd, c, ns):
-        loss, g, coef, dlv = _k.trig_tangent_loss_fwd(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight,
-                                                      r, sd, c, ns)
+    def forward(F, logvar, x_t, dxdt, t, F_plus, F_minus, h, dFdt, weight, r, sd, c, ns):
+        return _k.trig_tangent_loss_fwd(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight, r, sd, c, ns)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        loss, g, coef, dlv = output
+        ctx.mark_non_differentiable(g, coef, dlv)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(g, coef, dlv)
-        ctx.dtypes = (F.dtype, logvar.dtype)
-        return loss
+        ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
 
     @staticmethod
-    def backward(ctx, dloss):
+    def backward(ctx, dloss, *_):
         g, coef, dlv = ctx.saved_tensors
-        dF = _k.trig_tangent_loss_bwd(g, coef, dloss, ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        dlogvar = (dlv * dloss.float()).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        dF = dlogvar = None
+        if ctx.needs_input_grad[0]:     # batched under vmap(grad) / jacrev: through the folded kernel call
+            dF = (_Bwd.apply if _b.transformed(g) else _k.trig_tangent_loss_bwd)(g, coef, dloss, ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            dlogvar = (dlv * dloss.float()).to(ctx.dtypes[1])
         return (dF, dlogvar) + (None,) * 12
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _b.rule(_TrigTangentLoss.apply, "s" * 10 + "----", info, in_dims, args)
 
 
 def trig_tangent_loss(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight, r, sigma_data, c, ns=1.0):
@@ -32,4 +50,5 @@ def trig_tangent_loss(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight,
                     ("dFdt", dFdt), ("logvar", logvar)):
         if u is not None and u.dtype not in _DTYPES:
             raise TypeError(f"trig_tangent_loss (triton): {name}: expected float32/float16/bfloat16, got {u.dtype}")
-    return _TrigTangentLoss.apply(F, logvar, x_t, dxdt, t, F_plus, F_minus, h, dFdt, weight, r, sigma_data, c, ns)
+    return _b.apply(_TrigTangentLoss, F, logvar, x_t, dxdt, t, F_plus, F_minus, h, dFdt, weight, r, sigma_data, c,
+                                  ns)
