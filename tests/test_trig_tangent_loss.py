@@ -175,3 +175,33 @@ def test_kernel_gpu(shape, dtype):
     ref, got = _run("torch", kw, 0.8), _run("triton", kw, 0.8)
     for g, rf, w in zip(got, ref, want):
         assert _err(g, w) <= 2 * _err(rf, w) + (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_float64_call_keeps_t_h_and_weight_in_float64():
+    # t, h and the weight were rounded to fp32 (sigma_vector's default) even for a float64 F: a t of 0.1 became
+    # 0.100000001490116, which moved cos^2 t in the 9th digit; now a float64 call is float64 throughout
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) else v)
+          for k, v in _inputs(2, 3, 4, 4, torch.float64, fd=True, seed=5).items()}
+    kw["t"] = torch.tensor([0.1, 1.3], dtype=torch.float64)
+    kw["h"] = 1e-3 * kw["t"] + 1e-12
+    kw["weight"] = torch.tensor([0.7, 1.1], dtype=torch.float64)
+    want = _truth(*(kw[k] for k in _KEYS), 0.6, 0.5, 0.1)
+    got = _run("torch", kw, 0.6)
+    for g, w in zip(got, want):
+        assert _err(g, w) < 1e-12
+
+
+def test_vmap_over_the_finite_difference_pair():
+    # the h > 0 check branched on data, which vmap refuses ('data-dependent control flow'); under a transform it
+    # is left out, as the models' sigma checks are. vmap over a stack of two problems equals the two calls.
+    a = _inputs(2, 3, 4, 4, torch.float32, fd=True, seed=6)
+    b = _inputs(2, 3, 4, 4, torch.float32, fd=True, seed=7)
+    names = ("F", "x_t", "dxdt", "t", "F_plus", "F_minus", "h", "logvar", "weight")
+    stacked = [torch.stack([a[k], b[k]]) for k in names]
+
+    def one(F, x, v, t, Fp, Fm, h, lv, w):
+        return ops.trig_tangent_loss(F, x, v, t, F_plus=Fp, F_minus=Fm, h=h, logvar=lv, weight=w, r=0.8)
+    with ops.use_backend("torch"):
+        got = torch.func.vmap(one)(*stacked)
+        want = torch.stack([one(*(d[k] for k in names)) for d in (a, b)])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ..precond import sigma_vector
+from ..precond import sigma_vector, under_torch_func
 from ..schedules import as_number
 from . import implementation, shape_class, use_backend
 
@@ -223,9 +223,12 @@ def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFd
             if u.shape != F.shape:
                 raise ValueError(f"{name}: expected the shape of F {tuple(F.shape)}, got {tuple(u.shape)}")
     B = F.shape[0]
-    t = sigma_vector(t, F, "t")
-    h = sigma_vector(h, F, "h") if h is not None else None
-    if h is not None and not bool((h > 0).all()):
+    vd = torch.float64 if F.dtype == torch.float64 else torch.float32    # the torch reference computes in fp64 then
+    t = sigma_vector(t, F, "t", vd)
+    h = sigma_vector(h, F, "h", vd) if h is not None else None
+    # a value check syncs and branches on data: not under torch.compile, and vmap refuses it (as check_sigma)
+    checks = not (torch.compiler.is_compiling() or under_torch_func())
+    if h is not None and checks and not bool((h > 0).all()):
         raise ValueError(f"h: expected positive finite-difference steps, got {h.tolist()[:4]}")
     if logvar is None:
         logvar = torch.zeros(B, device=F.device)
@@ -234,7 +237,7 @@ def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFd
         logvar = logvar.reshape(-1)
         if logvar.shape != (B,):
             raise ValueError(f"logvar: expected one value per sample ({B},), got shape {tuple(logvar.shape)}")
-    weight = torch.ones(B, device=F.device) if weight is None else sigma_vector(weight, F, "weight")
+    weight = torch.ones(B, device=F.device, dtype=vd) if weight is None else sigma_vector(weight, F, "weight", vd)
     _same_device(F, x_t=x_t, dxdt=dxdt, F_plus=F_plus, F_minus=F_minus, dFdt=dFdt, logvar=logvar)
     try:
         ok = sigma_data > 0 and c >= 0
