@@ -209,3 +209,22 @@ def test_skip_output_infer_under_vmap_with_sigma_shared_or_at_dim_1(backend, uin
         for j, (a, b, c) in enumerate(sl):
             want = ref.skip_output(a.double(), b.double(), c.double(), 0.5, 0.002).clamp(-1, 1)
             torch.testing.assert_close(got[j].double(), want, **TOL64)
+
+
+@pytest.mark.parametrize("backend", ["cuda"], indirect=True)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("diff", [(1,), (0, 1, 2)], ids=["target", "all"])
+def test_plain_consistency_loss_gradient_of_the_target(backend, fmt, diff):
+    """CUDA (triton's target is stop-gradient): a target with a gradient (rare), alone or with pred and the weight:
+    the forward computes the gradient where only the target needs it, and d loss / d target comes in the target's
+    layout with the float64 values (the CUDA backward rebuilds it from the (B, d) gradient in the forward's order)."""
+    fn, ts, _, _ = _cases()["consistency_loss"]
+    ts = [t.contiguous(memory_format=fmt) if t.dim() == 4 else t for t in ts]
+    leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_(i in diff) for i, t in enumerate(ts)]
+    cot = torch.randn(ts[0].shape[0])
+    got = torch.autograd.grad((fn(backend, *leaves) * cot).sum(), [leaves[i] for i in diff])
+    leaves64 = [t.double().requires_grad_(i in diff) for i, t in enumerate(ts)]
+    want = torch.autograd.grad((fn(ref, *leaves64) * cot.double()).sum(), [leaves64[i] for i in diff])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, **TOL64)
+    assert got[diff.index(1)].is_contiguous(memory_format=fmt)
