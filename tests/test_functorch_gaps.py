@@ -228,3 +228,16 @@ def test_plain_consistency_loss_gradient_of_the_target(backend, fmt, diff):
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, **TOL64)
     assert got[diff.index(1)].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_forward_mode_outside_a_vmap_is_refused_too(backend_name):
+    """jvp of vmap(f): the forward-mode level is below the vmap level in torch.func's stack, and the refusal looks at
+    every level (not only the innermost): one BackendUnavailable line, as for jvp and jacfwd."""
+    from cmfast import ops
+    w, x = torch.ones(4), torch.randn(2, 1, 4, 4, 4)
+    f = vmap(lambda a: ops.group_norm_act(a, 2, w, None))
+    with ops.use_backend(backend_name), pytest.raises(ops.BackendUnavailable,
+                                                      match=rf"^backend '{backend_name}' cannot run under torch.func's "
+                                                            rf"jvp transform \(forward mode: jvp, jacfwd, hessian\)"):
+        torch.func.jvp(f, (x,), (x,))
