@@ -241,3 +241,16 @@ def test_forward_mode_outside_a_vmap_is_refused_too(backend_name):
                                                       match=rf"^backend '{backend_name}' cannot run under torch.func's "
                                                             rf"jvp transform \(forward mode: jvp, jacfwd, hessian\)"):
         torch.func.jvp(f, (x,), (x,))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+def test_group_norm_pre_add_under_vmap(backend):
+    """GroupNorm's fused pre-add (forward only) under vmap, the pre-bias vmapped per call: the add in x's dtype, then
+    the Function and its fold rule; equal to the float64 GN of x + pre_bias for each call."""
+    g = torch.Generator().manual_seed(4)
+    x, pre, w = torch.randn(2, 2, 4, 3, 4, generator=g), torch.randn(2, 2, 4, generator=g) * 0.5, torch.randn(4)
+    with torch.no_grad():
+        got = vmap(lambda a, p: backend.group_norm_act(a, 2, w, None, 1e-6, None, None, "silu", pre_bias=p))(x, pre)
+    want = torch.stack([ref.group_norm_act(x[j].double() + pre[j, :, :, None, None].double(), 2, w.double(), None,
+                                           1e-6, None, None, "silu") for j in range(2)])
+    torch.testing.assert_close(got.double(), want, **TOL64)
