@@ -22,9 +22,10 @@
 # The fifth H200 session (799 s of device time with the start): core with GPU_CHECK_BUDGET_S=375,
 # GPU_CHECK_THROUGHPUT_COMPILE_S=150 and GPU_CHECK_PYTEST_SELECT naming the kernel, sampler, sCM, editing and metric
 # test files (347 s; the throughput compile rows were skipped, since reordered), then reference with 475 (376 s).
-# Next GPU session (planned in stop 32, which had none): core with GPU_CHECK_BUDGET_S=380,
-# GPU_CHECK_THROUGHPUT_COMPILE_S=150 and GPU_CHECK_PYTEST_SELECT="tests/test_ops_cuda.py tests/test_graphed.py
-# tests/test_train_gpu.py" (the rewritten GroupNorm forward's GPU tests, the sampler, the training loop; the core
+# Next GPU session (planned in stop 32, which had none; stop 33 added tests/test_functorch_gpu.py): core with
+# GPU_CHECK_BUDGET_S=380, GPU_CHECK_THROUGHPUT_COMPILE_S=150 and GPU_CHECK_PYTEST_SELECT="tests/test_ops_cuda.py
+# tests/test_graphed.py tests/test_train_gpu.py tests/test_functorch_gpu.py" (the rewritten GroupNorm forward's GPU
+# tests, the sampler, the training loop, the kernels under vmap / grad since stop 33's Function rewrite; the core
 # stage also times group_norm_act into cuda-ops.json), then reference on the same warm machine with what is left
 # less 20 s (~420 s: its deadline shortens the four runs after the teacher to fit).
 # Writes at most 8 files into OUT_DIR: gpu_check.log and the result files; prints a summary table last.
