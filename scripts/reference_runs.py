@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import _harness as H  # noqa: E402  (the results' device naming, shared with the benchmarks)
 
 # Per profile: the network, the batch, the steps and the time cap (minutes) of each method, the eval size, and the
-# search of the 2-step level (see search_two_step). CT and CD use the l2 distance (the paper's LPIPS needs ImageNet
-# VGG weights, and Fashion-MNIST is 1-channel); iCT its pseudo-Huber, sCT its own loss. CT's target is the online
+# search of the 2-step level (see search_two_step). CT uses the l2 distance and CD iCT's pseudo-Huber (METHOD_ARGS; the
+# paper's LPIPS needs ImageNet VGG weights, and Fashion-MNIST is 1-channel); iCT its pseudo-Huber, sCT its own loss. CT's target is the online
 # network (mu0 = 0, as iCT found best): with the paper's EMA target (mu0 = 0.9) 600 CPU steps collapse to one constant
 # image (FD-FMNIST 190), with mu0 = 0 they reach 10.4 (benchmarks/results/ct_target_ema-cpu.json).
 #
@@ -93,7 +93,12 @@ PROFILES = {
 GPU_MEASURED = "reference_runs-gpu-nvidia-h200.json"
 GPU_MEASURED_B1024 = "reference_runs-gpu-b1024-nvidia-h200.json"
 GPU_MEASURED_PARALLEL = "reference_runs-gpu-s31-nvidia-h200.json"    # the first --parallel set on a GPU (session 5)
-METHOD_ARGS = {"edm": [], "cd": ["--loss", "l2"], "ct": ["--loss", "l2", "--mu0", "0"], "ict": [], "sct": []}
+# CD's distance: pseudo-Huber with iCT's 1 / (t_{n+1} - t_n) weighting, not l2. CPU, tiny net, batch 32, 500 steps from
+# one EDM teacher (1000 steps), FD-FMNIST of 2000 samples, seeds 0 / 1 (benchmarks/results/cd_loss-cpu.json):
+# l2 1-step 11.56 / 13.84, 2-step 10.72 / 12.99; pseudo-Huber + 1/dt 1-step 8.06 / 8.13, 2-step 7.91 / 7.83. (With
+# l2, CD lost to CT on this CPU profile and in the fifth H200 session.) Not yet run on a GPU.
+METHOD_ARGS = {"edm": [], "cd": ["--loss", "pseudo_huber", "--method-arg", "weighting=icm"],
+               "ct": ["--loss", "l2", "--mu0", "0"], "ict": [], "sct": []}
 # sCT's tangent warm-up (r: 0 -> 1) over this fraction of the planned steps. The method's default is a fixed 10,000
 # steps (the sCM paper's, for long runs), which these runs never reach: r ended at 0.057 in the H200 run (568 steps)
 # and 0.05 in the CPU one. CPU, tiny net, batch 32, 500 steps, FD-FMNIST of 2000 samples (1 / 2 steps): warm-up over

@@ -116,7 +116,7 @@ def test_train_commands_record_the_method_settings():
     ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
     prof = ref.PROFILES["gpu"]
     cd = ref.train_argv("cd", prof, "out", "data", None, 0)
-    assert cd[cd.index("--teacher") + 1] == os.path.join("out", "edm") and cd[cd.index("--loss") + 1] == "l2"
+    assert cd[cd.index("--teacher") + 1] == os.path.join("out", "edm") and cd[cd.index("--loss") + 1] == "pseudo_huber"
     ict = ref.train_argv("ict", prof, "out", None, "cuda", 0)
     assert "--loss" not in ict and ict[ict.index("--preset") + 1] == "fmnist-small"
     assert float(ict[ict.index("--time-limit") + 1]) == prof["runs"]["ict"][1]

@@ -46,7 +46,8 @@ def test_gpu_profile_commands_in_full(ref):
     end = ["--data-dir", "d", "--device", "cuda:1"]
     assert argv("edm") == head("edm", "1.52", "1.6") + tail + end
     teacher = ["--teacher", os.path.join("o", "edm")]
-    assert argv("cd") == head("cd", "1.045", "1.1") + tail + ["--loss", "l2"] + teacher + end
+    assert argv("cd") == head("cd", "1.045", "1.1") + tail + ["--loss", "pseudo_huber", "--method-arg",
+                                                              "weighting=icm"] + teacher + end
     assert argv("ct") == head("ct", "0.855", "0.9") + tail + ["--loss", "l2", "--mu0", "0"] + end
     assert argv("ict") == head("ict", "0.855", "0.9") + tail + ["--method-arg", "schedule_mult=5.7"] + end
     assert argv("sct") == head("sct", "0.95", "1") + tail + ["--method-arg", "warmup_frac=0.2"] + end
