@@ -96,7 +96,8 @@ GPU_MEASURED_PARALLEL = "reference_runs-gpu-s31-nvidia-h200.json"    # the first
 # CD's distance: pseudo-Huber with iCT's 1 / (t_{n+1} - t_n) weighting, not l2. CPU, tiny net, batch 32, 500 steps from
 # one EDM teacher (1000 steps), FD-FMNIST of 2000 samples, seeds 0 / 1 (benchmarks/results/cd_loss-cpu.json):
 # l2 1-step 11.56 / 13.84, 2-step 10.72 / 12.99; pseudo-Huber + 1/dt 1-step 8.06 / 8.13, 2-step 7.91 / 7.83. (With
-# l2, CD lost to CT on this CPU profile and in the fifth H200 session.) Not yet run on a GPU.
+# l2, CD lost to CT on this CPU profile and in the fifth H200 session.) CT stays on l2: in the same file, CT (600
+# steps) scored 10.46 / 9.99 at 1 step with l2 and 17.56 / 18.34 with pseudo-Huber + 1/dt. Not yet run on a GPU.
 METHOD_ARGS = {"edm": [], "cd": ["--loss", "pseudo_huber", "--method-arg", "weighting=icm"],
                "ct": ["--loss", "l2", "--mu0", "0"], "ict": [], "sct": []}
 # sCT's tangent warm-up (r: 0 -> 1) over this fraction of the planned steps. The method's default is a fixed 10,000
