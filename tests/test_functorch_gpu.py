@@ -3,9 +3,8 @@ its interpreter, the CUDA extension emulated): vmap of the compiled kernels equa
 gradients of a tiny UNet through the Triton kernels equal one gradient per sample and the torch backend's."""
 import pytest
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import vmap
 
-import cmfast
 from cmfast import ops
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -31,23 +30,6 @@ def test_vmap_of_group_norm_act_equals_the_loop(backend):
 
 
 def test_tiny_unet_per_sample_gradients_with_the_triton_kernels_on_cuda():
-    torch.manual_seed(0)
-    net = cmfast.UNet.from_preset("tiny", img_resolution=16)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    m = cmfast.ConsistencyModel(net).cuda().eval()
-    params = {k: v.detach() for k, v in m.named_parameters()}
-    x, s = torch.randn(4, 3, 16, 16, device="cuda"), torch.tensor([2.0, 0.3, 10.0, 0.05], device="cuda")
-
-    def loss(p, xi, si):
-        return functional_call(m, p, (xi[None], si[None])).pow(2).mean()
-    with ops.use_backend("triton"):
-        got = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, s)
-        one = [grad(loss)(params, x[j], s[j]) for j in range(4)]
-    with ops.use_backend("torch"):
-        want = [grad(loss)(params, x[j], s[j]) for j in range(4)]
-    for k in got:
-        for j in range(4):
-            torch.testing.assert_close(got[k][j], one[j][k], rtol=1e-4, atol=1e-6, msg=lambda m_: f"{k}: {m_}")
-            torch.testing.assert_close(got[k][j], want[j][k], rtol=2e-3, atol=1e-5, msg=lambda m_: f"{k}: {m_}")
+    from test_ops_functorch import unet_per_sample_gradients_match
+    unet_per_sample_gradients_match("cuda", res=16, x=torch.randn(4, 3, 16, 16, device="cuda"),
+                                    s=torch.tensor([2.0, 0.3, 10.0, 0.05], device="cuda"), rtol_torch=2e-3)

@@ -272,31 +272,38 @@ def test_auto_takes_the_table_under_vmap_and_grad_and_torch_under_forward_mode(m
     assert picked == [triton, triton, triton, torch_, torch_]
 
 
-# torch's own note that SDPA has no vmap batching rule on CPU (it loops): not ours to act on
-@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
-def test_tiny_unet_per_sample_gradients_with_the_triton_kernels():
+def unet_per_sample_gradients_match(device="cpu", res=8, x=None, s=None, rtol_torch=1e-3):
     """Per-sample gradients of a consistency model (tiny UNet: GroupNorm, attention, residual joins and the skip
-    output all through the Triton kernels) by vmap(grad): equal to one grad per sample, and to the torch backend's."""
-    if ops.interpreter_problem():
-        pytest.skip(ops.interpreter_problem())
+    output all through the Triton kernels) by vmap(grad): equal to one grad per sample, and to the torch backend's.
+    Also run on a GPU by tests/test_functorch_gpu.py."""
     torch.manual_seed(0)
-    net = cmfast.UNet.from_preset("tiny", img_resolution=8)
+    net = cmfast.UNet.from_preset("tiny", img_resolution=res)
     with torch.no_grad():           # away from the zero-initialized output layer: the network term counts
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    m = cmfast.ConsistencyModel(net).eval()
+    m = cmfast.ConsistencyModel(net).to(device).eval()
     params = {k: v.detach() for k, v in m.named_parameters()}
-    x, s = torch.randn(2, 3, 8, 8), torch.tensor([2.0, 0.3])
+    x = torch.randn(2, 3, res, res, device=device) if x is None else x
+    s = torch.tensor([2.0, 0.3], device=device) if s is None else s
+    B = x.shape[0]
 
     def loss(p, xi, si):
         return functional_call(m, p, (xi[None], si[None])).pow(2).mean()
     with ops.use_backend("triton"):
         got = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, s)
-        one = [grad(loss)(params, x[j], s[j]) for j in range(2)]
+        one = [grad(loss)(params, x[j], s[j]) for j in range(B)]
     with ops.use_backend("torch"):
-        want = [grad(loss)(params, x[j], s[j]) for j in range(2)]
+        want = [grad(loss)(params, x[j], s[j]) for j in range(B)]
     assert sum(float(g.abs().sum()) for g in want[0].values()) > 0
     for k in got:
-        for j in range(2):
+        for j in range(B):
             torch.testing.assert_close(got[k][j], one[j][k], rtol=1e-4, atol=1e-6, msg=lambda m_: f"{k}: {m_}")
-            torch.testing.assert_close(got[k][j], want[j][k], rtol=1e-3, atol=1e-5, msg=lambda m_: f"{k}: {m_}")
+            torch.testing.assert_close(got[k][j], want[j][k], rtol=rtol_torch, atol=1e-5, msg=lambda m_: f"{k}: {m_}")
+
+
+# torch's own note that SDPA has no vmap batching rule on CPU (it loops): not ours to act on
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+def test_tiny_unet_per_sample_gradients_with_the_triton_kernels():
+    if ops.interpreter_problem():
+        pytest.skip(ops.interpreter_problem())
+    unet_per_sample_gradients_match()
