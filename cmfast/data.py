@@ -411,20 +411,18 @@ def _folder_labels(path: str, names: list[str], images: list[str], read):
         while d not in metas and d:
             d = d[:-1].rsplit("/", 1)[0] + "/" if "/" in d[:-1] else ""
         owner.append(metas.get(d))
-    used = sorted({m for m in owner if m is not None})
-    meta = used[0] if used else None            # any dataset.json of the set: it decides, not the subfolders
+    used = sorted({m for m in owner if m is not None})     # any dataset.json of the set decides, not the subfolders
     tables = {m: _read_labels(path, m, read) for m in used}
     if any(tables.values()):
         out, unlisted, outside = [], {}, []
         for n, m in zip(images, owner):
-            table = tables.get(m) if m is not None else None
-            rel = n[len(m) - len("dataset.json"):] if m is not None else n
-            if table and rel in table:
-                out.append(table[rel])
-            elif table:
-                unlisted.setdefault(m, []).append(n)
-            else:
+            table = tables.get(m)
+            if not table:
                 outside.append(n)
+            elif (rel := n[len(m) - len("dataset.json"):]) in table:
+                out.append(table[rel])
+            else:
+                unlisted.setdefault(m, []).append(n)
         for m, missing in unlisted.items():
             raise _missing(f"{path}/{m}", missing)
         if outside:
@@ -435,7 +433,7 @@ def _folder_labels(path: str, names: list[str], images: list[str], read):
     parts = [n.split("/") for n in images]
     while all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
         parts = [p[1:] for p in parts]          # a zip of the folder itself: myset/cats/001.png
-    if meta is None and all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) > 1:
+    if not used and all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) > 1:
         # torchvision ImageFolder's layout: one subfolder a class (cats/001.png, dogs/007.png), classes numbered in
         # the sorted order of their names. dataset.json, when present, decides (EDM's chunk folders 00000/ are none).
         classes = sorted({p[0] for p in parts})

@@ -102,10 +102,15 @@ def autocasting(x: torch.Tensor) -> bool:
     return x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
 
 
+def first_float_param(net: nn.Module) -> torch.Tensor | None:
+    """The module's first floating-point parameter (its weights' dtype and device), or None."""
+    return next((p for p in net.parameters() if p.is_floating_point()), None)
+
+
 def backbone_input(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x (the fp32 scaled input) in the dtype of the backbone's weights, outside autocast (under it, autocast casts):
     a model converted with .half() / .bfloat16() runs its backbone in that dtype, the preconditioning stays fp32."""
-    p = next((p for p in net.parameters() if p.is_floating_point()), None)
+    p = first_float_param(net)
     if p is not None and p.device != x.device:    # torch's device / type mismatch came from the first convolution
         raise ValueError(f"x: expected a tensor on {p.device} (the model's device), got one on {x.device}")
     if autocasting(x):

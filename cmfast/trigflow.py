@@ -26,7 +26,7 @@ from .jvp import (DEFAULT_EPS, DEFAULT_FLOOR, DEFAULT_ORDER, DEFAULT_PRECISION, 
                   fd_pair, fd_step, fp64_call)
 from .nets.layers import FourierEmbedding
 from .ops._api import TANGENT_NORMS
-from .precond import backbone_input, check_images, check_sigma
+from .precond import backbone_input, check_images, check_sigma, first_float_param
 
 
 TIME_INPUTS = ("t", "1000t", "edm")
@@ -196,8 +196,8 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
     common = dict(logvar=logvar, weight=prior_weight(t, sd, prior_weighting), r=tangent_warmup(step, warmup_steps),
                   sigma_data=sd, c=c, norm=tangent_norm)
     net = model.backbone
-    low = next((p.dtype for p in model.net.parameters() if p.is_floating_point()), torch.float32) \
-        in (torch.float16, torch.bfloat16)
+    w = first_float_param(model.net)
+    low = w is not None and w.dtype in (torch.float16, torch.bfloat16)
     if precision == "fp64" or (low and precision in ("fp32", "tf32")):
         # the backbone with fp64 copies of the weights (the model itself stays as it is); a model made .half() /
         # .bfloat16() gets fp32 copies for fp32 / tf32 forwards: in its own dtype the difference would be rounding

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from ..precond import under_torch_func
+
 # Kinds of an argument: 's' a per-sample tensor (dim 0 is the op's batch), 'p' a tensor shared by the batch
 # (a parameter), '-' anything else (numbers, strings, dtypes, plans).
 
@@ -122,7 +124,7 @@ def eager_twin(cls: type) -> type:
 def apply(cls: type, *args):
     """The op's output (the first of cls's outputs): cls.apply(*args) under a torch.func transform (its rules), else
     its eager twin's (see eager_twin)."""
-    if torch._C._functorch.maybe_current_level() is not None:
+    if under_torch_func():
         out = cls.apply(*args)
         return out[0] if isinstance(out, tuple) else out
     return cls.eager.apply(*args)
@@ -133,5 +135,5 @@ def transformed(saved: torch.Tensor | None = None) -> bool:
     `saved` (one of its saved tensors) is a grad transform's wrapper still. torch.func.vjp's pullback runs after its
     transform has exited, with the saved tensors' wrappers dead: Function.apply unwraps those (as torch's own ops
     do), a kernel launch cannot read them."""
-    return torch._C._functorch.maybe_current_level() is not None or (
+    return under_torch_func() or (
         saved is not None and torch._C._functorch.is_gradtrackingtensor(saved))
