@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from . import ops
+from .jvp import dropout_masks
 from .precond import check_images
-from .schedules import karras_sigmas, sample_level_indices
+from .schedules import karras_sigmas, sample_level_indices, sample_table_indices
 
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")
 WEIGHTINGS = ("uniform", "icm")
@@ -131,6 +132,22 @@ def draw_pair(x: torch.Tensor, sigmas: torch.Tensor, generator=None, distributio
     return Pair(x_hi, t_hi, x_lo, t_lo)
 
 
+def draw_pair_table(x: torch.Tensor, table: dict, teacher: nn.Module | None = None, solver: str = "heun",
+                    class_labels=None) -> Pair:
+    """draw_pair from a schedules.level_table already on x's device, with no host sync and no host-to-device copy:
+    the pair of a step captured in a CUDA graph (cmfast-train --cuda-graph). Random numbers come from the default
+    generator."""
+    check_images(x)
+    idx = sample_table_indices(table["cdf"], table["last"], x.shape[0])
+    s = table["sigmas"]
+    t_lo, t_hi = s[idx], s[idx + 1]
+    z = _randn(x)
+    x_hi = x + _bcast(t_hi, x) * z
+    x_lo = x + _bcast(t_lo, x) * z if teacher is None else teacher_step(teacher, x_hi, t_hi, t_lo, solver,
+                                                                        class_labels)
+    return Pair(x_hi, t_hi, x_lo, t_lo)
+
+
 @contextlib.contextmanager
 def _same_rng(device: torch.device):
     """Replays the RNG state at entry for the target pass, so online and target share dropout masks."""
@@ -146,16 +163,28 @@ def _same_rng(device: torch.device):
 
 def consistency_pair_loss(model: nn.Module, target_model: nn.Module, pair: Pair, loss: str = "lpips",
                           weighting: str = "uniform", c: float | None = None, lpips_model=None,
-                          class_labels=None) -> torch.Tensor:
-    """lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), stopgrad f_theta-(x_hat_{t_n}, t_n)), per sample (B,)."""
+                          class_labels=None, replay: str = "rng") -> torch.Tensor:
+    """lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), stopgrad f_theta-(x_hat_{t_n}, t_n)), per sample (B,).
+    The target pass sees the online pass's dropout masks: replay 'rng' restores the RNG state for it; 'masks'
+    records the online pass's masks and applies them (cmfast.jvp.dropout_masks), which a CUDA graph can capture
+    (its RNG state is not readable while capturing)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting: expected one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    with _same_rng(pair.x_hi.device) as replay:
-        pred = model(pair.x_hi, pair.t_hi, class_labels)
-        devices = [pair.x_hi.device] if pair.x_hi.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            replay()
+    if replay == "masks":
+        masks: list = []
+        with dropout_masks(record=masks):
+            pred = model(pair.x_hi, pair.t_hi, class_labels)
+        with torch.no_grad(), dropout_masks(replay=masks):
             target = target_model(pair.x_lo, pair.t_lo, class_labels)
+    elif replay == "rng":
+        with _same_rng(pair.x_hi.device) as restore:
+            pred = model(pair.x_hi, pair.t_hi, class_labels)
+            devices = [pair.x_hi.device] if pair.x_hi.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                restore()
+                target = target_model(pair.x_lo, pair.t_lo, class_labels)
+    else:
+        raise ValueError(f"replay: expected 'rng' or 'masks', got {replay!r}")
     weight = 1.0 / (pair.t_hi - pair.t_lo) if weighting == "icm" else None
     return distance(pred, target.detach(), loss, c=c, weight=weight, lpips_model=lpips_model)
 

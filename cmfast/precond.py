@@ -65,6 +65,12 @@ def under_torch_func() -> bool:
     return torch._C._functorch.maybe_current_level() is not None
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether t's device stream is being captured into a CUDA graph (cmfast.GraphedSampler, cmfast-train
+    --cuda-graph): a value check's host sync is illegal there, so the checks are left out as under torch.compile."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_images(x: torch.Tensor, what: str = "x") -> None:
     """A non-empty floating-point batch (B, C, ...): the models' input, and the losses' data before they draw noise
     like it."""
@@ -82,7 +88,7 @@ def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what
     transform, whose vmap refuses a value-dependent branch)."""
     check_images(x)
     s = sigma_vector(sigma, x, what)
-    if torch.compiler.is_compiling() or under_torch_func() or (s.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or under_torch_func() or capturing(s):
         return s
     bad = ~torch.isfinite(s) | (s < lo * (1 - 1e-6))
     if hi is not None:

@@ -132,6 +132,38 @@ def sample_level_indices(sigmas: torch.Tensor, batch: int, distribution: str = "
     return idx.to(device) if device is not None else idx
 
 
+def level_table(sigmas: torch.Tensor, size: int, distribution: str = "uniform", p_mean: float = -1.1,
+                p_std: float = 2.0) -> dict[str, torch.Tensor]:
+    """The pair grid of sample_level_indices as tensors of a fixed size, for a step captured in a CUDA graph
+    (cmfast-train --cuda-graph), whose grid N(k) changes while its tensors' shapes may not: 'sigmas' (size,) fp32,
+    the ascending levels then sigma_max repeated; 'cdf' (size - 1,) float64, the pairs' cumulative probabilities
+    (uniform or iCT's lognormal), flat after the last pair; 'last' () int64, the last pair's index. CPU tensors: the
+    host fills them, the step copies them into its device buffers before each replay."""
+    n = sigmas.numel()
+    if n < 2 or n > size:
+        raise ValueError(f"level_table: expected 2 to {size} levels, got {n}")
+    if distribution == "uniform":
+        p = torch.ones(n - 1, dtype=torch.float64)
+    elif distribution == "lognormal":
+        p = lognormal_level_probs(sigmas, p_mean, p_std)
+    else:
+        raise ValueError(f"distribution: expected 'uniform' or 'lognormal', got {distribution!r}")
+    s = torch.full((size,), float(sigmas[-1]), dtype=torch.float32)
+    s[:n] = sigmas.float()
+    cdf = torch.zeros(size - 1, dtype=torch.float64)
+    cdf[:n - 1] = p.double().cumsum(0)
+    cdf[n - 1:] = cdf[n - 2]
+    return {"sigmas": s, "cdf": cdf, "last": torch.tensor(n - 2, dtype=torch.int64)}
+
+
+def sample_table_indices(cdf: torch.Tensor, last: torch.Tensor, batch: int) -> torch.Tensor:
+    """Indices n (batch,) of pairs drawn with level_table's probabilities, on cdf's device without a host sync or a
+    data-dependent shape (inverse-CDF sampling, capturable in a CUDA graph): n = #{i: cdf[i] <= u cdf[-1]},
+    u ~ U[0, 1) from the default generator (a CUDA graph's replays advance it)."""
+    u = torch.rand(batch, device=cdf.device, dtype=torch.float64) * cdf[-1]
+    return torch.minimum(torch.searchsorted(cdf, u, right=True), last)
+
+
 def paper_step_sigmas(ts, n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> tuple:
     """Paper-style sampling indices (openai/consistency_models 'ts', e.g. 0,22,39 with N = 40, index 0 = sigma_max)
     into a Karras grid of n levels -> the decreasing sigmas for cmfast.sample."""

@@ -61,7 +61,8 @@ def test_defaults_of_a_bare_command(capsys):
         "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0,                # EDM / CM paper
         "output_dir": "runs/cmfast", "resume": None, "stop_at": None, "time_limit": None,
         "sample_every": 1000, "sample_num": 64, "ckpt_every": 1000, "keep": 3, "log_every": 50,
-        "backend": "auto", "device": None, "compile": "none", "config": None, "world_size": 1,
+        "backend": "auto", "device": None, "compile": "none", "cuda_graph": False, "config": None,
+        "world_size": 1,
     }
     assert (net["in_channels"], net["img_resolution"]) == (1, 32) and "label_dim" not in net
     assert not os.path.exists("runs")           # checked, not made

@@ -138,6 +138,14 @@ def build_parser():
                         "backend named by --backend runs its kernels between graphs. Checkpoints are the same as "
                         "without; the first logged interval includes the compile time (compile_warmup in "
                         "stats.jsonl) (default: none)")
+    p.add_argument("--cuda-graph", action="store_const", const=True,
+                   help="capture the step's forward, loss, backward and gradient clipping in one CUDA graph, "
+                        "replayed every step (the optimizer and EMA updates stay eager): for small networks, whose "
+                        "eager step is bound by the host. Methods edm, cd, ct, ict; one process, one GPU, no "
+                        "--batch-gpu accumulation, no fp16, no --compile. Noise comes from the default generator "
+                        "(seeded by --seed) and the target pass reuses the online pass's recorded dropout masks, "
+                        "so the run draws other numbers than without it. The first logged interval includes the "
+                        "capture (compile_warmup in stats.jsonl)")
     p.add_argument("--nan-limit", type=_common.ranged(int, 1), help=d("nan_limit", "stop after this many consecutive "
                                                                             "non-finite steps"))
 

@@ -16,7 +16,7 @@ DEFAULTS = dict(
     total_steps=None, kimg=None, time_budget=None, ema=(0.9999,), precision="fp32", grad_clip=0.0, seed=0, nan_limit=20,
     sigma_data=0.5, sigma_min=0.002, sigma_max=80.0,
     output_dir="runs/cmfast", resume=None, stop_at=None, time_limit=None, sample_every=1000, sample_num=64,
-    ckpt_every=1000, keep=3, log_every=50, backend="auto", device=None, compile="none",
+    ckpt_every=1000, keep=3, log_every=50, backend="auto", device=None, compile="none", cuda_graph=False,
 )
 
 # --compile: torch.compile modes of the per-step networks ('none': eager, nothing compiled).
@@ -125,6 +125,8 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
     if local % cfg["batch_gpu"]:
         raise ValueError(f"--batch-gpu {cfg['batch_gpu']} does not divide the per-rank batch {local}")
     cfg["world_size"] = world_size
+    from .cuda_graph import check_cuda_graph
+    check_cuda_graph(cfg, method, world_size)
     if method.needs_teacher and not cfg["teacher"]:
         raise ValueError(f"--method {cfg['method']} needs --teacher PATH (a checkpoint trained with --method edm)")
     shape = image_shape or DATASET_SHAPES.get(cfg["dataset"])

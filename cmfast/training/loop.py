@@ -25,6 +25,7 @@ from ..data import Sampler, load_dataset
 from ..ema import ema_update_
 from . import checkpoint as ckpt
 from .config import IDENTITY, resolve
+from .cuda_graph import GraphedStep, check_cuda_graph_device
 from .images import grid, png_bytes, to_uint8
 from .methods import get_method
 
@@ -374,6 +375,7 @@ def _train(args: dict, startup: dict) -> dict:
                 raise ValueError(f"backend {cfg['backend']} (--backend, else CMFAST_BACKEND): {e}") from None
 
     check_compile(cfg["compile"], method, cfg["net"], device)
+    check_cuda_graph_device(cfg, device)
 
     # ---- Models: online (trained), target (CD/CT), EMAs for evaluation ----------------------------------------------
     torch.manual_seed(cfg["seed"])
@@ -520,7 +522,10 @@ def _train(args: dict, startup: dict) -> dict:
     # gradients, so they join the step's one all-reduce below, averaged over the ranks as DDP averages the backbone's.
     unwrapped = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("net.")] \
         if world > 1 else []
-    tick = {"loss": 0.0, "gnorm": 0.0, "n": 0, "t0": time.time(), "step0": step, "warmup": bool(compiled)}
+    # --cuda-graph: loss, backward and clipping replayed as one graph, captured at the first step (after the resume)
+    graphed = GraphedStep(method, models, cfg, params, autocast) if cfg.get("cuda_graph") else None
+    tick = {"loss": 0.0, "gnorm": 0.0, "n": 0, "t0": time.time(), "step0": step,
+            "warmup": bool(compiled or graphed)}
     row = {}
     limit_s = None if cfg.get("time_limit") is None else cfg["time_limit"] * 60.0
     t_start, run_step0 = time.monotonic(), step
@@ -540,9 +545,12 @@ def _train(args: dict, startup: dict) -> dict:
             lr = cfg["lr"] * (min(1.0, (step + 1) * cfg["batch_size"] / ramp) if ramp else 1.0)
             for g in opt.param_groups:
                 g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            loss_sum, info = torch.zeros((), device=device), {}
-            for r in range(rounds):
+            if graphed is not None:     # one process, one round (check_cuda_graph)
+                loss_sum, gnorm_t, info = graphed(x, y, step)
+            else:
+                opt.zero_grad(set_to_none=True)
+                loss_sum, info = torch.zeros((), device=device), {}
+            for r in range(rounds if graphed is None else 0):
                 sl = slice(r * cfg["batch_gpu"], (r + 1) * cfg["batch_gpu"])
                 gen = torch.Generator(device).manual_seed(chunk_seed(cfg["seed"], step, rank * rounds + r))
                 sync = world == 1 or r == rounds - 1
@@ -566,7 +574,8 @@ def _train(args: dict, startup: dict) -> dict:
                 at += p.numel()
             if scaler:
                 scaler.unscale_(opt)
-            gnorm_t = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
+            if graphed is None:
+                gnorm_t = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
             # The step's one host sync: loss, grad norm and the stop request come back together.
             loss_sum_all, stop_req, gnorm = torch.stack([red[0], red[1], gnorm_t.float()]).tolist()
             loss_mean = loss_sum_all / cfg["batch_size"]

@@ -22,12 +22,22 @@ at the end of this one, as methods_scm.py is, or anywhere before cmfast-train pa
         def after_step(self, models, step, cfg) -> None
             # after the optimizer step, e.g. the target EMA theta- <- mu theta- + (1 - mu) theta
 
+    A method that sets `graph_safe = True` also runs with --cuda-graph (training/cuda_graph.py), which captures its
+    loss and backward in one CUDA graph and replays it each step; it provides
+        def graph_inputs(self, step, cfg) -> (dict[str, CPU tensor], info dict)
+            # what changes with the step (the level grid of N(k), ...) as tensors of shapes fixed for the run; the
+            # step copies them into its device buffers before each replay
+        def graph_loss(self, models, x, inputs, cfg, class_labels=None) -> loss (B,) fp32
+            # the loss of `loss`, from those buffers, with no host sync and no host-to-device copy; random numbers
+            # from the default generator (a replay advances it), dropout shared through recorded masks
+
 cfg is the resolved config (JSON, as --dry-run prints it); cfg['method_args'] holds this method's hyperparameters
 with the defaults filled in, cfg['loss'] the distance, cfg['total_steps'] the schedule length K.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 from torch import nn
@@ -35,7 +45,7 @@ from torch import nn
 from .. import objectives
 from ..ema import ema_update_
 from ..precond import ConsistencyModel, EDMDenoiser
-from ..schedules import ct_schedule, ict_schedule
+from ..schedules import ct_schedule, ict_schedule, karras_sigmas, level_table
 
 METHODS: dict[str, "Method"] = {}
 
@@ -123,6 +133,28 @@ def _check_schedule_steps(args: dict) -> None:
         raise ValueError(f"schedule_mult: expected a positive number (the curriculum's length / the run's), got {m!r}")
 
 
+def _table(n: int, cfg: dict, size: int, distribution: str = "uniform") -> dict:
+    """The level grid of N = n levels as a schedules.level_table of `size` levels (the run's largest N); the same
+    tables (not to be modified) while N stands, so a step's host work is a lookup."""
+    a = cfg["method_args"]
+    return _level_table(n, float(cfg["sigma_min"]), float(cfg["sigma_max"]), size, distribution,
+                        float(a.get("p_mean", -1.1)), float(a.get("p_std", 2.0)))
+
+
+@functools.lru_cache(maxsize=8)
+def _level_table(n, sigma_min, sigma_max, size, distribution, p_mean, p_std) -> dict:
+    return level_table(karras_sigmas(n, sigma_min, sigma_max), size, distribution, p_mean, p_std)
+
+
+def _graph_pair_loss(models: dict, x, inputs: dict, cfg: dict, target: str, weighting: str, class_labels,
+                     teacher=None, solver: str = "heun", c=None):
+    """CD / CT / iCT's loss in a CUDA-graph step: the pair from the level table, dropout shared by recorded masks."""
+    pair = objectives.draw_pair_table(x, inputs, teacher, solver, class_labels)
+    return objectives.consistency_pair_loss(models["model"], models[target], pair, cfg["loss"], weighting, c=c,
+                                            lpips_model=models.get("lpips"), class_labels=class_labels,
+                                            replay="masks")
+
+
 def _with_target(models: dict) -> dict:
     """Adds theta-, the target network (CM Alg. 2/3): a frozen copy of the model, updated by EMA."""
     models["target"] = copy.deepcopy(models["model"]).requires_grad_(False)
@@ -134,6 +166,13 @@ class Method:
     # The step runs objectives.consistency_pair_loss: a target pass that replays the online pass's dropout masks
     # (the RNG state), which CUDA-graph compile modes cannot run with dropout (loop.check_compile).
     replays_dropout = False
+    graph_safe = False      # --cuda-graph: graph_inputs and graph_loss below are defined
+
+    def graph_inputs(self, step, cfg) -> tuple[dict, dict]:
+        return {}, {}
+
+    def graph_loss(self, models, x, inputs, cfg, class_labels=None):
+        raise NotImplementedError(f"--method {self.name} has no CUDA-graph step")
 
     def wrap(self, net: nn.Module, cfg: dict) -> nn.Module:
         return (EDMDenoiser if self.kind == "edm" else ConsistencyModel)(net, **_sigma_kwargs(cfg))
@@ -174,6 +213,12 @@ class EDM(Method):
         a = cfg["method_args"]
         return objectives.edm_loss(models["model"], x, generator, a["p_mean"], a["p_std"], class_labels), {}
 
+    graph_safe = True
+
+    def graph_loss(self, models, x, inputs, cfg, class_labels=None):
+        a = cfg["method_args"]
+        return objectives.edm_loss(models["model"], x, None, a["p_mean"], a["p_std"], class_labels)
+
 
 class CD(Method):
     """Consistency distillation (CM Alg. 2): fixed N, a Heun step of the teacher, target EMA rate mu."""
@@ -190,6 +235,17 @@ class CD(Method):
                                   a["solver"], cfg["loss"], generator, models.get("lpips"), class_labels,
                                   a["weighting"])
         return loss, {"N": a["num_scales"], "mu": a["mu"]}
+
+    graph_safe = True
+
+    def graph_inputs(self, step, cfg):
+        n = cfg["method_args"]["num_scales"]
+        return _table(n, cfg, n), {"N": n, "mu": cfg["method_args"]["mu"]}
+
+    def graph_loss(self, models, x, inputs, cfg, class_labels=None):
+        a = cfg["method_args"]
+        return _graph_pair_loss(models, x, inputs, cfg, "target", a["weighting"], class_labels, models["teacher"],
+                                a["solver"])
 
     def after_step(self, models, step, cfg):
         ema_update_(models["target"], models["model"], cfg["method_args"]["mu"])
@@ -218,6 +274,15 @@ class CT(Method):
                                   models.get("lpips"), class_labels, cfg["method_args"]["weighting"])
         return loss, {"N": n, "mu": mu}
 
+    graph_safe = True
+
+    def graph_inputs(self, step, cfg):
+        n, mu = self._schedule(step, cfg)
+        return _table(n, cfg, cfg["method_args"]["s1"] + 1), {"N": n, "mu": mu}
+
+    def graph_loss(self, models, x, inputs, cfg, class_labels=None):
+        return _graph_pair_loss(models, x, inputs, cfg, "target", cfg["method_args"]["weighting"], class_labels)
+
     def after_step(self, models, step, cfg):
         ema_update_(models["target"], models["model"], self._schedule(step, cfg)[1])
 
@@ -238,6 +303,16 @@ class ICT(Method):
         loss = objectives.ict_loss(models["model"], x, n, cfg["loss"], a["c"], generator, a["p_mean"], a["p_std"],
                                    models.get("lpips"), class_labels)
         return loss, {"N": n, "mu": 0.0}
+
+    graph_safe = True
+
+    def graph_inputs(self, step, cfg):
+        a = cfg["method_args"]
+        n = ict_schedule(step, _schedule_steps(cfg), a["s0"], a["s1"])
+        return _table(n, cfg, a["s1"] + 1, "lognormal"), {"N": n, "mu": 0.0}
+
+    def graph_loss(self, models, x, inputs, cfg, class_labels=None):
+        return _graph_pair_loss(models, x, inputs, cfg, "model", "icm", class_labels, c=cfg["method_args"]["c"])
 
 
 for _m in (EDM(), CD(), CT(), ICT()):
