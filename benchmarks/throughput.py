@@ -34,7 +34,7 @@ ROW_COST_S = 20.0                  # any other row is skipped when less than thi
 TRAIN_BUDGET_MS = 1500             # the timer's budget of a training-step row, at least (5 repetitions of ~300 ms)
 # --quick on a GPU also times the reference runs' step (fmnist-small, batch 256), eager rows only: a small net whose
 # step is host-bound. The H200 of session 4 ran it at 126 ms in an iCT run, against 77 ms in session 1.
-HOST_BOUND = ("fmnist-small", 256, ["eager-bf16", "cmfast", "cmfast-auto"])
+HOST_BOUND = ("fmnist-small", 256, ["eager-bf16", "cmfast", "cmfast-auto", "cmfast-graph"])
 
 
 def _model(preset: str, device: torch.device) -> cmfast.ConsistencyModel:
@@ -84,6 +84,32 @@ def ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
         torch.stack([loss.detach().float(), gnorm.float()]).tolist()
         opt.step()
         ema_update_(ema, net, 0.9999)
+    return step
+
+
+def graphed_ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
+    """ict_step_fn's step as cmfast-train --cuda-graph runs it: the loss (80 levels), backward and gradient norm
+    replayed as one CUDA graph (cmfast.training.cuda_graph.GraphedStep, captured at the first call, so in the
+    warm-up), then the step's one host sync, Adam and the EMA update, eager as in the loop."""
+    from cmfast.training.cuda_graph import GraphedStep
+    from cmfast.training.methods import get_method
+    method = get_method("ict")
+    cfg = {"method_args": {**method.defaults, "s0": 79, "s1": 79, "schedule_steps": 1}, "total_steps": 1,
+           "loss": "pseudo_huber", "sigma_min": model.sigma_min, "sigma_max": model.sigma_max, "grad_clip": 0.0}
+    res, C = model.net.img_resolution, model.net.in_channels
+    x = torch.rand(B, C, res, res, device=device) * 2 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
+    ema = copy.deepcopy(model.net).requires_grad_(False)
+    graphed = GraphedStep(method, {"model": model}, cfg, params, dtype)
+
+    def step():
+        loss_sum, gnorm, _ = graphed(x, None, 0)
+        torch.stack([loss_sum.float(), gnorm.float()]).tolist()
+        opt.step()
+        ema_update_(ema, model.net, 0.9999)
     return step
 
 
@@ -212,15 +238,16 @@ def plan(args, device):
     if args.quick:   # the sizes of the sampler issue's goals: batch 1 and 256, the CT step at 256 (and HOST_BOUND)
         return (presets, args.batches or [1, 256],
                 ["eager-fp32", "eager-bf16", "cmfast", "cmfast-auto", "compile-reduce-overhead"],
-                [256], ["eager-bf16", "cmfast", "cmfast-auto", "compile"])
+                [256], ["eager-bf16", "cmfast", "cmfast-auto", "cmfast-graph", "compile"])
     modes = ["eager-fp32", "eager-bf16", "cmfast", "cmfast-auto", "compile-max-autotune-no-cudagraphs",
              "compile-reduce-overhead"]
-    return presets, args.batches or [1, 8, 64, 256, 1024], modes, [128, 256], ["eager-bf16", "cmfast", "compile"]
+    return (presets, args.batches or [1, 8, 64, 256, 1024], modes, [128, 256],
+            ["eager-bf16", "cmfast", "cmfast-graph", "compile"])
 
 
 def cmfast_backend(mode: str) -> str:
     """'cmfast': the Triton kernels by name; 'cmfast-auto': the measured per-op choice (ops/auto_table.json)."""
-    return "auto" if mode == "cmfast-auto" else os.environ.get("CMFAST_BENCH_BACKEND", "triton")
+    return "auto" if mode in ("cmfast-auto", "cmfast-graph") else os.environ.get("CMFAST_BENCH_BACKEND", "triton")
 
 
 def run_sampling(r: Runner, preset: str, batches, modes, ceil) -> None:
@@ -281,7 +308,8 @@ def run_training(r: Runner, preset: str, batches, modes, ceil) -> None:
                 torch._dynamo.reset()
                 with_backend("torch", ict_step_fn(model, 2, dev, torch.bfloat16, True))()   # eager warm-up
                 model.net = torch.compile(model.net, dynamic=False)
-            step = with_backend(backend, ict_step_fn(model, B, dev, torch.bfloat16, channels_last=True))
+            make = graphed_ict_step_fn if mode == "cmfast-graph" else ict_step_fn
+            step = with_backend(backend, make(model, B, dev, torch.bfloat16, channels_last=True))
             if floor is None:
                 try:
                     with ops.use_backend("torch"):

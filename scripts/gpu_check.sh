@@ -12,7 +12,7 @@
 #              device call names `data` in carry
 # Environment: GPU_CHECK_BUDGET_S (whole run), GPU_CHECK_THROUGHPUT_COMPILE_S (240), GPU_CHECK_OPS_COMPILE_S (170; 0 =
 # no per-op compile rows), GPU_CHECK_SCT_BUDGET_MS (2000 per bench_sct row), GPU_CHECK_PYTEST_SELECT (core's GPU tests:
-# files / pytest arguments; default all).
+# files / pytest arguments; default all), GPU_CHECK_CUDA_GRAPH (1: the reference runs train with --cuda-graph).
 # The H100 session (two calls, 806 s of device time with the start and transfers): core with GPU_CHECK_BUDGET_S=445 and
 # GPU_CHECK_THROUGHPUT_COMPILE_S=230 (344 s), then ops,sct with 460 / 85 / 800 (426 s). The fourth H200 session (893
 # s with the start): core,ops with 450 / 170 / 0 (pytest-gpu 160 s, throughput 133 s whose compile rows the old
@@ -22,12 +22,14 @@
 # The fifth H200 session (799 s of device time with the start): core with GPU_CHECK_BUDGET_S=375,
 # GPU_CHECK_THROUGHPUT_COMPILE_S=150 and GPU_CHECK_PYTEST_SELECT naming the kernel, sampler, sCM, editing and metric
 # test files (347 s; the throughput compile rows were skipped, since reordered), then reference with 475 (376 s).
-# Next GPU session (planned in stop 32, which had none; stop 33 added tests/test_functorch_gpu.py): core with
-# GPU_CHECK_BUDGET_S=380, GPU_CHECK_THROUGHPUT_COMPILE_S=150 and GPU_CHECK_PYTEST_SELECT="tests/test_ops_cuda.py
-# tests/test_graphed.py tests/test_train_gpu.py tests/test_functorch_gpu.py" (the rewritten GroupNorm forward's GPU
-# tests, the sampler, the training loop, the kernels under vmap / grad since stop 33's Function rewrite; the core
-# stage also times group_norm_act into cuda-ops.json), then reference on the same warm machine with what is left
-# less 20 s (~420 s: its deadline shortens the four runs after the teacher to fit).
+# Next GPU session (planned in stop 32, which had none; stop 33 added tests/test_functorch_gpu.py, stop 34
+# tests/test_cuda_graph_gpu.py): core with GPU_CHECK_BUDGET_S=380, GPU_CHECK_THROUGHPUT_COMPILE_S=150 and
+# GPU_CHECK_PYTEST_SELECT="tests/test_ops_cuda.py tests/test_graphed.py tests/test_train_gpu.py
+# tests/test_functorch_gpu.py tests/test_cuda_graph_gpu.py" (the rewritten GroupNorm forward's GPU tests, the sampler,
+# the training loop, the kernels under vmap / grad since stop 33's Function rewrite, the captured training step; the
+# core stage also times group_norm_act into cuda-ops.json, and throughput's cmfast-graph rows the captured step),
+# then reference on the same warm machine with what is left less 20 s (~420 s: its deadline shortens the four runs
+# after the teacher to fit), with GPU_CHECK_CUDA_GRAPH=1 if test_cuda_graph_gpu.py passed in core.
 # Writes at most 8 files into OUT_DIR: gpu_check.log and the result files; prints a summary table last.
 # Each step has its own time limit so that one slow step cannot eat the others' time; a failed step is reported
 # in the summary and the run goes on.
@@ -149,13 +151,17 @@ if has_stage reference; then
 #    the GPU idle half the time or more) unless GPU_CHECK_REFERENCE_PARALLEL=0 (one after another).
 PARALLEL=(--parallel)
 [ "${GPU_CHECK_REFERENCE_PARALLEL:-1}" = "0" ] && PARALLEL=()
+# GPU_CHECK_CUDA_GRAPH=1: edm, cd, ct and ict train with cmfast-train --cuda-graph (their step replayed as one CUDA
+# graph; tests/test_cuda_graph_gpu.py in the core stage checks it first). Off by default until a GPU has run it.
+CUDA_GRAPH=()
+[ "${GPU_CHECK_CUDA_GRAPH:-0}" = "1" ] && CUDA_GRAPH=(--cuda-graph)
 # --deadline-s (its limit, what is left of the budget, less 10 s): cd, started when the teacher ends, gets the cap
 # that still leaves time for its scores, the rates and the export.
 REF_LIMIT=440
 REF_LEFT=$((BUDGET_S - SECONDS - 5))
 [ "$REF_LIMIT" -gt "$REF_LEFT" ] && REF_LIMIT=$REF_LEFT
 run reference-runs "$REF_LIMIT" python scripts/reference_runs.py --profile "${GPU_CHECK_REFERENCE_PROFILE:-gpu}" \
-    --out /tmp/cmfast-ref --data-dir data "${PARALLEL[@]}" --deadline-s "$((REF_LIMIT > 20 ? REF_LIMIT - 10 : 10))" \
+    --out /tmp/cmfast-ref --data-dir data "${PARALLEL[@]}" "${CUDA_GRAPH[@]}" --deadline-s "$((REF_LIMIT > 20 ? REF_LIMIT - 10 : 10))" \
     --results "$OUT/reference_runs.json" --export fmnist --export-dir "$OUT"
 fi
 

@@ -134,7 +134,10 @@ THEN = ("cd", "ct", "ict", "sct")       # together, when edm's process has ended
 DEADLINE_RESERVE_S = 60.0
 
 
-def train_argv(method: str, prof: dict, out: str, data_dir: str | None, device: str | None, seed: int) -> list[str]:
+def train_argv(method: str, prof: dict, out: str, data_dir: str | None, device: str | None, seed: int,
+               cuda_graph: bool = False) -> list[str]:
+    """cmfast-train's arguments for one run; cuda_graph: --cuda-graph for the methods that have a CUDA-graph step
+    (edm, cd, ct, ict; sct runs eagerly)."""
     steps, minutes = prof["runs"][method]
     if prof.get("budget"):   # the length planned by the run (one checkpoint and grid, at its end)
         length = ["--time-budget", f"{prof.get('budget_fill', BUDGET_FILL) * minutes:g}"]
@@ -154,6 +157,9 @@ def train_argv(method: str, prof: dict, out: str, data_dir: str | None, device: 
         argv += ["--method-arg", warmup]
     if method == "ict" and prof.get("ict_schedule_mult"):
         argv += ["--method-arg", f"schedule_mult={prof['ict_schedule_mult']:g}"]
+    from cmfast.training.methods import get_method
+    if cuda_graph and get_method(method).graph_safe:
+        argv += ["--cuda-graph"]
     if data_dir:
         argv += ["--data-dir", data_dir]
     if device:
@@ -196,7 +202,7 @@ def run_one(method: str, prof: dict, a, record: dict) -> None:
     from cmfast.cli.train import main as train_main
     from cmfast.metrics import evaluate
     from cmfast.training.checkpoint import list_checkpoints, load_model
-    argv = train_argv(method, prof, a.out, a.data_dir, a.device, a.seed)
+    argv = train_argv(method, prof, a.out, a.data_dir, a.device, a.seed, a.cuda_graph)
     record["command"] = "cmfast-train " + shlex.join(argv)
     t0 = time.time()
     rc = train_main(argv)
@@ -345,6 +351,7 @@ def child_argv(method: str, a, results: str, cap: float | None = None) -> list[s
             "--results", results, "--seed", str(a.seed), "--cap-minutes", f"{cap:g}"]
     argv += ["--data-dir", a.data_dir] if a.data_dir else []
     argv += ["--device", a.device] if a.device else []
+    argv += ["--cuda-graph"] if a.cuda_graph else []
     return argv
 
 
@@ -504,6 +511,9 @@ def main(argv=None) -> int:
                     help="--parallel: seconds from the start within which the whole job must end (gpu_check.sh: its "
                          "step's time limit less a margin); a run started late (cd, after the teacher) gets the cap "
                          "that still leaves time for its scores, the sampling rates and the export")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="train edm, cd, ct and ict with cmfast-train --cuda-graph (the step's forward and backward "
+                         "replayed as one CUDA graph: the fmnist-small step is host-bound); sct runs eagerly")
     ap.add_argument("--cap-minutes", type=float, default=None, help=argparse.SUPPRESS)   # a --parallel child's cap
     a = ap.parse_args(argv)
     a.t_start = time.time()

@@ -463,9 +463,25 @@ def test_parallel_caps_fit_the_stage():
     assert caps["edm"] >= 1.6 and caps["cd"] > was["cd"]
     for m in ("ct", "ict", "sct"):
         assert caps[m] * 60 > 3 * sequential[m]["train_s"], m
-    a = type("A", (), dict(profile="gpu", out="o", seed=0, data_dir="d", device=None))
+    a = type("A", (), dict(profile="gpu", out="o", seed=0, data_dir="d", device=None, cuda_graph=False))
     argv = ref.child_argv("ict", a, "r.json")
     assert argv[argv.index("--cap-minutes") + 1] == f"{caps['ict']:g}" and argv[argv.index("--only") + 1] == "ict"
+    assert "--cuda-graph" not in argv
+
+
+def test_cuda_graph_reaches_the_runs_that_have_a_graph_step():
+    """--cuda-graph (gpu_check.sh: GPU_CHECK_CUDA_GRAPH=1): a --parallel child gets it, and cmfast-train gets it for
+    edm, cd, ct and ict; sct has no CUDA-graph step and trains eagerly."""
+    ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
+    a = type("A", (), dict(profile="gpu", out="o", seed=0, data_dir=None, device=None, cuda_graph=True))
+    assert "--cuda-graph" in ref.child_argv("sct", a, "r.json")
+    prof = ref.PROFILES["gpu"]
+    for m in ref.ORDER:
+        assert ("--cuda-graph" in ref.train_argv(m, prof, "out", None, "cuda", 0, cuda_graph=True)) == (m != "sct")
+        assert "--cuda-graph" not in ref.train_argv(m, prof, "out", None, "cuda", 0)
+    text = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    assert 'GPU_CHECK_CUDA_GRAPH:-0}" = "1" ] && CUDA_GRAPH=(--cuda-graph)' in text
+    assert '"${CUDA_GRAPH[@]}"' in text.split("run reference-runs", 1)[1].split("\n\n", 1)[0]
 
 
 def test_readme_tables_are_the_generated_ones(tmp_path):

@@ -193,6 +193,33 @@ def test_training_step_row_runs_the_whole_step(monkeypatch):
     assert [q.shape for q in target.parameters()] == [q.shape for q in model.net.parameters()]
 
 
+def test_graphed_training_step_row_runs_the_loops_graph_step(monkeypatch):
+    """The cmfast-graph row times cmfast-train --cuda-graph's step: GraphedStep (here uncaptured: the CPU hook) with
+    iCT at 80 levels, then Adam and the EMA update; the graph's inputs stay one buffer."""
+    from cmfast.training import cuda_graph
+    monkeypatch.setenv("CMFAST_CUDA_GRAPH", "eager")
+    calls, made = [], []
+    real = cuda_graph.GraphedStep
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+    monkeypatch.setattr(cuda_graph, "GraphedStep", Spy)
+    monkeypatch.setattr(throughput, "ema_update_", lambda t, s, mu: calls.append(mu))
+    torch.manual_seed(0)
+    model = throughput._model("tiny", torch.device("cpu")).train()
+    step = throughput.graphed_ict_step_fn(model, 2, torch.device("cpu"))
+    before = [q.detach().clone() for q in model.parameters()]
+    step()
+    step()
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), before)) > 1e-7
+    assert calls == [0.9999, 0.9999] and len(made) == 1
+    g = made[0]
+    assert g.method.name == "ict" and g.cfg["loss"] == "pseudo_huber" and int(g.inputs["last"]) == 78   # 80 levels
+    assert throughput.cmfast_backend("cmfast-graph") == "auto"
+
+
 def test_help_states_the_default_presets_and_batches(capsys):
     """--help's defaults of --presets and --batches are plan()'s, with --quick and on CPU too (it gave only the full
     GPU run's presets, and no batches)."""

@@ -87,6 +87,7 @@ def test_backend_of_the_cmfast_rows(monkeypatch):
     assert throughput.cmfast_backend("cmfast") == "triton" and throughput.cmfast_backend("cmfast-auto") == "auto"
     monkeypatch.setenv("CMFAST_BENCH_BACKEND", "cuda")
     assert throughput.cmfast_backend("cmfast") == "cuda" and throughput.cmfast_backend("cmfast-auto") == "auto"
+    assert throughput.cmfast_backend("cmfast-graph") == "auto"      # the loop's --cuda-graph step: auto's kernels
 
 
 def test_gpu_plans_follow_the_docstring():
@@ -96,7 +97,7 @@ def test_gpu_plans_follow_the_docstring():
     presets, batches, modes, tb, tm = throughput.plan(_args(quick=True, presets=None, batches=None), cuda)
     assert presets == ["ddpmpp-cifar10"] and batches == [1, 256] and tb == [256]
     assert "eager-bf16" in modes and any(m.startswith("compile-") for m in modes)
-    assert "eager-bf16" in tm and "compile" in tm and "cmfast" in tm
+    assert "eager-bf16" in tm and "compile" in tm and "cmfast" in tm and "cmfast-graph" in tm
     presets, batches, modes, tb, tm = throughput.plan(_args(presets=None, batches=None), cuda)
     assert presets == ["ddpmpp-cifar10", "ddpmpp-64", "adm-imagenet64"] and batches == [1, 8, 64, 256, 1024]
     assert tb == [128, 256] and "compile" in tm and sum(m.startswith("compile-") for m in modes) == 2
@@ -210,7 +211,7 @@ def test_gpu_run_order_sampling_compile_rows_before_training(monkeypatch):
     assert calls == [("sample", "ddpmpp-cifar10", [1, 256], plain),
                      ("sample", "ddpmpp-cifar10", [1, 256], [m for m in modes if m.startswith("compile")]),
                      ("ict", "ddpmpp-cifar10", tb, [m for m in tm if m != "compile"]),
-                     ("ict", "fmnist-small", [256], ["eager-bf16", "cmfast", "cmfast-auto"]),
+                     ("ict", "fmnist-small", [256], ["eager-bf16", "cmfast", "cmfast-auto", "cmfast-graph"]),
                      ("ict", "ddpmpp-cifar10", tb, ["compile"])]
     calls, args = _orchestration(monkeypatch, ["--quick", "--presets", "tiny", "--budget-s", "50"])
     assert args.budget_s == 50.0 and [c[:2] for c in calls] == [("sample", "tiny"), ("sample", "tiny"),
