@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F_
 from torch.overrides import TorchFunctionMode
 
+from . import precond
+
 PRECISIONS = ("fp64", "fp32", "tf32", "bf16", "fp16")
 METHODS = ("fd", "exact")
 ORDERS = (2, 4)        # points of the central difference: 2 (error O(h^2)) or 4 (O(h^4))
@@ -189,14 +191,18 @@ def fd_step(eps, relative_to: torch.Tensor | None, B: int, device, floor: float 
     """Per-sample step h (B,) fp64: eps * max(|relative_to|, floor) when relative_to (e.g. the time t) is given,
     else eps itself (a number or a (B,) tensor)."""
     try:    # a string failed as "new(): invalid data type 'str'", None as "must be real number, not NoneType"
-        h = torch.as_tensor(eps, dtype=torch.float64, device=device)
-        if relative_to is not None:
-            h = h * relative_to.detach().to(torch.float64).abs().clamp_min(floor)
+        if relative_to is not None and isinstance(eps, (int, float)) and not isinstance(eps, bool):
+            # a number times the tensor: no host-to-device copy of eps (a CUDA-graph capture refuses one)
+            h = relative_to.detach().to(torch.float64).abs().clamp_min(floor) * float(eps)
+        else:
+            h = torch.as_tensor(eps, dtype=torch.float64, device=device)
+            if relative_to is not None:
+                h = h * relative_to.detach().to(torch.float64).abs().clamp_min(floor)
     except (TypeError, ValueError):
         raise TypeError(f"fd_jvp: eps, floor: expected numbers (or a (B,) tensor of steps), got eps={eps!r}, "
                         f"floor={floor!r}") from None
     h = h.expand(B) if h.dim() == 0 else h
-    if h.shape != (B,) or not bool(((h > 0) & (h < math.inf)).all()):     # inf: p +- inf t, a NaN JVP
+    if h.shape != (B,) or (not precond.capturing(h) and not bool(((h > 0) & (h < math.inf)).all())):   # inf: a NaN JVP
         got = f"shape {tuple(h.shape)}" if h.shape != (B,) else f"steps {h.tolist()[:4]}"
         raise ValueError(f"fd_jvp: expected a positive step (number or ({B},)), got {got}")
     return h

@@ -165,7 +165,7 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
              warmup_steps: int = 10_000, jvp: str = "fd", precision: str = DEFAULT_PRECISION,
              eps: float = DEFAULT_EPS, floor: float = DEFAULT_FLOOR, p_mean: float = -1.0, p_std: float = 1.4,
              c: float = 0.1, generator=None, class_labels=None, order: int = DEFAULT_ORDER,
-             prior_weighting: str = "none", tangent_norm: str = "l2") -> torch.Tensor:
+             prior_weighting: str = "none", tangent_norm: str = "l2", r: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample sCM loss (B,): sCT without a teacher (dx_t/dt = cos t z - sin t x0 with z of std sd), sCD with
     an EDM denoiser as teacher. The online forward F (with grad, in the caller's autocast) records its dropout
     masks; dF-/dt is the JVP of the same network (same masks, theta- = stopgrad theta) along (dx_t/dt, 1):
@@ -174,7 +174,9 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
     jvp='exact' by torch.func.jvp. The fused op cmfast.ops.trig_tangent_loss forms g, normalizes and weights.
     prior_weighting: w(t) multiplying the squared error beside the adaptive weighting, 'none' (w = 1) or
     'inv_sigma' (w = 1 / (sd tan t), the VE level's inverse; see prior_weight). tangent_norm: g / (||g|| + c) ('l2',
-    the paper's) or g / (RMS(g) + c) ('rms', NVIDIA FastGen's default: c then means the same at every image size)."""
+    the paper's) or g / (RMS(g) + c) ('rms', NVIDIA FastGen's default: c then means the same at every image size).
+    r: the tangent warm-up factor as a one-element tensor on x0's device, in place of tangent_warmup(step,
+    warmup_steps) (cmfast-train --cuda-graph: the captured step reads it from a buffer the host updates)."""
     if jvp not in ("fd", "exact"):
         raise ValueError(f"jvp: expected 'fd' or 'exact', got {jvp!r}")
     check_prior_weighting(prior_weighting)
@@ -193,7 +195,8 @@ def scm_loss(model: TrigFlowModel, x0: torch.Tensor, teacher: nn.Module | None =
     with dropout_masks(record=masks):
         F = model.backbone(x_t, t, class_labels)
     logvar = model.logvar(t)
-    common = dict(logvar=logvar, weight=prior_weight(t, sd, prior_weighting), r=tangent_warmup(step, warmup_steps),
+    common = dict(logvar=logvar, weight=prior_weight(t, sd, prior_weighting),
+                  r=tangent_warmup(step, warmup_steps) if r is None else r,
                   sigma_data=sd, c=c, norm=tangent_norm)
     net = model.backbone
     w = first_float_param(model.net)

@@ -23,8 +23,8 @@ BLOCK = 1024
 
 
 @triton.jit
-def _trig_tangent_partial_kernel(F_ptr, Fp_ptr, Fm_ptr, x_ptr, v_ptr, t_ptr, h_ptr, g_ptr, part_ptr,
-                                 n, chunk, S, r, sd, FD: tl.constexpr, BLOCK: tl.constexpr):
+def _trig_tangent_partial_kernel(F_ptr, Fp_ptr, Fm_ptr, x_ptr, v_ptr, t_ptr, h_ptr, g_ptr, part_ptr, r_ptr,
+                                 n, chunk, S, r, sd, FD: tl.constexpr, RT: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     s = tl.program_id(1)
     base = b.to(tl.int64) * n
@@ -33,6 +33,8 @@ def _trig_tangent_partial_kernel(F_ptr, Fp_ptr, Fm_ptr, x_ptr, v_ptr, t_ptr, h_p
     ct = tl.cos(t)
     st = tl.sin(t)
     a = -ct * ct
+    if RT:      # r read from device memory (a tensor: the warm-up of a step captured in a CUDA graph)
+        r = tl.load(r_ptr).to(tl.float32)
     k = -r * ct * st
     inv2h = 0.5 / tl.load(h_ptr + b).to(tl.float32)   # unused when FD is off (h_ptr then points at t)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -77,7 +79,9 @@ def _layout(F: torch.Tensor) -> torch.memory_format:
 
 
 def trig_tangent_loss_fwd(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight, r, sd, c, ns=1.0):
-    """(loss, g, coef, dlogvar): loss/coef/dlogvar (B,) fp32, g like F in fp32; dloss_b/dF_b = coef_b g_b."""
+    """(loss, g, coef, dlogvar): loss/coef/dlogvar (B,) fp32, g like F in fp32; dloss_b/dF_b = coef_b g_b. r: a
+    number, or a one-element tensor on F's device (read by the kernel: no host sync, and a CUDA graph replays the
+    value the tensor holds then)."""
     fmt = _layout(F)
     fd = dFdt is None
     F, x_t, dxdt = (u.contiguous(memory_format=fmt) for u in (F, x_t, dxdt))
@@ -90,8 +94,10 @@ def trig_tangent_loss_fwd(F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, wei
     coef, dlv = torch.empty_like(loss), torch.empty_like(loss)
     chunk, S = split(B, n, F.device, BLOCK)
     part = torch.empty(B, S, device=F.device, dtype=torch.float32)
+    rt = isinstance(r, torch.Tensor)
     _trig_tangent_partial_kernel[(B, S)](F, a, b if fd else a, x_t, dxdt, t, h.float().contiguous() if fd else t,
-                                         g, part, n, chunk, S, float(r), float(sd), FD=fd, BLOCK=BLOCK)
+                                         g, part, r.float().reshape(1) if rt else t, n, chunk, S,
+                                         0.0 if rt else float(r), float(sd), FD=fd, RT=rt, BLOCK=BLOCK)
     _trig_tangent_finish_kernel[(B,)](part, logvar.float().contiguous(), weight.float().contiguous(), loss, coef,
                                       dlv, n, S, float(c), float(ns), BLOCK_S=max(16, next_power_of_2(S)))
     return loss, g, coef, dlv

@@ -151,8 +151,8 @@ if has_stage reference; then
 #    the GPU idle half the time or more) unless GPU_CHECK_REFERENCE_PARALLEL=0 (one after another).
 PARALLEL=(--parallel)
 [ "${GPU_CHECK_REFERENCE_PARALLEL:-1}" = "0" ] && PARALLEL=()
-# GPU_CHECK_CUDA_GRAPH=1: edm, cd, ct and ict train with cmfast-train --cuda-graph (their step replayed as one CUDA
-# graph; tests/test_cuda_graph_gpu.py in the core stage checks it first). Off by default until a GPU has run it.
+# GPU_CHECK_CUDA_GRAPH=1: the runs train with cmfast-train --cuda-graph (each step replayed as one CUDA graph;
+# tests/test_cuda_graph_gpu.py in the core stage checks it first). Off by default until a GPU has run it.
 CUDA_GRAPH=()
 [ "${GPU_CHECK_CUDA_GRAPH:-0}" = "1" ] && CUDA_GRAPH=(--cuda-graph)
 # --deadline-s (its limit, what is left of the budget, less 10 s): cd, started when the teacher ends, gets the cap

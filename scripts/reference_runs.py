@@ -136,8 +136,8 @@ DEADLINE_RESERVE_S = 60.0
 
 def train_argv(method: str, prof: dict, out: str, data_dir: str | None, device: str | None, seed: int,
                cuda_graph: bool = False) -> list[str]:
-    """cmfast-train's arguments for one run; cuda_graph: --cuda-graph for the methods that have a CUDA-graph step
-    (edm, cd, ct, ict; sct runs eagerly)."""
+    """cmfast-train's arguments for one run; cuda_graph: --cuda-graph, for the methods that have a CUDA-graph step
+    (all five)."""
     steps, minutes = prof["runs"][method]
     if prof.get("budget"):   # the length planned by the run (one checkpoint and grid, at its end)
         length = ["--time-budget", f"{prof.get('budget_fill', BUDGET_FILL) * minutes:g}"]
@@ -512,8 +512,8 @@ def main(argv=None) -> int:
                          "step's time limit less a margin); a run started late (cd, after the teacher) gets the cap "
                          "that still leaves time for its scores, the sampling rates and the export")
     ap.add_argument("--cuda-graph", action="store_true",
-                    help="train edm, cd, ct and ict with cmfast-train --cuda-graph (the step's forward and backward "
-                         "replayed as one CUDA graph: the fmnist-small step is host-bound); sct runs eagerly")
+                    help="train with cmfast-train --cuda-graph (the step's forward and backward replayed as one "
+                         "CUDA graph: the fmnist-small step is host-bound)")
     ap.add_argument("--cap-minutes", type=float, default=None, help=argparse.SUPPRESS)   # a --parallel child's cap
     a = ap.parse_args(argv)
     a.t_start = time.time()

@@ -20,7 +20,7 @@ from cmfast.schedules import (ict_schedule, karras_sigmas, level_table, lognorma
                               sample_table_indices)
 from cmfast.training.config import resolve
 from cmfast.training.cuda_graph import GraphedStep
-from cmfast.training.methods import get_method
+from cmfast.training.methods import METHODS, Method, get_method
 from train_fixtures import write_png_folder
 
 
@@ -122,7 +122,7 @@ def test_masks_replay_trains_the_online_pass_only():
 def _cfg(method, steps=100, **over):
     args = dict(dataset="fashion-mnist", method=method, preset="tiny", batch_size=4, total_steps=steps,
                 loss="l2" if method in ("cd", "ct") else None, cuda_graph=True, **over)
-    if method == "cd":
+    if method in ("cd", "scd"):
         args["teacher"] = "unused"
     return resolve(args, 1, (1, 32, 32), 10)
 
@@ -147,10 +147,15 @@ def test_graph_inputs_keep_their_shapes_and_give_the_loss_grid(method):
     assert (ns[0] < ns[-1]) == (method != "cd")     # the curricula grow; CD's N is fixed
 
 
-def test_edm_has_no_graph_inputs_and_sct_no_graph_step():
+def test_edm_has_no_graph_inputs_and_sct_its_warmup_factor():
     assert get_method("edm").graph_inputs(5, _cfg("edm")) == ({}, {})
-    with pytest.raises(NotImplementedError, match="sct has no CUDA-graph step"):
-        get_method("sct").graph_loss({}, None, {}, {})
+    cfg = _cfg("sct", method_args={"warmup_frac": 0.5})       # r: 0 -> 1 over the first 50 of 100 steps
+    for k, r in ((0, 0.0), (10, 0.2), (49, 0.98), (50, 1.0), (99, 1.0)):
+        host, info = get_method("sct").graph_inputs(k, cfg)
+        assert host["r"].shape == (1,) and host["r"].dtype == torch.float32
+        assert float(host["r"]) == pytest.approx(r) and info == {"r": pytest.approx(r)}
+    with pytest.raises(NotImplementedError, match="has no CUDA-graph step"):
+        Method().graph_loss({}, None, {}, {})
 
 
 # ---- the capture lint: the step's loss on fake CUDA tensors ------------------------------------------------------
@@ -199,7 +204,7 @@ def capturing(monkeypatch):
 
 
 @pytest.mark.parametrize("method, cond", [("edm", False), ("cd", False), ("ct", False), ("ict", False),
-                                          ("ict", True)])
+                                          ("ict", True), ("sct", False), ("scd", False), ("sct", True)])
 def test_graph_loss_has_no_host_sync_or_copy(capturing, method, cond):
     loss, copies = _lint(method, cond=cond)
     assert loss.shape == (4,) and loss.device.type == "cuda" and copies == []
@@ -268,13 +273,16 @@ def test_uncaptured_step_refuses_a_new_batch_shape_or_input_shape(monkeypatch):
 
 # ---- refusals --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("over, world, msg", [
-    (dict(method="sct"), 1, "--method sct has no CUDA-graph step"),
+    (dict(method="sct", method_args={"jvp": "exact"}), 1, "--method sct: --method-arg jvp=exact"),
+    (dict(method="nograph"), 1, "--method nograph has no CUDA-graph step"),
     (dict(precision="fp16"), 1, "fp16's loss scaling"),
     (dict(compile="default"), 1, "--compile default"),
     (dict(batch_gpu=2), 1, "--batch-gpu 2 of a batch of 4"),
     ({}, 2, "one process only"),
 ])
-def test_cuda_graph_refusals(over, world, msg):
+def test_cuda_graph_refusals(monkeypatch, over, world, msg):
+    no_graph = type("NoGraph", (Method,), {"name": "nograph"})()       # a registered method without a graph step
+    monkeypatch.setitem(METHODS, "nograph", no_graph)
     args = dict(dataset="fashion-mnist", method="ict", preset="tiny", batch_size=4, cuda_graph=True)
     args.update(over)
     with pytest.raises(ValueError, match=msg):

@@ -470,14 +470,14 @@ def test_parallel_caps_fit_the_stage():
 
 
 def test_cuda_graph_reaches_the_runs_that_have_a_graph_step():
-    """--cuda-graph (gpu_check.sh: GPU_CHECK_CUDA_GRAPH=1): a --parallel child gets it, and cmfast-train gets it for
-    edm, cd, ct and ict; sct has no CUDA-graph step and trains eagerly."""
+    """--cuda-graph (gpu_check.sh: GPU_CHECK_CUDA_GRAPH=1): a --parallel child gets it, and so does every run's
+    cmfast-train."""
     ref = _load(ROOT / "scripts" / "reference_runs.py", "reference_runs")
     a = type("A", (), dict(profile="gpu", out="o", seed=0, data_dir=None, device=None, cuda_graph=True))
     assert "--cuda-graph" in ref.child_argv("sct", a, "r.json")
     prof = ref.PROFILES["gpu"]
     for m in ref.ORDER:
-        assert ("--cuda-graph" in ref.train_argv(m, prof, "out", None, "cuda", 0, cuda_graph=True)) == (m != "sct")
+        assert "--cuda-graph" in ref.train_argv(m, prof, "out", None, "cuda", 0, cuda_graph=True)
         assert "--cuda-graph" not in ref.train_argv(m, prof, "out", None, "cuda", 0)
     text = (ROOT / "scripts" / "gpu_check.sh").read_text()
     assert 'GPU_CHECK_CUDA_GRAPH:-0}" = "1" ] && CUDA_GRAPH=(--cuda-graph)' in text

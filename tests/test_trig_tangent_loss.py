@@ -205,3 +205,36 @@ def test_vmap_over_the_finite_difference_pair():
         got = torch.func.vmap(one)(*stacked)
         want = torch.stack([one(*(d[k] for k in names)) for d in (a, b)])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+# ---- r as a one-element tensor (cmfast-train --cuda-graph: the captured step reads r from a buffer) ---------------
+@pytest.mark.triton_cpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("fd", [True, False])
+def test_r_tensor_gives_the_number_result(backend, fd):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    kw = _inputs(3, 3, 16, 16, torch.float32, fd)
+    want = _truth(*(kw[k] for k in _KEYS), 0.375, 0.5, 0.1)
+    num = _run(backend, kw, 0.375)
+    for r in (torch.tensor(0.375), torch.tensor([0.375]), torch.tensor([[0.375]], dtype=torch.float64)):
+        got = _run(backend, kw, r)
+        for g, n, w in zip(got, num, want):
+            assert torch.equal(g, n)                       # 0.375 is exact in fp32: the same numbers
+            assert _err(g, w) < 1e-4
+    # and the tensor's value is what counts: r = 0 drops the second term
+    zero = _run(backend, kw, torch.zeros(1))
+    assert torch.equal(zero[0], _run(backend, kw, 0.0)[0]) and not torch.equal(zero[0], num[0])
+
+
+def test_r_checked():
+    kw = _inputs(2, 3, 4, 4, torch.float32)
+    call = lambda r: ops.trig_tangent_loss(kw["F"], kw["x_t"], kw["dxdt"], kw["t"], dFdt=kw["F"], r=r)  # noqa: E731
+    with pytest.raises(ValueError, match=r"r: expected a number or a one-element tensor, got shape \(2,\)"):
+        call(torch.ones(2))
+    with pytest.raises(TypeError, match="r"):
+        call(torch.ones(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="r: expected a number >= 0"):
+        call(-0.5)
+    with pytest.raises(TypeError, match="r: expected a number >= 0"):
+        call("1")

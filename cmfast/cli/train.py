@@ -141,7 +141,7 @@ def build_parser():
     p.add_argument("--cuda-graph", action="store_const", const=True,
                    help="capture the step's forward, loss, backward and gradient clipping in one CUDA graph, "
                         "replayed every step (the optimizer and EMA updates stay eager): for small networks, whose "
-                        "eager step is bound by the host. Methods edm, cd, ct, ict; one process, one GPU, no "
+                        "eager step is bound by the host. Every method (sct / scd with jvp=fd); one process, one GPU, no "
                         "--batch-gpu accumulation, no fp16, no --compile. Noise comes from the default generator "
                         "(seeded by --seed) and the target pass reuses the online pass's recorded dropout masks, "
                         "so the run draws other numbers than without it. The first logged interval includes the "

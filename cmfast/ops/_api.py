@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from .. import precond
 from ..precond import sigma_vector, under_torch_func
 from ..schedules import as_number
 from . import implementation, shape_class, use_backend
@@ -227,7 +228,7 @@ def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFd
     t = sigma_vector(t, F, "t", vd)
     h = sigma_vector(h, F, "h", vd) if h is not None else None
     # a value check syncs and branches on data: not under torch.compile, and vmap refuses it (as check_sigma)
-    checks = not (torch.compiler.is_compiling() or under_torch_func())
+    checks = not (torch.compiler.is_compiling() or under_torch_func() or precond.capturing(F))
     if h is not None and checks and not bool((h > 0).all()):
         raise ValueError(f"h: expected positive finite-difference steps, got {h.tolist()[:4]}")
     if logvar is None:
@@ -245,9 +246,17 @@ def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFd
         raise TypeError(f"sigma_data, c: expected numbers, got sigma_data={sigma_data!r}, c={c!r}") from None
     if not ok:
         raise ValueError(f"expected sigma_data > 0 and c >= 0, got sigma_data={sigma_data}, c={c}")
+    if isinstance(r, torch.Tensor):    # on the device: a CUDA-graph step's warm-up r (cmfast-train --cuda-graph)
+        _float("r", r)
+        if r.numel() != 1:
+            raise ValueError(f"r: expected a number or a one-element tensor, got shape {tuple(r.shape)}")
+        _same_device(F, r=r)
+        r = r.reshape(())
+    else:
+        r = _number("r", r, 0.0, False, "a number >= 0 (the tangent warm-up factor)")
     ns = tangent_norm_scale(norm, F[0].numel())
     return _dispatch("trig_tangent_loss", F, None, x_t, dxdt, F_plus, F_minus, dFdt, logvar)(
-        F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight, float(r), float(sigma_data), float(c), ns)
+        F, x_t, dxdt, t, F_plus, F_minus, h, dFdt, logvar, weight, r, float(sigma_data), float(c), ns)
 
 
 TANGENT_NORMS = ("l2", "rms")

@@ -42,6 +42,9 @@ def check_cuda_graph(cfg: dict, method, world: int) -> None:
     if not method.graph_safe:
         able = ", ".join(sorted(n for n, m in METHODS.items() if m.graph_safe))
         raise ValueError(f"--cuda-graph: --method {method.name} has no CUDA-graph step (methods with one: {able})")
+    why = method.graph_refusal(cfg)
+    if why:
+        raise ValueError(f"--cuda-graph with --method {method.name}: {why}")
     if world > 1:
         raise ValueError(f"--cuda-graph: one process only (the gradients' all-reduce of {world} ranks is not "
                          "captured); run without torchrun or without --cuda-graph")

@@ -168,6 +168,10 @@ class Method:
     replays_dropout = False
     graph_safe = False      # --cuda-graph: graph_inputs and graph_loss below are defined
 
+    def graph_refusal(self, cfg: dict) -> str | None:
+        """Why --cuda-graph cannot capture this configuration of the method (one line), or None."""
+        return None
+
     def graph_inputs(self, step, cfg) -> tuple[dict, dict]:
         return {}, {}
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..jvp import DEFAULT_EPS, DEFAULT_ORDER, DEFAULT_PRECISION, PRECISIONS, check_order
 from ..trigflow import T_MID, TrigFlowModel, check_prior_weighting, check_tangent_norm, scm_loss, tangent_warmup
 from .methods import Method, register
@@ -73,6 +75,24 @@ class SCT(Method):
                         generator=generator, class_labels=class_labels, order=a["fd_order"],
                         prior_weighting=a["prior_weighting"], tangent_norm=a["tangent_norm"])
         return loss, {"r": tangent_warmup(step, warmup)}
+
+    graph_safe = True
+
+    def graph_refusal(self, cfg) -> str | None:
+        if cfg["method_args"]["jvp"] != "fd":
+            return "--method-arg jvp=exact (torch.func.jvp) is not captured; use jvp=fd (the default)"
+        return None
+
+    def graph_inputs(self, step, cfg):
+        r = tangent_warmup(step, self.warmup_steps(cfg))
+        return {"r": torch.tensor([r], dtype=torch.float32)}, {"r": r}
+
+    def graph_loss(self, models, x, inputs, cfg, class_labels=None):
+        a = cfg["method_args"]
+        return scm_loss(models["model"], x, models.get("teacher"), 0, 1, a["jvp"], a["fd_precision"], a["fd_eps"],
+                        p_mean=a["p_mean"], p_std=a["p_std"], c=a["c"], class_labels=class_labels,
+                        order=a["fd_order"], prior_weighting=a["prior_weighting"], tangent_norm=a["tangent_norm"],
+                        r=inputs["r"])
 
 
 class SCD(SCT):
