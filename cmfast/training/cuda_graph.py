@@ -80,8 +80,8 @@ class GraphedStep:
 
     def _set_inputs(self, step: int, device: torch.device) -> dict:
         host, info = self.method.graph_inputs(step, self.cfg)
-        if self.inputs is None:
-            self.inputs = {k: v.to(device) for k, v in host.items()}
+        if self.inputs is None:     # a copy even on the host's device: the tables are shared (_level_table's cache)
+            self.inputs = {k: v.to(device, copy=True) for k, v in host.items()}
         else:
             if host.keys() != self.inputs.keys():
                 raise RuntimeError(f"{self.method.name}.graph_inputs changed its keys: {sorted(host)}")
