@@ -63,9 +63,9 @@ def with_backend(backend: str, fn):
     return run
 
 
-def ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
-    """One iCT training step as cmfast-train runs it: loss (two forwards, pseudo-Huber), backward, the gradient norm
-    (clip_grad_norm_), the step's one host sync (loss and norm), Adam, the evaluation EMA update."""
+def _step_parts(model, B: int, device, channels_last: bool):
+    """What both training-step rows hold: a batch x, the trained parameters, fused Adam (on CUDA), the evaluated net
+    and its EMA copy."""
     res, C = model.net.img_resolution, model.net.in_channels
     x = torch.rand(B, C, res, res, device=device) * 2 - 1
     if channels_last:
@@ -73,7 +73,13 @@ def ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
     net = getattr(model.net, "_orig_mod", model.net)             # the EMA copies the module, not its compiled form
-    ema = copy.deepcopy(net).requires_grad_(False)
+    return x, params, opt, net, copy.deepcopy(net).requires_grad_(False)
+
+
+def ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
+    """One iCT training step as cmfast-train runs it: loss (two forwards, pseudo-Huber), backward, the gradient norm
+    (clip_grad_norm_), the step's one host sync (loss and norm), Adam, the evaluation EMA update."""
+    x, params, opt, net, ema = _step_parts(model, B, device, channels_last)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -96,20 +102,14 @@ def graphed_ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
     method = get_method("ict")
     cfg = {"method_args": {**method.defaults, "s0": 79, "s1": 79, "schedule_steps": 1}, "total_steps": 1,
            "loss": "pseudo_huber", "sigma_min": model.sigma_min, "sigma_max": model.sigma_max, "grad_clip": 0.0}
-    res, C = model.net.img_resolution, model.net.in_channels
-    x = torch.rand(B, C, res, res, device=device) * 2 - 1
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
-    ema = copy.deepcopy(model.net).requires_grad_(False)
+    x, params, opt, net, ema = _step_parts(model, B, device, channels_last)
     graphed = GraphedStep(method, {"model": model}, cfg, params, dtype)
 
     def step():
         loss_sum, gnorm, _ = graphed(x, None, 0)
         torch.stack([loss_sum.float(), gnorm.float()]).tolist()
         opt.step()
-        ema_update_(ema, model.net, 0.9999)
+        ema_update_(ema, net, 0.9999)
     return step
 
 

@@ -119,12 +119,26 @@ def test_masks_replay_trains_the_online_pass_only():
 
 
 # ---- the methods' graph inputs -----------------------------------------------------------------------------------
-def _cfg(method, steps=100, **over):
+def _cfg(method, steps=100, shape=(1, 32, 32), **over):
+    """The resolved config of a --cuda-graph run of `method` (tiny preset, batch 4) on images of `shape`."""
     args = dict(dataset="fashion-mnist", method=method, preset="tiny", batch_size=4, total_steps=steps,
                 loss="l2" if method in ("cd", "ct") else None, cuda_graph=True, **over)
     if method in ("cd", "scd"):
         args["teacher"] = "unused"
-    return resolve(args, 1, (1, 32, 32), 10)
+    return resolve(args, 1, shape, 10)
+
+
+def spy_graphed_steps(monkeypatch) -> list:
+    """Every GraphedStep made from now on (cuda_graph.GraphedStep replaced by a subclass that records itself)."""
+    from cmfast.training import cuda_graph
+    made = []
+
+    class Spy(cuda_graph.GraphedStep):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+    monkeypatch.setattr(cuda_graph, "GraphedStep", Spy)
+    return made
 
 
 @pytest.mark.parametrize("method", ["ct", "ict", "cd"])

@@ -22,10 +22,9 @@ from cmfast.jvp import fd_step
 from cmfast.nets import UNet
 from cmfast.precond import EDMDenoiser
 from cmfast.schedules import ict_schedule, karras_sigmas, level_table, lognormal_level_probs, sample_table_indices
-from cmfast.training import cuda_graph
-from cmfast.training.config import resolve
 from cmfast.training.cuda_graph import GraphedStep
 from cmfast.training.methods import get_method
+from test_cuda_graph_step import _cfg as _graph_cfg, spy_graphed_steps
 from train_fixtures import write_png_folder
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))   # throughput
@@ -38,11 +37,7 @@ def _torch_backend():
 
 
 def _cfg(method, steps=100, **over):
-    args = dict(dataset="fashion-mnist", method=method, preset="tiny", batch_size=4, total_steps=steps,
-                loss="l2" if method in ("cd", "ct") else None, cuda_graph=True, **over)
-    if method in ("cd", "scd"):
-        args["teacher"] = "unused"
-    return resolve(args, 1, (1, 8, 8), 10)
+    return _graph_cfg(method, steps, (1, 8, 8), **over)
 
 
 def _randomize(module, seed, std=0.05):
@@ -361,14 +356,7 @@ def test_gpu_plans_time_the_graphed_step():
 def test_graphed_throughput_row_passes_its_autocast(monkeypatch):
     import throughput
     monkeypatch.setenv("CMFAST_CUDA_GRAPH", "eager")
-    made = []
-    real = cuda_graph.GraphedStep
-
-    class Spy(real):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-    monkeypatch.setattr(cuda_graph, "GraphedStep", Spy)
+    made = spy_graphed_steps(monkeypatch)
     monkeypatch.setattr(throughput, "ema_update_", lambda t, s, mu: None)
     torch.manual_seed(0)
     model = throughput._model("tiny", torch.device("cpu")).train()

@@ -168,6 +168,18 @@ def test_readme_table_keeps_the_newest_complete_run(tmp_path):
     assert [r["_file"] for r in mt.load_runs(tmp_path)] == ["c.json"]
 
 
+def _two_steps(make):
+    """Two calls of a training-step row's step (tiny net, batch 2, CPU): Adam (lr 1e-5) moves the weights."""
+    torch.manual_seed(0)
+    model = throughput._model("tiny", torch.device("cpu")).train()
+    step = make(model, 2, torch.device("cpu"))
+    before = [q.detach().clone() for q in model.parameters()]
+    step()
+    step()
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), before)) > 1e-7
+    return model
+
+
 def test_training_step_row_runs_the_whole_step(monkeypatch):
     """The timed step is cmfast-train's: Adam moves the weights, the gradient norm and the host sync run, and the
     evaluation EMA (a frozen copy of the net) is updated once a step."""
@@ -179,13 +191,7 @@ def test_training_step_row_runs_the_whole_step(monkeypatch):
         return real_norm(*a, **k)
     monkeypatch.setattr(throughput, "ema_update_", lambda t, s, mu: calls["ema"].append((t, s, mu)))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", norm)
-    torch.manual_seed(0)
-    model = throughput._model("tiny", torch.device("cpu")).train()
-    step = throughput.ict_step_fn(model, 2, torch.device("cpu"))
-    before = [q.detach().clone() for q in model.parameters()]
-    step()
-    step()
-    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), before)) > 1e-7    # Adam, lr 1e-5
+    model = _two_steps(throughput.ict_step_fn)
     assert calls["norm"] == 2 and len(calls["ema"]) == 2
     target, source, mu = calls["ema"][0]
     assert source is model.net and target is not model.net and mu == 0.9999
@@ -196,24 +202,11 @@ def test_training_step_row_runs_the_whole_step(monkeypatch):
 def test_graphed_training_step_row_runs_the_loops_graph_step(monkeypatch):
     """The cmfast-graph row times cmfast-train --cuda-graph's step: GraphedStep (here uncaptured: the CPU hook) with
     iCT at 80 levels, then Adam and the EMA update; the graph's inputs stay one buffer."""
-    from cmfast.training import cuda_graph
+    from test_cuda_graph_step import spy_graphed_steps
     monkeypatch.setenv("CMFAST_CUDA_GRAPH", "eager")
-    calls, made = [], []
-    real = cuda_graph.GraphedStep
-
-    class Spy(real):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-    monkeypatch.setattr(cuda_graph, "GraphedStep", Spy)
+    calls, made = [], spy_graphed_steps(monkeypatch)
     monkeypatch.setattr(throughput, "ema_update_", lambda t, s, mu: calls.append(mu))
-    torch.manual_seed(0)
-    model = throughput._model("tiny", torch.device("cpu")).train()
-    step = throughput.graphed_ict_step_fn(model, 2, torch.device("cpu"))
-    before = [q.detach().clone() for q in model.parameters()]
-    step()
-    step()
-    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), before)) > 1e-7
+    _two_steps(throughput.graphed_ict_step_fn)
     assert calls == [0.9999, 0.9999] and len(made) == 1
     g = made[0]
     assert g.method.name == "ict" and g.cfg["loss"] == "pseudo_huber" and int(g.inputs["last"]) == 78   # 80 levels

@@ -6,15 +6,16 @@ an H200 (benchmarks/results/nvidia-h200-2026-11-28-s31-quick.json) for about 15 
 cost of forward, target forward and backward. The captured step launches them as one graph. What stays eager is
 small and keeps the loop's behaviour: the optimizer step and the EMA updates (a few multi-tensor launches) run after
 the loop's one host sync has read the loss and the gradient norm, so a non-finite step is still skipped, and the
-curricula (N(k), mu(k)) still come from the host, copied into the graph's input buffers before each replay
-(Method.graph_inputs).
+curricula (N(k), mu(k), sCT's warm-up r) still come from the host, copied into the graph's input buffers before
+each replay (Method.graph_inputs).
 
 What the graph changes:
 - random numbers come from the default generator (a replay advances it; the generator is seeded by --seed), not
   from the eager step's generator seeded per step, so a run draws other noise than without --cuda-graph;
 - the target pass shares the online pass's dropout masks by recording them (objectives.consistency_pair_loss
   replay='masks'), where the eager step replays the RNG state, which a graph cannot read while capturing;
-- one process, no gradient accumulation, no fp16 loss scaling, no --compile (check_cuda_graph says so in one line).
+- one process, no gradient accumulation, no fp16 loss scaling, no --compile, no sCM jvp=exact (check_cuda_graph
+  says so in one line).
 """
 from __future__ import annotations
 
