@@ -86,7 +86,7 @@ def test_every_profile_command_is_one_cmfast_train_takes(ref):
 
 
 def test_a_parallel_child_is_this_script_with_its_settings(ref):
-    a = types.SimpleNamespace(profile="cpu", out="o", seed=4, data_dir="d", device="cuda:1")
+    a = types.SimpleNamespace(profile="cpu", out="o", seed=4, data_dir="d", device="cuda:1", cuda_graph=False)
     assert ref.child_argv("ct", a, "r.json") == [
         sys.executable, str(ROOT / "scripts" / "reference_runs.py"), "--profile", "cpu", "--out", "o", "--only", "ct",
         "--results", "r.json", "--seed", "4", "--cap-minutes", "30", "--data-dir", "d", "--device", "cuda:1"]
@@ -135,7 +135,7 @@ def test_run_record_from_the_run_folder(ref, tmp_path, monkeypatch, method):
     monkeypatch.setattr(ref, "sampling_rate", lambda model, device, batch, steps: 1000.0 * batch + steps)
     monkeypatch.setattr(ref, "search_two_step", lambda model, prof, data_dir, device: searched.append(data_dir) or
                         {"sigmas": [80.0, 0.5]})
-    a = types.SimpleNamespace(out=str(tmp_path), data_dir="dd", device="cpu", seed=0)
+    a = types.SimpleNamespace(out=str(tmp_path), data_dir="dd", device="cpu", seed=0, cuda_graph=False)
     record = {}
     ref.run_one(method, ref.PROFILES["smoke"], a, record)
     assert dirs == [str(tmp_path / method)]
@@ -164,7 +164,7 @@ def test_run_record_without_a_plan_and_failed_runs(ref, tmp_path, monkeypatch):
     monkeypatch.setattr(train_cli, "main", _fake_train([]))
     monkeypatch.setattr(metrics, "evaluate", lambda model, metric, **k: {"value": 1.0})
     monkeypatch.setattr(ref, "sampling_rate", lambda *a: 1.0)
-    a = types.SimpleNamespace(out=str(tmp_path), data_dir=None, device="cpu", seed=0)
+    a = types.SimpleNamespace(out=str(tmp_path), data_dir=None, device="cpu", seed=0, cuda_graph=False)
     record = {}
     ref.run_one("edm", ref.PROFILES["cpu"], a, record)
     assert "plan" not in record and record["steps_planned"] == 1000 and record["images_seen"] == 20 * 32
@@ -172,7 +172,7 @@ def test_run_record_without_a_plan_and_failed_runs(ref, tmp_path, monkeypatch):
     monkeypatch.setattr(train_cli, "main", _fake_train([], plan=False))
     record = {}     # a budget run whose time limit struck before its plan: the steps it made
     ref.run_one("ct", ref.PROFILES["smoke"], types.SimpleNamespace(out=str(tmp_path / "b"), data_dir=None,
-                                                                    device="cpu", seed=0), record)
+                                                                    device="cpu", seed=0, cuda_graph=False), record)
     assert "plan" not in record and record["steps_planned"] == record["steps"] == 20
     monkeypatch.setattr(train_cli, "main", _fake_train([], rc=130))
     with pytest.raises(KeyboardInterrupt):
