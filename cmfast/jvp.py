@@ -191,13 +191,11 @@ def fd_step(eps, relative_to: torch.Tensor | None, B: int, device, floor: float 
     """Per-sample step h (B,) fp64: eps * max(|relative_to|, floor) when relative_to (e.g. the time t) is given,
     else eps itself (a number or a (B,) tensor)."""
     try:    # a string failed as "new(): invalid data type 'str'", None as "must be real number, not NoneType"
-        if relative_to is not None and isinstance(eps, (int, float)) and not isinstance(eps, bool):
-            # a number times the tensor: no host-to-device copy of eps (a CUDA-graph capture refuses one)
-            h = relative_to.detach().to(torch.float64).abs().clamp_min(floor) * float(eps)
-        else:
-            h = torch.as_tensor(eps, dtype=torch.float64, device=device)
-            if relative_to is not None:
-                h = h * relative_to.detach().to(torch.float64).abs().clamp_min(floor)
+        number = isinstance(eps, (int, float)) and not isinstance(eps, bool)
+        # a number eps multiplies the tensor as it is: no host-to-device copy of it (a CUDA-graph capture refuses one)
+        e = float(eps) if number and relative_to is not None else torch.as_tensor(eps, dtype=torch.float64,
+                                                                                   device=device)
+        h = e if relative_to is None else relative_to.detach().to(torch.float64).abs().clamp_min(floor) * e
     except (TypeError, ValueError):
         raise TypeError(f"fd_jvp: eps, floor: expected numbers (or a (B,) tensor of steps), got eps={eps!r}, "
                         f"floor={floor!r}") from None

@@ -121,7 +121,12 @@ def draw_pair(x: torch.Tensor, sigmas: torch.Tensor, generator=None, distributio
     x + t_n z (CT: the Euler step with the x estimator, CM Alg. 3)."""
     check_images(x)
     idx = sample_level_indices(sigmas, x.shape[0], distribution, generator, p_mean, p_std, device=x.device)
-    s = sigmas.to(device=x.device, dtype=torch.float32)
+    return _pair_at(x, sigmas.to(device=x.device, dtype=torch.float32), idx, generator, teacher, solver,
+                    class_labels)
+
+
+def _pair_at(x, s, idx, generator, teacher, solver, class_labels) -> Pair:
+    """The pair at levels (s[idx], s[idx + 1]) of the device grid s, with noise z ~ N(0, I) from `generator`."""
     t_lo, t_hi = s[idx], s[idx + 1]
     z = _randn(x, generator)
     x_hi = x + _bcast(t_hi, x) * z
@@ -139,13 +144,7 @@ def draw_pair_table(x: torch.Tensor, table: dict, teacher: nn.Module | None = No
     generator."""
     check_images(x)
     idx = sample_table_indices(table["cdf"], table["last"], x.shape[0])
-    s = table["sigmas"]
-    t_lo, t_hi = s[idx], s[idx + 1]
-    z = _randn(x)
-    x_hi = x + _bcast(t_hi, x) * z
-    x_lo = x + _bcast(t_lo, x) * z if teacher is None else teacher_step(teacher, x_hi, t_hi, t_lo, solver,
-                                                                        class_labels)
-    return Pair(x_hi, t_hi, x_lo, t_lo)
+    return _pair_at(x, table["sigmas"], idx, None, teacher, solver, class_labels)
 
 
 @contextlib.contextmanager

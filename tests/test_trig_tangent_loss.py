@@ -175,6 +175,11 @@ def test_kernel_gpu(shape, dtype):
     ref, got = _run("torch", kw, 0.8), _run("triton", kw, 0.8)
     for g, rf, w in zip(got, ref, want):
         assert _err(g, w) <= 2 * _err(rf, w) + (1e-5 if dtype == torch.float32 else 1e-2)
+    # r read by the compiled kernel from device memory (--cuda-graph's sCT step): the number's result
+    # (0.75 is exact in fp32)
+    num, dev = _run("triton", kw, 0.75), _run("triton", kw, torch.full((1,), 0.75, device="cuda"))
+    for a, b in zip(dev, num):
+        assert torch.equal(a, b)
 
 
 def test_float64_call_keeps_t_h_and_weight_in_float64():

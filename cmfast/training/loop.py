@@ -550,16 +550,16 @@ def _train(args: dict, startup: dict) -> dict:
             else:
                 opt.zero_grad(set_to_none=True)
                 loss_sum, info = torch.zeros((), device=device), {}
-            for r in range(rounds if graphed is None else 0):
-                sl = slice(r * cfg["batch_gpu"], (r + 1) * cfg["batch_gpu"])
-                gen = torch.Generator(device).manual_seed(chunk_seed(cfg["seed"], step, rank * rounds + r))
-                sync = world == 1 or r == rounds - 1
-                with (torch.autocast(device.type, autocast) if autocast else nullcontext()), \
-                        (model.net.no_sync() if not sync else nullcontext()):
-                    loss_vec, info = method.loss(models, x[sl], step, cfg, gen, None if y is None else y[sl])
-                    loss = loss_vec.float().mean() / rounds
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.detach() * rounds * loss_vec.shape[0]
+                for r in range(rounds):
+                    sl = slice(r * cfg["batch_gpu"], (r + 1) * cfg["batch_gpu"])
+                    gen = torch.Generator(device).manual_seed(chunk_seed(cfg["seed"], step, rank * rounds + r))
+                    sync = world == 1 or r == rounds - 1
+                    with (torch.autocast(device.type, autocast) if autocast else nullcontext()), \
+                            (model.net.no_sync() if not sync else nullcontext()):
+                        loss_vec, info = method.loss(models, x[sl], step, cfg, gen, None if y is None else y[sl])
+                        loss = loss_vec.float().mean() / rounds
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    loss_sum += loss.detach() * rounds * loss_vec.shape[0]
             # One collective per step: the global loss sum and the stop request (every rank stops together).
             timed_out = limit_s is not None and time.monotonic() - t_start > limit_s
             red = torch.stack([loss_sum, torch.tensor(float(stop["signal"] > 0 or timed_out), device=device)])
