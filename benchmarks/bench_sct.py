@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 
 import cmfast  # noqa: E402
-from cmfast import objectives, ops  # noqa: E402
+from cmfast import objectives, ops, precond  # noqa: E402
 from cmfast.jvp import DEFAULT_EPS, DEFAULT_ORDER, DEFAULT_PRECISION  # noqa: E402
 from cmfast.trigflow import TrigFlowModel, sct_loss  # noqa: E402
 
@@ -75,7 +75,7 @@ def make_step(name: str, preset: str, res: int, B: int, device: torch.device, au
     def run():
         opt.zero_grad(set_to_none=True)
         with ops.use_backend(backend), (torch.autocast(device.type, autocast) if autocast
-                                        else contextlib.nullcontext()):
+                                        else contextlib.nullcontext()), precond.skip_value_checks():  # as cmfast-train
             if method == "sct":
                 loss = sct_loss(model, x, step=step["i"], generator=gen, **kw)
             else:

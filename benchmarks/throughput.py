@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 
 import cmfast  # noqa: E402
-from cmfast import ops  # noqa: E402
+from cmfast import ops, precond  # noqa: E402
 from cmfast.ema import ema_update_  # noqa: E402
 from cmfast.objectives import ict_loss  # noqa: E402
 
@@ -83,7 +83,8 @@ def ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None), \
+                precond.skip_value_checks():    # as cmfast-train's step: no mid-step host sync
             loss = ict_loss(model, x, num_scales=80).mean()
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))

@@ -68,12 +68,22 @@ class ImageDataset:
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor | None = None, device="cpu"):
         """(images float32 (B, C, H, W) in [-1, 1], labels (B,) or None); flip (B,) bool mirrors horizontally."""
-        x = self.images[idx].to(device).float().div_(127.5).sub_(1.0)
+        x = to_device(self.images[idx], device).float().div_(127.5).sub_(1.0)
         if flip is not None and self.xflip:
-            f = flip.to(device).reshape(-1, 1, 1, 1)
+            f = to_device(flip, device).reshape(-1, 1, 1, 1)
             x = torch.where(f, x.flip(3), x)
-        y = self.labels[idx].to(device) if self.labels is not None else None
+        y = to_device(self.labels[idx], device) if self.labels is not None else None
         return x, y
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor copied to `device`; to a CUDA device from pinned memory without blocking (as a DataLoader with
+    pin_memory=True and .to(non_blocking=True)): a copy from pageable memory first waits for the device's queue, a
+    host sync at every batch. The pinned block stays reserved until the copy has run (torch's pinned allocator)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class Sampler:

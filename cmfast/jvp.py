@@ -200,7 +200,8 @@ def fd_step(eps, relative_to: torch.Tensor | None, B: int, device, floor: float 
         raise TypeError(f"fd_jvp: eps, floor: expected numbers (or a (B,) tensor of steps), got eps={eps!r}, "
                         f"floor={floor!r}") from None
     h = h.expand(B) if h.dim() == 0 else h
-    if h.shape != (B,) or (not precond.capturing(h) and not bool(((h > 0) & (h < math.inf)).all())):   # inf: a NaN JVP
+    # (inf: a NaN JVP)
+    if h.shape != (B,) or (not precond.value_checks_off(h) and not bool(((h > 0) & (h < math.inf)).all())):
         got = f"shape {tuple(h.shape)}" if h.shape != (B,) else f"steps {h.tolist()[:4]}"
         raise ValueError(f"fd_jvp: expected a positive step (number or ({B},)), got {got}")
     return h

@@ -15,7 +15,7 @@ from torch import nn
 from . import ops
 from .jvp import dropout_masks
 from .precond import check_images
-from .schedules import karras_sigmas, sample_level_indices, sample_table_indices
+from .schedules import karras_sigmas_on, sample_level_indices, sample_table_indices
 
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")
 WEIGHTINGS = ("uniform", "icm")
@@ -192,7 +192,7 @@ def consistency_pair_loss(model: nn.Module, target_model: nn.Module, pair: Pair,
 def cd_loss(model, target_model, teacher, x, num_scales: int = 18, solver: str = "heun", loss: str = "lpips",
             generator=None, lpips_model=None, class_labels=None, weighting: str = "uniform") -> torch.Tensor:
     """Consistency distillation (CM Alg. 2); CIFAR-10: N = 18, Heun, LPIPS."""
-    sigmas = karras_sigmas(num_scales, model.sigma_min, model.sigma_max)
+    sigmas = karras_sigmas_on(x.device, num_scales, model.sigma_min, model.sigma_max)
     pair = draw_pair(x, sigmas, generator, teacher=teacher, solver=solver, class_labels=class_labels)
     return consistency_pair_loss(model, target_model, pair, loss, weighting, lpips_model=lpips_model,
                                  class_labels=class_labels)
@@ -201,7 +201,7 @@ def cd_loss(model, target_model, teacher, x, num_scales: int = 18, solver: str =
 def ct_loss(model, target_model, x, num_scales: int, loss: str = "lpips", generator=None, lpips_model=None,
             class_labels=None, weighting: str = "uniform") -> torch.Tensor:
     """Consistency training (CM Alg. 3); num_scales = N(k) from cmfast.ct_schedule."""
-    sigmas = karras_sigmas(num_scales, model.sigma_min, model.sigma_max)
+    sigmas = karras_sigmas_on(x.device, num_scales, model.sigma_min, model.sigma_max)
     pair = draw_pair(x, sigmas, generator)
     return consistency_pair_loss(model, target_model, pair, loss, weighting, lpips_model=lpips_model,
                                  class_labels=class_labels)
@@ -211,7 +211,7 @@ def ict_loss(model, x, num_scales: int, loss: str = "pseudo_huber", c: float | N
              p_mean: float = -1.1, p_std: float = 2.0, lpips_model=None, class_labels=None) -> torch.Tensor:
     """Improved CT: no EMA teacher (theta- = stopgrad theta), lognormal levels, lambda = 1 / (t_{n+1} - t_n),
     pseudo-Huber with c = 0.00054 sqrt(d); num_scales = N(k) from cmfast.ict_schedule."""
-    sigmas = karras_sigmas(num_scales, model.sigma_min, model.sigma_max)
+    sigmas = karras_sigmas_on(x.device, num_scales, model.sigma_min, model.sigma_max)
     pair = draw_pair(x, sigmas, generator, distribution="lognormal", p_mean=p_mean, p_std=p_std)
     return consistency_pair_loss(model, model, pair, loss, "icm", c=c, lpips_model=lpips_model,
                                  class_labels=class_labels)

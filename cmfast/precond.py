@@ -6,7 +6,9 @@ f(x, sigma_min) == x to the last bit.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 from torch import nn
@@ -71,6 +73,31 @@ def capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+_LOCAL = threading.local()    # .skip: value checks left out on this thread (skip_value_checks)
+
+
+@contextlib.contextmanager
+def skip_value_checks():
+    """Inside, the models' and ops' value checks (noise levels, finite-difference steps) are left out, as under
+    torch.compile or a CUDA-graph capture; their shape, dtype and device checks stay. Each value check reads the values
+    on the host: on a GPU a host sync, which drains the device's queue in the middle of the work. cmfast-train's eager
+    step runs its loss inside, so the step's one sync is the loop's own: its levels come from the resolved config's
+    grids and time distributions, which were checked once, and a non-finite loss is still caught there."""
+    prev = getattr(_LOCAL, "skip", False)
+    _LOCAL.skip = True
+    try:
+        yield
+    finally:
+        _LOCAL.skip = prev
+
+
+def value_checks_off(t: torch.Tensor) -> bool:
+    """Whether a value check (a host read of t's values) is left out: while compiling, under a torch.func transform,
+    while capturing t's stream in a CUDA graph, or inside skip_value_checks()."""
+    return (getattr(_LOCAL, "skip", False) or torch.compiler.is_compiling() or under_torch_func()
+            or capturing(t))
+
+
 def check_images(x: torch.Tensor, what: str = "x") -> None:
     """A non-empty floating-point batch (B, C, ...): the models' input, and the losses' data before they draw noise
     like it."""
@@ -84,11 +111,11 @@ def check_images(x: torch.Tensor, what: str = "x") -> None:
 
 def check_sigma(sigma, x: torch.Tensor, lo: float, hi: float | None = None, what: str = "sigma") -> torch.Tensor:
     """sigma as an fp32 (B,) vector on x's device; a clear error when it is non-finite or outside [lo, hi].
-    One host sync for the check (none while compiling or capturing a CUDA graph, and not checked under a torch.func
-    transform, whose vmap refuses a value-dependent branch)."""
+    One host sync for the check (none while compiling or capturing a CUDA graph, or inside skip_value_checks(); not
+    checked under a torch.func transform, whose vmap refuses a value-dependent branch)."""
     check_images(x)
     s = sigma_vector(sigma, x, what)
-    if torch.compiler.is_compiling() or under_torch_func() or capturing(s):
+    if value_checks_off(s):
         return s
     bad = ~torch.isfinite(s) | (s < lo * (1 - 1e-6))
     if hi is not None:

@@ -1,6 +1,7 @@
 """Noise levels, curricula and noise-level sampling: each formula written once, imported everywhere."""
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -49,6 +50,22 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     s = (a + i * (b - a)) ** rho
     s[0], s[-1] = sigma_min, sigma_max
     return s
+
+
+@functools.lru_cache(maxsize=16)
+def _karras_on(n: int, sigma_min: float, sigma_max: float, rho: float, device: torch.device) -> torch.Tensor:
+    return karras_sigmas(n, sigma_min, sigma_max, rho).to(device)
+
+
+def karras_sigmas_on(device, n: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                     rho: float = 7.0) -> torch.Tensor:
+    """karras_sigmas on `device`: the host's float64 grid, copied there once per (grid, device) and then shared (do not
+    write to it). The training losses draw every step's pair from it: a host-to-device copy of pageable memory each
+    step would wait for the device's queue, a host sync in the middle of an eager GPU step."""
+    device, k = torch.device(device), as_integer(n)
+    if device.type == "cpu" or k is None:       # (k None: karras_sigmas says what is wrong with n)
+        return karras_sigmas(n, sigma_min, sigma_max, rho).to(device)
+    return _karras_on(k, sigma_min, sigma_max, rho, device)
 
 
 def _check_steps(step, total_steps) -> None:
@@ -125,7 +142,7 @@ def sample_level_indices(sigmas: torch.Tensor, batch: int, distribution: str = "
     if distribution == "uniform":
         idx = torch.randint(0, n_pairs, (batch,), generator=generator, device=dev)
     elif distribution == "lognormal":
-        probs = lognormal_level_probs(sigmas, p_mean, p_std).to(dev)
+        probs = lognormal_level_probs(sigmas, p_mean, p_std).to(dev)     # a device grid: computed there
         idx = torch.multinomial(probs, batch, replacement=True, generator=generator)
     else:
         raise ValueError(f"distribution: expected 'uniform' or 'lognormal', got {distribution!r}")

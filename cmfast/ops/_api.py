@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from .. import precond
-from ..precond import sigma_vector, under_torch_func
+from ..precond import sigma_vector
 from ..schedules import as_number
 from . import implementation, shape_class, use_backend
 
@@ -227,9 +227,8 @@ def trig_tangent_loss(F, x_t, dxdt, t, *, F_plus=None, F_minus=None, h=None, dFd
     vd = torch.float64 if F.dtype == torch.float64 else torch.float32    # the torch reference computes in fp64 then
     t = sigma_vector(t, F, "t", vd)
     h = sigma_vector(h, F, "h", vd) if h is not None else None
-    # a value check syncs and branches on data: not under torch.compile, and vmap refuses it (as check_sigma)
-    checks = not (torch.compiler.is_compiling() or under_torch_func() or precond.capturing(F))
-    if h is not None and checks and not bool((h > 0).all()):
+    # a value check syncs and branches on data: left out where check_sigma's is (torch.compile, vmap, a capture)
+    if h is not None and not precond.value_checks_off(F) and not bool((h > 0).all()):
         raise ValueError(f"h: expected positive finite-difference steps, got {h.tolist()[:4]}")
     if logvar is None:
         logvar = torch.zeros(B, device=F.device)

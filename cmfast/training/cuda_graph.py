@@ -24,6 +24,9 @@ from contextlib import nullcontext
 
 import torch
 
+from .. import precond
+from ..data import to_device
+
 # Testing hook: CMFAST_CUDA_GRAPH=eager runs GraphedStep without capturing (the CPU tests of the loop's graph path:
 # static buffers, input updates, checkpoints and resume). Not for users: a CPU run gains nothing from it.
 HOOK_ENV = "CMFAST_CUDA_GRAPH"
@@ -90,8 +93,8 @@ class GraphedStep:
                 if v.shape != self.inputs[k].shape:     # a shape baked into the graph
                     raise RuntimeError(f"{self.method.name}.graph_inputs: {k} changed shape "
                                        f"{tuple(self.inputs[k].shape)} -> {tuple(v.shape)}")
-                if not torch.equal(v, self.host[k]):
-                    self.inputs[k].copy_(v)
+                if not torch.equal(v, self.host[k]):   # (sCT's r: every step of its warm-up)
+                    self.inputs[k].copy_(to_device(v, device))
         self.host = host
         return info
 
@@ -108,7 +111,7 @@ class GraphedStep:
     def _body(self):
         dev = self.x.device.type
         amp = torch.autocast(dev, self.autocast_dtype, cache_enabled=False) if self.autocast_dtype else nullcontext()
-        with amp:
+        with amp, precond.skip_value_checks():     # as the eager step (the capture leaves them out anyway)
             loss_vec = self.method.graph_loss(self.models, self.x, self.inputs, self.cfg, self.y)
             loss = loss_vec.float().mean()
         loss.backward()

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from .. import ops
+from .. import ops, precond
 from ..data import Sampler, load_dataset
 from ..ema import ema_update_
 from . import checkpoint as ckpt
@@ -554,15 +554,17 @@ def _train(args: dict, startup: dict) -> dict:
                     sl = slice(r * cfg["batch_gpu"], (r + 1) * cfg["batch_gpu"])
                     gen = torch.Generator(device).manual_seed(chunk_seed(cfg["seed"], step, rank * rounds + r))
                     sync = world == 1 or r == rounds - 1
+                    # skip_value_checks: the models' noise-level checks would each sync with the GPU mid-step
                     with (torch.autocast(device.type, autocast) if autocast else nullcontext()), \
-                            (model.net.no_sync() if not sync else nullcontext()):
+                            (model.net.no_sync() if not sync else nullcontext()), precond.skip_value_checks():
                         loss_vec, info = method.loss(models, x[sl], step, cfg, gen, None if y is None else y[sl])
                         loss = loss_vec.float().mean() / rounds
                     (scaler.scale(loss) if scaler else loss).backward()
                     loss_sum += loss.detach() * rounds * loss_vec.shape[0]
             # One collective per step: the global loss sum and the stop request (every rank stops together).
             timed_out = limit_s is not None and time.monotonic() - t_start > limit_s
-            red = torch.stack([loss_sum, torch.tensor(float(stop["signal"] > 0 or timed_out), device=device)])
+            # (torch.full: a fill kernel; torch.tensor(v, device=...) would be a blocking host-to-device copy)
+            red = torch.stack([loss_sum, torch.full((), float(stop["signal"] > 0 or timed_out), device=device)])
             if unwrapped:
                 red = torch.cat([red, *((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                                         for p in unwrapped)])
