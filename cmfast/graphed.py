@@ -96,14 +96,36 @@ class _Graph:
 
 
 def is_skip_parameterized(model: nn.Module) -> bool:
-    """Whether `model` computes c_skip x + c_out F(c_in x, ln(sigma) / 4), as the graphed sampler does: a
-    ConsistencyModel or an EDMDenoiser (not a TrigFlow model)."""
+    """Whether `model` computes c_skip x + c_out F(c_in x, ln(sigma) / 4): a ConsistencyModel or an EDMDenoiser."""
     from .precond import _Preconditioned
     return isinstance(model, _Preconditioned)
 
 
+def is_graphable(model: nn.Module) -> bool:
+    """Whether GraphedSampler computes `model`: a skip-parameterized one, or a TrigFlow model (sCT / sCD), which in
+    the VE convention is one too (below)."""
+    from .trigflow import TrigFlowModel
+    return is_skip_parameterized(model) or isinstance(model, TrigFlowModel)
+
+
+class _TrigFlowAsSkip:
+    """A TrigFlow model (cmfast.trigflow) as the skip parameterization the graph computes. At x_sigma, with
+    t = atan(sigma / sd), its f is cos(t) x_t - sin(t) sd B(x_t / sd, c_noise(t)), x_t = cos(t) x_sigma, B its
+    backbone's output: cos^2 t = sd^2 / (sigma^2 + sd^2) is EDM's c_skip, sd sin t = sigma sd / sqrt(sigma^2 + sd^2)
+    its c_out, and cos(t) / sd = 1 / sqrt(sigma^2 + sd^2) its c_in, all with sigma_min = 0 in them. So f = c_skip x +
+    c_out (-B)(c_in x, c_noise(atan(sigma / sd))): the skip output of the negated backbone (the network's own output
+    for time_input 'edm', whose backbone negates it)."""
+
+    def __init__(self, model):
+        self.model, self.negate = model, model.time_input != "edm"
+
+    def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.model.c_noise(torch.atan(sigma / self.model.sigma_data))
+
+
 class GraphedSampler:
-    """cmfast.GraphedSampler(model, batch_size, shape, dtype=torch.bfloat16, sigmas=(80.0,)); CUDA only.
+    """cmfast.GraphedSampler(model, batch_size, shape, dtype=torch.bfloat16, sigmas=(80.0,)); CUDA only. The model:
+    a ConsistencyModel, or a TrigFlow model (sCT / sCD; computed as _TrigFlowAsSkip says).
 
     sampler(seed=None, class_labels=None, batch_size=None, uint8=False) -> fresh images (B, *shape): float32 in
     [-1, 1], or uint8 bytes. Each (batch size, output dtype, ops backend) is captured once, on first use, after
@@ -115,7 +137,7 @@ class GraphedSampler:
     """
 
     def __init__(self,
-                 model: nn.Module,               # A ConsistencyModel (sigma_min, sigma_max, sigma_data, net).
+                 model: nn.Module,               # A ConsistencyModel, or a TrigFlow model (sCT / sCD).
                  batch_size: int,                # Default batch size (others are captured on demand).
                  shape,                          # One sample's (C, H, W).
                  dtype: torch.dtype = torch.bfloat16,  # Backbone precision; the skip output is always fp32.
@@ -123,11 +145,9 @@ class GraphedSampler:
                  seed: int | None = None,        # Generator seed (None: a non-deterministic one).
                  channels_last: bool = True,     # Run the convolutions NHWC (faster tensor-core convs).
                  warmup: int = 3):               # Eager runs on a side stream before each capture.
-        if not is_skip_parameterized(model):
-            # The graph computes c_skip x + c_out F(c_in x, ln(sigma) / 4); a TrigFlow model (sCT / sCD) is
-            # cos t x - sin t sd F(x / sd, t): it would sample wrong images here.
-            raise TypeError(f"model: expected a cmfast.ConsistencyModel (c_skip x + c_out F, as the graph computes), "
-                            f"got {type(model).__name__}; sample other models with cmfast.sample (engine 'eager')")
+        if not is_graphable(model):
+            raise TypeError(f"model: expected a cmfast.ConsistencyModel or a TrigFlow model (sCT / sCD), got "
+                            f"{type(model).__name__}; sample other models with cmfast.sample (engine 'eager')")
         self.batch_size = self._check_batch(batch_size)
         shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else shape
         if not (isinstance(shape, tuple) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
@@ -143,7 +163,10 @@ class GraphedSampler:
         seed = _check_seed(seed)
         self.model, self.shape, self.dtype, self.device = model, shape, dtype, _cuda_device(net)
         self.sigma_data, self.sigma_min = float(model.sigma_data), float(model.sigma_min)
-        self._boundary = float(getattr(model, "_boundary", model.sigma_min))   # sigma_min in c_skip / c_out
+        # A TrigFlow model is computed as a skip-parameterized one (_TrigFlowAsSkip): sigma_min 0 in its scalings, its
+        # own time input, its backbone's output negated
+        self._trig = None if is_skip_parameterized(model) else _TrigFlowAsSkip(model)
+        self._boundary = 0.0 if self._trig else float(getattr(model, "_boundary", model.sigma_min))  # in c_skip, c_out
         self.channels_last, self.warmup = channels_last, int(warmup)
         self.label_dim = int(getattr(getattr(net, "_orig_mod", net), "label_dim", 0) or 0)
         if _is_compiled(net):
@@ -184,8 +207,12 @@ class GraphedSampler:
         out = []
         for s in g.sig:
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=cast, cache_enabled=False):
-                out.append(self.net.constants(noise_conditioning(s), None, self.dtype))
+                out.append(self.net.constants(self._c_noise(s), None, self.dtype))
         return out
+
+    def _c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The backbone's time input at sigma: ln(sigma) / 4 (EDM), or the TrigFlow model's c_noise(t)."""
+        return self._trig.c_noise(sigma) if self._trig else noise_conditioning(sigma)
 
     def _prepare(self, g: _Graph) -> None:
         """Fill the graph's constants (before its warm-up and capture)."""
@@ -195,7 +222,8 @@ class GraphedSampler:
     # ---- The captured computation: Algorithm 1 with the sampler epilogue fused in the last step -----------------
     def _backbone(self, x: torch.Tensor, sigma: torch.Tensor, c_in: torch.Tensor, labels, consts=None):
         """F(c_in x, c_noise) in self.dtype (EDM Table 1 scalings, fp32); c_in: sigma's input scaling (B, 1, 1, 1),
-        computed once per graph; consts: the blocks' constants at sigma (None: the network computes them)."""
+        computed once per graph; consts: the blocks' constants at sigma (None: the network computes them). A TrigFlow
+        model's output negated (_TrigFlowAsSkip)."""
         if self.channels_last:      # the scaling writes the NHWC copy the convolutions want: one kernel, not two
             x_in = torch.mul(x, c_in, out=torch.empty_like(x, memory_format=torch.channels_last))
         else:
@@ -203,8 +231,10 @@ class GraphedSampler:
         cast = self.dtype != torch.float32       # no autocast cache: a cached cast would outlive the capture
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=cast, cache_enabled=False):
             if consts is not None:
-                return self.net(x_in, None, None, constants=consts)
-            return self.net(x_in, noise_conditioning(sigma), labels)
+                F = self.net(x_in, None, None, constants=consts)
+            else:
+                F = self.net(x_in, self._c_noise(sigma), labels)
+        return -F if self._trig and self._trig.negate else F
 
     def _run(self, g: _Graph, sig: list[torch.Tensor], uint8: bool) -> torch.Tensor:
         g.z.normal_(generator=self.generator)

@@ -36,7 +36,8 @@ def card_sampling_sigmas(card: dict) -> dict:
 
 def load_pretrained(name: str, map_location="cpu"):
     """A shipped model by name, in eval mode, its model card attached as `model.card`: 'fmnist' -> ConsistencyModel
-    (iCT), 'fmnist-sct' -> cmfast.trigflow.TrigFlowModel (sCT; sampled eagerly, not by the CUDA-graph sampler)."""
+    (iCT), 'fmnist-sct' -> cmfast.trigflow.TrigFlowModel (sCT). Both sample with cmfast.sample or, on a GPU, the
+    CUDA-graph sampler."""
     names = available()
     if name not in names:
         raise ValueError(f"no shipped model {name!r}; available: {', '.join(names) if names else 'none yet'}")

@@ -260,22 +260,22 @@ def check_engine_args(engine: str, dtype: torch.dtype) -> None:
 
 def resolve_engine(engine: str, model: nn.Module, dtype: torch.dtype = torch.float32) -> str:
     """'graphed' (the CUDA-graph sampler, cmfast.GraphedSampler) or 'eager' (sample / edm_sample). 'auto' is graphed
-    for a consistency model on a CUDA device, eager otherwise (CPU, the EDM teacher's Heun sampler, and TrigFlow
-    models (sCT / sCD), whose parameterization the graphed sampler does not compute)."""
+    for a consistency model (a ConsistencyModel or a TrigFlow model: sCT / sCD) on a CUDA device, eager otherwise
+    (CPU, and the EDM teacher's Heun sampler)."""
     from .precond import EDMDenoiser
     check_engine_args(engine, dtype)
     p = next(model.parameters(), None)
     on_cuda = p is not None and p.device.type == "cuda"
-    from .graphed import is_skip_parameterized
+    from .graphed import is_graphable
     edm = isinstance(model, EDMDenoiser)
-    skip = is_skip_parameterized(model)
+    graphable = is_graphable(model)
     if engine == "auto":
-        engine = "graphed" if on_cuda and not edm and skip else "eager"
+        engine = "graphed" if on_cuda and not edm and graphable else "eager"
     if engine == "graphed" and edm:
         raise ValueError("engine 'graphed': the EDM teacher samples with its Heun solver; use engine 'eager'")
-    if engine == "graphed" and not skip:
-        raise ValueError(f"engine 'graphed': a {type(model).__name__} (sCT / sCD) is not the skip-parameterized model "
-                         "the graphed sampler computes; use engine 'eager'")
+    if engine == "graphed" and not graphable:
+        raise ValueError(f"engine 'graphed': a {type(model).__name__} is not a consistency model the graphed sampler "
+                         "computes (ConsistencyModel, TrigFlow); use engine 'eager'")
     if engine == "graphed" and not on_cuda:
         raise ValueError(f"engine 'graphed' needs the model on a CUDA device (CUDA graphs), got "
                          f"{p.device if p is not None else 'no parameters'}; use engine 'eager'")

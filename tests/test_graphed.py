@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import cmfast
+import cmfast.graphed
+import cmfast.sampling
 
 SHAPE = (3, 32, 32)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -61,7 +63,7 @@ def test_bad_batch_size(batch_size):
 def test_bad_dtype_and_model():
     with pytest.raises(TypeError, match="dtype"):
         cmfast.GraphedSampler(_model(), 2, SHAPE, dtype=torch.int8)
-    with pytest.raises(TypeError, match="ConsistencyModel"):
+    with pytest.raises(TypeError, match="ConsistencyModel or a TrigFlow model .* got Linear"):
         cmfast.GraphedSampler(torch.nn.Linear(2, 2), 2, SHAPE)
 
 
@@ -277,21 +279,81 @@ def test_engine_choice_and_its_errors():
         cmfast.sampling.resolve_engine("graphed", cmfast.EDMDenoiser(model.net))
 
 
-def test_trigflow_models_are_not_graphed(monkeypatch):
-    """The graph computes the skip parameterization; a TrigFlow (sCT / sCD) model computes cos t x - sin t sd F: it
-    sampled wrong images there (max error 2.0 against cmfast.sample). auto picks eager for it, graphed refuses it."""
+def _trigflow(time_input="t", label_dim=0, device="cpu"):
+    """A TrigFlow model (sCT / sCD) around _model's re-drawn 'tiny' UNet."""
     from cmfast.trigflow import TrigFlowModel
-    tf = TrigFlowModel(_model().net)
-    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: torch.device("cpu"))
-    with pytest.raises(TypeError, match="ConsistencyModel .* got TrigFlowModel; sample other models with"):
-        cmfast.GraphedSampler(tf, 2, SHAPE, dtype=torch.float32)
+    return TrigFlowModel(_model(label_dim=label_dim).net, time_input=time_input).to(device).eval()
+
+
+@pytest.mark.parametrize("time_input", ["t", "1000t", "edm"])
+@pytest.mark.parametrize("sigmas", [(80.0,), (80.0, 0.068), (80.0, 2.0, 0.5)])
+def test_trigflow_uncaptured_equals_algorithm_1(monkeypatch, time_input, sigmas):
+    """A TrigFlow model's f = cos t x_t - sin t sd B is the skip output of the negated backbone with sigma_min = 0
+    and c_noise(atan(sigma / sd)) (graphed._TrigFlowAsSkip): the captured computation, run eagerly on CPU in fp32
+    (folded constants), equals cmfast.sample's Algorithm 1 through the model's own forward, then the clamp. Before,
+    the sampler computed it as a ConsistencyModel (max error 2.0) and refused it since."""
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
+    model = _trigflow(time_input)
+    sampler = cmfast.GraphedSampler(model, 2, SHAPE, dtype=torch.float32, sigmas=sigmas)
+    out = sampler._run_uncaptured(seed=4)
+    gen = torch.Generator().manual_seed(4)
+    ref = cmfast.sample(model, torch.randn((2, *SHAPE), generator=gen), sigmas, generator=gen).clamp(-1, 1)
+    assert ref.abs().mean() > 0.1 and (ref.abs() < 1).float().mean() > 0.5   # F matters, clamp not everywhere
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    # the parts each matter: the sign, the time input, sigma_min kept out of the scalings
+    for attr, value in (("negate", not sampler._trig.negate), ("c_noise", lambda s: cmfast.precond
+                                                                   .noise_conditioning(s) + 0.3)):
+        good = getattr(sampler._trig, attr)
+        monkeypatch.setattr(sampler._trig, attr, value)
+        assert (sampler._run_uncaptured(seed=4) - out).abs().max() > 1e-2, attr
+        monkeypatch.setattr(sampler._trig, attr, good)
+    sampler._boundary = model.sigma_min
+    if sigmas[-1] < 0.1:        # only a low last level feels sigma_min in c_skip / c_out
+        assert (sampler._run_uncaptured(seed=4) - out).abs().max() > 1e-3
+
+
+def test_trigflow_conditional_and_bf16_fold(monkeypatch):
+    """Labels reach a conditional TrigFlow network (computed inside, not folded); an unconditional one's folded
+    constants equal the run that computes them inside, bit for bit under bf16 autocast."""
+    monkeypatch.setattr(cmfast.graphed, "_cuda_device", lambda net: next(net.parameters()).device)
+    cond = _trigflow(label_dim=3)
+    sampler = cmfast.GraphedSampler(cond, 2, SHAPE, dtype=torch.float32, sigmas=(80.0, 0.5))
+    labels = torch.tensor([2, 0])
+    out = sampler._run_uncaptured(seed=3, class_labels=labels)
+    gen = torch.Generator().manual_seed(3)
+    ref = cmfast.sample(cond, torch.randn((2, *SHAPE), generator=gen), (80.0, 0.5), generator=gen,
+                        class_labels=labels).clamp(-1, 1)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert (sampler._run_uncaptured(seed=3, class_labels=torch.tensor([1, 1])) - out).abs().max() > 1e-3
+    bf = cmfast.GraphedSampler(_trigflow(), 2, SHAPE, dtype=torch.bfloat16, sigmas=(80.0, 0.5), channels_last=False)
+    _, g = bf._buffers(None, False)
+    bf._prepare(g)
+    assert g.consts is not None
+    with cmfast.ops.use_backend("torch"):
+        bf.generator.manual_seed(4)
+        folded = bf._run(g, g.sig, False)
+        g.consts = None
+        bf.generator.manual_seed(4)
+        assert torch.equal(folded, bf._run(g, g.sig, False))
+
+
+def test_trigflow_models_are_graphed_on_cuda(monkeypatch):
+    """auto picks the graphed engine for a TrigFlow model on a CUDA device, as for a ConsistencyModel; the EDM teacher
+    and other modules stay refused."""
+    from cmfast.trigflow import TrigFlowModel
+    tf = _trigflow()
     on_cuda = lambda self, recurse=True: iter([types.SimpleNamespace(device=torch.device("cuda"))])  # noqa: E731
     monkeypatch.setattr(TrigFlowModel, "parameters", on_cuda)
     monkeypatch.setattr(cmfast.ConsistencyModel, "parameters", on_cuda)
     assert cmfast.sampling.resolve_engine("auto", _model()) == "graphed"       # as if on a GPU
-    assert cmfast.sampling.resolve_engine("auto", tf) == "eager"
-    with pytest.raises(ValueError, match="TrigFlowModel .* use engine 'eager'"):
-        cmfast.sampling.resolve_engine("graphed", tf)
+    assert cmfast.sampling.resolve_engine("auto", tf) == "graphed"
+    assert cmfast.sampling.resolve_engine("graphed", tf) == "graphed"
+    assert cmfast.sampling.resolve_engine("eager", tf) == "eager"
+    odd = torch.nn.Sequential(torch.nn.Linear(2, 2)).to("meta")
+    monkeypatch.setattr(torch.nn.Sequential, "parameters", on_cuda, raising=False)
+    with pytest.raises(ValueError, match="Sequential is not a consistency model the graphed sampler computes"):
+        cmfast.sampling.resolve_engine("graphed", odd)
+    assert cmfast.sampling.resolve_engine("auto", odd) == "eager"
 
 
 def test_generate_batches_eager_is_batch_size_free():
@@ -367,6 +429,22 @@ def test_equals_eager_same_noise(sigmas, adaptive):
     torch.testing.assert_close(out, ref, **BF16)
     assert (out - ref).abs().mean() < 1e-2
     assert (out - _eager(model, z, noises, sigmas, dtype=torch.float32)).abs().max() < 0.1
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("time_input", ["t", "edm"])
+def test_trigflow_equals_eager_same_noise(time_input):
+    """A TrigFlow model (sCT / sCD) graphed in bf16 against Algorithm 1 through its own forward (VE convention)."""
+    model = _trigflow(time_input, device="cuda")
+    sigmas = (80.0, 0.5)
+    sampler = cmfast.GraphedSampler(model, 2, SHAPE, sigmas=sigmas, seed=1)
+    out = sampler()
+    z, noises = _noise(sampler)
+    ref = _eager(model, z, noises, sigmas)
+    assert ref.abs().mean() > 0.1
+    torch.testing.assert_close(out, ref, **BF16)
+    assert (out - ref).abs().mean() < 1e-2
 
 
 @pytest.mark.gpu

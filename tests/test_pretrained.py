@@ -37,7 +37,7 @@ def test_load_and_sample_offline():
 
 def test_the_sct_model_loads_and_samples_offline(tmp_path, capsys):
     """fmnist-sct: the best 1-step model of the fifth H200 session's reference set (sCT), a TrigFlow model, beside
-    fmnist (the ConsistencyModel of load_pretrained's contract, which the CUDA-graph sampler takes)."""
+    fmnist (the ConsistencyModel of load_pretrained's contract). Both sample with the CUDA-graph sampler on a GPU."""
     from cmfast.cli.sample import main as sample_main
     from cmfast.trigflow import TrigFlowModel
     model = cmfast.load_pretrained(SCT)
@@ -49,9 +49,9 @@ def test_the_sct_model_loads_and_samples_offline(tmp_path, capsys):
     import numpy as np
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.shape == (4, 32, 32, 1) and arr.dtype == np.uint8 and arr.std() > 20
-    with pytest.raises(SystemExit):       # the graphed sampler computes the skip parameterization: refused
+    with pytest.raises(SystemExit):       # the graphed sampler takes it (on a GPU): here, the device is refused
         sample_main(["--pretrained", SCT, "--num", "4", "--engine", "graphed", "--out", str(tmp_path / "g.png")])
-    assert "a TrigFlowModel (sCT / sCD) is not the skip-parameterized model" in capsys.readouterr().err
+    assert "engine 'graphed' needs the model on a CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST_SYSTEM_DIR), reason="needs the Debian package dataset-fashion-mnist")
