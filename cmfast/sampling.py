@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .precond import skip_value_checks
 from .schedules import as_integer, karras_sigmas
 
 
@@ -166,14 +167,15 @@ def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, cl
     n ~ N(0, I) drawn with `generator` on z's device and dtype, or, given `noise` (one tensor shaped like z per later
     level), taken from it. Runs under torch.no_grad(): the images carry no gradient (differentiate model(x, sigma))
     and are float32 (the fp32 skip output) whatever the dtype of z or of the model. The model runs in eval mode
-    (no dropout); a model in train mode is put back in it after."""
+    (no dropout); a model in train mode is put back in it after. The levels are checked here, on the host, against the
+    model's range, so the model's own per-call check (a host sync on a GPU) is left out (precond.skip_value_checks)."""
     check_model(model)
     s = check_sigmas(sigmas, model.sigma_min, model.sigma_max)
     check_noise(z)
     check_device(model, z, generator)
     if noise is not None:
         check_noise_list(noise, len(s) - 1, z.shape, "one per level after the first")
-    with eval_mode(model):
+    with eval_mode(model), skip_value_checks():
         x = model(s[0] * z, model_level(s[0], z), class_labels)
         for k, sigma in enumerate(s[1:]):
             n = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) if noise is None else \
@@ -234,9 +236,9 @@ def edm_sample(denoiser: nn.Module, z: torch.Tensor, num_steps: int = 18, solver
     num_steps = check_edm_steps(num_steps)
     if solver not in ("heun", "euler"):
         raise ValueError(f"solver: expected 'heun' or 'euler', got {solver!r}")
-    t = karras_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max, rho).flip(0).tolist() + [0.0]
+    t = karras_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max, rho).tolist()[::-1] + [0.0]
     x = z.double() * t[0]
-    with eval_mode(denoiser):
+    with eval_mode(denoiser), skip_value_checks():   # the levels: the denoiser's range (no per-call host sync)
         for t_cur, t_next in zip(t[:-1], t[1:]):
             d = (x - denoiser(x.float(), model_level(t_cur, x), class_labels).double()) / t_cur
             x_next = x + (t_next - t_cur) * d

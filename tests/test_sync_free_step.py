@@ -221,3 +221,38 @@ def test_the_loop_runs_the_loss_inside_skip_value_checks(monkeypatch, tmp_path):
                      "--ckpt-every", "100", "--device", "cpu"])
     assert rc in (0, None) and seen == [True, True]
     assert not precond.value_checks_off(torch.zeros(1, 1))
+
+
+# ---- sampling ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["cm", "trigflow", "edm"])
+def test_eager_sampling_reads_no_value(monkeypatch, kind):
+    """cmfast.sample and edm_sample check their levels on the host against the model's range, so the models' per-call
+    level checks (a host sync each on a GPU: 35 for an 18-step Heun run) are left out; a bad level is still refused
+    before any model call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from cmfast import ConsistencyModel, sample
+    from cmfast.sampling import edm_sample
+    from cmfast.trigflow import TrigFlowModel
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from cmfast import sampling
+    monkeypatch.setattr(precond, "capturing", lambda t: False)     # (no CUDA driver to ask)
+    real = sampling.karras_sigmas
+
+    def host_grid(*a, **k):     # a host computation: real CPU numbers under the fake mode, as without it
+        with unset_fake_temporarily():
+            return real(*a, **k)
+    monkeypatch.setattr(sampling, "karras_sigmas", host_grid)
+    torch.manual_seed(0)
+    net = UNet.from_preset("tiny", in_channels=1)
+    model = {"cm": ConsistencyModel, "trigflow": TrigFlowModel, "edm": EDMDenoiser}[kind](net).eval()
+    run = (lambda m, z: edm_sample(m, z, num_steps=3)) if kind == "edm" else \
+        (lambda m, z: sample(m, z, (80.0, 0.5)))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to("cuda")
+        z = torch.zeros(2, 1, 32, 32, device="cuda")
+        with ops.use_backend("torch"):
+            x = run(model, z)
+            assert x.shape == (2, 1, 32, 32) and x.device.type == "cuda"
+            if kind != "edm":
+                with pytest.raises(ValueError, match="sigmas"):
+                    sample(model, z, (80.0, 1e-4))
