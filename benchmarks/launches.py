@@ -2,6 +2,7 @@
 eagerly on CPU, every aten op that does work counted as one launch and every cmfast fused op as one.
 
     python benchmarks/launches.py [--preset ddpmpp-cifar10] [--batch 1] [--dtype bf16] [--json out.json]
+    python benchmarks/launches.py --train triton --preset fmnist-small --batch 256    # an eager training step
 
 At batch 1 a graph replay is launch-bound (the H200 profile: 711 kernels, 2.05 ms of kernel time, 90% busy), so
 the count is what the CPU can say about batch-1 latency. It is a model of the GPU launches, not a measurement:
@@ -9,6 +10,11 @@ views and allocations launch nothing; a convolution with a bias is two (cuDNN ad
 a Triton GroupNorm whose statistics split into a kernel of their own on a GPU with --sms multiprocessors is two; a
 layout kernel cuDNN may add is not counted, nor is a copy inside a fused op. For the code the H200 profiled it
 counts 681 where the profile counted 711 kernels (with the same 48 GroupNorm statistics kernels).
+
+--train counts the loss and backward of an eager iCT training step (cmfast-train's, before its one host sync), where a
+small net is host-bound: each launch costs host time. With the triton backend every Triton kernel launch counts one
+(the kernels replaced by counting no-ops), beside the torch ops of the wrappers around them. It counts dropout as
+three ops (CPU's composition; one kernel on a GPU).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import collections
 import contextlib
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +36,8 @@ import cmfast.graphed  # noqa: E402
 
 # Ops that launch no kernel: views, metadata, allocation.
 _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "_local_scalar_dense",
-         "is_same_size", "set", "resize", "result_type", "item", "sym_size", "sym_stride", "sym_numel"}
+         "is_same_size", "set", "resize", "result_type", "item", "sym_size", "sym_stride", "sym_numel",
+         "promote_types"}
 
 
 class _Counter(TorchDispatchMode):
@@ -105,6 +113,87 @@ def count_sample_launches(model: cmfast.ConsistencyModel, batch: int, dtype=torc
         cmfast.graphed._cuda_device = real
 
 
+@contextlib.contextmanager
+def _environ(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_KERNEL_MODULES = ("attention", "consistency_loss", "group_norm_act", "residual", "skip_output", "trig_tangent_loss")
+
+
+@contextlib.contextmanager
+def _counted_triton_kernels(counter: _Counter, sms: int):
+    """Every Triton kernel of cmfast.kernels replaced by one that counts its launch and computes nothing (its outputs
+    stay as allocated): the wrappers' own torch ops still run and count, as they launch on a GPU. GroupNorm plans for
+    a GPU with `sms` multiprocessors."""
+    import importlib
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction     # a plain @triton.jit under TRITON_INTERPRET=1
+    from triton.runtime.jit import JITFunction
+
+    class Counted:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                counter.counts[f"triton {self.name.lstrip('_')}"] += 1
+            return launch
+    saved = []
+    for mod_name in _KERNEL_MODULES:
+        mod = importlib.import_module(f"cmfast.kernels.{mod_name}")
+        for name in dir(mod):
+            v = getattr(mod, name)
+            if isinstance(v, (JITFunction, InterpretedFunction, Autotuner)) or \
+                    type(v).__name__ in ("_Fixed", "_Switch"):
+                saved.append((mod, name, v))
+                setattr(mod, name, Counted(name))
+    gn = importlib.import_module("cmfast.kernels.group_norm_act")
+    for name, value in (("_unwrapped", lambda kernel: kernel), ("num_sms", lambda *a, **k: sms)):
+        saved.append((gn, name, getattr(gn, name)))
+        setattr(gn, name, value)
+    try:
+        yield
+    finally:
+        for mod, name, v in reversed(saved):
+            setattr(mod, name, v)
+
+
+def count_train_launches(model: cmfast.ConsistencyModel, batch: int, dtype=torch.bfloat16, backend: str = "triton",
+                         sms: int = 132, num_scales: int = 80) -> collections.Counter:
+    """Launch counts of the loss and backward of one eager iCT training step (cmfast-train's step before its one
+    host sync, the optimizer and the EMA; the gradient norm included), run on the model's CPU device. Backend
+    'triton': each Triton kernel launch is one (the kernels replaced by counting no-ops), with the torch ops of the
+    wrappers and the autograd Functions around them; 'torch': the aten ops."""
+    from cmfast import precond
+    from cmfast.objectives import ict_loss
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend: expected 'triton' or 'torch', got {backend!r}")
+    res, C = model.net.img_resolution, model.net.in_channels
+    x = torch.rand(batch, C, res, res) * 2 - 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    counter = _Counter(sms)
+    kernels = _counted_triton_kernels(counter, sms) if backend == "triton" else contextlib.nullcontext()
+    # the triton backend takes CPU tensors only as the interpreter's (its kernels here are the counting no-ops)
+    env = {"TRITON_INTERPRET": "1"} if backend == "triton" else {}
+    with _environ(env), cmfast.ops.use_backend(backend), kernels, counter:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), precond.skip_value_checks():
+            loss = ict_loss(model, x, num_scales).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    return counter.counts
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="ddpmpp-cifar10")
@@ -112,6 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--steps", type=int, default=1, help="Algorithm 1 steps (sigmas 80, then 0.821)")
     p.add_argument("--sms", type=int, default=132, help="multiprocessors of the GPU modelled (H100 / H200: 132)")
+    p.add_argument("--train", choices=("triton", "torch"), default=None,
+                   help="count an eager iCT training step's loss and backward with this backend instead of a sample")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -119,14 +210,20 @@ def main(argv=None) -> int:
     model = cmfast.ConsistencyModel(cmfast.UNet.from_preset(a.preset)).eval()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     sigmas = (80.0, 0.821)[:a.steps] if a.steps <= 2 else tuple(80.0 * 0.5 ** k for k in range(a.steps))
-    counts = count_sample_launches(model, a.batch, dtype, sigmas, sms=a.sms)
+    if a.train:
+        counts = count_train_launches(model.train(), a.batch, dtype, a.train, sms=a.sms)
+        what = f"eager iCT training step ({a.train}), loss and backward"
+    else:
+        counts = count_sample_launches(model, a.batch, dtype, sigmas, sms=a.sms)
+        what = f"{a.steps} step(s), a graph replay"
     total = sum(counts.values())
-    print(f"{a.preset} batch {a.batch} {a.dtype} {a.steps} step(s): {total} launches (CPU model of a graph replay)")
+    print(f"{a.preset} batch {a.batch} {a.dtype} {what}: {total} launches (CPU model)")
     for name, n in counts.most_common():
         print(f"  {n:5d}  {name}")
     if a.json:
         a.json.write_text(json.dumps({"preset": a.preset, "batch": a.batch, "dtype": a.dtype, "steps": a.steps,
-                                      "total": total, "counts": dict(counts.most_common())}, indent=1) + "\n")
+                                      "train": a.train, "total": total, "counts": dict(counts.most_common())},
+                                     indent=1) + "\n")
     return 0
 
 

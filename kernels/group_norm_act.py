@@ -57,9 +57,10 @@ def _less_pre(K, pre_ptr, n, g, Cg, s_pn, HAS_PRE: tl.constexpr, BLOCK_C: tl.con
 
 
 @triton.jit
-def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, s_sn, Cg, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """weight, bias, 1 + scale, shift of the group's channels as fp32 vectors."""
+    """weight, bias, 1 + scale, shift of the group's channels as fp32 vectors; scale and shift (N, C) with row stride
+    s_sn and unit channel stride (the UNet's are two chunks of one embedding output, read in place)."""
     ci = tl.arange(0, BLOCK_C)
     cmask = ci < Cg
     c = g * Cg + ci
@@ -72,9 +73,9 @@ def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg, HAS_W: tl.c
     if HAS_B:
         b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        s1 = 1.0 + tl.load(scale_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+        s1 = 1.0 + tl.load(scale_ptr + n * s_sn + c, mask=cmask, other=0.0).to(tl.float32)
     if HAS_SHIFT:
-        sh = tl.load(shift_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + n * s_sn + c, mask=cmask, other=0.0).to(tl.float32)
     return w, b, s1, sh
 
 
@@ -142,7 +143,7 @@ def _merge_stats(part_ptr, ng, S, eps, BLOCK_S: tl.constexpr):
 
 @triton.jit
 def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
-                               C, HW, G, Cg, s_c, s_hw, chunk, S, eps, s_pn,
+                               C, HW, G, Cg, s_c, s_hw, chunk, S, eps, s_pn, s_sn,
                                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
                                HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, ONE_PASS: tl.constexpr,
                                HAS_PRE: tl.constexpr,
@@ -163,7 +164,7 @@ def _group_norm_act_fwd_kernel(x_ptr, y_ptr, part_ptr, stats_ptr, w_ptr, b_ptr, 
         tl.store(stats_ptr + ng * 3, K0)
         tl.store(stats_ptr + ng * 3 + 1, mean)
         tl.store(stats_ptr + ng * 3 + 2, rstd)
-    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, s_sn, Cg,
                                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     a = rstd * w * s1                    # z = (x - mean) a + c: one FMA per element
     c = b * s1 + sh
@@ -244,7 +245,7 @@ def _spread(v, GPB: tl.constexpr, CG: tl.constexpr):
           default=_groups_default, interpret_prune=True)
 @triton.jit
 def _group_norm_act_fwd_groups_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
-                                      N, C, HW, G, s_c, s_hw, eps, s_pn,
+                                      N, C, HW, G, s_c, s_hw, eps, s_pn, s_sn,
                                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
                                       HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, HAS_PRE: tl.constexpr,
                                       CG: tl.constexpr, HW_P2: tl.constexpr, TILE_ELEMS: tl.constexpr,
@@ -300,7 +301,7 @@ def _group_norm_act_fwd_groups_kernel(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, sca
     tl.store(st + 1, gmean)
     tl.store(st + 2, grstd)
     rstd_c = _spread(grstd, GPB, CG)
-    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, pid % (G // GPB), C, BLOCK_C,
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, pid % (G // GPB), s_sn, BLOCK_C,
                                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)       # GPB groups = one block
     a = rstd_c * w * s1
     cc = b * s1 + sh
@@ -343,7 +344,7 @@ def _xhat_dz(x_ptr, dy_ptr, offs, mask, K, mean, rstd, w, b, s1, sh, SILU: tl.co
           prune=_groups_prune, default=_groups_default, interpret_prune=True)
 @triton.jit
 def _group_norm_act_bwd_groups_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, ab_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                                      N, C, HW, G, s_c, s_hw,
+                                      N, C, HW, G, s_c, s_hw, s_sn,
                                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
                                       HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, CG: tl.constexpr,
                                       HW_P2: tl.constexpr, TILE_ELEMS: tl.constexpr, RESIDENT_ELEMS: tl.constexpr,
@@ -357,7 +358,7 @@ def _group_norm_act_bwd_groups_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, ab_ptr, 
     K = _spread(tl.load(st), GPB, CG)
     mean = _spread(tl.load(st + 1), GPB, CG)
     rstd = _spread(tl.load(st + 2), GPB, CG)
-    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, pid % (G // GPB), C, BLOCK_C,
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, pid % (G // GPB), s_sn, BLOCK_C,
                                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)       # GPB groups = one block
     rows = tl.arange(0, BLOCK_HW)
     if IN_REGS:
@@ -421,7 +422,7 @@ def _chunk_ab(x_ptr, dy_ptr, col, cmask, K, mean, rstd, w, b, s1, sh, hw_start, 
 
 @triton.jit
 def _group_norm_act_bwd_partial_kernel(x_ptr, dy_ptr, stats_ptr, part_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                                       C, HW, G, Cg, s_c, s_hw, chunk, S,
+                                       C, HW, G, Cg, s_c, s_hw, chunk, S, s_sn,
                                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
                                        HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                                        BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -432,7 +433,7 @@ def _group_norm_act_bwd_partial_kernel(x_ptr, dy_ptr, stats_ptr, part_ptr, w_ptr
     K = tl.load(stats_ptr + ng * 3)
     mean = tl.load(stats_ptr + ng * 3 + 1)
     rstd = tl.load(stats_ptr + ng * 3 + 2)
-    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, s_sn, Cg,
                                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
     hw_start = s * chunk
@@ -446,7 +447,7 @@ def _group_norm_act_bwd_partial_kernel(x_ptr, dy_ptr, stats_ptr, part_ptr, w_ptr
 
 @triton.jit
 def _group_norm_act_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, part_ptr, ab_ptr, w_ptr, b_ptr, scale_ptr,
-                                  shift_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S,
+                                  shift_ptr, C, HW, G, Cg, s_c, s_hw, chunk, S, s_sn,
                                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
                                   HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, ONE_PASS: tl.constexpr,
                                   BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -457,7 +458,7 @@ def _group_norm_act_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, stats_ptr, part_ptr, ab
     K = tl.load(stats_ptr + ng * 3)
     mean = tl.load(stats_ptr + ng * 3 + 1)
     rstd = tl.load(stats_ptr + ng * 3 + 2)
-    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, C, Cg,
+    w, b, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, g, s_sn, Cg,
                                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     ci = tl.arange(0, BLOCK_C)
     col, cmask = _columns(n, g, C, HW, Cg, s_c, BLOCK_C)
@@ -532,8 +533,18 @@ def _flags(weight, bias, scale, shift, act):
 
 
 def _ptrs(x, weight, bias, scale, shift):
-    # An absent operand gets a dummy pointer; the kernel never reads it (its HAS_ flag is off).
-    return [t.contiguous() if t is not None else x for t in (weight, bias, scale, shift)]
+    """The operands' pointers and the row stride of scale and shift (N, C). An absent operand gets a dummy pointer;
+    the kernel never reads it (its HAS_ flag is off). scale and shift are read in place where their channels are
+    adjacent and their rows share one stride (the UNet's: two chunks of the embedding's (N, 2C) output, which a
+    .contiguous() copied, two copy kernels a call in the forward and again in the backward); else copied dense."""
+    ss = [t for t in (scale, shift) if t is not None]
+    in_place = all(t.dim() == 2 and t.stride(1) == 1 for t in ss) and len({t.stride(0) for t in ss}) <= 1
+    if not in_place:
+        ss = [t.contiguous() for t in ss]
+        scale, shift = (ss.pop(0) if scale is not None else None), (ss.pop(0) if shift is not None else None)
+    s_sn = (scale if scale is not None else shift).stride(0) if (scale is not None or shift is not None) else 0
+    return [t.contiguous() if t is not None else x for t in (weight, bias)] + \
+        [t if t is not None else x for t in (scale, shift)], s_sn
 
 
 # At small batches the plan splits each group's statistics over several programs (phase 1, a kernel of its own) so
@@ -585,8 +596,8 @@ def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act, pre_
     stats = torch.empty(plan.N * plan.G, 3, device=x.device, dtype=torch.float32)
     one_pass = plan.S == 1
     N, G = plan.N, plan.G
-    ptrs = _ptrs(x, weight, bias, scale, shift)
-    groups_args = (x, y, stats, *ptrs, pre, N, plan.C, plan.HW, G, plan.s_c, plan.s_hw, eps, s_pn)
+    ptrs, s_sn = _ptrs(x, weight, bias, scale, shift)
+    groups_args = (x, y, stats, *ptrs, pre, N, plan.C, plan.HW, G, plan.s_c, plan.s_hw, eps, s_pn, s_sn)
     groups_meta = dict(**_flags(weight, bias, scale, shift, act), HAS_PRE=pre_bias is not None, CG=plan.Cg,
                        HW_P2=next_power_of_2(plan.HW), TILE_ELEMS=TILE, RESIDENT_ELEMS=RESIDENT)
     if one_pass and plan.Cg == plan.BLOCK_C:      # Cg a power of two: whole groups, several a program
@@ -599,7 +610,8 @@ def group_norm_act_fwd(x, num_groups, weight, bias, eps, scale, shift, act, pre_
             _group_norm_stats_kernel[plan.grid](x, pre, part, *plan.geometry(), s_pn,
                                                 HAS_PRE=pre_bias is not None, **plan.meta())
         _group_norm_act_fwd_kernel[plan.grid](x, y, part, stats, *ptrs, pre,
-                                              *plan.geometry(), eps, s_pn, **_flags(weight, bias, scale, shift, act),
+                                              *plan.geometry(), eps, s_pn, s_sn,
+                                              **_flags(weight, bias, scale, shift, act),
                                               ONE_PASS=one_pass, HAS_PRE=pre_bias is not None,
                                               BLOCK_S=max(2, next_power_of_2(plan.S)), **plan.meta())
 
@@ -616,19 +628,96 @@ def group_norm_act_bwd(dy, x, stats, plan, weight, bias, scale, shift, act):
     dy = dy.contiguous(memory_format=plan.fmt)
     dx = torch.empty_like(x)
     ab = torch.empty(plan.N, plan.C, 2, device=x.device, dtype=torch.float32)
-    ptrs = _ptrs(x, weight, bias, scale, shift)
+    ptrs, s_sn = _ptrs(x, weight, bias, scale, shift)
     flags = _flags(weight, bias, scale, shift, act)
     one_pass = plan.S == 1
     if one_pass and plan.Cg == plan.BLOCK_C:      # as the forward: whole groups, several a program
         N, G = plan.N, plan.G
         _group_norm_act_bwd_groups_kernel[lambda meta: (N * G // meta["GPB"],)](
-            x, dy, dx, stats, ab, *ptrs, N, plan.C, plan.HW, G, plan.s_c, plan.s_hw, **flags, CG=plan.Cg,
+            x, dy, dx, stats, ab, *ptrs, N, plan.C, plan.HW, G, plan.s_c, plan.s_hw, s_sn, **flags, CG=plan.Cg,
             HW_P2=next_power_of_2(plan.HW), TILE_ELEMS=TILE, RESIDENT_ELEMS=RESIDENT)
         return dx, ab[..., 0], ab[..., 1]
     part = torch.empty(plan.N * plan.G, plan.S, 2, plan.Cg, device=x.device, dtype=torch.float32)
     if not one_pass:
-        _group_norm_act_bwd_partial_kernel[plan.grid](x, dy, stats, part, *ptrs, *plan.geometry(), **flags,
+        _group_norm_act_bwd_partial_kernel[plan.grid](x, dy, stats, part, *ptrs, *plan.geometry(), s_sn, **flags,
                                                       **plan.meta())
-    _group_norm_act_bwd_dx_kernel[plan.grid](x, dy, dx, stats, part, ab, *ptrs, *plan.geometry(), **flags,
+    _group_norm_act_bwd_dx_kernel[plan.grid](x, dy, dx, stats, part, ab, *ptrs, *plan.geometry(), s_sn, **flags,
                                              ONE_PASS=one_pass, **plan.meta())
     return dx, ab[..., 0], ab[..., 1]
+
+
+# ---- The parameters' gradients from (A, B), one launch --------------------------------------------------------
+# With A = sum_hw dz and B = sum_hw dz xhat per (sample, channel) (the backward kernels' second output), z = (xhat w +
+# b)(1 + scale) + shift gives dw = sum_n B (1 + scale), db = sum_n A (1 + scale), dscale = B w + A b, dshift = A. As
+# torch ops these were up to 11 launches a call (casts, products, two batch sums, the casts back); the CUDA backend
+# computes them in its extension. Sums over the batch in fp32, in a fixed order (no atomics: the same bits each run).
+@triton.jit
+def _group_norm_param_grads_kernel(a_ptr, b_ptr, s_an, s_ac, s_bn, s_bc, sc_ptr, s_sn, s_sc, w_ptr, bi_ptr,
+                                   dw_ptr, db_ptr, dsc_ptr, dsh_ptr, N, C,
+                                   HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                                   NEED_W: tl.constexpr, NEED_B: tl.constexpr, NEED_SCALE: tl.constexpr,
+                                   NEED_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    if NEED_SCALE and HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if NEED_SCALE and HAS_B:
+        bb = tl.load(bi_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        m = (rows < N)[:, None] & cmask[None, :]
+        A = tl.load(a_ptr + rows[:, None] * s_an + cols[None, :] * s_ac, mask=m, other=0.0)
+        B = tl.load(b_ptr + rows[:, None] * s_bn + cols[None, :] * s_bc, mask=m, other=0.0)
+        nc = rows[:, None] * C + cols[None, :]          # dscale, dshift: dense (N, C)
+        if NEED_W or NEED_B:
+            if HAS_SCALE:
+                s1 = 1.0 + tl.load(sc_ptr + rows[:, None] * s_sn + cols[None, :] * s_sc, mask=m, other=0.0).to(
+                    tl.float32)
+                acc_w += tl.sum(B * s1, axis=0)
+                acc_b += tl.sum(A * s1, axis=0)
+            else:
+                acc_w += tl.sum(B, axis=0)
+                acc_b += tl.sum(A, axis=0)
+        if NEED_SCALE:
+            ds = B
+            if HAS_W:
+                ds = B * w[None, :]
+            if HAS_B:
+                ds = ds + A * bb[None, :]
+            tl.store(dsc_ptr + nc, ds.to(dsc_ptr.dtype.element_ty), mask=m)
+        if NEED_SHIFT:
+            tl.store(dsh_ptr + nc, A.to(dsh_ptr.dtype.element_ty), mask=m)
+    if NEED_W:
+        tl.store(dw_ptr + cols, acc_w.to(dw_ptr.dtype.element_ty), mask=cmask)
+    if NEED_B:
+        tl.store(db_ptr + cols, acc_b.to(db_ptr.dtype.element_ty), mask=cmask)
+
+
+def group_norm_param_grads(A, B, weight, bias, scale, shift, need_w: bool, need_b: bool, need_scale: bool,
+                           need_shift: bool):
+    """(dweight, dbias, dscale, dshift) from A, B (N, C) fp32 and scale (N, C) (any strides: the embedding's chunks
+    are views), each in its parameter's dtype, or None where not needed; one launch (none when nothing is needed)."""
+    N, C = A.shape
+    dw = torch.empty(C, device=A.device, dtype=weight.dtype) if need_w else None
+    db = torch.empty(C, device=A.device, dtype=bias.dtype) if need_b else None
+    dsc = torch.empty(N, C, device=A.device, dtype=scale.dtype) if need_scale else None
+    dsh = torch.empty(N, C, device=A.device, dtype=shift.dtype) if need_shift else None
+    if not (need_w or need_b or need_scale or need_shift) or N * C == 0:
+        if need_w:
+            dw.zero_()
+        if need_b:
+            db.zero_()
+        return dw, db, dsc, dsh
+    sc = scale if scale is not None else A      # an absent operand: any pointer (never read)
+    BLOCK_C = max(2, min(128, next_power_of_2(C)))
+    BLOCK_N = max(2, min(next_power_of_2(N), 4096 // BLOCK_C))
+    _group_norm_param_grads_kernel[(cdiv(C, BLOCK_C),)](
+        A, B, A.stride(0), A.stride(1), B.stride(0), B.stride(1), sc, sc.stride(0), sc.stride(1),
+        weight if weight is not None else A,
+        bias if bias is not None else A, dw if need_w else A, db if need_b else A, dsc if need_scale else A,
+        dsh if need_shift else A, N, C, HAS_SCALE=scale is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, NEED_W=need_w, NEED_B=need_b, NEED_SCALE=need_scale, NEED_SHIFT=need_shift,
+        BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    return dw, db, dsc, dsh

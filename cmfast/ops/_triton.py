@@ -89,6 +89,23 @@ def _gn_bwd(dy, x, stats, plan, weight, bias, scale, shift, act):
 _GNBwd = _b.kernel_call(_gn_bwd, "sss-ppss-")
 
 
+def _gn_param_grads_torch(A, B, weight, bias, scale, shift, need_w, need_b, need_scale, need_shift):
+    """kernels.group_norm_act.group_norm_param_grads as torch ops (the path under torch.func transforms, whose
+    batched A, B the kernel does not take)."""
+    s1 = 1.0 + scale.float() if scale is not None else None
+    dw = db = dscale = dshift = None
+    if need_w:
+        dw = ((B * s1).sum(0) if s1 is not None else B.sum(0)).to(weight.dtype)
+    if need_b:
+        db = ((A * s1).sum(0) if s1 is not None else A.sum(0)).to(bias.dtype)
+    if need_scale:
+        ds = B * weight.float() if weight is not None else B
+        dscale = (ds + A * bias.float() if bias is not None else ds).to(scale.dtype)
+    if need_shift:
+        dshift = A.to(shift.dtype)
+    return dw, db, dscale, dshift
+
+
 @_b.eager_twin
 class _GroupNormAct(torch.autograd.Function):
     """Outputs (y, stats (N * G, 3) fp32, plan): the statistics and the launch plan go to the backward through
@@ -110,22 +127,15 @@ class _GroupNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *_):
         x, stats, weight, bias, scale, shift = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        wants = need[2], need[3], need[5], need[6]
         if _b.transformed(x):   # batched tensors under vmap(grad) / jacrev: the plan is made for the folded call
             dx, A, B = _GNBwd.apply(dy, x, stats, None, weight, bias, scale, shift, ctx.act)
+            grads = _gn_param_grads_torch(A, B, weight, bias, scale, shift, *wants)   # torch ops: batched there
         else:
             dx, A, B = _gn.group_norm_act_bwd(dy, x, stats, ctx.plan, weight, bias, scale, shift, ctx.act)
-        need = ctx.needs_input_grad
-        s1 = 1.0 + scale.float() if scale is not None else None
-        dw = db = dscale = dshift = None
-        if need[2]:
-            dw = ((B * s1).sum(0) if s1 is not None else B.sum(0)).to(weight.dtype)
-        if need[3]:
-            db = ((A * s1).sum(0) if s1 is not None else A.sum(0)).to(bias.dtype)
-        if need[5]:
-            ds = B * weight.float() if weight is not None else B
-            dscale = (ds + A * bias.float() if bias is not None else ds).to(scale.dtype)
-        if need[6]:
-            dshift = A.to(shift.dtype)
+            grads = _gn.group_norm_param_grads(A, B, weight, bias, scale, shift, *wants)     # one launch
+        dw, db, dscale, dshift = grads
         return dx if need[0] else None, None, dw, db, None, dscale, dshift, None
 
     @staticmethod
