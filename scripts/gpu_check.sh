@@ -23,11 +23,13 @@
 # GPU_CHECK_THROUGHPUT_COMPILE_S=150 and GPU_CHECK_PYTEST_SELECT naming the kernel, sampler, sCM, editing and metric
 # test files (347 s; the throughput compile rows were skipped, since reordered), then reference with 475 (376 s).
 # Next GPU session (planned in stop 32, which had none; stop 33 added tests/test_functorch_gpu.py, stop 34
-# tests/test_cuda_graph_gpu.py, stop 35 tests/test_sync_free_gpu.py): core with GPU_CHECK_BUDGET_S=380,
-# GPU_CHECK_THROUGHPUT_COMPILE_S=150 and GPU_CHECK_PYTEST_SELECT="tests/test_ops_cuda.py tests/test_graphed.py
-# tests/test_train_gpu.py tests/test_functorch_gpu.py tests/test_cuda_graph_gpu.py tests/test_sync_free_gpu.py" (the
-# rewritten GroupNorm forward's GPU tests, the sampler, the training loop, the kernels under vmap / grad since stop
-# 33's Function rewrite, the captured training step, the eager step's one host sync; the
+# tests/test_cuda_graph_gpu.py, stop 35 tests/test_sync_free_gpu.py and tests/test_gn_param_grads.py): core with
+# GPU_CHECK_BUDGET_S=380, GPU_CHECK_THROUGHPUT_COMPILE_S=150 and GPU_CHECK_PYTEST_SELECT="tests/test_ops_cuda.py
+# tests/test_graphed.py tests/test_train_gpu.py tests/test_functorch_gpu.py tests/test_cuda_graph_gpu.py
+# tests/test_sync_free_gpu.py tests/test_gn_param_grads.py tests/test_ops_triton.py" (the rewritten GroupNorm
+# forward's GPU tests, the sampler (TrigFlow models too since stop 35), the training loop, the kernels under vmap /
+# grad since stop 33's Function rewrite, the captured training step, the eager step's one host sync, the GroupNorm
+# kernels' in-place scale / shift and parameter-gradient kernel of stop 35; the
 # core stage also times group_norm_act into cuda-ops.json, and throughput's cmfast-graph rows the captured step),
 # then reference on the same warm machine with what is left less 20 s (~420 s: its deadline shortens the four runs
 # after the teacher to fit), with GPU_CHECK_CUDA_GRAPH=1 if test_cuda_graph_gpu.py passed in core.

@@ -101,6 +101,12 @@ def cases(quick: bool, attention: bool = True):
                         dict(meta, **flags, ONE_PASS=one), (), dict(num_warps=nw)
             yield f"gn_bwd_partial[{bhw}x{bc}]", GN._group_norm_act_bwd_partial_kernel, gp, dict(meta, **flags), \
                 (), dict(num_warps=nw)
+        # the parameters' gradients from A, B (fp32), scale and dscale / dshift in the activations' dtype
+        for has, bn, bc in ((True, 32, 128), (False, 2, 2)):
+            yield f"gn_param_grads[all={has},{bn}x{bc}]", GN._group_norm_param_grads_kernel, \
+                {"*": "fp32", "sc_ptr": t, "dsc_ptr": t, "dsh_ptr": t}, \
+                dict(HAS_SCALE=has, HAS_W=has, HAS_B=has, NEED_W=True, NEED_B=True, NEED_SCALE=has, NEED_SHIFT=has,
+                     BLOCK_N=bn, BLOCK_C=bc), (), {}
         # several groups a program; HW 1024 (DDPM++ 32x32): GPB x Cg = 8 in registers unless streamed, wider streamed
         for cg, gpb, hw, st in ((8, 1, 1024, 0), (8, 1, 1024, 1), (8, 4, 1024, 0), (8, 8, 64, 0), (4, 8, 256, 0),
                                 (2, 2, 4096, 0)):

@@ -185,3 +185,15 @@ def test_training_step_launch_count():
     assert gn_bwd == 47 and counts["triton group_norm_param_grads_kernel"] == gn_bwd, counts
     assert counts["clone"] <= 16, counts        # (the attention's dense q, k, v, and a few layout copies)
     assert sum(counts.values()) <= 1610, counts
+
+
+# ---- GPU: compiled ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("N, C", [(256, 256), (1, 64), (37, 70)])
+def test_gpu_param_grads_and_in_place_scale_shift(monkeypatch, N, C):
+    """The kernel compiled, at the sizes of a training step (batch 256, 256 channels) and odd ones; then the chunked
+    scale / shift of a CIFAR-sized GroupNorm through the compiled forward and backward kernels."""
+    monkeypatch.setenv("CMFAST_TRITON_AUTOTUNE", "0")
+    test_every_operand_combination(True, True, True) if N == 37 else test_shapes_and_strides(N, C, True)
+    test_chunked_scale_and_shift_read_in_place(monkeypatch, (8, 128, 16, 16), 32, False, torch.channels_last)
