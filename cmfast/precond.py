@@ -94,7 +94,8 @@ def skip_value_checks():
 def value_checks_off(t: torch.Tensor) -> bool:
     """Whether a value check (a host read of t's values) is left out: while compiling, under a torch.func transform,
     while capturing t's stream in a CUDA graph, or inside skip_value_checks()."""
-    return (getattr(_LOCAL, "skip", False) or torch.compiler.is_compiling() or under_torch_func()
+    # (is_compiling first: under torch.compile the rest is not traced)
+    return (torch.compiler.is_compiling() or getattr(_LOCAL, "skip", False) or under_torch_func()
             or capturing(t))
 
 

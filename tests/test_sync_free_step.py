@@ -256,3 +256,18 @@ def test_eager_sampling_reads_no_value(monkeypatch, kind):
             if kind != "edm":
                 with pytest.raises(ValueError, match="sigmas"):
                     sample(model, z, (80.0, 1e-4))
+
+
+def test_compiled_model_takes_no_graph_break_for_the_checks():
+    # torch.compile(model, fullgraph=True) traces check_sigma without a graph break, inside skip_value_checks or not
+    from cmfast import ConsistencyModel
+    torch._dynamo.reset()
+    model = ConsistencyModel(UNet.from_preset("tiny", in_channels=1)).eval()
+    x, s = torch.randn(2, 1, 32, 32), torch.tensor([1.0, 2.0])
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    want = model(x, s)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, s), want.detach())
+        with precond.skip_value_checks():
+            torch.testing.assert_close(compiled(x, s), want.detach())
+    torch._dynamo.reset()
