@@ -19,9 +19,10 @@ from train_fixtures import write_png_folder
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def _setup(method, dropout=0.1, batch=32, precision=torch.bfloat16):
+def _setup(method, dropout=0.1, batch=32, precision=torch.bfloat16, cuda_graph=True):
+    """(method, models on the GPU, config, trained parameters, a batch, precision) of a tiny-net run of `method`."""
     args = dict(dataset="fashion-mnist", method=method, preset="tiny", dropout=dropout, batch_size=batch,
-                total_steps=100, loss="l2" if method in ("cd", "ct") else None, cuda_graph=True)
+                total_steps=100, loss="l2" if method in ("cd", "ct") else None, cuda_graph=cuda_graph)
     if method in ("cd", "scd"):
         args["teacher"] = "unused"
     cfg = resolve(args, 1, (1, 32, 32), 10)

@@ -14,10 +14,7 @@ import torch
 from cmfast import data, precond
 from cmfast.cli.train import main as train_main
 from cmfast.ema import ema_update_
-from cmfast.nets import UNet
-from cmfast.precond import EDMDenoiser
-from cmfast.training.config import resolve
-from cmfast.training.methods import get_method
+from test_cuda_graph_gpu import _setup
 from train_fixtures import write_png_folder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -39,18 +36,7 @@ def sync_debug(mode):
 @pytest.mark.parametrize("precision", [None, torch.bfloat16])
 @pytest.mark.parametrize("method", ["edm", "cd", "ct", "ict", "sct", "scd"])
 def test_eager_step_makes_no_host_sync(method, precision):
-    args = dict(dataset="fashion-mnist", method=method, preset="tiny", dropout=0.1, batch_size=8, total_steps=100,
-                loss="l2" if method in ("cd", "ct") else None)
-    if method in ("cd", "scd"):
-        args["teacher"] = "unused"
-    cfg = resolve(args, 1, (1, 32, 32), 10)
-    m = get_method(method)
-    torch.manual_seed(0)
-    teacher = EDMDenoiser(UNet(**cfg["net"])).eval().requires_grad_(False) if m.needs_teacher else None
-    models = m.build(UNet(**cfg["net"]), cfg, teacher)
-    for v in models.values():
-        v.cuda()
-    params = [p for p in models["model"].parameters() if p.requires_grad]
+    m, models, cfg, params, _, _ = _setup(method, batch=8, cuda_graph=False)
     opt = torch.optim.RAdam(params, lr=1e-4)                  # cmfast-train's default optimizer
     ema = copy.deepcopy(models["model"]).requires_grad_(False)
     ds = data.ImageDataset(torch.randint(0, 256, (32, 1, 32, 32), dtype=torch.uint8), torch.arange(32) % 10, "t",
