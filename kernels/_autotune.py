@@ -7,6 +7,7 @@ the first process on a machine pays for them (`CMFAST_TRITON_AUTOTUNE_CACHE=0` t
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -37,8 +38,14 @@ def num_sms(device: torch.device) -> int:
     the interpreter runs programs one after another, so fewer, larger ones are faster (tests that exercise the
     split reductions patch this)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    """Asked once per device: get_device_properties is a few microseconds of Python on every GroupNorm call's plan."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 class _Fixed:

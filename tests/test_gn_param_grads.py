@@ -197,3 +197,20 @@ def test_gpu_param_grads_and_in_place_scale_shift(monkeypatch, N, C):
     monkeypatch.setenv("CMFAST_TRITON_AUTOTUNE", "0")
     test_every_operand_combination(True, True, True) if N == 37 else test_shapes_and_strides(N, C, True)
     test_chunked_scale_and_shift_read_in_place(monkeypatch, (8, 128, 16, 16), 32, False, torch.channels_last)
+
+
+def test_the_multiprocessor_count_is_asked_once_per_device(monkeypatch):
+    # every GroupNorm call's plan asks it; the device's properties are read once
+    from cmfast.kernels import _autotune
+    calls = []
+
+    def props(index):
+        calls.append(index)
+        return type("P", (), {"multi_processor_count": 132 if index == 0 else 78})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    _autotune._cuda_sms.cache_clear()
+    try:
+        assert [_autotune.num_sms(torch.device("cuda", i)) for i in (0, 0, 1, 0, 1)] == [132, 132, 78, 132, 78]
+        assert calls == [0, 1] and _autotune.num_sms(torch.device("cpu")) == 1
+    finally:
+        _autotune._cuda_sms.cache_clear()
