@@ -177,6 +177,7 @@ def count_train_launches(model: cmfast.ConsistencyModel, batch: int, dtype=torch
     wrappers and the autograd Functions around them; 'torch': the aten ops."""
     from cmfast import precond
     from cmfast.objectives import ict_loss
+    from cmfast.training.cuda_graph import grad_norm
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend: expected 'triton' or 'torch', got {backend!r}")
     res, C = model.net.img_resolution, model.net.in_channels
@@ -190,7 +191,7 @@ def count_train_launches(model: cmfast.ConsistencyModel, batch: int, dtype=torch
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), precond.skip_value_checks():
             loss = ict_loss(model, x, num_scales).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        grad_norm(params)
     return counter.counts
 
 

@@ -27,6 +27,7 @@ import cmfast  # noqa: E402
 from cmfast import ops, precond  # noqa: E402
 from cmfast.ema import ema_update_  # noqa: E402
 from cmfast.objectives import ict_loss  # noqa: E402
+from cmfast.training.cuda_graph import grad_norm  # noqa: E402
 
 SIGMA = 80.0                       # one-step sampling from sigma_max (CM Alg. 1 with one level)
 COMPILE_COST_S = 60.0              # a compile row is skipped when less than this is left of the time budget
@@ -78,7 +79,7 @@ def _step_parts(model, B: int, device, channels_last: bool):
 
 def ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
     """One iCT training step as cmfast-train runs it: loss (two forwards, pseudo-Huber), backward, the gradient norm
-    (clip_grad_norm_), the step's one host sync (loss and norm), Adam, the evaluation EMA update."""
+    (training.cuda_graph.grad_norm), the step's one host sync (loss and norm), Adam, the evaluation EMA update."""
     x, params, opt, net, ema = _step_parts(model, B, device, channels_last)
 
     def step():
@@ -87,7 +88,7 @@ def ict_step_fn(model, B: int, device, dtype=None, channels_last=False):
                 precond.skip_value_checks():    # as cmfast-train's step: no mid-step host sync
             loss = ict_loss(model, x, num_scales=80).mean()
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        gnorm = grad_norm(params)
         torch.stack([loss.detach().float(), gnorm.float()]).tolist()
         opt.step()
         ema_update_(ema, net, 0.9999)

@@ -271,3 +271,32 @@ def test_compiled_model_takes_no_graph_break_for_the_checks():
         with precond.skip_value_checks():
             torch.testing.assert_close(compiled(x, s), want.detach())
     torch._dynamo.reset()
+
+
+# ---- the step's gradient norm ------------------------------------------------------------------------------------
+def test_grad_norm_without_clipping_touches_no_gradient():
+    # cmfast-train's default (--grad-clip 0): the norm clip_grad_norm_(params, inf) gave, bit for bit, without its
+    # pass multiplying every gradient by 1.0; with --grad-clip the gradients are clipped as before
+    from cmfast.training.cuda_graph import grad_norm
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 7, 3)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+
+    class Ops(TorchDispatchMode):
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    before = [p.grad.clone() for p in params]
+    with Ops():
+        n = grad_norm(params)
+    assert not any(name.startswith("_foreach_mul") for name in Ops.names), Ops.names
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, before))
+    assert torch.equal(n, torch.nn.utils.clip_grad_norm_(params, float("inf")))
+    total = float(n)
+    clipped = grad_norm(params, 1.0)
+    assert float(clipped) == pytest.approx(total) and total > 1
+    assert float(torch.linalg.vector_norm(torch.cat([p.grad for p in params]))) == pytest.approx(1.0, rel=1e-5)
+    assert float(grad_norm([torch.nn.Parameter(torch.zeros(2))])) == 0.0      # no gradient yet

@@ -33,6 +33,16 @@ HOOK_ENV = "CMFAST_CUDA_GRAPH"
 WARMUP_STEPS = 3        # eager runs of the step on a side stream before capture (cuDNN / Triton choices, allocator)
 
 
+def grad_norm(params: list, max_norm: float = 0.0) -> torch.Tensor:
+    """The gradients' total 2-norm (a device tensor: no host sync), the step's gradient statistic; with max_norm > 0 the
+    gradients are clipped to it (clip_grad_norm_). Without clipping (cmfast-train's default) the norm alone:
+    clip_grad_norm_(params, inf) also multiplied every gradient by 1.0, a pass over all of them each step."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)      # torch >= 2.6
+    if max_norm > 0 or get_total_norm is None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return get_total_norm([p.grad for p in params if p.grad is not None])
+
+
 def _hook_eager() -> bool:
     return os.environ.get(HOOK_ENV) == "eager"
 
@@ -115,7 +125,7 @@ class GraphedStep:
             loss_vec = self.method.graph_loss(self.models, self.x, self.inputs, self.cfg, self.y)
             loss = loss_vec.float().mean()
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"] or float("inf"))
+        gnorm = grad_norm(self.params, self.cfg["grad_clip"] or 0.0)
         return loss.detach() * loss_vec.shape[0], gnorm.float()
 
     def _clear_grads(self) -> None:

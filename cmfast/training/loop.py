@@ -25,7 +25,7 @@ from ..data import Sampler, load_dataset
 from ..ema import ema_update_
 from . import checkpoint as ckpt
 from .config import IDENTITY, resolve
-from .cuda_graph import GraphedStep, check_cuda_graph_device
+from .cuda_graph import GraphedStep, check_cuda_graph_device, grad_norm
 from .images import grid, png_bytes, to_uint8
 from .methods import get_method
 
@@ -577,7 +577,7 @@ def _train(args: dict, startup: dict) -> dict:
             if scaler:
                 scaler.unscale_(opt)
             if graphed is None:
-                gnorm_t = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
+                gnorm_t = grad_norm(params, cfg["grad_clip"] or 0.0)
             # The step's one host sync: loss, grad norm and the stop request come back together.
             loss_sum_all, stop_req, gnorm = torch.stack([red[0], red[1], gnorm_t.float()]).tolist()
             loss_mean = loss_sum_all / cfg["batch_size"]
