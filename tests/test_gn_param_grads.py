@@ -173,7 +173,7 @@ def test_training_step_launch_count():
     a 132-SM GPU), counted on CPU by benchmarks/launches.py --train (the step is host-bound on a GPU: each launch is
     host time). 1981 for stop 34's code; the parameters' gradients in one kernel (47 GroupNorm backwards, up to 11
     torch ops each before), scale / shift read in place (126 copies before), no value checks and no multiply by 1.0
-    of the gradients make it 1603. Fails when launches come back."""
+    of the gradients make it 1598 (benchmarks/results/launches_train-cpu.json). Fails when launches come back."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
