@@ -2,7 +2,9 @@
 two hardware ceilings measured in the same run, FLOP counts, and the run's environment for the result JSON."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -268,3 +270,37 @@ class CompileBudget:
         """{'torch.compile': why} when cases were skipped, else {}."""
         return {"torch.compile": f"time budget (--budget-s {self.budget_s}): {self.skipped} cases without it"} \
             if self.skipped else {}
+
+
+KERNEL_MODULES = ("attention", "consistency_loss", "group_norm_act", "residual", "skip_output", "trig_tangent_loss")
+
+
+@contextlib.contextmanager
+def replaced_triton_kernels(make, sms: int = 132):
+    """Every Triton kernel of cmfast.kernels (a JIT function, the interpreter's stand-in for one, an autotuner or one
+    of kernels/_autotune's wrappers) replaced by make(name), an object whose [grid] gives the launch; GroupNorm
+    plans for a GPU with `sms` multiprocessors and launches its kernels as they are. Everything restored on exit.
+    The host-side benchmarks (launches.py --train, wrapper_overhead.py) run the wrappers without the kernels."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction     # a plain @triton.jit under TRITON_INTERPRET=1
+    from triton.runtime.jit import JITFunction
+    saved = []
+
+    def patch(module, name, value):
+        saved.append((module, name, getattr(module, name)))
+        setattr(module, name, value)
+    try:
+        for mod_name in KERNEL_MODULES:
+            mod = importlib.import_module(f"cmfast.kernels.{mod_name}")
+            for name in dir(mod):
+                v = getattr(mod, name)
+                if isinstance(v, (JITFunction, InterpretedFunction, Autotuner)) or \
+                        type(v).__name__ in ("_Fixed", "_Switch"):
+                    patch(mod, name, make(name))
+        gn = importlib.import_module("cmfast.kernels.group_norm_act")
+        patch(gn, "_unwrapped", lambda kernel: kernel)
+        patch(gn, "num_sms", lambda *args, **kwargs: sms)
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)

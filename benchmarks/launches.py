@@ -31,6 +31,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
 import cmfast  # noqa: E402
 import cmfast.graphed  # noqa: E402
 
@@ -127,20 +129,10 @@ def _environ(values: dict):
                 os.environ[k] = v
 
 
-_KERNEL_MODULES = ("attention", "consistency_loss", "group_norm_act", "residual", "skip_output", "trig_tangent_loss")
-
-
-@contextlib.contextmanager
 def _counted_triton_kernels(counter: _Counter, sms: int):
     """Every Triton kernel of cmfast.kernels replaced by one that counts its launch and computes nothing (its outputs
     stay as allocated): the wrappers' own torch ops still run and count, as they launch on a GPU. GroupNorm plans for
     a GPU with `sms` multiprocessors."""
-    import importlib
-
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.interpreter import InterpretedFunction     # a plain @triton.jit under TRITON_INTERPRET=1
-    from triton.runtime.jit import JITFunction
-
     class Counted:
         def __init__(self, name):
             self.name = name
@@ -149,24 +141,7 @@ def _counted_triton_kernels(counter: _Counter, sms: int):
             def launch(*args, **kwargs):
                 counter.counts[f"triton {self.name.lstrip('_')}"] += 1
             return launch
-    saved = []
-    for mod_name in _KERNEL_MODULES:
-        mod = importlib.import_module(f"cmfast.kernels.{mod_name}")
-        for name in dir(mod):
-            v = getattr(mod, name)
-            if isinstance(v, (JITFunction, InterpretedFunction, Autotuner)) or \
-                    type(v).__name__ in ("_Fixed", "_Switch"):
-                saved.append((mod, name, v))
-                setattr(mod, name, Counted(name))
-    gn = importlib.import_module("cmfast.kernels.group_norm_act")
-    for name, value in (("_unwrapped", lambda kernel: kernel), ("num_sms", lambda *a, **k: sms)):
-        saved.append((gn, name, getattr(gn, name)))
-        setattr(gn, name, value)
-    try:
-        yield
-    finally:
-        for mod, name, v in reversed(saved):
-            setattr(mod, name, v)
+    return H.replaced_triton_kernels(Counted, sms)
 
 
 def count_train_launches(model: cmfast.ConsistencyModel, batch: int, dtype=torch.bfloat16, backend: str = "triton",

@@ -45,10 +45,6 @@ class _NoOpKernel:
 @contextlib.contextmanager
 def no_op_kernels():
     """The cuda and triton backends on CPU tensors with their kernels as no-ops; everything restored on exit."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
-
-    import cmfast.kernels.group_norm_act as kgn
     from cmfast.ops import _cuda
 
     def check(name, t, device=None):          # _cuda._check without its CUDA-device requirement
@@ -56,24 +52,16 @@ def no_op_kernels():
             raise TypeError(f"{name}: expected a float32 / float16 / bfloat16 tensor")
         return t
     saved = []
-
-    def patch(module, name, value):
-        saved.append((module, name, getattr(module, name)))
-        setattr(module, name, value)
     try:
         for name, value in (("_check", check), ("_ext", lambda device: _NoOpExt()), ("_stream", lambda device: 0),
                             ("_sm_count", lambda index: 132), ("_on_device", contextlib.nullcontext)):
-            patch(_cuda, name, value)
-        for name in dir(kgn):
-            v = getattr(kgn, name)
-            if isinstance(v, (JITFunction, Autotuner)) or type(v).__name__ in ("_Fixed", "_Switch"):
-                patch(kgn, name, _NoOpKernel())
-        patch(kgn, "_unwrapped", lambda kernel: kernel)
-        patch(kgn, "num_sms", lambda *args, **kwargs: 132)
-        yield
+            saved.append((name, getattr(_cuda, name)))
+            setattr(_cuda, name, value)
+        with H.replaced_triton_kernels(lambda name: _NoOpKernel(), sms=132):
+            yield
     finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
+        for name, value in reversed(saved):
+            setattr(_cuda, name, value)
 
 
 def _per_call_us(fn, calls: int, repeats: int) -> float:

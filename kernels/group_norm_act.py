@@ -538,13 +538,11 @@ def _ptrs(x, weight, bias, scale, shift):
     adjacent and their rows share one stride (the UNet's: two chunks of the embedding's (N, 2C) output, which a
     .contiguous() copied, two copy kernels a call in the forward and again in the backward); else copied dense."""
     ss = [t for t in (scale, shift) if t is not None]
-    in_place = all(t.dim() == 2 and t.stride(1) == 1 for t in ss) and len({t.stride(0) for t in ss}) <= 1
-    if not in_place:
-        ss = [t.contiguous() for t in ss]
-        scale, shift = (ss.pop(0) if scale is not None else None), (ss.pop(0) if shift is not None else None)
-    s_sn = (scale if scale is not None else shift).stride(0) if (scale is not None or shift is not None) else 0
-    return [t.contiguous() if t is not None else x for t in (weight, bias)] + \
-        [t if t is not None else x for t in (scale, shift)], s_sn
+    if not (all(t.dim() == 2 and t.stride(1) == 1 for t in ss) and len({t.stride(0) for t in ss}) <= 1):
+        scale, shift = (None if t is None else t.contiguous() for t in (scale, shift))
+    s_sn = next((t.stride(0) for t in (scale, shift) if t is not None), 0)
+    return [x if t is None else t.contiguous() for t in (weight, bias)] + \
+        [x if t is None else t for t in (scale, shift)], s_sn
 
 
 # At small batches the plan splits each group's statistics over several programs (phase 1, a kernel of its own) so
@@ -699,17 +697,13 @@ def group_norm_param_grads(A, B, weight, bias, scale, shift, need_w: bool, need_
                            need_shift: bool):
     """(dweight, dbias, dscale, dshift) from A, B (N, C) fp32 and scale (N, C) (any strides: the embedding's chunks
     are views), each in its parameter's dtype, or None where not needed; one launch (none when nothing is needed)."""
+    if not (need_w or need_b or need_scale or need_shift):
+        return None, None, None, None
     N, C = A.shape
     dw = torch.empty(C, device=A.device, dtype=weight.dtype) if need_w else None
     db = torch.empty(C, device=A.device, dtype=bias.dtype) if need_b else None
     dsc = torch.empty(N, C, device=A.device, dtype=scale.dtype) if need_scale else None
     dsh = torch.empty(N, C, device=A.device, dtype=shift.dtype) if need_shift else None
-    if not (need_w or need_b or need_scale or need_shift) or N * C == 0:
-        if need_w:
-            dw.zero_()
-        if need_b:
-            db.zero_()
-        return dw, db, dsc, dsh
     sc = scale if scale is not None else A      # an absent operand: any pointer (never read)
     BLOCK_C = max(2, min(128, next_power_of_2(C)))
     BLOCK_N = max(2, min(next_power_of_2(N), 4096 // BLOCK_C))

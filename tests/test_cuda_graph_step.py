@@ -174,21 +174,25 @@ def test_edm_has_no_graph_inputs_and_sct_its_warmup_factor():
 
 # ---- the capture lint: the step's loss on fake CUDA tensors ------------------------------------------------------
 class _CaptureLint(TorchDispatchMode):
-    """Records the host-to-device copies of a traced call (illegal in a CUDA-graph capture); FakeTensorMode below it
-    raises on a host sync (a value read: .item(), bool(), .tolist())."""
+    """Records the host-to-device copies of a traced call (illegal in a CUDA-graph capture), and apart the blocking
+    ones (an eager step's host sync); FakeTensorMode below it raises on a host sync (a value read: .item(), bool(),
+    .tolist())."""
 
     def __init__(self):
         super().__init__()
-        self.copies = []
+        self.copies, self.blocking = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         ins = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         out = func(*args, **kwargs)
         outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
-        if func.__name__.split(".")[0] in ("_to_copy", "copy_") and any(t.device.type == "cpu" for t in ins) \
+        name = func.__name__.split(".")[0]
+        if name in ("_to_copy", "copy_") and any(t.device.type == "cpu" for t in ins) \
                 and any(o.device.type == "cuda" for o in outs):
             self.copies.append(str(func))
+            if not kwargs.get("non_blocking", args[2] if name == "copy_" and len(args) > 2 else False):
+                self.blocking.append(str(func))
         return out
 
 

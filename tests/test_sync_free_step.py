@@ -12,13 +12,13 @@ import contextlib
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from cmfast import data, objectives, ops, precond, schedules
 from cmfast.nets import UNet
 from cmfast.precond import EDMDenoiser
 from cmfast.training.config import resolve
 from cmfast.training.methods import get_method
+from test_cuda_graph_step import _CaptureLint
 
 
 def _cfg(method, **over):
@@ -27,26 +27,6 @@ def _cfg(method, **over):
     if method in ("cd", "scd"):
         args["teacher"] = "unused"
     return resolve(args, 1, (1, 32, 32), 10)
-
-
-class _HostTraffic(TorchDispatchMode):
-    """Host-to-device copies of a traced call, blocking or not (FakeTensorMode below it raises on a host read)."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocking, self.non_blocking = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        ins = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        out = func(*args, **kwargs)
-        outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
-        name = func.__name__.split(".")[0]
-        if name in ("_to_copy", "copy_") and any(t.device.type == "cpu" for t in ins) \
-                and any(o.device.type == "cuda" for o in outs):
-            nb = kwargs.get("non_blocking", args[2] if name == "copy_" and len(args) > 2 else False)
-            (self.non_blocking if nb else self.blocking).append(str(func))
-        return out
 
 
 @pytest.fixture
@@ -78,7 +58,7 @@ def _trace(method, cond=False, skip=True, steps=(3, 3)):
         x = torch.zeros(4, 1, 32, 32, device="cuda")
         y = torch.zeros(4, dtype=torch.int64, device="cuda") if cond else None
         for k in steps:
-            traffic = _HostTraffic()
+            traffic = _CaptureLint()
             with ops.use_backend("torch"), (precond.skip_value_checks() if skip else contextlib.nullcontext()), \
                     traffic:
                 loss, _ = m.loss(models, x, k, cfg, None, y)
@@ -90,7 +70,7 @@ def _trace(method, cond=False, skip=True, steps=(3, 3)):
 def test_eager_loss_reads_no_value_and_copies_nothing_blocking(fake_cuda_rng, method, cond):
     loss, traffic = _trace(method, cond)
     assert loss.shape == (4,) and loss.device.type == "cuda"
-    assert traffic.blocking == [] and traffic.non_blocking == []
+    assert traffic.copies == []
 
 
 @pytest.mark.parametrize("method", ["ct", "ict", "cd"])
@@ -192,11 +172,11 @@ def test_batches_come_from_pinned_memory_without_blocking(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
     ds = data.ImageDataset(torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.arange(6) % 3, "t", xflip=True)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        traffic = _HostTraffic()
+        traffic = _CaptureLint()
         with traffic:
             x, y = ds.batch(torch.tensor([0, 2, 4]), torch.tensor([True, False, True]), "cuda")
     assert x.device.type == "cuda" and y.device.type == "cuda" and x.dtype == torch.float32
-    assert traffic.blocking == [] and len(traffic.non_blocking) == 3
+    assert traffic.blocking == [] and len(traffic.copies) == 3
     assert pinned == [(3, 1, 4, 4), (3,), (3,)]
     # on the CPU nothing is pinned, and the values are the batch's
     pinned.clear()
