@@ -59,27 +59,27 @@ PYBIND11_MODULE(CMFAST_MODULE, m) {
   m.attr("GN_FUSED_MAX_CHANNELS") = cmfast::kFusedMaxChannels;
   m.def("group_norm_act_fwd",
         [](ptr x, int dt, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc, bool silu, float eps,
-           ptr w, ptr b, ptr scale, ptr shift, ptr pre, int64_t pre_stride, int adt, int mdt, ptr y, ptr part,
-           ptr stats, ptr A, ptr B, ptr st) {
-          check(cmfast::group_norm_act_fwd(x, dt, N, C, HW, G, S, nhwc, silu, eps, w, b, scale, shift, pre,
+           ptr w, ptr b, ptr scale, ptr shift, int64_t ms, ptr pre, int64_t pre_stride, int adt, int mdt, ptr y,
+           ptr part, ptr stats, ptr A, ptr B, ptr st) {
+          check(cmfast::group_norm_act_fwd(x, dt, N, C, HW, G, S, nhwc, silu, eps, w, b, scale, shift, ms, pre,
                                            pre_stride, adt, mdt, y, part, stats, A, B, st),
                 "group_norm_act_fwd");
         },
         py::arg("x"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("HW"), py::arg("G"), py::arg("S"),
         py::arg("nhwc"), py::arg("silu"), py::arg("eps"), py::arg("weight"), py::arg("bias"), py::arg("scale"),
-        py::arg("shift"), py::arg("pre"), py::arg("pre_stride"), py::arg("affine_dtype"), py::arg("mod_dtype"),
+        py::arg("shift"), py::arg("mod_stride"), py::arg("pre"), py::arg("pre_stride"), py::arg("affine_dtype"), py::arg("mod_dtype"),
         py::arg("y"), py::arg("part"),
         py::arg("stats"), py::arg("A"), py::arg("B"), py::arg("stream"));
   m.def("group_norm_act_bwd",
         [](ptr x, ptr dy, int dt, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc, bool silu,
-           ptr w, ptr b, ptr scale, ptr stats, ptr A, ptr B, ptr part, ptr csum, ptr P, ptr m12, ptr dx, ptr dw,
-           ptr db, ptr dscale, ptr dshift, ptr st) {
-          check(cmfast::group_norm_act_bwd(x, dy, dt, N, C, HW, G, S, nhwc, silu, w, b, scale, stats, A, B, part,
-                                           csum, P, m12, dx, dw, db, dscale, dshift, st),
+           ptr w, ptr b, ptr scale, int64_t ms, ptr stats, ptr A, ptr B, ptr part, ptr csum, ptr P, ptr m12,
+           ptr dx, ptr dw, ptr db, ptr dscale, ptr dshift, ptr st) {
+          check(cmfast::group_norm_act_bwd(x, dy, dt, N, C, HW, G, S, nhwc, silu, w, b, scale, ms, stats, A, B,
+                                           part, csum, P, m12, dx, dw, db, dscale, dshift, st),
                 "group_norm_act_bwd");
         },
         py::arg("x"), py::arg("dy"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("HW"), py::arg("G"),
         py::arg("S"), py::arg("nhwc"), py::arg("silu"), py::arg("weight"), py::arg("bias"), py::arg("scale"),
-        py::arg("stats"), py::arg("A"), py::arg("B"), py::arg("part"), py::arg("csum"), py::arg("P"), py::arg("m12"),
+        py::arg("mod_stride"), py::arg("stats"), py::arg("A"), py::arg("B"), py::arg("part"), py::arg("csum"), py::arg("P"), py::arg("m12"),
         py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("dscale"), py::arg("dshift"), py::arg("stream"));
 }

@@ -30,7 +30,7 @@ int consistency_loss_bwd(ptr grad, ptr gout, int64_t batch, int64_t d, ptr dpred
 constexpr int64_t kFusedMaxGroup = 16384;
 constexpr int64_t kFusedMaxChannels = 512;   // S = 0 also needs C/G <= this (the group's coefficients in shared memory)
 // x is (N, C, HW) (nhwc = false) or (N, HW, C) (nhwc = true). weight/bias (C,) of type affine_dtype, scale/shift (N, C)
-// of type mod_dtype, or null; each type fp32, or x's dtype where S = 0. pre (of type mod_dtype, or null): a per-channel
+// of type mod_dtype, or null, row n at n * mod_stride (>= C: the UNet's chunks of its embedding output, read in place); each type fp32, or x's dtype where S = 0. pre (of type mod_dtype, or null): a per-channel
 // add before the norm, the output is that of x + pre (DDPM++'s embedding add); row n at pre + n * pre_stride (C, or 0
 // for one row shared by the batch). The stats, A and B saved are then those of x + pre: forward only.
 // splits S: the reduction over HW is cut into S chunks per (n, c); part holds N*S*C*2 floats. S = 0: one block per
@@ -39,13 +39,13 @@ constexpr int64_t kFusedMaxChannels = 512;   // S = 0 also needs C/G <= this (th
 // Saved for backward: stats (N*G*2: mean, rstd), A, B (N*C each: y1 = A (x - mean) + B before the activation); with
 // S = 0 they may be null (no backward: nothing saved).
 int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc,
-                       bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, ptr pre, int64_t pre_stride,
-                       int affine_dtype, int mod_dtype, ptr y, ptr part, ptr stats, ptr A, ptr B, ptr stream);
+                       bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, int64_t mod_stride, ptr pre,
+                       int64_t pre_stride, int affine_dtype, int mod_dtype, ptr y, ptr part, ptr stats, ptr A, ptr B, ptr stream);
 // Workspace: part (N*S*C*2), csum (N*C*2), P (N*C), m12 (N*G*2) floats. Outputs (null = not wanted): dx in
-// x's dtype and layout; dweight, dbias (C,) and dscale, dshift (N, C) in fp32.
+// x's dtype and layout; dweight, dbias (C,) and dscale, dshift (N, C, dense) in fp32. scale (fp32) as in the forward.
 int group_norm_act_bwd(ptr x, ptr dy, int dtype, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S,
-                       bool nhwc, bool silu, ptr weight, ptr bias, ptr scale, ptr stats, ptr A, ptr B, ptr part,
-                       ptr csum, ptr P, ptr m12, ptr dx, ptr dweight, ptr dbias, ptr dscale, ptr dshift,
-                       ptr stream);
+                       bool nhwc, bool silu, ptr weight, ptr bias, ptr scale, int64_t mod_stride, ptr stats, ptr A,
+                       ptr B, ptr part, ptr csum, ptr P, ptr m12, ptr dx, ptr dweight, ptr dbias, ptr dscale,
+                       ptr dshift, ptr stream);
 
 }  // namespace cmfast

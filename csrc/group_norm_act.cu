@@ -28,6 +28,7 @@ namespace {
 
 struct Shape {
   int64_t N, C, HW, G, S, chunk;  // chunk: HW positions per split (a multiple of the vector width for NCHW)
+  int64_t ms;                     // the row stride of scale and shift: row n at n * ms (a chunk of a wider tensor)
   bool nhwc, silu;
 };
 
@@ -204,9 +205,9 @@ __global__ void gn_fwd_finalize_kernel(Shape s, const float* __restrict__ part,
     stats[ng * 2 + 1] = rstd;
   }
   for (int64_t c = g * Cg + lane; c < (g + 1) * Cg; c += 32) {
-    const float k = scale ? 1.f + scale[n * s.C + c] : 1.f;
+    const float k = scale ? 1.f + scale[n * s.ms + c] : 1.f;
     const float a = rstd * (w ? w[c] : 1.f) * k;
-    const float beta = (bias ? bias[c] : 0.f) * k + (shift ? shift[n * s.C + c] : 0.f);
+    const float beta = (bias ? bias[c] : 0.f) * k + (shift ? shift[n * s.ms + c] : 0.f);
     A[n * s.C + c] = a;
     B[n * s.C + c] = beta;
   }
@@ -255,10 +256,10 @@ __global__ void __launch_bounds__(kFusedMaxThreads) gn_fwd_fused_kernel(Shape s,
     }
   }
   for (int c = threadIdx.x; c < Cg; c += nt) {
-    const int64_t cc = g * Cg + c, nc = n * s.C + cc;
-    const float kk = scale ? 1.f + to_f(scale[nc]) : 1.f;
+    const int64_t cc = g * Cg + c, nm = n * s.ms + cc;
+    const float kk = scale ? 1.f + to_f(scale[nm]) : 1.f;
     ca[c] = (w ? to_f(w[cc]) : 1.f) * kk;
-    cb[c] = (bias ? to_f(bias[cc]) : 0.f) * kk + (shift ? to_f(shift[nc]) : 0.f);
+    cb[c] = (bias ? to_f(bias[cc]) : 0.f) * kk + (shift ? to_f(shift[nm]) : 0.f);
     cp[c] = pre_at(pre, pre_stride, n, cc);
   }
   const float x0 = to_f(x[base]);
@@ -335,7 +336,7 @@ __global__ void gn_bwd_finalize_kernel(Shape s, const float* __restrict__ part, 
     }
     const float sdy = ksdy.sum, sdyx = ksdyx.sum;
     const int64_t nc = n * s.C + c;
-    const float wc = w ? w[c] : 1.f, ge = wc * (scale ? 1.f + scale[nc] : 1.f);
+    const float wc = w ? w[c] : 1.f, ge = wc * (scale ? 1.f + scale[n * s.ms + c] : 1.f);
     csum[nc * 2] = sdy;
     csum[nc * 2 + 1] = sdyx;
     P[nc] = rstd * ge;
@@ -360,7 +361,7 @@ __global__ void gn_bwd_params_kernel(Shape s, const float* __restrict__ csum, co
   if (c >= s.C) return;
   KahanSum sw, sb;
   for (int64_t n = 0; n < s.N; ++n) {
-    const float k = scale ? 1.f + scale[n * s.C + c] : 1.f;
+    const float k = scale ? 1.f + scale[n * s.ms + c] : 1.f;
     sb.add(k * csum[(n * s.C + c) * 2]);
     sw.add(k * csum[(n * s.C + c) * 2 + 1]);
   }
@@ -493,11 +494,12 @@ int launch_fused_fwd(Shape s, ptr x, float eps, ptr w, ptr b, ptr scale, ptr shi
 
 template <typename U> struct Tag { using type = U; };
 
-Shape make_shape(int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc, bool silu, int elem) {
+Shape make_shape(int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc, bool silu, int elem,
+                 int64_t mod_stride) {
   const int64_t V = 16 / elem;
   int64_t chunk = (HW + S - 1) / S;
   if (!nhwc) chunk = (chunk + V - 1) / V * V;  // vector loads never straddle two chunks
-  return Shape{N, C, HW, G, S, chunk, nhwc, silu};
+  return Shape{N, C, HW, G, S, chunk, mod_stride, nhwc, silu};
 }
 
 int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
@@ -507,18 +509,19 @@ unsigned warps_blocks(int64_t warps) { return (unsigned)((warps * 32 + kThreads 
 }  // namespace
 
 int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S, bool nhwc,
-                       bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, ptr pre, int64_t pre_stride,
-                       int affine_dtype, int mod_dtype, ptr y, ptr part, ptr stats, ptr A, ptr B, ptr stream) {
+                       bool silu, float eps, ptr weight, ptr bias, ptr scale, ptr shift, int64_t mod_stride, ptr pre,
+                       int64_t pre_stride, int affine_dtype, int mod_dtype, ptr y, ptr part, ptr stats, ptr A, ptr B, ptr stream) {
   if (N * C * HW == 0) return 0;
   if (G <= 0 || C % G || S < 0 || S > kMaxSplits ||
       (S == 0 && ((C / G) * HW > kFusedMaxGroup || C / G > kFusedMaxChannels)) ||
-      (pre && pre_stride != 0 && pre_stride != C) || (S != 0 && !(stats && A && B)))
+      (pre && pre_stride != 0 && pre_stride != C) || ((scale || shift) && N > 1 && mod_stride < C) ||
+      (S != 0 && !(stats && A && B)))
     return static_cast<int>(cudaErrorInvalidValue);
   // Parameters in x's type are read as they are by the one-launch path only; the split path takes fp32.
   for (int pd : {affine_dtype, mod_dtype})
     if (pd != kFloat32 && (pd != dtype || S != 0)) return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  const Shape s = make_shape(N, C, HW, G, S > 0 ? S : 1, nhwc, silu, dtype_size(dtype));
+  const Shape s = make_shape(N, C, HW, G, S > 0 ? S : 1, nhwc, silu, dtype_size(dtype), mod_stride);
   CM_DISPATCH(dtype, T, {
     if (S == 0) {
       auto go = [&](auto pa, auto pm) {   // type tags: the parameter types
@@ -541,13 +544,14 @@ int group_norm_act_fwd(ptr x, int dtype, int64_t N, int64_t C, int64_t HW, int64
 }
 
 int group_norm_act_bwd(ptr x, ptr dy, int dtype, int64_t N, int64_t C, int64_t HW, int64_t G, int64_t S,
-                       bool nhwc, bool silu, ptr weight, ptr bias, ptr scale, ptr stats, ptr A, ptr B, ptr part,
-                       ptr csum, ptr P, ptr m12, ptr dx, ptr dweight, ptr dbias, ptr dscale, ptr dshift,
-                       ptr stream) {
+                       bool nhwc, bool silu, ptr weight, ptr bias, ptr scale, int64_t mod_stride, ptr stats, ptr A,
+                       ptr B, ptr part, ptr csum, ptr P, ptr m12, ptr dx, ptr dweight, ptr dbias, ptr dscale,
+                       ptr dshift, ptr stream) {
   if (N * C * HW == 0) return 0;
-  if (G <= 0 || C % G || S <= 0 || S > kMaxSplits) return static_cast<int>(cudaErrorInvalidValue);
+  if (G <= 0 || C % G || S <= 0 || S > kMaxSplits || (scale && N > 1 && mod_stride < C))
+    return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  const Shape s = make_shape(N, C, HW, G, S, nhwc, silu, dtype_size(dtype));
+  const Shape s = make_shape(N, C, HW, G, S, nhwc, silu, dtype_size(dtype), mod_stride);
   CM_DISPATCH(dtype, T, {
     launch_reduce<T, true>(s, x, dy, A, B, stats, 0, 0, part, st);
     gn_bwd_finalize_kernel<<<warps_blocks(N * G), kThreads, 0, st>>>(

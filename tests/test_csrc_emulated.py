@@ -190,7 +190,7 @@ def test_group_norm_act_fused_forward_at_its_size_limit(fmt):
     check("group_norm_act", ref.group_norm_act, inputs, grad=(), dtype=torch.bfloat16)
     x = torch.zeros(1, 34, 32, 16)
     with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
-        ext.group_norm_act_fwd(x.data_ptr(), 0, 1, 34, 512, 1, 0, False, True, 1e-6, 0, 0, 0, 0, 0, 0, 0, 0,
+        ext.group_norm_act_fwd(x.data_ptr(), 0, 1, 34, 512, 1, 0, False, True, 1e-6, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                x.data_ptr(), 0, x.data_ptr(), x.data_ptr(), x.data_ptr(), 0)
 
 
@@ -214,19 +214,19 @@ def test_group_norm_act_fused_forward_reads_parameters_as_they_are(affine, mod, 
     for a in seen:
         assert a[6] == 0                                                    # the one-launch path
         passed = dict(zip(("weight", "bias", "scale", "shift"), a[10:14]))
-        assert a[14] == 0                                                   # no pre-norm add
-        assert a[17] == code[mod] and [passed[k] == ptr[k] for k in ("scale", "shift")] == [True, True]
+        assert a[15] == 0                                                   # no pre-norm add
+        assert a[18] == code[mod] and [passed[k] == ptr[k] for k in ("scale", "shift")] == [True, True]
         if affine == "mixed":     # converted: the bf16 weight is a new fp32 tensor (the fp32 bias may be itself)
-            assert a[16] == code["fp32"] and passed["weight"] != ptr["weight"]
+            assert a[17] == code["fp32"] and passed["weight"] != ptr["weight"]
         else:
-            assert a[16] == code[affine] and passed["weight"] == ptr["weight"] and passed["bias"] == ptr["bias"]
+            assert a[17] == code[affine] and passed["weight"] == ptr["weight"] and passed["bias"] == ptr["bias"]
 
 
 class _FwdSpy:
-    """The emulated extension, recording the arguments of each group_norm_act_fwd."""
+    """The emulated extension, recording the arguments of each group_norm_act_fwd (seen) and _bwd (seen_bwd)."""
 
     def __init__(self, real):
-        self.real, self.seen = real, []
+        self.real, self.seen, self.seen_bwd = real, [], []
 
     def __getattr__(self, name):
         return getattr(self.real, name)
@@ -235,12 +235,82 @@ class _FwdSpy:
         self.seen.append(a)
         return self.real.group_norm_act_fwd(*a)
 
+    def group_norm_act_bwd(self, *a):
+        self.seen_bwd.append(a)
+        return self.real.group_norm_act_bwd(*a)
+
 
 @pytest.fixture
 def fwd_spy(monkeypatch):
     spy = _FwdSpy(_cuda._ext(torch.device("cpu")))
     monkeypatch.setattr(_cuda, "_ext", lambda device: spy)
     return spy
+
+
+
+def _embedding_chunks(inputs, extra=1):
+    """scale and shift as the UNet makes them: chunks of one (N, (2 + extra) C) embedding output (the first `extra`
+    chunks another block's), so each is a view with row stride (2 + extra) C. Same values as given."""
+    sc, sh = inputs["scale"], inputs["shift"]
+    emb = torch.cat([torch.full_like(sc, float("nan"))] * extra + [sc, sh], dim=1)
+    C = sc.shape[1]
+    return dict(inputs, scale=emb[:, extra * C:(extra + 1) * C], shift=emb[:, (extra + 1) * C:])
+
+
+@pytest.mark.parametrize("dtype,path", [(torch.float32, "fused"), (torch.bfloat16, "fused"), (torch.float32, "split")],
+                         ids=["float32-fused", "bfloat16-fused", "float32-split"])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+def test_group_norm_act_reads_embedding_chunks_in_place(dtype, path, fmt, fwd_spy, monkeypatch):
+    """scale and shift as chunks of one embedding output (row stride 3C, the other chunk NaN): the forward and the
+    backward get the chunks themselves with their row stride (no dense copies: two launches a call in the forward, one
+    in the backward), and forward and every gradient match float64."""
+    if path == "split":
+        _force_split(monkeypatch)
+    inputs = _embedding_chunks(_gn_inputs((2, 12, 3, 5), dtype, fmt, G=4))
+    C = 12
+    check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs), dtype=dtype)
+    sc, sh = inputs["scale"], inputs["shift"]
+    fwd = fwd_spy.seen
+    assert fwd and all(a[12:15] == (sc.data_ptr(), sh.data_ptr(), 3 * C) for a in fwd)
+    assert all((a[6] == 0) == (path == "fused") for a in fwd_spy.seen)
+    # the backward reads fp32: the bf16 chunk is converted (one launch, a dense copy), the fp32 one read in place
+    want = (sc.data_ptr(), 3 * C) if dtype == torch.float32 else (C,)
+    assert fwd_spy.seen_bwd and all((a[12:14] if dtype == torch.float32 else a[13:14]) == want for a in fwd_spy.seen_bwd)
+
+
+@pytest.mark.parametrize("how", ["strided-columns", "different-strides", "bf16-split"])
+def test_group_norm_act_copies_what_it_cannot_read_in_place(how, fwd_spy, monkeypatch):
+    """Rows that are not contiguous, scale and shift of different row strides, or a bf16 chunk on the split path
+    (which reads fp32): dense copies, stride C, still right against float64."""
+    dtype = torch.bfloat16 if how == "bf16-split" else torch.float32
+    inputs = _gn_inputs((2, 12, 3, 5), dtype, NCHW, G=4)
+    if how == "strided-columns":
+        wide = torch.stack([inputs["scale"], torch.full_like(inputs["scale"], float("nan"))], dim=-1)
+        inputs["scale"] = wide[..., 0]                 # stride (24, 2)
+    elif how == "different-strides":
+        inputs = _embedding_chunks(inputs)
+        inputs["shift"] = inputs["shift"].contiguous()
+    else:
+        _force_split(monkeypatch)
+        inputs = _embedding_chunks(inputs)
+    check("group_norm_act", ref.group_norm_act, inputs, grad=_grads(inputs), dtype=dtype)
+    assert fwd_spy.seen and all(a[14] == 12 and a[12] != inputs["scale"].data_ptr() for a in fwd_spy.seen)
+
+
+def test_group_norm_act_refuses_a_row_stride_under_C():
+    """The extension refuses scale / shift rows closer than C apart (they would overlap) when the batch has more than
+    one sample; with one sample the stride is never used."""
+    ext = _cuda._ext(torch.device("cpu"))
+    x, y = torch.randn(2, 8, 4, 4), torch.empty(2, 8, 4, 4)
+    sc = torch.zeros(2, 16)
+    for N, ms, ok in ((2, 7, False), (2, 8, True), (2, 16, True), (1, 0, True)):
+        args = (x.data_ptr(), 0, N, 8, 16, 2, 0, False, True, 1e-6, 0, 0, sc.data_ptr(), sc.data_ptr(), ms, 0, 0, 0,
+                0, y.data_ptr(), 0, 0, 0, 0, 0)
+        if ok:
+            ext.group_norm_act_fwd(*args)
+        else:
+            with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
+                ext.group_norm_act_fwd(*args)
 
 
 # (shape, G, dtype): the one-launch forward's block sizes at their edges. Vectors per group (V = 4 fp32, 8 bf16,
@@ -267,13 +337,13 @@ def test_group_norm_act_forward_without_backward_saves_nothing(fmt, fwd_spy):
     inputs = _gn_inputs((2, 32, 4, 6), torch.bfloat16, fmt, G=8)
     with torch.no_grad():
         y0 = _cuda.group_norm_act(**inputs)
-    assert fwd_spy.seen[-1][20:23] == (0, 0, 0)
+    assert fwd_spy.seen[-1][21:24] == (0, 0, 0)
     leaves = {k: (v.detach().requires_grad_() if k == "x" else v) for k, v in inputs.items()}
     y1 = _cuda.group_norm_act(**leaves)
-    assert all(p != 0 for p in fwd_spy.seen[-1][20:23]) and y1.requires_grad
+    assert all(p != 0 for p in fwd_spy.seen[-1][21:24]) and y1.requires_grad
     assert torch.equal(y0, y1.detach())
     check("group_norm_act", ref.group_norm_act, inputs, grad=(), dtype=torch.bfloat16)
-    assert fwd_spy.seen[-1][20:23] == (0, 0, 0)
+    assert fwd_spy.seen[-1][21:24] == (0, 0, 0)
 
 
 def test_group_norm_act_wide_groups_take_the_split_path(fwd_spy):
@@ -291,9 +361,11 @@ def test_group_norm_act_wide_groups_take_the_split_path(fwd_spy):
     x = torch.zeros(1, 1024, 4)
     p = x.data_ptr()
     with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
-        ext.group_norm_act_fwd(p, 0, 1, 1024, 4, 1, 0, False, True, 1e-6, 0, 0, 0, 0, 0, 0, 0, 0, p, 0, p, p, p, 0)
+        ext.group_norm_act_fwd(p, 0, 1, 1024, 4, 1, 0, False, True, 1e-6, 0, 0, 0, 0, 0, 0, 0, 0, 0, p, 0, p, p, p,
+                               0)
     with pytest.raises(RuntimeError, match="group_norm_act_fwd"):     # the split path needs its statistics buffers
-        ext.group_norm_act_fwd(p, 0, 1, 1024, 4, 1, 1, False, True, 1e-6, 0, 0, 0, 0, 0, 0, 0, 0, p, p, 0, 0, 0, 0)
+        ext.group_norm_act_fwd(p, 0, 1, 1024, 4, 1, 1, False, True, 1e-6, 0, 0, 0, 0, 0, 0, 0, 0, 0, p, p, 0, 0, 0,
+                               0)
 
 
 def test_group_norm_act_refuses_parameter_dtypes_it_cannot_read():
@@ -303,7 +375,7 @@ def test_group_norm_act_refuses_parameter_dtypes_it_cannot_read():
     p = x.data_ptr()
     for dtype, adt, mdt, S in ((0, 2, 0, 0), (0, 0, 2, 0), (2, 1, 2, 0), (2, 2, 0, 1), (2, 0, 2, 1)):
         with pytest.raises(RuntimeError, match="group_norm_act_fwd"):
-            ext.group_norm_act_fwd(p, dtype, 1, 8, 16, 2, S, False, True, 1e-6, p, p, p, p, 0, 0, adt, mdt, p, p, p,
+            ext.group_norm_act_fwd(p, dtype, 1, 8, 16, 2, S, False, True, 1e-6, p, p, p, p, 8, 0, 0, adt, mdt, p, p, p,
                                    p, p, 0)
 
 
@@ -343,12 +415,12 @@ def test_group_norm_act_pre_bias_in_the_kernel(dtype, path, fmt, rows, monkeypat
     assert out[0].is_contiguous(memory_format=fmt)
     (a,) = spy.seen
     assert (a[6] == 0) == (path == "fused")                              # S = 0: the one-launch path
-    assert a[15] == (12 if rows == 2 else 0)
+    assert a[16] == (12 if rows == 2 else 0)
     if path == "fused":
-        assert a[14] == inputs["pre_bias"].data_ptr() and a[17] == _cuda._DTYPES[dtype]
+        assert a[15] == inputs["pre_bias"].data_ptr() and a[18] == _cuda._DTYPES[dtype]
     else:                 # fp32 for the split path: a converted copy, unless it was fp32 already
-        assert (a[14] == inputs["pre_bias"].data_ptr()) == (dtype == torch.float32)
-        assert a[17] == _cuda._DTYPES[torch.float32]
+        assert (a[15] == inputs["pre_bias"].data_ptr()) == (dtype == torch.float32)
+        assert a[18] == _cuda._DTYPES[torch.float32]
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
@@ -382,7 +454,7 @@ def test_group_norm_act_pre_bias_is_forward_only():
     p, y = x.data_ptr(), torch.empty_like(x)
     saved = torch.empty(2 * 2 * 2 + 2 * 2 * 8)
     for stride in (0, 8, 4):
-        args = (p, 0, 2, 8, 16, 2, 0, False, True, 1e-6, 0, 0, 0, 0, pre.data_ptr(), stride, 0, 0, y.data_ptr(), 0,
+        args = (p, 0, 2, 8, 16, 2, 0, False, True, 1e-6, 0, 0, 0, 0, 0, pre.data_ptr(), stride, 0, 0, y.data_ptr(), 0,
                 saved.data_ptr(), saved.data_ptr() + 32, saved.data_ptr() + 96, 0)
         if stride == 4:
             with pytest.raises(RuntimeError, match="group_norm_act_fwd"):

@@ -58,16 +58,31 @@ def _param(name: str, t, shape: tuple, device: torch.device) -> torch.Tensor | N
 def _params_one_dtype(names: tuple, ts: tuple, shapes: tuple, x: torch.Tensor, as_is: bool) -> tuple:
     """Optional parameters read in one dtype (weight and bias; scale, shift and the pre-norm add), each of the shape
     given for it, and the dtype code the kernel reads them in: their own dtype when `as_is` and all (those given) are
-    fp32 or all x's dtype, else fp32 copies."""
+    fp32 or all x's dtype, else fp32 copies. Strides as given (no copy where the dtype stays)."""
     given = [t for t in ts if t is not None]
     for name, t, shape in zip(names, ts, shapes):
         if t is not None:
             _check(name, t, x.device)
             _check_shape(name, t, shape)
     dt = given[0].dtype if given else torch.float32
-    if as_is and dt in (x.dtype, torch.float32) and all(t.dtype == dt for t in given):
-        return (*(None if t is None else t.contiguous() for t in ts), _DTYPES[dt])
-    return (*(None if t is None else t.float().contiguous() for t in ts), _DTYPES[torch.float32])
+    if not (as_is and dt in (x.dtype, torch.float32) and all(t.dtype == dt for t in given)):
+        dt = torch.float32
+    return (*(None if t is None else t.to(dt) for t in ts), _DTYPES[dt])
+
+
+def _rows(ts: tuple, C: int) -> tuple:
+    """(N, C) tensors (or None) as the kernel reads them, row n at n * stride, and that stride: as they are where they
+    share one row stride >= C and their rows are contiguous (the UNet's scale and shift, two chunks of one embedding
+    output, read in place: a copy of each was two launches a call), else dense copies (stride C)."""
+    given = [t for t in ts if t is not None]
+    if not given:
+        return ts, C
+    s0 = given[0].stride(0)
+    if given[0].shape[0] <= 1:
+        s0 = C            # one row: its stride is never used
+    if all((t.stride(1) == 1 or C <= 1) and (t.shape[0] <= 1 or t.stride(0) == s0) for t in given) and s0 >= C:
+        return ts, s0
+    return tuple(None if t is None else t.contiguous() for t in ts), C
 
 
 def _sigma(sigma, x: torch.Tensor) -> torch.Tensor:
@@ -271,9 +286,12 @@ def _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu, pre=None, 
     # bias and one for scale, shift and pre (the bf16 sampler: fp32 affine, bf16 modulation or pre-add): converting
     # them to fp32 cost up to four launches, more than the kernel itself at batch 1 and 8 (H200 graph replays).
     w, b, adt = _params_one_dtype(("weight", "bias"), (weight, bias), ((C,),) * 2, x, S_fwd == 0)
+    w, b = (None if t is None else t.contiguous() for t in (w, b))
     pre_shape = (N, C) if pre is None or pre.shape[0] == N else (1, C)
     sc, sh, pre, mdt = _params_one_dtype(("scale", "shift", "pre_bias"), (scale, shift, pre),
                                          ((N, C), (N, C), pre_shape), x, S_fwd == 0)
+    (sc, sh), ms = _rows((sc, sh), C)
+    pre = None if pre is None else pre.contiguous()
     y = torch.empty_like(x)
     # saved: stats (N*G*2: mean, rstd), A, B (N*C each); scratch: the split partials (N*S*C*2). The split path
     # needs them as its own workspace, saved or not.
@@ -286,7 +304,7 @@ def _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu, pre=None, 
         part = torch.empty(N * S_fwd * C * 2, device=dev, dtype=torch.float32)
     with _on_device(dev):
         ext.group_norm_act_fwd(x.data_ptr(), _DTYPES[x.dtype], N, C, HW, num_groups, S_fwd, nhwc, silu, eps,
-                               _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), _ptr(pre), C if N > 1 and pre_shape[0] == N else 0,
+                               _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), ms, _ptr(pre), C if N > 1 and pre_shape[0] == N else 0,
                                adt, mdt, y.data_ptr(), _ptr(part), stats, A, B, _stream(dev))
     return y, (x, w, b, sc, saved, S, nhwc)
 
@@ -295,13 +313,14 @@ def _gn_bwd(dy, x, stats, A, B, w, b, sc, G, S, nhwc, silu, dtypes, need):
     """(dx, dweight, dbias, dscale, dshift), each only where `need` says. The statistics (N * G * 2) and A, B (N * C):
     addresses in the forward's workspace, or (under vmap) flat fp32 tensors, sample after sample. S and nhwc None (a
     folded or looped call under vmap, whose batch and layout are not the forward's): taken from this x, made dense."""
-    w, b, sc = (None if t is None else t.float().contiguous() for t in (w, b, sc))   # fp32 here (no-op if so)
+    w, b = (None if t is None else t.float().contiguous() for t in (w, b))   # fp32 here (no-op if so)
     if nhwc is None:
         nhwc = _is_nhwc(x)
         x = _dense(x, nhwc)
         stats, A, B = stats.data_ptr(), A.data_ptr(), B.data_ptr()
     dy = _dense(dy.to(x.dtype), nhwc)
     N, C = x.shape[:2]
+    (sc,), ms = _rows((None if sc is None else sc.float(),), C)    # the forward's chunk of the embedding, in place
     HW = x.numel() // max(N * C, 1)
     dev = x.device
     S = _num_splits(N, C, HW, nhwc, _sm_count(dev.index)) if S is None else S
@@ -315,7 +334,7 @@ def _gn_bwd(dy, x, stats, A, B, w, b, sc, G, S, nhwc, silu, dtypes, need):
     part, csum, P, m12 = _carve(ws, N * S * C * 2, N * C * 2, N * C, N * G * 2)
     with _on_device(dev):
         _ext(dev).group_norm_act_bwd(x.data_ptr(), dy.data_ptr(), _DTYPES[x.dtype], N, C, HW, G, S, nhwc, silu,
-                                     _ptr(w), _ptr(b), _ptr(sc), stats, A, B, part, csum, P, m12, _ptr(dx), _ptr(dw),
+                                     _ptr(w), _ptr(b), _ptr(sc), ms, stats, A, B, part, csum, P, m12, _ptr(dx), _ptr(dw),
                                      _ptr(db), _ptr(dscale), _ptr(dshift), _stream(dev))
     return (dx, *(None if g is None else g.to(dt) for g, dt in zip((dw, db, dscale, dshift), dtypes)))
 
