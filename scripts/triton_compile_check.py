@@ -75,6 +75,15 @@ def cases(quick: bool, attention: bool = True):
             for bias_ty in ("fp32", t):
                 yield f"residual[nhwc={nhwc},bias={bias_ty}]", RS._residual_fwd_kernel, {"*": t, "b_ptr": bias_ty}, \
                     dict(HAS_BIAS=True, NHWC=nhwc, BLOCK=RS.BLOCK), ("scale",), {}
+        # the backward: the input gradient and the bias gradient's fp32 partials, then the bias gradient (in the
+        # bias's dtype: a parameter's fp32 or the activations')
+        yield "residual_bwd_nchw", RS._residual_bwd_nchw_kernel, {"*": t, "part_ptr": "fp32"}, \
+            dict(BLOCK=RS.RED_BLOCK), ("scale",), {}
+        yield "residual_bwd_nhwc", RS._residual_bwd_nhwc_kernel, {"*": t, "part_ptr": "fp32"}, \
+            dict(TILE_ROWS=RS.TILE_ROWS, TILE_C=RS.TILE_C, ROW_TILES=RS.ROW_TILES), ("scale",), {}
+        for bias_ty in ("fp32", t):
+            yield f"residual_bias_grad[{bias_ty}]", RS._residual_bias_grad_kernel, {"*": "fp32", "db_ptr": bias_ty}, \
+                dict(BLOCK_P=RS.BIAS_P, BLOCK_C=RS.BIAS_C), ("scale",), {}
         for kind in (0, 1, 2):
             yield f"loss_partial[{kind}]", CL._consistency_loss_partial_kernel, \
                 {"*": t, "g_ptr": "fp32", "part_ptr": "fp32"}, dict(KIND=kind, BLOCK=CL.BLOCK), (), {}

@@ -41,11 +41,17 @@ def run(backend, fn, inputs: dict, grad: tuple, dy=None):
         return _checks.run(fn, inputs, grad, dy, poison=backend == "triton", clone=True)
 
 
-def check(fn, reffn, inputs: dict, grad=(), dtype=torch.float32, backward=True, term_scale=False):
+def check(fn, reffn, inputs: dict, grad=(), dtype=torch.float32, backward=True, term_scale=False, dy_fmt=None):
     """Triton vs float64 truth, within 2x torch's own error (same dtype) plus four ulps of `dtype` at the output's
-    scale (term_scale: at the scale of the terms a gradient sums, see _checks.check)."""
-    return _checks.check(functools.partial(run, "triton", fn), functools.partial(run, "torch", fn), reffn, inputs,
-                         grad, dtype, backward, label="triton", ulp_of_output=False, term_scale=term_scale)
+    scale (term_scale: at the scale of the terms a gradient sums, see _checks.check). dy_fmt: the output gradient
+    in that memory format (a channels-last net's backward gets channels-last gradients), else NCHW."""
+    def runner(backend):
+        def go(inputs, grad, dy=None):
+            dy = dy.contiguous(memory_format=dy_fmt) if dy is not None and dy_fmt is not None else dy
+            return run(backend, fn, inputs, grad, dy)
+        return go
+    return _checks.check(runner("triton"), runner("torch"), reffn, inputs, grad, dtype, backward, label="triton",
+                         ulp_of_output=False, term_scale=term_scale)
 
 
 rand = functools.partial(_checks.rand, device=DEV)
@@ -105,7 +111,7 @@ def test_residual(dtype, fmt, bias, block, monkeypatch):
     inputs = dict(x=rand(2, 6, 5, 7, dtype=dtype, fmt=fmt), skip=rand(2, 6, 5, 7, dtype=dtype, fmt=fmt),
                   bias=rand(6, dtype=dtype) if bias else None, scale=0.5 ** 0.5)
     out = check(ops.residual, ref.residual, inputs, grad=("x", "skip", "bias") if bias else ("x", "skip"),
-                dtype=dtype)
+                dtype=dtype, dy_fmt=fmt)
     assert out[0].is_contiguous(memory_format=fmt)
 
 
@@ -122,6 +128,100 @@ def test_residual_mixed_layouts_and_dtypes():
         ops.residual(x, x, rand(3), 1.0)
     with pytest.raises(ValueError, match="skip: expected the shape"):
         ops.residual(x, x[:1], None, 1.0)
+
+
+@pytest.mark.parametrize("dtype,bias_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)],
+                         ids=["fp32", "bf16-fp32bias", "bf16", "fp16"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_residual_backward_kernels_in_steps(dtype, bias_dtype, fmt, monkeypatch):
+    """The backward kernels with small tiles, so every loop runs several steps with a masked tail: NCHW planes of 35
+    in steps of 8; NHWC 105 positions in partial rows of 8 (14 rows) and 6 channels in blocks of 4; the bias
+    gradient over those rows 4 at a time. Every gradient against float64, the bias's in its own dtype."""
+    from cmfast.kernels import residual as k
+    for name, v in dict(RED_BLOCK=8, TILE_ROWS=4, TILE_C=4, ROW_TILES=2, BIAS_P=4, BIAS_C=4).items():
+        monkeypatch.setattr(k, name, v)
+    inputs = dict(x=rand(3, 6, 5, 7, dtype=dtype, fmt=fmt), skip=rand(3, 6, 5, 7, dtype=dtype, fmt=fmt),
+                  bias=rand(6, dtype=bias_dtype), scale=0.5 ** 0.5)
+    out = check(ops.residual, ref.residual, inputs, grad=("x", "skip", "bias"), dtype=dtype, dy_fmt=fmt)
+    assert out[3].dtype == bias_dtype and out[1].is_contiguous(memory_format=fmt)
+
+
+def _residual_bwd_traced(fn):
+    """(torch ops run outside the Triton kernels, the residual backward kernels launched, fn's result): the
+    interpreter's own copies of kernel arguments are left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from cmfast.kernels import residual as k
+    ops_seen, launches, inside = [], [], []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside:
+                ops_seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    real = {n: getattr(k, n) for n in ("_residual_bwd_nchw_kernel", "_residual_bwd_nhwc_kernel",
+                                       "_residual_bias_grad_kernel")}
+
+    class Spy:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                launches.append(self.name)
+                inside.append(1)
+                try:
+                    return real[self.name][grid](*a, **kw)
+                finally:
+                    inside.pop()
+            return launch
+    with pytest.MonkeyPatch.context() as mp:
+        for n in real:
+            mp.setattr(k, n, Spy(n))
+        with Ops():
+            out = fn()
+    return ops_seen, launches, out
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_residual_backward_is_two_kernels(fmt):
+    """With a bias gradient the backward is the two kernels and nothing else (eager PyTorch: a multiply, a sum, its
+    scale and a cast, reading dy twice); the input gradient is dy * scale to the bit, one tensor for x and skip;
+    an expanded dy (the gradient of a sum, stride 0) gives scale everywhere and scale * N * H * W for the bias."""
+    x = rand(2, 6, 5, 7, dtype=torch.bfloat16, fmt=fmt).requires_grad_()
+    skip = rand(2, 6, 5, 7, dtype=torch.bfloat16, fmt=fmt).requires_grad_()
+    bias = rand(6, dtype=torch.bfloat16).requires_grad_()
+    with ops.use_backend("triton"):
+        y = ops.residual(x, skip, bias, 0.7)
+    dy = rand(*y.shape, dtype=y.dtype, fmt=fmt)
+    ops_seen, launches, (gx, gs, gb) = _residual_bwd_traced(lambda: torch.autograd.grad(y, (x, skip, bias), dy))
+    layout = "nhwc" if fmt == torch.channels_last else "nchw"
+    assert launches == [f"_residual_bwd_{layout}_kernel", "_residual_bias_grad_kernel"]
+    assert set(ops_seen) <= {"empty", "empty_like", "empty_strided"}, ops_seen
+    assert gx is gs and torch.equal(gx, dy * 0.7) and gx.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(gb.double(), dy.double().sum((0, 2, 3)) * 0.7, rtol=1e-2, atol=1e-2)
+    gx, gb = torch.autograd.grad(y.sum(), (x, bias))
+    assert torch.equal(gx, torch.full_like(gx, 0.7))
+    assert torch.equal(gb.float(), torch.full((6,), 0.7 * 70).to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("H,W", [(5, 7), (1, 7), (5, 1)])
+def test_residual_backward_reads_channel_slices_in_place(fmt, H, W):
+    """The gradient of a concatenation reaches the join as a channel slice of a wider tensor (the UNet's decoder):
+    the backward reads it in place, NCHW planes or channels-last rows, with no copy, and gives what a dense copy
+    gives, to the bit; g comes out dense in dy's layout. H or W of 1 (strides that do not matter)."""
+    from cmfast.kernels import residual as k
+    wide = rand(3, 10, H, W, dtype=torch.bfloat16, fmt=fmt)
+    dy = wide[:, 2:8]                                        # 6 of 10 channels
+    assert not dy.is_contiguous() and not dy.is_contiguous(memory_format=torch.channels_last)
+    seen, launches, (g, db) = _residual_bwd_traced(lambda: k.residual_bwd(dy, 0.7, torch.float32))
+    assert set(seen) <= {"empty", "empty_like", "empty_strided"} and len(launches) == 2, seen
+    g0, db0 = k.residual_bwd(dy.contiguous(memory_format=fmt), 0.7, torch.float32)
+    assert torch.equal(g, g0) and torch.equal(db, db0)
+    assert torch.equal(g, dy * 0.7) and g.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(db.double(), dy.double().sum((0, 2, 3)) * 0.7, rtol=1e-5, atol=1e-5)
 
 
 # ---- group_norm_act ---------------------------------------------------------------------------------------------
@@ -716,7 +816,7 @@ def test_gpu_residual(dtype, fmt, B, C, R):
     # The residual join at DDPM++ CIFAR-10 sizes, compiled; the bias a parameter (fp32) as in the network.
     inputs = dict(x=rand(B, C, R, R, dtype=dtype, fmt=fmt), skip=rand(B, C, R, R, dtype=dtype, fmt=fmt),
                   bias=rand(C), scale=0.5 ** 0.5)
-    out = check(ops.residual, ref.residual, inputs, grad=("x", "skip", "bias"), dtype=dtype)
+    out = check(ops.residual, ref.residual, inputs, grad=("x", "skip", "bias"), dtype=dtype, dy_fmt=fmt)
     assert out[0].is_contiguous(memory_format=fmt)
 
 

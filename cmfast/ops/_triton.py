@@ -199,6 +199,7 @@ def attention(q, k, v, scale):
 
 
 # ---- Residual join ---------------------------------------------------------------------------------------------
+_ResBwd = _b.kernel_call(_res.residual_bwd, "s--", loops=lambda a: True)
 @_b.eager_twin
 class _Residual(torch.autograd.Function):
     @staticmethod
@@ -212,8 +213,14 @@ class _Residual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        # torch ops only: batched tensors (vmap(grad), jacrev) go through them as they are
         need = ctx.needs_input_grad
+        if need[2] and 2 <= dy.dim() <= 4 and dy.numel():
+            # one pass over dy for the input gradient and the bias gradient's partial sums, one to finish them;
+            # under a transform through a kernel_call (vmap: one call per slice, the bias gradient sums the batch)
+            bwd = _ResBwd.apply if _b.transformed(dy) else _res.residual_bwd
+            g, db = bwd(dy, ctx.scale, ctx.bias_dtype)
+            return g if need[0] else None, g if need[1] else None, db, None
+        # no bias gradient: one multiply (batched tensors go through it as they are)
         g = dy * ctx.scale if need[0] or need[1] else None     # d/dx = d/dskip: one tensor serves both
         db = None
         if need[2]:
