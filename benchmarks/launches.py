@@ -13,8 +13,8 @@ counts 681 where the profile counted 711 kernels (with the same 48 GroupNorm sta
 
 --train counts the loss and backward of an eager iCT training step (cmfast-train's, before its one host sync), where a
 small net is host-bound: each launch costs host time. With the triton backend every Triton kernel launch counts one
-(the kernels replaced by counting no-ops), beside the torch ops of the wrappers around them. It counts dropout as
-three ops (CPU's composition; one kernel on a GPU).
+(the kernels replaced by counting no-ops), beside the torch ops of the wrappers around them. Dropout counts as
+on CUDA: one fused kernel forward (native_dropout) and one backward, where CPU's own composition is three ops.
 """
 from __future__ import annotations
 
@@ -116,6 +116,23 @@ def count_sample_launches(model: cmfast.ConsistencyModel, batch: int, dtype=torc
 
 
 @contextlib.contextmanager
+def _dropout_as_on_cuda():
+    """F.dropout in training as CUDA runs it: aten's dropout takes the fused native_dropout for a CUDA tensor with
+    0 < p < 1 (one kernel, native_dropout_backward one more), where on CPU it composes bernoulli_, div_ and mul."""
+    real = torch.nn.functional.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if training and 0 < p < 1 and input.numel() and not inplace:
+            return torch.native_dropout(input, p, True)[0]
+        return real(input, p, training, inplace)
+    torch.nn.functional.dropout = dropout
+    try:
+        yield
+    finally:
+        torch.nn.functional.dropout = real
+
+
+@contextlib.contextmanager
 def _environ(values: dict):
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
@@ -162,7 +179,7 @@ def count_train_launches(model: cmfast.ConsistencyModel, batch: int, dtype=torch
     kernels = _counted_triton_kernels(counter, sms) if backend == "triton" else contextlib.nullcontext()
     # the triton backend takes CPU tensors only as the interpreter's (its kernels here are the counting no-ops)
     env = {"TRITON_INTERPRET": "1"} if backend == "triton" else {}
-    with _environ(env), cmfast.ops.use_backend(backend), kernels, counter:
+    with _environ(env), cmfast.ops.use_backend(backend), kernels, _dropout_as_on_cuda(), counter:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), precond.skip_value_checks():
             loss = ict_loss(model, x, num_scales).mean()
         loss.backward()

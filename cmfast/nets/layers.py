@@ -67,10 +67,13 @@ class Conv2d(nn.Module):
         auto = autocasting(x)
         w = self.weight if auto or self.weight is None else self.weight.to(x.dtype)
         b = None if self.bias is None or not add_bias else self.bias if auto else self.bias.to(x.dtype)
-        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        fused_down = self.fused_resample and self.down and w is not None
+        # the box filter's pooling / nearest copy needs no filter tensor (its cast was a launch per call)
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None and (fused_down or not self.box) \
+            else None
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
-        if self.fused_resample and self.down and w is not None:
+        if fused_down:
             x = F.conv2d(x, w, padding=w_pad + f_pad)
             x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
         else:
