@@ -7,21 +7,21 @@ import torch
 from torch import nn
 
 
-@torch.no_grad()
+@torch.no_grad()     # (so no detach per parameter: an op each, hundreds a step in Python)
 def ema_update_(target: nn.Module, source: nn.Module, mu: float) -> None:
     """theta- <- mu theta- + (1 - mu) theta (CM paper Alg. 2/3, line 'theta- <- stopgrad(...)'); buffers copied."""
     if not 0.0 <= mu <= 1.0:
         raise ValueError(f"mu: expected a rate in [0, 1], got {mu}")
-    tp = [p for p in target.parameters()]
-    sp = [p.detach() for p in source.parameters()]
+    tp, sp = list(target.parameters()), list(source.parameters())
     if len(tp) != len(sp):
         raise ValueError("EMA target and source have different parameter lists")
     if mu == 0.0:
         torch._foreach_copy_(tp, sp)
     elif mu != 1.0:
         torch._foreach_lerp_(tp, sp, 1.0 - mu)
-    for tb, sb in zip(target.buffers(), source.buffers()):
-        tb.copy_(sb)
+    tb, sb = list(target.buffers()), list(source.buffers())
+    if tb:      # one multi-tensor copy (a copy per buffer was a launch each: the UNet's resampling filters)
+        torch._foreach_copy_(tb, sb)
 
 
 class EMA(nn.Module):
