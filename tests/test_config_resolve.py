@@ -14,7 +14,8 @@ def test_explicit_beats_preset_beats_default_for_options_and_method_args():
     cfg = C.resolve({"config": "ct-cifar10", "loss": "l2", "lr": 3e-5, "seed": 0, "grad_clip": 0.0,
                      "method_args": {"mu0": 0.5}})
     assert cfg["loss"] == "l2"                         # explicit over the preset's lpips
-    assert cfg["lr"] == 3e-5 and cfg["batch_size"] == 512 and cfg["lr_rampup_kimg"] == 10_000   # explicit / preset
+    assert cfg["lr"] == 3e-5 and cfg["batch_size"] == 512                                       # explicit / preset
+    assert cfg["lr_rampup_kimg"] == 0.0        # default: the reference's RAdam ran at a constant rate, no warm-up
     assert cfg["log_every"] == 50 and cfg["keep"] == 3                                          # defaults
     # method_args: explicit mu0, the preset's s0 / s1, the method's defaults for the rest
     assert cfg["method_args"]["mu0"] == 0.5 and cfg["method_args"]["s0"] == 2 and cfg["method_args"]["s1"] == 150
@@ -23,6 +24,7 @@ def test_explicit_beats_preset_beats_default_for_options_and_method_args():
     assert ict["method_args"]["s1"] == 640 and ict["method_args"]["s0"] == 10 and ict["method_args"]["p_std"] == 2.0
     assert ict["loss"] == "pseudo_huber" and ict["ema"] == [0.99993] and ict["dropout"] == 0.3
     assert ict["net"]["dropout"] == 0.3 and ict["net"]["img_resolution"] == 32 and ict["net"]["in_channels"] == 3
+    assert ict["net"]["fourier_scale"] == 0.02 and "fourier_scale" not in cfg["net"]     # iCT's net_args only
     # falsy explicit values still count as given (0 is not "not given")
     z = C.resolve({"config": "cd-cifar10", "teacher": "t.pkl", "lr_rampup_kimg": 0.0, "dropout": 0.0})
     assert z["lr_rampup_kimg"] == 0.0 and z["method_args"]["num_scales"] == 18
@@ -77,3 +79,24 @@ def test_the_config_name_and_cifar10_classes_are_recorded():
     cfg = C.resolve({"config": "ict-cifar10", "cond": True})
     assert cfg["config"] == "ict-cifar10" and cfg["net"]["label_dim"] == 10
     assert C.resolve({"dataset": "cifar10"})["config"] is None
+
+
+def test_ict_cifar10_builds_ncsnpp_with_fourier_scale_002():
+    """iCT Sec. 3.1: NCSN++'s Fourier noise embedding with frequencies of std 0.02 instead of 16 (less sensitive to
+    the noise level). The resolved config builds that net: its frequencies' spread is 0.02's, NCSN++'s default 16's;
+    a non-positive scale is refused, and ADM (no Fourier embedding) refuses another scale."""
+    import torch
+    from cmfast.nets import UNet
+    from cmfast.nets.presets import preset_config
+    torch.manual_seed(0)
+    ict = C.resolve({"config": "ict-cifar10"})["net"]
+    net = UNet(**dict(ict, model_channels=64))               # 64 frequencies (half the noise channels), smaller
+    std = net.map_noise.freqs.std().item()
+    assert net.map_noise.freqs.numel() == 64 and 0.014 < std < 0.027, std
+    ct = C.resolve({"config": "ct-cifar10", "teacher": "t"})["net"]
+    assert 11 < UNet(**dict(ct, model_channels=64)).map_noise.freqs.std().item() < 21
+    for bad in (0, -1.0, float("inf"), "0.02", True):
+        with pytest.raises(ValueError, match="fourier_scale: expected a positive number"):
+            UNet(**dict(ict, model_channels=16, fourier_scale=bad))
+    with pytest.raises(ValueError, match="fourier_scale: SongUNet's option"):
+        UNet(**preset_config("adm-imagenet64", model_channels=16, fourier_scale=0.02))

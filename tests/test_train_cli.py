@@ -208,7 +208,7 @@ def test_dry_run_paper_configs(capsys, tmp_path):
         ("ct", "lpips", 512, 2e-4, "radam", 800_000)
     assert ct["method_args"]["s0"] == 2 and ct["method_args"]["s1"] == 150 and ct["method_args"]["mu0"] == 0.9
     assert ct["net"]["embedding_type"] == "fourier" and ct["net"]["in_channels"] == 3
-    assert ct["net"]["dropout"] == 0.0 and ct["lr_rampup_kimg"] == 10_000     # reference configs: no dropout
+    assert ct["net"]["dropout"] == 0.0 and ct["lr_rampup_kimg"] == 0.0     # reference runs: no dropout, no warm-up
     fails(capsys, ["--config", "cd-cifar10", "--teacher", "t", "--dry-run"], "--teacher: checkpoint not found: t")
     teacher = _teacher(tmp_path / "t", (3, 32, 32))
     assert train_main(["--config", "cd-cifar10", "--teacher", teacher, "--dry-run", "--batch-size", "256"]) == 0
@@ -219,6 +219,7 @@ def test_dry_run_paper_configs(capsys, tmp_path):
     ict = json.loads(capsys.readouterr().out)
     assert (ict["loss"], ict["net"]["dropout"], ict["method_args"]["s1"], ict["ema"]) == ("pseudo_huber", 0.3, 1280,
                                                                                            [0.99993])
+    assert ict["net"]["fourier_scale"] == 0.02          # iCT Sec. 3.1
     assert train_main(["--config", "cd-imagenet64", "--teacher", "edm-imagenet-64x64-cond-adm.pkl", "--dry-run"]) == 0
     cd = json.loads(capsys.readouterr().out)
     assert (cd["dataset"], cd["cond"], cd["preset"], cd["loss"], cd["batch_size"], cd["lr"], cd["total_steps"],

@@ -93,8 +93,8 @@ def test_sampling_levels_only_for_the_methods_that_have_them(capsys):
 
 EDM_EMA = 0.5 ** (512 / 500_000)        # EDM Table 7, CIFAR-10: EMA half-life 0.5 Mimg at batch 512
 PAPER = {   # name: (batch, lr, warm-up kimg, optimizer, steps, ema, precision, method_args it sets)
-    "cd-cifar10": (512, 4e-4, 10_000, "radam", 800_000, [0.9999], "fp32", dict(num_scales=18, mu=0.0, solver="heun")),
-    "ct-cifar10": (512, 2e-4, 10_000, "radam", 800_000, [0.9999], "fp32", dict(s0=2, s1=150, mu0=0.9)),
+    "cd-cifar10": (512, 4e-4, 0.0, "radam", 800_000, [0.9999], "fp32", dict(num_scales=18, mu=0.0, solver="heun")),
+    "ct-cifar10": (512, 2e-4, 0.0, "radam", 800_000, [0.9999], "fp32", dict(s0=2, s1=150, mu0=0.9)),
     "ict-cifar10": (1024, 1e-4, 0.0, "radam", 400_000, [0.99993], "fp32", dict(s0=10, s1=1280, p_mean=-1.1,
                                                                                 p_std=2.0)),
     "cd-imagenet64": (2048, 8e-6, 0.0, "radam", 600_000, [0.999, 0.9999, 0.9999432189950708], "fp16",

@@ -128,6 +128,7 @@ class UNet(nn.Module):
                  attn_resolutions=(16,),            # Resolutions with self-attention.
                  dropout: float = 0.10,             # Dropout probability in the residual blocks.
                  embedding_type: str = "positional",  # 'positional' (DDPM++) or 'fourier' (NCSN++).
+                 fourier_scale: float = 16.0,       # std of the Fourier frequencies (NCSN++ 16; iCT's CIFAR-10: 0.02).
                  channel_mult_noise: int = 1,       # Noise-embedding width = model_channels * this.
                  encoder_type: str = "standard",    # 'standard' (DDPM++) or 'residual' (NCSN++).
                  resample_filter=(1, 1),            # (1, 1) box (DDPM++) or (1, 3, 3, 1) FIR (NCSN++).
@@ -156,12 +157,15 @@ class UNet(nn.Module):
                              f"{attn_resolutions!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        if isinstance(fourier_scale, bool) or not isinstance(fourier_scale, (int, float)) or \
+                not 0 < fourier_scale < math.inf:
+            raise ValueError(f"fourier_scale: expected a positive number, got {fourier_scale!r}")
         if arch not in ("song", "adm"):
             raise ValueError(f"arch: expected 'song' (DDPM++ / NCSN++) or 'adm', got {arch!r}")
         if arch == "adm":
             song_only = dict(embedding_type=(embedding_type, "positional"), channel_mult_noise=(channel_mult_noise, 1),
                              encoder_type=(encoder_type, "standard"), resample_filter=(tuple(resample_filter), (1, 1)),
-                             num_heads=(num_heads, 1))
+                             num_heads=(num_heads, 1), fourier_scale=(float(fourier_scale), 16.0))
             for name, (got, default) in song_only.items():
                 if got != default:
                     raise ValueError(f"{name}: SongUNet's option, fixed in arch 'adm' (got {got!r})")
@@ -189,7 +193,7 @@ class UNet(nn.Module):
 
         # Mapping: noise level (and label) -> embedding.
         self.map_noise = (PositionalEmbedding(noise_channels) if embedding_type == "positional"
-                          else FourierEmbedding(noise_channels))
+                          else FourierEmbedding(noise_channels, scale=float(fourier_scale)))
         self.map_label = Linear(label_dim, noise_channels) if label_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels)
         self.map_layer1 = Linear(emb_channels, emb_channels)
