@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import reference as ref
 from cmfast import ops
@@ -18,6 +19,21 @@ from cmfast import ops
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 GN_GRADS = ("x", "weight", "bias", "scale", "shift")
+
+
+class AtenOps(TorchDispatchMode):
+    """Records the aten ops run inside it: `names` (each op's name) and `calls` ((name, args)); nothing while
+    `paused` > 0 (a Triton launch under the interpreter, which copies its arguments with torch ops of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.calls, self.paused = [], [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.names.append(func.overloadpacket.__name__)
+            self.calls.append((func.overloadpacket.__name__, args))
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """The EMA update of a UNet is two multi-tensor launches (parameters, buffers), whatever its size."""
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from _checks import AtenOps
 from cmfast import ConsistencyModel, UNet
 from cmfast.ema import ema_update_
 
@@ -15,15 +15,9 @@ def test_ema_update_is_two_launches_and_exact():
     for b in src.buffers():
         b.add_(1.0)                                 # so the copy shows
     before = [p.detach().double().clone() for p in tgt.parameters()]
-    seen = []
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-    with Ops():
+    with AtenOps() as ops:
         ema_update_(tgt, src, 0.9)
-    assert seen == ["_foreach_lerp_", "_foreach_copy_"], seen
+    assert ops.names == ["_foreach_lerp_", "_foreach_copy_"], ops.names
     assert len(list(src.buffers())) == 8
     for b, p, s in zip(before, tgt.parameters(), src.parameters()):
         torch.testing.assert_close(p.double(), 0.9 * b + 0.1 * s.detach().double(), rtol=1e-6, atol=1e-7)

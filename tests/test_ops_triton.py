@@ -148,18 +148,9 @@ def test_residual_backward_kernels_in_steps(dtype, bias_dtype, fmt, monkeypatch)
 
 
 def _residual_bwd_traced(fn):
-    """(torch ops run outside the Triton kernels, the residual backward kernels launched, fn's result): the
-    interpreter's own copies of kernel arguments are left out."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """(torch ops run outside the Triton kernels, the residual backward kernels launched, fn's result)."""
     from cmfast.kernels import residual as k
-    ops_seen, launches, inside = [], [], []
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not inside:
-                ops_seen.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
+    launches, rec = [], _checks.AtenOps()
     real = {n: getattr(k, n) for n in ("_residual_bwd_nchw_kernel", "_residual_bwd_nhwc_kernel",
                                        "_residual_bias_grad_kernel")}
 
@@ -170,18 +161,18 @@ def _residual_bwd_traced(fn):
         def __getitem__(self, grid):
             def launch(*a, **kw):
                 launches.append(self.name)
-                inside.append(1)
+                rec.paused += 1
                 try:
                     return real[self.name][grid](*a, **kw)
                 finally:
-                    inside.pop()
+                    rec.paused -= 1
             return launch
     with pytest.MonkeyPatch.context() as mp:
         for n in real:
             mp.setattr(k, n, Spy(n))
-        with Ops():
+        with rec:
             out = fn()
-    return ops_seen, launches, out
+    return rec.names, launches, out
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])

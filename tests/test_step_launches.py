@@ -6,24 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from _checks import AtenOps
 from cmfast.nets.layers import Conv2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
-class _Casts(TorchDispatchMode):
-    """The shapes of the tensors each aten _to_copy converts."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._to_copy.default:
-            self.shapes.append(tuple(args[0].shape))
-        return func(*args, **(kwargs or {}))
+def _cast_shapes(ops: AtenOps) -> list:
+    """The shapes of the tensors each recorded _to_copy converted."""
+    return [tuple(args[0].shape) for name, args in ops.calls if name == "_to_copy"]
 
 
 @pytest.mark.parametrize("kw", [dict(up=True), dict(down=True), dict(down=True, kernel=0)],
@@ -37,10 +29,10 @@ def test_resampling_casts_its_filter_only_where_it_uses_it(kw, taps):
     torch.manual_seed(0)
     conv = Conv2d(4, 6 if kernel else 4, kernel, resample_filter=taps, **kw)
     x = torch.randn(2, 4, 8, 8)
-    with _Casts() as casts:
+    with AtenOps() as ops:
         y = conv(x.bfloat16())
     filt = tuple(conv.resample_filter.shape)
-    assert (filt in casts.shapes) == (taps != (1, 1)), casts.shapes
+    assert (filt in _cast_shapes(ops)) == (taps != (1, 1)), _cast_shapes(ops)
     want = conv.double()(x.double())
     torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
 
@@ -48,9 +40,9 @@ def test_resampling_casts_its_filter_only_where_it_uses_it(kw, taps):
 def test_fused_down_sampling_still_casts_its_filter():
     # fused_resample with down (EDM's order: convolution, then the filter as a strided depthwise convolution)
     conv = Conv2d(4, 6, 3, down=True, fused_resample=True)
-    with _Casts() as casts:
+    with AtenOps() as ops:
         conv(torch.randn(2, 4, 8, 8).bfloat16())
-    assert tuple(conv.resample_filter.shape) in casts.shapes
+    assert tuple(conv.resample_filter.shape) in _cast_shapes(ops)
 
 
 def test_launch_model_counts_dropout_as_cuda_runs_it():
@@ -77,12 +69,6 @@ def test_launch_model_counts_dropout_as_cuda_runs_it():
 
 def _composition():
     """The aten ops of a plain F.dropout call on CPU (after the counter restored it)."""
-    seen = []
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-    with Ops():
+    with AtenOps() as ops:
         F.dropout(torch.randn(8), 0.5, True)
-    return seen
+    return ops.names

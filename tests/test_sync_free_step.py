@@ -11,8 +11,8 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from _checks import AtenOps
 from cmfast import data, objectives, ops, precond, schedules
 from cmfast.nets import UNet
 from cmfast.precond import EDMDenoiser
@@ -263,16 +263,10 @@ def test_grad_norm_without_clipping_touches_no_gradient():
     for p in params:
         p.grad = torch.randn_like(p) * 3
 
-    class Ops(TorchDispatchMode):
-        names: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Ops.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
     before = [p.grad.clone() for p in params]
-    with Ops():
+    with AtenOps() as ops:
         n = grad_norm(params)
-    assert not any(name.startswith("_foreach_mul") for name in Ops.names), Ops.names
+    assert not any(name.startswith("_foreach_mul") for name in ops.names), ops.names
     assert all(torch.equal(p.grad, g) for p, g in zip(params, before))
     assert torch.equal(n, torch.nn.utils.clip_grad_norm_(params, float("inf")))
     total = float(n)
