@@ -131,7 +131,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if not all(np.isfinite(a).all() for a in (mu1, s1, mu2, s2)):     # a NaN distance came back without a word
         raise ValueError("frechet_distance: expected finite means and covariances, got NaN / inf")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2))
+    # >= 0 in exact arithmetic; rank-deficient covariances (fewer samples than features) left -5e-4 for identical
+    # inputs (50 samples, 2048 features), a negative distance from round-off
+    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2)))
 
 
 # ---------------------------------------------------------------- precision / recall (Kynkaanniemi et al. 2019)
@@ -703,12 +705,12 @@ def _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, 
 @torch.no_grad()
 def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigmas=None, dataset=None,
              device=None, data_dir=None, weights=None, progress=False, engine="eager", dtype=torch.float32,
-             is_splits=10, pr_num=None, pr_k=3, ref_stats=None):
+             is_splits=10, pr_num=None, pr_k=3, ref_stats=None, clip_denoised=False):
     """Sample `num` images and score them -> a JSON-ready dict that records implementation and mode.
 
     A ConsistencyModel samples with cmfast.sample (Algorithm 1; sigmas default to model_sigmas(model, steps)), an
     EDMDenoiser with EDM's Heun sampler (steps default 18); engine and dtype as cmfast.sampling.generate_batches
-    (default: eager, float32). Noise per batch and class labels (balanced) follow cmfast-sample, so the same seed,
+    (default: eager, float32); clip_denoised as cmfast.sample's. Noise per batch and class labels (balanced) follow cmfast-sample, so the same seed,
     engine and batch size score the same images. Samples are quantized to 8 bits before scoring.
     metric "fd-fmnist" (cmfast's offline metric, against Fashion-MNIST train), "fid" (Inception-V3, against cifar10
     train unless `dataset` says otherwise; the result also holds the samples' Inception Score, from the same network
@@ -737,6 +739,11 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
         raise TypeError(f"seed: expected an integer, got {seed!r}")
     given = sigmas is not None and not (isinstance(sigmas, (tuple, list)) and not sigmas)
     edm = isinstance(model, EDMDenoiser)
+    if not isinstance(clip_denoised, bool):
+        raise TypeError(f"clip_denoised: expected True or False, got {clip_denoised!r}")
+    if edm and clip_denoised:
+        raise ValueError("clip_denoised: consistency sampling's option (Algorithm 1); an EDM teacher samples with "
+                         "its Heun solver")
     if edm:
         if given:
             raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
@@ -766,7 +773,8 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     try:
         engine = resolve_engine(engine, model, dtype)
         batches = generate_batches(model, num, sigmas=None if edm else sigmas, steps=steps if edm else None,
-                                   seed=seed, batch_size=batch_size, engine=engine, dtype=dtype, shape=shape)
+                                   seed=seed, batch_size=batch_size, engine=engine, dtype=dtype, shape=shape,
+                                   clip_denoised=clip_denoised)
         batches = (x for _, x in _progress(batches, math.ceil(num / min(batch_size, num)), f"{metric} {steps}-step",
                                            progress))
         head = _score(batches, metric, num, dataset, device, data_dir, weights, is_splits, pr_num, pr_k, sampler, ref)
@@ -775,7 +783,7 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     return {**head,
             "steps": steps, "sigmas": list(sigmas) if sigmas else None, "num": num, "seed": seed,
             "batch_size": batch_size, "device": str(device), "engine": engine,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."), "clip_denoised": clip_denoised,
             "seconds": round(time.time() - t0, 2)}
 
 

@@ -60,6 +60,10 @@ def test_frechet_distance_matches_scipy_formula_and_self_is_zero():
     assert metrics.frechet_distance(mu1, s3, mu2, s4) == pytest.approx(_fd_pytorch_fid_style(mu1, s3, mu2, s4),
                                                                         rel=1e-4)
     assert abs(metrics.frechet_distance(mu1, s3, mu1, s3)) < 1e-6
+    # 50 samples of 2048 features: the same rank-49 covariance twice came out below 0 from round-off; never now
+    x = rng.standard_normal((50, 2048)) * rng.uniform(0.01, 3.0, 2048)
+    s5 = np.cov(x, rowvar=False)
+    assert 0.0 <= metrics.frechet_distance(x.mean(0), s5, x.mean(0), s5) < 1e-2
     with pytest.raises(ValueError, match="expected mu"):
         metrics.frechet_distance(mu1, s1, mu2[:-1], s2)
     bad = s2.copy()
