@@ -144,7 +144,9 @@ class GraphedSampler:
                  sigmas=(80.0,),                 # Algorithm 1 noise levels, strictly decreasing.
                  seed: int | None = None,        # Generator seed (None: a non-deterministic one).
                  channels_last: bool = True,     # Run the convolutions NHWC (faster tensor-core convs).
-                 warmup: int = 3):               # Eager runs on a side stream before each capture.
+                 warmup: int = 3,                # Eager runs on a side stream before each capture.
+                 clip_denoised: bool = False):   # Clamp each step's output to [-1, 1] (as cmfast.sample's).
+        from .sampling import _check_flag
         if not is_graphable(model):
             raise TypeError(f"model: expected a cmfast.ConsistencyModel or a TrigFlow model (sCT / sCD), got "
                             f"{type(model).__name__}; sample other models with cmfast.sample (engine 'eager')")
@@ -168,6 +170,7 @@ class GraphedSampler:
         self._trig = None if is_skip_parameterized(model) else _TrigFlowAsSkip(model)
         self._boundary = 0.0 if self._trig else float(getattr(model, "_boundary", model.sigma_min))  # in c_skip, c_out
         self.channels_last, self.warmup = channels_last, int(warmup)
+        self.clip_denoised = _check_flag(clip_denoised, "clip_denoised")
         self.label_dim = int(getattr(getattr(net, "_orig_mod", net), "label_dim", 0) or 0)
         if _is_compiled(net):
             self.net = net              # live weights, cast by autocast inside the graph; eval mode while captured
@@ -247,6 +250,8 @@ class GraphedSampler:
             if k == len(self.sigmas) - 1:
                 return ops.skip_output_infer(x, F, sig[k], self.sigma_data, self._boundary, uint8)
             x = ops.skip_output(x, F, sig[k], self.sigma_data, self._boundary)
+            if self.clip_denoised:      # (the last step's output is clamped by skip_output_infer)
+                x = x.clamp_(-1, 1)
 
     def _buffers(self, batch_size, uint8: bool):
         B = self.batch_size if batch_size is None else self._check_batch(batch_size)

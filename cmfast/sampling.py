@@ -162,26 +162,40 @@ def check_model(model, what: str = "model", want: str = "a consistency model (cm
 
 @torch.no_grad()
 def sample(model: nn.Module, z: torch.Tensor, sigmas=(80.0,), generator=None, class_labels=None,
-           noise=None) -> torch.Tensor:
+           noise=None, clip_denoised: bool = False) -> torch.Tensor:
     """Algorithm 1: x = f(sigmas[0] z, sigmas[0]); for each later s: x = f(x + sqrt(s^2 - sigma_min^2) n, s),
     n ~ N(0, I) drawn with `generator` on z's device and dtype, or, given `noise` (one tensor shaped like z per later
     level), taken from it. Runs under torch.no_grad(): the images carry no gradient (differentiate model(x, sigma))
     and are float32 (the fp32 skip output) whatever the dtype of z or of the model. The model runs in eval mode
     (no dropout); a model in train mode is put back in it after. The levels are checked here, on the host, against the
-    model's range, so the model's own per-call check (a host sync on a GPU) is left out (precond.skip_value_checks)."""
+    model's range, so the model's own per-call check (a host sync on a GPU) is left out (precond.skip_value_checks).
+
+    clip_denoised: each f(...) clamped to [-1, 1] before it is noised again (and the output), as
+    openai/consistency_models' samplers do (clip_denoised=True, their default). Algorithm 1 as the paper writes it
+    does not, nor does cmfast by default: on the shipped Fashion-MNIST models it scores slightly better (FD-FMNIST
+    4.26 against 4.38 at 2 steps (80, 0.821), 5,000 images, seed 0, CPU). One step: the same images, up to that final
+    clamp."""
     check_model(model)
     s = check_sigmas(sigmas, model.sigma_min, model.sigma_max)
     check_noise(z)
     check_device(model, z, generator)
     if noise is not None:
         check_noise_list(noise, len(s) - 1, z.shape, "one per level after the first")
+    clip = _check_flag(clip_denoised, "clip_denoised")
     with eval_mode(model), skip_value_checks():
         x = model(s[0] * z, model_level(s[0], z), class_labels)
         for k, sigma in enumerate(s[1:]):
+            x = x.clamp_(-1, 1) if clip else x
             n = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) if noise is None else \
                 noise[k].to(device=z.device, dtype=z.dtype)
             x = model(x + math.sqrt(sigma ** 2 - model.sigma_min ** 2) * n, model_level(sigma, z), class_labels)
-    return x
+    return x.clamp_(-1, 1) if clip else x
+
+
+def _check_flag(v, name: str) -> bool:
+    if not isinstance(v, bool):     # a string 'False' would read as on
+        raise TypeError(f"{name}: expected True or False, got {v!r}")
+    return v
 
 
 def check_noise_list(noise, count: int, shape, per: str) -> None:
@@ -290,7 +304,7 @@ def resolve_engine(engine: str, model: nn.Module, dtype: torch.dtype = torch.flo
 @torch.no_grad()
 def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | None = None, seed: int = 0,
                      batch_size: int = 256, class_label: int | None = None, engine: str = "auto",
-                     dtype: torch.dtype = torch.float32, shape: tuple | None = None):
+                     dtype: torch.dtype = torch.float32, shape: tuple | None = None, clip_denoised: bool = False):
     """Yield (start, images) for `num` images in batches: float32 (n, C, H, W) in about [-1, 1]; what cmfast-sample
     writes and cmfast-eval scores. A consistency model samples at `sigmas` (Algorithm 1), an EDMDenoiser with EDM's
     Heun solver in `steps` steps. Class labels cycle through the classes, or are all `class_label`.
@@ -299,7 +313,7 @@ def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | No
     the images do not depend on batch_size. engine 'graphed': cmfast.GraphedSampler in `dtype` (its noise drawn inside
     the graph on the GPU, seeded per batch the same way, so the images depend on batch_size; a short last batch
     runs as a full one, cut); its output is clamped to [-1, 1]. 'auto': graphed for a consistency model on CUDA.
-    shape: one image's (C, H, W), by default the network's."""
+    shape: one image's (C, H, W), by default the network's. clip_denoised: as cmfast.sample's (consistency models)."""
     from .precond import EDMDenoiser
     engine = resolve_engine(engine, model, dtype)
     edm = isinstance(model, EDMDenoiser)
@@ -307,6 +321,9 @@ def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | No
         raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
     if not edm and not sigmas:
         raise ValueError("sigmas: a consistency model needs its noise levels (e.g. (80.0,) for one step)")
+    if _check_flag(clip_denoised, "clip_denoised") and edm:
+        raise ValueError("clip_denoised: consistency sampling's option (Algorithm 1); an EDM teacher samples with "
+                         "its Heun solver")
     n, b = as_integer(num), as_integer(batch_size)
     if n is None or b is None or n < 1 or b < 1:
         # a float (num=5e4) was "TypeError: 'float' object cannot be interpreted as an integer", from range()
@@ -330,7 +347,7 @@ def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | No
     if engine == "graphed":
         from .graphed import GraphedSampler
         B = min(batch_size, num)
-        sampler = GraphedSampler(model, B, shape, dtype=dtype, sigmas=sigmas, seed=seed)
+        sampler = GraphedSampler(model, B, shape, dtype=dtype, sigmas=sigmas, seed=seed, clip_denoised=clip_denoised)
         for b0 in range(0, num, B):
             n = min(B, num - b0)
             yield b0, sampler(seed=seed * 1_000_003 + b0, class_labels=labels(b0, B))[:n]
@@ -342,5 +359,5 @@ def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | No
             x = edm_sample(model, z, 18 if steps is None else steps, class_labels=labels(b0, n))   # 0: an error
         else:
             later = [image_noise(seed, b0, n, shape, draw=k) for k in range(1, len(sigmas))]
-            x = sample(model, z, sigmas, class_labels=labels(b0, n), noise=later)
+            x = sample(model, z, sigmas, class_labels=labels(b0, n), noise=later, clip_denoised=clip_denoised)
         yield b0, x

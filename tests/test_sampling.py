@@ -389,12 +389,12 @@ def test_sample_cli_hands_its_flags_to_generate_batches(shipped, tmp_path, monke
     monkeypatch.setattr("cmfast.sampling.generate_batches", record)
     assert main(["--pretrained", "x", "--npz", str(tmp_path / "a.npz")]) == 0
     assert seen.pop() == dict(num=64, sigmas=(40.0,), steps=None, seed=0, batch_size=256, class_label=None,
-                              engine="auto", dtype=torch.float32)
+                              engine="auto", dtype=torch.float32, clip_denoised=False)
     assert main(["--pretrained", "x", "--npz", str(tmp_path / "a.npz"), "--num", "3", "--steps", "3", "--seed", "7",
-                 "--batch-size", "2", "--engine", "graphed", "--dtype", "bf16"]) == 0
+                 "--batch-size", "2", "--engine", "graphed", "--dtype", "bf16", "--clip-denoised"]) == 0
     k = seen.pop()
-    assert (k["num"], k["steps"], k["seed"], k["batch_size"], k["engine"], k["dtype"]) == \
-        (3, 3, 7, 2, "graphed", torch.bfloat16)
+    assert (k["num"], k["steps"], k["seed"], k["batch_size"], k["engine"], k["dtype"], k["clip_denoised"]) == \
+        (3, 3, 7, 2, "graphed", torch.bfloat16, True)
     assert len(k["sigmas"]) == 3 and k["sigmas"][0] == 40.0
     assert main(["--pretrained", "x", "--npz", str(tmp_path / "a.npz"), "--sigmas", "30,2"]) == 0
     assert seen.pop()["sigmas"] == (30.0, 2.0)
@@ -415,7 +415,7 @@ def test_eval_cli_hands_its_flags_and_defaults_to_evaluate(shipped, tmp_path, mo
     assert metric == "fd-fmnist" and k == dict(num=50000, batch_size=256, seed=0, dataset="fashion-mnist",
                                                device="cpu", data_dir=None, weights=None, engine="auto",
                                                dtype=torch.float32, steps=None, sigmas=None, progress=True,
-                                               is_splits=10, pr_num=None, ref_stats=None)
+                                               is_splits=10, pr_num=None, ref_stats=None, clip_denoised=False)
     text = (tmp_path / "r.json").read_text()
     assert text.endswith("}\n") and not text.endswith("\n\n")
     assert json.loads(text) == {"metric": "fd-fmnist", "value": 1.5, "pretrained": "x"} == \
@@ -423,10 +423,11 @@ def test_eval_cli_hands_its_flags_and_defaults_to_evaluate(shipped, tmp_path, mo
     weights = tmp_path / "w.pth"
     assert main(["--pretrained", "x", "--metric", "fid", "--dataset", "cifar10", "--data-dir", str(tmp_path),
                  "--inception-weights", str(weights), "--engine", "eager", "--dtype", "bf16", "--device", "cpu",
-                 "--sigmas", "30,2"]) == 0
+                 "--sigmas", "30,2", "--clip-denoised"]) == 0
     metric, k = seen.pop()
-    assert (metric, k["dataset"], k["data_dir"], k["weights"], k["engine"], k["dtype"], k["sigmas"], k["steps"]) == \
-        ("fid", "cifar10", str(tmp_path), str(weights), "eager", torch.bfloat16, (30.0, 2.0), None)
+    assert (metric, k["dataset"], k["data_dir"], k["weights"], k["engine"], k["dtype"], k["sigmas"], k["steps"],
+            k["clip_denoised"]) == \
+        ("fid", "cifar10", str(tmp_path), str(weights), "eager", torch.bfloat16, (30.0, 2.0), None, True)
     # no --device: cuda where CUDA is there (faked here: the stub model stays on the CPU), and evaluate samples there
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert main(["--pretrained", "x", "--metric", "fd-fmnist"]) == 0

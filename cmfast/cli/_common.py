@@ -147,6 +147,14 @@ def add_engine(group) -> None:
                        help="network precision of the graphed engine (default fp32; bf16 is fastest)")
 
 
+def add_clip_denoised(group) -> None:
+    """--clip-denoised of cmfast-sample and cmfast-eval (cmfast.sample's clip_denoised)."""
+    group.add_argument("--clip-denoised", action="store_true",
+                       help="consistency models: clamp each step's output to [-1, 1] before it is noised again, as "
+                            "openai/consistency_models' samplers do (their default; the paper's Algorithm 1 does "
+                            "not, nor does cmfast by default)")
+
+
 def check_which(prog: str, args) -> None:
     """--which (default ema); with --pretrained only ema: a shipped model has no other weights (it was ignored)."""
     if getattr(args, "pretrained", None) and args.which not in (None, "ema"):

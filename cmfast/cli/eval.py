@@ -56,6 +56,7 @@ def build_parser():
                    "consecutive parts of the samples (default 10, as the original code)")
     g.add_argument("--seed", type=_common.ranged(int, 0), default=0,
                    help="noise seed (default 0); with the same --batch-size and engine, the images cmfast-sample makes")
+    _common.add_clip_denoised(g)
     p = ap.add_argument_group("performance")
     p.add_argument("--batch-size", type=_positive, default=256, help="(default 256, as cmfast-sample)")
     _common.add_device(p)
@@ -130,7 +131,8 @@ def main(argv=None):
             dataset = None          # e.g. an imported checkpoint: the metric's default reference
         common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, dataset=dataset, device=device,
                       data_dir=data_dir, weights=args.inception_weights, engine=args.engine,
-                      dtype=_common.torch_dtype(args.dtype), is_splits=args.is_splits, ref_stats=args.ref_stats)
+                      dtype=_common.torch_dtype(args.dtype), is_splits=args.is_splits, ref_stats=args.ref_stats,
+                      clip_denoised=args.clip_denoised)
         from ..precond import EDMDenoiser
         recorded = None if args.sigmas or isinstance(model, EDMDenoiser) else \
             _common.recorded_sigmas(meta, args.steps)
@@ -171,7 +173,7 @@ def _score_samples(args, argv) -> int:
     a default, --seed, --engine and --dtype, were taken and ignored: looked for in argv)."""
     given = {a.split("=", 1)[0] for a in argv if isinstance(a, str) and a.startswith("--")}
     for flag, value in (("--steps", args.steps), ("--sigmas", args.sigmas), ("--which", args.which),
-                        ("--search-sigmas", args.search_sigmas or None),
+                        ("--search-sigmas", args.search_sigmas or None), ("--clip-denoised", args.clip_denoised or None),
                         *((f, f in given or None) for f in ("--seed", "--engine", "--dtype"))):
         if value is not None:
             _fail(f"{flag}: --samples scores given images; there is no model to sample")

@@ -29,6 +29,7 @@ def build_parser():
     g.add_argument("--sigmas", type=_common.sigmas_type("80,0.821"), default=None,
                    help="decreasing noise levels, e.g. 80,0.821")
     g.add_argument("--seed", type=_common.ranged(int, 0), default=0, help="(default: 0)")
+    _common.add_clip_denoised(g)
     g.add_argument("--class", dest="class_label", type=_class_arg, default=None,
                    help="class label for conditional models, or the class's name for a run trained on class "
                         "subfolders (default: cycle through classes)")
@@ -56,14 +57,14 @@ def _class_by_name(name: str, meta) -> int:
     return names.index(name)
 
 
-def generate(model, num, steps, sigmas, seed, batch_size, class_label, engine, dtype):
+def generate(model, num, steps, sigmas, seed, batch_size, class_label, engine, dtype, clip_denoised=False):
     """uint8 (num, H, W, C), batch by batch (cmfast.sampling.generate_batches: the engines and their noise)."""
     import numpy as np
     from ..sampling import generate_batches
     from ..training.images import to_uint8
     return np.concatenate([to_uint8(x) for _, x in generate_batches(
         model, num, sigmas=sigmas, steps=steps, seed=seed, batch_size=batch_size, class_label=class_label,
-        engine=engine, dtype=dtype)])
+        engine=engine, dtype=dtype, clip_denoised=clip_denoised)])
 
 
 @_common.interruptible(PROG)
@@ -100,9 +101,12 @@ def main(argv=None) -> int:
         if kind == "edm":
             if args.sigmas:
                 raise ValueError("--sigmas: an EDM teacher samples with its Heun schedule; give --steps")
+            if args.clip_denoised:
+                raise ValueError("--clip-denoised: consistency sampling's option; an EDM teacher samples with its "
+                                 "Heun solver")
             sigmas = None
         imgs = generate(model, args.num, args.steps, sigmas, args.seed, args.batch_size, args.class_label,
-                        args.engine, _common.torch_dtype(args.dtype))
+                        args.engine, _common.torch_dtype(args.dtype), args.clip_denoised)
         if args.grid:
             from ..training.images import grid, png_bytes
             _common.write_output(args.grid, png_bytes(grid(imgs)))
