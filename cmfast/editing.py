@@ -273,7 +273,9 @@ def slerp(z0, z1, alphas):
 @torch.no_grad()
 def interpolate(model, z0, z1, alphas, sigma=80.0, sigmas=None, generator=None):
     """Sample from the slerp of two standard-normal noises z0, z1 (B, C, H, W): one step at `sigma`, or
-    Algorithm 1 over `sigmas` when given. Returns (len(alphas), B, C, H, W); alpha 0 is sample(model, z0, ...)."""
+    Algorithm 1 over `sigmas` when given, its later noise drawn once per pair and shared by every alpha (so the
+    images move smoothly with alpha). Returns (len(alphas), B, C, H, W); alpha 0 is sample(model, z0, ...) with that
+    noise."""
     _check_model(model, "interpolate")
     _check_images(model, z0, what="z0", in_range=False)
     if not isinstance(z1, torch.Tensor) or z1.shape != z0.shape:
@@ -291,8 +293,13 @@ def interpolate(model, z0, z1, alphas, sigma=80.0, sigmas=None, generator=None):
     if not len(a) or not bool(torch.isfinite(a).all()):     # none failed in the model as an empty batch 'x'
         raise ValueError(f"alphas: expected one or more finite interpolation weights, got {a.tolist()}")
     _check_images(model, z1, what="z1", in_range=False)
+    levels = check_sigmas((sigma,) if sigmas is None else sigmas, model.sigma_min, model.sigma_max)
     z = slerp(z0, z1, alphas)
-    x = sample(model, z.reshape(-1, *z0.shape[1:]), (sigma,) if sigmas is None else sigmas, generator)
+    # Algorithm 1's later noise: one draw per pair and level, the same for every alpha (a draw per alpha made the
+    # multistep path jump between neighbouring alphas instead of moving smoothly from z0's sample to z1's)
+    later = [torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype) for _ in levels[1:]]
+    noise = [n.expand(len(a), *n.shape).reshape(-1, *n.shape[1:]) for n in later]
+    x = sample(model, z.reshape(-1, *z0.shape[1:]), levels, noise=noise or None)
     return x.reshape(z.shape)
 
 

@@ -240,6 +240,18 @@ def test_interpolate_endpoints_are_samples(model):
     torch.testing.assert_close(two, cmfast.sample(model, z1, SIGMAS, gen(8)), rtol=0, atol=1e-5)
 
 
+def test_interpolate_multistep_shares_the_later_noise_across_alphas(model):
+    """Algorithm 1's later noise is drawn once per pair and level and used at every alpha: both endpoints are the
+    samples of z0 and z1 with that same noise (a draw per alpha made neighbouring alphas' images jump)."""
+    z0, z1 = torch.randn(2, 2, 3, RES, RES, generator=gen(7))
+    out = edit.interpolate(model, z0, z1, [0.0, 0.5, 1.0], sigmas=SIGMAS, generator=gen(8))
+    g = gen(8)
+    later = [torch.randn(z0.shape, generator=g) for _ in SIGMAS[1:]]
+    torch.testing.assert_close(out[0], cmfast.sample(model, z0, SIGMAS, noise=later), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[2], cmfast.sample(model, z1, SIGMAS, noise=later), rtol=0, atol=1e-5)
+    assert (out[0] - out[2]).abs().max() > 1e-4          # (the endpoints are different images)
+
+
 def test_slerp_against_formula():
     u, v = torch.randn(2, 1, 48, generator=gen(9), dtype=torch.float64)
     th = math.acos(float((u * v).sum() / (u.norm() * v.norm())))
