@@ -108,7 +108,9 @@ def build_parser():
                              "(2 untimed, then 8 timed steps) K = the steps that fit, so the schedules (CT/iCT N(k), "
                              "sCT's warm-up with warmup_frac, the EMA warm-up) run to their end; the plan is logged, "
                              "kept in config.json and checkpoints, and resume keeps it")
-    h.add_argument("--ema", type=_rates, help=d("ema", "evaluation EMA rates, comma-separated"))
+    h.add_argument("--ema", type=_rates, help=d("ema", "evaluation EMA rates, comma-separated; each step's rate is "
+                                                      "min(rate, (1 + k) / (10 + k)), a warm-up for short runs (the "
+                                                      "CM reference code keeps the rate fixed)"))
     h.add_argument("--dropout", type=_common.ranged(float, 0, 1), help="override the preset's dropout")
     h.add_argument("--num-scales", type=_common.ranged(int, 2), help="cd: N (default 18)")
     h.add_argument("--mu", type=_common.ranged(float, 0, 1), help="cd: target EMA rate (default 0)")
