@@ -102,9 +102,15 @@ def _blocks(sd: dict, prefix: str) -> list[list[str]]:
     return out
 
 
-def infer_config(sd: dict, img_resolution: int) -> dict:
-    """cmfast UNet arguments of the UNetModel a state dict comes from (the resolution cannot be read off the
-    weights: it places the attention levels)."""
+# guided-diffusion's (and openai/consistency_models') channel_mult for an image size when none is given
+# (script_util.create_model): the released models use these, so their levels tell their resolution.
+RESOLUTION_OF_MULT = {(1, 2, 3, 4): 64, (1, 1, 2, 3, 4): 128, (1, 1, 2, 2, 4, 4): 256}
+
+
+def infer_config(sd: dict, img_resolution: int | None = None) -> dict:
+    """cmfast UNet arguments of the UNetModel a state dict comes from. The resolution places the attention levels
+    and cannot be read off the weights themselves: None takes it from the channel multipliers where they are
+    guided-diffusion's defaults for a size (RESOLUTION_OF_MULT: the ImageNet 64 and LSUN 256 models), else 64."""
     mc = sd["time_embed.0.weight"].shape[1]
     emb = sd["time_embed.0.weight"].shape[0]
     enc, dec = _blocks(sd, "input_blocks"), _blocks(sd, "output_blocks")
@@ -115,16 +121,24 @@ def infer_config(sd: dict, img_resolution: int) -> dict:
     levels = len(dec) // (n + 1)
     if levels * (n + 1) != len(dec) or len(enc) != levels * (n + 1):
         raise CMCheckpointError(f"{len(enc)} input and {len(dec)} output blocks do not make a UNet of equal levels")
-    mult, attn, i = [], set(), 1
+    mult, attn_levels, i = [], set(), 1
     for level in range(levels):
-        res = img_resolution >> level
         mult.append(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0])     # the level's channels
         for _ in range(n):
             if "attn" in enc[i]:
-                attn.add(res)
+                attn_levels.add(level)
             i += 1
         if level < levels - 1:
             i += 1                                                      # the down block
+    if img_resolution is None:      # (a 256 model converted without --image-size came out as 64x64, silently)
+        img_resolution = RESOLUTION_OF_MULT.get(tuple(m // mc for m in mult) if not any(m % mc for m in mult)
+                                                else None, 64)
+    attn = {img_resolution >> level for level in attn_levels}
+    cin, cout = int(sd["input_blocks.0.0.weight"].shape[1]), int(sd["out.2.weight"].shape[0])
+    if cout != cin:     # (it imported, and failed at the first forward)
+        raise CMCheckpointError(f"{cout} output channels for {cin} input channels: a model that also predicts its "
+                                f"variance (guided-diffusion's learn_sigma); a consistency model or an EDM teacher "
+                                f"predicts the image alone")
     scale_shift = (sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
                    == 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0])    # False: the LSUN models
     if any(m % mc for m in mult):
@@ -164,7 +178,7 @@ def _attn(src: str, dst: str) -> dict:
     return {f"{src}.{a}.{p}": f"{dst}.{b}.{p}" for a, b in names.items() for p in ("weight", "bias")}
 
 
-def convert(sd: dict, img_resolution: int = 64, qkv_order: str = "flash") -> tuple[dict, dict]:
+def convert(sd: dict, img_resolution: int | None = None, qkv_order: str = "flash") -> tuple[dict, dict]:
     """(cmfast UNet state dict, UNet config) of a UNetModel state dict."""
     from .nets import UNet
     if qkv_order not in ("flash", "legacy"):
@@ -222,7 +236,7 @@ def convert(sd: dict, img_resolution: int = 64, qkv_order: str = "flash") -> tup
     return out, cfg
 
 
-def load_cm_checkpoint(path: str, kind: str = "cm", img_resolution: int = 64, qkv_order: str = "flash",
+def load_cm_checkpoint(path: str, kind: str = "cm", img_resolution: int | None = None, qkv_order: str = "flash",
                        map_location="cpu", two_step_sigma: float | None = None):
     """(ConsistencyModel for kind 'cm', EDMDenoiser for 'edm'; cmfast training config) of a released checkpoint.
     A consistency model's config records its two-step levels (sampling_sigmas): (80, two_step_sigma) where given,
@@ -264,10 +278,13 @@ def main(argv=None) -> int:
     ap.add_argument("out")
     ap.add_argument("--kind", choices=("cm", "edm"), default="cm",
                     help="cm: a consistency model (cd_*, ct_*); edm: the EDM teacher (edm_*_ema.pt)")
-    ap.add_argument("--image-size", type=int, default=64, help="the model's resolution (default 64: ImageNet; the "
-                    "LSUN models: 256)")
+    ap.add_argument("--image-size", type=int, default=None, help="the model's resolution (default: read from its "
+                    "channel multipliers where they are guided-diffusion's defaults for a size, as in the released "
+                    "ImageNet 64 and LSUN 256 models; else 64)")
     ap.add_argument("--qkv-order", choices=("flash", "legacy"), default="flash",
-                    help="attention weight layout the model was trained with (default flash, the released models')")
+                    help="the attention weights' row layout: flash (q|k|v, head, channel), that of every released "
+                         "consistency model, whichever attention_type it was trained with (default); legacy (head, "
+                         "q|k|v, channel), guided-diffusion's QKVAttentionLegacy")
     ap.add_argument("--two-step-sigma", type=float, default=None, metavar="SIGMA",
                     help="the second noise level of two-step sampling, recorded in the checkpoint (default: the "
                          "paper's for a released file name, e.g. 1.38 for cd_imagenet64_*)")

@@ -431,3 +431,22 @@ def test_an_image_size_the_weights_cannot_take_names_the_flag_and_the_file(tmp_p
         err = capsys.readouterr().err
         assert err == f"cmfast.cm_import: error: {tmp_path / 'm.pt'}: --image-size: {why}\n"
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_resolution_from_guided_diffusions_default_multipliers_and_learned_variance_refused():
+    """Without --image-size the levels tell the size where they are guided-diffusion's defaults for one (the LSUN
+    256 models' (1, 1, 2, 2, 4, 4) came out as 64x64, attention at 8/4/2 instead of 32/16/8, silently); an explicit
+    size still wins, unknown multipliers stay 64. A learn_sigma model (twice the output channels) is refused at
+    import (it failed at the first forward)."""
+    sd = _openai_state(mc=128, mult=(1, 1, 2, 2, 4, 4), attn_ds=(8, 16, 32), classes=0, scale_shift=False)
+    cfg = cm_import.infer_config(sd)
+    assert (cfg["img_resolution"], cfg["attn_resolutions"], cfg["channel_mult"]) == (256, [32, 16, 8],
+                                                                                       [1, 1, 2, 2, 4, 4])
+    assert cm_import.infer_config(sd, 128)["attn_resolutions"] == [16, 8, 4]
+    small = _openai_state(mc=128, mult=(1, 2), classes=0)
+    assert cm_import.infer_config(small)["img_resolution"] == 64
+    sigma = dict(small, **{"out.2.weight": torch.cat([small["out.2.weight"]] * 2),
+                           "out.2.bias": torch.cat([small["out.2.bias"]] * 2)})
+    with pytest.raises(cm_import.CMCheckpointError, match="6 output channels for 3 input channels: a model that "
+                                                          "also predicts its variance"):
+        cm_import.infer_config(sigma)
