@@ -70,8 +70,9 @@ def test_defaults_of_a_bare_command(capsys):
 
 def test_help_states_the_defaults_the_config_has():
     text = " ".join(T.build_parser().format_help().split())
-    for phrase in ("global batch (default: 32)", "(default: 0.001)", "evaluation EMA rates, comma-separated "
-                   "(default: 0.9999)", "max grad norm, 0 = off (default: 0.0)", "(default: radam)",
+    for phrase in ("global batch (default: 32)", "(default: 0.001)", "evaluation EMA rates, comma-separated; "
+                   "each step's rate is min(rate, (1 + k) / (10 + k)), a warm-up for short runs (the CM reference code "
+                   "keeps the rate fixed) (default: 0.9999)", "max grad norm, 0 = off (default: 0.0)", "(default: radam)",
                    "steps per stats.jsonl row (default: 50)", "checkpoints kept, 0 = all (default: 3)",
                    "images per grid, 0 = no grids (default: 64)", "(default: runs/cmfast)", "(default: 20)"):
         assert phrase in text, phrase
@@ -117,6 +118,9 @@ def test_paper_configs(name):
             cfg["precision"]) == (batch, lr, rampup, opt, steps, ema, precision)
     assert {k: cfg["method_args"][k] for k in margs} == margs
     assert cfg["kimg"] == steps * batch / 1000
+    # random horizontal flips: the CIFAR-10 reference runs', and openai's load_data default (random_flip=True) for
+    # ImageNet 64 and LSUN
+    assert cfg["xflip"] is True
     if name == "edm-cifar10":       # 200 Mimg at batch 512: 390,625 steps exactly
         assert cfg["kimg"] == 200_000 and abs(cfg["ema"][0] - EDM_EMA) < 1e-6
     assert sorted(C.CONFIGS) == sorted(PAPER)
