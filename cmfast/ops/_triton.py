@@ -199,7 +199,9 @@ def attention(q, k, v, scale):
 
 
 # ---- Residual join ---------------------------------------------------------------------------------------------
-_ResBwd = _b.kernel_call(_res.residual_bwd, "s--", loops=lambda a: True)
+_ResBwd = _b.kernel_call(_res.residual_bwd, "s--", loops=lambda a: True)     # the bias gradient sums the batch
+
+
 @_b.eager_twin
 class _Residual(torch.autograd.Function):
     @staticmethod
