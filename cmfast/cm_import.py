@@ -134,11 +134,6 @@ def infer_config(sd: dict, img_resolution: int | None = None) -> dict:
         img_resolution = RESOLUTION_OF_MULT.get(tuple(m // mc for m in mult) if not any(m % mc for m in mult)
                                                 else None, 64)
     attn = {img_resolution >> level for level in attn_levels}
-    cin, cout = int(sd["input_blocks.0.0.weight"].shape[1]), int(sd["out.2.weight"].shape[0])
-    if cout != cin:     # (it imported, and failed at the first forward)
-        raise CMCheckpointError(f"{cout} output channels for {cin} input channels: a model that also predicts its "
-                                f"variance (guided-diffusion's learn_sigma); a consistency model or an EDM teacher "
-                                f"predicts the image alone")
     scale_shift = (sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
                    == 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0])    # False: the LSUN models
     if any(m % mc for m in mult):
@@ -253,6 +248,10 @@ def load_cm_checkpoint(path: str, kind: str = "cm", img_resolution: int | None =
     except (KeyError, IndexError, RuntimeError, TypeError) as e:   # a weight missing or of another rank: a traceback
         raise CMCheckpointError(f"{path}: the weights do not make a UNetModel ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if net_cfg["out_channels"] != net_cfg["in_channels"]:      # (it imported, and failed at the first forward)
+        raise CMCheckpointError(f"{path}: {net_cfg['out_channels']} output channels for {net_cfg['in_channels']} "
+                                f"input channels: a model that also predicts its variance (guided-diffusion's "
+                                f"learn_sigma); a consistency model or an EDM teacher predicts the image alone")
     cfg = {"method": "cd" if kind == "cm" else "edm", "dataset": None, "net": net_cfg, "sigma_data": 0.5,
            "sigma_min": 0.002, "sigma_max": 80.0, "imported_from": str(path)}
     if two_step_sigma is not None:

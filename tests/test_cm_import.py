@@ -433,11 +433,12 @@ def test_an_image_size_the_weights_cannot_take_names_the_flag_and_the_file(tmp_p
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_resolution_from_guided_diffusions_default_multipliers_and_learned_variance_refused():
+def test_resolution_from_guided_diffusions_default_multipliers_and_learned_variance_refused(tmp_path):
     """Without --image-size the levels tell the size where they are guided-diffusion's defaults for one (the LSUN
     256 models' (1, 1, 2, 2, 4, 4) came out as 64x64, attention at 8/4/2 instead of 32/16/8, silently); an explicit
-    size still wins, unknown multipliers stay 64. A learn_sigma model (twice the output channels) is refused at
-    import (it failed at the first forward)."""
+    size still wins, unknown multipliers stay 64. A learn_sigma model (twice the output channels) converts as a
+    network (test_import_values) but is refused as a consistency model or teacher (it failed at the first
+    forward)."""
     sd = _openai_state(mc=128, mult=(1, 1, 2, 2, 4, 4), attn_ds=(8, 16, 32), classes=0, scale_shift=False)
     cfg = cm_import.infer_config(sd)
     assert (cfg["img_resolution"], cfg["attn_resolutions"], cfg["channel_mult"]) == (256, [32, 16, 8],
@@ -447,6 +448,9 @@ def test_resolution_from_guided_diffusions_default_multipliers_and_learned_varia
     assert cm_import.infer_config(small)["img_resolution"] == 64
     sigma = dict(small, **{"out.2.weight": torch.cat([small["out.2.weight"]] * 2),
                            "out.2.bias": torch.cat([small["out.2.bias"]] * 2)})
-    with pytest.raises(cm_import.CMCheckpointError, match="6 output channels for 3 input channels: a model that "
-                                                          "also predicts its variance"):
-        cm_import.infer_config(sigma)
+    assert cm_import.infer_config(sigma)["out_channels"] == 6
+    torch.save(sigma, tmp_path / "sigma.pt")
+    for kind in ("cm", "edm"):
+        with pytest.raises(cm_import.CMCheckpointError, match="sigma.pt: 6 output channels for 3 input channels: a "
+                                                              "model that also predicts its variance"):
+            cm_import.load_cm_checkpoint(str(tmp_path / "sigma.pt"), kind=kind)
