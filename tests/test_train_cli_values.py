@@ -332,3 +332,23 @@ def test_dry_run_prints_the_config_json_the_run_writes_byte_for_byte(capsys, tmp
     printed = capsys.readouterr().out
     assert T.main(argv) == 0
     assert printed == (tmp_path / "run" / "config.json").read_text() + "\n"
+
+
+def test_net_arg_sets_network_arguments_over_the_preset_and_the_config(capsys):
+    """--net-arg KEY=VALUE: a cmfast.UNet argument over the preset's and a --config's (values as JSON: numbers,
+    lists), checked where the net is built; the data's own (channels, resolution, classes) and unknown names are
+    refused in one line."""
+    cfg = dry(capsys, "--dataset", "fashion-mnist", "--preset", "ncsnpp-cifar10", "--net-arg", "fourier_scale=0.5",
+              "--net-arg", "channel_mult=[1,2]")
+    assert (cfg["net"]["fourier_scale"], cfg["net"]["channel_mult"], cfg["net"]["in_channels"]) == (0.5, [1, 2], 1)
+    assert "net_args" not in cfg                          # the network's config holds them
+    ict = dry(capsys, "--config", "ict-cifar10", "--net-arg", "fourier_scale=1.5", "--net-arg", "dropout=0.2")
+    assert (ict["net"]["fourier_scale"], ict["net"]["dropout"]) == (1.5, 0.2)      # over iCT's 0.02 and 0.3
+    base = ["--dataset", "fashion-mnist", "--dry-run", "--net-arg"]
+    assert fails(capsys, base + ["foo=1"]).startswith("cmfast-train: error: --net-arg foo: not an argument of "
+                                                      "cmfast.UNet; it has adaptive_scale, arch,")
+    assert fails(capsys, base + ["img_resolution=64"]) == \
+        "cmfast-train: error: --net-arg img_resolution: set by the data (its channels, resolution and, with --cond, " \
+        "classes)"
+    assert fails(capsys, ["--preset", "ncsnpp-cifar10"] + base + ["fourier_scale=-1"]) == \
+        "cmfast-train: error: fourier_scale: expected a positive number, got -1"

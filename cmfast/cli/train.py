@@ -112,6 +112,9 @@ def build_parser():
                                                       "min(rate, (1 + k) / (10 + k)), a warm-up for short runs (the "
                                                       "CM reference code keeps the rate fixed)"))
     h.add_argument("--dropout", type=_common.ranged(float, 0, 1), help="override the preset's dropout")
+    h.add_argument("--net-arg", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="a network argument over the preset's (cmfast.UNet's, e.g. fourier_scale=0.02, iCT's for "
+                        "NCSN++)")
     h.add_argument("--num-scales", type=_common.ranged(int, 2), help="cd: N (default 18)")
     h.add_argument("--mu", type=_common.ranged(float, 0, 1), help="cd: target EMA rate (default 0)")
     h.add_argument("--s0", type=_common.ranged(int, 1), help="ct/ict: initial N (default 2 / 10)")
@@ -233,6 +236,7 @@ def _main(argv=None) -> int:
             margs[k] = args[k]
         args.pop(k)
     args["method_args"] = margs
+    args["net_args"] = dict(args.pop("net_arg") or [])
     from ..data import DataError
     from ..training.checkpoint import CheckpointError
     from ..training.config import resolve

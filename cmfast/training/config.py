@@ -72,6 +72,21 @@ DATASET_SHAPES = {"cifar10": (3, 32, 32), "fashion-mnist": (1, 32, 32), "folder"
 NUM_CLASSES = {"cifar10": 10, "fashion-mnist": 10}
 
 
+def _net_args(net_args: dict) -> dict:
+    """--net-arg KEY=VALUE: cmfast.UNet arguments over the preset's, except those the data sets (the values are
+    checked where the network is built: --dry-run builds it too)."""
+    import inspect
+    from ..nets import UNet
+    known = set(inspect.signature(UNet.__init__).parameters) - {"self"}
+    for k in net_args:
+        if k in ("in_channels", "img_resolution", "label_dim"):
+            raise ValueError(f"--net-arg {k}: set by the data (its channels, resolution and, with --cond, classes)")
+        if k not in known:
+            raise ValueError(f"--net-arg {k}: not an argument of cmfast.UNet; it has "
+                             f"{', '.join(sorted(known - {'in_channels', 'img_resolution', 'label_dim'}))}")
+    return dict(net_args)
+
+
 def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int = 0, classes=None) -> dict:
     """Merge explicit values (None = not given) over the --config preset over DEFAULTS; fill derived fields. The data's
     image shape (C, H, W), class count and class names (an image folder's class subfolders), where known, give `net`
@@ -94,6 +109,7 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
             raise ValueError(f"CMFAST_BACKEND: {e}") from None
     if cfg["compile"] not in COMPILE_MODES:
         raise ValueError(f"--compile: expected one of {', '.join(COMPILE_MODES)}, got {cfg['compile']!r}")
+    net_args = _net_args(args.get("net_args") or {})
     method = get_method(cfg["method"])
     cfg["method_args"] = {**method.defaults, **preset.get("method_args", {}), **(args.get("method_args") or {})}
     unknown = set(cfg["method_args"]) - set(method.defaults)
@@ -146,6 +162,7 @@ def resolve(args: dict, world_size: int = 1, image_shape=None, num_classes: int 
         over = dict(preset.get("net_args", {}), in_channels=shape[0], img_resolution=shape[1])
         if cfg["dropout"] is not None:
             over["dropout"] = cfg["dropout"]
+        over.update(net_args)           # --net-arg over the --config's and the preset's
         if cfg["cond"]:
             over["label_dim"] = NUM_CLASSES.get(cfg["dataset"]) or num_classes
             if not over["label_dim"]:
