@@ -130,14 +130,13 @@ def infer_config(sd: dict, img_resolution: int | None = None) -> dict:
             i += 1
         if level < levels - 1:
             i += 1                                                      # the down block
+    if any(m % mc for m in mult):
+        raise CMCheckpointError(f"channel counts {mult} are not multiples of model_channels {mc}")
     if img_resolution is None:      # (a 256 model converted without --image-size came out as 64x64, silently)
-        img_resolution = RESOLUTION_OF_MULT.get(tuple(m // mc for m in mult) if not any(m % mc for m in mult)
-                                                else None, 64)
+        img_resolution = RESOLUTION_OF_MULT.get(tuple(m // mc for m in mult), 64)
     attn = {img_resolution >> level for level in attn_levels}
     scale_shift = (sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
                    == 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0])    # False: the LSUN models
-    if any(m % mc for m in mult):
-        raise CMCheckpointError(f"channel counts {mult} are not multiples of model_channels {mc}")
     cfg = dict(img_resolution=int(img_resolution), in_channels=int(sd["input_blocks.0.0.weight"].shape[1]),
                out_channels=int(sd["out.2.weight"].shape[0]), arch="adm", model_channels=int(mc),
                channel_mult=[m // mc for m in mult], channel_mult_emb=emb // mc, num_blocks=n,

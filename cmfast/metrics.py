@@ -710,8 +710,8 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
 
     A ConsistencyModel samples with cmfast.sample (Algorithm 1; sigmas default to model_sigmas(model, steps)), an
     EDMDenoiser with EDM's Heun sampler (steps default 18); engine and dtype as cmfast.sampling.generate_batches
-    (default: eager, float32); clip_denoised as cmfast.sample's. Noise per batch and class labels (balanced) follow cmfast-sample, so the same seed,
-    engine and batch size score the same images. Samples are quantized to 8 bits before scoring.
+    (default: eager, float32); clip_denoised as cmfast.sample's. Noise per batch and class labels (balanced) follow
+    cmfast-sample, so the same seed, engine and batch size score the same images. Samples are quantized to 8 bits before scoring.
     metric "fd-fmnist" (cmfast's offline metric, against Fashion-MNIST train), "fid" (Inception-V3, against cifar10
     train unless `dataset` says otherwise; the result also holds the samples' Inception Score, from the same network
     pass) or "is" (the Inception Score alone: no reference data; value = the mean over `is_splits` parts, with std).
@@ -724,8 +724,8 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
     """
     import time
     from .precond import EDMDenoiser
-    from .sampling import (check_edm_steps, check_engine_args, check_model, check_sigmas, generate_batches,
-                           resolve_engine)
+    from .sampling import (check_clip_denoised, check_edm_steps, check_engine_args, check_model, check_sigmas,
+                           generate_batches, resolve_engine)
     from .schedules import as_integer
     # Every argument is checked here, before the reference statistics (minutes, the first time) are computed:
     # a bad level, engine, seed or model failed after them.
@@ -739,11 +739,7 @@ def evaluate(model, metric, steps=None, num=50000, batch_size=256, seed=0, sigma
         raise TypeError(f"seed: expected an integer, got {seed!r}")
     given = sigmas is not None and not (isinstance(sigmas, (tuple, list)) and not sigmas)
     edm = isinstance(model, EDMDenoiser)
-    if not isinstance(clip_denoised, bool):
-        raise TypeError(f"clip_denoised: expected True or False, got {clip_denoised!r}")
-    if edm and clip_denoised:
-        raise ValueError("clip_denoised: consistency sampling's option (Algorithm 1); an EDM teacher samples with "
-                         "its Heun solver")
+    check_clip_denoised(clip_denoised, edm)     # here: generate_batches' own check runs at its first batch
     if edm:
         if given:
             raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")

@@ -198,6 +198,15 @@ def _check_flag(v, name: str) -> bool:
     return v
 
 
+def check_clip_denoised(clip_denoised, edm: bool) -> bool:
+    """clip_denoised of generate_batches / metrics.evaluate: a bool, and Algorithm 1's option only (an EDM teacher
+    samples with its Heun solver)."""
+    if _check_flag(clip_denoised, "clip_denoised") and edm:
+        raise ValueError("clip_denoised: consistency sampling's option (Algorithm 1); an EDM teacher samples with "
+                         "its Heun solver")
+    return clip_denoised
+
+
 def check_noise_list(noise, count: int, shape, per: str) -> None:
     """`noise`: `count` floating-point tensors shaped `shape` (a list, or one tensor stacked along its first dim),
     finite where they are on the CPU: a float or None in the list failed as "'float' object has no attribute
@@ -321,9 +330,7 @@ def generate_batches(model: nn.Module, num: int, *, sigmas=None, steps: int | No
         raise ValueError("sigmas: an EDM teacher samples with its Heun schedule; give steps instead")
     if not edm and not sigmas:
         raise ValueError("sigmas: a consistency model needs its noise levels (e.g. (80.0,) for one step)")
-    if _check_flag(clip_denoised, "clip_denoised") and edm:
-        raise ValueError("clip_denoised: consistency sampling's option (Algorithm 1); an EDM teacher samples with "
-                         "its Heun solver")
+    check_clip_denoised(clip_denoised, edm)
     n, b = as_integer(num), as_integer(batch_size)
     if n is None or b is None or n < 1 or b < 1:
         # a float (num=5e4) was "TypeError: 'float' object cannot be interpreted as an integer", from range()

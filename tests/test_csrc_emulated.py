@@ -275,7 +275,8 @@ def test_group_norm_act_reads_embedding_chunks_in_place(dtype, path, fmt, fwd_sp
     assert all((a[6] == 0) == (path == "fused") for a in fwd_spy.seen)
     # the backward reads fp32: the bf16 chunk is converted (one launch, a dense copy), the fp32 one read in place
     want = (sc.data_ptr(), 3 * C) if dtype == torch.float32 else (C,)
-    assert fwd_spy.seen_bwd and all((a[12:14] if dtype == torch.float32 else a[13:14]) == want for a in fwd_spy.seen_bwd)
+    got = [a[12:14] if dtype == torch.float32 else a[13:14] for a in fwd_spy.seen_bwd]
+    assert got and all(g == want for g in got), got
 
 
 @pytest.mark.parametrize("how", ["strided-columns", "different-strides", "bf16-split"])

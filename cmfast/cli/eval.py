@@ -173,7 +173,8 @@ def _score_samples(args, argv) -> int:
     a default, --seed, --engine and --dtype, were taken and ignored: looked for in argv)."""
     given = {a.split("=", 1)[0] for a in argv if isinstance(a, str) and a.startswith("--")}
     for flag, value in (("--steps", args.steps), ("--sigmas", args.sigmas), ("--which", args.which),
-                        ("--search-sigmas", args.search_sigmas or None), ("--clip-denoised", args.clip_denoised or None),
+                        ("--search-sigmas", args.search_sigmas or None),
+                        ("--clip-denoised", args.clip_denoised or None),
                         *((f, f in given or None) for f in ("--seed", "--engine", "--dtype"))):
         if value is not None:
             _fail(f"{flag}: --samples scores given images; there is no model to sample")

@@ -304,8 +304,9 @@ def _gn_forward(x, num_groups, weight, bias, eps, scale, shift, silu, pre=None, 
         part = torch.empty(N * S_fwd * C * 2, device=dev, dtype=torch.float32)
     with _on_device(dev):
         ext.group_norm_act_fwd(x.data_ptr(), _DTYPES[x.dtype], N, C, HW, num_groups, S_fwd, nhwc, silu, eps,
-                               _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), ms, _ptr(pre), C if N > 1 and pre_shape[0] == N else 0,
-                               adt, mdt, y.data_ptr(), _ptr(part), stats, A, B, _stream(dev))
+                               _ptr(w), _ptr(b), _ptr(sc), _ptr(sh), ms, _ptr(pre),
+                               C if N > 1 and pre_shape[0] == N else 0, adt, mdt, y.data_ptr(), _ptr(part), stats,
+                               A, B, _stream(dev))
     return y, (x, w, b, sc, saved, S, nhwc)
 
 
@@ -334,8 +335,8 @@ def _gn_bwd(dy, x, stats, A, B, w, b, sc, G, S, nhwc, silu, dtypes, need):
     part, csum, P, m12 = _carve(ws, N * S * C * 2, N * C * 2, N * C, N * G * 2)
     with _on_device(dev):
         _ext(dev).group_norm_act_bwd(x.data_ptr(), dy.data_ptr(), _DTYPES[x.dtype], N, C, HW, G, S, nhwc, silu,
-                                     _ptr(w), _ptr(b), _ptr(sc), ms, stats, A, B, part, csum, P, m12, _ptr(dx), _ptr(dw),
-                                     _ptr(db), _ptr(dscale), _ptr(dshift), _stream(dev))
+                                     _ptr(w), _ptr(b), _ptr(sc), ms, stats, A, B, part, csum, P, m12, _ptr(dx),
+                                     _ptr(dw), _ptr(db), _ptr(dscale), _ptr(dshift), _stream(dev))
     return (dx, *(None if g is None else g.to(dt) for g, dt in zip((dw, db, dscale, dshift), dtypes)))
 
 

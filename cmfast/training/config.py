@@ -72,18 +72,20 @@ DATASET_SHAPES = {"cifar10": (3, 32, 32), "fashion-mnist": (1, 32, 32), "folder"
 NUM_CLASSES = {"cifar10": 10, "fashion-mnist": 10}
 
 
+FROM_DATA = ("in_channels", "img_resolution", "label_dim")      # the network arguments the data sets
+
+
 def _net_args(net_args: dict) -> dict:
     """--net-arg KEY=VALUE: cmfast.UNet arguments over the preset's, except those the data sets (the values are
     checked where the network is built: --dry-run builds it too)."""
     import inspect
     from ..nets import UNet
-    known = set(inspect.signature(UNet.__init__).parameters) - {"self"}
+    settable = set(inspect.signature(UNet.__init__).parameters) - {"self", *FROM_DATA}
     for k in net_args:
-        if k in ("in_channels", "img_resolution", "label_dim"):
+        if k in FROM_DATA:
             raise ValueError(f"--net-arg {k}: set by the data (its channels, resolution and, with --cond, classes)")
-        if k not in known:
-            raise ValueError(f"--net-arg {k}: not an argument of cmfast.UNet; it has "
-                             f"{', '.join(sorted(known - {'in_channels', 'img_resolution', 'label_dim'}))}")
+        if k not in settable:
+            raise ValueError(f"--net-arg {k}: not an argument of cmfast.UNet; it has {', '.join(sorted(settable))}")
     return dict(net_args)
 
 
