@@ -16,7 +16,7 @@ from torch import nn
 from . import ops
 from .nets.unet import check_class_indices
 from .precond import noise_conditioning, scalings
-from .sampling import check_sigmas, eval_mode
+from .sampling import _check_flag, check_sigmas, eval_mode
 from .schedules import as_integer
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -146,7 +146,6 @@ class GraphedSampler:
                  channels_last: bool = True,     # Run the convolutions NHWC (faster tensor-core convs).
                  warmup: int = 3,                # Eager runs on a side stream before each capture.
                  clip_denoised: bool = False):   # Clamp each step's output to [-1, 1] (as cmfast.sample's).
-        from .sampling import _check_flag
         if not is_graphable(model):
             raise TypeError(f"model: expected a cmfast.ConsistencyModel or a TrigFlow model (sCT / sCD), got "
                             f"{type(model).__name__}; sample other models with cmfast.sample (engine 'eager')")
